@@ -1,0 +1,206 @@
+//! The engine: forward segment by segment, backward segment by segment in reverse, dropping
+//! each segment's graph as soon as its gradients are out.
+
+use std::collections::HashMap;
+
+use candle::{bail, Result, Tensor, TensorId, Var};
+
+use crate::segment::{SegmentContext, SegmentParameter, SegmentedModel};
+
+/// What the engine keeps of one segment between its forward and its backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Keep the segment's autograd graph (all its activations).
+    Keep,
+    /// Keep only the segment's detached input and run its forward again during backward.
+    Recompute,
+}
+
+/// The gradient of one parameter, produced by one segment's backward.
+#[derive(Debug, Clone)]
+pub struct ParameterGradient {
+    /// The parameter's name.
+    pub name: String,
+    /// The parameter.
+    pub var: Var,
+    /// Its gradient from this segment, detached from every graph, in the parameter's dtype.
+    pub grad: Tensor,
+    /// True when no earlier segment uses this parameter: after this hook call its gradient
+    /// for the micro-batch is complete.
+    pub is_final: bool,
+}
+
+/// The gradients one segment's backward produced, handed to the per-segment hook.
+#[derive(Debug)]
+pub struct SegmentGradients {
+    /// The segment's index.
+    pub segment: usize,
+    /// One entry per parameter the segment lists, in the order it lists them.
+    pub gradients: Vec<ParameterGradient>,
+}
+
+struct Saved {
+    /// The detached input (for recompute) or the variable the kept graph was built on.
+    input: Tensor,
+    /// The output with its graph, for kept segments.
+    output: Option<Tensor>,
+}
+
+/// Turns a detached activation into a leaf that receives a gradient.
+///
+/// Candle only hands gradients to leaves reached through ops that track gradients; an
+/// activation consumed first by an untracked op (a cast, a reduction) would get none. A
+/// variable always does. This copies the activation once.
+fn as_leaf(x: &Tensor) -> Result<Tensor> {
+    if x.dtype().is_int() {
+        return Ok(x.clone());
+    }
+    Ok(Var::from_tensor(&x.detach())?.as_tensor().clone())
+}
+
+/// Runs the forward of every segment without keeping any graph, returning the last output
+/// (the loss for a [`SegmentedModel`]).
+///
+/// # Errors
+/// Any error of the model's segments.
+pub fn forward<M: SegmentedModel>(
+    model: &M,
+    batch: &M::Batch,
+    ctx: SegmentContext,
+) -> Result<Tensor> {
+    let mut x = model.first_input(batch)?;
+    for index in 0..model.num_segments() {
+        x = model.forward_segment(index, &x, batch, &ctx.for_segment(index))?.detach();
+    }
+    Ok(x)
+}
+
+/// Runs one micro-batch's forward and backward, segment by segment.
+///
+/// `decisions[i]` says whether segment `i` keeps its graph or is recomputed during backward;
+/// the last segment (the loss) is always kept. The backward starts from
+/// `loss * loss_multiplier` (use it for accumulation's 1/k and for loss scaling). After each
+/// segment's backward, `hook` receives the gradients of the parameters that segment lists,
+/// detached, and the segment's graph is dropped before the next one is processed. Returns the
+/// loss, detached and not multiplied.
+///
+/// # Errors
+/// When `decisions` does not have one entry per segment, when a recomputed segment holds a
+/// stateful layer, when a listed parameter received no gradient (a layer without a backward
+/// rule upstream of it, say), when the loss is not a scalar, or on any error of the model or
+/// the hook.
+pub fn forward_backward<M, H>(
+    model: &M,
+    batch: &M::Batch,
+    ctx: SegmentContext,
+    decisions: &[Decision],
+    loss_multiplier: f64,
+    mut hook: H,
+) -> Result<Tensor>
+where
+    M: SegmentedModel,
+    H: FnMut(SegmentGradients) -> Result<()>,
+{
+    let n = model.num_segments();
+    if n == 0 {
+        bail!("the model has no segments");
+    }
+    if decisions.len() != n {
+        bail!("{} recompute decisions given for a model of {n} segments", decisions.len());
+    }
+    for (index, decision) in decisions.iter().enumerate().take(n - 1) {
+        if *decision == Decision::Recompute {
+            if let Some(layer) = model.stateful_layer(index) {
+                bail!(
+                    "segment `{}` cannot be recomputed: its layer `{layer}` keeps state across calls",
+                    model.segment_name(index)
+                );
+            }
+        }
+    }
+
+    // Forward.
+    let mut saved = Vec::with_capacity(n);
+    let mut x = model.first_input(batch)?;
+    for (index, decision) in decisions.iter().enumerate() {
+        let keep = *decision == Decision::Keep || index + 1 == n;
+        let seg_ctx = ctx.for_segment(index);
+        if keep {
+            let input = as_leaf(&x)?;
+            let output = model.forward_segment(index, &input, batch, &seg_ctx)?;
+            x = output.detach();
+            saved.push(Saved { input, output: Some(output) });
+        } else {
+            let output = model.forward_segment(index, &x, batch, &seg_ctx)?.detach();
+            saved.push(Saved { input: x, output: None });
+            x = output;
+        }
+    }
+    drop(x);
+    let loss = match saved.last().and_then(|s| s.output.as_ref()) {
+        Some(loss) => loss.clone(),
+        None => bail!("internal: the loss segment was not kept"),
+    };
+    if loss.elem_count() != 1 {
+        bail!("the last segment must return a scalar loss, got shape {:?}", loss.shape());
+    }
+    let loss_value = loss.detach();
+
+    // The first segment (in forward order) that lists each parameter.
+    let mut first_use: HashMap<TensorId, usize> = HashMap::new();
+    for index in 0..n {
+        for p in model.segment_parameters(index) {
+            first_use.entry(p.var.as_tensor().id()).or_insert(index);
+        }
+    }
+
+    // Backward, last segment first.
+    let mut grad_out: Option<Tensor> = None;
+    for index in (0..n).rev() {
+        let Saved { input, output } = saved.pop().expect("one saved entry per segment");
+        let (input, output) = match output {
+            Some(output) => (input, output),
+            None => {
+                let input = as_leaf(&input)?;
+                let output = model.forward_segment(index, &input, batch, &ctx.for_segment(index))?;
+                (input, output)
+            }
+        };
+        let root = if index + 1 == n {
+            if loss_multiplier == 1.0 {
+                output
+            } else {
+                output.affine(loss_multiplier, 0.0)?
+            }
+        } else {
+            let Some(g) = grad_out.take() else {
+                bail!(
+                    "segment `{}` received no gradient for its output: the next segment does not depend on it",
+                    model.segment_name(index)
+                );
+            };
+            output.mul(&g)?.sum_all()?
+        };
+        let grads = root.backward()?;
+        drop(root);
+        let parameters: Vec<SegmentParameter> = model.segment_parameters(index);
+        let mut gradients = Vec::with_capacity(parameters.len());
+        for SegmentParameter { name, var } in parameters {
+            let Some(grad) = grads.get(var.as_tensor()) else {
+                bail!(
+                    "parameter `{name}` received no gradient in segment `{}`: an op without a backward rule is upstream of it",
+                    model.segment_name(index)
+                );
+            };
+            let is_final = first_use.get(&var.as_tensor().id()) == Some(&index);
+            gradients.push(ParameterGradient { name, var, grad: grad.detach(), is_final });
+        }
+        if index > 0 && !input.dtype().is_int() {
+            grad_out = grads.get(&input).map(Tensor::detach);
+        }
+        drop(grads);
+        drop(input);
+        hook(SegmentGradients { segment: index, gradients })?;
+    }
+    Ok(loss_value)
+}

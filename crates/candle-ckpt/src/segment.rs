@@ -1,0 +1,93 @@
+//! The segmented-model interface: what a model exposes so the engine can drive it.
+
+use candle::{Result, Tensor, Var};
+
+use crate::rng::{Rng, RngKey};
+
+/// What one segment's forward may know about the step it runs in.
+///
+/// The same context is given to a segment's first forward and to its recompute, so anything
+/// drawn from [`SegmentContext::rng`] replays exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentContext {
+    /// Whether the model is training (dropout active) or evaluating.
+    pub training: bool,
+    /// The key of this segment's randomness; its `segment` field is the segment's index.
+    pub key: RngKey,
+}
+
+impl SegmentContext {
+    /// A context for evaluation: no dropout, fixed key.
+    pub fn eval() -> Self {
+        Self { training: false, key: RngKey::new(0) }
+    }
+
+    /// A context for training at the given step and micro-batch.
+    pub fn train(seed: u64, step: u64, micro_batch: u64) -> Self {
+        Self { training: true, key: RngKey { seed, step, micro_batch, segment: 0, stream: 0 } }
+    }
+
+    /// The same context for another segment.
+    pub fn for_segment(self, segment: usize) -> Self {
+        Self { key: RngKey { segment: segment as u64, ..self.key }, ..self }
+    }
+
+    /// The generator for random stream `stream` of this segment (one stream per random layer).
+    pub fn rng(&self, stream: u64) -> Rng {
+        self.key.with_stream(stream).rng()
+    }
+}
+
+/// A trainable parameter as the engine sees it: its name (for errors) and its variable.
+#[derive(Debug, Clone)]
+pub struct SegmentParameter {
+    /// The parameter's full name, e.g. `h.0.attn.c_attn.weight`.
+    pub name: String,
+    /// The variable holding its value.
+    pub var: Var,
+}
+
+/// A model cut into segments that run one after another: segment 0 takes the batch's first
+/// input, each later segment takes the previous segment's output, and the last segment returns
+/// the scalar loss.
+///
+/// A transformer is typically cut as: embedding, each block, head + loss.
+pub trait SegmentedModel {
+    /// What a training step consumes (token ids and targets, say).
+    type Batch: ?Sized;
+
+    /// The number of segments, at least one.
+    fn num_segments(&self) -> usize;
+
+    /// A human-readable name for segment `index` (used in errors and reports).
+    fn segment_name(&self, index: usize) -> String;
+
+    /// The input of segment 0 for this batch.
+    ///
+    /// # Errors
+    /// When the batch cannot be turned into a tensor.
+    fn first_input(&self, batch: &Self::Batch) -> Result<Tensor>;
+
+    /// Runs segment `index` on `input`. The last segment must return a scalar loss.
+    ///
+    /// # Errors
+    /// Any tensor error of the segment's layers.
+    fn forward_segment(
+        &self,
+        index: usize,
+        input: &Tensor,
+        batch: &Self::Batch,
+        ctx: &SegmentContext,
+    ) -> Result<Tensor>;
+
+    /// The trainable parameters segment `index` uses. A parameter used by several segments
+    /// (tied embeddings) is listed by each of them.
+    fn segment_parameters(&self, index: usize) -> Vec<SegmentParameter>;
+
+    /// The name of a layer in segment `index` whose state changes from call to call (a KV
+    /// cache, running statistics), if any. Such a segment cannot be recomputed. By default,
+    /// none.
+    fn stateful_layer(&self, _index: usize) -> Option<String> {
+        None
+    }
+}

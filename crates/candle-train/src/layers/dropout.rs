@@ -1,0 +1,46 @@
+//! Dropout driven by an explicit seeded generator, so a recomputed segment replays the same
+//! mask (Candle's `ops::dropout` draws from an unseedable device generator).
+
+use candle::{Result, Tensor};
+use candle_ckpt::Rng;
+
+/// Zeroes each element with probability `p` and scales the rest by `1 / (1 - p)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    p: f32,
+}
+
+impl Dropout {
+    /// A dropout layer with drop probability `p`.
+    ///
+    /// # Errors
+    /// When `p` is not in `[0, 1)`.
+    pub fn new(p: f32) -> crate::Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(crate::Error::config("dropout", format!("{p} is not a probability in [0, 1)")));
+        }
+        Ok(Self { p })
+    }
+
+    /// The drop probability.
+    pub fn p(&self) -> f32 {
+        self.p
+    }
+
+    /// Applies dropout with a mask drawn from `rng`; the identity when `training` is false or
+    /// `p` is zero (and then `rng` is not advanced).
+    ///
+    /// # Errors
+    /// On a tensor error.
+    pub fn forward(&self, x: &Tensor, rng: &mut Rng, training: bool) -> Result<Tensor> {
+        if !training || self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let keep_scale = 1.0 / (1.0 - self.p);
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.uniform_f32() < self.p { 0.0 } else { keep_scale })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
+}

@@ -1,0 +1,92 @@
+//! Affine layers: `nn.Linear` (weight `[out, in]`) and GPT-2's `Conv1D` (weight `[in, out]`).
+
+use candle::{Result, Tensor, Var};
+
+use crate::params::ParamBuilder;
+
+/// How the weight matrix is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `[out_features, in_features]`, as `torch.nn.Linear` (BERT, LLaMA).
+    OutIn,
+    /// `[in_features, out_features]`, as Hugging Face GPT-2's `Conv1D`.
+    InOut,
+}
+
+/// `y = x W (+ b)` over the last dimension of `x`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Var,
+    bias: Option<Var>,
+    layout: WeightLayout,
+}
+
+impl Linear {
+    /// Creates `{prefix}.weight` ~ N(0, std²) and `{prefix}.bias` = 0.
+    ///
+    /// # Errors
+    /// On allocation failure.
+    pub fn new(
+        pb: &mut ParamBuilder,
+        prefix: &str,
+        in_features: usize,
+        out_features: usize,
+        layout: WeightLayout,
+        std: f64,
+    ) -> crate::Result<Self> {
+        let mut layer = Self::no_bias(pb, prefix, in_features, out_features, layout, std)?;
+        layer.bias = Some(pb.constant(format!("{prefix}.bias"), out_features, 0.0)?);
+        Ok(layer)
+    }
+
+    /// Creates `{prefix}.weight` ~ N(0, std²) and no bias.
+    ///
+    /// # Errors
+    /// On allocation failure.
+    pub fn no_bias(
+        pb: &mut ParamBuilder,
+        prefix: &str,
+        in_features: usize,
+        out_features: usize,
+        layout: WeightLayout,
+        std: f64,
+    ) -> crate::Result<Self> {
+        let shape = match layout {
+            WeightLayout::OutIn => (out_features, in_features),
+            WeightLayout::InOut => (in_features, out_features),
+        };
+        let weight = pb.normal(format!("{prefix}.weight"), shape, std)?;
+        Ok(Self { weight, bias: None, layout })
+    }
+
+    /// A layer over existing variables.
+    pub fn from_vars(weight: Var, bias: Option<Var>, layout: WeightLayout) -> Self {
+        Self { weight, bias, layout }
+    }
+
+    /// Applies the layer to `x` of shape `[..., in_features]`.
+    ///
+    /// # Errors
+    /// On a shape or dtype mismatch.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let Some((&in_features, lead)) = dims.split_last() else {
+            candle::bail!("linear: input must have at least one dimension");
+        };
+        let rows: usize = lead.iter().product();
+        let x2 = x.reshape((rows, in_features))?;
+        let w = self.weight.as_tensor();
+        let y = match self.layout {
+            WeightLayout::InOut => x2.matmul(w)?,
+            WeightLayout::OutIn => x2.matmul(&w.t()?)?,
+        };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b.as_tensor())?,
+            None => y,
+        };
+        let out_features = y.dim(1)?;
+        let mut out_dims = lead.to_vec();
+        out_dims.push(out_features);
+        y.reshape(out_dims)
+    }
+}

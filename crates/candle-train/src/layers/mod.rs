@@ -1,0 +1,21 @@
+//! Trainable layers. Every one has a real backward: none uses a Candle op without a backward
+//! rule, and each is checked against central finite differences in F64.
+
+pub mod attention;
+pub mod dropout;
+pub mod embedding;
+pub mod layer_norm;
+pub mod linear;
+pub mod loss;
+pub mod mlp;
+pub mod ops;
+pub mod rms_norm;
+
+pub use attention::CausalSelfAttention;
+pub use dropout::Dropout;
+pub use embedding::Embedding;
+pub use layer_norm::LayerNorm;
+pub use linear::{Linear, WeightLayout};
+pub use loss::{cross_entropy, cross_entropy_sum};
+pub use mlp::Mlp;
+pub use rms_norm::RmsNorm;

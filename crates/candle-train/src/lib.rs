@@ -1,0 +1,51 @@
+//! Precision, optimizers, gradient utilities, accumulation, memory accounting, trainable
+//! layers and models, and the Trainer, on Candle.
+//!
+//! Every layer here has a real backward (Candle's fused norms and softmax have none and
+//! silently drop gradients); models are cut into segments that `candle-ckpt` drives;
+//! optimizers own their FP32 state.
+//!
+//! ```
+//! use candle::{DType, Device};
+//! use candle_train::{Corpus, Gpt, GptConfig, LocalUpdater, OptimizerConfig, Trainer, TrainerConfig};
+//! # fn main() -> candle_train::Result<()> {
+//! let text = "It is a truth universally acknowledged. ".repeat(40);
+//! let corpus = Corpus::from_bytes("doc.txt".as_ref(), text.into_bytes(), 0.2)?;
+//! let config = GptConfig { n_ctx: 16, n_embd: 16, n_layer: 1, n_head: 2, ..GptConfig::default() };
+//! let model = Gpt::new(config, DType::F32, &Device::Cpu, 0)?;
+//! let optimizer = OptimizerConfig::AdamW(Default::default()).build(&model.parameters().iter().map(|p| p.var.elem_count()).collect::<Vec<_>>())?;
+//! let mut updater = LocalUpdater::new(model.parameters(), optimizer)?;
+//! let trainer = Trainer::new(TrainerConfig::builder().micro_batch(4).seq_len(16).steps(20).eval_windows(8).build()?);
+//! let report = trainer.fit(&model, &corpus, &mut updater)?;
+//! assert!(report.final_val_loss < report.initial_val_loss);
+//! # Ok(()) }
+//! ```
+
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod host;
+pub mod io;
+pub mod layers;
+pub mod memory;
+pub mod metrics;
+pub mod models;
+pub mod optim;
+pub mod params;
+pub mod schedule;
+pub mod trainer;
+pub mod updater;
+
+pub use data::{Corpus, Split};
+pub use error::{Error, Result};
+pub use memory::{CountingAllocator, MemoryReport};
+pub use models::{Gpt, GptConfig, TokenBatch};
+pub use optim::{AdamW, AdamWConfig, Optimizer, OptimizerConfig, Sgd, SgdConfig};
+pub use params::{ParamBuilder, Parameter, Parameters};
+pub use schedule::LrSchedule;
+pub use trainer::{LanguageModel, TrainReport, Trainer, TrainerBuilder, TrainerConfig};
+pub use updater::{LocalUpdater, StepReport, Updater};
+
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: memory::CountingAllocator = memory::CountingAllocator;

@@ -1,0 +1,234 @@
+//! A GPT-2-style decoder with Hugging Face GPT-2 parameter names, cut into segments:
+//! embedding, one per block, head + loss.
+
+use candle::{DType, Device, Result, Tensor};
+use candle_ckpt::{SegmentContext, SegmentParameter, SegmentedModel};
+use serde::{Deserialize, Serialize};
+
+use crate::layers::{cross_entropy, CausalSelfAttention, Dropout, Embedding, LayerNorm, Mlp};
+use crate::params::{ParamBuilder, Parameters};
+
+/// The shape of a GPT.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GptConfig {
+    /// Vocabulary size (256 for byte tokens).
+    pub vocab_size: usize,
+    /// Context length: the longest sequence the model accepts (`n_positions`).
+    pub n_ctx: usize,
+    /// Width of the residual stream.
+    pub n_embd: usize,
+    /// Number of transformer blocks.
+    pub n_layer: usize,
+    /// Number of attention heads; must divide `n_embd`.
+    pub n_head: usize,
+    /// Dropout probability on embeddings, attention probabilities and residual branches.
+    pub dropout: f32,
+    /// Layer-norm epsilon.
+    pub layer_norm_eps: f64,
+}
+
+impl Default for GptConfig {
+    /// The default model trained by the CLI: 4 layers, width 128, 4 heads, context 128, byte
+    /// vocabulary (about 0.84 M parameters).
+    fn default() -> Self {
+        Self { vocab_size: 256, n_ctx: 128, n_embd: 128, n_layer: 4, n_head: 4, dropout: 0.0, layer_norm_eps: 1e-5 }
+    }
+}
+
+impl GptConfig {
+    /// Checks that every field is usable.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidConfig`] naming the first bad field.
+    pub fn validate(&self) -> crate::Result<()> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("n_ctx", self.n_ctx),
+            ("n_embd", self.n_embd),
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(crate::Error::config(field, "must be at least 1"));
+            }
+        }
+        if self.n_embd % self.n_head != 0 {
+            return Err(crate::Error::config(
+                "n_head",
+                format!("{} heads do not divide the width {}", self.n_head, self.n_embd),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(crate::Error::config("dropout", format!("{} is not in [0, 1)", self.dropout)));
+        }
+        if !(self.layer_norm_eps > 0.0) {
+            return Err(crate::Error::config("layer_norm_eps", "must be positive"));
+        }
+        Ok(())
+    }
+
+    /// The number of scalar parameters (embeddings tied with the output head).
+    pub fn num_parameters(&self) -> usize {
+        let c = self.n_embd;
+        let block = 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * 4 * c + 4 * c) + (4 * c * c + c);
+        self.vocab_size * c + self.n_ctx * c + self.n_layer * block + 2 * c
+    }
+}
+
+/// A batch of token sequences and their next-token targets, both `[batch, seq]` u32.
+#[derive(Debug, Clone)]
+pub struct TokenBatch {
+    /// Input token ids.
+    pub inputs: Tensor,
+    /// Target token ids (the inputs shifted by one).
+    pub targets: Tensor,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    prefix: String,
+    ln_1: LayerNorm,
+    attn: CausalSelfAttention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+/// A GPT-2-style decoder-only transformer with tied input/output embeddings.
+///
+/// Segments: `0` embedding (`wte`, `wpe`), `1..=n_layer` the blocks `h.{i}`, and the last the
+/// final norm `ln_f`, the tied head and the cross-entropy loss (computed in F32).
+#[derive(Debug, Clone)]
+pub struct Gpt {
+    config: GptConfig,
+    wte: Embedding,
+    wpe: Embedding,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    dropout: Dropout,
+    params: Parameters,
+    segment_names: Vec<Vec<String>>,
+}
+
+impl Gpt {
+    /// Builds the model in `dtype` on `device`, initialised as GPT-2 (N(0, 0.02), residual
+    /// projections scaled by `1/sqrt(2 n_layer)`) from `seed`.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidConfig`] for a bad config; a Candle error on allocation failure.
+    pub fn new(config: GptConfig, dtype: DType, device: &Device, seed: u64) -> crate::Result<Self> {
+        config.validate()?;
+        let mut pb = ParamBuilder::new(dtype, device.clone(), seed);
+        let std = 0.02;
+        let proj_std = std / (2.0 * config.n_layer as f64).sqrt();
+        let dropout = Dropout::new(config.dropout)?;
+        let c = config.n_embd;
+        let wte = Embedding::new(&mut pb, "wte.weight", config.vocab_size, c, std)?;
+        let wpe = Embedding::new(&mut pb, "wpe.weight", config.n_ctx, c, 0.01)?;
+        let mut blocks = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            let prefix = format!("h.{i}");
+            blocks.push(Block {
+                ln_1: LayerNorm::new(&mut pb, &format!("{prefix}.ln_1"), c, config.layer_norm_eps)?,
+                attn: CausalSelfAttention::new(&mut pb, &format!("{prefix}.attn"), c, config.n_head, dropout, std, proj_std)?,
+                ln_2: LayerNorm::new(&mut pb, &format!("{prefix}.ln_2"), c, config.layer_norm_eps)?,
+                mlp: Mlp::new(&mut pb, &format!("{prefix}.mlp"), c, 4 * c, dropout, std, proj_std)?,
+                prefix,
+            });
+        }
+        let ln_f = LayerNorm::new(&mut pb, "ln_f", c, config.layer_norm_eps)?;
+        let params = pb.finish();
+        let mut segment_names = vec![vec!["wte.weight".to_string(), "wpe.weight".to_string()]];
+        for block in &blocks {
+            let prefix = format!("{}.", block.prefix);
+            segment_names.push(params.iter().filter(|p| p.name.starts_with(&prefix)).map(|p| p.name.clone()).collect());
+        }
+        segment_names.push(vec!["ln_f.weight".into(), "ln_f.bias".into(), "wte.weight".into()]);
+        Ok(Self { config, wte, wpe, blocks, ln_f, dropout, params, segment_names })
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &GptConfig {
+        &self.config
+    }
+
+    /// All parameters, in creation order, named as Hugging Face GPT-2 names them.
+    pub fn parameters(&self) -> &Parameters {
+        &self.params
+    }
+
+    /// The logits `[batch, seq, vocab]` for `inputs` `[batch, seq]`, without dropout.
+    ///
+    /// # Errors
+    /// On a sequence longer than the context or a tensor error.
+    pub fn logits(&self, inputs: &Tensor) -> Result<Tensor> {
+        let ctx = SegmentContext::eval();
+        let mut h = self.embed(inputs, &ctx)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            h = self.block_forward(block, &h, &ctx.for_segment(i + 1))?;
+        }
+        self.head_logits(&h)
+    }
+
+    fn embed(&self, inputs: &Tensor, ctx: &SegmentContext) -> Result<Tensor> {
+        let (_, t) = inputs.dims2()?;
+        if t > self.config.n_ctx {
+            candle::bail!("sequence length {t} exceeds the model's context length {}", self.config.n_ctx);
+        }
+        let positions = Tensor::arange(0u32, t as u32, inputs.device())?;
+        let h = self.wte.forward(inputs)?.broadcast_add(&self.wpe.forward(&positions)?)?;
+        self.dropout.forward(&h, &mut ctx.rng(0), ctx.training)
+    }
+
+    fn block_forward(&self, block: &Block, x: &Tensor, ctx: &SegmentContext) -> Result<Tensor> {
+        let mut rng = ctx.rng(0);
+        let x = (x + block.attn.forward(&block.ln_1.forward(x)?, &mut rng, ctx.training)?)?;
+        &x + block.mlp.forward(&block.ln_2.forward(&x)?, &mut rng, ctx.training)?
+    }
+
+    fn head_logits(&self, h: &Tensor) -> Result<Tensor> {
+        let h = self.ln_f.forward(h)?;
+        let (b, t, c) = h.dims3()?;
+        let logits = h.reshape((b * t, c))?.matmul(&self.wte.weight().as_tensor().t()?)?;
+        logits.reshape((b, t, self.config.vocab_size))
+    }
+}
+
+impl SegmentedModel for Gpt {
+    type Batch = TokenBatch;
+
+    fn num_segments(&self) -> usize {
+        self.blocks.len() + 2
+    }
+
+    fn segment_name(&self, index: usize) -> String {
+        match index {
+            0 => "embedding".into(),
+            i if i <= self.blocks.len() => format!("h.{}", i - 1),
+            _ => "head".into(),
+        }
+    }
+
+    fn first_input(&self, batch: &TokenBatch) -> Result<Tensor> {
+        Ok(batch.inputs.clone())
+    }
+
+    fn forward_segment(&self, index: usize, input: &Tensor, batch: &TokenBatch, ctx: &SegmentContext) -> Result<Tensor> {
+        match index {
+            0 => self.embed(input, ctx),
+            i if i <= self.blocks.len() => self.block_forward(&self.blocks[i - 1], input, ctx),
+            _ => {
+                let logits = self.head_logits(input)?;
+                let (b, t, v) = logits.dims3()?;
+                cross_entropy(&logits.reshape((b * t, v))?, &batch.targets.flatten_all()?)
+            }
+        }
+    }
+
+    fn segment_parameters(&self, index: usize) -> Vec<SegmentParameter> {
+        match self.segment_names.get(index) {
+            Some(names) => self.params.segment_parameters(names.iter().map(String::as_str)),
+            None => Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Models expressed as segments for the recompute engine.
+
+pub mod gpt;
+
+pub use gpt::{Gpt, GptConfig, TokenBatch};

@@ -1,0 +1,178 @@
+//! AdamW with decoupled weight decay, bit-for-bit equal to `torch.optim.AdamW` (its default
+//! single-tensor CPU path) in F32.
+//!
+//! Per element, with scalars computed in f64 and rounded to f32 as PyTorch does:
+//! `p *= 1 - lr*wd`; `m = lerp(m, g, 1 - beta1)` (a fused multiply-add, as ATen's vectorised
+//! lerp); `v = v*beta2 + ((1 - beta2)*g)*g`; `denom = sqrt(v) / sqrt(1 - beta2^t) + eps`;
+//! `p += ((-lr / (1 - beta1^t)) * m) / denom`.
+
+use serde::{Deserialize, Serialize};
+
+use super::{check_len, Optimizer, OptimizerState};
+use crate::error::{Error, Result};
+
+/// AdamW's hyper-parameters (PyTorch's defaults except `lr`, which the schedule supplies).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Added to the denominator.
+    pub eps: f64,
+    /// Decoupled weight decay, applied to parameters marked for decay.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// PyTorch's defaults: betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+    }
+}
+
+impl AdamWConfig {
+    /// Checks ranges.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the bad field.
+    pub fn validate(&self) -> Result<()> {
+        for (field, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(Error::config(field, format!("{v} is not in [0, 1)")));
+            }
+        }
+        if !(self.eps >= 0.0) {
+            return Err(Error::config("eps", format!("{} is negative", self.eps)));
+        }
+        if !(self.weight_decay >= 0.0) {
+            return Err(Error::config("weight_decay", format!("{} is negative", self.weight_decay)));
+        }
+        Ok(())
+    }
+}
+
+/// AdamW over FP32 moments we own.
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    config: AdamWConfig,
+    step: u64,
+    exp_avg: Vec<Vec<f32>>,
+    exp_avg_sq: Vec<Vec<f32>>,
+}
+
+impl AdamW {
+    /// AdamW for parameters of the given lengths, moments at zero.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for bad hyper-parameters.
+    pub fn new(config: AdamWConfig, sizes: &[usize]) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            step: 0,
+            exp_avg: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+            exp_avg_sq: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+        })
+    }
+}
+
+/// The per-step scalars, computed in f64 and rounded to f32 where PyTorch rounds them.
+struct Scalars {
+    decay_factor: f32,
+    lerp_weight: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    bias_correction2_sqrt: f32,
+    eps: f32,
+    neg_step_size: f32,
+}
+
+impl Scalars {
+    fn new(c: &AdamWConfig, step: u64, lr: f64, decay: bool) -> Self {
+        let t = step as f64;
+        let wd = if decay { c.weight_decay } else { 0.0 };
+        let bias_correction1 = 1.0 - c.beta1.powf(t);
+        let bias_correction2 = 1.0 - c.beta2.powf(t);
+        Self {
+            decay_factor: (1.0 - lr * wd) as f32,
+            lerp_weight: (1.0 - c.beta1) as f32,
+            beta2: c.beta2 as f32,
+            one_minus_beta2: (1.0 - c.beta2) as f32,
+            bias_correction2_sqrt: bias_correction2.sqrt() as f32,
+            eps: c.eps as f32,
+            neg_step_size: (-(lr / bias_correction1)) as f32,
+        }
+    }
+}
+
+/// ATen's lerp for weights below 0.5: `start + weight * (end - start)`, fused.
+#[inline(always)]
+fn lerp(start: f32, end: f32, weight: f32) -> f32 {
+    weight.mul_add(end - start, start)
+}
+
+fn update_slice(s: &Scalars, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+    for (((p, &g), m), v) in param.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
+        *p *= s.decay_factor;
+        *m = lerp(*m, g, s.lerp_weight);
+        *v = *v * s.beta2 + s.one_minus_beta2 * g * g;
+        let denom = v.sqrt() / s.bias_correction2_sqrt + s.eps;
+        *p += s.neg_step_size * *m / denom;
+    }
+}
+
+impl Optimizer for AdamW {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn begin_step(&mut self) {
+        self.step += 1;
+    }
+
+    fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    fn update(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()> {
+        let (Some(m), Some(v)) = (self.exp_avg.get_mut(index), self.exp_avg_sq.get_mut(index)) else {
+            return Err(Error::StateMismatch {
+                name: format!("parameter {index}"),
+                expected: format!("an index below {}", self.exp_avg.len()),
+                found: index.to_string(),
+            });
+        };
+        check_len(index, m.len(), param, grad)?;
+        let scalars = Scalars::new(&self.config, self.step.max(1), lr, decay);
+        update_slice(&scalars, param, grad, m, v);
+        Ok(())
+    }
+
+    fn state_bytes(&self) -> usize {
+        self.exp_avg.iter().chain(&self.exp_avg_sq).map(|b| b.len() * 4).sum()
+    }
+
+    fn state(&self) -> OptimizerState {
+        let mut buffers = Vec::with_capacity(2 * self.exp_avg.len());
+        for (i, (m, v)) in self.exp_avg.iter().zip(&self.exp_avg_sq).enumerate() {
+            buffers.push((format!("exp_avg.{i}"), m.clone()));
+            buffers.push((format!("exp_avg_sq.{i}"), v.clone()));
+        }
+        OptimizerState { kind: self.name().into(), step: self.step, buffers }
+    }
+
+    fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
+        state.check_kind(self.name())?;
+        let mut m = Vec::with_capacity(self.exp_avg.len());
+        let mut v = Vec::with_capacity(self.exp_avg.len());
+        for (i, cur) in self.exp_avg.iter().enumerate() {
+            m.push(state.buffer(&format!("exp_avg.{i}"), cur.len())?.to_vec());
+            v.push(state.buffer(&format!("exp_avg_sq.{i}"), cur.len())?.to_vec());
+        }
+        self.exp_avg = m;
+        self.exp_avg_sq = v;
+        self.step = state.step;
+        Ok(())
+    }
+}

@@ -1,0 +1,157 @@
+//! Optimizers over flat FP32 slices whose state we own (so it can be saved, sharded and
+//! quantized), with the same code stepping a whole model or one rank's shard.
+
+pub mod adamw;
+pub mod sgd;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+pub use adamw::{AdamW, AdamWConfig};
+pub use sgd::{Sgd, SgdConfig};
+
+use crate::error::{Error, Result};
+use crate::io::write_atomic;
+
+/// An optimizer stepping parameters held as flat FP32 slices.
+///
+/// Per optimizer step: one [`Optimizer::begin_step`], then one [`Optimizer::update`] per
+/// parameter. A skipped step (inf/NaN gradients) calls neither, so the step count used for
+/// bias correction does not advance.
+pub trait Optimizer: Send {
+    /// A short name (`adamw`, `sgd`).
+    fn name(&self) -> &'static str;
+
+    /// Starts an optimizer step: advances the step count.
+    fn begin_step(&mut self);
+
+    /// The number of steps begun so far.
+    fn step_count(&self) -> u64;
+
+    /// Updates parameter `index` (as numbered at construction) in place. `decay` says whether
+    /// weight decay applies to it.
+    ///
+    /// # Errors
+    /// [`Error::StateMismatch`] when the slices do not have the parameter's length.
+    fn update(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()>;
+
+    /// Bytes of optimizer state held.
+    fn state_bytes(&self) -> usize;
+
+    /// The state as named FP32 buffers plus the step count.
+    fn state(&self) -> OptimizerState;
+
+    /// Restores the state saved by [`Optimizer::state`].
+    ///
+    /// # Errors
+    /// [`Error::StateMismatch`] naming the first buffer that is missing or has the wrong
+    /// length, or when the state belongs to another optimizer; nothing is changed then.
+    fn load_state(&mut self, state: &OptimizerState) -> Result<()>;
+}
+
+/// Which optimizer, with its hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum OptimizerConfig {
+    /// AdamW with decoupled weight decay.
+    AdamW(AdamWConfig),
+    /// SGD with momentum.
+    Sgd(SgdConfig),
+}
+
+impl OptimizerConfig {
+    /// Validates the hyper-parameters and creates the optimizer for parameters of the given
+    /// lengths.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the bad hyper-parameter.
+    pub fn build(&self, sizes: &[usize]) -> Result<Box<dyn Optimizer>> {
+        Ok(match self {
+            OptimizerConfig::AdamW(c) => Box::new(AdamW::new(*c, sizes)?),
+            OptimizerConfig::Sgd(c) => Box::new(Sgd::new(*c, sizes)?),
+        })
+    }
+}
+
+/// An optimizer's state: its kind, step count and named FP32 buffers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerState {
+    /// The optimizer's name.
+    pub kind: String,
+    /// Steps taken.
+    pub step: u64,
+    /// Named buffers (`exp_avg.3`, `momentum.0`).
+    pub buffers: Vec<(String, Vec<f32>)>,
+}
+
+impl OptimizerState {
+    /// Writes the state to a safetensors file (kind and step in its metadata), atomically.
+    ///
+    /// # Errors
+    /// On serialization or I/O failure.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tensors = self
+            .buffers
+            .iter()
+            .map(|(name, data)| Ok((name.clone(), Tensor::from_slice(data, data.len(), &Device::Cpu)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let metadata = HashMap::from([("kind".to_string(), self.kind.clone()), ("step".to_string(), self.step.to_string())]);
+        let bytes = safetensors::serialize(tensors, Some(metadata))
+            .map_err(|e| Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })?;
+        write_atomic(path, &bytes)
+    }
+
+    /// Reads a state written by [`OptimizerState::save`].
+    ///
+    /// # Errors
+    /// [`Error::Io`] or [`Error::MalformedState`] saying what is wrong with the file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let malformed = |reason: String| Error::MalformedState { path: path.to_path_buf(), reason };
+        let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| malformed(e.to_string()))?;
+        let extra = meta.metadata().clone().unwrap_or_default();
+        let kind = extra.get("kind").cloned().ok_or_else(|| malformed("no `kind` in metadata".into()))?;
+        let step = extra
+            .get("step")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| malformed("no valid `step` in metadata".into()))?;
+        let tensors = candle::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| malformed(e.to_string()))?;
+        let mut buffers = tensors
+            .into_iter()
+            .map(|(name, t)| Ok((name, t.to_dtype(candle::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)))
+            .collect::<Result<Vec<_>>>()?;
+        buffers.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Self { kind, step, buffers })
+    }
+
+    /// Takes buffer `name` of length `len` out of a lookup, or names what is wrong.
+    pub(crate) fn buffer(&self, name: &str, len: usize) -> Result<&[f32]> {
+        match self.buffers.iter().find(|(n, _)| n == name) {
+            Some((_, data)) if data.len() == len => Ok(data),
+            Some((_, data)) => Err(Error::StateMismatch { name: name.into(), expected: format!("{len} values"), found: format!("{} values", data.len()) }),
+            None => Err(Error::StateMismatch { name: name.into(), expected: format!("{len} values"), found: "nothing".into() }),
+        }
+    }
+
+    pub(crate) fn check_kind(&self, kind: &str) -> Result<()> {
+        if self.kind == kind {
+            Ok(())
+        } else {
+            Err(Error::StateMismatch { name: "optimizer".into(), expected: kind.into(), found: self.kind.clone() })
+        }
+    }
+}
+
+pub(crate) fn check_len(index: usize, expected: usize, param: &[f32], grad: &[f32]) -> Result<()> {
+    if param.len() != expected || grad.len() != expected {
+        return Err(Error::StateMismatch {
+            name: format!("parameter {index}"),
+            expected: format!("{expected} values"),
+            found: format!("parameter of {} and gradient of {}", param.len(), grad.len()),
+        });
+    }
+    Ok(())
+}

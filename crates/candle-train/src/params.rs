@@ -1,0 +1,186 @@
+//! Named trainable parameters: creation with a seeded initialiser, lookup, and safetensors
+//! save/load under the model's own (Hugging Face) names.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle::{DType, Device, Shape, Tensor, Var};
+use candle_ckpt::{Rng, SegmentParameter};
+
+use crate::error::{Error, Result};
+use crate::io::write_atomic;
+
+/// One named parameter.
+#[derive(Debug, Clone)]
+pub struct Parameter {
+    /// The full name (`h.0.attn.c_attn.weight`).
+    pub name: String,
+    /// Its value, in the model's compute dtype.
+    pub var: Var,
+}
+
+impl Parameter {
+    /// The parameter as the recompute engine lists it.
+    pub fn segment_parameter(&self) -> SegmentParameter {
+        SegmentParameter { name: self.name.clone(), var: self.var.clone() }
+    }
+}
+
+/// The ordered set of a model's parameters. Order is creation order and is stable: the
+/// optimizer's state and flat buffers follow it.
+#[derive(Debug, Clone, Default)]
+pub struct Parameters {
+    list: Vec<Parameter>,
+}
+
+impl Parameters {
+    /// All parameters, in order.
+    pub fn iter(&self) -> std::slice::Iter<'_, Parameter> {
+        self.list.iter()
+    }
+
+    /// The number of parameter tensors.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The parameter called `name`.
+    pub fn get(&self, name: &str) -> Option<&Parameter> {
+        self.list.iter().find(|p| p.name == name)
+    }
+
+    /// The total number of scalar parameters.
+    pub fn num_elements(&self) -> usize {
+        self.list.iter().map(|p| p.var.elem_count()).sum()
+    }
+
+    /// The total bytes the parameters occupy in their dtype.
+    pub fn size_in_bytes(&self) -> usize {
+        self.list.iter().map(|p| p.var.elem_count() * p.var.dtype().size_in_bytes()).sum()
+    }
+
+    /// Saves every parameter to a safetensors file under its name, atomically.
+    ///
+    /// # Errors
+    /// On serialization or I/O failure.
+    pub fn save_safetensors(&self, path: &Path) -> Result<()> {
+        let tensors: Vec<(String, Tensor)> =
+            self.list.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
+        let bytes = safetensors::serialize(tensors, None).map_err(|e| Error::MalformedState {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(path, &bytes)
+    }
+
+    /// Loads every parameter from a safetensors file, by name. Each tensor must exist and have
+    /// the parameter's shape; it is converted to the parameter's dtype.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the file cannot be read, [`Error::MalformedState`] if it is not
+    /// safetensors, [`Error::StateMismatch`] naming the first missing or misshapen tensor.
+    /// Nothing is modified unless every tensor matches.
+    pub fn load_safetensors(&self, path: &Path) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+        let device = self.list.first().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
+        let loaded: HashMap<String, Tensor> = candle::safetensors::load_buffer(&bytes, &device)
+            .map_err(|e| Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })?;
+        let mut values = Vec::with_capacity(self.list.len());
+        for p in &self.list {
+            let Some(t) = loaded.get(&p.name) else {
+                return Err(Error::StateMismatch {
+                    name: p.name.clone(),
+                    expected: format!("a tensor of shape {:?}", p.var.dims()),
+                    found: "nothing".into(),
+                });
+            };
+            if t.dims() != p.var.dims() {
+                return Err(Error::StateMismatch {
+                    name: p.name.clone(),
+                    expected: format!("shape {:?}", p.var.dims()),
+                    found: format!("shape {:?}", t.dims()),
+                });
+            }
+            values.push(t.to_dtype(p.var.dtype())?);
+        }
+        for (p, value) in self.list.iter().zip(values) {
+            p.var.set(&value)?;
+        }
+        Ok(())
+    }
+
+    /// The parameters as the recompute engine lists them.
+    pub fn segment_parameters<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<SegmentParameter> {
+        names
+            .into_iter()
+            .filter_map(|name| self.get(name).map(Parameter::segment_parameter))
+            .collect()
+    }
+}
+
+/// Creates parameters in a dtype on a device, with values drawn from a seeded generator, and
+/// records them in creation order.
+#[derive(Debug)]
+pub struct ParamBuilder {
+    dtype: DType,
+    device: Device,
+    rng: Rng,
+    params: Parameters,
+}
+
+impl ParamBuilder {
+    /// A builder whose random values come from `seed`.
+    pub fn new(dtype: DType, device: Device, seed: u64) -> Self {
+        Self { dtype, device, rng: Rng::seeded(seed), params: Parameters::default() }
+    }
+
+    /// The dtype parameters are created in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device parameters are created on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn push(&mut self, name: String, values: Vec<f64>, shape: Shape) -> Result<Var> {
+        let t = Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(self.dtype)?;
+        let var = Var::from_tensor(&t.to_device(&self.device)?)?;
+        self.params.list.push(Parameter { name, var: var.clone() });
+        Ok(var)
+    }
+
+    /// A parameter with values from N(0, std²).
+    ///
+    /// # Errors
+    /// On a tensor allocation failure.
+    pub fn normal(&mut self, name: impl Into<String>, shape: impl Into<Shape>, std: f64) -> Result<Var> {
+        let shape = shape.into();
+        let values = (0..shape.elem_count()).map(|_| self.rng.normal_f64() * std).collect();
+        self.push(name.into(), values, shape)
+    }
+
+    /// A parameter filled with `value`.
+    ///
+    /// # Errors
+    /// On a tensor allocation failure.
+    pub fn constant(&mut self, name: impl Into<String>, shape: impl Into<Shape>, value: f64) -> Result<Var> {
+        let shape = shape.into();
+        let values = vec![value; shape.elem_count()];
+        self.push(name.into(), values, shape)
+    }
+
+    /// The parameters created so far.
+    pub fn finish(self) -> Parameters {
+        self.params
+    }
+}

@@ -1,0 +1,461 @@
+//! The Trainer: micro-batching and accumulation, the segmented forward/backward, the
+//! optimizer step, evaluation, progress, metrics and memory sampling.
+
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle::Device;
+use candle_ckpt::{forward, forward_backward, Decision, SegmentContext, SegmentedModel};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::data::Corpus;
+use crate::error::{Error, Result};
+use crate::memory::{self, MemoryReport};
+use crate::metrics::{MetricsWriter, StepRecord};
+use crate::models::{Gpt, TokenBatch};
+use crate::params::Parameters;
+use crate::schedule::LrSchedule;
+use crate::updater::Updater;
+
+/// A model the Trainer can train on token batches.
+pub trait LanguageModel: SegmentedModel<Batch = TokenBatch> {
+    /// Its trainable parameters.
+    fn parameters(&self) -> &Parameters;
+    /// The longest sequence it accepts.
+    fn context_length(&self) -> usize;
+    /// The device its parameters live on.
+    fn device(&self) -> Device;
+}
+
+impl LanguageModel for Gpt {
+    fn parameters(&self) -> &Parameters {
+        Gpt::parameters(self)
+    }
+
+    fn context_length(&self) -> usize {
+        self.config().n_ctx
+    }
+
+    fn device(&self) -> Device {
+        self.parameters().iter().next().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu)
+    }
+}
+
+/// The Trainer's settings. Build with [`TrainerConfig::builder`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerConfig {
+    /// Sequences per micro-batch.
+    pub micro_batch: NonZeroUsize,
+    /// Micro-batches per optimizer step; the global batch is their product.
+    pub accumulation_steps: NonZeroUsize,
+    /// Optimizer steps to run.
+    pub steps: NonZeroUsize,
+    /// Tokens per sequence.
+    pub seq_len: NonZeroUsize,
+    /// The learning-rate schedule.
+    pub schedule: LrSchedule,
+    /// Clip the global gradient norm to this, if set.
+    pub max_grad_norm: Option<f64>,
+    /// Measure validation loss every this many steps (and always at the start and the end);
+    /// 0 for start and end only.
+    pub eval_interval: usize,
+    /// Validation windows of `seq_len` tokens to evaluate on.
+    pub eval_windows: usize,
+    /// Update the progress bar's message every this many steps.
+    pub log_interval: usize,
+    /// Seed of the data order and of dropout.
+    pub seed: u64,
+    /// Draw a progress bar on stderr (hidden when stderr is not a terminal).
+    pub progress: bool,
+    /// Append one JSON line per step to this file.
+    pub metrics_path: Option<PathBuf>,
+    /// Stop with an error after this many consecutive skipped (non-finite) steps.
+    pub max_consecutive_skips: usize,
+}
+
+impl TrainerConfig {
+    /// A builder with every default filled in.
+    pub fn builder() -> TrainerBuilder {
+        TrainerBuilder::default()
+    }
+
+    /// Sequences per optimizer step.
+    pub fn global_batch(&self) -> usize {
+        self.micro_batch.get() * self.accumulation_steps.get()
+    }
+}
+
+/// Builds a [`TrainerConfig`], validating it in [`TrainerBuilder::build`].
+#[derive(Debug, Clone)]
+pub struct TrainerBuilder {
+    micro_batch: usize,
+    accumulation_steps: usize,
+    steps: usize,
+    seq_len: usize,
+    schedule: Option<LrSchedule>,
+    lr: f64,
+    warmup_steps: usize,
+    max_grad_norm: Option<f64>,
+    eval_interval: usize,
+    eval_windows: usize,
+    log_interval: usize,
+    seed: u64,
+    progress: bool,
+    metrics_path: Option<PathBuf>,
+    max_consecutive_skips: usize,
+}
+
+impl Default for TrainerBuilder {
+    fn default() -> Self {
+        Self {
+            micro_batch: 16,
+            accumulation_steps: 1,
+            steps: 300,
+            seq_len: 128,
+            schedule: None,
+            lr: 3e-3,
+            warmup_steps: 30,
+            max_grad_norm: Some(1.0),
+            eval_interval: 100,
+            eval_windows: 256,
+            log_interval: 10,
+            seed: 0,
+            progress: false,
+            metrics_path: None,
+            max_consecutive_skips: 8,
+        }
+    }
+}
+
+impl TrainerBuilder {
+    /// Sequences per micro-batch. By default, 16.
+    pub fn micro_batch(mut self, n: usize) -> Self {
+        self.micro_batch = n;
+        self
+    }
+
+    /// Micro-batches accumulated per optimizer step. By default, 1.
+    pub fn accumulation_steps(mut self, n: usize) -> Self {
+        self.accumulation_steps = n;
+        self
+    }
+
+    /// Optimizer steps. By default, 300.
+    pub fn steps(mut self, n: usize) -> Self {
+        self.steps = n;
+        self
+    }
+
+    /// Tokens per sequence. By default, 128.
+    pub fn seq_len(mut self, n: usize) -> Self {
+        self.seq_len = n;
+        self
+    }
+
+    /// Peak learning rate of the default warm-up + cosine schedule. By default, 3e-3.
+    pub fn lr(mut self, lr: f64) -> Self {
+        self.lr = lr;
+        self
+    }
+
+    /// Warm-up steps of the default schedule. By default, 30 (capped at the run's length).
+    pub fn warmup_steps(mut self, n: usize) -> Self {
+        self.warmup_steps = n;
+        self
+    }
+
+    /// An explicit schedule, replacing the default linear warm-up then cosine decay from `lr`
+    /// to `lr / 10` over the run.
+    pub fn schedule(mut self, schedule: LrSchedule) -> Self {
+        self.schedule = Some(schedule);
+        self
+    }
+
+    /// Global-norm clipping threshold, or `None` for none. By default, 1.0.
+    pub fn max_grad_norm(mut self, max: Option<f64>) -> Self {
+        self.max_grad_norm = max;
+        self
+    }
+
+    /// Validation every this many steps (0: start and end only). By default, 100.
+    pub fn eval_interval(mut self, n: usize) -> Self {
+        self.eval_interval = n;
+        self
+    }
+
+    /// Validation windows. By default, 256.
+    pub fn eval_windows(mut self, n: usize) -> Self {
+        self.eval_windows = n;
+        self
+    }
+
+    /// Progress message interval in steps. By default, 10.
+    pub fn log_interval(mut self, n: usize) -> Self {
+        self.log_interval = n;
+        self
+    }
+
+    /// Seed of the data order and dropout. By default, 0.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Whether to draw a progress bar. By default, no.
+    pub fn progress(mut self, on: bool) -> Self {
+        self.progress = on;
+        self
+    }
+
+    /// JSONL metrics file. By default, none.
+    pub fn metrics_path(mut self, path: Option<PathBuf>) -> Self {
+        self.metrics_path = path;
+        self
+    }
+
+    /// Consecutive non-finite steps tolerated before stopping. By default, 8.
+    pub fn max_consecutive_skips(mut self, n: usize) -> Self {
+        self.max_consecutive_skips = n;
+        self
+    }
+
+    /// Validates the settings.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the first bad field.
+    pub fn build(self) -> Result<TrainerConfig> {
+        let nonzero = |field: &'static str, n: usize| {
+            NonZeroUsize::new(n).ok_or_else(|| Error::config(field, "must be at least 1"))
+        };
+        let steps = nonzero("steps", self.steps)?;
+        let schedule = match self.schedule {
+            Some(s) => s,
+            None => LrSchedule::WarmupCosine {
+                peak_lr: self.lr,
+                min_lr: self.lr / 10.0,
+                warmup_steps: self.warmup_steps.min(self.steps) as u64,
+                total_steps: self.steps as u64,
+            },
+        };
+        schedule.validate()?;
+        if let Some(max) = self.max_grad_norm {
+            if !(max > 0.0 && max.is_finite()) {
+                return Err(Error::config("max_grad_norm", format!("{max} is not a positive number")));
+            }
+        }
+        Ok(TrainerConfig {
+            micro_batch: nonzero("micro_batch", self.micro_batch)?,
+            accumulation_steps: nonzero("accumulation_steps", self.accumulation_steps)?,
+            steps,
+            seq_len: nonzero("seq_len", self.seq_len)?,
+            schedule,
+            max_grad_norm: self.max_grad_norm,
+            eval_interval: self.eval_interval,
+            eval_windows: nonzero("eval_windows", self.eval_windows)?.get(),
+            log_interval: self.log_interval.max(1),
+            seed: self.seed,
+            progress: self.progress,
+            metrics_path: self.metrics_path,
+            max_consecutive_skips: nonzero("max_consecutive_skips", self.max_consecutive_skips)?.get(),
+        })
+    }
+}
+
+/// What a training run did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainReport {
+    /// Validation loss before the first step (nats per token).
+    pub initial_val_loss: f64,
+    /// Validation loss after the last step.
+    pub final_val_loss: f64,
+    /// Mean training loss over the last `log_interval` steps.
+    pub final_train_loss: f64,
+    /// Median wall time of a step, seconds.
+    pub median_step_time_s: f64,
+    /// Training tokens per second at the median step time.
+    pub tokens_per_s: f64,
+    /// The memory breakdown of the step with the highest peak.
+    pub memory: MemoryReport,
+    /// Steps skipped for non-finite gradients.
+    pub skipped_steps: usize,
+    /// One record per step.
+    pub history: Vec<StepRecord>,
+}
+
+/// Runs training as configured.
+#[derive(Debug, Clone)]
+pub struct Trainer {
+    config: TrainerConfig,
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]),
+    }
+}
+
+impl Trainer {
+    /// A trainer with validated settings.
+    pub fn new(config: TrainerConfig) -> Self {
+        Self { config }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &TrainerConfig {
+        &self.config
+    }
+
+    /// The mean validation loss (nats per token) over `batches`, without dropout.
+    ///
+    /// # Errors
+    /// On a model error.
+    pub fn evaluate<M: LanguageModel>(model: &M, batches: &[TokenBatch]) -> Result<f64> {
+        let (mut total, mut count) = (0.0, 0usize);
+        for batch in batches {
+            let n = batch.targets.elem_count();
+            let loss = forward(model, batch, SegmentContext::eval())?.to_dtype(candle::DType::F64)?.to_scalar::<f64>()?;
+            total += loss * n as f64;
+            count += n;
+        }
+        Ok(if count == 0 { f64::NAN } else { total / count as f64 })
+    }
+
+    /// Runs one optimizer step's forward and backward over its micro-batches, accumulating
+    /// into `updater`, and returns the mean loss. Does not step the optimizer.
+    ///
+    /// # Errors
+    /// On a data, model or updater error.
+    pub fn accumulate_step<M: LanguageModel>(&self, model: &M, corpus: &Corpus, updater: &mut dyn Updater, step: u64) -> Result<f64> {
+        let c = &self.config;
+        let (b, k) = (c.micro_batch.get(), c.accumulation_steps.get());
+        let decisions = vec![Decision::Keep; model.num_segments()];
+        let device = model.device();
+        let mut loss_sum = 0.0;
+        for micro in 0..k {
+            let batch = corpus.train_batch(c.seed, step, micro * b, b, c.seq_len.get(), &device)?;
+            let ctx = SegmentContext::train(c.seed, step, micro as u64);
+            let mut hook_error = None;
+            let result = forward_backward(model, &batch, ctx, &decisions, 1.0 / k as f64, |grads| {
+                updater.accumulate(&grads).map_err(|e| {
+                    let msg = e.to_string();
+                    hook_error = Some(e);
+                    candle::Error::Msg(msg)
+                })
+            });
+            if let Some(e) = hook_error {
+                return Err(e);
+            }
+            loss_sum += result?.to_dtype(candle::DType::F64)?.to_scalar::<f64>()?;
+        }
+        Ok(loss_sum / k as f64)
+    }
+
+    /// Trains `model` on `corpus`, stepping through `updater`.
+    ///
+    /// # Errors
+    /// [`Error::SequenceTooLong`] if `seq_len` exceeds the model's context,
+    /// [`Error::CorpusTooShort`], [`Error::NonFinite`] after too many consecutive skipped
+    /// steps, and any model, updater or I/O error.
+    pub fn fit<M: LanguageModel>(&self, model: &M, corpus: &Corpus, updater: &mut dyn Updater) -> Result<TrainReport> {
+        let c = &self.config;
+        let seq_len = c.seq_len.get();
+        if seq_len > model.context_length() {
+            return Err(Error::SequenceTooLong { seq_len, context: model.context_length() });
+        }
+        corpus.check_seq_len(seq_len)?;
+        let device = model.device();
+        let val_batches = corpus.validation_batches(c.micro_batch.get(), c.eval_windows, seq_len, &device)?;
+        let mut metrics = c.metrics_path.as_deref().map(MetricsWriter::create).transpose()?;
+        let initial_val_loss = Self::evaluate(model, &val_batches)?;
+
+        let bar = if c.progress { ProgressBar::new(c.steps.get() as u64) } else { ProgressBar::hidden() };
+        bar.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+                .map_err(|e| Error::config("progress", e.to_string()))?
+                .progress_chars("=> "),
+        );
+        let tokens_per_step = (c.global_batch() * seq_len) as f64;
+        let param_bytes = model.parameters().size_in_bytes();
+        let mut history = Vec::with_capacity(c.steps.get());
+        let mut worst = MemoryReport::default();
+        let (mut skipped, mut consecutive_skips) = (0, 0);
+        updater.zero_grad();
+        for step in 0..c.steps.get() as u64 {
+            let start_bytes = memory::reset_peak();
+            let started = Instant::now();
+            let lr = c.schedule.lr(updater.optimizer().step_count());
+            let loss = self.accumulate_step(model, corpus, updater, step)?;
+            let report = updater.step(lr, c.max_grad_norm)?;
+            let step_time_s = started.elapsed().as_secs_f64();
+            let peak = memory::peak_bytes();
+            let state = updater.state_bytes();
+            let mem = MemoryReport::new(param_bytes, state.gradients, state.master_weights, state.optimizer_state, start_bytes, peak);
+            if mem.peak >= worst.peak {
+                worst = mem;
+            }
+            if report.stepped && loss.is_finite() {
+                consecutive_skips = 0;
+            } else {
+                skipped += 1;
+                consecutive_skips += 1;
+                tracing::warn!(step, loss, grad_norm = report.grad_norm, "non-finite loss or gradient: step skipped");
+                if consecutive_skips >= c.max_consecutive_skips {
+                    bar.abandon();
+                    return Err(Error::NonFinite { what: "gradient", step });
+                }
+            }
+            let done = step + 1;
+            let is_last = done == c.steps.get() as u64;
+            let val_loss = if is_last || (c.eval_interval > 0 && done % c.eval_interval as u64 == 0) {
+                Some(Self::evaluate(model, &val_batches)?)
+            } else {
+                None
+            };
+            let record = StepRecord {
+                step: done,
+                loss,
+                lr,
+                grad_norm: report.grad_norm,
+                stepped: report.stepped,
+                step_time_s,
+                tokens_per_s: tokens_per_step / step_time_s,
+                peak_bytes: peak,
+                val_loss,
+            };
+            if let Some(m) = metrics.as_mut() {
+                m.write(&record)?;
+            }
+            history.push(record);
+            bar.inc(1);
+            if done % c.log_interval as u64 == 0 || is_last {
+                bar.set_message(format!(
+                    "loss {loss:.4} | {:.0} tok/s | peak {}",
+                    record.tokens_per_s,
+                    memory::mib(peak)
+                ));
+            }
+        }
+        bar.finish();
+        let final_val_loss = Self::evaluate(model, &val_batches)?;
+        let tail = &history[history.len().saturating_sub(c.log_interval)..];
+        let final_train_loss = tail.iter().map(|r| r.loss).sum::<f64>() / tail.len().max(1) as f64;
+        let times: Vec<f64> = history.iter().map(|r| r.step_time_s).collect();
+        let median_step_time_s = median(&times);
+        Ok(TrainReport {
+            initial_val_loss,
+            final_val_loss,
+            final_train_loss,
+            median_step_time_s,
+            tokens_per_s: tokens_per_step / median_step_time_s,
+            memory: worst,
+            skipped_steps: skipped,
+            history,
+        })
+    }
+}

@@ -1,0 +1,183 @@
+//! Where gradients and optimizer state live: the [`Updater`] trait the Trainer talks to, and
+//! [`LocalUpdater`], its implementation for one device. (candle-shard implements it for N
+//! ranks.)
+
+use std::collections::HashMap;
+
+use candle::{DType, TensorId};
+use candle_ckpt::SegmentGradients;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::host::{to_f32_vec, update_f32_in_place, with_f32_values, write_f32_values};
+use crate::optim::Optimizer;
+use crate::params::{Parameter, Parameters};
+
+/// What one optimizer step saw and did.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// The global L2 norm of the accumulated gradient, before clipping (inf or NaN when a
+    /// gradient was not finite).
+    pub grad_norm: f64,
+    /// Whether the optimizer stepped (false when a gradient was inf or NaN).
+    pub stepped: bool,
+    /// The factor gradients were multiplied by to clip them (1 when not clipped).
+    pub clip_coef: f64,
+}
+
+/// Bytes of model state other than the parameters themselves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateBytes {
+    /// Gradient accumulators.
+    pub gradients: usize,
+    /// FP32 master weights.
+    pub master_weights: usize,
+    /// Optimizer state.
+    pub optimizer_state: usize,
+}
+
+/// Accumulates gradients and steps the optimizer, wherever the state lives.
+pub trait Updater {
+    /// Adds one segment's gradients (from the engine's hook) into the FP32 accumulators.
+    ///
+    /// # Errors
+    /// When a gradient belongs to no known parameter, or on a device error.
+    fn accumulate(&mut self, gradients: &SegmentGradients) -> Result<()>;
+
+    /// After the last micro-batch: computes the global gradient norm, skips the step if it is
+    /// not finite, clips to `max_grad_norm`, steps the optimizer with `lr`, writes the new
+    /// values into the parameters, and zeroes the accumulators.
+    ///
+    /// # Errors
+    /// On an optimizer or device error.
+    fn step(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<StepReport>;
+
+    /// Zeroes the gradient accumulators.
+    fn zero_grad(&mut self);
+
+    /// The optimizer.
+    fn optimizer(&self) -> &dyn Optimizer;
+
+    /// The optimizer, mutably (to load state).
+    fn optimizer_mut(&mut self) -> &mut dyn Optimizer;
+
+    /// Bytes held besides the parameters.
+    fn state_bytes(&self) -> StateBytes;
+}
+
+/// The single-device [`Updater`]: FP32 gradient accumulators, FP32 master weights for
+/// parameters held in a half type (none for FP32 parameters: they are the FP32 state), and
+/// the optimizer over host slices.
+pub struct LocalUpdater {
+    params: Vec<Parameter>,
+    index: HashMap<TensorId, usize>,
+    decay: Vec<bool>,
+    grads: Vec<Vec<f32>>,
+    master: Vec<Option<Vec<f32>>>,
+    optimizer: Box<dyn Optimizer>,
+}
+
+impl std::fmt::Debug for LocalUpdater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalUpdater").field("params", &self.params.len()).field("optimizer", &self.optimizer.name()).finish()
+    }
+}
+
+impl LocalUpdater {
+    /// An updater for `params`, stepping them with `optimizer` (built for their sizes, in
+    /// order). Weight decay applies to parameters of two or more dimensions.
+    ///
+    /// # Errors
+    /// On a device error reading the initial values of half-precision parameters.
+    pub fn new(params: &Parameters, optimizer: Box<dyn Optimizer>) -> Result<Self> {
+        let params: Vec<Parameter> = params.iter().cloned().collect();
+        let index = params.iter().enumerate().map(|(i, p)| (p.var.as_tensor().id(), i)).collect();
+        let decay = params.iter().map(|p| p.var.rank() >= 2).collect();
+        let grads = params.iter().map(|p| vec![0.0; p.var.elem_count()]).collect();
+        let master = params
+            .iter()
+            .map(|p| if p.var.dtype() == DType::F32 { Ok(None) } else { to_f32_vec(p.var.as_tensor()).map(Some) })
+            .collect::<Result<_>>()?;
+        Ok(Self { params, index, decay, grads, master, optimizer })
+    }
+
+    /// The accumulated FP32 gradient of parameter `name`.
+    pub fn gradient(&self, name: &str) -> Option<&[f32]> {
+        self.params.iter().position(|p| p.name == name).map(|i| self.grads[i].as_slice())
+    }
+}
+
+impl Updater for LocalUpdater {
+    fn accumulate(&mut self, gradients: &SegmentGradients) -> Result<()> {
+        for g in &gradients.gradients {
+            let Some(&i) = self.index.get(&g.var.as_tensor().id()) else {
+                return Err(Error::StateMismatch {
+                    name: g.name.clone(),
+                    expected: "a parameter known to the updater".into(),
+                    found: "an unknown variable".into(),
+                });
+            };
+            let acc = &mut self.grads[i];
+            with_f32_values(&g.grad, |values| {
+                acc.iter_mut().zip(values).for_each(|(a, &v)| *a += v);
+            })?;
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<StepReport> {
+        let sum_sq: f64 = self.grads.iter().flatten().map(|&g| (g as f64) * (g as f64)).sum();
+        let grad_norm = sum_sq.sqrt();
+        if !grad_norm.is_finite() {
+            self.zero_grad();
+            return Ok(StepReport { grad_norm, stepped: false, clip_coef: 1.0 });
+        }
+        let mut clip_coef = 1.0;
+        if let Some(max_norm) = max_grad_norm {
+            let coef = max_norm / (grad_norm + 1e-6);
+            if coef < 1.0 {
+                clip_coef = coef;
+                let c = coef as f32;
+                self.grads.iter_mut().flatten().for_each(|g| *g *= c);
+            }
+        }
+        self.optimizer.begin_step();
+        for (i, p) in self.params.iter().enumerate() {
+            let (grad, decay) = (&self.grads[i], self.decay[i]);
+            match &mut self.master[i] {
+                Some(master) => {
+                    self.optimizer.update(i, master, grad, lr, decay)?;
+                    write_f32_values(&p.var, master)?;
+                }
+                None => {
+                    let mut outcome = Ok(());
+                    let optimizer = &mut self.optimizer;
+                    update_f32_in_place(&p.var, |values| outcome = optimizer.update(i, values, grad, lr, decay))?;
+                    outcome?;
+                }
+            }
+        }
+        self.zero_grad();
+        Ok(StepReport { grad_norm, stepped: true, clip_coef })
+    }
+
+    fn zero_grad(&mut self) {
+        self.grads.iter_mut().for_each(|g| g.fill(0.0));
+    }
+
+    fn optimizer(&self) -> &dyn Optimizer {
+        self.optimizer.as_ref()
+    }
+
+    fn optimizer_mut(&mut self) -> &mut dyn Optimizer {
+        self.optimizer.as_mut()
+    }
+
+    fn state_bytes(&self) -> StateBytes {
+        StateBytes {
+            gradients: self.grads.iter().map(|g| g.len() * 4).sum(),
+            master_weights: self.master.iter().flatten().map(|m| m.len() * 4).sum(),
+            optimizer_state: self.optimizer.state_bytes(),
+        }
+    }
+}

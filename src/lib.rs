@@ -1,0 +1,20 @@
+//! candle-fit: train transformers on Candle that would not otherwise fit in memory.
+//!
+//! This facade re-exports the workspace's crates:
+//!
+//! - [`ckpt`] (`candle-ckpt`): the segmented forward/backward engine and recomputation;
+//! - [`train`] (`candle-train`): layers, models, optimizers, memory accounting, the Trainer;
+//! - [`shard`] (`candle-shard`): ZeRO-style sharding (a skeleton for now).
+//!
+//! It also owns the `candle-fit` command-line tool, the examples, the integration tests and
+//! the benchmarks.
+
+pub use candle_ckpt as ckpt;
+pub use candle_shard as shard;
+pub use candle_train as train;
+
+/// The bundled training corpus: Jane Austen's *Pride and Prejudice* (public domain).
+pub const BUNDLED_CORPUS: &[u8] = include_bytes!("../data/austen/prideprejudice.txt");
+
+/// The name the bundled corpus goes by in messages.
+pub const BUNDLED_CORPUS_NAME: &str = "data/austen/prideprejudice.txt (bundled)";

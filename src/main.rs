@@ -1,0 +1,226 @@
+//! The `candle-fit` command-line tool.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use candle::DType;
+use candle_fit::train::device::{parse_device, parse_dtype};
+use candle_fit::train::memory::{self, mib, CountingAllocator};
+use candle_fit::train::{
+    AdamWConfig, Corpus, Gpt, GptConfig, LocalUpdater, OptimizerConfig, SgdConfig, Trainer, TrainerConfig,
+};
+use candle_fit::{BUNDLED_CORPUS, BUNDLED_CORPUS_NAME};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[global_allocator]
+static ALLOC: CountingAllocator = CountingAllocator;
+
+#[derive(Parser, Debug)]
+#[command(name = "candle-fit", version, about = "Train transformers on Candle that would not otherwise fit")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a GPT on a UTF-8 text file (by default the bundled Austen novel) and report
+    /// validation loss, speed and memory.
+    Train(TrainArgs),
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum OptimizerKind {
+    Adamw,
+    Sgd,
+}
+
+#[derive(clap::Args, Debug)]
+struct TrainArgs {
+    /// UTF-8 text to train on; by default the bundled Pride and Prejudice.
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// Fraction of the corpus (its end) held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    validation_fraction: f64,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 16)]
+    micro_batch: usize,
+    /// Micro-batches accumulated per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    accumulation_steps: usize,
+    /// Tokens (bytes) per sequence; at most the context length.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Peak learning rate (linear warm-up, then cosine decay to a tenth of it).
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// Warm-up steps.
+    #[arg(long, default_value_t = 30)]
+    warmup_steps: usize,
+    /// Clip the global gradient norm to this (0 disables clipping).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Optimizer.
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Adamw)]
+    optimizer: OptimizerKind,
+    /// Weight decay (decoupled for AdamW, L2 for SGD), on matrices only.
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    /// Transformer blocks.
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    /// Width of the residual stream.
+    #[arg(long, default_value_t = 128)]
+    width: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    /// Context length of the model.
+    #[arg(long, default_value_t = 128)]
+    context: usize,
+    /// Dropout probability.
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f32,
+    /// Parameter and compute dtype: f32 or f64 (bf16/f16 mixed precision is not wired yet).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Seed of initialisation, data order and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Validate every this many steps (0: only at the start and the end).
+    #[arg(long, default_value_t = 100)]
+    eval_interval: usize,
+    /// Validation windows.
+    #[arg(long, default_value_t = 256)]
+    eval_windows: usize,
+    /// Append per-step metrics as JSON lines to this file.
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    /// Save the trained weights (Hugging Face GPT-2 names) to this safetensors file.
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let dtype = parse_dtype(&args.dtype)?;
+    if matches!(dtype, DType::BF16 | DType::F16) {
+        anyhow::bail!(
+            "invalid `--dtype`: {} mixed precision is not available yet (FP32 master weights and loss scaling are a later issue); use f32",
+            args.dtype
+        );
+    }
+    let device = parse_device(&args.device)?;
+    let model_config = GptConfig {
+        vocab_size: 256,
+        n_ctx: args.context,
+        n_embd: args.width,
+        n_layer: args.layers,
+        n_head: args.heads,
+        dropout: args.dropout,
+        layer_norm_eps: 1e-5,
+    };
+    model_config.validate()?;
+    let trainer_config = TrainerConfig::builder()
+        .micro_batch(args.micro_batch)
+        .accumulation_steps(args.accumulation_steps)
+        .steps(args.steps)
+        .seq_len(args.seq_len)
+        .lr(args.lr)
+        .warmup_steps(args.warmup_steps)
+        .max_grad_norm((args.max_grad_norm > 0.0).then_some(args.max_grad_norm))
+        .eval_interval(args.eval_interval)
+        .eval_windows(args.eval_windows)
+        .seed(args.seed)
+        .progress(!args.quiet)
+        .metrics_path(args.metrics.clone())
+        .build()?;
+    if args.seq_len > args.context {
+        return Err(candle_fit::train::Error::SequenceTooLong { seq_len: args.seq_len, context: args.context }.into());
+    }
+    let corpus = match &args.corpus {
+        Some(path) => Corpus::from_file(path, args.validation_fraction)?,
+        None => Corpus::from_bytes(BUNDLED_CORPUS_NAME.as_ref(), BUNDLED_CORPUS.to_vec(), args.validation_fraction)?,
+    };
+    corpus.check_seq_len(args.seq_len)?;
+
+    let model = Gpt::new(model_config, dtype, &device, args.seed)?;
+    let sizes: Vec<usize> = model.parameters().iter().map(|p| p.var.elem_count()).collect();
+    let optimizer = match args.optimizer {
+        OptimizerKind::Adamw => OptimizerConfig::AdamW(AdamWConfig { weight_decay: args.weight_decay, ..Default::default() }),
+        OptimizerKind::Sgd => OptimizerConfig::Sgd(SgdConfig { weight_decay: args.weight_decay, ..Default::default() }),
+    };
+    let mut updater = LocalUpdater::new(model.parameters(), optimizer.build(&sizes)?)?;
+    let trainer = Trainer::new(trainer_config);
+    let c = trainer.config();
+
+    println!("corpus        {} ({} train / {} validation bytes)", corpus.path().display(), corpus.split(candle_fit::train::Split::Train).len(), corpus.split(candle_fit::train::Split::Validation).len());
+    println!(
+        "model         GPT {} layers, width {}, {} heads, context {}: {} parameters ({:?} on {:?})",
+        args.layers, args.width, args.heads, args.context, model.parameters().num_elements(), dtype, device.location()
+    );
+    println!(
+        "training      {} steps x {} sequences ({} micro-batch x {} accumulation) of {} bytes, {} lr {}",
+        c.steps, c.global_batch(), c.micro_batch, c.accumulation_steps, c.seq_len, optimizer_name(&optimizer), args.lr
+    );
+    let report = trainer.fit(&model, &corpus, &mut updater)?;
+    let entropy = corpus.unigram_entropy();
+    println!();
+    println!("unigram byte entropy of the corpus   {entropy:.4} nats/byte ({:.3} bits)", entropy / std::f64::consts::LN_2);
+    println!("validation loss before training      {:.4} nats/byte", report.initial_val_loss);
+    println!(
+        "validation loss after {} steps       {:.4} nats/byte ({:.3} bits/byte, {:.1}% of the unigram entropy)",
+        c.steps,
+        report.final_val_loss,
+        report.final_val_loss / std::f64::consts::LN_2,
+        100.0 * report.final_val_loss / entropy
+    );
+    println!("training loss (last 10 steps)        {:.4}", report.final_train_loss);
+    println!("median step time                     {:.1} ms ({:.0} tokens/s)", report.median_step_time_s * 1e3, report.tokens_per_s);
+    if memory::is_installed() {
+        let m = report.memory;
+        println!("peak heap during a step              {}", mib(m.peak));
+        for (name, bytes) in m.categories() {
+            println!("  {name:<34} {}", mib(bytes));
+        }
+    }
+    if report.skipped_steps > 0 {
+        println!("skipped steps (non-finite)           {}", report.skipped_steps);
+    }
+    if let Some(path) = &args.save {
+        model.parameters().save_safetensors(path).with_context(|| format!("saving weights to {}", path.display()))?;
+        println!("weights saved to {}", path.display());
+    }
+    Ok(())
+}
+
+fn optimizer_name(config: &OptimizerConfig) -> &'static str {
+    match config {
+        OptimizerConfig::AdamW(_) => "AdamW",
+        OptimizerConfig::Sgd(_) => "SGD",
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => train(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
