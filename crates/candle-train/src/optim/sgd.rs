@@ -67,27 +67,34 @@ impl Optimizer for Sgd {
     }
 
     fn update(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()> {
+        // ATen's `add(self, other, alpha)` is `fma(other, alpha, self)` in its vector kernels;
+        // every `add` below follows it so results equal PyTorch's bit for bit.
         let wd = if decay { self.config.weight_decay as f32 } else { 0.0 };
+        let with_decay = |g: f32, p: f32| if wd != 0.0 { p.mul_add(wd, g) } else { g };
         let neg_lr = -lr as f32;
         if self.momentum.is_empty() {
             check_len(index, param.len(), param, grad)?;
             for (p, &g) in param.iter_mut().zip(grad) {
-                *p += neg_lr * (g + wd * *p);
+                *p = with_decay(g, *p).mul_add(neg_lr, *p);
             }
             return Ok(());
         }
         let first = self.step <= 1;
         let Some(buf) = self.momentum.get_mut(index) else {
-            return Err(Error::StateMismatch { name: format!("parameter {index}"), expected: "a known parameter".into(), found: index.to_string() });
+            return Err(Error::StateMismatch {
+                name: format!("parameter {index}"),
+                expected: "a known parameter".into(),
+                found: index.to_string(),
+            });
         };
         check_len(index, buf.len(), param, grad)?;
         let momentum = self.config.momentum as f32;
         let keep = (1.0 - self.config.dampening) as f32;
         for ((p, &g), b) in param.iter_mut().zip(grad).zip(buf.iter_mut()) {
-            let d = g + wd * *p;
-            *b = if first { d } else { *b * momentum + keep * d };
-            let step = if self.config.nesterov { d + momentum * *b } else { *b };
-            *p += neg_lr * step;
+            let d = with_decay(g, *p);
+            *b = if first { d } else { d.mul_add(keep, *b * momentum) };
+            let step = if self.config.nesterov { b.mul_add(momentum, d) } else { *b };
+            *p = step.mul_add(neg_lr, *p);
         }
         Ok(())
     }
