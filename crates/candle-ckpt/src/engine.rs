@@ -204,3 +204,98 @@ where
     }
     Ok(loss_value)
 }
+
+#[cfg(test)]
+mod tests {
+    use candle::{Device, Result, Tensor, Var};
+
+    use super::*;
+
+    /// `loss = sum(relu-free chain)`: segment 0 scales by `a`, segment 1 by `b` (which an op
+    /// "without backward", modelled by `detach`, cuts off when `cut` is set), segment 2 sums.
+    struct Chain {
+        a: Var,
+        b: Var,
+        cut: bool,
+        stateful: bool,
+    }
+
+    impl SegmentedModel for Chain {
+        type Batch = Tensor;
+        fn num_segments(&self) -> usize {
+            3
+        }
+        fn segment_name(&self, index: usize) -> String {
+            ["scale_a", "scale_b", "loss"][index].into()
+        }
+        fn first_input(&self, batch: &Tensor) -> Result<Tensor> {
+            Ok(batch.clone())
+        }
+        fn forward_segment(&self, i: usize, x: &Tensor, _: &Tensor, _: &SegmentContext) -> Result<Tensor> {
+            match i {
+                0 => x.broadcast_mul(self.a.as_tensor()),
+                1 if self.cut => x.broadcast_mul(&self.b.as_tensor().detach()),
+                1 => x.broadcast_mul(self.b.as_tensor()),
+                _ => x.sqr()?.sum_all(),
+            }
+        }
+        fn segment_parameters(&self, i: usize) -> Vec<SegmentParameter> {
+            let p = |name: &str, var: &Var| SegmentParameter { name: name.into(), var: var.clone() };
+            match i {
+                0 => vec![p("a", &self.a)],
+                1 => vec![p("b", &self.b)],
+                _ => vec![],
+            }
+        }
+        fn stateful_layer(&self, index: usize) -> Option<String> {
+            (self.stateful && index == 1).then(|| "kv_cache".to_string())
+        }
+    }
+
+    fn chain(cut: bool, stateful: bool) -> Result<Chain> {
+        Ok(Chain { a: Var::new(&[2f64], &Device::Cpu)?, b: Var::new(&[3f64], &Device::Cpu)?, cut, stateful })
+    }
+
+    fn run(model: &Chain, decisions: &[Decision]) -> Result<Vec<(String, f64, bool)>> {
+        let x = Tensor::new(&[1f64, -2.0], &Device::Cpu)?;
+        let mut out = vec![];
+        forward_backward(model, &x, SegmentContext::eval(), decisions, 0.5, |g| {
+            for p in g.gradients {
+                out.push((p.name, p.grad.to_vec1::<f64>()?[0], p.is_final));
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    #[test]
+    fn gradients_are_exact_under_every_decision_and_scaled_by_the_multiplier() -> Result<()> {
+        // loss = sum((a b x)^2) = a^2 b^2 |x|^2 = 36 * 5; dL/da = 2 a b^2 |x|^2 = 180, dL/db = 120.
+        let model = chain(false, false)?;
+        use Decision::{Keep, Recompute};
+        for decisions in [[Keep, Keep, Keep], [Recompute, Recompute, Keep], [Recompute, Keep, Recompute]] {
+            let grads = run(&model, &decisions)?;
+            assert_eq!(grads, vec![("b".into(), 60.0, true), ("a".into(), 90.0, true)], "{decisions:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_parameter_cut_off_from_the_loss_is_named_in_the_error() -> Result<()> {
+        let err = run(&chain(true, false)?, &[Decision::Keep; 3]).err().map(|e| e.to_string());
+        let err = err.unwrap_or_default();
+        assert!(err.contains("parameter `b` received no gradient in segment `scale_b`"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn recomputing_a_stateful_segment_is_refused_and_wrong_decision_counts_too() -> Result<()> {
+        let model = chain(false, true)?;
+        let err = run(&model, &[Decision::Keep, Decision::Recompute, Decision::Keep]).err().map(|e| e.to_string());
+        assert!(err.unwrap_or_default().contains("`scale_b` cannot be recomputed: its layer `kv_cache`"));
+        assert!(run(&model, &[Decision::Keep; 3]).is_ok());
+        let err = run(&model, &[Decision::Keep; 2]).err().map(|e| e.to_string());
+        assert!(err.unwrap_or_default().contains("2 recompute decisions given for a model of 3 segments"));
+        Ok(())
+    }
+}

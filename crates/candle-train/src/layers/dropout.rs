@@ -36,11 +36,15 @@ impl Dropout {
         if !training || self.p == 0.0 {
             return Ok(x.clone());
         }
-        let keep_scale = 1.0 / (1.0 - self.p);
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.uniform_f32() < self.p { 0.0 } else { keep_scale })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        let keep_scale = 1.0 / (1.0 - self.p as f64);
+        let mut draw = || if rng.uniform_f32() < self.p { 0.0 } else { keep_scale };
+        let n = x.elem_count();
+        let mask = if x.dtype() == candle::DType::F64 {
+            Tensor::from_vec((0..n).map(|_| draw()).collect::<Vec<f64>>(), x.shape(), x.device())?
+        } else {
+            let values: Vec<f32> = (0..n).map(|_| draw() as f32).collect();
+            Tensor::from_vec(values, x.shape(), x.device())?.to_dtype(x.dtype())?
+        };
         x.mul(&mask)
     }
 }
