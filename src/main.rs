@@ -37,6 +37,7 @@ enum OptimizerKind {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(allow_negative_numbers = true)]
 struct TrainArgs {
     /// UTF-8 text to train on; by default the bundled Pride and Prejudice.
     #[arg(long)]
@@ -146,37 +147,69 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         .metrics_path(args.metrics.clone())
         .build()?;
     if args.seq_len > args.context {
-        return Err(candle_fit::train::Error::SequenceTooLong { seq_len: args.seq_len, context: args.context }.into());
+        return Err(candle_fit::train::Error::SequenceTooLong {
+            seq_len: args.seq_len,
+            context: args.context,
+        }
+        .into());
     }
     let corpus = match &args.corpus {
         Some(path) => Corpus::from_file(path, args.validation_fraction)?,
-        None => Corpus::from_bytes(BUNDLED_CORPUS_NAME.as_ref(), BUNDLED_CORPUS.to_vec(), args.validation_fraction)?,
+        None => Corpus::from_bytes(
+            BUNDLED_CORPUS_NAME.as_ref(),
+            BUNDLED_CORPUS.to_vec(),
+            args.validation_fraction,
+        )?,
     };
     corpus.check_seq_len(args.seq_len)?;
 
     let model = Gpt::new(model_config, dtype, &device, args.seed)?;
     let sizes: Vec<usize> = model.parameters().iter().map(|p| p.var.elem_count()).collect();
     let optimizer = match args.optimizer {
-        OptimizerKind::Adamw => OptimizerConfig::AdamW(AdamWConfig { weight_decay: args.weight_decay, ..Default::default() }),
-        OptimizerKind::Sgd => OptimizerConfig::Sgd(SgdConfig { weight_decay: args.weight_decay, ..Default::default() }),
+        OptimizerKind::Adamw => {
+            OptimizerConfig::AdamW(AdamWConfig { weight_decay: args.weight_decay, ..Default::default() })
+        }
+        OptimizerKind::Sgd => {
+            OptimizerConfig::Sgd(SgdConfig { weight_decay: args.weight_decay, ..Default::default() })
+        }
     };
     let mut updater = LocalUpdater::new(model.parameters(), optimizer.build(&sizes)?)?;
     let trainer = Trainer::new(trainer_config);
     let c = trainer.config();
 
-    println!("corpus        {} ({} train / {} validation bytes)", corpus.path().display(), corpus.split(candle_fit::train::Split::Train).len(), corpus.split(candle_fit::train::Split::Validation).len());
+    println!(
+        "corpus        {} ({} train / {} validation bytes)",
+        corpus.path().display(),
+        corpus.split(candle_fit::train::Split::Train).len(),
+        corpus.split(candle_fit::train::Split::Validation).len()
+    );
     println!(
         "model         GPT {} layers, width {}, {} heads, context {}: {} parameters ({:?} on {:?})",
-        args.layers, args.width, args.heads, args.context, model.parameters().num_elements(), dtype, device.location()
+        args.layers,
+        args.width,
+        args.heads,
+        args.context,
+        model.parameters().num_elements(),
+        dtype,
+        device.location()
     );
     println!(
         "training      {} steps x {} sequences ({} micro-batch x {} accumulation) of {} bytes, {} lr {}",
-        c.steps, c.global_batch(), c.micro_batch, c.accumulation_steps, c.seq_len, optimizer_name(&optimizer), args.lr
+        c.steps,
+        c.global_batch(),
+        c.micro_batch,
+        c.accumulation_steps,
+        c.seq_len,
+        optimizer_name(&optimizer),
+        args.lr
     );
     let report = trainer.fit(&model, &corpus, &mut updater)?;
     let entropy = corpus.unigram_entropy();
     println!();
-    println!("unigram byte entropy of the corpus   {entropy:.4} nats/byte ({:.3} bits)", entropy / std::f64::consts::LN_2);
+    println!(
+        "unigram byte entropy of the corpus   {entropy:.4} nats/byte ({:.3} bits)",
+        entropy / std::f64::consts::LN_2
+    );
     println!("validation loss before training      {:.4} nats/byte", report.initial_val_loss);
     println!(
         "validation loss after {} steps       {:.4} nats/byte ({:.3} bits/byte, {:.1}% of the unigram entropy)",
@@ -186,7 +219,11 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         100.0 * report.final_val_loss / entropy
     );
     println!("training loss (last 10 steps)        {:.4}", report.final_train_loss);
-    println!("median step time                     {:.1} ms ({:.0} tokens/s)", report.median_step_time_s * 1e3, report.tokens_per_s);
+    println!(
+        "median step time                     {:.1} ms ({:.0} tokens/s)",
+        report.median_step_time_s * 1e3,
+        report.tokens_per_s
+    );
     if memory::is_installed() {
         let m = report.memory;
         println!("peak heap during a step              {}", mib(m.peak));
@@ -198,7 +235,10 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         println!("skipped steps (non-finite)           {}", report.skipped_steps);
     }
     if let Some(path) = &args.save {
-        model.parameters().save_safetensors(path).with_context(|| format!("saving weights to {}", path.display()))?;
+        model
+            .parameters()
+            .save_safetensors(path)
+            .with_context(|| format!("saving weights to {}", path.display()))?;
         println!("weights saved to {}", path.display());
     }
     Ok(())

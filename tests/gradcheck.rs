@@ -162,7 +162,8 @@ fn dropout_with_a_replayed_mask_matches_finite_differences() -> anyhow::Result<(
     let objective = || weighted_sum(&dropout.forward(x.as_tensor(), &mut Rng::seeded(42), true)?, 16);
     gradcheck("dropout", &[("input", &x)], &objective)?;
     // The mask zeroes about p of the elements and scales the rest by 1/(1-p).
-    let y = dropout.forward(&Tensor::ones((100, 100), DType::F64, &Device::Cpu)?, &mut Rng::seeded(1), true)?;
+    let y =
+        dropout.forward(&Tensor::ones((100, 100), DType::F64, &Device::Cpu)?, &mut Rng::seeded(1), true)?;
     let values = y.flatten_all()?.to_vec1::<f64>()?;
     let zeros = values.iter().filter(|&&v| v == 0.0).count() as f64 / values.len() as f64;
     assert!((zeros - 0.3).abs() < 0.02, "dropped fraction {zeros}");

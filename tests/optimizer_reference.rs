@@ -24,7 +24,8 @@ fn values(n: usize, salt: u64, scale: f64) -> Vec<f32> {
 }
 
 fn reference() -> anyhow::Result<Reference> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/torch_optimizers.json"))?;
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/torch_optimizers.json"))?;
     Ok(serde_json::from_str(&text)?)
 }
 

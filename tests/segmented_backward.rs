@@ -8,7 +8,8 @@ use candle_fit::ckpt::{forward_backward, Decision, SegmentContext, SegmentedMode
 use candle_fit::train::{Corpus, Gpt, GptConfig, TokenBatch};
 
 fn model(dtype: DType) -> anyhow::Result<Gpt> {
-    let config = GptConfig { n_ctx: 16, n_embd: 16, n_layer: 3, n_head: 2, dropout: 0.1, ..GptConfig::default() };
+    let config =
+        GptConfig { n_ctx: 16, n_embd: 16, n_layer: 3, n_head: 2, dropout: 0.1, ..GptConfig::default() };
     Ok(Gpt::new(config, dtype, &Device::Cpu, 5)?)
 }
 
@@ -19,7 +20,11 @@ fn batch() -> anyhow::Result<TokenBatch> {
 }
 
 /// One forward over all segments without cutting the graph, then one backward.
-fn plain_gradients(model: &Gpt, batch: &TokenBatch, ctx: SegmentContext) -> anyhow::Result<HashMap<String, Tensor>> {
+fn plain_gradients(
+    model: &Gpt,
+    batch: &TokenBatch,
+    ctx: SegmentContext,
+) -> anyhow::Result<HashMap<String, Tensor>> {
     let mut x = model.first_input(batch)?;
     for i in 0..model.num_segments() {
         x = model.forward_segment(i, &x, batch, &ctx.for_segment(i))?;
@@ -27,7 +32,9 @@ fn plain_gradients(model: &Gpt, batch: &TokenBatch, ctx: SegmentContext) -> anyh
     let grads = x.backward()?;
     let mut out = HashMap::new();
     for p in model.parameters().iter() {
-        let g = grads.get(p.var.as_tensor()).ok_or_else(|| anyhow::anyhow!("no plain gradient for {}", p.name))?;
+        let g = grads
+            .get(p.var.as_tensor())
+            .ok_or_else(|| anyhow::anyhow!("no plain gradient for {}", p.name))?;
         out.insert(p.name.clone(), g.clone());
     }
     Ok(out)
@@ -98,12 +105,19 @@ fn every_decision_reproduces_plain_backward_in_f32_within_1e_6_relative() -> any
 fn tied_embedding_gets_the_sum_of_both_segments_and_is_final_only_in_the_first() -> anyhow::Result<()> {
     let model = model(DType::F64)?;
     let mut wte_calls = vec![];
-    forward_backward(&model, &batch()?, SegmentContext::eval(), &vec![Decision::Keep; model.num_segments()], 1.0, |g| {
-        for p in g.gradients.iter().filter(|p| p.name == "wte.weight") {
-            wte_calls.push((g.segment, p.is_final));
-        }
-        Ok(())
-    })?;
+    forward_backward(
+        &model,
+        &batch()?,
+        SegmentContext::eval(),
+        &vec![Decision::Keep; model.num_segments()],
+        1.0,
+        |g| {
+            for p in g.gradients.iter().filter(|p| p.name == "wte.weight") {
+                wte_calls.push((g.segment, p.is_final));
+            }
+            Ok(())
+        },
+    )?;
     assert_eq!(wte_calls, vec![(model.num_segments() - 1, false), (0, true)]);
     Ok(())
 }

@@ -63,11 +63,7 @@ fn as_leaf(x: &Tensor) -> Result<Tensor> {
 ///
 /// # Errors
 /// Any error of the model's segments.
-pub fn forward<M: SegmentedModel>(
-    model: &M,
-    batch: &M::Batch,
-    ctx: SegmentContext,
-) -> Result<Tensor> {
+pub fn forward<M: SegmentedModel>(model: &M, batch: &M::Batch, ctx: SegmentContext) -> Result<Tensor> {
     let mut x = model.first_input(batch)?;
     for index in 0..model.num_segments() {
         x = model.forward_segment(index, &x, batch, &ctx.for_segment(index))?.detach();
@@ -291,7 +287,8 @@ mod tests {
     #[test]
     fn recomputing_a_stateful_segment_is_refused_and_wrong_decision_counts_too() -> Result<()> {
         let model = chain(false, true)?;
-        let err = run(&model, &[Decision::Keep, Decision::Recompute, Decision::Keep]).err().map(|e| e.to_string());
+        let err =
+            run(&model, &[Decision::Keep, Decision::Recompute, Decision::Keep]).err().map(|e| e.to_string());
         assert!(err.unwrap_or_default().contains("`scale_b` cannot be recomputed: its layer `kv_cache`"));
         assert!(run(&model, &[Decision::Keep; 3]).is_ok());
         let err = run(&model, &[Decision::Keep; 2]).err().map(|e| e.to_string());

@@ -100,8 +100,7 @@ mod tests {
         let a: Vec<u64> = (0..4).scan(key.rng(), |r, _| Some(r.next_u64())).collect();
         let b: Vec<u64> = (0..4).scan(key.rng(), |r, _| Some(r.next_u64())).collect();
         assert_eq!(a, b);
-        let c: Vec<u64> =
-            (0..4).scan(key.with_stream(1).rng(), |r, _| Some(r.next_u64())).collect();
+        let c: Vec<u64> = (0..4).scan(key.with_stream(1).rng(), |r, _| Some(r.next_u64())).collect();
         assert_ne!(a, c);
         let d = RngKey { segment: 3, ..key }.rng().next_u64();
         assert_ne!(a[0], d);

@@ -56,7 +56,10 @@ impl Corpus {
     /// As [`Corpus::from_file`], without the I/O.
     pub fn from_bytes(path: &Path, bytes: Vec<u8>, validation_fraction: f64) -> Result<Self> {
         if !(validation_fraction > 0.0 && validation_fraction < 1.0) {
-            return Err(Error::config("validation_fraction", format!("{validation_fraction} is not in (0, 1)")));
+            return Err(Error::config(
+                "validation_fraction",
+                format!("{validation_fraction} is not in (0, 1)"),
+            ));
         }
         if bytes.is_empty() {
             return Err(Error::EmptyCorpus { path: path.to_path_buf() });
@@ -91,10 +94,14 @@ impl Corpus {
             counts[b as usize] += 1;
         }
         let n = self.train.len() as f64;
-        counts.iter().filter(|&&c| c > 0).map(|&c| {
-            let p = c as f64 / n;
-            -p * p.ln()
-        }).sum()
+        counts
+            .iter()
+            .filter(|&&c| c > 0)
+            .map(|&c| {
+                let p = c as f64 / n;
+                -p * p.ln()
+            })
+            .sum()
     }
 
     /// Checks that both splits hold at least one window of `seq_len` tokens plus the target.
@@ -105,13 +112,24 @@ impl Corpus {
         for split in [Split::Train, Split::Validation] {
             let len = self.split(split).len();
             if len < seq_len + 1 {
-                return Err(Error::CorpusTooShort { path: self.path.clone(), split: split.name(), len, needed: seq_len + 1 });
+                return Err(Error::CorpusTooShort {
+                    path: self.path.clone(),
+                    split: split.name(),
+                    len,
+                    needed: seq_len + 1,
+                });
             }
         }
         Ok(())
     }
 
-    fn batch_from_offsets(&self, split: Split, offsets: &[usize], seq_len: usize, device: &Device) -> Result<TokenBatch> {
+    fn batch_from_offsets(
+        &self,
+        split: Split,
+        offsets: &[usize],
+        seq_len: usize,
+        device: &Device,
+    ) -> Result<TokenBatch> {
         let data = self.split(split);
         let mut inputs = Vec::with_capacity(offsets.len() * seq_len);
         let mut targets = Vec::with_capacity(offsets.len() * seq_len);
@@ -131,11 +149,23 @@ impl Corpus {
     ///
     /// # Errors
     /// [`Error::CorpusTooShort`] if the training split is shorter than a window.
-    pub fn train_batch(&self, seed: u64, step: u64, first: usize, count: usize, seq_len: usize, device: &Device) -> Result<TokenBatch> {
+    pub fn train_batch(
+        &self,
+        seed: u64,
+        step: u64,
+        first: usize,
+        count: usize,
+        seq_len: usize,
+        device: &Device,
+    ) -> Result<TokenBatch> {
         self.check_seq_len(seq_len)?;
         let n_starts = (self.train.len() - seq_len) as u64;
         let offsets: Vec<usize> = (first..first + count)
-            .map(|j| RngKey { seed, step, micro_batch: j as u64, segment: 0, stream: 0x_da7a }.rng().below(n_starts) as usize)
+            .map(|j| {
+                RngKey { seed, step, micro_batch: j as u64, segment: 0, stream: 0x_da7a }
+                    .rng()
+                    .below(n_starts) as usize
+            })
             .collect();
         self.batch_from_offsets(Split::Train, &offsets, seq_len, device)
     }
@@ -145,7 +175,13 @@ impl Corpus {
     ///
     /// # Errors
     /// [`Error::CorpusTooShort`] if the validation split is shorter than a window.
-    pub fn validation_batches(&self, batch_size: usize, max_windows: usize, seq_len: usize, device: &Device) -> Result<Vec<TokenBatch>> {
+    pub fn validation_batches(
+        &self,
+        batch_size: usize,
+        max_windows: usize,
+        seq_len: usize,
+        device: &Device,
+    ) -> Result<Vec<TokenBatch>> {
         self.check_seq_len(seq_len)?;
         let max_start = self.validation.len() - 1 - seq_len;
         let available = (self.validation.len() - 1) / seq_len;
@@ -176,7 +212,10 @@ mod tests {
         assert!(matches!(latin1, Err(Error::CorpusNotUtf8 { offset: 1, .. })));
         let missing = Corpus::from_file(Path::new("/no/such/corpus.txt"), 0.1);
         assert!(matches!(missing, Err(Error::Io { action: "read", .. })));
-        assert!(matches!(corpus("short").and_then(|c| c.check_seq_len(8)), Err(Error::CorpusTooShort { .. })));
+        assert!(matches!(
+            corpus("short").and_then(|c| c.check_seq_len(8)),
+            Err(Error::CorpusTooShort { .. })
+        ));
     }
 
     #[test]

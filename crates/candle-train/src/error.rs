@@ -48,7 +48,9 @@ pub enum Error {
     },
 
     /// A corpus split is too short for one training window.
-    #[error("the {split} split of corpus `{path}` has {len} bytes, fewer than the {needed} one sequence needs")]
+    #[error(
+        "the {split} split of corpus `{path}` has {len} bytes, fewer than the {needed} one sequence needs"
+    )]
     CorpusTooShort {
         /// The file.
         path: PathBuf,
@@ -65,7 +67,9 @@ pub enum Error {
     UnknownDType(String),
 
     /// A device name that is not `cpu` or `cuda[:N]`, or a device this build cannot use.
-    #[error("unknown or unavailable device `{0}`: expected `cpu` or `cuda[:N]` (cuda needs the `cuda` feature)")]
+    #[error(
+        "unknown or unavailable device `{0}`: expected `cpu` or `cuda[:N]` (cuda needs the `cuda` feature)"
+    )]
     UnknownDevice(String),
 
     /// A sequence longer than the model's context.
@@ -119,5 +123,14 @@ impl Error {
     /// An [`Error::Io`].
     pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io { action, path: path.into(), source }
+    }
+}
+
+/// `Ok` when `value` is a finite number `>= 0`, else an [`Error::InvalidConfig`] for `field`.
+pub(crate) fn check_non_negative(field: &'static str, value: f64) -> Result<()> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::config(field, format!("{value} is not a finite non-negative number")))
     }
 }

@@ -9,7 +9,11 @@ use half::{bf16, f16};
 use crate::error::{Error, Result};
 
 fn mismatch(var: &Var, expected: &str, found: String) -> Error {
-    Error::StateMismatch { name: format!("variable of shape {:?}", var.dims()), expected: expected.into(), found }
+    Error::StateMismatch {
+        name: format!("variable of shape {:?}", var.dims()),
+        expected: expected.into(),
+        found,
+    }
 }
 
 /// Calls `f` with the tensor's values as FP32. A contiguous F32 CPU tensor is lent in place;
@@ -20,7 +24,9 @@ fn mismatch(var: &Var, expected: &str, found: String) -> Error {
 pub fn with_f32_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     if t.dtype() == DType::F32 {
         let (storage, layout) = t.storage_and_layout();
-        if let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+        if let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
             return Ok(f(&data[start..end]));
         }
     }
@@ -88,14 +94,22 @@ pub fn update_f32_in_place(var: &Var, f: impl FnOnce(&mut [f32])) -> Result<()> 
 /// When the lengths differ, or on a device error.
 pub fn write_f32_values(var: &Var, values: &[f32]) -> Result<()> {
     if values.len() != var.elem_count() {
-        return Err(mismatch(var, &format!("{} values", var.elem_count()), format!("{} values", values.len())));
+        return Err(mismatch(
+            var,
+            &format!("{} values", var.elem_count()),
+            format!("{} values", values.len()),
+        ));
     }
     if var.device().is_cpu() {
         let op = InPlace {
             f: RefCell::new(|storage: &mut CpuStorage, start: usize, end: usize| match storage {
                 CpuStorage::F32(d) => d[start..end].copy_from_slice(values),
-                CpuStorage::BF16(d) => d[start..end].iter_mut().zip(values).for_each(|(o, &v)| *o = bf16::from_f32(v)),
-                CpuStorage::F16(d) => d[start..end].iter_mut().zip(values).for_each(|(o, &v)| *o = f16::from_f32(v)),
+                CpuStorage::BF16(d) => {
+                    d[start..end].iter_mut().zip(values).for_each(|(o, &v)| *o = bf16::from_f32(v))
+                }
+                CpuStorage::F16(d) => {
+                    d[start..end].iter_mut().zip(values).for_each(|(o, &v)| *o = f16::from_f32(v))
+                }
                 CpuStorage::F64(d) => d[start..end].iter_mut().zip(values).for_each(|(o, &v)| *o = v as f64),
                 _ => {}
             }),

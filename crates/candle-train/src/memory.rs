@@ -117,7 +117,14 @@ pub struct MemoryReport {
 
 impl MemoryReport {
     /// A report from the model-state sizes, the live bytes at the step's start and its peak.
-    pub fn new(parameters: usize, gradients: usize, master_weights: usize, optimizer_state: usize, start: usize, peak: usize) -> Self {
+    pub fn new(
+        parameters: usize,
+        gradients: usize,
+        master_weights: usize,
+        optimizer_state: usize,
+        start: usize,
+        peak: usize,
+    ) -> Self {
         let state = parameters + gradients + master_weights + optimizer_state;
         Self {
             parameters,

@@ -54,7 +54,10 @@ impl MetricsWriter {
     /// # Errors
     /// [`Error::Io`] on a write failure.
     pub fn write(&mut self, record: &StepRecord) -> Result<()> {
-        let line = serde_json::to_string(record).map_err(|e| Error::io("serialize a record for", &self.path, e.into()))?;
-        writeln!(self.out, "{line}").and_then(|()| self.out.flush()).map_err(|e| Error::io("write", &self.path, e))
+        let line = serde_json::to_string(record)
+            .map_err(|e| Error::io("serialize a record for", &self.path, e.into()))?;
+        writeln!(self.out, "{line}")
+            .and_then(|()| self.out.flush())
+            .map_err(|e| Error::io("write", &self.path, e))
     }
 }

@@ -71,10 +71,8 @@ impl Parameters {
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
         let tensors: Vec<(String, Tensor)> =
             self.list.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
-        let bytes = safetensors::serialize(tensors, None).map_err(|e| Error::MalformedState {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let bytes = safetensors::serialize(tensors, None)
+            .map_err(|e| Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })?;
         write_atomic(path, &bytes)
     }
 
@@ -115,14 +113,8 @@ impl Parameters {
     }
 
     /// The parameters as the recompute engine lists them.
-    pub fn segment_parameters<'a>(
-        &self,
-        names: impl IntoIterator<Item = &'a str>,
-    ) -> Vec<SegmentParameter> {
-        names
-            .into_iter()
-            .filter_map(|name| self.get(name).map(Parameter::segment_parameter))
-            .collect()
+    pub fn segment_parameters<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Vec<SegmentParameter> {
+        names.into_iter().filter_map(|name| self.get(name).map(Parameter::segment_parameter)).collect()
     }
 }
 

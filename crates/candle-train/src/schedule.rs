@@ -49,7 +49,10 @@ impl LrSchedule {
                     return Err(Error::config("min_lr", format!("{min_lr} exceeds the peak rate {peak_lr}")));
                 }
                 if warmup_steps > total_steps {
-                    return Err(Error::config("warmup_steps", format!("{warmup_steps} exceeds the {total_steps} steps of the run")));
+                    return Err(Error::config(
+                        "warmup_steps",
+                        format!("{warmup_steps} exceeds the {total_steps} steps of the run"),
+                    ));
                 }
                 Ok(())
             }

@@ -319,7 +319,9 @@ impl Trainer {
         let (mut total, mut count) = (0.0, 0usize);
         for batch in batches {
             let n = batch.targets.elem_count();
-            let loss = forward(model, batch, SegmentContext::eval())?.to_dtype(candle::DType::F64)?.to_scalar::<f64>()?;
+            let loss = forward(model, batch, SegmentContext::eval())?
+                .to_dtype(candle::DType::F64)?
+                .to_scalar::<f64>()?;
             total += loss * n as f64;
             count += n;
         }
@@ -331,7 +333,13 @@ impl Trainer {
     ///
     /// # Errors
     /// On a data, model or updater error.
-    pub fn accumulate_step<M: LanguageModel>(&self, model: &M, corpus: &Corpus, updater: &mut dyn Updater, step: u64) -> Result<f64> {
+    pub fn accumulate_step<M: LanguageModel>(
+        &self,
+        model: &M,
+        corpus: &Corpus,
+        updater: &mut dyn Updater,
+        step: u64,
+    ) -> Result<f64> {
         let c = &self.config;
         let (b, k) = (c.micro_batch.get(), c.accumulation_steps.get());
         let decisions = vec![Decision::Keep; model.num_segments()];
@@ -362,7 +370,12 @@ impl Trainer {
     /// [`Error::SequenceTooLong`] if `seq_len` exceeds the model's context,
     /// [`Error::CorpusTooShort`], [`Error::NonFinite`] after too many consecutive skipped
     /// steps, and any model, updater or I/O error.
-    pub fn fit<M: LanguageModel>(&self, model: &M, corpus: &Corpus, updater: &mut dyn Updater) -> Result<TrainReport> {
+    pub fn fit<M: LanguageModel>(
+        &self,
+        model: &M,
+        corpus: &Corpus,
+        updater: &mut dyn Updater,
+    ) -> Result<TrainReport> {
         let c = &self.config;
         let seq_len = c.seq_len.get();
         if seq_len > model.context_length() {
@@ -395,7 +408,14 @@ impl Trainer {
             let step_time_s = started.elapsed().as_secs_f64();
             let peak = memory::peak_bytes();
             let state = updater.state_bytes();
-            let mem = MemoryReport::new(param_bytes, state.gradients, state.master_weights, state.optimizer_state, start_bytes, peak);
+            let mem = MemoryReport::new(
+                param_bytes,
+                state.gradients,
+                state.master_weights,
+                state.optimizer_state,
+                start_bytes,
+                peak,
+            );
             if mem.peak >= worst.peak {
                 worst = mem;
             }
@@ -404,7 +424,12 @@ impl Trainer {
             } else {
                 skipped += 1;
                 consecutive_skips += 1;
-                tracing::warn!(step, loss, grad_norm = report.grad_norm, "non-finite loss or gradient: step skipped");
+                tracing::warn!(
+                    step,
+                    loss,
+                    grad_norm = report.grad_norm,
+                    "non-finite loss or gradient: step skipped"
+                );
                 if consecutive_skips >= c.max_consecutive_skips {
                     bar.abandon();
                     return Err(Error::NonFinite { what: "gradient", step });

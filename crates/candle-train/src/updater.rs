@@ -79,7 +79,10 @@ pub struct LocalUpdater {
 
 impl std::fmt::Debug for LocalUpdater {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalUpdater").field("params", &self.params.len()).field("optimizer", &self.optimizer.name()).finish()
+        f.debug_struct("LocalUpdater")
+            .field("params", &self.params.len())
+            .field("optimizer", &self.optimizer.name())
+            .finish()
     }
 }
 
@@ -94,10 +97,17 @@ impl LocalUpdater {
         let index = params.iter().enumerate().map(|(i, p)| (p.var.as_tensor().id(), i)).collect();
         let decay = params.iter().map(|p| p.var.rank() >= 2).collect();
         let grads = params.iter().map(|p| vec![0.0; p.var.elem_count()]).collect();
-        let master = params
-            .iter()
-            .map(|p| if p.var.dtype() == DType::F32 { Ok(None) } else { to_f32_vec(p.var.as_tensor()).map(Some) })
-            .collect::<Result<_>>()?;
+        let master =
+            params
+                .iter()
+                .map(|p| {
+                    if p.var.dtype() == DType::F32 {
+                        Ok(None)
+                    } else {
+                        to_f32_vec(p.var.as_tensor()).map(Some)
+                    }
+                })
+                .collect::<Result<_>>()?;
         Ok(Self { params, index, decay, grads, master, optimizer })
     }
 
@@ -152,7 +162,9 @@ impl Updater for LocalUpdater {
                 None => {
                     let mut outcome = Ok(());
                     let optimizer = &mut self.optimizer;
-                    update_f32_in_place(&p.var, |values| outcome = optimizer.update(i, values, grad, lr, decay))?;
+                    update_f32_in_place(&p.var, |values| {
+                        outcome = optimizer.update(i, values, grad, lr, decay)
+                    })?;
                     outcome?;
                 }
             }

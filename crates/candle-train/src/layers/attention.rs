@@ -22,9 +22,7 @@ pub struct CausalSelfAttention {
 
 /// The additive causal mask `[t, t]`: 0 on and below the diagonal, -inf above.
 fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let values: Vec<f32> = (0..t * t)
-        .map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 })
-        .collect();
+    let values: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 }).collect();
     Tensor::from_vec(values, (t, t), device)?.to_dtype(dtype)
 }
 
@@ -49,8 +47,10 @@ impl CausalSelfAttention {
                 format!("{n_head} heads do not divide the width {n_embd}"),
             ));
         }
-        let c_attn = Linear::new(pb, &format!("{prefix}.c_attn"), n_embd, 3 * n_embd, WeightLayout::InOut, std)?;
-        let c_proj = Linear::new(pb, &format!("{prefix}.c_proj"), n_embd, n_embd, WeightLayout::InOut, proj_std)?;
+        let c_attn =
+            Linear::new(pb, &format!("{prefix}.c_attn"), n_embd, 3 * n_embd, WeightLayout::InOut, std)?;
+        let c_proj =
+            Linear::new(pb, &format!("{prefix}.c_proj"), n_embd, n_embd, WeightLayout::InOut, proj_std)?;
         Ok(Self { c_attn, c_proj, n_head, attn_dropout: dropout, resid_dropout: dropout })
     }
 

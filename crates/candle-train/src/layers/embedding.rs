@@ -16,7 +16,13 @@ impl Embedding {
     ///
     /// # Errors
     /// On allocation failure.
-    pub fn new(pb: &mut ParamBuilder, name: &str, num_embeddings: usize, dim: usize, std: f64) -> crate::Result<Self> {
+    pub fn new(
+        pb: &mut ParamBuilder,
+        name: &str,
+        num_embeddings: usize,
+        dim: usize,
+        std: f64,
+    ) -> crate::Result<Self> {
         Ok(Self { weight: pb.normal(name, (num_embeddings, dim), std)? })
     }
 

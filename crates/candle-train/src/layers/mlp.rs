@@ -31,7 +31,8 @@ impl Mlp {
         proj_std: f64,
     ) -> crate::Result<Self> {
         let c_fc = Linear::new(pb, &format!("{prefix}.c_fc"), n_embd, hidden, WeightLayout::InOut, std)?;
-        let c_proj = Linear::new(pb, &format!("{prefix}.c_proj"), hidden, n_embd, WeightLayout::InOut, proj_std)?;
+        let c_proj =
+            Linear::new(pb, &format!("{prefix}.c_proj"), hidden, n_embd, WeightLayout::InOut, proj_std)?;
         Ok(Self { c_fc, c_proj, dropout })
     }
 

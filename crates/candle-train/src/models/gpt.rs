@@ -31,7 +31,15 @@ impl Default for GptConfig {
     /// The default model trained by the CLI: 4 layers, width 128, 4 heads, context 128, byte
     /// vocabulary (about 0.84 M parameters).
     fn default() -> Self {
-        Self { vocab_size: 256, n_ctx: 128, n_embd: 128, n_layer: 4, n_head: 4, dropout: 0.0, layer_norm_eps: 1e-5 }
+        Self {
+            vocab_size: 256,
+            n_ctx: 128,
+            n_embd: 128,
+            n_layer: 4,
+            n_head: 4,
+            dropout: 0.0,
+            layer_norm_eps: 1e-5,
+        }
     }
 }
 
@@ -62,7 +70,7 @@ impl GptConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(crate::Error::config("dropout", format!("{} is not in [0, 1)", self.dropout)));
         }
-        if !(self.layer_norm_eps > 0.0) {
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
             return Err(crate::Error::config("layer_norm_eps", "must be positive"));
         }
         Ok(())
@@ -130,7 +138,15 @@ impl Gpt {
             let prefix = format!("h.{i}");
             blocks.push(Block {
                 ln_1: LayerNorm::new(&mut pb, &format!("{prefix}.ln_1"), c, config.layer_norm_eps)?,
-                attn: CausalSelfAttention::new(&mut pb, &format!("{prefix}.attn"), c, config.n_head, dropout, std, proj_std)?,
+                attn: CausalSelfAttention::new(
+                    &mut pb,
+                    &format!("{prefix}.attn"),
+                    c,
+                    config.n_head,
+                    dropout,
+                    std,
+                    proj_std,
+                )?,
                 ln_2: LayerNorm::new(&mut pb, &format!("{prefix}.ln_2"), c, config.layer_norm_eps)?,
                 mlp: Mlp::new(&mut pb, &format!("{prefix}.mlp"), c, 4 * c, dropout, std, proj_std)?,
                 prefix,
@@ -141,7 +157,9 @@ impl Gpt {
         let mut segment_names = vec![vec!["wte.weight".to_string(), "wpe.weight".to_string()]];
         for block in &blocks {
             let prefix = format!("{}.", block.prefix);
-            segment_names.push(params.iter().filter(|p| p.name.starts_with(&prefix)).map(|p| p.name.clone()).collect());
+            segment_names.push(
+                params.iter().filter(|p| p.name.starts_with(&prefix)).map(|p| p.name.clone()).collect(),
+            );
         }
         segment_names.push(vec!["ln_f.weight".into(), "ln_f.bias".into(), "wte.weight".into()]);
         Ok(Self { config, wte, wpe, blocks, ln_f, dropout, params, segment_names })
@@ -213,7 +231,13 @@ impl SegmentedModel for Gpt {
         Ok(batch.inputs.clone())
     }
 
-    fn forward_segment(&self, index: usize, input: &Tensor, batch: &TokenBatch, ctx: &SegmentContext) -> Result<Tensor> {
+    fn forward_segment(
+        &self,
+        index: usize,
+        input: &Tensor,
+        batch: &TokenBatch,
+        ctx: &SegmentContext,
+    ) -> Result<Tensor> {
         match index {
             0 => self.embed(input, ctx),
             i if i <= self.blocks.len() => self.block_forward(&self.blocks[i - 1], input, ctx),

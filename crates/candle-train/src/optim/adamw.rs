@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{check_len, Optimizer, OptimizerState};
-use crate::error::{Error, Result};
+use crate::error::{check_non_negative, Error, Result};
 
 /// AdamW's hyper-parameters (PyTorch's defaults except `lr`, which the schedule supplies).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -44,12 +44,8 @@ impl AdamWConfig {
                 return Err(Error::config(field, format!("{v} is not in [0, 1)")));
             }
         }
-        if !(self.eps >= 0.0) {
-            return Err(Error::config("eps", format!("{} is negative", self.eps)));
-        }
-        if !(self.weight_decay >= 0.0) {
-            return Err(Error::config("weight_decay", format!("{} is negative", self.weight_decay)));
-        }
+        check_non_negative("eps", self.eps)?;
+        check_non_negative("weight_decay", self.weight_decay)?;
         Ok(())
     }
 }
@@ -180,10 +176,10 @@ impl Optimizer for AdamW {
     }
 
     fn state(&self) -> OptimizerState {
-        let mut buffers = Vec::with_capacity(2 * self.exp_avg.len());
+        let mut buffers = std::collections::BTreeMap::new();
         for (i, (m, v)) in self.exp_avg.iter().zip(&self.exp_avg_sq).enumerate() {
-            buffers.push((format!("exp_avg.{i}"), m.clone()));
-            buffers.push((format!("exp_avg_sq.{i}"), v.clone()));
+            buffers.insert(format!("exp_avg.{i}"), m.clone());
+            buffers.insert(format!("exp_avg_sq.{i}"), v.clone());
         }
         OptimizerState { kind: self.name().into(), step: self.step, buffers }
     }

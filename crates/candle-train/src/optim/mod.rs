@@ -4,7 +4,7 @@
 pub mod adamw;
 pub mod sgd;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle::{Device, Tensor};
@@ -84,7 +84,7 @@ pub struct OptimizerState {
     /// Steps taken.
     pub step: u64,
     /// Named buffers (`exp_avg.3`, `momentum.0`).
-    pub buffers: Vec<(String, Vec<f32>)>,
+    pub buffers: BTreeMap<String, Vec<f32>>,
 }
 
 impl OptimizerState {
@@ -98,7 +98,10 @@ impl OptimizerState {
             .iter()
             .map(|(name, data)| Ok((name.clone(), Tensor::from_slice(data, data.len(), &Device::Cpu)?)))
             .collect::<Result<Vec<_>>>()?;
-        let metadata = HashMap::from([("kind".to_string(), self.kind.clone()), ("step".to_string(), self.step.to_string())]);
+        let metadata = HashMap::from([
+            ("kind".to_string(), self.kind.clone()),
+            ("step".to_string(), self.step.to_string()),
+        ]);
         let bytes = safetensors::serialize(tensors, Some(metadata))
             .map_err(|e| Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })?;
         write_atomic(path, &bytes)
@@ -111,28 +114,37 @@ impl OptimizerState {
     pub fn load(path: &Path) -> Result<Self> {
         let malformed = |reason: String| Error::MalformedState { path: path.to_path_buf(), reason };
         let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| malformed(e.to_string()))?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| malformed(e.to_string()))?;
         let extra = meta.metadata().clone().unwrap_or_default();
         let kind = extra.get("kind").cloned().ok_or_else(|| malformed("no `kind` in metadata".into()))?;
         let step = extra
             .get("step")
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| malformed("no valid `step` in metadata".into()))?;
-        let tensors = candle::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| malformed(e.to_string()))?;
-        let mut buffers = tensors
+        let tensors =
+            candle::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| malformed(e.to_string()))?;
+        let buffers = tensors
             .into_iter()
             .map(|(name, t)| Ok((name, t.to_dtype(candle::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)))
-            .collect::<Result<Vec<_>>>()?;
-        buffers.sort_by(|a, b| a.0.cmp(&b.0));
+            .collect::<Result<BTreeMap<_, _>>>()?;
         Ok(Self { kind, step, buffers })
     }
 
     /// Takes buffer `name` of length `len` out of a lookup, or names what is wrong.
     pub(crate) fn buffer(&self, name: &str, len: usize) -> Result<&[f32]> {
-        match self.buffers.iter().find(|(n, _)| n == name) {
-            Some((_, data)) if data.len() == len => Ok(data),
-            Some((_, data)) => Err(Error::StateMismatch { name: name.into(), expected: format!("{len} values"), found: format!("{} values", data.len()) }),
-            None => Err(Error::StateMismatch { name: name.into(), expected: format!("{len} values"), found: "nothing".into() }),
+        match self.buffers.get(name) {
+            Some(data) if data.len() == len => Ok(data),
+            Some(data) => Err(Error::StateMismatch {
+                name: name.into(),
+                expected: format!("{len} values"),
+                found: format!("{} values", data.len()),
+            }),
+            None => Err(Error::StateMismatch {
+                name: name.into(),
+                expected: format!("{len} values"),
+                found: "nothing".into(),
+            }),
         }
     }
 
@@ -140,7 +152,11 @@ impl OptimizerState {
         if self.kind == kind {
             Ok(())
         } else {
-            Err(Error::StateMismatch { name: "optimizer".into(), expected: kind.into(), found: self.kind.clone() })
+            Err(Error::StateMismatch {
+                name: "optimizer".into(),
+                expected: kind.into(),
+                found: self.kind.clone(),
+            })
         }
     }
 }

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{check_len, Optimizer, OptimizerState};
-use crate::error::{Error, Result};
+use crate::error::{check_non_negative, Error, Result};
 
 /// SGD's hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -40,15 +40,18 @@ impl Sgd {
     /// # Errors
     /// [`Error::InvalidConfig`] for negative factors or Nesterov without momentum.
     pub fn new(config: SgdConfig, sizes: &[usize]) -> Result<Self> {
-        for (field, v) in [("momentum", config.momentum), ("dampening", config.dampening), ("weight_decay", config.weight_decay)] {
-            if !(v >= 0.0) {
-                return Err(Error::config(field, format!("{v} is negative")));
-            }
+        for (field, v) in [
+            ("momentum", config.momentum),
+            ("dampening", config.dampening),
+            ("weight_decay", config.weight_decay),
+        ] {
+            check_non_negative(field, v)?;
         }
         if config.nesterov && (config.momentum <= 0.0 || config.dampening != 0.0) {
             return Err(Error::config("nesterov", "needs a positive momentum and zero dampening"));
         }
-        let momentum = if config.momentum > 0.0 { sizes.iter().map(|&n| vec![0.0; n]).collect() } else { Vec::new() };
+        let momentum =
+            if config.momentum > 0.0 { sizes.iter().map(|&n| vec![0.0; n]).collect() } else { Vec::new() };
         Ok(Self { config, step: 0, momentum })
     }
 }
@@ -104,7 +107,8 @@ impl Optimizer for Sgd {
     }
 
     fn state(&self) -> OptimizerState {
-        let buffers = self.momentum.iter().enumerate().map(|(i, b)| (format!("momentum.{i}"), b.clone())).collect();
+        let buffers =
+            self.momentum.iter().enumerate().map(|(i, b)| (format!("momentum.{i}"), b.clone())).collect();
         OptimizerState { kind: self.name().into(), step: self.step, buffers }
     }
 

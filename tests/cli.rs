@@ -1,0 +1,125 @@
+//! The command-line tool: bad input is one clear line naming the problem and a non-zero exit,
+//! never a panic; a tiny run succeeds and reports both losses and the entropy.
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_candle-fit")).args(args).output()?;
+    Ok((out.status.code().unwrap_or(-1), String::from_utf8(out.stdout)?, String::from_utf8(out.stderr)?))
+}
+
+const TINY: &[&str] = &[
+    "train",
+    "--quiet",
+    "--layers",
+    "1",
+    "--width",
+    "16",
+    "--heads",
+    "2",
+    "--context",
+    "32",
+    "--seq-len",
+    "32",
+    "--micro-batch",
+    "2",
+    "--eval-windows",
+    "4",
+    "--steps",
+    "3",
+];
+
+fn tiny_with(extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = TINY.iter().map(|s| s.to_string()).collect();
+    // A later flag overrides an earlier one only for clap "overrides"; replace instead.
+    for pair in extra.chunks(2) {
+        if let Some(i) = args.iter().position(|a| a == pair[0]) {
+            args[i + 1] = pair[1].to_string();
+        } else {
+            args.extend(pair.iter().map(|s| s.to_string()));
+        }
+    }
+    args
+}
+
+fn assert_clear_error(extra: &[&str], expected: &str) -> anyhow::Result<()> {
+    let args = tiny_with(extra);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, stderr) = run(&refs)?;
+    assert_ne!(code, 0, "{extra:?} should fail");
+    assert!(!stderr.contains("panicked"), "{extra:?} panicked: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{extra:?}: one line expected, got {stderr}");
+    assert!(stderr.contains(expected), "{extra:?}: expected `{expected}` in {stderr}");
+    Ok(())
+}
+
+#[test]
+fn bad_input_is_one_clear_line_and_a_failure_exit() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("candle-fit-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, b"")?;
+    let binary = dir.join("binary.txt");
+    std::fs::write(&binary, [0xffu8, 0xfe, 0x00, 0x41])?;
+    let short = dir.join("short.txt");
+    std::fs::write(&short, "Too short for a window.")?;
+
+    assert_clear_error(&["--steps", "0"], "invalid `steps`: must be at least 1")?;
+    assert_clear_error(&["--micro-batch", "0"], "invalid `micro_batch`: must be at least 1")?;
+    assert_clear_error(&["--accumulation-steps", "0"], "invalid `accumulation_steps`: must be at least 1")?;
+    assert_clear_error(&["--seq-len", "0"], "invalid `seq_len`: must be at least 1")?;
+    assert_clear_error(&["--seq-len", "64"], "sequence length 64 exceeds the model's context length 32")?;
+    assert_clear_error(&["--heads", "3"], "invalid `n_head`: 3 heads do not divide the width 16")?;
+    assert_clear_error(&["--layers", "0"], "invalid `n_layer`: must be at least 1")?;
+    assert_clear_error(&["--lr", "-1"], "invalid `lr`")?;
+    assert_clear_error(&["--dropout", "1.5"], "invalid `dropout`")?;
+    assert_clear_error(&["--corpus", "/no/such/file.txt"], "cannot read `/no/such/file.txt`")?;
+    assert_clear_error(&["--corpus", empty.to_str().unwrap_or_default()], "is empty")?;
+    assert_clear_error(&["--corpus", binary.to_str().unwrap_or_default()], "is not UTF-8 text")?;
+    assert_clear_error(
+        &["--corpus", short.to_str().unwrap_or_default()],
+        "fewer than the 33 one sequence needs",
+    )?;
+    assert_clear_error(&["--dtype", "f8"], "unknown dtype `f8`")?;
+    assert_clear_error(&["--device", "tpu"], "unknown or unavailable device `tpu`")?;
+    assert_clear_error(&["--validation-fraction", "1.5"], "invalid `validation_fraction`")?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn a_tiny_run_reports_losses_entropy_and_saves_loadable_weights() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("candle-fit-cli-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let weights = dir.join("model.safetensors");
+    let metrics = dir.join("metrics.jsonl");
+    let args = tiny_with(&[
+        "--save",
+        weights.to_str().unwrap_or_default(),
+        "--metrics",
+        metrics.to_str().unwrap_or_default(),
+    ]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, stdout, stderr) = run(&refs)?;
+    assert_eq!(code, 0, "{stderr}");
+    for expected in [
+        "unigram byte entropy",
+        "validation loss before training",
+        "validation loss after 3 steps",
+        "peak heap",
+    ] {
+        assert!(stdout.contains(expected), "missing `{expected}` in {stdout}");
+    }
+    let lines = std::fs::read_to_string(&metrics)?;
+    assert_eq!(lines.lines().count(), 3);
+    for line in lines.lines() {
+        let record: serde_json::Value = serde_json::from_str(line)?;
+        assert!(record["loss"].as_f64().is_some_and(f64::is_finite));
+    }
+    let tensors = candle::safetensors::load(&weights, &candle::Device::Cpu)?;
+    for name in ["wte.weight", "wpe.weight", "h.0.attn.c_attn.weight", "h.0.mlp.c_proj.bias", "ln_f.weight"] {
+        assert!(tensors.contains_key(name), "{name} missing from saved weights");
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
