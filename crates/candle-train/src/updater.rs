@@ -193,3 +193,82 @@ impl Updater for LocalUpdater {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle::{DType, Device, Tensor};
+    use candle_ckpt::{ParameterGradient, SegmentGradients};
+
+    use super::*;
+    use crate::optim::{OptimizerConfig, SgdConfig};
+    use crate::params::ParamBuilder;
+
+    fn setup(dtype: DType) -> Result<(Parameters, LocalUpdater)> {
+        let mut pb = ParamBuilder::new(dtype, Device::Cpu, 0);
+        pb.constant("w", (2, 2), 1.0)?;
+        pb.constant("b", 2, 0.5)?;
+        let params = pb.finish();
+        let sgd = SgdConfig { momentum: 0.0, ..Default::default() };
+        let updater = LocalUpdater::new(&params, OptimizerConfig::Sgd(sgd).build(&[4, 2])?)?;
+        Ok((params, updater))
+    }
+
+    fn grads(params: &Parameters, w: &[f32], b: &[f32]) -> Result<SegmentGradients> {
+        let entry = |name: &str, values: &[f32]| -> Result<ParameterGradient> {
+            let p = params.get(name).ok_or_else(|| Error::config("test", "missing"))?;
+            let grad = Tensor::from_slice(values, p.var.shape(), &Device::Cpu)?.to_dtype(p.var.dtype())?;
+            Ok(ParameterGradient { name: name.into(), var: p.var.clone(), grad, is_final: true })
+        };
+        Ok(SegmentGradients { segment: 0, gradients: vec![entry("w", w)?, entry("b", b)?] })
+    }
+
+    fn values(params: &Parameters, name: &str) -> Result<Vec<f32>> {
+        to_f32_vec(params.get(name).ok_or_else(|| Error::config("test", "missing"))?.var.as_tensor())
+    }
+
+    #[test]
+    fn gradients_accumulate_and_the_global_norm_clips_them() -> Result<()> {
+        let (params, mut updater) = setup(DType::F32)?;
+        updater.accumulate(&grads(&params, &[1.0, 0.0, 0.0, 0.0], &[0.0, 1.0])?)?;
+        updater.accumulate(&grads(&params, &[2.0, 0.0, 0.0, 0.0], &[0.0, 3.0])?)?;
+        assert_eq!(updater.gradient("w"), Some(&[3.0, 0.0, 0.0, 0.0][..]));
+        // Global norm sqrt(3² + 4²) = 5, clipped to 1: gradients scale by 1 / (5 + 1e-6).
+        let report = updater.step(0.1, Some(1.0))?;
+        assert!((report.grad_norm - 5.0).abs() < 1e-12);
+        assert!((report.clip_coef - 1.0 / (5.0 + 1e-6)).abs() < 1e-12);
+        let w = values(&params, "w")?;
+        assert!((w[0] - (1.0 - 0.1 * 3.0 / 5.0)).abs() < 1e-6, "{w:?}");
+        assert_eq!(&w[1..], &[1.0, 1.0, 1.0]);
+        assert_eq!(updater.gradient("w"), Some(&[0.0; 4][..]), "accumulators are zeroed after a step");
+        Ok(())
+    }
+
+    #[test]
+    fn a_non_finite_gradient_skips_the_step_and_never_reaches_the_weights() -> Result<()> {
+        for bad in [f32::INFINITY, f32::NAN] {
+            let (params, mut updater) = setup(DType::F32)?;
+            updater.accumulate(&grads(&params, &[1.0, bad, 0.0, 0.0], &[0.0, 1.0])?)?;
+            let report = updater.step(0.1, None)?;
+            assert!(!report.stepped);
+            assert_eq!(updater.optimizer().step_count(), 0);
+            assert_eq!(values(&params, "w")?, vec![1.0; 4]);
+            assert_eq!(values(&params, "b")?, vec![0.5; 2]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn half_precision_parameters_step_on_fp32_master_weights() -> Result<()> {
+        let (params, mut updater) = setup(DType::BF16)?;
+        assert_eq!(updater.state_bytes().master_weights, 6 * 4);
+        // 1e-3 steps are below bf16's resolution at 1.0 (2^-7), but accumulate in the master.
+        for _ in 0..8 {
+            updater.accumulate(&grads(&params, &[1.0, 0.0, 0.0, 0.0], &[0.0, 0.0])?)?;
+            updater.step(1e-3, None)?;
+        }
+        let w = values(&params, "w")?;
+        assert_eq!(params.get("w").map(|p| p.var.dtype()), Some(DType::BF16));
+        assert!((w[0] - 0.9921875).abs() < 1e-7, "{w:?}: 1 - 8e-3 rounded to bf16");
+        Ok(())
+    }
+}
