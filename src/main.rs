@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use candle::DType;
+use candle_fit::ckpt::Recompute;
 use candle_fit::train::device::{parse_device, parse_dtype};
 use candle_fit::train::memory::{self, mib, CountingAllocator};
 use candle_fit::train::{
@@ -87,6 +88,10 @@ struct TrainArgs {
     /// Dropout probability.
     #[arg(long, default_value_t = 0.0)]
     dropout: f32,
+    /// Recomputation: never, all (every block), every:K, sqrt (keep about sqrt(n) blocks) or
+    /// budget:BYTES (K/M/G suffixes; keep graphs within the budget, measured).
+    #[arg(long, default_value = "never")]
+    recompute: String,
     /// Parameter and compute dtype: f32 or f64 (bf16/f16 mixed precision is not wired yet).
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -122,6 +127,8 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         );
     }
     let device = parse_device(&args.device)?;
+    let recompute: Recompute =
+        args.recompute.parse().map_err(|e| anyhow::anyhow!("invalid `--recompute`: {e}"))?;
     let model_config = GptConfig {
         vocab_size: 256,
         n_ctx: args.context,
@@ -145,6 +152,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         .seed(args.seed)
         .progress(!args.quiet)
         .metrics_path(args.metrics.clone())
+        .recompute(recompute)
         .build()?;
     if args.seq_len > args.context {
         return Err(candle_fit::train::Error::SequenceTooLong {
@@ -204,6 +212,9 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         args.lr
     );
     let report = trainer.fit(&model, &corpus, &mut updater)?;
+    if recompute != Recompute::Never {
+        println!("recomputed     {} ({})", report.recomputed_segments.join(", "), recompute);
+    }
     let entropy = corpus.unigram_entropy();
     println!();
     println!(

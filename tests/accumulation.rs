@@ -83,7 +83,9 @@ fn accumulated_gradient(
             .seq_len(small().n_ctx)
             .build()?,
     );
-    trainer.accumulate_step(&model, &corpus()?, &mut updater, 5)?;
+    let corpus = corpus()?;
+    let decisions = trainer.plan(&model, &corpus)?;
+    trainer.accumulate_step(&model, &corpus, &mut updater, 5, &decisions)?;
     model
         .parameters()
         .iter()

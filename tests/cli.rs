@@ -83,6 +83,10 @@ fn bad_input_is_one_clear_line_and_a_failure_exit() -> anyhow::Result<()> {
     assert_clear_error(&["--dtype", "f8"], "unknown dtype `f8`")?;
     assert_clear_error(&["--device", "tpu"], "unknown or unavailable device `tpu`")?;
     assert_clear_error(&["--validation-fraction", "1.5"], "invalid `validation_fraction`")?;
+    assert_clear_error(
+        &["--recompute", "every:0"],
+        "invalid `--recompute`: unknown recompute policy `every:0`",
+    )?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -4,7 +4,10 @@
 use std::collections::HashMap;
 
 use candle::{DType, Device, Tensor};
-use candle_fit::ckpt::{forward_backward, Decision, SegmentContext, SegmentedModel};
+use candle_fit::ckpt::{
+    forward_backward, segment_infos, Decision, Recompute, RecomputePolicy, SegmentContext, SegmentInfo,
+    SegmentedModel,
+};
 use candle_fit::train::{Corpus, Gpt, GptConfig, TokenBatch};
 
 fn model(dtype: DType) -> anyhow::Result<Gpt> {
@@ -60,14 +63,34 @@ fn engine_gradients(
     Ok(out)
 }
 
-fn decision_sets(n: usize) -> Vec<Vec<Decision>> {
-    use Decision::{Keep, Recompute};
-    vec![
-        vec![Keep; n],
-        vec![Recompute; n],
-        (0..n).map(|i| if i % 2 == 0 { Recompute } else { Keep }).collect(),
-        (0..n).map(|i| if i == 0 { Keep } else { Recompute }).collect(),
-    ]
+/// The decisions of every built-in policy (the budget one from measured sizes, half of the
+/// total), plus hand-made sets that also recompute the embedding.
+fn decision_sets(model: &Gpt) -> anyhow::Result<Vec<Vec<Decision>>> {
+    let infos = segment_infos(model);
+    let mut sets = Vec::new();
+    for policy in
+        [Recompute::Never, Recompute::All, Recompute::EveryK(2), Recompute::EveryK(3), Recompute::Sqrt]
+    {
+        sets.push(policy.decide(&infos)?);
+    }
+    // Real sizes need the counting allocator (tests/recompute_memory.rs uses it); here any
+    // sizes exercise the budget policy's decisions.
+    let sized: Vec<SegmentInfo> = infos
+        .iter()
+        .enumerate()
+        .map(|(i, s)| SegmentInfo {
+            activation_bytes: Some(100 * (i + 1)),
+            input_bytes: Some(10),
+            ..s.clone()
+        })
+        .collect();
+    let total: usize = sized.iter().filter_map(|s| s.activation_bytes).sum();
+    sets.push(Recompute::Budget(total / 2).decide(&sized)?);
+    let n = model.num_segments();
+    use Decision::{Keep, Recompute as R};
+    sets.push(vec![R; n]);
+    sets.push((0..n).map(|i| if i % 2 == 0 { R } else { Keep }).collect());
+    Ok(sets)
 }
 
 fn compare(dtype: DType, tolerance: f64) -> anyhow::Result<()> {
@@ -75,7 +98,7 @@ fn compare(dtype: DType, tolerance: f64) -> anyhow::Result<()> {
     let batch = batch()?;
     let ctx = SegmentContext::train(9, 2, 1);
     let plain = plain_gradients(&model, &batch, ctx)?;
-    for decisions in decision_sets(model.num_segments()) {
+    for decisions in decision_sets(&model)? {
         let ours = engine_gradients(&model, &batch, ctx, &decisions)?;
         assert_eq!(ours.len(), plain.len());
         for (name, reference) in &plain {

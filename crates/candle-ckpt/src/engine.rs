@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use candle::{bail, Result, Tensor, TensorId, Var};
 
+use crate::policy::SegmentInfo;
 use crate::segment::{SegmentContext, SegmentParameter, SegmentedModel};
 
 /// What the engine keeps of one segment between its forward and its backward.
@@ -69,6 +70,52 @@ pub fn forward<M: SegmentedModel>(model: &M, batch: &M::Batch, ctx: SegmentConte
         x = model.forward_segment(index, &x, batch, &ctx.for_segment(index))?.detach();
     }
     Ok(x)
+}
+
+/// Measures, for one batch, the bytes each segment's kept graph retains and the bytes of its
+/// input, by reading `current_bytes` (a counting allocator's live bytes, a device pool's
+/// used bytes) around each segment's forward. The result feeds byte-budget policies.
+///
+/// # Errors
+/// Any error of the model.
+pub fn measure_segments<M: SegmentedModel>(
+    model: &M,
+    batch: &M::Batch,
+    ctx: SegmentContext,
+    current_bytes: &dyn Fn() -> usize,
+) -> Result<Vec<SegmentInfo>> {
+    let n = model.num_segments();
+    let mut kept = Vec::with_capacity(n);
+    let mut infos = Vec::with_capacity(n);
+    let mut x = model.first_input(batch)?;
+    for index in 0..n {
+        let input_bytes = x.elem_count() * x.dtype().size_in_bytes();
+        let before = current_bytes();
+        let input = as_leaf(&x)?;
+        let output = model.forward_segment(index, &input, batch, &ctx.for_segment(index))?;
+        x = output.detach();
+        let after = current_bytes();
+        kept.push(output);
+        infos.push(SegmentInfo {
+            name: model.segment_name(index),
+            is_block: model.is_block(index),
+            activation_bytes: Some(after.saturating_sub(before)),
+            input_bytes: Some(input_bytes),
+        });
+    }
+    Ok(infos)
+}
+
+/// What policies know of `model` without measuring: names and which segments are blocks.
+pub fn segment_infos<M: SegmentedModel>(model: &M) -> Vec<SegmentInfo> {
+    (0..model.num_segments())
+        .map(|index| SegmentInfo {
+            name: model.segment_name(index),
+            is_block: model.is_block(index),
+            activation_bytes: None,
+            input_bytes: None,
+        })
+        .collect()
 }
 
 /// Runs one micro-batch's forward and backward, segment by segment.

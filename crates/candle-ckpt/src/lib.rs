@@ -50,10 +50,16 @@
 //! # Ok(()) }
 //! ```
 
+pub mod closure;
 pub mod engine;
+pub mod policy;
 pub mod rng;
 pub mod segment;
 
-pub use engine::{forward, forward_backward, Decision, ParameterGradient, SegmentGradients};
+pub use closure::ClosureModel;
+pub use engine::{
+    forward, forward_backward, measure_segments, segment_infos, Decision, ParameterGradient, SegmentGradients,
+};
+pub use policy::{ParseRecomputeError, Recompute, RecomputePolicy, SegmentInfo};
 pub use rng::{Rng, RngKey};
 pub use segment::{SegmentContext, SegmentParameter, SegmentedModel};

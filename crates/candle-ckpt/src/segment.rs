@@ -84,6 +84,12 @@ pub trait SegmentedModel {
     /// (tied embeddings) is listed by each of them.
     fn segment_parameters(&self, index: usize) -> Vec<SegmentParameter>;
 
+    /// Whether segment `index` is a repeated block that recompute policies may recompute. By
+    /// default, every segment but the first (embedding) and the last (loss).
+    fn is_block(&self, index: usize) -> bool {
+        index > 0 && index + 1 < self.num_segments()
+    }
+
     /// The name of a layer in segment `index` whose state changes from call to call (a KV
     /// cache, running statistics), if any. Such a segment cannot be recomputed. By default,
     /// none.

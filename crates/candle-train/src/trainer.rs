@@ -3,10 +3,14 @@
 
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle::Device;
-use candle_ckpt::{forward, forward_backward, Decision, SegmentContext, SegmentedModel};
+use candle_ckpt::{
+    forward, forward_backward, measure_segments, segment_infos, Decision, Recompute, RecomputePolicy,
+    SegmentContext, SegmentedModel,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -73,6 +77,8 @@ pub struct TrainerConfig {
     pub metrics_path: Option<PathBuf>,
     /// Stop with an error after this many consecutive skipped (non-finite) steps.
     pub max_consecutive_skips: usize,
+    /// Which segments are recomputed during backward instead of keeping their graph.
+    pub recompute: Recompute,
 }
 
 impl TrainerConfig {
@@ -105,6 +111,7 @@ pub struct TrainerBuilder {
     progress: bool,
     metrics_path: Option<PathBuf>,
     max_consecutive_skips: usize,
+    recompute: Recompute,
 }
 
 impl Default for TrainerBuilder {
@@ -125,6 +132,7 @@ impl Default for TrainerBuilder {
             progress: false,
             metrics_path: None,
             max_consecutive_skips: 8,
+            recompute: Recompute::Never,
         }
     }
 }
@@ -221,6 +229,12 @@ impl TrainerBuilder {
         self
     }
 
+    /// The recompute policy. By default, [`Recompute::Never`].
+    pub fn recompute(mut self, policy: Recompute) -> Self {
+        self.recompute = policy;
+        self
+    }
+
     /// Validates the settings.
     ///
     /// # Errors
@@ -259,6 +273,7 @@ impl TrainerBuilder {
             progress: self.progress,
             metrics_path: self.metrics_path,
             max_consecutive_skips: nonzero("max_consecutive_skips", self.max_consecutive_skips)?.get(),
+            recompute: self.recompute,
         })
     }
 }
@@ -280,6 +295,8 @@ pub struct TrainReport {
     pub memory: MemoryReport,
     /// Steps skipped for non-finite gradients.
     pub skipped_steps: usize,
+    /// The segments recomputed during backward.
+    pub recomputed_segments: Vec<String>,
     /// One record per step.
     pub history: Vec<StepRecord>,
 }
@@ -288,6 +305,7 @@ pub struct TrainReport {
 #[derive(Debug, Clone)]
 pub struct Trainer {
     config: TrainerConfig,
+    policy: Arc<dyn RecomputePolicy>,
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -301,9 +319,41 @@ fn median(values: &[f64]) -> f64 {
 }
 
 impl Trainer {
-    /// A trainer with validated settings.
+    /// A trainer with validated settings; it recomputes as `config.recompute` says.
     pub fn new(config: TrainerConfig) -> Self {
-        Self { config }
+        let policy = Arc::new(config.recompute);
+        Self { config, policy }
+    }
+
+    /// A trainer whose recompute decisions come from a policy of the caller's
+    /// (`config.recompute` is then ignored).
+    pub fn with_policy(config: TrainerConfig, policy: Arc<dyn RecomputePolicy>) -> Self {
+        Self { config, policy }
+    }
+
+    /// The keep/recompute decision for each segment of `model` at this trainer's batch shape.
+    /// A policy that needs segment sizes gets them measured on the first training micro-batch
+    /// with the counting allocator.
+    ///
+    /// # Errors
+    /// When the policy needs sizes and the counting allocator is not installed, or on a data
+    /// or model error.
+    pub fn plan<M: LanguageModel>(&self, model: &M, corpus: &Corpus) -> Result<Vec<Decision>> {
+        let infos = if self.policy.needs_sizes() {
+            if !memory::is_installed() {
+                return Err(Error::config(
+                    "recompute",
+                    "a byte-budget policy measures segment sizes with the counting allocator, which this binary does not install",
+                ));
+            }
+            let c = &self.config;
+            let batch =
+                corpus.train_batch(c.seed, 0, 0, c.micro_batch.get(), c.seq_len.get(), &model.device())?;
+            measure_segments(model, &batch, SegmentContext::train(c.seed, 0, 0), &memory::current_bytes)?
+        } else {
+            segment_infos(model)
+        };
+        Ok(self.policy.decide(&infos)?)
     }
 
     /// The settings.
@@ -329,7 +379,8 @@ impl Trainer {
     }
 
     /// Runs one optimizer step's forward and backward over its micro-batches, accumulating
-    /// into `updater`, and returns the mean loss. Does not step the optimizer.
+    /// into `updater`, and returns the mean loss. Does not step the optimizer. `decisions`
+    /// come from [`Trainer::plan`].
     ///
     /// # Errors
     /// On a data, model or updater error.
@@ -339,17 +390,17 @@ impl Trainer {
         corpus: &Corpus,
         updater: &mut dyn Updater,
         step: u64,
+        decisions: &[Decision],
     ) -> Result<f64> {
         let c = &self.config;
         let (b, k) = (c.micro_batch.get(), c.accumulation_steps.get());
-        let decisions = vec![Decision::Keep; model.num_segments()];
         let device = model.device();
         let mut loss_sum = 0.0;
         for micro in 0..k {
             let batch = corpus.train_batch(c.seed, step, micro * b, b, c.seq_len.get(), &device)?;
             let ctx = SegmentContext::train(c.seed, step, micro as u64);
             let mut hook_error = None;
-            let result = forward_backward(model, &batch, ctx, &decisions, 1.0 / k as f64, |grads| {
+            let result = forward_backward(model, &batch, ctx, decisions, 1.0 / k as f64, |grads| {
                 updater.accumulate(&grads).map_err(|e| {
                     let msg = e.to_string();
                     hook_error = Some(e);
@@ -384,6 +435,11 @@ impl Trainer {
         corpus.check_seq_len(seq_len)?;
         let device = model.device();
         let val_batches = corpus.validation_batches(c.micro_batch.get(), c.eval_windows, seq_len, &device)?;
+        let decisions = self.plan(model, corpus)?;
+        let recomputed_segments = (0..model.num_segments())
+            .filter(|&i| decisions[i] == Decision::Recompute)
+            .map(|i| model.segment_name(i))
+            .collect();
         let mut metrics = c.metrics_path.as_deref().map(MetricsWriter::create).transpose()?;
         let initial_val_loss = Self::evaluate(model, &val_batches)?;
 
@@ -403,7 +459,7 @@ impl Trainer {
             let start_bytes = memory::reset_peak();
             let started = Instant::now();
             let lr = c.schedule.lr(updater.optimizer().step_count());
-            let loss = self.accumulate_step(model, corpus, updater, step)?;
+            let loss = self.accumulate_step(model, corpus, updater, step, &decisions)?;
             let report = updater.step(lr, c.max_grad_norm)?;
             let step_time_s = started.elapsed().as_secs_f64();
             let peak = memory::peak_bytes();
@@ -480,6 +536,7 @@ impl Trainer {
             tokens_per_s: tokens_per_step / median_step_time_s,
             memory: worst,
             skipped_steps: skipped,
+            recomputed_segments,
             history,
         })
     }
