@@ -9,6 +9,8 @@
 //! It also owns the `candle-fit` command-line tool, the examples, the integration tests and
 //! the benchmarks.
 
+pub mod bench;
+
 pub use candle_ckpt as ckpt;
 pub use candle_shard as shard;
 pub use candle_train as train;

@@ -29,6 +29,109 @@ enum Command {
     /// Train a GPT on a UTF-8 text file (by default the bundled Austen novel) and report
     /// validation loss, speed and memory.
     Train(TrainArgs),
+    /// Run every technique against the FP32 baseline on a grid of models and print peak
+    /// memory (by category), step time, tokens/s and loss.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Configurations to run (comma-separated), or `all`. `candle-fit bench --list` names them.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    configs: Vec<String>,
+    /// List the configurations and exit.
+    #[arg(long)]
+    list: bool,
+    /// Numbers of blocks to try (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "4")]
+    layers: Vec<usize>,
+    /// Widths to try (comma-separated); heads are width / 32.
+    #[arg(long, value_delimiter = ',', default_value = "128")]
+    width: Vec<usize>,
+    /// Sequences per optimizer step (global batch).
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Tokens per sequence (also the models' context length).
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Measured steps per run (at least 5 for a meaningful median).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Warm-up steps per run, not timed.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// Validation windows for the final loss.
+    #[arg(long, default_value_t = 32)]
+    eval_windows: usize,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the rows as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the Markdown table to this file.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    use candle_fit::bench::{add_ratios, configurations, markdown_table, run_one, select_configurations};
+    use candle_fit::bench::{BenchModel, BenchOptions};
+    if args.list {
+        for c in configurations() {
+            println!("{:<28} {}", c.name, c.description);
+        }
+        return Ok(());
+    }
+    let configs = select_configurations(&args.configs)?;
+    for (field, value) in [("--batch", args.batch), ("--seq-len", args.seq_len), ("--steps", args.steps)] {
+        if value == 0 {
+            anyhow::bail!("invalid `{field}`: must be at least 1");
+        }
+    }
+    if let Some(bad) = args.layers.iter().chain(&args.width).find(|&&v| v == 0) {
+        anyhow::bail!("invalid `--layers`/`--width`: {bad} is not a positive size");
+    }
+    let device = parse_device(&args.device)?;
+    let options = BenchOptions {
+        batch: args.batch,
+        seq_len: args.seq_len,
+        steps: args.steps,
+        warmup: args.warmup,
+        lr: args.lr,
+        seed: args.seed,
+        eval_windows: args.eval_windows.max(1),
+        device,
+    };
+    let corpus = Corpus::from_bytes(BUNDLED_CORPUS_NAME.as_ref(), BUNDLED_CORPUS.to_vec(), 0.1)?;
+    let mut rows = Vec::new();
+    for &layers in &args.layers {
+        for &width in &args.width {
+            let model = BenchModel::gpt(layers, width, args.seq_len);
+            model.config.validate()?;
+            for config in &configs {
+                eprintln!("running {} on {} ...", config.name, model.name);
+                rows.push(run_one(&model, config, &options, &corpus)?);
+            }
+        }
+    }
+    add_ratios(&mut rows);
+    let table = markdown_table(&rows);
+    println!("{table}");
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&rows)?;
+        candle_fit::train::io::write_atomic(path, json.as_bytes())?;
+    }
+    if let Some(path) = &args.markdown {
+        candle_fit::train::io::write_atomic(path, table.as_bytes())?;
+    }
+    Ok(())
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -266,6 +369,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train(args),
+        Command::Bench(args) => bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -127,3 +127,68 @@ fn a_tiny_run_reports_losses_entropy_and_saves_loadable_weights() -> anyhow::Res
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+#[test]
+fn bench_writes_every_schema_field_and_refuses_unknown_configurations() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("candle-fit-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let json = dir.join("rows.json");
+    let (code, stdout, stderr) = run(&[
+        "bench",
+        "--configs",
+        "fp32,recompute-all,accum4",
+        "--layers",
+        "2",
+        "--width",
+        "32",
+        "--batch",
+        "4",
+        "--seq-len",
+        "16",
+        "--steps",
+        "5",
+        "--warmup",
+        "1",
+        "--eval-windows",
+        "2",
+        "--json",
+        json.to_str().unwrap_or_default(),
+    ])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("| L2-W32 | recompute-all |"), "{stdout}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
+    assert_eq!(rows.len(), 3);
+    for row in &rows {
+        for key in [
+            "config",
+            "model",
+            "device",
+            "precision",
+            "micro_batch",
+            "accum_steps",
+            "world_size",
+            "peak_bytes",
+            "bytes_by_category",
+            "predicted_peak_bytes",
+            "step_time_s",
+            "tokens_per_s",
+            "final_loss",
+        ] {
+            assert!(row.get(key).is_some(), "missing `{key}` in {row}");
+        }
+        assert!(row["peak_bytes"].as_u64().is_some_and(|b| b > 0));
+        assert!(row["step_time_s"]["min"].as_f64() <= row["step_time_s"]["median"].as_f64());
+    }
+    assert_eq!(rows[0]["peak_vs_baseline"].as_f64(), Some(1.0));
+    assert_eq!(rows[2]["micro_batch"].as_u64(), Some(1));
+    assert_eq!(rows[2]["accum_steps"].as_u64(), Some(4));
+
+    let (code, _, stderr) = run(&["bench", "--configs", "fp32,turbo"])?;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("unknown benchmark configuration `turbo`: known ones are fp32"), "{stderr}");
+    let (code, _, stderr) = run(&["bench", "--configs", "accum4", "--batch", "6"])?;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("does not divide the batch of 6"), "{stderr}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -72,6 +72,53 @@ pub fn forward<M: SegmentedModel>(model: &M, batch: &M::Batch, ctx: SegmentConte
     Ok(x)
 }
 
+/// One forward over every segment without cutting the graph and one `backward()` over it, as
+/// a Candle user writes a training step today: every activation stays alive until the whole
+/// backward ends, and the gradients (not detached) are handed to `hook` while the graph is
+/// still alive. This is the reference the segmented engine is measured against; it gives the
+/// same gradients.
+///
+/// # Errors
+/// When a listed parameter receives no gradient, or on any error of the model or the hook.
+pub fn plain_forward_backward<M, H>(
+    model: &M,
+    batch: &M::Batch,
+    ctx: SegmentContext,
+    loss_multiplier: f64,
+    mut hook: H,
+) -> Result<Tensor>
+where
+    M: SegmentedModel,
+    H: FnMut(SegmentGradients) -> Result<()>,
+{
+    let n = model.num_segments();
+    let mut x = model.first_input(batch)?;
+    for index in 0..n {
+        x = model.forward_segment(index, &x, batch, &ctx.for_segment(index))?;
+    }
+    let loss = x;
+    let grads = if loss_multiplier == 1.0 {
+        loss.backward()?
+    } else {
+        loss.affine(loss_multiplier, 0.0)?.backward()?
+    };
+    let mut gradients = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for index in 0..n {
+        for SegmentParameter { name, var } in model.segment_parameters(index) {
+            if !seen.insert(var.as_tensor().id()) {
+                continue;
+            }
+            let Some(grad) = grads.get(var.as_tensor()) else {
+                bail!("parameter `{name}` received no gradient: an op without a backward rule is upstream of it");
+            };
+            gradients.push(ParameterGradient { name, var, grad: grad.clone(), is_final: true });
+        }
+    }
+    hook(SegmentGradients { segment: 0, gradients })?;
+    Ok(loss.detach())
+}
+
 /// Measures, for one batch, the bytes each segment's kept graph retains and the bytes of its
 /// input, by reading `current_bytes` (a counting allocator's live bytes, a device pool's
 /// used bytes) around each segment's forward. The result feeds byte-budget policies.

@@ -58,7 +58,8 @@ pub mod segment;
 
 pub use closure::ClosureModel;
 pub use engine::{
-    forward, forward_backward, measure_segments, segment_infos, Decision, ParameterGradient, SegmentGradients,
+    forward, forward_backward, measure_segments, plain_forward_backward, segment_infos, Decision,
+    ParameterGradient, SegmentGradients,
 };
 pub use policy::{ParseRecomputeError, Recompute, RecomputePolicy, SegmentInfo};
 pub use rng::{Rng, RngKey};

@@ -43,7 +43,7 @@ pub use models::{Gpt, GptConfig, TokenBatch};
 pub use optim::{AdamW, AdamWConfig, Optimizer, OptimizerConfig, Sgd, SgdConfig};
 pub use params::{ParamBuilder, Parameter, Parameters};
 pub use schedule::LrSchedule;
-pub use trainer::{LanguageModel, TrainReport, Trainer, TrainerBuilder, TrainerConfig};
+pub use trainer::{BackwardMode, LanguageModel, TrainReport, Trainer, TrainerBuilder, TrainerConfig};
 pub use updater::{LocalUpdater, StepReport, Updater};
 
 #[cfg(test)]

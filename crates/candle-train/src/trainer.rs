@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use candle::Device;
 use candle_ckpt::{
-    forward, forward_backward, measure_segments, segment_infos, Decision, Recompute, RecomputePolicy,
-    SegmentContext, SegmentedModel,
+    forward, forward_backward, measure_segments, plain_forward_backward, segment_infos, Decision, Recompute,
+    RecomputePolicy, SegmentContext, SegmentedModel,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -47,6 +47,19 @@ impl LanguageModel for Gpt {
     }
 }
 
+/// How a micro-batch's backward runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackwardMode {
+    /// Segment by segment through candle-ckpt's engine, dropping each segment's graph when
+    /// done, with the configured recompute policy.
+    #[default]
+    Segmented,
+    /// One `loss.backward()` over the whole graph, as plain Candle code does (for comparison;
+    /// the recompute policy is ignored).
+    Plain,
+}
+
 /// The Trainer's settings. Build with [`TrainerConfig::builder`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerConfig {
@@ -79,6 +92,8 @@ pub struct TrainerConfig {
     pub max_consecutive_skips: usize,
     /// Which segments are recomputed during backward instead of keeping their graph.
     pub recompute: Recompute,
+    /// Segmented (the engine) or plain backward.
+    pub backward: BackwardMode,
 }
 
 impl TrainerConfig {
@@ -112,6 +127,7 @@ pub struct TrainerBuilder {
     metrics_path: Option<PathBuf>,
     max_consecutive_skips: usize,
     recompute: Recompute,
+    backward: BackwardMode,
 }
 
 impl Default for TrainerBuilder {
@@ -133,6 +149,7 @@ impl Default for TrainerBuilder {
             metrics_path: None,
             max_consecutive_skips: 8,
             recompute: Recompute::Never,
+            backward: BackwardMode::Segmented,
         }
     }
 }
@@ -235,6 +252,12 @@ impl TrainerBuilder {
         self
     }
 
+    /// Segmented or plain backward. By default, [`BackwardMode::Segmented`].
+    pub fn backward(mut self, mode: BackwardMode) -> Self {
+        self.backward = mode;
+        self
+    }
+
     /// Validates the settings.
     ///
     /// # Errors
@@ -274,6 +297,7 @@ impl TrainerBuilder {
             metrics_path: self.metrics_path,
             max_consecutive_skips: nonzero("max_consecutive_skips", self.max_consecutive_skips)?.get(),
             recompute: self.recompute,
+            backward: self.backward,
         })
     }
 }
@@ -400,13 +424,18 @@ impl Trainer {
             let batch = corpus.train_batch(c.seed, step, micro * b, b, c.seq_len.get(), &device)?;
             let ctx = SegmentContext::train(c.seed, step, micro as u64);
             let mut hook_error = None;
-            let result = forward_backward(model, &batch, ctx, decisions, 1.0 / k as f64, |grads| {
+            let hook = |grads| {
                 updater.accumulate(&grads).map_err(|e| {
                     let msg = e.to_string();
                     hook_error = Some(e);
                     candle::Error::Msg(msg)
                 })
-            });
+            };
+            let multiplier = 1.0 / k as f64;
+            let result = match c.backward {
+                BackwardMode::Segmented => forward_backward(model, &batch, ctx, decisions, multiplier, hook),
+                BackwardMode::Plain => plain_forward_backward(model, &batch, ctx, multiplier, hook),
+            };
             if let Some(e) = hook_error {
                 return Err(e);
             }
@@ -437,7 +466,7 @@ impl Trainer {
         let val_batches = corpus.validation_batches(c.micro_batch.get(), c.eval_windows, seq_len, &device)?;
         let decisions = self.plan(model, corpus)?;
         let recomputed_segments = (0..model.num_segments())
-            .filter(|&i| decisions[i] == Decision::Recompute)
+            .filter(|&i| c.backward == BackwardMode::Segmented && decisions[i] == Decision::Recompute)
             .map(|i| model.segment_name(i))
             .collect();
         let mut metrics = c.metrics_path.as_deref().map(MetricsWriter::create).transpose()?;

@@ -1,0 +1,378 @@
+//! The benchmark harness: every technique against the FP32 baseline, on a grid of models.
+//!
+//! Each configuration trains a fresh model for `warmup + steps` optimizer steps on the bundled
+//! corpus and reports the peak heap bytes of a step (exact, from the counting allocator, with
+//! its breakdown by category), the median/min/max step time over the measured steps, tokens per
+//! second, the final validation loss, and ratios against the `fp32` baseline of the same model
+//! measured in the same run.
+
+use std::fmt::Write as _;
+
+use anyhow::{bail, Context};
+use candle::{DType, Device};
+use candle_ckpt::Recompute;
+use candle_train::memory;
+use candle_train::{
+    AdamWConfig, BackwardMode, Corpus, Gpt, GptConfig, LocalUpdater, OptimizerConfig, Trainer, TrainerConfig,
+};
+use serde::Serialize;
+
+/// One benchmark configuration: a technique or a combination, applied to any model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BenchConfig {
+    /// Its name on the command line and in the tables.
+    pub name: &'static str,
+    /// What it does.
+    pub description: &'static str,
+    /// Parameter and compute dtype.
+    pub dtype: DType,
+    /// Recompute policy.
+    pub recompute: Recompute,
+    /// Micro-batches per step (the global batch is cut into this many).
+    pub accumulation_steps: usize,
+    /// Segmented engine or plain Candle backward.
+    pub backward: BackwardMode,
+}
+
+/// The name of the baseline every ratio is against.
+pub const BASELINE: &str = "fp32";
+
+const fn config(
+    name: &'static str,
+    description: &'static str,
+    dtype: DType,
+    recompute: Recompute,
+    accumulation_steps: usize,
+    backward: BackwardMode,
+) -> BenchConfig {
+    BenchConfig { name, description, dtype, recompute, accumulation_steps, backward }
+}
+
+/// Every registered configuration, baseline first.
+pub fn configurations() -> Vec<BenchConfig> {
+    use BackwardMode::{Plain, Segmented};
+    use DType::{BF16, F32};
+    vec![
+        config(
+            BASELINE,
+            "FP32, segmented backward, no recompute, one micro-batch",
+            F32,
+            Recompute::Never,
+            1,
+            Segmented,
+        ),
+        config(
+            "candle-plain",
+            "FP32, one plain loss.backward() as Candle code does",
+            F32,
+            Recompute::Never,
+            1,
+            Plain,
+        ),
+        config("recompute-all", "FP32, every block recomputed", F32, Recompute::All, 1, Segmented),
+        config(
+            "recompute-sqrt",
+            "FP32, about sqrt(n) blocks kept, the rest recomputed",
+            F32,
+            Recompute::Sqrt,
+            1,
+            Segmented,
+        ),
+        config(
+            "recompute-every2",
+            "FP32, every 2nd block recomputed",
+            F32,
+            Recompute::EveryK(2),
+            1,
+            Segmented,
+        ),
+        config(
+            "accum4",
+            "FP32, global batch as 4 accumulated micro-batches",
+            F32,
+            Recompute::Never,
+            4,
+            Segmented,
+        ),
+        config(
+            "bf16",
+            "BF16 compute, FP32 master weights (no loss scaling)",
+            BF16,
+            Recompute::Never,
+            1,
+            Segmented,
+        ),
+        config(
+            "bf16+recompute-all+accum4",
+            "BF16, every block recomputed, 4 micro-batches",
+            BF16,
+            Recompute::All,
+            4,
+            Segmented,
+        ),
+    ]
+}
+
+/// Looks up configurations by name; `all` selects every one.
+///
+/// # Errors
+/// An unknown name, listing the known ones.
+pub fn select_configurations(names: &[String]) -> anyhow::Result<Vec<BenchConfig>> {
+    let all = configurations();
+    if names.is_empty() || names.iter().any(|n| n == "all") {
+        return Ok(all);
+    }
+    let mut chosen = Vec::new();
+    for name in names {
+        match all.iter().find(|c| c.name == name) {
+            Some(c) => chosen.push(*c),
+            None => {
+                let known: Vec<&str> = all.iter().map(|c| c.name).collect();
+                bail!("unknown benchmark configuration `{name}`: known ones are {}", known.join(", "));
+            }
+        }
+    }
+    Ok(chosen)
+}
+
+/// A named model shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchModel {
+    /// Its name in the tables (`L4-W128`).
+    pub name: String,
+    /// Its shape.
+    pub config: GptConfig,
+}
+
+impl BenchModel {
+    /// A byte-level GPT with `layers` blocks of width `width` (heads of 32 dimensions, at least
+    /// one) and context `context`.
+    pub fn gpt(layers: usize, width: usize, context: usize) -> Self {
+        let config = GptConfig {
+            n_layer: layers,
+            n_embd: width,
+            n_head: (width / 32).max(1),
+            n_ctx: context,
+            ..GptConfig::default()
+        };
+        Self { name: format!("L{layers}-W{width}"), config }
+    }
+}
+
+/// Settings shared by every run of a benchmark.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Sequences per optimizer step (the global batch).
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Measured steps (after warm-up).
+    pub steps: usize,
+    /// Warm-up steps, not timed.
+    pub warmup: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Seed.
+    pub seed: u64,
+    /// Validation windows for the final loss.
+    pub eval_windows: usize,
+    /// Device.
+    pub device: Device,
+}
+
+/// Step-time statistics, seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StepTime {
+    /// Median over the measured steps.
+    pub median: f64,
+    /// Fastest measured step.
+    pub min: f64,
+    /// Slowest measured step.
+    pub max: f64,
+}
+
+/// One run's results (the harness's JSON schema).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BenchRow {
+    /// Configuration name.
+    pub config: String,
+    /// Model name.
+    pub model: String,
+    /// Device (`cpu`, `cuda:0`).
+    pub device: String,
+    /// `f32`, `bf16`, `f16`.
+    pub precision: String,
+    /// Sequences per micro-batch.
+    pub micro_batch: usize,
+    /// Micro-batches per step.
+    pub accum_steps: usize,
+    /// Ranks.
+    pub world_size: usize,
+    /// Peak live heap bytes of a step (the largest over the measured steps).
+    pub peak_bytes: usize,
+    /// The peak by category.
+    pub bytes_by_category: std::collections::BTreeMap<String, usize>,
+    /// The estimator's prediction of the peak, when available.
+    pub predicted_peak_bytes: Option<usize>,
+    /// Step time over the measured steps.
+    pub step_time_s: StepTime,
+    /// Training tokens per second at the median step time.
+    pub tokens_per_s: f64,
+    /// Validation loss after the run (nats per byte).
+    pub final_loss: f64,
+    /// Peak over the same model's baseline peak in this run.
+    pub peak_vs_baseline: Option<f64>,
+    /// Median step time over the baseline's.
+    pub time_vs_baseline: Option<f64>,
+}
+
+fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle::DeviceLocation::Cpu => "cpu".into(),
+        candle::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        DType::F64 => "f64",
+        _ => "f32",
+    }
+}
+
+/// Runs one configuration on one model.
+///
+/// # Errors
+/// When the global batch does not divide into the configuration's micro-batches, or on any
+/// training error.
+pub fn run_one(
+    model: &BenchModel,
+    config: &BenchConfig,
+    options: &BenchOptions,
+    corpus: &Corpus,
+) -> anyhow::Result<BenchRow> {
+    if options.batch % config.accumulation_steps != 0 {
+        bail!(
+            "configuration `{}` cuts the batch into {} micro-batches, which does not divide the batch of {}",
+            config.name,
+            config.accumulation_steps,
+            options.batch
+        );
+    }
+    let micro_batch = options.batch / config.accumulation_steps;
+    let gpt = Gpt::new(model.config, config.dtype, &options.device, options.seed)?;
+    let sizes: Vec<usize> = gpt.parameters().iter().map(|p| p.var.elem_count()).collect();
+    let optimizer = OptimizerConfig::AdamW(AdamWConfig { weight_decay: 0.1, ..Default::default() });
+    let mut updater = LocalUpdater::new(gpt.parameters(), optimizer.build(&sizes)?)?;
+    let total_steps = options.warmup + options.steps;
+    let trainer = Trainer::new(
+        TrainerConfig::builder()
+            .micro_batch(micro_batch)
+            .accumulation_steps(config.accumulation_steps)
+            .steps(total_steps)
+            .seq_len(options.seq_len)
+            .lr(options.lr)
+            .warmup_steps(total_steps / 4)
+            .eval_interval(0)
+            .eval_windows(options.eval_windows)
+            .seed(options.seed)
+            .recompute(config.recompute)
+            .backward(config.backward)
+            .build()?,
+    );
+    let report = trainer
+        .fit(&gpt, corpus, &mut updater)
+        .with_context(|| format!("configuration `{}` on model {}", config.name, model.name))?;
+    let measured = &report.history[options.warmup..];
+    let mut times: Vec<f64> = measured.iter().map(|r| r.step_time_s).collect();
+    times.sort_by(f64::total_cmp);
+    let median = if times.len() % 2 == 1 {
+        times[times.len() / 2]
+    } else {
+        0.5 * (times[times.len() / 2 - 1] + times[times.len() / 2])
+    };
+    let tokens = (options.batch * options.seq_len) as f64;
+    Ok(BenchRow {
+        config: config.name.into(),
+        model: model.name.clone(),
+        device: device_name(&options.device),
+        precision: dtype_name(config.dtype).into(),
+        micro_batch,
+        accum_steps: config.accumulation_steps,
+        world_size: 1,
+        peak_bytes: report.memory.peak,
+        bytes_by_category: report.memory.categories().iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        predicted_peak_bytes: None,
+        step_time_s: StepTime { median, min: times[0], max: times[times.len() - 1] },
+        tokens_per_s: tokens / median,
+        final_loss: report.final_val_loss,
+        peak_vs_baseline: None,
+        time_vs_baseline: None,
+    })
+}
+
+/// Fills in each row's ratios against its model's baseline row.
+pub fn add_ratios(rows: &mut [BenchRow]) {
+    let baselines: Vec<(String, usize, f64)> = rows
+        .iter()
+        .filter(|r| r.config == BASELINE)
+        .map(|r| (r.model.clone(), r.peak_bytes, r.step_time_s.median))
+        .collect();
+    for row in rows.iter_mut() {
+        if let Some((_, peak, time)) = baselines.iter().find(|(m, _, _)| *m == row.model) {
+            row.peak_vs_baseline = Some(row.peak_bytes as f64 / *peak as f64);
+            row.time_vs_baseline = Some(row.step_time_s.median / time);
+        }
+    }
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn ratio(r: Option<f64>) -> String {
+    r.map(|r| format!("{r:.2}x")).unwrap_or_else(|| "-".into())
+}
+
+/// The rows as a Markdown table.
+pub fn markdown_table(rows: &[BenchRow]) -> String {
+    let mut out = String::from(
+        "| model | config | precision | micro x accum | peak MiB | vs fp32 | params | grads | master | optim | activations | predicted MiB | step ms (median, min-max) | vs fp32 | tokens/s | val loss |\n\
+         |---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let cat = |k: &str| mib(r.bytes_by_category.get(k).copied().unwrap_or(0));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} x {} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.0} ({:.0}-{:.0}) | {} | {:.0} | {:.4} |",
+            r.model,
+            r.config,
+            r.precision,
+            r.micro_batch,
+            r.accum_steps,
+            mib(r.peak_bytes),
+            ratio(r.peak_vs_baseline),
+            cat("parameters"),
+            cat("gradients"),
+            cat("master_weights"),
+            cat("optimizer_state"),
+            cat("activations"),
+            r.predicted_peak_bytes.map(|b| format!("{:.1}", mib(b))).unwrap_or_else(|| "-".into()),
+            r.step_time_s.median * 1e3,
+            r.step_time_s.min * 1e3,
+            r.step_time_s.max * 1e3,
+            ratio(r.time_vs_baseline),
+            r.tokens_per_s,
+            r.final_loss,
+        );
+    }
+    out
+}
+
+/// Whether peaks are measured (the counting allocator is installed).
+pub fn memory_is_measured() -> bool {
+    memory::is_installed()
+}
