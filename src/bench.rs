@@ -9,11 +9,12 @@
 use std::fmt::Write as _;
 
 use anyhow::{bail, Context};
-use candle::{DType, Device};
+use candle::Device;
 use candle_ckpt::Recompute;
 use candle_train::memory;
 use candle_train::{
-    AdamWConfig, BackwardMode, Corpus, Gpt, GptConfig, LocalUpdater, OptimizerConfig, Trainer, TrainerConfig,
+    AdamWConfig, BackwardMode, Corpus, Gpt, GptConfig, LocalUpdater, OptimizerConfig, Precision, Trainer,
+    TrainerConfig,
 };
 use serde::Serialize;
 
@@ -24,8 +25,8 @@ pub struct BenchConfig {
     pub name: &'static str,
     /// What it does.
     pub description: &'static str,
-    /// Parameter and compute dtype.
-    pub dtype: DType,
+    /// Precision (F16 brings dynamic loss scaling).
+    pub precision: Precision,
     /// Recompute policy.
     pub recompute: Recompute,
     /// Micro-batches per step (the global batch is cut into this many).
@@ -40,18 +41,18 @@ pub const BASELINE: &str = "fp32";
 const fn config(
     name: &'static str,
     description: &'static str,
-    dtype: DType,
+    precision: Precision,
     recompute: Recompute,
     accumulation_steps: usize,
     backward: BackwardMode,
 ) -> BenchConfig {
-    BenchConfig { name, description, dtype, recompute, accumulation_steps, backward }
+    BenchConfig { name, description, precision, recompute, accumulation_steps, backward }
 }
 
 /// Every registered configuration, baseline first.
 pub fn configurations() -> Vec<BenchConfig> {
     use BackwardMode::{Plain, Segmented};
-    use DType::{BF16, F32};
+    use Precision::{Bf16 as BF16, F16, F32};
     vec![
         config(
             BASELINE,
@@ -102,6 +103,7 @@ pub fn configurations() -> Vec<BenchConfig> {
             1,
             Segmented,
         ),
+        config("f16", "FP16 compute, FP32 master weights, dynamic loss scaling", F16, Recompute::Never, 1, Segmented),
         config(
             "bf16+recompute-all+accum4",
             "BF16, every block recomputed, 4 micro-batches",
@@ -234,15 +236,6 @@ fn device_name(device: &Device) -> String {
     }
 }
 
-fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        DType::F64 => "f64",
-        _ => "f32",
-    }
-}
-
 /// Runs one configuration on one model.
 ///
 /// # Errors
@@ -263,7 +256,7 @@ pub fn run_one(
         );
     }
     let micro_batch = options.batch / config.accumulation_steps;
-    let gpt = Gpt::new(model.config, config.dtype, &options.device, options.seed)?;
+    let gpt = Gpt::new(model.config, config.precision.dtype(), &options.device, options.seed)?;
     let sizes: Vec<usize> = gpt.parameters().iter().map(|p| p.var.elem_count()).collect();
     let optimizer = OptimizerConfig::AdamW(AdamWConfig { weight_decay: 0.1, ..Default::default() });
     let mut updater = LocalUpdater::new(gpt.parameters(), optimizer.build(&sizes)?)?;
@@ -281,6 +274,7 @@ pub fn run_one(
             .seed(options.seed)
             .recompute(config.recompute)
             .backward(config.backward)
+            .loss_scaling(config.precision.default_loss_scaling())
             .build()?,
     );
     let report = trainer
@@ -299,7 +293,7 @@ pub fn run_one(
         config: config.name.into(),
         model: model.name.clone(),
         device: device_name(&options.device),
-        precision: dtype_name(config.dtype).into(),
+        precision: config.precision.name().into(),
         micro_batch,
         accum_steps: config.accumulation_steps,
         world_size: 1,

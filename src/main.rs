@@ -4,12 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use candle::DType;
 use candle_fit::ckpt::Recompute;
-use candle_fit::train::device::{parse_device, parse_dtype};
+use candle_fit::train::device::parse_device;
 use candle_fit::train::memory::{self, mib, CountingAllocator};
 use candle_fit::train::{
-    AdamWConfig, Corpus, Gpt, GptConfig, LocalUpdater, OptimizerConfig, SgdConfig, Trainer, TrainerConfig,
+    AdamWConfig, Corpus, Gpt, GptConfig, LocalUpdater, LossScalerConfig, OptimizerConfig, Precision, SgdConfig, Trainer,
+    TrainerConfig,
 };
 use candle_fit::{BUNDLED_CORPUS, BUNDLED_CORPUS_NAME};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -195,9 +195,13 @@ struct TrainArgs {
     /// budget:BYTES (K/M/G suffixes; keep graphs within the budget, measured).
     #[arg(long, default_value = "never")]
     recompute: String,
-    /// Parameter and compute dtype: f32 or f64 (bf16/f16 mixed precision is not wired yet).
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    /// Precision: f32 (the baseline), bf16 (FP32 master weights) or f16 (FP32 master weights
+    /// and dynamic loss scaling).
+    #[arg(long, alias = "dtype", default_value = "f32")]
+    precision: String,
+    /// Dynamic loss scaling: on, off, or auto (on for f16 only).
+    #[arg(long, default_value = "auto")]
+    loss_scaling: String,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -222,13 +226,14 @@ struct TrainArgs {
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
-    let dtype = parse_dtype(&args.dtype)?;
-    if matches!(dtype, DType::BF16 | DType::F16) {
-        anyhow::bail!(
-            "invalid `--dtype`: {} mixed precision is not available yet (FP32 master weights and loss scaling are a later issue); use f32",
-            args.dtype
-        );
-    }
+    let precision: Precision = args.precision.parse()?;
+    let dtype = precision.dtype();
+    let loss_scaling = match args.loss_scaling.as_str() {
+        "auto" => precision.default_loss_scaling(),
+        "on" => Some(LossScalerConfig::default()),
+        "off" => None,
+        other => anyhow::bail!("invalid `--loss-scaling`: `{other}` is not one of on, off, auto"),
+    };
     let device = parse_device(&args.device)?;
     let recompute: Recompute =
         args.recompute.parse().map_err(|e| anyhow::anyhow!("invalid `--recompute`: {e}"))?;
@@ -256,6 +261,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         .progress(!args.quiet)
         .metrics_path(args.metrics.clone())
         .recompute(recompute)
+        .loss_scaling(loss_scaling)
         .build()?;
     if args.seq_len > args.context {
         return Err(candle_fit::train::Error::SequenceTooLong {
@@ -344,6 +350,9 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         for (name, bytes) in m.categories() {
             println!("  {name:<34} {}", mib(bytes));
         }
+    }
+    if let Some(scale) = report.history.last().and_then(|r| r.loss_scale) {
+        println!("loss scale at the last step          {scale}");
     }
     if report.skipped_steps > 0 {
         println!("skipped steps (non-finite)           {}", report.skipped_steps);

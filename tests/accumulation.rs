@@ -85,7 +85,7 @@ fn accumulated_gradient(
     );
     let corpus = corpus()?;
     let decisions = trainer.plan(&model, &corpus)?;
-    trainer.accumulate_step(&model, &corpus, &mut updater, 5, &decisions)?;
+    trainer.accumulate_step(&model, &corpus, &mut updater, 5, &decisions, 1.0)?;
     model
         .parameters()
         .iter()

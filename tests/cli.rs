@@ -80,7 +80,8 @@ fn bad_input_is_one_clear_line_and_a_failure_exit() -> anyhow::Result<()> {
         &["--corpus", short.to_str().unwrap_or_default()],
         "fewer than the 33 one sequence needs",
     )?;
-    assert_clear_error(&["--dtype", "f8"], "unknown dtype `f8`")?;
+    assert_clear_error(&["--precision", "f8"], "unknown precision `f8`: expected f32, bf16 or f16")?;
+    assert_clear_error(&["--loss-scaling", "maybe"], "invalid `--loss-scaling`")?;
     assert_clear_error(&["--device", "tpu"], "unknown or unavailable device `tpu`")?;
     assert_clear_error(&["--validation-fraction", "1.5"], "invalid `validation_fraction`")?;
     assert_clear_error(

@@ -112,7 +112,7 @@ fn recompute_with_accumulation_gives_the_same_gradients() -> anyhow::Result<()> 
             LocalUpdater::new(model.parameters(), OptimizerConfig::Sgd(SgdConfig::default()).build(&sizes)?)?;
         let trainer = trainer(recompute, 2, 4)?;
         let decisions = trainer.plan(&model, &corpus)?;
-        trainer.accumulate_step(&model, &corpus, &mut updater, 3, &decisions)?;
+        trainer.accumulate_step(&model, &corpus, &mut updater, 3, &decisions, 1.0)?;
         let g: Vec<Vec<f32>> = model
             .parameters()
             .iter()

@@ -27,6 +27,9 @@ pub struct StepRecord {
     pub tokens_per_s: f64,
     /// Peak live heap bytes during the step (0 without the counting allocator).
     pub peak_bytes: usize,
+    /// The loss scale used in this step, under loss scaling.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
     /// Validation loss, on steps where it was measured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,

@@ -21,7 +21,8 @@ use crate::metrics::{MetricsWriter, StepRecord};
 use crate::models::{Gpt, TokenBatch};
 use crate::params::Parameters;
 use crate::schedule::LrSchedule;
-use crate::updater::Updater;
+use crate::loss_scale::{LossScaler, LossScalerConfig};
+use crate::updater::{StepReport, Updater};
 
 /// A model the Trainer can train on token batches.
 pub trait LanguageModel: SegmentedModel<Batch = TokenBatch> {
@@ -94,6 +95,8 @@ pub struct TrainerConfig {
     pub recompute: Recompute,
     /// Segmented (the engine) or plain backward.
     pub backward: BackwardMode,
+    /// Dynamic loss scaling (PyTorch GradScaler semantics), or `None`.
+    pub loss_scaling: Option<LossScalerConfig>,
 }
 
 impl TrainerConfig {
@@ -128,6 +131,7 @@ pub struct TrainerBuilder {
     max_consecutive_skips: usize,
     recompute: Recompute,
     backward: BackwardMode,
+    loss_scaling: Option<LossScalerConfig>,
 }
 
 impl Default for TrainerBuilder {
@@ -150,6 +154,7 @@ impl Default for TrainerBuilder {
             max_consecutive_skips: 8,
             recompute: Recompute::Never,
             backward: BackwardMode::Segmented,
+            loss_scaling: None,
         }
     }
 }
@@ -258,6 +263,13 @@ impl TrainerBuilder {
         self
     }
 
+    /// Dynamic loss scaling, or `None` for none. By default, none; FP16 training needs it
+    /// ([`crate::Precision::default_loss_scaling`]).
+    pub fn loss_scaling(mut self, config: Option<LossScalerConfig>) -> Self {
+        self.loss_scaling = config;
+        self
+    }
+
     /// Validates the settings.
     ///
     /// # Errors
@@ -277,6 +289,9 @@ impl TrainerBuilder {
             },
         };
         schedule.validate()?;
+        if let Some(scaling) = &self.loss_scaling {
+            scaling.validate()?;
+        }
         if let Some(max) = self.max_grad_norm {
             if !(max > 0.0 && max.is_finite()) {
                 return Err(Error::config("max_grad_norm", format!("{max} is not a positive number")));
@@ -298,6 +313,7 @@ impl TrainerBuilder {
             max_consecutive_skips: nonzero("max_consecutive_skips", self.max_consecutive_skips)?.get(),
             recompute: self.recompute,
             backward: self.backward,
+            loss_scaling: self.loss_scaling,
         })
     }
 }
@@ -403,8 +419,9 @@ impl Trainer {
     }
 
     /// Runs one optimizer step's forward and backward over its micro-batches, accumulating
-    /// into `updater`, and returns the mean loss. Does not step the optimizer. `decisions`
-    /// come from [`Trainer::plan`].
+    /// into `updater` the gradient of `loss * loss_scale` (averaged over the micro-batches),
+    /// and returns the mean loss. Does not step the optimizer. `decisions` come from
+    /// [`Trainer::plan`]; `loss_scale` is 1 without loss scaling.
     ///
     /// # Errors
     /// On a data, model or updater error.
@@ -415,6 +432,7 @@ impl Trainer {
         updater: &mut dyn Updater,
         step: u64,
         decisions: &[Decision],
+        loss_scale: f64,
     ) -> Result<f64> {
         let c = &self.config;
         let (b, k) = (c.micro_batch.get(), c.accumulation_steps.get());
@@ -431,7 +449,7 @@ impl Trainer {
                     candle::Error::Msg(msg)
                 })
             };
-            let multiplier = 1.0 / k as f64;
+            let multiplier = loss_scale / k as f64;
             let result = match c.backward {
                 BackwardMode::Segmented => forward_backward(model, &batch, ctx, decisions, multiplier, hook),
                 BackwardMode::Plain => plain_forward_backward(model, &batch, ctx, multiplier, hook),
@@ -483,13 +501,29 @@ impl Trainer {
         let mut history = Vec::with_capacity(c.steps.get());
         let mut worst = MemoryReport::default();
         let (mut skipped, mut consecutive_skips) = (0, 0);
+        let mut scaler = c.loss_scaling.map(LossScaler::new).transpose()?;
         updater.zero_grad();
         for step in 0..c.steps.get() as u64 {
             let start_bytes = memory::reset_peak();
             let started = Instant::now();
             let lr = c.schedule.lr(updater.optimizer().step_count());
-            let loss = self.accumulate_step(model, corpus, updater, step, &decisions)?;
-            let report = updater.step(lr, c.max_grad_norm)?;
+            let loss_scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
+            let loss = self.accumulate_step(model, corpus, updater, step, &decisions, loss_scale)?;
+            let report = match scaler.as_mut() {
+                None => updater.step(lr, c.max_grad_norm)?,
+                Some(scaler) => {
+                    // Unscale once, in FP32; skip the whole step (optimizer, its step count and
+                    // so the schedule) on inf/NaN; then update the scale.
+                    let found_inf = updater.unscale(scaler.inv_scale_f32())?;
+                    scaler.update(found_inf)?;
+                    if found_inf {
+                        updater.zero_grad();
+                        StepReport { grad_norm: f64::INFINITY, stepped: false, clip_coef: 1.0 }
+                    } else {
+                        updater.step(lr, c.max_grad_norm)?
+                    }
+                }
+            };
             let step_time_s = started.elapsed().as_secs_f64();
             let peak = memory::peak_bytes();
             let state = updater.state_bytes();
@@ -506,6 +540,10 @@ impl Trainer {
             }
             if report.stepped && loss.is_finite() {
                 consecutive_skips = 0;
+            } else if scaler.is_some() && report.grad_norm.is_infinite() && loss.is_finite() {
+                // An overflow of the scaled gradient: the scaler backed off; a scale that keeps
+                // overflowing ends in the scaler's minimum-scale error.
+                skipped += 1;
             } else {
                 skipped += 1;
                 consecutive_skips += 1;
@@ -536,6 +574,7 @@ impl Trainer {
                 step_time_s,
                 tokens_per_s: tokens_per_step / step_time_s,
                 peak_bytes: peak,
+                loss_scale: scaler.is_some().then_some(loss_scale),
                 val_loss,
             };
             if let Some(m) = metrics.as_mut() {

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::host::{to_f32_vec, update_f32_in_place, with_f32_values, write_f32_values};
+use crate::loss_scale::unscale_slice;
 use crate::optim::Optimizer;
 use crate::params::{Parameter, Parameters};
 
@@ -51,6 +52,14 @@ pub trait Updater {
     /// # Errors
     /// On an optimizer or device error.
     fn step(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<StepReport>;
+
+    /// Multiplies every accumulated FP32 gradient by `inv_scale` (a loss scaler's reciprocal)
+    /// and returns whether any element is inf or NaN. On N ranks, the answer is the same on
+    /// every rank.
+    ///
+    /// # Errors
+    /// On a communication or device error.
+    fn unscale(&mut self, inv_scale: f32) -> Result<bool>;
 
     /// Zeroes the gradient accumulators.
     fn zero_grad(&mut self);
@@ -171,6 +180,14 @@ impl Updater for LocalUpdater {
         }
         self.zero_grad();
         Ok(StepReport { grad_norm, stepped: true, clip_coef })
+    }
+
+    fn unscale(&mut self, inv_scale: f32) -> Result<bool> {
+        let mut found_inf = false;
+        for g in &mut self.grads {
+            found_inf |= unscale_slice(g, inv_scale);
+        }
+        Ok(found_inf)
     }
 
     fn zero_grad(&mut self) {

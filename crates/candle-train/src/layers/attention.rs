@@ -1,13 +1,12 @@
 //! Causal multi-head self-attention in the GPT-2 arrangement (fused `c_attn`, then `c_proj`).
 //! Scores' softmax runs in F32; the matmuls run in the compute dtype.
 
-use candle::{DType, Device, Result, Tensor};
+use candle::{Result, Tensor};
 use candle_ckpt::Rng;
 
-use crate::device::reduction_dtype;
 use crate::layers::dropout::Dropout;
 use crate::layers::linear::{Linear, WeightLayout};
-use crate::layers::ops::softmax_last_dim;
+use crate::layers::ops::causal_softmax;
 use crate::params::ParamBuilder;
 
 /// Causal self-attention with `n_head` heads over width `n_embd`.
@@ -18,12 +17,6 @@ pub struct CausalSelfAttention {
     n_head: usize,
     attn_dropout: Dropout,
     resid_dropout: Dropout,
-}
-
-/// The additive causal mask `[t, t]`: 0 on and below the diagonal, -inf above.
-fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let values: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 }).collect();
-    Tensor::from_vec(values, (t, t), device)?.to_dtype(dtype)
 }
 
 impl CausalSelfAttention {
@@ -67,11 +60,8 @@ impl CausalSelfAttention {
             qkv.narrow(2, i * c, c)?.reshape((b, t, self.n_head, head_dim))?.transpose(1, 2)?.contiguous()
         };
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
-        let rd = reduction_dtype(x.dtype());
-        let mask = causal_mask(t, rd, x.device())?;
-        let probs = softmax_last_dim(&scores.to_dtype(rd)?.broadcast_add(&mask)?)?;
-        let probs = self.attn_dropout.forward(&probs, rng, training)?.to_dtype(x.dtype())?;
+        let probs = causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (head_dim as f64).sqrt())?;
+        let probs = self.attn_dropout.forward(&probs, rng, training)?;
         let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
         let y = self.c_proj.forward(&y)?;
         self.resid_dropout.forward(&y, rng, training)

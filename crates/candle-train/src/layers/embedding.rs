@@ -1,8 +1,10 @@
-//! Token and position embeddings (a lookup table with a real backward: `index_select`,
-//! whose gradient is an `index_add`).
+//! Token and position embeddings: a lookup table whose backward scatters the rows' gradients
+//! back with an `index_add` in F32.
 
 use candle::{Result, Tensor, Var};
 
+use crate::device::reduction_dtype;
+use crate::layers::custom_grad::custom2;
 use crate::params::ParamBuilder;
 
 /// A lookup table `[num_embeddings, dim]`.
@@ -39,6 +41,14 @@ impl Embedding {
         let mut dims = ids.dims().to_vec();
         let table = self.weight.as_tensor();
         dims.push(table.dim(1)?);
-        table.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
+        let ids = ids.flatten_all()?;
+        let value = table.detach().index_select(&ids, 0)?;
+        // The gradient scatters rows into the table: accumulate repeated ids in F32.
+        let rows = custom2("embedding", table, &ids, value, |table, ids, _, g| {
+            let rd = reduction_dtype(table.dtype());
+            let grad = Tensor::zeros(table.shape(), rd, table.device())?.index_add(ids, &g.to_dtype(rd)?, 0)?;
+            Ok((Some(grad.to_dtype(table.dtype())?), None))
+        })?;
+        rows.reshape(dims)
     }
 }

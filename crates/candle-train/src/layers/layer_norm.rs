@@ -1,8 +1,11 @@
-//! Layer normalisation computed in F32 (Candle's fused `layer_norm` has no backward rule).
+//! Layer normalisation computed in F32 with a hand-written backward (Candle's fused
+//! `layer_norm` has no backward rule; composing it from small ops would keep five F32 copies of
+//! the input alive).
 
-use candle::{Result, Tensor, Var};
+use candle::{Result, Tensor, Var, D};
 
 use crate::device::reduction_dtype;
+use crate::layers::custom_grad::custom3;
 use crate::layers::ops::mean_last_dim;
 use crate::params::ParamBuilder;
 
@@ -33,13 +36,35 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let rd = reduction_dtype(dtype);
-        let x = x.to_dtype(rd)?;
-        let centered = x.broadcast_sub(&mean_last_dim(&x)?)?;
-        let var = mean_last_dim(&centered.sqr()?)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed
-            .broadcast_mul(&self.weight.as_tensor().to_dtype(rd)?)?
-            .broadcast_add(&self.bias.as_tensor().to_dtype(rd)?)?
-            .to_dtype(dtype)
+        let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
+        let x32 = x.detach().to_dtype(rd)?;
+        let mean = mean_last_dim(&x32)?;
+        let centered = x32.broadcast_sub(&mean)?;
+        let rstd = (mean_last_dim(&centered.sqr()?)? + self.eps)?.sqrt()?.recip()?;
+        let value = centered
+            .broadcast_mul(&rstd)?
+            .broadcast_mul(&w.detach().to_dtype(rd)?)?
+            .broadcast_add(&b.detach().to_dtype(rd)?)?
+            .to_dtype(dtype)?;
+        drop(centered);
+        // The graph keeps x (Candle holds every op's inputs), the result, and the per-row mean
+        // and 1/std; the backward recomputes the normalised input from them.
+        custom3("layer-norm", x, w, b, value, move |x, w, b, _, g| {
+            let xhat = x.to_dtype(rd)?.broadcast_sub(&mean)?.broadcast_mul(&rstd)?;
+            let g = g.to_dtype(rd)?;
+            let c = xhat.dim(D::Minus1)?;
+            let rows = xhat.elem_count() / c.max(1);
+            let grad_w = (&g * &xhat)?.reshape((rows, c))?.sum(0)?.to_dtype(w.dtype())?;
+            let grad_b = g.reshape((rows, c))?.sum(0)?.to_dtype(b.dtype())?;
+            let gw = g.broadcast_mul(&w.to_dtype(rd)?)?;
+            let mean_gw = mean_last_dim(&gw)?;
+            let mean_gw_xhat = mean_last_dim(&(&gw * &xhat)?)?;
+            let grad_x = gw
+                .broadcast_sub(&mean_gw)?
+                .sub(&xhat.broadcast_mul(&mean_gw_xhat)?)?
+                .broadcast_mul(&rstd)?
+                .to_dtype(x.dtype())?;
+            Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
+        })
     }
 }

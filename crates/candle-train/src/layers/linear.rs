@@ -2,6 +2,7 @@
 
 use candle::{Result, Tensor, Var};
 
+use crate::layers::ops::bias_add;
 use crate::params::ParamBuilder;
 
 /// How the weight matrix is stored.
@@ -81,7 +82,7 @@ impl Linear {
             WeightLayout::OutIn => x2.matmul(&w.t()?)?,
         };
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b.as_tensor())?,
+            Some(b) => bias_add(&y, b.as_tensor())?,
             None => y,
         };
         let out_features = y.dim(1)?;

@@ -2,6 +2,7 @@
 //! rule, and each is checked against central finite differences in F64.
 
 pub mod attention;
+pub mod custom_grad;
 pub mod dropout;
 pub mod embedding;
 pub mod layer_norm;

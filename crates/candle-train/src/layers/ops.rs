@@ -2,9 +2,10 @@
 //! dtype. Candle's fused `softmax_last_dim` has no backward rule; these are built from ops
 //! that have one.
 
-use candle::{Result, Tensor, D};
+use candle::{DType, Device, Result, Tensor, D};
 
 use crate::device::reduction_dtype;
+use crate::layers::custom_grad::{custom1, custom2};
 
 /// Softmax over the last dimension, computed in F32 (F64 for F64 input) and returned in
 /// that dtype. The row maximum is subtracted detached: softmax is invariant to the shift, so
@@ -37,4 +38,49 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 pub(crate) fn mean_last_dim(x: &Tensor) -> Result<Tensor> {
     let n = x.dim(D::Minus1)? as f64;
     x.sum_keepdim(D::Minus1)? / n
+}
+
+/// The additive causal mask `[t, t]`: 0 on and below the diagonal, -inf above.
+fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let values: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 }).collect();
+    Tensor::from_vec(values, (t, t), device)?.to_dtype(dtype)
+}
+
+/// `softmax(scores * scale + causal_mask)` over the last dimension of `scores`
+/// (`[..., t, t]`), computed in F32 (F64 for F64 input) and returned in `scores`' dtype. Only the
+/// result stays in the graph; the backward, `scale * y * (g - sum(g * y))`, runs in F32.
+///
+/// # Errors
+/// When `scores` is not square in its last two dimensions.
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    let dtype = scores.dtype();
+    let rd = reduction_dtype(dtype);
+    let (t, t2) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
+    if t != t2 {
+        candle::bail!("causal_softmax: scores of shape {:?} are not square", scores.dims());
+    }
+    let mask = causal_mask(t, rd, scores.device())?;
+    let shifted = (scores.detach().to_dtype(rd)? * scale)?.broadcast_add(&mask)?;
+    let value = softmax_last_dim(&shifted)?.to_dtype(dtype)?;
+    custom1("causal-softmax", scores, value, move |_, y, g| {
+        let (y, g) = (y.to_dtype(rd)?, g.to_dtype(rd)?);
+        let dot = (&g * &y)?.sum_keepdim(D::Minus1)?;
+        let grad = ((g.broadcast_sub(&dot)? * y)? * scale)?;
+        Ok(Some(grad.to_dtype(dtype)?))
+    })
+}
+
+/// `y + b` with `b` broadcast over the leading dimensions of `y` (`[..., n]` and `[n]`). The
+/// bias gradient (a sum over every row) is reduced in F32, not in `y`'s dtype.
+///
+/// # Errors
+/// On a shape mismatch.
+pub fn bias_add(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let value = y.detach().broadcast_add(&b.detach())?;
+    custom2("bias-add", y, b, value, |_, b, _, g| {
+        let n = b.elem_count();
+        let rows = g.elem_count() / n.max(1);
+        let grad_b = g.to_dtype(reduction_dtype(g.dtype()))?.reshape((rows, n))?.sum(0)?.to_dtype(b.dtype())?;
+        Ok((Some(g.clone()), Some(grad_b)))
+    })
 }

@@ -1,8 +1,10 @@
-//! RMS normalisation computed in F32 (Candle's fused `rms_norm` has no backward rule).
+//! RMS normalisation computed in F32 with a hand-written backward (Candle's fused `rms_norm`
+//! has no backward rule).
 
-use candle::{Result, Tensor, Var};
+use candle::{Result, Tensor, Var, D};
 
 use crate::device::reduction_dtype;
+use crate::layers::custom_grad::custom2;
 use crate::layers::ops::mean_last_dim;
 use crate::params::ParamBuilder;
 
@@ -29,8 +31,20 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let rd = reduction_dtype(dtype);
-        let x = x.to_dtype(rd)?;
-        let rms = (mean_last_dim(&x.sqr()?)? + self.eps)?.sqrt()?;
-        x.broadcast_div(&rms)?.broadcast_mul(&self.weight.as_tensor().to_dtype(rd)?)?.to_dtype(dtype)
+        let w = self.weight.as_tensor();
+        let x32 = x.detach().to_dtype(rd)?;
+        let rstd = (mean_last_dim(&x32.sqr()?)? + self.eps)?.sqrt()?.recip()?;
+        let value = x32.broadcast_mul(&rstd)?.broadcast_mul(&w.detach().to_dtype(rd)?)?.to_dtype(dtype)?;
+        custom2("rms-norm", x, w, value, move |x, w, _, g| {
+            let xhat = x.to_dtype(rd)?.broadcast_mul(&rstd)?;
+            let g = g.to_dtype(rd)?;
+            let c = xhat.dim(D::Minus1)?;
+            let rows = xhat.elem_count() / c.max(1);
+            let grad_w = (&g * &xhat)?.reshape((rows, c))?.sum(0)?.to_dtype(w.dtype())?;
+            let gw = g.broadcast_mul(&w.to_dtype(rd)?)?;
+            let mean_gw_xhat = mean_last_dim(&(&gw * &xhat)?)?;
+            let grad_x = gw.sub(&xhat.broadcast_mul(&mean_gw_xhat)?)?.broadcast_mul(&rstd)?.to_dtype(x.dtype())?;
+            Ok((Some(grad_x), Some(grad_w)))
+        })
     }
 }
