@@ -103,7 +103,14 @@ pub fn configurations() -> Vec<BenchConfig> {
             1,
             Segmented,
         ),
-        config("f16", "FP16 compute, FP32 master weights, dynamic loss scaling", F16, Recompute::Never, 1, Segmented),
+        config(
+            "f16",
+            "FP16 compute, FP32 master weights, dynamic loss scaling",
+            F16,
+            Recompute::Never,
+            1,
+            Segmented,
+        ),
         config(
             "bf16+recompute-all+accum4",
             "BF16, every block recomputed, 4 micro-batches",

@@ -8,8 +8,8 @@ use candle_fit::ckpt::Recompute;
 use candle_fit::train::device::parse_device;
 use candle_fit::train::memory::{self, mib, CountingAllocator};
 use candle_fit::train::{
-    AdamWConfig, Corpus, Gpt, GptConfig, LocalUpdater, LossScalerConfig, OptimizerConfig, Precision, SgdConfig, Trainer,
-    TrainerConfig,
+    AdamWConfig, Corpus, Gpt, GptConfig, LocalUpdater, LossScalerConfig, OptimizerConfig, Precision,
+    SgdConfig, Trainer, TrainerConfig,
 };
 use candle_fit::{BUNDLED_CORPUS, BUNDLED_CORPUS_NAME};
 use clap::{Parser, Subcommand, ValueEnum};

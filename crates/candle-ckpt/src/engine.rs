@@ -41,17 +41,19 @@ pub struct SegmentGradients {
 }
 
 struct Saved {
-    /// The detached input (for recompute) or the variable the kept graph was built on.
+    /// The detached input the segment ran on.
     input: Tensor,
     /// The output with its graph, for kept segments.
     output: Option<Tensor>,
 }
 
-/// Turns a detached activation into a leaf that receives a gradient.
+/// Turns a detached activation into a leaf that always receives a gradient.
 ///
-/// Candle only hands gradients to leaves reached through ops that track gradients; an
-/// activation consumed first by an untracked op (a cast, a reduction) would get none. A
-/// variable always does. This copies the activation once.
+/// A segment runs on its detached input, with no copy: Candle hands a gradient to such a
+/// constant leaf whenever the ops consuming it track gradients (they do when a parameter takes
+/// part, as in every layer here). A segment whose first op on its input tracks nothing (a bare
+/// cast or reduction) leaves the input without a gradient; the engine then runs that segment
+/// again on this variable copy, which always receives one.
 fn as_leaf(x: &Tensor) -> Result<Tensor> {
     if x.dtype().is_int() {
         return Ok(x.clone());
@@ -138,8 +140,7 @@ pub fn measure_segments<M: SegmentedModel>(
     for index in 0..n {
         let input_bytes = x.elem_count() * x.dtype().size_in_bytes();
         let before = current_bytes();
-        let input = as_leaf(&x)?;
-        let output = model.forward_segment(index, &input, batch, &ctx.for_segment(index))?;
+        let output = model.forward_segment(index, &x, batch, &ctx.for_segment(index))?;
         x = output.detach();
         let after = current_bytes();
         kept.push(output);
@@ -216,9 +217,8 @@ where
         let keep = *decision == Decision::Keep || index + 1 == n;
         let seg_ctx = ctx.for_segment(index);
         if keep {
-            let input = as_leaf(&x)?;
-            let output = model.forward_segment(index, &input, batch, &seg_ctx)?;
-            x = output.detach();
+            let output = model.forward_segment(index, &x, batch, &seg_ctx)?;
+            let input = std::mem::replace(&mut x, output.detach());
             saved.push(Saved { input, output: Some(output) });
         } else {
             let output = model.forward_segment(index, &x, batch, &seg_ctx)?.detach();
@@ -235,6 +235,8 @@ where
         bail!("the last segment must return a scalar loss, got shape {:?}", loss.shape());
     }
     let loss_value = loss.detach();
+    // The head's graph is reached through `saved` alone, so it is freed after its backward.
+    drop(loss);
 
     // The first segment (in forward order) that lists each parameter.
     let mut first_use: HashMap<TensorId, usize> = HashMap::new();
@@ -248,31 +250,38 @@ where
     let mut grad_out: Option<Tensor> = None;
     for index in (0..n).rev() {
         let Saved { input, output } = saved.pop().expect("one saved entry per segment");
-        let (input, output) = match output {
-            Some(output) => (input, output),
-            None => {
-                let input = as_leaf(&input)?;
-                let output = model.forward_segment(index, &input, batch, &ctx.for_segment(index))?;
-                (input, output)
-            }
+        let seg_ctx = ctx.for_segment(index);
+        let output = match output {
+            Some(output) => output,
+            None => model.forward_segment(index, &input, batch, &seg_ctx)?,
         };
-        let root = if index + 1 == n {
-            if loss_multiplier == 1.0 {
-                output
-            } else {
-                output.affine(loss_multiplier, 0.0)?
-            }
+        let seed = if index + 1 == n {
+            None
         } else {
-            let Some(g) = grad_out.take() else {
-                bail!(
+            match grad_out.take() {
+                Some(g) => Some(g),
+                None => bail!(
                     "segment `{}` received no gradient for its output: the next segment does not depend on it",
                     model.segment_name(index)
-                );
-            };
-            output.mul(&g)?.sum_all()?
+                ),
+            }
         };
-        let grads = root.backward()?;
-        drop(root);
+        let backward = |output: Tensor| -> Result<candle::backprop::GradStore> {
+            let root = match &seed {
+                None if loss_multiplier == 1.0 => output,
+                None => output.affine(loss_multiplier, 0.0)?,
+                Some(g) => output.mul(g)?.sum_all()?,
+            };
+            root.backward()
+        };
+        let mut grads = backward(output)?;
+        let wants_input_grad = index > 0 && !input.dtype().is_int();
+        let mut input = input;
+        if wants_input_grad && grads.get(&input).is_none() {
+            drop(grads);
+            input = as_leaf(&input)?;
+            grads = backward(model.forward_segment(index, &input, batch, &seg_ctx)?)?;
+        }
         let parameters: Vec<SegmentParameter> = model.segment_parameters(index);
         let mut gradients = Vec::with_capacity(parameters.len());
         for SegmentParameter { name, var } in parameters {
@@ -285,7 +294,7 @@ where
             let is_final = first_use.get(&var.as_tensor().id()) == Some(&index);
             gradients.push(ParameterGradient { name, var, grad: grad.detach(), is_final });
         }
-        if index > 0 && !input.dtype().is_int() {
+        if wants_input_grad {
             grad_out = grads.get(&input).map(Tensor::detach);
         }
         drop(grads);
@@ -366,6 +375,60 @@ mod tests {
         for decisions in [[Keep, Keep, Keep], [Recompute, Recompute, Keep], [Recompute, Keep, Recompute]] {
             let grads = run(&model, &decisions)?;
             assert_eq!(grads, vec![("b".into(), 60.0, true), ("a".into(), 90.0, true)], "{decisions:?}");
+        }
+        Ok(())
+    }
+
+    /// Segment 1 first squares its input (an op that tracks nothing on a detached input), so
+    /// the engine must fall back to a variable copy to pass a gradient on to segment 0.
+    struct UntrackedFirstOp {
+        a: Var,
+        b: Var,
+    }
+
+    impl SegmentedModel for UntrackedFirstOp {
+        type Batch = Tensor;
+        fn num_segments(&self) -> usize {
+            3
+        }
+        fn segment_name(&self, index: usize) -> String {
+            format!("s{index}")
+        }
+        fn first_input(&self, batch: &Tensor) -> Result<Tensor> {
+            Ok(batch.clone())
+        }
+        fn forward_segment(&self, i: usize, x: &Tensor, _: &Tensor, _: &SegmentContext) -> Result<Tensor> {
+            match i {
+                0 => x.broadcast_mul(self.a.as_tensor()),
+                1 => x.sqr()?.broadcast_mul(self.b.as_tensor()),
+                _ => x.sum_all(),
+            }
+        }
+        fn segment_parameters(&self, i: usize) -> Vec<SegmentParameter> {
+            let p = |name: &str, var: &Var| SegmentParameter { name: name.into(), var: var.clone() };
+            match i {
+                0 => vec![p("a", &self.a)],
+                1 => vec![p("b", &self.b)],
+                _ => vec![],
+            }
+        }
+    }
+
+    #[test]
+    fn a_segment_whose_first_op_tracks_nothing_still_passes_its_input_gradient_on() -> Result<()> {
+        // loss = b * a^2 * |x|^2 with a = 2, b = 3, |x|^2 = 5: dL/da = 2 a b |x|^2 = 60, dL/db = 20.
+        let model =
+            UntrackedFirstOp { a: Var::new(&[2f64], &Device::Cpu)?, b: Var::new(&[3f64], &Device::Cpu)? };
+        let x = Tensor::new(&[1f64, -2.0], &Device::Cpu)?;
+        for decisions in [[Decision::Keep; 3], [Decision::Recompute, Decision::Recompute, Decision::Keep]] {
+            let mut out = vec![];
+            forward_backward(&model, &x, SegmentContext::eval(), &decisions, 1.0, |g| {
+                for p in g.gradients {
+                    out.push((p.name, p.grad.to_vec1::<f64>()?[0]));
+                }
+                Ok(())
+            })?;
+            assert_eq!(out, vec![("b".to_string(), 20.0), ("a".to_string(), 60.0)], "{decisions:?}");
         }
         Ok(())
     }

@@ -24,6 +24,7 @@
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod estimate;
 pub mod host;
 pub mod io;
 pub mod layers;
@@ -40,6 +41,7 @@ pub mod updater;
 
 pub use data::{Corpus, Split};
 pub use error::{Error, Result};
+pub use estimate::{estimate_memory, EstimateInput, MemoryEstimate};
 pub use loss_scale::{LossScaler, LossScalerConfig, ScaleDecision};
 pub use memory::{CountingAllocator, MemoryReport};
 pub use models::{Gpt, GptConfig, TokenBatch};

@@ -70,7 +70,9 @@ impl FromStr for Precision {
             "f32" | "fp32" | "float32" => Ok(Precision::F32),
             "bf16" | "bfloat16" => Ok(Precision::Bf16),
             "f16" | "fp16" | "float16" | "half" => Ok(Precision::F16),
-            _ => Err(Error::config("precision", format!("unknown precision `{s}`: expected f32, bf16 or f16"))),
+            _ => {
+                Err(Error::config("precision", format!("unknown precision `{s}`: expected f32, bf16 or f16")))
+            }
         }
     }
 }

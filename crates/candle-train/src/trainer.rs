@@ -16,12 +16,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Corpus;
 use crate::error::{Error, Result};
+use crate::loss_scale::{LossScaler, LossScalerConfig};
 use crate::memory::{self, MemoryReport};
 use crate::metrics::{MetricsWriter, StepRecord};
 use crate::models::{Gpt, TokenBatch};
 use crate::params::Parameters;
 use crate::schedule::LrSchedule;
-use crate::loss_scale::{LossScaler, LossScalerConfig};
 use crate::updater::{StepReport, Updater};
 
 /// A model the Trainer can train on token batches.

@@ -11,12 +11,21 @@
 use std::sync::Mutex;
 
 use candle::backend::BackendStorage;
-use candle::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
+};
 
 type Bwd1 = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync>;
-type Bwd2 = Box<dyn Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync>;
+type Bwd2 =
+    Box<dyn Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync>;
 type Bwd3 = Box<
-    dyn Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
+    dyn Fn(
+            &Tensor,
+            &Tensor,
+            &Tensor,
+            &Tensor,
+            &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
         + Send
         + Sync,
 >;
@@ -27,7 +36,8 @@ struct Value(Mutex<Option<Tensor>>);
 impl Value {
     fn new(value: Tensor) -> Result<Self> {
         // A fresh contiguous tensor whose storage holds exactly its elements.
-        let value = if value.is_contiguous() && value.layout().start_offset() == 0 { value } else { value.copy()? };
+        let value =
+            if value.is_contiguous() && value.layout().start_offset() == 0 { value } else { value.copy()? };
         Ok(Self(Mutex::new(Some(value))))
     }
 
@@ -89,10 +99,22 @@ impl CustomOp2 for Op2 {
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
         self.value.cpu(self.name)
     }
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         self.value.cuda(self.name)
     }
-    fn bwd(&self, a: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         (self.bwd)(a, b, res, grad)
     }
 }
@@ -162,7 +184,10 @@ pub fn custom2(
     a: &Tensor,
     b: &Tensor,
     value: Tensor,
-    bwd: impl Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync + 'static,
+    bwd: impl Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync
+        + 'static,
 ) -> Result<Tensor> {
     if !a.track_op() && !b.track_op() {
         return Ok(value);
@@ -177,7 +202,13 @@ pub fn custom3(
     b: &Tensor,
     c: &Tensor,
     value: Tensor,
-    bwd: impl Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
+    bwd: impl Fn(
+            &Tensor,
+            &Tensor,
+            &Tensor,
+            &Tensor,
+            &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
         + Send
         + Sync
         + 'static,

@@ -46,7 +46,8 @@ impl Embedding {
         // The gradient scatters rows into the table: accumulate repeated ids in F32.
         let rows = custom2("embedding", table, &ids, value, |table, ids, _, g| {
             let rd = reduction_dtype(table.dtype());
-            let grad = Tensor::zeros(table.shape(), rd, table.device())?.index_add(ids, &g.to_dtype(rd)?, 0)?;
+            let grad =
+                Tensor::zeros(table.shape(), rd, table.device())?.index_add(ids, &g.to_dtype(rd)?, 0)?;
             Ok((Some(grad.to_dtype(table.dtype())?), None))
         })?;
         rows.reshape(dims)

@@ -2,7 +2,8 @@
 
 use candle::{Result, Tensor, Var};
 
-use crate::layers::ops::bias_add;
+use crate::device::reduction_dtype;
+use crate::layers::custom_grad::custom3;
 use crate::params::ParamBuilder;
 
 /// How the weight matrix is stored.
@@ -76,18 +77,39 @@ impl Linear {
         };
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, in_features))?;
-        let w = self.weight.as_tensor();
-        let y = match self.layout {
-            WeightLayout::InOut => x2.matmul(w)?,
-            WeightLayout::OutIn => x2.matmul(&w.t()?)?,
-        };
         let y = match &self.bias {
-            Some(b) => bias_add(&y, b.as_tensor())?,
-            None => y,
+            Some(b) => affine(&x2, self.weight.as_tensor(), b.as_tensor(), self.layout)?,
+            None => matmul_weight(&x2, self.weight.as_tensor(), self.layout)?,
         };
         let out_features = y.dim(1)?;
         let mut out_dims = lead.to_vec();
         out_dims.push(out_features);
         y.reshape(out_dims)
     }
+}
+
+/// `x W` for a weight in either layout, differentiable through Candle's matmul.
+fn matmul_weight(x: &Tensor, w: &Tensor, layout: WeightLayout) -> Result<Tensor> {
+    match layout {
+        WeightLayout::InOut => x.matmul(w),
+        WeightLayout::OutIn => x.matmul(&w.t()?),
+    }
+}
+
+/// `x W + b` (`x` is `[rows, in]`) as one op: only `x` and the result stay in the graph (not
+/// the product before the bias), and the bias gradient is reduced in F32.
+fn affine(x: &Tensor, w: &Tensor, b: &Tensor, layout: WeightLayout) -> Result<Tensor> {
+    let value = matmul_weight(&x.detach(), &w.detach(), layout)?.broadcast_add(&b.detach())?;
+    custom3("affine", x, w, b, value, move |x, w, b, _, g| {
+        let grad_x = match layout {
+            WeightLayout::InOut => g.matmul(&w.t()?)?,
+            WeightLayout::OutIn => g.matmul(w)?,
+        };
+        let grad_w = match layout {
+            WeightLayout::InOut => x.t()?.matmul(g)?,
+            WeightLayout::OutIn => g.t()?.matmul(x)?,
+        };
+        let grad_b = g.to_dtype(reduction_dtype(g.dtype()))?.sum(0)?.to_dtype(b.dtype())?;
+        Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
+    })
 }

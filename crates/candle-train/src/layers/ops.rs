@@ -80,7 +80,24 @@ pub fn bias_add(y: &Tensor, b: &Tensor) -> Result<Tensor> {
     custom2("bias-add", y, b, value, |_, b, _, g| {
         let n = b.elem_count();
         let rows = g.elem_count() / n.max(1);
-        let grad_b = g.to_dtype(reduction_dtype(g.dtype()))?.reshape((rows, n))?.sum(0)?.to_dtype(b.dtype())?;
+        let grad_b =
+            g.to_dtype(reduction_dtype(g.dtype()))?.reshape((rows, n))?.sum(0)?.to_dtype(b.dtype())?;
         Ok((Some(g.clone()), Some(grad_b)))
+    })
+}
+
+/// `x + branch` where the residual stream `x` may be in a wider dtype than `branch` (an F32
+/// stream and a BF16 block output): the sum is in `x`'s dtype, and the graph keeps no widened
+/// copy of `branch`.
+///
+/// # Errors
+/// On a shape mismatch.
+pub fn residual_add(x: &Tensor, branch: &Tensor) -> Result<Tensor> {
+    if x.dtype() == branch.dtype() {
+        return x + branch;
+    }
+    let value = (x.detach() + branch.detach().to_dtype(x.dtype())?)?;
+    custom2("residual-add", x, branch, value, |_, branch, _, g| {
+        Ok((Some(g.clone()), Some(g.to_dtype(branch.dtype())?)))
     })
 }

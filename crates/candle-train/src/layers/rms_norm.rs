@@ -43,7 +43,8 @@ impl RmsNorm {
             let grad_w = (&g * &xhat)?.reshape((rows, c))?.sum(0)?.to_dtype(w.dtype())?;
             let gw = g.broadcast_mul(&w.to_dtype(rd)?)?;
             let mean_gw_xhat = mean_last_dim(&(&gw * &xhat)?)?;
-            let grad_x = gw.sub(&xhat.broadcast_mul(&mean_gw_xhat)?)?.broadcast_mul(&rstd)?.to_dtype(x.dtype())?;
+            let grad_x =
+                gw.sub(&xhat.broadcast_mul(&mean_gw_xhat)?)?.broadcast_mul(&rstd)?.to_dtype(x.dtype())?;
             Ok((Some(grad_x), Some(grad_w)))
         })
     }

@@ -5,6 +5,8 @@ use candle::{DType, Device, Result, Tensor};
 use candle_ckpt::{SegmentContext, SegmentParameter, SegmentedModel};
 use serde::{Deserialize, Serialize};
 
+use crate::device::reduction_dtype;
+use crate::layers::ops::residual_add;
 use crate::layers::{cross_entropy, CausalSelfAttention, Dropout, Embedding, LayerNorm, Mlp};
 use crate::params::{ParamBuilder, Parameters};
 
@@ -188,24 +190,40 @@ impl Gpt {
         self.head_logits(&h)
     }
 
+    /// The dtype of the residual stream: F32 when the parameters are in a half type (as under
+    /// PyTorch autocast, where embeddings and residual adds stay FP32 and only the matmuls'
+    /// inputs are cast), else the parameters' dtype.
+    pub fn residual_dtype(&self) -> DType {
+        self.params.iter().next().map_or(DType::F32, |p| reduction_dtype(p.var.dtype()))
+    }
+
+    fn compute_dtype(&self) -> DType {
+        self.params.iter().next().map_or(DType::F32, |p| p.var.dtype())
+    }
+
     fn embed(&self, inputs: &Tensor, ctx: &SegmentContext) -> Result<Tensor> {
         let (_, t) = inputs.dims2()?;
         if t > self.config.n_ctx {
             candle::bail!("sequence length {t} exceeds the model's context length {}", self.config.n_ctx);
         }
+        let rd = self.residual_dtype();
         let positions = Tensor::arange(0u32, t as u32, inputs.device())?;
-        let h = self.wte.forward(inputs)?.broadcast_add(&self.wpe.forward(&positions)?)?;
+        let tokens = self.wte.forward(inputs)?.to_dtype(rd)?;
+        let h = tokens.broadcast_add(&self.wpe.forward(&positions)?.to_dtype(rd)?)?;
         self.dropout.forward(&h, &mut ctx.rng(0), ctx.training)
     }
 
     fn block_forward(&self, block: &Block, x: &Tensor, ctx: &SegmentContext) -> Result<Tensor> {
         let mut rng = ctx.rng(0);
-        let x = (x + block.attn.forward(&block.ln_1.forward(x)?, &mut rng, ctx.training)?)?;
-        &x + block.mlp.forward(&block.ln_2.forward(&x)?, &mut rng, ctx.training)?
+        let dt = self.compute_dtype();
+        let attn = block.attn.forward(&block.ln_1.forward_as(x, dt)?, &mut rng, ctx.training)?;
+        let x = residual_add(x, &attn)?;
+        let mlp = block.mlp.forward(&block.ln_2.forward_as(&x, dt)?, &mut rng, ctx.training)?;
+        residual_add(&x, &mlp)
     }
 
     fn head_logits(&self, h: &Tensor) -> Result<Tensor> {
-        let h = self.ln_f.forward(h)?;
+        let h = self.ln_f.forward_as(h, self.compute_dtype())?;
         let (b, t, c) = h.dims3()?;
         let logits = h.reshape((b * t, c))?.matmul(&self.wte.weight().as_tensor().t()?)?;
         logits.reshape((b, t, self.config.vocab_size))

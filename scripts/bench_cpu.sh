@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Reproduces every CPU table of BENCHMARKS.md. Usage: scripts/bench_cpu.sh [OUT_DIR]
+# Run on an otherwise idle machine: step times are wall-clock.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-bench-results}"
+mkdir -p "$out"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/candle-fit-target}"
+cargo build --release --quiet
+bin="$CARGO_TARGET_DIR/release/candle-fit"
+
+# 1. The README's run: the default GPT for 300 steps.
+"$bin" train --quiet | tee "$out/default-train.txt"
+
+# 2. Every technique against the FP32 baseline, on the default GPT and a larger one.
+"$bin" bench --layers 4 --width 128 --batch 16 --seq-len 128 --steps 5 --warmup 2 \
+  --json "$out/techniques-default.json" --markdown "$out/techniques-default.md"
+"$bin" bench --layers 8 --width 256 --batch 8 --seq-len 128 --steps 5 --warmup 2 \
+  --configs fp32,candle-plain,recompute-all,recompute-sqrt,accum4,bf16,f16,bf16+recompute-all+accum4 \
+  --json "$out/techniques-large.json" --markdown "$out/techniques-large.md"
+
+# 3. Peak memory against depth for each recompute policy and plain Candle backward.
+"$bin" bench --layers 4,8,16,24,48 --width 64 --batch 8 --seq-len 64 --steps 5 --warmup 1 \
+  --configs fp32,candle-plain,recompute-sqrt,recompute-all \
+  --json "$out/recompute-depth.json" --markdown "$out/recompute-depth.md"
