@@ -11,10 +11,11 @@ use std::fmt::Write as _;
 use anyhow::{bail, Context};
 use candle::Device;
 use candle_ckpt::Recompute;
+use candle_train::estimate::{estimate_memory, EstimateInput};
 use candle_train::memory;
 use candle_train::{
-    AdamWConfig, BackwardMode, Corpus, Gpt, GptConfig, LocalUpdater, OptimizerConfig, Precision, Trainer,
-    TrainerConfig,
+    AdamWConfig, BackwardMode, Corpus, Gpt, GptConfig, LocalUpdater, OptimizerConfig, Precision, Split,
+    Trainer, TrainerConfig,
 };
 use serde::Serialize;
 
@@ -254,36 +255,13 @@ pub fn run_one(
     options: &BenchOptions,
     corpus: &Corpus,
 ) -> anyhow::Result<BenchRow> {
-    if options.batch % config.accumulation_steps != 0 {
-        bail!(
-            "configuration `{}` cuts the batch into {} micro-batches, which does not divide the batch of {}",
-            config.name,
-            config.accumulation_steps,
-            options.batch
-        );
-    }
-    let micro_batch = options.batch / config.accumulation_steps;
+    let trainer_config = trainer_config(config, options)?;
+    let micro_batch = trainer_config.micro_batch.get();
     let gpt = Gpt::new(model.config, config.precision.dtype(), &options.device, options.seed)?;
     let sizes: Vec<usize> = gpt.parameters().iter().map(|p| p.var.elem_count()).collect();
-    let optimizer = OptimizerConfig::AdamW(AdamWConfig { weight_decay: 0.1, ..Default::default() });
-    let mut updater = LocalUpdater::new(gpt.parameters(), optimizer.build(&sizes)?)?;
-    let total_steps = options.warmup + options.steps;
-    let trainer = Trainer::new(
-        TrainerConfig::builder()
-            .micro_batch(micro_batch)
-            .accumulation_steps(config.accumulation_steps)
-            .steps(total_steps)
-            .seq_len(options.seq_len)
-            .lr(options.lr)
-            .warmup_steps(total_steps / 4)
-            .eval_interval(0)
-            .eval_windows(options.eval_windows)
-            .seed(options.seed)
-            .recompute(config.recompute)
-            .backward(config.backward)
-            .loss_scaling(config.precision.default_loss_scaling())
-            .build()?,
-    );
+    let mut updater = LocalUpdater::new(gpt.parameters(), optimizer().build(&sizes)?)?;
+    let predicted_peak_bytes = predict_peak(model, config, options, &trainer_config, corpus)?;
+    let trainer = Trainer::new(trainer_config);
     let report = trainer
         .fit(&gpt, corpus, &mut updater)
         .with_context(|| format!("configuration `{}` on model {}", config.name, model.name))?;
@@ -306,13 +284,92 @@ pub fn run_one(
         world_size: 1,
         peak_bytes: report.memory.peak,
         bytes_by_category: report.memory.categories().iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-        predicted_peak_bytes: None,
+        predicted_peak_bytes,
         step_time_s: StepTime { median, min: times[0], max: times[times.len() - 1] },
         tokens_per_s: tokens / median,
         final_loss: report.final_val_loss,
         peak_vs_baseline: None,
         time_vs_baseline: None,
     })
+}
+
+fn optimizer() -> OptimizerConfig {
+    OptimizerConfig::AdamW(AdamWConfig { weight_decay: 0.1, ..Default::default() })
+}
+
+fn trainer_config(config: &BenchConfig, options: &BenchOptions) -> anyhow::Result<TrainerConfig> {
+    if options.batch % config.accumulation_steps != 0 {
+        bail!(
+            "configuration `{}` cuts the batch into {} micro-batches, which does not divide the batch of {}",
+            config.name,
+            config.accumulation_steps,
+            options.batch
+        );
+    }
+    let total_steps = options.warmup + options.steps;
+    Ok(TrainerConfig::builder()
+        .micro_batch(options.batch / config.accumulation_steps)
+        .accumulation_steps(config.accumulation_steps)
+        .steps(total_steps)
+        .seq_len(options.seq_len)
+        .lr(options.lr)
+        .warmup_steps(total_steps / 4)
+        .eval_interval(0)
+        .eval_windows(options.eval_windows)
+        .seed(options.seed)
+        .recompute(config.recompute)
+        .backward(config.backward)
+        .loss_scaling(config.precision.default_loss_scaling())
+        .build()?)
+}
+
+/// The estimator's peak for a run, or `None` where it does not model the run (plain backward,
+/// devices other than the CPU).
+fn predict_peak(
+    model: &BenchModel,
+    config: &BenchConfig,
+    options: &BenchOptions,
+    trainer: &TrainerConfig,
+    corpus: &Corpus,
+) -> anyhow::Result<Option<usize>> {
+    if config.backward != BackwardMode::Segmented || !options.device.is_cpu() {
+        return Ok(None);
+    }
+    let corpus_bytes = corpus.split(Split::Train).len() + corpus.split(Split::Validation).len();
+    let validation_fraction = corpus.split(Split::Validation).len() as f64 / corpus_bytes as f64;
+    let input = EstimateInput::for_trainer(
+        model.config,
+        config.precision.dtype(),
+        trainer,
+        optimizer(),
+        corpus_bytes,
+        validation_fraction,
+    )?;
+    Ok(Some(estimate_memory(&input)?.peak))
+}
+
+/// The predicted peak of every run of a grid, before any runs: (model, configuration, bytes).
+///
+/// # Errors
+/// A configuration that does not divide the batch, or a model the estimator refuses.
+pub fn predict_grid(
+    models: &[BenchModel],
+    configs: &[BenchConfig],
+    options: &BenchOptions,
+    corpus: &Corpus,
+) -> anyhow::Result<Vec<(String, String, Option<usize>)>> {
+    let mut out = Vec::new();
+    for model in models {
+        for config in configs {
+            let trainer = trainer_config(config, options)?;
+            out.push((
+                model.name.clone(),
+                config.name.to_string(),
+                predict_peak(model, config, options, &trainer, corpus)?,
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// Fills in each row's ratios against its model's baseline row.
@@ -376,4 +433,12 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
 /// Whether peaks are measured (the counting allocator is installed).
 pub fn memory_is_measured() -> bool {
     memory::is_installed()
+}
+
+/// Bytes of memory the OS says are available (Linux `MemAvailable`), if it says.
+pub fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

@@ -32,6 +32,9 @@ enum Command {
     /// Run every technique against the FP32 baseline on a grid of models and print peak
     /// memory (by category), step time, tokens/s and loss.
     Bench(BenchArgs),
+    /// Predict the peak memory of a `train` run, and its breakdown, without allocating the
+    /// model (takes the same flags as `train`).
+    Estimate(TrainArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -81,7 +84,9 @@ struct BenchArgs {
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    use candle_fit::bench::{add_ratios, configurations, markdown_table, run_one, select_configurations};
+    use candle_fit::bench::{
+        add_ratios, configurations, markdown_table, predict_grid, run_one, select_configurations,
+    };
     use candle_fit::bench::{BenchModel, BenchOptions};
     if args.list {
         for c in configurations() {
@@ -110,15 +115,31 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         device,
     };
     let corpus = Corpus::from_bytes(BUNDLED_CORPUS_NAME.as_ref(), BUNDLED_CORPUS.to_vec(), 0.1)?;
-    let mut rows = Vec::new();
+    let mut models = Vec::new();
     for &layers in &args.layers {
         for &width in &args.width {
             let model = BenchModel::gpt(layers, width, args.seq_len);
             model.config.validate()?;
-            for config in &configs {
-                eprintln!("running {} on {} ...", config.name, model.name);
-                rows.push(run_one(&model, config, &options, &corpus)?);
+            models.push(model);
+        }
+    }
+    // Say before trying when a run cannot fit.
+    if let Some(available) = candle_fit::bench::available_memory() {
+        for (model, config, peak) in predict_grid(&models, &configs, &options, &corpus)? {
+            if let Some(peak) = peak.filter(|&p| p > available) {
+                anyhow::bail!(
+                    "configuration `{config}` on model {model} needs about {} but only {} is available: shrink the grid",
+                    mib(peak),
+                    mib(available)
+                );
             }
+        }
+    }
+    let mut rows = Vec::new();
+    for model in &models {
+        for config in &configs {
+            eprintln!("running {} on {} ...", config.name, model.name);
+            rows.push(run_one(model, config, &options, &corpus)?);
         }
     }
     add_ratios(&mut rows);
@@ -225,9 +246,19 @@ struct TrainArgs {
     quiet: bool,
 }
 
-fn train(args: TrainArgs) -> anyhow::Result<()> {
+/// Everything a training run is made of, validated, before anything is allocated.
+struct Plan {
+    precision: Precision,
+    recompute: Recompute,
+    device: candle::Device,
+    model_config: GptConfig,
+    trainer_config: TrainerConfig,
+    optimizer: OptimizerConfig,
+    corpus: Corpus,
+}
+
+fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
     let precision: Precision = args.precision.parse()?;
-    let dtype = precision.dtype();
     let loss_scaling = match args.loss_scaling.as_str() {
         "auto" => precision.default_loss_scaling(),
         "on" => Some(LossScalerConfig::default()),
@@ -279,9 +310,6 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         )?,
     };
     corpus.check_seq_len(args.seq_len)?;
-
-    let model = Gpt::new(model_config, dtype, &device, args.seed)?;
-    let sizes: Vec<usize> = model.parameters().iter().map(|p| p.var.elem_count()).collect();
     let optimizer = match args.optimizer {
         OptimizerKind::Adamw => {
             OptimizerConfig::AdamW(AdamWConfig { weight_decay: args.weight_decay, ..Default::default() })
@@ -290,6 +318,58 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             OptimizerConfig::Sgd(SgdConfig { weight_decay: args.weight_decay, ..Default::default() })
         }
     };
+    Ok(Plan { precision, recompute, device, model_config, trainer_config, optimizer, corpus })
+}
+
+/// Prints the predicted memory of a training run without allocating its model.
+fn estimate(args: TrainArgs) -> anyhow::Result<()> {
+    use candle_fit::train::estimate::{estimate_memory, EstimateInput};
+    let p = plan(&args)?;
+    let corpus_bytes = p.corpus.split(candle_fit::train::Split::Train).len()
+        + p.corpus.split(candle_fit::train::Split::Validation).len();
+    let input = EstimateInput::for_trainer(
+        p.model_config,
+        p.precision.dtype(),
+        &p.trainer_config,
+        p.optimizer,
+        corpus_bytes,
+        args.validation_fraction,
+    )?;
+    let e = estimate_memory(&input)?;
+    println!(
+        "predicted peak heap of a training step: {} (GPT {} layers, width {}, {} parameters, {}, micro-batch {} x {} accumulation, seq {}, recompute {})",
+        mib(e.peak),
+        args.layers,
+        args.width,
+        p.model_config.num_parameters(),
+        p.precision,
+        args.micro_batch,
+        args.accumulation_steps,
+        args.seq_len,
+        p.recompute
+    );
+    for (name, bytes) in e.report().categories() {
+        println!("  {name:<20} {}", mib(bytes));
+    }
+    println!("  per segment (kept in forward / peak during its backward):");
+    for s in &e.segments {
+        let how = if s.recomputed { "recomputed" } else { "kept" };
+        println!(
+            "    {:<10} {:<10} {:>12} {:>12}",
+            s.name,
+            how,
+            mib(s.activation_bytes),
+            mib(s.backward_peak_bytes)
+        );
+    }
+    Ok(())
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let Plan { precision, recompute, device, model_config, trainer_config, optimizer, corpus } = plan(&args)?;
+    let dtype = precision.dtype();
+    let model = Gpt::new(model_config, dtype, &device, args.seed)?;
+    let sizes: Vec<usize> = model.parameters().iter().map(|p| p.var.elem_count()).collect();
     let mut updater = LocalUpdater::new(model.parameters(), optimizer.build(&sizes)?)?;
     let trainer = Trainer::new(trainer_config);
     let c = trainer.config();
@@ -301,13 +381,13 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         corpus.split(candle_fit::train::Split::Validation).len()
     );
     println!(
-        "model         GPT {} layers, width {}, {} heads, context {}: {} parameters ({:?} on {:?})",
+        "model         GPT {} layers, width {}, {} heads, context {}: {} parameters ({precision}{} on {:?})",
         args.layers,
         args.width,
         args.heads,
         args.context,
         model.parameters().num_elements(),
-        dtype,
+        if c.loss_scaling.is_some() { ", loss scaling" } else { "" },
         device.location()
     );
     println!(
@@ -379,6 +459,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => train(args),
         Command::Bench(args) => bench(args),
+        Command::Estimate(args) => estimate(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -193,3 +193,23 @@ fn bench_writes_every_schema_field_and_refuses_unknown_configurations() -> anyho
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+#[test]
+fn estimate_predicts_the_measured_peak_without_training() -> anyhow::Result<()> {
+    let mut args = tiny_with(&[]);
+    args[0] = "estimate".into();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, stdout, stderr) = run(&refs)?;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with("predicted peak heap of a training step:"), "{stdout}");
+    for category in ["parameters", "gradients", "optimizer_state", "activations", "h.0"] {
+        assert!(stdout.contains(category), "missing `{category}` in {stdout}");
+    }
+    let mut bad = tiny_with(&["--recompute", "sometimes"]);
+    bad[0] = "estimate".into();
+    let refs: Vec<&str> = bad.iter().map(String::as_str).collect();
+    let (code, _, stderr) = run(&refs)?;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("unknown recompute policy `sometimes`"), "{stderr}");
+    Ok(())
+}
