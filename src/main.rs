@@ -137,6 +137,13 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     let mut rows = Vec::new();
     for model in &models {
+        // One discarded run first: the allocator's first use of a model's sizes (page faults,
+        // glibc's adaptive mmap threshold) would otherwise be charged to whichever
+        // configuration runs first.
+        if let Some(first) = configs.first() {
+            eprintln!("warming up on {} ...", model.name);
+            run_one(model, first, &options, &corpus)?;
+        }
         for config in &configs {
             eprintln!("running {} on {} ...", config.name, model.name);
             rows.push(run_one(model, config, &options, &corpus)?);
