@@ -258,8 +258,7 @@ pub fn run_one(
     let trainer_config = trainer_config(config, options)?;
     let micro_batch = trainer_config.micro_batch.get();
     let gpt = Gpt::new(model.config, config.precision.dtype(), &options.device, options.seed)?;
-    let sizes: Vec<usize> = gpt.parameters().iter().map(|p| p.var.elem_count()).collect();
-    let mut updater = LocalUpdater::new(gpt.parameters(), optimizer().build(&sizes)?)?;
+    let mut updater = LocalUpdater::from_config(gpt.parameters(), &optimizer())?;
     let predicted_peak_bytes = predict_peak(model, config, options, &trainer_config, corpus)?;
     let trainer = Trainer::new(trainer_config);
     let report = trainer

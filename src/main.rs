@@ -376,8 +376,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let Plan { precision, recompute, device, model_config, trainer_config, optimizer, corpus } = plan(&args)?;
     let dtype = precision.dtype();
     let model = Gpt::new(model_config, dtype, &device, args.seed)?;
-    let sizes: Vec<usize> = model.parameters().iter().map(|p| p.var.elem_count()).collect();
-    let mut updater = LocalUpdater::new(model.parameters(), optimizer.build(&sizes)?)?;
+    let mut updater = LocalUpdater::from_config(model.parameters(), &optimizer)?;
     let trainer = Trainer::new(trainer_config);
     let c = trainer.config();
 

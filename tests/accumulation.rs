@@ -32,8 +32,7 @@ fn train(
     steps: usize,
 ) -> anyhow::Result<(Gpt, TrainReport)> {
     let model = Gpt::new(config, DType::F32, &Device::Cpu, 3)?;
-    let sizes: Vec<usize> = model.parameters().iter().map(|p| p.var.elem_count()).collect();
-    let mut updater = LocalUpdater::new(model.parameters(), optimizer.build(&sizes)?)?;
+    let mut updater = LocalUpdater::from_config(model.parameters(), &optimizer)?;
     let trainer = Trainer::new(
         TrainerConfig::builder()
             .micro_batch(micro_batch)
@@ -73,9 +72,8 @@ fn accumulated_gradient(
     accumulation_steps: usize,
 ) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
     let model = Gpt::new(small(), DType::F32, &Device::Cpu, 3)?;
-    let sizes: Vec<usize> = model.parameters().iter().map(|p| p.var.elem_count()).collect();
-    let optimizer = OptimizerConfig::Sgd(SgdConfig::default()).build(&sizes)?;
-    let mut updater = LocalUpdater::new(model.parameters(), optimizer)?;
+    let mut updater =
+        LocalUpdater::from_config(model.parameters(), &OptimizerConfig::Sgd(SgdConfig::default()))?;
     let trainer = Trainer::new(
         TrainerConfig::builder()
             .micro_batch(micro_batch)

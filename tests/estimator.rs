@@ -107,8 +107,7 @@ fn trainer(row: &Row) -> anyhow::Result<Trainer> {
 
 fn measure(row: &Row) -> anyhow::Result<MemoryReport> {
     let model = Gpt::new(row.config(), row.dtype, &Device::Cpu, 0)?;
-    let sizes: Vec<usize> = model.parameters().iter().map(|p| p.var.elem_count()).collect();
-    let mut updater = LocalUpdater::new(model.parameters(), row.optimizer().build(&sizes)?)?;
+    let mut updater = LocalUpdater::from_config(model.parameters(), &row.optimizer())?;
     let report = trainer(row)?.fit(&model, &corpus()?, &mut updater)?;
     Ok(report.memory)
 }

@@ -18,9 +18,8 @@ fn corpus() -> anyhow::Result<Corpus> {
 
 fn train(precision: Precision, steps: usize) -> anyhow::Result<TrainReport> {
     let model = Gpt::new(GptConfig::default(), precision.dtype(), &Device::Cpu, 0)?;
-    let sizes: Vec<usize> = model.parameters().iter().map(|p| p.var.elem_count()).collect();
     let optimizer = OptimizerConfig::AdamW(AdamWConfig { weight_decay: 0.1, ..Default::default() });
-    let mut updater = LocalUpdater::new(model.parameters(), optimizer.build(&sizes)?)?;
+    let mut updater = LocalUpdater::from_config(model.parameters(), &optimizer)?;
     let trainer = Trainer::new(
         TrainerConfig::builder()
             .micro_batch(8)
@@ -69,9 +68,8 @@ fn an_overflowing_f16_step_leaves_weights_optimizer_and_schedule_untouched() -> 
         .iter()
         .map(|p| Ok(p.var.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
         .collect::<anyhow::Result<_>>()?;
-    let sizes: Vec<usize> = model.parameters().iter().map(|p| p.var.elem_count()).collect();
     let mut updater =
-        LocalUpdater::new(model.parameters(), OptimizerConfig::AdamW(AdamWConfig::default()).build(&sizes)?)?;
+        LocalUpdater::from_config(model.parameters(), &OptimizerConfig::AdamW(AdamWConfig::default()))?;
     // A scale of 2^30 makes every FP16 gradient overflow: each step is skipped and the scale
     // backs off by half.
     let scaling = LossScalerConfig { init_scale: (1u64 << 30) as f64, ..LossScalerConfig::default() };

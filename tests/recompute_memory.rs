@@ -41,9 +41,8 @@ fn trainer(recompute: Recompute, micro_batch: usize, accumulation_steps: usize) 
 
 fn fit(recompute: Recompute) -> anyhow::Result<TrainReport> {
     let model = Gpt::new(config(), DType::F32, &Device::Cpu, 1)?;
-    let sizes: Vec<usize> = model.parameters().iter().map(|p| p.var.elem_count()).collect();
     let mut updater =
-        LocalUpdater::new(model.parameters(), OptimizerConfig::Sgd(SgdConfig::default()).build(&sizes)?)?;
+        LocalUpdater::from_config(model.parameters(), &OptimizerConfig::Sgd(SgdConfig::default()))?;
     Ok(trainer(recompute, 8, 1)?.fit(&model, &corpus()?, &mut updater)?)
 }
 
@@ -77,9 +76,8 @@ fn a_byte_budget_keeps_the_measured_graphs_within_it() -> anyhow::Result<()> {
     assert!(infos.iter().all(|s| s.activation_bytes.is_some_and(|b| b > 0)));
     let budget = total / 3;
     let report = {
-        let sizes: Vec<usize> = model.parameters().iter().map(|p| p.var.elem_count()).collect();
         let mut updater =
-            LocalUpdater::new(model.parameters(), OptimizerConfig::Sgd(SgdConfig::default()).build(&sizes)?)?;
+            LocalUpdater::from_config(model.parameters(), &OptimizerConfig::Sgd(SgdConfig::default()))?;
         trainer(Recompute::Budget(budget), 8, 1)?.fit(&model, &corpus, &mut updater)?
     };
     let recomputed = report.recomputed_segments.len();
@@ -107,9 +105,8 @@ fn recompute_with_accumulation_gives_the_same_gradients() -> anyhow::Result<()> 
     let mut gradients = Vec::new();
     for recompute in [Recompute::Never, Recompute::All, Recompute::Sqrt] {
         let model = Gpt::new(config(), DType::F32, &Device::Cpu, 1)?;
-        let sizes: Vec<usize> = model.parameters().iter().map(|p| p.var.elem_count()).collect();
         let mut updater =
-            LocalUpdater::new(model.parameters(), OptimizerConfig::Sgd(SgdConfig::default()).build(&sizes)?)?;
+            LocalUpdater::from_config(model.parameters(), &OptimizerConfig::Sgd(SgdConfig::default()))?;
         let trainer = trainer(recompute, 2, 4)?;
         let decisions = trainer.plan(&model, &corpus)?;
         trainer.accumulate_step(&model, &corpus, &mut updater, 3, &decisions, 1.0)?;

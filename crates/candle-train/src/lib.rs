@@ -13,8 +13,7 @@
 //! let corpus = Corpus::from_bytes("doc.txt".as_ref(), text.into_bytes(), 0.2)?;
 //! let config = GptConfig { n_ctx: 16, n_embd: 16, n_layer: 1, n_head: 2, ..GptConfig::default() };
 //! let model = Gpt::new(config, DType::F32, &Device::Cpu, 0)?;
-//! let optimizer = OptimizerConfig::AdamW(Default::default()).build(&model.parameters().iter().map(|p| p.var.elem_count()).collect::<Vec<_>>())?;
-//! let mut updater = LocalUpdater::new(model.parameters(), optimizer)?;
+//! let mut updater = LocalUpdater::from_config(model.parameters(), &OptimizerConfig::AdamW(Default::default()))?;
 //! let trainer = Trainer::new(TrainerConfig::builder().micro_batch(4).seq_len(16).steps(20).eval_windows(8).build()?);
 //! let report = trainer.fit(&model, &corpus, &mut updater)?;
 //! assert!(report.final_val_loss < report.initial_val_loss);

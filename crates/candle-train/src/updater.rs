@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::host::{to_f32_vec, update_f32_in_place, with_f32_values, write_f32_values};
 use crate::loss_scale::unscale_slice;
-use crate::optim::Optimizer;
+use crate::optim::{Optimizer, OptimizerConfig};
 use crate::params::{Parameter, Parameters};
 
 /// What one optimizer step saw and did.
@@ -118,6 +118,15 @@ impl LocalUpdater {
                 })
                 .collect::<Result<_>>()?;
         Ok(Self { params, index, decay, grads, master, optimizer })
+    }
+
+    /// An updater for `params` with an optimizer built from `optimizer` for their sizes.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for bad optimizer hyper-parameters, or as [`LocalUpdater::new`].
+    pub fn from_config(params: &Parameters, optimizer: &OptimizerConfig) -> Result<Self> {
+        let sizes: Vec<usize> = params.iter().map(|p| p.var.elem_count()).collect();
+        Self::new(params, optimizer.build(&sizes)?)
     }
 
     /// The accumulated FP32 gradient of parameter `name`.

@@ -70,22 +70,6 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
     })
 }
 
-/// `y + b` with `b` broadcast over the leading dimensions of `y` (`[..., n]` and `[n]`). The
-/// bias gradient (a sum over every row) is reduced in F32, not in `y`'s dtype.
-///
-/// # Errors
-/// On a shape mismatch.
-pub fn bias_add(y: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let value = y.detach().broadcast_add(&b.detach())?;
-    custom2("bias-add", y, b, value, |_, b, _, g| {
-        let n = b.elem_count();
-        let rows = g.elem_count() / n.max(1);
-        let grad_b =
-            g.to_dtype(reduction_dtype(g.dtype()))?.reshape((rows, n))?.sum(0)?.to_dtype(b.dtype())?;
-        Ok((Some(g.clone()), Some(grad_b)))
-    })
-}
-
 /// `x + branch` where the residual stream `x` may be in a wider dtype than `branch` (an F32
 /// stream and a BF16 block output): the sum is in `x`'s dtype, and the graph keeps no widened
 /// copy of `branch`.
