@@ -13,6 +13,7 @@ use candle::Device;
 use candle_ckpt::Recompute;
 use candle_train::estimate::{estimate_memory, EstimateInput};
 use candle_train::memory;
+use candle_train::trainer::median;
 use candle_train::{
     AdamWConfig, BackwardMode, Corpus, Gpt, GptConfig, LocalUpdater, OptimizerConfig, Precision, Split,
     Trainer, TrainerConfig,
@@ -265,13 +266,9 @@ pub fn run_one(
         .fit(&gpt, corpus, &mut updater)
         .with_context(|| format!("configuration `{}` on model {}", config.name, model.name))?;
     let measured = &report.history[options.warmup..];
-    let mut times: Vec<f64> = measured.iter().map(|r| r.step_time_s).collect();
-    times.sort_by(f64::total_cmp);
-    let median = if times.len() % 2 == 1 {
-        times[times.len() / 2]
-    } else {
-        0.5 * (times[times.len() / 2 - 1] + times[times.len() / 2])
-    };
+    let times: Vec<f64> = measured.iter().map(|r| r.step_time_s).collect();
+    let median = median(&times);
+    let (min, max) = times.iter().fold((f64::INFINITY, 0f64), |(lo, hi), &t| (lo.min(t), hi.max(t)));
     let tokens = (options.batch * options.seq_len) as f64;
     Ok(BenchRow {
         config: config.name.into(),
@@ -284,7 +281,7 @@ pub fn run_one(
         peak_bytes: report.memory.peak,
         bytes_by_category: report.memory.categories().iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         predicted_peak_bytes,
-        step_time_s: StepTime { median, min: times[0], max: times[times.len() - 1] },
+        step_time_s: StepTime { median, min, max },
         tokens_per_s: tokens / median,
         final_loss: report.final_val_loss,
         peak_vs_baseline: None,

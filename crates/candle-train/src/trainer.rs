@@ -348,7 +348,8 @@ pub struct Trainer {
     policy: Arc<dyn RecomputePolicy>,
 }
 
-fn median(values: &[f64]) -> f64 {
+/// The median of `values` (the mean of the middle two for an even count; 0 when empty).
+pub fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     match sorted.len() {
