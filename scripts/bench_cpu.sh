@@ -14,7 +14,7 @@ bin="$CARGO_TARGET_DIR/release/candle-fit"
 
 # 2. Every technique against the FP32 baseline, on the default GPT and a larger one.
 "$bin" bench --layers 4 --width 128 --batch 16 --seq-len 128 --steps 5 --warmup 2 \
-  --json "$out/techniques-default.json" --markdown "$out/techniques-default.md"
+  --json "$out/techniques-default.json" --markdown "$out/techniques-default.md" --chart "$out/techniques-default.svg"
 "$bin" bench --layers 8 --width 256 --batch 8 --seq-len 128 --steps 5 --warmup 2 \
   --configs fp32,candle-plain,recompute-all,recompute-sqrt,accum4,bf16,f16,bf16+recompute-all+accum4 \
   --json "$out/techniques-large.json" --markdown "$out/techniques-large.md"

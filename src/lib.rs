@@ -10,6 +10,7 @@
 //! the benchmarks.
 
 pub mod bench;
+pub mod chart;
 
 pub use candle_ckpt as ckpt;
 pub use candle_shard as shard;

@@ -81,6 +81,9 @@ struct BenchArgs {
     /// Write the Markdown table to this file.
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Draw memory by category and step time per run into this SVG file.
+    #[arg(long)]
+    chart: Option<PathBuf>,
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -158,6 +161,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.markdown {
         candle_fit::train::io::write_atomic(path, table.as_bytes())?;
+    }
+    if let Some(path) = &args.chart {
+        candle_fit::chart::write_chart(&rows, path)?;
     }
     Ok(())
 }

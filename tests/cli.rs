@@ -134,6 +134,7 @@ fn bench_writes_every_schema_field_and_refuses_unknown_configurations() -> anyho
     let dir = std::env::temp_dir().join(format!("candle-fit-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let json = dir.join("rows.json");
+    let chart = dir.join("chart.svg");
     let (code, stdout, stderr) = run(&[
         "bench",
         "--configs",
@@ -181,6 +182,8 @@ fn bench_writes_every_schema_field_and_refuses_unknown_configurations() -> anyho
         assert!(row["step_time_s"]["min"].as_f64() <= row["step_time_s"]["median"].as_f64());
     }
     assert_eq!(rows[0]["peak_vs_baseline"].as_f64(), Some(1.0));
+    let svg = std::fs::read_to_string(&chart)?;
+    assert!(svg.starts_with("<svg") && svg.contains("L2-W32 recompute-all") && svg.contains("activations"));
     assert_eq!(rows[2]["micro_batch"].as_u64(), Some(1));
     assert_eq!(rows[2]["accum_steps"].as_u64(), Some(4));
 
