@@ -155,6 +155,8 @@ fn bench_writes_every_schema_field_and_refuses_unknown_configurations() -> anyho
         "2",
         "--json",
         json.to_str().unwrap_or_default(),
+        "--chart",
+        chart.to_str().unwrap_or_default(),
     ])?;
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("| L2-W32 | recompute-all |"), "{stdout}");
