@@ -101,6 +101,47 @@ pub enum Error {
         found: String,
     },
 
+    /// A step needed more memory than the limit allows (the configured `max_memory`, or a
+    /// CUDA allocation that failed).
+    #[error("out of memory on {device}: {needed} bytes live at {at}, over the limit of {limit} bytes")]
+    OutOfMemory {
+        /// The device (`cpu`, `cuda:0`).
+        device: String,
+        /// Bytes live (or requested) when the limit was hit; 0 when the device did not say.
+        needed: usize,
+        /// The limit in bytes; 0 when it is the device's own capacity.
+        limit: usize,
+        /// Where in the step: `forward of h.3`, `backward of head`.
+        at: String,
+    },
+
+    /// Too many optimizer steps in a row had a non-finite loss or gradient.
+    #[error(
+        "{count} steps in a row had a non-finite loss or gradient (the last at step {step}); stopped. {}",
+        match last_checkpoint {
+            Some(p) => format!("The last good checkpoint is `{}`.", p.display()),
+            None => "No checkpoint was written.".to_string(),
+        }
+    )]
+    TooManyNonFiniteSteps {
+        /// Consecutive skipped steps.
+        count: usize,
+        /// The optimizer step of the last one (1-based).
+        step: u64,
+        /// The newest checkpoint written before them, if any.
+        last_checkpoint: Option<PathBuf>,
+    },
+
+    /// A checkpoint cannot be used: missing, torn, corrupted, from another format version, or
+    /// written by a run this one cannot continue.
+    #[error("checkpoint `{path}`: {reason}")]
+    Checkpoint {
+        /// The checkpoint directory or file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+
     /// A file that should hold saved state is malformed.
     #[error("malformed state file `{path}`: {reason}")]
     MalformedState {
@@ -120,9 +161,43 @@ impl Error {
         Self::InvalidConfig { field, reason: reason.into() }
     }
 
+    /// An [`Error::Checkpoint`].
+    pub fn checkpoint(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Self::Checkpoint { path: path.into(), reason: reason.into() }
+    }
+
+    /// Whether this is an out-of-memory error: ours ([`Error::OutOfMemory`]) or a device's
+    /// allocation failure reported through Candle (CUDA's `CUDA_ERROR_OUT_OF_MEMORY`).
+    pub fn is_out_of_memory(&self) -> bool {
+        match self {
+            Self::OutOfMemory { .. } => true,
+            Self::Candle(e) => is_device_oom(e),
+            _ => false,
+        }
+    }
+
     /// An [`Error::Io`].
     pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io { action, path: path.into(), source }
+    }
+}
+
+/// Whether a Candle error is a device allocation failure. CUDA reports it as the driver error
+/// `CUDA_ERROR_OUT_OF_MEMORY` (cudarc's `DriverError` prints its name), possibly wrapped in
+/// Candle's context or backtrace variants, which print the inner error.
+pub fn is_device_oom(error: &candle::Error) -> bool {
+    let text = error.to_string();
+    text.contains("CUDA_ERROR_OUT_OF_MEMORY") || text.contains("cudaErrorMemoryAllocation")
+}
+
+/// Turns a device allocation failure into [`Error::OutOfMemory`] on `device`; other errors
+/// pass through.
+pub fn classify_oom(error: Error, device: &str, at: &str) -> Error {
+    match error {
+        Error::Candle(e) if is_device_oom(&e) => {
+            Error::OutOfMemory { device: device.to_string(), needed: 0, limit: 0, at: at.to_string() }
+        }
+        other => other,
     }
 }
 

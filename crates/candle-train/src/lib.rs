@@ -20,6 +20,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod error;
@@ -48,8 +49,11 @@ pub use optim::{AdamW, AdamWConfig, Optimizer, OptimizerConfig, Sgd, SgdConfig};
 pub use params::{ParamBuilder, Parameter, Parameters};
 pub use precision::Precision;
 pub use schedule::LrSchedule;
-pub use trainer::{BackwardMode, LanguageModel, TrainReport, Trainer, TrainerBuilder, TrainerConfig};
-pub use updater::{LocalUpdater, StepReport, Updater};
+pub use trainer::{
+    BackwardMode, CheckpointConfig, LanguageModel, MicroBatchSearch, MicroBatchTrial, OomRecovery,
+    TrainReport, Trainer, TrainerBuilder, TrainerConfig,
+};
+pub use updater::{LocalUpdater, StepReport, Updater, UpdaterState};
 
 #[cfg(test)]
 #[global_allocator]

@@ -1,21 +1,23 @@
 //! The Trainer: micro-batching and accumulation, the segmented forward/backward, the
 //! optimizer step, evaluation, progress, metrics and memory sampling.
 
+use std::cell::RefCell;
 use std::num::NonZeroUsize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle::Device;
+use candle::{Device, Tensor};
 use candle_ckpt::{
     forward, forward_backward, measure_segments, plain_forward_backward, segment_infos, Decision, Recompute,
-    RecomputePolicy, SegmentContext, SegmentedModel,
+    RecomputePolicy, SegmentContext, SegmentParameter, SegmentedModel,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::data::Corpus;
-use crate::error::{Error, Result};
+use crate::checkpoint::{self, Checkpoint, Progress, RunIdentity};
+use crate::data::{Corpus, Split};
+use crate::error::{classify_oom, Error, Result};
 use crate::loss_scale::{LossScaler, LossScalerConfig};
 use crate::memory::{self, MemoryReport};
 use crate::metrics::{MetricsWriter, StepRecord};
@@ -97,6 +99,30 @@ pub struct TrainerConfig {
     pub backward: BackwardMode,
     /// Dynamic loss scaling (PyTorch GradScaler semantics), or `None`.
     pub loss_scaling: Option<LossScalerConfig>,
+    /// Where and how often to write training-state checkpoints, if at all.
+    pub checkpoint: Option<CheckpointConfig>,
+    /// A limit on live heap bytes (the counting allocator's count), checked after every
+    /// segment's forward (and recompute) and backward: going over it is an
+    /// [`Error::OutOfMemory`]. A CUDA allocation failure is the same error.
+    pub max_memory: Option<usize>,
+    /// On an out-of-memory error, free the step, halve the micro-batch (to the largest divisor
+    /// of the global batch at most half of it), multiply the accumulation steps to keep the
+    /// global batch, and retry the step.
+    pub oom_recovery: bool,
+    /// Before training, pick the largest micro-batch (a divisor of the global batch, at most
+    /// `micro_batch`) whose forward and backward stay within `max_memory`, measured.
+    pub find_micro_batch: bool,
+}
+
+/// Where and how often the Trainer writes checkpoints (see [`crate::checkpoint`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointConfig {
+    /// The run directory; checkpoints go to `step-NNNNNNNN/` inside it.
+    pub dir: PathBuf,
+    /// Write one every this many steps (and after the last step).
+    pub every: usize,
+    /// Keep this many of the newest checkpoints; older ones are removed.
+    pub keep: usize,
 }
 
 impl TrainerConfig {
@@ -132,6 +158,10 @@ pub struct TrainerBuilder {
     recompute: Recompute,
     backward: BackwardMode,
     loss_scaling: Option<LossScalerConfig>,
+    checkpoint: Option<CheckpointConfig>,
+    max_memory: Option<usize>,
+    oom_recovery: bool,
+    find_micro_batch: bool,
 }
 
 impl Default for TrainerBuilder {
@@ -155,6 +185,10 @@ impl Default for TrainerBuilder {
             recompute: Recompute::Never,
             backward: BackwardMode::Segmented,
             loss_scaling: None,
+            checkpoint: None,
+            max_memory: None,
+            oom_recovery: true,
+            find_micro_batch: false,
         }
     }
 }
@@ -270,10 +304,36 @@ impl TrainerBuilder {
         self
     }
 
+    /// Checkpoints into `dir` every `every` steps, keeping the newest `keep`. By default, none.
+    pub fn checkpoint(mut self, dir: impl Into<PathBuf>, every: usize, keep: usize) -> Self {
+        self.checkpoint = Some(CheckpointConfig { dir: dir.into(), every, keep });
+        self
+    }
+
+    /// A limit on live heap bytes during a step, or `None`. By default, none.
+    pub fn max_memory(mut self, bytes: Option<usize>) -> Self {
+        self.max_memory = bytes;
+        self
+    }
+
+    /// Whether to recover from out-of-memory errors by splitting the micro-batch. By default,
+    /// yes.
+    pub fn oom_recovery(mut self, on: bool) -> Self {
+        self.oom_recovery = on;
+        self
+    }
+
+    /// Whether to search the largest micro-batch that fits `max_memory` before training. By
+    /// default, no.
+    pub fn find_micro_batch(mut self, on: bool) -> Self {
+        self.find_micro_batch = on;
+        self
+    }
+
     /// Validates the settings.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] naming the first bad field.
+    /// [`Error::InvalidConfig`] naming the first bad field or contradiction.
     pub fn build(self) -> Result<TrainerConfig> {
         let nonzero = |field: &'static str, n: usize| {
             NonZeroUsize::new(n).ok_or_else(|| Error::config(field, "must be at least 1"))
@@ -297,9 +357,30 @@ impl TrainerBuilder {
                 return Err(Error::config("max_grad_norm", format!("{max} is not a positive number")));
             }
         }
+        let micro_batch = nonzero("micro_batch", self.micro_batch)?;
+        let accumulation_steps = nonzero("accumulation_steps", self.accumulation_steps)?;
+        if micro_batch.get().checked_mul(accumulation_steps.get()).is_none() {
+            return Err(Error::config("accumulation_steps", "micro_batch x accumulation_steps overflows"));
+        }
+        if let Some(ck) = &self.checkpoint {
+            nonzero("checkpoint_every", ck.every)?;
+            nonzero("keep_checkpoints", ck.keep)?;
+            if ck.dir.as_os_str().is_empty() {
+                return Err(Error::config("checkpoint_dir", "is empty"));
+            }
+        }
+        if self.max_memory == Some(0) {
+            return Err(Error::config("max_memory", "must be at least 1 byte"));
+        }
+        if self.find_micro_batch && self.max_memory.is_none() {
+            return Err(Error::config(
+                "find_micro_batch",
+                "needs a memory limit (`max_memory`) to search against",
+            ));
+        }
         Ok(TrainerConfig {
-            micro_batch: nonzero("micro_batch", self.micro_batch)?,
-            accumulation_steps: nonzero("accumulation_steps", self.accumulation_steps)?,
+            micro_batch,
+            accumulation_steps,
             steps,
             seq_len: nonzero("seq_len", self.seq_len)?,
             schedule,
@@ -314,6 +395,10 @@ impl TrainerBuilder {
             recompute: self.recompute,
             backward: self.backward,
             loss_scaling: self.loss_scaling,
+            checkpoint: self.checkpoint,
+            max_memory: self.max_memory,
+            oom_recovery: self.oom_recovery,
+            find_micro_batch: self.find_micro_batch,
         })
     }
 }
@@ -337,8 +422,143 @@ pub struct TrainReport {
     pub skipped_steps: usize,
     /// The segments recomputed during backward.
     pub recomputed_segments: Vec<String>,
-    /// One record per step.
+    /// The step this run started from (0, or the resumed checkpoint's).
+    pub start_step: u64,
+    /// The micro-batch at the end (smaller than configured after a search or a recovery).
+    pub micro_batch: usize,
+    /// The accumulation steps at the end.
+    pub accumulation_steps: usize,
+    /// The micro-batch search's measurements, when one ran.
+    pub micro_batch_search: Option<MicroBatchSearch>,
+    /// Micro-batch reductions after out-of-memory errors.
+    pub oom_recoveries: Vec<OomRecovery>,
+    /// The newest checkpoint written, if any.
+    pub last_checkpoint: Option<PathBuf>,
+    /// Wall time spent writing checkpoints, seconds.
+    pub checkpoint_time_s: f64,
+    /// One record per step run (from `start_step`).
     pub history: Vec<StepRecord>,
+}
+
+/// One micro-batch tried by the search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MicroBatchTrial {
+    /// The micro-batch tried.
+    pub micro_batch: usize,
+    /// Its measured peak live bytes (forward and backward of one micro-batch), up to the
+    /// point it stopped when it did not fit.
+    pub peak_bytes: usize,
+    /// Whether it stayed within the limit.
+    pub fits: bool,
+}
+
+/// What the micro-batch search measured and chose.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MicroBatchSearch {
+    /// The limit searched against.
+    pub limit: usize,
+    /// The candidates tried, largest first.
+    pub trials: Vec<MicroBatchTrial>,
+    /// The chosen micro-batch.
+    pub micro_batch: usize,
+    /// The accumulation steps that keep the global batch.
+    pub accumulation_steps: usize,
+}
+
+/// A micro-batch reduction after an out-of-memory error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OomRecovery {
+    /// The optimizer step (1-based) that was retried.
+    pub step: u64,
+    /// The micro-batch that did not fit.
+    pub from: usize,
+    /// The micro-batch used from then on.
+    pub to: usize,
+    /// The error.
+    pub error: String,
+}
+
+/// The largest divisor of `global` that is at most `micro / 2`, or `None` when `micro` is 1.
+pub fn smaller_micro_batch(micro: usize, global: usize) -> Option<usize> {
+    (1..=micro / 2).rev().find(|d| global % d == 0)
+}
+
+/// Delegates to a model, checking the live-heap peak against a limit after every segment's
+/// forward (so also after every recompute); the first violation is kept as a typed error.
+struct MemoryGuard<'a, M> {
+    model: &'a M,
+    limit: usize,
+    device: String,
+    tripped: RefCell<Option<Error>>,
+}
+
+impl<'a, M: LanguageModel> MemoryGuard<'a, M> {
+    fn new(model: &'a M, limit: Option<usize>) -> Self {
+        let device = match model.device().location() {
+            candle::DeviceLocation::Cpu => "cpu".to_string(),
+            candle::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        };
+        Self { model, limit: limit.unwrap_or(usize::MAX), device, tripped: RefCell::new(None) }
+    }
+
+    /// `Err` (and the typed error kept) when the step's peak so far is over the limit.
+    fn check(&self, at: impl FnOnce() -> String) -> candle::Result<()> {
+        let peak = memory::peak_bytes();
+        if peak <= self.limit {
+            return Ok(());
+        }
+        let error =
+            Error::OutOfMemory { device: self.device.clone(), needed: peak, limit: self.limit, at: at() };
+        let message = error.to_string();
+        self.tripped.borrow_mut().get_or_insert(error);
+        Err(candle::Error::Msg(message))
+    }
+
+    /// The kept out-of-memory error, if the limit was hit.
+    fn take(&self) -> Option<Error> {
+        self.tripped.borrow_mut().take()
+    }
+}
+
+impl<M: LanguageModel> SegmentedModel for MemoryGuard<'_, M> {
+    type Batch = TokenBatch;
+
+    fn num_segments(&self) -> usize {
+        self.model.num_segments()
+    }
+
+    fn segment_name(&self, index: usize) -> String {
+        self.model.segment_name(index)
+    }
+
+    fn first_input(&self, batch: &TokenBatch) -> candle::Result<Tensor> {
+        self.model.first_input(batch)
+    }
+
+    fn forward_segment(
+        &self,
+        index: usize,
+        input: &Tensor,
+        batch: &TokenBatch,
+        ctx: &SegmentContext,
+    ) -> candle::Result<Tensor> {
+        let output = self.model.forward_segment(index, input, batch, ctx)?;
+        self.check(|| format!("forward of {}", self.model.segment_name(index)))?;
+        Ok(output)
+    }
+
+    fn segment_parameters(&self, index: usize) -> Vec<SegmentParameter> {
+        self.model.segment_parameters(index)
+    }
+
+    fn is_block(&self, index: usize) -> bool {
+        self.model.is_block(index)
+    }
+
+    fn stateful_layer(&self, index: usize) -> Option<String> {
+        self.model.stateful_layer(index)
+    }
 }
 
 /// Runs training as configured.
@@ -380,6 +600,15 @@ impl Trainer {
     /// When the policy needs sizes and the counting allocator is not installed, or on a data
     /// or model error.
     pub fn plan<M: LanguageModel>(&self, model: &M, corpus: &Corpus) -> Result<Vec<Decision>> {
+        self.plan_for(model, corpus, self.config.micro_batch.get())
+    }
+
+    fn plan_for<M: LanguageModel>(
+        &self,
+        model: &M,
+        corpus: &Corpus,
+        micro_batch: usize,
+    ) -> Result<Vec<Decision>> {
         let infos = if self.policy.needs_sizes() {
             if !memory::is_installed() {
                 return Err(Error::config(
@@ -388,8 +617,7 @@ impl Trainer {
                 ));
             }
             let c = &self.config;
-            let batch =
-                corpus.train_batch(c.seed, 0, 0, c.micro_batch.get(), c.seq_len.get(), &model.device())?;
+            let batch = corpus.train_batch(c.seed, 0, 0, micro_batch, c.seq_len.get(), &model.device())?;
             measure_segments(model, &batch, SegmentContext::train(c.seed, 0, 0), &memory::current_bytes)?
         } else {
             segment_infos(model)
@@ -422,10 +650,11 @@ impl Trainer {
     /// Runs one optimizer step's forward and backward over its micro-batches, accumulating
     /// into `updater` the gradient of `loss * loss_scale` (averaged over the micro-batches),
     /// and returns the mean loss. Does not step the optimizer. `decisions` come from
-    /// [`Trainer::plan`]; `loss_scale` is 1 without loss scaling.
+    /// [`Trainer::plan`]; `loss_scale` is 1 without loss scaling. The memory limit, if set, is
+    /// checked; there is no recovery here.
     ///
     /// # Errors
-    /// On a data, model or updater error.
+    /// [`Error::OutOfMemory`] over the limit, or a data, model or updater error.
     pub fn accumulate_step<M: LanguageModel>(
         &self,
         model: &M,
@@ -436,44 +665,171 @@ impl Trainer {
         loss_scale: f64,
     ) -> Result<f64> {
         let c = &self.config;
-        let (b, k) = (c.micro_batch.get(), c.accumulation_steps.get());
+        let split =
+            MicroSplit { micro_batch: c.micro_batch.get(), accumulation_steps: c.accumulation_steps.get() };
+        self.accumulate(model, corpus, updater, step, decisions, loss_scale, split, split.accumulation_steps)
+    }
+
+    /// The first `run_micros` micro-batches of step `step` under `split`, each weighted
+    /// `loss_scale / accumulation_steps`; returns their mean loss.
+    #[allow(clippy::too_many_arguments)]
+    fn accumulate<M: LanguageModel>(
+        &self,
+        model: &M,
+        corpus: &Corpus,
+        updater: &mut dyn Updater,
+        step: u64,
+        decisions: &[Decision],
+        loss_scale: f64,
+        split: MicroSplit,
+        run_micros: usize,
+    ) -> Result<f64> {
+        let c = &self.config;
+        let (b, k) = (split.micro_batch, split.accumulation_steps);
         let device = model.device();
+        let guard = MemoryGuard::new(model, c.max_memory);
         let mut loss_sum = 0.0;
-        for micro in 0..k {
+        for micro in 0..run_micros {
             let batch = corpus.train_batch(c.seed, step, micro * b, b, c.seq_len.get(), &device)?;
             let ctx = SegmentContext::train(c.seed, step, micro as u64);
             let mut hook_error = None;
-            let hook = |grads| {
-                updater.accumulate(&grads).map_err(|e| {
+            let hook = |grads: candle_ckpt::SegmentGradients| {
+                let segment = grads.segment;
+                let result = updater.accumulate(&grads).map_err(|e| {
                     let msg = e.to_string();
                     hook_error = Some(e);
                     candle::Error::Msg(msg)
-                })
+                });
+                drop(grads);
+                result?;
+                guard.check(|| format!("backward of {}", model.segment_name(segment)))
             };
             let multiplier = loss_scale / k as f64;
             let result = match c.backward {
-                BackwardMode::Segmented => forward_backward(model, &batch, ctx, decisions, multiplier, hook),
-                BackwardMode::Plain => plain_forward_backward(model, &batch, ctx, multiplier, hook),
+                BackwardMode::Segmented => forward_backward(&guard, &batch, ctx, decisions, multiplier, hook),
+                BackwardMode::Plain => plain_forward_backward(&guard, &batch, ctx, multiplier, hook),
             };
-            if let Some(e) = hook_error {
+            if let Some(e) = guard.take().or(hook_error) {
                 return Err(e);
             }
-            loss_sum += result?.to_dtype(candle::DType::F64)?.to_scalar::<f64>()?;
+            let loss = result.map_err(|e| classify_oom(e.into(), &guard.device, "a training step"))?;
+            loss_sum += loss.to_dtype(candle::DType::F64)?.to_scalar::<f64>()?;
         }
-        Ok(loss_sum / k as f64)
+        Ok(loss_sum / run_micros as f64)
     }
 
-    /// Trains `model` on `corpus`, stepping through `updater`.
+    /// Searches the largest micro-batch that fits `max_memory`: for each divisor of the global
+    /// batch from `micro_batch` down, runs the forward and backward of step 0's first
+    /// micro-batch and measures the peak with the counting allocator; the first that stays
+    /// within the limit wins. The updater's gradients are zeroed after; nothing else changes.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] without a limit or without the counting allocator,
+    /// [`Error::OutOfMemory`] when even a micro-batch of 1 does not fit, or a model error.
+    pub fn find_micro_batch<M: LanguageModel>(
+        &self,
+        model: &M,
+        corpus: &Corpus,
+        updater: &mut dyn Updater,
+    ) -> Result<MicroBatchSearch> {
+        let c = &self.config;
+        let limit = c.max_memory.ok_or_else(|| Error::config("find_micro_batch", "needs `max_memory`"))?;
+        if !memory::is_installed() {
+            return Err(Error::config(
+                "find_micro_batch",
+                "the search measures memory with the counting allocator, which this binary does not install",
+            ));
+        }
+        let global = c.global_batch();
+        let mut trials = Vec::new();
+        let mut last_error = None;
+        let candidates = (1..=c.micro_batch.get()).rev().filter(|d| global % d == 0);
+        for micro_batch in candidates {
+            let split = MicroSplit { micro_batch, accumulation_steps: global / micro_batch };
+            let decisions = self.plan_for(model, corpus, micro_batch)?;
+            memory::reset_peak();
+            let outcome = self.accumulate(model, corpus, updater, 0, &decisions, 1.0, split, 1);
+            let peak_bytes = memory::peak_bytes();
+            updater.zero_grad();
+            match outcome {
+                Ok(_) => {
+                    trials.push(MicroBatchTrial { micro_batch, peak_bytes, fits: true });
+                    return Ok(MicroBatchSearch {
+                        limit,
+                        trials,
+                        micro_batch,
+                        accumulation_steps: split.accumulation_steps,
+                    });
+                }
+                Err(e) if e.is_out_of_memory() => {
+                    trials.push(MicroBatchTrial { micro_batch, peak_bytes, fits: false });
+                    last_error = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| Error::config("micro_batch", "no candidate micro-batch")))
+    }
+
+    /// The settings of this run that a checkpoint must share to be continued.
+    fn identity(&self, corpus: &Corpus, updater: &dyn Updater) -> RunIdentity {
+        let c = &self.config;
+        RunIdentity {
+            seed: c.seed,
+            seq_len: c.seq_len.get(),
+            global_batch: c.global_batch(),
+            schedule: c.schedule,
+            max_grad_norm: c.max_grad_norm,
+            loss_scaling: c.loss_scaling,
+            optimizer: updater.optimizer().name().to_string(),
+            corpus_sha256: checkpoint::sha256_hex(corpus.split(Split::Train)),
+        }
+    }
+
+    /// Trains `model` on `corpus` from scratch, stepping through `updater`.
     ///
     /// # Errors
     /// [`Error::SequenceTooLong`] if `seq_len` exceeds the model's context,
-    /// [`Error::CorpusTooShort`], [`Error::NonFinite`] after too many consecutive skipped
-    /// steps, and any model, updater or I/O error.
+    /// [`Error::CorpusTooShort`], [`Error::TooManyNonFiniteSteps`] after too many consecutive
+    /// skipped steps, [`Error::OutOfMemory`] when recovery is off or the micro-batch is
+    /// already 1, and any model, updater, checkpoint or I/O error.
     pub fn fit<M: LanguageModel>(
         &self,
         model: &M,
         corpus: &Corpus,
         updater: &mut dyn Updater,
+    ) -> Result<TrainReport> {
+        self.run(model, corpus, updater, None)
+    }
+
+    /// Continues the run saved in checkpoint `path` (a checkpoint directory, or a run
+    /// directory whose newest checkpoint is taken): restores parameters, master weights,
+    /// optimizer state, loss scaler, micro-batch split and counters, then trains to
+    /// `steps`. The result is bit-identical to the uninterrupted run (same device and build).
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] when the checkpoint is missing, torn, corrupted, or written by a
+    /// run with other settings (each named), [`Error::StateMismatch`] for another model's
+    /// state; nothing is changed then. Then as [`Trainer::fit`].
+    pub fn resume<M: LanguageModel>(
+        &self,
+        model: &M,
+        corpus: &Corpus,
+        updater: &mut dyn Updater,
+        path: &Path,
+    ) -> Result<TrainReport> {
+        let ckpt = Checkpoint::open(path)?;
+        self.identity(corpus, updater).check_continues(&ckpt.manifest.run, &ckpt.path)?;
+        ckpt.restore(model.parameters(), updater)?;
+        self.run(model, corpus, updater, Some(ckpt))
+    }
+
+    fn run<M: LanguageModel>(
+        &self,
+        model: &M,
+        corpus: &Corpus,
+        updater: &mut dyn Updater,
+        resumed: Option<Checkpoint>,
     ) -> Result<TrainReport> {
         let c = &self.config;
         let seq_len = c.seq_len.get();
@@ -481,9 +837,47 @@ impl Trainer {
             return Err(Error::SequenceTooLong { seq_len, context: model.context_length() });
         }
         corpus.check_seq_len(seq_len)?;
+        if c.max_memory.is_some() && !memory::is_installed() {
+            return Err(Error::config(
+                "max_memory",
+                "the limit is checked against the counting allocator, which this binary does not install",
+            ));
+        }
+        let identity = self.identity(corpus, updater);
+        let global = c.global_batch();
+        let mut split =
+            MicroSplit { micro_batch: c.micro_batch.get(), accumulation_steps: c.accumulation_steps.get() };
+        let mut scaler = c.loss_scaling.map(LossScaler::new).transpose()?;
+        let (mut skipped, mut consecutive_skips, start_step) = match &resumed {
+            None => (0, 0, 0),
+            Some(ckpt) => {
+                let p = &ckpt.manifest.progress;
+                split = MicroSplit { micro_batch: p.micro_batch, accumulation_steps: p.accumulation_steps };
+                match (scaler.as_mut(), &p.loss_scaler) {
+                    (Some(scaler), Some(state)) => scaler.load_state(state)?,
+                    (None, None) => {}
+                    _ => {
+                        return Err(Error::checkpoint(
+                            &ckpt.path,
+                            "loss scaling is on in one of the run and the checkpoint and off in the other",
+                        ))
+                    }
+                }
+                (p.skipped_steps, p.consecutive_skips, p.step)
+            }
+        };
+        let mut last_checkpoint = resumed.map(|ckpt| ckpt.path);
         let device = model.device();
+        let micro_batch_search = if c.find_micro_batch && start_step == 0 {
+            let search = self.find_micro_batch(model, corpus, updater)?;
+            split =
+                MicroSplit { micro_batch: search.micro_batch, accumulation_steps: search.accumulation_steps };
+            Some(search)
+        } else {
+            None
+        };
         let val_batches = corpus.validation_batches(c.micro_batch.get(), c.eval_windows, seq_len, &device)?;
-        let decisions = self.plan(model, corpus)?;
+        let mut decisions = self.plan_for(model, corpus, split.micro_batch)?;
         let recomputed_segments = (0..model.num_segments())
             .filter(|&i| c.backward == BackwardMode::Segmented && decisions[i] == Decision::Recompute)
             .map(|i| model.segment_name(i))
@@ -491,25 +885,56 @@ impl Trainer {
         let mut metrics = c.metrics_path.as_deref().map(MetricsWriter::create).transpose()?;
         let initial_val_loss = Self::evaluate(model, &val_batches)?;
 
-        let bar = if c.progress { ProgressBar::new(c.steps.get() as u64) } else { ProgressBar::hidden() };
+        let total = c.steps.get() as u64;
+        let bar = if c.progress { ProgressBar::new(total) } else { ProgressBar::hidden() };
         bar.set_style(
             ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
                 .map_err(|e| Error::config("progress", e.to_string()))?
                 .progress_chars("=> "),
         );
-        let tokens_per_step = (c.global_batch() * seq_len) as f64;
+        bar.set_position(start_step.min(total));
+        let tokens_per_step = (global * seq_len) as f64;
         let param_bytes = model.parameters().size_in_bytes();
         let mut history = Vec::with_capacity(c.steps.get());
         let mut worst = MemoryReport::default();
-        let (mut skipped, mut consecutive_skips) = (0, 0);
-        let mut scaler = c.loss_scaling.map(LossScaler::new).transpose()?;
+        let mut oom_recoveries = Vec::new();
+        let mut checkpoint_time_s = 0.0;
         updater.zero_grad();
-        for step in 0..c.steps.get() as u64 {
+        for step in start_step..total {
             let start_bytes = memory::reset_peak();
             let started = Instant::now();
             let lr = c.schedule.lr(updater.optimizer().step_count());
             let loss_scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
-            let loss = self.accumulate_step(model, corpus, updater, step, &decisions, loss_scale)?;
+            let loss = loop {
+                let k = split.accumulation_steps;
+                match self.accumulate(model, corpus, updater, step, &decisions, loss_scale, split, k) {
+                    Ok(loss) => break loss,
+                    Err(e) if e.is_out_of_memory() && c.oom_recovery => {
+                        // The step's graphs are gone with the error; drop its partial sums.
+                        updater.zero_grad();
+                        let Some(smaller) = smaller_micro_batch(split.micro_batch, global) else {
+                            return Err(e);
+                        };
+                        tracing::warn!(
+                            step = step + 1,
+                            from = split.micro_batch,
+                            to = smaller,
+                            error = %e,
+                            "out of memory: retrying the step with a smaller micro-batch"
+                        );
+                        oom_recoveries.push(OomRecovery {
+                            step: step + 1,
+                            from: split.micro_batch,
+                            to: smaller,
+                            error: e.to_string(),
+                        });
+                        split = MicroSplit { micro_batch: smaller, accumulation_steps: global / smaller };
+                        decisions = self.plan_for(model, corpus, smaller)?;
+                        memory::reset_peak();
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             let report = match scaler.as_mut() {
                 None => updater.step(lr, c.max_grad_norm)?,
                 Some(scaler) => {
@@ -539,6 +964,7 @@ impl Trainer {
             if mem.peak >= worst.peak {
                 worst = mem;
             }
+            let done = step + 1;
             if report.stepped && loss.is_finite() {
                 consecutive_skips = 0;
             } else if scaler.is_some() && report.grad_norm.is_infinite() && loss.is_finite() {
@@ -549,18 +975,21 @@ impl Trainer {
                 skipped += 1;
                 consecutive_skips += 1;
                 tracing::warn!(
-                    step,
+                    step = done,
                     loss,
                     grad_norm = report.grad_norm,
                     "non-finite loss or gradient: step skipped"
                 );
                 if consecutive_skips >= c.max_consecutive_skips {
                     bar.abandon();
-                    return Err(Error::NonFinite { what: "gradient", step });
+                    return Err(Error::TooManyNonFiniteSteps {
+                        count: consecutive_skips,
+                        step: done,
+                        last_checkpoint,
+                    });
                 }
             }
-            let done = step + 1;
-            let is_last = done == c.steps.get() as u64;
+            let is_last = done == total;
             let val_loss = if is_last || (c.eval_interval > 0 && done % c.eval_interval as u64 == 0) {
                 Some(Self::evaluate(model, &val_batches)?)
             } else {
@@ -582,6 +1011,31 @@ impl Trainer {
                 m.write(&record)?;
             }
             history.push(record);
+            // Checkpoints only after a good step: after a skipped one the previous checkpoint
+            // stays the newest.
+            if let Some(ck) = &c.checkpoint {
+                if consecutive_skips == 0 && (done % ck.every as u64 == 0 || is_last) {
+                    let started = Instant::now();
+                    let progress = Progress {
+                        step: done,
+                        skipped_steps: skipped,
+                        consecutive_skips,
+                        micro_batch: split.micro_batch,
+                        accumulation_steps: split.accumulation_steps,
+                        loss_scaler: scaler.as_ref().map(LossScaler::state),
+                    };
+                    let path = checkpoint::save(
+                        &ck.dir,
+                        ck.keep,
+                        model.parameters(),
+                        updater,
+                        progress,
+                        identity.clone(),
+                    )?;
+                    checkpoint_time_s += started.elapsed().as_secs_f64();
+                    last_checkpoint = Some(path);
+                }
+            }
             bar.inc(1);
             if done % c.log_interval as u64 == 0 || is_last {
                 bar.set_message(format!(
@@ -602,11 +1056,25 @@ impl Trainer {
             final_val_loss,
             final_train_loss,
             median_step_time_s,
-            tokens_per_s: tokens_per_step / median_step_time_s,
+            tokens_per_s: if median_step_time_s > 0.0 { tokens_per_step / median_step_time_s } else { 0.0 },
             memory: worst,
             skipped_steps: skipped,
             recomputed_segments,
+            start_step,
+            micro_batch: split.micro_batch,
+            accumulation_steps: split.accumulation_steps,
+            micro_batch_search,
+            oom_recoveries,
+            last_checkpoint,
+            checkpoint_time_s,
             history,
         })
     }
+}
+
+/// A micro-batch size and the number of them per step.
+#[derive(Debug, Clone, Copy)]
+struct MicroSplit {
+    micro_batch: usize,
+    accumulation_steps: usize,
 }

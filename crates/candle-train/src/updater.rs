@@ -2,7 +2,7 @@
 //! [`LocalUpdater`], its implementation for one device. (candle-shard implements it for N
 //! ranks.)
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use candle::{DType, TensorId};
 use candle_ckpt::SegmentGradients;
@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::host::{to_f32_vec, update_f32_in_place, with_f32_values, write_f32_values};
 use crate::loss_scale::unscale_slice;
-use crate::optim::{Optimizer, OptimizerConfig};
+use crate::optim::{Optimizer, OptimizerConfig, OptimizerState};
 use crate::params::{Parameter, Parameters};
 
 /// What one optimizer step saw and did.
@@ -35,6 +35,17 @@ pub struct StateBytes {
     pub master_weights: usize,
     /// Optimizer state.
     pub optimizer_state: usize,
+}
+
+/// What an [`Updater`] holds between steps besides the parameters: FP32 master weights (by
+/// parameter name, only for parameters kept in a half type) and the optimizer state. The
+/// gradient accumulators are zero between steps and are not part of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdaterState {
+    /// FP32 master weights by parameter name.
+    pub master_weights: BTreeMap<String, Vec<f32>>,
+    /// The optimizer's state.
+    pub optimizer: OptimizerState,
 }
 
 /// Accumulates gradients and steps the optimizer, wherever the state lives.
@@ -72,6 +83,32 @@ pub trait Updater {
 
     /// Bytes held besides the parameters.
     fn state_bytes(&self) -> StateBytes;
+
+    /// The number of data-parallel ranks this updater's state is spread over (1 for one
+    /// device). A checkpoint records it.
+    fn world_size(&self) -> usize {
+        1
+    }
+
+    /// The state to checkpoint between steps.
+    ///
+    /// # Errors
+    /// When this updater cannot export its state (the default: a sharded updater without
+    /// checkpoint support says so).
+    fn save_state(&self) -> Result<UpdaterState> {
+        Err(Error::config("checkpoint", "this updater cannot save its state"))
+    }
+
+    /// Restores state saved by [`Updater::save_state`]. Everything is checked before anything
+    /// changes: on error the updater is as it was.
+    ///
+    /// # Errors
+    /// [`Error::StateMismatch`] naming the first missing or misshapen buffer, or when this
+    /// updater cannot load state (the default).
+    fn load_state(&mut self, state: UpdaterState) -> Result<()> {
+        let _ = state;
+        Err(Error::config("checkpoint", "this updater cannot load saved state"))
+    }
 }
 
 /// The single-device [`Updater`]: FP32 gradient accumulators, FP32 master weights for
@@ -209,6 +246,53 @@ impl Updater for LocalUpdater {
 
     fn optimizer_mut(&mut self) -> &mut dyn Optimizer {
         self.optimizer.as_mut()
+    }
+
+    fn save_state(&self) -> Result<UpdaterState> {
+        let master_weights = self
+            .params
+            .iter()
+            .zip(&self.master)
+            .filter_map(|(p, m)| m.as_ref().map(|m| (p.name.clone(), m.clone())))
+            .collect();
+        Ok(UpdaterState { master_weights, optimizer: self.optimizer.state() })
+    }
+
+    fn load_state(&mut self, state: UpdaterState) -> Result<()> {
+        let UpdaterState { mut master_weights, optimizer } = state;
+        let mut restored = Vec::with_capacity(self.params.len());
+        for (p, current) in self.params.iter().zip(&self.master) {
+            match (current, master_weights.remove(&p.name)) {
+                (Some(current), Some(saved)) if saved.len() == current.len() => restored.push(Some(saved)),
+                (Some(current), saved) => {
+                    return Err(Error::StateMismatch {
+                        name: format!("master weights of {}", p.name),
+                        expected: format!("{} FP32 values", current.len()),
+                        found: saved.map_or("nothing".into(), |s| format!("{} values", s.len())),
+                    })
+                }
+                (None, Some(_)) => {
+                    return Err(Error::StateMismatch {
+                        name: format!("master weights of {}", p.name),
+                        expected: format!("none ({} is an FP32 parameter)", p.name),
+                        found: "FP32 master weights".into(),
+                    })
+                }
+                (None, None) => restored.push(None),
+            }
+        }
+        if let Some(name) = master_weights.keys().next() {
+            return Err(Error::StateMismatch {
+                name: format!("master weights of {name}"),
+                expected: "a parameter of this model".into(),
+                found: "an unknown name".into(),
+            });
+        }
+        // The optimizer checks its own state and changes nothing on error.
+        self.optimizer.load_state(&optimizer)?;
+        self.master = restored;
+        self.zero_grad();
+        Ok(())
     }
 
     fn state_bytes(&self) -> StateBytes {
