@@ -254,6 +254,32 @@ struct TrainArgs {
     /// Save the trained weights (Hugging Face GPT-2 names) to this safetensors file.
     #[arg(long)]
     save: Option<PathBuf>,
+    /// Write training-state checkpoints (weights, master weights, optimizer, loss scaler,
+    /// progress; atomic and checksummed) into this run directory.
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Write a checkpoint every this many steps (and after the last) [default: 100].
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Keep this many of the newest checkpoints.
+    #[arg(long, default_value_t = 3)]
+    keep_checkpoints: usize,
+    /// Continue the run saved in this checkpoint, or in the newest checkpoint of this run
+    /// directory; later checkpoints go to the same run directory unless --checkpoint-dir says
+    /// otherwise. The run's settings must match the checkpoint's.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Limit live heap bytes during a step (K/M/G suffixes): going over it is an out-of-memory
+    /// error, which halves the micro-batch and retries unless --no-oom-recovery.
+    #[arg(long)]
+    max_memory: Option<String>,
+    /// Before training, pick the largest micro-batch that fits --max-memory (or the available
+    /// memory), keeping the global batch.
+    #[arg(long)]
+    find_micro_batch: bool,
+    /// Stop on an out-of-memory error instead of retrying with a smaller micro-batch.
+    #[arg(long)]
+    no_oom_recovery: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -281,6 +307,29 @@ fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
     let device = parse_device(&args.device)?;
     let recompute: Recompute =
         args.recompute.parse().map_err(|e| anyhow::anyhow!("invalid `--recompute`: {e}"))?;
+    let mut max_memory = match &args.max_memory {
+        None => None,
+        Some(text) => Some(candle_fit::ckpt::parse_bytes(text).filter(|&b| b > 0).ok_or_else(|| {
+            anyhow::anyhow!("invalid `--max-memory`: `{text}` is not a positive byte count (digits with an optional K, M or G)")
+        })?),
+    };
+    if args.find_micro_batch && max_memory.is_none() {
+        max_memory = Some(candle_fit::bench::available_memory().ok_or_else(|| {
+            anyhow::anyhow!(
+                "`--find-micro-batch` needs `--max-memory`: the available memory cannot be read here"
+            )
+        })?);
+    }
+    let checkpoint_dir = match (&args.checkpoint_dir, &args.resume) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, Some(resume)) => Some(candle_fit::train::checkpoint::run_dir_of(resume)),
+        (None, None) => None,
+    };
+    if checkpoint_dir.is_none() && args.checkpoint_every.is_some() {
+        anyhow::bail!(
+            "`--checkpoint-every` needs `--checkpoint-dir` (or `--resume`) to say where checkpoints go"
+        );
+    }
     let model_config = GptConfig {
         vocab_size: 256,
         n_ctx: args.context,
@@ -306,7 +355,16 @@ fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
         .metrics_path(args.metrics.clone())
         .recompute(recompute)
         .loss_scaling(loss_scaling)
-        .build()?;
+        .max_memory(max_memory)
+        .oom_recovery(!args.no_oom_recovery)
+        .find_micro_batch(args.find_micro_batch);
+    let trainer_config = match checkpoint_dir {
+        Some(dir) => {
+            trainer_config.checkpoint(dir, args.checkpoint_every.unwrap_or(100), args.keep_checkpoints)
+        }
+        None => trainer_config,
+    }
+    .build()?;
     if args.seq_len > args.context {
         return Err(candle_fit::train::Error::SequenceTooLong {
             seq_len: args.seq_len,
@@ -412,7 +470,41 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         optimizer_name(&optimizer),
         args.lr
     );
-    let report = trainer.fit(&model, &corpus, &mut updater)?;
+    let report = match &args.resume {
+        Some(path) => trainer.resume(&model, &corpus, &mut updater, path)?,
+        None => trainer.fit(&model, &corpus, &mut updater)?,
+    };
+    if report.start_step > 0 {
+        println!(
+            "resumed       from step {} ({})",
+            report.start_step,
+            args.resume.as_deref().unwrap_or(std::path::Path::new("")).display()
+        );
+    }
+    if let Some(search) = &report.micro_batch_search {
+        let tried: Vec<String> = search
+            .trials
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} {} ({})",
+                    t.micro_batch,
+                    if t.fits { "fits" } else { "too big" },
+                    mib(t.peak_bytes)
+                )
+            })
+            .collect();
+        println!(
+            "micro-batch   {} x {} accumulation chosen under {}: {}",
+            search.micro_batch,
+            search.accumulation_steps,
+            mib(search.limit),
+            tried.join(", ")
+        );
+    }
+    for r in &report.oom_recoveries {
+        println!("out of memory at step {}: micro-batch {} -> {} ({})", r.step, r.from, r.to, r.error);
+    }
     if recompute != Recompute::Never {
         println!("recomputed     {} ({})", report.recomputed_segments.join(", "), recompute);
     }
@@ -445,6 +537,13 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     }
     if let Some(scale) = report.history.last().and_then(|r| r.loss_scale) {
         println!("loss scale at the last step          {scale}");
+    }
+    if let Some(path) = &report.last_checkpoint {
+        println!(
+            "last checkpoint                      {} ({:.2} s writing checkpoints)",
+            path.display(),
+            report.checkpoint_time_s
+        );
     }
     if report.skipped_steps > 0 {
         println!("skipped steps (non-finite)           {}", report.skipped_steps);

@@ -61,6 +61,6 @@ pub use engine::{
     forward, forward_backward, measure_segments, plain_forward_backward, segment_infos, Decision,
     ParameterGradient, SegmentGradients,
 };
-pub use policy::{ParseRecomputeError, Recompute, RecomputePolicy, SegmentInfo};
+pub use policy::{parse_bytes, ParseRecomputeError, Recompute, RecomputePolicy, SegmentInfo};
 pub use rng::{Rng, RngKey};
 pub use segment::{SegmentContext, SegmentParameter, SegmentedModel};

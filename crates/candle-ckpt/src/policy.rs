@@ -113,22 +113,28 @@ impl FromStr for Recompute {
             };
         }
         if let Some(bytes) = lower.strip_prefix("budget:") {
-            let (digits, unit) = match bytes.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-                Some((i, _)) => bytes.split_at(i),
-                None => (bytes, ""),
-            };
-            let multiplier: usize = match unit {
-                "" | "b" => 1,
-                "k" | "kb" | "kib" => 1 << 10,
-                "m" | "mb" | "mib" => 1 << 20,
-                "g" | "gb" | "gib" => 1 << 30,
-                _ => return Err(err()),
-            };
-            let n: usize = digits.parse().map_err(|_| err())?;
-            return n.checked_mul(multiplier).map(Recompute::Budget).ok_or_else(err);
+            return parse_bytes(bytes).map(Recompute::Budget).ok_or_else(err);
         }
         Err(err())
     }
+}
+
+/// Parses a byte count: digits, optionally followed by `K`, `M` or `G` (KiB, MiB, GiB; also
+/// `KB`/`KiB`..., any case). `None` when malformed or too large.
+pub fn parse_bytes(s: &str) -> Option<usize> {
+    let lower = s.trim().to_ascii_lowercase();
+    let (digits, unit) = match lower.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => lower.split_at(i),
+        None => (lower.as_str(), ""),
+    };
+    let multiplier: usize = match unit.trim() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return None,
+    };
+    digits.parse::<usize>().ok()?.checked_mul(multiplier)
 }
 
 impl RecomputePolicy for Recompute {

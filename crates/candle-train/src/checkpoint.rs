@@ -303,6 +303,21 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
         .ok_or_else(|| Error::checkpoint(path, "the directory holds no checkpoint (no step-*/manifest.json)"))
 }
 
+/// The run directory of `path`: `path`'s parent when `path` is a checkpoint directory (holds a
+/// manifest), else `path` itself.
+pub fn run_dir_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(parent) if path.join(MANIFEST_FILE).is_file() => {
+            if parent.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                parent.to_path_buf()
+            }
+        }
+        _ => path.to_path_buf(),
+    }
+}
+
 /// Writes one file and syncs it.
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut file = fs::File::create(path).map_err(|e| Error::io("create", path, e))?;
@@ -522,13 +537,15 @@ fn check_parameters(saved: &[ParameterSpec], model: &[ParameterSpec], path: &Pat
                     format!("it has no parameter `{}`: it was written for another model", spec.name),
                 ))
             }
-            Some(s) if s.shape != spec.shape || s.dtype != spec.dtype => return Err(Error::checkpoint(
-                path,
-                format!(
+            Some(s) if s.shape != spec.shape || s.dtype != spec.dtype => {
+                return Err(Error::checkpoint(
+                    path,
+                    format!(
                     "parameter `{}` is {} {:?} there but {} {:?} in this model (another model or precision)",
                     spec.name, s.dtype, s.shape, spec.dtype, spec.shape
                 ),
-            )),
+                ))
+            }
             Some(_) => {}
         }
     }
