@@ -10,7 +10,8 @@ use candle_fit::train::checkpoint::list_checkpoints;
 const STEPS: u64 = 150;
 
 fn args(run_dir: &Path, save: &Path) -> Vec<String> {
-    let fixed = "train --steps 150 --layers 2 --width 32 --heads 2 --context 32 --seq-len 32 --micro-batch 4 \
+    let fixed =
+        "train --steps 150 --layers 2 --width 32 --heads 2 --context 32 --seq-len 32 --micro-batch 4 \
                  --accumulation-steps 2 --dropout 0.1 --eval-interval 0 --eval-windows 4 --quiet \
                  --checkpoint-every 1 --keep-checkpoints 2";
     let mut args: Vec<String> = fixed.split_whitespace().map(String::from).collect();
