@@ -1,0 +1,109 @@
+//! Memory limit, out-of-memory recovery and the micro-batch search, measured with the
+//! counting allocator this test binary installs: recovering from an out-of-memory error (or
+//! choosing the micro-batch up front) gives the same trajectory, bit for bit, as running the
+//! smaller micro-batch from the start.
+
+use candle::{DType, Device};
+use candle_fit::train::memory::CountingAllocator;
+use candle_fit::train::{
+    Corpus, Error, Gpt, GptConfig, LocalUpdater, OptimizerConfig, TrainReport, Trainer, TrainerConfig,
+};
+
+#[global_allocator]
+static ALLOC: CountingAllocator = CountingAllocator;
+
+fn corpus() -> anyhow::Result<Corpus> {
+    Ok(Corpus::from_bytes(
+        candle_fit::BUNDLED_CORPUS_NAME.as_ref(),
+        candle_fit::BUNDLED_CORPUS[..100_000].to_vec(),
+        0.1,
+    )?)
+}
+
+struct Run {
+    micro_batch: usize,
+    accumulation_steps: usize,
+    max_memory: Option<usize>,
+    recovery: bool,
+    search: bool,
+}
+
+impl Run {
+    fn new(micro_batch: usize, accumulation_steps: usize) -> Self {
+        Self { micro_batch, accumulation_steps, max_memory: None, recovery: true, search: false }
+    }
+
+    /// Trains 3 steps; returns every parameter's f32 bits and the report.
+    fn go(&self, corpus: &Corpus) -> candle_fit::train::Result<(Vec<Vec<u32>>, TrainReport)> {
+        let config = GptConfig { n_ctx: 64, n_embd: 32, n_layer: 2, n_head: 2, dropout: 0.1, ..GptConfig::default() };
+        let model = Gpt::new(config, DType::F32, &Device::Cpu, 4)?;
+        let mut updater = LocalUpdater::from_config(model.parameters(), &OptimizerConfig::AdamW(Default::default()))?;
+        let trainer = Trainer::new(
+            TrainerConfig::builder()
+                .micro_batch(self.micro_batch)
+                .accumulation_steps(self.accumulation_steps)
+                .steps(3)
+                .seq_len(64)
+                .eval_windows(2)
+                .eval_interval(0)
+                .max_memory(self.max_memory)
+                .oom_recovery(self.recovery)
+                .find_micro_batch(self.search)
+                .build()?,
+        );
+        let report = trainer.fit(&model, corpus, &mut updater)?;
+        let bits = model
+            .parameters()
+            .iter()
+            .map(|p| Ok(p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect()))
+            .collect::<candle_fit::train::Result<_>>()?;
+        Ok((bits, report))
+    }
+}
+
+// One test: memory is process-wide, so these runs must not overlap.
+#[test]
+fn out_of_memory_recovery_and_the_micro_batch_search_keep_the_trajectory() -> anyhow::Result<()> {
+    let corpus = corpus()?;
+    // The run we want: micro-batch 8 x 2. And the peak of 16 x 1, which will not fit.
+    let (reference, r8) = Run::new(8, 2).go(&corpus)?;
+    let (_, r16) = Run::new(16, 1).go(&corpus)?;
+    let (p8, p16) = (r8.memory.peak, r16.memory.peak);
+    assert!(p16 > p8 + (1 << 20), "micro-batch 16 should need over 1 MiB more than 8: {p16} vs {p8}");
+    let limit = p8 + (p16 - p8) / 2;
+
+    // Without recovery: a typed error naming the limit and where it was hit.
+    let err = Run { max_memory: Some(limit), recovery: false, ..Run::new(16, 1) }.go(&corpus).err();
+    match &err {
+        Some(Error::OutOfMemory { device, needed, limit: l, at }) => {
+            assert_eq!((device.as_str(), *l), ("cpu", limit));
+            assert!(*needed > limit, "{needed} <= {limit}");
+            assert!(at.starts_with("forward of") || at.starts_with("backward of"), "{at}");
+        }
+        other => panic!("expected OutOfMemory, got {other:?}"),
+    }
+
+    // With recovery: step 1 is retried as 8 x 2, and the whole run equals the 8 x 2 run.
+    let (recovered, report) = Run { max_memory: Some(limit), ..Run::new(16, 1) }.go(&corpus)?;
+    assert_eq!(report.oom_recoveries.len(), 1, "{:?}", report.oom_recoveries);
+    let r = &report.oom_recoveries[0];
+    assert_eq!((r.step, r.from, r.to), (1, 16, 8));
+    assert_eq!((report.micro_batch, report.accumulation_steps), (8, 2));
+    assert!(report.memory.peak <= limit, "{} > {limit}", report.memory.peak);
+    assert!(recovered == reference, "the recovered run's parameters differ from the 8 x 2 run's");
+
+    // The search measures 16 (too big), then 8 (fits), and trains with 8 x 2 from the start.
+    let (searched, report) = Run { max_memory: Some(limit), search: true, ..Run::new(16, 1) }.go(&corpus)?;
+    let search = report.micro_batch_search.as_ref().expect("a search ran");
+    let tried: Vec<(usize, bool)> = search.trials.iter().map(|t| (t.micro_batch, t.fits)).collect();
+    assert_eq!(tried, [(16, false), (8, true)]);
+    assert!(search.trials[1].peak_bytes <= limit && search.trials[0].peak_bytes > limit);
+    assert_eq!((search.micro_batch, search.accumulation_steps), (8, 2));
+    assert!(report.oom_recoveries.is_empty());
+    assert!(searched == reference, "the searched run's parameters differ from the 8 x 2 run's");
+
+    // A limit below what even one sequence needs: the search says so.
+    let tiny = Run { max_memory: Some(p8 / 4), search: true, ..Run::new(16, 1) }.go(&corpus).err();
+    assert!(matches!(tiny, Some(Error::OutOfMemory { .. })), "{tiny:?}");
+    Ok(())
+}
