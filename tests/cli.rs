@@ -88,6 +88,37 @@ fn bad_input_is_one_clear_line_and_a_failure_exit() -> anyhow::Result<()> {
         &["--recompute", "every:0"],
         "invalid `--recompute`: unknown recompute policy `every:0`",
     )?;
+    // Checkpoints, resume and memory limits.
+    let run_dir = dir.join("run");
+    let run_dir = run_dir.to_str().unwrap_or_default();
+    assert_clear_error(&["--checkpoint-every", "5"], "`--checkpoint-every` needs `--checkpoint-dir`")?;
+    assert_clear_error(
+        &["--checkpoint-dir", run_dir, "--keep-checkpoints", "0"],
+        "invalid `keep_checkpoints`",
+    )?;
+    assert_clear_error(
+        &["--checkpoint-dir", run_dir, "--checkpoint-every", "0"],
+        "invalid `checkpoint_every`",
+    )?;
+    assert_clear_error(
+        &["--max-memory", "12Q"],
+        "invalid `--max-memory`: `12Q` is not a positive byte count",
+    )?;
+    assert_clear_error(&["--max-memory", "0"], "invalid `--max-memory`")?;
+    assert_clear_error(&["--resume", "/no/such/run"], "no such checkpoint or run directory")?;
+    let written =
+        run(&tiny_with(&["--checkpoint-dir", run_dir]).iter().map(String::as_str).collect::<Vec<_>>())?;
+    assert_eq!(written.0, 0, "{}", written.2);
+    assert_clear_error(
+        &["--resume", run_dir, "--seed", "5"],
+        "it was written with seed 0, but this run has seed 5",
+    )?;
+    assert_clear_error(
+        &["--resume", run_dir, "--width", "32"],
+        "in this model (another model or precision)",
+    )?;
+    assert_clear_error(&["--resume", dir.to_str().unwrap_or_default()], "holds no checkpoint")?;
+    assert_clear_error(&["--max-memory", "1K"], "out of memory on cpu")?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

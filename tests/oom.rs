@@ -35,9 +35,11 @@ impl Run {
 
     /// Trains 3 steps; returns every parameter's f32 bits and the report.
     fn go(&self, corpus: &Corpus) -> candle_fit::train::Result<(Vec<Vec<u32>>, TrainReport)> {
-        let config = GptConfig { n_ctx: 64, n_embd: 32, n_layer: 2, n_head: 2, dropout: 0.1, ..GptConfig::default() };
+        let config =
+            GptConfig { n_ctx: 64, n_embd: 32, n_layer: 2, n_head: 2, dropout: 0.1, ..GptConfig::default() };
         let model = Gpt::new(config, DType::F32, &Device::Cpu, 4)?;
-        let mut updater = LocalUpdater::from_config(model.parameters(), &OptimizerConfig::AdamW(Default::default()))?;
+        let mut updater =
+            LocalUpdater::from_config(model.parameters(), &OptimizerConfig::AdamW(Default::default()))?;
         let trainer = Trainer::new(
             TrainerConfig::builder()
                 .micro_batch(self.micro_batch)
@@ -55,7 +57,9 @@ impl Run {
         let bits = model
             .parameters()
             .iter()
-            .map(|p| Ok(p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect()))
+            .map(|p| {
+                Ok(p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+            })
             .collect::<candle_fit::train::Result<_>>()?;
         Ok((bits, report))
     }

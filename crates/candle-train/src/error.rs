@@ -209,3 +209,24 @@ pub(crate) fn check_non_negative(field: &'static str, value: f64) -> Result<()> 
         Err(Error::config(field, format!("{value} is not a finite non-negative number")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cuda_allocation_failure_is_an_out_of_memory_error_however_wrapped() {
+        // cudarc's DriverError prints as `DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")`,
+        // which Candle wraps (here with context, as its backtrace and context variants do).
+        let driver = candle::Error::Msg(r#"DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#.into());
+        let wrapped = Error::Candle(driver.context("matmul"));
+        assert!(wrapped.is_out_of_memory());
+        let typed = classify_oom(wrapped, "cuda:0", "a training step");
+        assert!(
+            matches!(&typed, Error::OutOfMemory { device, at, .. } if device == "cuda:0" && at == "a training step")
+        );
+        let other = Error::Candle(candle::Error::Msg("shape mismatch".into()));
+        assert!(!other.is_out_of_memory());
+        assert!(matches!(classify_oom(other, "cpu", "x"), Error::Candle(_)));
+    }
+}
