@@ -1,0 +1,94 @@
+//! The fuzzed loader: an input is a checkpoint directory flattened into one byte string
+//! (manifest, model, master and optimizer files, each behind a little-endian u32 length). The
+//! harness writes it out, fixes the manifest's sizes and checksums when the manifest is JSON
+//! (so the fuzzer gets past the checksums into the parsers), and restores it into a tiny GPT.
+//! Any error is fine; a panic, abort or hang is a bug.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle::{DType, Device};
+use candle_train::checkpoint::{
+    sha256_hex, Checkpoint, MANIFEST_FILE, MASTER_FILE, MODEL_FILE, OPTIMIZER_FILE,
+};
+use candle_train::{Gpt, GptConfig, LocalUpdater, OptimizerConfig};
+
+/// The files of a checkpoint in input order.
+pub const FILES: [&str; 4] = [MANIFEST_FILE, MODEL_FILE, MASTER_FILE, OPTIMIZER_FILE];
+
+/// The tiny model every input is restored into.
+pub fn model() -> &'static Gpt {
+    static MODEL: OnceLock<Gpt> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let config = GptConfig { n_ctx: 8, n_embd: 8, n_layer: 1, n_head: 2, ..GptConfig::default() };
+        Gpt::new(config, DType::BF16, &Device::Cpu, 0).expect("tiny model")
+    })
+}
+
+/// Splits an input into the four files (missing parts are empty).
+pub fn split(mut data: &[u8]) -> Vec<Vec<u8>> {
+    let mut parts = Vec::new();
+    for _ in FILES {
+        let len = match data {
+            [a, b, c, d, rest @ ..] => {
+                data = rest;
+                u32::from_le_bytes([*a, *b, *c, *d]) as usize
+            }
+            _ => 0,
+        };
+        let len = len.min(data.len());
+        parts.push(data[..len].to_vec());
+        data = &data[len..];
+    }
+    parts
+}
+
+/// Joins four files into one input.
+pub fn join(parts: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in parts {
+        out.extend((p.len() as u32).to_le_bytes());
+        out.extend(p);
+    }
+    out
+}
+
+fn scratch() -> PathBuf {
+    let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+    base.join(format!("candle-fit-fuzz-{}", std::process::id())).join("step-00000001")
+}
+
+/// Writes the input out as a checkpoint and restores it; returns whether it loaded.
+pub fn load(data: &[u8]) -> bool {
+    let mut parts = split(data);
+    if let Ok(mut manifest) = serde_json::from_slice::<serde_json::Value>(&parts[0]) {
+        if let Some(files) = manifest.get_mut("files").and_then(|f| f.as_array_mut()) {
+            for entry in files {
+                let Some(i) = entry
+                    .get("name")
+                    .and_then(|n| n.as_str())
+                    .and_then(|n| FILES.iter().position(|f| *f == n))
+                else {
+                    continue;
+                };
+                if i > 0 {
+                    entry["bytes"] = parts[i].len().into();
+                    entry["sha256"] = sha256_hex(&parts[i]).into();
+                }
+            }
+            parts[0] = serde_json::to_vec(&manifest).unwrap_or_default();
+        }
+    }
+    let dir = scratch();
+    let _ = std::fs::create_dir_all(&dir);
+    for (name, bytes) in FILES.iter().zip(&parts) {
+        let _ = std::fs::write(dir.join(name), bytes);
+    }
+    let model = model();
+    let Ok(mut updater) =
+        LocalUpdater::from_config(model.parameters(), &OptimizerConfig::AdamW(Default::default()))
+    else {
+        return false;
+    };
+    Checkpoint::open(&dir).and_then(|c| c.restore(model.parameters(), &mut updater)).is_ok()
+}
