@@ -33,9 +33,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         candle_fit_fuzz::FILES.iter().map(|f| std::fs::read(dir.join(f))).collect::<Result<_, _>>()?;
     assert!(candle_fit_fuzz::load(&candle_fit_fuzz::join(&parts)), "the seed must load");
     std::fs::write(out.join("valid"), candle_fit_fuzz::join(&parts))?;
-    for (i, _) in parts.iter().enumerate() {
+    for (i, part) in parts.iter().enumerate() {
         let mut cut = parts.clone();
-        cut[i].truncate(cut[i].len() / 2);
+        cut[i].truncate(part.len() / 2);
         std::fs::write(out.join(format!("cut{i}")), candle_fit_fuzz::join(&cut))?;
     }
     std::fs::remove_dir_all(&run_dir)?;
