@@ -2,7 +2,7 @@
 //! dtype. Candle's fused `softmax_last_dim` has no backward rule; these are built from ops
 //! that have one.
 
-use candle::{DType, Device, Result, Tensor, D};
+use candle::{CpuStorage, DType, Device, Result, Storage, Tensor, WithDType, D};
 
 use crate::device::reduction_dtype;
 use crate::layers::custom_grad::{custom1, custom2};
@@ -63,11 +63,86 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
     let shifted = (scores.detach().to_dtype(rd)? * scale)?.broadcast_add(&mask)?;
     let value = softmax_last_dim(&shifted)?.to_dtype(dtype)?;
     custom1("causal-softmax", scores, value, move |_, y, g| {
+        if let Some(grad) = softmax_backward_cpu(y, g, scale)? {
+            return Ok(Some(grad));
+        }
         let (y, g) = (y.to_dtype(rd)?, g.to_dtype(rd)?);
         let dot = (&g * &y)?.sum_keepdim(D::Minus1)?;
         let grad = ((g.broadcast_sub(&dot)? * y)? * scale)?;
         Ok(Some(grad.to_dtype(dtype)?))
     })
+}
+
+/// Softmax's backward `scale * y * (g - sum(g * y))` over the last dimension in one pass per
+/// row, on CPU, when `y` and `g` are contiguous and of one dtype: the row sum and the products
+/// run in F64 and only the result is allocated, in the input's dtype (the tensor-op path holds
+/// several F32 temporaries of the full `[batch, heads, t, t]` size at once). `None` elsewhere.
+fn softmax_backward_cpu(y: &Tensor, g: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    fn rows<T: WithDType>(y: &[T], g: &[T], n: usize, scale: f64) -> Vec<T> {
+        let mut out = Vec::with_capacity(y.len());
+        for (yr, gr) in y.chunks_exact(n).zip(g.chunks_exact(n)) {
+            let dot: f64 = yr.iter().zip(gr).map(|(y, g)| y.to_f64() * g.to_f64()).sum();
+            out.extend(yr.iter().zip(gr).map(|(y, g)| T::from_f64(scale * y.to_f64() * (g.to_f64() - dot))));
+        }
+        out
+    }
+    if !y.device().is_cpu() || y.dtype() != g.dtype() || y.dims() != g.dims() || y.rank() == 0 {
+        return Ok(None);
+    }
+    let n = y.dim(D::Minus1)?;
+    let (ys, yl) = y.storage_and_layout();
+    let (gs, gl) = g.storage_and_layout();
+    let (Some((y0, y1)), Some((g0, g1))) = (yl.contiguous_offsets(), gl.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let shape = y.shape();
+    let grad = match (&*ys, &*gs) {
+        (Storage::Cpu(CpuStorage::F32(y)), Storage::Cpu(CpuStorage::F32(g))) => {
+            Tensor::from_vec(rows(&y[y0..y1], &g[g0..g1], n, scale), shape, &Device::Cpu)?
+        }
+        (Storage::Cpu(CpuStorage::BF16(y)), Storage::Cpu(CpuStorage::BF16(g))) => {
+            Tensor::from_vec(rows(&y[y0..y1], &g[g0..g1], n, scale), shape, &Device::Cpu)?
+        }
+        (Storage::Cpu(CpuStorage::F16(y)), Storage::Cpu(CpuStorage::F16(g))) => {
+            Tensor::from_vec(rows(&y[y0..y1], &g[g0..g1], n, scale), shape, &Device::Cpu)?
+        }
+        (Storage::Cpu(CpuStorage::F64(y)), Storage::Cpu(CpuStorage::F64(g))) => {
+            Tensor::from_vec(rows(&y[y0..y1], &g[g0..g1], n, scale), shape, &Device::Cpu)?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(grad))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_one_pass_softmax_backward_equals_the_tensor_op_formula() -> Result<()> {
+        let y = softmax_last_dim(&Tensor::randn(0f32, 1.0, (2, 3, 5, 7), &Device::Cpu)?)?;
+        let g = Tensor::randn(0f32, 1.0, (2, 3, 5, 7), &Device::Cpu)?;
+        let scale = 0.37;
+        for (dtype, tolerance) in
+            [(DType::F64, 1e-6), (DType::F32, 1e-6), (DType::BF16, 2e-2), (DType::F16, 2e-3)]
+        {
+            let (yd, gd) = (y.to_dtype(dtype)?, g.to_dtype(dtype)?);
+            let fused = softmax_backward_cpu(&yd, &gd, scale)?
+                .ok_or_else(|| candle::Error::Msg("no CPU path".into()))?;
+            assert_eq!(fused.dtype(), dtype);
+            // Against the formula on the same (rounded) inputs.
+            let (y32, g32) = (yd.to_dtype(DType::F32)?, gd.to_dtype(DType::F32)?);
+            let dot = (&g32 * &y32)?.sum_keepdim(D::Minus1)?;
+            let expected = ((g32.broadcast_sub(&dot)? * &y32)? * scale)?;
+            let diff = (fused.to_dtype(DType::F32)? - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let size = expected.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff <= tolerance * size, "{dtype:?}: {diff} vs {size}");
+        }
+        // A non-contiguous gradient takes the tensor-op path.
+        let strided = g.transpose(2, 3)?.contiguous()?.transpose(2, 3)?;
+        assert!(softmax_backward_cpu(&y, &strided, scale)?.is_none());
+        Ok(())
+    }
 }
 
 /// `x + branch` where the residual stream `x` may be in a wider dtype than `branch` (an F32
