@@ -114,6 +114,22 @@ fn softmax_backward_cpu(y: &Tensor, g: &Tensor, scale: f64) -> Result<Option<Ten
     Ok(Some(grad))
 }
 
+/// `x + branch` where the residual stream `x` may be in a wider dtype than `branch` (an F32
+/// stream and a BF16 block output): the sum is in `x`'s dtype, and the graph keeps no widened
+/// copy of `branch`.
+///
+/// # Errors
+/// On a shape mismatch.
+pub fn residual_add(x: &Tensor, branch: &Tensor) -> Result<Tensor> {
+    if x.dtype() == branch.dtype() {
+        return x + branch;
+    }
+    let value = (x.detach() + branch.detach().to_dtype(x.dtype())?)?;
+    custom2("residual-add", x, branch, value, |_, branch, _, g| {
+        Ok((Some(g.clone()), Some(g.to_dtype(branch.dtype())?)))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,20 +159,4 @@ mod tests {
         assert!(softmax_backward_cpu(&y, &strided, scale)?.is_none());
         Ok(())
     }
-}
-
-/// `x + branch` where the residual stream `x` may be in a wider dtype than `branch` (an F32
-/// stream and a BF16 block output): the sum is in `x`'s dtype, and the graph keeps no widened
-/// copy of `branch`.
-///
-/// # Errors
-/// On a shape mismatch.
-pub fn residual_add(x: &Tensor, branch: &Tensor) -> Result<Tensor> {
-    if x.dtype() == branch.dtype() {
-        return x + branch;
-    }
-    let value = (x.detach() + branch.detach().to_dtype(x.dtype())?)?;
-    custom2("residual-add", x, branch, value, |_, branch, _, g| {
-        Ok((Some(g.clone()), Some(g.to_dtype(branch.dtype())?)))
-    })
 }
