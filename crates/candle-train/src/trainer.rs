@@ -346,6 +346,28 @@ pub struct TrainReport {
 pub struct Trainer {
     config: TrainerConfig,
     policy: Arc<dyn RecomputePolicy>,
+    data_rank: DataRank,
+}
+
+/// Which share of every micro-batch this trainer processes: rank `rank` of `world_size`
+/// data-parallel ranks (0 of 1 without data parallelism).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataRank {
+    /// This rank.
+    pub rank: usize,
+    /// The number of data-parallel ranks.
+    pub world_size: usize,
+}
+
+impl DataRank {
+    /// The sample indices `start..end` of a micro-batch of `micro_batch` samples that this
+    /// rank processes: a balanced contiguous split (the first `micro_batch % world_size` ranks
+    /// take one more), so the union over ranks is the whole micro-batch, each sample once.
+    pub fn samples(&self, micro_batch: usize) -> std::ops::Range<usize> {
+        let (base, extra) = (micro_batch / self.world_size, micro_batch % self.world_size);
+        let start = self.rank * base + self.rank.min(extra);
+        start..start + base + usize::from(self.rank < extra)
+    }
 }
 
 /// The median of `values` (the mean of the middle two for an even count; 0 when empty).
@@ -363,13 +385,44 @@ impl Trainer {
     /// A trainer with validated settings; it recomputes as `config.recompute` says.
     pub fn new(config: TrainerConfig) -> Self {
         let policy = Arc::new(config.recompute);
-        Self { config, policy }
+        Self { config, policy, data_rank: DataRank { rank: 0, world_size: 1 } }
     }
 
     /// A trainer whose recompute decisions come from a policy of the caller's
     /// (`config.recompute` is then ignored).
     pub fn with_policy(config: TrainerConfig, policy: Arc<dyn RecomputePolicy>) -> Self {
-        Self { config, policy }
+        Self { config, policy, data_rank: DataRank { rank: 0, world_size: 1 } }
+    }
+
+    /// Makes this trainer rank `rank` of `world_size` data-parallel ranks: `micro_batch` stays
+    /// the size of the global micro-batch, and this rank processes its share of the samples of
+    /// each one ([`DataRank::samples`]), weighting its loss by its share, so that the sum of
+    /// the ranks' gradients is the one-rank gradient of the global batch. The updater must
+    /// reduce across ranks (candle-shard's). By default, rank 0 of 1.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] when `rank >= world_size` or when the micro-batch has fewer
+    /// samples than there are ranks.
+    pub fn data_parallel(mut self, rank: usize, world_size: usize) -> Result<Self> {
+        if rank >= world_size {
+            return Err(Error::config("rank", format!("rank {rank} is not below the world size {world_size}")));
+        }
+        if self.config.micro_batch.get() < world_size {
+            return Err(Error::config(
+                "micro_batch",
+                format!(
+                    "a micro-batch of {} samples cannot be split over {world_size} ranks",
+                    self.config.micro_batch
+                ),
+            ));
+        }
+        self.data_rank = DataRank { rank, world_size };
+        Ok(self)
+    }
+
+    /// This trainer's data-parallel rank (0 of 1 by default).
+    pub fn data_rank(&self) -> DataRank {
+        self.data_rank
     }
 
     /// The keep/recompute decision for each segment of `model` at this trainer's batch shape.
@@ -421,7 +474,9 @@ impl Trainer {
 
     /// Runs one optimizer step's forward and backward over its micro-batches, accumulating
     /// into `updater` the gradient of `loss * loss_scale` (averaged over the micro-batches),
-    /// and returns the mean loss. Does not step the optimizer. `decisions` come from
+    /// and returns the mean loss. On data-parallel ranks ([`Trainer::data_parallel`]) it runs
+    /// this rank's samples only, accumulates its share of the gradient (the loss weighted by
+    /// its fraction of the samples), and returns the mean loss of its own samples. Does not step the optimizer. `decisions` come from
     /// [`Trainer::plan`]; `loss_scale` is 1 without loss scaling.
     ///
     /// # Errors
@@ -438,9 +493,12 @@ impl Trainer {
         let c = &self.config;
         let (b, k) = (c.micro_batch.get(), c.accumulation_steps.get());
         let device = model.device();
+        let samples = self.data_rank.samples(b);
+        let share = samples.len() as f64 / b as f64;
         let mut loss_sum = 0.0;
         for micro in 0..k {
-            let batch = corpus.train_batch(c.seed, step, micro * b, b, c.seq_len.get(), &device)?;
+            let (first, count) = (micro * b + samples.start, samples.len());
+            let batch = corpus.train_batch(c.seed, step, first, count, c.seq_len.get(), &device)?;
             let ctx = SegmentContext::train(c.seed, step, micro as u64);
             let mut hook_error = None;
             let hook = |grads| {
@@ -450,7 +508,7 @@ impl Trainer {
                     candle::Error::Msg(msg)
                 })
             };
-            let multiplier = loss_scale / k as f64;
+            let multiplier = loss_scale * share / k as f64;
             let result = match c.backward {
                 BackwardMode::Segmented => forward_backward(model, &batch, ctx, decisions, multiplier, hook),
                 BackwardMode::Plain => plain_forward_backward(model, &batch, ctx, multiplier, hook),
