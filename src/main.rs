@@ -257,6 +257,18 @@ struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// ZeRO stage for data-parallel training over `--world-size` ranks: 0 (gradients
+    /// all-reduced) or 1 (optimizer state and master weights sharded). By default, a single
+    /// process without sharding.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=3))]
+    zero: Option<u8>,
+    /// Data-parallel ranks, run as threads of this process (in-process communicator). The
+    /// micro-batch is the global one, split over the ranks.
+    #[arg(long, default_value_t = 1)]
+    world_size: usize,
+    /// Seconds a rank waits for its peers in a collective before failing.
+    #[arg(long, default_value_t = 300)]
+    comm_timeout: u64,
 }
 
 /// Everything a training run is made of, validated, before anything is allocated.
@@ -379,6 +391,9 @@ fn estimate(args: TrainArgs) -> anyhow::Result<()> {
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
+    if args.zero.is_some() || args.world_size != 1 {
+        return train_sharded(args);
+    }
     let Plan { precision, recompute, device, model_config, trainer_config, optimizer, corpus } = plan(&args)?;
     let dtype = precision.dtype();
     let model = Gpt::new(model_config, dtype, &device, args.seed)?;
@@ -451,6 +466,74 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.save {
         model
+            .parameters()
+            .save_safetensors(path)
+            .with_context(|| format!("saving weights to {}", path.display()))?;
+        println!("weights saved to {}", path.display());
+    }
+    Ok(())
+}
+
+/// `train` on `--world-size` in-process ranks with ZeRO stage `--zero`.
+fn train_sharded(args: TrainArgs) -> anyhow::Result<()> {
+    use std::num::NonZeroUsize;
+    use std::time::Duration;
+
+    use candle_fit::shard::comm::Op;
+    use candle_fit::shard::driver::{fit_in_process, InProcessConfig};
+    use candle_fit::shard::ZeroStage;
+
+    let stage = ZeroStage::from_number(args.zero.unwrap_or(0))?;
+    let world_size = NonZeroUsize::new(args.world_size)
+        .ok_or_else(|| anyhow::anyhow!("invalid `--world-size`: must be at least 1"))?;
+    if args.metrics.is_some() && world_size.get() > 1 {
+        anyhow::bail!("invalid `--metrics`: per-step metrics are not written by sharded runs yet");
+    }
+    let Plan { precision, device, model_config, mut trainer_config, optimizer, corpus, .. } = plan(&args)?;
+    // One progress bar per rank would interleave on stderr.
+    trainer_config.progress = false;
+    let trainer = Trainer::new(trainer_config);
+    let config = InProcessConfig { world_size, stage, timeout: Duration::from_secs(args.comm_timeout) };
+    let c = trainer.config();
+    println!(
+        "training      ZeRO {stage:?} on {world_size} in-process ranks: {} steps x {} sequences ({} micro-batch x {} accumulation) of {} bytes, {precision}, {}",
+        c.steps,
+        c.global_batch(),
+        c.micro_batch,
+        c.accumulation_steps,
+        c.seq_len,
+        optimizer_name(&optimizer),
+    );
+    let runs = fit_in_process(&config, &trainer, &corpus, &optimizer, |_rank| {
+        Gpt::new(model_config, precision.dtype(), &device, args.seed)
+    })?;
+    let Some(first) = runs.first() else { anyhow::bail!("no rank ran") };
+    let report = &first.report;
+    println!("model         {} parameters", first.model.parameters().num_elements());
+    println!("validation loss before training      {:.4} nats/byte", report.initial_val_loss);
+    println!("validation loss after {} steps       {:.4} nats/byte", c.steps, report.final_val_loss);
+    println!(
+        "median step time                     {:.1} ms ({:.0} tokens/s, all ranks together)",
+        report.median_step_time_s * 1e3,
+        report.tokens_per_s
+    );
+    for run in &runs {
+        let s = run.state;
+        let sent = run.comm.sent_bytes() - run.comm.op(Op::Broadcast).sent_bytes;
+        println!(
+            "rank {:<3} parameters {} gradients {} master {} optimizer {} | sent {} per step ({} collectives in all)",
+            run.rank,
+            mib(run.model.parameters().size_in_bytes()),
+            mib(s.gradients),
+            mib(s.master_weights),
+            mib(s.optimizer_state),
+            mib((sent / c.steps.get() as u64) as usize),
+            run.comm.calls()
+        );
+    }
+    if let Some(path) = &args.save {
+        first
+            .model
             .parameters()
             .save_safetensors(path)
             .with_context(|| format!("saving weights to {}", path.display()))?;
