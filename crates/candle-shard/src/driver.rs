@@ -18,7 +18,7 @@ use crate::ZeroStage;
 pub struct InProcessConfig {
     /// Number of ranks (threads).
     pub world_size: NonZeroUsize,
-    /// The ZeRO stage (0 or 1).
+    /// The ZeRO stage (0, 1 or 2).
     pub stage: ZeroStage,
     /// How long a collective waits for a peer before failing.
     pub timeout: Duration,

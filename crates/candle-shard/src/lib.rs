@@ -1,13 +1,13 @@
 //! Data-parallel training with ZeRO-style sharding for candle-train: communicators, flat
-//! parameter partitions, ZeRO stages 0 and 1 as candle-train [`Updater`](candle_train::Updater)s,
+//! parameter partitions, ZeRO stages 0-2 as candle-train [`Updater`](candle_train::Updater)s,
 //! rank discovery from launcher variables, and a driver for N in-process ranks.
 //!
 //! - [`comm`]: the [`Communicator`](comm::Communicator) trait (all-reduce, reduce-scatter,
 //!   all-gather, broadcast, barrier, each with a timeout, with byte counts) and the in-process
 //!   backend [`LocalGroup`](comm::LocalGroup). An NCCL backend is not in this build.
 //! - [`partition`]: flat per-dtype buffers padded so each rank owns an equal contiguous slice.
-//! - [`zero`]: [`ZeroUpdater`](zero::ZeroUpdater), stages 0 and 1. Stages 2 and 3 are not
-//!   implemented yet and are refused with an error.
+//! - [`zero`]: [`ZeroUpdater`](zero::ZeroUpdater), stages 0, 1 and 2. Stage 3 (parameters
+//!   sharded) is not implemented yet and is refused with an error.
 //! - [`env`]: rank discovery from torchrun and Slurm variables.
 //! - [`driver`]: [`fit_in_process`](driver::fit_in_process), N ranks as threads.
 //!
@@ -46,14 +46,14 @@ pub mod zero;
 
 pub use error::{CommError, Error, Result};
 
-/// The ZeRO stages. [`zero::ZeroUpdater`] implements stages 0 and 1.
+/// The ZeRO stages. [`zero::ZeroUpdater`] implements stages 0, 1 and 2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ZeroStage {
     /// Plain data parallelism: gradients all-reduced, optimizer state replicated.
     Stage0,
     /// Optimizer state (and FP32 master weights) sharded.
     Stage1,
-    /// Optimizer state and gradients sharded (not implemented).
+    /// Optimizer state and gradients sharded (reduced per segment during backward).
     Stage2,
     /// Optimizer state, gradients and parameters sharded (not implemented).
     Stage3,

@@ -1,14 +1,23 @@
-//! ZeRO stages 0 and 1 as candle-train [`Updater`]s for one rank of N.
+//! ZeRO stages 0, 1 and 2 as candle-train [`Updater`]s for one rank of N.
 //!
-//! Both keep gradients in one flat FP32 accumulator per parameter dtype, laid out by
-//! [`Partition`], and accumulate every micro-batch locally (no-sync): nothing is communicated
-//! until the optimizer step (or the loss scaler's unscale) needs the reduced gradient.
+//! Parameters are laid out in one flat buffer per dtype by [`Partition`]; each rank owns one
+//! equal contiguous slice of it.
 //!
-//! - Stage 0 (data parallel): all-reduce the accumulator; every rank holds the whole gradient,
-//!   master weights and optimizer state, and steps every parameter.
-//! - Stage 1 (optimizer state sharded): reduce-scatter the accumulator; each rank steps only
-//!   its slice of the flat buffer, with master weights and optimizer state for that slice only,
-//!   then the new parameter values are all-gathered in the parameters' dtype.
+//! - Stage 0 (data parallel): a flat FP32 accumulator over the whole buffer, accumulated
+//!   locally over the micro-batches (no-sync), all-reduced once per step; every rank holds the
+//!   whole gradient, master weights and optimizer state, and steps every parameter.
+//! - Stage 1 (optimizer state sharded): the same no-sync accumulator, reduce-scattered once per
+//!   step; each rank steps only its slice, with master weights and optimizer state for that
+//!   slice only, then the new parameter values are all-gathered in the parameters' dtype.
+//! - Stage 2 (gradients sharded too): the rank holds an FP32 gradient accumulator for its slice
+//!   only. In the engine's per-segment hook, during backward, the segment's final gradients are
+//!   converted to FP32 (one segment's worth, transient), merged into contiguous runs of the flat
+//!   buffer, and each run's part owned by rank `r` is reduced to rank `r` (a `reduce` per owner:
+//!   a segment's range is generally not an equal split of the ranks' slices, so a plain
+//!   reduce-scatter does not apply), which adds it to its accumulator. This happens every
+//!   micro-batch. A gradient that is not final yet (a tied weight used by a later segment) is
+//!   held until its last contribution arrives. The step is stage 1's; the all-gather of the
+//!   new values goes through a transient flat buffer of the parameters.
 //!
 //! How the optimizer sees a slice that cuts through parameters: it is built over the rank's
 //! [`Piece`](crate::partition::Piece)s (index `k` is the rank's `k`-th piece, of the piece's
@@ -41,8 +50,11 @@ use crate::ZeroStage;
 
 /// One flat buffer's state on this rank.
 struct Group {
-    /// The FP32 gradient accumulator over the whole padded buffer.
+    /// The FP32 gradient accumulator: over the whole padded buffer (stages 0-1) or the rank's
+    /// slice (stage 2).
     grads: Vec<f32>,
+    /// The flat index of `grads[0]`.
+    grads_offset: usize,
     /// The flat elements this rank steps: all of them (stage 0) or its slice (stage 1).
     owned: Range<usize>,
     /// FP32 master weights of the owned elements, for parameters not held in F32.
@@ -59,7 +71,7 @@ struct OwnedPiece {
     decay: bool,
 }
 
-/// One rank's [`Updater`] for ZeRO stage 0 or 1 (see the module docs).
+/// One rank's [`Updater`] for ZeRO stage 0, 1 or 2 (see the module docs).
 pub struct ZeroUpdater {
     stage: ZeroStage,
     comm: Box<dyn Communicator>,
@@ -70,6 +82,8 @@ pub struct ZeroUpdater {
     pieces: Vec<OwnedPiece>,
     optimizer: Box<dyn Optimizer>,
     reduced: bool,
+    /// Stage 2: FP32 gradients of parameters whose last contribution has not arrived yet.
+    pending: HashMap<usize, Vec<f32>>,
 }
 
 impl std::fmt::Debug for ZeroUpdater {
@@ -89,7 +103,7 @@ impl ZeroUpdater {
     /// built from `optimizer` over the pieces this rank steps. Communicates nothing.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for stages 2 and 3 (not implemented) or bad optimizer
+    /// [`Error::InvalidConfig`] for stage 3 (not implemented) or bad optimizer
     /// hyper-parameters; a device error reading half-precision parameters.
     pub fn new(
         stage: ZeroStage,
@@ -97,8 +111,8 @@ impl ZeroUpdater {
         optimizer: &OptimizerConfig,
         comm: Box<dyn Communicator>,
     ) -> Result<Self> {
-        if matches!(stage, ZeroStage::Stage2 | ZeroStage::Stage3) {
-            return Err(Error::config("zero", format!("{stage:?} is not implemented; use stage 0 or 1")));
+        if stage == ZeroStage::Stage3 {
+            return Err(Error::config("zero", "stage 3 is not implemented; use stage 0, 1 or 2"));
         }
         let params: Vec<Parameter> = params.iter().cloned().collect();
         let shapes: Vec<(DType, usize)> = params.iter().map(|p| (p.var.dtype(), p.var.elem_count())).collect();
@@ -136,11 +150,26 @@ impl ZeroUpdater {
                 let decay = params[param].var.rank() >= 2;
                 pieces.push(OwnedPiece { group: g, param, param_range, owned_range, decay });
             }
-            groups.push(Group { grads: vec![0.0; layout.padded_len()], owned, master });
+            let (grads, grads_offset) = match stage {
+                ZeroStage::Stage2 => (vec![0.0; owned.len()], owned.start),
+                _ => (vec![0.0; layout.padded_len()], 0),
+            };
+            groups.push(Group { grads, grads_offset, owned, master });
         }
         let sizes: Vec<usize> = pieces.iter().map(|p| p.param_range.len()).collect();
         let optimizer = optimizer.build(&sizes)?;
-        Ok(Self { stage, comm, params, index, partition, groups, pieces, optimizer, reduced: false })
+        Ok(Self {
+            stage,
+            comm,
+            params,
+            index,
+            partition,
+            groups,
+            pieces,
+            optimizer,
+            reduced: false,
+            pending: HashMap::new(),
+        })
     }
 
     /// Makes every rank's parameters (and stage 0's master weights) equal to rank 0's, as
@@ -197,15 +226,16 @@ impl ZeroUpdater {
             .filter(|p| self.params[p.param].name == name)
             .map(|p| {
                 let group = &self.groups[p.group];
-                let grad = &group.grads[group.owned.start..][p.owned_range.clone()];
+                let grad = &group.grads[group.owned.start - group.grads_offset..][p.owned_range.clone()];
                 (p.param_range.clone(), grad.to_vec())
             })
             .collect()
     }
 
-    /// Reduces the accumulated gradients across ranks, once per step.
+    /// Reduces the accumulated gradients across ranks, once per step (stage 2 reduced them
+    /// during backward).
     fn reduce(&mut self) -> Result<()> {
-        if self.reduced {
+        if self.reduced || self.stage == ZeroStage::Stage2 {
             return Ok(());
         }
         for group in &mut self.groups {
@@ -242,9 +272,15 @@ impl ZeroUpdater {
                 }
                 continue;
             }
-            // The gradient accumulator is done with: reuse it to assemble the new values.
-            let mut flat = std::mem::take(&mut group.grads);
-            flat.fill(0.0);
+            // Stage 1's full gradient accumulator is done with: reuse it to assemble the new
+            // values. Stage 2 has none: a transient buffer.
+            let mut flat = if self.stage == ZeroStage::Stage1 {
+                let mut flat = std::mem::take(&mut group.grads);
+                flat.fill(0.0);
+                flat
+            } else {
+                vec![0.0; layout.padded_len()]
+            };
             let shard = layout.shard_range(rank);
             match &group.master {
                 Some(master) => flat[shard.clone()].copy_from_slice(master),
@@ -262,9 +298,65 @@ impl ZeroUpdater {
             for e in layout.entries() {
                 write_f32_values(&self.params[e.param].var, &flat[e.offset..e.offset + e.len])?;
             }
-            group.grads = flat;
+            if self.stage == ZeroStage::Stage1 {
+                group.grads = flat;
+            }
         }
         Ok(())
+    }
+
+    /// Stage 2's hook: reduces one segment's final gradients to their owners.
+    fn accumulate_sharded(&mut self, gradients: &SegmentGradients) -> candle_train::Result<()> {
+        // (group, flat offset, FP32 values) of every final gradient of the call.
+        let mut ready: Vec<(usize, usize, Vec<f32>)> = Vec::new();
+        for g in &gradients.gradients {
+            let Some(&(group, entry)) = self.index.get(&g.var.as_tensor().id()) else {
+                return Err(unknown(&g.name));
+            };
+            let mut values = to_f32_vec(&g.grad)?;
+            if let Some(earlier) = self.pending.remove(&entry.param) {
+                values.iter_mut().zip(&earlier).for_each(|(v, e)| *v += e);
+            }
+            if g.is_final {
+                ready.push((group, entry.offset, values));
+            } else {
+                self.pending.insert(entry.param, values);
+            }
+        }
+        // Contiguous runs of the flat buffers, so a block's parameters go in few collectives.
+        ready.sort_by_key(|&(group, offset, _)| (group, offset));
+        let mut runs: Vec<(usize, usize, Vec<f32>)> = Vec::new();
+        for (group, offset, values) in ready {
+            match runs.last_mut() {
+                Some((g, start, run)) if *g == group && *start + run.len() == offset => run.extend(values),
+                _ => runs.push((group, offset, values)),
+            }
+        }
+        let rank = self.comm.rank();
+        for (g, start, mut run) in runs {
+            let layout = &self.partition.groups()[g];
+            let end = start + run.len();
+            for owner in layout.owner(start)..=layout.owner(end - 1) {
+                let shard = layout.shard_range(owner);
+                let (from, to) = (start.max(shard.start), end.min(shard.end));
+                let part = &mut run[from - start..to - start];
+                self.comm.reduce_f32(part, owner).map_err(Error::from)?;
+                if owner == rank {
+                    let group = &mut self.groups[g];
+                    let acc = &mut group.grads[from - group.grads_offset..to - group.grads_offset];
+                    acc.iter_mut().zip(part.iter()).for_each(|(a, &v)| *a += v);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn unknown(name: &str) -> candle_train::Error {
+    candle_train::Error::StateMismatch {
+        name: name.to_string(),
+        expected: "a parameter known to the updater".into(),
+        found: "an unknown variable".into(),
     }
 }
 
@@ -295,13 +387,12 @@ fn exchange_in_dtype(
 
 impl Updater for ZeroUpdater {
     fn accumulate(&mut self, gradients: &SegmentGradients) -> candle_train::Result<()> {
+        if self.stage == ZeroStage::Stage2 {
+            return self.accumulate_sharded(gradients);
+        }
         for g in &gradients.gradients {
             let Some(&(group, entry)) = self.index.get(&g.var.as_tensor().id()) else {
-                return Err(candle_train::Error::StateMismatch {
-                    name: g.name.clone(),
-                    expected: "a parameter known to the updater".into(),
-                    found: "an unknown variable".into(),
-                });
+                return Err(unknown(&g.name));
             };
             let acc = &mut self.groups[group].grads[entry.offset..entry.offset + entry.len];
             with_f32_values(&g.grad, |values| {
@@ -316,7 +407,7 @@ impl Updater for ZeroUpdater {
         let local: f64 = self
             .groups
             .iter()
-            .flat_map(|g| &g.grads[g.owned.clone()])
+            .flat_map(|g| &g.grads[g.owned.start - g.grads_offset..g.owned.end - g.grads_offset])
             .map(|&v| (v as f64) * (v as f64))
             .sum();
         let grad_norm = self.global_sum(local)?.sqrt();
@@ -331,14 +422,15 @@ impl Updater for ZeroUpdater {
                 clip_coef = coef;
                 let c = coef as f32;
                 for g in &mut self.groups {
-                    g.grads[g.owned.clone()].iter_mut().for_each(|v| *v *= c);
+                    let owned = g.owned.start - g.grads_offset..g.owned.end - g.grads_offset;
+                    g.grads[owned].iter_mut().for_each(|v| *v *= c);
                 }
             }
         }
         self.optimizer.begin_step();
         for (k, piece) in self.pieces.iter().enumerate() {
             let group = &mut self.groups[piece.group];
-            let grad = &group.grads[group.owned.start..][piece.owned_range.clone()];
+            let grad = &group.grads[group.owned.start - group.grads_offset..][piece.owned_range.clone()];
             let optimizer = &mut self.optimizer;
             match &mut group.master {
                 Some(master) => optimizer.update(k, &mut master[piece.owned_range.clone()], grad, lr, piece.decay)?,
@@ -360,7 +452,7 @@ impl Updater for ZeroUpdater {
         self.reduce()?;
         let mut found_inf = false;
         for g in &mut self.groups {
-            let owned = g.owned.clone();
+            let owned = g.owned.start - g.grads_offset..g.owned.end - g.grads_offset;
             found_inf |= unscale_slice(&mut g.grads[owned], inv_scale);
         }
         // One decision for every rank, even where only one rank's slice overflowed.
@@ -371,6 +463,7 @@ impl Updater for ZeroUpdater {
 
     fn zero_grad(&mut self) {
         self.groups.iter_mut().for_each(|g| g.grads.fill(0.0));
+        self.pending.clear();
         self.reduced = false;
     }
 

@@ -302,6 +302,23 @@ impl Communicator for LocalCommunicator {
         Ok(())
     }
 
+    fn reduce_f32(&self, values: &mut [f32], root: usize) -> Result<(), CommError> {
+        let world_size = self.shared.world_size;
+        if root >= world_size {
+            return Err(CommError::BadRoot { op: Op::Reduce, rank: self.rank, root, world_size });
+        }
+        let call = Call { op: Op::Reduce, len: values.len(), kind: ("f32", root) };
+        let all = self.exchange(call, Payload::F32(values.to_vec()))?;
+        if self.rank == root {
+            values.fill(0.0);
+            for p in &all {
+                values.iter_mut().zip(f32s(p)).for_each(|(v, &x)| *v += x);
+            }
+        }
+        self.record(Op::Reduce, values.len() * 4);
+        Ok(())
+    }
+
     fn reduce_scatter_f32(&self, values: &mut [f32]) -> Result<(), CommError> {
         let chunk = self.check_split(Op::ReduceScatter, values.len())?;
         let call = Call { op: Op::ReduceScatter, len: values.len(), kind: ("f32", 0) };
@@ -391,18 +408,24 @@ mod tests {
                 let mut root = vec![c.rank() as u8; 3];
                 c.broadcast(&mut root, c.world_size() - 1)?;
                 c.barrier()?;
-                Ok((sum, mine, gathered, root, c.stats()))
+                let mut reduced = vec![1.0f32, r];
+                c.reduce_f32(&mut reduced, 0)?;
+                let reduced = (c.rank() == 0).then_some(reduced);
+                Ok((sum, mine, gathered, root, reduced, c.stats()))
             });
             let n = world_size as f32;
             let rank_sum = n * (n - 1.0) / 2.0;
             for (rank, result) in results.into_iter().enumerate() {
-                let (sum, mine, gathered, root, stats) = result.expect("no failure");
+                let (sum, mine, gathered, root, reduced, stats) = result.expect("no failure");
+                if rank == 0 {
+                    assert_eq!(reduced, Some(vec![n, rank_sum]));
+                }
                 assert_eq!(sum, vec![rank_sum, n, 2.0 * rank_sum]);
                 let i = 2.0 * rank as f32;
                 assert_eq!(mine, vec![n * i + rank_sum, n * (i + 1.0) + rank_sum]);
                 assert_eq!(gathered, (0..world_size).map(|r| 10 + r as u8).collect::<Vec<_>>());
                 assert_eq!(root, vec![world_size as u8 - 1; 3]);
-                assert_eq!(stats.calls(), 5);
+                assert_eq!(stats.calls(), 6);
                 assert_eq!(stats.op(Op::AllReduce).buffer_bytes, 12);
                 let expected_sent = 2 * 12 * (world_size - 1) / world_size;
                 assert_eq!(stats.op(Op::AllReduce).sent_bytes, expected_sent as u64);

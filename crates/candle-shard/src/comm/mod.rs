@@ -18,6 +18,8 @@ use crate::error::CommError;
 pub enum Op {
     /// Sum of every rank's buffer, on every rank.
     AllReduce,
+    /// Sum of every rank's buffer, on one root rank.
+    Reduce,
     /// Sum of every rank's buffer, each rank keeping its own chunk.
     ReduceScatter,
     /// Every rank's chunk, on every rank.
@@ -30,7 +32,8 @@ pub enum Op {
 
 impl Op {
     /// Every operation, in the order [`CommStats`] stores them.
-    pub const ALL: [Op; 5] = [Op::AllReduce, Op::ReduceScatter, Op::AllGather, Op::Broadcast, Op::Barrier];
+    pub const ALL: [Op; 6] =
+        [Op::AllReduce, Op::Reduce, Op::ReduceScatter, Op::AllGather, Op::Broadcast, Op::Barrier];
 
     fn index(self) -> usize {
         self as usize
@@ -40,6 +43,7 @@ impl Op {
     pub fn name(self) -> &'static str {
         match self {
             Op::AllReduce => "all_reduce",
+            Op::Reduce => "reduce",
             Op::ReduceScatter => "reduce_scatter",
             Op::AllGather => "all_gather",
             Op::Broadcast => "broadcast",
@@ -64,15 +68,15 @@ pub struct OpStats {
     pub buffer_bytes: u64,
     /// Bytes a bandwidth-optimal (ring) implementation sends from this rank for those calls,
     /// the convention NCCL's bus bandwidth uses: all-reduce `2 (N-1)/N B`, reduce-scatter and
-    /// all-gather `(N-1)/N B`, broadcast `B`, barrier 0, for a buffer of `B` bytes on `N`
-    /// ranks. This is what the theory (2P per step for ZeRO 0-2) counts.
+    /// all-gather `(N-1)/N B`, reduce and broadcast `B` (a pipelined ring), barrier 0, for a
+    /// buffer of `B` bytes on `N` ranks. This is what the theory (2P per step for ZeRO 0-2) counts.
     pub sent_bytes: u64,
 }
 
 /// What one rank's communicator has done, per operation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CommStats {
-    ops: [OpStats; 5],
+    ops: [OpStats; 6],
 }
 
 impl CommStats {
@@ -108,8 +112,8 @@ impl CommStats {
         let sent = match op {
             Op::AllReduce => 2 * b * (n - 1) / n,
             Op::ReduceScatter | Op::AllGather => b * (n - 1) / n,
-            Op::Broadcast if n > 1 => b,
-            Op::Broadcast | Op::Barrier => 0,
+            Op::Reduce | Op::Broadcast if n > 1 => b,
+            Op::Reduce | Op::Broadcast | Op::Barrier => 0,
         };
         let o = &mut self.ops[op.index()];
         o.calls += 1;
@@ -146,6 +150,13 @@ pub trait Communicator: Send {
     /// # Errors
     /// As [`Communicator::all_reduce_f32`].
     fn all_reduce_f64(&self, values: &mut [f64]) -> Result<(), CommError>;
+
+    /// Replaces the root's `values` by the sum over ranks of their `values`; the other ranks'
+    /// `values` are left unspecified.
+    ///
+    /// # Errors
+    /// [`CommError::BadRoot`], or as [`Communicator::all_reduce_f32`].
+    fn reduce_f32(&self, values: &mut [f32], root: usize) -> Result<(), CommError>;
 
     /// In place: `values` is cut into `world_size` equal chunks; on return, chunk `rank` holds
     /// the sum over ranks of their chunk `rank` (NCCL's in-place reduce-scatter). The other
