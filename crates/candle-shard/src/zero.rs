@@ -334,6 +334,9 @@ impl ZeroUpdater {
         }
         let rank = self.comm.rank();
         for (g, start, mut run) in runs {
+            if run.is_empty() {
+                continue;
+            }
             let layout = &self.partition.groups()[g];
             let end = start + run.len();
             for owner in layout.owner(start)..=layout.owner(end - 1) {
