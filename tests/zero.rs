@@ -72,7 +72,8 @@ fn ranks(
     optimizer: &OptimizerConfig,
     dtype: DType,
 ) -> anyhow::Result<Vec<RankRun<Gpt>>> {
-    let config = InProcessConfig { world_size: NonZeroUsize::new(world_size).expect("> 0"), stage, timeout: TIMEOUT };
+    let config =
+        InProcessConfig { world_size: NonZeroUsize::new(world_size).expect("> 0"), stage, timeout: TIMEOUT };
     // Different seeds per rank: rank 0's initial parameters must be broadcast to the others.
     Ok(fit_in_process(&config, trainer, &corpus()?, optimizer, |rank| {
         Gpt::new(odd_model(), dtype, &Device::Cpu, 7 + 100 * rank as u64)
@@ -148,10 +149,7 @@ fn every_stage_on_n_ranks_gives_the_parameters_of_one_rank() -> anyhow::Result<(
 fn adamw_on_shard_pieces_equals_stage_zero_bit_for_bit() -> anyhow::Result<()> {
     let _serial = SERIAL.lock();
     let adamw = OptimizerConfig::AdamW(AdamWConfig::default());
-    let cases = [
-        (2, vec![ZeroStage::Stage1]),
-        (1, vec![ZeroStage::Stage1, ZeroStage::Stage2]),
-    ];
+    let cases = [(2, vec![ZeroStage::Stage1]), (1, vec![ZeroStage::Stage1, ZeroStage::Stage2])];
     for (accumulation_steps, stages) in cases {
         let trainer = Trainer::new(
             TrainerConfig::builder()
@@ -291,7 +289,8 @@ fn a_rank_that_never_arrives_times_out_its_peers() -> anyhow::Result<()> {
     let sgd = OptimizerConfig::Sgd(SgdConfig::default());
     let trainer = trainer(4, 1, 2)?;
     let timeout = Duration::from_millis(500);
-    let config = InProcessConfig { world_size: NonZeroUsize::new(2).expect("> 0"), stage: ZeroStage::Stage0, timeout };
+    let config =
+        InProcessConfig { world_size: NonZeroUsize::new(2).expect("> 0"), stage: ZeroStage::Stage0, timeout };
     let result = fit_in_process(&config, &trainer, &corpus()?, &sgd, |rank| {
         if rank == 1 {
             std::thread::sleep(timeout * 4);
@@ -335,7 +334,7 @@ fn per_rank_model_state_bytes_match_the_zero_formulas() -> anyhow::Result<()> {
                     (_, ZeroStage::Stage1) => 6.0 * p + 12.0 * p / n,
                     _ => 2.0 * p + 16.0 * p / n,
                 };
-                for (rank, comm) in LocalGroup::new(world_size, TIMEOUT).into_iter().enumerate() {
+                for (rank, comm) in LocalGroup::ranks(world_size, TIMEOUT).into_iter().enumerate() {
                     if rank != 0 && rank != world_size - 1 {
                         continue;
                     }

@@ -60,7 +60,7 @@ where
     F: Fn(usize) -> candle_train::Result<M> + Sync,
 {
     let world_size = config.world_size.get();
-    let comms = LocalGroup::new(world_size, config.timeout);
+    let comms = LocalGroup::ranks(world_size, config.timeout);
     let outcomes: Vec<Result<RankRun<M>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = comms
             .into_iter()

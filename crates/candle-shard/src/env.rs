@@ -76,7 +76,11 @@ impl RankInfo {
         let rank = number(rank_var)?;
         let world_size = number(world_var)?;
         let local_rank = number(local_var)?;
-        let invalid = |name: &'static str, value: usize, reason| Error::InvalidEnv { name, value: value.to_string(), reason };
+        let invalid = |name: &'static str, value: usize, reason| Error::InvalidEnv {
+            name,
+            value: value.to_string(),
+            reason,
+        };
         if world_size == 0 {
             return Err(invalid(world_var, world_size, "the world size must be at least 1"));
         }
@@ -210,7 +214,9 @@ mod tests {
         assert!(err(&[("RANK", "0"), ("LOCAL_RANK", "0")]).contains("`WORLD_SIZE` is not set"));
         assert!(err(&[("RANK", "4"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "h")])
             .contains("`RANK` = `4`"));
-        assert!(err(&[("RANK", "x"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "0")]).contains("not a non-negative"));
+        assert!(
+            err(&[("RANK", "x"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "0")]).contains("not a non-negative")
+        );
         assert!(err(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")]).contains("`MASTER_ADDR`"));
         assert!(err(&[
             ("RANK", "0"),
@@ -220,7 +226,8 @@ mod tests {
             ("MASTER_PORT", "70000")
         ])
         .contains("MASTER_PORT"));
-        assert!(err(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "0"), ("SLURM_LOCALID", "0")]).contains("at least 1"));
+        assert!(err(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "0"), ("SLURM_LOCALID", "0")])
+            .contains("at least 1"));
     }
 
     #[test]

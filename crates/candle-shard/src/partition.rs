@@ -234,7 +234,7 @@ mod tests {
             for e in layout.entries() {
                 packed[e.offset..e.offset + e.len].copy_from_slice(&params[e.param]);
             }
-            let comms = crate::comm::LocalGroup::new(world_size, std::time::Duration::from_secs(30));
+            let comms = crate::comm::LocalGroup::ranks(world_size, std::time::Duration::from_secs(30));
             let gathered: Vec<Vec<f32>> = std::thread::scope(|s| {
                 let handles: Vec<_> = comms.into_iter().map(|c| {
                     let (layout, params) = (&layout, &params);
@@ -263,16 +263,19 @@ mod tests {
         let p = Partition::new(&[(DType::F32, 5), (DType::BF16, 3), (DType::F32, 2)], 3);
         assert_eq!(p.groups().len(), 2);
         let f32s = &p.groups()[0];
-        assert_eq!(f32s.entries(), &[
-            FlatEntry { param: 0, offset: 0, len: 5 },
-            FlatEntry { param: 2, offset: 5, len: 2 }
-        ]);
+        assert_eq!(
+            f32s.entries(),
+            &[FlatEntry { param: 0, offset: 0, len: 5 }, FlatEntry { param: 2, offset: 5, len: 2 }]
+        );
         // 7 elements over 3 ranks in units of 4 f32 (16 bytes): 12 elements, 4 per rank.
         assert_eq!((f32s.padded_len(), f32s.shard_len()), (12, 4));
-        assert_eq!(f32s.pieces(1), vec![
-            Piece { param: 0, param_range: 4..5, shard_range: 0..1 },
-            Piece { param: 2, param_range: 0..2, shard_range: 1..3 },
-        ]);
+        assert_eq!(
+            f32s.pieces(1),
+            vec![
+                Piece { param: 0, param_range: 4..5, shard_range: 0..1 },
+                Piece { param: 2, param_range: 0..2, shard_range: 1..3 },
+            ]
+        );
         assert!(f32s.pieces(2).is_empty(), "rank 2 owns only padding");
         // bf16: units of 8 elements per rank.
         assert_eq!(p.groups()[1].padded_len(), 24);

@@ -115,7 +115,8 @@ impl ZeroUpdater {
             return Err(Error::config("zero", "stage 3 is not implemented; use stage 0, 1 or 2"));
         }
         let params: Vec<Parameter> = params.iter().cloned().collect();
-        let shapes: Vec<(DType, usize)> = params.iter().map(|p| (p.var.dtype(), p.var.elem_count())).collect();
+        let shapes: Vec<(DType, usize)> =
+            params.iter().map(|p| (p.var.dtype(), p.var.elem_count())).collect();
         let partition = Partition::new(&shapes, comm.world_size());
         let mut index = HashMap::new();
         for (i, p) in params.iter().enumerate() {
@@ -128,11 +129,13 @@ impl ZeroUpdater {
         for (g, layout) in partition.groups().iter().enumerate() {
             let (owned, group_pieces) = match stage {
                 ZeroStage::Stage0 => {
-                    let whole = layout.entries().iter().map(|e| (e.param, 0..e.len, e.offset..e.offset + e.len));
+                    let whole =
+                        layout.entries().iter().map(|e| (e.param, 0..e.len, e.offset..e.offset + e.len));
                     (0..layout.padded_len(), whole.collect::<Vec<_>>())
                 }
                 _ => {
-                    let mine = layout.pieces(rank).into_iter().map(|p| (p.param, p.param_range, p.shard_range));
+                    let mine =
+                        layout.pieces(rank).into_iter().map(|p| (p.param, p.param_range, p.shard_range));
                     (layout.shard_range(rank), mine.collect())
                 }
             };
@@ -436,11 +439,14 @@ impl Updater for ZeroUpdater {
             let grad = &group.grads[group.owned.start - group.grads_offset..][piece.owned_range.clone()];
             let optimizer = &mut self.optimizer;
             match &mut group.master {
-                Some(master) => optimizer.update(k, &mut master[piece.owned_range.clone()], grad, lr, piece.decay)?,
+                Some(master) => {
+                    optimizer.update(k, &mut master[piece.owned_range.clone()], grad, lr, piece.decay)?
+                }
                 None => {
                     let mut outcome = Ok(());
                     update_f32_in_place(&self.params[piece.param].var, |values| {
-                        outcome = optimizer.update(k, &mut values[piece.param_range.clone()], grad, lr, piece.decay)
+                        outcome =
+                            optimizer.update(k, &mut values[piece.param_range.clone()], grad, lr, piece.decay)
                     })?;
                     outcome?;
                 }

@@ -48,7 +48,9 @@ pub use optim::{AdamW, AdamWConfig, Optimizer, OptimizerConfig, Sgd, SgdConfig};
 pub use params::{ParamBuilder, Parameter, Parameters};
 pub use precision::Precision;
 pub use schedule::LrSchedule;
-pub use trainer::{BackwardMode, DataRank, LanguageModel, TrainReport, Trainer, TrainerBuilder, TrainerConfig};
+pub use trainer::{
+    BackwardMode, DataRank, LanguageModel, TrainReport, Trainer, TrainerBuilder, TrainerConfig,
+};
 pub use updater::{LocalUpdater, StepReport, Updater};
 
 #[cfg(test)]

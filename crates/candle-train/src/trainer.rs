@@ -405,7 +405,10 @@ impl Trainer {
     /// samples than there are ranks.
     pub fn data_parallel(mut self, rank: usize, world_size: usize) -> Result<Self> {
         if rank >= world_size {
-            return Err(Error::config("rank", format!("rank {rank} is not below the world size {world_size}")));
+            return Err(Error::config(
+                "rank",
+                format!("rank {rank} is not below the world size {world_size}"),
+            ));
         }
         if self.config.micro_batch.get() < world_size {
             return Err(Error::config(

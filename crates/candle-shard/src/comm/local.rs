@@ -57,7 +57,7 @@ impl LocalGroup {
     ///
     /// # Panics
     /// Never; a `world_size` of 0 gives no communicators.
-    pub fn new(world_size: usize, timeout: Duration) -> Vec<LocalCommunicator> {
+    pub fn ranks(world_size: usize, timeout: Duration) -> Vec<LocalCommunicator> {
         let shared = Arc::new(Shared {
             world_size,
             timeout,
@@ -136,13 +136,12 @@ impl LocalCommunicator {
         if now >= deadline {
             return Ok((state, true));
         }
-        let (state, _) = self.shared.changed.wait_timeout(state, deadline - now).map_err(|_| {
-            CommError::Aborted {
+        let (state, _) =
+            self.shared.changed.wait_timeout(state, deadline - now).map_err(|_| CommError::Aborted {
                 op,
                 rank: self.rank,
                 cause: Box::new(CommError::PeerLeft { op, rank: self.rank, peer: self.rank }),
-            }
-        })?;
+            })?;
         Ok((state, false))
     }
 
@@ -385,7 +384,7 @@ mod tests {
         timeout: Duration,
         f: impl Fn(LocalCommunicator) -> T + Sync,
     ) -> Vec<T> {
-        let comms = LocalGroup::new(world_size, timeout);
+        let comms = LocalGroup::ranks(world_size, timeout);
         thread::scope(|s| {
             let handles: Vec<_> = comms.into_iter().map(|c| s.spawn(|| f(c))).collect();
             handles.into_iter().map(|h| h.join().expect("rank threads do not panic")).collect()
@@ -485,7 +484,7 @@ mod tests {
             c.all_reduce_f32(&mut v)
         });
         assert!(results.iter().all(|r| r.is_err()), "{results:?}");
-        let text = format!("{}", results[0].as_ref().err().expect("failed"));
+        let text = format!("{}", results[0].as_ref().expect_err("failed"));
         assert!(text.contains("all_reduce"), "{text}");
     }
 }
