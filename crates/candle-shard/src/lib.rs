@@ -8,7 +8,7 @@
 //! - [`partition`]: flat per-dtype buffers padded so each rank owns an equal contiguous slice.
 //! - [`zero`]: [`ZeroUpdater`](zero::ZeroUpdater), stages 0, 1 and 2. Stage 3 (parameters
 //!   sharded) is not implemented yet and is refused with an error.
-//! - [`env`]: rank discovery from torchrun and Slurm variables.
+//! - [`discovery`]: rank discovery from torchrun and Slurm variables.
 //! - [`driver`]: [`fit_in_process`](driver::fit_in_process), N ranks as threads.
 //!
 //! Two ranks of stage 1 train the same model as one rank on the same global batch:
@@ -39,7 +39,7 @@
 
 pub mod comm;
 pub mod driver;
-pub mod env;
+pub mod discovery;
 pub mod error;
 pub mod partition;
 pub mod zero;
