@@ -23,3 +23,6 @@ bin="$CARGO_TARGET_DIR/release/candle-fit"
 "$bin" bench --layers 4,8,16,24,48 --width 64 --batch 8 --seq-len 64 --steps 5 --warmup 1 \
   --configs fp32,candle-plain,recompute-sqrt,recompute-all \
   --json "$out/recompute-depth.json" --markdown "$out/recompute-depth.md"
+
+# 6. ZeRO stages 0-2 on 1-8 in-process ranks: state bytes, bytes sent, tokens/s.
+cargo run --release --quiet --example zero_scaling -- 4 128 6 | tee "$out/zero-scaling.md"
