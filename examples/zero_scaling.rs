@@ -16,7 +16,7 @@ use std::time::Duration;
 use candle::{DType, Device};
 use candle_fit::shard::comm::{LocalGroup, Op};
 use candle_fit::shard::driver::{fit_in_process, InProcessConfig};
-use candle_fit::shard::zero::ZeroUpdater;
+use candle_fit::shard::zero::{segment_units, ZeroUpdater};
 use candle_fit::shard::ZeroStage;
 use candle_fit::train::{AdamWConfig, Corpus, Gpt, GptConfig, OptimizerConfig, Trainer, TrainerConfig, Updater};
 
@@ -82,7 +82,11 @@ fn main() -> anyhow::Result<()> {
     for stage in STAGES {
         for world_size in [1usize, 2, 4, 8] {
             let comm = LocalGroup::ranks(world_size, Duration::from_secs(60)).swap_remove(0);
-            let updater = ZeroUpdater::new(stage, model.parameters(), &adamw, Box::new(comm))?;
+            let units = match stage {
+                ZeroStage::Stage2 => segment_units(&model, model.parameters()),
+                _ => Vec::new(),
+            };
+            let updater = ZeroUpdater::with_units(stage, model.parameters(), &units, &adamw, Box::new(comm))?;
             let s = updater.state_bytes();
             let total = param_bytes + (s.gradients + s.master_weights + s.optimizer_state) as f64;
             let expected = formula(stage, p, world_size as f64);
@@ -156,11 +160,10 @@ fn main() -> anyhow::Result<()> {
             let sent = (c.sent_bytes() - c.op(Op::Broadcast).sent_bytes) as f64 / steps as f64;
             let n = world_size as f64;
             // Ring theory per step in FP32 units of P: 2 (N-1)/N for stages 0-1 (all-reduce, or
-            // reduce-scatter + all-gather); stage 2 reduces every micro-batch (a pipelined reduce
-            // sends P) and all-gathers once: k + (N-1)/N.
+            // reduce-scatter + all-gather); stage 2 reduce-scatters every micro-batch and
+            // all-gathers once: (k + 1) (N-1)/N.
             let theory = match stage {
-                _ if world_size == 1 => 0.0,
-                ZeroStage::Stage2 => accumulation_steps as f64 + (n - 1.0) / n,
+                ZeroStage::Stage2 => (accumulation_steps as f64 + 1.0) * (n - 1.0) / n,
                 _ => 2.0 * (n - 1.0) / n,
             };
             println!(

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use candle::{DType, Device};
 use candle_fit::shard::comm::{LocalGroup, Op};
 use candle_fit::shard::driver::{fit_in_process, InProcessConfig, RankRun};
-use candle_fit::shard::zero::ZeroUpdater;
+use candle_fit::shard::partition::Partition;
+use candle_fit::shard::zero::{segment_units, ZeroUpdater};
 use candle_fit::shard::{CommError, Error as ShardError, ZeroStage};
 use candle_fit::train::memory::{self, CountingAllocator};
 use candle_fit::train::{
@@ -339,7 +340,12 @@ fn per_rank_model_state_bytes_match_the_zero_formulas() -> anyhow::Result<()> {
                         continue;
                     }
                     let before = memory::current_bytes();
-                    let updater = ZeroUpdater::new(stage, model.parameters(), &adamw, Box::new(comm))?;
+                    let units = match stage {
+                        ZeroStage::Stage2 => segment_units(&model, model.parameters()),
+                        _ => Vec::new(),
+                    };
+                    let updater =
+                        ZeroUpdater::with_units(stage, model.parameters(), &units, &adamw, Box::new(comm))?;
                     let allocated = memory::current_bytes() - before;
                     let state = updater.state_bytes();
                     let counted = state.gradients + state.master_weights + state.optimizer_state;
@@ -366,55 +372,58 @@ fn per_rank_model_state_bytes_match_the_zero_formulas() -> anyhow::Result<()> {
 /// theory for stages 0 and 1: `2 (N-1)/N` times the FP32 gradient buffer, i.e. 2P elements
 /// as N grows; stages 1-2 add one FP64 all-reduce of the norm. Stage 1's gradients go by
 /// reduce-scatter and its parameters by all-gather, each `(N-1)/N` of the buffer. Stage 2
-/// reduces every parameter element exactly once per micro-batch (`P`, no padding; a pipelined
-/// reduce sends its whole buffer) plus the all-gather: `k P + (N-1)/N P` for k micro-batches.
+/// reduce-scatters each segment's buffer every micro-batch and all-gathers once per step:
+/// `(k + 1) (N-1)/N P` for k micro-batches (2 (N-1)/N P without accumulation).
 #[test]
 fn bytes_communicated_per_step_match_the_theory() -> anyhow::Result<()> {
     let _serial = SERIAL.lock();
     let sgd = OptimizerConfig::Sgd(SgdConfig::default());
-    let steps = 3u64;
-    let trainer = trainer(4, 2, steps as usize)?;
+    let (steps, micro_batches) = (3u64, 2u64);
+    let trainer = trainer(4, micro_batches as usize, steps as usize)?;
+    let model = Gpt::new(odd_model(), DType::F32, &Device::Cpu, 0)?;
+    let shapes: Vec<_> = model.parameters().iter().map(|p| (DType::F32, p.var.elem_count())).collect();
     for world_size in [2u64, 4] {
+        let ring = |bytes: u64| bytes * (world_size - 1) / world_size;
         for stage in [ZeroStage::Stage0, ZeroStage::Stage1, ZeroStage::Stage2] {
+            // Stage 2: one flat buffer per segment (embedding, block, head), each padded.
+            let partition = match stage {
+                ZeroStage::Stage2 => {
+                    Partition::by_unit(&shapes, &segment_units(&model, model.parameters()), world_size as usize)
+                }
+                _ => Partition::new(&shapes, world_size as usize),
+            };
+            let buffers: Vec<u64> = partition.groups().iter().map(|g| g.padded_len() as u64 * 4).collect();
+            let groups = buffers.len() as u64;
+            assert_eq!(groups, if stage == ZeroStage::Stage2 { 3 } else { 1 });
             let runs = ranks(stage, world_size as usize, &trainer, &sgd, DType::F32)?;
-            let model = Gpt::new(odd_model(), DType::F32, &Device::Cpu, 0)?;
-            let layout = candle_fit::shard::partition::FlatLayout::new(
-                DType::F32,
-                model.parameters().iter().map(|p| p.var.elem_count()).enumerate(),
-                world_size as usize,
-            );
-            let buffer = layout.padded_len() as u64 * 4;
             for run in &runs {
                 let c = run.comm;
-                // The one broadcast of rank 0's initial parameters.
-                assert_eq!(c.op(Op::Broadcast).calls, 1);
-                assert_eq!(c.op(Op::Broadcast).buffer_bytes, buffer);
+                // The broadcast of rank 0's initial parameters, once per buffer.
+                assert_eq!(c.op(Op::Broadcast).calls, groups);
+                assert_eq!(c.op(Op::Broadcast).buffer_bytes, buffers.iter().sum::<u64>());
                 let per_step = (c.sent_bytes() - c.op(Op::Broadcast).sent_bytes) / steps;
-                let ring = |bytes: u64| bytes * (world_size - 1) / world_size;
+                let each: u64 = buffers.iter().map(|&b| ring(b)).sum();
                 let expected = match stage {
                     ZeroStage::Stage0 => {
                         assert_eq!(c.op(Op::AllReduce).calls, steps);
-                        2 * ring(buffer)
+                        2 * each
                     }
                     ZeroStage::Stage1 => {
                         assert_eq!(c.op(Op::ReduceScatter).calls, steps);
                         assert_eq!(c.op(Op::AllGather).calls, steps);
-                        ring(buffer) + ring(buffer) + 2 * ring(8)
+                        each + each + 2 * ring(8)
                     }
                     _ => {
-                        assert_eq!(c.op(Op::ReduceScatter).calls, 0);
-                        let reduced = c.op(Op::Reduce).buffer_bytes;
-                        assert_eq!(reduced, steps * 2 * 8347 * 4, "each element once per micro-batch");
-                        assert_eq!(c.op(Op::Reduce).sent_bytes, reduced);
-                        reduced / steps + ring(buffer) + 2 * ring(8)
+                        assert_eq!(c.op(Op::ReduceScatter).calls, steps * micro_batches * groups);
+                        assert_eq!(c.op(Op::AllGather).calls, steps * groups);
+                        micro_batches * each + each + 2 * ring(8)
                     }
                 };
                 assert_eq!(per_step, expected, "{stage:?} N = {world_size}");
-                if stage == ZeroStage::Stage2 {
-                    continue;
-                }
-                // Against 2P (N-1)/N in FP32 units: only padding and the norm differ.
-                let theory = 2.0 * 8347.0 * 4.0 * (world_size - 1) as f64 / world_size as f64;
+                // Against the theory, (reductions + 1 gather) (N-1)/N P in FP32 units: only
+                // padding and the norm differ.
+                let reductions = if stage == ZeroStage::Stage2 { micro_batches } else { 1 } as f64;
+                let theory = (reductions + 1.0) * 8347.0 * 4.0 * (world_size - 1) as f64 / world_size as f64;
                 assert!(((per_step as f64) / theory - 1.0).abs() < 0.01, "{per_step} vs {theory}");
             }
         }

@@ -10,7 +10,7 @@ use candle_train::{Corpus, LanguageModel, OptimizerConfig, TrainReport, Trainer,
 
 use crate::comm::{CommStats, LocalGroup};
 use crate::error::{Error, Result};
-use crate::zero::ZeroUpdater;
+use crate::zero::{segment_units, ZeroUpdater};
 use crate::ZeroStage;
 
 /// How to run the ranks.
@@ -69,8 +69,18 @@ where
                 let make_model = &make_model;
                 scope.spawn(move || -> Result<RankRun<M>> {
                     let model = make_model(rank)?;
-                    let mut updater =
-                        ZeroUpdater::new(config.stage, model.parameters(), optimizer, Box::new(comm))?;
+                    // Stage 2 reduces per segment: one flat buffer per segment.
+                    let units = match config.stage {
+                        ZeroStage::Stage2 => segment_units(&model, model.parameters()),
+                        _ => Vec::new(),
+                    };
+                    let mut updater = ZeroUpdater::with_units(
+                        config.stage,
+                        model.parameters(),
+                        &units,
+                        optimizer,
+                        Box::new(comm),
+                    )?;
                     updater.broadcast_parameters()?;
                     let trainer = trainer.clone().data_parallel(rank, world_size)?;
                     let report = trainer.fit(&model, corpus, &mut updater)?;

@@ -131,7 +131,8 @@ impl FlatLayout {
     }
 }
 
-/// One [`FlatLayout`] per parameter dtype, in order of first appearance.
+/// One [`FlatLayout`] per parameter dtype (and per unit, see [`Partition::by_unit`]), in
+/// order of first appearance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partition {
     groups: Vec<FlatLayout>,
@@ -139,18 +140,31 @@ pub struct Partition {
 
 impl Partition {
     /// Partitions parameters given as `(dtype, elements)` in model order over `world_size`
-    /// ranks.
+    /// ranks: one flat buffer per dtype.
     pub fn new(params: &[(DType, usize)], world_size: usize) -> Self {
-        let mut dtypes: Vec<DType> = Vec::new();
-        for (dtype, _) in params {
-            if !dtypes.contains(dtype) {
-                dtypes.push(*dtype);
+        Self::by_unit(params, &vec![0; params.len()], world_size)
+    }
+
+    /// As [`Partition::new`], with one flat buffer per `(unit, dtype)`, where `units[i]` is the
+    /// unit of parameter `i` (for ZeRO 2, the segment whose backward completes its gradient),
+    /// so that each unit is itself split equally over the ranks. A parameter without a unit
+    /// entry goes to unit `usize::MAX`.
+    pub fn by_unit(params: &[(DType, usize)], units: &[usize], world_size: usize) -> Self {
+        let unit = |i: usize| units.get(i).copied().unwrap_or(usize::MAX);
+        let mut keys: Vec<(usize, DType)> = Vec::new();
+        for (i, (dtype, _)) in params.iter().enumerate() {
+            if !keys.contains(&(unit(i), *dtype)) {
+                keys.push((unit(i), *dtype));
             }
         }
-        let groups = dtypes
+        let groups = keys
             .into_iter()
-            .map(|dtype| {
-                let members = params.iter().enumerate().filter(|(_, p)| p.0 == dtype).map(|(i, p)| (i, p.1));
+            .map(|(u, dtype)| {
+                let members = params
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, p)| p.0 == dtype && unit(i) == u)
+                    .map(|(i, p)| (i, p.1));
                 FlatLayout::new(dtype, members, world_size)
             })
             .collect();
@@ -280,5 +294,10 @@ mod tests {
         // bf16: units of 8 elements per rank.
         assert_eq!(p.groups()[1].padded_len(), 24);
         assert_eq!(p.locate(2), Some((0, FlatEntry { param: 2, offset: 5, len: 2 })));
+        // By unit: parameters 0 and 2 in separate units, each padded on its own.
+        let p = Partition::by_unit(&[(DType::F32, 5), (DType::BF16, 3), (DType::F32, 2)], &[1, 1, 0], 3);
+        assert_eq!(p.groups().len(), 3);
+        assert_eq!(p.locate(2), Some((2, FlatEntry { param: 2, offset: 0, len: 2 })));
+        assert_eq!(p.groups()[2].padded_len(), 12);
     }
 }

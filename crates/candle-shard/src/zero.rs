@@ -9,15 +9,16 @@
 //! - Stage 1 (optimizer state sharded): the same no-sync accumulator, reduce-scattered once per
 //!   step; each rank steps only its slice, with master weights and optimizer state for that
 //!   slice only, then the new parameter values are all-gathered in the parameters' dtype.
-//! - Stage 2 (gradients sharded too): the rank holds an FP32 gradient accumulator for its slice
-//!   only. In the engine's per-segment hook, during backward, the segment's final gradients are
-//!   converted to FP32 (one segment's worth, transient), merged into contiguous runs of the flat
-//!   buffer, and each run's part owned by rank `r` is reduced to rank `r` (a `reduce` per owner:
-//!   a segment's range is generally not an equal split of the ranks' slices, so a plain
-//!   reduce-scatter does not apply), which adds it to its accumulator. This happens every
-//!   micro-batch. A gradient that is not final yet (a tied weight used by a later segment) is
-//!   held until its last contribution arrives. The step is stage 1's; the all-gather of the
-//!   new values goes through a transient flat buffer of the parameters.
+//! - Stage 2 (gradients sharded too): parameters are laid out in one flat buffer per segment
+//!   (per "unit": the segment whose backward completes the parameter's gradient, see
+//!   [`segment_units`]) and dtype, each split equally over the ranks, as FSDP does per wrapped
+//!   module. The rank holds an FP32 gradient accumulator for its slices only. In the engine's
+//!   per-segment hook, during backward, a unit's final gradients are staged in FP32 (one
+//!   segment's worth, transient) and, once the unit is complete, reduce-scattered: each rank adds
+//!   its chunk to its accumulator. This happens every micro-batch. A gradient that is not final
+//!   yet (a tied weight used by a later segment) is held until its last contribution arrives.
+//!   The step is stage 1's; the all-gather of the new values goes through a transient flat
+//!   buffer per unit.
 //!
 //! How the optimizer sees a slice that cuts through parameters: it is built over the rank's
 //! [`Piece`](crate::partition::Piece)s (index `k` is the rank's `k`-th piece, of the piece's
@@ -84,6 +85,22 @@ pub struct ZeroUpdater {
     reduced: bool,
     /// Stage 2: FP32 gradients of parameters whose last contribution has not arrived yet.
     pending: HashMap<usize, Vec<f32>>,
+    /// Stage 2: per group, its flat FP32 gradients staged so far and how many of its
+    /// parameters they cover.
+    staging: HashMap<usize, (Vec<f32>, usize)>,
+}
+
+/// For each of `params` (in order), the segment of `model` whose backward completes its
+/// gradient: the first segment that lists it (backward runs in reverse). Parameters no segment
+/// lists get `usize::MAX`. These are stage 2's units ([`ZeroUpdater::with_units`]).
+pub fn segment_units<M: candle_ckpt::SegmentedModel + ?Sized>(model: &M, params: &Parameters) -> Vec<usize> {
+    let mut first: HashMap<TensorId, usize> = HashMap::new();
+    for segment in 0..model.num_segments() {
+        for p in model.segment_parameters(segment) {
+            first.entry(p.var.as_tensor().id()).or_insert(segment);
+        }
+    }
+    params.iter().map(|p| first.get(&p.var.as_tensor().id()).copied().unwrap_or(usize::MAX)).collect()
 }
 
 impl std::fmt::Debug for ZeroUpdater {
@@ -100,7 +117,10 @@ impl std::fmt::Debug for ZeroUpdater {
 impl ZeroUpdater {
     /// The updater of rank `comm.rank()` for `params` (the same parameters, with the same
     /// values, on every rank: see [`ZeroUpdater::broadcast_parameters`]), with an optimizer
-    /// built from `optimizer` over the pieces this rank steps. Communicates nothing.
+    /// built from `optimizer` over the pieces this rank steps, and one flat buffer per dtype.
+    /// Communicates nothing. Stage 2 works with this layout too, but reduce-scatters the whole
+    /// buffer once the last segment completes; give it per-segment buffers with
+    /// [`ZeroUpdater::with_units`] so that it reduces during backward.
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for stage 3 (not implemented) or bad optimizer
@@ -111,13 +131,30 @@ impl ZeroUpdater {
         optimizer: &OptimizerConfig,
         comm: Box<dyn Communicator>,
     ) -> Result<Self> {
+        Self::with_units(stage, params, &[], optimizer, comm)
+    }
+
+    /// As [`ZeroUpdater::new`], with one flat buffer per unit and dtype (`units[i]` is
+    /// parameter `i`'s unit, usually from [`segment_units`]; an empty slice puts every
+    /// parameter in one unit).
+    ///
+    /// # Errors
+    /// As [`ZeroUpdater::new`].
+    pub fn with_units(
+        stage: ZeroStage,
+        params: &Parameters,
+        units: &[usize],
+        optimizer: &OptimizerConfig,
+        comm: Box<dyn Communicator>,
+    ) -> Result<Self> {
         if stage == ZeroStage::Stage3 {
             return Err(Error::config("zero", "stage 3 is not implemented; use stage 0, 1 or 2"));
         }
         let params: Vec<Parameter> = params.iter().cloned().collect();
         let shapes: Vec<(DType, usize)> =
             params.iter().map(|p| (p.var.dtype(), p.var.elem_count())).collect();
-        let partition = Partition::new(&shapes, comm.world_size());
+        let units = if units.is_empty() { vec![0; params.len()] } else { units.to_vec() };
+        let partition = Partition::by_unit(&shapes, &units, comm.world_size());
         let mut index = HashMap::new();
         for (i, p) in params.iter().enumerate() {
             let located = partition.locate(i).expect("every parameter is in its dtype's buffer");
@@ -172,6 +209,7 @@ impl ZeroUpdater {
             optimizer,
             reduced: false,
             pending: HashMap::new(),
+            staging: HashMap::new(),
         })
     }
 
@@ -238,7 +276,17 @@ impl ZeroUpdater {
     /// Reduces the accumulated gradients across ranks, once per step (stage 2 reduced them
     /// during backward).
     fn reduce(&mut self) -> Result<()> {
-        if self.reduced || self.stage == ZeroStage::Stage2 {
+        if self.stage == ZeroStage::Stage2 {
+            // Units the engine never completed (a parameter no segment lists a final gradient
+            // for): flushed in group order, the same on every rank.
+            let mut incomplete: Vec<usize> = self.staging.keys().copied().collect();
+            incomplete.sort_unstable();
+            for group in incomplete {
+                self.reduce_scatter_staged(group)?;
+            }
+            return Ok(());
+        }
+        if self.reduced {
             return Ok(());
         }
         for group in &mut self.groups {
@@ -308,10 +356,10 @@ impl ZeroUpdater {
         Ok(())
     }
 
-    /// Stage 2's hook: reduces one segment's final gradients to their owners.
+    /// Stage 2's hook: stages one segment's final gradients and reduce-scatters every unit
+    /// they complete.
     fn accumulate_sharded(&mut self, gradients: &SegmentGradients) -> candle_train::Result<()> {
-        // (group, flat offset, FP32 values) of every final gradient of the call.
-        let mut ready: Vec<(usize, usize, Vec<f32>)> = Vec::new();
+        let mut completed = Vec::new();
         for g in &gradients.gradients {
             let Some(&(group, entry)) = self.index.get(&g.var.as_tensor().id()) else {
                 return Err(unknown(&g.name));
@@ -320,40 +368,35 @@ impl ZeroUpdater {
             if let Some(earlier) = self.pending.remove(&entry.param) {
                 values.iter_mut().zip(&earlier).for_each(|(v, e)| *v += e);
             }
-            if g.is_final {
-                ready.push((group, entry.offset, values));
-            } else {
+            if !g.is_final {
                 self.pending.insert(entry.param, values);
-            }
-        }
-        // Contiguous runs of the flat buffers, so a block's parameters go in few collectives.
-        ready.sort_by_key(|&(group, offset, _)| (group, offset));
-        let mut runs: Vec<(usize, usize, Vec<f32>)> = Vec::new();
-        for (group, offset, values) in ready {
-            match runs.last_mut() {
-                Some((g, start, run)) if *g == group && *start + run.len() == offset => run.extend(values),
-                _ => runs.push((group, offset, values)),
-            }
-        }
-        let rank = self.comm.rank();
-        for (g, start, mut run) in runs {
-            if run.is_empty() {
                 continue;
             }
-            let layout = &self.partition.groups()[g];
-            let end = start + run.len();
-            for owner in layout.owner(start)..=layout.owner(end - 1) {
-                let shard = layout.shard_range(owner);
-                let (from, to) = (start.max(shard.start), end.min(shard.end));
-                let part = &mut run[from - start..to - start];
-                self.comm.reduce_f32(part, owner).map_err(Error::from)?;
-                if owner == rank {
-                    let group = &mut self.groups[g];
-                    let acc = &mut group.grads[from - group.grads_offset..to - group.grads_offset];
-                    acc.iter_mut().zip(part.iter()).for_each(|(a, &v)| *a += v);
-                }
+            let layout = &self.partition.groups()[group];
+            let (staged, count) =
+                self.staging.entry(group).or_insert_with(|| (vec![0.0; layout.padded_len()], 0));
+            staged[entry.offset..entry.offset + entry.len].iter_mut().zip(&values).for_each(|(s, v)| *s += v);
+            *count += 1;
+            if *count == layout.entries().len() {
+                completed.push(group);
             }
         }
+        for group in completed {
+            self.reduce_scatter_staged(group)?;
+        }
+        Ok(())
+    }
+
+    /// Stage 2: reduce-scatters a unit's staged gradients and adds this rank's chunk to its
+    /// accumulator.
+    fn reduce_scatter_staged(&mut self, group: usize) -> Result<()> {
+        let Some((mut staged, _)) = self.staging.remove(&group) else {
+            return Ok(());
+        };
+        self.comm.reduce_scatter_f32(&mut staged)?;
+        let g = &mut self.groups[group];
+        let mine = &staged[g.owned.clone()];
+        g.grads.iter_mut().zip(mine).for_each(|(a, &v)| *a += v);
         Ok(())
     }
 }
@@ -473,6 +516,7 @@ impl Updater for ZeroUpdater {
     fn zero_grad(&mut self) {
         self.groups.iter_mut().for_each(|g| g.grads.fill(0.0));
         self.pending.clear();
+        self.staging.clear();
         self.reduced = false;
     }
 
