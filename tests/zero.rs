@@ -430,3 +430,30 @@ fn bytes_communicated_per_step_match_the_theory() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+proptest::proptest! {
+    /// The ranks' samples of a micro-batch are disjoint, contiguous, balanced (sizes differ by
+    /// at most one) and together exactly the one-rank micro-batch, whatever N.
+    #[test]
+    fn ranks_split_every_micro_batch_into_its_samples_exactly_once(
+        micro_batch in 1usize..64,
+        world_size in 1usize..9,
+    ) {
+        let trainer = Trainer::new(TrainerConfig::builder().micro_batch(micro_batch).build().expect("valid"));
+        if world_size > micro_batch {
+            proptest::prop_assert!(trainer.data_parallel(0, world_size).is_err());
+            return Ok(());
+        }
+        let mut next = 0;
+        let mut sizes = Vec::new();
+        for rank in 0..world_size {
+            let samples = trainer.clone().data_parallel(rank, world_size).expect("valid").data_rank().samples(micro_batch);
+            proptest::prop_assert_eq!(samples.start, next);
+            next = samples.end;
+            sizes.push(samples.len());
+        }
+        proptest::prop_assert_eq!(next, micro_batch);
+        let (min, max) = (sizes.iter().min().copied().unwrap_or(0), sizes.iter().max().copied().unwrap_or(0));
+        proptest::prop_assert!(max - min <= 1 && min >= 1, "{:?}", sizes);
+    }
+}
