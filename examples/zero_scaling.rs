@@ -18,7 +18,9 @@ use candle_fit::shard::comm::{LocalGroup, Op};
 use candle_fit::shard::driver::{fit_in_process, InProcessConfig};
 use candle_fit::shard::zero::{segment_units, ZeroUpdater};
 use candle_fit::shard::ZeroStage;
-use candle_fit::train::{AdamWConfig, Corpus, Gpt, GptConfig, OptimizerConfig, Trainer, TrainerConfig, Updater};
+use candle_fit::train::{
+    AdamWConfig, Corpus, Gpt, GptConfig, OptimizerConfig, Trainer, TrainerConfig, Updater,
+};
 
 struct ProcessPeak;
 

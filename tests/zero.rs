@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use candle::{DType, Device};
+use candle_fit::ckpt::Recompute;
 use candle_fit::shard::comm::{LocalGroup, Op};
 use candle_fit::shard::driver::{fit_in_process, InProcessConfig, RankRun};
 use candle_fit::shard::partition::Partition;
@@ -14,8 +15,8 @@ use candle_fit::shard::zero::{segment_units, ZeroUpdater};
 use candle_fit::shard::{CommError, Error as ShardError, ZeroStage};
 use candle_fit::train::memory::{self, CountingAllocator};
 use candle_fit::train::{
-    AdamWConfig, Corpus, Gpt, GptConfig, LocalUpdater, LossScalerConfig, OptimizerConfig, SgdConfig, Trainer,
-    TrainerConfig, Updater,
+    AdamWConfig, BackwardMode, Corpus, Gpt, GptConfig, LocalUpdater, LossScalerConfig, OptimizerConfig,
+    SgdConfig, Trainer, TrainerConfig, Updater,
 };
 
 #[global_allocator]
@@ -136,6 +137,42 @@ fn every_stage_on_n_ranks_gives_the_parameters_of_one_rank() -> anyhow::Result<(
                 let (name, rel) = max_relative_difference(&runs[0].model, &run.model)?;
                 assert_eq!(rel, 0.0, "rank {} differs from rank 0 in `{name}`", run.rank);
             }
+        }
+    }
+    Ok(())
+}
+
+/// Stage 2 reduce-scatters inside the engine's per-segment hook; with every block recomputed
+/// during backward (and plain whole-graph backward, one hook call for all segments) it still
+/// gives one rank's parameters (without recompute) within 1e-5.
+#[test]
+fn stage_two_with_recompute_or_plain_backward_gives_the_parameters_of_one_rank() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock();
+    let sgd = OptimizerConfig::Sgd(SgdConfig { momentum: 0.9, ..SgdConfig::default() });
+    let build = |recompute: Recompute, backward: BackwardMode| -> anyhow::Result<Trainer> {
+        Ok(Trainer::new(
+            TrainerConfig::builder()
+                .micro_batch(6)
+                .accumulation_steps(2)
+                .steps(3)
+                .seq_len(16)
+                .lr(0.05)
+                .warmup_steps(0)
+                .max_grad_norm(Some(0.5))
+                .eval_windows(2)
+                .eval_interval(0)
+                .recompute(recompute)
+                .backward(backward)
+                .build()?,
+        ))
+    };
+    let (reference, _) = one_rank(&build(Recompute::Never, BackwardMode::Segmented)?, &sgd, DType::F32)?;
+    for (recompute, backward) in
+        [(Recompute::All, BackwardMode::Segmented), (Recompute::Never, BackwardMode::Plain)]
+    {
+        for run in ranks(ZeroStage::Stage2, 3, &build(recompute, backward)?, &sgd, DType::F32)? {
+            let (name, rel) = max_relative_difference(&reference, &run.model)?;
+            assert!(rel <= 1e-5, "{recompute} {backward:?} rank {}: `{name}` differs by {rel:e}", run.rank);
         }
     }
     Ok(())
@@ -387,9 +424,11 @@ fn bytes_communicated_per_step_match_the_theory() -> anyhow::Result<()> {
         for stage in [ZeroStage::Stage0, ZeroStage::Stage1, ZeroStage::Stage2] {
             // Stage 2: one flat buffer per segment (embedding, block, head), each padded.
             let partition = match stage {
-                ZeroStage::Stage2 => {
-                    Partition::by_unit(&shapes, &segment_units(&model, model.parameters()), world_size as usize)
-                }
+                ZeroStage::Stage2 => Partition::by_unit(
+                    &shapes,
+                    &segment_units(&model, model.parameters()),
+                    world_size as usize,
+                ),
                 _ => Partition::new(&shapes, world_size as usize),
             };
             let buffers: Vec<u64> = partition.groups().iter().map(|g| g.padded_len() as u64 * 4).collect();

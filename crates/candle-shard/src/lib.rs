@@ -38,8 +38,8 @@
 //! ```
 
 pub mod comm;
-pub mod driver;
 pub mod discovery;
+pub mod driver;
 pub mod error;
 pub mod partition;
 pub mod zero;
