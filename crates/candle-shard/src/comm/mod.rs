@@ -5,11 +5,13 @@
 //! runs on CPU). An NCCL backend is not part of this build (see the crate docs).
 
 pub mod local;
+pub mod tcp;
 
 use std::fmt;
 use std::time::Duration;
 
 pub use local::{LocalCommunicator, LocalGroup};
+pub use tcp::TcpCommunicator;
 
 use crate::error::CommError;
 
