@@ -246,3 +246,31 @@ fn sharded_training_on_in_process_ranks_matches_one_process() -> anyhow::Result<
     assert_clear_error(&["--zero", "1", "--world-size", "3"], "cannot be split over 3 ranks")?;
     Ok(())
 }
+
+/// `launch --nproc 2 -- train ... --zero S` runs two processes that rendezvous over TCP (the
+/// launcher sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as torchrun does) and end where
+/// one process ends; each rank reports its own peak heap.
+#[test]
+fn launched_processes_train_like_one_process() -> anyhow::Result<()> {
+    let final_loss = |stdout: &str| -> Option<String> {
+        let line = stdout.lines().find(|l| l.starts_with("validation loss after"))?;
+        line.split_whitespace().nth(5).map(str::to_string)
+    };
+    let args = tiny_with(&["--micro-batch", "4"]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, single, stderr) = run(&refs)?;
+    assert_eq!(code, 0, "{stderr}");
+    let expected = final_loss(&single).ok_or_else(|| anyhow::anyhow!("no final loss in {single}"))?;
+    for zero in ["1", "2"] {
+        let mut launch: Vec<String> =
+            ["launch", "--nproc", "2", "--"].iter().map(|s| s.to_string()).collect();
+        launch.extend(tiny_with(&["--micro-batch", "4", "--zero", zero]));
+        let refs: Vec<&str> = launch.iter().map(String::as_str).collect();
+        let (code, stdout, stderr) = run(&refs)?;
+        assert_eq!(code, 0, "--zero {zero}: {stderr}");
+        assert!(stdout.contains("on 2 processes (TCP)"), "{stdout}");
+        assert_eq!(stdout.matches("peak heap during a step").count(), 2, "{stdout}");
+        assert_eq!(final_loss(&stdout), Some(expected.clone()), "--zero {zero}: {stdout}");
+    }
+    Ok(())
+}

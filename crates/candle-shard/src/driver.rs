@@ -1,6 +1,6 @@
-//! Data-parallel training on N in-process ranks: one thread per rank, each with its own model
-//! copy, [`ZeroUpdater`] and communicator of one [`LocalGroup`], each running
-//! [`Trainer::fit`] on its share of every global batch.
+//! Data-parallel training: [`fit_rank`] runs one rank over any communicator;
+//! [`fit_in_process`] runs N of them as threads, each with its own model copy, [`ZeroUpdater`]
+//! and communicator of one [`LocalGroup`].
 
 use std::num::NonZeroUsize;
 use std::time::Duration;
@@ -69,28 +69,7 @@ where
                 let make_model = &make_model;
                 scope.spawn(move || -> Result<RankRun<M>> {
                     let model = make_model(rank)?;
-                    // Stage 2 reduces per segment: one flat buffer per segment.
-                    let units = match config.stage {
-                        ZeroStage::Stage2 => segment_units(&model, model.parameters()),
-                        _ => Vec::new(),
-                    };
-                    let mut updater = ZeroUpdater::with_units(
-                        config.stage,
-                        model.parameters(),
-                        &units,
-                        optimizer,
-                        Box::new(comm),
-                    )?;
-                    updater.broadcast_parameters()?;
-                    let trainer = trainer.clone().data_parallel(rank, world_size)?;
-                    let report = trainer.fit(&model, corpus, &mut updater)?;
-                    Ok(RankRun {
-                        rank,
-                        model,
-                        report,
-                        comm: updater.comm_stats(),
-                        state: updater.state_bytes(),
-                    })
+                    fit_rank(config.stage, Box::new(comm), trainer, corpus, optimizer, model)
                 })
             })
             .collect();
@@ -115,4 +94,33 @@ where
     let mut errors: Vec<Error> = outcomes.into_iter().filter_map(Result::err).collect();
     let root = errors.iter().position(|e| e.comm().is_none()).unwrap_or(0);
     Err(errors.swap_remove(root))
+}
+
+/// Trains `model` as one rank of a data-parallel group, through `comm` (any backend: one
+/// thread of [`fit_in_process`], or one process with a
+/// [`TcpCommunicator`](crate::comm::TcpCommunicator)): builds the rank's [`ZeroUpdater`] (one
+/// flat buffer per segment for stage 2), broadcasts rank 0's parameters, and runs
+/// [`Trainer::fit`] on this rank's share of every global batch.
+///
+/// # Errors
+/// A model, data, updater or collective error of this rank.
+pub fn fit_rank<M: LanguageModel>(
+    stage: ZeroStage,
+    comm: Box<dyn crate::comm::Communicator>,
+    trainer: &Trainer,
+    corpus: &Corpus,
+    optimizer: &OptimizerConfig,
+    model: M,
+) -> Result<RankRun<M>> {
+    let (rank, world_size) = (comm.rank(), comm.world_size());
+    // Stage 2 reduces per segment: one flat buffer per segment.
+    let units = match stage {
+        ZeroStage::Stage2 => segment_units(&model, model.parameters()),
+        _ => Vec::new(),
+    };
+    let mut updater = ZeroUpdater::with_units(stage, model.parameters(), &units, optimizer, comm)?;
+    updater.broadcast_parameters()?;
+    let trainer = trainer.clone().data_parallel(rank, world_size)?;
+    let report = trainer.fit(&model, corpus, &mut updater)?;
+    Ok(RankRun { rank, model, report, comm: updater.comm_stats(), state: updater.state_bytes() })
 }

@@ -38,7 +38,10 @@ pub struct TcpCommunicator {
 
 impl std::fmt::Debug for TcpCommunicator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpCommunicator").field("rank", &self.rank).field("world_size", &self.world_size).finish()
+        f.debug_struct("TcpCommunicator")
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .finish()
     }
 }
 
@@ -86,9 +89,8 @@ impl TcpCommunicator {
         let (rank, world_size) = (info.rank, info.world_size);
         let address = format!("{}:{}", info.master_addr, info.master_port);
         let deadline = Instant::now() + timeout;
-        let timed_out = |missing: Vec<usize>| {
-            Error::Comm(CommError::Timeout { op: Op::Barrier, rank, timeout, missing })
-        };
+        let timed_out =
+            |missing: Vec<usize>| Error::Comm(CommError::Timeout { op: Op::Barrier, rank, timeout, missing });
         let links = if rank == 0 {
             let listener = TcpListener::bind(&address)
                 .map_err(|e| Error::config("MASTER_ADDR", format!("cannot listen on {address}: {e}")))?;
@@ -97,18 +99,26 @@ impl TcpCommunicator {
             while peers.iter().any(Option::is_none) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        stream.set_nonblocking(false).map_err(|e| Error::config("MASTER_ADDR", e.to_string()))?;
+                        stream
+                            .set_nonblocking(false)
+                            .map_err(|e| Error::config("MASTER_ADDR", e.to_string()))?;
                         let mut stream = configure(stream, timeout)?;
                         let mut hello = [0u8; 12];
                         if stream.read_exact(&mut hello).is_err() {
                             continue;
                         }
-                        let word = |i: usize| u32::from_le_bytes([hello[i], hello[i + 1], hello[i + 2], hello[i + 3]]);
+                        let word = |i: usize| {
+                            u32::from_le_bytes([hello[i], hello[i + 1], hello[i + 2], hello[i + 3]])
+                        };
                         let (magic, peer, peer_world) = (word(0), word(4) as usize, word(8) as usize);
                         if magic != MAGIC {
                             continue;
                         }
-                        if peer_world != world_size || peer == 0 || peer >= world_size || peers[peer - 1].is_some() {
+                        if peer_world != world_size
+                            || peer == 0
+                            || peer >= world_size
+                            || peers[peer - 1].is_some()
+                        {
                             return Err(Error::config(
                                 "WORLD_SIZE",
                                 format!("rank {peer} joined with world size {peer_world}, expected {world_size} and a new rank"),
@@ -334,7 +344,10 @@ fn header(op: Op, kind: u8, root: usize, len: usize) -> Header {
 
 /// Sums per-rank little-endian buffers of `T` in rank order (starting from zero, as the
 /// in-process backend does) into one buffer of bytes.
-fn sum_in_rank_order<T: bytemuck::Pod + Default + std::ops::AddAssign>(parts: &[Option<Vec<u8>>], len: usize) -> Vec<u8> {
+fn sum_in_rank_order<T: bytemuck::Pod + Default + std::ops::AddAssign>(
+    parts: &[Option<Vec<u8>>],
+    len: usize,
+) -> Vec<u8> {
     let mut sum = vec![T::default(); len];
     for part in parts.iter().flatten() {
         let mut values = vec![T::default(); len];
@@ -359,10 +372,15 @@ impl Communicator for TcpCommunicator {
 
     fn all_reduce_f32(&self, values: &mut [f32]) -> std::result::Result<(), CommError> {
         let (n, len) = (self.world_size, values.len());
-        let out = self.run(header(Op::AllReduce, KIND_F32, 0, len), Some(bytemuck::cast_slice(values)), true, |parts| {
-            let sum = sum_in_rank_order::<f32>(&parts, len);
-            vec![Some(sum); n]
-        })?;
+        let out = self.run(
+            header(Op::AllReduce, KIND_F32, 0, len),
+            Some(bytemuck::cast_slice(values)),
+            true,
+            |parts| {
+                let sum = sum_in_rank_order::<f32>(&parts, len);
+                vec![Some(sum); n]
+            },
+        )?;
         if let Some(bytes) = out {
             self.fill(Op::AllReduce, bytemuck::cast_slice_mut::<f32, u8>(values), &bytes)?;
         }
@@ -372,10 +390,15 @@ impl Communicator for TcpCommunicator {
 
     fn all_reduce_f64(&self, values: &mut [f64]) -> std::result::Result<(), CommError> {
         let (n, len) = (self.world_size, values.len());
-        let out = self.run(header(Op::AllReduce, KIND_F64, 0, len), Some(bytemuck::cast_slice(values)), true, |parts| {
-            let sum = sum_in_rank_order::<f64>(&parts, len);
-            vec![Some(sum); n]
-        })?;
+        let out = self.run(
+            header(Op::AllReduce, KIND_F64, 0, len),
+            Some(bytemuck::cast_slice(values)),
+            true,
+            |parts| {
+                let sum = sum_in_rank_order::<f64>(&parts, len);
+                vec![Some(sum); n]
+            },
+        )?;
         if let Some(bytes) = out {
             self.fill(Op::AllReduce, bytemuck::cast_slice_mut::<f64, u8>(values), &bytes)?;
         }
@@ -426,10 +449,11 @@ impl Communicator for TcpCommunicator {
         let chunk = self.check_split(Op::AllGather, values.len())?;
         let (n, len) = (self.world_size, values.len());
         let mine = self.rank * chunk..(self.rank + 1) * chunk;
-        let out = self.run(header(Op::AllGather, KIND_BYTES, 0, len), Some(&values[mine]), true, |parts| {
-            let whole: Vec<u8> = parts.into_iter().flat_map(Option::unwrap_or_default).collect();
-            vec![Some(whole); n]
-        })?;
+        let out =
+            self.run(header(Op::AllGather, KIND_BYTES, 0, len), Some(&values[mine]), true, |parts| {
+                let whole: Vec<u8> = parts.into_iter().flat_map(Option::unwrap_or_default).collect();
+                vec![Some(whole); n]
+            })?;
         if let Some(bytes) = out {
             self.fill(Op::AllGather, values, &bytes)?;
         }
@@ -441,10 +465,11 @@ impl Communicator for TcpCommunicator {
         self.check_root(Op::Broadcast, root)?;
         let (n, len) = (self.world_size, values.len());
         let contribution = (self.rank == root).then_some(&values[..]);
-        let out = self.run(header(Op::Broadcast, KIND_BYTES, root, len), contribution, true, |mut parts| {
-            let data = parts.get_mut(root).and_then(Option::take).unwrap_or_default();
-            vec![Some(data); n]
-        })?;
+        let out =
+            self.run(header(Op::Broadcast, KIND_BYTES, root, len), contribution, true, |mut parts| {
+                let data = parts.get_mut(root).and_then(Option::take).unwrap_or_default();
+                vec![Some(data); n]
+            })?;
         if let Some(bytes) = out {
             self.fill(Op::Broadcast, values, &bytes)?;
         }
@@ -492,7 +517,8 @@ mod tests {
             let handles: Vec<_> = (0..world_size)
                 .map(|rank| {
                     s.spawn(move || -> Result<_> {
-                        let c = TcpCommunicator::connect(&info(rank, world_size, port), Duration::from_secs(20))?;
+                        let c =
+                            TcpCommunicator::connect(&info(rank, world_size, port), Duration::from_secs(20))?;
                         let r = rank as f32;
                         let mut sum = vec![r, 1.0, 0.1 * r];
                         c.all_reduce_f32(&mut sum)?;
@@ -564,16 +590,16 @@ mod tests {
             handles.into_iter().map(|h| h.join().expect("no panic")).collect()
         });
         let hub = results[0].as_ref().expect_err("rank 2 left");
-        assert!(
-            matches!(hub.comm(), Some(CommError::PeerLeft { peer: 2, rank: 0, .. })),
-            "{hub}"
-        );
+        assert!(matches!(hub.comm(), Some(CommError::PeerLeft { peer: 2, rank: 0, .. })), "{hub}");
         assert!(results[1].is_err(), "rank 1 learns of the failure from rank 0");
 
         let started = Instant::now();
         let lonely = TcpCommunicator::connect(&info(0, 2, free_port()), Duration::from_millis(300));
         let err = lonely.expect_err("nobody joins");
-        assert!(matches!(err.comm(), Some(CommError::Timeout { missing, .. }) if missing == &vec![1]), "{err}");
+        assert!(
+            matches!(err.comm(), Some(CommError::Timeout { missing, .. }) if missing == &vec![1]),
+            "{err}"
+        );
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 }
