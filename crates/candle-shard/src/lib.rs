@@ -3,13 +3,17 @@
 //! rank discovery from launcher variables, and a driver for N in-process ranks.
 //!
 //! - [`comm`]: the [`Communicator`](comm::Communicator) trait (all-reduce, reduce-scatter,
-//!   all-gather, broadcast, barrier, each with a timeout, with byte counts) and the in-process
-//!   backend [`LocalGroup`](comm::LocalGroup). An NCCL backend is not in this build.
+//!   all-gather, broadcast, barrier, each with a timeout, with byte counts), the in-process
+//!   backend [`LocalGroup`](comm::LocalGroup) and a multi-process CPU backend over TCP
+//!   [`TcpCommunicator`](comm::TcpCommunicator). An NCCL backend is not in this build: it needs
+//!   Candle's `cuda` feature, whose kernels need `nvcc` to build, which this project's build
+//!   machine lacks.
 //! - [`partition`]: flat per-dtype buffers padded so each rank owns an equal contiguous slice.
 //! - [`zero`]: [`ZeroUpdater`](zero::ZeroUpdater), stages 0, 1 and 2. Stage 3 (parameters
 //!   sharded) is not implemented yet and is refused with an error.
 //! - [`discovery`]: rank discovery from torchrun and Slurm variables.
-//! - [`driver`]: [`fit_in_process`](driver::fit_in_process), N ranks as threads.
+//! - [`driver`]: [`fit_rank`](driver::fit_rank), one rank over any communicator, and
+//!   [`fit_in_process`](driver::fit_in_process), N ranks as threads.
 //!
 //! Two ranks of stage 1 train the same model as one rank on the same global batch:
 //!

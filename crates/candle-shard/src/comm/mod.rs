@@ -2,7 +2,8 @@
 //! and the bytes they move ([`CommStats`]).
 //!
 //! Backends: [`local`], an in-process group of threads (any device; how every sharding test
-//! runs on CPU). An NCCL backend is not part of this build (see the crate docs).
+//! runs on CPU), and [`tcp`], one process per rank on CPU, meeting at the launcher's
+//! `MASTER_ADDR:MASTER_PORT`. An NCCL backend is not part of this build (see the crate docs).
 
 pub mod local;
 pub mod tcp;
