@@ -104,8 +104,7 @@ fn max_relative_difference(a: &Gpt, b: &Gpt) -> anyhow::Result<(String, f64)> {
 /// within 1e-5 of each tensor's magnitude (F32; sums over ranks round differently). SGD with
 /// momentum: Adam's normalisation turns the rounding noise of analytically-zero gradients (the
 /// key bias) into full-size updates, as tests/accumulation.rs explains; AdamW is checked
-/// bit for bit between stages below. Dropout is 0: masks are drawn per micro-batch tensor, so a
-/// rank's sub-batch cannot reproduce its rows of the one-rank mask.
+/// bit for bit between stages below. Dropout is 0 here and checked separately below.
 #[test]
 fn every_stage_on_n_ranks_gives_the_parameters_of_one_rank() -> anyhow::Result<()> {
     let _serial = SERIAL.lock();
@@ -137,6 +136,57 @@ fn every_stage_on_n_ranks_gives_the_parameters_of_one_rank() -> anyhow::Result<(
                 let (name, rel) = max_relative_difference(&runs[0].model, &run.model)?;
                 assert_eq!(rel, 0.0, "rank {} differs from rank 0 in `{name}`", run.rank);
             }
+        }
+    }
+    Ok(())
+}
+
+/// With dropout (0.1), each rank draws exactly its rows of the one-rank masks (its generators
+/// skip the other rows' draws), so every stage on 2-4 ranks still gives one rank's parameters
+/// within 1e-5, also when the blocks are recomputed (the masks replay).
+#[test]
+fn with_dropout_every_stage_gives_the_parameters_of_one_rank() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock();
+    let sgd = OptimizerConfig::Sgd(SgdConfig { momentum: 0.9, ..SgdConfig::default() });
+    let dropout_model = || GptConfig { dropout: 0.1, ..odd_model() };
+    let corpus = corpus()?;
+    let build = |recompute: Recompute| -> anyhow::Result<Trainer> {
+        Ok(Trainer::new(
+            TrainerConfig::builder()
+                .micro_batch(6)
+                .accumulation_steps(2)
+                .steps(3)
+                .seq_len(16)
+                .lr(0.05)
+                .warmup_steps(0)
+                .eval_windows(2)
+                .eval_interval(0)
+                .recompute(recompute)
+                .build()?,
+        ))
+    };
+    let reference = Gpt::new(dropout_model(), DType::F32, &Device::Cpu, 7)?;
+    let mut updater = LocalUpdater::from_config(reference.parameters(), &sgd)?;
+    build(Recompute::Never)?.fit(&reference, &corpus, &mut updater)?;
+    // Dropout is active: the same run without it ends elsewhere.
+    let (no_dropout, _) = one_rank(&build(Recompute::Never)?, &sgd, DType::F32)?;
+    assert!(max_relative_difference(&reference, &no_dropout)?.1 > 1e-3, "dropout changes the run");
+    for (stage, world_size, recompute) in [
+        (ZeroStage::Stage0, 2, Recompute::Never),
+        (ZeroStage::Stage1, 4, Recompute::Never),
+        (ZeroStage::Stage2, 3, Recompute::All),
+    ] {
+        let config = InProcessConfig {
+            world_size: NonZeroUsize::new(world_size).expect("> 0"),
+            stage,
+            timeout: TIMEOUT,
+        };
+        let runs = fit_in_process(&config, &build(recompute)?, &corpus, &sgd, |_| {
+            Gpt::new(dropout_model(), DType::F32, &Device::Cpu, 7)
+        })?;
+        for run in &runs {
+            let (name, rel) = max_relative_difference(&reference, &run.model)?;
+            assert!(rel <= 1e-5, "{stage:?} N = {world_size} {recompute}: `{name}` differs by {rel:e}");
         }
     }
     Ok(())

@@ -502,7 +502,11 @@ impl Trainer {
         for micro in 0..k {
             let (first, count) = (micro * b + samples.start, samples.len());
             let batch = corpus.train_batch(c.seed, step, first, count, c.seq_len.get(), &device)?;
-            let ctx = SegmentContext::train(c.seed, step, micro as u64);
+            let mut ctx = SegmentContext::train(c.seed, step, micro as u64);
+            if self.data_rank.world_size > 1 {
+                // Dropout draws this rank's rows of the whole micro-batch's masks.
+                ctx = ctx.with_window(samples.start, samples.len(), b);
+            }
             let mut hook_error = None;
             let hook = |grads| {
                 updater.accumulate(&grads).map_err(|e| {
