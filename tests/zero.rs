@@ -127,9 +127,11 @@ fn every_stage_on_n_ranks_gives_the_parameters_of_one_rank() -> anyhow::Result<(
                     "{stage:?}, N = {world_size}, rank {}: `{name}` differs by {rel:e} of its magnitude",
                     run.rank
                 );
-                // Clipping acted on the same global norm as one rank.
+                // Clipping acted on the same global norm as one rank, and every rank reports
+                // the loss of the whole global batch.
                 for (r, o) in run.report.history.iter().zip(&reference_report.history) {
                     assert!((r.grad_norm - o.grad_norm).abs() <= 1e-5 * o.grad_norm, "{r:?} vs {o:?}");
+                    assert!((r.loss - o.loss).abs() <= 1e-5 * o.loss, "{r:?} vs {o:?}");
                     assert!(o.grad_norm > 0.5, "clipping is active in this test");
                 }
                 // All ranks hold the same bits.
@@ -457,7 +459,7 @@ fn per_rank_model_state_bytes_match_the_zero_formulas() -> anyhow::Result<()> {
 
 /// Bytes sent per rank and step (the ring convention of `OpStats::sent_bytes`) equal the
 /// theory for stages 0 and 1: `2 (N-1)/N` times the FP32 gradient buffer, i.e. 2P elements
-/// as N grows; stages 1-2 add one FP64 all-reduce of the norm. Stage 1's gradients go by
+/// as N grows; every stage adds one FP64 all-reduce of the loss, stages 1-2 one of the norm. Stage 1's gradients go by
 /// reduce-scatter and its parameters by all-gather, each `(N-1)/N` of the buffer. Stage 2
 /// reduce-scatters each segment's buffer every micro-batch and all-gathers once per step:
 /// `(k + 1) (N-1)/N P` for k micro-batches (2 (N-1)/N P without accumulation).
@@ -492,20 +494,22 @@ fn bytes_communicated_per_step_match_the_theory() -> anyhow::Result<()> {
                 assert_eq!(c.op(Op::Broadcast).buffer_bytes, buffers.iter().sum::<u64>());
                 let per_step = (c.sent_bytes() - c.op(Op::Broadcast).sent_bytes) / steps;
                 let each: u64 = buffers.iter().map(|&b| ring(b)).sum();
+                // Besides the gradients and parameters: one FP64 all-reduce of the loss per step,
+                // and one of the squared norm in stages 1-2.
                 let expected = match stage {
                     ZeroStage::Stage0 => {
-                        assert_eq!(c.op(Op::AllReduce).calls, steps);
-                        2 * each
+                        assert_eq!(c.op(Op::AllReduce).calls, 2 * steps);
+                        2 * each + 2 * ring(8)
                     }
                     ZeroStage::Stage1 => {
                         assert_eq!(c.op(Op::ReduceScatter).calls, steps);
                         assert_eq!(c.op(Op::AllGather).calls, steps);
-                        each + each + 2 * ring(8)
+                        each + each + 4 * ring(8)
                     }
                     _ => {
                         assert_eq!(c.op(Op::ReduceScatter).calls, steps * micro_batches * groups);
                         assert_eq!(c.op(Op::AllGather).calls, steps * groups);
-                        micro_batches * each + each + 2 * ring(8)
+                        micro_batches * each + each + 4 * ring(8)
                     }
                 };
                 assert_eq!(per_step, expected, "{stage:?} N = {world_size}");

@@ -528,6 +528,12 @@ impl Updater for ZeroUpdater {
         self.optimizer.as_mut()
     }
 
+    fn sum_over_ranks(&mut self, value: f64) -> candle_train::Result<f64> {
+        let mut v = [value];
+        self.comm.all_reduce_f64(&mut v).map_err(Error::from)?;
+        Ok(v[0])
+    }
+
     fn state_bytes(&self) -> StateBytes {
         StateBytes {
             gradients: self.groups.iter().map(|g| g.grads.len() * 4).sum(),

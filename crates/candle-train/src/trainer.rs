@@ -574,7 +574,12 @@ impl Trainer {
             let started = Instant::now();
             let lr = c.schedule.lr(updater.optimizer().step_count());
             let loss_scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
-            let loss = self.accumulate_step(model, corpus, updater, step, &decisions, loss_scale)?;
+            let mut loss = self.accumulate_step(model, corpus, updater, step, &decisions, loss_scale)?;
+            if self.data_rank.world_size > 1 {
+                // Every rank reports (and decides on) the loss of the whole global batch.
+                let b = c.micro_batch.get();
+                loss = updater.sum_over_ranks(loss * self.data_rank.samples(b).len() as f64 / b as f64)?;
+            }
             let report = match scaler.as_mut() {
                 None => updater.step(lr, c.max_grad_norm)?,
                 Some(scaler) => {
