@@ -479,8 +479,9 @@ impl Trainer {
     /// into `updater` the gradient of `loss * loss_scale` (averaged over the micro-batches),
     /// and returns the mean loss. On data-parallel ranks ([`Trainer::data_parallel`]) it runs
     /// this rank's samples only, accumulates its share of the gradient (the loss weighted by
-    /// its fraction of the samples), and returns the mean loss of its own samples. Does not step the optimizer. `decisions` come from
-    /// [`Trainer::plan`]; `loss_scale` is 1 without loss scaling.
+    /// its fraction of the samples), and returns the mean loss of its own samples. Does not
+    /// step the optimizer. `decisions` come from [`Trainer::plan`]; `loss_scale` is 1 without
+    /// loss scaling.
     ///
     /// # Errors
     /// On a data, model or updater error.
