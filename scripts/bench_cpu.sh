@@ -23,3 +23,13 @@ bin="$CARGO_TARGET_DIR/release/candle-fit"
 "$bin" bench --layers 4,8,16,24,48 --width 64 --batch 8 --seq-len 64 --steps 5 --warmup 1 \
   --configs fp32,candle-plain,recompute-sqrt,recompute-all \
   --json "$out/recompute-depth.json" --markdown "$out/recompute-depth.md"
+
+# 6. ZeRO stages 0-2 on 1-8 in-process ranks: state bytes, bytes sent, tokens/s.
+cargo run --release --quiet --example zero_scaling -- 4 128 6 | tee "$out/zero-scaling.md"
+
+# 6b. One process per rank over TCP: per-rank peak heap for ZeRO 0-2 on 1, 2, 4 processes.
+for S in 0 1 2; do for N in 1 2 4; do
+  echo "== stage $S N $N"
+  "$bin" launch --nproc $N -- train --zero $S --steps 4 --micro-batch 16 \
+    --accumulation-steps 2 --seq-len 64 --context 64 --eval-windows 4 --eval-interval 0 --quiet
+done; done | tee "$out/zero-processes.txt"

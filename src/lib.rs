@@ -4,7 +4,7 @@
 //!
 //! - [`ckpt`] (`candle-ckpt`): the segmented forward/backward engine and recomputation;
 //! - [`train`] (`candle-train`): layers, models, optimizers, memory accounting, the Trainer;
-//! - [`shard`] (`candle-shard`): ZeRO-style sharding (a skeleton for now).
+//! - [`shard`] (`candle-shard`): communicators and ZeRO stages 0-2 on N ranks.
 //!
 //! It also owns the `candle-fit` command-line tool, the examples, the integration tests and
 //! the benchmarks.

@@ -35,6 +35,86 @@ enum Command {
     /// Predict the peak memory of a `train` run, and its breakdown, without allocating the
     /// model (takes the same flags as `train`).
     Estimate(TrainArgs),
+    /// Start N local processes of `candle-fit train ...` as the ranks of one data-parallel
+    /// group (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set as torchrun does),
+    /// communicating over TCP: `candle-fit launch --nproc 2 -- train --zero 1`.
+    Launch(LaunchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct LaunchArgs {
+    /// Processes (ranks) to start on this machine.
+    #[arg(long)]
+    nproc: usize,
+    /// Port of rank 0's rendezvous on 127.0.0.1; by default a free one.
+    #[arg(long)]
+    master_port: Option<u16>,
+    /// The command each rank runs (`train ...`).
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// Starts `--nproc` copies of this binary with launcher variables; fails with the first
+/// failing rank's exit code, stopping the others.
+fn launch(args: LaunchArgs) -> anyhow::Result<()> {
+    use std::process::Command as Process;
+    use std::time::{Duration, Instant};
+
+    if args.nproc == 0 {
+        anyhow::bail!("invalid `--nproc`: must be at least 1");
+    }
+    let port = match args.master_port {
+        Some(p) => p,
+        None => std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
+    };
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::with_capacity(args.nproc);
+    for rank in 0..args.nproc {
+        let child = Process::new(&exe)
+            .args(&args.command)
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", args.nproc.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .spawn()
+            .with_context(|| format!("starting rank {rank}"))?;
+        children.push(Some(child));
+    }
+    let mut failure: Option<(usize, i32, Instant)> = None;
+    loop {
+        let mut running = 0;
+        for (rank, slot) in children.iter_mut().enumerate() {
+            let Some(child) = slot else { continue };
+            match child.try_wait()? {
+                Some(status) => {
+                    if !status.success() && failure.is_none() {
+                        failure = Some((rank, status.code().unwrap_or(1), Instant::now()));
+                    }
+                    *slot = None;
+                }
+                None => running += 1,
+            }
+        }
+        if running == 0 {
+            break;
+        }
+        // Peers of a failed rank fail by themselves within their timeout; do not wait for it.
+        if let Some((_, _, at)) = failure {
+            if at.elapsed() > Duration::from_secs(5) {
+                for child in children.iter_mut().flatten() {
+                    child.kill().ok();
+                    child.wait().ok();
+                }
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    match failure {
+        Some((rank, code, _)) => anyhow::bail!("rank {rank} of {} exited with status {code}", args.nproc),
+        None => Ok(()),
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -283,6 +363,19 @@ struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// ZeRO stage for data-parallel training over `--world-size` ranks: 0 (gradients
+    /// all-reduced), 1 (optimizer state and master weights sharded) or 2 (gradients sharded
+    /// too, reduced per segment during backward); 3 is not implemented. By default, a single
+    /// process without sharding (stage 0 when only `--world-size` is given).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=3))]
+    zero: Option<u8>,
+    /// Data-parallel ranks, run as threads of this process (in-process communicator). The
+    /// micro-batch is the global one, split over the ranks.
+    #[arg(long, default_value_t = 1)]
+    world_size: usize,
+    /// Seconds a rank waits for its peers in a collective before failing.
+    #[arg(long, default_value_t = 300)]
+    comm_timeout: u64,
 }
 
 /// Everything a training run is made of, validated, before anything is allocated.
@@ -437,6 +530,11 @@ fn estimate(args: TrainArgs) -> anyhow::Result<()> {
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
+    // Launched by `candle-fit launch`, torchrun or Slurm: one rank of a multi-process group.
+    let launched = candle_fit::shard::discovery::RankInfo::from_env()?;
+    if args.zero.is_some() || args.world_size != 1 || launched.as_ref().is_some_and(|i| i.world_size > 1) {
+        return train_sharded(args, launched);
+    }
     let Plan { precision, recompute, device, model_config, trainer_config, optimizer, corpus } = plan(&args)?;
     let dtype = precision.dtype();
     let model = Gpt::new(model_config, dtype, &device, args.seed)?;
@@ -558,6 +656,111 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `train` with ZeRO stage `--zero` on `--world-size` in-process ranks, or as one rank of a
+/// multi-process group (`launched`: from `candle-fit launch`, torchrun or Slurm) over TCP.
+fn train_sharded(
+    args: TrainArgs,
+    launched: Option<candle_fit::shard::discovery::RankInfo>,
+) -> anyhow::Result<()> {
+    use std::num::NonZeroUsize;
+    use std::time::Duration;
+
+    use candle_fit::shard::comm::{Op, TcpCommunicator};
+    use candle_fit::shard::driver::{fit_in_process, fit_rank, InProcessConfig};
+    use candle_fit::shard::ZeroStage;
+
+    let stage = ZeroStage::from_number(args.zero.unwrap_or(0))?;
+    let timeout = Duration::from_secs(args.comm_timeout);
+    let launched = launched.filter(|i| i.world_size > 1 || args.world_size == 1);
+    let world_size = match &launched {
+        Some(info) if args.world_size != 1 && args.world_size != info.world_size => anyhow::bail!(
+            "invalid `--world-size`: {} contradicts the launcher's world size {}",
+            args.world_size,
+            info.world_size
+        ),
+        Some(info) => info.world_size,
+        None => args.world_size,
+    };
+    let world_size = NonZeroUsize::new(world_size)
+        .ok_or_else(|| anyhow::anyhow!("invalid `--world-size`: must be at least 1"))?;
+    if args.metrics.is_some() && world_size.get() > 1 {
+        anyhow::bail!("invalid `--metrics`: per-step metrics are not written by sharded runs yet");
+    }
+    let Plan { precision, device, model_config, mut trainer_config, optimizer, corpus, .. } = plan(&args)?;
+    // One progress bar per rank would interleave on stderr.
+    trainer_config.progress = false;
+    let trainer = Trainer::new(trainer_config);
+    let c = trainer.config();
+    let rank = launched.as_ref().map_or(0, |i| i.rank);
+    if rank == 0 {
+        let how = if launched.is_some() { "processes (TCP)" } else { "in-process ranks" };
+        println!(
+            "training      ZeRO {stage:?} on {world_size} {how}: {} steps x {} sequences ({} micro-batch x {} accumulation) of {} bytes, {precision}, {}",
+            c.steps,
+            c.global_batch(),
+            c.micro_batch,
+            c.accumulation_steps,
+            c.seq_len,
+            optimizer_name(&optimizer),
+        );
+    }
+    let make_model = |_rank| Gpt::new(model_config, precision.dtype(), &device, args.seed);
+    let runs = match &launched {
+        Some(info) => {
+            let comm = TcpCommunicator::connect(info, timeout)?;
+            vec![fit_rank(stage, Box::new(comm), &trainer, &corpus, &optimizer, make_model(info.rank)?)?]
+        }
+        None => {
+            let config = InProcessConfig { world_size, stage, timeout };
+            fit_in_process(&config, &trainer, &corpus, &optimizer, make_model)?
+        }
+    };
+    let Some(first) = runs.first() else { anyhow::bail!("no rank ran") };
+    let report = &first.report;
+    if rank == 0 {
+        println!("model         {} parameters", first.model.parameters().num_elements());
+        println!("validation loss before training      {:.4} nats/byte", report.initial_val_loss);
+        println!("validation loss after {} steps       {:.4} nats/byte", c.steps, report.final_val_loss);
+        println!(
+            "median step time                     {:.1} ms ({:.0} tokens/s, all ranks together)",
+            report.median_step_time_s * 1e3,
+            report.tokens_per_s
+        );
+    }
+    for run in &runs {
+        let s = run.state;
+        let sent = run.comm.sent_bytes() - run.comm.op(Op::Broadcast).sent_bytes;
+        // With one rank per process the counting allocator's peak is this rank's own.
+        let peak = if launched.is_some() && memory::is_installed() {
+            format!(" | peak heap during a step {}", mib(run.report.memory.peak))
+        } else {
+            String::new()
+        };
+        println!(
+            "rank {:<3} parameters {} gradients {} master {} optimizer {} | sent {} per step ({} collectives in all){peak}",
+            run.rank,
+            mib(run.model.parameters().size_in_bytes()),
+            mib(s.gradients),
+            mib(s.master_weights),
+            mib(s.optimizer_state),
+            mib((sent / c.steps.get() as u64) as usize),
+            run.comm.calls()
+        );
+    }
+    if rank != 0 {
+        return Ok(());
+    }
+    if let Some(path) = &args.save {
+        first
+            .model
+            .parameters()
+            .save_safetensors(path)
+            .with_context(|| format!("saving weights to {}", path.display()))?;
+        println!("weights saved to {}", path.display());
+    }
+    Ok(())
+}
+
 fn optimizer_name(config: &OptimizerConfig) -> &'static str {
     match config {
         OptimizerConfig::AdamW(_) => "AdamW",
@@ -571,6 +774,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train(args),
         Command::Bench(args) => bench(args),
         Command::Estimate(args) => estimate(args),
+        Command::Launch(args) => launch(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -249,3 +249,59 @@ fn estimate_predicts_the_measured_peak_without_training() -> anyhow::Result<()> 
     assert!(stderr.contains("unknown recompute policy `sometimes`"), "{stderr}");
     Ok(())
 }
+
+/// `--zero S --world-size N` trains on N in-process ranks and ends where one process ends
+/// (F32; losses printed to 4 decimals); a stage that does not exist or a micro-batch too small
+/// to split is one clear line.
+#[test]
+fn sharded_training_on_in_process_ranks_matches_one_process() -> anyhow::Result<()> {
+    let final_loss = |stdout: &str| -> Option<String> {
+        let line = stdout.lines().find(|l| l.starts_with("validation loss after"))?;
+        line.split_whitespace().nth(5).map(str::to_string)
+    };
+    let args = tiny_with(&["--micro-batch", "4"]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, single, stderr) = run(&refs)?;
+    assert_eq!(code, 0, "{stderr}");
+    let expected = final_loss(&single).ok_or_else(|| anyhow::anyhow!("no final loss in {single}"))?;
+    for zero in ["0", "1", "2"] {
+        let args = tiny_with(&["--micro-batch", "4", "--zero", zero, "--world-size", "2"]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, stdout, stderr) = run(&refs)?;
+        assert_eq!(code, 0, "--zero {zero}: {stderr}");
+        assert!(stdout.contains("on 2 in-process ranks"), "{stdout}");
+        assert!(stdout.contains("rank 1"), "{stdout}");
+        assert_eq!(final_loss(&stdout), Some(expected.clone()), "--zero {zero}: {stdout}");
+    }
+    assert_clear_error(&["--zero", "3", "--world-size", "2"], "stage 3 is not implemented")?;
+    assert_clear_error(&["--zero", "1", "--world-size", "3"], "cannot be split over 3 ranks")?;
+    Ok(())
+}
+
+/// `launch --nproc 2 -- train ... --zero S` runs two processes that rendezvous over TCP (the
+/// launcher sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as torchrun does) and end where
+/// one process ends; each rank reports its own peak heap.
+#[test]
+fn launched_processes_train_like_one_process() -> anyhow::Result<()> {
+    let final_loss = |stdout: &str| -> Option<String> {
+        let line = stdout.lines().find(|l| l.starts_with("validation loss after"))?;
+        line.split_whitespace().nth(5).map(str::to_string)
+    };
+    let args = tiny_with(&["--micro-batch", "4"]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, single, stderr) = run(&refs)?;
+    assert_eq!(code, 0, "{stderr}");
+    let expected = final_loss(&single).ok_or_else(|| anyhow::anyhow!("no final loss in {single}"))?;
+    for zero in ["1", "2"] {
+        let mut launch: Vec<String> =
+            ["launch", "--nproc", "2", "--"].iter().map(|s| s.to_string()).collect();
+        launch.extend(tiny_with(&["--micro-batch", "4", "--zero", zero]));
+        let refs: Vec<&str> = launch.iter().map(String::as_str).collect();
+        let (code, stdout, stderr) = run(&refs)?;
+        assert_eq!(code, 0, "--zero {zero}: {stderr}");
+        assert!(stdout.contains("on 2 processes (TCP)"), "{stdout}");
+        assert_eq!(stdout.matches("peak heap during a step").count(), 2, "{stdout}");
+        assert_eq!(final_loss(&stdout), Some(expected.clone()), "--zero {zero}: {stdout}");
+    }
+    Ok(())
+}

@@ -62,5 +62,5 @@ pub use engine::{
     ParameterGradient, SegmentGradients,
 };
 pub use policy::{parse_bytes, ParseRecomputeError, Recompute, RecomputePolicy, SegmentInfo};
-pub use rng::{Rng, RngKey};
+pub use rng::{Rng, RngKey, SampleWindow};
 pub use segment::{SegmentContext, SegmentParameter, SegmentedModel};

@@ -44,20 +44,50 @@ impl RngKey {
         for part in [self.step, self.micro_batch, self.segment, self.stream] {
             state = mix(state ^ mix(part.wrapping_add(0x9e37_79b9_7f4a_7c15)));
         }
-        Rng { state }
+        Rng { state, window: None }
     }
+}
+
+/// The rows `start .. start + len` of a batch of `total` rows (samples): what one
+/// data-parallel rank runs of a micro-batch. Randomness drawn per element of a batch-major
+/// tensor skips the other rows' draws, so a rank draws exactly its rows of the whole batch's
+/// draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SampleWindow {
+    /// The first row.
+    pub start: u64,
+    /// The rows run here.
+    pub len: u64,
+    /// The rows of the whole batch.
+    pub total: u64,
 }
 
 /// A small, fast, deterministic generator (SplitMix64). Not for cryptography.
 #[derive(Debug, Clone)]
 pub struct Rng {
     state: u64,
+    window: Option<SampleWindow>,
 }
 
 impl Rng {
     /// A generator seeded directly.
     pub fn seeded(seed: u64) -> Self {
-        Self { state: mix(seed) }
+        Self { state: mix(seed), window: None }
+    }
+
+    /// The same generator, for a batch that is `window` of a larger one.
+    pub fn with_window(self, window: Option<SampleWindow>) -> Self {
+        Self { window, ..self }
+    }
+
+    /// The rows of the whole batch this generator's batch is, if it is part of one.
+    pub fn window(&self) -> Option<SampleWindow> {
+        self.window
+    }
+
+    /// Skips `n` draws of 64 bits in O(1): SplitMix64's state advances by a constant per draw.
+    pub fn skip(&mut self, n: u64) {
+        self.state = self.state.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     }
 
     /// The next 64 random bits.
@@ -93,6 +123,17 @@ impl Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skipping_equals_drawing() {
+        let mut drawn = Rng::seeded(3);
+        let mut skipped = drawn.clone();
+        (0..1000).for_each(|_| {
+            drawn.next_u64();
+        });
+        skipped.skip(1000);
+        assert_eq!(drawn.next_u64(), skipped.next_u64());
+    }
 
     #[test]
     fn same_key_gives_same_sequence_and_keys_differ() {

@@ -2,7 +2,7 @@
 
 use candle::{Result, Tensor, Var};
 
-use crate::rng::{Rng, RngKey};
+use crate::rng::{Rng, RngKey, SampleWindow};
 
 /// What one segment's forward may know about the step it runs in.
 ///
@@ -14,17 +14,27 @@ pub struct SegmentContext {
     pub training: bool,
     /// The key of this segment's randomness; its `segment` field is the segment's index.
     pub key: RngKey,
+    /// When the batch is part of a larger one (a data-parallel rank's share of a micro-batch):
+    /// which rows. Handed to every generator, so per-element randomness (dropout masks)
+    /// equals those rows of the whole batch's.
+    pub window: Option<SampleWindow>,
 }
 
 impl SegmentContext {
     /// A context for evaluation: no dropout, fixed key.
     pub fn eval() -> Self {
-        Self { training: false, key: RngKey::new(0) }
+        Self { training: false, key: RngKey::new(0), window: None }
     }
 
     /// A context for training at the given step and micro-batch.
     pub fn train(seed: u64, step: u64, micro_batch: u64) -> Self {
-        Self { training: true, key: RngKey { seed, step, micro_batch, segment: 0, stream: 0 } }
+        Self { training: true, key: RngKey { seed, step, micro_batch, segment: 0, stream: 0 }, window: None }
+    }
+
+    /// The same context for rows `start .. start + len` of a batch of `total` rows.
+    pub fn with_window(self, start: usize, len: usize, total: usize) -> Self {
+        let window = SampleWindow { start: start as u64, len: len as u64, total: total as u64 };
+        Self { window: Some(window), ..self }
     }
 
     /// The same context for another segment.
@@ -34,7 +44,7 @@ impl SegmentContext {
 
     /// The generator for random stream `stream` of this segment (one stream per random layer).
     pub fn rng(&self, stream: u64) -> Rng {
-        self.key.with_stream(stream).rng()
+        self.key.with_stream(stream).rng().with_window(self.window)
     }
 }
 

@@ -141,6 +141,11 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A collective operation across data-parallel ranks failed: a peer timed out, left the
+    /// group or called a different operation. The source (candle-shard's error) names the
+    /// operation, the rank and the timeout.
+    #[error(transparent)]
+    Distributed(Box<dyn std::error::Error + Send + Sync + 'static>),
 
     /// A file that should hold saved state is malformed.
     #[error("malformed state file `{path}`: {reason}")]

@@ -50,7 +50,7 @@ pub use params::{ParamBuilder, Parameter, Parameters};
 pub use precision::Precision;
 pub use schedule::LrSchedule;
 pub use trainer::{
-    BackwardMode, CheckpointConfig, LanguageModel, MicroBatchSearch, MicroBatchTrial, OomRecovery,
+    BackwardMode, CheckpointConfig, DataRank, LanguageModel, MicroBatchSearch, MicroBatchTrial, OomRecovery,
     TrainReport, Trainer, TrainerBuilder, TrainerConfig,
 };
 pub use updater::{LocalUpdater, StepReport, Updater, UpdaterState};

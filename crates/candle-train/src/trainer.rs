@@ -107,7 +107,8 @@ pub struct TrainerConfig {
     pub max_memory: Option<usize>,
     /// On an out-of-memory error, free the step, halve the micro-batch (to the largest divisor
     /// of the global batch at most half of it), multiply the accumulation steps to keep the
-    /// global batch, and retry the step.
+    /// global batch, and retry the step. One data-parallel rank only: on several, the error
+    /// stops the run (the ranks would have to agree on the new split).
     pub oom_recovery: bool,
     /// Before training, pick the largest micro-batch (a divisor of the global batch, at most
     /// `micro_batch`) whose forward and backward stay within `max_memory`, measured.
@@ -566,6 +567,28 @@ impl<M: LanguageModel> SegmentedModel for MemoryGuard<'_, M> {
 pub struct Trainer {
     config: TrainerConfig,
     policy: Arc<dyn RecomputePolicy>,
+    data_rank: DataRank,
+}
+
+/// Which share of every micro-batch this trainer processes: rank `rank` of `world_size`
+/// data-parallel ranks (0 of 1 without data parallelism).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataRank {
+    /// This rank.
+    pub rank: usize,
+    /// The number of data-parallel ranks.
+    pub world_size: usize,
+}
+
+impl DataRank {
+    /// The sample indices `start..end` of a micro-batch of `micro_batch` samples that this
+    /// rank processes: a balanced contiguous split (the first `micro_batch % world_size` ranks
+    /// take one more), so the union over ranks is the whole micro-batch, each sample once.
+    pub fn samples(&self, micro_batch: usize) -> std::ops::Range<usize> {
+        let (base, extra) = (micro_batch / self.world_size, micro_batch % self.world_size);
+        let start = self.rank * base + self.rank.min(extra);
+        start..start + base + usize::from(self.rank < extra)
+    }
 }
 
 /// The median of `values` (the mean of the middle two for an even count; 0 when empty).
@@ -583,13 +606,47 @@ impl Trainer {
     /// A trainer with validated settings; it recomputes as `config.recompute` says.
     pub fn new(config: TrainerConfig) -> Self {
         let policy = Arc::new(config.recompute);
-        Self { config, policy }
+        Self { config, policy, data_rank: DataRank { rank: 0, world_size: 1 } }
     }
 
     /// A trainer whose recompute decisions come from a policy of the caller's
     /// (`config.recompute` is then ignored).
     pub fn with_policy(config: TrainerConfig, policy: Arc<dyn RecomputePolicy>) -> Self {
-        Self { config, policy }
+        Self { config, policy, data_rank: DataRank { rank: 0, world_size: 1 } }
+    }
+
+    /// Makes this trainer rank `rank` of `world_size` data-parallel ranks: `micro_batch` stays
+    /// the size of the global micro-batch, and this rank processes its share of the samples of
+    /// each one ([`DataRank::samples`]), weighting its loss by its share, so that the sum of
+    /// the ranks' gradients is the one-rank gradient of the global batch. The updater must
+    /// reduce across ranks (candle-shard's). By default, rank 0 of 1.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] when `rank >= world_size` or when the micro-batch has fewer
+    /// samples than there are ranks.
+    pub fn data_parallel(mut self, rank: usize, world_size: usize) -> Result<Self> {
+        if rank >= world_size {
+            return Err(Error::config(
+                "rank",
+                format!("rank {rank} is not below the world size {world_size}"),
+            ));
+        }
+        if self.config.micro_batch.get() < world_size {
+            return Err(Error::config(
+                "micro_batch",
+                format!(
+                    "a micro-batch of {} samples cannot be split over {world_size} ranks",
+                    self.config.micro_batch
+                ),
+            ));
+        }
+        self.data_rank = DataRank { rank, world_size };
+        Ok(self)
+    }
+
+    /// This trainer's data-parallel rank (0 of 1 by default).
+    pub fn data_rank(&self) -> DataRank {
+        self.data_rank
     }
 
     /// The keep/recompute decision for each segment of `model` at this trainer's batch shape.
@@ -649,9 +706,11 @@ impl Trainer {
 
     /// Runs one optimizer step's forward and backward over its micro-batches, accumulating
     /// into `updater` the gradient of `loss * loss_scale` (averaged over the micro-batches),
-    /// and returns the mean loss. Does not step the optimizer. `decisions` come from
-    /// [`Trainer::plan`]; `loss_scale` is 1 without loss scaling. The memory limit, if set, is
-    /// checked; there is no recovery here.
+    /// and returns the mean loss. On data-parallel ranks ([`Trainer::data_parallel`]) it runs
+    /// this rank's samples only, accumulates its share of the gradient (the loss weighted by
+    /// its fraction of the samples), and returns the mean loss of its own samples. Does not
+    /// step the optimizer. `decisions` come from [`Trainer::plan`]; `loss_scale` is 1 without
+    /// loss scaling. The memory limit, if set, is checked; there is no recovery here.
     ///
     /// # Errors
     /// [`Error::OutOfMemory`] over the limit, or a data, model or updater error.
@@ -688,10 +747,17 @@ impl Trainer {
         let (b, k) = (split.micro_batch, split.accumulation_steps);
         let device = model.device();
         let guard = MemoryGuard::new(model, c.max_memory);
+        let samples = self.data_rank.samples(b);
+        let share = samples.len() as f64 / b as f64;
         let mut loss_sum = 0.0;
         for micro in 0..run_micros {
-            let batch = corpus.train_batch(c.seed, step, micro * b, b, c.seq_len.get(), &device)?;
-            let ctx = SegmentContext::train(c.seed, step, micro as u64);
+            let (first, count) = (micro * b + samples.start, samples.len());
+            let batch = corpus.train_batch(c.seed, step, first, count, c.seq_len.get(), &device)?;
+            let mut ctx = SegmentContext::train(c.seed, step, micro as u64);
+            if self.data_rank.world_size > 1 {
+                // Dropout draws this rank's rows of the whole micro-batch's masks.
+                ctx = ctx.with_window(samples.start, samples.len(), b);
+            }
             let mut hook_error = None;
             let hook = |grads: candle_ckpt::SegmentGradients| {
                 let segment = grads.segment;
@@ -704,7 +770,7 @@ impl Trainer {
                 result?;
                 guard.check(|| format!("backward of {}", model.segment_name(segment)))
             };
-            let multiplier = loss_scale / k as f64;
+            let multiplier = loss_scale * share / k as f64;
             let result = match c.backward {
                 BackwardMode::Segmented => forward_backward(&guard, &batch, ctx, decisions, multiplier, hook),
                 BackwardMode::Plain => plain_forward_backward(&guard, &batch, ctx, multiplier, hook),
@@ -843,6 +909,21 @@ impl Trainer {
                 "the limit is checked against the counting allocator, which this binary does not install",
             ));
         }
+        if updater.world_size() > 1 || self.data_rank.world_size > 1 {
+            // Each rank would decide on its own and the ranks' micro-batches would part.
+            if c.find_micro_batch {
+                return Err(Error::config(
+                    "find_micro_batch",
+                    "is not supported on several data-parallel ranks yet",
+                ));
+            }
+            if c.checkpoint.is_some() {
+                return Err(Error::config(
+                    "checkpoint",
+                    "checkpoints of sharded (data-parallel) runs are not supported yet",
+                ));
+            }
+        }
         let identity = self.identity(corpus, updater);
         let global = c.global_batch();
         let mut split =
@@ -909,7 +990,7 @@ impl Trainer {
                 let k = split.accumulation_steps;
                 match self.accumulate(model, corpus, updater, step, &decisions, loss_scale, split, k) {
                     Ok(loss) => break loss,
-                    Err(e) if e.is_out_of_memory() && c.oom_recovery => {
+                    Err(e) if e.is_out_of_memory() && c.oom_recovery && self.data_rank.world_size == 1 => {
                         // The step's graphs are gone with the error; drop its partial sums.
                         updater.zero_grad();
                         let Some(smaller) = smaller_micro_batch(split.micro_batch, global) else {
@@ -935,6 +1016,12 @@ impl Trainer {
                     Err(e) => return Err(e),
                 }
             };
+            let mut loss = loss;
+            if self.data_rank.world_size > 1 {
+                // Every rank reports (and decides on) the loss of the whole global batch.
+                let b = split.micro_batch;
+                loss = updater.sum_over_ranks(loss * self.data_rank.samples(b).len() as f64 / b as f64)?;
+            }
             let report = match scaler.as_mut() {
                 None => updater.step(lr, c.max_grad_norm)?,
                 Some(scaler) => {

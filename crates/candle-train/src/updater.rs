@@ -109,6 +109,15 @@ pub trait Updater {
         let _ = state;
         Err(Error::config("checkpoint", "this updater cannot load saved state"))
     }
+
+    /// The sum of `value` over the data-parallel ranks, the same on every rank (the value
+    /// itself on one device). The Trainer reports the loss of the whole global batch with it.
+    ///
+    /// # Errors
+    /// On a communication error.
+    fn sum_over_ranks(&mut self, value: f64) -> Result<f64> {
+        Ok(value)
+    }
 }
 
 /// The single-device [`Updater`]: FP32 gradient accumulators, FP32 master weights for

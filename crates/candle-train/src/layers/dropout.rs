@@ -28,7 +28,10 @@ impl Dropout {
     }
 
     /// Applies dropout with a mask drawn from `rng`; the identity when `training` is false or
-    /// `p` is zero (and then `rng` is not advanced).
+    /// `p` is zero (and then `rng` is not advanced). When `rng` carries a
+    /// [`SampleWindow`](candle_ckpt::SampleWindow) (`x` holds rows `start .. start + len` of a
+    /// batch of `total`, batch-major), the mask is those rows of the whole batch's mask: the
+    /// draws of the other rows are skipped.
     ///
     /// # Errors
     /// On a tensor error.
@@ -37,14 +40,25 @@ impl Dropout {
             return Ok(x.clone());
         }
         let keep_scale = 1.0 / (1.0 - self.p as f64);
-        let mut draw = || if rng.uniform_f32() < self.p { 0.0 } else { keep_scale };
         let n = x.elem_count();
+        // A share of a larger batch (batch-major): skip the other rows' draws, before and after.
+        let skips = rng.window().and_then(|w| {
+            let per_row = (n as u64).checked_div(w.len).filter(|k| k * w.len == n as u64)?;
+            Some((w.start * per_row, w.total.checked_sub(w.start + w.len)? * per_row))
+        });
+        if let Some((before, _)) = skips {
+            rng.skip(before);
+        }
+        let mut draw = || if rng.uniform_f32() < self.p { 0.0 } else { keep_scale };
         let mask = if x.dtype() == candle::DType::F64 {
             Tensor::from_vec((0..n).map(|_| draw()).collect::<Vec<f64>>(), x.shape(), x.device())?
         } else {
             let values: Vec<f32> = (0..n).map(|_| draw() as f32).collect();
             Tensor::from_vec(values, x.shape(), x.device())?.to_dtype(x.dtype())?
         };
+        if let Some((_, after)) = skips {
+            rng.skip(after);
+        }
         x.mul(&mask)
     }
 }

@@ -1,0 +1,548 @@
+//! ZeRO stages 0, 1 and 2 as candle-train [`Updater`]s for one rank of N.
+//!
+//! Parameters are laid out in one flat buffer per dtype by [`Partition`]; each rank owns one
+//! equal contiguous slice of it.
+//!
+//! - Stage 0 (data parallel): a flat FP32 accumulator over the whole buffer, accumulated
+//!   locally over the micro-batches (no-sync), all-reduced once per step; every rank holds the
+//!   whole gradient, master weights and optimizer state, and steps every parameter.
+//! - Stage 1 (optimizer state sharded): the same no-sync accumulator, reduce-scattered once per
+//!   step; each rank steps only its slice, with master weights and optimizer state for that
+//!   slice only, then the new parameter values are all-gathered in the parameters' dtype.
+//! - Stage 2 (gradients sharded too): parameters are laid out in one flat buffer per segment
+//!   (per "unit": the segment whose backward completes the parameter's gradient, see
+//!   [`segment_units`]) and dtype, each split equally over the ranks, as FSDP does per wrapped
+//!   module. The rank holds an FP32 gradient accumulator for its slices only. In the engine's
+//!   per-segment hook, during backward, a unit's final gradients are staged in FP32 (one
+//!   segment's worth, transient) and, once the unit is complete, reduce-scattered: each rank adds
+//!   its chunk to its accumulator. This happens every micro-batch. A gradient that is not final
+//!   yet (a tied weight used by a later segment) is held until its last contribution arrives.
+//!   The step is stage 1's; the all-gather of the new values goes through a transient flat
+//!   buffer per unit.
+//!
+//! How the optimizer sees a slice that cuts through parameters: it is built over the rank's
+//! [`Piece`](crate::partition::Piece)s (index `k` is the rank's `k`-th piece, of the piece's
+//! length), and each piece is stepped with the weight-decay flag of its original parameter
+//! (parameters of two or more dimensions decay). AdamW and SGD are elementwise, so stepping a
+//! parameter piece by piece gives the same bits as stepping it whole. Padding belongs to no
+//! piece: it never reaches the norm or the optimizer.
+//!
+//! Semantics that hold on every rank alike: the gradient is the sum of the ranks' shares (each
+//! rank's loss is weighted by its fraction of the global batch, see
+//! [`candle_train::Trainer::data_parallel`]); the global norm is computed from the reduced
+//! gradient (stage 1: the ranks' partial sums of squares, all-reduced in FP64), so clipping is
+//! the same everywhere; the inf/NaN decision is all-reduced, so every rank skips together.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use candle::{DType, TensorId};
+use candle_ckpt::SegmentGradients;
+use candle_train::host::{to_f32_vec, update_f32_in_place, with_f32_values, write_f32_values};
+use candle_train::loss_scale::unscale_slice;
+use candle_train::updater::StateBytes;
+use candle_train::{Optimizer, OptimizerConfig, Parameter, Parameters, StepReport, Updater};
+use half::{bf16, f16};
+
+use crate::comm::{CommStats, Communicator};
+use crate::error::{Error, Result};
+use crate::partition::{FlatEntry, Partition};
+use crate::ZeroStage;
+
+/// One flat buffer's state on this rank.
+struct Group {
+    /// The FP32 gradient accumulator: over the whole padded buffer (stages 0-1) or the rank's
+    /// slice (stage 2).
+    grads: Vec<f32>,
+    /// The flat index of `grads[0]`.
+    grads_offset: usize,
+    /// The flat elements this rank steps: all of them (stage 0) or its slice (stage 1).
+    owned: Range<usize>,
+    /// FP32 master weights of the owned elements, for parameters not held in F32.
+    master: Option<Vec<f32>>,
+}
+
+/// A piece of a parameter this rank steps; its position is its optimizer index.
+struct OwnedPiece {
+    group: usize,
+    param: usize,
+    param_range: Range<usize>,
+    /// Its elements within the group's owned range.
+    owned_range: Range<usize>,
+    decay: bool,
+}
+
+/// One rank's [`Updater`] for ZeRO stage 0, 1 or 2 (see the module docs).
+pub struct ZeroUpdater {
+    stage: ZeroStage,
+    comm: Box<dyn Communicator>,
+    params: Vec<Parameter>,
+    index: HashMap<TensorId, (usize, FlatEntry)>,
+    partition: Partition,
+    groups: Vec<Group>,
+    pieces: Vec<OwnedPiece>,
+    optimizer: Box<dyn Optimizer>,
+    reduced: bool,
+    /// Stage 2: FP32 gradients of parameters whose last contribution has not arrived yet.
+    pending: HashMap<usize, Vec<f32>>,
+    /// Stage 2: per group, its flat FP32 gradients staged so far and how many of its
+    /// parameters they cover.
+    staging: HashMap<usize, (Vec<f32>, usize)>,
+}
+
+/// For each of `params` (in order), the segment of `model` whose backward completes its
+/// gradient: the first segment that lists it (backward runs in reverse). Parameters no segment
+/// lists get `usize::MAX`. These are stage 2's units ([`ZeroUpdater::with_units`]).
+pub fn segment_units<M: candle_ckpt::SegmentedModel + ?Sized>(model: &M, params: &Parameters) -> Vec<usize> {
+    let mut first: HashMap<TensorId, usize> = HashMap::new();
+    for segment in 0..model.num_segments() {
+        for p in model.segment_parameters(segment) {
+            first.entry(p.var.as_tensor().id()).or_insert(segment);
+        }
+    }
+    params.iter().map(|p| first.get(&p.var.as_tensor().id()).copied().unwrap_or(usize::MAX)).collect()
+}
+
+impl std::fmt::Debug for ZeroUpdater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZeroUpdater")
+            .field("stage", &self.stage)
+            .field("rank", &self.comm.rank())
+            .field("world_size", &self.comm.world_size())
+            .field("pieces", &self.pieces.len())
+            .finish()
+    }
+}
+
+impl ZeroUpdater {
+    /// The updater of rank `comm.rank()` for `params` (the same parameters, with the same
+    /// values, on every rank: see [`ZeroUpdater::broadcast_parameters`]), with an optimizer
+    /// built from `optimizer` over the pieces this rank steps, and one flat buffer per dtype.
+    /// Communicates nothing. Stage 2 works with this layout too, but reduce-scatters the whole
+    /// buffer once the last segment completes; give it per-segment buffers with
+    /// [`ZeroUpdater::with_units`] so that it reduces during backward.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for stage 3 (not implemented) or bad optimizer
+    /// hyper-parameters; a device error reading half-precision parameters.
+    pub fn new(
+        stage: ZeroStage,
+        params: &Parameters,
+        optimizer: &OptimizerConfig,
+        comm: Box<dyn Communicator>,
+    ) -> Result<Self> {
+        Self::with_units(stage, params, &[], optimizer, comm)
+    }
+
+    /// As [`ZeroUpdater::new`], with one flat buffer per unit and dtype (`units[i]` is
+    /// parameter `i`'s unit, usually from [`segment_units`]; an empty slice puts every
+    /// parameter in one unit).
+    ///
+    /// # Errors
+    /// As [`ZeroUpdater::new`].
+    pub fn with_units(
+        stage: ZeroStage,
+        params: &Parameters,
+        units: &[usize],
+        optimizer: &OptimizerConfig,
+        comm: Box<dyn Communicator>,
+    ) -> Result<Self> {
+        if stage == ZeroStage::Stage3 {
+            return Err(Error::config("zero", "stage 3 is not implemented; use stage 0, 1 or 2"));
+        }
+        let params: Vec<Parameter> = params.iter().cloned().collect();
+        let shapes: Vec<(DType, usize)> =
+            params.iter().map(|p| (p.var.dtype(), p.var.elem_count())).collect();
+        let units = if units.is_empty() { vec![0; params.len()] } else { units.to_vec() };
+        let partition = Partition::by_unit(&shapes, &units, comm.world_size());
+        let mut index = HashMap::new();
+        for (i, p) in params.iter().enumerate() {
+            let located = partition.locate(i).expect("every parameter is in its dtype's buffer");
+            index.insert(p.var.as_tensor().id(), located);
+        }
+        let rank = comm.rank();
+        let mut groups = Vec::new();
+        let mut pieces = Vec::new();
+        for (g, layout) in partition.groups().iter().enumerate() {
+            let (owned, group_pieces) = match stage {
+                ZeroStage::Stage0 => {
+                    let whole =
+                        layout.entries().iter().map(|e| (e.param, 0..e.len, e.offset..e.offset + e.len));
+                    (0..layout.padded_len(), whole.collect::<Vec<_>>())
+                }
+                _ => {
+                    let mine =
+                        layout.pieces(rank).into_iter().map(|p| (p.param, p.param_range, p.shard_range));
+                    (layout.shard_range(rank), mine.collect())
+                }
+            };
+            let master = if layout.dtype() == DType::F32 {
+                None
+            } else {
+                let mut master = vec![0f32; owned.len()];
+                for (param, param_range, owned_range) in &group_pieces {
+                    let values = to_f32_vec(params[*param].var.as_tensor())?;
+                    master[owned_range.clone()].copy_from_slice(&values[param_range.clone()]);
+                }
+                Some(master)
+            };
+            for (param, param_range, owned_range) in group_pieces {
+                let decay = params[param].var.rank() >= 2;
+                pieces.push(OwnedPiece { group: g, param, param_range, owned_range, decay });
+            }
+            let (grads, grads_offset) = match stage {
+                ZeroStage::Stage2 => (vec![0.0; owned.len()], owned.start),
+                _ => (vec![0.0; layout.padded_len()], 0),
+            };
+            groups.push(Group { grads, grads_offset, owned, master });
+        }
+        let sizes: Vec<usize> = pieces.iter().map(|p| p.param_range.len()).collect();
+        let optimizer = optimizer.build(&sizes)?;
+        Ok(Self {
+            stage,
+            comm,
+            params,
+            index,
+            partition,
+            groups,
+            pieces,
+            optimizer,
+            reduced: false,
+            pending: HashMap::new(),
+            staging: HashMap::new(),
+        })
+    }
+
+    /// Makes every rank's parameters (and stage 0's master weights) equal to rank 0's, as
+    /// data-parallel training starts: one broadcast per flat buffer, in the parameters' dtype.
+    ///
+    /// # Errors
+    /// A collective failure, or a device error.
+    pub fn broadcast_parameters(&mut self) -> Result<()> {
+        for (g, layout) in self.partition.groups().iter().enumerate() {
+            let mut flat = vec![0f32; layout.padded_len()];
+            for e in layout.entries() {
+                with_f32_values(self.params[e.param].var.as_tensor(), |v| {
+                    flat[e.offset..e.offset + e.len].copy_from_slice(v)
+                })?;
+            }
+            let flat = exchange_in_dtype(layout.dtype(), flat, |bytes| self.comm.broadcast(bytes, 0))?;
+            for e in layout.entries() {
+                write_f32_values(&self.params[e.param].var, &flat[e.offset..e.offset + e.len])?;
+            }
+            let group = &mut self.groups[g];
+            if let Some(master) = group.master.as_mut() {
+                master.copy_from_slice(&flat[group.owned.clone()]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The stage.
+    pub fn stage(&self) -> ZeroStage {
+        self.stage
+    }
+
+    /// The flat buffers.
+    pub fn partition(&self) -> &Partition {
+        &self.partition
+    }
+
+    /// What this rank has communicated so far.
+    pub fn comm_stats(&self) -> CommStats {
+        self.comm.stats()
+    }
+
+    /// This rank and the world size.
+    pub fn rank(&self) -> (usize, usize) {
+        (self.comm.rank(), self.comm.world_size())
+    }
+
+    /// The reduced FP32 gradient of the owned elements of parameter `name`, as `(range of the
+    /// parameter's flattened elements, values)` pieces. Only meaningful between the reduction
+    /// (the first [`Updater::unscale`] or [`Updater::step`] of a step) and the step.
+    pub fn owned_gradient(&self, name: &str) -> Vec<(Range<usize>, Vec<f32>)> {
+        self.pieces
+            .iter()
+            .filter(|p| self.params[p.param].name == name)
+            .map(|p| {
+                let group = &self.groups[p.group];
+                let grad = &group.grads[group.owned.start - group.grads_offset..][p.owned_range.clone()];
+                (p.param_range.clone(), grad.to_vec())
+            })
+            .collect()
+    }
+
+    /// Reduces the accumulated gradients across ranks, once per step (stage 2 reduced them
+    /// during backward).
+    fn reduce(&mut self) -> Result<()> {
+        if self.stage == ZeroStage::Stage2 {
+            // Units the engine never completed (a parameter no segment lists a final gradient
+            // for): flushed in group order, the same on every rank.
+            let mut incomplete: Vec<usize> = self.staging.keys().copied().collect();
+            incomplete.sort_unstable();
+            for group in incomplete {
+                self.reduce_scatter_staged(group)?;
+            }
+            return Ok(());
+        }
+        if self.reduced {
+            return Ok(());
+        }
+        for group in &mut self.groups {
+            match self.stage {
+                ZeroStage::Stage0 => self.comm.all_reduce_f32(&mut group.grads)?,
+                _ => self.comm.reduce_scatter_f32(&mut group.grads)?,
+            }
+        }
+        self.reduced = true;
+        Ok(())
+    }
+
+    /// A sum over ranks of per-rank FP64 values (stage 0 values are already global).
+    fn global_sum(&self, local: f64) -> Result<f64> {
+        if self.stage == ZeroStage::Stage0 {
+            return Ok(local);
+        }
+        let mut v = [local];
+        self.comm.all_reduce_f64(&mut v)?;
+        Ok(v[0])
+    }
+
+    /// Stage 1: all-gathers the stepped slices, in the parameters' dtype, into every rank's
+    /// parameters. Stage 0: writes the master weights of half-precision parameters back.
+    fn publish(&mut self) -> Result<()> {
+        let rank = self.comm.rank();
+        for (g, layout) in self.partition.groups().iter().enumerate() {
+            let group = &mut self.groups[g];
+            if self.stage == ZeroStage::Stage0 {
+                if let Some(master) = &group.master {
+                    for e in layout.entries() {
+                        write_f32_values(&self.params[e.param].var, &master[e.offset..e.offset + e.len])?;
+                    }
+                }
+                continue;
+            }
+            // Stage 1's full gradient accumulator is done with: reuse it to assemble the new
+            // values. Stage 2 has none: a transient buffer.
+            let mut flat = if self.stage == ZeroStage::Stage1 {
+                let mut flat = std::mem::take(&mut group.grads);
+                flat.fill(0.0);
+                flat
+            } else {
+                vec![0.0; layout.padded_len()]
+            };
+            let shard = layout.shard_range(rank);
+            match &group.master {
+                Some(master) => flat[shard.clone()].copy_from_slice(master),
+                None => {
+                    for piece in layout.pieces(rank) {
+                        with_f32_values(self.params[piece.param].var.as_tensor(), |v| {
+                            flat[shard.start..][piece.shard_range.clone()]
+                                .copy_from_slice(&v[piece.param_range.clone()])
+                        })?;
+                    }
+                }
+            }
+            let comm = &self.comm;
+            let flat = exchange_in_dtype(layout.dtype(), flat, |bytes| comm.all_gather(bytes))?;
+            for e in layout.entries() {
+                write_f32_values(&self.params[e.param].var, &flat[e.offset..e.offset + e.len])?;
+            }
+            if self.stage == ZeroStage::Stage1 {
+                group.grads = flat;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stage 2's hook: stages one segment's final gradients and reduce-scatters every unit
+    /// they complete.
+    fn accumulate_sharded(&mut self, gradients: &SegmentGradients) -> candle_train::Result<()> {
+        let mut completed = Vec::new();
+        for g in &gradients.gradients {
+            let Some(&(group, entry)) = self.index.get(&g.var.as_tensor().id()) else {
+                return Err(unknown(&g.name));
+            };
+            let mut values = to_f32_vec(&g.grad)?;
+            if let Some(earlier) = self.pending.remove(&entry.param) {
+                values.iter_mut().zip(&earlier).for_each(|(v, e)| *v += e);
+            }
+            if !g.is_final {
+                self.pending.insert(entry.param, values);
+                continue;
+            }
+            let layout = &self.partition.groups()[group];
+            let (staged, count) =
+                self.staging.entry(group).or_insert_with(|| (vec![0.0; layout.padded_len()], 0));
+            staged[entry.offset..entry.offset + entry.len].iter_mut().zip(&values).for_each(|(s, v)| *s += v);
+            *count += 1;
+            if *count == layout.entries().len() {
+                completed.push(group);
+            }
+        }
+        for group in completed {
+            self.reduce_scatter_staged(group)?;
+        }
+        Ok(())
+    }
+
+    /// Stage 2: reduce-scatters a unit's staged gradients and adds this rank's chunk to its
+    /// accumulator.
+    fn reduce_scatter_staged(&mut self, group: usize) -> Result<()> {
+        let Some((mut staged, _)) = self.staging.remove(&group) else {
+            return Ok(());
+        };
+        self.comm.reduce_scatter_f32(&mut staged)?;
+        let g = &mut self.groups[group];
+        let mine = &staged[g.owned.clone()];
+        g.grads.iter_mut().zip(mine).for_each(|(a, &v)| *a += v);
+        Ok(())
+    }
+}
+
+fn unknown(name: &str) -> candle_train::Error {
+    candle_train::Error::StateMismatch {
+        name: name.to_string(),
+        expected: "a parameter known to the updater".into(),
+        found: "an unknown variable".into(),
+    }
+}
+
+/// Runs an in-place byte collective on `flat` converted to `dtype` (rounded to nearest even,
+/// as Candle's `to_dtype`), and returns the result as FP32. F32 buffers go through as they
+/// are, without a copy.
+fn exchange_in_dtype(
+    dtype: DType,
+    mut flat: Vec<f32>,
+    collective: impl FnOnce(&mut [u8]) -> std::result::Result<(), crate::error::CommError>,
+) -> Result<Vec<f32>> {
+    match dtype {
+        DType::BF16 => {
+            let mut half: Vec<bf16> = flat.iter().map(|&v| bf16::from_f32(v)).collect();
+            collective(bytemuck::cast_slice_mut(&mut half))?;
+            flat.iter_mut().zip(&half).for_each(|(o, h)| *o = h.to_f32());
+        }
+        DType::F16 => {
+            let mut half: Vec<f16> = flat.iter().map(|&v| f16::from_f32(v)).collect();
+            collective(bytemuck::cast_slice_mut(&mut half))?;
+            flat.iter_mut().zip(&half).for_each(|(o, h)| *o = h.to_f32());
+        }
+        // F32, and F64 stepped on FP32 values as the single-device updater does.
+        _ => collective(bytemuck::cast_slice_mut(&mut flat))?,
+    }
+    Ok(flat)
+}
+
+impl Updater for ZeroUpdater {
+    fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    fn accumulate(&mut self, gradients: &SegmentGradients) -> candle_train::Result<()> {
+        if self.stage == ZeroStage::Stage2 {
+            return self.accumulate_sharded(gradients);
+        }
+        for g in &gradients.gradients {
+            let Some(&(group, entry)) = self.index.get(&g.var.as_tensor().id()) else {
+                return Err(unknown(&g.name));
+            };
+            let acc = &mut self.groups[group].grads[entry.offset..entry.offset + entry.len];
+            with_f32_values(&g.grad, |values| {
+                acc.iter_mut().zip(values).for_each(|(a, &v)| *a += v);
+            })?;
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, lr: f64, max_grad_norm: Option<f64>) -> candle_train::Result<StepReport> {
+        self.reduce()?;
+        let local: f64 = self
+            .groups
+            .iter()
+            .flat_map(|g| &g.grads[g.owned.start - g.grads_offset..g.owned.end - g.grads_offset])
+            .map(|&v| (v as f64) * (v as f64))
+            .sum();
+        let grad_norm = self.global_sum(local)?.sqrt();
+        if !grad_norm.is_finite() {
+            self.zero_grad();
+            return Ok(StepReport { grad_norm, stepped: false, clip_coef: 1.0 });
+        }
+        let mut clip_coef = 1.0;
+        if let Some(max_norm) = max_grad_norm {
+            let coef = max_norm / (grad_norm + 1e-6);
+            if coef < 1.0 {
+                clip_coef = coef;
+                let c = coef as f32;
+                for g in &mut self.groups {
+                    let owned = g.owned.start - g.grads_offset..g.owned.end - g.grads_offset;
+                    g.grads[owned].iter_mut().for_each(|v| *v *= c);
+                }
+            }
+        }
+        self.optimizer.begin_step();
+        for (k, piece) in self.pieces.iter().enumerate() {
+            let group = &mut self.groups[piece.group];
+            let grad = &group.grads[group.owned.start - group.grads_offset..][piece.owned_range.clone()];
+            let optimizer = &mut self.optimizer;
+            match &mut group.master {
+                Some(master) => {
+                    optimizer.update(k, &mut master[piece.owned_range.clone()], grad, lr, piece.decay)?
+                }
+                None => {
+                    let mut outcome = Ok(());
+                    update_f32_in_place(&self.params[piece.param].var, |values| {
+                        outcome =
+                            optimizer.update(k, &mut values[piece.param_range.clone()], grad, lr, piece.decay)
+                    })?;
+                    outcome?;
+                }
+            }
+        }
+        self.publish()?;
+        self.zero_grad();
+        Ok(StepReport { grad_norm, stepped: true, clip_coef })
+    }
+
+    fn unscale(&mut self, inv_scale: f32) -> candle_train::Result<bool> {
+        self.reduce()?;
+        let mut found_inf = false;
+        for g in &mut self.groups {
+            let owned = g.owned.start - g.grads_offset..g.owned.end - g.grads_offset;
+            found_inf |= unscale_slice(&mut g.grads[owned], inv_scale);
+        }
+        // One decision for every rank, even where only one rank's slice overflowed.
+        let mut flag = [f64::from(u8::from(found_inf))];
+        self.comm.all_reduce_f64(&mut flag).map_err(Error::from)?;
+        Ok(flag[0] > 0.0)
+    }
+
+    fn zero_grad(&mut self) {
+        self.groups.iter_mut().for_each(|g| g.grads.fill(0.0));
+        self.pending.clear();
+        self.staging.clear();
+        self.reduced = false;
+    }
+
+    fn optimizer(&self) -> &dyn Optimizer {
+        self.optimizer.as_ref()
+    }
+
+    fn optimizer_mut(&mut self) -> &mut dyn Optimizer {
+        self.optimizer.as_mut()
+    }
+
+    fn sum_over_ranks(&mut self, value: f64) -> candle_train::Result<f64> {
+        let mut v = [value];
+        self.comm.all_reduce_f64(&mut v).map_err(Error::from)?;
+        Ok(v[0])
+    }
+
+    fn state_bytes(&self) -> StateBytes {
+        StateBytes {
+            gradients: self.groups.iter().map(|g| g.grads.len() * 4).sum(),
+            master_weights: self.groups.iter().flat_map(|g| &g.master).map(|m| m.len() * 4).sum(),
+            optimizer_state: self.optimizer.state_bytes(),
+        }
+    }
+}
