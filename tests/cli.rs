@@ -119,6 +119,10 @@ fn bad_input_is_one_clear_line_and_a_failure_exit() -> anyhow::Result<()> {
     )?;
     assert_clear_error(&["--resume", dir.to_str().unwrap_or_default()], "holds no checkpoint")?;
     assert_clear_error(&["--max-memory", "1K"], "out of memory on cpu")?;
+    assert_clear_error(
+        &["--zero", "1", "--world-size", "2", "--checkpoint-dir", run_dir],
+        "checkpoints of sharded (data-parallel) runs are not supported yet",
+    )?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
