@@ -251,6 +251,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
 #[derive(ValueEnum, Debug, Clone, Copy)]
 enum OptimizerKind {
     Adamw,
+    /// AdamW with 8-bit moments (blockwise dynamic quantization).
+    #[value(name = "adamw8bit")]
+    Adamw8bit,
     Sgd,
 }
 
@@ -477,6 +480,9 @@ fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
     let optimizer = match args.optimizer {
         OptimizerKind::Adamw => {
             OptimizerConfig::AdamW(AdamWConfig { weight_decay: args.weight_decay, ..Default::default() })
+        }
+        OptimizerKind::Adamw8bit => {
+            OptimizerConfig::AdamW8bit(AdamWConfig { weight_decay: args.weight_decay, ..Default::default() })
         }
         OptimizerKind::Sgd => {
             OptimizerConfig::Sgd(SgdConfig { weight_decay: args.weight_decay, ..Default::default() })
@@ -764,6 +770,7 @@ fn train_sharded(
 fn optimizer_name(config: &OptimizerConfig) -> &'static str {
     match config {
         OptimizerConfig::AdamW(_) => "AdamW",
+        OptimizerConfig::AdamW8bit(_) => "8-bit AdamW",
         OptimizerConfig::Sgd(_) => "SGD",
     }
 }

@@ -37,6 +37,8 @@ fn parameters_carry_gpt2_names_and_shapes() -> anyhow::Result<()> {
     expected.push(("ln_f.bias".into(), vec![12]));
     assert_eq!(shapes, expected);
     assert_eq!(model.parameters().num_elements(), config().num_parameters());
+    let sizes: Vec<usize> = model.parameters().iter().map(|p| p.var.elem_count()).collect();
+    assert_eq!(sizes, config().parameter_sizes());
     Ok(())
 }
 

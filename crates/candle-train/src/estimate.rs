@@ -335,6 +335,10 @@ pub fn estimate_memory(input: &EstimateInput) -> Result<MemoryEstimate> {
             c.validate()?;
             params * 8
         }
+        OptimizerConfig::AdamW8bit(c) => {
+            c.validate()?;
+            crate::optim::AdamW8bit::state_bytes_for(&config.parameter_sizes())
+        }
         OptimizerConfig::Sgd(c) if c.momentum > 0.0 => params * 4,
         OptimizerConfig::Sgd(_) => 0,
     };

@@ -78,6 +78,19 @@ impl GptConfig {
         Ok(())
     }
 
+    /// The element count of every parameter, in the model's order (`wte`, `wpe`, each block's
+    /// `ln_1`, `attn.c_attn`, `attn.c_proj`, `ln_2`, `mlp.c_fc`, `mlp.c_proj`, weight then
+    /// bias, then `ln_f`).
+    pub fn parameter_sizes(&self) -> Vec<usize> {
+        let c = self.n_embd;
+        let mut sizes = vec![self.vocab_size * c, self.n_ctx * c];
+        for _ in 0..self.n_layer {
+            sizes.extend([c, c, c * 3 * c, 3 * c, c * c, c, c, c, c * 4 * c, 4 * c, 4 * c * c, c]);
+        }
+        sizes.extend([c, c]);
+        sizes
+    }
+
     /// The number of scalar parameters (embeddings tied with the output head).
     pub fn num_parameters(&self) -> usize {
         let c = self.n_embd;

@@ -76,7 +76,7 @@ impl AdamW {
 }
 
 /// The per-step scalars, computed in f64 and rounded to f32 where PyTorch rounds them.
-struct Scalars {
+pub(crate) struct Scalars {
     decay_factor: f32,
     lerp_weight: f32,
     beta2: f32,
@@ -87,7 +87,7 @@ struct Scalars {
 }
 
 impl Scalars {
-    fn new(c: &AdamWConfig, step: u64, lr: f64, decay: bool) -> Self {
+    pub(crate) fn new(c: &AdamWConfig, step: u64, lr: f64, decay: bool) -> Self {
         let t = step as f64;
         let wd = if decay { c.weight_decay } else { 0.0 };
         let bias_correction1 = 1.0 - c.beta1.powf(t);
@@ -134,7 +134,7 @@ unsafe fn update_body_fma(s: &Scalars, param: &mut [f32], grad: &[f32], m: &mut 
     update_body(s, param, grad, m, v)
 }
 
-fn update_slice(s: &Scalars, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+pub(crate) fn update_slice(s: &Scalars, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports FMA, checked just above.
@@ -181,7 +181,7 @@ impl Optimizer for AdamW {
             buffers.insert(format!("exp_avg.{i}"), m.clone());
             buffers.insert(format!("exp_avg_sq.{i}"), v.clone());
         }
-        OptimizerState { kind: self.name().into(), step: self.step, buffers }
+        OptimizerState { kind: self.name().into(), step: self.step, buffers, quantized: Default::default() }
     }
 
     fn load_state(&mut self, state: &OptimizerState) -> Result<()> {

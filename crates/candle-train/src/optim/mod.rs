@@ -2,6 +2,8 @@
 //! quantized), with the same code stepping a whole model or one rank's shard.
 
 pub mod adamw;
+pub mod adamw8bit;
+pub mod quant;
 pub mod sgd;
 
 use std::collections::{BTreeMap, HashMap};
@@ -11,6 +13,7 @@ use candle::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use adamw::{AdamW, AdamWConfig};
+pub use adamw8bit::AdamW8bit;
 pub use sgd::{Sgd, SgdConfig};
 
 use crate::error::{Error, Result};
@@ -58,6 +61,10 @@ pub trait Optimizer: Send {
 pub enum OptimizerConfig {
     /// AdamW with decoupled weight decay.
     AdamW(AdamWConfig),
+    /// AdamW with both moments blockwise-quantized to 8 bits (parameters of 4096 elements or
+    /// more; smaller ones keep FP32 moments).
+    #[serde(rename = "adamw8bit")]
+    AdamW8bit(AdamWConfig),
     /// SGD with momentum.
     Sgd(SgdConfig),
 }
@@ -71,6 +78,7 @@ impl OptimizerConfig {
     pub fn build(&self, sizes: &[usize]) -> Result<Box<dyn Optimizer>> {
         Ok(match self {
             OptimizerConfig::AdamW(c) => Box::new(AdamW::new(*c, sizes)?),
+            OptimizerConfig::AdamW8bit(c) => Box::new(AdamW8bit::new(*c, sizes)?),
             OptimizerConfig::Sgd(c) => Box::new(Sgd::new(*c, sizes)?),
         })
     }
@@ -85,6 +93,8 @@ pub struct OptimizerState {
     pub step: u64,
     /// Named buffers (`exp_avg.3`, `momentum.0`).
     pub buffers: BTreeMap<String, Vec<f32>>,
+    /// Named byte buffers (8-bit codes: `exp_avg.3.codes`), saved as U8 tensors.
+    pub quantized: BTreeMap<String, Vec<u8>>,
 }
 
 impl OptimizerState {
@@ -93,11 +103,20 @@ impl OptimizerState {
     /// # Errors
     /// On serialization or I/O failure.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let tensors = self
+        let mut tensors = self
             .buffers
             .iter()
             .map(|(name, data)| Ok((name.clone(), Tensor::from_slice(data, data.len(), &Device::Cpu)?)))
             .collect::<Result<Vec<_>>>()?;
+        for (name, data) in &self.quantized {
+            if self.buffers.contains_key(name) {
+                return Err(Error::MalformedState {
+                    path: path.to_path_buf(),
+                    reason: format!("`{name}` is both an FP32 and a byte buffer"),
+                });
+            }
+            tensors.push((name.clone(), Tensor::from_slice(data, data.len(), &Device::Cpu)?));
+        }
         let metadata = HashMap::from([
             ("kind".to_string(), self.kind.clone()),
             ("step".to_string(), self.step.to_string()),
@@ -124,11 +143,15 @@ impl OptimizerState {
             .ok_or_else(|| malformed("no valid `step` in metadata".into()))?;
         let tensors =
             candle::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| malformed(e.to_string()))?;
-        let buffers = tensors
-            .into_iter()
-            .map(|(name, t)| Ok((name, t.to_dtype(candle::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)))
-            .collect::<Result<BTreeMap<_, _>>>()?;
-        Ok(Self { kind, step, buffers })
+        let (mut buffers, mut quantized) = (BTreeMap::new(), BTreeMap::new());
+        for (name, t) in tensors {
+            if t.dtype() == candle::DType::U8 {
+                quantized.insert(name, t.flatten_all()?.to_vec1::<u8>()?);
+            } else {
+                buffers.insert(name, t.to_dtype(candle::DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        Ok(Self { kind, step, buffers, quantized })
     }
 
     /// Takes buffer `name` of length `len` out of a lookup, or names what is wrong.
@@ -143,6 +166,23 @@ impl OptimizerState {
             None => Err(Error::StateMismatch {
                 name: name.into(),
                 expected: format!("{len} values"),
+                found: "nothing".into(),
+            }),
+        }
+    }
+
+    /// Takes byte buffer `name` of length `len`, or names what is wrong.
+    pub(crate) fn bytes(&self, name: &str, len: usize) -> Result<&[u8]> {
+        match self.quantized.get(name) {
+            Some(data) if data.len() == len => Ok(data),
+            Some(data) => Err(Error::StateMismatch {
+                name: name.into(),
+                expected: format!("{len} bytes"),
+                found: format!("{} bytes", data.len()),
+            }),
+            None => Err(Error::StateMismatch {
+                name: name.into(),
+                expected: format!("{len} bytes"),
                 found: "nothing".into(),
             }),
         }

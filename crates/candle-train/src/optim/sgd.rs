@@ -109,7 +109,7 @@ impl Optimizer for Sgd {
     fn state(&self) -> OptimizerState {
         let buffers =
             self.momentum.iter().enumerate().map(|(i, b)| (format!("momentum.{i}"), b.clone())).collect();
-        OptimizerState { kind: self.name().into(), step: self.step, buffers }
+        OptimizerState { kind: self.name().into(), step: self.step, buffers, quantized: Default::default() }
     }
 
     fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
