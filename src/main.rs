@@ -97,7 +97,12 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let configs = select_configurations(&args.configs)?;
+    let mut configs = select_configurations(&args.configs)?;
+    let device = parse_device(&args.device)?;
+    if device.is_cpu() && args.configs.iter().any(|n| n == "all") {
+        // TF32 exists only on CUDA: on CPU the run would repeat fp32.
+        configs.retain(|c| !c.tf32);
+    }
     for (field, value) in [("--batch", args.batch), ("--seq-len", args.seq_len), ("--steps", args.steps)] {
         if value == 0 {
             anyhow::bail!("invalid `{field}`: must be at least 1");
@@ -106,7 +111,6 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(bad) = args.layers.iter().chain(&args.width).find(|&&v| v == 0) {
         anyhow::bail!("invalid `--layers`/`--width`: {bad} is not a positive size");
     }
-    let device = parse_device(&args.device)?;
     let options = BenchOptions {
         batch: args.batch,
         seq_len: args.seq_len,
