@@ -9,8 +9,9 @@
 #
 # Environment (all optional):
 #   CANDLE_FIT_CUDA_CACHE  cache folder (default $HOME/.cache/candle-fit-cuda)
-#   CARGO_TARGET_DIR       default $CANDLE_FIT_CUDA_CACHE/target (kept apart from CPU builds:
-#                          the features change candle-core's fingerprint)
+#   CANDLE_FIT_CUDA_TARGET the CARGO_TARGET_DIR of CUDA builds (default $CANDLE_FIT_CUDA_CACHE/target;
+#                          an inherited CARGO_TARGET_DIR is ignored, so CPU and CUDA builds each
+#                          keep their own warm folder)
 #   CUDA_COMPUTE_CAP       default 90 (sm_90a: H100/H200 only; required without nvidia-smi)
 #   CUDAFORGE_THREADS      nvcc jobs in candle-kernels' build script (default 2)
 #
@@ -51,5 +52,5 @@ export CUDA_HOME="$link"                 # cudarc: -L $CUDA_HOME/lib for -lcuda 
 export CUDARC_CUDA_VERSION=13000         # bindings for CUDA 13.0 (driver 580)
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-2}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
+export CARGO_TARGET_DIR="${CANDLE_FIT_CUDA_TARGET:-$cache/target}"
 exec "$@"

@@ -26,7 +26,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "device_matrix":
         print(m["executable"])')
 [ -n "$tests" ] || { echo "gpu-kit: no device_matrix test binary was reported" >&2; exit 1; }
-target="${CARGO_TARGET_DIR:-$HOME/.cache/candle-fit-cuda/target}"
+target=$(scripts/cuda-env.sh sh -c 'echo "$CARGO_TARGET_DIR"')
 
 rm -rf "$kit"
 mkdir -p "$kit"

@@ -229,7 +229,45 @@ device_matrix!(
     // Cases below need CUDA; on CPU they check what can be checked there.
     pinned_buffer_round_trips,
     pool_counters_track_allocations,
+    nccl_group_of_one_is_the_identity,
 );
+
+/// NCCL with world size 1 on the GPU (feature `nccl`): every collective leaves the data as it
+/// is, chunk arithmetic and root checks hold, and a unique id survives its byte form. The ZeRO
+/// stages over this group come with issue 6's `Communicator`. Without `nccl`, nothing to check.
+fn nccl_group_of_one_is_the_identity(device: &Device) -> anyhow::Result<()> {
+    match device {
+        #[cfg(feature = "nccl")]
+        Device::Cuda(cuda) => {
+            use candle_fit::shard::nccl::{NcclCommunicator, NcclError, NcclId};
+            let id = NcclId::new()?;
+            assert_eq!(NcclId::from_bytes(&id.as_bytes())?.as_bytes(), id.as_bytes());
+            assert!(matches!(NcclId::from_bytes(&[0; 7]), Err(NcclError::BadId(7))));
+            let comm = NcclCommunicator::new(cuda, 0, 1, &id)?;
+            assert_eq!((comm.rank(), comm.world_size()), (0, 1));
+            let original: Vec<f32> = (0..1024).map(|i| (i as f32).sin()).collect();
+            let mut values = original.clone();
+            comm.all_reduce_f32(&mut values)?;
+            assert_eq!(values, original);
+            comm.reduce_scatter_f32(&mut values)?;
+            assert_eq!(values, original);
+            comm.reduce_f32(&mut values, 0)?;
+            assert_eq!(values, original);
+            let mut wide: Vec<f64> = original.iter().map(|&v| v as f64).collect();
+            comm.all_reduce_f64(&mut wide)?;
+            assert_eq!(wide[5], original[5] as f64);
+            let mut bytes: Vec<u8> = (0..=255).collect();
+            comm.all_gather(&mut bytes)?;
+            comm.broadcast(&mut bytes, 0)?;
+            assert_eq!(bytes, (0..=255).collect::<Vec<u8>>());
+            assert!(matches!(comm.broadcast(&mut bytes, 1), Err(NcclError::BadRank { rank: 1, .. })));
+            comm.barrier()?;
+            assert!(matches!(NcclCommunicator::new(cuda, 1, 1, &id), Err(NcclError::BadRank { .. })));
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
 
 /// CUDA device 0, or `None` (with a message saying the case is skipped) when there is none.
 #[cfg(feature = "cuda")]

@@ -11,6 +11,12 @@
 //!   contiguous slice;
 //! - `zero`: stages 0-3, implementing candle-train's `Updater` trait for N ranks;
 //! - `launch`: rank discovery from torchrun/Slurm variables and a local launcher.
+//!
+//! Under the `nccl` feature, [`nccl`] holds the NCCL backend, self-contained until the
+//! `Communicator` trait lands (its methods already have the trait's signatures).
+
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 /// The ZeRO stages this crate will provide. Only a name for now: no stage is implemented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
