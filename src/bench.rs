@@ -15,8 +15,8 @@ use candle_train::estimate::{estimate_memory, EstimateInput};
 use candle_train::memory;
 use candle_train::trainer::median;
 use candle_train::{
-    AdamWConfig, BackwardMode, DeviceMeter, Corpus, Gpt, GptConfig, LocalUpdater, OptimizerConfig, Precision, Split,
-    Trainer, TrainerConfig,
+    AdamWConfig, BackwardMode, Corpus, DeviceMeter, Gpt, GptConfig, LocalUpdater, OptimizerConfig, Precision,
+    Split, Trainer, TrainerConfig,
 };
 use serde::Serialize;
 
@@ -288,7 +288,8 @@ pub fn run_one(
     candle::cuda::set_gemm_reduced_precision_f32(config.tf32);
     let report = trainer.fit(&gpt, corpus, &mut updater);
     candle::cuda::set_gemm_reduced_precision_f32(false);
-    let report = report.with_context(|| format!("configuration `{}` on model {}", config.name, model.name))?;
+    let report =
+        report.with_context(|| format!("configuration `{}` on model {}", config.name, model.name))?;
     let measured = &report.history[options.warmup..];
     let times: Vec<f64> = measured.iter().map(|r| r.step_time_s).collect();
     let median = median(&times);

@@ -42,7 +42,16 @@ fn pytorch_reference_writes_every_field_of_a_bench_row() -> anyhow::Result<()> {
     for key in fields.keys() {
         assert!(script.contains(&format!("\"{key}\":")), "{REFERENCE} does not write `{key}`");
     }
-    for key in ["median", "min", "max", "parameters", "gradients", "master_weights", "optimizer_state", "activations"] {
+    for key in [
+        "median",
+        "min",
+        "max",
+        "parameters",
+        "gradients",
+        "master_weights",
+        "optimizer_state",
+        "activations",
+    ] {
         assert!(script.contains(&format!("\"{key}\":")), "{REFERENCE} does not write `{key}`");
     }
     Ok(())

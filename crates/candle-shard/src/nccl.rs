@@ -87,7 +87,11 @@ impl NcclId {
     /// # Errors
     /// [`NcclError::Nccl`] when NCCL cannot create one (no usable network interface).
     pub fn new() -> Result<Self, NcclError> {
-        Id::new().map(Self).map_err(|e| NcclError::Nccl { op: "get_unique_id", rank: 0, code: format!("{e:?}") })
+        Id::new().map(Self).map_err(|e| NcclError::Nccl {
+            op: "get_unique_id",
+            rank: 0,
+            code: format!("{e:?}"),
+        })
     }
 
     /// The id's 128 bytes, to send to the other ranks.
@@ -121,7 +125,10 @@ unsafe impl Send for SendComm {}
 
 impl std::fmt::Debug for NcclCommunicator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NcclCommunicator").field("rank", &self.rank()).field("world_size", &self.world_size()).finish()
+        f.debug_struct("NcclCommunicator")
+            .field("rank", &self.rank())
+            .field("world_size", &self.world_size())
+            .finish()
     }
 }
 
@@ -137,8 +144,11 @@ impl NcclCommunicator {
             return Err(NcclError::BadRank { op: "init", rank, world_size });
         }
         let stream = device.cuda_stream();
-        let comm = Comm::from_rank(stream.clone(), rank, world_size, id.0)
-            .map_err(|e| NcclError::Nccl { op: "init", rank, code: format!("{e:?}") })?;
+        let comm = Comm::from_rank(stream.clone(), rank, world_size, id.0).map_err(|e| NcclError::Nccl {
+            op: "init",
+            rank,
+            code: format!("{e:?}"),
+        })?;
         Ok(Self { comm: SendComm(comm), stream })
     }
 
@@ -202,7 +212,7 @@ impl NcclCommunicator {
         if values.is_empty() {
             return Ok(());
         }
-        let mut buffer = self.stream.clone_htod(values).map_err(self.cuda(op))?;
+        let mut buffer = self.stream.clone_htod(&*values).map_err(self.cuda(op))?;
         collective(&self.comm.0, &mut buffer).map_err(self.nccl(op))?;
         self.stream.memcpy_dtoh(&buffer, values).map_err(self.cuda(op))?;
         self.stream.synchronize().map_err(self.cuda(op))
@@ -244,7 +254,7 @@ impl NcclCommunicator {
         if chunk == 0 {
             return Ok(());
         }
-        let send = self.stream.clone_htod(values).map_err(self.cuda(OP))?;
+        let send = self.stream.clone_htod(&*values).map_err(self.cuda(OP))?;
         let mut receive = self.stream.alloc_zeros::<f32>(chunk).map_err(self.cuda(OP))?;
         self.comm.0.reduce_scatter(&send, &mut receive, &ReduceOp::Sum).map_err(self.nccl(OP))?;
         let mine = &mut values[self.rank() * chunk..(self.rank() + 1) * chunk];

@@ -44,7 +44,10 @@ fn pool(device: &CudaDevice) -> std::result::Result<sys::CUmemoryPool, DriverErr
     unsafe { result::device::get_mem_pool(context.cu_device()) }
 }
 
-fn attribute(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute) -> std::result::Result<usize, DriverError> {
+fn attribute(
+    pool: sys::CUmemoryPool,
+    attr: sys::CUmemPool_attribute,
+) -> std::result::Result<usize, DriverError> {
     let mut value: u64 = 0;
     // SAFETY: the four byte-count attributes read here are `cuuint64_t`, and `value` is one.
     unsafe { result::mem_pool::get_attribute(pool, attr, (&mut value as *mut u64).cast::<c_void>())? };
@@ -170,7 +173,7 @@ impl PinnedBuffer {
         let mut slice: CudaSlice<f32> = unsafe { stream.alloc::<f32>(self.len()) }.map_err(driver)?;
         stream.memcpy_htod(&self.host, &mut slice).map_err(driver)?;
         let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, self.device.clone()));
-        Ok(Tensor::from_storage(storage, shape, candle::backprop::BackpropOp::none(), false))
+        Ok(Tensor::from_storage(storage, shape, candle::op::BackpropOp::none(), false))
     }
 
     /// Copies an F32 tensor on the buffer's device into the buffer (queued on the device's

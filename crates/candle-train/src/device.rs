@@ -41,12 +41,14 @@ pub fn resolve_device(name: &str, local_rank: Option<&str>) -> Result<DeviceChoi
         return Ok(DeviceChoice::Cpu);
     }
     match lower.strip_prefix("cuda") {
-        Some("") => match local_rank {
-            None => Ok(DeviceChoice::Cuda(0)),
-            Some(rank) => rank.trim().parse::<usize>().map(DeviceChoice::Cuda).map_err(|_| {
-                Error::config("LOCAL_RANK", format!("`{rank}` is not a non-negative integer"))
-            }),
-        },
+        Some("") => {
+            match local_rank {
+                None => Ok(DeviceChoice::Cuda(0)),
+                Some(rank) => rank.trim().parse::<usize>().map(DeviceChoice::Cuda).map_err(|_| {
+                    Error::config("LOCAL_RANK", format!("`{rank}` is not a non-negative integer"))
+                }),
+            }
+        }
         Some(rest) => match rest.strip_prefix(':').and_then(|n| n.parse::<usize>().ok()) {
             Some(n) => Ok(DeviceChoice::Cuda(n)),
             None => Err(Error::UnknownDevice(name.to_string())),

@@ -108,11 +108,12 @@ impl DeviceMeter {
     /// The meter for memory on `device`: the pool on a CUDA device (in a build with the `cuda`
     /// feature), the heap everywhere else.
     pub fn for_device(device: &candle::Device) -> Self {
-        match device {
-            #[cfg(feature = "cuda")]
-            candle::Device::Cuda(cuda) => Self::CudaPool(cuda.clone()),
-            _ => Self::Heap,
+        #[cfg(feature = "cuda")]
+        if let candle::Device::Cuda(cuda) = device {
+            return Self::CudaPool(cuda.clone());
         }
+        let _ = device; // Only CUDA devices have their own meter.
+        Self::Heap
     }
 
     /// What it counts, for reports: `heap` or `cuda-pool`.

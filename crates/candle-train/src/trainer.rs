@@ -625,9 +625,7 @@ impl Trainer {
             }
             let c = &self.config;
             let batch = corpus.train_batch(c.seed, 0, 0, micro_batch, c.seq_len.get(), &model.device())?;
-            measure_segments(model, &batch, SegmentContext::train(c.seed, 0, 0), &|| {
-                meter.current_bytes()
-            })?
+            measure_segments(model, &batch, SegmentContext::train(c.seed, 0, 0), &|| meter.current_bytes())?
         } else {
             segment_infos(model)
         };
