@@ -115,10 +115,11 @@ def keep_mask(policy, layers):
         return [True] * layers
     if policy == "all":
         return [False] * layers
-    if policy == "every2":
+    if policy == "every2":  # every 2nd block recomputed: blocks 1, 3, 5, ...
         return [i % 2 == 0 for i in range(layers)]
-    kept = max(1, round(math.sqrt(layers)))  # sqrt: about sqrt(n) evenly spaced blocks kept
-    chosen = {round(i * (layers - 1) / max(kept - 1, 1)) for i in range(kept)} if kept > 1 else {0}
+    # sqrt, as candle-ckpt's Recompute::Sqrt: ceil(sqrt(n)) blocks kept, at j * n / kept.
+    kept = math.ceil(math.sqrt(layers))
+    chosen = {j * layers // kept for j in range(kept)}
     return [i in chosen for i in range(layers)]
 
 

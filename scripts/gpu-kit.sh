@@ -39,7 +39,7 @@ built       $(date -u +%Y-%m-%dT%H:%MZ) on $(uname -m), $(rustc --version)
 features    nccl (implies cuda); release profile
 cuda        13.0 (nvcc 13.0.88, CUDARC_CUDA_VERSION=13000), CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 needs       NVIDIA driver >= 580, libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10
-            libcudart.so.13 libnccl.so.2 (PyTorch's pip nvidia-* wheels have them), glibc >= 2.34
+            libcudart.so.13, and libnccl.so.2 for device_matrix (PyTorch's pip nvidia-* wheels have them), glibc >= 2.34
 run         ./run.sh OUT_DIR
 INFO
 tar -C "$(dirname "$kit")" -czf "$kit.tar.gz" "$(basename "$kit")"

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use candle_fit::ckpt::Recompute;
 use candle_fit::train::device::parse_device;
-use candle_fit::train::memory::{self, mib, CountingAllocator};
+use candle_fit::train::memory::{mib, CountingAllocator};
 use candle_fit::train::{
     AdamWConfig, Corpus, Gpt, GptConfig, LocalUpdater, LossScalerConfig, OptimizerConfig, Precision,
     SgdConfig, Trainer, TrainerConfig,
@@ -532,9 +532,13 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         report.median_step_time_s * 1e3,
         report.tokens_per_s
     );
-    if memory::is_installed() {
+    let meter = candle_fit::train::DeviceMeter::for_device(&device);
+    if meter.is_available() {
         let m = report.memory;
-        println!("peak heap during a step              {}", mib(m.peak));
+        // The CPU heap, or the CUDA memory pool (`torch.cuda.max_memory_allocated`'s count).
+        let what =
+            if meter.source() == "heap" { "peak heap during a step  " } else { "peak CUDA memory in a step" };
+        println!("{what}           {}", mib(m.peak));
         for (name, bytes) in m.categories() {
             println!("  {name:<34} {}", mib(bytes));
         }

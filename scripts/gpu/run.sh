@@ -28,7 +28,7 @@ step() { # name command...
 
 cp "$kit/BUILD.txt" "$out/"
 step nvidia-smi nvidia-smi
-step ldd "$libs" ldd "$kit/candle-fit"
+step ldd sh -c "'$libs' ldd '$kit/candle-fit' && '$libs' ldd '$kit/device_matrix'"
 if grep -q "not found" "$out/ldd.log"; then
   echo "missing libraries (see $out/ldd.log): install the pip nvidia-* wheels or set NV_LIBDIRS" >&2
   exit 1
