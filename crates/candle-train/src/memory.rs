@@ -244,12 +244,11 @@ mod tests {
         assert_eq!(meter.source(), "heap");
         // The crate's tests install the counting allocator.
         assert!(meter.is_available());
-        let start = meter.reset_peak();
+        // Other tests allocate, free and reset the peak concurrently: only what the live block
+        // guarantees is exact (tests/device_matrix.rs checks the peak serially).
         let block = vec![1u8; 1 << 20];
-        let peak = meter.peak_bytes();
+        assert!(meter.current_bytes() >= block.len());
+        assert!(meter.peak_bytes() >= block.len());
         drop(block);
-        // Other tests allocate concurrently, so only a lower bound is exact.
-        assert!(peak >= start + (1 << 20), "peak {peak} < start {start} + 1 MiB");
-        assert!(meter.peak_bytes() >= peak);
     }
 }
