@@ -12,7 +12,7 @@
 //! - `zero`: stages 0-3, implementing candle-train's `Updater` trait for N ranks;
 //! - `launch`: rank discovery from torchrun/Slurm variables and a local launcher.
 //!
-//! Under the `nccl` feature, [`nccl`] holds the NCCL backend, self-contained until the
+//! Under the `nccl` feature, module `nccl` holds the NCCL backend, self-contained until the
 //! `Communicator` trait lands (its methods already have the trait's signatures).
 
 #[cfg(feature = "nccl")]
