@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the GPU run kit on this machine (no GPU needed): the release `candle-fit` binary and
 # the device-matrix test binary with `--features nccl` for H100/H200 (sm_90a, CUDA 13.0 /
-# driver 580), stripped, plus the PyTorch reference script, the corpus and the scripts that run
-# everything there, in one folder (default gpu-kit/, ignored by git) and a tarball beside it.
+# driver 580), stripped, plus the PyTorch reference script, the corpus, libcurand.so.10 and the
+# scripts that run everything there, in one folder (default gpu-kit/, ignored by git) and a tarball beside it.
 #
 # usage: scripts/gpu-kit.sh [KIT_DIR]
 # then:  scp -r gpu-kit gpu-host:   and there:   gpu-kit/run.sh OUT_DIR
@@ -32,6 +32,10 @@ rm -rf "$kit"
 mkdir -p "$kit"
 strip -o "$kit/candle-fit" "$target/release/candle-fit"
 strip -o "$kit/device_matrix" "$tests"
+# libcurand.so.10 from the pinned CUDA 13.0 wheel, as a fallback for machines whose PyTorch
+# lacks it (with-cuda-libs.sh puts lib/ last on the library path).
+mkdir -p "$kit/lib"
+scripts/cuda-env.sh sh -c 'cp "$(dirname "$(command -v nvcc)")/../lib/libcurand.so.10" "$0"' "$kit/lib/"
 cp benches/pytorch_reference.py data/austen/prideprejudice.txt scripts/gpu/run.sh scripts/gpu/with-cuda-libs.sh "$kit/"
 cat > "$kit/BUILD.txt" <<INFO
 commit      $(git rev-parse HEAD)$(git diff --quiet HEAD -- . 2>/dev/null || echo " (with uncommitted changes)")
