@@ -20,6 +20,9 @@ Configurations (candle-fit's names; `fp32-tf32` has no candle-fit twin):
   f16              torch.autocast(float16) + torch.amp.GradScaler
   bf16+recompute-all+accum4
 
+Attention: `--attention sdpa` (default) uses F.scaled_dot_product_attention, fused kernels that
+never hold the score matrix; `--attention naive` materialises it as candle-fit does.
+
 Memory: on CUDA, `peak_bytes` is torch.cuda.max_memory_allocated over a step (reset before
 it), the counterpart of candle-fit's memory-pool high-water mark; on CPU nothing is measured
 (peak_bytes 0, memory_source "none"). Time: the device is synchronized before the clock is read;
@@ -61,6 +64,8 @@ BASELINE = "fp32"
 
 
 class Block(nn.Module):
+    naive_attention = False  # set by --attention naive
+
     def __init__(self, width, heads, eps):
         super().__init__()
         self.heads = heads
@@ -75,7 +80,13 @@ class Block(nn.Module):
         b, t, c = x.shape
         q, k, v = self.c_attn(self.ln_1(x)).split(c, dim=2)
         q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.naive_attention:  # as candle-fit computes it: the whole score matrix, softmax in FP32
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            probs = scores.float().masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
+            y = probs @ v
+        else:  # fused (flash / memory-efficient) attention, as one would write it in PyTorch
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.c_proj(y.transpose(1, 2).reshape(b, t, c))
         return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
 
@@ -137,6 +148,8 @@ def run_one(args, layers, width, name, data, device):
         sys.exit(f"configuration `{name}` cuts the batch into {accum} micro-batches, which does not divide {args.batch}")
     cuda = device.type == "cuda"
     if cuda:
+        # "highest" keeps FP32 matmuls in FP32; "high" lets them use TF32.
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
     torch.manual_seed(args.seed)
@@ -232,6 +245,7 @@ def run_one(args, layers, width, name, data, device):
         "peak_vs_baseline": None,
         "time_vs_baseline": None,
         "torch_version": torch.__version__,
+        "attention": "naive" if Block.naive_attention else "sdpa",
         "tf32": tf32,
     }
 
@@ -276,6 +290,9 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus", default=os.path.join(here, "..", "data", "austen", "prideprejudice.txt"))
+    p.add_argument("--attention", choices=["sdpa", "naive"], default="sdpa",
+                   help="sdpa: F.scaled_dot_product_attention (fused); naive: the score matrix "
+                        "materialised, as candle-fit does (a like-for-like memory comparison)")
     p.add_argument("--json")
     p.add_argument("--markdown")
     args = p.parse_args()
@@ -286,6 +303,7 @@ def main():
     if min(args.batch, args.seq_len, args.steps) < 1:
         sys.exit("--batch, --seq-len and --steps must be at least 1")
     device = torch.device(args.device)
+    Block.naive_attention = args.attention == "naive"
     with open(args.corpus, "rb") as f:
         raw = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8).long()
     cut = int(len(raw) * 0.9)

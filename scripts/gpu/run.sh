@@ -1,7 +1,8 @@
 #!/bin/sh
 # The one command to run on the GPU machine, from the kit that scripts/gpu-kit.sh built: the
 # CUDA device-matrix tests, then candle-fit's benchmark matrix and the PyTorch reference on the
-# same GPT configurations, then nvidia-smi. Every step runs even if an earlier one fails; each
+# same GPT configurations (with fused attention, and with the score matrix materialised as
+# candle-fit does), then nvidia-smi. Every step runs even if an earlier one fails; each
 # step's exit status goes to OUT_DIR/status.txt.
 #
 # usage: ./run.sh OUT_DIR
@@ -49,9 +50,12 @@ for grid in $GRIDS; do
   # shellcheck disable=SC2086
   step "candle-fit-$grid" "$libs" "$kit/candle-fit" bench --device cuda $shape --configs all \
     --json "$out/candle-fit-$grid.json" --markdown "$out/candle-fit-$grid.md"
-  # shellcheck disable=SC2086
-  step "pytorch-$grid" "$PYTHON" "$kit/pytorch_reference.py" --device cuda $shape --configs all \
-    --corpus "$kit/prideprejudice.txt" --json "$out/pytorch-$grid.json" --markdown "$out/pytorch-$grid.md"
+  for attention in sdpa naive; do
+    # shellcheck disable=SC2086
+    step "pytorch-$attention-$grid" "$PYTHON" "$kit/pytorch_reference.py" --device cuda $shape --configs all \
+      --attention "$attention" --corpus "$kit/prideprejudice.txt" \
+      --json "$out/pytorch-$attention-$grid.json" --markdown "$out/pytorch-$attention-$grid.md"
+  done
 done
 step nvidia-smi-after nvidia-smi
 echo "results in $out:" >&2
