@@ -1,8 +1,8 @@
 //! The benchmark harness: every technique against the FP32 baseline, on a grid of models.
 //!
 //! Each configuration trains a fresh model for `warmup + steps` optimizer steps on the bundled
-//! corpus and reports the peak heap bytes of a step (exact, from the counting allocator, with
-//! its breakdown by category), the median/min/max step time over the measured steps, tokens per
+//! corpus and reports the peak bytes of a step (exact: the counting allocator's heap bytes on
+//! CPU, the memory pool's bytes in use on CUDA; with the breakdown by category), the median/min/max step time over the measured steps, tokens per
 //! second, the final validation loss, and ratios against the `fp32` baseline of the same model
 //! measured in the same run.
 
@@ -15,8 +15,8 @@ use candle_train::estimate::{estimate_memory, EstimateInput};
 use candle_train::memory;
 use candle_train::trainer::median;
 use candle_train::{
-    AdamWConfig, BackwardMode, Corpus, Gpt, GptConfig, LocalUpdater, OptimizerConfig, Precision, Split,
-    Trainer, TrainerConfig,
+    AdamWConfig, BackwardMode, Corpus, DeviceMeter, Gpt, GptConfig, LocalUpdater, OptimizerConfig, Precision,
+    Split, Trainer, TrainerConfig,
 };
 use serde::Serialize;
 
@@ -35,6 +35,9 @@ pub struct BenchConfig {
     pub accumulation_steps: usize,
     /// Segmented engine or plain Candle backward.
     pub backward: BackwardMode,
+    /// FP32 matmuls in TF32 on CUDA (cuBLAS reduced precision; PyTorch's `allow_tf32`). No
+    /// effect on CPU.
+    pub tf32: bool,
 }
 
 /// The name of the baseline every ratio is against.
@@ -48,7 +51,7 @@ const fn config(
     accumulation_steps: usize,
     backward: BackwardMode,
 ) -> BenchConfig {
-    BenchConfig { name, description, precision, recompute, accumulation_steps, backward }
+    BenchConfig { name, description, precision, recompute, accumulation_steps, backward, tf32: false }
 }
 
 /// Every registered configuration, baseline first.
@@ -64,6 +67,17 @@ pub fn configurations() -> Vec<BenchConfig> {
             1,
             Segmented,
         ),
+        BenchConfig {
+            tf32: true,
+            ..config(
+                "fp32-tf32",
+                "FP32 with TF32 matmuls (CUDA only: the same as fp32 on CPU, left out of `all` there)",
+                F32,
+                Recompute::Never,
+                1,
+                Segmented,
+            )
+        },
         config(
             "candle-plain",
             "FP32, one plain loss.backward() as Candle code does",
@@ -209,6 +223,8 @@ pub struct BenchRow {
     pub config: String,
     /// Model name.
     pub model: String,
+    /// What produced the row: `candle-fit` (or `pytorch` for `benches/pytorch_reference.py`).
+    pub framework: String,
     /// Device (`cpu`, `cuda:0`).
     pub device: String,
     /// `f32`, `bf16`, `f16`.
@@ -219,8 +235,14 @@ pub struct BenchRow {
     pub accum_steps: usize,
     /// Ranks.
     pub world_size: usize,
-    /// Peak live heap bytes of a step (the largest over the measured steps).
+    /// Peak live bytes of a step (the largest over the measured steps), as `memory_source`
+    /// counts them.
     pub peak_bytes: usize,
+    /// What `peak_bytes` counts: `heap` (the counting allocator, CPU), `cuda-pool` (the CUDA
+    /// memory pool's bytes in use, as `torch.cuda.max_memory_allocated`).
+    pub memory_source: String,
+    /// Whether FP32 matmuls ran in TF32.
+    pub tf32: bool,
     /// The peak by category.
     pub bytes_by_category: std::collections::BTreeMap<String, usize>,
     /// The estimator's prediction of the peak, when available.
@@ -262,9 +284,12 @@ pub fn run_one(
     let mut updater = LocalUpdater::from_config(gpt.parameters(), &optimizer())?;
     let predicted_peak_bytes = predict_peak(model, config, options, &trainer_config, corpus)?;
     let trainer = Trainer::new(trainer_config);
-    let report = trainer
-        .fit(&gpt, corpus, &mut updater)
-        .with_context(|| format!("configuration `{}` on model {}", config.name, model.name))?;
+    // A process-wide cuBLAS setting: set for this run only.
+    candle::cuda::set_gemm_reduced_precision_f32(config.tf32);
+    let report = trainer.fit(&gpt, corpus, &mut updater);
+    candle::cuda::set_gemm_reduced_precision_f32(false);
+    let report =
+        report.with_context(|| format!("configuration `{}` on model {}", config.name, model.name))?;
     let measured = &report.history[options.warmup..];
     let times: Vec<f64> = measured.iter().map(|r| r.step_time_s).collect();
     let median = median(&times);
@@ -273,12 +298,15 @@ pub fn run_one(
     Ok(BenchRow {
         config: config.name.into(),
         model: model.name.clone(),
+        framework: "candle-fit".into(),
         device: device_name(&options.device),
         precision: config.precision.name().into(),
         micro_batch,
         accum_steps: config.accumulation_steps,
         world_size: 1,
         peak_bytes: report.memory.peak,
+        memory_source: DeviceMeter::for_device(&options.device).source().into(),
+        tf32: config.tf32 && options.device.is_cuda(),
         bytes_by_category: report.memory.categories().iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         predicted_peak_bytes,
         step_time_s: StepTime { median, min, max },

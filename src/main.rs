@@ -177,7 +177,12 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let configs = select_configurations(&args.configs)?;
+    let mut configs = select_configurations(&args.configs)?;
+    let device = parse_device(&args.device)?;
+    if device.is_cpu() && args.configs.iter().any(|n| n == "all") {
+        // TF32 exists only on CUDA: on CPU the run would repeat fp32.
+        configs.retain(|c| !c.tf32);
+    }
     for (field, value) in [("--batch", args.batch), ("--seq-len", args.seq_len), ("--steps", args.steps)] {
         if value == 0 {
             anyhow::bail!("invalid `{field}`: must be at least 1");
@@ -186,7 +191,6 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(bad) = args.layers.iter().chain(&args.width).find(|&&v| v == 0) {
         anyhow::bail!("invalid `--layers`/`--width`: {bad} is not a positive size");
     }
-    let device = parse_device(&args.device)?;
     let options = BenchOptions {
         batch: args.batch,
         seq_len: args.seq_len,
@@ -632,9 +636,13 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         report.median_step_time_s * 1e3,
         report.tokens_per_s
     );
-    if memory::is_installed() {
+    let meter = candle_fit::train::DeviceMeter::for_device(&device);
+    if meter.is_available() {
         let m = report.memory;
-        println!("peak heap during a step              {}", mib(m.peak));
+        // The CPU heap, or the CUDA memory pool (`torch.cuda.max_memory_allocated`'s count).
+        let what =
+            if meter.source() == "heap" { "peak heap during a step  " } else { "peak CUDA memory in a step" };
+        println!("{what}           {}", mib(m.peak));
         for (name, bytes) in m.categories() {
             println!("  {name:<34} {}", mib(bytes));
         }

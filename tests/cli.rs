@@ -201,12 +201,15 @@ fn bench_writes_every_schema_field_and_refuses_unknown_configurations() -> anyho
         for key in [
             "config",
             "model",
+            "framework",
             "device",
             "precision",
             "micro_batch",
             "accum_steps",
             "world_size",
             "peak_bytes",
+            "memory_source",
+            "tf32",
             "bytes_by_category",
             "predicted_peak_bytes",
             "step_time_s",
@@ -216,6 +219,9 @@ fn bench_writes_every_schema_field_and_refuses_unknown_configurations() -> anyho
             assert!(row.get(key).is_some(), "missing `{key}` in {row}");
         }
         assert!(row["peak_bytes"].as_u64().is_some_and(|b| b > 0));
+        assert_eq!(row["framework"], "candle-fit");
+        assert_eq!(row["memory_source"], "heap");
+        assert_eq!(row["tf32"], false);
         assert!(row["step_time_s"]["min"].as_f64() <= row["step_time_s"]["median"].as_f64());
     }
     assert_eq!(rows[0]["peak_vs_baseline"].as_f64(), Some(1.0));

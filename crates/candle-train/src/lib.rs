@@ -21,6 +21,8 @@
 //! ```
 
 pub mod checkpoint;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod error;
@@ -43,7 +45,7 @@ pub use data::{Corpus, Split};
 pub use error::{Error, Result};
 pub use estimate::{estimate_memory, EstimateInput, MemoryEstimate};
 pub use loss_scale::{LossScaler, LossScalerConfig, ScaleDecision};
-pub use memory::{CountingAllocator, MemoryReport};
+pub use memory::{CountingAllocator, DeviceMeter, MemoryReport};
 pub use models::{Gpt, GptConfig, TokenBatch};
 pub use optim::{AdamW, AdamWConfig, Optimizer, OptimizerConfig, Sgd, SgdConfig};
 pub use params::{ParamBuilder, Parameter, Parameters};

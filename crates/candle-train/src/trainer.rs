@@ -19,7 +19,7 @@ use crate::checkpoint::{self, Checkpoint, Progress, RunIdentity};
 use crate::data::{Corpus, Split};
 use crate::error::{classify_oom, Error, Result};
 use crate::loss_scale::{LossScaler, LossScalerConfig};
-use crate::memory::{self, MemoryReport};
+use crate::memory::{self, DeviceMeter, MemoryReport};
 use crate::metrics::{MetricsWriter, StepRecord};
 use crate::models::{Gpt, TokenBatch};
 use crate::params::Parameters;
@@ -490,6 +490,7 @@ struct MemoryGuard<'a, M> {
     model: &'a M,
     limit: usize,
     device: String,
+    meter: DeviceMeter,
     tripped: RefCell<Option<Error>>,
 }
 
@@ -500,12 +501,17 @@ impl<'a, M: LanguageModel> MemoryGuard<'a, M> {
             candle::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
             candle::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
         };
-        Self { model, limit: limit.unwrap_or(usize::MAX), device, tripped: RefCell::new(None) }
+        let meter = DeviceMeter::for_device(&model.device());
+        Self { model, limit: limit.unwrap_or(usize::MAX), device, meter, tripped: RefCell::new(None) }
     }
 
     /// `Err` (and the typed error kept) when the step's peak so far is over the limit.
     fn check(&self, at: impl FnOnce() -> String) -> candle::Result<()> {
-        let peak = memory::peak_bytes();
+        if self.limit == usize::MAX {
+            // No limit: skip reading the meter (on CUDA a read waits for the device).
+            return Ok(());
+        }
+        let peak = self.meter.peak_bytes();
         if peak <= self.limit {
             return Ok(());
         }
@@ -667,7 +673,8 @@ impl Trainer {
         micro_batch: usize,
     ) -> Result<Vec<Decision>> {
         let infos = if self.policy.needs_sizes() {
-            if !memory::is_installed() {
+            let meter = DeviceMeter::for_device(&model.device());
+            if !meter.is_available() {
                 return Err(Error::config(
                     "recompute",
                     "a byte-budget policy measures segment sizes with the counting allocator, which this binary does not install",
@@ -675,7 +682,7 @@ impl Trainer {
             }
             let c = &self.config;
             let batch = corpus.train_batch(c.seed, 0, 0, micro_batch, c.seq_len.get(), &model.device())?;
-            measure_segments(model, &batch, SegmentContext::train(c.seed, 0, 0), &memory::current_bytes)?
+            measure_segments(model, &batch, SegmentContext::train(c.seed, 0, 0), &|| meter.current_bytes())?
         } else {
             segment_infos(model)
         };
@@ -800,7 +807,8 @@ impl Trainer {
     ) -> Result<MicroBatchSearch> {
         let c = &self.config;
         let limit = c.max_memory.ok_or_else(|| Error::config("find_micro_batch", "needs `max_memory`"))?;
-        if !memory::is_installed() {
+        let meter = DeviceMeter::for_device(&model.device());
+        if !meter.is_available() {
             return Err(Error::config(
                 "find_micro_batch",
                 "the search measures memory with the counting allocator, which this binary does not install",
@@ -813,9 +821,9 @@ impl Trainer {
         for micro_batch in candidates {
             let split = MicroSplit { micro_batch, accumulation_steps: global / micro_batch };
             let decisions = self.plan_for(model, corpus, micro_batch)?;
-            memory::reset_peak();
+            meter.reset_peak();
             let outcome = self.accumulate(model, corpus, updater, 0, &decisions, 1.0, split, 1);
-            let peak_bytes = memory::peak_bytes();
+            let peak_bytes = meter.peak_bytes();
             updater.zero_grad();
             match outcome {
                 Ok(_) => {
@@ -903,7 +911,8 @@ impl Trainer {
             return Err(Error::SequenceTooLong { seq_len, context: model.context_length() });
         }
         corpus.check_seq_len(seq_len)?;
-        if c.max_memory.is_some() && !memory::is_installed() {
+        let meter = DeviceMeter::for_device(&model.device());
+        if c.max_memory.is_some() && !meter.is_available() {
             return Err(Error::config(
                 "max_memory",
                 "the limit is checked against the counting allocator, which this binary does not install",
@@ -982,7 +991,7 @@ impl Trainer {
         let mut checkpoint_time_s = 0.0;
         updater.zero_grad();
         for step in start_step..total {
-            let start_bytes = memory::reset_peak();
+            let start_bytes = meter.reset_peak();
             let started = Instant::now();
             let lr = c.schedule.lr(updater.optimizer().step_count());
             let loss_scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
@@ -1011,7 +1020,7 @@ impl Trainer {
                         });
                         split = MicroSplit { micro_batch: smaller, accumulation_steps: global / smaller };
                         decisions = self.plan_for(model, corpus, smaller)?;
-                        memory::reset_peak();
+                        meter.reset_peak();
                     }
                     Err(e) => return Err(e),
                 }
@@ -1037,8 +1046,10 @@ impl Trainer {
                     }
                 }
             };
+            // Queued device work belongs to this step's time (a no-op on CPU).
+            model.device().synchronize()?;
             let step_time_s = started.elapsed().as_secs_f64();
-            let peak = memory::peak_bytes();
+            let peak = meter.peak_bytes();
             let state = updater.state_bytes();
             let mem = MemoryReport::new(
                 param_bytes,

@@ -1,0 +1,300 @@
+//! The NCCL backend (feature `nccl`): one process per GPU, collectives through NCCL on the
+//! device's stream.
+//!
+//! Self-contained for now: candle-shard's `Communicator` trait (issue 6) is not merged on this
+//! branch. [`NcclCommunicator`]'s methods have that trait's names, signatures and in-place
+//! semantics (host slices in, host slices out; chunk `rank` is this rank's), so wiring it is
+//! `impl Communicator for NcclCommunicator` forwarding each method, with [`NcclError`] mapped
+//! into `CommError`, and the unique id exchanged over the TCP rendezvous (rank 0 calls
+//! [`NcclId::new`] and broadcasts [`NcclId::as_bytes`]).
+//!
+//! Buffers are staged through device memory on each call: that is what a host-slice API costs.
+//! The ZeRO stages will want a device-buffer API beside it, so gradients never leave the GPU.
+//! NCCL calls block with no timeout of their own: a missing peer hangs (NCCL's
+//! `NCCL_TIMEOUT`/watchdog settings apply).
+
+use std::sync::Arc;
+
+use candle::cuda::cudarc::driver::{CudaStream, DeviceRepr, DriverError, ValidAsZeroBits};
+use candle::cuda::cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
+use candle::CudaDevice;
+
+/// Why an NCCL operation failed.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NcclError {
+    /// NCCL returned an error code.
+    #[error("nccl {op} on rank {rank} failed: {code}")]
+    Nccl {
+        /// The operation.
+        op: &'static str,
+        /// The rank reporting it.
+        rank: usize,
+        /// NCCL's result code.
+        code: String,
+    },
+    /// A CUDA call around the collective (staging copies, synchronisation) failed.
+    #[error("cuda error in nccl {op} on rank {rank}: {message}")]
+    Cuda {
+        /// The operation.
+        op: &'static str,
+        /// The rank reporting it.
+        rank: usize,
+        /// The driver's message.
+        message: String,
+    },
+    /// A buffer that does not split into `world_size` equal chunks.
+    #[error("{op} on rank {rank}: a buffer of {len} elements cannot be split over {world_size} ranks")]
+    BadLength {
+        /// The operation.
+        op: &'static str,
+        /// The rank reporting it.
+        rank: usize,
+        /// The buffer's length.
+        len: usize,
+        /// The group's size.
+        world_size: usize,
+    },
+    /// A root or rank outside the group.
+    #[error("{op}: rank {rank} is outside a group of {world_size}")]
+    BadRank {
+        /// The operation.
+        op: &'static str,
+        /// The offending rank.
+        rank: usize,
+        /// The group's size.
+        world_size: usize,
+    },
+    /// Bytes that are not a 128-byte NCCL unique id.
+    #[error("an nccl unique id is 128 bytes, got {0}")]
+    BadId(usize),
+}
+
+/// The unique id every rank of one NCCL group starts from: rank 0 makes it, the others
+/// receive its bytes (over the rendezvous).
+#[derive(Clone, Copy)]
+pub struct NcclId(Id);
+
+impl std::fmt::Debug for NcclId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NcclId(..)")
+    }
+}
+
+impl NcclId {
+    /// A fresh id (NCCL picks the network interface and port rank 0 will listen on).
+    ///
+    /// # Errors
+    /// [`NcclError::Nccl`] when NCCL cannot create one (no usable network interface).
+    pub fn new() -> Result<Self, NcclError> {
+        Id::new().map(Self).map_err(|e| NcclError::Nccl {
+            op: "get_unique_id",
+            rank: 0,
+            code: format!("{e:?}"),
+        })
+    }
+
+    /// The id's 128 bytes, to send to the other ranks.
+    pub fn as_bytes(&self) -> [u8; 128] {
+        self.0.internal().map(|c| c as u8)
+    }
+
+    /// The id from the bytes rank 0 sent.
+    ///
+    /// # Errors
+    /// [`NcclError::BadId`] unless there are exactly 128 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, NcclError> {
+        let bytes: [u8; 128] = bytes.try_into().map_err(|_| NcclError::BadId(bytes.len()))?;
+        Ok(Self(Id::uninit(bytes.map(|b| b as std::ffi::c_char))))
+    }
+}
+
+/// One rank of an NCCL group on one CUDA device.
+pub struct NcclCommunicator {
+    comm: SendComm,
+    stream: Arc<CudaStream>,
+}
+
+/// cudarc's `Comm` holds NCCL's raw communicator handle, so it is not `Send`.
+struct SendComm(Comm);
+
+// SAFETY: an NCCL communicator may be used from any host thread as long as no two calls on it
+// overlap (NCCL's thread-safety rule). `NcclCommunicator` is `Send` but not `Sync`, so only the
+// one thread that owns it can call it at a time.
+unsafe impl Send for SendComm {}
+
+impl std::fmt::Debug for NcclCommunicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NcclCommunicator")
+            .field("rank", &self.rank())
+            .field("world_size", &self.world_size())
+            .finish()
+    }
+}
+
+impl NcclCommunicator {
+    /// Joins the group of `world_size` ranks started from `id`, as `rank`, on `device`'s stream.
+    /// Blocks until every rank has joined.
+    ///
+    /// # Errors
+    /// [`NcclError::BadRank`] for `rank >= world_size`; [`NcclError::Nccl`] when NCCL cannot
+    /// form the group (two ranks on one GPU, an unreachable rank 0).
+    pub fn new(device: &CudaDevice, rank: usize, world_size: usize, id: &NcclId) -> Result<Self, NcclError> {
+        if rank >= world_size {
+            return Err(NcclError::BadRank { op: "init", rank, world_size });
+        }
+        let stream = device.cuda_stream();
+        let comm = Comm::from_rank(stream.clone(), rank, world_size, id.0).map_err(|e| NcclError::Nccl {
+            op: "init",
+            rank,
+            code: format!("{e:?}"),
+        })?;
+        Ok(Self { comm: SendComm(comm), stream })
+    }
+
+    /// A group of one on `device`: every collective is the identity, which is how the ZeRO
+    /// stages run over NCCL on a one-GPU machine.
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    pub fn single(device: &CudaDevice) -> Result<Self, NcclError> {
+        Self::new(device, 0, 1, &NcclId::new()?)
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.comm.0.rank()
+    }
+
+    /// The number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.comm.0.world_size()
+    }
+
+    fn cuda(&self, op: &'static str) -> impl Fn(DriverError) -> NcclError {
+        let rank = self.rank();
+        move |e| NcclError::Cuda { op, rank, message: e.to_string() }
+    }
+
+    fn nccl<T: std::fmt::Debug>(&self, op: &'static str) -> impl Fn(T) -> NcclError {
+        let rank = self.rank();
+        move |e| NcclError::Nccl { op, rank, code: format!("{e:?}") }
+    }
+
+    fn chunk(&self, op: &'static str, len: usize) -> Result<usize, NcclError> {
+        let world_size = self.world_size();
+        if len % world_size != 0 {
+            return Err(NcclError::BadLength { op, rank: self.rank(), len, world_size });
+        }
+        Ok(len / world_size)
+    }
+
+    fn check_root(&self, op: &'static str, root: usize) -> Result<i32, NcclError> {
+        let world_size = self.world_size();
+        match i32::try_from(root) {
+            Ok(r) if root < world_size => Ok(r),
+            _ => Err(NcclError::BadRank { op, rank: root, world_size }),
+        }
+    }
+
+    /// Copies `values` to the device, runs `collective` on the copy in place, and copies it
+    /// back, waiting for the stream.
+    fn in_place<T, E>(
+        &self,
+        op: &'static str,
+        values: &mut [T],
+        collective: impl FnOnce(&Comm, &mut candle::cuda::cudarc::driver::CudaSlice<T>) -> Result<(), E>,
+    ) -> Result<(), NcclError>
+    where
+        T: DeviceRepr + ValidAsZeroBits + NcclType,
+        E: std::fmt::Debug,
+    {
+        if values.is_empty() {
+            return Ok(());
+        }
+        let mut buffer = self.stream.clone_htod(&*values).map_err(self.cuda(op))?;
+        collective(&self.comm.0, &mut buffer).map_err(self.nccl(op))?;
+        self.stream.memcpy_dtoh(&buffer, values).map_err(self.cuda(op))?;
+        self.stream.synchronize().map_err(self.cuda(op))
+    }
+
+    /// Replaces `values` on every rank by their sum over ranks.
+    ///
+    /// # Errors
+    /// An NCCL or CUDA failure.
+    pub fn all_reduce_f32(&self, values: &mut [f32]) -> Result<(), NcclError> {
+        self.in_place("all_reduce", values, |comm, b| comm.all_reduce_in_place(b, &ReduceOp::Sum).map(drop))
+    }
+
+    /// As [`Self::all_reduce_f32`], in FP64.
+    ///
+    /// # Errors
+    /// As [`Self::all_reduce_f32`].
+    pub fn all_reduce_f64(&self, values: &mut [f64]) -> Result<(), NcclError> {
+        self.in_place("all_reduce", values, |comm, b| comm.all_reduce_in_place(b, &ReduceOp::Sum).map(drop))
+    }
+
+    /// Replaces the root's `values` by the sum over ranks; other ranks' are left unspecified.
+    ///
+    /// # Errors
+    /// [`NcclError::BadRank`] for a root outside the group, or an NCCL or CUDA failure.
+    pub fn reduce_f32(&self, values: &mut [f32], root: usize) -> Result<(), NcclError> {
+        let root = self.check_root("reduce", root)?;
+        self.in_place("reduce", values, |comm, b| comm.reduce_in_place(b, &ReduceOp::Sum, root).map(drop))
+    }
+
+    /// `values` is cut into `world_size` chunks; on return chunk `rank` holds the sum over
+    /// ranks of their chunk `rank`; the other chunks are left unchanged.
+    ///
+    /// # Errors
+    /// [`NcclError::BadLength`] when the length does not split evenly, or an NCCL or CUDA failure.
+    pub fn reduce_scatter_f32(&self, values: &mut [f32]) -> Result<(), NcclError> {
+        const OP: &str = "reduce_scatter";
+        let chunk = self.chunk(OP, values.len())?;
+        if chunk == 0 {
+            return Ok(());
+        }
+        let send = self.stream.clone_htod(&*values).map_err(self.cuda(OP))?;
+        let mut receive = self.stream.alloc_zeros::<f32>(chunk).map_err(self.cuda(OP))?;
+        self.comm.0.reduce_scatter(&send, &mut receive, &ReduceOp::Sum).map_err(self.nccl(OP))?;
+        let mine = &mut values[self.rank() * chunk..(self.rank() + 1) * chunk];
+        self.stream.memcpy_dtoh(&receive, mine).map_err(self.cuda(OP))?;
+        self.stream.synchronize().map_err(self.cuda(OP))
+    }
+
+    /// `bytes` is cut into `world_size` chunks; each rank supplies chunk `rank`, and on return
+    /// every chunk holds its owner's bytes.
+    ///
+    /// # Errors
+    /// As [`Self::reduce_scatter_f32`].
+    pub fn all_gather(&self, bytes: &mut [u8]) -> Result<(), NcclError> {
+        const OP: &str = "all_gather";
+        let chunk = self.chunk(OP, bytes.len())?;
+        if chunk == 0 {
+            return Ok(());
+        }
+        let mine = &bytes[self.rank() * chunk..(self.rank() + 1) * chunk];
+        let send = self.stream.clone_htod(mine).map_err(self.cuda(OP))?;
+        let mut receive = self.stream.alloc_zeros::<u8>(bytes.len()).map_err(self.cuda(OP))?;
+        self.comm.0.all_gather(&send, &mut receive).map_err(self.nccl(OP))?;
+        self.stream.memcpy_dtoh(&receive, bytes).map_err(self.cuda(OP))?;
+        self.stream.synchronize().map_err(self.cuda(OP))
+    }
+
+    /// Replaces `bytes` by the root's.
+    ///
+    /// # Errors
+    /// As [`Self::reduce_f32`].
+    pub fn broadcast(&self, bytes: &mut [u8], root: usize) -> Result<(), NcclError> {
+        let root = self.check_root("broadcast", root)?;
+        self.in_place("broadcast", bytes, |comm, b| comm.broadcast_in_place(b, root).map(drop))
+    }
+
+    /// Returns when every rank has called it (an all-reduce of one value).
+    ///
+    /// # Errors
+    /// An NCCL or CUDA failure.
+    pub fn barrier(&self) -> Result<(), NcclError> {
+        self.in_place("barrier", &mut [0f32], |comm, b| comm.all_reduce_in_place(b, &ReduceOp::Sum).map(drop))
+    }
+}
