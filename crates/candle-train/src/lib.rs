@@ -36,6 +36,7 @@ pub mod optim;
 pub mod params;
 pub mod precision;
 pub mod schedule;
+pub mod serve;
 pub mod trainer;
 pub mod updater;
 

@@ -183,6 +183,7 @@ pub struct Bert {
     layers: Vec<BertLayer>,
     params: Parameters,
     dtype: DType,
+    prefix: String,
 }
 
 impl Bert {
@@ -216,6 +217,7 @@ impl Bert {
             layers,
             params: pb.finish(),
             dtype,
+            prefix: prefix.to_string(),
         })
     }
 
@@ -288,6 +290,19 @@ impl Bert {
             x = layer.forward(&x, &bias, self.dtype, rng, training)?;
         }
         Ok(x)
+    }
+}
+
+impl crate::serve::Snapshot for Bert {
+    /// A copy with its own variables (same names, values and dtype). The copy is built as
+    /// [`Bert::new`] builds a model, then its values are overwritten.
+    fn snapshot(&self) -> crate::Result<Self> {
+        let device = self.params.iter().next().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
+        let copy = Self::new(&self.config, &self.prefix, self.dtype, &device, 0)?;
+        for (to, from) in copy.params.iter().zip(self.params.iter()) {
+            to.var.set(&from.var.as_tensor().detach().copy()?)?;
+        }
+        Ok(copy)
     }
 }
 
