@@ -24,7 +24,13 @@ fn main() -> anyhow::Result<()> {
     for (layers, width, dtype) in
         [(4, 128, DType::F32), (12, 512, DType::F32), (12, 768, DType::F32), (12, 768, DType::BF16)]
     {
-        let config = GptConfig { n_ctx: 128, n_embd: width, n_layer: layers, n_head: width / 32, ..GptConfig::default() };
+        let config = GptConfig {
+            n_ctx: 128,
+            n_embd: width,
+            n_layer: layers,
+            n_head: width / 32,
+            ..GptConfig::default()
+        };
         let model = Gpt::new(config, dtype, &Device::Cpu, 0)?;
         let optimizer = OptimizerConfig::AdamW(Default::default());
         let mut updater = LocalUpdater::from_config(model.parameters(), &optimizer)?;

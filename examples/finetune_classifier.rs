@@ -47,14 +47,19 @@ fn args() -> anyhow::Result<Args> {
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = |name: &str| -> anyhow::Result<usize> {
-            it.next().with_context(|| format!("{name} needs a value"))?.parse().with_context(|| name.to_string())
+            it.next()
+                .with_context(|| format!("{name} needs a value"))?
+                .parse()
+                .with_context(|| name.to_string())
         };
         match arg.as_str() {
             "--bf16" => args.dtype = DType::BF16,
             "--accumulate" => args.accumulate = value("--accumulate")?.max(1),
             "--steps" => args.steps = value("--steps")?,
             "--batch" => args.batch = value("--batch")?.max(1),
-            other => anyhow::bail!("unknown argument `{other}` (use --bf16, --accumulate K, --steps N, --batch B)"),
+            other => {
+                anyhow::bail!("unknown argument `{other}` (use --bf16, --accumulate K, --steps N, --batch B)")
+            }
         }
     }
     anyhow::ensure!(args.batch % args.accumulate == 0, "--batch must be a multiple of --accumulate");
@@ -63,12 +68,15 @@ fn args() -> anyhow::Result<Args> {
 
 /// `(text, label)` pairs, the first `PER_CATEGORY` quotes of each category, shuffled, split
 /// 3:1 into train and held-out sets.
-fn dataset() -> anyhow::Result<(Vec<(String, u32)>, Vec<(String, u32)>)> {
+type Labelled = Vec<(String, u32)>;
+
+fn dataset() -> anyhow::Result<(Labelled, Labelled)> {
     let mut all = Vec::new();
     for (label, name) in CATEGORIES.iter().enumerate() {
         let path = Path::new(FORTUNES).join(name);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("{} missing; install it with: apt-get install -y fortunes", path.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("{} missing; install it with: apt-get install -y fortunes", path.display())
+        })?;
         let quotes = text.split("\n%\n").map(|q| q.split_whitespace().collect::<Vec<_>>().join(" "));
         all.extend(quotes.filter(|q| !q.is_empty()).take(PER_CATEGORY).map(|q| (q, label as u32)));
     }
@@ -90,8 +98,13 @@ struct Classifier {
 impl Classifier {
     fn logits(&self, tokenizer: &TextEncoder, texts: &[&str], training: bool) -> anyhow::Result<Tensor> {
         let batch = tokenizer.encode(texts, &Device::Cpu)?;
-        let hidden =
-            self.encoder.forward(&batch.ids, Some(&batch.token_types), &batch.mask, &mut Rng::seeded(1), training)?;
+        let hidden = self.encoder.forward(
+            &batch.ids,
+            Some(&batch.token_types),
+            &batch.mask,
+            &mut Rng::seeded(1),
+            training,
+        )?;
         let pooled = mean_pool(&hidden, &batch.mask)?;
         Ok(self.head.forward(&pooled.to_dtype(self.encoder.dtype())?)?.to_dtype(DType::F32)?)
     }
@@ -175,7 +188,13 @@ fn main() -> anyhow::Result<()> {
     let mut pooled = Vec::new();
     for chunk in texts.chunks(32) {
         let batch = tokenizer.encode(chunk, &Device::Cpu)?;
-        let h = model.encoder.forward(&batch.ids, Some(&batch.token_types), &batch.mask, &mut Rng::seeded(0), false)?;
+        let h = model.encoder.forward(
+            &batch.ids,
+            Some(&batch.token_types),
+            &batch.mask,
+            &mut Rng::seeded(0),
+            false,
+        )?;
         pooled.push(mean_pool(&h, &batch.mask)?.detach());
     }
     let pooled = Tensor::cat(&pooled, 0)?.to_dtype(args.dtype)?;

@@ -21,7 +21,8 @@ use candle_fit::train::models::mean_pool;
 use candle_fit::train::serve::WeightVersions;
 use candle_fit::train::{AdamWConfig, LocalUpdater, OptimizerConfig, Updater};
 
-const QUERY: [&str; 3] = ["The cat sat on the mat.", "A kitten rested on the rug.", "Stock markets fell sharply."];
+const QUERY: [&str; 3] =
+    ["The cat sat on the mat.", "A kitten rested on the rug.", "Stock markets fell sharply."];
 
 fn cosine(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
     let dot = (a * b)?.sum_all()?.to_scalar::<f32>()?;

@@ -193,7 +193,8 @@ impl TextEncoder {
     /// On a tokenizer or tensor error (an empty batch is refused).
     pub fn encode(&self, texts: &[&str], device: &Device) -> anyhow::Result<EncodedBatch> {
         anyhow::ensure!(!texts.is_empty(), "cannot encode an empty batch");
-        let encodings = self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let encodings =
+            self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| anyhow::anyhow!("{e}"))?;
         let t = encodings.iter().map(|e| e.len()).max().unwrap_or(0);
         let gather = |f: &dyn Fn(&tokenizers::Encoding) -> &[u32]| -> Vec<u32> {
             encodings.iter().flat_map(|e| f(e).iter().copied()).collect()

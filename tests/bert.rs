@@ -28,7 +28,7 @@ const TEXTS: [&str; 3] = [
 ];
 
 fn batch(files: &MiniLmFiles) -> anyhow::Result<EncodedBatch> {
-    Ok(files.tokenizer(128)?.encode(&TEXTS, &Device::Cpu)?)
+    files.tokenizer(128)?.encode(&TEXTS, &Device::Cpu)
 }
 
 fn hidden(model: &Bert, batch: &EncodedBatch) -> anyhow::Result<Tensor> {
@@ -128,7 +128,11 @@ fn saved_weights_keep_the_original_names_and_reload_to_identical_outputs() -> an
     let config = model.config().clone();
     let reloaded = Bert::from_safetensors(&config, "", &path, DType::F32, &Device::Cpu)?;
     let (a, b) = (hidden(&model, &batch)?, hidden(&reloaded, &batch)?);
-    assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?, "bit-identical outputs");
+    assert_eq!(
+        a.flatten_all()?.to_vec1::<f32>()?,
+        b.flatten_all()?.to_vec1::<f32>()?,
+        "bit-identical outputs"
+    );
     let before = hidden(&files.encoder(DType::F32, &Device::Cpu)?, &batch)?;
     assert!(relative_error(&before, &b)? > 1e-4, "the reloaded weights are the changed ones");
     std::fs::remove_dir_all(&dir)?;

@@ -228,7 +228,8 @@ fn bert_encoder_matches_finite_differences() -> anyhow::Result<()> {
     let ids = Tensor::new(&[[2u32, 5, 7, 1], [3, 3, 9, 0]], &Device::Cpu)?;
     let types = Tensor::new(&[[0u32, 0, 1, 1], [0, 1, 1, 0]], &Device::Cpu)?;
     let mask = Tensor::new(&[[1u32, 1, 1, 1], [1, 1, 1, 0]], &Device::Cpu)?;
-    let params: Vec<(String, Var)> = model.parameters().iter().map(|p| (p.name.clone(), p.var.clone())).collect();
+    let params: Vec<(String, Var)> =
+        model.parameters().iter().map(|p| (p.name.clone(), p.var.clone())).collect();
     let vars: Vec<(&str, &Var)> = params.iter().map(|(n, v)| (n.as_str(), v)).collect();
     let objective = || {
         let h = model.forward(&ids, Some(&types), &mask, &mut Rng::seeded(0), true)?;

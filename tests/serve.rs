@@ -31,7 +31,8 @@ fn embed(model: &Bert, ids: &Tensor, mask: &Tensor) -> anyhow::Result<Vec<f32>> 
 fn every_answer_comes_from_one_complete_weight_version() -> anyhow::Result<()> {
     let config = BertConfig::tiny();
     let live = Bert::new(&config, "", DType::F32, &Device::Cpu, 1)?;
-    let initial: Vec<Tensor> = live.parameters().iter().map(|p| p.var.as_tensor().copy()).collect::<Result<_, _>>()?;
+    let initial: Vec<Tensor> =
+        live.parameters().iter().map(|p| p.var.as_tensor().copy()).collect::<Result<_, _>>()?;
     let ids = Tensor::new(&[[2u32, 5, 7, 1], [3, 3, 9, 0]], &Device::Cpu)?;
     let mask = Tensor::new(&[[1u32, 1, 1, 1], [1, 1, 1, 0]], &Device::Cpu)?;
 
@@ -46,7 +47,8 @@ fn every_answer_comes_from_one_complete_weight_version() -> anyhow::Result<()> {
     let versions = Arc::new(WeightVersions::new(&live)?);
     let done = Arc::new(AtomicBool::new(false));
     let server = {
-        let (versions, done, ids, mask) = (Arc::clone(&versions), Arc::clone(&done), ids.clone(), mask.clone());
+        let (versions, done, ids, mask) =
+            (Arc::clone(&versions), Arc::clone(&done), ids.clone(), mask.clone());
         std::thread::spawn(move || -> anyhow::Result<Vec<(u64, Vec<f32>)>> {
             let mut answers = Vec::new();
             while !done.load(Ordering::Acquire) || answers.is_empty() {
@@ -88,14 +90,39 @@ fn a_snapshot_does_not_follow_later_changes_to_the_live_model() -> anyhow::Resul
     let live = Bert::new(&config, "", DType::F32, &Device::Cpu, 1)?;
     let versions = WeightVersions::new(&live)?;
     let held = versions.current()?;
-    let before: Vec<f32> = held.model.parameters().iter().next().map(|p| p.var.as_tensor().flatten_all()).transpose()?.map(|t| t.to_vec1()).transpose()?.unwrap_or_default();
+    let before: Vec<f32> = held
+        .model
+        .parameters()
+        .iter()
+        .next()
+        .map(|p| p.var.as_tensor().flatten_all())
+        .transpose()?
+        .map(|t| t.to_vec1())
+        .transpose()?
+        .unwrap_or_default();
     for p in live.parameters().iter() {
         p.var.set(&p.var.as_tensor().zeros_like()?)?;
     }
     versions.publish(&live)?;
-    let after: Vec<f32> = held.model.parameters().iter().next().map(|p| p.var.as_tensor().flatten_all()).transpose()?.map(|t| t.to_vec1()).transpose()?.unwrap_or_default();
+    let after: Vec<f32> = held
+        .model
+        .parameters()
+        .iter()
+        .next()
+        .map(|p| p.var.as_tensor().flatten_all())
+        .transpose()?
+        .map(|t| t.to_vec1())
+        .transpose()?
+        .unwrap_or_default();
     assert_eq!(before, after, "a held version is never modified");
     assert_eq!(versions.current()?.number, 1);
-    assert!(versions.current()?.model.parameters().iter().all(|p| p.var.as_tensor().abs().and_then(|t| t.sum_all()).and_then(|t| t.to_scalar::<f32>()).map(|s| s == 0.0).unwrap_or(false)));
+    assert!(versions.current()?.model.parameters().iter().all(|p| p
+        .var
+        .as_tensor()
+        .abs()
+        .and_then(|t| t.sum_all())
+        .and_then(|t| t.to_scalar::<f32>())
+        .map(|s| s == 0.0)
+        .unwrap_or(false)));
     Ok(())
 }

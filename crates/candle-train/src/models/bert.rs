@@ -70,7 +70,10 @@ impl BertConfig {
     /// [`crate::Error::InvalidConfig`] naming the first bad field.
     pub fn validate(&self) -> crate::Result<()> {
         if self.hidden_act != "gelu" {
-            return Err(crate::Error::config("hidden_act", format!("`{}` is not supported", self.hidden_act)));
+            return Err(crate::Error::config(
+                "hidden_act",
+                format!("`{}` is not supported", self.hidden_act),
+            ));
         }
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
             return Err(crate::Error::config(
@@ -152,7 +155,14 @@ impl BertLayer {
     ///
     /// # Errors
     /// On a shape mismatch.
-    pub fn forward(&self, x: &Tensor, bias: &Tensor, dtype: DType, rng: &mut Rng, training: bool) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        dtype: DType,
+        rng: &mut Rng,
+        training: bool,
+    ) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let head_dim = c / self.heads;
         let xc = x.to_dtype(dtype)?;
@@ -163,7 +173,8 @@ impl BertLayer {
         let probs = masked_softmax(&q.matmul(&k.t()?)?, 1.0 / (head_dim as f64).sqrt(), bias)?;
         let probs = self.attention_dropout.forward(&probs, rng, training)?;
         let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
-        let attended = self.hidden_dropout.forward(&self.attention_output.forward(&context)?, rng, training)?;
+        let attended =
+            self.hidden_dropout.forward(&self.attention_output.forward(&context)?, rng, training)?;
         let x = self.attention_norm.forward_as(&residual_add(x, &attended)?, x.dtype())?;
         let hidden = self.intermediate.forward(&x.to_dtype(dtype)?)?.gelu_erf()?;
         let out = self.hidden_dropout.forward(&self.output.forward(&hidden)?, rng, training)?;
@@ -193,14 +204,25 @@ impl Bert {
     ///
     /// # Errors
     /// [`crate::Error::InvalidConfig`] for an unsupported configuration; allocation failure.
-    pub fn new(config: &BertConfig, prefix: &str, dtype: DType, device: &Device, seed: u64) -> crate::Result<Self> {
+    pub fn new(
+        config: &BertConfig,
+        prefix: &str,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> crate::Result<Self> {
         config.validate()?;
         let mut pb = ParamBuilder::new(dtype, device.clone(), seed);
         let h = config.hidden_size;
         let e = |name: &str| format!("{prefix}embeddings.{name}");
         let word = Embedding::new(&mut pb, &e("word_embeddings.weight"), config.vocab_size, h, 0.02)?;
-        let position =
-            Embedding::new(&mut pb, &e("position_embeddings.weight"), config.max_position_embeddings, h, 0.02)?;
+        let position = Embedding::new(
+            &mut pb,
+            &e("position_embeddings.weight"),
+            config.max_position_embeddings,
+            h,
+            0.02,
+        )?;
         let token_type =
             Embedding::new(&mut pb, &e("token_type_embeddings.weight"), config.type_vocab_size, h, 0.02)?;
         let embedding_norm = LayerNorm::new(&mut pb, &e("LayerNorm"), h, config.layer_norm_eps)?;
@@ -269,7 +291,10 @@ impl Bert {
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if t > self.config.max_position_embeddings {
-            candle::bail!("bert: sequence of {t} tokens exceeds {} positions", self.config.max_position_embeddings);
+            candle::bail!(
+                "bert: sequence of {t} tokens exceeds {} positions",
+                self.config.max_position_embeddings
+            );
         }
         let stream = crate::device::reduction_dtype(self.dtype);
         let positions = Tensor::arange(0u32, t as u32, ids.device())?.unsqueeze(0)?.repeat((b, 1))?;
