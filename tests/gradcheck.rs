@@ -193,3 +193,47 @@ fn cross_entropy_matches_finite_differences_and_is_computed_in_f32() -> anyhow::
     assert_eq!(half.dtype(), DType::F32);
     Ok(())
 }
+
+#[test]
+fn masked_softmax_matches_finite_differences_and_ignores_padding() -> anyhow::Result<()> {
+    use candle_fit::train::layers::ops::{masked_softmax, padding_bias};
+    let scores = Var::from_tensor(&random(&[2, 2, 3, 4], 40)?)?;
+    let mask = Tensor::new(&[[1u32, 1, 1, 0], [1, 1, 0, 0]], &Device::Cpu)?;
+    let bias = padding_bias(&mask, DType::F64)?;
+    let objective = || weighted_sum(&masked_softmax(scores.as_tensor(), 0.7, &bias)?, 41);
+    gradcheck("masked softmax", &[("scores", &scores)], &objective)?;
+    // Padded keys get exactly zero probability and rows sum to one.
+    let probs = masked_softmax(scores.as_tensor(), 0.7, &bias)?;
+    let padded = probs.narrow(0, 1, 1)?.narrow(3, 2, 2)?.abs()?.sum_all()?.to_scalar::<f64>()?;
+    assert_eq!(padded, 0.0);
+    let sums = probs.sum(3)?.flatten_all()?.to_vec1::<f64>()?;
+    assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-12));
+    Ok(())
+}
+
+#[test]
+fn exact_gelu_matches_finite_differences() -> anyhow::Result<()> {
+    let x = Var::from_tensor(&(random(&[3, 7], 50)? * 2.0)?)?;
+    gradcheck("gelu (erf)", &[("input", &x)], &|| weighted_sum(&x.as_tensor().gelu_erf()?, 51))
+}
+
+#[test]
+fn bert_encoder_matches_finite_differences() -> anyhow::Result<()> {
+    use candle_fit::train::models::{mean_pool, Bert, BertConfig};
+    let model = Bert::new(&BertConfig::tiny(), "", DType::F64, &Device::Cpu, 3)?;
+    // Larger weights than BERT's 0.02 so every path (attention included) matters.
+    for (i, p) in model.parameters().iter().enumerate() {
+        p.var.set(&((p.var.as_tensor() * 20.0)? + (random(p.var.dims(), 60 + i as u64)? * 0.1)?)?)?;
+    }
+    let ids = Tensor::new(&[[2u32, 5, 7, 1], [3, 3, 9, 0]], &Device::Cpu)?;
+    let types = Tensor::new(&[[0u32, 0, 1, 1], [0, 1, 1, 0]], &Device::Cpu)?;
+    let mask = Tensor::new(&[[1u32, 1, 1, 1], [1, 1, 1, 0]], &Device::Cpu)?;
+    let params: Vec<(String, Var)> =
+        model.parameters().iter().map(|p| (p.name.clone(), p.var.clone())).collect();
+    let vars: Vec<(&str, &Var)> = params.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    let objective = || {
+        let h = model.forward(&ids, Some(&types), &mask, &mut Rng::seeded(0), true)?;
+        weighted_sum(&mean_pool(&h, &mask)?, 61)
+    };
+    gradcheck("bert", &vars, &objective)
+}

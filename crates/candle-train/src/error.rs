@@ -155,6 +155,13 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+
+    /// A thread panicked while holding a lock on shared state.
+    #[error("{what}: a thread panicked while holding the lock")]
+    Poisoned {
+        /// The shared state.
+        what: &'static str,
+    },
 }
 
 /// The crate's result type.

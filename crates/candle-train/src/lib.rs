@@ -38,6 +38,7 @@ pub mod optim;
 pub mod params;
 pub mod precision;
 pub mod schedule;
+pub mod serve;
 pub mod trainer;
 pub mod updater;
 

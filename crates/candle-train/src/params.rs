@@ -112,6 +112,11 @@ impl Parameters {
         Ok(())
     }
 
+    /// These parameters followed by `other`'s (an encoder and its task head trained together).
+    pub fn merged(&self, other: &Parameters) -> Parameters {
+        Parameters { list: self.list.iter().chain(other.list.iter()).cloned().collect() }
+    }
+
     /// The parameters as the recompute engine lists them.
     pub fn segment_parameters<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Vec<SegmentParameter> {
         names.into_iter().filter_map(|name| self.get(name).map(Parameter::segment_parameter)).collect()

@@ -130,6 +130,44 @@ pub fn residual_add(x: &Tensor, branch: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// The additive key-padding bias `[batch, 1, 1, t]` for a `[batch, t]` mask of 1 (attend) and
+/// 0 (padding): 0 where the mask is 1 and `f32::MIN` where it is 0, as Hugging Face BERT and
+/// candle-transformers' `BertModel` build it. Large and finite: a row never becomes NaN.
+///
+/// # Errors
+/// When `mask` is not two-dimensional.
+pub fn padding_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (b, t) = mask.dims2()?;
+    let keep = mask.to_dtype(DType::F32)?;
+    let bias = ((keep.ones_like()? - keep)? * f64::from(f32::MIN))?;
+    bias.reshape((b, 1, 1, t))?.to_dtype(dtype)
+}
+
+/// `softmax(scores * scale + bias)` over the last dimension of `scores` (`[batch, heads, t, s]`)
+/// with `bias` broadcast to it (a key-padding bias from [`padding_bias`]), computed in F32 (F64
+/// for F64 input) and returned in `scores`' dtype. The bias is a constant (it gets no
+/// gradient). Only the result stays in the graph; the backward, `scale * y * (g - sum(g * y))`,
+/// runs in F32.
+///
+/// # Errors
+/// When `bias` does not broadcast to `scores`.
+pub fn masked_softmax(scores: &Tensor, scale: f64, bias: &Tensor) -> Result<Tensor> {
+    let dtype = scores.dtype();
+    let rd = reduction_dtype(dtype);
+    let shifted = (scores.detach().to_dtype(rd)? * scale)?.broadcast_add(&bias.detach().to_dtype(rd)?)?;
+    let value = softmax_last_dim(&shifted)?.to_dtype(dtype)?;
+    drop(shifted);
+    custom1("masked-softmax", scores, value, move |_, y, g| {
+        if let Some(grad) = softmax_backward_cpu(y, g, scale)? {
+            return Ok(Some(grad));
+        }
+        let (y, g) = (y.to_dtype(rd)?, g.to_dtype(rd)?);
+        let dot = (&g * &y)?.sum_keepdim(D::Minus1)?;
+        let grad = ((g.broadcast_sub(&dot)? * y)? * scale)?;
+        Ok(Some(grad.to_dtype(dtype)?))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,344 @@
+//! A trainable BERT encoder (post-LayerNorm, exact-erf GELU, bidirectional attention with a
+//! key-padding mask) under Hugging Face `BertModel` parameter names, so the weights of a
+//! shipped checkpoint (all-MiniLM-L6-v2) load and save by name.
+//!
+//! Every op has a backward: attention uses [`masked_softmax`], norms our [`LayerNorm`], GELU
+//! Candle's `gelu_erf` (which has a backward rule). The residual stream is kept in F32 and only
+//! the matmuls run in the parameters' dtype, as in [`crate::models::Gpt`].
+
+use std::path::Path;
+
+use candle::{DType, Device, Result, Tensor};
+use candle_ckpt::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::layers::ops::{masked_softmax, padding_bias, residual_add};
+use crate::layers::{Dropout, Embedding, LayerNorm, Linear, WeightLayout};
+use crate::params::{ParamBuilder, Parameters};
+
+/// The fields of a Hugging Face BERT `config.json` this model uses (others are ignored).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BertConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width of the hidden states.
+    pub hidden_size: usize,
+    /// Number of encoder layers.
+    pub num_hidden_layers: usize,
+    /// Number of attention heads; must divide `hidden_size`.
+    pub num_attention_heads: usize,
+    /// Width of the feed-forward block.
+    pub intermediate_size: usize,
+    /// Number of learned positions.
+    pub max_position_embeddings: usize,
+    /// Number of token types (segments).
+    pub type_vocab_size: usize,
+    /// Layer-norm epsilon.
+    pub layer_norm_eps: f64,
+    /// Dropout on embeddings and residual branches.
+    #[serde(default)]
+    pub hidden_dropout_prob: f32,
+    /// Dropout on attention probabilities.
+    #[serde(default)]
+    pub attention_probs_dropout_prob: f32,
+    /// The activation; only `"gelu"` (exact erf form) is supported.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+
+impl BertConfig {
+    /// Reads a Hugging Face `config.json`.
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`] if the file cannot be read, [`crate::Error::InvalidConfig`] if it
+    /// does not parse or names an unsupported activation or head count.
+    pub fn from_json_file(path: &Path) -> crate::Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io("read", path, e))?;
+        let config: Self =
+            serde_json::from_str(&text).map_err(|e| crate::Error::config("config.json", e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that the configuration is one this model implements.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidConfig`] naming the first bad field.
+    pub fn validate(&self) -> crate::Result<()> {
+        if self.hidden_act != "gelu" {
+            return Err(crate::Error::config(
+                "hidden_act",
+                format!("`{}` is not supported", self.hidden_act),
+            ));
+        }
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(crate::Error::config(
+                "num_attention_heads",
+                format!("{} heads do not divide the width {}", self.num_attention_heads, self.hidden_size),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A small configuration for tests.
+    pub fn tiny() -> Self {
+        Self {
+            vocab_size: 11,
+            hidden_size: 8,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            intermediate_size: 12,
+            max_position_embeddings: 16,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            hidden_dropout_prob: 0.0,
+            attention_probs_dropout_prob: 0.0,
+            hidden_act: "gelu".into(),
+        }
+    }
+}
+
+/// One encoder layer: self-attention and feed-forward, each followed by add & LayerNorm.
+#[derive(Debug, Clone)]
+pub struct BertLayer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attention_output: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+    heads: usize,
+    attention_dropout: Dropout,
+    hidden_dropout: Dropout,
+}
+
+impl BertLayer {
+    /// Creates the layer's parameters under `{prefix}` (`encoder.layer.{i}`).
+    ///
+    /// # Errors
+    /// On an invalid dropout probability or allocation failure.
+    pub fn new(pb: &mut ParamBuilder, prefix: &str, config: &BertConfig) -> crate::Result<Self> {
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let std = 0.02;
+        let linear = |pb: &mut ParamBuilder, name: &str, inp: usize, out: usize| {
+            Linear::new(pb, &format!("{prefix}.{name}"), inp, out, WeightLayout::OutIn, std)
+        };
+        Ok(Self {
+            query: linear(pb, "attention.self.query", h, h)?,
+            key: linear(pb, "attention.self.key", h, h)?,
+            value: linear(pb, "attention.self.value", h, h)?,
+            attention_output: linear(pb, "attention.output.dense", h, h)?,
+            attention_norm: LayerNorm::new(
+                pb,
+                &format!("{prefix}.attention.output.LayerNorm"),
+                h,
+                config.layer_norm_eps,
+            )?,
+            intermediate: linear(pb, "intermediate.dense", h, i)?,
+            output: linear(pb, "output.dense", i, h)?,
+            output_norm: LayerNorm::new(pb, &format!("{prefix}.output.LayerNorm"), h, config.layer_norm_eps)?,
+            heads: config.num_attention_heads,
+            attention_dropout: Dropout::new(config.attention_probs_dropout_prob)?,
+            hidden_dropout: Dropout::new(config.hidden_dropout_prob)?,
+        })
+    }
+
+    /// Applies the layer to the F32 (F64) hidden states `x` (`[batch, t, hidden]`), with the
+    /// additive key bias `bias` (`[batch, 1, 1, t]`) from [`padding_bias`]; matmuls run in
+    /// `dtype`. Returns hidden states in `x`'s dtype.
+    ///
+    /// # Errors
+    /// On a shape mismatch.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        dtype: DType,
+        rng: &mut Rng,
+        training: bool,
+    ) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let head_dim = c / self.heads;
+        let xc = x.to_dtype(dtype)?;
+        let split = |layer: &Linear| -> Result<Tensor> {
+            layer.forward(&xc)?.reshape((b, t, self.heads, head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let (q, k, v) = (split(&self.query)?, split(&self.key)?, split(&self.value)?);
+        let probs = masked_softmax(&q.matmul(&k.t()?)?, 1.0 / (head_dim as f64).sqrt(), bias)?;
+        let probs = self.attention_dropout.forward(&probs, rng, training)?;
+        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+        let attended =
+            self.hidden_dropout.forward(&self.attention_output.forward(&context)?, rng, training)?;
+        let x = self.attention_norm.forward_as(&residual_add(x, &attended)?, x.dtype())?;
+        let hidden = self.intermediate.forward(&x.to_dtype(dtype)?)?.gelu_erf()?;
+        let out = self.hidden_dropout.forward(&self.output.forward(&hidden)?, rng, training)?;
+        self.output_norm.forward_as(&residual_add(&x, &out)?, x.dtype())
+    }
+}
+
+/// The BERT encoder (`BertModel` without the pooler).
+#[derive(Debug, Clone)]
+pub struct Bert {
+    config: BertConfig,
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    embedding_norm: LayerNorm,
+    embedding_dropout: Dropout,
+    layers: Vec<BertLayer>,
+    params: Parameters,
+    dtype: DType,
+    prefix: String,
+}
+
+impl Bert {
+    /// A randomly initialised encoder (N(0, 0.02²) weights, as Hugging Face initialises BERT)
+    /// whose parameter names start with `prefix` (`""` for all-MiniLM-L6-v2, `"bert."` for
+    /// checkpoints saved from `BertFor...` heads).
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidConfig`] for an unsupported configuration; allocation failure.
+    pub fn new(
+        config: &BertConfig,
+        prefix: &str,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> crate::Result<Self> {
+        config.validate()?;
+        let mut pb = ParamBuilder::new(dtype, device.clone(), seed);
+        let h = config.hidden_size;
+        let e = |name: &str| format!("{prefix}embeddings.{name}");
+        let word = Embedding::new(&mut pb, &e("word_embeddings.weight"), config.vocab_size, h, 0.02)?;
+        let position = Embedding::new(
+            &mut pb,
+            &e("position_embeddings.weight"),
+            config.max_position_embeddings,
+            h,
+            0.02,
+        )?;
+        let token_type =
+            Embedding::new(&mut pb, &e("token_type_embeddings.weight"), config.type_vocab_size, h, 0.02)?;
+        let embedding_norm = LayerNorm::new(&mut pb, &e("LayerNorm"), h, config.layer_norm_eps)?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| BertLayer::new(&mut pb, &format!("{prefix}encoder.layer.{i}"), config))
+            .collect::<crate::Result<Vec<_>>>()?;
+        Ok(Self {
+            config: config.clone(),
+            word,
+            position,
+            token_type,
+            embedding_norm,
+            embedding_dropout: Dropout::new(config.hidden_dropout_prob)?,
+            layers,
+            params: pb.finish(),
+            dtype,
+            prefix: prefix.to_string(),
+        })
+    }
+
+    /// An encoder with the weights of a Hugging Face safetensors file (converted to `dtype`).
+    /// Tensors the encoder does not use (`embeddings.position_ids`, a pooler) are ignored.
+    ///
+    /// # Errors
+    /// As [`Bert::new`] and [`Parameters::load_safetensors`] (a missing or misshapen tensor).
+    pub fn from_safetensors(
+        config: &BertConfig,
+        prefix: &str,
+        path: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> crate::Result<Self> {
+        let model = Self::new(config, prefix, dtype, device, 0)?;
+        model.params.load_safetensors(path)?;
+        Ok(model)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// The parameters, in creation order, under their Hugging Face names.
+    pub fn parameters(&self) -> &Parameters {
+        &self.params
+    }
+
+    /// The dtype of the parameters (and the matmuls).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The last hidden states `[batch, t, hidden]`, in F32 (F64 for an F64 model), for token
+    /// ids `[batch, t]`, an attention mask `[batch, t]` (1 for tokens, 0 for padding; any
+    /// numeric dtype) and optional token-type ids (zeros when `None`).
+    ///
+    /// # Errors
+    /// On a shape mismatch or a sequence longer than `max_position_embeddings`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        token_types: Option<&Tensor>,
+        mask: &Tensor,
+        rng: &mut Rng,
+        training: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if t > self.config.max_position_embeddings {
+            candle::bail!(
+                "bert: sequence of {t} tokens exceeds {} positions",
+                self.config.max_position_embeddings
+            );
+        }
+        let stream = crate::device::reduction_dtype(self.dtype);
+        let positions = Tensor::arange(0u32, t as u32, ids.device())?.unsqueeze(0)?.repeat((b, 1))?;
+        let zeros;
+        let types = match token_types {
+            Some(types) => types,
+            None => {
+                zeros = ids.zeros_like()?;
+                &zeros
+            }
+        };
+        let x = self.word.forward(ids)?.to_dtype(stream)?;
+        let x = residual_add(&x, &self.position.forward(&positions)?)?;
+        let x = residual_add(&x, &self.token_type.forward(types)?)?;
+        let mut x = self.embedding_dropout.forward(&self.embedding_norm.forward(&x)?, rng, training)?;
+        let bias = padding_bias(mask, stream)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &bias, self.dtype, rng, training)?;
+        }
+        Ok(x)
+    }
+}
+
+impl crate::serve::Snapshot for Bert {
+    /// A copy with its own variables (same names, values and dtype). The copy is built as
+    /// [`Bert::new`] builds a model, then its values are overwritten.
+    fn snapshot(&self) -> crate::Result<Self> {
+        let device = self.params.iter().next().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
+        let copy = Self::new(&self.config, &self.prefix, self.dtype, &device, 0)?;
+        for (to, from) in copy.params.iter().zip(self.params.iter()) {
+            to.var.set(&from.var.as_tensor().detach().copy()?)?;
+        }
+        Ok(copy)
+    }
+}
+
+/// The mean of `hidden` (`[batch, t, c]`) over the positions where `mask` (`[batch, t]`) is 1:
+/// sentence-transformers' mean pooling, differentiable, in `hidden`'s dtype.
+///
+/// # Errors
+/// On a shape mismatch.
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let mask = mask.to_dtype(hidden.dtype())?.unsqueeze(2)?;
+    let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+    let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;
+    summed.broadcast_div(&counts)
+}

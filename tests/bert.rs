@@ -1,0 +1,140 @@
+//! The trainable BERT encoder on the shipped all-MiniLM-L6-v2 weights: forward equivalence
+//! with candle-transformers' inference `BertModel`, real gradients for every parameter,
+//! tokenization, and save/reload under the original names.
+//!
+//! Tests that need the model package skip, printing the pip line that installs it.
+
+use std::collections::BTreeSet;
+
+use candle::{DType, Device, Tensor};
+use candle_fit::ckpt::Rng;
+use candle_fit::pretrained::{EncodedBatch, MiniLmFiles};
+use candle_fit::train::models::{mean_pool, Bert};
+
+fn files() -> Option<MiniLmFiles> {
+    match MiniLmFiles::locate() {
+        Ok(files) => Some(files),
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+const TEXTS: [&str; 3] = [
+    "It is a truth universally acknowledged.",
+    "Hello world",
+    "A single man in possession of a good fortune must be in want of a wife, they say.",
+];
+
+fn batch(files: &MiniLmFiles) -> anyhow::Result<EncodedBatch> {
+    files.tokenizer(128)?.encode(&TEXTS, &Device::Cpu)
+}
+
+fn hidden(model: &Bert, batch: &EncodedBatch) -> anyhow::Result<Tensor> {
+    Ok(model.forward(&batch.ids, Some(&batch.token_types), &batch.mask, &mut Rng::seeded(0), false)?)
+}
+
+/// `max |a - b| / max |b|`.
+fn relative_error(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
+    let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    Ok(diff / scale)
+}
+
+#[test]
+fn tokenizer_gives_bert_uncased_ids_and_pads_to_the_longest() -> anyhow::Result<()> {
+    let Some(files) = files() else { return Ok(()) };
+    let batch = batch(&files)?;
+    let ids = batch.ids.to_vec2::<u32>()?;
+    let mask = batch.mask.to_vec2::<u32>()?;
+    // [CLS] hello world [SEP], then padding (id 0, mask 0) up to the longest text.
+    assert_eq!(&ids[1][..4], &[101, 7592, 2088, 102]);
+    assert!(ids[1][4..].iter().all(|&id| id == 0));
+    assert_eq!(mask[1].iter().sum::<u32>(), 4);
+    assert_eq!(ids[2].len(), mask[2].iter().sum::<u32>() as usize, "the longest text is unpadded");
+    Ok(())
+}
+
+/// Tolerance: the largest element-wise difference of the last hidden states (padding positions
+/// included) is at most 1e-5 of the largest magnitude, in F32.
+#[test]
+fn minilm_forward_matches_candle_transformers_within_1e5_relative() -> anyhow::Result<()> {
+    let Some(files) = files() else { return Ok(()) };
+    let batch = batch(&files)?;
+    let ours = hidden(&files.encoder(DType::F32, &Device::Cpu)?, &batch)?;
+
+    let config: candle_transformers::models::bert::Config =
+        serde_json::from_str(&std::fs::read_to_string(&files.config)?)?;
+    // SAFETY: the file is a read-only package file nobody modifies while the test runs.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(&[&files.weights], DType::F32, &Device::Cpu)?
+    };
+    let reference = candle_transformers::models::bert::BertModel::load(vb, &config)?;
+    let expected = reference.forward(&batch.ids, &batch.token_types, Some(&batch.mask))?;
+
+    assert_eq!(ours.dims(), expected.dims());
+    let error = relative_error(&ours, &expected)?;
+    assert!(error <= 1e-5, "relative error {error:e} exceeds 1e-5");
+    Ok(())
+}
+
+#[test]
+fn every_minilm_parameter_receives_a_nonzero_gradient() -> anyhow::Result<()> {
+    let Some(files) = files() else { return Ok(()) };
+    let batch = batch(&files)?;
+    let model = files.encoder(DType::F32, &Device::Cpu)?;
+    let pooled = mean_pool(&hidden(&model, &batch)?, &batch.mask)?;
+    let target = Tensor::ones(pooled.dims(), DType::F32, &Device::Cpu)?;
+    let loss = (pooled - target)?.sqr()?.sum_all()?;
+    let grads = loss.backward()?;
+    assert_eq!(model.parameters().len(), 6 * 16 + 5);
+    for p in model.parameters().iter() {
+        let grad = grads.get(p.var.as_tensor());
+        let norm = match grad {
+            Some(g) => g.sqr()?.sum_all()?.to_scalar::<f32>()?,
+            None => anyhow::bail!("`{}` received no gradient", p.name),
+        };
+        // Token types other than 0 and unused vocabulary rows get zero rows, but every tensor
+        // as a whole gets a real gradient.
+        assert!(norm > 0.0 && norm.is_finite(), "`{}` gradient norm² {norm}", p.name);
+    }
+    Ok(())
+}
+
+#[test]
+fn saved_weights_keep_the_original_names_and_reload_to_identical_outputs() -> anyhow::Result<()> {
+    let Some(files) = files() else { return Ok(()) };
+    let batch = batch(&files)?;
+    let model = files.encoder(DType::F32, &Device::Cpu)?;
+    // A "fine-tuned" change: shift every parameter by a different small amount.
+    for (i, p) in model.parameters().iter().enumerate() {
+        p.var.set(&(p.var.as_tensor() + 1e-3 * (i as f64 + 1.0))?)?;
+    }
+    let dir = std::env::temp_dir().join(format!("candle-fit-bert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("model.safetensors");
+    model.parameters().save_safetensors(&path)?;
+
+    let original: BTreeSet<String> = candle::safetensors::load(&files.weights, &Device::Cpu)?
+        .into_keys()
+        .filter(|name| name != "embeddings.position_ids" && !name.starts_with("pooler."))
+        .collect();
+    let saved: BTreeSet<String> = candle::safetensors::load(&path, &Device::Cpu)?.into_keys().collect();
+    // Every encoder tensor under its original name; the file's position-id buffer and the
+    // pooler (unused by mean pooling, not part of the encoder) are not written.
+    assert_eq!(saved, original, "saved names must be the original Hugging Face names");
+
+    let config = model.config().clone();
+    let reloaded = Bert::from_safetensors(&config, "", &path, DType::F32, &Device::Cpu)?;
+    let (a, b) = (hidden(&model, &batch)?, hidden(&reloaded, &batch)?);
+    assert_eq!(
+        a.flatten_all()?.to_vec1::<f32>()?,
+        b.flatten_all()?.to_vec1::<f32>()?,
+        "bit-identical outputs"
+    );
+    let before = hidden(&files.encoder(DType::F32, &Device::Cpu)?, &batch)?;
+    assert!(relative_error(&before, &b)? > 1e-4, "the reloaded weights are the changed ones");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! Serving while training: every answer is computed from one complete published weight
+//! version, never from a half-updated one, while another thread changes the live model one
+//! parameter at a time and publishes new versions.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use candle::{DType, Device, Tensor};
+use candle_fit::ckpt::Rng;
+use candle_fit::train::models::{mean_pool, Bert, BertConfig};
+use candle_fit::train::serve::WeightVersions;
+
+const VERSIONS: u64 = 12;
+
+/// Sets every parameter of `model` to its version-`v` value: the seed-1 initial weights
+/// scaled by `1 + v / 10`.
+fn set_version(model: &Bert, initial: &[Tensor], v: u64, mut between: impl FnMut()) -> anyhow::Result<()> {
+    for (p, init) in model.parameters().iter().zip(initial) {
+        p.var.set(&(init * (1.0 + v as f64 / 10.0))?)?;
+        between();
+    }
+    Ok(())
+}
+
+fn embed(model: &Bert, ids: &Tensor, mask: &Tensor) -> anyhow::Result<Vec<f32>> {
+    let h = model.forward(ids, None, mask, &mut Rng::seeded(0), false)?;
+    Ok(mean_pool(&h, mask)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+#[test]
+fn every_answer_comes_from_one_complete_weight_version() -> anyhow::Result<()> {
+    let config = BertConfig::tiny();
+    let live = Bert::new(&config, "", DType::F32, &Device::Cpu, 1)?;
+    let initial: Vec<Tensor> =
+        live.parameters().iter().map(|p| p.var.as_tensor().copy()).collect::<Result<_, _>>()?;
+    let ids = Tensor::new(&[[2u32, 5, 7, 1], [3, 3, 9, 0]], &Device::Cpu)?;
+    let mask = Tensor::new(&[[1u32, 1, 1, 1], [1, 1, 1, 0]], &Device::Cpu)?;
+
+    // The expected answer of every version, computed up front on a separate model.
+    let reference = Bert::new(&config, "", DType::F32, &Device::Cpu, 1)?;
+    let mut expected = Vec::new();
+    for v in 0..=VERSIONS {
+        set_version(&reference, &initial, v, || ())?;
+        expected.push(embed(&reference, &ids, &mask)?);
+    }
+
+    let versions = Arc::new(WeightVersions::new(&live)?);
+    let done = Arc::new(AtomicBool::new(false));
+    let server = {
+        let (versions, done, ids, mask) =
+            (Arc::clone(&versions), Arc::clone(&done), ids.clone(), mask.clone());
+        std::thread::spawn(move || -> anyhow::Result<Vec<(u64, Vec<f32>)>> {
+            let mut answers = Vec::new();
+            while !done.load(Ordering::Acquire) || answers.is_empty() {
+                let version = versions.current()?;
+                // Yield mid-request so the trainer can publish while this request runs.
+                let first = embed(&version.model, &ids, &mask)?;
+                std::thread::yield_now();
+                let second = embed(&version.model, &ids, &mask)?;
+                anyhow::ensure!(first == second, "version {} changed during a request", version.number);
+                answers.push((version.number, first));
+            }
+            Ok(answers)
+        })
+    };
+
+    // The trainer: change the live weights one parameter at a time (yielding between them, so a
+    // reader of the live model would see mixtures), publish after each complete update.
+    for v in 1..=VERSIONS {
+        set_version(&live, &initial, v, std::thread::yield_now)?;
+        assert_eq!(versions.publish(&live)?, v);
+    }
+    done.store(true, Ordering::Release);
+    let answers = server.join().map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+
+    let mut seen = std::collections::BTreeSet::new();
+    for (number, answer) in &answers {
+        let want = &expected[*number as usize];
+        assert_eq!(answer, want, "answer tagged version {number} is not that version's output");
+        seen.insert(*number);
+    }
+    assert!(seen.contains(&VERSIONS) || versions.current()?.number == VERSIONS);
+    eprintln!("{} answers over versions {:?}", answers.len(), seen);
+    Ok(())
+}
+
+#[test]
+fn a_snapshot_does_not_follow_later_changes_to_the_live_model() -> anyhow::Result<()> {
+    let config = BertConfig::tiny();
+    let live = Bert::new(&config, "", DType::F32, &Device::Cpu, 1)?;
+    let versions = WeightVersions::new(&live)?;
+    let held = versions.current()?;
+    let before: Vec<f32> = held
+        .model
+        .parameters()
+        .iter()
+        .next()
+        .map(|p| p.var.as_tensor().flatten_all())
+        .transpose()?
+        .map(|t| t.to_vec1())
+        .transpose()?
+        .unwrap_or_default();
+    for p in live.parameters().iter() {
+        p.var.set(&p.var.as_tensor().zeros_like()?)?;
+    }
+    versions.publish(&live)?;
+    let after: Vec<f32> = held
+        .model
+        .parameters()
+        .iter()
+        .next()
+        .map(|p| p.var.as_tensor().flatten_all())
+        .transpose()?
+        .map(|t| t.to_vec1())
+        .transpose()?
+        .unwrap_or_default();
+    assert_eq!(before, after, "a held version is never modified");
+    assert_eq!(versions.current()?.number, 1);
+    assert!(versions.current()?.model.parameters().iter().all(|p| p
+        .var
+        .as_tensor()
+        .abs()
+        .and_then(|t| t.sum_all())
+        .and_then(|t| t.to_scalar::<f32>())
+        .map(|s| s == 0.0)
+        .unwrap_or(false)));
+    Ok(())
+}
