@@ -38,6 +38,10 @@ pub struct BenchConfig {
     /// FP32 matmuls in TF32 on CUDA (cuBLAS reduced precision; PyTorch's `allow_tf32`). No
     /// effect on CPU.
     pub tf32: bool,
+    /// AdamW with 8-bit moments instead of FP32 ones.
+    pub adamw8bit: bool,
+    /// The optimizer offloaded (rayon step on the host; pinned transfers on a GPU).
+    pub offload: bool,
 }
 
 /// The name of the baseline every ratio is against.
@@ -51,7 +55,17 @@ const fn config(
     accumulation_steps: usize,
     backward: BackwardMode,
 ) -> BenchConfig {
-    BenchConfig { name, description, precision, recompute, accumulation_steps, backward, tf32: false }
+    BenchConfig {
+        name,
+        description,
+        precision,
+        recompute,
+        accumulation_steps,
+        backward,
+        tf32: false,
+        adamw8bit: false,
+        offload: false,
+    }
 }
 
 /// Every registered configuration, baseline first.
@@ -135,6 +149,33 @@ pub fn configurations() -> Vec<BenchConfig> {
             4,
             Segmented,
         ),
+        BenchConfig {
+            adamw8bit: true,
+            ..config("adamw8bit", "FP32, AdamW with 8-bit moments", F32, Recompute::Never, 1, Segmented)
+        },
+        BenchConfig {
+            offload: true,
+            ..config(
+                "offload",
+                "FP32, optimizer offloaded (step on the host's cores; pinned transfers on a GPU)",
+                F32,
+                Recompute::Never,
+                1,
+                Segmented,
+            )
+        },
+        BenchConfig {
+            adamw8bit: true,
+            offload: true,
+            ..config(
+                "bf16+recompute-all+adamw8bit+offload",
+                "BF16, every block recomputed, 8-bit AdamW offloaded",
+                BF16,
+                Recompute::All,
+                1,
+                Segmented,
+            )
+        },
     ]
 }
 
@@ -281,7 +322,10 @@ pub fn run_one(
     let trainer_config = trainer_config(config, options)?;
     let micro_batch = trainer_config.micro_batch.get();
     let gpt = Gpt::new(model.config, config.precision.dtype(), &options.device, options.seed)?;
-    let mut updater = LocalUpdater::from_config(gpt.parameters(), &optimizer())?;
+    let mut updater = LocalUpdater::from_config(gpt.parameters(), &optimizer(config))?;
+    if config.offload {
+        updater = updater.offloaded();
+    }
     let predicted_peak_bytes = predict_peak(model, config, options, &trainer_config, corpus)?;
     let trainer = Trainer::new(trainer_config);
     // A process-wide cuBLAS setting: set for this run only.
@@ -317,8 +361,13 @@ pub fn run_one(
     })
 }
 
-fn optimizer() -> OptimizerConfig {
-    OptimizerConfig::AdamW(AdamWConfig { weight_decay: 0.1, ..Default::default() })
+fn optimizer(config: &BenchConfig) -> OptimizerConfig {
+    let adamw = AdamWConfig { weight_decay: 0.1, ..Default::default() };
+    if config.adamw8bit {
+        OptimizerConfig::AdamW8bit(adamw)
+    } else {
+        OptimizerConfig::AdamW(adamw)
+    }
 }
 
 fn trainer_config(config: &BenchConfig, options: &BenchOptions) -> anyhow::Result<TrainerConfig> {
@@ -365,7 +414,7 @@ fn predict_peak(
         model.config,
         config.precision.dtype(),
         trainer,
-        optimizer(),
+        optimizer(config),
         corpus_bytes,
         validation_fraction,
     )?;

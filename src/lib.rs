@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod chart;
+pub mod optim_bench;
 pub mod pretrained;
 
 pub use candle_ckpt as ckpt;

@@ -32,6 +32,9 @@ enum Command {
     /// Run every technique against the FP32 baseline on a grid of models and print peak
     /// memory (by category), step time, tokens/s and loss.
     Bench(BenchArgs),
+    /// Measure the CPU optimizer step (AdamW, 8-bit AdamW) in parameters per second against
+    /// the machine's copy bandwidth, with one thread and with all cores.
+    BenchOptimizer(OptimBenchArgs),
     /// Predict the peak memory of a `train` run, and its breakdown, without allocating the
     /// model (takes the same flags as `train`).
     Estimate(TrainArgs),
@@ -39,6 +42,30 @@ enum Command {
     /// group (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set as torchrun does),
     /// communicating over TCP: `candle-fit launch --nproc 2 -- train --zero 1`.
     Launch(LaunchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct OptimBenchArgs {
+    /// Parameter counts (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [10_000_000usize, 100_000_000])]
+    params: Vec<usize>,
+    /// Timed passes per measurement (the median is reported), after one untimed pass.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Also write the rows as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn bench_optimizer(args: OptimBenchArgs) -> anyhow::Result<()> {
+    use candle_fit::optim_bench::{markdown_table, run, OptimBenchOptions};
+    let rows = run(&OptimBenchOptions { sizes: args.params, repeats: args.repeats })?;
+    print!("{}", markdown_table(&rows));
+    if let Some(path) = &args.json {
+        candle_fit::train::io::write_atomic(path, serde_json::to_string_pretty(&rows)?.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -294,6 +321,11 @@ struct TrainArgs {
     /// Optimizer.
     #[arg(long, value_enum, default_value_t = OptimizerKind::Adamw)]
     optimizer: OptimizerKind,
+    /// Run the optimizer step on the host's cores (rayon), with master weights and optimizer
+    /// state in host memory; on a GPU, gradients and parameters move through pinned buffers.
+    /// Bit-identical to the default step. One device only (not with `--zero`).
+    #[arg(long)]
+    offload_optimizer: bool,
     /// Weight decay (decoupled for AdamW, L2 for SGD), on matrices only.
     #[arg(long, default_value_t = 0.1)]
     weight_decay: f64,
@@ -543,12 +575,20 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     // Launched by `candle-fit launch`, torchrun or Slurm: one rank of a multi-process group.
     let launched = candle_fit::shard::discovery::RankInfo::from_env()?;
     if args.zero.is_some() || args.world_size != 1 || launched.as_ref().is_some_and(|i| i.world_size > 1) {
+        if args.offload_optimizer {
+            anyhow::bail!(
+                "invalid `--offload-optimizer`: the offloaded optimizer steps one device's state; it is not available with `--zero` or several ranks yet"
+            );
+        }
         return train_sharded(args, launched);
     }
     let Plan { precision, recompute, device, model_config, trainer_config, optimizer, corpus } = plan(&args)?;
     let dtype = precision.dtype();
     let model = Gpt::new(model_config, dtype, &device, args.seed)?;
     let mut updater = LocalUpdater::from_config(model.parameters(), &optimizer)?;
+    if args.offload_optimizer {
+        updater = updater.offloaded();
+    }
     let trainer = Trainer::new(trainer_config);
     let c = trainer.config();
 
@@ -569,13 +609,14 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         device.location()
     );
     println!(
-        "training      {} steps x {} sequences ({} micro-batch x {} accumulation) of {} bytes, {} lr {}",
+        "training      {} steps x {} sequences ({} micro-batch x {} accumulation) of {} bytes, {}{} lr {}",
         c.steps,
         c.global_batch(),
         c.micro_batch,
         c.accumulation_steps,
         c.seq_len,
         optimizer_name(&optimizer),
+        if updater.is_offloaded() { " (offloaded)" } else { "" },
         args.lr
     );
     let report = match &args.resume {
@@ -788,6 +829,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => train(args),
         Command::Bench(args) => bench(args),
+        Command::BenchOptimizer(args) => bench_optimizer(args),
         Command::Estimate(args) => estimate(args),
         Command::Launch(args) => launch(args),
     };

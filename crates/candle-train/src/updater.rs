@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::host::{to_f32_vec, update_f32_in_place, with_f32_values, write_f32_values};
 use crate::loss_scale::unscale_slice;
+use crate::offload::Offload;
 use crate::optim::{Optimizer, OptimizerConfig, OptimizerState};
 use crate::params::{Parameter, Parameters};
 
@@ -130,6 +131,7 @@ pub struct LocalUpdater {
     grads: Vec<Vec<f32>>,
     master: Vec<Option<Vec<f32>>>,
     optimizer: Box<dyn Optimizer>,
+    offload: Option<Offload>,
 }
 
 impl std::fmt::Debug for LocalUpdater {
@@ -137,6 +139,7 @@ impl std::fmt::Debug for LocalUpdater {
         f.debug_struct("LocalUpdater")
             .field("params", &self.params.len())
             .field("optimizer", &self.optimizer.name())
+            .field("offload", &self.offload.is_some())
             .finish()
     }
 }
@@ -163,7 +166,33 @@ impl LocalUpdater {
                     }
                 })
                 .collect::<Result<_>>()?;
-        Ok(Self { params, index, decay, grads, master, optimizer })
+        Ok(Self { params, index, decay, grads, master, optimizer, offload: None })
+    }
+
+    /// Offloads the optimizer (`--offload-optimizer`): the step runs on the host's cores with
+    /// rayon, and on a GPU the FP32 parameters get host-resident copies and every transfer goes
+    /// through pinned buffers (see [`crate::offload`]). Parameters end bit-identical to the
+    /// step without offloading.
+    ///
+    /// Between steps, the host copies of a GPU model's F32 parameters are authoritative: after
+    /// writing such parameters by other means than a checkpoint restore, call
+    /// [`LocalUpdater::reload_parameters`].
+    pub fn offloaded(mut self) -> Self {
+        self.offload = Some(Offload::new(self.params.len()));
+        self
+    }
+
+    /// Whether the optimizer is offloaded.
+    pub fn is_offloaded(&self) -> bool {
+        self.offload.is_some()
+    }
+
+    /// Makes an offloaded updater read the parameters from the model again at the next step
+    /// (nothing to do otherwise).
+    pub fn reload_parameters(&mut self) {
+        if let Some(offload) = &mut self.offload {
+            offload.invalidate();
+        }
     }
 
     /// An updater for `params` with an optimizer built from `optimizer` for their sizes.
@@ -192,9 +221,12 @@ impl Updater for LocalUpdater {
                 });
             };
             let acc = &mut self.grads[i];
-            with_f32_values(&g.grad, |values| {
-                acc.iter_mut().zip(values).for_each(|(a, &v)| *a += v);
-            })?;
+            match &mut self.offload {
+                Some(offload) => offload.accumulate(i, &g.grad, acc)?,
+                None => with_f32_values(&g.grad, |values| {
+                    acc.iter_mut().zip(values).for_each(|(a, &v)| *a += v);
+                })?,
+            }
         }
         Ok(())
     }
@@ -218,16 +250,30 @@ impl Updater for LocalUpdater {
         self.optimizer.begin_step();
         for (i, p) in self.params.iter().enumerate() {
             let (grad, decay) = (&self.grads[i], self.decay[i]);
-            match &mut self.master[i] {
-                Some(master) => {
-                    self.optimizer.update(i, master, grad, lr, decay)?;
+            let optimizer = &mut self.optimizer;
+            match (&mut self.master[i], &mut self.offload) {
+                (Some(master), None) => {
+                    optimizer.update(i, master, grad, lr, decay)?;
                     write_f32_values(&p.var, master)?;
                 }
-                None => {
+                (Some(master), Some(offload)) => {
+                    optimizer.update_parallel(i, master, grad, lr, decay)?;
+                    offload.write_back(i, &p.var, master)?;
+                }
+                (None, Some(offload)) if !p.var.device().is_cpu() => {
+                    offload.update_resident(i, &p.var, |values| {
+                        optimizer.update_parallel(i, values, grad, lr, decay)
+                    })?;
+                }
+                (None, offload) => {
+                    let parallel = offload.is_some();
                     let mut outcome = Ok(());
-                    let optimizer = &mut self.optimizer;
                     update_f32_in_place(&p.var, |values| {
-                        outcome = optimizer.update(i, values, grad, lr, decay)
+                        outcome = if parallel {
+                            optimizer.update_parallel(i, values, grad, lr, decay)
+                        } else {
+                            optimizer.update(i, values, grad, lr, decay)
+                        }
                     })?;
                     outcome?;
                 }
@@ -300,6 +346,8 @@ impl Updater for LocalUpdater {
         // The optimizer checks its own state and changes nothing on error.
         self.optimizer.load_state(&optimizer)?;
         self.master = restored;
+        // The checkpoint writes the parameters next: read them again at the next step.
+        self.reload_parameters();
         self.zero_grad();
         Ok(())
     }
@@ -307,7 +355,9 @@ impl Updater for LocalUpdater {
     fn state_bytes(&self) -> StateBytes {
         StateBytes {
             gradients: self.grads.iter().map(|g| g.len() * 4).sum(),
-            master_weights: self.master.iter().flatten().map(|m| m.len() * 4).sum(),
+            // An offloaded updater's host copies of device parameters are master weights too.
+            master_weights: self.master.iter().flatten().map(|m| m.len() * 4).sum::<usize>()
+                + self.offload.as_ref().map_or(0, Offload::bytes),
             optimizer_state: self.optimizer.state_bytes(),
         }
     }

@@ -8,9 +8,10 @@
 //! lerp); `v = fma((1 - beta2)*g, g, v*beta2)` (ATen's addcmul); `denom = sqrt(v) / sqrt(1 - beta2^t) + eps`;
 //! `p += ((-lr / (1 - beta1^t)) * m) / denom`.
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{check_len, Optimizer, OptimizerState};
+use super::{check_len, Optimizer, OptimizerState, PARALLEL_CHUNK};
 use crate::error::{check_non_negative, Error, Result};
 
 /// AdamW's hyper-parameters (PyTorch's defaults except `lr`, which the schedule supplies).
@@ -72,6 +73,21 @@ impl AdamW {
             exp_avg: sizes.iter().map(|&n| vec![0.0; n]).collect(),
             exp_avg_sq: sizes.iter().map(|&n| vec![0.0; n]).collect(),
         })
+    }
+}
+
+impl AdamW {
+    /// Parameter `index`'s two moments.
+    fn moments(&mut self, index: usize) -> Result<(&mut [f32], &mut [f32])> {
+        let count = self.exp_avg.len();
+        match (self.exp_avg.get_mut(index), self.exp_avg_sq.get_mut(index)) {
+            (Some(m), Some(v)) => Ok((m, v)),
+            _ => Err(Error::StateMismatch {
+                name: format!("parameter {index}"),
+                expected: format!("an index below {count}"),
+                found: index.to_string(),
+            }),
+        }
     }
 }
 
@@ -158,16 +174,24 @@ impl Optimizer for AdamW {
     }
 
     fn update(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()> {
-        let (Some(m), Some(v)) = (self.exp_avg.get_mut(index), self.exp_avg_sq.get_mut(index)) else {
-            return Err(Error::StateMismatch {
-                name: format!("parameter {index}"),
-                expected: format!("an index below {}", self.exp_avg.len()),
-                found: index.to_string(),
-            });
-        };
+        let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
+        let (m, v) = self.moments(index)?;
         check_len(index, m.len(), param, grad)?;
-        let scalars = Scalars::new(&self.config, self.step.max(1), lr, decay);
-        update_slice(&scalars, param, grad, m, v);
+        update_slice(&s, param, grad, m, v);
+        Ok(())
+    }
+
+    fn update_parallel(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()> {
+        let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
+        let (m, v) = self.moments(index)?;
+        check_len(index, m.len(), param, grad)?;
+        let c = PARALLEL_CHUNK;
+        param
+            .par_chunks_mut(c)
+            .zip(grad.par_chunks(c))
+            .zip(m.par_chunks_mut(c))
+            .zip(v.par_chunks_mut(c))
+            .for_each(|(((p, g), m), v)| update_slice(&s, p, g, m, v));
         Ok(())
     }
 

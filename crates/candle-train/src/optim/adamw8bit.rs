@@ -10,9 +10,11 @@
 
 use std::collections::BTreeMap;
 
+use rayon::prelude::*;
+
 use super::adamw::{update_slice, Scalars};
 use super::quant::{dequantize_block, quantize_block, Code, Quantized, BLOCK};
-use super::{check_len, AdamWConfig, Optimizer, OptimizerState};
+use super::{check_len, AdamWConfig, Optimizer, OptimizerState, PARALLEL_CHUNK};
 use crate::error::{Error, Result};
 
 /// Parameters with fewer elements keep 32-bit state.
@@ -73,6 +75,42 @@ impl AdamW8bit {
     }
 }
 
+impl AdamW8bit {
+    /// Parameter `index`'s moments, after checking the slices' lengths against them.
+    fn moments(&mut self, index: usize, param: &[f32], grad: &[f32]) -> Result<&mut Moments> {
+        let count = self.moments.len();
+        let moments = self.moments.get_mut(index).ok_or_else(|| Error::StateMismatch {
+            name: format!("parameter {index}"),
+            expected: format!("an index below {count}"),
+            found: index.to_string(),
+        })?;
+        check_len(index, moments.len(), param, grad)?;
+        Ok(moments)
+    }
+}
+
+/// Steps `param` over quantized moments block by block: dequantize a block's `m` and `v` (codes
+/// and one scale per block) into two stack buffers, apply AdamW's element arithmetic, and
+/// requantize them with their new maxima. The slices start at a block boundary.
+fn update_blocks(
+    s: &Scalars,
+    param: &mut [f32],
+    grad: &[f32],
+    (m_codes, m_scales): (&mut [u8], &mut [f32]),
+    (v_codes, v_scales): (&mut [u8], &mut [f32]),
+) {
+    let (mut mb, mut vb) = ([0f32; BLOCK], [0f32; BLOCK]);
+    for (b, (p, g)) in param.chunks_mut(BLOCK).zip(grad.chunks(BLOCK)).enumerate() {
+        let (n, at) = (p.len(), b * BLOCK);
+        let (mc, vc) = (&mut m_codes[at..at + n], &mut v_codes[at..at + n]);
+        dequantize_block(Code::Signed, mc, m_scales[b], &mut mb[..n]);
+        dequantize_block(Code::Unsigned, vc, v_scales[b], &mut vb[..n]);
+        update_slice(s, p, g, &mut mb[..n], &mut vb[..n]);
+        m_scales[b] = quantize_block(Code::Signed, &mb[..n], mc);
+        v_scales[b] = quantize_block(Code::Unsigned, &vb[..n], vc);
+    }
+}
+
 impl Optimizer for AdamW8bit {
     fn name(&self) -> &'static str {
         "adamw8bit"
@@ -87,30 +125,33 @@ impl Optimizer for AdamW8bit {
     }
 
     fn update(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()> {
-        let count = self.moments.len();
-        let Some(moments) = self.moments.get_mut(index) else {
-            return Err(Error::StateMismatch {
-                name: format!("parameter {index}"),
-                expected: format!("an index below {count}"),
-                found: index.to_string(),
-            });
-        };
-        check_len(index, moments.len(), param, grad)?;
         let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
-        match moments {
+        match self.moments(index, param, grad)? {
             Moments::Full { m, v } => update_slice(&s, param, grad, m, v),
             Moments::Quantized { m, v } => {
-                let (mut mb, mut vb) = ([0f32; BLOCK], [0f32; BLOCK]);
-                for (b, (p, g)) in param.chunks_mut(BLOCK).zip(grad.chunks(BLOCK)).enumerate() {
-                    let (n, at) = (p.len(), b * BLOCK);
-                    let (mc, vc) = (&mut m.codes[at..at + n], &mut v.codes[at..at + n]);
-                    dequantize_block(Code::Signed, mc, m.scales[b], &mut mb[..n]);
-                    dequantize_block(Code::Unsigned, vc, v.scales[b], &mut vb[..n]);
-                    update_slice(&s, p, g, &mut mb[..n], &mut vb[..n]);
-                    m.scales[b] = quantize_block(Code::Signed, &mb[..n], mc);
-                    v.scales[b] = quantize_block(Code::Unsigned, &vb[..n], vc);
-                }
+                update_blocks(&s, param, grad, (&mut m.codes, &mut m.scales), (&mut v.codes, &mut v.scales))
             }
+        }
+        Ok(())
+    }
+
+    fn update_parallel(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()> {
+        let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
+        let c = PARALLEL_CHUNK;
+        match self.moments(index, param, grad)? {
+            Moments::Full { m, v } => param
+                .par_chunks_mut(c)
+                .zip(grad.par_chunks(c))
+                .zip(m.par_chunks_mut(c))
+                .zip(v.par_chunks_mut(c))
+                .for_each(|(((p, g), m), v)| update_slice(&s, p, g, m, v)),
+            // A chunk is a whole number of blocks: its codes and its scales go together.
+            Moments::Quantized { m, v } => param
+                .par_chunks_mut(c)
+                .zip(grad.par_chunks(c))
+                .zip(m.codes.par_chunks_mut(c).zip(m.scales.par_chunks_mut(c / BLOCK)))
+                .zip(v.codes.par_chunks_mut(c).zip(v.scales.par_chunks_mut(c / BLOCK)))
+                .for_each(|(((p, g), m), v)| update_blocks(&s, p, g, m, v)),
         }
         Ok(())
     }

@@ -1,9 +1,10 @@
 //! SGD with momentum, as `torch.optim.SGD` (L2 weight decay added to the gradient, momentum
 //! buffer initialised to the first gradient, optional dampening and Nesterov).
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{check_len, Optimizer, OptimizerState};
+use super::{check_len, Optimizer, OptimizerState, PARALLEL_CHUNK};
 use crate::error::{check_non_negative, Error, Result};
 
 /// SGD's hyper-parameters.
@@ -56,6 +57,75 @@ impl Sgd {
     }
 }
 
+/// One step's scalars.
+struct Rule {
+    weight_decay: f32,
+    neg_lr: f32,
+    momentum: f32,
+    keep: f32,
+    nesterov: bool,
+    /// The first step initialises the momentum buffer to the gradient.
+    first: bool,
+}
+
+impl Rule {
+    /// The gradient with L2 decay added. ATen's `add(self, other, alpha)` is
+    /// `fma(other, alpha, self)` in its vector kernels; every `add` here follows it so results
+    /// equal PyTorch's bit for bit.
+    #[inline(always)]
+    fn decayed(&self, g: f32, p: f32) -> f32 {
+        if self.weight_decay != 0.0 {
+            p.mul_add(self.weight_decay, g)
+        } else {
+            g
+        }
+    }
+}
+
+fn plain_step(rule: &Rule, param: &mut [f32], grad: &[f32]) {
+    for (p, &g) in param.iter_mut().zip(grad) {
+        *p = rule.decayed(g, *p).mul_add(rule.neg_lr, *p);
+    }
+}
+
+fn momentum_step(rule: &Rule, param: &mut [f32], grad: &[f32], buf: &mut [f32]) {
+    for ((p, &g), b) in param.iter_mut().zip(grad).zip(buf.iter_mut()) {
+        let d = rule.decayed(g, *p);
+        *b = if rule.first { d } else { d.mul_add(rule.keep, *b * rule.momentum) };
+        let step = if rule.nesterov { b.mul_add(rule.momentum, d) } else { *b };
+        *p = step.mul_add(rule.neg_lr, *p);
+    }
+}
+
+impl Sgd {
+    fn rule(&self, lr: f64, decay: bool) -> Rule {
+        Rule {
+            weight_decay: if decay { self.config.weight_decay as f32 } else { 0.0 },
+            neg_lr: -lr as f32,
+            momentum: self.config.momentum as f32,
+            keep: (1.0 - self.config.dampening) as f32,
+            nesterov: self.config.nesterov,
+            first: self.step <= 1,
+        }
+    }
+
+    /// Parameter `index`'s momentum buffer (`None` without momentum), after checking the
+    /// slices' lengths.
+    fn buffer(&mut self, index: usize, param: &[f32], grad: &[f32]) -> Result<Option<&mut [f32]>> {
+        if self.momentum.is_empty() {
+            check_len(index, param.len(), param, grad)?;
+            return Ok(None);
+        }
+        let buf = self.momentum.get_mut(index).ok_or_else(|| Error::StateMismatch {
+            name: format!("parameter {index}"),
+            expected: "a known parameter".into(),
+            found: index.to_string(),
+        })?;
+        check_len(index, buf.len(), param, grad)?;
+        Ok(Some(buf))
+    }
+}
+
 impl Optimizer for Sgd {
     fn name(&self) -> &'static str {
         "sgd"
@@ -70,34 +140,24 @@ impl Optimizer for Sgd {
     }
 
     fn update(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()> {
-        // ATen's `add(self, other, alpha)` is `fma(other, alpha, self)` in its vector kernels;
-        // every `add` below follows it so results equal PyTorch's bit for bit.
-        let wd = if decay { self.config.weight_decay as f32 } else { 0.0 };
-        let with_decay = |g: f32, p: f32| if wd != 0.0 { p.mul_add(wd, g) } else { g };
-        let neg_lr = -lr as f32;
-        if self.momentum.is_empty() {
-            check_len(index, param.len(), param, grad)?;
-            for (p, &g) in param.iter_mut().zip(grad) {
-                *p = with_decay(g, *p).mul_add(neg_lr, *p);
-            }
-            return Ok(());
+        let rule = self.rule(lr, decay);
+        match self.buffer(index, param, grad)? {
+            None => plain_step(&rule, param, grad),
+            Some(buf) => momentum_step(&rule, param, grad, buf),
         }
-        let first = self.step <= 1;
-        let Some(buf) = self.momentum.get_mut(index) else {
-            return Err(Error::StateMismatch {
-                name: format!("parameter {index}"),
-                expected: "a known parameter".into(),
-                found: index.to_string(),
-            });
-        };
-        check_len(index, buf.len(), param, grad)?;
-        let momentum = self.config.momentum as f32;
-        let keep = (1.0 - self.config.dampening) as f32;
-        for ((p, &g), b) in param.iter_mut().zip(grad).zip(buf.iter_mut()) {
-            let d = with_decay(g, *p);
-            *b = if first { d } else { d.mul_add(keep, *b * momentum) };
-            let step = if self.config.nesterov { b.mul_add(momentum, d) } else { *b };
-            *p = step.mul_add(neg_lr, *p);
+        Ok(())
+    }
+
+    fn update_parallel(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()> {
+        let rule = self.rule(lr, decay);
+        let c = PARALLEL_CHUNK;
+        match self.buffer(index, param, grad)? {
+            None => param.par_chunks_mut(c).zip(grad.par_chunks(c)).for_each(|(p, g)| plain_step(&rule, p, g)),
+            Some(buf) => param
+                .par_chunks_mut(c)
+                .zip(grad.par_chunks(c))
+                .zip(buf.par_chunks_mut(c))
+                .for_each(|((p, g), b)| momentum_step(&rule, p, g, b)),
         }
         Ok(())
     }
