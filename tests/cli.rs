@@ -315,3 +315,28 @@ fn launched_processes_train_like_one_process() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn the_offloaded_optimizer_and_its_benchmark_run_from_the_command_line() -> anyhow::Result<()> {
+    let mut args = tiny_with(&["--optimizer", "adamw8bit"]);
+    args.push("--offload-optimizer".into());
+    let (code, stdout, stderr) = run(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("8-bit AdamW (offloaded)"), "{stdout}");
+
+    let mut sharded = tiny_with(&["--zero", "1", "--world-size", "2"]);
+    sharded.push("--offload-optimizer".into());
+    let (code, _, stderr) = run(&sharded.iter().map(String::as_str).collect::<Vec<_>>())?;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("invalid `--offload-optimizer`") && !stderr.contains("panicked"), "{stderr}");
+
+    let (code, stdout, stderr) = run(&["bench-optimizer", "--params", "70000", "--repeats", "1"])?;
+    assert_eq!(code, 0, "{stderr}");
+    for kernel in ["| copy | 1 | 70000 |", "| adamw | 1 | 70000 |", "| adamw8bit | 1 | 70000 |"] {
+        assert!(stdout.contains(kernel), "missing `{kernel}` in {stdout}");
+    }
+    let (code, _, stderr) = run(&["bench-optimizer", "--params", "0"])?;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("invalid `--params`"), "{stderr}");
+    Ok(())
+}

@@ -58,12 +58,13 @@ fn pytorch_reference_writes_every_field_of_a_bench_row() -> anyhow::Result<()> {
 }
 
 #[test]
-fn pytorch_reference_mirrors_every_configuration_but_plain_candle_backward() -> anyhow::Result<()> {
+fn pytorch_reference_mirrors_every_configuration_with_a_torch_counterpart() -> anyhow::Result<()> {
     let script = repo_file(REFERENCE)?;
     for config in configurations() {
         let entry = format!("    \"{}\": (", config.name);
-        if config.name == "candle-plain" {
-            // Candle's one-shot backward has no PyTorch counterpart.
+        if config.name == "candle-plain" || config.adamw8bit || config.offload {
+            // Candle's one-shot backward has no PyTorch counterpart; 8-bit and offloaded
+            // optimizers need bitsandbytes or DeepSpeed, which the GPU machines do not have.
             assert!(!script.contains(&entry));
             continue;
         }

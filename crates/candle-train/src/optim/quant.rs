@@ -52,20 +52,76 @@ fn build(signed: bool) -> [f32; 256] {
     code
 }
 
+/// A code's values and the buckets of its nearest-value search.
+struct Table {
+    values: [f32; 256],
+    /// For each bucket of floats (the top bits of [`order_key`]), how many code values are
+    /// below the smallest float of the bucket: where the search for any value in it starts.
+    start: Box<[u16]>,
+}
+
+/// Floats per bucket: the low 18 bits of the order key (1 sign, 8 exponent and 5 mantissa
+/// bits remain: 16,384 buckets, at most a few code values each).
+const BUCKET_SHIFT: u32 = 18;
+
+/// The float's bits mapped so that unsigned order is float order (negatives reversed below
+/// the positives).
+#[inline(always)]
+fn order_key(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+impl Table {
+    fn new(values: [f32; 256]) -> Self {
+        let start = (0..1u32 << (32 - BUCKET_SHIFT))
+            .map(|bucket| {
+                let key = bucket << BUCKET_SHIFT;
+                let bits = if key & 0x8000_0000 != 0 { key & 0x7fff_ffff } else { !key };
+                let lowest = f32::from_bits(bits);
+                // NaN buckets start at 0 (nothing compares below NaN); every other lowest
+                // value is below or equal to every float of its bucket.
+                values.partition_point(|&v| v < lowest) as u16
+            })
+            .collect();
+        Self { values, start }
+    }
+
+    /// How many code values are below `x` (as `partition_point(|v| v < x)`), from the
+    /// bucket's start with a short linear scan.
+    #[inline(always)]
+    fn below(&self, x: f32) -> usize {
+        let mut i = if x.is_nan() { 0 } else { usize::from(self.start[(order_key(x) >> BUCKET_SHIFT) as usize]) };
+        while i < 256 && self.values[i] < x {
+            i += 1;
+        }
+        i
+    }
+}
+
+fn table(code: Code) -> &'static Table {
+    static SIGNED: OnceLock<Table> = OnceLock::new();
+    static UNSIGNED: OnceLock<Table> = OnceLock::new();
+    match code {
+        Code::Signed => SIGNED.get_or_init(|| Table::new(build(true))),
+        Code::Unsigned => UNSIGNED.get_or_init(|| Table::new(build(false))),
+    }
+}
+
 /// The 256 sorted values of `code`.
 pub fn code_values(code: Code) -> &'static [f32; 256] {
-    static SIGNED: OnceLock<[f32; 256]> = OnceLock::new();
-    static UNSIGNED: OnceLock<[f32; 256]> = OnceLock::new();
-    match code {
-        Code::Signed => SIGNED.get_or_init(|| build(true)),
-        Code::Unsigned => UNSIGNED.get_or_init(|| build(false)),
-    }
+    &table(code).values
 }
 
 /// The index of the code value nearest to `x` (ties to the smaller index).
 #[inline]
-fn nearest(values: &[f32; 256], x: f32) -> u8 {
-    let hi = values.partition_point(|&v| v < x).min(255);
+fn nearest(table: &Table, x: f32) -> u8 {
+    let values = &table.values;
+    let hi = table.below(x).min(255);
     let lo = hi.saturating_sub(1);
     let index = if (x - values[lo]).abs() <= (values[hi] - x).abs() { lo } else { hi };
     index as u8
@@ -74,7 +130,7 @@ fn nearest(values: &[f32; 256], x: f32) -> u8 {
 /// Quantizes one block (at most [`BLOCK`] values) into `codes`, returning its scale: the
 /// largest magnitude (0 for an all-zero block, whose codes then all mean 0).
 pub fn quantize_block(code: Code, values: &[f32], codes: &mut [u8]) -> f32 {
-    let table = code_values(code);
+    let table = table(code);
     let absmax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
     let inv = if absmax > 0.0 { 1.0 / absmax } else { 0.0 };
     for (q, &v) in codes.iter_mut().zip(values) {
@@ -160,7 +216,38 @@ mod tests {
         0.5 * (v[hi] - v[hi - 1]) * absmax * (1.0 + 1e-5) + slack
     }
 
+    /// The bucketed search counts exactly the code values below `x`, as a binary search does.
+    fn check_below(code: Code, x: f32) {
+        let t = table(code);
+        assert_eq!(t.below(x), t.values.partition_point(|&v| v < x), "{code:?} at {x:e} ({:#x})", x.to_bits());
+    }
+
+    #[test]
+    fn the_bucketed_search_equals_a_binary_search() {
+        for code in [Code::Signed, Code::Unsigned] {
+            let specials = [0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN, f32::MIN_POSITIVE];
+            for x in specials.into_iter().chain(code_values(code).iter().copied()) {
+                let (up, down) = (f32::from_bits(x.to_bits().wrapping_add(1)), f32::from_bits(x.to_bits().wrapping_sub(1)));
+                for y in [x, up, down, -x, 2.0 * x, x * 0.5] {
+                    check_below(code, y);
+                }
+            }
+            for w in code_values(code).windows(2) {
+                check_below(code, (w[0] + w[1]) / 2.0);
+            }
+            // About a million floats spread over every sign, exponent and bucket.
+            for bits in (0..=u32::MAX).step_by(4093) {
+                check_below(code, f32::from_bits(bits));
+            }
+        }
+    }
+
     proptest! {
+        #[test]
+        fn the_bucketed_search_equals_a_binary_search_anywhere(bits in any::<u32>(), signed in any::<bool>()) {
+            check_below(if signed { Code::Signed } else { Code::Unsigned }, f32::from_bits(bits));
+        }
+
         #[test]
         fn every_value_comes_back_within_half_a_code_gap(
             values in prop::collection::vec(-1e3f32..1e3, 1..=BLOCK),
