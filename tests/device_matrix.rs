@@ -4,7 +4,8 @@
 //!
 //! Cases: recomputation gives the gradients of no recomputation; k accumulated micro-batches
 //! give the update of one batch k times the size; BF16 and FP16 (loss-scaled) follow the FP32
-//! loss curve; the device's memory meter sees a step's peak. CUDA adds the memory pool's
+//! loss curve; the device's memory meter sees a step's peak; the offloaded optimizer ends where
+//! the default one does. CUDA adds the memory pool's
 //! counters and pinned host buffers. The ZeRO stage 0-3 cases over NCCL with world size 1 are
 //! not here yet: they need candle-shard's `Communicator` (issue 6), which is not merged.
 //!
@@ -144,6 +145,49 @@ fn accumulation_equals_one_large_batch(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The offloaded optimizer (rayon step on the host; on CUDA, host-resident F32 parameters and
+/// pinned transfers) ends at the parameters of the default step: F32 and BF16 (FP32 master
+/// weights), AdamW with clipping, 3 steps of 2 accumulated micro-batches. Bit-identical on the
+/// CPU (tests/offload.rs); 1e-6 of each parameter's magnitude allowed elsewhere.
+fn offloaded_optimizer_equals_the_on_device_one(device: &Device) -> anyhow::Result<()> {
+    let trainer = Trainer::new(
+        TrainerConfig::builder()
+            .micro_batch(2)
+            .accumulation_steps(2)
+            .steps(3)
+            .seq_len(32)
+            .lr(1e-2)
+            .warmup_steps(0)
+            .max_grad_norm(Some(0.5))
+            .eval_windows(2)
+            .eval_interval(0)
+            .build()?,
+    );
+    let optimizer = OptimizerConfig::AdamW(AdamWConfig { weight_decay: 0.1, ..Default::default() });
+    for dtype in [DType::F32, DType::BF16] {
+        let mut runs = Vec::new();
+        for offload in [false, true] {
+            let model = Gpt::new(small(0.0), dtype, device, 3)?;
+            let mut updater = LocalUpdater::from_config(model.parameters(), &optimizer)?;
+            if offload {
+                updater = updater.offloaded();
+            }
+            trainer.fit(&model, &corpus()?, &mut updater)?;
+            let params: HashMap<String, Tensor> = model
+                .parameters()
+                .iter()
+                .map(|p| Ok((p.name.clone(), p.var.as_tensor().to_dtype(DType::F32)?)))
+                .collect::<anyhow::Result<_>>()?;
+            runs.push(params);
+        }
+        let (name, rel) = worst_relative(&runs[0], &runs[1])?;
+        println!("{device:?} {dtype:?}: offloaded vs on-device, worst {rel:.2e} ({name})");
+        let bound = if device.is_cpu() { 0.0 } else { 1e-6 };
+        assert!(rel <= bound, "{dtype:?}: `{name}` differs by {rel:.2e} of its magnitude");
+    }
+    Ok(())
+}
+
 fn train(device: &Device, precision: Precision, steps: usize) -> anyhow::Result<TrainReport> {
     let config = GptConfig { n_ctx: 64, n_embd: 64, n_layer: 2, n_head: 2, ..GptConfig::default() };
     let model = Gpt::new(config, precision.dtype(), device, 0)?;
@@ -241,6 +285,7 @@ device_matrix!(
     accumulation_equals_one_large_batch,
     half_precision_follows_the_f32_loss_curve,
     memory_meter_sees_the_peak,
+    offloaded_optimizer_equals_the_on_device_one,
     // Cases below need CUDA; on CPU they check what can be checked there.
     pinned_buffer_round_trips,
     pool_counters_track_allocations,
