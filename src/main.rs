@@ -158,12 +158,13 @@ struct BenchArgs {
     /// Widths to try (comma-separated); heads are width / 32.
     #[arg(long, value_delimiter = ',', default_value = "128")]
     width: Vec<usize>,
-    /// Sequences per optimizer step (global batch).
-    #[arg(long, default_value_t = 16)]
-    batch: usize,
-    /// Tokens per sequence (also the models' context length).
-    #[arg(long, default_value_t = 128)]
-    seq_len: usize,
+    /// Sequences per optimizer step (global batch); several (comma-separated) make a grid.
+    #[arg(long, value_delimiter = ',', default_value = "16")]
+    batch: Vec<usize>,
+    /// Tokens per sequence (also the models' context length); several (comma-separated) make
+    /// a grid.
+    #[arg(long, value_delimiter = ',', default_value = "128")]
+    seq_len: Vec<usize>,
     /// Measured steps per run (at least 5 for a meaningful median).
     #[arg(long, default_value_t = 5)]
     steps: usize,
@@ -210,57 +211,77 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         // TF32 exists only on CUDA: on CPU the run would repeat fp32.
         configs.retain(|c| !c.tf32);
     }
-    for (field, value) in [("--batch", args.batch), ("--seq-len", args.seq_len), ("--steps", args.steps)] {
-        if value == 0 {
-            anyhow::bail!("invalid `{field}`: must be at least 1");
+    if args.steps == 0 {
+        anyhow::bail!("invalid `--steps`: must be at least 1");
+    }
+    for (field, values) in [("--batch", &args.batch), ("--seq-len", &args.seq_len)] {
+        if values.is_empty() || values.contains(&0) {
+            anyhow::bail!("invalid `{field}`: give one or more positive values");
         }
     }
     if let Some(bad) = args.layers.iter().chain(&args.width).find(|&&v| v == 0) {
         anyhow::bail!("invalid `--layers`/`--width`: {bad} is not a positive size");
     }
-    let options = BenchOptions {
-        batch: args.batch,
-        seq_len: args.seq_len,
-        steps: args.steps,
-        warmup: args.warmup,
-        lr: args.lr,
-        seed: args.seed,
-        eval_windows: args.eval_windows.max(1),
-        device,
-    };
     let corpus = Corpus::from_bytes(BUNDLED_CORPUS_NAME.as_ref(), BUNDLED_CORPUS.to_vec(), 0.1)?;
-    let mut models = Vec::new();
-    for &layers in &args.layers {
-        for &width in &args.width {
-            let model = BenchModel::gpt(layers, width, args.seq_len);
-            model.config.validate()?;
-            models.push(model);
+    // The grid: every (sequence length, batch) for every (layers, width). With more than one
+    // sequence length or batch, model names carry them (`L4-W128-S256-B8`), so each grid
+    // point has its own baseline.
+    let named = args.seq_len.len() > 1 || args.batch.len() > 1;
+    let mut grid = Vec::new();
+    for &seq_len in &args.seq_len {
+        for &batch in &args.batch {
+            let options = BenchOptions {
+                batch,
+                seq_len,
+                steps: args.steps,
+                warmup: args.warmup,
+                lr: args.lr,
+                seed: args.seed,
+                eval_windows: args.eval_windows.max(1),
+                device: device.clone(),
+            };
+            let mut models = Vec::new();
+            for &layers in &args.layers {
+                for &width in &args.width {
+                    let mut model = BenchModel::gpt(layers, width, seq_len);
+                    model.config.validate()?;
+                    if named {
+                        model.name = format!("{}-S{seq_len}-B{batch}", model.name);
+                    }
+                    models.push(model);
+                }
+            }
+            grid.push((options, models));
         }
     }
     // Say before trying when a run cannot fit.
     if let Some(available) = candle_fit::bench::available_memory() {
-        for (model, config, peak) in predict_grid(&models, &configs, &options, &corpus)? {
-            if let Some(peak) = peak.filter(|&p| p > available) {
-                anyhow::bail!(
-                    "configuration `{config}` on model {model} needs about {} but only {} is available: shrink the grid",
-                    mib(peak),
-                    mib(available)
-                );
+        for (options, models) in &grid {
+            for (model, config, peak) in predict_grid(models, &configs, options, &corpus)? {
+                if let Some(peak) = peak.filter(|&p| p > available) {
+                    anyhow::bail!(
+                        "configuration `{config}` on model {model} needs about {} but only {} is available: shrink the grid",
+                        mib(peak),
+                        mib(available)
+                    );
+                }
             }
         }
     }
     let mut rows = Vec::new();
-    for model in &models {
-        // One discarded run first: the allocator's first use of a model's sizes (page faults,
-        // glibc's adaptive mmap threshold) would otherwise be charged to whichever
-        // configuration runs first.
-        if let Some(first) = configs.first() {
-            eprintln!("warming up on {} ...", model.name);
-            run_one(model, first, &options, &corpus)?;
-        }
-        for config in &configs {
-            eprintln!("running {} on {} ...", config.name, model.name);
-            rows.push(run_one(model, config, &options, &corpus)?);
+    for (options, models) in &grid {
+        for model in models {
+            // One discarded run first: the allocator's first use of a model's sizes (page
+            // faults, glibc's adaptive mmap threshold) would otherwise be charged to whichever
+            // configuration runs first.
+            if let Some(first) = configs.first() {
+                eprintln!("warming up on {} ...", model.name);
+                run_one(model, first, options, &corpus)?;
+            }
+            for config in &configs {
+                eprintln!("running {} on {} ...", config.name, model.name);
+                rows.push(run_one(model, config, options, &corpus)?);
+            }
         }
     }
     add_ratios(&mut rows);

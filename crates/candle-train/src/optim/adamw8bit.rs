@@ -28,8 +28,10 @@ enum Moments {
 }
 
 impl Moments {
-    fn new(len: usize) -> Self {
-        if len >= MIN_QUANTIZED {
+    /// Moments for `len` values of a parameter of `original` elements (the same, unless a
+    /// shard of it): quantized when the original parameter is large enough.
+    fn new(len: usize, original: usize) -> Self {
+        if original >= MIN_QUANTIZED {
             Moments::Quantized { m: Quantized::zeros(len), v: Quantized::zeros(len) }
         } else {
             Moments::Full { m: vec![0.0; len], v: vec![0.0; len] }
@@ -66,7 +68,25 @@ impl AdamW8bit {
     /// [`Error::InvalidConfig`] for bad hyper-parameters.
     pub fn new(config: AdamWConfig, sizes: &[usize]) -> Result<Self> {
         config.validate()?;
-        Ok(Self { config, step: 0, moments: sizes.iter().map(|&n| Moments::new(n)).collect() })
+        Ok(Self { config, step: 0, moments: sizes.iter().map(|&n| Moments::new(n, n)).collect() })
+    }
+
+    /// 8-bit AdamW for pieces of parameters, as a ZeRO rank steps them: `(len, original)` per
+    /// piece, `original` being the whole parameter's element count. The 32-bit-or-8-bit choice
+    /// follows the original parameter, so a rank's slice of a large matrix stays 8-bit however
+    /// small the slice; blocks start at the piece's first element.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for bad hyper-parameters, or a piece longer than its parameter.
+    pub fn for_pieces(config: AdamWConfig, pieces: &[(usize, usize)]) -> Result<Self> {
+        config.validate()?;
+        if let Some((len, original)) = pieces.iter().find(|(len, original)| len > original) {
+            return Err(Error::config(
+                "pieces",
+                format!("a piece of {len} elements is longer than its parameter of {original}"),
+            ));
+        }
+        Ok(Self { config, step: 0, moments: pieces.iter().map(|&(n, o)| Moments::new(n, o)).collect() })
     }
 
     /// The optimizer-state bytes this optimizer holds for parameters of the given lengths.
@@ -231,6 +251,18 @@ mod tests {
         assert_eq!(p8, p32, "a small parameter's update must be AdamW's, bit for bit");
         assert_eq!(a8.state_bytes(), 8 * 100 + 2 * (MIN_QUANTIZED + 4 * (MIN_QUANTIZED / BLOCK)));
         assert_eq!(a8.state_bytes(), AdamW8bit::state_bytes_for(&sizes));
+        Ok(())
+    }
+
+    #[test]
+    fn a_shard_of_a_large_parameter_stays_8_bit_however_small() -> Result<()> {
+        // Two ranks' halves of a 6000-element matrix and a whole 100-element bias.
+        let pieces = [(3000, 6000), (100, 100)];
+        let a8 = AdamW8bit::for_pieces(AdamWConfig::default(), &pieces)?;
+        assert_eq!(a8.state_bytes(), 2 * (3000 + 4 * 2) + 8 * 100);
+        let by_length = AdamW8bit::new(AdamWConfig::default(), &[3000, 100])?;
+        assert_eq!(by_length.state_bytes(), 8 * 3100, "judged by its own length, the slice would be 32-bit");
+        assert!(AdamW8bit::for_pieces(AdamWConfig::default(), &[(10, 5)]).is_err());
         Ok(())
     }
 

@@ -100,6 +100,19 @@ impl OptimizerConfig {
             OptimizerConfig::Sgd(c) => Box::new(Sgd::new(*c, sizes)?),
         })
     }
+
+    /// [`OptimizerConfig::build`] for pieces of parameters (a ZeRO rank's slices): `(len,
+    /// original)` per piece. Only 8-bit AdamW looks at `original` (its 8-bit-or-32-bit choice
+    /// is per original parameter); the others see the lengths.
+    ///
+    /// # Errors
+    /// As [`OptimizerConfig::build`]; a piece longer than its parameter.
+    pub fn build_pieces(&self, pieces: &[(usize, usize)]) -> Result<Box<dyn Optimizer>> {
+        match self {
+            OptimizerConfig::AdamW8bit(c) => Ok(Box::new(AdamW8bit::for_pieces(*c, pieces)?)),
+            other => other.build(&pieces.iter().map(|&(len, _)| len).collect::<Vec<_>>()),
+        }
+    }
 }
 
 /// An optimizer's state: its kind, step count and named FP32 buffers.
