@@ -78,7 +78,9 @@ type Stream = (&'static str, usize, fn(&[f32], &mut [f32]) -> f32);
 
 const STREAMS: [Stream; 3] = [
     ("copy", 8, |s, d| {
-        d.par_chunks_mut(PARALLEL_CHUNK).zip(s.par_chunks(PARALLEL_CHUNK)).for_each(|(d, s)| d.copy_from_slice(s));
+        d.par_chunks_mut(PARALLEL_CHUNK)
+            .zip(s.par_chunks(PARALLEL_CHUNK))
+            .for_each(|(d, s)| d.copy_from_slice(s));
         d[d.len() - 1]
     }),
     ("scale", 8, |_, d| {
@@ -179,14 +181,23 @@ pub fn run(options: &OptimBenchOptions) -> anyhow::Result<Vec<OptimBenchRow>> {
     let mut rows = Vec::new();
     for &n in &options.sizes {
         for &threads in &thread_counts {
-            let streams =
-                STREAMS.iter().map(|k| stream_row(k, n, threads, options.repeats)).collect::<anyhow::Result<Vec<_>>>()?;
+            let streams = STREAMS
+                .iter()
+                .map(|k| stream_row(k, n, threads, options.repeats))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let copy = streams[0].bytes_per_s;
             let best = streams.iter().filter_map(|r| r.bytes_per_s).fold(0.0, f64::max);
-            let mut adamw = optimizer_row("adamw", Box::new(AdamW::new(config, &[n])?), n, threads, options.repeats)?;
+            let mut adamw =
+                optimizer_row("adamw", Box::new(AdamW::new(config, &[n])?), n, threads, options.repeats)?;
             adamw.fraction_of_copy = adamw.bytes_per_s.zip(copy).map(|(a, c)| a / c);
             adamw.fraction_of_best = adamw.bytes_per_s.map(|a| a / best);
-            let q = optimizer_row("adamw8bit", Box::new(AdamW8bit::new(config, &[n])?), n, threads, options.repeats)?;
+            let q = optimizer_row(
+                "adamw8bit",
+                Box::new(AdamW8bit::new(config, &[n])?),
+                n,
+                threads,
+                options.repeats,
+            )?;
             rows.extend(streams);
             rows.extend([adamw, q]);
         }

@@ -12,7 +12,10 @@ use candle_fit::train::{
 /// 32-bit state below 4096).
 const SIZES: [usize; 5] = [1, 4095, 2048 * 3 + 5, PARALLEL_CHUNK, 3 * PARALLEL_CHUNK + 17];
 
-fn optimizers() -> anyhow::Result<Vec<(&'static str, Box<dyn Optimizer>, Box<dyn Optimizer>)>> {
+/// An optimizer's name and two identical instances: one stepped sequentially, one in parallel.
+type Twins = (&'static str, Box<dyn Optimizer>, Box<dyn Optimizer>);
+
+fn optimizers() -> anyhow::Result<Vec<Twins>> {
     let adamw = AdamWConfig { weight_decay: 0.1, ..Default::default() };
     let sgd = SgdConfig { momentum: 0.9, weight_decay: 0.01, nesterov: true, ..Default::default() };
     Ok(vec![
@@ -107,13 +110,18 @@ fn offloaded_training_gives_the_same_parameters_as_on_device_training() -> anyho
                 let params = model
                     .parameters()
                     .iter()
-                    .map(|p| Ok((p.name.clone(), p.var.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)))
+                    .map(|p| {
+                        Ok((p.name.clone(), p.var.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?))
+                    })
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 runs.push((params, updater.save_state()?, updater.state_bytes(), report.final_val_loss));
             }
             let (on_device, offloaded) = (&runs[0], &runs[1]);
             assert_eq!(on_device.0, offloaded.0, "{dtype:?} {optimizer:?}: parameters");
-            assert_eq!(on_device.1, offloaded.1, "{dtype:?} {optimizer:?}: master weights and optimizer state");
+            assert_eq!(
+                on_device.1, offloaded.1,
+                "{dtype:?} {optimizer:?}: master weights and optimizer state"
+            );
             // On the CPU device the state is in host memory either way: no extra bytes.
             assert_eq!(on_device.2, offloaded.2, "{dtype:?} {optimizer:?}: state bytes");
             assert_eq!(on_device.3.to_bits(), offloaded.3.to_bits());

@@ -111,8 +111,11 @@ fn pinned_buffer<'a>(
     device: &candle::CudaDevice,
     len: usize,
 ) -> Result<&'a mut crate::cuda::PinnedBuffer> {
+    if slot.as_ref().is_some_and(|b| b.len() != len) {
+        *slot = None;
+    }
     match slot {
-        Some(buffer) if buffer.len() == len => Ok(buffer),
-        slot => Ok(slot.insert(crate::cuda::PinnedBuffer::zeros(device, len)?)),
+        Some(buffer) => Ok(buffer),
+        empty => Ok(empty.insert(crate::cuda::PinnedBuffer::zeros(device, len)?)),
     }
 }

@@ -181,7 +181,14 @@ impl Optimizer for AdamW {
         Ok(())
     }
 
-    fn update_parallel(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()> {
+    fn update_parallel(
+        &mut self,
+        index: usize,
+        param: &mut [f32],
+        grad: &[f32],
+        lr: f64,
+        decay: bool,
+    ) -> Result<()> {
         let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
         let (m, v) = self.moments(index)?;
         check_len(index, m.len(), param, grad)?;

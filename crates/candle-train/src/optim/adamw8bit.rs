@@ -155,7 +155,14 @@ impl Optimizer for AdamW8bit {
         Ok(())
     }
 
-    fn update_parallel(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()> {
+    fn update_parallel(
+        &mut self,
+        index: usize,
+        param: &mut [f32],
+        grad: &[f32],
+        lr: f64,
+        decay: bool,
+    ) -> Result<()> {
         let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
         let c = PARALLEL_CHUNK;
         match self.moments(index, param, grad)? {

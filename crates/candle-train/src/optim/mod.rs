@@ -48,7 +48,14 @@ pub trait Optimizer: Send {
     ///
     /// # Errors
     /// As [`Optimizer::update`].
-    fn update_parallel(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()> {
+    fn update_parallel(
+        &mut self,
+        index: usize,
+        param: &mut [f32],
+        grad: &[f32],
+        lr: f64,
+        decay: bool,
+    ) -> Result<()> {
         self.update(index, param, grad, lr, decay)
     }
 

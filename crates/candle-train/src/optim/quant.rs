@@ -95,7 +95,8 @@ impl Table {
     /// bucket's start with a short linear scan.
     #[inline(always)]
     fn below(&self, x: f32) -> usize {
-        let mut i = if x.is_nan() { 0 } else { usize::from(self.start[(order_key(x) >> BUCKET_SHIFT) as usize]) };
+        let mut i =
+            if x.is_nan() { 0 } else { usize::from(self.start[(order_key(x) >> BUCKET_SHIFT) as usize]) };
         while i < 256 && self.values[i] < x {
             i += 1;
         }
@@ -219,15 +220,24 @@ mod tests {
     /// The bucketed search counts exactly the code values below `x`, as a binary search does.
     fn check_below(code: Code, x: f32) {
         let t = table(code);
-        assert_eq!(t.below(x), t.values.partition_point(|&v| v < x), "{code:?} at {x:e} ({:#x})", x.to_bits());
+        assert_eq!(
+            t.below(x),
+            t.values.partition_point(|&v| v < x),
+            "{code:?} at {x:e} ({:#x})",
+            x.to_bits()
+        );
     }
 
     #[test]
     fn the_bucketed_search_equals_a_binary_search() {
         for code in [Code::Signed, Code::Unsigned] {
-            let specials = [0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN, f32::MIN_POSITIVE];
+            let specials =
+                [0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN, f32::MIN_POSITIVE];
             for x in specials.into_iter().chain(code_values(code).iter().copied()) {
-                let (up, down) = (f32::from_bits(x.to_bits().wrapping_add(1)), f32::from_bits(x.to_bits().wrapping_sub(1)));
+                let (up, down) = (
+                    f32::from_bits(x.to_bits().wrapping_add(1)),
+                    f32::from_bits(x.to_bits().wrapping_sub(1)),
+                );
                 for y in [x, up, down, -x, 2.0 * x, x * 0.5] {
                     check_below(code, y);
                 }

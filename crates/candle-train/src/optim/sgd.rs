@@ -148,11 +148,20 @@ impl Optimizer for Sgd {
         Ok(())
     }
 
-    fn update_parallel(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()> {
+    fn update_parallel(
+        &mut self,
+        index: usize,
+        param: &mut [f32],
+        grad: &[f32],
+        lr: f64,
+        decay: bool,
+    ) -> Result<()> {
         let rule = self.rule(lr, decay);
         let c = PARALLEL_CHUNK;
         match self.buffer(index, param, grad)? {
-            None => param.par_chunks_mut(c).zip(grad.par_chunks(c)).for_each(|(p, g)| plain_step(&rule, p, g)),
+            None => {
+                param.par_chunks_mut(c).zip(grad.par_chunks(c)).for_each(|(p, g)| plain_step(&rule, p, g))
+            }
             Some(buf) => param
                 .par_chunks_mut(c)
                 .zip(grad.par_chunks(c))
