@@ -24,6 +24,22 @@ bin="$CARGO_TARGET_DIR/release/candle-fit"
   --configs fp32,candle-plain,recompute-sqrt,recompute-all \
   --json "$out/recompute-depth.json" --markdown "$out/recompute-depth.md"
 
+# 3b. Peak memory against width, sequence length and micro-batch.
+for grid in "--width 64,128,256 --batch 8 --seq-len 128" "--width 128 --batch 8 --seq-len 64,128,256" \
+  "--width 128 --batch 4,8,16 --seq-len 128"; do
+  name=$(echo "$grid" | tr -d ' -' | tr ',' '_')
+  # shellcheck disable=SC2086 # the grid is several flags
+  "$bin" bench --layers 4 $grid --steps 5 --warmup 2 --configs fp32,recompute-all,accum4,bf16,adamw8bit \
+    --json "$out/scaling-$name.json" --markdown "$out/scaling-$name.md"
+done
+
+# 10. 8-bit and offloaded optimizers in the harness, and the CPU optimizer step against the
+# machine's memory bandwidth.
+"$bin" bench --layers 8 --width 256 --batch 8 --seq-len 128 --steps 5 --warmup 2 \
+  --configs fp32,adamw8bit,offload,bf16+recompute-all+adamw8bit+offload \
+  --json "$out/optimizers.json" --markdown "$out/optimizers.md"
+"$bin" bench-optimizer --json "$out/optimizer-throughput.json" | tee "$out/optimizer-throughput.md"
+
 # 6. ZeRO stages 0-2 on 1-8 in-process ranks: state bytes, bytes sent, tokens/s.
 cargo run --release --quiet --example zero_scaling -- 4 128 6 | tee "$out/zero-scaling.md"
 

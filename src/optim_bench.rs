@@ -3,8 +3,8 @@
 //!
 //! AdamW over FP32 reads the parameter, the gradient and both moments and writes the
 //! parameter and both moments back: 28 bytes per parameter. The bound is the memory
-//! bandwidth, measured in the same run by three streaming kernels over FP32 arrays of the same
-//! length: `copy` (`copy_from_slice`, i.e. memcpy; counted as 8 bytes per value, the STREAM
+//! bandwidth, measured in the same run by three streaming kernels over FP32 arrays as large in
+//! all as AdamW's four (16 bytes per parameter, so the caches help neither side): `copy` (`copy_from_slice`, i.e. memcpy; counted as 8 bytes per value, the STREAM
 //! "Copy" convention, which leaves out the write-allocate read of the destination), `scale`
 //! (`x *= c` in place: 8 bytes per value, the access pattern of AdamW, which writes where it
 //! just read) and `read` (a sum: 4 bytes per value). AdamW's bytes per second are reported as
@@ -73,21 +73,22 @@ fn with_threads<R: Send>(threads: usize, work: impl FnOnce() -> R + Send) -> any
     }
 }
 
-/// The streaming kernels: name, bytes moved per value, and one pass over `(src, dst)`.
-type Stream = (&'static str, usize, fn(&[f32], &mut [f32]) -> f32);
+/// A streaming kernel: its name, the bytes it moves per value, whether it uses the `src`
+/// and the `dst` array, and one pass over them.
+type Stream = (&'static str, usize, bool, bool, fn(&[f32], &mut [f32]) -> f32);
 
 const STREAMS: [Stream; 3] = [
-    ("copy", 8, |s, d| {
+    ("copy", 8, true, true, |s, d| {
         d.par_chunks_mut(PARALLEL_CHUNK)
             .zip(s.par_chunks(PARALLEL_CHUNK))
             .for_each(|(d, s)| d.copy_from_slice(s));
-        d[d.len() - 1]
+        d.last().copied().unwrap_or(0.0)
     }),
-    ("scale", 8, |_, d| {
+    ("scale", 8, false, true, |_, d| {
         d.par_chunks_mut(PARALLEL_CHUNK).for_each(|d| d.iter_mut().for_each(|x| *x *= 0.999_999));
-        d[0]
+        d.first().copied().unwrap_or(0.0)
     }),
-    ("read", 4, |s, _| s.par_chunks(PARALLEL_CHUNK).map(sum).sum()),
+    ("read", 4, true, false, |s, _| s.par_chunks(PARALLEL_CHUNK).map(sum).sum()),
 ];
 
 /// A sum over 16 independent lanes, so the compiler vectorizes it (a plain float sum is one
@@ -102,10 +103,18 @@ fn sum(values: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + rest
 }
 
-fn stream_row(stream: &Stream, n: usize, threads: usize, repeats: usize) -> anyhow::Result<OptimBenchRow> {
-    let (name, bytes_per_value, pass) = *stream;
-    let src: Vec<f32> = (0..n).map(|i| (i % 1024) as f32).collect();
-    let mut dst = vec![1f32; n];
+/// Runs a streaming kernel over the footprint of AdamW on `params` parameters (four FP32
+/// arrays, 16 bytes per parameter), so the caches help neither side.
+fn stream_row(
+    stream: &Stream,
+    params: usize,
+    threads: usize,
+    repeats: usize,
+) -> anyhow::Result<OptimBenchRow> {
+    let (name, bytes_per_value, uses_src, uses_dst, pass) = *stream;
+    let n = 4 * params / (usize::from(uses_src) + usize::from(uses_dst));
+    let src: Vec<f32> = (0..if uses_src { n } else { 0 }).map(|i| (i % 1024) as f32).collect();
+    let mut dst = vec![1f32; if uses_dst { n } else { 0 }];
     let mut sink = 0f32;
     let median_s = with_threads(threads, || {
         median_time(repeats, || {
@@ -160,8 +169,8 @@ fn optimizer_row(
     })
 }
 
-/// Measures the copy bandwidth and the AdamW and 8-bit AdamW steps for every size, with one
-/// thread and with rayon's pool; fills `fraction_of_copy` for AdamW.
+/// Measures the streaming kernels (over AdamW's footprint) and the AdamW and 8-bit AdamW steps
+/// for every size, with one thread and with rayon's pool; fills AdamW's fractions.
 ///
 /// # Errors
 /// An empty or zero size, zero repeats, or an optimizer error.
