@@ -160,6 +160,23 @@ pub(crate) fn update_slice(s: &Scalars, param: &mut [f32], grad: &[f32], m: &mut
     update_body(s, param, grad, m, v)
 }
 
+/// [`update_slice`] over rayon's threads, in chunks of [`PARALLEL_CHUNK`] elements.
+pub(crate) fn update_slice_parallel(
+    s: &Scalars,
+    param: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) {
+    let c = PARALLEL_CHUNK;
+    param
+        .par_chunks_mut(c)
+        .zip(grad.par_chunks(c))
+        .zip(m.par_chunks_mut(c))
+        .zip(v.par_chunks_mut(c))
+        .for_each(|(((p, g), m), v)| update_slice(s, p, g, m, v));
+}
+
 impl Optimizer for AdamW {
     fn name(&self) -> &'static str {
         "adamw"
@@ -192,13 +209,7 @@ impl Optimizer for AdamW {
         let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
         let (m, v) = self.moments(index)?;
         check_len(index, m.len(), param, grad)?;
-        let c = PARALLEL_CHUNK;
-        param
-            .par_chunks_mut(c)
-            .zip(grad.par_chunks(c))
-            .zip(m.par_chunks_mut(c))
-            .zip(v.par_chunks_mut(c))
-            .for_each(|(((p, g), m), v)| update_slice(&s, p, g, m, v));
+        update_slice_parallel(&s, param, grad, m, v);
         Ok(())
     }
 

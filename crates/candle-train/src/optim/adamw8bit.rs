@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
-use super::adamw::{update_slice, Scalars};
+use super::adamw::{update_slice, update_slice_parallel, Scalars};
 use super::quant::{dequantize_block, quantize_block, Code, Quantized, BLOCK};
 use super::{check_len, AdamWConfig, Optimizer, OptimizerState, PARALLEL_CHUNK};
 use crate::error::{Error, Result};
@@ -166,12 +166,7 @@ impl Optimizer for AdamW8bit {
         let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
         let c = PARALLEL_CHUNK;
         match self.moments(index, param, grad)? {
-            Moments::Full { m, v } => param
-                .par_chunks_mut(c)
-                .zip(grad.par_chunks(c))
-                .zip(m.par_chunks_mut(c))
-                .zip(v.par_chunks_mut(c))
-                .for_each(|(((p, g), m), v)| update_slice(&s, p, g, m, v)),
+            Moments::Full { m, v } => update_slice_parallel(&s, param, grad, m, v),
             // A chunk is a whole number of blocks: its codes and its scales go together.
             Moments::Quantized { m, v } => param
                 .par_chunks_mut(c)
