@@ -355,7 +355,8 @@ impl Updater for LocalUpdater {
     fn state_bytes(&self) -> StateBytes {
         StateBytes {
             gradients: self.grads.iter().map(|g| g.len() * 4).sum(),
-            // An offloaded updater's host copies of device parameters are master weights too.
+            // An offloaded updater's host copies of device parameters (and, on CUDA, its pinned
+            // staging buffers) are counted with the master weights.
             master_weights: self.master.iter().flatten().map(|m| m.len() * 4).sum::<usize>()
                 + self.offload.as_ref().map_or(0, Offload::bytes),
             optimizer_state: self.optimizer.state_bytes(),
