@@ -371,8 +371,9 @@ struct TrainArgs {
     #[arg(long)]
     quiet: bool,
     /// ZeRO stage for data-parallel training over `--world-size` ranks: 0 (gradients
-    /// all-reduced), 1 (optimizer state and master weights sharded) or 2 (gradients sharded
-    /// too, reduced per segment during backward); 3 is not implemented. By default, a single
+    /// all-reduced), 1 (optimizer state and master weights sharded), 2 (gradients sharded
+    /// too, reduced per segment during backward) or 3 (parameters sharded too, each segment's
+    /// gathered just before its forward or recompute and released after). By default, a single
     /// process without sharding (stage 0 when only `--world-size` is given).
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=3))]
     zero: Option<u8>,

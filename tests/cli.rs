@@ -274,7 +274,7 @@ fn sharded_training_on_in_process_ranks_matches_one_process() -> anyhow::Result<
     let (code, single, stderr) = run(&refs)?;
     assert_eq!(code, 0, "{stderr}");
     let expected = final_loss(&single).ok_or_else(|| anyhow::anyhow!("no final loss in {single}"))?;
-    for zero in ["0", "1", "2"] {
+    for zero in ["0", "1", "2", "3"] {
         let args = tiny_with(&["--micro-batch", "4", "--zero", zero, "--world-size", "2"]);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let (code, stdout, stderr) = run(&refs)?;
@@ -283,7 +283,9 @@ fn sharded_training_on_in_process_ranks_matches_one_process() -> anyhow::Result<
         assert!(stdout.contains("rank 1"), "{stdout}");
         assert_eq!(final_loss(&stdout), Some(expected.clone()), "--zero {zero}: {stdout}");
     }
-    assert_clear_error(&["--zero", "3", "--world-size", "2"], "stage 3 is not implemented")?;
+    let args = tiny_with(&["--zero", "4", "--world-size", "2"]);
+    let (code, _, stderr) = run(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    assert!(code != 0 && stderr.contains("4 is not in 0..=3"), "{stderr}");
     assert_clear_error(&["--zero", "1", "--world-size", "3"], "cannot be split over 3 ranks")?;
     Ok(())
 }
@@ -302,7 +304,7 @@ fn launched_processes_train_like_one_process() -> anyhow::Result<()> {
     let (code, single, stderr) = run(&refs)?;
     assert_eq!(code, 0, "{stderr}");
     let expected = final_loss(&single).ok_or_else(|| anyhow::anyhow!("no final loss in {single}"))?;
-    for zero in ["1", "2"] {
+    for zero in ["1", "2", "3"] {
         let mut launch: Vec<String> =
             ["launch", "--nproc", "2", "--"].iter().map(|s| s.to_string()).collect();
         launch.extend(tiny_with(&["--micro-batch", "4", "--zero", zero]));

@@ -6,10 +6,11 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use candle_train::updater::StateBytes;
-use candle_train::{Corpus, LanguageModel, OptimizerConfig, TrainReport, Trainer, Updater};
+use candle_train::{BackwardMode, Corpus, LanguageModel, OptimizerConfig, TrainReport, Trainer, Updater};
 
 use crate::comm::{CommStats, LocalGroup};
 use crate::error::{Error, Result};
+use crate::stage3::ShardedModel;
 use crate::zero::{segment_units, ZeroUpdater};
 use crate::ZeroStage;
 
@@ -18,7 +19,7 @@ use crate::ZeroStage;
 pub struct InProcessConfig {
     /// Number of ranks (threads).
     pub world_size: NonZeroUsize,
-    /// The ZeRO stage (0, 1 or 2).
+    /// The ZeRO stage.
     pub stage: ZeroStage,
     /// How long a collective waits for a peer before failing.
     pub timeout: Duration,
@@ -99,11 +100,15 @@ where
 /// Trains `model` as one rank of a data-parallel group, through `comm` (any backend: one
 /// thread of [`fit_in_process`], or one process with a
 /// [`TcpCommunicator`](crate::comm::TcpCommunicator)): builds the rank's [`ZeroUpdater`] (one
-/// flat buffer per segment for stage 2), broadcasts rank 0's parameters, and runs
-/// [`Trainer::fit`] on this rank's share of every global batch.
+/// flat buffer per segment for stages 2 and 3), broadcasts rank 0's parameters, and runs
+/// [`Trainer::fit`] on this rank's share of every global batch. Stage 3 trains the model
+/// wrapped in a [`ShardedModel`] and gathers its parameters back at the end: the returned
+/// model is whole.
 ///
 /// # Errors
-/// A model, data, updater or collective error of this rank.
+/// A model, data, updater or collective error of this rank; [`Error::InvalidConfig`] for stage
+/// 3 with the plain whole-graph backward (stage 3 gathers each segment's parameters around
+/// that segment's own backward).
 pub fn fit_rank<M: LanguageModel>(
     stage: ZeroStage,
     comm: Box<dyn crate::comm::Communicator>,
@@ -113,6 +118,23 @@ pub fn fit_rank<M: LanguageModel>(
     model: M,
 ) -> Result<RankRun<M>> {
     let (rank, world_size) = (comm.rank(), comm.world_size());
+    let trainer = trainer.clone().data_parallel(rank, world_size)?;
+    if stage == ZeroStage::Stage3 {
+        if trainer.config().backward == BackwardMode::Plain {
+            return Err(Error::config(
+                "backward",
+                "ZeRO stage 3 needs the segmented backward: the plain backward reads every segment's parameters at once",
+            ));
+        }
+        let (sharded, mut updater) = ShardedModel::new(model, optimizer, comm)?;
+        let report = match trainer.fit(&sharded, corpus, &mut updater) {
+            Ok(report) => report,
+            // A collective that failed inside a forward, typed.
+            Err(e) => return Err(sharded.take_error().unwrap_or(Error::Train(e))),
+        };
+        let model = sharded.into_inner()?;
+        return Ok(RankRun { rank, model, report, comm: updater.comm_stats(), state: updater.state_bytes() });
+    }
     // Stage 2 reduces per segment: one flat buffer per segment.
     let units = match stage {
         ZeroStage::Stage2 => segment_units(&model, model.parameters()),
@@ -120,7 +142,6 @@ pub fn fit_rank<M: LanguageModel>(
     };
     let mut updater = ZeroUpdater::with_units(stage, model.parameters(), &units, optimizer, comm)?;
     updater.broadcast_parameters()?;
-    let trainer = trainer.clone().data_parallel(rank, world_size)?;
     let report = trainer.fit(&model, corpus, &mut updater)?;
     Ok(RankRun { rank, model, report, comm: updater.comm_stats(), state: updater.state_bytes() })
 }

@@ -1,4 +1,4 @@
-//! ZeRO stages 0, 1 and 2 as candle-train [`Updater`]s for one rank of N.
+//! ZeRO stages 0-3 as candle-train [`Updater`]s for one rank of N.
 //!
 //! Parameters are laid out in one flat buffer per dtype by [`Partition`]; each rank owns one
 //! equal contiguous slice of it.
@@ -19,6 +19,12 @@
 //!   yet (a tied weight used by a later segment) is held until its last contribution arrives.
 //!   The step is stage 1's; the all-gather of the new values goes through a transient flat
 //!   buffer per unit.
+//! - Stage 3 (parameters sharded too): stage 2's buffers, gradients and reduction; the rank
+//!   keeps only its FP32 slice of the parameters (for F32 parameters the slice is the
+//!   parameters; otherwise it is the master weights, rounded to the dtype when gathered), and
+//!   the model's variables are released except around their segment's use. Built with
+//!   [`ShardedModel::new`](crate::stage3::ShardedModel::new), which wraps the model; see
+//!   [`crate::stage3`]. The step updates the slices and all-gathers nothing.
 //!
 //! How the optimizer sees a slice that cuts through parameters: it is built over the rank's
 //! [`Piece`](crate::partition::Piece)s (index `k` is the rank's `k`-th piece, of the piece's
@@ -35,6 +41,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use candle::{DType, TensorId};
 use candle_ckpt::SegmentGradients;
@@ -47,6 +54,7 @@ use half::{bf16, f16};
 use crate::comm::{CommStats, Communicator};
 use crate::error::{Error, Result};
 use crate::partition::{FlatEntry, Partition};
+use crate::stage3::{lock, shardable, ShardedParameters, SharedComm};
 use crate::ZeroStage;
 
 /// One flat buffer's state on this rank.
@@ -88,6 +96,8 @@ pub struct ZeroUpdater {
     /// Stage 2: per group, its flat FP32 gradients staged so far and how many of its
     /// parameters they cover.
     staging: HashMap<usize, (Vec<f32>, usize)>,
+    /// Stage 3: the rank's parameter slices, shared with the model wrapper.
+    shards: Option<Arc<Mutex<ShardedParameters>>>,
 }
 
 /// For each of `params` (in order), the segment of `model` whose backward completes its
@@ -123,7 +133,8 @@ impl ZeroUpdater {
     /// [`ZeroUpdater::with_units`] so that it reduces during backward.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for stage 3 (not implemented) or bad optimizer
+    /// [`Error::InvalidConfig`] for stage 3 (it shards the model too: build it with
+    /// [`ShardedModel::new`](crate::stage3::ShardedModel::new)) or bad optimizer
     /// hyper-parameters; a device error reading half-precision parameters.
     pub fn new(
         stage: ZeroStage,
@@ -148,8 +159,45 @@ impl ZeroUpdater {
         comm: Box<dyn Communicator>,
     ) -> Result<Self> {
         if stage == ZeroStage::Stage3 {
-            return Err(Error::config("zero", "stage 3 is not implemented; use stage 0, 1 or 2"));
+            return Err(Error::config(
+                "zero",
+                "stage 3 shards the model's parameters too: build it with `ShardedModel::new`",
+            ));
         }
+        Self::build(stage, params, units, optimizer, comm)
+    }
+
+    /// Stage 3's updater and its parameter slices (every variable still gathered).
+    pub(crate) fn stage3(
+        params: &Parameters,
+        units: &[usize],
+        optimizer: &OptimizerConfig,
+        comm: Box<dyn Communicator>,
+    ) -> Result<(Self, Arc<Mutex<ShardedParameters>>)> {
+        if let Some(p) = params.iter().find(|p| !shardable(p.var.dtype())) {
+            return Err(Error::config(
+                "zero",
+                format!("stage 3 cannot shard parameter `{}` of dtype {:?}", p.name, p.var.dtype()),
+            ));
+        }
+        let updater = Self::build(ZeroStage::Stage3, params, units, optimizer, comm)?;
+        let shards = updater.shards.clone().expect("stage 3 builds its parameter slices");
+        Ok((updater, shards))
+    }
+
+    fn build(
+        stage: ZeroStage,
+        params: &Parameters,
+        units: &[usize],
+        optimizer: &OptimizerConfig,
+        comm: Box<dyn Communicator>,
+    ) -> Result<Self> {
+        let (comm, shared): (Box<dyn Communicator>, _) = if stage == ZeroStage::Stage3 {
+            let shared = SharedComm::new(comm);
+            (Box::new(shared.clone()), Some(shared))
+        } else {
+            (comm, None)
+        };
         let params: Vec<Parameter> = params.iter().cloned().collect();
         let shapes: Vec<(DType, usize)> =
             params.iter().map(|p| (p.var.dtype(), p.var.elem_count())).collect();
@@ -163,6 +211,7 @@ impl ZeroUpdater {
         let rank = comm.rank();
         let mut groups = Vec::new();
         let mut pieces = Vec::new();
+        let mut slices = Vec::new();
         for (g, layout) in partition.groups().iter().enumerate() {
             let (owned, group_pieces) = match stage {
                 ZeroStage::Stage0 => {
@@ -176,7 +225,8 @@ impl ZeroUpdater {
                     (layout.shard_range(rank), mine.collect())
                 }
             };
-            let master = if layout.dtype() == DType::F32 {
+            // Stage 3 keeps an FP32 slice for every dtype (outside the group: shared).
+            let master = if layout.dtype() == DType::F32 && stage != ZeroStage::Stage3 {
                 None
             } else {
                 let mut master = vec![0f32; owned.len()];
@@ -186,18 +236,28 @@ impl ZeroUpdater {
                 }
                 Some(master)
             };
+            let master = match stage {
+                ZeroStage::Stage3 => {
+                    slices.push(master.unwrap_or_default());
+                    None
+                }
+                _ => master,
+            };
             for (param, param_range, owned_range) in group_pieces {
                 let decay = params[param].var.rank() >= 2;
                 pieces.push(OwnedPiece { group: g, param, param_range, owned_range, decay });
             }
             let (grads, grads_offset) = match stage {
-                ZeroStage::Stage2 => (vec![0.0; owned.len()], owned.start),
+                ZeroStage::Stage2 | ZeroStage::Stage3 => (vec![0.0; owned.len()], owned.start),
                 _ => (vec![0.0; layout.padded_len()], 0),
             };
             groups.push(Group { grads, grads_offset, owned, master });
         }
         let sizes: Vec<usize> = pieces.iter().map(|p| p.param_range.len()).collect();
         let optimizer = optimizer.build(&sizes)?;
+        let shards = shared.map(|comm| {
+            Arc::new(Mutex::new(ShardedParameters::new(comm, params.clone(), partition.clone(), slices)))
+        });
         Ok(Self {
             stage,
             comm,
@@ -210,6 +270,7 @@ impl ZeroUpdater {
             reduced: false,
             pending: HashMap::new(),
             staging: HashMap::new(),
+            shards,
         })
     }
 
@@ -233,6 +294,9 @@ impl ZeroUpdater {
             let group = &mut self.groups[g];
             if let Some(master) = group.master.as_mut() {
                 master.copy_from_slice(&flat[group.owned.clone()]);
+            }
+            if let Some(shards) = &self.shards {
+                lock(shards).values[g].copy_from_slice(&flat[group.owned.clone()]);
             }
         }
         Ok(())
@@ -276,7 +340,7 @@ impl ZeroUpdater {
     /// Reduces the accumulated gradients across ranks, once per step (stage 2 reduced them
     /// during backward).
     fn reduce(&mut self) -> Result<()> {
-        if self.stage == ZeroStage::Stage2 {
+        if matches!(self.stage, ZeroStage::Stage2 | ZeroStage::Stage3) {
             // Units the engine never completed (a parameter no segment lists a final gradient
             // for): flushed in group order, the same on every rank.
             let mut incomplete: Vec<usize> = self.staging.keys().copied().collect();
@@ -312,6 +376,10 @@ impl ZeroUpdater {
     /// Stage 1: all-gathers the stepped slices, in the parameters' dtype, into every rank's
     /// parameters. Stage 0: writes the master weights of half-precision parameters back.
     fn publish(&mut self) -> Result<()> {
+        if let Some(shards) = &self.shards {
+            // Stage 3: nothing to gather; variables gathered now get the new values.
+            return lock(shards).refresh();
+        }
         let rank = self.comm.rank();
         for (g, layout) in self.partition.groups().iter().enumerate() {
             let group = &mut self.groups[g];
@@ -412,7 +480,7 @@ fn unknown(name: &str) -> candle_train::Error {
 /// Runs an in-place byte collective on `flat` converted to `dtype` (rounded to nearest even,
 /// as Candle's `to_dtype`), and returns the result as FP32. F32 buffers go through as they
 /// are, without a copy.
-fn exchange_in_dtype(
+pub(crate) fn exchange_in_dtype(
     dtype: DType,
     mut flat: Vec<f32>,
     collective: impl FnOnce(&mut [u8]) -> std::result::Result<(), crate::error::CommError>,
@@ -442,6 +510,10 @@ impl Updater for ZeroUpdater {
     fn accumulate(&mut self, gradients: &SegmentGradients) -> candle_train::Result<()> {
         if self.stage == ZeroStage::Stage2 {
             return self.accumulate_sharded(gradients);
+        }
+        if let Some(shards) = self.shards.clone() {
+            self.accumulate_sharded(gradients)?;
+            return Ok(lock(&shards).after_backward(gradients.segment)?);
         }
         for g in &gradients.gradients {
             let Some(&(group, entry)) = self.index.get(&g.var.as_tensor().id()) else {
@@ -481,10 +553,16 @@ impl Updater for ZeroUpdater {
             }
         }
         self.optimizer.begin_step();
+        let mut shards = self.shards.as_ref().map(|s| lock(s));
         for (k, piece) in self.pieces.iter().enumerate() {
             let group = &mut self.groups[piece.group];
             let grad = &group.grads[group.owned.start - group.grads_offset..][piece.owned_range.clone()];
             let optimizer = &mut self.optimizer;
+            if let Some(shards) = shards.as_mut() {
+                let slice = &mut shards.values[piece.group][piece.owned_range.clone()];
+                optimizer.update(k, slice, grad, lr, piece.decay)?;
+                continue;
+            }
             match &mut group.master {
                 Some(master) => {
                     optimizer.update(k, &mut master[piece.owned_range.clone()], grad, lr, piece.decay)?
@@ -499,6 +577,7 @@ impl Updater for ZeroUpdater {
                 }
             }
         }
+        drop(shards);
         self.publish()?;
         self.zero_grad();
         Ok(StepReport { grad_norm, stepped: true, clip_coef })
@@ -541,7 +620,8 @@ impl Updater for ZeroUpdater {
     fn state_bytes(&self) -> StateBytes {
         StateBytes {
             gradients: self.groups.iter().map(|g| g.grads.len() * 4).sum(),
-            master_weights: self.groups.iter().flat_map(|g| &g.master).map(|m| m.len() * 4).sum(),
+            master_weights: self.groups.iter().flat_map(|g| &g.master).map(|m| m.len() * 4).sum::<usize>()
+                + self.shards.as_ref().map_or(0, |s| lock(s).slice_bytes()),
             optimizer_state: self.optimizer.state_bytes(),
         }
     }
