@@ -681,7 +681,9 @@ fn train_sharded(
     use std::time::Duration;
 
     use candle_fit::shard::comm::{Op, TcpCommunicator};
-    use candle_fit::shard::driver::{fit_in_process, fit_rank, InProcessConfig};
+    use candle_fit::shard::driver::{
+        fit_in_process, fit_rank, resume_in_process, resume_rank, InProcessConfig,
+    };
     use candle_fit::shard::ZeroStage;
 
     let stage = ZeroStage::from_number(args.zero.unwrap_or(0))?;
@@ -720,19 +722,29 @@ fn train_sharded(
         );
     }
     let make_model = |_rank| Gpt::new(model_config, precision.dtype(), &device, args.seed);
-    let runs = match &launched {
-        Some(info) => {
-            let comm = TcpCommunicator::connect(info, timeout)?;
-            vec![fit_rank(stage, Box::new(comm), &trainer, &corpus, &optimizer, make_model(info.rank)?)?]
+    let runs = match (&launched, &args.resume) {
+        (Some(info), resume) => {
+            let comm = Box::new(TcpCommunicator::connect(info, timeout)?);
+            let model = make_model(info.rank)?;
+            vec![match resume {
+                Some(path) => resume_rank(stage, comm, &trainer, &corpus, &optimizer, model, path)?,
+                None => fit_rank(stage, comm, &trainer, &corpus, &optimizer, model)?,
+            }]
         }
-        None => {
+        (None, resume) => {
             let config = InProcessConfig { world_size, stage, timeout };
-            fit_in_process(&config, &trainer, &corpus, &optimizer, make_model)?
+            match resume {
+                Some(path) => resume_in_process(&config, &trainer, &corpus, &optimizer, path, make_model)?,
+                None => fit_in_process(&config, &trainer, &corpus, &optimizer, make_model)?,
+            }
         }
     };
     let Some(first) = runs.first() else { anyhow::bail!("no rank ran") };
     let report = &first.report;
     if rank == 0 {
+        if report.start_step > 0 {
+            println!("resumed       from step {}", report.start_step);
+        }
         println!("model         {} parameters", first.model.parameters().num_elements());
         println!("validation loss before training      {:.4} nats/byte", report.initial_val_loss);
         println!("validation loss after {} steps       {:.4} nats/byte", c.steps, report.final_val_loss);
@@ -764,6 +776,9 @@ fn train_sharded(
     }
     if rank != 0 {
         return Ok(());
+    }
+    if let Some(path) = &report.last_checkpoint {
+        println!("last checkpoint                      {} (one file per rank)", path.display());
     }
     if let Some(path) = &args.save {
         first

@@ -120,8 +120,8 @@ fn bad_input_is_one_clear_line_and_a_failure_exit() -> anyhow::Result<()> {
     assert_clear_error(&["--resume", dir.to_str().unwrap_or_default()], "holds no checkpoint")?;
     assert_clear_error(&["--max-memory", "1K"], "out of memory on cpu")?;
     assert_clear_error(
-        &["--zero", "1", "--world-size", "2", "--checkpoint-dir", run_dir],
-        "checkpoints of sharded (data-parallel) runs are not supported yet",
+        &["--zero", "1", "--world-size", "2", "--resume", run_dir],
+        "a sharded run resumes only sharded checkpoints",
     )?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
@@ -283,6 +283,43 @@ fn sharded_training_on_in_process_ranks_matches_one_process() -> anyhow::Result<
         assert!(stdout.contains("rank 1"), "{stdout}");
         assert_eq!(final_loss(&stdout), Some(expected.clone()), "--zero {zero}: {stdout}");
     }
+    // A sharded run checkpointed at every step on 2 ranks, resumed from step 2 on 3 ranks at
+    // stage 3, ends where one process ends.
+    let dir = std::env::temp_dir().join(format!("candle-fit-cli-sharded-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run_dir = dir.to_str().unwrap_or_default();
+    let args = tiny_with(&[
+        "--micro-batch",
+        "4",
+        "--zero",
+        "2",
+        "--world-size",
+        "2",
+        "--checkpoint-dir",
+        run_dir,
+        "--checkpoint-every",
+        "1",
+        "--keep-checkpoints",
+        "3",
+    ]);
+    let (code, _, stderr) = run(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    assert_eq!(code, 0, "{stderr}");
+    let step2 = dir.join("step-00000002");
+    let args = tiny_with(&[
+        "--micro-batch",
+        "4",
+        "--zero",
+        "3",
+        "--world-size",
+        "3",
+        "--resume",
+        step2.to_str().unwrap_or_default(),
+    ]);
+    let (code, stdout, stderr) = run(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("resumed       from step 2"), "{stdout}");
+    assert_eq!(final_loss(&stdout), Some(expected.clone()), "resumed: {stdout}");
+    std::fs::remove_dir_all(&dir)?;
     let args = tiny_with(&["--zero", "4", "--world-size", "2"]);
     let (code, _, stderr) = run(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
     assert!(code != 0 && stderr.contains("4 is not in 0..=3"), "{stderr}");

@@ -3,6 +3,7 @@
 //! and communicator of one [`LocalGroup`].
 
 use std::num::NonZeroUsize;
+use std::path::Path;
 use std::time::Duration;
 
 use candle_train::updater::StateBytes;
@@ -60,6 +61,43 @@ where
     M: LanguageModel + Send,
     F: Fn(usize) -> candle_train::Result<M> + Sync,
 {
+    in_process(config, trainer, corpus, optimizer, None, make_model)
+}
+
+/// As [`fit_in_process`], continuing the sharded checkpoint `checkpoint` (a checkpoint
+/// directory, or a run directory whose newest checkpoint is taken), which may have been
+/// written on another number of ranks or at another stage (see [`crate::checkpoint`]).
+///
+/// # Errors
+/// As [`fit_in_process`]; a checkpoint error (missing, torn, corrupted, another run's or
+/// another model's) before any training.
+pub fn resume_in_process<M, F>(
+    config: &InProcessConfig,
+    trainer: &Trainer,
+    corpus: &Corpus,
+    optimizer: &OptimizerConfig,
+    checkpoint: &Path,
+    make_model: F,
+) -> Result<Vec<RankRun<M>>>
+where
+    M: LanguageModel + Send,
+    F: Fn(usize) -> candle_train::Result<M> + Sync,
+{
+    in_process(config, trainer, corpus, optimizer, Some(checkpoint), make_model)
+}
+
+fn in_process<M, F>(
+    config: &InProcessConfig,
+    trainer: &Trainer,
+    corpus: &Corpus,
+    optimizer: &OptimizerConfig,
+    checkpoint: Option<&Path>,
+    make_model: F,
+) -> Result<Vec<RankRun<M>>>
+where
+    M: LanguageModel + Send,
+    F: Fn(usize) -> candle_train::Result<M> + Sync,
+{
     let world_size = config.world_size.get();
     let comms = LocalGroup::ranks(world_size, config.timeout);
     let outcomes: Vec<Result<RankRun<M>>> = std::thread::scope(|scope| {
@@ -70,7 +108,7 @@ where
                 let make_model = &make_model;
                 scope.spawn(move || -> Result<RankRun<M>> {
                     let model = make_model(rank)?;
-                    fit_rank(config.stage, Box::new(comm), trainer, corpus, optimizer, model)
+                    run_rank(config.stage, Box::new(comm), trainer, corpus, optimizer, model, checkpoint)
                 })
             })
             .collect();
@@ -117,6 +155,35 @@ pub fn fit_rank<M: LanguageModel>(
     optimizer: &OptimizerConfig,
     model: M,
 ) -> Result<RankRun<M>> {
+    run_rank(stage, comm, trainer, corpus, optimizer, model, None)
+}
+
+/// As [`fit_rank`], continuing the sharded checkpoint `checkpoint` (see
+/// [`resume_in_process`]).
+///
+/// # Errors
+/// As [`fit_rank`], and checkpoint errors.
+pub fn resume_rank<M: LanguageModel>(
+    stage: ZeroStage,
+    comm: Box<dyn crate::comm::Communicator>,
+    trainer: &Trainer,
+    corpus: &Corpus,
+    optimizer: &OptimizerConfig,
+    model: M,
+    checkpoint: &Path,
+) -> Result<RankRun<M>> {
+    run_rank(stage, comm, trainer, corpus, optimizer, model, Some(checkpoint))
+}
+
+fn run_rank<M: LanguageModel>(
+    stage: ZeroStage,
+    comm: Box<dyn crate::comm::Communicator>,
+    trainer: &Trainer,
+    corpus: &Corpus,
+    optimizer: &OptimizerConfig,
+    model: M,
+    checkpoint: Option<&Path>,
+) -> Result<RankRun<M>> {
     let (rank, world_size) = (comm.rank(), comm.world_size());
     let trainer = trainer.clone().data_parallel(rank, world_size)?;
     if stage == ZeroStage::Stage3 {
@@ -127,7 +194,11 @@ pub fn fit_rank<M: LanguageModel>(
             ));
         }
         let (sharded, mut updater) = ShardedModel::new(model, optimizer, comm)?;
-        let report = match trainer.fit(&sharded, corpus, &mut updater) {
+        let trained = match checkpoint {
+            Some(path) => trainer.resume(&sharded, corpus, &mut updater, path),
+            None => trainer.fit(&sharded, corpus, &mut updater),
+        };
+        let report = match trained {
             Ok(report) => report,
             // A collective that failed inside a forward, typed.
             Err(e) => return Err(sharded.take_error().unwrap_or(Error::Train(e))),
@@ -142,6 +213,9 @@ pub fn fit_rank<M: LanguageModel>(
     };
     let mut updater = ZeroUpdater::with_units(stage, model.parameters(), &units, optimizer, comm)?;
     updater.broadcast_parameters()?;
-    let report = trainer.fit(&model, corpus, &mut updater)?;
+    let report = match checkpoint {
+        Some(path) => trainer.resume(&model, corpus, &mut updater, path)?,
+        None => trainer.fit(&model, corpus, &mut updater)?,
+    };
     Ok(RankRun { rank, model, report, comm: updater.comm_stats(), state: updater.state_bytes() })
 }

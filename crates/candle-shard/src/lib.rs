@@ -10,6 +10,8 @@
 //! - [`zero`]: [`ZeroUpdater`](zero::ZeroUpdater), stages 0-3; [`stage3`]:
 //!   [`ShardedModel`](stage3::ShardedModel), the model wrapper of stage 3 that gathers each
 //!   segment's parameters just before its forward or recompute and releases them after.
+//! - [`checkpoint`]: sharded checkpoints (one file per rank and a manifest), resumable on any
+//!   number of ranks.
 //! - [`discovery`]: rank discovery from torchrun and Slurm variables.
 //! - [`driver`]: [`fit_rank`](driver::fit_rank), one rank over any communicator, and
 //!   [`fit_in_process`](driver::fit_in_process), N ranks as threads.
@@ -47,6 +49,7 @@
 #[cfg(feature = "nccl")]
 pub mod nccl;
 
+pub mod checkpoint;
 pub mod comm;
 pub mod discovery;
 pub mod driver;

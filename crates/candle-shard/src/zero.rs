@@ -41,16 +41,19 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle::{DType, TensorId};
 use candle_ckpt::SegmentGradients;
+use candle_train::checkpoint::{Checkpoint, Progress, RunIdentity, ShardedInfo};
 use candle_train::host::{to_f32_vec, update_f32_in_place, with_f32_values, write_f32_values};
 use candle_train::loss_scale::unscale_slice;
 use candle_train::updater::StateBytes;
 use candle_train::{Optimizer, OptimizerConfig, Parameter, Parameters, StepReport, Updater};
 use half::{bf16, f16};
 
+use crate::checkpoint::{buffers_by_index, Need, SavedPiece};
 use crate::comm::{CommStats, Communicator};
 use crate::error::{Error, Result};
 use crate::partition::{FlatEntry, Partition};
@@ -469,6 +472,151 @@ impl ZeroUpdater {
     }
 }
 
+impl ZeroUpdater {
+    /// This rank's pieces of a sharded checkpoint: its slice of every flat buffer (whatever the
+    /// stage: stage 0 steps everything but writes only its slice), with FP32 values and
+    /// optimizer buffers.
+    fn checkpoint_pieces(&self) -> Result<Vec<SavedPiece>> {
+        let rank = self.comm.rank();
+        let state = self.optimizer.state();
+        let buffers = buffers_by_index(&state)?;
+        let shards = self.shards.as_ref().map(|s| lock(s));
+        let mut out = Vec::new();
+        for (g, layout) in self.partition.groups().iter().enumerate() {
+            let group = &self.groups[g];
+            let shard = layout.shard_range(rank);
+            for piece in layout.pieces(rank) {
+                // The flat elements, relative to the owned range.
+                let flat = shard.start + piece.shard_range.start - group.owned.start
+                    ..shard.start + piece.shard_range.end - group.owned.start;
+                let values = match (&shards, &group.master) {
+                    (Some(shards), _) => shards.values[g][flat.clone()].to_vec(),
+                    (None, Some(master)) => master[flat.clone()].to_vec(),
+                    (None, None) => with_f32_values(self.params[piece.param].var.as_tensor(), |v| {
+                        v[piece.param_range.clone()].to_vec()
+                    })?,
+                };
+                // The optimizer piece holding these elements (stage 0: the whole parameter).
+                let owner = self.pieces.iter().position(|o| {
+                    o.group == g
+                        && o.param == piece.param
+                        && o.param_range.start <= piece.param_range.start
+                        && piece.param_range.end <= o.param_range.end
+                });
+                let Some(k) = owner else {
+                    return Err(Error::config(
+                        "checkpoint",
+                        "internal: a slice piece has no optimizer piece",
+                    ));
+                };
+                let o = &self.pieces[k];
+                let offset = piece.param_range.start - o.param_range.start;
+                let mut piece_buffers = Vec::new();
+                for (base, values) in buffers.get(&k).map(Vec::as_slice).unwrap_or_default() {
+                    if values.len() != o.param_range.len() {
+                        return Err(Error::config(
+                            "checkpoint",
+                            format!(
+                                "{} buffer `{base}` is not elementwise: it cannot be sharded",
+                                state.kind
+                            ),
+                        ));
+                    }
+                    piece_buffers
+                        .push((base.clone(), values[offset..offset + piece.param_range.len()].to_vec()));
+                }
+                out.push(SavedPiece {
+                    name: self.params[piece.param].name.clone(),
+                    param_range: piece.param_range,
+                    values,
+                    buffers: piece_buffers,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn restore_from(&mut self, ckpt: &Checkpoint, params: &Parameters) -> Result<()> {
+        let Some(info) = &ckpt.manifest.sharded else {
+            return Err(Error::config("checkpoint", "not a sharded checkpoint"));
+        };
+        if info.optimizer != self.optimizer.name() {
+            return Err(Error::Train(candle_train::Error::checkpoint(
+                &ckpt.path,
+                format!("it holds {} state, this run uses {}", info.optimizer, self.optimizer.name()),
+            )));
+        }
+        let current = self.optimizer.state();
+        let by_index = buffers_by_index(&current)?;
+        let stage3 = self.shards.is_some();
+        let mut needs = Vec::new();
+        // Values: every parameter whole (stages 0-2 hold it), or the owned pieces (stage 3).
+        if !stage3 {
+            for (i, p) in self.params.iter().enumerate() {
+                needs.push(Need { buffer: "value".into(), param: i, range: 0..p.var.elem_count() });
+            }
+        }
+        for (k, piece) in self.pieces.iter().enumerate() {
+            if stage3 {
+                needs.push(Need {
+                    buffer: "value".into(),
+                    param: piece.param,
+                    range: piece.param_range.clone(),
+                });
+            }
+            for (base, _) in by_index.get(&k).map(Vec::as_slice).unwrap_or_default() {
+                needs.push(Need {
+                    buffer: base.clone(),
+                    param: piece.param,
+                    range: piece.param_range.clone(),
+                });
+            }
+        }
+        let mut found = crate::checkpoint::read(ckpt, params, &needs)?.into_iter();
+        let mut values = Vec::new();
+        let mut buffers = std::collections::BTreeMap::new();
+        if !stage3 {
+            values = found.by_ref().take(self.params.len()).collect();
+        }
+        let mut piece_values = Vec::new();
+        for (k, _) in self.pieces.iter().enumerate() {
+            if stage3 {
+                piece_values.push(found.next().unwrap_or_default());
+            }
+            for (base, _) in by_index.get(&k).map(Vec::as_slice).unwrap_or_default() {
+                buffers.insert(format!("{base}.{k}"), found.next().unwrap_or_default());
+            }
+        }
+        let state = candle_train::optim::OptimizerState {
+            kind: current.kind.clone(),
+            step: info.optimizer_step,
+            buffers,
+            quantized: Default::default(),
+        };
+        // The optimizer checks its buffers and changes nothing on error.
+        self.optimizer.load_state(&state)?;
+        if let Some(shards) = &self.shards {
+            let mut shards = lock(shards);
+            for (piece, v) in self.pieces.iter().zip(piece_values) {
+                shards.values[piece.group][piece.owned_range.clone()].copy_from_slice(&v);
+            }
+            shards.refresh()?;
+        } else {
+            for (p, v) in self.params.iter().zip(&values) {
+                write_f32_values(&p.var, v)?;
+            }
+            for piece in &self.pieces {
+                if let Some(master) = self.groups[piece.group].master.as_mut() {
+                    master[piece.owned_range.clone()]
+                        .copy_from_slice(&values[piece.param][piece.param_range.clone()]);
+                }
+            }
+        }
+        self.zero_grad();
+        Ok(())
+    }
+}
+
 fn unknown(name: &str) -> candle_train::Error {
     candle_train::Error::StateMismatch {
         name: name.to_string(),
@@ -609,6 +757,45 @@ impl Updater for ZeroUpdater {
 
     fn optimizer_mut(&mut self) -> &mut dyn Optimizer {
         self.optimizer.as_mut()
+    }
+
+    fn sharded_checkpoints(&self) -> bool {
+        true
+    }
+
+    fn save_sharded(
+        &mut self,
+        run_dir: &Path,
+        keep: usize,
+        params: &Parameters,
+        progress: Progress,
+        run: RunIdentity,
+    ) -> candle_train::Result<PathBuf> {
+        let pieces = self.checkpoint_pieces();
+        // A rank that cannot build its pieces still takes part (with none), so that every rank
+        // fails together instead of waiting for it.
+        let (pieces, local_error) = match pieces {
+            Ok(p) => (p, None),
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        let mut flag = [f64::from(u8::from(local_error.is_some()))];
+        self.comm.all_reduce_f64(&mut flag).map_err(Error::from)?;
+        if let Some(e) = local_error {
+            return Err(e.into());
+        }
+        if flag[0] > 0.0 {
+            return Err(candle_train::Error::config("checkpoint", "another rank could not export its state"));
+        }
+        let info = ShardedInfo {
+            stage: self.stage as u8,
+            optimizer: self.optimizer.name().to_string(),
+            optimizer_step: self.optimizer.step_count(),
+        };
+        Ok(crate::checkpoint::save(self.comm.as_ref(), run_dir, keep, params, pieces, info, progress, run)?)
+    }
+
+    fn restore_sharded(&mut self, checkpoint: &Checkpoint, params: &Parameters) -> candle_train::Result<()> {
+        Ok(self.restore_from(checkpoint, params)?)
     }
 
     fn sum_over_ranks(&mut self, value: f64) -> candle_train::Result<f64> {

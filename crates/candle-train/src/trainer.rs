@@ -926,7 +926,7 @@ impl Trainer {
                     "is not supported on several data-parallel ranks yet",
                 ));
             }
-            if c.checkpoint.is_some() {
+            if c.checkpoint.is_some() && !updater.sharded_checkpoints() {
                 return Err(Error::config(
                     "checkpoint",
                     "checkpoints of sharded (data-parallel) runs are not supported yet",
@@ -1122,14 +1122,24 @@ impl Trainer {
                         accumulation_steps: split.accumulation_steps,
                         loss_scaler: scaler.as_ref().map(LossScaler::state),
                     };
-                    let path = checkpoint::save(
-                        &ck.dir,
-                        ck.keep,
-                        model.parameters(),
-                        updater,
-                        progress,
-                        identity.clone(),
-                    )?;
+                    let path = if updater.sharded_checkpoints() {
+                        updater.save_sharded(
+                            &ck.dir,
+                            ck.keep,
+                            model.parameters(),
+                            progress,
+                            identity.clone(),
+                        )?
+                    } else {
+                        checkpoint::save(
+                            &ck.dir,
+                            ck.keep,
+                            model.parameters(),
+                            updater,
+                            progress,
+                            identity.clone(),
+                        )?
+                    };
                     checkpoint_time_s += started.elapsed().as_secs_f64();
                     last_checkpoint = Some(path);
                 }
