@@ -248,8 +248,8 @@ device_matrix!(
 );
 
 /// NCCL with world size 1 on the GPU (feature `nccl`): every collective leaves the data as it
-/// is, chunk arithmetic and root checks hold, and a unique id survives its byte form. The ZeRO
-/// stages over this group come with issue 6's `Communicator`. Without `nccl`, nothing to check.
+/// is, chunk arithmetic and root checks hold, a unique id survives its byte form, and the
+/// `Communicator` trait forwards to it. Without `nccl`, nothing to check.
 fn nccl_group_of_one_is_the_identity(device: &Device) -> anyhow::Result<()> {
     #[cfg(feature = "nccl")]
     if let Device::Cuda(cuda) = device {
@@ -277,6 +277,16 @@ fn nccl_group_of_one_is_the_identity(device: &Device) -> anyhow::Result<()> {
         assert!(matches!(comm.broadcast(&mut bytes, 1), Err(NcclError::BadRank { rank: 1, .. })));
         comm.barrier()?;
         assert!(matches!(NcclCommunicator::new(cuda, 1, 1, &id), Err(NcclError::BadRank { .. })));
+        // Through the `Communicator` trait: the same results, errors as `CommError`, counted.
+        use candle_fit::shard::comm::{Communicator, Op};
+        let shared: &dyn Communicator = &comm;
+        shared.all_reduce_f32(&mut values)?;
+        assert_eq!(values, original);
+        assert!(matches!(
+            shared.broadcast(&mut bytes, 1),
+            Err(candle_fit::shard::CommError::BadRoot { root: 1, .. })
+        ));
+        assert_eq!(shared.stats().op(Op::AllReduce).calls, 1);
     }
     let _ = device;
     Ok(())

@@ -42,9 +42,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Under the `nccl` feature, module `nccl` holds an NCCL backend (`NcclCommunicator`): it
-//! compiles in CI but has never run (no GPU yet), and is not yet wired to the
-//! [`Communicator`](comm::Communicator) trait.
+//! Under the `nccl` feature, module `nccl` holds an NCCL backend (`NcclCommunicator`, a
+//! [`Communicator`](comm::Communicator) whose unique id travels over the TCP rendezvous): it
+//! compiles in CI but has never run (no GPU yet).
 
 #[cfg(feature = "nccl")]
 pub mod nccl;
