@@ -510,6 +510,9 @@ fn estimate(args: TrainArgs) -> anyhow::Result<()> {
         corpus_bytes,
         args.validation_fraction,
     )?;
+    if args.zero.is_some() || args.world_size > 1 {
+        return estimate_sharded(&args, &p);
+    }
     let e = estimate_memory(&input)?;
     println!(
         "predicted peak heap of a training step: {} (GPT {} layers, width {}, {} parameters, {}, micro-batch {} x {} accumulation, seq {}, recompute {})",
@@ -537,6 +540,90 @@ fn estimate(args: TrainArgs) -> anyhow::Result<()> {
             mib(s.backward_peak_bytes)
         );
     }
+    Ok(())
+}
+
+/// `estimate --zero K --world-size N`: rank 0's model state, exact from the shapes (as the
+/// sharded updaters allocate it), against REFERENCE.md's formula, and the activations of its
+/// share of the micro-batch from the single-device estimator.
+fn estimate_sharded(args: &TrainArgs, p: &Plan) -> anyhow::Result<()> {
+    use candle_fit::shard::estimate::{rank_state, ShardLayout};
+    use candle_fit::shard::ZeroStage;
+    use candle_fit::train::estimate::{estimate_memory, EstimateInput};
+    let stage = ZeroStage::from_number(args.zero.unwrap_or(0))?;
+    let world_size = args.world_size;
+    if world_size == 0 {
+        anyhow::bail!("invalid `--world-size`: must be at least 1");
+    }
+    let micro_batch = p.trainer_config.micro_batch.get();
+    if micro_batch < world_size {
+        anyhow::bail!(
+            "invalid `--micro-batch`: {micro_batch} samples cannot be split over {world_size} ranks"
+        );
+    }
+    let dtype = p.precision.dtype();
+    let layout = ShardLayout::gpt(&p.model_config, dtype);
+    let state = rank_state(&layout, stage, world_size, 0, &p.optimizer)?;
+    let share = micro_batch.div_ceil(world_size);
+    let mut config = p.trainer_config.clone();
+    config.micro_batch = std::num::NonZeroUsize::new(share).ok_or_else(|| anyhow::anyhow!("empty share"))?;
+    let corpus_bytes = p.corpus.split(candle_fit::train::Split::Train).len()
+        + p.corpus.split(candle_fit::train::Split::Validation).len();
+    let input = EstimateInput::for_trainer(
+        p.model_config,
+        dtype,
+        &config,
+        p.optimizer.clone(),
+        corpus_bytes,
+        args.validation_fraction,
+    )?;
+    let e = estimate_memory(&input)?;
+    let params = p.model_config.num_parameters() as f64;
+    let n = world_size as f64;
+    // REFERENCE.md, Adam: 2-byte weights and gradients in half precision, 4-byte in FP32.
+    let formula = match (stage, dtype == candle::DType::F32) {
+        (ZeroStage::Stage0, _) => 16.0 * params,
+        (ZeroStage::Stage1, true) => 8.0 * params + 8.0 * params / n,
+        (ZeroStage::Stage1, false) => 4.0 * params + 12.0 * params / n,
+        (ZeroStage::Stage2, true) => 4.0 * params + 12.0 * params / n,
+        (ZeroStage::Stage2, false) => 2.0 * params + 14.0 * params / n,
+        (_, _) => 16.0 * params / n,
+    };
+    println!(
+        "ZeRO {} on {world_size} ranks, rank 0 (GPT {} layers, width {}, {} parameters, {}, {}):",
+        stage as u8,
+        args.layers,
+        args.width,
+        p.model_config.num_parameters(),
+        p.precision,
+        optimizer_name(&p.optimizer)
+    );
+    println!("  parameters           {}", mib(state.parameters));
+    if stage == ZeroStage::Stage3 {
+        println!(
+            "  gathered (at most)   {} (one segment's buffers, around its use)",
+            mib(state.gathered_peak)
+        );
+    }
+    println!("  gradients            {}", mib(state.gradients));
+    println!("  master_weights       {}", mib(state.master_weights));
+    println!("  optimizer_state      {}", mib(state.optimizer_state));
+    println!("  model state          {}", mib(state.total()));
+    if matches!(p.optimizer, OptimizerConfig::AdamW(_)) {
+        println!(
+            "  REFERENCE.md formula {} (ratio {:.4})",
+            mib(formula as usize),
+            state.total() as f64 / formula
+        );
+    }
+    println!(
+        "  activations          {} (its share: {share} of the {micro_batch} sequences of a micro-batch; single-device estimator)",
+        mib(e.activations)
+    );
+    println!(
+        "  predicted peak heap  {} (model state, gathered parameters, activations, other)",
+        mib(state.total() + state.gathered_peak + e.activations + e.other)
+    );
     Ok(())
 }
 

@@ -257,6 +257,22 @@ fn estimate_predicts_the_measured_peak_without_training() -> anyhow::Result<()> 
     let (code, _, stderr) = run(&refs)?;
     assert_ne!(code, 0);
     assert!(stderr.contains("unknown recompute policy `sometimes`"), "{stderr}");
+    // Sharded: rank 0's model state per stage against REFERENCE.md's formula (the tiny model's
+    // flat buffers pad a little), stage 3 with its gathered segment.
+    for zero in ["0", "1", "2", "3"] {
+        let mut args = tiny_with(&["--micro-batch", "4", "--zero", zero, "--world-size", "4"]);
+        args[0] = "estimate".into();
+        let (code, stdout, stderr) = run(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.starts_with(&format!("ZeRO {zero} on 4 ranks, rank 0")), "{stdout}");
+        let ratio: f64 = stdout
+            .lines()
+            .find_map(|l| l.split("(ratio ").nth(1))
+            .and_then(|r| r.trim_end_matches(')').parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no ratio in {stdout}"))?;
+        assert!((ratio - 1.0).abs() < 0.05, "{stdout}");
+        assert_eq!(stdout.contains("gathered (at most)"), zero == "3", "{stdout}");
+    }
     Ok(())
 }
 

@@ -580,6 +580,87 @@ fn stage_three_per_rank_bytes_match_the_formula_plus_one_gathered_segment() -> a
     Ok(())
 }
 
+/// The shape-only estimate of per-rank model state (`estimate --zero K --world-size N`) equals
+/// what the updaters count, byte for byte, for every stage, on the first and last rank of
+/// N = 2 and 3, in F32 (AdamW) and BF16 (SGD with momentum), for a model whose size N does not
+/// divide; its GPT layout equals the one read from a built model; stage 3's largest gather
+/// equals the largest `gathered_bytes` over the segments.
+#[test]
+fn the_sharded_estimate_equals_the_updaters_counts() -> anyhow::Result<()> {
+    use candle_fit::shard::estimate::{rank_state, ShardLayout};
+    let _serial = SERIAL.lock();
+    let config = GptConfig { n_layer: 2, ..odd_model() };
+    let adamw = OptimizerConfig::AdamW(AdamWConfig::default());
+    let sgd = OptimizerConfig::Sgd(SgdConfig { momentum: 0.9, ..SgdConfig::default() });
+    for (dtype, optimizer) in [(DType::F32, &adamw), (DType::BF16, &sgd)] {
+        let model = Gpt::new(config, dtype, &Device::Cpu, 0)?;
+        let layout = ShardLayout::gpt(&config, dtype);
+        assert_eq!(layout, ShardLayout::of_model(&model, model.parameters()));
+        for world_size in [2usize, 3] {
+            for stage in [ZeroStage::Stage0, ZeroStage::Stage1, ZeroStage::Stage2] {
+                let units = match stage {
+                    ZeroStage::Stage2 => segment_units(&model, model.parameters()),
+                    _ => Vec::new(),
+                };
+                for (rank, comm) in LocalGroup::ranks(world_size, TIMEOUT).into_iter().enumerate() {
+                    let updater = ZeroUpdater::with_units(
+                        stage,
+                        model.parameters(),
+                        &units,
+                        optimizer,
+                        Box::new(comm),
+                    )?;
+                    let s = updater.state_bytes();
+                    let e = rank_state(&layout, stage, world_size, rank, optimizer)?;
+                    assert_eq!(
+                        (e.gradients, e.master_weights, e.optimizer_state, e.parameters),
+                        (
+                            s.gradients,
+                            s.master_weights,
+                            s.optimizer_state,
+                            model.parameters().size_in_bytes()
+                        ),
+                        "{dtype:?} {stage:?} N = {world_size} rank {rank}"
+                    );
+                }
+            }
+            let comms = LocalGroup::ranks(world_size, TIMEOUT);
+            let counted = std::thread::scope(|scope| -> anyhow::Result<Vec<(usize, usize, usize, usize)>> {
+                let handles: Vec<_> = comms
+                    .into_iter()
+                    .map(|comm| {
+                        scope.spawn(move || -> anyhow::Result<(usize, usize, usize, usize)> {
+                            let model = Gpt::new(config, dtype, &Device::Cpu, 0)?;
+                            let segments = model.num_segments();
+                            let (sharded, updater) = ShardedModel::new(model, optimizer, Box::new(comm))?;
+                            let mut most = 0;
+                            for segment in 0..segments {
+                                sharded.gather_segment(segment)?;
+                                most = most.max(sharded.gathered_bytes());
+                            }
+                            let s = updater.state_bytes();
+                            Ok((s.gradients, s.master_weights, s.optimizer_state, most))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))?)
+                    .collect()
+            })?;
+            for (rank, &(gradients, master, optimizer_state, most)) in counted.iter().enumerate() {
+                let e = rank_state(&layout, ZeroStage::Stage3, world_size, rank, optimizer)?;
+                assert_eq!(
+                    (e.gradients, e.master_weights, e.optimizer_state, e.parameters, e.gathered_peak),
+                    (gradients, master, optimizer_state, 0, most),
+                    "{dtype:?} stage 3 N = {world_size} rank {rank}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Bytes sent per rank and step (the ring convention of `OpStats::sent_bytes`) equal the
 /// theory for stages 0 and 1: `2 (N-1)/N` times the FP32 gradient buffer, i.e. 2P elements
 /// as N grows; every stage adds one FP64 all-reduce of the loss, stages 1-2 one of the norm. Stage 1's gradients go by

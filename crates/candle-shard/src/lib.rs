@@ -12,6 +12,7 @@
 //!   segment's parameters just before its forward or recompute and releases them after.
 //! - [`checkpoint`]: sharded checkpoints (one file per rank and a manifest), resumable on any
 //!   number of ranks.
+//! - [`estimate`]: per-rank model-state bytes of each stage from shapes alone.
 //! - [`discovery`]: rank discovery from torchrun and Slurm variables.
 //! - [`driver`]: [`fit_rank`](driver::fit_rank), one rank over any communicator, and
 //!   [`fit_in_process`](driver::fit_in_process), N ranks as threads.
@@ -54,6 +55,7 @@ pub mod comm;
 pub mod discovery;
 pub mod driver;
 pub mod error;
+pub mod estimate;
 pub mod partition;
 pub mod stage3;
 pub mod zero;

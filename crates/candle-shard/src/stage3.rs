@@ -303,11 +303,13 @@ impl ShardedParameters {
         if !self.releasing {
             return Ok(());
         }
+        // Release first (keeping what the next segment shares), then gather: at most one
+        // segment's buffers plus the shared ones are held at once.
         let next = segment.checked_sub(1);
+        self.release_segment(segment, next)?;
         if let Some(next) = next {
             self.acquire(next)?;
         }
-        self.release_segment(segment, next)?;
         self.transient = None;
         Ok(())
     }
