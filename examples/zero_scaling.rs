@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use candle::{DType, Device};
-use candle_fit::shard::comm::{LocalGroup, Op};
 use candle_fit::ckpt::SegmentedModel;
+use candle_fit::shard::comm::{LocalGroup, Op};
 use candle_fit::shard::driver::{fit_in_process, InProcessConfig};
 use candle_fit::shard::stage3::ShardedModel;
 use candle_fit::shard::zero::{segment_units, ZeroUpdater};

@@ -138,6 +138,16 @@ fn every_stage_on_n_ranks_gives_the_parameters_of_one_rank() -> anyhow::Result<(
                 // All ranks hold the same bits.
                 let (name, rel) = max_relative_difference(&runs[0].model, &run.model)?;
                 assert_eq!(rel, 0.0, "rank {} differs from rank 0 in `{name}`", run.rank);
+                // Stage 3 never held more than one segment's parameter buffers at once, through
+                // forward, backward and evaluation.
+                let layout = candle_fit::shard::estimate::ShardLayout::gpt(&odd_model(), DType::F32);
+                let one_segment =
+                    candle_fit::shard::estimate::rank_state(&layout, stage, world_size, run.rank, &sgd)?
+                        .gathered_peak;
+                assert_eq!(run.peak_gathered_bytes, one_segment, "{stage:?} N = {world_size}");
+                if stage == ZeroStage::Stage3 {
+                    assert!(one_segment > 0 && one_segment < 4 * n_params);
+                }
             }
         }
     }

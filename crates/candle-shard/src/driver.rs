@@ -39,6 +39,8 @@ pub struct RankRun<M> {
     pub comm: CommStats,
     /// Its bytes of gradients, master weights and optimizer state.
     pub state: StateBytes,
+    /// Stage 3: the most parameter bytes it held gathered at once (0 for the other stages).
+    pub peak_gathered_bytes: usize,
 }
 
 /// Trains `world_size` copies of a model, one per thread, as data-parallel ranks of one global
@@ -203,8 +205,16 @@ fn run_rank<M: LanguageModel>(
             // A collective that failed inside a forward, typed.
             Err(e) => return Err(sharded.take_error().unwrap_or(Error::Train(e))),
         };
+        let peak_gathered_bytes = sharded.peak_gathered_bytes();
         let model = sharded.into_inner()?;
-        return Ok(RankRun { rank, model, report, comm: updater.comm_stats(), state: updater.state_bytes() });
+        return Ok(RankRun {
+            rank,
+            model,
+            report,
+            comm: updater.comm_stats(),
+            state: updater.state_bytes(),
+            peak_gathered_bytes,
+        });
     }
     // Stage 2 reduces per segment: one flat buffer per segment.
     let units = match stage {
@@ -217,5 +227,12 @@ fn run_rank<M: LanguageModel>(
         Some(path) => trainer.resume(&model, corpus, &mut updater, path)?,
         None => trainer.fit(&model, corpus, &mut updater)?,
     };
-    Ok(RankRun { rank, model, report, comm: updater.comm_stats(), state: updater.state_bytes() })
+    Ok(RankRun {
+        rank,
+        model,
+        report,
+        comm: updater.comm_stats(),
+        state: updater.state_bytes(),
+        peak_gathered_bytes: 0,
+    })
 }

@@ -193,6 +193,8 @@ pub(crate) struct ShardedParameters {
     /// Whether variables are released between uses (false before [`ShardedModel::new`] and
     /// after [`ShardedModel::into_inner`]: then every buffer stays gathered).
     releasing: bool,
+    /// The most bytes gathered at once while releasing.
+    peak_gathered: usize,
 }
 
 impl ShardedParameters {
@@ -213,6 +215,7 @@ impl ShardedParameters {
             segment_groups: Vec::new(),
             transient: None,
             releasing: false,
+            peak_gathered: 0,
         }
     }
 
@@ -247,6 +250,9 @@ impl ShardedParameters {
             restore_storage(&self.params[e.param].var, &flat[e.offset..e.offset + e.len])?;
         }
         self.held[group] = true;
+        if self.releasing {
+            self.peak_gathered = self.peak_gathered.max(self.gathered_bytes());
+        }
         Ok(())
     }
 
@@ -437,6 +443,12 @@ impl<M> ShardedModel<M> {
         lock(&self.shards).gathered_bytes()
     }
 
+    /// The most parameter bytes gathered at once so far (one segment's flat buffers, when
+    /// the protocol of the module docs is followed).
+    pub fn peak_gathered_bytes(&self) -> usize {
+        lock(&self.shards).peak_gathered
+    }
+
     /// Gathers segment `index`'s parameters as its forward does first (releasing those the
     /// previous forward gathered). [`SegmentedModel::forward_segment`] calls it.
     ///
@@ -507,6 +519,12 @@ impl<M: LanguageModel> LanguageModel for ShardedModel<M> {
 
     fn device(&self) -> candle::Device {
         self.model.device()
+    }
+
+    /// The parameters gathered now (between steps, usually none; those gathered during a step
+    /// count with its activations).
+    fn resident_parameter_bytes(&self) -> usize {
+        self.gathered_bytes()
     }
 }
 
