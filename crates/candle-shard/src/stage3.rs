@@ -1,5 +1,5 @@
 //! ZeRO stage 3: parameters sharded too. Each rank keeps only its FP32 slice of every flat
-//! buffer ([`ShardedParameters`], shared with the rank's [`ZeroUpdater`]); [`ShardedModel`]
+//! buffer (`ShardedParameters`, shared with the rank's [`ZeroUpdater`]); [`ShardedModel`]
 //! wraps a model and all-gathers a segment's parameters into the model's variables just before
 //! the segment's forward or recompute, and the updater releases them once the segment's
 //! backward is done.
