@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use candle::{DType, Device};
 use candle_fit::ckpt::SegmentedModel;
-use candle_fit::shard::comm::{LocalGroup, Op};
+use candle_fit::shard::comm::LocalGroup;
 use candle_fit::shard::driver::{fit_in_process, InProcessConfig};
 use candle_fit::shard::stage3::ShardedModel;
 use candle_fit::shard::zero::{segment_units, ZeroUpdater};
@@ -158,18 +158,27 @@ fn main() -> anyhow::Result<()> {
         0.1,
     )?;
     let micro_batch = 16;
-    let trainer = Trainer::new(
-        TrainerConfig::builder()
-            .micro_batch(micro_batch)
-            .accumulation_steps(accumulation_steps)
-            .steps(steps)
-            .seq_len(64)
-            .lr(1e-3)
-            .warmup_steps(0)
-            .eval_windows(4)
-            .eval_interval(0)
-            .build()?,
-    );
+    if steps < 3 {
+        anyhow::bail!("STEPS must be at least 3 (bytes per step come from the last STEPS - 2 steps)");
+    }
+    let trainer_for = |steps: usize| -> anyhow::Result<Trainer> {
+        Ok(Trainer::new(
+            TrainerConfig::builder()
+                .micro_batch(micro_batch)
+                .accumulation_steps(accumulation_steps)
+                .steps(steps)
+                .seq_len(64)
+                .lr(1e-3)
+                .warmup_steps(0)
+                .eval_windows(4)
+                .eval_interval(0)
+                .build()?,
+        ))
+    };
+    let trainer = trainer_for(steps)?;
+    // The same run cut to 2 steps: the difference is steps 3.. alone, without the evaluations
+    // (stage 3 gathers for them) and the final gather of the model.
+    let short = trainer_for(2)?;
     println!(
         "\n### Training: global batch {micro_batch} x {accumulation_steps} x 64 tokens, {steps} steps, ranks as threads on this machine\n"
     );
@@ -192,21 +201,18 @@ fn main() -> anyhow::Result<()> {
         for world_size in [1usize, 2, 4] {
             let before = CURRENT.load(Ordering::Relaxed);
             PEAK.store(before, Ordering::Relaxed);
-            let runs = fit_in_process(
-                &InProcessConfig {
-                    world_size: NonZeroUsize::new(world_size).expect("> 0"),
-                    stage,
-                    timeout: Duration::from_secs(600),
-                },
-                &trainer,
-                &corpus,
-                &adamw,
-                |_| Gpt::new(config, DType::F32, &Device::Cpu, 0),
-            )?;
+            let in_process = InProcessConfig {
+                world_size: NonZeroUsize::new(world_size).expect("> 0"),
+                stage,
+                timeout: Duration::from_secs(600),
+            };
+            let make = |_| Gpt::new(config, DType::F32, &Device::Cpu, 0);
+            let runs = fit_in_process(&in_process, &trainer, &corpus, &adamw, make)?;
             let peak = PEAK.load(Ordering::Relaxed) - before;
             let run = &runs[0];
-            let c = run.comm;
-            let sent = (c.sent_bytes() - c.op(Op::Broadcast).sent_bytes) as f64 / steps as f64;
+            let short_runs = fit_in_process(&in_process, &short, &corpus, &adamw, make)?;
+            let c = run.comm.since(&short_runs[0].comm);
+            let sent = c.sent_bytes() as f64 / (steps - 2) as f64;
             let n = world_size as f64;
             // Ring theory per step in FP32 units of P: 2 (N-1)/N for stages 0-1 (all-reduce, or
             // reduce-scatter + all-gather); stage 2 reduce-scatters every micro-batch and

@@ -850,10 +850,15 @@ fn train_sharded(
         } else {
             String::new()
         };
+        // Stage 3 holds parameters only while their segment runs (the returned model is whole).
+        let parameters = if stage == ZeroStage::Stage3 {
+            format!("0 resident (at most {} gathered)", mib(run.peak_gathered_bytes))
+        } else {
+            mib(run.model.parameters().size_in_bytes())
+        };
         println!(
-            "rank {:<3} parameters {} gradients {} master {} optimizer {} | sent {} per step ({} collectives in all){peak}",
+            "rank {:<3} parameters {parameters} gradients {} master {} optimizer {} | sent {} per step ({} collectives in all){peak}",
             run.rank,
-            mib(run.model.parameters().size_in_bytes()),
             mib(s.gradients),
             mib(s.master_weights),
             mib(s.optimizer_state),
