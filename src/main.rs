@@ -573,7 +573,7 @@ fn estimate_sharded(args: &TrainArgs, p: &Plan) -> anyhow::Result<()> {
         p.model_config,
         dtype,
         &config,
-        p.optimizer.clone(),
+        p.optimizer,
         corpus_bytes,
         args.validation_fraction,
     )?;
