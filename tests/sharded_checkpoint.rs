@@ -140,7 +140,8 @@ fn a_checkpoint_of_two_ranks_resumes_on_three_and_on_one() -> anyhow::Result<()>
 }
 
 /// A torn or corrupted rank file, a checkpoint of another model, and a sharded checkpoint
-/// handed to a single-device run are refused with errors naming the problem, before training.
+/// handed to a single-device run are refused with errors naming the problem, before training;
+/// a checkpoint that cannot be written fails every rank at once.
 #[test]
 fn damaged_or_foreign_sharded_checkpoints_are_refused() -> anyhow::Result<()> {
     let sgd = OptimizerConfig::Sgd(SgdConfig { momentum: 0.9, ..SgdConfig::default() });
@@ -182,6 +183,15 @@ fn damaged_or_foreign_sharded_checkpoints_are_refused() -> anyhow::Result<()> {
     let mut updater = LocalUpdater::from_config(model.parameters(), &sgd)?;
     let err = trainer(None)?.resume(&model, &corpus()?, &mut updater, &saved).expect_err("single device");
     assert!(err.to_string().contains("sharded"), "{err}");
+
+    // A run directory that cannot be created (a file is in the way) fails every rank with
+    // rank 0's I/O error, promptly, and leaves nothing behind.
+    let blocked = dir.join("blocked");
+    std::fs::write(&blocked, b"not a directory")?;
+    let started = std::time::Instant::now();
+    let err = run(ZeroStage::Stage3, 3, &trainer(Some(&blocked))?, &sgd, None).expect_err("unwritable");
+    assert!(started.elapsed() < Duration::from_secs(60), "no rank waited for the timeout");
+    assert!(err.to_string().contains("blocked"), "{err}");
 
     // Intact again: it resumes.
     run(ZeroStage::Stage2, 3, &trainer(None)?, &sgd, Some(&dir))?;
