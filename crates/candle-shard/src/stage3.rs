@@ -34,7 +34,8 @@
 //! parameters made before, read while the model is sharded, would read released memory:
 //! don't. [`ShardedModel::into_inner`] gathers everything back and returns the model.
 //!
-//! Off the CPU, this version does not release storage (the values are written with
+//! On CUDA (feature `cuda`) the buffer is swapped for a one-element allocation (compiled, not
+//! run yet: no GPU); on other devices storage is not released (the values are written with
 //! `Var::set`): the semantics are stage 3's, the memory is not.
 //!
 //! Communication per micro-batch: the forward gathers every segment's parameters, the backward
@@ -108,70 +109,104 @@ impl Communicator for SharedComm {
     }
 }
 
-/// Swaps a CPU variable's buffer in place.
-struct SwapStorage<F> {
-    f: RefCell<F>,
+/// Swaps a variable's buffer in place: for an empty one (release) or for a new one holding
+/// FP32 values rounded to the variable's dtype (restore).
+enum SwapStorage<'a> {
+    Release,
+    Restore(&'a [f32]),
 }
 
-impl<F: FnMut(&mut CpuStorage) -> candle::Result<()>> InplaceOp1 for SwapStorage<F> {
+fn check_layout(layout: &Layout) -> candle::Result<()> {
+    if layout.start_offset() != 0 || !layout.is_contiguous() {
+        candle::bail!("a sharded parameter must be a contiguous variable of its own");
+    }
+    Ok(())
+}
+
+impl InplaceOp1 for SwapStorage<'_> {
     fn name(&self) -> &'static str {
         "candle-shard-swap-storage"
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle::Result<()> {
-        if layout.start_offset() != 0 || !layout.is_contiguous() {
-            candle::bail!("a sharded parameter must be a contiguous variable of its own");
-        }
-        (self.f.borrow_mut())(storage)
+        check_layout(layout)?;
+        *storage = match (self, &*storage) {
+            (SwapStorage::Release, CpuStorage::F32(_)) => CpuStorage::F32(Vec::new()),
+            (SwapStorage::Release, CpuStorage::BF16(_)) => CpuStorage::BF16(Vec::new()),
+            (SwapStorage::Release, CpuStorage::F16(_)) => CpuStorage::F16(Vec::new()),
+            (SwapStorage::Release, CpuStorage::F64(_)) => CpuStorage::F64(Vec::new()),
+            (SwapStorage::Restore(v), CpuStorage::F32(_)) => CpuStorage::F32(v.to_vec()),
+            (SwapStorage::Restore(v), CpuStorage::BF16(_)) => {
+                CpuStorage::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect())
+            }
+            (SwapStorage::Restore(v), CpuStorage::F16(_)) => {
+                CpuStorage::F16(v.iter().map(|&x| f16::from_f32(x)).collect())
+            }
+            (SwapStorage::Restore(v), CpuStorage::F64(_)) => {
+                CpuStorage::F64(v.iter().map(|&x| f64::from(x)).collect())
+            }
+            _ => candle::bail!("only float parameters can be sharded"),
+        };
+        Ok(())
+    }
+
+    /// On CUDA a released variable keeps a one-element allocation (the stream-ordered pool
+    /// refuses empty ones); its bytes go back to the pool. Compiled, not run yet (no GPU).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &mut candle::CudaStorage, layout: &Layout) -> candle::Result<()> {
+        use candle::cuda::CudaStorageSlice as Slice;
+        check_layout(layout)?;
+        let device = storage.device.clone();
+        storage.slice = match (self, &storage.slice) {
+            (SwapStorage::Release, Slice::F32(_)) => Slice::F32(device.alloc_zeros::<f32>(1)?),
+            (SwapStorage::Release, Slice::BF16(_)) => Slice::BF16(device.alloc_zeros::<bf16>(1)?),
+            (SwapStorage::Release, Slice::F16(_)) => Slice::F16(device.alloc_zeros::<f16>(1)?),
+            (SwapStorage::Release, Slice::F64(_)) => Slice::F64(device.alloc_zeros::<f64>(1)?),
+            (SwapStorage::Restore(v), Slice::F32(_)) => Slice::F32(device.clone_htod(*v)?),
+            (SwapStorage::Restore(v), Slice::BF16(_)) => {
+                let host: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+                Slice::BF16(device.clone_htod(host.as_slice())?)
+            }
+            (SwapStorage::Restore(v), Slice::F16(_)) => {
+                let host: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+                Slice::F16(device.clone_htod(host.as_slice())?)
+            }
+            (SwapStorage::Restore(v), Slice::F64(_)) => {
+                let host: Vec<f64> = v.iter().map(|&x| f64::from(x)).collect();
+                Slice::F64(device.clone_htod(host.as_slice())?)
+            }
+            _ => candle::bail!("only float parameters can be sharded"),
+        };
+        Ok(())
     }
 }
 
-/// Replaces a CPU variable's buffer by an empty one (off the CPU: nothing).
+/// Whether this build swaps storage on `var`'s device (CPU; CUDA under the `cuda` feature).
+fn swappable(var: &Var) -> bool {
+    var.device().is_cpu() || (cfg!(feature = "cuda") && var.device().is_cuda())
+}
+
+/// Replaces a variable's buffer by an empty one (on devices without a swap: nothing).
 fn release_storage(var: &Var) -> Result<()> {
-    if !var.device().is_cpu() {
-        return Ok(());
+    if swappable(var) {
+        var.as_tensor().inplace_op1(&SwapStorage::Release)?;
     }
-    let op = SwapStorage {
-        f: RefCell::new(|storage: &mut CpuStorage| {
-            *storage = match storage {
-                CpuStorage::F32(_) => CpuStorage::F32(Vec::new()),
-                CpuStorage::BF16(_) => CpuStorage::BF16(Vec::new()),
-                CpuStorage::F16(_) => CpuStorage::F16(Vec::new()),
-                CpuStorage::F64(_) => CpuStorage::F64(Vec::new()),
-                _ => candle::bail!("only float parameters can be sharded"),
-            };
-            Ok(())
-        }),
-    };
-    var.as_tensor().inplace_op1(&op)?;
     Ok(())
 }
 
 /// Gives a variable a new buffer holding `values` (FP32, rounded to the variable's dtype to
 /// nearest even, as Candle's `to_dtype`).
 fn restore_storage(var: &Var, values: &[f32]) -> Result<()> {
-    if !var.device().is_cpu() {
-        return Ok(write_f32_values(var, values)?);
-    }
     if values.len() != var.elem_count() {
         return Err(Error::config(
             "zero",
             format!("{} gathered values for a parameter of {} elements", values.len(), var.elem_count()),
         ));
     }
-    let op = SwapStorage {
-        f: RefCell::new(|storage: &mut CpuStorage| {
-            *storage = match storage {
-                CpuStorage::F32(_) => CpuStorage::F32(values.to_vec()),
-                CpuStorage::BF16(_) => CpuStorage::BF16(values.iter().map(|&v| bf16::from_f32(v)).collect()),
-                CpuStorage::F16(_) => CpuStorage::F16(values.iter().map(|&v| f16::from_f32(v)).collect()),
-                CpuStorage::F64(_) => CpuStorage::F64(values.iter().map(|&v| f64::from(v)).collect()),
-                _ => candle::bail!("only float parameters can be sharded"),
-            };
-            Ok(())
-        }),
-    };
-    var.as_tensor().inplace_op1(&op)?;
+    if !swappable(var) {
+        return Ok(write_f32_values(var, values)?);
+    }
+    var.as_tensor().inplace_op1(&SwapStorage::Restore(values))?;
     Ok(())
 }
 
