@@ -642,7 +642,11 @@ fn the_sharded_estimate_equals_the_updaters_counts() -> anyhow::Result<()> {
                         scope.spawn(move || -> anyhow::Result<(usize, usize, usize, usize)> {
                             let model = Gpt::new(config, dtype, &Device::Cpu, 0)?;
                             let segments = model.num_segments();
-                            let (sharded, updater) = ShardedModel::new(model, optimizer, Box::new(comm))?;
+                            let (sharded, mut updater) = ShardedModel::new(model, optimizer, Box::new(comm))?;
+                            // Released variables cannot be broadcast (they hold nothing): refused.
+                            let refused =
+                                updater.broadcast_parameters().map(|_| ()).err().map(|e| e.to_string());
+                            anyhow::ensure!(refused.is_some_and(|e| e.contains("before it releases")));
                             let mut most = 0;
                             for segment in 0..segments {
                                 sharded.gather_segment(segment)?;

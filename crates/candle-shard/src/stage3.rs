@@ -254,6 +254,11 @@ impl ShardedParameters {
         }
     }
 
+    /// Whether variables are released between uses now.
+    pub(crate) fn is_releasing(&self) -> bool {
+        self.releasing
+    }
+
     /// Bytes of the FP32 slices.
     pub(crate) fn slice_bytes(&self) -> usize {
         self.values.iter().map(|v| v.len() * 4).sum()

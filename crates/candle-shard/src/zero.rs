@@ -281,8 +281,15 @@ impl ZeroUpdater {
     /// data-parallel training starts: one broadcast per flat buffer, in the parameters' dtype.
     ///
     /// # Errors
-    /// A collective failure, or a device error.
+    /// A collective failure, or a device error; [`Error::InvalidConfig`] for a stage-3 updater
+    /// whose model is sharded already.
     pub fn broadcast_parameters(&mut self) -> Result<()> {
+        if self.shards.as_ref().is_some_and(|s| lock(s).is_releasing()) {
+            return Err(Error::config(
+                "zero",
+                "stage 3 broadcasts rank 0's parameters before it releases them (in `ShardedModel::new`), not after",
+            ));
+        }
         for (g, layout) in self.partition.groups().iter().enumerate() {
             let mut flat = vec![0f32; layout.padded_len()];
             for e in layout.entries() {
