@@ -245,14 +245,22 @@ fn memory_meter_sees_the_peak(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `case` alone: under the lock, on a thread of its own that has ended (its thread-local
+/// buffers, such as the matmul's L2-sized scratch, freed) before the next case starts, so the
+/// memory cases' exact lower bounds never see another case's frees.
+fn serially(case: impl FnOnce() -> anyhow::Result<()> + Send) -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    std::thread::scope(|scope| scope.spawn(case).join())
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
 macro_rules! device_matrix {
     ($($case:ident),* $(,)?) => {
         mod cpu {
             $(
                 #[test]
                 fn $case() -> anyhow::Result<()> {
-                    let _serial = super::SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-                    super::$case(&candle::Device::Cpu)
+                    super::serially(|| super::$case(&candle::Device::Cpu))
                 }
             )*
         }
@@ -262,11 +270,10 @@ macro_rules! device_matrix {
             $(
                 #[test]
                 fn $case() -> anyhow::Result<()> {
-                    let _serial = super::SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-                    match super::cuda_device() {
+                    super::serially(|| match super::cuda_device() {
                         Some(device) => super::$case(&device),
                         None => Ok(()),
-                    }
+                    })
                 }
             )*
         }
