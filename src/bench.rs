@@ -4,13 +4,16 @@
 //! corpus and reports the peak bytes of a step (exact: the counting allocator's heap bytes on
 //! CPU, the memory pool's bytes in use on CUDA; with the breakdown by category), the median/min/max step time over the measured steps, tokens per
 //! second, the final validation loss, and ratios against the `fp32` baseline of the same model
-//! measured in the same run.
+//! measured in the same run. `zero1`-`zero3` train on 2 in-process ranks (threads sharing
+//! the device and the memory counter: their peak is the process's, both ranks together).
 
 use std::fmt::Write as _;
 
 use anyhow::{bail, Context};
 use candle::Device;
 use candle_ckpt::Recompute;
+use candle_shard::driver::{fit_in_process, InProcessConfig};
+use candle_shard::ZeroStage;
 use candle_train::estimate::{estimate_memory, EstimateInput};
 use candle_train::memory;
 use candle_train::trainer::median;
@@ -42,6 +45,9 @@ pub struct BenchConfig {
     pub adamw8bit: bool,
     /// The optimizer offloaded (rayon step on the host; pinned transfers on a GPU).
     pub offload: bool,
+    /// ZeRO data parallelism on in-process ranks (threads of this process, sharing its device
+    /// and its memory counter): `(stage, ranks)`.
+    pub zero: Option<(u8, usize)>,
 }
 
 /// The name of the baseline every ratio is against.
@@ -65,6 +71,7 @@ const fn config(
         tf32: false,
         adamw8bit: false,
         offload: false,
+        zero: None,
     }
 }
 
@@ -172,6 +179,39 @@ pub fn configurations() -> Vec<BenchConfig> {
                 "BF16, every block recomputed, 8-bit AdamW offloaded",
                 BF16,
                 Recompute::All,
+                1,
+                Segmented,
+            )
+        },
+        BenchConfig {
+            zero: Some((1, 2)),
+            ..config(
+                "zero1",
+                "FP32, ZeRO stage 1 on 2 in-process ranks (peak: the process, both ranks)",
+                F32,
+                Recompute::Never,
+                1,
+                Segmented,
+            )
+        },
+        BenchConfig {
+            zero: Some((2, 2)),
+            ..config(
+                "zero2",
+                "FP32, ZeRO stage 2 on 2 in-process ranks (peak: the process, both ranks)",
+                F32,
+                Recompute::Never,
+                1,
+                Segmented,
+            )
+        },
+        BenchConfig {
+            zero: Some((3, 2)),
+            ..config(
+                "zero3",
+                "FP32, ZeRO stage 3 on 2 in-process ranks (peak: the process, both ranks)",
+                F32,
+                Recompute::Never,
                 1,
                 Segmented,
             )
@@ -321,16 +361,37 @@ pub fn run_one(
 ) -> anyhow::Result<BenchRow> {
     let trainer_config = trainer_config(config, options)?;
     let micro_batch = trainer_config.micro_batch.get();
-    let gpt = Gpt::new(model.config, config.precision.dtype(), &options.device, options.seed)?;
-    let mut updater = LocalUpdater::from_config(gpt.parameters(), &optimizer(config))?;
-    if config.offload {
-        updater = updater.offloaded();
-    }
     let predicted_peak_bytes = predict_peak(model, config, options, &trainer_config, corpus)?;
     let trainer = Trainer::new(trainer_config);
+    let make_model =
+        |_rank: usize| Gpt::new(model.config, config.precision.dtype(), &options.device, options.seed);
     // A process-wide cuBLAS setting: set for this run only.
     candle::cuda::set_gemm_reduced_precision_f32(config.tf32);
-    let report = trainer.fit(&gpt, corpus, &mut updater);
+    let (report, world_size) = match config.zero {
+        None => {
+            let gpt = make_model(0);
+            let report = gpt.and_then(|gpt| {
+                let mut updater = LocalUpdater::from_config(gpt.parameters(), &optimizer(config))?;
+                if config.offload {
+                    updater = updater.offloaded();
+                }
+                trainer.fit(&gpt, corpus, &mut updater)
+            });
+            (report.map_err(anyhow::Error::from), 1)
+        }
+        Some((stage, world_size)) => {
+            let in_process = InProcessConfig {
+                world_size: std::num::NonZeroUsize::new(world_size).context("no ranks")?,
+                stage: ZeroStage::from_number(stage)?,
+                timeout: std::time::Duration::from_secs(600),
+            };
+            let runs = fit_in_process(&in_process, &trainer, corpus, &optimizer(config), make_model);
+            let report = runs
+                .map_err(anyhow::Error::from)
+                .and_then(|runs| runs.into_iter().next().map(|r| r.report).context("no rank ran"));
+            (report, world_size)
+        }
+    };
     candle::cuda::set_gemm_reduced_precision_f32(false);
     let report =
         report.with_context(|| format!("configuration `{}` on model {}", config.name, model.name))?;
@@ -347,7 +408,7 @@ pub fn run_one(
         precision: config.precision.name().into(),
         micro_batch,
         accum_steps: config.accumulation_steps,
-        world_size: 1,
+        world_size,
         peak_bytes: report.memory.peak,
         memory_source: DeviceMeter::for_device(&options.device).source().into(),
         tf32: config.tf32 && options.device.is_cuda(),
@@ -405,7 +466,7 @@ fn predict_peak(
     trainer: &TrainerConfig,
     corpus: &Corpus,
 ) -> anyhow::Result<Option<usize>> {
-    if config.backward != BackwardMode::Segmented || !options.device.is_cpu() {
+    if config.backward != BackwardMode::Segmented || !options.device.is_cpu() || config.zero.is_some() {
         return Ok(None);
     }
     let corpus_bytes = corpus.split(Split::Train).len() + corpus.split(Split::Validation).len();

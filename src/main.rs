@@ -424,8 +424,9 @@ struct TrainArgs {
     #[arg(long)]
     quiet: bool,
     /// ZeRO stage for data-parallel training over `--world-size` ranks: 0 (gradients
-    /// all-reduced), 1 (optimizer state and master weights sharded) or 2 (gradients sharded
-    /// too, reduced per segment during backward); 3 is not implemented. By default, a single
+    /// all-reduced), 1 (optimizer state and master weights sharded), 2 (gradients sharded
+    /// too, reduced per segment during backward) or 3 (parameters sharded too, each segment's
+    /// gathered just before its forward or recompute and released after). By default, a single
     /// process without sharding (stage 0 when only `--world-size` is given).
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=3))]
     zero: Option<u8>,
@@ -562,6 +563,9 @@ fn estimate(args: TrainArgs) -> anyhow::Result<()> {
         corpus_bytes,
         args.validation_fraction,
     )?;
+    if args.zero.is_some() || args.world_size > 1 {
+        return estimate_sharded(&args, &p);
+    }
     let e = estimate_memory(&input)?;
     println!(
         "predicted peak heap of a training step: {} (GPT {} layers, width {}, {} parameters, {}, micro-batch {} x {} accumulation, seq {}, recompute {})",
@@ -589,6 +593,90 @@ fn estimate(args: TrainArgs) -> anyhow::Result<()> {
             mib(s.backward_peak_bytes)
         );
     }
+    Ok(())
+}
+
+/// `estimate --zero K --world-size N`: rank 0's model state, exact from the shapes (as the
+/// sharded updaters allocate it), against REFERENCE.md's formula, and the activations of its
+/// share of the micro-batch from the single-device estimator.
+fn estimate_sharded(args: &TrainArgs, p: &Plan) -> anyhow::Result<()> {
+    use candle_fit::shard::estimate::{rank_state, ShardLayout};
+    use candle_fit::shard::ZeroStage;
+    use candle_fit::train::estimate::{estimate_memory, EstimateInput};
+    let stage = ZeroStage::from_number(args.zero.unwrap_or(0))?;
+    let world_size = args.world_size;
+    if world_size == 0 {
+        anyhow::bail!("invalid `--world-size`: must be at least 1");
+    }
+    let micro_batch = p.trainer_config.micro_batch.get();
+    if micro_batch < world_size {
+        anyhow::bail!(
+            "invalid `--micro-batch`: {micro_batch} samples cannot be split over {world_size} ranks"
+        );
+    }
+    let dtype = p.precision.dtype();
+    let layout = ShardLayout::gpt(&p.model_config, dtype);
+    let state = rank_state(&layout, stage, world_size, 0, &p.optimizer)?;
+    let share = micro_batch.div_ceil(world_size);
+    let mut config = p.trainer_config.clone();
+    config.micro_batch = std::num::NonZeroUsize::new(share).ok_or_else(|| anyhow::anyhow!("empty share"))?;
+    let corpus_bytes = p.corpus.split(candle_fit::train::Split::Train).len()
+        + p.corpus.split(candle_fit::train::Split::Validation).len();
+    let input = EstimateInput::for_trainer(
+        p.model_config,
+        dtype,
+        &config,
+        p.optimizer,
+        corpus_bytes,
+        args.validation_fraction,
+    )?;
+    let e = estimate_memory(&input)?;
+    let params = p.model_config.num_parameters() as f64;
+    let n = world_size as f64;
+    // REFERENCE.md, Adam: 2-byte weights and gradients in half precision, 4-byte in FP32.
+    let formula = match (stage, dtype == candle::DType::F32) {
+        (ZeroStage::Stage0, _) => 16.0 * params,
+        (ZeroStage::Stage1, true) => 8.0 * params + 8.0 * params / n,
+        (ZeroStage::Stage1, false) => 4.0 * params + 12.0 * params / n,
+        (ZeroStage::Stage2, true) => 4.0 * params + 12.0 * params / n,
+        (ZeroStage::Stage2, false) => 2.0 * params + 14.0 * params / n,
+        (_, _) => 16.0 * params / n,
+    };
+    println!(
+        "ZeRO {} on {world_size} ranks, rank 0 (GPT {} layers, width {}, {} parameters, {}, {}):",
+        stage as u8,
+        args.layers,
+        args.width,
+        p.model_config.num_parameters(),
+        p.precision,
+        optimizer_name(&p.optimizer)
+    );
+    println!("  parameters           {}", mib(state.parameters));
+    if stage == ZeroStage::Stage3 {
+        println!(
+            "  gathered (at most)   {} (one segment's buffers, around its use)",
+            mib(state.gathered_peak)
+        );
+    }
+    println!("  gradients            {}", mib(state.gradients));
+    println!("  master_weights       {}", mib(state.master_weights));
+    println!("  optimizer_state      {}", mib(state.optimizer_state));
+    println!("  model state          {}", mib(state.total()));
+    if matches!(p.optimizer, OptimizerConfig::AdamW(_)) {
+        println!(
+            "  REFERENCE.md formula {} (ratio {:.4})",
+            mib(formula as usize),
+            state.total() as f64 / formula
+        );
+    }
+    println!(
+        "  activations          {} (its share: {share} of the {micro_batch} sequences of a micro-batch; single-device estimator)",
+        mib(e.activations)
+    );
+    println!(
+        "  predicted peak heap  {} (model state, gathered parameters, activations, other)",
+        mib(state.total() + state.gathered_peak + e.activations + e.other)
+    );
     Ok(())
 }
 
@@ -742,7 +830,9 @@ fn train_sharded(
     use std::time::Duration;
 
     use candle_fit::shard::comm::{Op, TcpCommunicator};
-    use candle_fit::shard::driver::{fit_in_process, fit_rank, InProcessConfig};
+    use candle_fit::shard::driver::{
+        fit_in_process, fit_rank, resume_in_process, resume_rank, InProcessConfig,
+    };
     use candle_fit::shard::ZeroStage;
 
     let stage = ZeroStage::from_number(args.zero.unwrap_or(0))?;
@@ -781,19 +871,29 @@ fn train_sharded(
         );
     }
     let make_model = |_rank| Gpt::new(model_config, precision.dtype(), &device, args.seed);
-    let runs = match &launched {
-        Some(info) => {
-            let comm = TcpCommunicator::connect(info, timeout)?;
-            vec![fit_rank(stage, Box::new(comm), &trainer, &corpus, &optimizer, make_model(info.rank)?)?]
+    let runs = match (&launched, &args.resume) {
+        (Some(info), resume) => {
+            let comm = Box::new(TcpCommunicator::connect(info, timeout)?);
+            let model = make_model(info.rank)?;
+            vec![match resume {
+                Some(path) => resume_rank(stage, comm, &trainer, &corpus, &optimizer, model, path)?,
+                None => fit_rank(stage, comm, &trainer, &corpus, &optimizer, model)?,
+            }]
         }
-        None => {
+        (None, resume) => {
             let config = InProcessConfig { world_size, stage, timeout };
-            fit_in_process(&config, &trainer, &corpus, &optimizer, make_model)?
+            match resume {
+                Some(path) => resume_in_process(&config, &trainer, &corpus, &optimizer, path, make_model)?,
+                None => fit_in_process(&config, &trainer, &corpus, &optimizer, make_model)?,
+            }
         }
     };
     let Some(first) = runs.first() else { anyhow::bail!("no rank ran") };
     let report = &first.report;
     if rank == 0 {
+        if report.start_step > 0 {
+            println!("resumed       from step {}", report.start_step);
+        }
         println!("model         {} parameters", first.model.parameters().num_elements());
         println!("validation loss before training      {:.4} nats/byte", report.initial_val_loss);
         println!("validation loss after {} steps       {:.4} nats/byte", c.steps, report.final_val_loss);
@@ -812,10 +912,15 @@ fn train_sharded(
         } else {
             String::new()
         };
+        // Stage 3 holds parameters only while their segment runs (the returned model is whole).
+        let parameters = if stage == ZeroStage::Stage3 {
+            format!("0 resident (at most {} gathered)", mib(run.peak_gathered_bytes))
+        } else {
+            mib(run.model.parameters().size_in_bytes())
+        };
         println!(
-            "rank {:<3} parameters {} gradients {} master {} optimizer {} | sent {} per step ({} collectives in all){peak}",
+            "rank {:<3} parameters {parameters} gradients {} master {} optimizer {} | sent {} per step ({} collectives in all){peak}",
             run.rank,
-            mib(run.model.parameters().size_in_bytes()),
             mib(s.gradients),
             mib(s.master_weights),
             mib(s.optimizer_state),
@@ -825,6 +930,9 @@ fn train_sharded(
     }
     if rank != 0 {
         return Ok(());
+    }
+    if let Some(path) = &report.last_checkpoint {
+        println!("last checkpoint                      {} (one file per rank)", path.display());
     }
     if let Some(path) = &args.save {
         first

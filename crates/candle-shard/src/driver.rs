@@ -3,13 +3,15 @@
 //! and communicator of one [`LocalGroup`].
 
 use std::num::NonZeroUsize;
+use std::path::Path;
 use std::time::Duration;
 
 use candle_train::updater::StateBytes;
-use candle_train::{Corpus, LanguageModel, OptimizerConfig, TrainReport, Trainer, Updater};
+use candle_train::{BackwardMode, Corpus, LanguageModel, OptimizerConfig, TrainReport, Trainer, Updater};
 
 use crate::comm::{CommStats, LocalGroup};
 use crate::error::{Error, Result};
+use crate::stage3::ShardedModel;
 use crate::zero::{segment_units, ZeroUpdater};
 use crate::ZeroStage;
 
@@ -18,7 +20,7 @@ use crate::ZeroStage;
 pub struct InProcessConfig {
     /// Number of ranks (threads).
     pub world_size: NonZeroUsize,
-    /// The ZeRO stage (0, 1 or 2).
+    /// The ZeRO stage.
     pub stage: ZeroStage,
     /// How long a collective waits for a peer before failing.
     pub timeout: Duration,
@@ -37,6 +39,8 @@ pub struct RankRun<M> {
     pub comm: CommStats,
     /// Its bytes of gradients, master weights and optimizer state.
     pub state: StateBytes,
+    /// Stage 3: the most parameter bytes it held gathered at once (0 for the other stages).
+    pub peak_gathered_bytes: usize,
 }
 
 /// Trains `world_size` copies of a model, one per thread, as data-parallel ranks of one global
@@ -59,6 +63,43 @@ where
     M: LanguageModel + Send,
     F: Fn(usize) -> candle_train::Result<M> + Sync,
 {
+    in_process(config, trainer, corpus, optimizer, None, make_model)
+}
+
+/// As [`fit_in_process`], continuing the sharded checkpoint `checkpoint` (a checkpoint
+/// directory, or a run directory whose newest checkpoint is taken), which may have been
+/// written on another number of ranks or at another stage (see [`crate::checkpoint`]).
+///
+/// # Errors
+/// As [`fit_in_process`]; a checkpoint error (missing, torn, corrupted, another run's or
+/// another model's) before any training.
+pub fn resume_in_process<M, F>(
+    config: &InProcessConfig,
+    trainer: &Trainer,
+    corpus: &Corpus,
+    optimizer: &OptimizerConfig,
+    checkpoint: &Path,
+    make_model: F,
+) -> Result<Vec<RankRun<M>>>
+where
+    M: LanguageModel + Send,
+    F: Fn(usize) -> candle_train::Result<M> + Sync,
+{
+    in_process(config, trainer, corpus, optimizer, Some(checkpoint), make_model)
+}
+
+fn in_process<M, F>(
+    config: &InProcessConfig,
+    trainer: &Trainer,
+    corpus: &Corpus,
+    optimizer: &OptimizerConfig,
+    checkpoint: Option<&Path>,
+    make_model: F,
+) -> Result<Vec<RankRun<M>>>
+where
+    M: LanguageModel + Send,
+    F: Fn(usize) -> candle_train::Result<M> + Sync,
+{
     let world_size = config.world_size.get();
     let comms = LocalGroup::ranks(world_size, config.timeout);
     let outcomes: Vec<Result<RankRun<M>>> = std::thread::scope(|scope| {
@@ -69,7 +110,7 @@ where
                 let make_model = &make_model;
                 scope.spawn(move || -> Result<RankRun<M>> {
                     let model = make_model(rank)?;
-                    fit_rank(config.stage, Box::new(comm), trainer, corpus, optimizer, model)
+                    run_rank(config.stage, Box::new(comm), trainer, corpus, optimizer, model, checkpoint)
                 })
             })
             .collect();
@@ -99,11 +140,15 @@ where
 /// Trains `model` as one rank of a data-parallel group, through `comm` (any backend: one
 /// thread of [`fit_in_process`], or one process with a
 /// [`TcpCommunicator`](crate::comm::TcpCommunicator)): builds the rank's [`ZeroUpdater`] (one
-/// flat buffer per segment for stage 2), broadcasts rank 0's parameters, and runs
-/// [`Trainer::fit`] on this rank's share of every global batch.
+/// flat buffer per segment for stages 2 and 3), broadcasts rank 0's parameters, and runs
+/// [`Trainer::fit`] on this rank's share of every global batch. Stage 3 trains the model
+/// wrapped in a [`ShardedModel`] and gathers its parameters back at the end: the returned
+/// model is whole.
 ///
 /// # Errors
-/// A model, data, updater or collective error of this rank.
+/// A model, data, updater or collective error of this rank; [`Error::InvalidConfig`] for stage
+/// 3 with the plain whole-graph backward (stage 3 gathers each segment's parameters around
+/// that segment's own backward).
 pub fn fit_rank<M: LanguageModel>(
     stage: ZeroStage,
     comm: Box<dyn crate::comm::Communicator>,
@@ -112,7 +157,65 @@ pub fn fit_rank<M: LanguageModel>(
     optimizer: &OptimizerConfig,
     model: M,
 ) -> Result<RankRun<M>> {
+    run_rank(stage, comm, trainer, corpus, optimizer, model, None)
+}
+
+/// As [`fit_rank`], continuing the sharded checkpoint `checkpoint` (see
+/// [`resume_in_process`]).
+///
+/// # Errors
+/// As [`fit_rank`], and checkpoint errors.
+pub fn resume_rank<M: LanguageModel>(
+    stage: ZeroStage,
+    comm: Box<dyn crate::comm::Communicator>,
+    trainer: &Trainer,
+    corpus: &Corpus,
+    optimizer: &OptimizerConfig,
+    model: M,
+    checkpoint: &Path,
+) -> Result<RankRun<M>> {
+    run_rank(stage, comm, trainer, corpus, optimizer, model, Some(checkpoint))
+}
+
+fn run_rank<M: LanguageModel>(
+    stage: ZeroStage,
+    comm: Box<dyn crate::comm::Communicator>,
+    trainer: &Trainer,
+    corpus: &Corpus,
+    optimizer: &OptimizerConfig,
+    model: M,
+    checkpoint: Option<&Path>,
+) -> Result<RankRun<M>> {
     let (rank, world_size) = (comm.rank(), comm.world_size());
+    let trainer = trainer.clone().data_parallel(rank, world_size)?;
+    if stage == ZeroStage::Stage3 {
+        if trainer.config().backward == BackwardMode::Plain {
+            return Err(Error::config(
+                "backward",
+                "ZeRO stage 3 needs the segmented backward: the plain backward reads every segment's parameters at once",
+            ));
+        }
+        let (sharded, mut updater) = ShardedModel::new(model, optimizer, comm)?;
+        let trained = match checkpoint {
+            Some(path) => trainer.resume(&sharded, corpus, &mut updater, path),
+            None => trainer.fit(&sharded, corpus, &mut updater),
+        };
+        let report = match trained {
+            Ok(report) => report,
+            // A collective that failed inside a forward, typed.
+            Err(e) => return Err(sharded.take_error().unwrap_or(Error::Train(e))),
+        };
+        let peak_gathered_bytes = sharded.peak_gathered_bytes();
+        let model = sharded.into_inner()?;
+        return Ok(RankRun {
+            rank,
+            model,
+            report,
+            comm: updater.comm_stats(),
+            state: updater.state_bytes(),
+            peak_gathered_bytes,
+        });
+    }
     // Stage 2 reduces per segment: one flat buffer per segment.
     let units = match stage {
         ZeroStage::Stage2 => segment_units(&model, model.parameters()),
@@ -120,7 +223,16 @@ pub fn fit_rank<M: LanguageModel>(
     };
     let mut updater = ZeroUpdater::with_units(stage, model.parameters(), &units, optimizer, comm)?;
     updater.broadcast_parameters()?;
-    let trainer = trainer.clone().data_parallel(rank, world_size)?;
-    let report = trainer.fit(&model, corpus, &mut updater)?;
-    Ok(RankRun { rank, model, report, comm: updater.comm_stats(), state: updater.state_bytes() })
+    let report = match checkpoint {
+        Some(path) => trainer.resume(&model, corpus, &mut updater, path)?,
+        None => trainer.fit(&model, corpus, &mut updater)?,
+    };
+    Ok(RankRun {
+        rank,
+        model,
+        report,
+        comm: updater.comm_stats(),
+        state: updater.state_bytes(),
+        peak_gathered_bytes: 0,
+    })
 }

@@ -75,6 +75,17 @@ pub enum CommError {
         world_size: usize,
     },
 
+    /// The backend (NCCL, CUDA) reported a failure of its own.
+    #[error("{op} on rank {rank} failed in the backend: {message}")]
+    Backend {
+        /// The operation.
+        op: Op,
+        /// The rank reporting it.
+        rank: usize,
+        /// The backend's message.
+        message: String,
+    },
+
     /// A broadcast root that is not a rank.
     #[error("{op} on rank {rank}: root {root} is not below the world size {world_size}")]
     BadRoot {

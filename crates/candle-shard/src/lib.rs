@@ -1,5 +1,5 @@
 //! Data-parallel training with ZeRO-style sharding for candle-train: communicators, flat
-//! parameter partitions, ZeRO stages 0-2 as candle-train [`Updater`](candle_train::Updater)s,
+//! parameter partitions, ZeRO stages 0-3 as candle-train [`Updater`](candle_train::Updater)s,
 //! rank discovery from launcher variables, and a driver for N in-process ranks.
 //!
 //! - [`comm`]: the [`Communicator`](comm::Communicator) trait (all-reduce, reduce-scatter,
@@ -7,8 +7,12 @@
 //!   backend [`LocalGroup`](comm::LocalGroup) and a multi-process CPU backend over TCP
 //!   [`TcpCommunicator`](comm::TcpCommunicator).
 //! - [`partition`]: flat per-dtype buffers padded so each rank owns an equal contiguous slice.
-//! - [`zero`]: [`ZeroUpdater`](zero::ZeroUpdater), stages 0, 1 and 2. Stage 3 (parameters
-//!   sharded) is not implemented yet and is refused with an error.
+//! - [`zero`]: [`ZeroUpdater`](zero::ZeroUpdater), stages 0-3; [`stage3`]:
+//!   [`ShardedModel`](stage3::ShardedModel), the model wrapper of stage 3 that gathers each
+//!   segment's parameters just before its forward or recompute and releases them after.
+//! - [`checkpoint`]: sharded checkpoints (one file per rank and a manifest), resumable on any
+//!   number of ranks.
+//! - [`estimate`]: per-rank model-state bytes of each stage from shapes alone.
 //! - [`discovery`]: rank discovery from torchrun and Slurm variables.
 //! - [`driver`]: [`fit_rank`](driver::fit_rank), one rank over any communicator, and
 //!   [`fit_in_process`](driver::fit_in_process), N ranks as threads.
@@ -39,23 +43,27 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Under the `nccl` feature, module `nccl` holds an NCCL backend (`NcclCommunicator`): it
-//! compiles in CI but has never run (no GPU yet), and is not yet wired to the
-//! [`Communicator`](comm::Communicator) trait.
+//! Under the `nccl` feature, module `nccl` holds an NCCL backend (`NcclCommunicator`, a
+//! [`Communicator`](comm::Communicator) whose unique id travels over the TCP rendezvous): it
+//! compiles in CI but has never run (no GPU yet).
 
 #[cfg(feature = "nccl")]
 pub mod nccl;
 
+pub mod checkpoint;
 pub mod comm;
 pub mod discovery;
 pub mod driver;
 pub mod error;
+pub mod estimate;
 pub mod partition;
+pub mod stage3;
 pub mod zero;
 
 pub use error::{CommError, Error, Result};
 
-/// The ZeRO stages. [`zero::ZeroUpdater`] implements stages 0, 1 and 2.
+/// The ZeRO stages, all implemented by [`zero::ZeroUpdater`] (stage 3 with
+/// [`stage3::ShardedModel`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ZeroStage {
     /// Plain data parallelism: gradients all-reduced, optimizer state replicated.
@@ -64,7 +72,8 @@ pub enum ZeroStage {
     Stage1,
     /// Optimizer state and gradients sharded (reduced per segment during backward).
     Stage2,
-    /// Optimizer state, gradients and parameters sharded (not implemented).
+    /// Optimizer state, gradients and parameters sharded (each segment's parameters gathered
+    /// around its use).
     Stage3,
 }
 

@@ -1,23 +1,30 @@
 //! The NCCL backend (feature `nccl`): one process per GPU, collectives through NCCL on the
 //! device's stream.
 //!
-//! Self-contained for now: candle-shard's `Communicator` trait (issue 6) is not merged on this
-//! branch. [`NcclCommunicator`]'s methods have that trait's names, signatures and in-place
-//! semantics (host slices in, host slices out; chunk `rank` is this rank's), so wiring it is
-//! `impl Communicator for NcclCommunicator` forwarding each method, with [`NcclError`] mapped
-//! into `CommError`, and the unique id exchanged over the TCP rendezvous (rank 0 calls
-//! [`NcclId::new`] and broadcasts [`NcclId::as_bytes`]).
+//! [`NcclCommunicator`] implements the [`Communicator`] trait (host slices in, host slices out;
+//! chunk `rank` is this rank's), with [`NcclError`] mapped into [`CommError`]
+//! ([`CommError::BadLength`], [`CommError::BadRoot`], [`CommError::Backend`]).
+//! [`NcclCommunicator::connect`] forms the group from the launcher's variables: rank 0 makes
+//! the unique id ([`NcclId::new`]) and broadcasts its 128 bytes over the TCP rendezvous
+//! ([`TcpCommunicator`]) at `MASTER_ADDR:MASTER_PORT`, then every rank joins the NCCL group.
 //!
 //! Buffers are staged through device memory on each call: that is what a host-slice API costs.
 //! The ZeRO stages will want a device-buffer API beside it, so gradients never leave the GPU.
 //! NCCL calls block with no timeout of their own: a missing peer hangs (NCCL's
-//! `NCCL_TIMEOUT`/watchdog settings apply).
+//! `NCCL_TIMEOUT`/watchdog settings apply); [`Communicator::timeout`] is the rendezvous's.
+//! Compiled in CI, never run yet (no GPU).
 
+use std::cell::Cell;
 use std::sync::Arc;
+use std::time::Duration;
 
 use candle::cuda::cudarc::driver::{CudaStream, DeviceRepr, DriverError, ValidAsZeroBits};
 use candle::cuda::cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
 use candle::CudaDevice;
+
+use crate::comm::{CommStats, Communicator, Op, TcpCommunicator};
+use crate::discovery::RankInfo;
+use crate::error::CommError;
 
 /// Why an NCCL operation failed.
 #[non_exhaustive]
@@ -113,6 +120,8 @@ impl NcclId {
 pub struct NcclCommunicator {
     comm: SendComm,
     stream: Arc<CudaStream>,
+    timeout: Duration,
+    stats: Cell<CommStats>,
 }
 
 /// cudarc's `Comm` holds NCCL's raw communicator handle, so it is not `Send`.
@@ -149,7 +158,28 @@ impl NcclCommunicator {
             rank,
             code: format!("{e:?}"),
         })?;
-        Ok(Self { comm: SendComm(comm), stream })
+        Ok(Self { comm: SendComm(comm), stream, timeout: Duration::from_secs(300), stats: Cell::default() })
+    }
+
+    /// Joins the NCCL group of the launcher's ranks (`info`: from torchrun, Slurm or
+    /// `candle-fit launch`) on `device`: the ranks meet over TCP at `MASTER_ADDR:MASTER_PORT`
+    /// (waiting at most `timeout`), rank 0 broadcasts a fresh unique id, and every rank joins.
+    ///
+    /// # Errors
+    /// A rendezvous failure (a rank that never arrives: [`CommError::Timeout`]), or as
+    /// [`Self::new`].
+    pub fn connect(info: &RankInfo, device: &CudaDevice, timeout: Duration) -> crate::Result<Self> {
+        let rendezvous = TcpCommunicator::connect(info, timeout)?;
+        let mut bytes = [0u8; 128];
+        if info.rank == 0 {
+            bytes = NcclId::new().map_err(|e| backend(Op::Broadcast, 0, e))?.as_bytes();
+        }
+        rendezvous.broadcast(&mut bytes, 0)?;
+        let id = NcclId::from_bytes(&bytes).map_err(|e| backend(Op::Broadcast, info.rank, e))?;
+        let mut comm = Self::new(device, info.rank, info.world_size, &id)
+            .map_err(|e| backend(Op::Barrier, info.rank, e))?;
+        comm.timeout = timeout;
+        Ok(comm)
     }
 
     /// A group of one on `device`: every collective is the identity, which is how the ZeRO
@@ -296,5 +326,82 @@ impl NcclCommunicator {
     /// An NCCL or CUDA failure.
     pub fn barrier(&self) -> Result<(), NcclError> {
         self.in_place("barrier", &mut [0f32], |comm, b| comm.all_reduce_in_place(b, &ReduceOp::Sum).map(drop))
+    }
+}
+
+fn backend(op: Op, rank: usize, e: NcclError) -> CommError {
+    CommError::Backend { op, rank, message: e.to_string() }
+}
+
+impl NcclCommunicator {
+    /// Maps an [`NcclError`] of `op` into the trait's [`CommError`] and counts the call.
+    fn traced(&self, op: Op, bytes: usize, result: Result<(), NcclError>) -> Result<(), CommError> {
+        let rank = self.rank();
+        let world_size = self.world_size();
+        match result {
+            Ok(()) => {
+                let mut stats = self.stats.get();
+                stats.record(op, bytes, world_size);
+                self.stats.set(stats);
+                Ok(())
+            }
+            Err(NcclError::BadLength { len, .. }) => Err(CommError::BadLength { op, rank, len, world_size }),
+            Err(NcclError::BadRank { rank: root, .. }) => {
+                Err(CommError::BadRoot { op, rank, root, world_size })
+            }
+            Err(e) => Err(backend(op, rank, e)),
+        }
+    }
+}
+
+impl Communicator for NcclCommunicator {
+    fn rank(&self) -> usize {
+        NcclCommunicator::rank(self)
+    }
+
+    fn world_size(&self) -> usize {
+        NcclCommunicator::world_size(self)
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn all_reduce_f32(&self, values: &mut [f32]) -> Result<(), CommError> {
+        let bytes = std::mem::size_of_val(values);
+        self.traced(Op::AllReduce, bytes, NcclCommunicator::all_reduce_f32(self, values))
+    }
+
+    fn all_reduce_f64(&self, values: &mut [f64]) -> Result<(), CommError> {
+        let bytes = std::mem::size_of_val(values);
+        self.traced(Op::AllReduce, bytes, NcclCommunicator::all_reduce_f64(self, values))
+    }
+
+    fn reduce_f32(&self, values: &mut [f32], root: usize) -> Result<(), CommError> {
+        let bytes = std::mem::size_of_val(values);
+        self.traced(Op::Reduce, bytes, NcclCommunicator::reduce_f32(self, values, root))
+    }
+
+    fn reduce_scatter_f32(&self, values: &mut [f32]) -> Result<(), CommError> {
+        let bytes = std::mem::size_of_val(values);
+        self.traced(Op::ReduceScatter, bytes, NcclCommunicator::reduce_scatter_f32(self, values))
+    }
+
+    fn all_gather(&self, bytes: &mut [u8]) -> Result<(), CommError> {
+        let len = bytes.len();
+        self.traced(Op::AllGather, len, NcclCommunicator::all_gather(self, bytes))
+    }
+
+    fn broadcast(&self, bytes: &mut [u8], root: usize) -> Result<(), CommError> {
+        let len = bytes.len();
+        self.traced(Op::Broadcast, len, NcclCommunicator::broadcast(self, bytes, root))
+    }
+
+    fn barrier(&self) -> Result<(), CommError> {
+        self.traced(Op::Barrier, 0, NcclCommunicator::barrier(self))
+    }
+
+    fn stats(&self) -> CommStats {
+        self.stats.get()
     }
 }

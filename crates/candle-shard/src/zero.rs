@@ -1,4 +1,4 @@
-//! ZeRO stages 0, 1 and 2 as candle-train [`Updater`]s for one rank of N.
+//! ZeRO stages 0-3 as candle-train [`Updater`]s for one rank of N.
 //!
 //! Parameters are laid out in one flat buffer per dtype by [`Partition`]; each rank owns one
 //! equal contiguous slice of it.
@@ -19,6 +19,12 @@
 //!   yet (a tied weight used by a later segment) is held until its last contribution arrives.
 //!   The step is stage 1's; the all-gather of the new values goes through a transient flat
 //!   buffer per unit.
+//! - Stage 3 (parameters sharded too): stage 2's buffers, gradients and reduction; the rank
+//!   keeps only its FP32 slice of the parameters (for F32 parameters the slice is the
+//!   parameters; otherwise it is the master weights, rounded to the dtype when gathered), and
+//!   the model's variables are released except around their segment's use. Built with
+//!   [`ShardedModel::new`](crate::stage3::ShardedModel::new), which wraps the model; see
+//!   [`crate::stage3`]. The step updates the slices and all-gathers nothing.
 //!
 //! How the optimizer sees a slice that cuts through parameters: it is built over the rank's
 //! [`Piece`](crate::partition::Piece)s (index `k` is the rank's `k`-th piece, of the piece's
@@ -35,18 +41,23 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use candle::{DType, TensorId};
 use candle_ckpt::SegmentGradients;
+use candle_train::checkpoint::{Checkpoint, Progress, RunIdentity, ShardedInfo};
 use candle_train::host::{to_f32_vec, update_f32_in_place, with_f32_values, write_f32_values};
 use candle_train::loss_scale::unscale_slice;
 use candle_train::updater::StateBytes;
 use candle_train::{Optimizer, OptimizerConfig, Parameter, Parameters, StepReport, Updater};
 use half::{bf16, f16};
 
+use crate::checkpoint::{buffers_by_index, Need, SavedPiece};
 use crate::comm::{CommStats, Communicator};
 use crate::error::{Error, Result};
 use crate::partition::{FlatEntry, Partition};
+use crate::stage3::{lock, shardable, ShardedParameters, SharedComm};
 use crate::ZeroStage;
 
 /// One flat buffer's state on this rank.
@@ -88,6 +99,8 @@ pub struct ZeroUpdater {
     /// Stage 2: per group, its flat FP32 gradients staged so far and how many of its
     /// parameters they cover.
     staging: HashMap<usize, (Vec<f32>, usize)>,
+    /// Stage 3: the rank's parameter slices, shared with the model wrapper.
+    shards: Option<Arc<Mutex<ShardedParameters>>>,
 }
 
 /// For each of `params` (in order), the segment of `model` whose backward completes its
@@ -123,7 +136,8 @@ impl ZeroUpdater {
     /// [`ZeroUpdater::with_units`] so that it reduces during backward.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for stage 3 (not implemented) or bad optimizer
+    /// [`Error::InvalidConfig`] for stage 3 (it shards the model too: build it with
+    /// [`ShardedModel::new`](crate::stage3::ShardedModel::new)) or bad optimizer
     /// hyper-parameters; a device error reading half-precision parameters.
     pub fn new(
         stage: ZeroStage,
@@ -148,8 +162,45 @@ impl ZeroUpdater {
         comm: Box<dyn Communicator>,
     ) -> Result<Self> {
         if stage == ZeroStage::Stage3 {
-            return Err(Error::config("zero", "stage 3 is not implemented; use stage 0, 1 or 2"));
+            return Err(Error::config(
+                "zero",
+                "stage 3 shards the model's parameters too: build it with `ShardedModel::new`",
+            ));
         }
+        Self::build(stage, params, units, optimizer, comm)
+    }
+
+    /// Stage 3's updater and its parameter slices (every variable still gathered).
+    pub(crate) fn stage3(
+        params: &Parameters,
+        units: &[usize],
+        optimizer: &OptimizerConfig,
+        comm: Box<dyn Communicator>,
+    ) -> Result<(Self, Arc<Mutex<ShardedParameters>>)> {
+        if let Some(p) = params.iter().find(|p| !shardable(p.var.dtype())) {
+            return Err(Error::config(
+                "zero",
+                format!("stage 3 cannot shard parameter `{}` of dtype {:?}", p.name, p.var.dtype()),
+            ));
+        }
+        let updater = Self::build(ZeroStage::Stage3, params, units, optimizer, comm)?;
+        let shards = updater.shards.clone().expect("stage 3 builds its parameter slices");
+        Ok((updater, shards))
+    }
+
+    fn build(
+        stage: ZeroStage,
+        params: &Parameters,
+        units: &[usize],
+        optimizer: &OptimizerConfig,
+        comm: Box<dyn Communicator>,
+    ) -> Result<Self> {
+        let (comm, shared): (Box<dyn Communicator>, _) = if stage == ZeroStage::Stage3 {
+            let shared = SharedComm::new(comm);
+            (Box::new(shared.clone()), Some(shared))
+        } else {
+            (comm, None)
+        };
         let params: Vec<Parameter> = params.iter().cloned().collect();
         let shapes: Vec<(DType, usize)> =
             params.iter().map(|p| (p.var.dtype(), p.var.elem_count())).collect();
@@ -163,6 +214,7 @@ impl ZeroUpdater {
         let rank = comm.rank();
         let mut groups = Vec::new();
         let mut pieces = Vec::new();
+        let mut slices = Vec::new();
         for (g, layout) in partition.groups().iter().enumerate() {
             let (owned, group_pieces) = match stage {
                 ZeroStage::Stage0 => {
@@ -176,7 +228,8 @@ impl ZeroUpdater {
                     (layout.shard_range(rank), mine.collect())
                 }
             };
-            let master = if layout.dtype() == DType::F32 {
+            // Stage 3 keeps an FP32 slice for every dtype (outside the group: shared).
+            let master = if layout.dtype() == DType::F32 && stage != ZeroStage::Stage3 {
                 None
             } else {
                 let mut master = vec![0f32; owned.len()];
@@ -186,18 +239,31 @@ impl ZeroUpdater {
                 }
                 Some(master)
             };
+            let master = match stage {
+                ZeroStage::Stage3 => {
+                    slices.push(master.unwrap_or_default());
+                    None
+                }
+                _ => master,
+            };
             for (param, param_range, owned_range) in group_pieces {
                 let decay = params[param].var.rank() >= 2;
                 pieces.push(OwnedPiece { group: g, param, param_range, owned_range, decay });
             }
             let (grads, grads_offset) = match stage {
-                ZeroStage::Stage2 => (vec![0.0; owned.len()], owned.start),
+                ZeroStage::Stage2 | ZeroStage::Stage3 => (vec![0.0; owned.len()], owned.start),
                 _ => (vec![0.0; layout.padded_len()], 0),
             };
             groups.push(Group { grads, grads_offset, owned, master });
         }
-        let sizes: Vec<usize> = pieces.iter().map(|p| p.param_range.len()).collect();
-        let optimizer = optimizer.build(&sizes)?;
+        // (piece, whole parameter) lengths: 8-bit AdamW decides 8-bit or 32-bit state per
+        // original parameter, whatever the slice this rank steps.
+        let sizes: Vec<(usize, usize)> =
+            pieces.iter().map(|p| (p.param_range.len(), params[p.param].var.elem_count())).collect();
+        let optimizer = optimizer.build_pieces(&sizes)?;
+        let shards = shared.map(|comm| {
+            Arc::new(Mutex::new(ShardedParameters::new(comm, params.clone(), partition.clone(), slices)))
+        });
         Ok(Self {
             stage,
             comm,
@@ -210,6 +276,7 @@ impl ZeroUpdater {
             reduced: false,
             pending: HashMap::new(),
             staging: HashMap::new(),
+            shards,
         })
     }
 
@@ -217,8 +284,15 @@ impl ZeroUpdater {
     /// data-parallel training starts: one broadcast per flat buffer, in the parameters' dtype.
     ///
     /// # Errors
-    /// A collective failure, or a device error.
+    /// A collective failure, or a device error; [`Error::InvalidConfig`] for a stage-3 updater
+    /// whose model is sharded already.
     pub fn broadcast_parameters(&mut self) -> Result<()> {
+        if self.shards.as_ref().is_some_and(|s| lock(s).is_releasing()) {
+            return Err(Error::config(
+                "zero",
+                "stage 3 broadcasts rank 0's parameters before it releases them (in `ShardedModel::new`), not after",
+            ));
+        }
         for (g, layout) in self.partition.groups().iter().enumerate() {
             let mut flat = vec![0f32; layout.padded_len()];
             for e in layout.entries() {
@@ -233,6 +307,9 @@ impl ZeroUpdater {
             let group = &mut self.groups[g];
             if let Some(master) = group.master.as_mut() {
                 master.copy_from_slice(&flat[group.owned.clone()]);
+            }
+            if let Some(shards) = &self.shards {
+                lock(shards).values[g].copy_from_slice(&flat[group.owned.clone()]);
             }
         }
         Ok(())
@@ -276,7 +353,7 @@ impl ZeroUpdater {
     /// Reduces the accumulated gradients across ranks, once per step (stage 2 reduced them
     /// during backward).
     fn reduce(&mut self) -> Result<()> {
-        if self.stage == ZeroStage::Stage2 {
+        if matches!(self.stage, ZeroStage::Stage2 | ZeroStage::Stage3) {
             // Units the engine never completed (a parameter no segment lists a final gradient
             // for): flushed in group order, the same on every rank.
             let mut incomplete: Vec<usize> = self.staging.keys().copied().collect();
@@ -312,6 +389,10 @@ impl ZeroUpdater {
     /// Stage 1: all-gathers the stepped slices, in the parameters' dtype, into every rank's
     /// parameters. Stage 0: writes the master weights of half-precision parameters back.
     fn publish(&mut self) -> Result<()> {
+        if let Some(shards) = &self.shards {
+            // Stage 3: nothing to gather; variables gathered now get the new values.
+            return lock(shards).refresh();
+        }
         let rank = self.comm.rank();
         for (g, layout) in self.partition.groups().iter().enumerate() {
             let group = &mut self.groups[g];
@@ -401,6 +482,151 @@ impl ZeroUpdater {
     }
 }
 
+impl ZeroUpdater {
+    /// This rank's pieces of a sharded checkpoint: its slice of every flat buffer (whatever the
+    /// stage: stage 0 steps everything but writes only its slice), with FP32 values and
+    /// optimizer buffers.
+    fn checkpoint_pieces(&self) -> Result<Vec<SavedPiece>> {
+        let rank = self.comm.rank();
+        let state = self.optimizer.state();
+        let buffers = buffers_by_index(&state)?;
+        let shards = self.shards.as_ref().map(|s| lock(s));
+        let mut out = Vec::new();
+        for (g, layout) in self.partition.groups().iter().enumerate() {
+            let group = &self.groups[g];
+            let shard = layout.shard_range(rank);
+            for piece in layout.pieces(rank) {
+                // The flat elements, relative to the owned range.
+                let flat = shard.start + piece.shard_range.start - group.owned.start
+                    ..shard.start + piece.shard_range.end - group.owned.start;
+                let values = match (&shards, &group.master) {
+                    (Some(shards), _) => shards.values[g][flat.clone()].to_vec(),
+                    (None, Some(master)) => master[flat.clone()].to_vec(),
+                    (None, None) => with_f32_values(self.params[piece.param].var.as_tensor(), |v| {
+                        v[piece.param_range.clone()].to_vec()
+                    })?,
+                };
+                // The optimizer piece holding these elements (stage 0: the whole parameter).
+                let owner = self.pieces.iter().position(|o| {
+                    o.group == g
+                        && o.param == piece.param
+                        && o.param_range.start <= piece.param_range.start
+                        && piece.param_range.end <= o.param_range.end
+                });
+                let Some(k) = owner else {
+                    return Err(Error::config(
+                        "checkpoint",
+                        "internal: a slice piece has no optimizer piece",
+                    ));
+                };
+                let o = &self.pieces[k];
+                let offset = piece.param_range.start - o.param_range.start;
+                let mut piece_buffers = Vec::new();
+                for (base, values) in buffers.get(&k).map(Vec::as_slice).unwrap_or_default() {
+                    if values.len() != o.param_range.len() {
+                        return Err(Error::config(
+                            "checkpoint",
+                            format!(
+                                "{} buffer `{base}` is not elementwise: it cannot be sharded",
+                                state.kind
+                            ),
+                        ));
+                    }
+                    piece_buffers
+                        .push((base.clone(), values[offset..offset + piece.param_range.len()].to_vec()));
+                }
+                out.push(SavedPiece {
+                    name: self.params[piece.param].name.clone(),
+                    param_range: piece.param_range,
+                    values,
+                    buffers: piece_buffers,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn restore_from(&mut self, ckpt: &Checkpoint, params: &Parameters) -> Result<()> {
+        let Some(info) = &ckpt.manifest.sharded else {
+            return Err(Error::config("checkpoint", "not a sharded checkpoint"));
+        };
+        if info.optimizer != self.optimizer.name() {
+            return Err(Error::Train(candle_train::Error::checkpoint(
+                &ckpt.path,
+                format!("it holds {} state, this run uses {}", info.optimizer, self.optimizer.name()),
+            )));
+        }
+        let current = self.optimizer.state();
+        let by_index = buffers_by_index(&current)?;
+        let stage3 = self.shards.is_some();
+        let mut needs = Vec::new();
+        // Values: every parameter whole (stages 0-2 hold it), or the owned pieces (stage 3).
+        if !stage3 {
+            for (i, p) in self.params.iter().enumerate() {
+                needs.push(Need { buffer: "value".into(), param: i, range: 0..p.var.elem_count() });
+            }
+        }
+        for (k, piece) in self.pieces.iter().enumerate() {
+            if stage3 {
+                needs.push(Need {
+                    buffer: "value".into(),
+                    param: piece.param,
+                    range: piece.param_range.clone(),
+                });
+            }
+            for (base, _) in by_index.get(&k).map(Vec::as_slice).unwrap_or_default() {
+                needs.push(Need {
+                    buffer: base.clone(),
+                    param: piece.param,
+                    range: piece.param_range.clone(),
+                });
+            }
+        }
+        let mut found = crate::checkpoint::read(ckpt, params, &needs)?.into_iter();
+        let mut values = Vec::new();
+        let mut buffers = std::collections::BTreeMap::new();
+        if !stage3 {
+            values = found.by_ref().take(self.params.len()).collect();
+        }
+        let mut piece_values = Vec::new();
+        for (k, _) in self.pieces.iter().enumerate() {
+            if stage3 {
+                piece_values.push(found.next().unwrap_or_default());
+            }
+            for (base, _) in by_index.get(&k).map(Vec::as_slice).unwrap_or_default() {
+                buffers.insert(format!("{base}.{k}"), found.next().unwrap_or_default());
+            }
+        }
+        let state = candle_train::optim::OptimizerState {
+            kind: current.kind.clone(),
+            step: info.optimizer_step,
+            buffers,
+            quantized: Default::default(),
+        };
+        // The optimizer checks its buffers and changes nothing on error.
+        self.optimizer.load_state(&state)?;
+        if let Some(shards) = &self.shards {
+            let mut shards = lock(shards);
+            for (piece, v) in self.pieces.iter().zip(piece_values) {
+                shards.values[piece.group][piece.owned_range.clone()].copy_from_slice(&v);
+            }
+            shards.refresh()?;
+        } else {
+            for (p, v) in self.params.iter().zip(&values) {
+                write_f32_values(&p.var, v)?;
+            }
+            for piece in &self.pieces {
+                if let Some(master) = self.groups[piece.group].master.as_mut() {
+                    master[piece.owned_range.clone()]
+                        .copy_from_slice(&values[piece.param][piece.param_range.clone()]);
+                }
+            }
+        }
+        self.zero_grad();
+        Ok(())
+    }
+}
+
 fn unknown(name: &str) -> candle_train::Error {
     candle_train::Error::StateMismatch {
         name: name.to_string(),
@@ -412,7 +638,7 @@ fn unknown(name: &str) -> candle_train::Error {
 /// Runs an in-place byte collective on `flat` converted to `dtype` (rounded to nearest even,
 /// as Candle's `to_dtype`), and returns the result as FP32. F32 buffers go through as they
 /// are, without a copy.
-fn exchange_in_dtype(
+pub(crate) fn exchange_in_dtype(
     dtype: DType,
     mut flat: Vec<f32>,
     collective: impl FnOnce(&mut [u8]) -> std::result::Result<(), crate::error::CommError>,
@@ -442,6 +668,10 @@ impl Updater for ZeroUpdater {
     fn accumulate(&mut self, gradients: &SegmentGradients) -> candle_train::Result<()> {
         if self.stage == ZeroStage::Stage2 {
             return self.accumulate_sharded(gradients);
+        }
+        if let Some(shards) = self.shards.clone() {
+            self.accumulate_sharded(gradients)?;
+            return Ok(lock(&shards).after_backward(gradients.segment)?);
         }
         for g in &gradients.gradients {
             let Some(&(group, entry)) = self.index.get(&g.var.as_tensor().id()) else {
@@ -481,10 +711,16 @@ impl Updater for ZeroUpdater {
             }
         }
         self.optimizer.begin_step();
+        let mut shards = self.shards.as_ref().map(|s| lock(s));
         for (k, piece) in self.pieces.iter().enumerate() {
             let group = &mut self.groups[piece.group];
             let grad = &group.grads[group.owned.start - group.grads_offset..][piece.owned_range.clone()];
             let optimizer = &mut self.optimizer;
+            if let Some(shards) = shards.as_mut() {
+                let slice = &mut shards.values[piece.group][piece.owned_range.clone()];
+                optimizer.update(k, slice, grad, lr, piece.decay)?;
+                continue;
+            }
             match &mut group.master {
                 Some(master) => {
                     optimizer.update(k, &mut master[piece.owned_range.clone()], grad, lr, piece.decay)?
@@ -499,6 +735,7 @@ impl Updater for ZeroUpdater {
                 }
             }
         }
+        drop(shards);
         self.publish()?;
         self.zero_grad();
         Ok(StepReport { grad_norm, stepped: true, clip_coef })
@@ -532,6 +769,45 @@ impl Updater for ZeroUpdater {
         self.optimizer.as_mut()
     }
 
+    fn sharded_checkpoints(&self) -> bool {
+        true
+    }
+
+    fn save_sharded(
+        &mut self,
+        run_dir: &Path,
+        keep: usize,
+        params: &Parameters,
+        progress: Progress,
+        run: RunIdentity,
+    ) -> candle_train::Result<PathBuf> {
+        let pieces = self.checkpoint_pieces();
+        // A rank that cannot build its pieces still takes part (with none), so that every rank
+        // fails together instead of waiting for it.
+        let (pieces, local_error) = match pieces {
+            Ok(p) => (p, None),
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        let mut flag = [f64::from(u8::from(local_error.is_some()))];
+        self.comm.all_reduce_f64(&mut flag).map_err(Error::from)?;
+        if let Some(e) = local_error {
+            return Err(e.into());
+        }
+        if flag[0] > 0.0 {
+            return Err(candle_train::Error::config("checkpoint", "another rank could not export its state"));
+        }
+        let info = ShardedInfo {
+            stage: self.stage as u8,
+            optimizer: self.optimizer.name().to_string(),
+            optimizer_step: self.optimizer.step_count(),
+        };
+        Ok(crate::checkpoint::save(self.comm.as_ref(), run_dir, keep, params, pieces, info, progress, run)?)
+    }
+
+    fn restore_sharded(&mut self, checkpoint: &Checkpoint, params: &Parameters) -> candle_train::Result<()> {
+        Ok(self.restore_from(checkpoint, params)?)
+    }
+
     fn sum_over_ranks(&mut self, value: f64) -> candle_train::Result<f64> {
         let mut v = [value];
         self.comm.all_reduce_f64(&mut v).map_err(Error::from)?;
@@ -541,7 +817,8 @@ impl Updater for ZeroUpdater {
     fn state_bytes(&self) -> StateBytes {
         StateBytes {
             gradients: self.groups.iter().map(|g| g.grads.len() * 4).sum(),
-            master_weights: self.groups.iter().flat_map(|g| &g.master).map(|m| m.len() * 4).sum(),
+            master_weights: self.groups.iter().flat_map(|g| &g.master).map(|m| m.len() * 4).sum::<usize>()
+                + self.shards.as_ref().map_or(0, |s| lock(s).slice_bytes()),
             optimizer_state: self.optimizer.state_bytes(),
         }
     }

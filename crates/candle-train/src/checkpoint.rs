@@ -18,6 +18,11 @@
 //!
 //! Loading checks everything (version, checksums, parameter names, shapes and dtypes, the run's
 //! settings, optimizer kind and buffer lengths) before anything is changed.
+//!
+//! A sharded (data-parallel) updater writes a sharded checkpoint instead
+//! ([`Updater::save_sharded`]): one `rank-NNNNN.safetensors` per rank and the same manifest,
+//! whose [`Manifest::sharded`] says so; candle-shard writes and reads them, with the helpers
+//! here ([`write_synced`], [`install`]) and the same checks.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -182,6 +187,26 @@ pub struct Manifest {
     pub parameters: Vec<ParameterSpec>,
     /// The data files with sizes and checksums.
     pub files: Vec<FileEntry>,
+    /// For a sharded checkpoint (one file per rank, [`rank_file`]), what its files hold; absent
+    /// for a whole one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sharded: Option<ShardedInfo>,
+}
+
+/// What a sharded checkpoint's rank files hold besides their tensors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardedInfo {
+    /// The ZeRO stage that wrote it (informative: any stage reads it).
+    pub stage: u8,
+    /// The optimizer's name.
+    pub optimizer: String,
+    /// The optimizer's step count.
+    pub optimizer_step: u64,
+}
+
+/// The file of rank `rank` in a sharded checkpoint.
+pub fn rank_file(rank: usize) -> String {
+    format!("rank-{rank:05}.safetensors")
 }
 
 impl Manifest {
@@ -208,7 +233,16 @@ impl Manifest {
             .map_err(|e| Error::checkpoint(path, format!("malformed manifest: {e}")))?;
         let mut names: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
         names.sort_unstable();
-        let mut expected = DATA_FILES.to_vec();
+        let rank_files: Vec<String> = match manifest.sharded {
+            // Bounded so that a hostile manifest cannot make us allocate without limit.
+            Some(_) if manifest.world_size <= 1 << 16 => (0..manifest.world_size).map(rank_file).collect(),
+            Some(_) => return Err(Error::checkpoint(path, "implausible world size")),
+            None => Vec::new(),
+        };
+        let mut expected: Vec<&str> = match manifest.sharded {
+            Some(_) => rank_files.iter().map(String::as_str).collect(),
+            None => DATA_FILES.to_vec(),
+        };
         expected.sort_unstable();
         if names != expected {
             return Err(Error::checkpoint(
@@ -238,7 +272,11 @@ impl Manifest {
         Ok(manifest)
     }
 
-    fn file(&self, name: &str) -> Result<&FileEntry> {
+    /// The entry of data file `name`.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] when the manifest does not list it.
+    pub fn file(&self, name: &str) -> Result<&FileEntry> {
         self.files
             .iter()
             .find(|f| f.name == name)
@@ -319,14 +357,20 @@ pub fn run_dir_of(path: &Path) -> PathBuf {
 }
 
 /// Writes one file and syncs it.
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+///
+/// # Errors
+/// [`Error::Io`] naming the file.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut file = fs::File::create(path).map_err(|e| Error::io("create", path, e))?;
     file.write_all(bytes).map_err(|e| Error::io("write", path, e))?;
     file.sync_all().map_err(|e| Error::io("sync", path, e))
 }
 
 /// Syncs a directory so the renames and creations in it are durable.
-fn sync_dir(path: &Path) -> Result<()> {
+///
+/// # Errors
+/// [`Error::Io`] naming the directory.
+pub fn sync_dir(path: &Path) -> Result<()> {
     fs::File::open(path).and_then(|d| d.sync_all()).map_err(|e| Error::io("sync", path, e))
 }
 
@@ -353,12 +397,8 @@ pub fn save(
     if keep == 0 {
         return Err(Error::config("keep_checkpoints", "must be at least 1"));
     }
-    fs::create_dir_all(run_dir).map_err(|e| Error::io("create", run_dir, e))?;
-    let name = format!("{PREFIX}{:08}", progress.step);
-    let final_dir = run_dir.join(&name);
-    let tmp = run_dir.join(format!(".tmp-{name}-{}", std::process::id()));
-    remove_stale_temporaries(run_dir)?;
-    fs::create_dir(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+    let step = progress.step;
+    let tmp = temporary_dir(run_dir, step, &std::process::id().to_string())?;
     let written = (|| {
         let state = updater.save_state()?;
         let model: Vec<(String, Tensor)> =
@@ -395,6 +435,7 @@ pub fn save(
             run,
             parameters: parameter_specs(params),
             files,
+            sharded: None,
         };
         let json = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| Error::checkpoint(&tmp, format!("cannot encode the manifest: {e}")))?;
@@ -405,13 +446,43 @@ pub fn save(
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
+    install(run_dir, &tmp, step, keep)
+}
+
+/// The directory name of the checkpoint of step `step` (`step-00000042`).
+pub fn checkpoint_name(step: u64) -> String {
+    format!("{PREFIX}{step:08}")
+}
+
+/// Prepares an empty hidden temporary directory `run_dir/.tmp-step-NNNNNNNN-{tag}` for the
+/// checkpoint of `step` (stale temporaries of interrupted writes are removed first).
+///
+/// # Errors
+/// [`Error::Io`] naming the directory.
+pub fn temporary_dir(run_dir: &Path, step: u64, tag: &str) -> Result<PathBuf> {
+    fs::create_dir_all(run_dir).map_err(|e| Error::io("create", run_dir, e))?;
+    remove_stale_temporaries(run_dir)?;
+    let tmp = run_dir.join(format!(".tmp-{}-{tag}", checkpoint_name(step)));
+    fs::create_dir(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+    Ok(tmp)
+}
+
+/// Moves the complete, synced temporary directory `tmp` into place as the checkpoint of
+/// `step` in `run_dir` (replacing one of the same step), syncs `run_dir`, then removes all
+/// but the newest `keep` checkpoints. Returns the checkpoint's directory.
+///
+/// # Errors
+/// [`Error::Io`] naming the file on failure.
+pub fn install(run_dir: &Path, tmp: &Path, step: u64, keep: usize) -> Result<PathBuf> {
+    let name = checkpoint_name(step);
+    let final_dir = run_dir.join(&name);
     // A checkpoint of the same step (a run resumed from before it) moves aside first: a
     // directory cannot be renamed over a non-empty one.
     let trash = run_dir.join(format!(".old-{name}-{}", std::process::id()));
     if final_dir.exists() {
         fs::rename(&final_dir, &trash).map_err(|e| Error::io("move aside", &final_dir, e))?;
     }
-    fs::rename(&tmp, &final_dir).map_err(|e| Error::io("rename into", &final_dir, e))?;
+    fs::rename(tmp, &final_dir).map_err(|e| Error::io("rename into", &final_dir, e))?;
     sync_dir(run_dir)?;
     if trash.exists() {
         fs::remove_dir_all(&trash).map_err(|e| Error::io("remove", &trash, e))?;
@@ -460,7 +531,10 @@ impl Checkpoint {
     }
 
     /// Reads data file `name` and checks its size and checksum against the manifest.
-    fn read_verified(&self, name: &str) -> Result<Vec<u8>> {
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] when it is not listed, truncated or corrupted; [`Error::Io`].
+    pub fn read_verified(&self, name: &str) -> Result<Vec<u8>> {
         let entry = self.manifest.file(name)?;
         let path = self.path.join(name);
         let bytes = fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
@@ -485,8 +559,8 @@ impl Checkpoint {
     /// # Errors
     /// [`Error::Checkpoint`] naming the first file that does not match.
     pub fn verify(&self) -> Result<()> {
-        for name in DATA_FILES {
-            self.read_verified(name)?;
+        for entry in &self.manifest.files {
+            self.read_verified(&entry.name)?;
         }
         Ok(())
     }
@@ -499,6 +573,16 @@ impl Checkpoint {
     /// [`Error::Checkpoint`] or [`Error::StateMismatch`] naming the problem.
     pub fn restore(&self, params: &Parameters, updater: &mut dyn Updater) -> Result<()> {
         let m = &self.manifest;
+        if m.sharded.is_some() || updater.sharded_checkpoints() {
+            if m.sharded.is_none() {
+                return Err(Error::checkpoint(
+                    &self.path,
+                    "it is a single-device checkpoint; a sharded run resumes only sharded checkpoints",
+                ));
+            }
+            check_parameters(&m.parameters, &parameter_specs(params), &self.path)?;
+            return updater.restore_sharded(self, params);
+        }
         if m.world_size != updater.world_size() {
             return Err(Error::checkpoint(
                 &self.path,
@@ -683,6 +767,7 @@ mod tests {
                 .iter()
                 .map(|n| FileEntry { name: (*n).into(), bytes: 0, sha256: String::new() })
                 .collect(),
+            sharded: None,
         };
         let encode = |m: &Manifest| serde_json::to_vec(m).unwrap_or_default();
         assert_eq!(Manifest::parse(&encode(&manifest), path).ok(), Some(manifest.clone()));

@@ -34,6 +34,11 @@ pub trait LanguageModel: SegmentedModel<Batch = TokenBatch> {
     fn context_length(&self) -> usize;
     /// The device its parameters live on.
     fn device(&self) -> Device;
+    /// Bytes of parameters resident now. By default all of them; a model whose parameters are
+    /// sharded (ZeRO stage 3) holds only those gathered at the moment.
+    fn resident_parameter_bytes(&self) -> usize {
+        self.parameters().size_in_bytes()
+    }
 }
 
 impl LanguageModel for Gpt {
@@ -926,7 +931,7 @@ impl Trainer {
                     "is not supported on several data-parallel ranks yet",
                 ));
             }
-            if c.checkpoint.is_some() {
+            if c.checkpoint.is_some() && !updater.sharded_checkpoints() {
                 return Err(Error::config(
                     "checkpoint",
                     "checkpoints of sharded (data-parallel) runs are not supported yet",
@@ -984,7 +989,6 @@ impl Trainer {
         );
         bar.set_position(start_step.min(total));
         let tokens_per_step = (global * seq_len) as f64;
-        let param_bytes = model.parameters().size_in_bytes();
         let mut history = Vec::with_capacity(c.steps.get());
         let mut worst = MemoryReport::default();
         let mut oom_recoveries = Vec::new();
@@ -992,6 +996,7 @@ impl Trainer {
         updater.zero_grad();
         for step in start_step..total {
             let start_bytes = meter.reset_peak();
+            let param_bytes = model.resident_parameter_bytes();
             let started = Instant::now();
             let lr = c.schedule.lr(updater.optimizer().step_count());
             let loss_scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
@@ -1122,14 +1127,24 @@ impl Trainer {
                         accumulation_steps: split.accumulation_steps,
                         loss_scaler: scaler.as_ref().map(LossScaler::state),
                     };
-                    let path = checkpoint::save(
-                        &ck.dir,
-                        ck.keep,
-                        model.parameters(),
-                        updater,
-                        progress,
-                        identity.clone(),
-                    )?;
+                    let path = if updater.sharded_checkpoints() {
+                        updater.save_sharded(
+                            &ck.dir,
+                            ck.keep,
+                            model.parameters(),
+                            progress,
+                            identity.clone(),
+                        )?
+                    } else {
+                        checkpoint::save(
+                            &ck.dir,
+                            ck.keep,
+                            model.parameters(),
+                            updater,
+                            progress,
+                            identity.clone(),
+                        )?
+                    };
                     checkpoint_time_s += started.elapsed().as_secs_f64();
                     last_checkpoint = Some(path);
                 }

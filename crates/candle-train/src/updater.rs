@@ -111,6 +111,49 @@ pub trait Updater {
         Err(Error::config("checkpoint", "this updater cannot load saved state"))
     }
 
+    /// Whether this updater writes sharded checkpoints (one file per rank, through
+    /// [`Updater::save_sharded`]) instead of [`crate::checkpoint::save`]'s whole state. By
+    /// default, false.
+    fn sharded_checkpoints(&self) -> bool {
+        false
+    }
+
+    /// Writes a sharded checkpoint of `params` and this updater's state at `progress` into
+    /// `run_dir` (every rank calls it: it communicates), keeping the newest `keep`; returns
+    /// its directory.
+    ///
+    /// # Errors
+    /// An I/O or communication error (on any rank: every rank fails alike and the partial
+    /// checkpoint is removed), or when this updater does not write sharded checkpoints (the
+    /// default).
+    fn save_sharded(
+        &mut self,
+        run_dir: &std::path::Path,
+        keep: usize,
+        params: &Parameters,
+        progress: crate::checkpoint::Progress,
+        run: crate::checkpoint::RunIdentity,
+    ) -> Result<std::path::PathBuf> {
+        let _ = (run_dir, keep, params, progress, run);
+        Err(Error::config("checkpoint", "this updater does not write sharded checkpoints"))
+    }
+
+    /// Restores `params` and this updater's state from the sharded checkpoint `checkpoint`
+    /// (written on any number of ranks; its manifest is checked, its parameter list matches
+    /// `params`). Everything is read and checked before anything changes.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] or [`Error::StateMismatch`] naming the problem, or when this
+    /// updater does not read sharded checkpoints (the default).
+    fn restore_sharded(
+        &mut self,
+        checkpoint: &crate::checkpoint::Checkpoint,
+        params: &Parameters,
+    ) -> Result<()> {
+        let _ = (checkpoint, params);
+        Err(Error::config("checkpoint", "this updater does not read sharded checkpoints"))
+    }
+
     /// The sum of `value` over the data-parallel ranks, the same on every rank (the value
     /// itself on one device). The Trainer reports the loss of the whole global batch with it.
     ///

@@ -38,6 +38,15 @@ impl Moments {
         }
     }
 
+    /// The bytes of [`Moments::new`]`(len, original)`.
+    fn bytes_for(len: usize, original: usize) -> usize {
+        if original >= MIN_QUANTIZED {
+            2 * (len + 4 * len.div_ceil(BLOCK))
+        } else {
+            8 * len
+        }
+    }
+
     fn len(&self) -> usize {
         match self {
             Moments::Full { m, .. } => m.len(),
@@ -91,7 +100,13 @@ impl AdamW8bit {
 
     /// The optimizer-state bytes this optimizer holds for parameters of the given lengths.
     pub fn state_bytes_for(sizes: &[usize]) -> usize {
-        sizes.iter().map(|&n| if n >= MIN_QUANTIZED { 2 * (n + 4 * n.div_ceil(BLOCK)) } else { 8 * n }).sum()
+        sizes.iter().map(|&n| Moments::bytes_for(n, n)).sum()
+    }
+
+    /// The optimizer-state bytes [`AdamW8bit::for_pieces`] holds for these `(len, original)`
+    /// pieces.
+    pub fn state_bytes_for_pieces(pieces: &[(usize, usize)]) -> usize {
+        pieces.iter().map(|&(n, original)| Moments::bytes_for(n, original)).sum()
     }
 }
 
@@ -262,6 +277,7 @@ mod tests {
         let pieces = [(3000, 6000), (100, 100)];
         let a8 = AdamW8bit::for_pieces(AdamWConfig::default(), &pieces)?;
         assert_eq!(a8.state_bytes(), 2 * (3000 + 4 * 2) + 8 * 100);
+        assert_eq!(a8.state_bytes(), AdamW8bit::state_bytes_for_pieces(&pieces));
         let by_length = AdamW8bit::new(AdamWConfig::default(), &[3000, 100])?;
         assert_eq!(by_length.state_bytes(), 8 * 3100, "judged by its own length, the slice would be 32-bit");
         assert!(AdamW8bit::for_pieces(AdamWConfig::default(), &[(10, 5)]).is_err());
