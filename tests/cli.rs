@@ -387,7 +387,8 @@ fn the_offloaded_optimizer_and_its_benchmark_run_from_the_command_line() -> anyh
 
     let (code, stdout, stderr) = run(&["bench-optimizer", "--params", "70000", "--repeats", "1"])?;
     assert_eq!(code, 0, "{stderr}");
-    // The streaming kernels run over AdamW's footprint: 2 or 4 arrays of 16 bytes per parameter.
+    // The streaming kernels run over AdamW's footprint, 16 bytes per parameter: copy over two
+    // arrays of 2n values, scale over one of 4n.
     for kernel in [
         "| copy | 1 | 140000 |",
         "| scale | 1 | 280000 |",
