@@ -55,7 +55,7 @@ fn args() -> anyhow::Result<Args> {
         accumulate: 1,
         batch: 4,
         seq_len: 64,
-        steps: 20,
+        steps: 10,
         lr: 1e-4,
         eval_windows: 16,
         save: None,
