@@ -11,8 +11,8 @@ use std::io::Cursor;
 use candle::quantized::{gguf_file, GgmlDType, QTensor};
 use candle::{DType, Device, IndexOp, Tensor, Var};
 use candle_fit::ckpt::{
-    forward_backward, segment_infos, Decision, Recompute, RecomputePolicy, Rng, SegmentContext,
-    SegmentedModel,
+    forward_backward, plain_forward_backward, segment_infos, Decision, Recompute, RecomputePolicy, Rng,
+    SegmentContext, SegmentedModel,
 };
 use candle_fit::pretrained::SmolLm2Files;
 use candle_fit::train::layers::cross_entropy;
@@ -254,9 +254,9 @@ fn max_relative_difference(a: &HashMap<String, Tensor>, b: &HashMap<String, Tens
     Ok(worst)
 }
 
-/// Every built-in recompute policy gives the gradients of no recompute (F32: bit-identical
-/// work, so 1e-6 relative is generous; F64 1e-12), and two accumulated micro-batches of 2 give
-/// those of one batch of 4 (1e-6 relative in F32).
+/// The segmented backward gives the gradients of one plain backward over the whole graph,
+/// every built-in recompute policy gives those of no recompute, and two accumulated
+/// micro-batches of 2 give those of one batch of 4 (F64: 1e-12 relative, F32: 1e-6).
 #[test]
 fn recompute_and_accumulation_give_the_gradients_of_one_plain_pass() -> anyhow::Result<()> {
     for (dtype, tolerance) in [(DType::F64, 1e-12), (DType::F32, 1e-6)] {
@@ -267,6 +267,14 @@ fn recompute_and_accumulation_give_the_gradients_of_one_plain_pass() -> anyhow::
         let keep = vec![Decision::Keep; model.num_segments()];
         let reference = engine_gradients(&model, std::slice::from_ref(&batch), &keep)?;
         assert_eq!(reference.len(), model.parameters().len(), "every parameter has a gradient");
+        // The segmented backward equals one backward over the whole graph.
+        let mut plain = HashMap::new();
+        plain_forward_backward(&model, &batch, SegmentContext::train(1, 0, 0), 1.0, |g| {
+            plain.extend(g.gradients.into_iter().map(|p| (p.name, p.grad)));
+            Ok(())
+        })?;
+        let error = max_relative_difference(&reference, &plain)?;
+        assert!(error <= tolerance, "{dtype:?} segmented vs plain: {error:e}");
         let mut decision_sets = Vec::new();
         for policy in [Recompute::All, Recompute::EveryK(2), Recompute::Sqrt] {
             decision_sets.push(policy.decide(&infos)?);
