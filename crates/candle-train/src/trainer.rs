@@ -55,6 +55,20 @@ impl LanguageModel for Gpt {
     }
 }
 
+impl LanguageModel for crate::models::Llama {
+    fn parameters(&self) -> &Parameters {
+        crate::models::Llama::parameters(self)
+    }
+
+    fn context_length(&self) -> usize {
+        self.config().max_position_embeddings
+    }
+
+    fn device(&self) -> Device {
+        crate::models::Llama::device(self)
+    }
+}
+
 /// How a micro-batch's backward runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -78,7 +78,7 @@ impl Linear {
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, in_features))?;
         let y = match &self.bias {
-            Some(b) => affine(&x2, self.weight.as_tensor(), b.as_tensor(), self.layout)?,
+            Some(b) => affine(x, &x2, self.weight.as_tensor(), b.as_tensor(), self.layout)?,
             None => matmul_weight(&x2, self.weight.as_tensor(), self.layout)?,
         };
         let out_features = y.dim(1)?;
@@ -96,20 +96,27 @@ fn matmul_weight(x: &Tensor, w: &Tensor, layout: WeightLayout) -> Result<Tensor>
     }
 }
 
-/// `x W + b` (`x` is `[rows, in]`) as one op: only `x` and the result stay in the graph (not
-/// the product before the bias), and the bias gradient is reduced in F32.
-fn affine(x: &Tensor, w: &Tensor, b: &Tensor, layout: WeightLayout) -> Result<Tensor> {
-    let value = matmul_weight(&x.detach(), &w.detach(), layout)?.broadcast_add(&b.detach())?;
-    custom3("affine", x, w, b, value, move |x, w, b, _, g| {
+/// `x W + b` (`x2` is `x` seen as `[rows, in]`) as one op: only `x` and the result stay in the
+/// graph (not the product before the bias), and the bias gradient is reduced in F32.
+///
+/// The op takes `x` itself, not its reshaped view: when `x` tracks no gradient (a segment's
+/// detached input in candle-ckpt's engine), Candle records no reshape op, and a gradient that
+/// reached only the view would never reach `x`; the input would get its other paths' gradient
+/// (a residual) and silently miss this one.
+fn affine(x: &Tensor, x2: &Tensor, w: &Tensor, b: &Tensor, layout: WeightLayout) -> Result<Tensor> {
+    let value = matmul_weight(&x2.detach(), &w.detach(), layout)?.broadcast_add(&b.detach())?;
+    let rows = x2.dim(0)?;
+    custom3("affine", x, w, b, value, move |x_full, w, b, _, g| {
+        let x = x_full.reshape((rows, x_full.elem_count() / rows.max(1)))?;
         let grad_x = match layout {
             WeightLayout::InOut => g.matmul(&w.t()?)?,
             WeightLayout::OutIn => g.matmul(w)?,
         };
         let grad_w = match layout {
             WeightLayout::InOut => x.t()?.matmul(g)?,
-            WeightLayout::OutIn => g.t()?.matmul(x)?,
+            WeightLayout::OutIn => g.t()?.matmul(&x)?,
         };
         let grad_b = g.to_dtype(reduction_dtype(g.dtype()))?.sum(0)?.to_dtype(b.dtype())?;
-        Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
+        Ok((Some(grad_x.reshape(x_full.shape())?), Some(grad_w), Some(grad_b)))
     })
 }

@@ -29,8 +29,16 @@ impl RmsNorm {
     /// # Errors
     /// On a shape mismatch.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let rd = reduction_dtype(dtype);
+        self.forward_as(x, x.dtype())
+    }
+
+    /// As [`RmsNorm::forward`], returning the result in `dtype` (a model with an F32 residual
+    /// stream and BF16 matmuls normalises F32 into BF16, keeping no widened copy in the graph).
+    ///
+    /// # Errors
+    /// On a shape mismatch.
+    pub fn forward_as(&self, x: &Tensor, dtype: candle::DType) -> Result<Tensor> {
+        let rd = reduction_dtype(x.dtype());
         let w = self.weight.as_tensor();
         let x32 = x.detach().to_dtype(rd)?;
         let rstd = (mean_last_dim(&x32.sqr()?)? + self.eps)?.sqrt()?.recip()?;

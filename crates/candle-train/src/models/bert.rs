@@ -289,6 +289,26 @@ impl Bert {
         rng: &mut Rng,
         training: bool,
     ) -> Result<Tensor> {
+        let mut x = self.embed(ids, token_types, rng, training)?;
+        let bias = padding_bias(mask, x.dtype())?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &bias, self.dtype, rng, training)?;
+        }
+        Ok(x)
+    }
+
+    /// The embeddings' output `[batch, t, hidden]` (word + position + token type, LayerNorm,
+    /// dropout), in F32 (F64 for an F64 model): the input of the first encoder layer.
+    ///
+    /// # Errors
+    /// On a shape mismatch or a sequence longer than `max_position_embeddings`.
+    pub fn embed(
+        &self,
+        ids: &Tensor,
+        token_types: Option<&Tensor>,
+        rng: &mut Rng,
+        training: bool,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if t > self.config.max_position_embeddings {
             candle::bail!(
@@ -309,12 +329,17 @@ impl Bert {
         let x = self.word.forward(ids)?.to_dtype(stream)?;
         let x = residual_add(&x, &self.position.forward(&positions)?)?;
         let x = residual_add(&x, &self.token_type.forward(types)?)?;
-        let mut x = self.embedding_dropout.forward(&self.embedding_norm.forward(&x)?, rng, training)?;
-        let bias = padding_bias(mask, stream)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &bias, self.dtype, rng, training)?;
-        }
-        Ok(x)
+        self.embedding_dropout.forward(&self.embedding_norm.forward(&x)?, rng, training)
+    }
+
+    /// The encoder layers, in order.
+    pub fn layers(&self) -> &[BertLayer] {
+        &self.layers
+    }
+
+    /// The prefix of every parameter name (`""` or `"bert."`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 }
 

@@ -1,7 +1,14 @@
-//! Models expressed as segments for the recompute engine, and pretrained encoders.
+//! Models expressed as segments for the recompute engine, and pretrained encoders and
+//! decoders (Hugging Face safetensors, GGUF).
 
 pub mod bert;
+pub mod bert_classifier;
+pub mod gguf;
 pub mod gpt;
+pub mod llama;
 
 pub use bert::{mean_pool, Bert, BertConfig, BertLayer};
+pub use bert_classifier::{BertClassifier, ClassificationBatch};
+pub use gguf::GgufFile;
 pub use gpt::{Gpt, GptConfig, TokenBatch};
+pub use llama::{Llama, LlamaConfig};

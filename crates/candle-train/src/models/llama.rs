@@ -1,0 +1,499 @@
+//! A trainable LLaMA-family decoder (SmolLM2, LLaMA 2/3 without rope scaling, Mistral without
+//! sliding windows) under Hugging Face `LlamaForCausalLM` parameter names: RMSNorm, rotary
+//! positions in the half-split form, grouped-query attention, a SwiGLU feed-forward block and a
+//! tied or untied head. Cut into segments for the recompute engine: embedding, one per decoder
+//! layer, final norm + head + loss.
+//!
+//! Every op has a backward (our norms, rotary, softmax and cross-entropy; Candle's matmul and
+//! `silu`). In BF16/F16 the residual stream stays F32 and only the layers' matmuls run in the
+//! half type, as in [`crate::models::Gpt`]. The model has no dropout (LLaMA's default).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle::{DType, Device, Result, Tensor};
+use candle_ckpt::{SegmentContext, SegmentParameter, SegmentedModel};
+use serde::{Deserialize, Serialize};
+
+use crate::device::reduction_dtype;
+use crate::layers::ops::residual_add;
+use crate::layers::{
+    cross_entropy, Embedding, GroupedQueryAttention, Linear, RmsNorm, Rotary, SwiGlu, WeightLayout,
+};
+use crate::models::TokenBatch;
+use crate::params::{ParamBuilder, Parameters};
+
+/// The fields of a Hugging Face LLaMA `config.json` this model uses (others are ignored when
+/// reading). Serialises back to a `config.json` Hugging Face loads ([`LlamaConfig::to_hf_json`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the feed-forward block.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads; divides `num_attention_heads`.
+    pub num_key_value_heads: usize,
+    /// The longest sequence the model accepts (the rotary tables' length).
+    pub max_position_embeddings: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// Rotary base.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// Whether the head reuses the token embedding (`lm_head.weight` absent).
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// The activation; only `"silu"` is supported.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+}
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+
+fn default_act() -> String {
+    "silu".into()
+}
+
+impl LlamaConfig {
+    /// SmolLM2-135M's shape (as its `config.json` and GGUF metadata give it).
+    pub fn smollm2_135m() -> Self {
+        Self {
+            vocab_size: 49_152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            max_position_embeddings: 8192,
+            rms_norm_eps: 1e-5,
+            rope_theta: 100_000.0,
+            tie_word_embeddings: true,
+            hidden_act: "silu".into(),
+        }
+    }
+
+    /// A small configuration for tests: 2 layers, width 16, 4 query heads sharing 2 key/value
+    /// heads, vocabulary 23, untied head.
+    pub fn tiny() -> Self {
+        Self {
+            vocab_size: 23,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 32,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_word_embeddings: false,
+            hidden_act: "silu".into(),
+        }
+    }
+
+    /// Reads a Hugging Face `config.json`.
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`] if the file cannot be read, [`crate::Error::InvalidConfig`] if it
+    /// does not parse or describes a model this one does not implement.
+    pub fn from_json_file(path: &Path) -> crate::Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io("read", path, e))?;
+        let config: Self =
+            serde_json::from_str(&text).map_err(|e| crate::Error::config("config.json", e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The `config.json` Hugging Face `transformers` reads for this shape
+    /// (`LlamaForCausalLM`), with `torch_dtype` naming `dtype`.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidConfig`] if the config does not serialise (it always does).
+    pub fn to_hf_json(&self, dtype: DType) -> crate::Result<String> {
+        let mut value =
+            serde_json::to_value(self).map_err(|e| crate::Error::config("config.json", e.to_string()))?;
+        if let Some(map) = value.as_object_mut() {
+            map.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+            map.insert("model_type".into(), "llama".into());
+            map.insert("head_dim".into(), self.head_dim().into());
+            let name = match dtype {
+                DType::BF16 => "bfloat16",
+                DType::F16 => "float16",
+                DType::F64 => "float64",
+                _ => "float32",
+            };
+            map.insert("torch_dtype".into(), name.into());
+        }
+        serde_json::to_string_pretty(&value).map_err(|e| crate::Error::config("config.json", e.to_string()))
+    }
+
+    /// The dimension of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads.max(1)
+    }
+
+    /// Checks that every field is usable.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidConfig`] naming the first bad field.
+    pub fn validate(&self) -> crate::Result<()> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(crate::Error::config(field, "must be at least 1"));
+            }
+        }
+        if self.hidden_size % self.num_attention_heads != 0 || self.head_dim() % 2 != 0 {
+            return Err(crate::Error::config(
+                "num_attention_heads",
+                format!(
+                    "{} heads do not split the width {} into heads of an even dimension",
+                    self.num_attention_heads, self.hidden_size
+                ),
+            ));
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(crate::Error::config(
+                "num_key_value_heads",
+                format!(
+                    "{} key/value heads do not divide {} query heads",
+                    self.num_key_value_heads, self.num_attention_heads
+                ),
+            ));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(crate::Error::config("rms_norm_eps", "must be positive"));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(crate::Error::config("rope_theta", "must be positive"));
+        }
+        if self.hidden_act != "silu" {
+            return Err(crate::Error::config(
+                "hidden_act",
+                format!("`{}` is not supported", self.hidden_act),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The number of scalar parameters.
+    pub fn num_parameters(&self) -> usize {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let kv = self.num_key_value_heads * self.head_dim();
+        let layer = 2 * h + h * h + 2 * h * kv + h * h + 3 * h * i;
+        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        self.vocab_size * h + self.num_hidden_layers * layer + h + head
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    prefix: String,
+    input_layernorm: RmsNorm,
+    self_attn: GroupedQueryAttention,
+    post_attention_layernorm: RmsNorm,
+    mlp: SwiGlu,
+}
+
+/// The name of the token embedding, which the head reuses when the embeddings are tied.
+pub const EMBED_TOKENS: &str = "model.embed_tokens.weight";
+
+/// A LLaMA-family causal language model (`LlamaForCausalLM`).
+///
+/// Segments: `0` the token embedding, `1..=num_hidden_layers` the decoder layers
+/// `model.layers.{i}`, and the last the final norm `model.norm`, the head (`lm_head`, or the
+/// embedding when tied) and the cross-entropy loss (computed in F32).
+#[derive(Debug, Clone)]
+pub struct Llama {
+    config: LlamaConfig,
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Option<Linear>,
+    rotary: Rotary,
+    params: Parameters,
+    segment_names: Vec<Vec<String>>,
+    dtype: DType,
+}
+
+impl Llama {
+    /// A randomly initialised model in `dtype` on `device` (N(0, 0.02²) weights, norms at 1,
+    /// as Hugging Face initialises LLaMA), drawn from `seed`.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidConfig`] for a bad config; allocation failure.
+    pub fn new(config: &LlamaConfig, dtype: DType, device: &Device, seed: u64) -> crate::Result<Self> {
+        config.validate()?;
+        Self::build(config, ParamBuilder::new(dtype, device.clone(), seed))
+    }
+
+    /// A model whose parameters take their values from `tensors`, by Hugging Face name
+    /// (converted to `dtype`); extra tensors are ignored.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidConfig`] for a bad config, [`crate::Error::StateMismatch`]
+    /// naming the first missing or misshapen tensor.
+    pub fn from_tensors(
+        config: &LlamaConfig,
+        tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> crate::Result<Self> {
+        config.validate()?;
+        Self::build(config, ParamBuilder::from_values(dtype, device.clone(), tensors))
+    }
+
+    /// A model with the weights of a Hugging Face safetensors file (such as one
+    /// [`Llama::save_pretrained`] wrote), converted to `dtype`.
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`] if the file cannot be read, [`crate::Error::MalformedState`] if it
+    /// is not safetensors, then as [`Llama::from_tensors`].
+    pub fn from_safetensors(
+        config: &LlamaConfig,
+        path: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> crate::Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| crate::Error::io("read", path, e))?;
+        let tensors = candle::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| crate::Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })?;
+        Self::from_tensors(config, tensors, dtype, device)
+    }
+
+    /// A model saved by [`Llama::save_pretrained`] (or any Hugging Face LLaMA directory with a
+    /// single `model.safetensors`): `config.json` and `model.safetensors` in `dir`.
+    ///
+    /// # Errors
+    /// As [`LlamaConfig::from_json_file`] and [`Llama::from_safetensors`].
+    pub fn from_pretrained(dir: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
+        let config = LlamaConfig::from_json_file(&dir.join("config.json"))?;
+        Self::from_safetensors(&config, &dir.join("model.safetensors"), dtype, device)
+    }
+
+    /// Writes `config.json` and `model.safetensors` (every parameter under its Hugging Face
+    /// name, in the parameters' dtype; a tied head is not written twice, as `transformers`
+    /// saves it) into `dir`, creating it. Each file is written atomically.
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`] on a file-system error.
+    pub fn save_pretrained(&self, dir: &Path) -> crate::Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| crate::Error::io("create", dir, e))?;
+        let config = self.config.to_hf_json(self.dtype)?;
+        crate::io::write_atomic(&dir.join("config.json"), config.as_bytes())?;
+        self.params.save_safetensors(&dir.join("model.safetensors"))
+    }
+
+    fn build(config: &LlamaConfig, mut pb: ParamBuilder) -> crate::Result<Self> {
+        let std = 0.02;
+        let (h, dtype) = (config.hidden_size, pb.dtype());
+        let device = pb.device().clone();
+        let embed_tokens = Embedding::new(&mut pb, EMBED_TOKENS, config.vocab_size, h, std)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let prefix = format!("model.layers.{i}");
+            let eps = config.rms_norm_eps;
+            layers.push(DecoderLayer {
+                input_layernorm: RmsNorm::new(&mut pb, &format!("{prefix}.input_layernorm"), h, eps)?,
+                self_attn: GroupedQueryAttention::new(
+                    &mut pb,
+                    &format!("{prefix}.self_attn"),
+                    h,
+                    config.num_attention_heads,
+                    config.num_key_value_heads,
+                    config.head_dim(),
+                    std,
+                )?,
+                post_attention_layernorm: RmsNorm::new(
+                    &mut pb,
+                    &format!("{prefix}.post_attention_layernorm"),
+                    h,
+                    eps,
+                )?,
+                mlp: SwiGlu::new(&mut pb, &format!("{prefix}.mlp"), h, config.intermediate_size, std)?,
+                prefix,
+            });
+        }
+        let norm = RmsNorm::new(&mut pb, "model.norm", h, config.rms_norm_eps)?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::no_bias(&mut pb, "lm_head", h, config.vocab_size, WeightLayout::OutIn, std)?)
+        };
+        let rotary =
+            Rotary::new(config.head_dim(), config.max_position_embeddings, config.rope_theta, &device)?;
+        let params = pb.finish();
+        let mut segment_names = vec![vec![EMBED_TOKENS.to_string()]];
+        for layer in &layers {
+            let prefix = format!("{}.", layer.prefix);
+            segment_names.push(
+                params.iter().filter(|p| p.name.starts_with(&prefix)).map(|p| p.name.clone()).collect(),
+            );
+        }
+        let head = if config.tie_word_embeddings { EMBED_TOKENS } else { "lm_head.weight" };
+        segment_names.push(vec!["model.norm.weight".into(), head.into()]);
+        Ok(Self {
+            config: config.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary,
+            params,
+            segment_names,
+            dtype,
+        })
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// All parameters, in creation order, under their Hugging Face names.
+    pub fn parameters(&self) -> &Parameters {
+        &self.params
+    }
+
+    /// The dtype of the parameters (and the matmuls).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The dtype of the residual stream: F32 when the parameters are in a half type (as under
+    /// PyTorch autocast), else the parameters' dtype.
+    pub fn residual_dtype(&self) -> DType {
+        reduction_dtype(self.dtype)
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> Device {
+        self.params.iter().next().map_or(Device::Cpu, |p| p.var.device().clone())
+    }
+
+    /// The logits `[batch, t, vocab]` (in the parameters' dtype) for token ids `[batch, t]`.
+    ///
+    /// # Errors
+    /// On a sequence longer than `max_position_embeddings`, an id out of range, or a tensor
+    /// error.
+    pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
+        let mut h = self.embed(ids)?;
+        for layer in &self.layers {
+            h = self.layer_forward(layer, &h)?;
+        }
+        self.head_logits(&h)
+    }
+
+    /// The mean next-token cross-entropy (nats per token, F32) of `batch`, without a graph
+    /// kept beyond one segment (evaluation through the engine's `forward`).
+    ///
+    /// # Errors
+    /// As [`Llama::logits`].
+    pub fn loss(&self, batch: &TokenBatch) -> Result<Tensor> {
+        candle_ckpt::forward(self, batch, SegmentContext::eval())
+    }
+
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        if t > self.config.max_position_embeddings {
+            candle::bail!(
+                "sequence of {t} tokens exceeds the model's {} positions",
+                self.config.max_position_embeddings
+            );
+        }
+        let vocab = self.config.vocab_size;
+        let largest = ids.to_dtype(DType::U32)?.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+        if largest >= vocab {
+            candle::bail!("token id {largest} is out of the vocabulary of {vocab}");
+        }
+        self.embed_tokens.forward(ids)?.to_dtype(self.residual_dtype())
+    }
+
+    fn layer_forward(&self, layer: &DecoderLayer, x: &Tensor) -> Result<Tensor> {
+        let dt = self.dtype;
+        let attn = layer.self_attn.forward(&layer.input_layernorm.forward_as(x, dt)?, &self.rotary)?;
+        let x = residual_add(x, &attn)?;
+        let mlp = layer.mlp.forward(&layer.post_attention_layernorm.forward_as(&x, dt)?)?;
+        residual_add(&x, &mlp)
+    }
+
+    fn head_logits(&self, h: &Tensor) -> Result<Tensor> {
+        let h = self.norm.forward_as(h, self.dtype)?;
+        match &self.lm_head {
+            Some(head) => head.forward(&h),
+            None => {
+                let (b, t, c) = h.dims3()?;
+                let table = self.embed_tokens.weight().as_tensor();
+                h.reshape((b * t, c))?.matmul(&table.t()?)?.reshape((b, t, self.config.vocab_size))
+            }
+        }
+    }
+}
+
+impl SegmentedModel for Llama {
+    type Batch = TokenBatch;
+
+    fn num_segments(&self) -> usize {
+        self.layers.len() + 2
+    }
+
+    fn segment_name(&self, index: usize) -> String {
+        match index {
+            0 => "embedding".into(),
+            i if i <= self.layers.len() => format!("model.layers.{}", i - 1),
+            _ => "head".into(),
+        }
+    }
+
+    fn first_input(&self, batch: &TokenBatch) -> Result<Tensor> {
+        Ok(batch.inputs.clone())
+    }
+
+    fn forward_segment(
+        &self,
+        index: usize,
+        input: &Tensor,
+        batch: &TokenBatch,
+        _ctx: &SegmentContext,
+    ) -> Result<Tensor> {
+        match index {
+            0 => self.embed(input),
+            i if i <= self.layers.len() => self.layer_forward(&self.layers[i - 1], input),
+            _ => {
+                let logits = self.head_logits(input)?;
+                let (b, t, v) = logits.dims3()?;
+                cross_entropy(&logits.reshape((b * t, v))?, &batch.targets.flatten_all()?)
+            }
+        }
+    }
+
+    fn segment_parameters(&self, index: usize) -> Vec<SegmentParameter> {
+        match self.segment_names.get(index) {
+            Some(names) => self.params.segment_parameters(names.iter().map(String::as_str)),
+            None => Vec::new(),
+        }
+    }
+}
+
+impl crate::serve::Snapshot for Llama {
+    /// A copy with its own variables (same names, values and dtype).
+    fn snapshot(&self) -> crate::Result<Self> {
+        let tensors = self.params.iter().map(|p| (p.name.clone(), p.var.as_tensor().detach())).collect();
+        Self::from_tensors(&self.config, tensors, self.dtype, &self.device())
+    }
+}
