@@ -74,9 +74,29 @@ impl AdamW {
             exp_avg_sq: sizes.iter().map(|&n| vec![0.0; n]).collect(),
         })
     }
-}
 
-impl AdamW {
+    /// Steps parameter `index`: [`Optimizer::update`], or with `parallel` its
+    /// [`Optimizer::update_parallel`].
+    fn step_parameter(
+        &mut self,
+        index: usize,
+        param: &mut [f32],
+        grad: &[f32],
+        lr: f64,
+        decay: bool,
+        parallel: bool,
+    ) -> Result<()> {
+        let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
+        let (m, v) = self.moments(index)?;
+        check_len(index, m.len(), param, grad)?;
+        if parallel {
+            update_slice_parallel(&s, param, grad, m, v);
+        } else {
+            update_slice(&s, param, grad, m, v);
+        }
+        Ok(())
+    }
+
     /// Parameter `index`'s two moments.
     fn moments(&mut self, index: usize) -> Result<(&mut [f32], &mut [f32])> {
         let count = self.exp_avg.len();
@@ -191,11 +211,7 @@ impl Optimizer for AdamW {
     }
 
     fn update(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()> {
-        let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
-        let (m, v) = self.moments(index)?;
-        check_len(index, m.len(), param, grad)?;
-        update_slice(&s, param, grad, m, v);
-        Ok(())
+        self.step_parameter(index, param, grad, lr, decay, false)
     }
 
     fn update_parallel(
@@ -206,11 +222,7 @@ impl Optimizer for AdamW {
         lr: f64,
         decay: bool,
     ) -> Result<()> {
-        let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
-        let (m, v) = self.moments(index)?;
-        check_len(index, m.len(), param, grad)?;
-        update_slice_parallel(&s, param, grad, m, v);
-        Ok(())
+        self.step_parameter(index, param, grad, lr, decay, true)
     }
 
     fn state_bytes(&self) -> usize {

@@ -108,9 +108,37 @@ impl AdamW8bit {
     pub fn state_bytes_for_pieces(pieces: &[(usize, usize)]) -> usize {
         pieces.iter().map(|&(n, original)| Moments::bytes_for(n, original)).sum()
     }
-}
 
-impl AdamW8bit {
+    /// Steps parameter `index`: [`Optimizer::update`], or with `parallel` its
+    /// [`Optimizer::update_parallel`].
+    fn step_parameter(
+        &mut self,
+        index: usize,
+        param: &mut [f32],
+        grad: &[f32],
+        lr: f64,
+        decay: bool,
+        parallel: bool,
+    ) -> Result<()> {
+        let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
+        let c = PARALLEL_CHUNK;
+        match (self.moments(index, param, grad)?, parallel) {
+            (Moments::Full { m, v }, false) => update_slice(&s, param, grad, m, v),
+            (Moments::Full { m, v }, true) => update_slice_parallel(&s, param, grad, m, v),
+            (Moments::Quantized { m, v }, false) => {
+                update_blocks(&s, param, grad, (&mut m.codes, &mut m.scales), (&mut v.codes, &mut v.scales))
+            }
+            // A chunk is a whole number of blocks: its codes and its scales go together.
+            (Moments::Quantized { m, v }, true) => param
+                .par_chunks_mut(c)
+                .zip(grad.par_chunks(c))
+                .zip(m.codes.par_chunks_mut(c).zip(m.scales.par_chunks_mut(c / BLOCK)))
+                .zip(v.codes.par_chunks_mut(c).zip(v.scales.par_chunks_mut(c / BLOCK)))
+                .for_each(|(((p, g), m), v)| update_blocks(&s, p, g, m, v)),
+        }
+        Ok(())
+    }
+
     /// Parameter `index`'s moments, after checking the slices' lengths against them.
     fn moments(&mut self, index: usize, param: &[f32], grad: &[f32]) -> Result<&mut Moments> {
         let count = self.moments.len();
@@ -160,14 +188,7 @@ impl Optimizer for AdamW8bit {
     }
 
     fn update(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()> {
-        let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
-        match self.moments(index, param, grad)? {
-            Moments::Full { m, v } => update_slice(&s, param, grad, m, v),
-            Moments::Quantized { m, v } => {
-                update_blocks(&s, param, grad, (&mut m.codes, &mut m.scales), (&mut v.codes, &mut v.scales))
-            }
-        }
-        Ok(())
+        self.step_parameter(index, param, grad, lr, decay, false)
     }
 
     fn update_parallel(
@@ -178,19 +199,7 @@ impl Optimizer for AdamW8bit {
         lr: f64,
         decay: bool,
     ) -> Result<()> {
-        let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
-        let c = PARALLEL_CHUNK;
-        match self.moments(index, param, grad)? {
-            Moments::Full { m, v } => update_slice_parallel(&s, param, grad, m, v),
-            // A chunk is a whole number of blocks: its codes and its scales go together.
-            Moments::Quantized { m, v } => param
-                .par_chunks_mut(c)
-                .zip(grad.par_chunks(c))
-                .zip(m.codes.par_chunks_mut(c).zip(m.scales.par_chunks_mut(c / BLOCK)))
-                .zip(v.codes.par_chunks_mut(c).zip(v.scales.par_chunks_mut(c / BLOCK)))
-                .for_each(|(((p, g), m), v)| update_blocks(&s, p, g, m, v)),
-        }
-        Ok(())
+        self.step_parameter(index, param, grad, lr, decay, true)
     }
 
     fn state_bytes(&self) -> usize {

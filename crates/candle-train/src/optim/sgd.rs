@@ -109,6 +109,34 @@ impl Sgd {
         }
     }
 
+    /// Steps parameter `index`: [`Optimizer::update`], or with `parallel` its
+    /// [`Optimizer::update_parallel`].
+    fn step_parameter(
+        &mut self,
+        index: usize,
+        param: &mut [f32],
+        grad: &[f32],
+        lr: f64,
+        decay: bool,
+        parallel: bool,
+    ) -> Result<()> {
+        let rule = self.rule(lr, decay);
+        let c = PARALLEL_CHUNK;
+        match (self.buffer(index, param, grad)?, parallel) {
+            (None, false) => plain_step(&rule, param, grad),
+            (Some(buf), false) => momentum_step(&rule, param, grad, buf),
+            (None, true) => {
+                param.par_chunks_mut(c).zip(grad.par_chunks(c)).for_each(|(p, g)| plain_step(&rule, p, g))
+            }
+            (Some(buf), true) => param
+                .par_chunks_mut(c)
+                .zip(grad.par_chunks(c))
+                .zip(buf.par_chunks_mut(c))
+                .for_each(|((p, g), b)| momentum_step(&rule, p, g, b)),
+        }
+        Ok(())
+    }
+
     /// Parameter `index`'s momentum buffer (`None` without momentum), after checking the
     /// slices' lengths.
     fn buffer(&mut self, index: usize, param: &[f32], grad: &[f32]) -> Result<Option<&mut [f32]>> {
@@ -140,12 +168,7 @@ impl Optimizer for Sgd {
     }
 
     fn update(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()> {
-        let rule = self.rule(lr, decay);
-        match self.buffer(index, param, grad)? {
-            None => plain_step(&rule, param, grad),
-            Some(buf) => momentum_step(&rule, param, grad, buf),
-        }
-        Ok(())
+        self.step_parameter(index, param, grad, lr, decay, false)
     }
 
     fn update_parallel(
@@ -156,19 +179,7 @@ impl Optimizer for Sgd {
         lr: f64,
         decay: bool,
     ) -> Result<()> {
-        let rule = self.rule(lr, decay);
-        let c = PARALLEL_CHUNK;
-        match self.buffer(index, param, grad)? {
-            None => {
-                param.par_chunks_mut(c).zip(grad.par_chunks(c)).for_each(|(p, g)| plain_step(&rule, p, g))
-            }
-            Some(buf) => param
-                .par_chunks_mut(c)
-                .zip(grad.par_chunks(c))
-                .zip(buf.par_chunks_mut(c))
-                .for_each(|((p, g), b)| momentum_step(&rule, p, g, b)),
-        }
-        Ok(())
+        self.step_parameter(index, param, grad, lr, decay, true)
     }
 
     fn state_bytes(&self) -> usize {
