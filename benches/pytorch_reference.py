@@ -222,7 +222,8 @@ def run_one(args, layers, width, name, data, device):
     return {
         "config": name,
         "model": f"L{layers}-W{width}",
-        "framework": "pytorch",
+        # sdpa: fused attention; naive: the score matrix materialised, as candle-fit does.
+        "framework": f"pytorch-{args.attention}",
         "device": f"cuda:{device.index or 0}" if cuda else "cpu",
         "precision": precision,
         "micro_batch": micro,

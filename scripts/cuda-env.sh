@@ -24,12 +24,11 @@ cache="${CANDLE_FIT_CUDA_CACHE:-$HOME/.cache/candle-fit-cuda}"
 mkdir -p "$cache"
 venv="$cache/venv"
 link="$cache/link"
-# nvidia-curand is not needed to build: scripts/gpu-kit.sh ships its libcurand.so.10, which not
-# every PyTorch install on the GPU machines has (torch 2.15's pip wheels lack it).
+# cuRAND is linked against a stand-in (step 2); the GPU machines' PyTorch install has the real one.
 pins=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88
-  nvidia-cuda-cccl==13.0.85 nvidia-cuda-runtime==13.0.96 nvidia-curand==10.4.0.35)
+  nvidia-cuda-cccl==13.0.85 nvidia-cuda-runtime==13.0.96)
 
-# 1. The CUDA 13.0 compiler, headers, libcudart and libcurand (about 170 MB), once per pin set.
+# 1. The CUDA 13.0 compiler, headers and libcudart, once per pin set.
 if [ "$(cat "$venv/.pins" 2>/dev/null)" != "${pins[*]}" ]; then
   echo "cuda-env: installing ${pins[*]} into $venv" >&2
   [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"

@@ -419,10 +419,15 @@ fn nccl_group_of_one_is_the_identity(device: &Device) -> anyhow::Result<()> {
 }
 
 /// CUDA device 0, or `None` (with a message saying the case is skipped) when there is none.
+/// With `CANDLE_FIT_REQUIRE_CUDA=1` (the GPU kit's `scripts/gpu/device-run.sh` sets it) a
+/// missing device fails the case instead, so a GPU run cannot pass by skipping.
 #[cfg(feature = "cuda")]
 fn cuda_device() -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(device) => Some(device),
+        Err(e) if std::env::var_os("CANDLE_FIT_REQUIRE_CUDA").is_some_and(|v| v == "1") => {
+            panic!("CANDLE_FIT_REQUIRE_CUDA=1 but CUDA device 0 cannot be opened: {e}")
+        }
         Err(e) => {
             eprintln!("skipping: no CUDA device 0 ({e})");
             None

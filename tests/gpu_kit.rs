@@ -81,7 +81,7 @@ fn kit_scripts_parse() -> anyhow::Result<()> {
         ("bash", "scripts/cuda-env.sh"),
         ("bash", "scripts/cuda/make-link-stubs.sh"),
         ("bash", "scripts/gpu-kit.sh"),
-        ("sh", "scripts/gpu/run.sh"),
+        ("bash", "scripts/gpu/device-run.sh"),
         ("sh", "scripts/gpu/with-cuda-libs.sh"),
     ] {
         let status = Command::new(shell).arg("-n").arg(root.join(script)).status()?;

@@ -1,8 +1,8 @@
 #!/bin/sh
 # Runs a candle-fit CUDA binary on the GPU machine with the CUDA 13 libraries that pip installed
 # for PyTorch (nvidia-* wheels) on the library path: the machine has the driver, but the
-# binaries also need cuBLAS, cuRAND, the CUDA runtime and NCCL. cuRAND, which recent PyTorch
-# wheels no longer carry, also comes with the kit (lib/).
+# binaries also need cuBLAS, cuRAND, the CUDA runtime and NCCL (the device machines' image has
+# them all: nvidia-cublas, nvidia-curand, nvidia-cuda-runtime, nvidia-nccl-cu13).
 # usage: ./with-cuda-libs.sh COMMAND [ARGS...]
 # Set NV_LIBDIRS="dir1:dir2" when `python3` is not the interpreter that has torch.
 if [ -z "${NV_LIBDIRS:-}" ]; then
@@ -23,7 +23,5 @@ PY
 )
 fi
 [ -n "$NV_LIBDIRS" ] || echo "with-cuda-libs: no pip nvidia libraries found (set NV_LIBDIRS)" >&2
-# The kit's own lib/ (libcurand.so.10 from the CUDA 13.0 wheel) comes last: a fallback only.
-kit_lib="$(cd "$(dirname "$0")" && pwd)/lib"
-export LD_LIBRARY_PATH="$NV_LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}:$kit_lib"
+export LD_LIBRARY_PATH="$NV_LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 exec "$@"
