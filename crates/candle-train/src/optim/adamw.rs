@@ -113,13 +113,13 @@ impl AdamW {
 
 /// The per-step scalars, computed in f64 and rounded to f32 where PyTorch rounds them.
 pub(crate) struct Scalars {
-    decay_factor: f32,
-    lerp_weight: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    bias_correction2_sqrt: f32,
-    eps: f32,
-    neg_step_size: f32,
+    pub(crate) decay_factor: f32,
+    pub(crate) lerp_weight: f32,
+    pub(crate) beta2: f32,
+    pub(crate) one_minus_beta2: f32,
+    pub(crate) bias_correction2_sqrt: f32,
+    pub(crate) eps: f32,
+    pub(crate) neg_step_size: f32,
 }
 
 impl Scalars {

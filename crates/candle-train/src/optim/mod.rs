@@ -5,6 +5,7 @@ pub mod adamw;
 pub mod adamw8bit;
 pub mod quant;
 pub mod sgd;
+pub mod tensor_adamw;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 pub use adamw::{AdamW, AdamWConfig};
 pub use adamw8bit::AdamW8bit;
 pub use sgd::{Sgd, SgdConfig};
+pub use tensor_adamw::TensorAdamW;
 
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
