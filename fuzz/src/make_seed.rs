@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let run_dir = std::env::temp_dir().join(format!("candle-fit-seed-{}", std::process::id()));
     let progress = Progress {
         step: 1,
+        optimizer_step: 0,
         skipped_steps: 0,
         consecutive_skips: 0,
         micro_batch: 2,
@@ -26,6 +27,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_grad_norm: None,
         loss_scaling: None,
         optimizer: "adamw".into(),
+        optimizer_settings: String::new(),
+        model: String::new(),
+        backward: "segmented".into(),
         corpus_sha256: String::new(),
     };
     let dir = save(&run_dir, 1, model.parameters(), &updater, progress, run)?;
