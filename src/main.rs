@@ -81,8 +81,54 @@ struct LaunchArgs {
     command: Vec<String>,
 }
 
-/// Starts `--nproc` copies of this binary with launcher variables; fails with the first
-/// failing rank's exit code, stopping the others.
+/// The variable through which `launch` tells its ranks its pid: a rank whose parent is no
+/// longer that process (the launcher died, even of SIGKILL) stops at once instead of training
+/// on as an orphan.
+const LAUNCHER_PID_VAR: &str = "CANDLE_FIT_LAUNCHER_PID";
+
+/// How a rank ended, for the launcher's report: an exit code, or the signal that killed it.
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(signal) = status.signal() {
+            let name = match signal {
+                1 => " (SIGHUP)",
+                2 => " (SIGINT)",
+                6 => " (SIGABRT)",
+                9 => " (SIGKILL)",
+                11 => " (SIGSEGV)",
+                15 => " (SIGTERM)",
+                _ => "",
+            };
+            return format!("was killed by signal {signal}{name}");
+        }
+    }
+    format!("exited with status {}", status.code().unwrap_or(1))
+}
+
+/// In a rank started by `launch`: a thread that ends this process when the launcher is gone.
+fn watch_launcher() {
+    #[cfg(unix)]
+    {
+        let Some(launcher) = std::env::var(LAUNCHER_PID_VAR).ok().and_then(|v| v.parse::<u32>().ok()) else {
+            return;
+        };
+        std::thread::spawn(move || loop {
+            if std::os::unix::process::parent_id() != launcher {
+                eprintln!("error: the launcher (pid {launcher}) is gone; this rank stops");
+                std::process::exit(3);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        });
+    }
+}
+
+/// Starts `--nproc` copies of this binary with launcher variables and supervises them: when one
+/// fails the others are stopped (after a grace period in which they fail by themselves), and
+/// the report names the rank that failed first, preferring a rank killed by a signal (a cause)
+/// over the ranks that then lost their peer (its consequences). The ranks stop by themselves if
+/// the launcher dies.
 fn launch(args: LaunchArgs) -> anyhow::Result<()> {
     use std::process::Command as Process;
     use std::time::{Duration, Instant};
@@ -104,19 +150,33 @@ fn launch(args: LaunchArgs) -> anyhow::Result<()> {
             .env("LOCAL_RANK", rank.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
-            .spawn()
-            .with_context(|| format!("starting rank {rank}"))?;
-        children.push(Some(child));
+            .env(LAUNCHER_PID_VAR, std::process::id().to_string())
+            .spawn();
+        match child {
+            Ok(child) => children.push(Some(child)),
+            Err(e) => {
+                for child in children.iter_mut().flatten() {
+                    child.kill().ok();
+                    child.wait().ok();
+                }
+                return Err(e).with_context(|| format!("starting rank {rank}"));
+            }
+        }
     }
-    let mut failure: Option<(usize, i32, Instant)> = None;
+    // (rank, how it ended, whether by a signal, when it was seen)
+    let mut failures: Vec<(usize, String, bool, Instant)> = Vec::new();
     loop {
         let mut running = 0;
         for (rank, slot) in children.iter_mut().enumerate() {
             let Some(child) = slot else { continue };
             match child.try_wait()? {
                 Some(status) => {
-                    if !status.success() && failure.is_none() {
-                        failure = Some((rank, status.code().unwrap_or(1), Instant::now()));
+                    if !status.success() {
+                        #[cfg(unix)]
+                        let signalled = std::os::unix::process::ExitStatusExt::signal(&status).is_some();
+                        #[cfg(not(unix))]
+                        let signalled = false;
+                        failures.push((rank, describe_exit(status), signalled, Instant::now()));
                     }
                     *slot = None;
                 }
@@ -127,7 +187,7 @@ fn launch(args: LaunchArgs) -> anyhow::Result<()> {
             break;
         }
         // Peers of a failed rank fail by themselves within their timeout; do not wait for it.
-        if let Some((_, _, at)) = failure {
+        if let Some((_, _, _, at)) = failures.first() {
             if at.elapsed() > Duration::from_secs(5) {
                 for child in children.iter_mut().flatten() {
                     child.kill().ok();
@@ -138,8 +198,19 @@ fn launch(args: LaunchArgs) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    match failure {
-        Some((rank, code, _)) => anyhow::bail!("rank {rank} of {} exited with status {code}", args.nproc),
+    // A rank killed by a signal is the cause; otherwise the first seen. Others are listed.
+    let first = failures.iter().position(|f| f.2).unwrap_or(0);
+    match failures.get(first) {
+        Some((rank, how, _, _)) => {
+            let others: Vec<String> = failures
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != first)
+                .map(|(_, (r, how, _, _))| format!("rank {r} {how}"))
+                .collect();
+            let also = if others.is_empty() { String::new() } else { format!(" (then {})", others.join(", ")) };
+            anyhow::bail!("rank {rank} of {} {how}{also}", args.nproc)
+        }
         None => Ok(()),
     }
 }
@@ -826,6 +897,7 @@ fn estimate_sharded(args: &TrainArgs, p: &Plan) -> anyhow::Result<()> {
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
+    watch_launcher();
     // Launched by `candle-fit launch`, torchrun or Slurm: one rank of a multi-process group.
     let launched = candle_fit::shard::discovery::RankInfo::from_env()?;
     if args.zero.is_some() || args.world_size != 1 || launched.as_ref().is_some_and(|i| i.world_size > 1) {

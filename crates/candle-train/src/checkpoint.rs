@@ -811,6 +811,14 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// `Ok` when the checkpoint's parameter list (names, shapes, dtypes) is the model's.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] naming the first parameter that differs.
+    pub fn check_model(&self, params: &Parameters) -> Result<()> {
+        check_parameters(&self.manifest.parameters, &parameter_specs(params), &self.path)
+    }
+
     /// Restores `params` and `updater` from this checkpoint. Everything (checksums, parameter
     /// names, shapes and dtypes read from the files' headers, world size, master weights,
     /// optimizer kind, step count and buffers) is checked before anything changes; values are

@@ -974,6 +974,8 @@ impl Trainer {
         path: &Path,
     ) -> Result<TrainReport> {
         let ckpt = Checkpoint::open(path)?;
+        // Shapes first: another model's checkpoint is named as such, not as other settings.
+        ckpt.check_model(model.parameters())?;
         self.identity(model, corpus, updater).check_continues(&ckpt.manifest.run, &ckpt.path)?;
         // Everything the run would refuse is refused before the restore changes anything.
         self.preflight(model, corpus)?;
