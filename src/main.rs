@@ -715,8 +715,8 @@ fn check_outputs(args: &TrainArgs, checkpoint_dir: Option<&std::path::Path>) -> 
     }
     let files = [("--save", args.save.as_deref()), ("--metrics", args.metrics.as_deref())];
     let inputs = [("--corpus", args.corpus.as_deref()), ("--resume", args.resume.as_deref())];
-    let outputs = files.iter().chain(&[("--checkpoint-dir", checkpoint_dir)]).filter_map(|(f, p)| Some((*f, resolved((*p)?))));
-    let outputs: Vec<(&str, PathBuf)> = outputs.collect();
+    let all = [files[0], files[1], ("--checkpoint-dir", checkpoint_dir)];
+    let outputs: Vec<(&str, PathBuf)> = all.iter().filter_map(|(f, p)| Some((*f, resolved((*p)?)))).collect();
     for (flag, out) in &outputs {
         for (input_flag, input) in inputs.iter().filter_map(|(f, p)| Some((*f, resolved((*p)?)))) {
             // The checkpoint directory may be the run directory of `--resume`; nothing may be

@@ -239,7 +239,7 @@ fn hostile_checkpoints_are_refused_by_name_and_change_nothing() -> anyhow::Resul
                 let other = scratch(&format!("other-step-{}", d.display().to_string().len()));
                 let m = Gpt::new(model_config(32), DType::F32, &Device::Cpu, 1)?;
                 let mut u = LocalUpdater::from_config(m.parameters(), &adamw())?;
-                trainer(&other, 1, 0, false)?.fit(&m, &corpus()?, &mut u)?;
+                trainer(&other, 1, 0, false)?.fit(&m, &crate::corpus()?, &mut u)?;
                 let bytes = std::fs::read(other.join("step-00000001").join(OPTIMIZER_FILE))?;
                 std::fs::write(d.join(OPTIMIZER_FILE), &bytes)?;
                 let _ = std::fs::remove_dir_all(&other);

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use candle::{DType, Device};
 use candle_train::checkpoint::{
-    seal_manifest, sha256_hex, unseal_manifest, Checkpoint, MANIFEST_FILE, MASTER_FILE, MODEL_FILE,
+    seal_manifest, sha256_hex, unseal_manifest, Checkpoint, Manifest, MANIFEST_FILE, MASTER_FILE, MODEL_FILE,
     OPTIMIZER_FILE,
 };
 use candle_train::{Gpt, GptConfig, LocalUpdater, OptimizerConfig};
@@ -57,6 +57,17 @@ pub fn join(parts: &[Vec<u8>]) -> Vec<u8> {
 fn scratch() -> PathBuf {
     let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
     base.join(format!("candle-fit-fuzz-{}", std::process::id())).join("step-00000001")
+}
+
+/// Parses `data` as a manifest, raw and sealed with its own checksum; returns whether the
+/// sealed form parsed.
+pub fn parse_manifest(data: &[u8]) -> bool {
+    let path = Path::new("manifest.json");
+    let _ = Manifest::parse(data, path);
+    match seal_manifest(data) {
+        Some(sealed) => Manifest::parse(&sealed, path).is_ok(),
+        None => false,
+    }
 }
 
 /// Writes the input out as a checkpoint and restores it; returns whether it loaded.

@@ -42,6 +42,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         cut[i].truncate(part.len() / 2);
         std::fs::write(out.join(format!("cut{i}")), candle_fit_fuzz::join(&cut))?;
     }
+    // The manifest target's seed: the manifest's body (it seals what it is given).
+    if let Some(manifest_dir) = std::env::args().nth(2).map(std::path::PathBuf::from) {
+        std::fs::create_dir_all(&manifest_dir)?;
+        let body = candle_train::checkpoint::unseal_manifest(&parts[0]).map(|(_, b)| b).unwrap_or_default();
+        std::fs::write(manifest_dir.join("valid"), body)?;
+    }
     std::fs::remove_dir_all(&run_dir)?;
     Ok(())
 }

@@ -1098,7 +1098,7 @@ mod tests {
         for edited in [
             text.replacen("\"step\": 3", "\"step\": 9", 1),
             text.replacen("\"seed\": 1", "\"seed\": 2", 1),
-            text.replacen("{\n  \"format_version\"", "{ \"format_version\"", 1),
+            text.replacen(",\n  \"format_version\"", ", \"format_version\"", 1),
             format!("{text}\n"),
         ] {
             assert_ne!(edited, text);
@@ -1139,8 +1139,8 @@ mod tests {
         let run_dir = scratch("prune");
         let old = fake_checkpoint(&run_dir, 1)?;
         fake_checkpoint(&run_dir, 2)?;
-        // The deletion "crashes" after removing one file (the manifest-first order a plain
-        // `remove_dir_all` of the `step-*` directory would leave torn).
+        // The deletion "crashes" after removing one file: had it run on the `step-*` directory
+        // itself (as a plain `remove_dir_all` does), that directory would now be torn.
         let crash = |dir: &Path| -> std::io::Result<()> {
             fs::remove_file(dir.join(MODEL_FILE))?;
             Err(std::io::Error::other("killed"))
