@@ -143,10 +143,9 @@ fn edit_manifest_only(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> 
     let (sum, body) = unseal_manifest(&bytes).ok_or_else(|| anyhow::anyhow!("manifest not sealed"))?;
     let mut value: serde_json::Value = serde_json::from_slice(&body)?;
     edit(&mut value);
-    let mut edited = serde_json::Map::new();
-    edited.insert("manifest_sha256".into(), sum.into());
-    edited.extend(value.as_object().cloned().unwrap_or_default());
-    std::fs::write(&path, serde_json::to_vec_pretty(&edited)?)?;
+    let body = serde_json::to_string_pretty(&value)?;
+    let rest = body.strip_prefix('{').unwrap_or(&body);
+    std::fs::write(&path, format!("{{\"manifest_sha256\": \"{sum}\",{rest}"))?;
     Ok(())
 }
 
