@@ -208,7 +208,8 @@ fn launch(args: LaunchArgs) -> anyhow::Result<()> {
                 .filter(|(i, _)| *i != first)
                 .map(|(_, (r, how, _, _))| format!("rank {r} {how}"))
                 .collect();
-            let also = if others.is_empty() { String::new() } else { format!(" (then {})", others.join(", ")) };
+            let also =
+                if others.is_empty() { String::new() } else { format!(" (then {})", others.join(", ")) };
             anyhow::bail!("rank {rank} of {} {how}{also}", args.nproc)
         }
         None => Ok(()),
@@ -591,11 +592,9 @@ fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
         .oom_recovery(!args.no_oom_recovery)
         .find_micro_batch(args.find_micro_batch);
     let trainer_config = match checkpoint_dir {
-        Some(dir) => {
-            trainer_config
-                .checkpoint(dir, args.checkpoint_every.unwrap_or(100), args.keep_checkpoints)
-                .overwrite_checkpoints(args.overwrite)
-        }
+        Some(dir) => trainer_config
+            .checkpoint(dir, args.checkpoint_every.unwrap_or(100), args.keep_checkpoints)
+            .overwrite_checkpoints(args.overwrite),
         None => trainer_config,
     }
     .build()?;
@@ -666,15 +665,23 @@ fn step_bytes_lower_bound(
     let params = model.checked_num_parameters().map_or(u128::MAX, |n| n as u128);
     let weights = params.saturating_mul(dtype.size_in_bytes() as u128);
     let activation = mb.saturating_mul(seq).saturating_mul(width).saturating_mul(4);
-    let scores = mb.saturating_mul(model.n_head as u128).saturating_mul(seq).saturating_mul(seq).saturating_mul(4);
+    let scores =
+        mb.saturating_mul(model.n_head as u128).saturating_mul(seq).saturating_mul(seq).saturating_mul(4);
     let once = weights.saturating_add(activation).saturating_add(scores);
-    let all_layers = weights.saturating_add((model.n_layer as u128).saturating_mul(activation.saturating_add(scores)));
+    let all_layers =
+        weights.saturating_add((model.n_layer as u128).saturating_mul(activation.saturating_add(scores)));
     (once, all_layers)
 }
 
 /// Refuses a run whose sizes cannot fit this machine (a lower bound against the available
 /// memory) or, for `estimate`, cannot exist on any machine; before anything is allocated.
-fn check_sizes(model: &GptConfig, dtype: candle::DType, micro_batch: usize, seq_len: usize, train: bool) -> anyhow::Result<()> {
+fn check_sizes(
+    model: &GptConfig,
+    dtype: candle::DType,
+    micro_batch: usize,
+    seq_len: usize,
+    train: bool,
+) -> anyhow::Result<()> {
     let (once, all_layers) = step_bytes_lower_bound(model, dtype, micro_batch, seq_len);
     if all_layers > MAX_MODELLED_BYTES {
         anyhow::bail!(
@@ -748,9 +755,15 @@ fn check_outputs(args: &TrainArgs, checkpoint_dir: Option<&std::path::Path>) -> 
         probe_writable(flag, parent)?;
     }
     if let Some(dir) = checkpoint_dir {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("invalid `--checkpoint-dir`: cannot create {}", dir.display()))?;
-        probe_writable("--checkpoint-dir", dir)?;
+        // An explicit `--checkpoint-dir` is created; the run directory of `--resume` must exist
+        // (if it does not, resuming fails with its own message).
+        if args.checkpoint_dir.is_some() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("invalid `--checkpoint-dir`: cannot create {}", dir.display()))?;
+        }
+        if dir.is_dir() {
+            probe_writable("--checkpoint-dir", dir)?;
+        }
     }
     Ok(())
 }
@@ -1073,7 +1086,8 @@ fn train_sharded(
     }
     let Plan { precision, device, model_config, mut trainer_config, optimizer, corpus, .. } = plan(&args)?;
     // All ranks of one process share its memory; a launched rank holds its share.
-    let share = if launched.is_some() { args.micro_batch.div_ceil(world_size.get()) } else { args.micro_batch };
+    let share =
+        if launched.is_some() { args.micro_batch.div_ceil(world_size.get()) } else { args.micro_batch };
     check_sizes(&model_config, precision.dtype(), share, args.seq_len, true)?;
     check_outputs(&args, trainer_config.checkpoint.as_ref().map(|c| c.dir.as_path()))?;
     // One progress bar per rank would interleave on stderr.

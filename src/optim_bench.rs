@@ -54,7 +54,7 @@ pub struct OptimBenchRow {
 
 fn median_time(repeats: usize, mut pass: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
     pass()?;
-    let mut times = Vec::with_capacity(repeats);
+    let mut times = Vec::with_capacity(repeats.min(1 << 10));
     for _ in 0..repeats {
         let start = Instant::now();
         pass()?;

@@ -157,7 +157,8 @@ fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> anyho
     let body = unseal_manifest(&bytes).map_or(bytes, |(_, body)| body);
     let mut value: serde_json::Value = serde_json::from_slice(&body)?;
     edit(&mut value);
-    let sealed = seal_manifest(&serde_json::to_vec_pretty(&value)?).ok_or_else(|| anyhow::anyhow!("empty"))?;
+    let sealed =
+        seal_manifest(&serde_json::to_vec_pretty(&value)?).ok_or_else(|| anyhow::anyhow!("empty"))?;
     std::fs::write(&path, sealed)?;
     Ok(())
 }
@@ -223,7 +224,11 @@ fn hostile_checkpoints_are_refused_by_name_and_change_nothing() -> anyhow::Resul
         ),
         (
             "two same-shape parameters swapped, checksum not updated",
-            Box::new(|d| edit_manifest_only(d, |m| m["parameters"].as_array_mut().into_iter().for_each(|a| a.swap(2, 3)))),
+            Box::new(|d| {
+                edit_manifest_only(d, |m| {
+                    m["parameters"].as_array_mut().into_iter().for_each(|a| a.swap(2, 3))
+                })
+            }),
             "does not match its contents",
         ),
         (
@@ -337,7 +342,8 @@ fn hostile_checkpoints_are_refused_by_name_and_change_nothing() -> anyhow::Resul
     assert!(heads.contains("model settings") && heads.contains("\"n_head\":2"), "{heads}");
     let dropout = refused(GptConfig { dropout: 0.2, ..model_config(32) }, DType::F32, 0, adamw())?;
     assert!(dropout.contains("model settings"), "{dropout}");
-    let decay = OptimizerConfig::AdamW(candle_fit::train::AdamWConfig { weight_decay: 0.5, ..Default::default() });
+    let decay =
+        OptimizerConfig::AdamW(candle_fit::train::AdamWConfig { weight_decay: 0.5, ..Default::default() });
     let wd = refused(model_config(32), DType::F32, 0, decay)?;
     assert!(wd.contains("optimizer settings") && wd.contains("weight_decay"), "{wd}");
     let _ = std::fs::remove_dir_all(&good_dir);
@@ -470,20 +476,33 @@ fn a_run_directory_is_owned_by_one_run_and_never_silently_taken_over() -> anyhow
     // While a run holds the directory, a second one is refused at the start, naming the owner.
     let held = RunLock::acquire(&dir)?;
     let err = Trainer::new(TrainerConfig {
-        checkpoint: Some(candle_fit::train::CheckpointConfig { dir: dir.clone(), every: 2, keep: 1, overwrite: true }),
+        checkpoint: Some(candle_fit::train::CheckpointConfig {
+            dir: dir.clone(),
+            every: 2,
+            keep: 1,
+            overwrite: true,
+        }),
         ..trainer(&dir, 2, 5, false)?.config().clone()
     })
     .fit(&other, &corpus, &mut other_updater)
     .err()
     .map(|e| e.to_string())
     .unwrap_or_default();
-    assert!(err.contains("in use by another run") && err.contains(&format!("pid {}", std::process::id())), "{err}");
+    assert!(
+        err.contains("in use by another run") && err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
     assert_eq!(snapshot(&other)?, initial);
     drop(held);
 
     // With `overwrite`, the other run's checkpoints are replaced by this run's.
     let report = Trainer::new(TrainerConfig {
-        checkpoint: Some(candle_fit::train::CheckpointConfig { dir: dir.clone(), every: 1, keep: 1, overwrite: true }),
+        checkpoint: Some(candle_fit::train::CheckpointConfig {
+            dir: dir.clone(),
+            every: 1,
+            keep: 1,
+            overwrite: true,
+        }),
         ..trainer(&dir, 1, 5, false)?.config().clone()
     })
     .fit(&other, &corpus, &mut other_updater)?;
@@ -522,8 +541,12 @@ fn metrics_of_a_resumed_run_equal_the_uninterrupted_runs() -> anyhow::Result<()>
     std::fs::write(&path, format!("{}\n{{\"step\": 4, \"lo", first3.join("\n")))?;
     let resumed = Gpt::new(model_config(32), DType::F32, &Device::Cpu, 3)?;
     let mut resumed_updater = LocalUpdater::from_config(resumed.parameters(), &adamw())?;
-    let report =
-        with_metrics(&part_dir, 4)?.resume(&resumed, &corpus, &mut resumed_updater, &part_dir.join("step-00000002"))?;
+    let report = with_metrics(&part_dir, 4)?.resume(
+        &resumed,
+        &corpus,
+        &mut resumed_updater,
+        &part_dir.join("step-00000002"),
+    )?;
     assert_eq!(report.start_step, 2);
 
     // Same steps, same values (times and memory aside).

@@ -157,7 +157,11 @@ impl RunIdentity {
             );
         }
         if max_grad_norm.map(f64::to_bits) != self.max_grad_norm.map(f64::to_bits) {
-            return differs("max_grad_norm", format!("{max_grad_norm:?}"), format!("{:?}", self.max_grad_norm));
+            return differs(
+                "max_grad_norm",
+                format!("{max_grad_norm:?}"),
+                format!("{:?}", self.max_grad_norm),
+            );
         }
         if *loss_scaling != self.loss_scaling {
             return differs("loss scaling", format!("{loss_scaling:?}"), format!("{:?}", self.loss_scaling));
@@ -166,7 +170,11 @@ impl RunIdentity {
             return differs("optimizer", optimizer.clone(), self.optimizer.clone());
         }
         if *optimizer_settings != self.optimizer_settings {
-            return differs("optimizer settings", optimizer_settings.clone(), self.optimizer_settings.clone());
+            return differs(
+                "optimizer settings",
+                optimizer_settings.clone(),
+                self.optimizer_settings.clone(),
+            );
         }
         if *model != self.model {
             return differs("model settings", model.clone(), self.model.clone());
@@ -348,7 +356,10 @@ impl Manifest {
         }
         if let Some(info) = &manifest.sharded {
             if info.optimizer_step != p.optimizer_step || info.optimizer != manifest.run.optimizer {
-                return Err(Error::checkpoint(path, "the sharded optimizer's step or kind disagrees with the progress"));
+                return Err(Error::checkpoint(
+                    path,
+                    "the sharded optimizer's step or kind disagrees with the progress",
+                ));
             }
         }
         Ok(manifest)
@@ -618,8 +629,10 @@ pub fn install(run_dir: &Path, tmp: &Path, step: u64, keep: usize) -> Result<Pat
     // them, and the newest checkpoint is always the one just written.
     let all = list_checkpoints(run_dir)?;
     let earlier: Vec<&PathBuf> = all.iter().filter(|(s, _)| *s < step).map(|(_, p)| p).collect();
-    let mut old: Vec<PathBuf> =
-        earlier[..earlier.len().saturating_sub(keep.saturating_sub(1))].iter().map(|p| (*p).clone()).collect();
+    let mut old: Vec<PathBuf> = earlier[..earlier.len().saturating_sub(keep.saturating_sub(1))]
+        .iter()
+        .map(|p| (*p).clone())
+        .collect();
     old.extend(all.iter().filter(|(s, _)| *s > step).map(|(_, p)| p.clone()));
     remove_checkpoints(run_dir, &old)?;
     Ok(final_dir)
@@ -703,9 +716,9 @@ impl RunLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| Error::io("create", &path, e))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
+        match try_lock_exclusive(&file) {
+            Ok(true) => {}
+            Ok(false) => {
                 let owner = crate::io::read_bounded(&path, 4096)
                     .map(|b| String::from_utf8_lossy(&b).trim().to_string())
                     .unwrap_or_default();
@@ -718,7 +731,7 @@ impl RunLock {
                     ),
                 ));
             }
-            Err(fs::TryLockError::Error(e)) => return Err(Error::io("lock", &path, e)),
+            Err(e) => return Err(Error::io("lock", &path, e)),
         }
         let owner = format!("pid {} on host {}\n", std::process::id(), host_name());
         file.set_len(0)
@@ -732,6 +745,32 @@ impl RunLock {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Takes an exclusive advisory lock on `file` without waiting: `Ok(false)` when another open
+/// file description (another process, or another handle in this one) holds it. The kernel
+/// releases it when the file is closed, however the process ends.
+#[cfg(unix)]
+fn try_lock_exclusive(file: &fs::File) -> std::io::Result<bool> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: `flock` only reads the descriptor number, which `file` keeps open for the
+    // duration of the call; it touches no memory of ours.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Without `flock` (not Unix), the lock file records the owner but does not exclude.
+#[cfg(not(unix))]
+fn try_lock_exclusive(_file: &fs::File) -> std::io::Result<bool> {
+    Ok(true)
 }
 
 /// This machine's name (for lock files), or `unknown`.
@@ -861,9 +900,9 @@ impl Checkpoint {
         // anything changes, so applying them below cannot fail halfway for a shape.
         let mut ordered = Vec::with_capacity(params.len());
         for p in params.iter() {
-            let value = by_name.remove(p.name.as_str()).ok_or_else(|| {
-                Error::checkpoint(&model_path, format!("it has no tensor `{}`", p.name))
-            })?;
+            let value = by_name
+                .remove(p.name.as_str())
+                .ok_or_else(|| Error::checkpoint(&model_path, format!("it has no tensor `{}`", p.name)))?;
             if value.dims() != p.var.dims() || value.dtype() != p.var.dtype() {
                 return Err(Error::StateMismatch {
                     name: p.name.clone(),

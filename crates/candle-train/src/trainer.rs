@@ -920,7 +920,7 @@ impl Trainer {
             backward,
             loss_scaling,
             checkpoint: _,
-            max_memory: _,        // out-of-memory recovery changes only the split (in progress)
+            max_memory: _, // out-of-memory recovery changes only the split (in progress)
             oom_recovery: _,
             find_micro_batch: _,
         } = &self.config;
@@ -1348,4 +1348,115 @@ impl Trainer {
 struct MicroSplit {
     micro_batch: usize,
     accumulation_steps: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{GptConfig, LocalUpdater, OptimizerConfig};
+
+    /// Every field of `value` (a serialized config), each changed in turn: numbers doubled plus
+    /// one, booleans flipped, strings extended.
+    fn each_field_changed(value: &serde_json::Value) -> Vec<(String, serde_json::Value)> {
+        let mut out = Vec::new();
+        if let Some(map) = value.as_object() {
+            for (key, field) in map {
+                let changed = match field {
+                    serde_json::Value::Bool(b) => serde_json::Value::Bool(!b),
+                    serde_json::Value::Number(n) => {
+                        serde_json::json!(n.as_f64().unwrap_or(0.0) * 2.0 + 1.0)
+                    }
+                    serde_json::Value::String(s) => serde_json::Value::String(format!("{s}x")),
+                    _ => continue,
+                };
+                let mut copy = value.clone();
+                copy[key] = changed;
+                out.push((key.clone(), copy));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_field_of_the_model_and_optimizer_configs_changes_the_run_identity() -> Result<()> {
+        let configs: Vec<(&str, serde_json::Value)> = vec![
+            (
+                "gpt",
+                serde_json::to_value(GptConfig::default())
+                    .map_err(|e| Error::config("test", e.to_string()))?,
+            ),
+            (
+                "adamw",
+                serde_json::to_value(crate::AdamWConfig::default())
+                    .map_err(|e| Error::config("test", e.to_string()))?,
+            ),
+            (
+                "sgd",
+                serde_json::to_value(crate::SgdConfig::default())
+                    .map_err(|e| Error::config("test", e.to_string()))?,
+            ),
+        ];
+        for (kind, config) in configs {
+            let fields = each_field_changed(&config);
+            assert!(fields.len() >= 4, "{kind}: {config}");
+            for (field, changed) in fields {
+                assert_ne!(
+                    canonical_json(kind, &changed),
+                    canonical_json(kind, &config),
+                    "{kind}.{field} is not in the identity"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_run_identity_holds_exactly_the_trainer_settings_that_change_the_trajectory() -> Result<()> {
+        let model = Gpt::new(
+            GptConfig { n_ctx: 8, n_embd: 8, n_layer: 1, n_head: 2, ..GptConfig::default() },
+            candle::DType::F32,
+            &Device::Cpu,
+            0,
+        )?;
+        let corpus = Corpus::from_bytes(Path::new("t"), b"abcdefghijklmnopqrstuvwxyz ".repeat(40), 0.2)?;
+        let updater =
+            LocalUpdater::from_config(model.parameters(), &OptimizerConfig::AdamW(Default::default()))?;
+        let base = TrainerConfig::builder().steps(10).micro_batch(2).seq_len(8).build()?;
+        let identity = |c: TrainerConfig| Trainer::new(c).identity(&model, &corpus, &updater);
+        let reference = identity(base.clone());
+        type Change = fn(&mut TrainerConfig);
+        // Changes that must change the identity...
+        let changing: [(&str, Change); 7] = [
+            ("seq_len", |c| c.seq_len = NonZeroUsize::MIN),
+            ("global batch", |c| c.accumulation_steps = NonZeroUsize::MIN.saturating_add(1)),
+            ("schedule", |c| c.schedule = LrSchedule::Constant { lr: 0.5 }),
+            ("max_grad_norm", |c| c.max_grad_norm = None),
+            ("seed", |c| c.seed = 7),
+            ("backward", |c| c.backward = BackwardMode::Plain),
+            ("loss_scaling", |c| c.loss_scaling = Some(LossScalerConfig::default())),
+        ];
+        for (what, change) in changing {
+            let mut c = base.clone();
+            change(&mut c);
+            assert_ne!(identity(c), reference, "{what} must be part of the run identity");
+        }
+        // ...and changes that must not (they never change a step's result).
+        let neutral: [(&str, Change); 9] = [
+            ("eval_interval", |c| c.eval_interval = 3),
+            ("eval_windows", |c| c.eval_windows = 5),
+            ("log_interval", |c| c.log_interval = 3),
+            ("progress", |c| c.progress = true),
+            ("metrics_path", |c| c.metrics_path = Some("m.jsonl".into())),
+            ("max_consecutive_skips", |c| c.max_consecutive_skips = 2),
+            ("recompute", |c| c.recompute = Recompute::All),
+            ("max_memory", |c| c.max_memory = Some(1 << 30)),
+            ("oom_recovery", |c| c.oom_recovery = !c.oom_recovery),
+        ];
+        for (what, change) in neutral {
+            let mut c = base.clone();
+            change(&mut c);
+            assert_eq!(identity(c), reference, "{what} must not be part of the run identity");
+        }
+        Ok(())
+    }
 }

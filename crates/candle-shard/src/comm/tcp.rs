@@ -36,7 +36,8 @@ fn hello(rank: usize, world_size: usize) -> [u8; HELLO_BYTES] {
 
 /// `(magic, version, rank, world size)` of a handshake.
 fn parse_hello(bytes: &[u8; HELLO_BYTES]) -> (u32, u32, usize, usize) {
-    let word = |i: usize| u32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]);
+    let word =
+        |i: usize| u32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]);
     (word(0), word(1), word(2) as usize, word(3) as usize)
 }
 
@@ -283,7 +284,9 @@ impl TcpCommunicator {
                     return Err(CommError::Backend {
                         op,
                         rank: self.rank,
-                        message: format!("rank 0 announced a result of {len} bytes, more than the {bound} of this call"),
+                        message: format!(
+                            "rank 0 announced a result of {len} bytes, more than the {bound} of this call"
+                        ),
                     });
                 }
                 let mut out = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
@@ -686,7 +689,8 @@ mod tests {
             }
         });
         let started = Instant::now();
-        let err = TcpCommunicator::connect(&info(1, 2, port), Duration::from_secs(5)).expect_err("not rank 0");
+        let err =
+            TcpCommunicator::connect(&info(1, 2, port), Duration::from_secs(5)).expect_err("not rank 0");
         assert!(err.to_string().contains("not a candle-fit rank 0"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(4));
         let _ = server.join();
@@ -704,7 +708,8 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(200));
             }
         });
-        let err = TcpCommunicator::connect(&info(1, 2, port), Duration::from_secs(5)).expect_err("other version");
+        let err =
+            TcpCommunicator::connect(&info(1, 2, port), Duration::from_secs(5)).expect_err("other version");
         assert!(err.to_string().contains("protocol version"), "{err}");
         let _ = server.join();
     }
