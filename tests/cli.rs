@@ -587,3 +587,84 @@ fn outputs_are_checked_before_training_and_never_overwrite_inputs() -> anyhow::R
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// The live children of `parent` with their `RANK` (Linux `/proc`); zombies count as gone.
+#[cfg(target_os = "linux")]
+fn ranks_of(parent: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // `pid (comm) state ppid ...`: the fields after the last ')'.
+        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+        if fields.first() == Some(&"Z") || fields.get(1).and_then(|p| p.parse::<u32>().ok()) != Some(parent) {
+            continue;
+        }
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        let rank = environ
+            .split(|&b| b == 0)
+            .find_map(|v| v.strip_prefix(b"RANK="))
+            .map(|r| String::from_utf8_lossy(r).into_owned())
+            .unwrap_or_default();
+        out.push((pid, rank));
+    }
+    out
+}
+
+#[cfg(target_os = "linux")]
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.split_whitespace().next() != Some("Z")))
+        .unwrap_or(false)
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn launch_names_a_rank_killed_by_a_signal_and_its_ranks_die_with_it() -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    let mut args: Vec<String> = ["launch", "--nproc", "2", "--"].iter().map(|s| s.to_string()).collect();
+    args.extend(tiny_with(&["--micro-batch", "4", "--zero", "1", "--steps", "100000", "--comm-timeout", "20"]));
+    let start = |args: &[String]| -> anyhow::Result<(std::process::Child, Vec<(u32, String)>)> {
+        let child = Command::new(env!("CARGO_BIN_EXE_candle-fit"))
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let started = Instant::now();
+        loop {
+            let ranks = ranks_of(child.id());
+            if ranks.len() == 2 || started.elapsed() > Duration::from_secs(30) {
+                return Ok((child, ranks));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // A rank killed by SIGKILL is named, with its signal, not the peer that lost it.
+    let (child, ranks) = start(&args)?;
+    let victim = ranks.iter().find(|(_, r)| r == "1").map(|(p, _)| *p);
+    let victim = victim.ok_or_else(|| anyhow::anyhow!("rank 1 not found among {ranks:?}"))?;
+    std::thread::sleep(Duration::from_millis(500)); // let the group form
+    Command::new("kill").args(["-KILL", &victim.to_string()]).status()?;
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr.contains("rank 1 of 2 was killed by signal 9 (SIGKILL)"), "{stderr}");
+
+    // The launcher killed with SIGKILL: its ranks stop by themselves, not training on.
+    let (mut child, ranks) = start(&args)?;
+    assert_eq!(ranks.len(), 2, "{ranks:?}");
+    child.kill()?;
+    child.wait()?;
+    let killed = Instant::now();
+    while ranks.iter().any(|(p, _)| alive(*p)) && killed.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let orphans: Vec<u32> = ranks.iter().map(|(p, _)| *p).filter(|p| alive(*p)).collect();
+    for p in &orphans {
+        let _ = Command::new("kill").args(["-KILL", &p.to_string()]).status();
+    }
+    assert!(orphans.is_empty(), "ranks {orphans:?} outlived their launcher");
+    Ok(())
+}
