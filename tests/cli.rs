@@ -596,7 +596,8 @@ fn ranks_of(parent: u32) -> Vec<(u32, String)> {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
         // `pid (comm) state ppid ...`: the fields after the last ')'.
-        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+        let fields: Vec<&str> =
+            stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
         if fields.first() == Some(&"Z") || fields.get(1).and_then(|p| p.parse::<u32>().ok()) != Some(parent) {
             continue;
         }
@@ -624,7 +625,16 @@ fn alive(pid: u32) -> bool {
 fn launch_names_a_rank_killed_by_a_signal_and_its_ranks_die_with_it() -> anyhow::Result<()> {
     use std::time::{Duration, Instant};
     let mut args: Vec<String> = ["launch", "--nproc", "2", "--"].iter().map(|s| s.to_string()).collect();
-    args.extend(tiny_with(&["--micro-batch", "4", "--zero", "1", "--steps", "100000", "--comm-timeout", "20"]));
+    args.extend(tiny_with(&[
+        "--micro-batch",
+        "4",
+        "--zero",
+        "1",
+        "--steps",
+        "100000",
+        "--comm-timeout",
+        "20",
+    ]));
     let start = |args: &[String]| -> anyhow::Result<(std::process::Child, Vec<(u32, String)>)> {
         let child = Command::new(env!("CARGO_BIN_EXE_candle-fit"))
             .args(args)

@@ -82,7 +82,7 @@ impl LanguageModel for crate::models::Llama {
     }
 }
 
-/// `{"kind": kind, "config": config}` as compact JSON (field order as declared), the form run
+/// `{"config": config, "kind": kind}` as compact JSON (object keys sorted), the form run
 /// identities compare.
 pub fn canonical_json<T: Serialize>(kind: &str, config: &T) -> String {
     serde_json::to_string(&serde_json::json!({ "kind": kind, "config": config }))
