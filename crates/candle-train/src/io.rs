@@ -23,6 +23,16 @@ pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 /// [`Error::Io`] naming the file: missing, unreadable, not a regular file, or too long.
 pub fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
     use std::io::Read;
+    // The type from the path's metadata before opening: opening a FIFO blocks until a writer
+    // appears, and a device never ends.
+    let before = fs::metadata(path).map_err(|e| Error::io("read", path, e))?;
+    if !before.is_file() {
+        return Err(Error::io(
+            "read",
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+        ));
+    }
     let file = fs::File::open(path).map_err(|e| Error::io("read", path, e))?;
     let meta = file.metadata().map_err(|e| Error::io("read", path, e))?;
     if !meta.is_file() {
@@ -95,6 +105,13 @@ mod tests {
         assert!(e.as_deref().is_some_and(|e| e.contains("not a regular file")), "{e:?}");
         let dir = std::env::temp_dir().join(format!("candle-train-bounded-{}", std::process::id()));
         fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        // A FIFO with no writer: refused at once, not waited on (opening it would block).
+        let fifo = dir.join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success());
+        if made {
+            let e = read_bounded(&fifo, 1 << 20).err().map(|e| e.to_string());
+            assert!(e.as_deref().is_some_and(|e| e.contains("not a regular file")), "{e:?}");
+        }
         let path = dir.join("f");
         write_atomic(&path, &[7u8; 100])?;
         assert_eq!(read_bounded(&path, 100)?.len(), 100);

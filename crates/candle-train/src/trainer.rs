@@ -953,8 +953,8 @@ impl Trainer {
         updater: &mut dyn Updater,
     ) -> Result<TrainReport> {
         self.preflight(model, corpus)?;
-        let lock = self.claim_run_dir(model, corpus, updater, None)?;
-        self.run(model, corpus, updater, None, lock)
+        let claim = self.claim_run_dir(model, corpus, updater, None)?;
+        self.run(model, corpus, updater, None, claim)
     }
 
     /// Continues the run saved in checkpoint `path` (a checkpoint directory, or a run
@@ -990,9 +990,9 @@ impl Trainer {
         if let (Some(config), Some(state)) = (self.config.loss_scaling, &p.loss_scaler) {
             LossScaler::new(config)?.load_state(state)?;
         }
-        let lock = self.claim_run_dir(model, corpus, updater, Some(&ckpt))?;
+        let claim = self.claim_run_dir(model, corpus, updater, Some(&ckpt))?;
         ckpt.restore(model.parameters(), updater)?;
-        self.run(model, corpus, updater, Some(ckpt), lock)
+        self.run(model, corpus, updater, Some(ckpt), claim)
     }
 
     /// The checks on the model, corpus and device that need no state: done before a resume
@@ -1015,15 +1015,16 @@ impl Trainer {
 
     /// Takes the checkpoint directory for this run (rank 0 only; the others share rank 0's):
     /// its lock (held until the run ends), and a refusal of another run's checkpoints there
-    /// unless `overwrite` (then they are removed, crash-safely). Another run's: any checkpoint
-    /// for a fresh run; for a resumed one, those whose manifest names other settings.
+    /// unless `overwrite` (then `run` removes them, crash-safely, once a resume has restored
+    /// everything). Another run's: any checkpoint for a fresh run; for a resumed one, those
+    /// whose manifest names other settings.
     fn claim_run_dir<M: LanguageModel>(
         &self,
         model: &M,
         corpus: &Corpus,
         updater: &dyn Updater,
         resuming: Option<&Checkpoint>,
-    ) -> Result<Option<RunLock>> {
+    ) -> Result<Option<RunDirClaim>> {
         let Some(ck) = &self.config.checkpoint else { return Ok(None) };
         if self.data_rank.rank != 0 {
             return Ok(None);
@@ -1055,10 +1056,8 @@ impl Trainer {
                     ),
                 ));
             }
-            tracing::warn!(dir = %ck.dir.display(), count = foreign.len(), "removing another run's checkpoints (overwrite)");
-            checkpoint::remove_checkpoints(&ck.dir, &foreign)?;
         }
-        Ok(Some(lock))
+        Ok(Some(RunDirClaim { _lock: lock, foreign }))
     }
 
     fn run<M: LanguageModel>(
@@ -1067,7 +1066,7 @@ impl Trainer {
         corpus: &Corpus,
         updater: &mut dyn Updater,
         resumed: Option<Checkpoint>,
-        _lock: Option<RunLock>,
+        claim: Option<RunDirClaim>,
     ) -> Result<TrainReport> {
         let c = &self.config;
         let seq_len = c.seq_len.get();
@@ -1086,6 +1085,16 @@ impl Trainer {
                     "checkpoint",
                     "checkpoints of sharded (data-parallel) runs are not supported yet",
                 ));
+            }
+        }
+        if let (Some(claim), Some(ck)) = (&claim, &c.checkpoint) {
+            if !claim.foreign.is_empty() {
+                tracing::warn!(
+                    dir = %ck.dir.display(),
+                    count = claim.foreign.len(),
+                    "removing another run's checkpoints (overwrite)"
+                );
+                checkpoint::remove_checkpoints(&ck.dir, &claim.foreign)?;
             }
         }
         let identity = self.identity(model, corpus, updater);
@@ -1341,6 +1350,14 @@ impl Trainer {
             history,
         })
     }
+}
+
+/// A run's hold on its checkpoint directory: the lock, and the other run's checkpoints that
+/// `overwrite` replaces.
+#[derive(Debug)]
+struct RunDirClaim {
+    _lock: RunLock,
+    foreign: Vec<PathBuf>,
 }
 
 /// A micro-batch size and the number of them per step.
