@@ -5,19 +5,25 @@
 //! - `model.safetensors`: the parameters in their dtype, under their (Hugging Face) names;
 //! - `master.safetensors`: the FP32 master weights of half-precision parameters;
 //! - `optimizer.safetensors`: the optimizer's state (moments, step count);
-//! - `manifest.json`: the format version, the progress (step, micro-batch split, loss scaler,
-//!   skip counters), the settings that decide the trajectory (seed, sequence length, global
-//!   batch, schedule, clipping, optimizer, corpus checksum), the parameter list, and the size
-//!   and SHA-256 of every file.
+//! - `manifest.json`: its own SHA-256 first (`manifest_sha256`, over every other byte of the
+//!   file), the format version, the progress (step, the optimizer's step count, micro-batch
+//!   split, loss scaler, skip counters), the settings that decide the trajectory
+//!   ([`RunIdentity`]: seed, sequence length, global batch, schedule, clipping, loss scaling,
+//!   the optimizer and its hyper-parameters, the model's whole config, the backward mode, the
+//!   corpus checksum), the parameter list, and the size and SHA-256 of every file.
 //!
 //! A checkpoint is written into a hidden temporary directory, every file and the directory
-//! synced, then renamed into place, and only then are old checkpoints pruned: a crash at any
-//! instant leaves every earlier checkpoint intact and never a torn `step-*` directory.
+//! synced, then renamed into place, and only then are old checkpoints pruned, each renamed to a
+//! hidden `.old-step-*` name (synced) before it is deleted: a crash at any instant leaves every
+//! earlier checkpoint intact and never a torn `step-*` directory, only hidden leftovers that
+//! the next save removes. A run directory is owned by one run at a time ([`RunLock`]).
 //! Data order and dropout are counter-based (keyed by seed, step and sample index), so the
 //! step number and the seed are the whole data position and RNG state.
 //!
-//! Loading checks everything (version, checksums, parameter names, shapes and dtypes, the run's
-//! settings, optimizer kind and buffer lengths) before anything is changed.
+//! Loading checks everything (the manifest's checksum and version, the files' sizes from their
+//! metadata and their checksums, parameter names, shapes and dtypes read from the safetensors
+//! headers and matched by name, the run's settings, the optimizer's kind, step count and buffer
+//! lengths) before anything is changed.
 //!
 //! A sharded (data-parallel) updater writes a sharded checkpoint instead
 //! ([`Updater::save_sharded`]): one `rank-NNNNN.safetensors` per rank and the same manifest,
