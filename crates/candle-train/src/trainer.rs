@@ -1004,6 +1004,16 @@ impl Trainer {
             return Err(Error::SequenceTooLong { seq_len, context: model.context_length() });
         }
         corpus.check_seq_len(seq_len)?;
+        if let Some(metrics) = &c.metrics_path {
+            let same =
+                |a: &Path, b: &Path| a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok() == Some(a));
+            if same(metrics, corpus.path()) {
+                return Err(Error::config(
+                    "metrics_path",
+                    format!("{} is the corpus; it would be overwritten", metrics.display()),
+                ));
+            }
+        }
         if c.max_memory.is_some() && !DeviceMeter::for_device(&model.device()).is_available() {
             return Err(Error::config(
                 "max_memory",
