@@ -727,11 +727,17 @@ fn check_outputs(args: &TrainArgs, checkpoint_dir: Option<&std::path::Path>) -> 
     for (flag, out) in &outputs {
         for (input_flag, input) in inputs.iter().filter_map(|(f, p)| Some((*f, resolved((*p)?)))) {
             // The checkpoint directory may be the run directory of `--resume`; nothing may be
-            // written over the corpus or into the checkpoint being resumed.
+            // written over the corpus or into a checkpoint directory (`--resume`'s or one of
+            // its run directory's).
+            let in_checkpoint = || {
+                out.ancestors().skip(1).any(|a| {
+                    a.starts_with(&input) && a.join(candle_fit::train::checkpoint::MANIFEST_FILE).is_file()
+                })
+            };
             let clash = if *flag == "--checkpoint-dir" {
                 input_flag == "--corpus" && input == *out
             } else {
-                *out == input || (input_flag == "--resume" && out.starts_with(&input))
+                *out == input || (input_flag == "--resume" && in_checkpoint())
             };
             if clash {
                 anyhow::bail!(

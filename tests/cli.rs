@@ -572,6 +572,22 @@ fn outputs_are_checked_before_training_and_never_overwrite_inputs() -> anyhow::R
     assert_clear_error(&["--corpus", &corpus_s, "--save", &corpus_s], "invalid `--save`")?;
     assert_clear_error(&["--corpus", &corpus_s, "--metrics", &corpus_s], "invalid `--metrics`")?;
     assert_eq!(std::fs::read(&corpus)?, original, "the corpus was written");
+    // Nothing is written into the checkpoint being resumed; its run directory may hold metrics.
+    let run_dir = dir.join("run");
+    let run_s = run_dir.display().to_string();
+    let written = run(&tiny_with(&["--corpus", &corpus_s, "--checkpoint-dir", &run_s])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>())?;
+    assert_eq!(written.0, 0, "{}", written.2);
+    let inside = run_dir.join("step-00000003").join("w.safetensors").display().to_string();
+    assert_clear_error(&["--corpus", &corpus_s, "--resume", &run_s, "--save", &inside], "invalid `--save`")?;
+    let metrics = run_dir.join("metrics.jsonl").display().to_string();
+    let resumed = run(&tiny_with(&["--corpus", &corpus_s, "--resume", &run_s, "--metrics", &metrics])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>())?;
+    assert_eq!(resumed.0, 0, "{}", resumed.2);
     // Unwritable places fail at once, before a step (the error names the flag).
     assert_clear_error(&["--save", "/no/such/dir/w.safetensors"], "invalid `--save`")?;
     assert_clear_error(&["--metrics", "/no/such/dir/m.jsonl"], "invalid `--metrics`")?;
