@@ -1,7 +1,8 @@
 //! The fuzzed loader: an input is a checkpoint directory flattened into one byte string
 //! (manifest, model, master and optimizer files, each behind a little-endian u32 length). The
 //! harness writes it out, fixes the manifest's sizes and checksums when the manifest is JSON
-//! and re-seals it with its own checksum (so the fuzzer gets past the checksums into the parsers), and restores it into a tiny GPT.
+//! and re-seals it with its own checksum (so the fuzzer gets past the checksums into the
+//! parsers), and restores it into a tiny GPT.
 //! Any error is fine; a panic, abort or hang is a bug.
 
 use std::path::{Path, PathBuf};
