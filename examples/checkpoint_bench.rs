@@ -42,6 +42,9 @@ fn main() -> anyhow::Result<()> {
             max_grad_norm: Some(1.0),
             loss_scaling: None,
             optimizer: updater.optimizer().name().into(),
+            optimizer_settings: String::new(),
+            model: String::new(),
+            backward: "segmented".into(),
             corpus_sha256: String::new(),
         };
         let (mut saves, mut loads) = (Vec::new(), Vec::new());
@@ -49,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         for step in 1..=5u64 {
             let progress = Progress {
                 step,
+                optimizer_step: updater.optimizer().step_count(),
                 skipped_steps: 0,
                 consecutive_skips: 0,
                 micro_batch: 16,

@@ -440,7 +440,9 @@ fn trainer_config(config: &BenchConfig, options: &BenchOptions) -> anyhow::Resul
             options.batch
         );
     }
-    let total_steps = options.warmup + options.steps;
+    let total_steps = options.warmup.checked_add(options.steps).ok_or_else(|| {
+        anyhow::anyhow!("invalid `--warmup`/`--steps`: {} + {} steps overflow", options.warmup, options.steps)
+    })?;
     Ok(TrainerConfig::builder()
         .micro_batch(options.batch / config.accumulation_steps)
         .accumulation_steps(config.accumulation_steps)

@@ -81,14 +81,60 @@ struct LaunchArgs {
     command: Vec<String>,
 }
 
-/// Starts `--nproc` copies of this binary with launcher variables; fails with the first
-/// failing rank's exit code, stopping the others.
+/// The variable through which `launch` tells its ranks its pid: a rank whose parent is no
+/// longer that process (the launcher died, even of SIGKILL) stops at once instead of training
+/// on as an orphan.
+const LAUNCHER_PID_VAR: &str = "CANDLE_FIT_LAUNCHER_PID";
+
+/// How a rank ended, for the launcher's report: an exit code, or the signal that killed it.
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(signal) = status.signal() {
+            let name = match signal {
+                1 => " (SIGHUP)",
+                2 => " (SIGINT)",
+                6 => " (SIGABRT)",
+                9 => " (SIGKILL)",
+                11 => " (SIGSEGV)",
+                15 => " (SIGTERM)",
+                _ => "",
+            };
+            return format!("was killed by signal {signal}{name}");
+        }
+    }
+    format!("exited with status {}", status.code().unwrap_or(1))
+}
+
+/// In a rank started by `launch`: a thread that ends this process when the launcher is gone.
+fn watch_launcher() {
+    #[cfg(unix)]
+    {
+        let Some(launcher) = std::env::var(LAUNCHER_PID_VAR).ok().and_then(|v| v.parse::<u32>().ok()) else {
+            return;
+        };
+        std::thread::spawn(move || loop {
+            if std::os::unix::process::parent_id() != launcher {
+                eprintln!("error: the launcher (pid {launcher}) is gone; this rank stops");
+                std::process::exit(3);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        });
+    }
+}
+
+/// Starts `--nproc` copies of this binary with launcher variables and supervises them: when one
+/// fails the others are stopped (after a grace period in which they fail by themselves), and
+/// the report names the rank that failed first, preferring a rank killed by a signal (a cause)
+/// over the ranks that then lost their peer (its consequences). The ranks stop by themselves if
+/// the launcher dies.
 fn launch(args: LaunchArgs) -> anyhow::Result<()> {
     use std::process::Command as Process;
     use std::time::{Duration, Instant};
 
-    if args.nproc == 0 {
-        anyhow::bail!("invalid `--nproc`: must be at least 1");
+    if args.nproc == 0 || args.nproc > MAX_RANKS {
+        anyhow::bail!("invalid `--nproc`: {} is not between 1 and {MAX_RANKS}", args.nproc);
     }
     let port = match args.master_port {
         Some(p) => p,
@@ -104,19 +150,33 @@ fn launch(args: LaunchArgs) -> anyhow::Result<()> {
             .env("LOCAL_RANK", rank.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
-            .spawn()
-            .with_context(|| format!("starting rank {rank}"))?;
-        children.push(Some(child));
+            .env(LAUNCHER_PID_VAR, std::process::id().to_string())
+            .spawn();
+        match child {
+            Ok(child) => children.push(Some(child)),
+            Err(e) => {
+                for child in children.iter_mut().flatten() {
+                    child.kill().ok();
+                    child.wait().ok();
+                }
+                return Err(e).with_context(|| format!("starting rank {rank}"));
+            }
+        }
     }
-    let mut failure: Option<(usize, i32, Instant)> = None;
+    // (rank, how it ended, whether by a signal, when it was seen)
+    let mut failures: Vec<(usize, String, bool, Instant)> = Vec::new();
     loop {
         let mut running = 0;
         for (rank, slot) in children.iter_mut().enumerate() {
             let Some(child) = slot else { continue };
             match child.try_wait()? {
                 Some(status) => {
-                    if !status.success() && failure.is_none() {
-                        failure = Some((rank, status.code().unwrap_or(1), Instant::now()));
+                    if !status.success() {
+                        #[cfg(unix)]
+                        let signalled = std::os::unix::process::ExitStatusExt::signal(&status).is_some();
+                        #[cfg(not(unix))]
+                        let signalled = false;
+                        failures.push((rank, describe_exit(status), signalled, Instant::now()));
                     }
                     *slot = None;
                 }
@@ -127,7 +187,7 @@ fn launch(args: LaunchArgs) -> anyhow::Result<()> {
             break;
         }
         // Peers of a failed rank fail by themselves within their timeout; do not wait for it.
-        if let Some((_, _, at)) = failure {
+        if let Some((_, _, _, at)) = failures.first() {
             if at.elapsed() > Duration::from_secs(5) {
                 for child in children.iter_mut().flatten() {
                     child.kill().ok();
@@ -138,8 +198,20 @@ fn launch(args: LaunchArgs) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    match failure {
-        Some((rank, code, _)) => anyhow::bail!("rank {rank} of {} exited with status {code}", args.nproc),
+    // A rank killed by a signal is the cause; otherwise the first seen. Others are listed.
+    let first = failures.iter().position(|f| f.2).unwrap_or(0);
+    match failures.get(first) {
+        Some((rank, how, _, _)) => {
+            let others: Vec<String> = failures
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != first)
+                .map(|(_, (r, how, _, _))| format!("rank {r} {how}"))
+                .collect();
+            let also =
+                if others.is_empty() { String::new() } else { format!(" (then {})", others.join(", ")) };
+            anyhow::bail!("rank {rank} of {} {how}{also}", args.nproc)
+        }
         None => Ok(()),
     }
 }
@@ -245,6 +317,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 for &width in &args.width {
                     let mut model = BenchModel::gpt(layers, width, seq_len);
                     model.config.validate()?;
+                    check_sizes(&model.config, candle::DType::F32, batch, seq_len, true)?;
                     if named {
                         model.name = format!("{}-S{seq_len}-B{batch}", model.name);
                     }
@@ -336,7 +409,7 @@ struct TrainArgs {
     /// Warm-up steps.
     #[arg(long, default_value_t = 30)]
     warmup_steps: usize,
-    /// Clip the global gradient norm to this (0 disables clipping).
+    /// Clip the global gradient norm to this positive number (0 disables clipping).
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f64,
     /// Optimizer.
@@ -388,7 +461,8 @@ struct TrainArgs {
     /// Validation windows.
     #[arg(long, default_value_t = 256)]
     eval_windows: usize,
-    /// Append per-step metrics as JSON lines to this file.
+    /// Write per-step metrics as JSON lines to this file (with --resume: its records up to the
+    /// resumed step are kept and the new ones appended, so it equals an uninterrupted run's).
     #[arg(long)]
     metrics: Option<PathBuf>,
     /// Save the trained weights (Hugging Face GPT-2 names) to this safetensors file.
@@ -409,6 +483,10 @@ struct TrainArgs {
     /// otherwise. The run's settings must match the checkpoint's.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Replace another run's checkpoints in the checkpoint directory (they are removed at the
+    /// start); without it such a directory is refused.
+    #[arg(long)]
+    overwrite: bool,
     /// Limit live heap bytes during a step (K/M/G suffixes): going over it is an out-of-memory
     /// error, which halves the micro-batch and retries unless --no-oom-recovery.
     #[arg(long)]
@@ -501,7 +579,8 @@ fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
         .seq_len(args.seq_len)
         .lr(args.lr)
         .warmup_steps(args.warmup_steps)
-        .max_grad_norm((args.max_grad_norm > 0.0).then_some(args.max_grad_norm))
+        // 0 disables clipping; anything else must be a positive number (checked in build).
+        .max_grad_norm((args.max_grad_norm != 0.0).then_some(args.max_grad_norm))
         .eval_interval(args.eval_interval)
         .eval_windows(args.eval_windows)
         .seed(args.seed)
@@ -513,9 +592,9 @@ fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
         .oom_recovery(!args.no_oom_recovery)
         .find_micro_batch(args.find_micro_batch);
     let trainer_config = match checkpoint_dir {
-        Some(dir) => {
-            trainer_config.checkpoint(dir, args.checkpoint_every.unwrap_or(100), args.keep_checkpoints)
-        }
+        Some(dir) => trainer_config
+            .checkpoint(dir, args.checkpoint_every.unwrap_or(100), args.keep_checkpoints)
+            .overwrite_checkpoints(args.overwrite),
         None => trainer_config,
     }
     .build()?;
@@ -546,13 +625,169 @@ fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
             OptimizerConfig::Sgd(SgdConfig { weight_decay: args.weight_decay, ..Default::default() })
         }
     };
+    check_counts(args)?;
     Ok(Plan { precision, recompute, device, model_config, trainer_config, optimizer, corpus })
+}
+
+/// The largest number of ranks or processes started on one machine.
+const MAX_RANKS: usize = 1024;
+/// The longest collective timeout (a week): longer would overflow deadlines.
+const MAX_COMM_TIMEOUT_S: u64 = 7 * 24 * 3600;
+/// Sizes beyond this many bytes are refused even where nothing is allocated (`estimate`): no
+/// machine has them, and the estimator's arithmetic stays far from overflowing.
+const MAX_MODELLED_BYTES: u128 = 1 << 56;
+
+/// Counts of `train`/`estimate` that are not sizes: ranks and the collective timeout.
+fn check_counts(args: &TrainArgs) -> anyhow::Result<()> {
+    if args.world_size > MAX_RANKS {
+        anyhow::bail!("invalid `--world-size`: {} is more than {MAX_RANKS} ranks", args.world_size);
+    }
+    if args.comm_timeout == 0 || args.comm_timeout > MAX_COMM_TIMEOUT_S {
+        anyhow::bail!(
+            "invalid `--comm-timeout`: {} s is not between 1 and {MAX_COMM_TIMEOUT_S} s (a week)",
+            args.comm_timeout
+        );
+    }
+    Ok(())
+}
+
+/// A lower bound, in bytes, of what one step of `model` on `micro_batch` sequences of `seq_len`
+/// allocates at once (overflow-free, in u128): its weights in `dtype`, one F32 activation of the
+/// residual stream and one attention score matrix (both exist whatever the recompute policy);
+/// and what the estimator would model with every layer's activations kept.
+fn step_bytes_lower_bound(
+    model: &GptConfig,
+    dtype: candle::DType,
+    micro_batch: usize,
+    seq_len: usize,
+) -> (u128, u128) {
+    let (mb, seq, width) = (micro_batch as u128, seq_len as u128, model.n_embd as u128);
+    let params = model.checked_num_parameters().map_or(u128::MAX, |n| n as u128);
+    let weights = params.saturating_mul(dtype.size_in_bytes() as u128);
+    let activation = mb.saturating_mul(seq).saturating_mul(width).saturating_mul(4);
+    let scores =
+        mb.saturating_mul(model.n_head as u128).saturating_mul(seq).saturating_mul(seq).saturating_mul(4);
+    let once = weights.saturating_add(activation).saturating_add(scores);
+    let all_layers =
+        weights.saturating_add((model.n_layer as u128).saturating_mul(activation.saturating_add(scores)));
+    (once, all_layers)
+}
+
+/// Refuses a run whose sizes cannot fit this machine (a lower bound against the available
+/// memory) or, for `estimate`, cannot exist on any machine; before anything is allocated.
+fn check_sizes(
+    model: &GptConfig,
+    dtype: candle::DType,
+    micro_batch: usize,
+    seq_len: usize,
+    train: bool,
+) -> anyhow::Result<()> {
+    let (once, all_layers) = step_bytes_lower_bound(model, dtype, micro_batch, seq_len);
+    if all_layers > MAX_MODELLED_BYTES {
+        anyhow::bail!(
+            "invalid sizes: a step of {} layers of width {} on {micro_batch} sequences of {seq_len} tokens is far beyond any machine (over {} bytes)",
+            model.n_layer,
+            model.n_embd,
+            MAX_MODELLED_BYTES
+        );
+    }
+    if let Some(available) = candle_fit::bench::available_memory().filter(|_| train) {
+        if once > available as u128 {
+            anyhow::bail!(
+                "invalid sizes: a step of this model on {micro_batch} sequences of {seq_len} tokens needs at least {} (weights, one activation, one attention score matrix), but only {} is available: shrink --micro-batch, --seq-len, --width or --layers",
+                mib(usize::try_from(once).unwrap_or(usize::MAX)),
+                mib(available)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The outputs of a `train` run (`--save`, `--metrics`, the checkpoint directory) checked
+/// before anything runs: none is an input (`--corpus`, `--resume`) or another output, and each
+/// can be written (a probe file is created and removed next to it), so a run does not fail after
+/// its training is done.
+fn check_outputs(args: &TrainArgs, checkpoint_dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use std::path::{Path, PathBuf};
+    /// The absolute, symlink-resolved form of `path` (its parent resolved when it does not exist).
+    fn resolved(path: &Path) -> PathBuf {
+        if let Ok(p) = path.canonicalize() {
+            return p;
+        }
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        match (parent.canonicalize(), path.file_name()) {
+            (Ok(p), Some(name)) => p.join(name),
+            _ => std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf()),
+        }
+    }
+    let files = [("--save", args.save.as_deref()), ("--metrics", args.metrics.as_deref())];
+    let inputs = [("--corpus", args.corpus.as_deref()), ("--resume", args.resume.as_deref())];
+    let all = [files[0], files[1], ("--checkpoint-dir", checkpoint_dir)];
+    let outputs: Vec<(&str, PathBuf)> = all.iter().filter_map(|(f, p)| Some((*f, resolved((*p)?)))).collect();
+    for (flag, out) in &outputs {
+        for (input_flag, input) in inputs.iter().filter_map(|(f, p)| Some((*f, resolved((*p)?)))) {
+            // The checkpoint directory may be the run directory of `--resume`; nothing may be
+            // written over the corpus or into a checkpoint directory (`--resume`'s or one of
+            // its run directory's).
+            let in_checkpoint = || {
+                out.ancestors().skip(1).any(|a| {
+                    a.starts_with(&input) && a.join(candle_fit::train::checkpoint::MANIFEST_FILE).is_file()
+                })
+            };
+            let clash = if *flag == "--checkpoint-dir" {
+                input_flag == "--corpus" && input == *out
+            } else {
+                *out == input || (input_flag == "--resume" && in_checkpoint())
+            };
+            if clash {
+                anyhow::bail!(
+                    "invalid `{flag}`: {} is the input of `{input_flag}`; it would be overwritten",
+                    out.display()
+                );
+            }
+        }
+    }
+    if let [(a, x), (b, y), ..] = outputs.as_slice() {
+        if x == y && *b != "--checkpoint-dir" {
+            anyhow::bail!("invalid `{b}`: {} is also the output of `{a}`", y.display());
+        }
+    }
+    for (flag, path) in files {
+        let Some(path) = path else { continue };
+        if path.is_dir() {
+            anyhow::bail!("invalid `{flag}`: {} is a directory, not a file", path.display());
+        }
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        probe_writable(flag, parent)?;
+    }
+    if let Some(dir) = checkpoint_dir {
+        // An explicit `--checkpoint-dir` is created; the run directory of `--resume` must exist
+        // (if it does not, resuming fails with its own message).
+        if args.checkpoint_dir.is_some() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("invalid `--checkpoint-dir`: cannot create {}", dir.display()))?;
+        }
+        if dir.is_dir() {
+            probe_writable("--checkpoint-dir", dir)?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates and removes a probe file in `dir`: `Ok` when files can be written there.
+fn probe_writable(flag: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    let probe = dir.join(format!(".candle-fit-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("invalid `{flag}`: cannot write in {}", dir.display()))?;
+    std::fs::remove_file(&probe).with_context(|| format!("removing {}", probe.display()))?;
+    Ok(())
 }
 
 /// Prints the predicted memory of a training run without allocating its model.
 fn estimate(args: TrainArgs) -> anyhow::Result<()> {
     use candle_fit::train::estimate::{estimate_memory, EstimateInput};
     let p = plan(&args)?;
+    check_sizes(&p.model_config, p.precision.dtype(), args.micro_batch, args.seq_len, false)?;
     let corpus_bytes = p.corpus.split(candle_fit::train::Split::Train).len()
         + p.corpus.split(candle_fit::train::Split::Validation).len();
     let input = EstimateInput::for_trainer(
@@ -681,6 +916,7 @@ fn estimate_sharded(args: &TrainArgs, p: &Plan) -> anyhow::Result<()> {
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
+    watch_launcher();
     // Launched by `candle-fit launch`, torchrun or Slurm: one rank of a multi-process group.
     let launched = candle_fit::shard::discovery::RankInfo::from_env()?;
     if args.zero.is_some() || args.world_size != 1 || launched.as_ref().is_some_and(|i| i.world_size > 1) {
@@ -692,6 +928,8 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         return train_sharded(args, launched);
     }
     let Plan { precision, recompute, device, model_config, trainer_config, optimizer, corpus } = plan(&args)?;
+    check_sizes(&model_config, precision.dtype(), args.micro_batch, args.seq_len, true)?;
+    check_outputs(&args, trainer_config.checkpoint.as_ref().map(|c| c.dir.as_path()))?;
     let dtype = precision.dtype();
     let model = Gpt::new(model_config, dtype, &device, args.seed)?;
     let mut updater = LocalUpdater::from_config(model.parameters(), &optimizer)?;
@@ -853,6 +1091,11 @@ fn train_sharded(
         anyhow::bail!("invalid `--metrics`: per-step metrics are not written by sharded runs yet");
     }
     let Plan { precision, device, model_config, mut trainer_config, optimizer, corpus, .. } = plan(&args)?;
+    // All ranks of one process share its memory; a launched rank holds its share.
+    let share =
+        if launched.is_some() { args.micro_batch.div_ceil(world_size.get()) } else { args.micro_batch };
+    check_sizes(&model_config, precision.dtype(), share, args.seq_len, true)?;
+    check_outputs(&args, trainer_config.checkpoint.as_ref().map(|c| c.dir.as_path()))?;
     // One progress bar per rank would interleave on stderr.
     trainer_config.progress = false;
     let trainer = Trainer::new(trainer_config);
@@ -953,6 +1196,24 @@ fn optimizer_name(config: &OptimizerConfig) -> &'static str {
     }
 }
 
+/// An error and its causes joined by `: `, skipping a cause whose text the message before it
+/// already ends with (library errors that print their source, such as an OS error, would
+/// otherwise print it twice).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -965,7 +1226,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::from(2)
         }
     }

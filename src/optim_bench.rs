@@ -54,7 +54,7 @@ pub struct OptimBenchRow {
 
 fn median_time(repeats: usize, mut pass: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
     pass()?;
-    let mut times = Vec::with_capacity(repeats);
+    let mut times = Vec::with_capacity(repeats.min(1 << 10));
     for _ in 0..repeats {
         let start = Instant::now();
         pass()?;
@@ -180,6 +180,17 @@ pub fn run(options: &OptimBenchOptions) -> anyhow::Result<Vec<OptimBenchRow>> {
     }
     if options.repeats == 0 {
         bail!("invalid `--repeats`: must be at least 1");
+    }
+    // AdamW's step holds parameter, gradient and two moments (16 bytes per parameter), the
+    // copy streams two buffers: refuse before allocating what the machine does not have.
+    if let Some(&n) = options.sizes.iter().max() {
+        let needed = (n as u128).saturating_mul(16);
+        let available = crate::bench::available_memory().map_or(1u128 << 48, |a| a as u128);
+        if needed > available {
+            bail!(
+                "invalid `--params`: {n} parameters need at least {needed} bytes for AdamW's step, but only {available} are available"
+            );
+        }
     }
     let pool = rayon::current_num_threads();
     let mut thread_counts = vec![1];

@@ -243,7 +243,9 @@ impl TextEncoder {
     /// [`PackageError::Load`] when the file does not load or the settings are refused.
     pub fn from_file(path: &Path, max_len: usize) -> Result<Self, PackageError> {
         let err = |reason: String| PackageError::Load { path: path.to_path_buf(), reason };
-        let mut tokenizer = tokenizers::Tokenizer::from_file(path).map_err(|e| err(e.to_string()))?;
+        // Read through the bounded reader: a FIFO or device is refused, a huge file too.
+        let bytes = candle_fit_read(path).map_err(|e| err(e.to_string()))?;
+        let mut tokenizer = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| err(e.to_string()))?;
         let mut padding = tokenizer.get_padding().cloned().unwrap_or_default();
         padding.strategy = tokenizers::PaddingStrategy::BatchLongest;
         tokenizer.with_padding(Some(padding));
@@ -271,4 +273,9 @@ impl TextEncoder {
             mask: Tensor::from_vec(gather(&|e| e.get_attention_mask()), shape, device)?,
         })
     }
+}
+
+/// The bytes of a tokenizer file (at most 1 GiB), through [`crate::train::io::read_bounded`].
+fn candle_fit_read(path: &Path) -> crate::train::Result<Vec<u8>> {
+    crate::train::io::read_bounded(path, 1 << 30)
 }

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use candle::{DType, Device};
 use candle_fit::ckpt::SegmentGradients;
 use candle_fit::train::checkpoint::{
-    self, list_checkpoints, sha256_hex, MANIFEST_FILE, MODEL_FILE, OPTIMIZER_FILE,
+    self, list_checkpoints, seal_manifest, sha256_hex, unseal_manifest, RunLock, LOCK_FILE, MANIFEST_FILE,
+    MODEL_FILE, OPTIMIZER_FILE,
 };
 use candle_fit::train::optim::Optimizer;
 use candle_fit::train::updater::{StateBytes, UpdaterState};
@@ -89,7 +90,12 @@ fn a_resumed_bf16_run_with_loss_scaling_equals_the_uninterrupted_run_bit_for_bit
     let resumed = Gpt::new(model_config(32), DType::BF16, &Device::Cpu, 99)?;
     let mut updater2 = LocalUpdater::from_config(resumed.parameters(), &adamw())?;
     let trainer2 = Trainer::new(TrainerConfig {
-        checkpoint: Some(candle_fit::train::CheckpointConfig { dir: part_dir.clone(), every: 2, keep: 2 }),
+        checkpoint: Some(candle_fit::train::CheckpointConfig {
+            dir: part_dir.clone(),
+            every: 2,
+            keep: 2,
+            overwrite: false,
+        }),
         ..trainer(&full_dir, 6, 0, true)?.config().clone()
     });
     let report2 = trainer2.resume(&resumed, &corpus, &mut updater2, &full_dir.join("step-00000004"))?;
@@ -114,7 +120,7 @@ fn a_resumed_bf16_run_with_loss_scaling_equals_the_uninterrupted_run_bit_for_bit
     let names: Vec<String> = std::fs::read_dir(&full_dir)?
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect();
-    assert!(names.iter().all(|n| n.starts_with("step-")), "{names:?}");
+    assert!(names.iter().all(|n| n.starts_with("step-") || n == LOCK_FILE), "{names:?}");
     assert_eq!(snapshot(&again)?, snapshot(&full)?);
     let _ = std::fs::remove_dir_all(&full_dir);
     let _ = std::fs::remove_dir_all(&part_dir);
@@ -130,11 +136,30 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Edits the manifest as a careless user would: the JSON changes, its checksum does not.
+fn edit_manifest_only(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> anyhow::Result<()> {
+    let path = dir.join(MANIFEST_FILE);
+    let bytes = std::fs::read(&path)?;
+    let (sum, body) = unseal_manifest(&bytes).ok_or_else(|| anyhow::anyhow!("manifest not sealed"))?;
+    let mut value: serde_json::Value = serde_json::from_slice(&body)?;
+    edit(&mut value);
+    let body = serde_json::to_string_pretty(&value)?;
+    let rest = body.strip_prefix('{').unwrap_or(&body);
+    std::fs::write(&path, format!("{{\"manifest_sha256\": \"{sum}\",{rest}"))?;
+    Ok(())
+}
+
+/// Edits the manifest as a determined user would: the JSON changes and its checksum is
+/// recomputed, so only the cross-checks behind the checksum can refuse it.
 fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> anyhow::Result<()> {
     let path = dir.join(MANIFEST_FILE);
-    let mut value: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    let bytes = std::fs::read(&path)?;
+    let body = unseal_manifest(&bytes).map_or(bytes, |(_, body)| body);
+    let mut value: serde_json::Value = serde_json::from_slice(&body)?;
     edit(&mut value);
-    std::fs::write(&path, serde_json::to_vec(&value)?)?;
+    let sealed =
+        seal_manifest(&serde_json::to_vec_pretty(&value)?).ok_or_else(|| anyhow::anyhow!("empty"))?;
+    std::fs::write(&path, sealed)?;
     Ok(())
 }
 
@@ -191,6 +216,56 @@ fn hostile_checkpoints_are_refused_by_name_and_change_nothing() -> anyhow::Resul
             "a missing optimizer file",
             Box::new(|d| Ok(std::fs::remove_file(d.join(OPTIMIZER_FILE))?)),
             "cannot read",
+        ),
+        (
+            "a step far in the future, checksum not updated",
+            Box::new(|d| edit_manifest_only(d, |m| m["progress"]["step"] = 1000.into())),
+            "does not match its contents",
+        ),
+        (
+            "two same-shape parameters swapped, checksum not updated",
+            Box::new(|d| {
+                edit_manifest_only(d, |m| {
+                    m["parameters"].as_array_mut().into_iter().for_each(|a| a.swap(2, 3))
+                })
+            }),
+            "does not match its contents",
+        ),
+        (
+            "a step far in the future, checksum updated",
+            Box::new(|d| edit_manifest(d, |m| m["progress"]["step"] = 1000.into())),
+            "past this run's 4 steps",
+        ),
+        (
+            "an optimizer file of another step, checksums updated",
+            Box::new(|d| {
+                // The optimizer state after one step instead of two: retrained from scratch.
+                let other = scratch(&format!("other-step-{}", d.display().to_string().len()));
+                let m = Gpt::new(model_config(32), DType::F32, &Device::Cpu, 1)?;
+                let mut u = LocalUpdater::from_config(m.parameters(), &adamw())?;
+                trainer(&other, 1, 0, false)?.fit(&m, &crate::corpus()?, &mut u)?;
+                let bytes = std::fs::read(other.join("step-00000001").join(OPTIMIZER_FILE))?;
+                std::fs::write(d.join(OPTIMIZER_FILE), &bytes)?;
+                let _ = std::fs::remove_dir_all(&other);
+                edit_manifest(d, |m| {
+                    for f in m["files"].as_array_mut().into_iter().flatten() {
+                        if f["name"] == OPTIMIZER_FILE {
+                            f["bytes"] = bytes.len().into();
+                            f["sha256"] = sha256_hex(&bytes).into();
+                        }
+                    }
+                })
+            }),
+            "the manifest says 2",
+        ),
+        (
+            "a manifest without its checksum (format 1)",
+            Box::new(|d| {
+                let bytes = std::fs::read(d.join(MANIFEST_FILE))?;
+                let (_, body) = unseal_manifest(&bytes).ok_or_else(|| anyhow::anyhow!("not sealed"))?;
+                Ok(std::fs::write(d.join(MANIFEST_FILE), body)?)
+            }),
+            "does not start with its checksum",
         ),
         (
             "a newer format",
@@ -262,6 +337,15 @@ fn hostile_checkpoints_are_refused_by_name_and_change_nothing() -> anyhow::Resul
     assert!(refused(model_config(32), DType::F32, 1, adamw())?.contains("seed 0"));
     let sgd = OptimizerConfig::Sgd(SgdConfig::default());
     assert!(refused(model_config(32), DType::F32, 0, sgd)?.contains("optimizer adamw"));
+    // Settings that keep every shape but change the trajectory.
+    let heads = refused(GptConfig { n_head: 4, ..model_config(32) }, DType::F32, 0, adamw())?;
+    assert!(heads.contains("model settings") && heads.contains("\"n_head\":2"), "{heads}");
+    let dropout = refused(GptConfig { dropout: 0.2, ..model_config(32) }, DType::F32, 0, adamw())?;
+    assert!(dropout.contains("model settings"), "{dropout}");
+    let decay =
+        OptimizerConfig::AdamW(candle_fit::train::AdamWConfig { weight_decay: 0.5, ..Default::default() });
+    let wd = refused(model_config(32), DType::F32, 0, decay)?;
+    assert!(wd.contains("optimizer settings") && wd.contains("weight_decay"), "{wd}");
     let _ = std::fs::remove_dir_all(&good_dir);
     let _ = std::fs::remove_dir_all(scratch("unused"));
     Ok(())
@@ -342,5 +426,144 @@ fn non_finite_steps_are_skipped_and_too_many_stop_keeping_the_last_good_checkpoi
     checkpoint::Checkpoint::open(&dir)?.restore(check.parameters(), &mut check_updater)?;
     assert_eq!(snapshot(&check)?, snapshot(&model)?);
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[test]
+fn values_are_matched_to_parameters_by_name_not_by_position() -> anyhow::Result<()> {
+    let corpus = corpus()?;
+    let dir = scratch("byname");
+    let model = Gpt::new(model_config(32), DType::F32, &Device::Cpu, 1)?;
+    let mut updater = LocalUpdater::from_config(model.parameters(), &adamw())?;
+    trainer(&dir, 2, 0, false)?.fit(&model, &corpus, &mut updater)?;
+    let ckpt = dir.join("step-00000002");
+    // The list reordered (two same-shape norms, and two of different shapes), checksum updated:
+    // the values still go to the parameters of their names.
+    edit_manifest(&ckpt, |m| {
+        if let Some(list) = m["parameters"].as_array_mut() {
+            list.swap(2, 3);
+            list.swap(0, 1);
+        }
+    })?;
+    let restored = Gpt::new(model_config(32), DType::F32, &Device::Cpu, 9)?;
+    let mut restored_updater = LocalUpdater::from_config(restored.parameters(), &adamw())?;
+    checkpoint::Checkpoint::open(&ckpt)?.restore(restored.parameters(), &mut restored_updater)?;
+    assert_eq!(snapshot(&restored)?, snapshot(&model)?, "a value went to another parameter");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[test]
+fn a_run_directory_is_owned_by_one_run_and_never_silently_taken_over() -> anyhow::Result<()> {
+    let corpus = corpus()?;
+    let dir = scratch("owner");
+    let model = Gpt::new(model_config(32), DType::F32, &Device::Cpu, 1)?;
+    let mut updater = LocalUpdater::from_config(model.parameters(), &adamw())?;
+    trainer(&dir, 2, 0, false)?.fit(&model, &corpus, &mut updater)?;
+    assert_eq!(list_checkpoints(&dir)?.len(), 1);
+
+    // A new run (other settings) on the same directory is refused and touches nothing.
+    let before = files(&dir.join("step-00000002"))?;
+    let other = Gpt::new(model_config(32), DType::F32, &Device::Cpu, 2)?;
+    let mut other_updater = LocalUpdater::from_config(other.parameters(), &adamw())?;
+    let initial = snapshot(&other)?;
+    let err = trainer(&dir, 2, 5, false)?.fit(&other, &corpus, &mut other_updater).err();
+    let err = err.map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("checkpoints of another run") && err.contains("--overwrite"), "{err}");
+    assert_eq!(snapshot(&other)?, initial, "the refused run trained");
+    assert_eq!(files(&dir.join("step-00000002"))?, before);
+
+    // While a run holds the directory, a second one is refused at the start, naming the owner.
+    let held = RunLock::acquire(&dir)?;
+    let err = Trainer::new(TrainerConfig {
+        checkpoint: Some(candle_fit::train::CheckpointConfig {
+            dir: dir.clone(),
+            every: 2,
+            keep: 1,
+            overwrite: true,
+        }),
+        ..trainer(&dir, 2, 5, false)?.config().clone()
+    })
+    .fit(&other, &corpus, &mut other_updater)
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(
+        err.contains("in use by another run") && err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    assert_eq!(snapshot(&other)?, initial);
+    drop(held);
+
+    // With `overwrite`, the other run's checkpoints are replaced by this run's.
+    let report = Trainer::new(TrainerConfig {
+        checkpoint: Some(candle_fit::train::CheckpointConfig {
+            dir: dir.clone(),
+            every: 1,
+            keep: 1,
+            overwrite: true,
+        }),
+        ..trainer(&dir, 1, 5, false)?.config().clone()
+    })
+    .fit(&other, &corpus, &mut other_updater)?;
+    let steps: Vec<u64> = list_checkpoints(&dir)?.into_iter().map(|(s, _)| s).collect();
+    assert_eq!(steps, [1], "the other run's step 2 must be gone, this run's step 1 kept");
+    // The report names a checkpoint that exists.
+    assert!(report.last_checkpoint.is_some_and(|p| p.join(MANIFEST_FILE).is_file()));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[test]
+fn metrics_of_a_resumed_run_equal_the_uninterrupted_runs() -> anyhow::Result<()> {
+    let corpus = corpus()?;
+    let (full_dir, part_dir) = (scratch("metrics-full"), scratch("metrics-part"));
+    std::fs::create_dir_all(&full_dir)?;
+    std::fs::create_dir_all(&part_dir)?;
+    let with_metrics = |dir: &Path, steps: usize| -> anyhow::Result<Trainer> {
+        Ok(Trainer::new(TrainerConfig {
+            metrics_path: Some(dir.join("metrics.jsonl")),
+            ..trainer(dir, steps, 0, false)?.config().clone()
+        }))
+    };
+    let full = Gpt::new(model_config(32), DType::F32, &Device::Cpu, 1)?;
+    let mut updater = LocalUpdater::from_config(full.parameters(), &adamw())?;
+    with_metrics(&full_dir, 4)?.fit(&full, &corpus, &mut updater)?;
+
+    // Steps 1-3 of the same run, then a crash: the metrics hold 3 records (step 3's after the
+    // checkpoint at step 2) and a torn line.
+    let part = Gpt::new(model_config(32), DType::F32, &Device::Cpu, 1)?;
+    let mut part_updater = LocalUpdater::from_config(part.parameters(), &adamw())?;
+    with_metrics(&part_dir, 4)?.fit(&part, &corpus, &mut part_updater)?;
+    let path = part_dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path)?;
+    let first3: Vec<&str> = text.lines().take(3).collect();
+    std::fs::write(&path, format!("{}\n{{\"step\": 4, \"lo", first3.join("\n")))?;
+    let resumed = Gpt::new(model_config(32), DType::F32, &Device::Cpu, 3)?;
+    let mut resumed_updater = LocalUpdater::from_config(resumed.parameters(), &adamw())?;
+    let report = with_metrics(&part_dir, 4)?.resume(
+        &resumed,
+        &corpus,
+        &mut resumed_updater,
+        &part_dir.join("step-00000002"),
+    )?;
+    assert_eq!(report.start_step, 2);
+
+    // Same steps, same values (times and memory aside).
+    let records = |path: &Path| -> anyhow::Result<Vec<(u64, u64, u64)>> {
+        std::fs::read_to_string(path)?
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l)?;
+                let bits = |k: &str| v[k].as_f64().map(f64::to_bits).unwrap_or_default();
+                Ok((v["step"].as_u64().unwrap_or_default(), bits("loss"), bits("grad_norm")))
+            })
+            .collect()
+    };
+    let expected = records(&full_dir.join("metrics.jsonl"))?;
+    assert_eq!(expected.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert_eq!(records(&path)?, expected);
+    let _ = std::fs::remove_dir_all(&full_dir);
+    let _ = std::fs::remove_dir_all(&part_dir);
     Ok(())
 }

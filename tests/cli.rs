@@ -402,3 +402,295 @@ fn the_offloaded_optimizer_and_its_benchmark_run_from_the_command_line() -> anyh
     assert!(stderr.contains("invalid `--params`"), "{stderr}");
     Ok(())
 }
+
+/// Runs the binary with `args`, killing it after `limit`: `None` when it was still running
+/// (a huge count that is simply long, accepted), else its exit code (`None` for a signal is
+/// reported as -1) and stderr.
+fn run_bounded(args: &[String], limit: std::time::Duration) -> anyhow::Result<Option<(i32, String)>> {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_candle-fit"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let mut stderr = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                e.read_to_string(&mut stderr)?;
+            }
+            return Ok(Some((status.code().unwrap_or(-1), stderr)));
+        }
+        if started.elapsed() > limit {
+            child.kill()?;
+            child.wait()?;
+            return Ok(None);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn u64_max_scale_values_in_every_numeric_flag_are_refused_or_run_never_crash() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("candle-fit-cli-huge-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    const HUGE: &str = "18446744073709551615";
+    const HUGE_F: &str = "1e308";
+    let tiny_train: Vec<String> = TINY.iter().map(|s| s.to_string()).collect();
+    let mut tiny_estimate = tiny_train.clone();
+    tiny_estimate[0] = "estimate".into();
+    let strs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<String>>();
+    let bench = strs(&[
+        "bench",
+        "--configs",
+        "fp32",
+        "--layers",
+        "1",
+        "--width",
+        "32",
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--eval-windows",
+        "1",
+    ]);
+    let optim = strs(&["bench-optimizer", "--params", "1000", "--repeats", "1"]);
+    let mut launch = strs(&["launch", "--nproc", "1", "--"]);
+    launch.extend(tiny_train.clone());
+    let train_flags: &[(&str, &str)] = &[
+        ("--validation-fraction", HUGE_F),
+        ("--steps", HUGE),
+        ("--micro-batch", HUGE),
+        ("--accumulation-steps", HUGE),
+        ("--seq-len", HUGE),
+        ("--lr", HUGE_F),
+        ("--warmup-steps", HUGE),
+        ("--max-grad-norm", HUGE_F),
+        ("--weight-decay", HUGE_F),
+        ("--layers", HUGE),
+        ("--width", HUGE),
+        ("--heads", HUGE),
+        ("--context", HUGE),
+        ("--dropout", HUGE_F),
+        ("--seed", HUGE),
+        ("--eval-interval", HUGE),
+        ("--eval-windows", HUGE),
+        ("--keep-checkpoints", HUGE),
+        ("--checkpoint-every", HUGE),
+        ("--world-size", HUGE),
+        ("--comm-timeout", HUGE),
+        ("--max-memory", HUGE),
+        ("--max-memory", "18446744073709551615G"),
+        ("--zero", HUGE),
+    ];
+    let mut cases: Vec<(String, Vec<String>)> = Vec::new();
+    for base in [&tiny_train, &tiny_estimate] {
+        for (flag, value) in train_flags {
+            let mut args = base.clone();
+            if let Some(i) = args.iter().position(|a| a == flag) {
+                args[i + 1] = value.to_string();
+            } else {
+                args.extend([flag.to_string(), value.to_string()]);
+            }
+            if flag.starts_with("--checkpoint-every") || flag.starts_with("--keep") {
+                let run_dir = dir.join(format!("run-{}-{}", base[0], cases.len()));
+                args.extend(["--checkpoint-dir".to_string(), run_dir.display().to_string()]);
+            }
+            cases.push((format!("{} {flag} {value}", base[0]), args));
+        }
+    }
+    for (base, flags) in [
+        (
+            &bench,
+            &[
+                "--layers",
+                "--width",
+                "--batch",
+                "--seq-len",
+                "--steps",
+                "--warmup",
+                "--eval-windows",
+                "--seed",
+                "--lr",
+            ][..],
+        ),
+        (&optim, &["--params", "--repeats"][..]),
+        (&launch, &["--nproc", "--master-port"][..]),
+    ] {
+        for flag in flags {
+            let value = if *flag == "--lr" { HUGE_F } else { HUGE };
+            let mut args = base.clone();
+            match args.iter().position(|a| a == flag) {
+                Some(i) => args[i + 1] = value.to_string(),
+                None => args.splice(1..1, [flag.to_string(), value.to_string()]).for_each(drop),
+            }
+            cases.push((format!("{} {flag} {value}", base[0]), args));
+        }
+    }
+    for (what, args) in &cases {
+        let outcome = run_bounded(args, std::time::Duration::from_secs(4))?;
+        eprintln!(
+            "{what}: {}",
+            outcome
+                .as_ref()
+                .map_or("still running (killed)".into(), |(c, e)| format!("exit {c} {}", e.trim()))
+        );
+        match outcome {
+            None => {} // still running: a long but valid request
+            Some((code, stderr)) => {
+                assert!(
+                    !stderr.contains("panicked") && !stderr.contains("memory allocation"),
+                    "{what}: {stderr}"
+                );
+                assert!(code == 0 || code == 2, "{what}: exit {code} (a crash or signal): {stderr}");
+                if code == 2 {
+                    assert!(stderr.starts_with("error"), "{what}: {stderr}");
+                }
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn outputs_are_checked_before_training_and_never_overwrite_inputs() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("candle-fit-cli-outputs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, candle_fit::BUNDLED_CORPUS.get(..20_000).unwrap_or_default())?;
+    let corpus_s = corpus.display().to_string();
+    let original = std::fs::read(&corpus)?;
+    assert_clear_error(&["--corpus", &corpus_s, "--save", &corpus_s], "invalid `--save`")?;
+    assert_clear_error(&["--corpus", &corpus_s, "--metrics", &corpus_s], "invalid `--metrics`")?;
+    assert_eq!(std::fs::read(&corpus)?, original, "the corpus was written");
+    // Nothing is written into the checkpoint being resumed; its run directory may hold metrics.
+    let run_dir = dir.join("run");
+    let run_s = run_dir.display().to_string();
+    let written = run(&tiny_with(&["--corpus", &corpus_s, "--checkpoint-dir", &run_s])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>())?;
+    assert_eq!(written.0, 0, "{}", written.2);
+    let inside = run_dir.join("step-00000003").join("w.safetensors").display().to_string();
+    assert_clear_error(&["--corpus", &corpus_s, "--resume", &run_s, "--save", &inside], "invalid `--save`")?;
+    let metrics = run_dir.join("metrics.jsonl").display().to_string();
+    let resumed = run(&tiny_with(&["--corpus", &corpus_s, "--resume", &run_s, "--metrics", &metrics])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>())?;
+    assert_eq!(resumed.0, 0, "{}", resumed.2);
+    // Unwritable places fail at once, before a step (the error names the flag).
+    assert_clear_error(&["--save", "/no/such/dir/w.safetensors"], "invalid `--save`")?;
+    assert_clear_error(&["--metrics", "/no/such/dir/m.jsonl"], "invalid `--metrics`")?;
+    assert_clear_error(&["--save", dir.to_str().unwrap_or_default()], "is a directory")?;
+    // --max-grad-norm: 0 disables clipping; NaN and negatives are refused, like inf.
+    for bad in ["NaN", "-1", "inf"] {
+        assert_clear_error(&["--max-grad-norm", bad], "invalid `max_grad_norm`")?;
+    }
+    // An OS error is printed once.
+    let args = tiny_with(&["--corpus", "/no/such/file.txt"]);
+    let (_, _, stderr) = run(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    assert_eq!(stderr.matches("os error 2").count(), 1, "{stderr}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// The live children of `parent` with their `RANK` (Linux `/proc`); zombies count as gone.
+#[cfg(target_os = "linux")]
+fn ranks_of(parent: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // `pid (comm) state ppid ...`: the fields after the last ')'.
+        let fields: Vec<&str> =
+            stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+        if fields.first() == Some(&"Z") || fields.get(1).and_then(|p| p.parse::<u32>().ok()) != Some(parent) {
+            continue;
+        }
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        let rank = environ
+            .split(|&b| b == 0)
+            .find_map(|v| v.strip_prefix(b"RANK="))
+            .map(|r| String::from_utf8_lossy(r).into_owned())
+            .unwrap_or_default();
+        out.push((pid, rank));
+    }
+    out
+}
+
+#[cfg(target_os = "linux")]
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.split_whitespace().next() != Some("Z")))
+        .unwrap_or(false)
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn launch_names_a_rank_killed_by_a_signal_and_its_ranks_die_with_it() -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    let mut args: Vec<String> = ["launch", "--nproc", "2", "--"].iter().map(|s| s.to_string()).collect();
+    args.extend(tiny_with(&[
+        "--micro-batch",
+        "4",
+        "--zero",
+        "1",
+        "--steps",
+        "100000",
+        "--comm-timeout",
+        "20",
+    ]));
+    let start = |args: &[String]| -> anyhow::Result<(std::process::Child, Vec<(u32, String)>)> {
+        let child = Command::new(env!("CARGO_BIN_EXE_candle-fit"))
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let started = Instant::now();
+        loop {
+            let ranks = ranks_of(child.id());
+            if ranks.len() == 2 || started.elapsed() > Duration::from_secs(30) {
+                return Ok((child, ranks));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // A rank killed by SIGKILL is named, with its signal, not the peer that lost it.
+    let (child, ranks) = start(&args)?;
+    let victim = ranks.iter().find(|(_, r)| r == "1").map(|(p, _)| *p);
+    let victim = victim.ok_or_else(|| anyhow::anyhow!("rank 1 not found among {ranks:?}"))?;
+    std::thread::sleep(Duration::from_millis(500)); // let the group form
+    Command::new("kill").args(["-KILL", &victim.to_string()]).status()?;
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr.contains("rank 1 of 2 was killed by signal 9 (SIGKILL)"), "{stderr}");
+
+    // The launcher killed with SIGKILL: its ranks stop by themselves, not training on.
+    let (mut child, ranks) = start(&args)?;
+    assert_eq!(ranks.len(), 2, "{ranks:?}");
+    child.kill()?;
+    child.wait()?;
+    let killed = Instant::now();
+    while ranks.iter().any(|(p, _)| alive(*p)) && killed.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let orphans: Vec<u32> = ranks.iter().map(|(p, _)| *p).filter(|p| alive(*p)).collect();
+    for p in &orphans {
+        let _ = Command::new("kill").args(["-KILL", &p.to_string()]).status();
+    }
+    assert!(orphans.is_empty(), "ranks {orphans:?} outlived their launcher");
+    Ok(())
+}

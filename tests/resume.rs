@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use candle_fit::train::checkpoint::list_checkpoints;
+use candle_fit::train::checkpoint::{list_checkpoints, LOCK_FILE};
 
 const STEPS: u64 = 150;
 
@@ -103,6 +103,11 @@ fn a_run_killed_at_random_steps_and_resumed_equals_the_uninterrupted_run() {
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect();
     assert_eq!(list_checkpoints(&run_dir).map(|l| l.len()).ok(), Some(2), "{names:?}");
-    assert!(names.iter().all(|n| n.starts_with("step-")), "{names:?}");
+    // (and the run's lock file, which holds no lock once its process is gone).
+    assert!(names.iter().all(|n| n.starts_with("step-") || n == LOCK_FILE), "{names:?}");
+    for (_, ckpt) in list_checkpoints(&run_dir).unwrap_or_default() {
+        let complete = candle_fit::train::checkpoint::Checkpoint::open(&ckpt).and_then(|c| c.verify());
+        assert!(complete.is_ok(), "{}: {complete:?}", ckpt.display());
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -193,6 +193,26 @@ fn damaged_or_foreign_sharded_checkpoints_are_refused() -> anyhow::Result<()> {
     assert!(started.elapsed() < Duration::from_secs(60), "no rank waited for the timeout");
     assert!(err.to_string().contains("blocked"), "{err}");
 
+    // An edited manifest (the optimizer's step count, as text, its checksum left as it was) is
+    // refused by its checksum; sealed again with a step count that the progress contradicts, by
+    // the consistency checks.
+    let manifest = saved.join(MANIFEST_FILE);
+    let original = std::fs::read(&manifest)?;
+    let text = String::from_utf8(original.clone())?;
+    let edited = text.replacen("\"optimizer_step\": 4", "\"optimizer_step\": 3", 1);
+    assert_ne!(edited, text);
+    std::fs::write(&manifest, &edited)?;
+    let err = run(ZeroStage::Stage2, 2, &trainer(None)?, &sgd, Some(&saved)).expect_err("edited");
+    assert!(err.to_string().contains("does not match its contents"), "{err}");
+    let (_, body) = candle_fit::train::checkpoint::unseal_manifest(edited.as_bytes())
+        .ok_or_else(|| anyhow::anyhow!("unsealed"))?;
+    let resealed =
+        candle_fit::train::checkpoint::seal_manifest(&body).ok_or_else(|| anyhow::anyhow!("empty"))?;
+    std::fs::write(&manifest, resealed)?;
+    let err = run(ZeroStage::Stage2, 2, &trainer(None)?, &sgd, Some(&saved)).expect_err("inconsistent");
+    assert!(err.to_string().contains("disagrees with the progress"), "{err}");
+    std::fs::write(&manifest, &original)?;
+
     // Intact again: it resumes.
     run(ZeroStage::Stage2, 3, &trainer(None)?, &sgd, Some(&dir))?;
     std::fs::remove_dir_all(&dir)?;

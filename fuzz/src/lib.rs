@@ -1,7 +1,8 @@
 //! The fuzzed loader: an input is a checkpoint directory flattened into one byte string
 //! (manifest, model, master and optimizer files, each behind a little-endian u32 length). The
 //! harness writes it out, fixes the manifest's sizes and checksums when the manifest is JSON
-//! (so the fuzzer gets past the checksums into the parsers), and restores it into a tiny GPT.
+//! and re-seals it with its own checksum (so the fuzzer gets past the checksums into the
+//! parsers), and restores it into a tiny GPT.
 //! Any error is fine; a panic, abort or hang is a bug.
 
 use std::path::{Path, PathBuf};
@@ -9,7 +10,8 @@ use std::sync::OnceLock;
 
 use candle::{DType, Device};
 use candle_train::checkpoint::{
-    sha256_hex, Checkpoint, MANIFEST_FILE, MASTER_FILE, MODEL_FILE, OPTIMIZER_FILE,
+    seal_manifest, sha256_hex, unseal_manifest, Checkpoint, Manifest, MANIFEST_FILE, MASTER_FILE, MODEL_FILE,
+    OPTIMIZER_FILE,
 };
 use candle_train::{Gpt, GptConfig, LocalUpdater, OptimizerConfig};
 
@@ -58,10 +60,24 @@ fn scratch() -> PathBuf {
     base.join(format!("candle-fit-fuzz-{}", std::process::id())).join("step-00000001")
 }
 
+/// Parses `data` as a manifest, raw and sealed with its own checksum; returns whether the
+/// sealed form parsed.
+pub fn parse_manifest(data: &[u8]) -> bool {
+    let path = Path::new("manifest.json");
+    let _ = Manifest::parse(data, path);
+    match seal_manifest(data) {
+        Some(sealed) => Manifest::parse(&sealed, path).is_ok(),
+        None => false,
+    }
+}
+
 /// Writes the input out as a checkpoint and restores it; returns whether it loaded.
 pub fn load(data: &[u8]) -> bool {
     let mut parts = split(data);
-    if let Ok(mut manifest) = serde_json::from_slice::<serde_json::Value>(&parts[0]) {
+    // The fuzzer mutates the manifest's body; its checksum is fixed below like the files' (a
+    // wrong checksum is refused at once and would hide the parsers behind it).
+    let body = unseal_manifest(&parts[0]).map_or_else(|| parts[0].clone(), |(_, body)| body);
+    if let Ok(mut manifest) = serde_json::from_slice::<serde_json::Value>(&body) {
         if let Some(files) = manifest.get_mut("files").and_then(|f| f.as_array_mut()) {
             for entry in files {
                 let Some(i) = entry
@@ -76,7 +92,8 @@ pub fn load(data: &[u8]) -> bool {
                     entry["sha256"] = sha256_hex(&parts[i]).into();
                 }
             }
-            parts[0] = serde_json::to_vec(&manifest).unwrap_or_default();
+            let body = serde_json::to_vec(&manifest).unwrap_or_default();
+            parts[0] = seal_manifest(&body).unwrap_or(body);
         }
     }
     let dir = scratch();

@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let run_dir = std::env::temp_dir().join(format!("candle-fit-seed-{}", std::process::id()));
     let progress = Progress {
         step: 1,
+        optimizer_step: 0,
         skipped_steps: 0,
         consecutive_skips: 0,
         micro_batch: 2,
@@ -26,6 +27,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_grad_norm: None,
         loss_scaling: None,
         optimizer: "adamw".into(),
+        optimizer_settings: String::new(),
+        model: String::new(),
+        backward: "segmented".into(),
         corpus_sha256: String::new(),
     };
     let dir = save(&run_dir, 1, model.parameters(), &updater, progress, run)?;
@@ -37,6 +41,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut cut = parts.clone();
         cut[i].truncate(part.len() / 2);
         std::fs::write(out.join(format!("cut{i}")), candle_fit_fuzz::join(&cut))?;
+    }
+    // The manifest target's seed: the manifest's body (it seals what it is given).
+    if let Some(manifest_dir) = std::env::args().nth(2).map(std::path::PathBuf::from) {
+        std::fs::create_dir_all(&manifest_dir)?;
+        let body = candle_train::checkpoint::unseal_manifest(&parts[0]).map(|(_, b)| b).unwrap_or_default();
+        std::fs::write(manifest_dir.join("valid"), body)?;
     }
     std::fs::remove_dir_all(&run_dir)?;
     Ok(())

@@ -163,8 +163,7 @@ pub(crate) fn save(
             sharded: Some(info),
         };
         outcome = (|| -> Result<PathBuf> {
-            let json = serde_json::to_vec_pretty(&manifest)
-                .map_err(|e| failed(format!("cannot encode the manifest: {e}")))?;
+            let json = manifest.encode(&tmp)?;
             write_synced(&tmp.join(MANIFEST_FILE), &json)?;
             sync_dir(&tmp)?;
             Ok(install(run_dir, &tmp, step, keep)?)

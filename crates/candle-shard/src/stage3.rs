@@ -561,6 +561,10 @@ impl<M: LanguageModel> LanguageModel for ShardedModel<M> {
         self.model.device()
     }
 
+    fn settings(&self) -> String {
+        self.model.settings()
+    }
+
     /// The parameters gathered now (between steps, usually none; those gathered during a step
     /// count with its activations).
     fn resident_parameter_bytes(&self) -> usize {

@@ -5,19 +5,25 @@
 //! - `model.safetensors`: the parameters in their dtype, under their (Hugging Face) names;
 //! - `master.safetensors`: the FP32 master weights of half-precision parameters;
 //! - `optimizer.safetensors`: the optimizer's state (moments, step count);
-//! - `manifest.json`: the format version, the progress (step, micro-batch split, loss scaler,
-//!   skip counters), the settings that decide the trajectory (seed, sequence length, global
-//!   batch, schedule, clipping, optimizer, corpus checksum), the parameter list, and the size
-//!   and SHA-256 of every file.
+//! - `manifest.json`: its own SHA-256 first (`manifest_sha256`, over every other byte of the
+//!   file), the format version, the progress (step, the optimizer's step count, micro-batch
+//!   split, loss scaler, skip counters), the settings that decide the trajectory
+//!   ([`RunIdentity`]: seed, sequence length, global batch, schedule, clipping, loss scaling,
+//!   the optimizer and its hyper-parameters, the model's whole config, the backward mode, the
+//!   corpus checksum), the parameter list, and the size and SHA-256 of every file.
 //!
 //! A checkpoint is written into a hidden temporary directory, every file and the directory
-//! synced, then renamed into place, and only then are old checkpoints pruned: a crash at any
-//! instant leaves every earlier checkpoint intact and never a torn `step-*` directory.
+//! synced, then renamed into place, and only then are old checkpoints pruned, each renamed to a
+//! hidden `.old-step-*` name (synced) before it is deleted: a crash at any instant leaves every
+//! earlier checkpoint intact and never a torn `step-*` directory, only hidden leftovers that
+//! the next save removes. A run directory is owned by one run at a time ([`RunLock`]).
 //! Data order and dropout are counter-based (keyed by seed, step and sample index), so the
 //! step number and the seed are the whole data position and RNG state.
 //!
-//! Loading checks everything (version, checksums, parameter names, shapes and dtypes, the run's
-//! settings, optimizer kind and buffer lengths) before anything is changed.
+//! Loading checks everything (the manifest's checksum and version, the files' sizes from their
+//! metadata and their checksums, parameter names, shapes and dtypes read from the safetensors
+//! headers and matched by name, the run's settings, the optimizer's kind, step count and buffer
+//! lengths) before anything is changed.
 //!
 //! A sharded (data-parallel) updater writes a sharded checkpoint instead
 //! ([`Updater::save_sharded`]): one `rank-NNNNN.safetensors` per rank and the same manifest,
@@ -41,7 +47,11 @@ use crate::schedule::LrSchedule;
 use crate::updater::{Updater, UpdaterState};
 
 /// The manifest format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The key of the manifest's own checksum, the first field of `manifest.json`.
+pub const MANIFEST_CHECKSUM_KEY: &str = "manifest_sha256";
+/// The run directory's lock file (see [`RunLock`]).
+pub const LOCK_FILE: &str = "run.lock";
 /// The manifest's file name in a checkpoint directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// The parameters' file name.
@@ -52,12 +62,17 @@ pub const MASTER_FILE: &str = "master.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const DATA_FILES: [&str; 3] = [MODEL_FILE, MASTER_FILE, OPTIMIZER_FILE];
 const PREFIX: &str = "step-";
+/// The largest `manifest.json` read (a manifest lists parameters and files: far less).
+pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 
 /// Where a run stands: enough, with the run's settings, to continue it exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
     /// Optimizer-loop steps done, skipped ones included: the next step to run.
     pub step: u64,
+    /// Steps the optimizer took (its step count: bias correction and the schedule's position);
+    /// `step` minus the skipped ones. Cross-checked with the optimizer file's own count.
+    pub optimizer_step: u64,
     /// Steps skipped for a non-finite loss or gradient so far.
     pub skipped_steps: usize,
     /// Of them, the ones in a row just before this checkpoint.
@@ -88,6 +103,15 @@ pub struct RunIdentity {
     pub loss_scaling: Option<LossScalerConfig>,
     /// The optimizer's name.
     pub optimizer: String,
+    /// The optimizer's hyper-parameters (betas, eps, weight decay, momentum, ...), as canonical
+    /// JSON ([`crate::optim::Optimizer::settings`]).
+    pub optimizer_settings: String,
+    /// The model's architecture and its settings that decide the trajectory (heads, dropout,
+    /// norm epsilon, ...), as canonical JSON ([`crate::LanguageModel::settings`]).
+    pub model: String,
+    /// Whether the backward runs segment by segment or as one graph (their gradients may differ
+    /// in the last bits).
+    pub backward: String,
     /// SHA-256 of the training split of the corpus, hex.
     pub corpus_sha256: String,
 }
@@ -104,45 +128,68 @@ impl RunIdentity {
                 format!("it was written with {what} {saved}, but this run has {what} {this}"),
             ))
         };
-        if saved.seed != self.seed {
-            return differs("seed", saved.seed.to_string(), self.seed.to_string());
+        // Exhaustive: a new field is a compile error here until it is compared.
+        let RunIdentity {
+            seed,
+            seq_len,
+            global_batch,
+            schedule,
+            max_grad_norm,
+            loss_scaling,
+            optimizer,
+            optimizer_settings,
+            model,
+            backward,
+            corpus_sha256,
+        } = saved;
+        if *seed != self.seed {
+            return differs("seed", seed.to_string(), self.seed.to_string());
         }
-        if saved.seq_len != self.seq_len {
-            return differs("sequence length", saved.seq_len.to_string(), self.seq_len.to_string());
+        if *seq_len != self.seq_len {
+            return differs("sequence length", seq_len.to_string(), self.seq_len.to_string());
         }
-        if saved.global_batch != self.global_batch {
+        if *global_batch != self.global_batch {
             return differs(
                 "global batch (micro-batch x accumulation)",
-                saved.global_batch.to_string(),
+                global_batch.to_string(),
                 self.global_batch.to_string(),
             );
         }
-        if saved.schedule != self.schedule {
+        if *schedule != self.schedule {
             return differs(
                 "learning-rate schedule (which includes the number of steps)",
-                format!("{:?}", saved.schedule),
+                format!("{schedule:?}"),
                 format!("{:?}", self.schedule),
             );
         }
-        if saved.max_grad_norm != self.max_grad_norm {
+        if max_grad_norm.map(f64::to_bits) != self.max_grad_norm.map(f64::to_bits) {
             return differs(
                 "max_grad_norm",
-                format!("{:?}", saved.max_grad_norm),
+                format!("{max_grad_norm:?}"),
                 format!("{:?}", self.max_grad_norm),
             );
         }
-        if saved.loss_scaling != self.loss_scaling {
+        if *loss_scaling != self.loss_scaling {
+            return differs("loss scaling", format!("{loss_scaling:?}"), format!("{:?}", self.loss_scaling));
+        }
+        if *optimizer != self.optimizer {
+            return differs("optimizer", optimizer.clone(), self.optimizer.clone());
+        }
+        if *optimizer_settings != self.optimizer_settings {
             return differs(
-                "loss scaling",
-                format!("{:?}", saved.loss_scaling),
-                format!("{:?}", self.loss_scaling),
+                "optimizer settings",
+                optimizer_settings.clone(),
+                self.optimizer_settings.clone(),
             );
         }
-        if saved.optimizer != self.optimizer {
-            return differs("optimizer", saved.optimizer.clone(), self.optimizer.clone());
+        if *model != self.model {
+            return differs("model settings", model.clone(), self.model.clone());
         }
-        if saved.corpus_sha256 != self.corpus_sha256 {
-            return differs("corpus (SHA-256)", saved.corpus_sha256.clone(), self.corpus_sha256.clone());
+        if *backward != self.backward {
+            return differs("backward mode", backward.clone(), self.backward.clone());
+        }
+        if *corpus_sha256 != self.corpus_sha256 {
+            return differs("corpus (SHA-256)", corpus_sha256.clone(), self.corpus_sha256.clone());
         }
         Ok(())
     }
@@ -210,14 +257,30 @@ pub fn rank_file(rank: usize) -> String {
 }
 
 impl Manifest {
-    /// Parses and checks a manifest: its version, that it lists exactly the expected files,
-    /// and that its numbers are consistent.
+    /// Encodes the manifest as `manifest.json` holds it: pretty JSON whose first field,
+    /// [`MANIFEST_CHECKSUM_KEY`], is the SHA-256 of the rest ([`seal_manifest`]).
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] when it cannot be encoded.
+    pub fn encode(&self, path: &Path) -> Result<Vec<u8>> {
+        let body = serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::checkpoint(path, format!("cannot encode the manifest: {e}")))?;
+        seal_manifest(&body).ok_or_else(|| Error::checkpoint(path, "the manifest is not a JSON object"))
+    }
+
+    /// Parses and checks a manifest: its own checksum (every byte of the file is covered), its
+    /// version, that it lists exactly the expected files, and that its numbers are consistent.
     ///
     /// # Errors
     /// [`Error::Checkpoint`] saying what is wrong (`path` names the file in the message).
     pub fn parse(bytes: &[u8], path: &Path) -> Result<Self> {
+        let sealed = unseal_manifest(bytes);
+        let body = match &sealed {
+            Some((_, body)) => body.as_slice(),
+            None => bytes,
+        };
         // The version first, so a newer format gets a clear message rather than a field error.
-        let value: serde_json::Value = serde_json::from_slice(bytes)
+        let value: serde_json::Value = serde_json::from_slice(body)
             .map_err(|e| Error::checkpoint(path, format!("manifest is not valid JSON: {e}")))?;
         match value.get("format_version").and_then(serde_json::Value::as_u64) {
             Some(v) if v == u64::from(FORMAT_VERSION) => {}
@@ -228,6 +291,25 @@ impl Manifest {
                 ))
             }
             None => return Err(Error::checkpoint(path, "manifest has no numeric `format_version`")),
+        }
+        match &sealed {
+            None => {
+                return Err(Error::checkpoint(
+                    path,
+                    format!("the manifest does not start with its checksum `{MANIFEST_CHECKSUM_KEY}`"),
+                ))
+            }
+            Some((sum, body)) => {
+                let actual = sha256_hex(body);
+                if actual != *sum {
+                    return Err(Error::checkpoint(
+                        path,
+                        format!(
+                            "the manifest's checksum {sum} does not match its contents ({actual}): it was edited or corrupted"
+                        ),
+                    ));
+                }
+            }
         }
         let manifest: Manifest = serde_json::from_value(value)
             .map_err(|e| Error::checkpoint(path, format!("malformed manifest: {e}")))?;
@@ -269,6 +351,23 @@ impl Manifest {
         if p.consecutive_skips > p.skipped_steps || p.skipped_steps as u64 > p.step {
             return Err(Error::checkpoint(path, "inconsistent skip counters"));
         }
+        if p.optimizer_step > p.step {
+            return Err(Error::checkpoint(
+                path,
+                format!("the optimizer took {} steps in {} steps of the run", p.optimizer_step, p.step),
+            ));
+        }
+        if p.loss_scaler.is_some() != manifest.run.loss_scaling.is_some() {
+            return Err(Error::checkpoint(path, "loss scaler state and loss scaling settings disagree"));
+        }
+        if let Some(info) = &manifest.sharded {
+            if info.optimizer_step != p.optimizer_step || info.optimizer != manifest.run.optimizer {
+                return Err(Error::checkpoint(
+                    path,
+                    "the sharded optimizer's step or kind disagrees with the progress",
+                ));
+            }
+        }
         Ok(manifest)
     }
 
@@ -282,6 +381,36 @@ impl Manifest {
             .find(|f| f.name == name)
             .ok_or_else(|| Error::checkpoint(name, "not listed in the manifest"))
     }
+}
+
+/// `manifest.json`'s bytes for the JSON object `body` (`{...}`): `{"manifest_sha256": "<hex>",`
+/// then `body` without its opening brace, where `<hex>` is the SHA-256 of `body`. `None` when
+/// `body` is not an object with at least one field.
+pub fn seal_manifest(body: &[u8]) -> Option<Vec<u8>> {
+    let rest = body.strip_prefix(b"{")?;
+    let first = rest.iter().find(|b| !b.is_ascii_whitespace())?;
+    if *first == b'}' {
+        return None;
+    }
+    let mut out = format!("{{\"{MANIFEST_CHECKSUM_KEY}\": \"{}\",", sha256_hex(body)).into_bytes();
+    out.extend_from_slice(rest);
+    Some(out)
+}
+
+/// Undoes [`seal_manifest`]: the checksum and the body it covers, or `None` when `bytes` does
+/// not start with a checksum field exactly as written.
+pub fn unseal_manifest(bytes: &[u8]) -> Option<(String, Vec<u8>)> {
+    let head = format!("{{\"{MANIFEST_CHECKSUM_KEY}\": \"");
+    let rest = bytes.strip_prefix(head.as_bytes())?;
+    let sum = rest.get(..64)?;
+    if !sum.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)) {
+        return None;
+    }
+    let rest = rest[64..].strip_prefix(b"\",")?;
+    let mut body = Vec::with_capacity(rest.len() + 1);
+    body.push(b'{');
+    body.extend_from_slice(rest);
+    Some((String::from_utf8_lossy(sum).into_owned(), body))
 }
 
 /// The hex SHA-256 of `bytes`.
@@ -420,6 +549,15 @@ pub fn save(
             });
         }
         let path = tmp.join(OPTIMIZER_FILE);
+        if state.optimizer.step != progress.optimizer_step {
+            return Err(Error::checkpoint(
+                &path,
+                format!(
+                    "the optimizer's step count {} is not the progress's {}",
+                    state.optimizer.step, progress.optimizer_step
+                ),
+            ));
+        }
         state.optimizer.save(&path)?;
         let bytes = fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
         files.push(FileEntry {
@@ -437,8 +575,7 @@ pub fn save(
             files,
             sharded: None,
         };
-        let json = serde_json::to_vec_pretty(&manifest)
-            .map_err(|e| Error::checkpoint(&tmp, format!("cannot encode the manifest: {e}")))?;
+        let json = manifest.encode(&tmp)?;
         write_synced(&tmp.join(MANIFEST_FILE), &json)?;
         sync_dir(&tmp)
     })();
@@ -469,7 +606,13 @@ pub fn temporary_dir(run_dir: &Path, step: u64, tag: &str) -> Result<PathBuf> {
 
 /// Moves the complete, synced temporary directory `tmp` into place as the checkpoint of
 /// `step` in `run_dir` (replacing one of the same step), syncs `run_dir`, then removes all
-/// but the newest `keep` checkpoints. Returns the checkpoint's directory.
+/// but the newest `keep` checkpoints up to `step` and any later than `step`, so the one just
+/// written is never pruned. Returns the checkpoint's directory.
+///
+/// Crash-safe: a directory named `step-*` is only ever complete. A replaced or pruned
+/// checkpoint is first renamed to a hidden `.old-step-*` name (one atomic rename), the rename
+/// synced, and only then deleted; a crash in between leaves a hidden `.old-step-*` directory,
+/// which is not a checkpoint and which the next save removes.
 ///
 /// # Errors
 /// [`Error::Io`] naming the file on failure.
@@ -478,7 +621,7 @@ pub fn install(run_dir: &Path, tmp: &Path, step: u64, keep: usize) -> Result<Pat
     let final_dir = run_dir.join(&name);
     // A checkpoint of the same step (a run resumed from before it) moves aside first: a
     // directory cannot be renamed over a non-empty one.
-    let trash = run_dir.join(format!(".old-{name}-{}", std::process::id()));
+    let trash = aside_name(run_dir, &name);
     if final_dir.exists() {
         fs::rename(&final_dir, &trash).map_err(|e| Error::io("move aside", &final_dir, e))?;
     }
@@ -487,11 +630,55 @@ pub fn install(run_dir: &Path, tmp: &Path, step: u64, keep: usize) -> Result<Pat
     if trash.exists() {
         fs::remove_dir_all(&trash).map_err(|e| Error::io("remove", &trash, e))?;
     }
+    // The new checkpoint stays, with the newest `keep - 1` before it. Later ones (left by the
+    // run's earlier life when it was resumed from before them) go: this run's history replaces
+    // them, and the newest checkpoint is always the one just written.
     let all = list_checkpoints(run_dir)?;
-    for (_, old) in &all[..all.len().saturating_sub(keep)] {
-        fs::remove_dir_all(old).map_err(|e| Error::io("remove", old, e))?;
-    }
+    let earlier: Vec<&PathBuf> = all.iter().filter(|(s, _)| *s < step).map(|(_, p)| p).collect();
+    let mut old: Vec<PathBuf> = earlier[..earlier.len().saturating_sub(keep.saturating_sub(1))]
+        .iter()
+        .map(|p| (*p).clone())
+        .collect();
+    old.extend(all.iter().filter(|(s, _)| *s > step).map(|(_, p)| p.clone()));
+    remove_checkpoints(run_dir, &old)?;
     Ok(final_dir)
+}
+
+/// The hidden name a checkpoint directory `name` is renamed to before it is deleted.
+fn aside_name(run_dir: &Path, name: &str) -> PathBuf {
+    run_dir.join(format!(".old-{name}-{}", std::process::id()))
+}
+
+/// Removes the checkpoint directories `dirs` of `run_dir`: each is renamed to a hidden
+/// `.old-step-*` name, the renames are synced, then the hidden directories are deleted. A crash
+/// at any instant leaves each either complete under its `step-*` name or hidden.
+///
+/// # Errors
+/// [`Error::Io`] naming the directory.
+pub fn remove_checkpoints(run_dir: &Path, dirs: &[PathBuf]) -> Result<()> {
+    remove_checkpoints_with(run_dir, dirs, &|p| fs::remove_dir_all(p))
+}
+
+/// [`remove_checkpoints`] with the final deletion done by `delete` (tests inject a crash there).
+fn remove_checkpoints_with(
+    run_dir: &Path,
+    dirs: &[PathBuf],
+    delete: &dyn Fn(&Path) -> std::io::Result<()>,
+) -> Result<()> {
+    let mut aside = Vec::with_capacity(dirs.len());
+    for dir in dirs {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let hidden = aside_name(run_dir, &name);
+        fs::rename(dir, &hidden).map_err(|e| Error::io("move aside", dir, e))?;
+        aside.push(hidden);
+    }
+    if !aside.is_empty() {
+        sync_dir(run_dir)?;
+    }
+    for hidden in aside {
+        delete(&hidden).map_err(|e| Error::io("remove", &hidden, e))?;
+    }
+    Ok(())
 }
 
 /// Removes hidden temporaries that interrupted writes left in `run_dir`.
@@ -506,6 +693,100 @@ fn remove_stale_temporaries(run_dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Ownership of a run directory: an advisory lock (`flock`) on its [`LOCK_FILE`], held while
+/// this value lives (the kernel releases it when the process ends, however it ends), with the
+/// owner's pid and host written in the file for the message a second writer gets. The file
+/// stays when the lock is released: a stale file without a lock owns nothing.
+#[derive(Debug)]
+pub struct RunLock {
+    path: PathBuf,
+    _file: fs::File,
+}
+
+impl RunLock {
+    /// Takes the lock of `run_dir` (created if needed) without waiting.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] naming the owner when another process (or another handle in this
+    /// one) holds it; [`Error::Io`] when the directory or the file cannot be created or written
+    /// (so an unwritable run directory fails here, before training).
+    pub fn acquire(run_dir: &Path) -> Result<Self> {
+        fs::create_dir_all(run_dir).map_err(|e| Error::io("create", run_dir, e))?;
+        let path = run_dir.join(LOCK_FILE);
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io("create", &path, e))?;
+        match try_lock_exclusive(&file) {
+            Ok(true) => {}
+            Ok(false) => {
+                let owner = crate::io::read_bounded(&path, 4096)
+                    .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+                    .unwrap_or_default();
+                let owner = if owner.is_empty() { "an unknown process".to_string() } else { owner };
+                return Err(Error::checkpoint(
+                    run_dir,
+                    format!(
+                        "the run directory is in use by another run ({owner}, lock file {}); two runs must not write one directory",
+                        path.display()
+                    ),
+                ));
+            }
+            Err(e) => return Err(Error::io("lock", &path, e)),
+        }
+        let owner = format!("pid {} on host {}\n", std::process::id(), host_name());
+        file.set_len(0)
+            .and_then(|()| file.write_all(owner.as_bytes()))
+            .and_then(|()| file.sync_all())
+            .map_err(|e| Error::io("write", &path, e))?;
+        Ok(Self { path, _file: file })
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Takes an exclusive advisory lock on `file` without waiting: `Ok(false)` when another open
+/// file description (another process, or another handle in this one) holds it. The kernel
+/// releases it when the file is closed, however the process ends.
+#[cfg(unix)]
+fn try_lock_exclusive(file: &fs::File) -> std::io::Result<bool> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: `flock` only reads the descriptor number, which `file` keeps open for the
+    // duration of the call; it touches no memory of ours.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Without `flock` (not Unix), the lock file records the owner but does not exclude.
+#[cfg(not(unix))]
+fn try_lock_exclusive(_file: &fs::File) -> std::io::Result<bool> {
+    Ok(true)
+}
+
+/// This machine's name (for lock files), or `unknown`.
+fn host_name() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|p| crate::io::read_bounded(Path::new(p), 256).ok())
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// A checkpoint on disk whose manifest has been read and checked.
@@ -525,7 +806,7 @@ impl Checkpoint {
     pub fn open(path: &Path) -> Result<Self> {
         let dir = resolve(path)?;
         let manifest_path = dir.join(MANIFEST_FILE);
-        let bytes = fs::read(&manifest_path).map_err(|e| Error::io("read", &manifest_path, e))?;
+        let bytes = crate::io::read_bounded(&manifest_path, MAX_MANIFEST_BYTES)?;
         let manifest = Manifest::parse(&bytes, &manifest_path)?;
         Ok(Self { path: dir, manifest })
     }
@@ -537,7 +818,17 @@ impl Checkpoint {
     pub fn read_verified(&self, name: &str) -> Result<Vec<u8>> {
         let entry = self.manifest.file(name)?;
         let path = self.path.join(name);
-        let bytes = fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+        // The size from the file's metadata first; then never more than the manifest's size is
+        // read (a file that never ends, a FIFO or a device, is refused before reading).
+        if let Ok(meta) = fs::metadata(&path) {
+            if meta.is_file() && meta.len() != entry.bytes {
+                return Err(Error::checkpoint(
+                    &path,
+                    format!("{} bytes, the manifest says {} (truncated or torn)", meta.len(), entry.bytes),
+                ));
+            }
+        }
+        let bytes = crate::io::read_bounded(&path, entry.bytes)?;
         if bytes.len() as u64 != entry.bytes {
             return Err(Error::checkpoint(
                 &path,
@@ -565,9 +856,18 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// `Ok` when the checkpoint's parameter list (names, shapes, dtypes) is the model's.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] naming the first parameter that differs.
+    pub fn check_model(&self, params: &Parameters) -> Result<()> {
+        check_parameters(&self.manifest.parameters, &parameter_specs(params), &self.path)
+    }
+
     /// Restores `params` and `updater` from this checkpoint. Everything (checksums, parameter
-    /// names, shapes and dtypes, world size, master weights, optimizer kind and buffers) is
-    /// checked before anything changes; on error both are as they were.
+    /// names, shapes and dtypes read from the files' headers, world size, master weights,
+    /// optimizer kind, step count and buffers) is checked before anything changes; values are
+    /// matched to parameters by name; on error both are as they were.
     ///
     /// # Errors
     /// [`Error::Checkpoint`] or [`Error::StateMismatch`] naming the problem.
@@ -596,14 +896,44 @@ impl Checkpoint {
         check_parameters(&m.parameters, &parameter_specs(params), &self.path)?;
         let model_bytes = self.read_verified(MODEL_FILE)?;
         let master_bytes = self.read_verified(MASTER_FILE)?;
-        // Checked against the manifest, then parsed by the optimizer-state reader.
-        self.read_verified(OPTIMIZER_FILE)?;
+        let optimizer_bytes = self.read_verified(OPTIMIZER_FILE)?;
         let device = params.iter().next().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
-        let values = parse_model(&model_bytes, &m.parameters, &device, &self.path.join(MODEL_FILE))?;
+        let model_path = self.path.join(MODEL_FILE);
+        let values = parse_model(&model_bytes, &m.parameters, &device, &model_path)?;
+        let mut by_name: HashMap<&str, Tensor> =
+            m.parameters.iter().map(|s| s.name.as_str()).zip(values).collect();
+        // Every value, by name, with the live parameter's shape and dtype: checked before
+        // anything changes, so applying them below cannot fail halfway for a shape.
+        let mut ordered = Vec::with_capacity(params.len());
+        for p in params.iter() {
+            let value = by_name
+                .remove(p.name.as_str())
+                .ok_or_else(|| Error::checkpoint(&model_path, format!("it has no tensor `{}`", p.name)))?;
+            if value.dims() != p.var.dims() || value.dtype() != p.var.dtype() {
+                return Err(Error::StateMismatch {
+                    name: p.name.clone(),
+                    expected: format!("{} {:?}", p.var.dtype().as_str(), p.var.dims()),
+                    found: format!("{} {:?}", value.dtype().as_str(), value.dims()),
+                });
+            }
+            ordered.push(value);
+        }
         let master_weights = parse_master(&master_bytes, &self.path.join(MASTER_FILE))?;
-        let optimizer = OptimizerState::load(&self.path.join(OPTIMIZER_FILE))?;
+        let optimizer_path = self.path.join(OPTIMIZER_FILE);
+        let optimizer = OptimizerState::from_bytes(&optimizer_bytes, &optimizer_path)?;
+        if optimizer.step != m.progress.optimizer_step {
+            return Err(Error::checkpoint(
+                &optimizer_path,
+                format!(
+                    "it holds the optimizer's state after {} steps, the manifest says {} (a file from another checkpoint?)",
+                    optimizer.step, m.progress.optimizer_step
+                ),
+            ));
+        }
+        // The updater checks the whole state (master weights by name, the optimizer's kind and
+        // buffers) and changes nothing on error.
         updater.load_state(UpdaterState { master_weights, optimizer })?;
-        for (p, value) in params.iter().zip(values) {
+        for (p, value) in params.iter().zip(ordered) {
             p.var.set(&value)?;
         }
         Ok(())
@@ -717,6 +1047,9 @@ mod tests {
             max_grad_norm: Some(1.0),
             loss_scaling: None,
             optimizer: "adamw".into(),
+            optimizer_settings: "{}".into(),
+            model: "{}".into(),
+            backward: "segmented".into(),
             corpus_sha256: "00".into(),
         }
     }
@@ -727,8 +1060,13 @@ mod tests {
         let path = Path::new("ckpt");
         assert!(identity().check_continues(&saved, path).is_ok());
         type Change = fn(&mut RunIdentity);
-        let cases: [(&str, Change); 6] = [
+        let cases: [(&str, Change); 11] = [
             ("seed", |r| r.seed = 2),
+            ("sequence length", |r| r.seq_len = 16),
+            ("max_grad_norm", |r| r.max_grad_norm = None),
+            ("optimizer settings", |r| r.optimizer_settings = "{\"weight_decay\":0.2}".into()),
+            ("model settings", |r| r.model = "{\"n_head\":4}".into()),
+            ("backward mode", |r| r.backward = "plain".into()),
             ("global batch", |r| r.global_batch = 8),
             ("schedule", |r| r.schedule = LrSchedule::Constant { lr: 0.2 }),
             ("loss scaling", |r| r.loss_scaling = Some(LossScalerConfig::default())),
@@ -746,15 +1084,14 @@ mod tests {
         }
     }
 
-    #[test]
-    fn manifests_of_another_version_or_with_odd_files_are_refused() {
-        let path = Path::new("manifest.json");
-        let manifest = Manifest {
+    fn manifest() -> Manifest {
+        Manifest {
             format_version: FORMAT_VERSION,
             writer: "test".into(),
             world_size: 1,
             progress: Progress {
                 step: 3,
+                optimizer_step: 3,
                 skipped_steps: 0,
                 consecutive_skips: 0,
                 micro_batch: 2,
@@ -768,21 +1105,140 @@ mod tests {
                 .map(|n| FileEntry { name: (*n).into(), bytes: 0, sha256: String::new() })
                 .collect(),
             sharded: None,
-        };
-        let encode = |m: &Manifest| serde_json::to_vec(m).unwrap_or_default();
+        }
+    }
+
+    #[test]
+    fn manifests_of_another_version_or_with_odd_files_are_refused() {
+        let path = Path::new("manifest.json");
+        let manifest = manifest();
+        let encode = |m: &Manifest| m.encode(path).unwrap_or_default();
         assert_eq!(Manifest::parse(&encode(&manifest), path).ok(), Some(manifest.clone()));
         let mut newer = manifest.clone();
         newer.format_version = FORMAT_VERSION + 1;
         let e = Manifest::parse(&encode(&newer), path).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains("format version 2"), "{e}");
+        assert!(e.contains(&format!("format version {}", FORMAT_VERSION + 1)), "{e}");
         let mut odd = manifest.clone();
         odd.files[0].name = "../../etc/passwd".into();
         assert!(Manifest::parse(&encode(&odd), path).is_err());
         let mut split = manifest.clone();
         split.progress.micro_batch = 3;
         assert!(Manifest::parse(&encode(&split), path).is_err());
+        let mut ahead = manifest.clone();
+        ahead.progress.optimizer_step = 4;
+        assert!(Manifest::parse(&encode(&ahead), path).is_err());
         for bad in [&b""[..], b"{", b"[]", b"{\"format_version\": \"1\"}", b"\xff\xfe"] {
             assert!(Manifest::parse(bad, path).is_err());
         }
+    }
+
+    #[test]
+    fn every_byte_of_a_manifest_is_covered_by_its_checksum() {
+        let path = Path::new("manifest.json");
+        let sealed = manifest().encode(path).unwrap_or_default();
+        assert!(sealed.starts_with(format!("{{\"{MANIFEST_CHECKSUM_KEY}\": \"").as_bytes()));
+        assert!(Manifest::parse(&sealed, path).is_ok());
+        // An edit of the progress (the step, here 3 -> 9), whitespace, or anything else.
+        let text = String::from_utf8_lossy(&sealed).into_owned();
+        for edited in [
+            text.replacen("\"step\": 3", "\"step\": 9", 1),
+            text.replacen("\"seed\": 1", "\"seed\": 2", 1),
+            text.replacen(",\n  \"format_version\"", ", \"format_version\"", 1),
+            format!("{text}\n"),
+        ] {
+            assert_ne!(edited, text);
+            let e = Manifest::parse(edited.as_bytes(), path).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains("does not match its contents") || e.contains("not valid JSON"), "{e}");
+        }
+        // Without its checksum (as version 1 wrote it, or edited out), refused by name.
+        let body = serde_json::to_vec_pretty(&manifest()).unwrap_or_default();
+        let e = Manifest::parse(&body, path).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains(MANIFEST_CHECKSUM_KEY), "{e}");
+        // Sealing any other body gives a manifest that parses only if the body is valid.
+        assert_eq!(seal_manifest(b"{}"), None);
+        assert_eq!(unseal_manifest(&sealed).map(|(_, b)| b), Some(body));
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("candle-train-ckpt-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    /// A fake complete checkpoint directory: a manifest and three data files.
+    fn fake_checkpoint(run_dir: &Path, step: u64) -> Result<PathBuf> {
+        let dir = run_dir.join(checkpoint_name(step));
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        for name in [MANIFEST_FILE, MODEL_FILE, MASTER_FILE, OPTIMIZER_FILE] {
+            write_synced(&dir.join(name), b"x")?;
+        }
+        Ok(dir)
+    }
+
+    fn complete(dir: &Path) -> bool {
+        [MANIFEST_FILE, MODEL_FILE, MASTER_FILE, OPTIMIZER_FILE].iter().all(|f| dir.join(f).is_file())
+    }
+
+    #[test]
+    fn a_crash_while_pruning_never_leaves_an_incomplete_step_directory() -> Result<()> {
+        let run_dir = scratch("prune");
+        let old = fake_checkpoint(&run_dir, 1)?;
+        fake_checkpoint(&run_dir, 2)?;
+        // The deletion "crashes" after removing one file: had it run on the `step-*` directory
+        // itself (as a plain `remove_dir_all` does), that directory would now be torn.
+        let crash = |dir: &Path| -> std::io::Result<()> {
+            fs::remove_file(dir.join(MODEL_FILE))?;
+            Err(std::io::Error::other("killed"))
+        };
+        assert!(remove_checkpoints_with(&run_dir, std::slice::from_ref(&old), &crash).is_err());
+        for (_, dir) in list_checkpoints(&run_dir)? {
+            assert!(complete(&dir), "{} is a step directory with missing files", dir.display());
+        }
+        assert_eq!(list_checkpoints(&run_dir)?.into_iter().map(|(s, _)| s).collect::<Vec<_>>(), [2]);
+        // The hidden leftover is removed by the next save's temporary directory.
+        let tmp = temporary_dir(&run_dir, 3, "t")?;
+        let names: Vec<String> = fs::read_dir(&run_dir)
+            .map_err(|e| Error::io("list", &run_dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect();
+        assert!(names.iter().all(|n| !n.starts_with(".old-")), "{names:?}");
+        fs::remove_dir_all(&tmp).map_err(|e| Error::io("remove", &tmp, e))?;
+        fs::remove_dir_all(&run_dir).map_err(|e| Error::io("remove", &run_dir, e))?;
+        Ok(())
+    }
+
+    #[test]
+    fn installing_keeps_the_new_checkpoint_and_the_newest_before_it() -> Result<()> {
+        let run_dir = scratch("install");
+        for step in [2, 4, 6, 8] {
+            fake_checkpoint(&run_dir, step)?;
+        }
+        // A run resumed from step 4 writes step 5 with keep 1: 5 stays (the newest is always
+        // the one just written); 2 and 4 are older, 6 and 8 are the replaced future.
+        let tmp = temporary_dir(&run_dir, 5, "t")?;
+        for name in [MANIFEST_FILE, MODEL_FILE, MASTER_FILE, OPTIMIZER_FILE] {
+            write_synced(&tmp.join(name), b"x")?;
+        }
+        let dir = install(&run_dir, &tmp, 5, 1)?;
+        let steps: Vec<u64> = list_checkpoints(&run_dir)?.into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, [5]);
+        assert!(complete(&dir));
+        fs::remove_dir_all(&run_dir).map_err(|e| Error::io("remove", &run_dir, e))?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_run_directory_has_one_owner_at_a_time() -> Result<()> {
+        let run_dir = scratch("lock");
+        let first = RunLock::acquire(&run_dir)?;
+        let owner = fs::read_to_string(first.path()).map_err(|e| Error::io("read", first.path(), e))?;
+        assert!(owner.contains(&format!("pid {}", std::process::id())), "{owner}");
+        let e = RunLock::acquire(&run_dir).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("in use by another run") && e.contains(owner.trim()), "{e}");
+        drop(first);
+        let again = RunLock::acquire(&run_dir)?;
+        drop(again);
+        fs::remove_dir_all(&run_dir).map_err(|e| Error::io("remove", &run_dir, e))?;
+        Ok(())
     }
 }

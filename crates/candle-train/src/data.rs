@@ -46,7 +46,8 @@ impl Corpus {
     /// [`Error::Io`] if the file cannot be read, [`Error::EmptyCorpus`],
     /// [`Error::CorpusNotUtf8`], or [`Error::InvalidConfig`] for a fraction outside (0, 1).
     pub fn from_file(path: &Path, validation_fraction: f64) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+        // Size from the metadata first; a FIFO or device is refused, not read without end.
+        let bytes = crate::io::read_bounded(path, crate::io::MAX_CORPUS_BYTES)?;
         Self::from_bytes(path, bytes, validation_fraction)
     }
 

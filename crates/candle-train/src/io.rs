@@ -6,6 +6,57 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// The largest state file (checkpoint data, optimizer state, model weights) read whole: 1 TiB,
+/// far beyond any model this library trains on one machine, but finite.
+pub const MAX_STATE_BYTES: u64 = 1 << 40;
+/// The largest corpus read (64 GiB; it is held in memory whole).
+pub const MAX_CORPUS_BYTES: u64 = 64 << 30;
+/// The largest JSON config file read (`config.json`).
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// Reads the file at `path` whole, refusing one that is not a regular file (a FIFO or device
+/// would block or never end) or that is longer than `limit` bytes, with a clear error, before
+/// reading; the read itself stops after `limit` bytes (a file growing meanwhile is cut there
+/// and its length no longer matches what the caller expects).
+///
+/// # Errors
+/// [`Error::Io`] naming the file: missing, unreadable, not a regular file, or too long.
+pub fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    // The type from the path's metadata before opening: opening a FIFO blocks until a writer
+    // appears, and a device never ends.
+    let before = fs::metadata(path).map_err(|e| Error::io("read", path, e))?;
+    if !before.is_file() {
+        return Err(Error::io(
+            "read",
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+        ));
+    }
+    let file = fs::File::open(path).map_err(|e| Error::io("read", path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io("read", path, e))?;
+    if !meta.is_file() {
+        return Err(Error::io(
+            "read",
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+        ));
+    }
+    if meta.len() > limit {
+        return Err(Error::io(
+            "read",
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("it is {} bytes, more than the {limit} expected", meta.len()),
+            ),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(limit).read_to_end(&mut bytes).map_err(|e| Error::io("read", path, e))?;
+    Ok(bytes)
+}
+
 /// Writes `bytes` to `path` so that a crash at any instant leaves either the old file or the
 /// new one, never a torn mix: the data goes to `path.tmp-<pid>`, is synced, then renamed.
 ///
@@ -43,6 +94,29 @@ mod tests {
         assert_eq!(entries, 1);
         let missing = write_atomic(&dir.join("no/such/dir/f"), b"x");
         assert!(matches!(missing, Err(Error::Io { action: "create", .. })));
+        fs::remove_dir_all(&dir).map_err(|e| Error::io("remove", &dir, e))?;
+        Ok(())
+    }
+
+    #[test]
+    fn bounded_reads_refuse_devices_fifos_and_long_files_before_reading() -> Result<()> {
+        // A device that never ends: refused at once, not read until memory runs out.
+        let e = read_bounded(Path::new("/dev/zero"), 1 << 20).err().map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|e| e.contains("not a regular file")), "{e:?}");
+        let dir = std::env::temp_dir().join(format!("candle-train-bounded-{}", std::process::id()));
+        fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        // A FIFO with no writer: refused at once, not waited on (opening it would block).
+        let fifo = dir.join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success());
+        if made {
+            let e = read_bounded(&fifo, 1 << 20).err().map(|e| e.to_string());
+            assert!(e.as_deref().is_some_and(|e| e.contains("not a regular file")), "{e:?}");
+        }
+        let path = dir.join("f");
+        write_atomic(&path, &[7u8; 100])?;
+        assert_eq!(read_bounded(&path, 100)?.len(), 100);
+        let e = read_bounded(&path, 99).err().map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|e| e.contains("100 bytes, more than the 99")), "{e:?}");
         fs::remove_dir_all(&dir).map_err(|e| Error::io("remove", &dir, e))?;
         Ok(())
     }

@@ -35,6 +35,9 @@ pub struct StepRecord {
     pub val_loss: Option<f64>,
 }
 
+/// The largest metrics file a resumed run reads back (about ten million records).
+pub const MAX_METRICS_BYTES: u64 = 4 << 30;
+
 /// Appends one JSON object per line, flushing each line so a crash loses at most one.
 #[derive(Debug)]
 pub struct MetricsWriter {
@@ -49,6 +52,32 @@ impl MetricsWriter {
     /// [`Error::Io`] if it cannot be created.
     pub fn create(path: &Path) -> Result<Self> {
         let file = File::create(path).map_err(|e| Error::io("create", path, e))?;
+        Ok(Self { path: path.to_path_buf(), out: BufWriter::new(file) })
+    }
+
+    /// Continues the file of a run resumed at `step`: keeps its records of steps up to `step`
+    /// (in order; later ones, and a torn last line of a crash, are dropped), rewritten
+    /// atomically, then appends. A missing file starts empty.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if it cannot be read or written.
+    pub fn resume(path: &Path, step: u64) -> Result<Self> {
+        let old = match std::fs::symlink_metadata(path) {
+            Ok(_) => crate::io::read_bounded(path, MAX_METRICS_BYTES)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(Error::io("read", path, e)),
+        };
+        let mut kept = Vec::new();
+        for line in old.split(|&b| b == b'\n') {
+            let Ok(record) = serde_json::from_slice::<serde_json::Value>(line) else { continue };
+            if record.get("step").and_then(serde_json::Value::as_u64).is_some_and(|s| s <= step) {
+                kept.extend_from_slice(line);
+                kept.push(b'\n');
+            }
+        }
+        crate::io::write_atomic(path, &kept)?;
+        let file =
+            std::fs::OpenOptions::new().append(true).open(path).map_err(|e| Error::io("open", path, e))?;
         Ok(Self { path: path.to_path_buf(), out: BufWriter::new(file) })
     }
 

@@ -84,7 +84,7 @@ impl Parameters {
     /// safetensors, [`Error::StateMismatch`] naming the first missing or misshapen tensor.
     /// Nothing is modified unless every tensor matches.
     pub fn load_safetensors(&self, path: &Path) -> Result<()> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+        let bytes = crate::io::read_bounded(path, crate::io::MAX_STATE_BYTES)?;
         let device = self.list.first().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
         let loaded: HashMap<String, Tensor> = candle::safetensors::load_buffer(&bytes, &device)
             .map_err(|e| Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })?;

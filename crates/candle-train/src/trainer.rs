@@ -15,7 +15,7 @@ use candle_ckpt::{
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{self, Checkpoint, Progress, RunIdentity};
+use crate::checkpoint::{self, Checkpoint, Progress, RunIdentity, RunLock};
 use crate::data::{Corpus, Split};
 use crate::error::{classify_oom, Error, Result};
 use crate::loss_scale::{LossScaler, LossScalerConfig};
@@ -34,6 +34,11 @@ pub trait LanguageModel: SegmentedModel<Batch = TokenBatch> {
     fn context_length(&self) -> usize;
     /// The device its parameters live on.
     fn device(&self) -> Device;
+    /// Its architecture and every setting that changes its trajectory (heads, dropout, norm
+    /// epsilon, ...) as canonical JSON: a checkpoint resumes only into a model whose settings
+    /// are equal ([`crate::checkpoint::RunIdentity::model`]). Serialize the whole config, so no
+    /// field can be forgotten.
+    fn settings(&self) -> String;
     /// Bytes of parameters resident now. By default all of them; a model whose parameters are
     /// sharded (ZeRO stage 3) holds only those gathered at the moment.
     fn resident_parameter_bytes(&self) -> usize {
@@ -50,6 +55,10 @@ impl LanguageModel for Gpt {
         self.config().n_ctx
     }
 
+    fn settings(&self) -> String {
+        canonical_json("gpt", self.config())
+    }
+
     fn device(&self) -> Device {
         self.parameters().iter().next().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu)
     }
@@ -64,9 +73,20 @@ impl LanguageModel for crate::models::Llama {
         self.config().max_position_embeddings
     }
 
+    fn settings(&self) -> String {
+        canonical_json("llama", self.config())
+    }
+
     fn device(&self) -> Device {
         crate::models::Llama::device(self)
     }
+}
+
+/// `{"config": config, "kind": kind}` as compact JSON (object keys sorted), the form run
+/// identities compare.
+pub fn canonical_json<T: Serialize>(kind: &str, config: &T) -> String {
+    serde_json::to_string(&serde_json::json!({ "kind": kind, "config": config }))
+        .unwrap_or_else(|e| format!("{{\"kind\": \"{kind}\", \"unserializable\": \"{e}\"}}"))
 }
 
 /// How a micro-batch's backward runs.
@@ -143,6 +163,10 @@ pub struct CheckpointConfig {
     pub every: usize,
     /// Keep this many of the newest checkpoints; older ones are removed.
     pub keep: usize,
+    /// Replace another run's checkpoints found in `dir` (removed at the start); without it, a
+    /// directory holding another run's checkpoints is refused (a resumed run's own are fine).
+    #[serde(default)]
+    pub overwrite: bool,
 }
 
 impl TrainerConfig {
@@ -326,7 +350,17 @@ impl TrainerBuilder {
 
     /// Checkpoints into `dir` every `every` steps, keeping the newest `keep`. By default, none.
     pub fn checkpoint(mut self, dir: impl Into<PathBuf>, every: usize, keep: usize) -> Self {
-        self.checkpoint = Some(CheckpointConfig { dir: dir.into(), every, keep });
+        let overwrite = self.checkpoint.as_ref().is_some_and(|c| c.overwrite);
+        self.checkpoint = Some(CheckpointConfig { dir: dir.into(), every, keep, overwrite });
+        self
+    }
+
+    /// Whether checkpoints of another run in the checkpoint directory are replaced (removed at
+    /// the start) instead of refused. By default, no. Call after [`TrainerBuilder::checkpoint`].
+    pub fn overwrite_checkpoints(mut self, on: bool) -> Self {
+        if let Some(ck) = self.checkpoint.as_mut() {
+            ck.overwrite = on;
+        }
         self
     }
 
@@ -864,17 +898,43 @@ impl Trainer {
         Err(last_error.unwrap_or_else(|| Error::config("micro_batch", "no candidate micro-batch")))
     }
 
-    /// The settings of this run that a checkpoint must share to be continued.
-    fn identity(&self, corpus: &Corpus, updater: &dyn Updater) -> RunIdentity {
-        let c = &self.config;
+    /// The settings of this run that a checkpoint must share to be continued: every field of
+    /// the config is named here (a new one is a compile error until it is placed), plus the
+    /// model's and the optimizer's own settings, whole.
+    fn identity<M: LanguageModel>(&self, model: &M, corpus: &Corpus, updater: &dyn Updater) -> RunIdentity {
+        let TrainerConfig {
+            micro_batch: _,        // in the identity as the global batch; the split is progress
+            accumulation_steps: _, // (the same data and gradients up to summation order)
+            steps: _,              // the schedule holds the run's length where it matters
+            seq_len,
+            schedule,
+            max_grad_norm,
+            eval_interval: _, // evaluation does not touch the weights, the data or the RNG
+            eval_windows: _,
+            log_interval: _,
+            seed,
+            progress: _,
+            metrics_path: _,
+            max_consecutive_skips: _, // stops a run; never changes a step
+            recompute: _,             // recompute replays the same randomness (`SegmentContext::rng`)
+            backward,
+            loss_scaling,
+            checkpoint: _,
+            max_memory: _, // out-of-memory recovery changes only the split (in progress)
+            oom_recovery: _,
+            find_micro_batch: _,
+        } = &self.config;
         RunIdentity {
-            seed: c.seed,
-            seq_len: c.seq_len.get(),
-            global_batch: c.global_batch(),
-            schedule: c.schedule,
-            max_grad_norm: c.max_grad_norm,
-            loss_scaling: c.loss_scaling,
+            seed: *seed,
+            seq_len: seq_len.get(),
+            global_batch: self.config.global_batch(),
+            schedule: *schedule,
+            max_grad_norm: *max_grad_norm,
+            loss_scaling: *loss_scaling,
             optimizer: updater.optimizer().name().to_string(),
+            optimizer_settings: updater.optimizer().settings(),
+            model: model.settings(),
+            backward: format!("{backward:?}").to_lowercase(),
             corpus_sha256: checkpoint::sha256_hex(corpus.split(Split::Train)),
         }
     }
@@ -892,7 +952,9 @@ impl Trainer {
         corpus: &Corpus,
         updater: &mut dyn Updater,
     ) -> Result<TrainReport> {
-        self.run(model, corpus, updater, None)
+        self.preflight(model, corpus)?;
+        let claim = self.claim_run_dir(model, corpus, updater, None)?;
+        self.run(model, corpus, updater, None, claim)
     }
 
     /// Continues the run saved in checkpoint `path` (a checkpoint directory, or a run
@@ -912,9 +974,100 @@ impl Trainer {
         path: &Path,
     ) -> Result<TrainReport> {
         let ckpt = Checkpoint::open(path)?;
-        self.identity(corpus, updater).check_continues(&ckpt.manifest.run, &ckpt.path)?;
+        // Shapes first: another model's checkpoint is named as such, not as other settings.
+        ckpt.check_model(model.parameters())?;
+        self.identity(model, corpus, updater).check_continues(&ckpt.manifest.run, &ckpt.path)?;
+        // Everything the run would refuse is refused before the restore changes anything.
+        self.preflight(model, corpus)?;
+        let p = &ckpt.manifest.progress;
+        let total = self.config.steps.get() as u64;
+        if p.step > total {
+            return Err(Error::checkpoint(
+                &ckpt.path,
+                format!("it is at step {}, past this run's {total} steps", p.step),
+            ));
+        }
+        if let (Some(config), Some(state)) = (self.config.loss_scaling, &p.loss_scaler) {
+            LossScaler::new(config)?.load_state(state)?;
+        }
+        let claim = self.claim_run_dir(model, corpus, updater, Some(&ckpt))?;
         ckpt.restore(model.parameters(), updater)?;
-        self.run(model, corpus, updater, Some(ckpt))
+        self.run(model, corpus, updater, Some(ckpt), claim)
+    }
+
+    /// The checks on the model, corpus and device that need no state: done before a resume
+    /// changes anything, and again at the start of every run.
+    fn preflight<M: LanguageModel>(&self, model: &M, corpus: &Corpus) -> Result<()> {
+        let c = &self.config;
+        let seq_len = c.seq_len.get();
+        if seq_len > model.context_length() {
+            return Err(Error::SequenceTooLong { seq_len, context: model.context_length() });
+        }
+        corpus.check_seq_len(seq_len)?;
+        if let Some(metrics) = &c.metrics_path {
+            let same =
+                |a: &Path, b: &Path| a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok() == Some(a));
+            if same(metrics, corpus.path()) {
+                return Err(Error::config(
+                    "metrics_path",
+                    format!("{} is the corpus; it would be overwritten", metrics.display()),
+                ));
+            }
+        }
+        if c.max_memory.is_some() && !DeviceMeter::for_device(&model.device()).is_available() {
+            return Err(Error::config(
+                "max_memory",
+                "the limit is checked against the counting allocator, which this binary does not install",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Takes the checkpoint directory for this run (rank 0 only; the others share rank 0's):
+    /// its lock (held until the run ends), and a refusal of another run's checkpoints there
+    /// unless `overwrite` (then `run` removes them, crash-safely, once a resume has restored
+    /// everything). Another run's: any checkpoint for a fresh run; for a resumed one, those
+    /// whose manifest names other settings.
+    fn claim_run_dir<M: LanguageModel>(
+        &self,
+        model: &M,
+        corpus: &Corpus,
+        updater: &dyn Updater,
+        resuming: Option<&Checkpoint>,
+    ) -> Result<Option<RunDirClaim>> {
+        let Some(ck) = &self.config.checkpoint else { return Ok(None) };
+        if self.data_rank.rank != 0 {
+            return Ok(None);
+        }
+        let lock = RunLock::acquire(&ck.dir)?;
+        let identity = self.identity(model, corpus, updater);
+        let mut foreign = Vec::new();
+        for (_, dir) in checkpoint::list_checkpoints(&ck.dir)? {
+            let theirs = match resuming {
+                None => true,
+                Some(_) => match Checkpoint::open(&dir) {
+                    Ok(other) => identity.check_continues(&other.manifest.run, &other.path).is_err(),
+                    // Unreadable: not provably this run's.
+                    Err(_) => true,
+                },
+            };
+            if theirs && resuming.is_none_or(|r| r.path != dir) {
+                foreign.push(dir);
+            }
+        }
+        if let Some(first) = foreign.first() {
+            if !ck.overwrite {
+                return Err(Error::checkpoint(
+                    &ck.dir,
+                    format!(
+                        "it holds checkpoints of another run ({} of them, e.g. {}): resume that run, choose another directory, or overwrite them explicitly (`--overwrite`)",
+                        foreign.len(),
+                        first.display()
+                    ),
+                ));
+            }
+        }
+        Ok(Some(RunDirClaim { _lock: lock, foreign }))
     }
 
     fn run<M: LanguageModel>(
@@ -923,20 +1076,12 @@ impl Trainer {
         corpus: &Corpus,
         updater: &mut dyn Updater,
         resumed: Option<Checkpoint>,
+        claim: Option<RunDirClaim>,
     ) -> Result<TrainReport> {
         let c = &self.config;
         let seq_len = c.seq_len.get();
-        if seq_len > model.context_length() {
-            return Err(Error::SequenceTooLong { seq_len, context: model.context_length() });
-        }
-        corpus.check_seq_len(seq_len)?;
+        self.preflight(model, corpus)?;
         let meter = DeviceMeter::for_device(&model.device());
-        if c.max_memory.is_some() && !meter.is_available() {
-            return Err(Error::config(
-                "max_memory",
-                "the limit is checked against the counting allocator, which this binary does not install",
-            ));
-        }
         if updater.world_size() > 1 || self.data_rank.world_size > 1 {
             // Each rank would decide on its own and the ranks' micro-batches would part.
             if c.find_micro_batch {
@@ -952,7 +1097,17 @@ impl Trainer {
                 ));
             }
         }
-        let identity = self.identity(corpus, updater);
+        if let (Some(claim), Some(ck)) = (&claim, &c.checkpoint) {
+            if !claim.foreign.is_empty() {
+                tracing::warn!(
+                    dir = %ck.dir.display(),
+                    count = claim.foreign.len(),
+                    "removing another run's checkpoints (overwrite)"
+                );
+                checkpoint::remove_checkpoints(&ck.dir, &claim.foreign)?;
+            }
+        }
+        let identity = self.identity(model, corpus, updater);
         let global = c.global_batch();
         let mut split =
             MicroSplit { micro_batch: c.micro_batch.get(), accumulation_steps: c.accumulation_steps.get() };
@@ -991,7 +1146,13 @@ impl Trainer {
             .filter(|&i| c.backward == BackwardMode::Segmented && decisions[i] == Decision::Recompute)
             .map(|i| model.segment_name(i))
             .collect();
-        let mut metrics = c.metrics_path.as_deref().map(MetricsWriter::create).transpose()?;
+        // A resumed run keeps the records up to its step and appends, so the file equals the
+        // uninterrupted run's.
+        let mut metrics = match (c.metrics_path.as_deref(), start_step) {
+            (None, _) => None,
+            (Some(path), 0) => Some(MetricsWriter::create(path)?),
+            (Some(path), step) => Some(MetricsWriter::resume(path, step)?),
+        };
         let initial_val_loss = Self::evaluate(model, &val_batches)?;
 
         let total = c.steps.get() as u64;
@@ -1003,7 +1164,8 @@ impl Trainer {
         );
         bar.set_position(start_step.min(total));
         let tokens_per_step = (global * seq_len) as f64;
-        let mut history = Vec::with_capacity(c.steps.get());
+        // Grown as steps run: a huge `steps` must not reserve memory up front.
+        let mut history = Vec::with_capacity(c.steps.get().min(1 << 12));
         let mut worst = MemoryReport::default();
         let mut oom_recoveries = Vec::new();
         let mut checkpoint_time_s = 0.0;
@@ -1135,6 +1297,7 @@ impl Trainer {
                     let started = Instant::now();
                     let progress = Progress {
                         step: done,
+                        optimizer_step: updater.optimizer().step_count(),
                         skipped_steps: skipped,
                         consecutive_skips,
                         micro_batch: split.micro_batch,
@@ -1199,9 +1362,128 @@ impl Trainer {
     }
 }
 
+/// A run's hold on its checkpoint directory: the lock, and the other run's checkpoints that
+/// `overwrite` replaces.
+#[derive(Debug)]
+struct RunDirClaim {
+    _lock: RunLock,
+    foreign: Vec<PathBuf>,
+}
+
 /// A micro-batch size and the number of them per step.
 #[derive(Debug, Clone, Copy)]
 struct MicroSplit {
     micro_batch: usize,
     accumulation_steps: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{GptConfig, LocalUpdater, OptimizerConfig};
+
+    /// Every field of `value` (a serialized config), each changed in turn: numbers doubled plus
+    /// one, booleans flipped, strings extended.
+    fn each_field_changed(value: &serde_json::Value) -> Vec<(String, serde_json::Value)> {
+        let mut out = Vec::new();
+        if let Some(map) = value.as_object() {
+            for (key, field) in map {
+                let changed = match field {
+                    serde_json::Value::Bool(b) => serde_json::Value::Bool(!b),
+                    serde_json::Value::Number(n) => {
+                        serde_json::json!(n.as_f64().unwrap_or(0.0) * 2.0 + 1.0)
+                    }
+                    serde_json::Value::String(s) => serde_json::Value::String(format!("{s}x")),
+                    _ => continue,
+                };
+                let mut copy = value.clone();
+                copy[key] = changed;
+                out.push((key.clone(), copy));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_field_of_the_model_and_optimizer_configs_changes_the_run_identity() -> Result<()> {
+        let configs: Vec<(&str, serde_json::Value)> = vec![
+            (
+                "gpt",
+                serde_json::to_value(GptConfig::default())
+                    .map_err(|e| Error::config("test", e.to_string()))?,
+            ),
+            (
+                "adamw",
+                serde_json::to_value(crate::AdamWConfig::default())
+                    .map_err(|e| Error::config("test", e.to_string()))?,
+            ),
+            (
+                "sgd",
+                serde_json::to_value(crate::SgdConfig::default())
+                    .map_err(|e| Error::config("test", e.to_string()))?,
+            ),
+        ];
+        for (kind, config) in configs {
+            let fields = each_field_changed(&config);
+            assert!(fields.len() >= 4, "{kind}: {config}");
+            for (field, changed) in fields {
+                assert_ne!(
+                    canonical_json(kind, &changed),
+                    canonical_json(kind, &config),
+                    "{kind}.{field} is not in the identity"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_run_identity_holds_exactly_the_trainer_settings_that_change_the_trajectory() -> Result<()> {
+        let model = Gpt::new(
+            GptConfig { n_ctx: 8, n_embd: 8, n_layer: 1, n_head: 2, ..GptConfig::default() },
+            candle::DType::F32,
+            &Device::Cpu,
+            0,
+        )?;
+        let corpus = Corpus::from_bytes(Path::new("t"), b"abcdefghijklmnopqrstuvwxyz ".repeat(40), 0.2)?;
+        let updater =
+            LocalUpdater::from_config(model.parameters(), &OptimizerConfig::AdamW(Default::default()))?;
+        let base = TrainerConfig::builder().steps(10).micro_batch(2).seq_len(8).build()?;
+        let identity = |c: TrainerConfig| Trainer::new(c).identity(&model, &corpus, &updater);
+        let reference = identity(base.clone());
+        type Change = fn(&mut TrainerConfig);
+        // Changes that must change the identity...
+        let changing: [(&str, Change); 7] = [
+            ("seq_len", |c| c.seq_len = NonZeroUsize::MIN),
+            ("global batch", |c| c.accumulation_steps = NonZeroUsize::MIN.saturating_add(1)),
+            ("schedule", |c| c.schedule = LrSchedule::Constant { lr: 0.5 }),
+            ("max_grad_norm", |c| c.max_grad_norm = None),
+            ("seed", |c| c.seed = 7),
+            ("backward", |c| c.backward = BackwardMode::Plain),
+            ("loss_scaling", |c| c.loss_scaling = Some(LossScalerConfig::default())),
+        ];
+        for (what, change) in changing {
+            let mut c = base.clone();
+            change(&mut c);
+            assert_ne!(identity(c), reference, "{what} must be part of the run identity");
+        }
+        // ...and changes that must not (they never change a step's result).
+        let neutral: [(&str, Change); 9] = [
+            ("eval_interval", |c| c.eval_interval = 3),
+            ("eval_windows", |c| c.eval_windows = 5),
+            ("log_interval", |c| c.log_interval = 3),
+            ("progress", |c| c.progress = true),
+            ("metrics_path", |c| c.metrics_path = Some("m.jsonl".into())),
+            ("max_consecutive_skips", |c| c.max_consecutive_skips = 2),
+            ("recompute", |c| c.recompute = Recompute::All),
+            ("max_memory", |c| c.max_memory = Some(1 << 30)),
+            ("oom_recovery", |c| c.oom_recovery = !c.oom_recovery),
+        ];
+        for (what, change) in neutral {
+            let mut c = base.clone();
+            change(&mut c);
+            assert_eq!(identity(c), reference, "{what} must not be part of the run identity");
+        }
+        Ok(())
+    }
 }

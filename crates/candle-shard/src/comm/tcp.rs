@@ -19,6 +19,27 @@ use crate::discovery::RankInfo;
 use crate::error::{CommError, Error, Result};
 
 const MAGIC: u32 = 0x6366_7a72; // "cfzr"
+/// The wire protocol's version, exchanged in the handshake: ranks of different builds refuse
+/// each other instead of misreading messages.
+const PROTOCOL_VERSION: u32 = 2;
+/// Handshake: `[MAGIC, PROTOCOL_VERSION, rank, world_size]` from a peer, the same with rank 0
+/// back from the hub, each a little-endian u32.
+const HELLO_BYTES: usize = 16;
+
+fn hello(rank: usize, world_size: usize) -> [u8; HELLO_BYTES] {
+    let mut out = [0u8; HELLO_BYTES];
+    for (i, word) in [MAGIC, PROTOCOL_VERSION, rank as u32, world_size as u32].into_iter().enumerate() {
+        out[4 * i..4 * i + 4].copy_from_slice(&word.to_le_bytes());
+    }
+    out
+}
+
+/// `(magic, version, rank, world size)` of a handshake.
+fn parse_hello(bytes: &[u8; HELLO_BYTES]) -> (u32, u32, usize, usize) {
+    let word =
+        |i: usize| u32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]);
+    (word(0), word(1), word(2) as usize, word(3) as usize)
+}
 
 /// One rank's connection(s): rank 0 holds one stream per peer, the others one to rank 0.
 enum Links {
@@ -103,16 +124,20 @@ impl TcpCommunicator {
                             .set_nonblocking(false)
                             .map_err(|e| Error::config("MASTER_ADDR", e.to_string()))?;
                         let mut stream = configure(stream, timeout)?;
-                        let mut hello = [0u8; 12];
-                        if stream.read_exact(&mut hello).is_err() {
+                        let mut theirs = [0u8; HELLO_BYTES];
+                        if stream.read_exact(&mut theirs).is_err() {
                             continue;
                         }
-                        let word = |i: usize| {
-                            u32::from_le_bytes([hello[i], hello[i + 1], hello[i + 2], hello[i + 3]])
-                        };
-                        let (magic, peer, peer_world) = (word(0), word(4) as usize, word(8) as usize);
+                        let (magic, version, peer, peer_world) = parse_hello(&theirs);
                         if magic != MAGIC {
+                            // Not a candle-fit rank (a port scanner, a stale client): ignore it.
                             continue;
+                        }
+                        if version != PROTOCOL_VERSION {
+                            return Err(Error::config(
+                                "MASTER_PORT",
+                                format!("rank {peer} speaks protocol version {version}, this rank {PROTOCOL_VERSION}: mixed candle-fit builds"),
+                            ));
                         }
                         if peer_world != world_size
                             || peer == 0
@@ -123,6 +148,9 @@ impl TcpCommunicator {
                                 "WORLD_SIZE",
                                 format!("rank {peer} joined with world size {peer_world}, expected {world_size} and a new rank"),
                             ));
+                        }
+                        if stream.write_all(&hello(0, world_size)).is_err() {
+                            continue;
                         }
                         peers[peer - 1] = Some(stream);
                     }
@@ -151,11 +179,37 @@ impl TcpCommunicator {
                 }
             };
             let mut stream = configure(stream, timeout)?;
-            let mut hello = Vec::with_capacity(12);
-            for word in [MAGIC, rank as u32, world_size as u32] {
-                hello.extend_from_slice(&word.to_le_bytes());
+            stream.write_all(&hello(rank, world_size)).map_err(|_| timed_out(vec![0]))?;
+            // Rank 0 answers with its own handshake: anything else at that address (another
+            // program, another build) is refused here, before any length is read from it.
+            let mut answer = [0u8; HELLO_BYTES];
+            stream.read_exact(&mut answer).map_err(|e| {
+                Error::config(
+                    "MASTER_ADDR",
+                    format!("{address} did not answer as a candle-fit rank 0 ({e}): is another program listening there?"),
+                )
+            })?;
+            match parse_hello(&answer) {
+                (MAGIC, PROTOCOL_VERSION, 0, w) if w == world_size => {}
+                (MAGIC, PROTOCOL_VERSION, r, w) => {
+                    return Err(Error::config(
+                        "WORLD_SIZE",
+                        format!("{address} answered as rank {r} of {w}, expected rank 0 of {world_size}"),
+                    ))
+                }
+                (MAGIC, v, _, _) => {
+                    return Err(Error::config(
+                        "MASTER_PORT",
+                        format!("{address} speaks protocol version {v}, this rank {PROTOCOL_VERSION}: mixed candle-fit builds"),
+                    ))
+                }
+                _ => {
+                    return Err(Error::config(
+                        "MASTER_ADDR",
+                        format!("{address} is not a candle-fit rank 0 (wrong handshake): is another program listening there?"),
+                    ))
+                }
             }
-            stream.write_all(&hello).map_err(|_| timed_out(vec![0]))?;
             Links::Spoke(stream)
         };
         Ok(Self {
@@ -222,7 +276,20 @@ impl TcpCommunicator {
                 }
                 let mut len = [0u8; 8];
                 hub.read_exact(&mut len).map_err(|e| self.io_error(op, 0, &e))?;
-                let mut out = vec![0u8; u64::from_le_bytes(len) as usize];
+                // No result is longer than the call's whole buffer: a larger length is a broken
+                // stream, refused before allocating it.
+                let len = u64::from_le_bytes(len);
+                let bound = header.len.saturating_mul(element_bytes(header.kind));
+                if len > bound {
+                    return Err(CommError::Backend {
+                        op,
+                        rank: self.rank,
+                        message: format!(
+                            "rank 0 announced a result of {len} bytes, more than the {bound} of this call"
+                        ),
+                    });
+                }
+                let mut out = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
                 hub.read_exact(&mut out).map_err(|e| self.io_error(op, 0, &e))?;
                 Ok(Some(out))
             }
@@ -317,14 +384,19 @@ fn configure(stream: TcpStream, timeout: Duration) -> Result<TcpStream> {
     Ok(stream)
 }
 
-/// Bytes rank `rank` sends to the hub for a call described by `header`.
-fn expected_contribution(header: Header, rank: usize, world_size: usize) -> usize {
-    let len = header.len as usize;
-    let element = match header.kind {
+/// Bytes per element of a call's `kind`.
+fn element_bytes(kind: u8) -> u64 {
+    match kind {
         KIND_F32 => 4,
         KIND_F64 => 8,
         _ => 1,
-    };
+    }
+}
+
+/// Bytes rank `rank` sends to the hub for a call described by `header`.
+fn expected_contribution(header: Header, rank: usize, world_size: usize) -> usize {
+    let len = header.len as usize;
+    let element = element_bytes(header.kind) as usize;
     match op_of(header.op) {
         Op::AllReduce | Op::Reduce | Op::ReduceScatter => len * element,
         Op::AllGather => len / world_size,
@@ -601,5 +673,44 @@ mod tests {
             "{err}"
         );
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_rank_that_reaches_another_program_is_refused_before_reading_any_length() {
+        // A "server" at MASTER_ADDR:MASTER_PORT that answers garbage announcing a huge length.
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let server = std::thread::spawn(move || {
+            if let Ok((mut stream, _)) = listener.accept() {
+                let mut buf = [0u8; HELLO_BYTES];
+                let _ = stream.read_exact(&mut buf);
+                let _ = stream.write_all(&[0xff; 64]);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let started = Instant::now();
+        let err =
+            TcpCommunicator::connect(&info(1, 2, port), Duration::from_secs(5)).expect_err("not rank 0");
+        assert!(err.to_string().contains("not a candle-fit rank 0"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(4));
+        let _ = server.join();
+
+        // A server of another protocol version is named as such.
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let server = std::thread::spawn(move || {
+            if let Ok((mut stream, _)) = listener.accept() {
+                let mut buf = [0u8; HELLO_BYTES];
+                let _ = stream.read_exact(&mut buf);
+                let mut answer = hello(0, 2);
+                answer[4..8].copy_from_slice(&(PROTOCOL_VERSION + 1).to_le_bytes());
+                let _ = stream.write_all(&answer);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let err =
+            TcpCommunicator::connect(&info(1, 2, port), Duration::from_secs(5)).expect_err("other version");
+        assert!(err.to_string().contains("protocol version"), "{err}");
+        let _ = server.join();
     }
 }

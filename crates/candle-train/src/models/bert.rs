@@ -57,7 +57,10 @@ impl BertConfig {
     /// [`crate::Error::Io`] if the file cannot be read, [`crate::Error::InvalidConfig`] if it
     /// does not parse or names an unsupported activation or head count.
     pub fn from_json_file(path: &Path) -> crate::Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io("read", path, e))?;
+        let bytes = crate::io::read_bounded(path, crate::io::MAX_CONFIG_BYTES)?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            crate::Error::io("read", path, std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        })?;
         let config: Self =
             serde_json::from_str(&text).map_err(|e| crate::Error::config("config.json", e.to_string()))?;
         config.validate()?;

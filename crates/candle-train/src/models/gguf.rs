@@ -28,6 +28,13 @@ impl GgufFile {
     /// # Errors
     /// [`Error::Io`] if the file cannot be opened, [`Error::MalformedState`] if it is not GGUF.
     pub fn open(path: &Path) -> Result<Self> {
+        // A FIFO or device is refused before it is opened (it would block or never end); the
+        // header's own lengths are then bounded by candle's reader and the file's size.
+        let meta = std::fs::metadata(path).map_err(|e| Error::io("open", path, e))?;
+        if !meta.is_file() {
+            let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
+            return Err(Error::io("open", path, e));
+        }
         let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
         let content = Content::read(&mut BufReader::new(file)).map_err(|e| malformed(path, e))?;
         Ok(Self { path: path.to_path_buf(), content })

@@ -75,6 +75,15 @@ impl GptConfig {
         if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
             return Err(crate::Error::config("layer_norm_eps", "must be positive"));
         }
+        if self.checked_num_parameters().is_none_or(|n| n > MAX_PARAMETERS) {
+            return Err(crate::Error::config(
+                "n_layer",
+                format!(
+                    "{} layers of width {} (vocabulary {}, context {}) are more than {MAX_PARAMETERS} parameters",
+                    self.n_layer, self.n_embd, self.vocab_size, self.n_ctx
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -93,11 +102,27 @@ impl GptConfig {
 
     /// The number of scalar parameters (embeddings tied with the output head).
     pub fn num_parameters(&self) -> usize {
+        self.checked_num_parameters().unwrap_or(usize::MAX)
+    }
+
+    /// [`GptConfig::num_parameters`] with overflow-checked arithmetic (`None` on overflow).
+    pub fn checked_num_parameters(&self) -> Option<usize> {
         let c = self.n_embd;
-        let block = 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * 4 * c + 4 * c) + (4 * c * c + c);
-        self.vocab_size * c + self.n_ctx * c + self.n_layer * block + 2 * c
+        let cc = c.checked_mul(c)?;
+        // Per block: 2 norms (weight + bias), attention in (3c x c + 3c) and out (c x c + c),
+        // MLP in (4c x c + 4c) and out (c x 4c + c): 12 c^2 + 13 c.
+        let block = cc.checked_mul(12)?.checked_add(c.checked_mul(13)?)?;
+        self.vocab_size
+            .checked_mul(c)?
+            .checked_add(self.n_ctx.checked_mul(c)?)?
+            .checked_add(self.n_layer.checked_mul(block)?)?
+            .checked_add(c.checked_mul(2)?)
     }
 }
+
+/// The most parameters a [`GptConfig`] may have (2^40, about 10^12: 4 TiB of FP32 weights
+/// alone, beyond any machine this trains on); more is refused before anything is allocated.
+pub const MAX_PARAMETERS: usize = 1 << 40;
 
 /// A batch of token sequences and their next-token targets, both `[batch, seq]` u32.
 #[derive(Debug, Clone)]

@@ -104,7 +104,10 @@ impl LlamaConfig {
     /// [`crate::Error::Io`] if the file cannot be read, [`crate::Error::InvalidConfig`] if it
     /// does not parse or describes a model this one does not implement.
     pub fn from_json_file(path: &Path) -> crate::Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| crate::Error::io("read", path, e))?;
+        let bytes = crate::io::read_bounded(path, crate::io::MAX_CONFIG_BYTES)?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            crate::Error::io("read", path, std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        })?;
         let config: Self =
             serde_json::from_str(&text).map_err(|e| crate::Error::config("config.json", e.to_string()))?;
         config.validate()?;
@@ -270,7 +273,7 @@ impl Llama {
         dtype: DType,
         device: &Device,
     ) -> crate::Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| crate::Error::io("read", path, e))?;
+        let bytes = crate::io::read_bounded(path, crate::io::MAX_STATE_BYTES)?;
         let tensors = candle::safetensors::load_buffer(&bytes, device)
             .map_err(|e| crate::Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })?;
         Self::from_tensors(config, tensors, dtype, device)

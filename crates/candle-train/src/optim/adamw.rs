@@ -210,6 +210,10 @@ impl Optimizer for AdamW {
         self.step
     }
 
+    fn settings(&self) -> String {
+        crate::trainer::canonical_json("adamw", &self.config)
+    }
+
     fn update(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()> {
         self.step_parameter(index, param, grad, lr, decay, false)
     }

@@ -36,6 +36,10 @@ pub trait Optimizer: Send {
     /// The number of steps begun so far.
     fn step_count(&self) -> u64;
 
+    /// Its hyper-parameters (all of them: betas, eps, weight decay, momentum, ...) as canonical
+    /// JSON; a checkpoint resumes only into an optimizer whose settings are equal.
+    fn settings(&self) -> String;
+
     /// Updates parameter `index` (as numbered at construction) in place. `decay` says whether
     /// weight decay applies to it.
     ///
@@ -171,10 +175,19 @@ impl OptimizerState {
     /// # Errors
     /// [`Error::Io`] or [`Error::MalformedState`] saying what is wrong with the file.
     pub fn load(path: &Path) -> Result<Self> {
+        let bytes = crate::io::read_bounded(path, crate::io::MAX_STATE_BYTES)?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Parses the bytes of a file written by [`OptimizerState::save`] (`path` names it in
+    /// errors).
+    ///
+    /// # Errors
+    /// [`Error::MalformedState`] saying what is wrong.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
         let malformed = |reason: String| Error::MalformedState { path: path.to_path_buf(), reason };
-        let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
         let (_, meta) =
-            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| malformed(e.to_string()))?;
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| malformed(e.to_string()))?;
         let extra = meta.metadata().clone().unwrap_or_default();
         let kind = extra.get("kind").cloned().ok_or_else(|| malformed("no `kind` in metadata".into()))?;
         let step = extra
@@ -182,7 +195,7 @@ impl OptimizerState {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| malformed("no valid `step` in metadata".into()))?;
         let tensors =
-            candle::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| malformed(e.to_string()))?;
+            candle::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| malformed(e.to_string()))?;
         let (mut buffers, mut quantized) = (BTreeMap::new(), BTreeMap::new());
         for (name, t) in tensors {
             if t.dtype() == candle::DType::U8 {
