@@ -88,8 +88,9 @@ step() {
   fi
   cap=$((cap * slow))
   [ "$cap" -le "$left" ] || cap=$left
+  local t0 rc verdict offset
+  offset=$(stat -c %s "$log" 2> /dev/null || echo 0)
   echo "== $name (at most ${cap} s): $*" >> "$log"
-  local t0 rc verdict
   t0=$(date +%s)
   timeout --kill-after=10 "$cap" "$@" >> "$log" 2>&1
   rc=$?
@@ -101,7 +102,7 @@ step() {
   say "$(printf '%-34s %-24s %4d s' "$name" "$verdict" $(($(date +%s) - t0)))"
   if [ "$verdict" != ok ]; then
     failed=1
-    tail -n 25 "$log" | sed 's/^/    | /' >> "$summary"
+    tail -c +$((offset + 1)) "$log" | tail -n 25 | sed 's/^/    | /' >> "$summary"
     return 1
   fi
 }
