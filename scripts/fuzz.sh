@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fuzzes the training-state checkpoint loader and the manifest parser, each for a bounded time
+# Fuzzes the training-state checkpoint loader, the manifest parser and the fine-tuning data
+# loaders (JSONL/CSV, label maps, chat templates), each for a bounded time
 # (default 120 s each):
 #   scripts/fuzz.sh [SECONDS]
 # Needs the nightly toolchain (rustup toolchain install nightly); installs cargo-fuzz if absent.
@@ -16,3 +17,11 @@ cargo +nightly fuzz run checkpoint corpus/checkpoint -- -max_total_time="$second
 mkdir -p corpus/manifest
 cargo +nightly run --release --bin make-seed -- corpus/checkpoint corpus/manifest
 cargo +nightly fuzz run manifest corpus/manifest -- -max_total_time="$seconds" -rss_limit_mb=4096 -timeout=10
+# The fine-tuning data loaders, seeded with one record of each format (first byte: 0 JSONL, 1 CSV).
+mkdir -p corpus/datasets
+printf '\0{"text": "a"}\n' > corpus/datasets/text
+printf '\0{"prompt": "q", "completion": "a"}\n' > corpus/datasets/prompt
+printf '\0{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n' > corpus/datasets/chat
+printf '\0{"text": "a", "label": 3}\n' > corpus/datasets/label
+printf '\001text,label\n"a, b",x\n' > corpus/datasets/csv
+cargo +nightly fuzz run datasets corpus/datasets -- -max_total_time="$seconds" -rss_limit_mb=4096 -timeout=10

@@ -336,3 +336,57 @@ fn smollm2_chat_labels_decode_to_the_assistant_turns() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Snippets the arbitrary files below are built from: fragments of every format, broken JSON,
+/// CSV quoting, template-looking text, and bytes that are not UTF-8.
+const PIECES: &[&str] = &[
+    "{\"text\": \"a\"}",
+    "{\"prompt\": \"q\", \"completion\": \"c\"}",
+    "{\"messages\": [{\"role\": \"user\", \"content\": \"{{ x }}\"}, {\"role\": \"assistant\", \"content\": \"{% raw %}\"}]}",
+    "{\"text\": \"t\", \"label\": 18446744073709551615}",
+    "{\"text\": \"t\", \"label\": -1}",
+    "{\"messages\": [{\"role\": \"assistant\", \"content\": \"\"}]}",
+    "{\"messages\": {}}",
+    "{",
+    "}",
+    "\"",
+    ",",
+    "\n",
+    "\r\n",
+    "text,label",
+    "\"a\nb\",c",
+    "[]",
+    "null",
+    "\u{feff}",
+    "\u{0}",
+];
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config { cases: 256, ..Default::default() })]
+
+    /// Any file, JSONL or CSV, built from the pieces above or from raw bytes: the loaders,
+    /// the label map and the chat spans answer with a value or an error, never a panic.
+    #[test]
+    fn loaders_never_panic(
+        picks in proptest::collection::vec(0..PIECES.len(), 0..24),
+        raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        csv in proptest::prelude::any::<bool>(),
+    ) {
+        let mut bytes: Vec<u8> = picks.iter().flat_map(|&i| PIECES[i].bytes()).collect();
+        bytes.extend(&raw);
+        let name = if csv { "any.csv" } else { "any.jsonl" };
+        let template = ChatTemplate::new(SMOLLM2_TEMPLATE, "", "<|im_end|>").expect("the template parses");
+        if let Ok(records) = read_records_from(Path::new(name), &bytes, None) {
+            proptest::prop_assert!(!records.records.is_empty());
+            for (_, record) in &records.records {
+                if let Record::Chat(messages) = record {
+                    let _ = template.spans(messages);
+                }
+                let _ = encode_record(record, &Bytes, Some(&template));
+            }
+            if let Ok(map) = LabelMap::from_records(&records) {
+                let _ = map.resolve(&records);
+            }
+        }
+    }
+}

@@ -109,3 +109,24 @@ pub fn load(data: &[u8]) -> bool {
     };
     Checkpoint::open(&dir).and_then(|c| c.restore(model.parameters(), &mut updater)).is_ok()
 }
+
+/// SmolLM2's chat template, which the data target renders chat records with.
+const CHAT_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Feeds `data` to the data loaders: the first byte picks JSONL or CSV, the rest is the file;
+/// chat records are split into spans, classification records resolved through their label map.
+pub fn parse_data(data: &[u8]) {
+    use candle_fit::datasets::{read_records_from, ChatTemplate, LabelMap, Record};
+    let Some((&kind, body)) = data.split_first() else { return };
+    let name = if kind % 2 == 0 { "fuzz.jsonl" } else { "fuzz.csv" };
+    let Ok(records) = read_records_from(Path::new(name), body, None) else { return };
+    let template = ChatTemplate::new(CHAT_TEMPLATE, "", "<|im_end|>").expect("the template parses");
+    for (_, record) in &records.records {
+        if let Record::Chat(messages) = record {
+            let _ = template.spans(messages);
+        }
+    }
+    if let Ok(map) = LabelMap::from_records(&records) {
+        let _ = map.resolve(&records);
+    }
+}
