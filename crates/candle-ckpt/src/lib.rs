@@ -51,16 +51,22 @@
 //! ```
 
 pub mod closure;
+pub mod diagnose;
 pub mod engine;
 pub mod policy;
 pub mod rng;
 pub mod segment;
+pub mod verify;
 
 pub use closure::ClosureModel;
 pub use engine::{
-    forward, forward_backward, measure_segments, plain_forward_backward, segment_infos, Decision,
+    forward, forward_backward, measure_segments, plain_forward_backward, segment_infos, tracked_input, Decision,
     ParameterGradient, SegmentGradients,
 };
 pub use policy::{parse_bytes, ParseRecomputeError, Recompute, RecomputePolicy, SegmentInfo};
 pub use rng::{Rng, RngKey, SampleWindow};
 pub use segment::{SegmentContext, SegmentParameter, SegmentedModel};
+pub use diagnose::{NoBackwardOp, NO_BACKWARD_OPS};
+pub use verify::{
+    check_backward_rules, compare_gradients, verify_gradients, GradientDifference, GradientReport, MissingGradient,
+};

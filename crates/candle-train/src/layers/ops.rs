@@ -168,6 +168,30 @@ pub fn masked_softmax(scores: &Tensor, scale: f64, bias: &Tensor) -> Result<Tens
     })
 }
 
+/// GELU in its exact erf form, `x Φ(x)`, with the exact backward `Φ(x) + x φ(x)`, computed in
+/// F32 (F64 for F64 input) and returned in `x`'s dtype. Candle's own `gelu_erf` backward rounds
+/// 1/√(2π) to a few digits (2.4e-7 relative in F64); this one is exact to the dtype.
+///
+/// # Errors
+/// On a tensor error.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    let rd = reduction_dtype(x.dtype());
+    let cdf = |x: &Tensor| -> Result<Tensor> { ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5 };
+    let value = {
+        let x = x.detach().to_dtype(rd)?;
+        (&x * cdf(&x)?)?
+    }
+    .to_dtype(x.dtype())?;
+    custom1("gelu-erf", x, value, move |x, _, g| {
+        // 1/√(2π) = (2/√π) (1/√2) / 2, from two correctly rounded constants.
+        let inv_sqrt_2pi = std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2 * 0.5;
+        let x = x.to_dtype(rd)?;
+        let pdf = ((x.sqr()? * -0.5)?.exp()? * inv_sqrt_2pi)?;
+        let slope = (cdf(&x)? + (&x * pdf)?)?;
+        Ok(Some((g.to_dtype(rd)? * slope)?.to_dtype(g.dtype())?))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

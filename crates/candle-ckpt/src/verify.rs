@@ -1,0 +1,309 @@
+//! Checking a model's gradients: the segmented engine against one plain backward, and Candle's
+//! autograd against finite differences where it reports no gradient.
+//!
+//! [`verify_gradients`] is what a user runs once on a new model (in F64 ideally): it fails
+//! naming every parameter whose gradient is lost to an op without a backward rule (with the
+//! op's likely kind and its replacement), and every parameter whose engine gradient differs
+//! from the plain backward's.
+
+use std::collections::HashSet;
+
+use candle::{bail, DType, Result, Tensor, TensorId, Var};
+
+use crate::diagnose::{describe, likely_ops, NoBackwardOp};
+use crate::engine::{forward, forward_backward, Decision};
+use crate::rng::Rng;
+use crate::segment::{SegmentContext, SegmentParameter, SegmentedModel};
+
+/// One parameter's gradient from the segmented engine compared with one plain backward's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradientDifference {
+    /// The parameter's name.
+    pub name: String,
+    /// The largest absolute elementwise difference.
+    pub max_abs_difference: f64,
+    /// The largest absolute element of the plain backward's gradient (the scale).
+    pub reference_max_abs: f64,
+}
+
+impl GradientDifference {
+    /// `max_abs_difference` over the reference's largest element (0 when both are zero).
+    pub fn relative(&self) -> f64 {
+        if self.max_abs_difference == 0.0 {
+            0.0
+        } else {
+            self.max_abs_difference / self.reference_max_abs
+        }
+    }
+}
+
+/// The engine's gradients against one plain backward's, parameter by parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradientReport {
+    /// One entry per parameter, in the order the segments list them (first listing).
+    pub parameters: Vec<GradientDifference>,
+}
+
+impl GradientReport {
+    /// The parameters whose relative difference exceeds `tolerance`.
+    pub fn differing(&self, tolerance: f64) -> Vec<&GradientDifference> {
+        self.parameters.iter().filter(|p| !(p.relative() <= tolerance)).collect()
+    }
+
+    /// The largest relative difference over all parameters.
+    pub fn max_relative_difference(&self) -> f64 {
+        self.parameters.iter().map(GradientDifference::relative).fold(0.0, f64::max)
+    }
+
+    /// # Errors
+    /// Naming every parameter whose relative difference exceeds `tolerance`.
+    pub fn ensure_within(&self, tolerance: f64) -> Result<()> {
+        let differing = self.differing(tolerance);
+        if differing.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> =
+            differing.iter().map(|p| format!("`{}` (relative difference {:.2e})", p.name, p.relative())).collect();
+        bail!(
+            "the segmented engine's gradients differ from one plain backward's beyond {tolerance:e} for {} parameter(s): {}",
+            differing.len(),
+            names.join(", ")
+        )
+    }
+}
+
+/// A parameter whose gradient Candle's autograd reports as zero or absent where the loss does
+/// change with it: an op without a backward rule lies between it and the loss.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MissingGradient {
+    /// The parameter's name.
+    pub name: String,
+    /// The first segment (in forward order) that lists it.
+    pub segment: String,
+    /// How many of its elements got no or a zero gradient.
+    pub zero_elements: usize,
+    /// Its number of elements.
+    pub elements: usize,
+    /// The loss's central finite difference along a random direction over those elements
+    /// (autograd says it is 0).
+    pub finite_difference: f64,
+    /// Autograd gave no gradient at all (rather than zeros).
+    pub absent: bool,
+    /// The ops without a backward rule it most likely sits before.
+    pub likely_ops: Vec<NoBackwardOp>,
+}
+
+impl std::fmt::Display for MissingGradient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = if self.absent {
+            "no gradient".to_string()
+        } else {
+            format!("a zero gradient on {} of {} elements", self.zero_elements, self.elements)
+        };
+        write!(
+            f,
+            "parameter `{}` (segment `{}`) gets {what} although the loss changes with it (finite difference {:.3e}): \
+             an op without a backward rule lies between it and the loss, most likely {}",
+            self.name,
+            self.segment,
+            self.finite_difference,
+            describe(&self.likely_ops)
+        )
+    }
+}
+
+/// Every parameter once, with the first segment that lists it.
+fn unique_parameters<M: SegmentedModel>(model: &M) -> Vec<(SegmentParameter, usize)> {
+    let mut seen: HashSet<TensorId> = HashSet::new();
+    let mut out = Vec::new();
+    for index in 0..model.num_segments() {
+        for p in model.segment_parameters(index) {
+            if seen.insert(p.var.as_tensor().id()) {
+                out.push((p, index));
+            }
+        }
+    }
+    out
+}
+
+/// One plain forward and backward: the loss and every parameter's gradient (`None` when
+/// autograd gave none), detached.
+fn plain_gradients<M: SegmentedModel>(
+    model: &M,
+    batch: &M::Batch,
+    ctx: SegmentContext,
+    parameters: &[(SegmentParameter, usize)],
+) -> Result<(f64, Vec<Option<Tensor>>)> {
+    let mut x = model.first_input(batch)?;
+    for index in 0..model.num_segments() {
+        x = model.forward_segment(index, &x, batch, &ctx.for_segment(index))?;
+    }
+    let loss = scalar(&x)?;
+    let grads = x.backward()?;
+    let out = parameters.iter().map(|(p, _)| grads.get(p.var.as_tensor()).map(Tensor::detach)).collect();
+    Ok((loss, out))
+}
+
+fn scalar(x: &Tensor) -> Result<f64> {
+    if x.elem_count() != 1 {
+        bail!("the last segment must return a scalar loss, got shape {:?}", x.shape());
+    }
+    x.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>().map(|v| v[0])
+}
+
+/// The loss with `var` moved to `value` (restored before returning, also on error).
+fn loss_at<M: SegmentedModel>(
+    model: &M,
+    batch: &M::Batch,
+    ctx: SegmentContext,
+    var: &Var,
+    original: &Tensor,
+    value: &Tensor,
+) -> Result<f64> {
+    var.set(value)?;
+    let loss = forward(model, batch, ctx).and_then(|l| scalar(&l));
+    var.set(original)?;
+    loss
+}
+
+/// Finds the parameters whose gradient an op without a backward rule loses: for each
+/// parameter with elements of zero or absent gradient, the loss's central finite difference
+/// along a random ±1 direction over those elements (autograd says 0) must be 0 too; when it
+/// is not, the parameter is reported with the ops it most likely sits before.
+///
+/// Costs one plain backward plus two forwards per parameter that has zero-gradient elements;
+/// every parameter is restored exactly. Run it in F64 (finite differences in F32 only catch
+/// gross losses: step 1e-2, tolerance 1e-3 of the loss).
+///
+/// # Errors
+/// On any error of the model, or when the loss is not a scalar.
+pub fn check_backward_rules<M: SegmentedModel>(
+    model: &M,
+    batch: &M::Batch,
+    ctx: SegmentContext,
+) -> Result<Vec<MissingGradient>> {
+    let parameters = unique_parameters(model);
+    let (loss, grads) = plain_gradients(model, batch, ctx, &parameters)?;
+    let mut suspects = Vec::new();
+    for ((p, segment), grad) in parameters.iter().zip(&grads) {
+        let value = p.var.as_tensor();
+        if value.dtype().is_int() {
+            continue;
+        }
+        // 1 where the gradient is absent or exactly zero.
+        let mask = match grad {
+            None => value.ones_like()?.to_dtype(DType::F64)?,
+            Some(g) => g.to_dtype(DType::F64)?.eq(0.0)?.to_dtype(DType::F64)?,
+        };
+        let zero_elements = mask.sum_all()?.to_scalar::<f64>()? as usize;
+        if zero_elements > 0 {
+            suspects.push((p, *segment, mask, zero_elements, grad.is_none()));
+        }
+    }
+    let missing_names: Vec<&str> = suspects.iter().map(|(p, ..)| p.name.as_str()).collect();
+    let mut found = Vec::new();
+    for (k, (p, segment, mask, zero_elements, absent)) in suspects.iter().enumerate() {
+        let value = p.var.as_tensor();
+        let (step, tolerance) = match value.dtype() {
+            DType::F64 => (1e-4, 1e-7 * (1.0 + loss.abs())),
+            _ => (1e-2, 1e-3 * (1.0 + loss.abs())),
+        };
+        // A ±1 direction over the suspect elements, seeded by the parameter's position.
+        let mut rng = Rng::seeded(0x9e37_79b9 + k as u64);
+        let signs: Vec<f64> = (0..value.elem_count()).map(|_| if rng.next_u64() & 1 == 0 { -1.0 } else { 1.0 }).collect();
+        let direction = Tensor::from_vec(signs, value.shape(), value.device())?.mul(mask)?;
+        let original = value.copy()?;
+        let shifted = |sign: f64| -> Result<Tensor> {
+            original.to_dtype(DType::F64)?.add(&direction.affine(sign * step, 0.0)?)?.to_dtype(value.dtype())
+        };
+        let plus = loss_at(model, batch, ctx, &p.var, &original, &shifted(1.0)?)?;
+        let minus = loss_at(model, batch, ctx, &p.var, &original, &shifted(-1.0)?)?;
+        let finite_difference = (plus - minus) / (2.0 * step);
+        if finite_difference.abs() > tolerance {
+            found.push(MissingGradient {
+                name: p.name.clone(),
+                segment: model.segment_name(*segment),
+                zero_elements: *zero_elements,
+                elements: value.elem_count(),
+                finite_difference,
+                absent: *absent,
+                likely_ops: likely_ops(&p.name, value.rank(), &missing_names),
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// Compares the segmented engine's gradients under `decisions` with one plain backward's,
+/// parameter by parameter (a parameter several segments use is summed over them).
+///
+/// # Errors
+/// When the engine refuses the model (naming the segment and the cause), or on any error of
+/// the model.
+pub fn compare_gradients<M: SegmentedModel>(
+    model: &M,
+    batch: &M::Batch,
+    ctx: SegmentContext,
+    decisions: &[Decision],
+) -> Result<GradientReport> {
+    let parameters = unique_parameters(model);
+    let (_, plain) = plain_gradients(model, batch, ctx, &parameters)?;
+    let mut engine: Vec<Option<Tensor>> = vec![None; parameters.len()];
+    let position: std::collections::HashMap<TensorId, usize> =
+        parameters.iter().enumerate().map(|(i, (p, _))| (p.var.as_tensor().id(), i)).collect();
+    forward_backward(model, batch, ctx, decisions, 1.0, |segment| {
+        for g in segment.gradients {
+            let Some(&i) = position.get(&g.var.as_tensor().id()) else { continue };
+            let grad = g.grad.to_dtype(DType::F64)?;
+            engine[i] = Some(match engine[i].take() {
+                Some(sum) => (sum + grad)?,
+                None => grad,
+            });
+        }
+        Ok(())
+    })?;
+    let mut report = Vec::with_capacity(parameters.len());
+    for (((p, _), plain), engine) in parameters.iter().zip(plain).zip(engine) {
+        let (max_abs_difference, reference_max_abs) = match (plain, engine) {
+            (Some(plain), Some(engine)) => {
+                let plain = plain.to_dtype(DType::F64)?;
+                let difference = (&engine - &plain)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+                (difference, plain.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
+            }
+            (None, None) => (0.0, 0.0),
+            (plain, engine) => {
+                let side = if plain.is_none() { "the plain backward" } else { "the segmented engine" };
+                bail!("parameter `{}` got no gradient from {side} but one from the other", p.name)
+            }
+        };
+        report.push(GradientDifference { name: p.name.clone(), max_abs_difference, reference_max_abs });
+    }
+    Ok(GradientReport { parameters: report })
+}
+
+/// Checks a model's gradients once, as a user should before training a new model (ideally in
+/// F64): first that no parameter loses its gradient to an op without a backward rule
+/// ([`check_backward_rules`]), then that the segmented engine under `decisions` gives every
+/// parameter the gradient of one plain backward within `tolerance` (relative to each
+/// parameter's largest gradient element). Returns the comparison.
+///
+/// # Errors
+/// Naming every parameter whose gradient an op without a backward rule loses (with the op's
+/// likely kind and replacement), or every parameter whose engine gradient differs; when the
+/// engine refuses the model; on any error of the model.
+pub fn verify_gradients<M: SegmentedModel>(
+    model: &M,
+    batch: &M::Batch,
+    ctx: SegmentContext,
+    decisions: &[Decision],
+    tolerance: f64,
+) -> Result<GradientReport> {
+    let missing = check_backward_rules(model, batch, ctx)?;
+    if !missing.is_empty() {
+        let lines: Vec<String> = missing.iter().map(ToString::to_string).collect();
+        bail!("{} parameter(s) lose their gradient: {}", missing.len(), lines.join("; "))
+    }
+    let report = compare_gradients(model, batch, ctx, decisions)?;
+    report.ensure_within(tolerance)?;
+    Ok(report)
+}
