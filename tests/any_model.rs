@@ -10,7 +10,7 @@
 use candle::{DType, Device, Module, Result, Tensor, Var, D};
 use candle_fit::ckpt::{
     check_backward_rules, compare_gradients, forward_backward, segment_infos, verify_gradients, Decision,
-    Recompute, RecomputePolicy, SegmentContext, SegmentParameter, SegmentedModel,
+    Recompute, RecomputePolicy, Rng, SegmentContext, SegmentParameter, SegmentedModel,
 };
 use candle_fit::train::optim::SgdConfig;
 use candle_fit::train::{LocalUpdater, OptimizerConfig, Parameters, Updater};
@@ -88,7 +88,6 @@ struct Block {
 
 /// A GPT-like pre-norm transformer, as a candle-nn user writes it.
 struct TinyGpt {
-    kit: Kit,
     map: VarMap,
     params: Parameters,
     wte: Box<dyn Module>,
@@ -97,12 +96,18 @@ struct TinyGpt {
     ln_f: Norm,
     lm_head: Box<dyn Module>,
     n_head: usize,
-    dim: usize,
 }
 
 struct Batch {
     ids: Tensor,
     targets: Tensor,
+}
+
+/// Values from N(mean, std²) drawn from `rng`, F64 on the CPU.
+fn seeded(rng: &mut Rng, shape: &[usize], mean: f64, std: f64) -> Result<Tensor> {
+    let n = shape.iter().product();
+    let values: Vec<f64> = (0..n).map(|_| mean + std * rng.normal_f64()).collect();
+    Tensor::from_vec(values, shape, &Device::Cpu)
 }
 
 const VOCAB: usize = 11;
@@ -113,10 +118,13 @@ const SEQ: usize = 5;
 
 impl TinyGpt {
     fn new(kit: Kit, seed: u64) -> Result<Self> {
+        Self::with_dtype(kit, seed, DType::F64)
+    }
+
+    fn with_dtype(kit: Kit, seed: u64, dtype: DType) -> Result<Self> {
         let dev = Device::Cpu;
-        dev.set_seed(seed)?;
         let map = VarMap::new();
-        let vb = VarBuilder::from_varmap(&map, DType::F64, &dev);
+        let vb = VarBuilder::from_varmap(&map, dtype, &dev);
         let wte: Box<dyn Module> = match kit {
             Kit::Ours => Box::new(candle_fit::train::nn::embedding(VOCAB, DIM, vb.pp("wte"))?),
             _ => Box::new(candle_nn::embedding(VOCAB, DIM, vb.pp("wte"))?),
@@ -137,15 +145,15 @@ impl TinyGpt {
         }
         let ln_f = Norm::new(kit, DIM, vb.pp("ln_f"))?;
         let lm_head = linear(kit, DIM, VOCAB, vb.pp("lm_head"))?;
-        // Norm weights start at one and biases at zero; move them so their gradients are generic.
-        for (name, var) in map.data().lock().map_err(|_| candle::Error::Msg("lock".into()))?.iter() {
-            if name.contains("ln_") {
-                let noise = Tensor::randn(0f64, 0.3, var.shape(), &dev)?;
-                var.set(&(var.as_tensor() + noise)?)?;
-            }
-        }
         let params = Parameters::from_var_map(&map).map_err(|e| candle::Error::Msg(e.to_string()))?;
-        Ok(Self { kit, map, params, wte, wpe, blocks, ln_f, lm_head, n_head: HEADS, dim: DIM })
+        // Candle's CPU generator cannot be seeded: draw every value again from our seeded one,
+        // in name order (norm weights around one, everything else around zero).
+        let mut rng = Rng::seeded(seed);
+        for p in params.iter() {
+            let mean = if p.name.contains("ln_") && p.name.ends_with("weight") { 1.0 } else { 0.0 };
+            p.var.set(&seeded(&mut rng, p.var.dims(), mean, 0.3)?.to_dtype(dtype)?)?;
+        }
+        Ok(Self { map, params, wte, wpe, blocks, ln_f, lm_head, n_head: HEADS })
     }
 
     fn batch(&self, seed: u64) -> Result<Batch> {
@@ -168,7 +176,7 @@ impl TinyGpt {
         let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
         let mask: Vec<f64> =
             (0..t * t).map(|i| if i % t <= i / t { 0.0 } else { f64::NEG_INFINITY }).collect();
-        let mask = Tensor::from_vec(mask, (t, t), x.device())?;
+        let mask = Tensor::from_vec(mask, (t, t), x.device())?.to_dtype(x.dtype())?;
         let probs = softmax(block.kit, &scores.broadcast_add(&mask)?)?;
         let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
         block.proj.forward(&y)
@@ -252,7 +260,7 @@ fn a_detached_block_input_would_lose_the_pre_norm_branches() -> Result<()> {
     let batch = model.batch(1)?;
     let ctx = SegmentContext::eval();
     let h = model.forward_segment(0, &batch.ids, &batch, &ctx)?.detach();
-    let g = Tensor::randn(0f64, 1.0, h.shape(), &Device::Cpu)?;
+    let g = seeded(&mut Rng::seeded(9), h.dims(), 0.0, 1.0)?;
     let input_grad = |input: &Tensor| -> Result<Tensor> {
         let out = model.forward_segment(1, input, &batch, &ctx)?;
         let grads = out.mul(&g)?.sum_all()?.backward()?;
@@ -260,22 +268,24 @@ fn a_detached_block_input_would_lose_the_pre_norm_branches() -> Result<()> {
     };
     let detached = input_grad(&h)?;
     let tracked = input_grad(Var::from_tensor(&h)?.as_tensor())?;
-    // Detached: the residual alone, i.e. exactly g.
-    assert_eq!(detached.to_vec3::<f64>()?, g.to_vec3::<f64>()?);
-    let difference = (&tracked - &g)?.abs()?.max_all()?.to_scalar::<f64>()?;
-    assert!(difference > 1e-3, "the branches' share of the gradient is {difference}");
+    // Detached, the attention branch (it starts with `ln_1` of the input alone) is lost; the
+    // residual and the MLP branch (its norm reads `x + attention`, tracked) still arrive.
+    let scale = tracked.abs()?.max_all()?.to_scalar::<f64>()?;
+    let difference = (&tracked - &detached)?.abs()?.max_all()?.to_scalar::<f64>()? / scale;
+    assert!(difference > 1e-2, "the attention branch's share of the gradient is {difference}");
     Ok(())
 }
 
 #[test]
 fn candle_nns_fused_layer_norm_is_refused_naming_the_op_and_the_parameter() -> Result<()> {
-    let model = TinyGpt::new(Kit::CandleFusedNorm, 3)?;
+    // candle-nn's fused norms have no F64 kernel.
+    let model = TinyGpt::with_dtype(Kit::CandleFusedNorm, 3, DType::F32)?;
     let batch = model.batch(0)?;
     let decisions = decisions(&model, &Recompute::Never)?;
     let engine = err_text(forward_backward(&model, &batch, SegmentContext::eval(), &decisions, 1.0, |_| Ok(())));
     assert!(engine.contains("parameter `ln_f.bias` received no gradient in segment `head`"), "{engine}");
     assert!(engine.contains("`layer_norm`") && engine.contains("layer_norm_slow"), "{engine}");
-    let verify = err_text(verify_gradients(&model, &batch, SegmentContext::eval(), &decisions, 1e-12));
+    let verify = err_text(verify_gradients(&model, &batch, SegmentContext::eval(), &decisions, 1e-5));
     for name in ["h.0.ln_1.weight", "h.2.ln_2.bias", "ln_f.weight"] {
         assert!(verify.contains(&format!("parameter `{name}`")), "{name}: {verify}");
     }
@@ -486,17 +496,16 @@ proptest! {
         seed in 0u64..1000,
     ) {
         let run = || -> Result<f64> {
-            let dev = Device::Cpu;
-            dev.set_seed(seed)?;
+            let mut rng = Rng::seeded(seed);
             let params = specs
                 .iter()
                 .map(|s| {
-                    let shape: &[usize] = if s.matmul { &[4, 4] } else { &[4] };
-                    Var::from_tensor(&(Tensor::randn(0f64, 0.5, shape, &dev)? + if s.matmul { 0.0 } else { 1.0 })?)
+                    let (shape, mean): (&[usize], f64) = if s.matmul { (&[4, 4], 0.0) } else { (&[4], 1.0) };
+                    Var::from_tensor(&seeded(&mut rng, shape, mean, 0.5)?)
                 })
                 .collect::<Result<Vec<_>>>()?;
             let model = RandomModel { specs: specs.clone(), params };
-            let x = Tensor::randn(0f64, 1.0, (2, 4), &dev)?;
+            let x = seeded(&mut rng, &[2, 4], 0.0, 1.0)?;
             let n = model.num_segments();
             let decisions: Vec<Decision> = (0..n)
                 .map(|i| if i + 1 < n && recompute[i] { Decision::Recompute } else { Decision::Keep })
