@@ -66,13 +66,24 @@ struct Batch {
 }
 
 impl TinyGpt {
-    fn new(layers: Layers, map: &VarMap, dtype: DType, dim: usize, n_layer: usize, seq: usize) -> Result<Self> {
+    fn new(
+        layers: Layers,
+        map: &VarMap,
+        dtype: DType,
+        dim: usize,
+        n_layer: usize,
+        seq: usize,
+    ) -> Result<Self> {
         let vb = VarBuilder::from_varmap(map, dtype, &Device::Cpu);
         let wte: Box<dyn Module> = match layers {
             Layers::CandleNn => Box::new(candle_nn::embedding(VOCAB, dim, vb.pp("wte"))?),
             Layers::CandleTrain => Box::new(candle_fit::train::nn::embedding(VOCAB, dim, vb.pp("wte"))?),
         };
-        let wpe = vb.pp("wpe").get_with_hints((seq, dim), "weight", candle_nn::Init::Randn { mean: 0., stdev: 0.02 })?;
+        let wpe = vb.pp("wpe").get_with_hints(
+            (seq, dim),
+            "weight",
+            candle_nn::Init::Randn { mean: 0., stdev: 0.02 },
+        )?;
         let mut blocks = Vec::new();
         for i in 0..n_layer {
             let vb = vb.pp("h").pp(i);
@@ -96,11 +107,15 @@ impl TinyGpt {
         let (b, t, c) = x.dims3()?;
         let hd = c / self.heads;
         let qkv = block.qkv.forward(x)?;
-        let split = |i: usize| qkv.narrow(2, i * c, c)?.reshape((b, t, self.heads, hd))?.transpose(1, 2)?.contiguous();
+        let split = |i: usize| {
+            qkv.narrow(2, i * c, c)?.reshape((b, t, self.heads, hd))?.transpose(1, 2)?.contiguous()
+        };
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
         let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-        let mask: Vec<f32> = (0..t * t).map(|i| if i % t <= i / t { 0.0 } else { f32::NEG_INFINITY }).collect();
-        let scores = scores.broadcast_add(&Tensor::from_vec(mask, (t, t), x.device())?.to_dtype(x.dtype())?)?;
+        let mask: Vec<f32> =
+            (0..t * t).map(|i| if i % t <= i / t { 0.0 } else { f32::NEG_INFINITY }).collect();
+        let scores =
+            scores.broadcast_add(&Tensor::from_vec(mask, (t, t), x.device())?.to_dtype(x.dtype())?)?;
         let probs = match self.layers {
             Layers::CandleNn => candle_nn::ops::softmax_last_dim(&scores)?,
             Layers::CandleTrain => candle_fit::train::nn::ops::softmax_last_dim(&scores)?,
@@ -135,7 +150,10 @@ impl SegmentedModel for TinyGpt {
             }
             _ => {
                 let logits = self.lm_head.forward(&self.ln_f.forward(x)?)?;
-                candle_nn::loss::cross_entropy(&logits.reshape(((), VOCAB))?.to_dtype(DType::F32)?, &batch.targets)
+                candle_nn::loss::cross_entropy(
+                    &logits.reshape(((), VOCAB))?.to_dtype(DType::F32)?,
+                    &batch.targets,
+                )
             }
         }
     }
@@ -164,7 +182,8 @@ fn batch(text: &[u8], rows: usize, seq: usize, rng: &mut Rng) -> Result<Batch> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let layers = if std::env::args().any(|a| a == "--candle-nn") { Layers::CandleNn } else { Layers::CandleTrain };
+    let layers =
+        if std::env::args().any(|a| a == "--candle-nn") { Layers::CandleNn } else { Layers::CandleTrain };
     let text = candle_fit::BUNDLED_CORPUS;
     let mut rng = Rng::seeded(0);
     let policy = Recompute::All;
@@ -193,7 +212,11 @@ fn main() -> anyhow::Result<()> {
     let decisions = policy.decide(&segment_infos(&model))?;
     let adamw = OptimizerConfig::AdamW(AdamWConfig::default());
     let mut updater = LocalUpdater::from_config(&model.params, &adamw)?;
-    println!("{} parameters in {} tensors, segments recomputed: {policy:?}", model.params.num_elements(), model.params.len());
+    println!(
+        "{} parameters in {} tensors, segments recomputed: {policy:?}",
+        model.params.num_elements(),
+        model.params.len()
+    );
     for step in 0..=60 {
         let batch = batch(text, rows, seq, &mut rng)?;
         let loss = forward_backward(&model, &batch, SegmentContext::eval(), &decisions, 1.0, |g| {
@@ -207,6 +230,9 @@ fn main() -> anyhow::Result<()> {
     // The map holds the trained values (the updater wrote its variables in place).
     let data = map.data().lock().map_err(|_| anyhow::anyhow!("poisoned lock"))?;
     let wte = data.get("wte.weight").context("wte.weight in the map")?;
-    println!("wte.weight in the VarMap is the trained variable: {}", wte.as_tensor().id() == model.params.get("wte.weight").context("param")?.var.as_tensor().id());
+    println!(
+        "wte.weight in the VarMap is the trained variable: {}",
+        wte.as_tensor().id() == model.params.get("wte.weight").context("param")?.var.as_tensor().id()
+    );
     Ok(())
 }

@@ -129,7 +129,11 @@ impl TinyGpt {
             Kit::Ours => Box::new(candle_fit::train::nn::embedding(VOCAB, DIM, vb.pp("wte"))?),
             _ => Box::new(candle_nn::embedding(VOCAB, DIM, vb.pp("wte"))?),
         };
-        let wpe = vb.pp("wpe").get_with_hints((SEQ, DIM), "weight", candle_nn::Init::Randn { mean: 0., stdev: 0.5 })?;
+        let wpe = vb.pp("wpe").get_with_hints(
+            (SEQ, DIM),
+            "weight",
+            candle_nn::Init::Randn { mean: 0., stdev: 0.5 },
+        )?;
         let mut blocks = Vec::new();
         for i in 0..LAYERS {
             let vb = vb.pp("h").pp(i);
@@ -158,7 +162,8 @@ impl TinyGpt {
 
     fn batch(&self, seed: u64) -> Result<Batch> {
         let ids: Vec<u32> = (0..2 * SEQ as u64).map(|i| ((i * 7 + seed * 3) % VOCAB as u64) as u32).collect();
-        let targets: Vec<u32> = (0..2 * SEQ as u64).map(|i| ((i * 5 + seed + 1) % VOCAB as u64) as u32).collect();
+        let targets: Vec<u32> =
+            (0..2 * SEQ as u64).map(|i| ((i * 5 + seed + 1) % VOCAB as u64) as u32).collect();
         Ok(Batch {
             ids: Tensor::from_vec(ids, (2, SEQ), &Device::Cpu)?,
             targets: Tensor::from_vec(targets, 2 * SEQ, &Device::Cpu)?,
@@ -282,7 +287,8 @@ fn candle_nns_fused_layer_norm_is_refused_naming_the_op_and_the_parameter() -> R
     let model = TinyGpt::with_dtype(Kit::CandleFusedNorm, 3, DType::F32)?;
     let batch = model.batch(0)?;
     let decisions = decisions(&model, &Recompute::Never)?;
-    let engine = err_text(forward_backward(&model, &batch, SegmentContext::eval(), &decisions, 1.0, |_| Ok(())));
+    let engine =
+        err_text(forward_backward(&model, &batch, SegmentContext::eval(), &decisions, 1.0, |_| Ok(())));
     assert!(engine.contains("parameter `ln_f.bias` received no gradient in segment `head`"), "{engine}");
     assert!(engine.contains("`layer_norm`") && engine.contains("layer_norm_slow"), "{engine}");
     let verify = err_text(verify_gradients(&model, &batch, SegmentContext::eval(), &decisions, 1e-5));
@@ -309,7 +315,10 @@ fn candle_nns_fused_softmax_is_found_naming_the_op_and_the_q_k_weights() -> Resu
     assert!(weight.likely_ops.iter().any(|op| op.kind == "softmax_last_dim"));
     let decisions = decisions(&model, &Recompute::All)?;
     let verify = err_text(verify_gradients(&model, &batch, SegmentContext::eval(), &decisions, 1e-12));
-    assert!(verify.contains("`softmax_last_dim`") && verify.contains("ops::softmax(x, D::Minus1)"), "{verify}");
+    assert!(
+        verify.contains("`softmax_last_dim`") && verify.contains("ops::softmax(x, D::Minus1)"),
+        "{verify}"
+    );
     // The differentiable model passes the same check: the finding is the op, not noise.
     let good = TinyGpt::new(Kit::CandleDifferentiable, 4)?;
     assert!(check_backward_rules(&good, &good.batch(0)?, SegmentContext::eval())?.is_empty());
@@ -352,17 +361,25 @@ fn a_var_map_model_trains_through_the_engine_and_the_updater_without_a_copy() ->
     {
         let data = model.map.data().lock().map_err(|_| candle::Error::Msg("lock".into()))?;
         for p in model.params.iter() {
-            assert_eq!(data.get(&p.name).map(|v| v.as_tensor().id()), Some(p.var.as_tensor().id()), "{}", p.name);
+            assert_eq!(
+                data.get(&p.name).map(|v| v.as_tensor().id()),
+                Some(p.var.as_tensor().id()),
+                "{}",
+                p.name
+            );
         }
     }
-    let sgd = OptimizerConfig::Sgd(SgdConfig { momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false });
-    let mut updater = LocalUpdater::from_config(&model.params, &sgd).map_err(|e| candle::Error::Msg(e.to_string()))?;
+    let sgd =
+        OptimizerConfig::Sgd(SgdConfig { momentum: 0.0, dampening: 0.0, weight_decay: 0.0, nesterov: false });
+    let mut updater =
+        LocalUpdater::from_config(&model.params, &sgd).map_err(|e| candle::Error::Msg(e.to_string()))?;
     let decisions = decisions(&model, &Recompute::Sqrt)?;
     let lr = 0.1;
     let mut losses = vec![];
     for step in 0..6 {
         let batch = model.batch(step % 2)?;
-        let before: Vec<Tensor> = model.params.iter().map(|p| p.var.as_tensor().copy()).collect::<Result<_>>()?;
+        let before: Vec<Tensor> =
+            model.params.iter().map(|p| p.var.as_tensor().copy()).collect::<Result<_>>()?;
         let mut expected = vec![];
         let loss = forward_backward(&model, &batch, SegmentContext::eval(), &decisions, 1.0, |g| {
             for p in &g.gradients {
@@ -375,10 +392,11 @@ fn a_var_map_model_trains_through_the_engine_and_the_updater_without_a_copy() ->
         // SGD wrote w - lr g into the map's own variables (FP32 arithmetic on F64 values).
         let data = model.map.data().lock().map_err(|_| candle::Error::Msg("lock".into()))?;
         for (p, before) in model.params.iter().zip(&before) {
-            let grad = expected.iter().filter(|(n, _)| *n == p.name).map(|(_, g)| g.clone()).try_fold(
-                before.zeros_like()?,
-                |sum, g| sum + g,
-            )?;
+            let grad = expected
+                .iter()
+                .filter(|(n, _)| *n == p.name)
+                .map(|(_, g)| g.clone())
+                .try_fold(before.zeros_like()?, |sum, g| sum + g)?;
             let want = (before - (grad * lr)?)?;
             let held = data.get(&p.name).ok_or_else(|| candle::Error::Msg(p.name.clone()))?;
             let d = (held.as_tensor() - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;

@@ -53,8 +53,8 @@ pub const NO_BACKWARD_OPS: [NoBackwardOp; 4] = [
 pub fn likely_ops(name: &str, rank: usize, missing: &[&str]) -> Vec<NoBackwardOp> {
     let kinds: &[&str] = if rank <= 1 {
         let prefix = name.rsplit_once('.').map_or("", |(prefix, _)| prefix);
-        let with_bias =
-            name.ends_with(".bias") || missing.iter().any(|other| other.strip_suffix(".bias") == Some(prefix));
+        let with_bias = name.ends_with(".bias")
+            || missing.iter().any(|other| other.strip_suffix(".bias") == Some(prefix));
         if with_bias {
             &["layer_norm"]
         } else {

@@ -468,7 +468,11 @@ mod tests {
                 }
                 Ok(())
             })?;
-            assert_eq!(out, vec![("w".to_string(), plain[1].1), ("a".to_string(), plain[0].1)], "{decisions:?}");
+            assert_eq!(
+                out,
+                vec![("w".to_string(), plain[1].1), ("a".to_string(), plain[0].1)],
+                "{decisions:?}"
+            );
         }
         Ok(())
     }

@@ -59,14 +59,15 @@ pub mod segment;
 pub mod verify;
 
 pub use closure::ClosureModel;
+pub use diagnose::{NoBackwardOp, NO_BACKWARD_OPS};
 pub use engine::{
-    forward, forward_backward, measure_segments, plain_forward_backward, segment_infos, tracked_input, Decision,
-    ParameterGradient, SegmentGradients,
+    forward, forward_backward, measure_segments, plain_forward_backward, segment_infos, tracked_input,
+    Decision, ParameterGradient, SegmentGradients,
 };
 pub use policy::{parse_bytes, ParseRecomputeError, Recompute, RecomputePolicy, SegmentInfo};
 pub use rng::{Rng, RngKey, SampleWindow};
 pub use segment::{SegmentContext, SegmentParameter, SegmentedModel};
-pub use diagnose::{NoBackwardOp, NO_BACKWARD_OPS};
 pub use verify::{
-    check_backward_rules, compare_gradients, verify_gradients, GradientDifference, GradientReport, MissingGradient,
+    check_backward_rules, compare_gradients, verify_gradients, GradientDifference, GradientReport,
+    MissingGradient,
 };

@@ -62,8 +62,10 @@ impl GradientReport {
         if differing.is_empty() {
             return Ok(());
         }
-        let names: Vec<String> =
-            differing.iter().map(|p| format!("`{}` (relative difference {:.2e})", p.name, p.relative())).collect();
+        let names: Vec<String> = differing
+            .iter()
+            .map(|p| format!("`{}` (relative difference {:.2e})", p.name, p.relative()))
+            .collect();
         bail!(
             "the segmented engine's gradients differ from one plain backward's beyond {tolerance:e} for {} parameter(s): {}",
             differing.len(),
@@ -210,7 +212,8 @@ pub fn check_backward_rules<M: SegmentedModel>(
         };
         // A ±1 direction over the suspect elements, seeded by the parameter's position.
         let mut rng = Rng::seeded(0x9e37_79b9 + k as u64);
-        let signs: Vec<f64> = (0..value.elem_count()).map(|_| if rng.next_u64() & 1 == 0 { -1.0 } else { 1.0 }).collect();
+        let signs: Vec<f64> =
+            (0..value.elem_count()).map(|_| if rng.next_u64() & 1 == 0 { -1.0 } else { 1.0 }).collect();
         let direction = Tensor::from_vec(signs, value.shape(), value.device())?.mul(mask)?;
         let original = value.copy()?;
         let shifted = |sign: f64| -> Result<Tensor> {

@@ -180,7 +180,8 @@ impl Module for LayerNorm {
 /// When `vb` has no such tensor or a differently shaped one.
 pub fn layer_norm<C: Into<LayerNormConfig>>(size: usize, config: C, vb: VarBuilder) -> Result<LayerNorm> {
     let config = config.into();
-    let name = |names: [&'static str; 2]| names.into_iter().find(|n| vb.contains_tensor(n)).unwrap_or(names[0]);
+    let name =
+        |names: [&'static str; 2]| names.into_iter().find(|n| vb.contains_tensor(n)).unwrap_or(names[0]);
     let weight = vb.get_with_hints(size, name(["weight", "gamma"]), candle_nn::Init::Const(1.))?;
     let bias = if config.affine {
         Some(vb.get_with_hints(size, name(["bias", "beta"]), candle_nn::Init::Const(0.))?)

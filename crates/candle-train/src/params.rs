@@ -139,9 +139,12 @@ impl Parameters {
     /// When the map's lock is poisoned.
     pub fn from_var_map(map: &candle_nn::VarMap) -> Result<Self> {
         let data = map.data().lock().map_err(|_| {
-            Error::Candle(candle::Error::Msg("the VarMap's lock is poisoned (a thread panicked holding it)".into()))
+            Error::Candle(candle::Error::Msg(
+                "the VarMap's lock is poisoned (a thread panicked holding it)".into(),
+            ))
         })?;
-        let mut vars: Vec<(String, Var)> = data.iter().map(|(name, var)| (name.clone(), var.clone())).collect();
+        let mut vars: Vec<(String, Var)> =
+            data.iter().map(|(name, var)| (name.clone(), var.clone())).collect();
         drop(data);
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         Self::from_vars(vars)
