@@ -188,12 +188,21 @@ fn main() -> anyhow::Result<()> {
     let mut rng = Rng::seeded(0);
     let policy = Recompute::All;
 
-    // Check once in F64 on a small copy of the model: no op without a backward rule, and the
+    // Check once, in F64, on a small copy of the model: no op without a backward rule, and the
     // segmented engine equals one plain backward.
     let check_map = VarMap::new();
-    let small = TinyGpt::new(layers, &check_map, DType::F64, 16, 2, 8)?;
+    // (candle-nn's fused norms have no F64 kernel: its variant is checked in F32.)
+    let (dtype, tolerance) =
+        if layers == Layers::CandleNn { (DType::F32, 1e-5) } else { (DType::F64, 1e-12) };
+    let small = TinyGpt::new(layers, &check_map, dtype, 16, 2, 8)?;
     let decisions = policy.decide(&segment_infos(&small))?;
-    match verify_gradients(&small, &batch(text, 2, 8, &mut rng)?, SegmentContext::eval(), &decisions, 1e-12) {
+    match verify_gradients(
+        &small,
+        &batch(text, 2, 8, &mut rng)?,
+        SegmentContext::eval(),
+        &decisions,
+        tolerance,
+    ) {
         Ok(report) => println!(
             "verify_gradients: {} parameters, engine = plain backward (max relative difference {:.1e})",
             report.parameters.len(),

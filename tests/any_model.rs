@@ -293,9 +293,14 @@ fn candle_nns_fused_layer_norm_is_refused_naming_the_op_and_the_parameter() -> R
     assert!(engine.contains("`layer_norm`") && engine.contains("layer_norm_slow"), "{engine}");
     let verify = err_text(verify_gradients(&model, &batch, SegmentContext::eval(), &decisions, 1e-5));
     for name in ["h.0.ln_1.weight", "h.2.ln_2.bias", "ln_f.weight"] {
-        assert!(verify.contains(&format!("parameter `{name}`")), "{name}: {verify}");
+        assert!(verify.contains(&format!("`{name}` (segment")), "{name}: {verify}");
     }
-    assert!(verify.contains("`layer_norm`"), "{verify}");
+    // The norms' own parameters are the fused op's inputs; the rest is cut off upstream of it.
+    assert!(verify.contains("`ln_f.weight` (segment `head`, no gradient"), "{verify}");
+    assert!(verify.contains("): input of `layer_norm`"), "{verify}");
+    assert!(verify.contains("`wte.weight` (segment `embedding`, no gradient"), "{verify}");
+    assert!(verify.contains("): upstream of `layer_norm`"), "{verify}");
+    assert!(!verify.contains("softmax_last_dim"), "{verify}");
     Ok(())
 }
 

@@ -119,9 +119,14 @@ where
                 continue;
             }
             let Some(grad) = grads.get(var.as_tensor()) else {
+                let info = [crate::diagnose::ParameterInfo {
+                    name: &name,
+                    rank: var.as_tensor().rank(),
+                    absent: true,
+                }];
                 bail!(
                     "parameter `{name}` received no gradient: {}",
-                    crate::diagnose::no_gradient_cause(&name, &var, &[name.as_str()])
+                    crate::diagnose::no_gradient_cause(0, &info)
                 );
             };
             gradients.push(ParameterGradient { name, var, grad: grad.clone(), is_final: true });
@@ -298,15 +303,19 @@ where
         let mut gradients = Vec::with_capacity(parameters.len());
         for SegmentParameter { name, var } in &parameters {
             let Some(grad) = grads.get(var.as_tensor()) else {
-                let missing: Vec<&str> = parameters
+                let all: Vec<crate::diagnose::ParameterInfo> = parameters
                     .iter()
-                    .filter(|p| grads.get(p.var.as_tensor()).is_none())
-                    .map(|p| p.name.as_str())
+                    .map(|p| crate::diagnose::ParameterInfo {
+                        name: &p.name,
+                        rank: p.var.as_tensor().rank(),
+                        absent: grads.get(p.var.as_tensor()).is_none(),
+                    })
                     .collect();
+                let position = all.iter().position(|p| p.name == name.as_str()).unwrap_or(0);
                 bail!(
                     "parameter `{name}` received no gradient in segment `{}`: {}",
                     model.segment_name(index),
-                    crate::diagnose::no_gradient_cause(name, var, &missing)
+                    crate::diagnose::no_gradient_cause(position, &all)
                 );
             };
             let (name, var) = (name.clone(), var.clone());

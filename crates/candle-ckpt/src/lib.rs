@@ -59,7 +59,7 @@ pub mod segment;
 pub mod verify;
 
 pub use closure::ClosureModel;
-pub use diagnose::{NoBackwardOp, NO_BACKWARD_OPS};
+pub use diagnose::{LikelyCause, NoBackwardOp, NO_BACKWARD_OPS};
 pub use engine::{
     forward, forward_backward, measure_segments, plain_forward_backward, segment_infos, tracked_input,
     Decision, ParameterGradient, SegmentGradients,

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 
 use candle::{bail, DType, Result, Tensor, TensorId, Var};
 
-use crate::diagnose::{describe, likely_ops, NoBackwardOp};
+use crate::diagnose::{describe, kinds, likely_cause, NoBackwardOp, ParameterInfo};
 use crate::engine::{forward, forward_backward, Decision};
 use crate::rng::Rng;
 use crate::segment::{SegmentContext, SegmentParameter, SegmentedModel};
@@ -91,7 +91,10 @@ pub struct MissingGradient {
     pub finite_difference: f64,
     /// Autograd gave no gradient at all (rather than zeros).
     pub absent: bool,
-    /// The ops without a backward rule it most likely sits before.
+    /// The parameter is itself an input of the op (a fused norm's weight or bias); otherwise
+    /// the op lies between it and the loss.
+    pub input_of_op: bool,
+    /// The ops without a backward rule it most likely meets, most likely first.
     pub likely_ops: Vec<NoBackwardOp>,
 }
 
@@ -100,18 +103,38 @@ impl std::fmt::Display for MissingGradient {
         let what = if self.absent {
             "no gradient".to_string()
         } else {
-            format!("a zero gradient on {} of {} elements", self.zero_elements, self.elements)
+            format!("zero on {} of {} elements", self.zero_elements, self.elements)
         };
+        let place = if self.input_of_op { "input of" } else { "upstream of" };
         write!(
             f,
-            "parameter `{}` (segment `{}`) gets {what} although the loss changes with it (finite difference {:.3e}): \
-             an op without a backward rule lies between it and the loss, most likely {}",
+            "`{}` (segment `{}`, {what}, finite difference {:.2e}): {place} {}",
             self.name,
             self.segment,
             self.finite_difference,
-            describe(&self.likely_ops)
+            kinds(&self.likely_ops)
         )
     }
+}
+
+/// The error message for parameters that lose their gradient: one clause per parameter, then
+/// each op named once with its replacement.
+pub fn missing_gradients_message(missing: &[MissingGradient]) -> String {
+    let lines: Vec<String> = missing.iter().map(ToString::to_string).collect();
+    let mut named: Vec<NoBackwardOp> = Vec::new();
+    for op in missing.iter().flat_map(|m| m.likely_ops.iter()) {
+        if !named.contains(op) {
+            named.push(*op);
+        }
+    }
+    let replacements: Vec<String> = named.iter().map(|op| describe(std::slice::from_ref(op))).collect();
+    format!(
+        "{} parameter(s) lose their gradient to an op without a backward rule (Candle records none and drops \
+         the gradient silently): {}. The ops: {}",
+        missing.len(),
+        lines.join("; "),
+        replacements.join("; ")
+    )
 }
 
 /// Every parameter once, with the first segment that lists it.
@@ -202,7 +225,15 @@ pub fn check_backward_rules<M: SegmentedModel>(
             suspects.push((p, *segment, mask, zero_elements, grad.is_none()));
         }
     }
-    let missing_names: Vec<&str> = suspects.iter().map(|(p, ..)| p.name.as_str()).collect();
+    let infos: Vec<ParameterInfo> = parameters
+        .iter()
+        .zip(&grads)
+        .map(|((p, _), g)| ParameterInfo {
+            name: &p.name,
+            rank: p.var.as_tensor().rank(),
+            absent: g.is_none(),
+        })
+        .collect();
     let mut found = Vec::new();
     for (k, (p, segment, mask, zero_elements, absent)) in suspects.iter().enumerate() {
         let value = p.var.as_tensor();
@@ -223,6 +254,8 @@ pub fn check_backward_rules<M: SegmentedModel>(
         let minus = loss_at(model, batch, ctx, &p.var, &original, &shifted(-1.0)?)?;
         let finite_difference = (plus - minus) / (2.0 * step);
         if finite_difference.abs() > tolerance {
+            let position = infos.iter().position(|i| i.name == p.name).unwrap_or(0);
+            let cause = likely_cause(position, &infos);
             found.push(MissingGradient {
                 name: p.name.clone(),
                 segment: model.segment_name(*segment),
@@ -230,7 +263,8 @@ pub fn check_backward_rules<M: SegmentedModel>(
                 elements: value.elem_count(),
                 finite_difference,
                 absent: *absent,
-                likely_ops: likely_ops(&p.name, value.rank(), &missing_names),
+                input_of_op: cause.input_of_op,
+                likely_ops: cause.ops,
             });
         }
     }
@@ -303,8 +337,7 @@ pub fn verify_gradients<M: SegmentedModel>(
 ) -> Result<GradientReport> {
     let missing = check_backward_rules(model, batch, ctx)?;
     if !missing.is_empty() {
-        let lines: Vec<String> = missing.iter().map(ToString::to_string).collect();
-        bail!("{} parameter(s) lose their gradient: {}", missing.len(), lines.join("; "))
+        bail!("{}", missing_gradients_message(&missing))
     }
     let report = compare_gradients(model, batch, ctx, decisions)?;
     report.ensure_within(tolerance)?;
