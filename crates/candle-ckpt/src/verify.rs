@@ -343,3 +343,133 @@ pub fn verify_gradients<M: SegmentedModel>(
     report.ensure_within(tolerance)?;
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use candle::{Device, Result, Tensor, Var};
+
+    use super::*;
+
+    /// Segment 1 behaves differently when its input is a variable (as under the engine): a
+    /// stand-in for any engine bug, so the comparison has something to find.
+    struct Sneaky {
+        a: Var,
+        b: Var,
+        sneaky: bool,
+    }
+
+    impl SegmentedModel for Sneaky {
+        type Batch = Tensor;
+        fn num_segments(&self) -> usize {
+            3
+        }
+        fn segment_name(&self, index: usize) -> String {
+            format!("s{index}")
+        }
+        fn first_input(&self, batch: &Tensor) -> Result<Tensor> {
+            Ok(batch.clone())
+        }
+        fn forward_segment(&self, i: usize, x: &Tensor, _: &Tensor, _: &SegmentContext) -> Result<Tensor> {
+            match i {
+                0 => x.broadcast_mul(self.a.as_tensor()),
+                1 if self.sneaky && x.is_variable() => x.broadcast_mul(self.b.as_tensor())?.affine(1.5, 0.0),
+                1 => x.broadcast_mul(self.b.as_tensor()),
+                _ => x.sqr()?.sum_all(),
+            }
+        }
+        fn segment_parameters(&self, i: usize) -> Vec<SegmentParameter> {
+            let p = |name: &str, var: &Var| SegmentParameter { name: name.into(), var: var.clone() };
+            match i {
+                0 => vec![p("a", &self.a)],
+                1 => vec![p("b", &self.b)],
+                _ => vec![],
+            }
+        }
+    }
+
+    fn sneaky(sneaky: bool) -> Result<Sneaky> {
+        Ok(Sneaky { a: Var::new(&[2f64], &Device::Cpu)?, b: Var::new(&[3f64], &Device::Cpu)?, sneaky })
+    }
+
+    #[test]
+    fn differing_parameters_are_named_and_equal_ones_pass() -> Result<()> {
+        let x = Tensor::new(&[1f64, -2.0], &Device::Cpu)?;
+        let decisions = [Decision::Recompute, Decision::Keep, Decision::Keep];
+        let report = verify_gradients(&sneaky(false)?, &x, SegmentContext::eval(), &decisions, 0.0)?;
+        assert_eq!(report.max_relative_difference(), 0.0);
+        assert_eq!(report.parameters.len(), 2);
+        let report = compare_gradients(&sneaky(true)?, &x, SegmentContext::eval(), &decisions)?;
+        // The engine's gradients are 1.5² times the plain ones.
+        for p in &report.parameters {
+            assert!((p.relative() - 1.25).abs() < 1e-12, "{p:?}");
+        }
+        let err = verify_gradients(&sneaky(true)?, &x, SegmentContext::eval(), &decisions, 1e-12)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("for 2 parameter(s): `a` (relative difference 1.25e0), `b`"), "{err}");
+        Ok(())
+    }
+
+    /// `b` is used only through a detached copy (an op without a backward rule, modelled):
+    /// autograd gives it no gradient while the loss depends on it.
+    #[test]
+    fn a_parameter_the_loss_depends_on_without_a_gradient_is_found_and_an_unused_one_is_not() -> Result<()> {
+        struct Cut {
+            a: Var,
+            b: Var,
+            unused: Var,
+        }
+        impl SegmentedModel for Cut {
+            type Batch = Tensor;
+            fn num_segments(&self) -> usize {
+                2
+            }
+            fn segment_name(&self, index: usize) -> String {
+                format!("s{index}")
+            }
+            fn first_input(&self, batch: &Tensor) -> Result<Tensor> {
+                Ok(batch.clone())
+            }
+            fn forward_segment(
+                &self,
+                i: usize,
+                x: &Tensor,
+                _: &Tensor,
+                _: &SegmentContext,
+            ) -> Result<Tensor> {
+                match i {
+                    0 => x.broadcast_mul(self.a.as_tensor())?.broadcast_mul(&self.b.as_tensor().detach()),
+                    _ => x.sqr()?.sum_all(),
+                }
+            }
+            fn segment_parameters(&self, i: usize) -> Vec<SegmentParameter> {
+                let p = |name: &str, var: &Var| SegmentParameter { name: name.into(), var: var.clone() };
+                match i {
+                    0 => vec![p("a", &self.a), p("layer.weight", &self.b), p("other.weight", &self.unused)],
+                    _ => vec![],
+                }
+            }
+        }
+        let dev = Device::Cpu;
+        let model = Cut {
+            a: Var::new(&[[2f64]], &dev)?,
+            b: Var::new(&[[3f64]], &dev)?,
+            unused: Var::new(&[[1f64]], &dev)?,
+        };
+        let x = Tensor::new(&[[1f64], [-2.0]], &dev)?;
+        let before = model.b.as_tensor().to_vec2::<f64>()?;
+        let missing = check_backward_rules(&model, &x, SegmentContext::eval())?;
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        let m = &missing[0];
+        assert_eq!(
+            (m.name.as_str(), m.segment.as_str(), m.absent, m.elements),
+            ("layer.weight", "s0", true, 1)
+        );
+        // dL/db = 2 a² b |x|² = 120 (central differences are exact for this quadratic).
+        assert!((m.finite_difference.abs() - 120.0).abs() < 1e-6, "{m:?}");
+        // Every parameter is restored exactly.
+        assert_eq!(model.b.as_tensor().to_vec2::<f64>()?, before);
+        Ok(())
+    }
+}

@@ -294,3 +294,143 @@ pub mod ops {
         layers::ops::log_softmax_last_dim(xs)?.to_dtype(xs.dtype())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle::{DType, Device, Module, Result, Tensor, Var};
+    use candle_nn::{VarBuilder, VarMap};
+
+    use super::*;
+    use crate::Parameters;
+
+    /// Exact in F32 (candle-nn takes eps as `f32`).
+    const EPS: f64 = 1.0 / 131072.0;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+        (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()
+    }
+
+    /// Gradients of `sum(f(x) * weights)` with respect to `x` and every variable of `map`.
+    fn gradients(
+        map: &VarMap,
+        x: &Var,
+        f: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let y = f(x.as_tensor())?;
+        let w = Tensor::arange(0f64, y.elem_count() as f64, y.device())?.reshape(y.shape())?.sin()?;
+        let grads = (y.to_dtype(DType::F64)? * w)?.sum_all()?.backward()?;
+        let mut out =
+            vec![("x".to_string(), grads.get(x.as_tensor()).cloned().ok_or(candle::Error::Msg("x".into()))?)];
+        let data = map.data().lock().map_err(|_| candle::Error::Msg("lock".into()))?;
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        for name in names {
+            let var = &data[name];
+            let g = grads
+                .get(var.as_tensor())
+                .cloned()
+                .ok_or(candle::Error::Msg(format!("no gradient for {name}")))?;
+            out.push((name.clone(), g));
+        }
+        Ok(out)
+    }
+
+    /// Our layer and candle-nn's differentiable reference over the same `VarMap`, same values,
+    /// same gradients (F64 within 1e-12).
+    #[test]
+    fn drop_ins_match_candle_nns_differentiable_layers_in_value_and_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::arange(0f64, 24.0, &dev)?.reshape((2, 3, 4))?.cos()?)?;
+        let ids = Tensor::new(&[[0u32, 2, 2], [1, 0, 3]], &dev)?;
+        type Case = (
+            &'static str,
+            Box<dyn Fn(VarBuilder) -> Result<Box<dyn Module>>>,
+            Box<dyn Fn(&VarMap, &Tensor) -> Result<Tensor>>,
+        );
+        let get = |map: &VarMap, name: &str| -> Result<Tensor> {
+            let data = map.data().lock().map_err(|_| candle::Error::Msg("lock".into()))?;
+            data.get(name).map(|v| v.as_tensor().clone()).ok_or(candle::Error::Msg(name.into()))
+        };
+        let cases: Vec<Case> = vec![
+            (
+                "linear",
+                Box::new(|vb| Ok(Box::new(linear(4, 5, vb)?) as Box<dyn Module>)),
+                Box::new(move |m, x| {
+                    candle_nn::Linear::new(get(m, "weight")?, Some(get(m, "bias")?)).forward(x)
+                }),
+            ),
+            (
+                "layer_norm",
+                Box::new(|vb| Ok(Box::new(layer_norm(4, EPS, vb)?) as Box<dyn Module>)),
+                Box::new(move |m, x| {
+                    candle_nn::ops::layer_norm_slow(x, &get(m, "weight")?, &get(m, "bias")?, EPS as f32)
+                }),
+            ),
+            (
+                "rms_norm",
+                Box::new(|vb| Ok(Box::new(rms_norm(4, EPS, vb)?) as Box<dyn Module>)),
+                Box::new(move |m, x| candle_nn::ops::rms_norm_slow(x, &get(m, "weight")?, EPS as f32)),
+            ),
+        ];
+        for (name, ours, theirs) in cases {
+            let map = VarMap::new();
+            let layer = ours(VarBuilder::from_varmap(&map, DType::F64, &dev))?;
+            // Move the norms' weights off one and biases off zero.
+            for var in map.all_vars() {
+                var.set(
+                    &(var.as_tensor()
+                        + Tensor::arange(0f64, var.elem_count() as f64, &dev)?
+                            .reshape(var.shape())?
+                            .sin()?)?,
+                )?;
+            }
+            let a = gradients(&map, &x, &|x| layer.forward(x))?;
+            let b = gradients(&map, &x, &|x| theirs(&map, x))?;
+            let value_diff = max_diff(&layer.forward(x.as_tensor())?, &theirs(&map, x.as_tensor())?)?;
+            assert!(value_diff < 1e-12, "{name}: {value_diff:e}");
+            for ((n, ga), (_, gb)) in a.iter().zip(&b) {
+                assert!(max_diff(ga, gb)? < 1e-12, "{name}: {n}");
+            }
+        }
+        // Embedding: same rows, gradient scattered back.
+        let map = VarMap::new();
+        let table = embedding(4, 3, VarBuilder::from_varmap(&map, DType::F64, &dev))?;
+        let reference = candle_nn::Embedding::new(table.embeddings().clone(), 3);
+        assert_eq!(max_diff(&table.forward(&ids)?, &reference.forward(&ids)?)?, 0.0);
+        let ga = table.forward(&ids)?.sqr()?.sum_all()?.backward()?;
+        let gb = reference.forward(&ids)?.sqr()?.sum_all()?.backward()?;
+        let (ga, gb) = (ga.get(table.embeddings()), gb.get(table.embeddings()));
+        assert!(
+            max_diff(
+                ga.ok_or(candle::Error::Msg("ours".into()))?,
+                gb.ok_or(candle::Error::Msg("theirs".into()))?
+            )? < 1e-12
+        );
+        // Softmax over any dimension equals candle-nn's differentiable one, in value and gradient.
+        for dim in [0, 1, 2] {
+            let ours = |x: &Tensor| ops::softmax(x, dim);
+            let theirs = |x: &Tensor| candle_nn::ops::softmax(x, dim);
+            let (a, b) = (gradients(&VarMap::new(), &x, &ours)?, gradients(&VarMap::new(), &x, &theirs)?);
+            assert!(max_diff(&ours(x.as_tensor())?, &theirs(x.as_tensor())?)? < 1e-15);
+            assert!(max_diff(&a[0].1, &b[0].1)? < 1e-12, "softmax dim {dim}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_var_maps_variables_are_shared_and_listed_under_their_prefix() -> Result<()> {
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        let a = linear(2, 3, vb.pp("h").pp(1))?;
+        let _ = linear(2, 3, vb.pp("h").pp(10))?;
+        let params = Parameters::from_var_map(&map).map_err(|e| candle::Error::Msg(e.to_string()))?;
+        let names: Vec<String> = params.segment_parameters_under("h.1").into_iter().map(|p| p.name).collect();
+        assert_eq!(names, ["h.1.bias", "h.1.weight"]);
+        let weight = params.get("h.1.weight").ok_or(candle::Error::Msg("h.1.weight".into()))?;
+        assert_eq!(weight.var.as_tensor().id(), a.weight().id());
+        // A write through the parameter is what the layer reads.
+        weight.var.set(&Tensor::ones((3, 2), DType::F32, &Device::Cpu)?)?;
+        assert_eq!(a.weight().to_vec2::<f32>()?, vec![vec![1.0; 2]; 3]);
+        Ok(())
+    }
+}
