@@ -51,16 +51,23 @@
 //! ```
 
 pub mod closure;
+pub mod diagnose;
 pub mod engine;
 pub mod policy;
 pub mod rng;
 pub mod segment;
+pub mod verify;
 
 pub use closure::ClosureModel;
+pub use diagnose::{LikelyCause, NoBackwardOp, NO_BACKWARD_OPS};
 pub use engine::{
-    forward, forward_backward, measure_segments, plain_forward_backward, segment_infos, Decision,
-    ParameterGradient, SegmentGradients,
+    forward, forward_backward, measure_segments, plain_forward_backward, segment_infos, tracked_input,
+    Decision, ParameterGradient, SegmentGradients,
 };
 pub use policy::{parse_bytes, ParseRecomputeError, Recompute, RecomputePolicy, SegmentInfo};
 pub use rng::{Rng, RngKey, SampleWindow};
 pub use segment::{SegmentContext, SegmentParameter, SegmentedModel};
+pub use verify::{
+    check_backward_rules, compare_gradients, verify_gradients, GradientDifference, GradientReport,
+    MissingGradient,
+};

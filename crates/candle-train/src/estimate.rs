@@ -1808,8 +1808,8 @@ mod shadow {
         )
     }
 
-    /// `candle_ckpt`'s `as_leaf` (the engine's fallback for an input no tracked op consumes).
-    fn as_leaf(x: &Tensor) -> Tensor {
+    /// `candle_ckpt::tracked_input`: a segment's input as a variable (one copy).
+    fn tracked_input(x: &Tensor) -> Tensor {
         if x.dtype().is_int() {
             return x.clone();
         }
@@ -1827,7 +1827,10 @@ mod shadow {
         for index in 0..n {
             let input_bytes = x.elem_count() * x.dtype().size_in_bytes();
             let before = heap.live();
-            let output = model.forward_segment(index, &x, batch);
+            let input = if index > 0 { tracked_input(&x) } else { x.clone() };
+            drop(x);
+            let output = model.forward_segment(index, &input, batch);
+            drop(input);
             x = output.detach();
             sizes.push((heap.live().saturating_sub(before), input_bytes));
             kept.push(output);
@@ -1870,8 +1873,9 @@ mod shadow {
         for (index, decision) in decisions.iter().enumerate() {
             let keep = *decision == Decision::Keep || index + 1 == n;
             if keep {
-                let output = model.forward_segment(index, &x, &batch);
-                let input = std::mem::replace(&mut x, output.detach());
+                let input = if index > 0 { tracked_input(&x) } else { x.clone() };
+                let output = model.forward_segment(index, &input, &batch);
+                x = output.detach();
                 saved.push((input, Some(output)));
             } else {
                 let output = model.forward_segment(index, &x, &batch).detach();
@@ -1889,9 +1893,13 @@ mod shadow {
         for index in (0..n).rev() {
             heap.mark();
             let Some((input, output)) = saved.pop() else { break };
-            let output = match output {
-                Some(output) => output,
-                None => model.forward_segment(index, &input, &batch),
+            let (input, output) = match output {
+                Some(output) => (input, output),
+                None => {
+                    let input = if index > 0 { tracked_input(&input) } else { input };
+                    let output = model.forward_segment(index, &input, &batch);
+                    (input, output)
+                }
             };
             let seed = if index + 1 == n {
                 None
@@ -1901,22 +1909,15 @@ mod shadow {
                     None => break,
                 }
             };
-            let backward = |output: Tensor| -> GradStore {
-                let root = match &seed {
-                    None if multiplier == 1.0 => output,
-                    None => output.affine(multiplier, 0.0),
-                    Some(g) => output.mul(g).sum_all(),
-                };
-                root.backward()
+            let root = match &seed {
+                None if multiplier == 1.0 => output,
+                None => output.affine(multiplier, 0.0),
+                Some(g) => output.mul(g).sum_all(),
             };
-            let mut grads = backward(output);
+            drop(seed);
+            let grads = root.backward();
+            drop(root);
             let wants_input_grad = index > 0 && !input.dtype().is_int();
-            let mut input = input;
-            if wants_input_grad && grads.get(&input).is_none() {
-                drop(grads);
-                input = as_leaf(&input);
-                grads = backward(model.forward_segment(index, &input, &batch));
-            }
             let gradients: Vec<(Tensor, Tensor)> = model
                 .segment_parameters(index)
                 .into_iter()

@@ -34,6 +34,7 @@ pub mod loss_scale;
 pub mod memory;
 pub mod metrics;
 pub mod models;
+pub mod nn;
 pub mod offload;
 pub mod optim;
 pub mod params;

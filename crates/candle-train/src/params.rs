@@ -112,6 +112,57 @@ impl Parameters {
         Ok(())
     }
 
+    /// Parameters over existing variables, in the given order, sharing them (no copy): the
+    /// updater writes the same storage the caller holds.
+    ///
+    /// # Errors
+    /// [`Error::StateMismatch`] when a name repeats.
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, Var)>) -> Result<Self> {
+        let mut list: Vec<Parameter> = Vec::new();
+        for (name, var) in vars {
+            if list.iter().any(|p| p.name == name) {
+                return Err(Error::StateMismatch {
+                    name,
+                    expected: "one parameter of that name".into(),
+                    found: "two".into(),
+                });
+            }
+            list.push(Parameter { name, var });
+        }
+        Ok(Self { list })
+    }
+
+    /// The variables of a candle-nn `VarMap`, shared (no copy), ordered by name (a `VarMap`
+    /// keeps no order; names give a stable one for optimizer state and checkpoints).
+    ///
+    /// # Errors
+    /// When the map's lock is poisoned.
+    pub fn from_var_map(map: &candle_nn::VarMap) -> Result<Self> {
+        let data = map.data().lock().map_err(|_| {
+            Error::Candle(candle::Error::Msg(
+                "the VarMap's lock is poisoned (a thread panicked holding it)".into(),
+            ))
+        })?;
+        let mut vars: Vec<(String, Var)> =
+            data.iter().map(|(name, var)| (name.clone(), var.clone())).collect();
+        drop(data);
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        Self::from_vars(vars)
+    }
+
+    /// The parameters whose names start with `prefix` followed by `.` (or equal it), as the
+    /// recompute engine lists them: the parameters of one layer or block of a model built
+    /// with a `VarBuilder` (`vb.pp("h").pp(0)` names them `h.0.*`).
+    pub fn segment_parameters_under(&self, prefix: &str) -> Vec<SegmentParameter> {
+        self.list
+            .iter()
+            .filter(|p| {
+                p.name == prefix || p.name.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('.'))
+            })
+            .map(Parameter::segment_parameter)
+            .collect()
+    }
+
     /// These parameters followed by `other`'s (an encoder and its task head trained together).
     pub fn merged(&self, other: &Parameters) -> Parameters {
         Parameters { list: self.list.iter().chain(other.list.iter()).cloned().collect() }

@@ -28,6 +28,11 @@ impl Embedding {
         Ok(Self { weight: pb.normal(name, (num_embeddings, dim), std)? })
     }
 
+    /// A table over an existing variable (shared, not copied).
+    pub fn from_var(weight: Var) -> Self {
+        Self { weight }
+    }
+
     /// The table.
     pub fn weight(&self) -> &Var {
         &self.weight
@@ -38,18 +43,25 @@ impl Embedding {
     /// # Errors
     /// On a non-integer or out-of-range id tensor.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let mut dims = ids.dims().to_vec();
-        let table = self.weight.as_tensor();
-        dims.push(table.dim(1)?);
-        let ids = ids.flatten_all()?;
-        let value = table.detach().index_select(&ids, 0)?;
-        // The gradient scatters rows into the table: accumulate repeated ids in F32.
-        let rows = custom2("embedding", table, &ids, value, |table, ids, _, g| {
-            let rd = reduction_dtype(table.dtype());
-            let grad =
-                Tensor::zeros(table.shape(), rd, table.device())?.index_add(ids, &g.to_dtype(rd)?, 0)?;
-            Ok((Some(grad.to_dtype(table.dtype())?), None))
-        })?;
-        rows.reshape(dims)
+        embedding(self.weight.as_tensor(), ids)
     }
+}
+
+/// Looks up integer `ids` of any shape in `table` `[num_embeddings, dim]` (the function behind
+/// [`Embedding`], for a table held as a tensor); the result has shape `[ids..., dim]`.
+///
+/// # Errors
+/// On a non-integer or out-of-range id tensor.
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let mut dims = ids.dims().to_vec();
+    dims.push(table.dim(1)?);
+    let ids = ids.flatten_all()?;
+    let value = table.detach().index_select(&ids, 0)?;
+    // The gradient scatters rows into the table: accumulate repeated ids in F32.
+    let rows = custom2("embedding", table, &ids, value, |table, ids, _, g| {
+        let rd = reduction_dtype(table.dtype());
+        let grad = Tensor::zeros(table.shape(), rd, table.device())?.index_add(ids, &g.to_dtype(rd)?, 0)?;
+        Ok((Some(grad.to_dtype(table.dtype())?), None))
+    })?;
+    rows.reshape(dims)
 }

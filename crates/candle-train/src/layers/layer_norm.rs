@@ -28,6 +28,11 @@ impl LayerNorm {
         Ok(Self { weight, bias, eps })
     }
 
+    /// A layer over existing variables (shared, not copied).
+    pub fn from_vars(weight: Var, bias: Var, eps: f64) -> Self {
+        Self { weight, bias, eps }
+    }
+
     /// Normalises `x` over its last dimension; statistics in F32 (F64 for F64 input), the
     /// result cast back to `x`'s dtype.
     ///
@@ -43,36 +48,45 @@ impl LayerNorm {
     /// # Errors
     /// On a shape mismatch.
     pub fn forward_as(&self, x: &Tensor, dtype: candle::DType) -> Result<Tensor> {
-        let rd = reduction_dtype(x.dtype());
-        let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
-        let x32 = x.detach().to_dtype(rd)?;
-        let mean = mean_last_dim(&x32)?;
-        let centered = x32.broadcast_sub(&mean)?;
-        let rstd = (mean_last_dim(&centered.sqr()?)? + self.eps)?.sqrt()?.recip()?;
-        let value = centered
-            .broadcast_mul(&rstd)?
-            .broadcast_mul(&w.detach().to_dtype(rd)?)?
-            .broadcast_add(&b.detach().to_dtype(rd)?)?
-            .to_dtype(dtype)?;
-        drop(centered);
-        // The graph keeps x (Candle holds every op's inputs), the result, and the per-row mean
-        // and 1/std; the backward recomputes the normalised input from them.
-        custom3("layer-norm", x, w, b, value, move |x, w, b, _, g| {
-            let xhat = x.to_dtype(rd)?.broadcast_sub(&mean)?.broadcast_mul(&rstd)?;
-            let g = g.to_dtype(rd)?;
-            let c = xhat.dim(D::Minus1)?;
-            let rows = xhat.elem_count() / c.max(1);
-            let grad_w = (&g * &xhat)?.reshape((rows, c))?.sum(0)?.to_dtype(w.dtype())?;
-            let grad_b = g.reshape((rows, c))?.sum(0)?.to_dtype(b.dtype())?;
-            let gw = g.broadcast_mul(&w.to_dtype(rd)?)?;
-            let mean_gw = mean_last_dim(&gw)?;
-            let mean_gw_xhat = mean_last_dim(&(&gw * &xhat)?)?;
-            let grad_x = gw
-                .broadcast_sub(&mean_gw)?
-                .sub(&xhat.broadcast_mul(&mean_gw_xhat)?)?
-                .broadcast_mul(&rstd)?
-                .to_dtype(x.dtype())?;
-            Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
-        })
+        layer_norm(x, self.weight.as_tensor(), self.bias.as_tensor(), self.eps, dtype)
     }
+}
+
+/// Layer normalisation of `x` over its last dimension with `w` and `b`, statistics in F32 (F64
+/// for F64 input), the result in `dtype` (the function behind [`LayerNorm`], for weights held
+/// as tensors).
+///
+/// # Errors
+/// On a shape mismatch.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64, dtype: candle::DType) -> Result<Tensor> {
+    let rd = reduction_dtype(x.dtype());
+    let x32 = x.detach().to_dtype(rd)?;
+    let mean = mean_last_dim(&x32)?;
+    let centered = x32.broadcast_sub(&mean)?;
+    let rstd = (mean_last_dim(&centered.sqr()?)? + eps)?.sqrt()?.recip()?;
+    let value = centered
+        .broadcast_mul(&rstd)?
+        .broadcast_mul(&w.detach().to_dtype(rd)?)?
+        .broadcast_add(&b.detach().to_dtype(rd)?)?
+        .to_dtype(dtype)?;
+    drop(centered);
+    // The graph keeps x (Candle holds every op's inputs), the result, and the per-row mean
+    // and 1/std; the backward recomputes the normalised input from them.
+    custom3("layer-norm", x, w, b, value, move |x, w, b, _, g| {
+        let xhat = x.to_dtype(rd)?.broadcast_sub(&mean)?.broadcast_mul(&rstd)?;
+        let g = g.to_dtype(rd)?;
+        let c = xhat.dim(D::Minus1)?;
+        let rows = xhat.elem_count() / c.max(1);
+        let grad_w = (&g * &xhat)?.reshape((rows, c))?.sum(0)?.to_dtype(w.dtype())?;
+        let grad_b = g.reshape((rows, c))?.sum(0)?.to_dtype(b.dtype())?;
+        let gw = g.broadcast_mul(&w.to_dtype(rd)?)?;
+        let mean_gw = mean_last_dim(&gw)?;
+        let mean_gw_xhat = mean_last_dim(&(&gw * &xhat)?)?;
+        let grad_x = gw
+            .broadcast_sub(&mean_gw)?
+            .sub(&xhat.broadcast_mul(&mean_gw_xhat)?)?
+            .broadcast_mul(&rstd)?
+            .to_dtype(x.dtype())?;
+        Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
+    })
 }

@@ -71,21 +71,30 @@ impl Linear {
     /// # Errors
     /// On a shape or dtype mismatch.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let Some((&in_features, lead)) = dims.split_last() else {
-            candle::bail!("linear: input must have at least one dimension");
-        };
-        let rows: usize = lead.iter().product();
-        let x2 = x.reshape((rows, in_features))?;
-        let y = match &self.bias {
-            Some(b) => affine(x, &x2, self.weight.as_tensor(), b.as_tensor(), self.layout)?,
-            None => matmul_weight(&x2, self.weight.as_tensor(), self.layout)?,
-        };
-        let out_features = y.dim(1)?;
-        let mut out_dims = lead.to_vec();
-        out_dims.push(out_features);
-        y.reshape(out_dims)
+        linear(x, self.weight.as_tensor(), self.bias.as_ref().map(Var::as_tensor), self.layout)
     }
+}
+
+/// `x W (+ b)` over the last dimension of `x` for a weight in `layout` (the function behind
+/// [`Linear`], for weights held as tensors).
+///
+/// # Errors
+/// On a shape or dtype mismatch.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, layout: WeightLayout) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let Some((&in_features, lead)) = dims.split_last() else {
+        candle::bail!("linear: input must have at least one dimension");
+    };
+    let rows: usize = lead.iter().product();
+    let x2 = x.reshape((rows, in_features))?;
+    let y = match bias {
+        Some(b) => affine(x, &x2, weight, b, layout)?,
+        None => matmul_weight(&x2, weight, layout)?,
+    };
+    let out_features = y.dim(1)?;
+    let mut out_dims = lead.to_vec();
+    out_dims.push(out_features);
+    y.reshape(out_dims)
 }
 
 /// `x W` for a weight in either layout, differentiable through Candle's matmul.

@@ -168,6 +168,30 @@ pub fn masked_softmax(scores: &Tensor, scale: f64, bias: &Tensor) -> Result<Tens
     })
 }
 
+/// GELU in its exact erf form, `x Φ(x)`, with the exact backward `Φ(x) + x φ(x)`, computed in
+/// F32 (F64 for F64 input) and returned in `x`'s dtype. Candle's own `gelu_erf` backward rounds
+/// 1/√(2π) to a few digits (2.4e-7 relative in F64); this one is exact to the dtype.
+///
+/// # Errors
+/// On a tensor error.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    let rd = reduction_dtype(x.dtype());
+    let cdf = |x: &Tensor| -> Result<Tensor> { ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5 };
+    let value = {
+        let x = x.detach().to_dtype(rd)?;
+        (&x * cdf(&x)?)?
+    }
+    .to_dtype(x.dtype())?;
+    custom1("gelu-erf", x, value, move |x, _, g| {
+        // 1/√(2π) = (2/√π) (1/√2) / 2, from two correctly rounded constants.
+        let inv_sqrt_2pi = std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2 * 0.5;
+        let x = x.to_dtype(rd)?;
+        let pdf = ((x.sqr()? * -0.5)?.exp()? * inv_sqrt_2pi)?;
+        let slope = (cdf(&x)? + (&x * pdf)?)?;
+        Ok(Some((g.to_dtype(rd)? * slope)?.to_dtype(g.dtype())?))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +219,44 @@ mod tests {
         // A non-contiguous gradient takes the tensor-op path.
         let strided = g.transpose(2, 3)?.contiguous()?.transpose(2, 3)?;
         assert!(softmax_backward_cpu(&y, &strided, scale)?.is_none());
+        Ok(())
+    }
+
+    /// The exact GELU's derivative from Richardson-extrapolated central differences in F64
+    /// (error O(h⁴) ≈ 1e-11 at h = 1e-2, rounding ≈ 1e-14).
+    fn gelu_slope_by_differences(x: &Tensor) -> Result<Tensor> {
+        let f = |shift: f64| -> Result<Tensor> { gelu_erf(&x.affine(1.0, shift)?) };
+        let central = |h: f64| -> Result<Tensor> { (f(h)? - f(-h)?)? / (2.0 * h) };
+        let (coarse, fine) = (central(1e-2)?, central(5e-3)?);
+        ((fine * 4.0)? - coarse)? / 3.0
+    }
+
+    #[test]
+    fn gelu_erf_backward_is_exact_in_f64_unlike_candles() -> Result<()> {
+        let values: Vec<f64> = (0..161).map(|i| -8.0 + 0.1 * i as f64).collect();
+        let x = candle::Var::from_vec(values, 161, &Device::Cpu)?;
+        let expected = gelu_slope_by_differences(x.as_tensor())?;
+        let ours = gelu_erf(x.as_tensor())?.sum_all()?.backward()?;
+        let ours = ours.get(x.as_tensor()).ok_or_else(|| candle::Error::Msg("no gradient".into()))?;
+        let error = |grad: &Tensor| -> Result<f64> {
+            let scale = expected.abs()?.maximum(1.0)?;
+            ((grad - &expected)?.abs()? / scale)?.max_all()?.to_scalar::<f64>()
+        };
+        assert!(error(ours)? <= 1e-10, "ours: {:e}", error(ours)?);
+        // The forward equals Candle's.
+        let candle_value = x.as_tensor().gelu_erf()?;
+        let diff = (gelu_erf(x.as_tensor())? - &candle_value)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff <= 1e-14, "{diff:e}");
+        // Candle's backward rounds 1/sqrt(2 pi) to 0.398942: off by about 1e-7 near x = ±1.
+        let theirs = candle_value.sum_all()?.backward()?;
+        let theirs = theirs.get(x.as_tensor()).ok_or_else(|| candle::Error::Msg("no gradient".into()))?;
+        assert!(error(theirs)? > 1e-8, "candle: {:e}", error(theirs)?);
+        // F32 input: computed in F32, within F32 rounding of the F64 slope.
+        let x32 = candle::Var::from_tensor(&x.as_tensor().to_dtype(DType::F32)?)?;
+        let grads = gelu_erf(x32.as_tensor())?.sum_all()?.backward()?;
+        let g32 = grads.get(x32.as_tensor()).ok_or_else(|| candle::Error::Msg("no gradient".into()))?;
+        assert_eq!(g32.dtype(), DType::F32);
+        assert!(error(&g32.to_dtype(DType::F64)?)? <= 1e-6, "f32: {:e}", error(&g32.to_dtype(DType::F64)?)?);
         Ok(())
     }
 }

@@ -24,6 +24,11 @@ impl RmsNorm {
         Ok(Self { weight: pb.constant(format!("{prefix}.weight"), dim, 1.0)?, eps })
     }
 
+    /// A layer over an existing variable (shared, not copied).
+    pub fn from_var(weight: Var, eps: f64) -> Self {
+        Self { weight, eps }
+    }
+
     /// Normalises `x` over its last dimension in F32 (F64 for F64 input), returning `x`'s dtype.
     ///
     /// # Errors
@@ -38,22 +43,30 @@ impl RmsNorm {
     /// # Errors
     /// On a shape mismatch.
     pub fn forward_as(&self, x: &Tensor, dtype: candle::DType) -> Result<Tensor> {
-        let rd = reduction_dtype(x.dtype());
-        let w = self.weight.as_tensor();
-        let x32 = x.detach().to_dtype(rd)?;
-        let rstd = (mean_last_dim(&x32.sqr()?)? + self.eps)?.sqrt()?.recip()?;
-        let value = x32.broadcast_mul(&rstd)?.broadcast_mul(&w.detach().to_dtype(rd)?)?.to_dtype(dtype)?;
-        custom2("rms-norm", x, w, value, move |x, w, _, g| {
-            let xhat = x.to_dtype(rd)?.broadcast_mul(&rstd)?;
-            let g = g.to_dtype(rd)?;
-            let c = xhat.dim(D::Minus1)?;
-            let rows = xhat.elem_count() / c.max(1);
-            let grad_w = (&g * &xhat)?.reshape((rows, c))?.sum(0)?.to_dtype(w.dtype())?;
-            let gw = g.broadcast_mul(&w.to_dtype(rd)?)?;
-            let mean_gw_xhat = mean_last_dim(&(&gw * &xhat)?)?;
-            let grad_x =
-                gw.sub(&xhat.broadcast_mul(&mean_gw_xhat)?)?.broadcast_mul(&rstd)?.to_dtype(x.dtype())?;
-            Ok((Some(grad_x), Some(grad_w)))
-        })
+        rms_norm(x, self.weight.as_tensor(), self.eps, dtype)
     }
+}
+
+/// RMS normalisation of `x` over its last dimension with `w`, in F32 (F64 for F64 input), the
+/// result in `dtype` (the function behind [`RmsNorm`], for weights held as tensors).
+///
+/// # Errors
+/// On a shape mismatch.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, dtype: candle::DType) -> Result<Tensor> {
+    let rd = reduction_dtype(x.dtype());
+    let x32 = x.detach().to_dtype(rd)?;
+    let rstd = (mean_last_dim(&x32.sqr()?)? + eps)?.sqrt()?.recip()?;
+    let value = x32.broadcast_mul(&rstd)?.broadcast_mul(&w.detach().to_dtype(rd)?)?.to_dtype(dtype)?;
+    custom2("rms-norm", x, w, value, move |x, w, _, g| {
+        let xhat = x.to_dtype(rd)?.broadcast_mul(&rstd)?;
+        let g = g.to_dtype(rd)?;
+        let c = xhat.dim(D::Minus1)?;
+        let rows = xhat.elem_count() / c.max(1);
+        let grad_w = (&g * &xhat)?.reshape((rows, c))?.sum(0)?.to_dtype(w.dtype())?;
+        let gw = g.broadcast_mul(&w.to_dtype(rd)?)?;
+        let mean_gw_xhat = mean_last_dim(&(&gw * &xhat)?)?;
+        let grad_x =
+            gw.sub(&xhat.broadcast_mul(&mean_gw_xhat)?)?.broadcast_mul(&rstd)?.to_dtype(x.dtype())?;
+        Ok((Some(grad_x), Some(grad_w)))
+    })
 }

@@ -3,7 +3,7 @@
 //! shipped checkpoint (all-MiniLM-L6-v2) load and save by name.
 //!
 //! Every op has a backward: attention uses [`masked_softmax`], norms our [`LayerNorm`], GELU
-//! Candle's `gelu_erf` (which has a backward rule). The residual stream is kept in F32 and only
+//! our exact-erf [`ops::gelu_erf`] (Candle's rounds 1/√(2π) in its backward). The residual stream is kept in F32 and only
 //! the matmuls run in the parameters' dtype, as in [`crate::models::Gpt`].
 
 use std::path::Path;
@@ -12,7 +12,7 @@ use candle::{DType, Device, Result, Tensor};
 use candle_ckpt::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::layers::ops::{masked_softmax, padding_bias, residual_add};
+use crate::layers::ops::{self, masked_softmax, padding_bias, residual_add};
 use crate::layers::{Dropout, Embedding, LayerNorm, Linear, WeightLayout};
 use crate::params::{ParamBuilder, Parameters};
 
@@ -179,7 +179,7 @@ impl BertLayer {
         let attended =
             self.hidden_dropout.forward(&self.attention_output.forward(&context)?, rng, training)?;
         let x = self.attention_norm.forward_as(&residual_add(x, &attended)?, x.dtype())?;
-        let hidden = self.intermediate.forward(&x.to_dtype(dtype)?)?.gelu_erf()?;
+        let hidden = ops::gelu_erf(&self.intermediate.forward(&x.to_dtype(dtype)?)?)?;
         let out = self.hidden_dropout.forward(&self.output.forward(&hidden)?, rng, training)?;
         self.output_norm.forward_as(&residual_add(&x, &out)?, x.dtype())
     }
