@@ -534,7 +534,6 @@ mod shadow {
         Sqrt,
         Recip,
         Neg,
-        Tanh,
         Powf(f64),
     }
 
@@ -934,10 +933,6 @@ mod shadow {
 
         pub(super) fn neg(&self) -> Self {
             self.unary(UnaryOp::Neg)
-        }
-
-        pub(super) fn tanh(&self) -> Self {
-            self.unary(UnaryOp::Tanh)
         }
 
         pub(super) fn powf(&self, e: f64) -> Self {
@@ -1341,11 +1336,6 @@ mod shadow {
                     Op::Unary(arg, UnaryOp::Neg) => {
                         let s = grads.or_insert(arg);
                         *s = s.sub(&grad);
-                    }
-                    Op::Unary(arg, UnaryOp::Tanh) => {
-                        let s = grads.or_insert(arg);
-                        let minus_dtanh = node.sqr() - 1.0;
-                        *s = s.sub(&(&grad * &minus_dtanh));
                     }
                     Op::Unary(arg, UnaryOp::Powf(e)) => {
                         let arg_grad = &(&grad * arg.powf(e - 1.0)) * *e;

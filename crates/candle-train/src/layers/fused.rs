@@ -26,7 +26,8 @@ const GELU_CUBIC: f64 = 0.044_715;
 
 /// `tanh` in F32 as Eigen (and hence PyTorch's vectorised CPU kernels) evaluates it: a 13/6
 /// rational approximation on `[-7.9053, 7.9053]` (where `tanh` rounds to +-1 in F32), the
-/// identity below 4e-4. Absolute error below 2e-7 everywhere (tested against `f64::tanh`).
+/// identity below 4e-4. Absolute error below 5e-7 everywhere (4.3e-7 at worst, near |x| = 5.8,
+/// about 7 ulp; tested against `f64::tanh`).
 /// Branch-free, so loops over it vectorise (`f32::tanh` is a scalar libm call).
 #[inline(always)]
 fn tanh_f32(a: f32) -> f32 {
@@ -149,7 +150,7 @@ fn par_fill<U: Send>(n: usize, fill: impl Fn(usize, &mut [MaybeUninit<U>]) + Syn
 
 /// Runs an F32 slice kernel on half-precision values: each block is widened into a stack
 /// buffer, computed in F32 and rounded once.
-fn via_f32<T: WithDType>(
+fn via_f32<T: Narrow>(
     inputs: &[&[T]],
     out: &mut [MaybeUninit<T>],
     kernel: impl Fn(&[&[f32]], &mut [MaybeUninit<f32>]),
@@ -161,15 +162,55 @@ fn via_f32<T: WithDType>(
         let len = o.len();
         for (w, input) in wide.iter_mut().zip(inputs) {
             for (w, v) in w.iter_mut().zip(&input[b * BLOCK..b * BLOCK + len]) {
-                *w = v.to_f64() as f32;
+                *w = v.widen();
             }
         }
         let args: Vec<&[f32]> = wide.iter().take(inputs.len()).map(|w| &w[..len]).collect();
         kernel(&args, &mut result[..len]);
         for (o, r) in o.iter_mut().zip(&result[..len]) {
             // SAFETY: the kernel wrote the first `len` results.
-            o.write(T::from_f64(f64::from(unsafe { r.assume_init() })));
+            o.write(T::narrow(unsafe { r.assume_init() }));
         }
+    }
+}
+
+/// The dtypes the F32 kernels take, with their direct conversions (`half`'s bit-level ones:
+/// `WithDType`'s through F64 cost more than the kernels).
+trait Narrow: WithDType {
+    fn widen(self) -> f32;
+    fn narrow(value: f32) -> Self;
+}
+
+impl Narrow for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(value: f32) -> Self {
+        value
+    }
+}
+
+impl Narrow for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn narrow(value: f32) -> Self {
+        Self::from_f32(value)
+    }
+}
+
+impl Narrow for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn narrow(value: f32) -> Self {
+        Self::from_f32(value)
     }
 }
 
@@ -250,7 +291,7 @@ impl CustomOp1 for GeluTanh {
     }
 }
 
-fn half_gelu<T: WithDType>(x: &[T]) -> Vec<T> {
+fn half_gelu<T: Narrow>(x: &[T]) -> Vec<T> {
     par_fill(x.len(), |i, o| via_f32(&[&x[i..i + o.len()]], o, |args, out| gelu_fwd_slice(args[0], out)))
 }
 
@@ -297,7 +338,7 @@ fn gelu_tanh_backward_cpu(x: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(grad.reshape(x.shape())?))
 }
 
-fn half_gelu_grad<T: WithDType>(x: &[T], g: &[T]) -> Vec<T> {
+fn half_gelu_grad<T: Narrow>(x: &[T], g: &[T]) -> Vec<T> {
     par_fill(x.len(), |i, o| {
         let end = i + o.len();
         via_f32(&[&x[i..end], &g[i..end]], o, |args, out| gelu_bwd_slice(args[0], args[1], out))
@@ -443,10 +484,10 @@ fn sum_rows_plain(rows: &[f64], acc: &mut [f64]) {
     }
 }
 
-fn sum_rows_widened<T: WithDType>(rows: &[T], acc: &mut [f32]) {
+fn sum_rows_widened<T: Narrow>(rows: &[T], acc: &mut [f32]) {
     for row in rows.chunks_exact(acc.len()) {
         for (a, x) in acc.iter_mut().zip(row) {
-            *a += x.to_f64() as f32;
+            *a += x.widen();
         }
     }
 }
@@ -566,10 +607,10 @@ struct CausalSoftmax {
 
 /// Row `i` (of `t`) of a causal softmax in F32: `x` the row's scores, `out` the row.
 #[inline]
-fn causal_row_f32<T: WithDType>(x: &[T], i: usize, scale: f32, wide: &mut [f32], out: &mut [MaybeUninit<T>]) {
+fn causal_row_f32<T: Narrow>(x: &[T], i: usize, scale: f32, wide: &mut [f32], out: &mut [MaybeUninit<T>]) {
     let mut max = f32::NEG_INFINITY;
     for (w, v) in wide.iter_mut().zip(&x[..=i]) {
-        *w = (v.to_f64() as f32) * scale;
+        *w = v.widen() * scale;
         max = max.max(*w);
     }
     let mut sum = 0f32;
@@ -578,7 +619,7 @@ fn causal_row_f32<T: WithDType>(x: &[T], i: usize, scale: f32, wide: &mut [f32],
         sum += *w;
     }
     for (o, w) in out.iter_mut().zip(&wide[..=i]) {
-        o.write(T::from_f64(f64::from(*w / sum)));
+        o.write(T::narrow(*w / sum));
     }
     for o in &mut out[i + 1..] {
         o.write(T::zero());
@@ -620,7 +661,7 @@ fn par_fill_rows<U: Send>(n: usize, t: usize, fill: impl Fn(usize, &mut [MaybeUn
 }
 
 impl CausalSoftmax {
-    fn rows<T: WithDType>(&self, x: &[T], t: usize) -> Vec<T> {
+    fn rows<T: Narrow>(&self, x: &[T], t: usize) -> Vec<T> {
         let scale = self.scale as f32;
         par_fill_rows(x.len(), t, |first, rows| {
             let mut wide = vec![0f32; t];
@@ -689,7 +730,7 @@ mod tests {
     }
 
     #[test]
-    fn the_rational_tanh_is_within_2e_7_of_tanh() {
+    fn the_rational_tanh_is_within_5e_7_of_tanh() {
         let mut worst = (0f64, 0f32);
         for i in -200_000..=200_000 {
             let x = i as f32 * 5e-5; // [-10, 10]
@@ -698,7 +739,7 @@ mod tests {
                 worst = (error, x);
             }
         }
-        assert!(worst.0 < 2e-7, "error {:e} at {}", worst.0, worst.1);
+        assert!(worst.0 < 5e-7, "error {:e} at {}", worst.0, worst.1);
         assert_eq!(tanh_f32(f32::INFINITY), 1.0);
         assert_eq!(tanh_f32(-1e30), -1.0);
         assert!(tanh_f32(f32::NAN).is_nan());
