@@ -33,7 +33,7 @@ const GELU_CUBIC: f64 = 0.044_715;
 fn tanh_f32(a: f32) -> f32 {
     let x = a.clamp(-7.905_311, 7.905_311);
     let x2 = x * x;
-    let mut p = x2 * -2.760_768_5e-16 + 2.000_187_9e-13;
+    let mut p = x2 * -2.760_768_5e-16 + 2.000_188e-13;
     p = x2 * p + -8.604_672e-11;
     p = x2 * p + 5.122_297e-8;
     p = x2 * p + 1.485_722_4e-5;
@@ -425,11 +425,9 @@ pub fn bias_grad(g: &Tensor, dtype: DType) -> Result<Tensor> {
     let (_, n) = g.dims2()?;
     if let Some((storage, start, end)) = cpu_slice(g) {
         let summed = match &*storage {
-            Storage::Cpu(CpuStorage::F32(v)) => Some(Tensor::from_vec(
-                sum_rows(&v[start..end], n, |block, acc| sum_rows_slice(block, acc)),
-                n,
-                g.device(),
-            )?),
+            Storage::Cpu(CpuStorage::F32(v)) => {
+                Some(Tensor::from_vec(sum_rows(&v[start..end], n, sum_rows_slice), n, g.device())?)
+            }
             Storage::Cpu(CpuStorage::F64(v)) => {
                 Some(Tensor::from_vec(sum_rows(&v[start..end], n, sum_rows_plain), n, g.device())?)
             }
