@@ -49,3 +49,10 @@ for S in 0 1 2; do for N in 1 2 4; do
   "$bin" launch --nproc $N -- train --zero $S --steps 4 --micro-batch 16 \
     --accumulation-steps 2 --seq-len 64 --context 64 --eval-windows 4 --eval-interval 0 --quiet
 done; done | tee "$out/zero-processes.txt"
+
+# 14. candle-fit against PyTorch eager on the CPU, interleaved (needs torch for python3; never
+# in CI). Add `--candle before=OLD_BINARY` for a before/after comparison in the same run.
+if python3 -c "import torch" 2>/dev/null; then
+  python3 benches/cpu_compare.py --candle after="$bin" --rounds 3 --steps 3 --warmup 1 \
+    --json "$out/cpu-compare.json" --markdown "$out/cpu-compare.md"
+fi

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use candle_fit::ckpt::Recompute;
+use candle_fit::train::cpu_runtime;
 use candle_fit::train::device::parse_device;
 use candle_fit::train::memory::{self, mib, CountingAllocator};
 use candle_fit::train::{
@@ -1214,14 +1215,34 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Train(args) => train(args),
         Command::Bench(args) => bench(args),
         Command::BenchOptimizer(args) => bench_optimizer(args),
         Command::Estimate(args) => estimate(args),
         Command::Launch(args) => launch(args),
+    }
+}
+
+fn main() -> ExitCode {
+    // The CPU settings of `cpu_runtime` (Candle's spinning element-wise pool off, the
+    // allocator keeps freed memory, the work runs on a worker of the matmul's thread pool).
+    // `CANDLE_FIT_CPU_RUNTIME=off` leaves the process as plain Candle would run it, for
+    // comparisons (BENCHMARKS.md section 14).
+    let tuned = std::env::var("CANDLE_FIT_CPU_RUNTIME").map_or(true, |v| v != "off");
+    if tuned {
+        // First, while this is the only thread.
+        cpu_runtime::serial_candle_maps();
+    }
+    let cli = Cli::parse();
+    let result = if tuned {
+        cpu_runtime::retain_freed_memory();
+        cpu_runtime::run_on_pool(cpu_runtime::matmul_threads(), move || run(cli.command))
+            .context("starting the worker threads")
+            .and_then(|r| r)
+    } else {
+        run(cli.command)
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -534,8 +534,6 @@ mod shadow {
         Sqrt,
         Recip,
         Neg,
-        Tanh,
-        Gelu,
         Powf(f64),
     }
 
@@ -935,14 +933,6 @@ mod shadow {
 
         pub(super) fn neg(&self) -> Self {
             self.unary(UnaryOp::Neg)
-        }
-
-        pub(super) fn tanh(&self) -> Self {
-            self.unary(UnaryOp::Tanh)
-        }
-
-        pub(super) fn gelu(&self) -> Self {
-            self.unary(UnaryOp::Gelu)
         }
 
         pub(super) fn powf(&self, e: f64) -> Self {
@@ -1347,24 +1337,10 @@ mod shadow {
                         let s = grads.or_insert(arg);
                         *s = s.sub(&grad);
                     }
-                    Op::Unary(arg, UnaryOp::Tanh) => {
-                        let s = grads.or_insert(arg);
-                        let minus_dtanh = node.sqr() - 1.0;
-                        *s = s.sub(&(&grad * &minus_dtanh));
-                    }
                     Op::Unary(arg, UnaryOp::Powf(e)) => {
                         let arg_grad = &(&grad * arg.powf(e - 1.0)) * *e;
                         let s = grads.or_insert(arg);
                         *s = s.add(&arg_grad);
-                    }
-                    Op::Unary(arg, UnaryOp::Gelu) => {
-                        let s = grads.or_insert(arg);
-                        let cube = arg.powf(3.0);
-                        let tanh = (0.0356774 * &cube + (0.797885 * arg)).tanh();
-                        let gelu_grad = ((0.5 * &tanh)
-                            + (0.0535161 * cube + (0.398942 * arg)) * (1.0 - tanh.powf(2.0)))
-                            + 0.5;
-                        *s = s.add(&(&grad * gelu_grad));
                     }
                     Op::Custom1(arg, bwd) => {
                         if let Some(arg_grad) = bwd(arg, node, &grad) {
@@ -1440,38 +1416,39 @@ mod shadow {
         x.sum_keepdim(&[last]) / n
     }
 
-    fn causal_mask(heap: &Rc<Heap>, t: usize, dtype: DType) -> Tensor {
-        // The f32 values become the storage; `to_dtype` copies for another dtype.
-        Tensor::new(heap, &[t, t], DType::F32).to_dtype(dtype)
-    }
-
+    /// `ops::causal_softmax` through `fused::causal_softmax` (a contiguous CPU input): a custom
+    /// op computing its output from its input (one buffer, no copy).
     fn causal_softmax(scores: &Tensor, scale: f64) -> Tensor {
         let dtype = scores.dtype();
         let rd = reduction_dtype(dtype);
-        let t = scores.dim(scores.rank() - 2);
-        let mask = causal_mask(scores.heap(), t, rd);
-        let shifted = (scores.detach().to_dtype(rd) * scale).broadcast_add(&mask);
-        let value = softmax_last_dim(&shifted).to_dtype(dtype);
-        custom1(
-            scores,
-            value,
-            Rc::new(move |_, y, g| {
-                // `softmax_backward_cpu`: one output allocation when both are contiguous.
-                if y.dtype() == g.dtype() && y.dims() == g.dims() && y.is_contiguous() && g.is_contiguous() {
-                    return Some(Tensor::new(y.heap(), y.dims(), y.dtype()));
-                }
-                let (y, g) = (y.to_dtype(rd), g.to_dtype(rd));
-                let last = y.rank() - 1;
-                let dot = (&g * &y).sum_keepdim(&[last]);
-                let grad = (g.broadcast_sub(&dot) * y) * scale;
-                Some(grad.to_dtype(dtype))
-            }),
-        )
+        let op = record(&[scores], || {
+            Op::Custom1(
+                scores.clone(),
+                Rc::new(move |_, y, g| {
+                    // `softmax_backward_cpu`: one output allocation when both are contiguous.
+                    if y.dtype() == g.dtype()
+                        && y.dims() == g.dims()
+                        && y.is_contiguous()
+                        && g.is_contiguous()
+                    {
+                        return Some(Tensor::new(y.heap(), y.dims(), y.dtype()));
+                    }
+                    let (y, g) = (y.to_dtype(rd), g.to_dtype(rd));
+                    let last = y.rank() - 1;
+                    let dot = (&g * &y).sum_keepdim(&[last]);
+                    let grad = (g.broadcast_sub(&dot) * y) * scale;
+                    Some(grad.to_dtype(dtype))
+                }),
+            )
+        });
+        Tensor::fresh(scores.heap(), scores.dims(), dtype, op)
     }
 
-    /// `linear::affine` (`InOut` layout): `x W + b` as one op.
+    /// `linear::affine` (`InOut` layout): `x W + b` as one op. The bias is added in place to the
+    /// matmul's output (`fused::add_bias_owned`) and its gradient is one pass over `g`
+    /// (`fused::bias_grad`: an F32 vector, then the bias dtype).
     fn affine(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
-        let value = x.detach().matmul(&w.detach()).broadcast_add(&b.detach());
+        let value = x.detach().matmul(&w.detach());
         custom3(
             x,
             w,
@@ -1480,10 +1457,17 @@ mod shadow {
             Rc::new(|x, w, b, _, g| {
                 let grad_x = g.matmul(&w.t());
                 let grad_w = x.t().matmul(g);
-                let grad_b = g.to_dtype(reduction_dtype(g.dtype())).sum(&[0]).to_dtype(b.dtype());
+                let grad_b = Tensor::new(b.heap(), b.dims(), reduction_dtype(g.dtype())).to_dtype(b.dtype());
                 (Some(grad_x), Some(grad_w), Some(grad_b))
             }),
         )
+    }
+
+    /// `fused::gelu_tanh`: a custom op computing its output from its input (one buffer, as
+    /// Candle's `gelu`), whose backward allocates only the input's gradient.
+    fn gelu_tanh(x: &Tensor) -> Tensor {
+        let op = record(&[x], || Op::Custom1(x.clone(), Rc::new(|x, _, _| Some(x.zeros_like()))));
+        Tensor::fresh(x.heap(), x.dims(), x.dtype(), op)
     }
 
     fn residual_add(x: &Tensor, branch: &Tensor) -> Tensor {
@@ -1608,12 +1592,19 @@ mod shadow {
         if p == 0.0 {
             return x.clone();
         }
-        let mask = if x.dtype() == DType::F64 {
-            Tensor::new(x.heap(), x.dims(), DType::F64)
-        } else {
-            Tensor::new(x.heap(), x.dims(), DType::F32).to_dtype(x.dtype())
-        };
-        x.mul(&mask)
+        // `fused::dropout` (contiguous input on the CPU): a one-byte mask held by the op, one
+        // output buffer; the backward allocates the input's gradient.
+        let mask = Tensor::new(x.heap(), x.dims(), DType::U8);
+        let op = record(&[x], || {
+            Op::Custom1(
+                x.clone(),
+                Rc::new(move |x, _, _| {
+                    let _held_by_the_op = &mask;
+                    Some(x.zeros_like())
+                }),
+            )
+        });
+        Tensor::fresh(x.heap(), x.dims(), x.dtype(), op)
     }
 
     struct Attention {
@@ -1648,7 +1639,7 @@ mod shadow {
 
     impl Mlp {
         fn forward(&self, x: &Tensor) -> Tensor {
-            let h = self.c_fc.forward(x).gelu();
+            let h = gelu_tanh(&self.c_fc.forward(x));
             dropout(&self.c_proj.forward(&h), self.p)
         }
     }

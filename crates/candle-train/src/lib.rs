@@ -21,6 +21,7 @@
 //! ```
 
 pub mod checkpoint;
+pub mod cpu_runtime;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod data;

@@ -49,6 +49,13 @@ impl Dropout {
         if let Some((before, _)) = skips {
             rng.skip(before);
         }
+        // One pass and a one-byte mask on the CPU (the same draws and values).
+        if let Some(y) = crate::layers::fused::dropout(x, self.p, rng)? {
+            if let Some((_, after)) = skips {
+                rng.skip(after);
+            }
+            return Ok(y);
+        }
         let mut draw = || if rng.uniform_f32() < self.p { 0.0 } else { keep_scale };
         let mask = if x.dtype() == candle::DType::F64 {
             Tensor::from_vec((0..n).map(|_| draw()).collect::<Vec<f64>>(), x.shape(), x.device())?

@@ -2,8 +2,8 @@
 
 use candle::{Result, Tensor, Var};
 
-use crate::device::reduction_dtype;
 use crate::layers::custom_grad::custom3;
+use crate::layers::fused::{add_bias_owned, bias_grad};
 use crate::params::ParamBuilder;
 
 /// How the weight matrix is stored.
@@ -113,7 +113,7 @@ fn matmul_weight(x: &Tensor, w: &Tensor, layout: WeightLayout) -> Result<Tensor>
 /// reached only the view would never reach `x`; the input would get its other paths' gradient
 /// (a residual) and silently miss this one.
 fn affine(x: &Tensor, x2: &Tensor, w: &Tensor, b: &Tensor, layout: WeightLayout) -> Result<Tensor> {
-    let value = matmul_weight(&x2.detach(), &w.detach(), layout)?.broadcast_add(&b.detach())?;
+    let value = add_bias_owned(matmul_weight(&x2.detach(), &w.detach(), layout)?, &b.detach())?;
     let rows = x2.dim(0)?;
     custom3("affine", x, w, b, value, move |x_full, w, b, _, g| {
         let x = x_full.reshape((rows, x_full.elem_count() / rows.max(1)))?;
@@ -125,7 +125,7 @@ fn affine(x: &Tensor, x2: &Tensor, w: &Tensor, b: &Tensor, layout: WeightLayout)
             WeightLayout::InOut => x.t()?.matmul(g)?,
             WeightLayout::OutIn => g.t()?.matmul(&x)?,
         };
-        let grad_b = g.to_dtype(reduction_dtype(g.dtype()))?.sum(0)?.to_dtype(b.dtype())?;
+        let grad_b = bias_grad(g, b.dtype())?;
         Ok((Some(grad_x.reshape(x_full.shape())?), Some(grad_w), Some(grad_b)))
     })
 }

@@ -5,6 +5,7 @@ use candle::{Result, Tensor};
 use candle_ckpt::Rng;
 
 use crate::layers::dropout::Dropout;
+use crate::layers::fused::gelu_tanh;
 use crate::layers::linear::{Linear, WeightLayout};
 use crate::params::ParamBuilder;
 
@@ -41,7 +42,7 @@ impl Mlp {
     /// # Errors
     /// On a shape mismatch.
     pub fn forward(&self, x: &Tensor, rng: &mut Rng, training: bool) -> Result<Tensor> {
-        let h = self.c_fc.forward(x)?.gelu()?;
+        let h = gelu_tanh(&self.c_fc.forward(x)?)?;
         self.dropout.forward(&self.c_proj.forward(&h)?, rng, training)
     }
 }

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod custom_grad;
 pub mod dropout;
 pub mod embedding;
+pub mod fused;
 pub mod grouped_attention;
 pub mod layer_norm;
 pub mod linear;

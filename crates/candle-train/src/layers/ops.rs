@@ -59,18 +59,28 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
     if t != t2 {
         candle::bail!("causal_softmax: scores of shape {:?} are not square", scores.dims());
     }
+    // One pass per row and one buffer on the CPU (`fused`), the same backward.
+    if let Some(probs) = crate::layers::fused::causal_softmax(scores, scale)? {
+        return Ok(probs);
+    }
     let mask = causal_mask(t, rd, scores.device())?;
     let shifted = (scores.detach().to_dtype(rd)? * scale)?.broadcast_add(&mask)?;
     let value = softmax_last_dim(&shifted)?.to_dtype(dtype)?;
-    custom1("causal-softmax", scores, value, move |_, y, g| {
-        if let Some(grad) = softmax_backward_cpu(y, g, scale)? {
-            return Ok(Some(grad));
-        }
-        let (y, g) = (y.to_dtype(rd)?, g.to_dtype(rd)?);
-        let dot = (&g * &y)?.sum_keepdim(D::Minus1)?;
-        let grad = ((g.broadcast_sub(&dot)? * y)? * scale)?;
-        Ok(Some(grad.to_dtype(dtype)?))
-    })
+    custom1("causal-softmax", scores, value, move |_, y, g| softmax_backward(y, g, scale).map(Some))
+}
+
+/// Softmax's backward `scale * y * (g - sum(g * y))` over the last dimension: in one pass on
+/// the CPU (`softmax_backward_cpu`), else from tensor ops in F32 (F64 for F64), returned in `y`'s
+/// dtype.
+pub(crate) fn softmax_backward(y: &Tensor, g: &Tensor, scale: f64) -> Result<Tensor> {
+    if let Some(grad) = softmax_backward_cpu(y, g, scale)? {
+        return Ok(grad);
+    }
+    let (dtype, rd) = (y.dtype(), reduction_dtype(y.dtype()));
+    let (y, g) = (y.to_dtype(rd)?, g.to_dtype(rd)?);
+    let dot = (&g * &y)?.sum_keepdim(D::Minus1)?;
+    let grad = ((g.broadcast_sub(&dot)? * y)? * scale)?;
+    grad.to_dtype(dtype)
 }
 
 /// Softmax's backward `scale * y * (g - sum(g * y))` over the last dimension in one pass per

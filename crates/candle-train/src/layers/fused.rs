@@ -1,0 +1,934 @@
+//! Fused CPU kernels for the element-wise work of a training step, each one pass over memory
+//! with one output buffer (Candle evaluates them as chains of tensor ops, one fresh buffer per
+//! op): the tanh-GELU forward and backward, the bias added in place to a matmul's fresh
+//! output, and the bias gradient (the sum over rows). Large tensors are split over rayon's
+//! threads in fixed chunks, so results do not depend on the number of threads.
+//!
+//! F32 kernels are compiled twice, for the baseline x86-64 target and with AVX2 + FMA, and
+//! picked at run time. F64 runs the textbook formulas with `f64::tanh` (the finite-difference
+//! reference); BF16/F16 compute in F32 and round once. On other devices, and for layouts the
+//! kernels do not take, the same values come from Candle's tensor ops.
+
+use std::mem::MaybeUninit;
+
+use candle::backend::BackendStorage;
+use candle::{CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Result, Shape, Storage, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// Elements per parallel task: large enough that a task outweighs rayon's scheduling, small
+/// enough that a `[rows, 4 n_embd]` activation spreads over every thread.
+const CHUNK: usize = 1 << 14;
+
+/// `sqrt(2 / pi)`, GPT-2's `gelu_new` constant.
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+/// The cubic coefficient of the tanh approximation.
+const GELU_CUBIC: f64 = 0.044_715;
+
+/// `tanh` in F32 as Eigen (and hence PyTorch's vectorised CPU kernels) evaluates it: a 13/6
+/// rational approximation on `[-7.9053, 7.9053]` (where `tanh` rounds to +-1 in F32), the
+/// identity below 4e-4. Absolute error below 5e-7 everywhere (4.3e-7 at worst, near |x| = 5.8,
+/// about 7 ulp; tested against `f64::tanh`).
+/// Branch-free, so loops over it vectorise (`f32::tanh` is a scalar libm call).
+#[inline(always)]
+fn tanh_f32(a: f32) -> f32 {
+    let x = a.clamp(-7.905_311, 7.905_311);
+    let x2 = x * x;
+    let mut p = x2 * -2.760_768_5e-16 + 2.000_188e-13;
+    p = x2 * p + -8.604_672e-11;
+    p = x2 * p + 5.122_297e-8;
+    p = x2 * p + 1.485_722_4e-5;
+    p = x2 * p + 6.372_619_3e-4;
+    p = x2 * p + 4.893_524_6e-3;
+    p *= x;
+    let mut q = x2 * 1.198_258_4e-6 + 1.185_347e-4;
+    q = x2 * q + 2.268_434_6e-3;
+    q = x2 * q + 4.893_525e-3;
+    if a.abs() < 4e-4 {
+        a
+    } else {
+        p / q
+    }
+}
+
+#[inline(always)]
+fn gelu_f32(x: f32) -> f32 {
+    let (k, c) = (SQRT_2_OVER_PI as f32, GELU_CUBIC as f32);
+    0.5 * x * (1.0 + tanh_f32(k * (x + c * x * x * x)))
+}
+
+#[inline(always)]
+fn gelu_grad_f32(x: f32, g: f32) -> f32 {
+    let (k, c) = (SQRT_2_OVER_PI as f32, GELU_CUBIC as f32);
+    let x2 = x * x;
+    let t = tanh_f32(k * x * (1.0 + c * x2));
+    g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * c * x2))
+}
+
+fn gelu_f64(x: f64) -> f64 {
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh())
+}
+
+fn gelu_grad_f64(x: f64, g: f64) -> f64 {
+    let x2 = x * x;
+    let t = (SQRT_2_OVER_PI * x * (1.0 + GELU_CUBIC * x2)).tanh();
+    g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x2))
+}
+
+/// F32 slice kernels, each compiled for the baseline target and for AVX2 + FMA and dispatched
+/// at run time (the detection is cached by std).
+macro_rules! f32_kernel {
+    ($name:ident, $generic:ident, $avx2:ident, ($($arg:ident: $ty:ty),*), $body:block) => {
+        #[inline(always)]
+        fn $generic($($arg: $ty),*) $body
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        // SAFETY (for callers): only called after detecting AVX2 and FMA.
+        unsafe fn $avx2($($arg: $ty),*) {
+            $generic($($arg),*)
+        }
+
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                return unsafe { $avx2($($arg),*) };
+            }
+            $generic($($arg),*)
+        }
+    };
+}
+
+f32_kernel!(gelu_fwd_slice, gelu_fwd_generic, gelu_fwd_avx2, (x: &[f32], out: &mut [MaybeUninit<f32>]), {
+    for (o, &x) in out.iter_mut().zip(x) {
+        o.write(gelu_f32(x));
+    }
+});
+
+f32_kernel!(
+    gelu_bwd_slice,
+    gelu_bwd_generic,
+    gelu_bwd_avx2,
+    (x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]),
+    {
+        for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
+            o.write(gelu_grad_f32(x, g));
+        }
+    }
+);
+
+f32_kernel!(add_rows_slice, add_rows_generic, add_rows_avx2, (rows: &mut [f32], bias: &[f32]), {
+    for row in rows.chunks_exact_mut(bias.len()) {
+        for (y, &b) in row.iter_mut().zip(bias) {
+            *y += b;
+        }
+    }
+});
+
+f32_kernel!(sum_rows_slice, sum_rows_generic, sum_rows_avx2, (rows: &[f32], acc: &mut [f32]), {
+    for row in rows.chunks_exact(acc.len()) {
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a += v;
+        }
+    }
+});
+
+/// `n` outputs from `fill(start, chunk)` over fixed chunks, in parallel when there are
+/// several chunks. Every element is written exactly once: `fill` must write the whole chunk.
+fn par_fill<U: Send>(n: usize, fill: impl Fn(usize, &mut [MaybeUninit<U>]) + Sync) -> Vec<U> {
+    let mut out = Vec::with_capacity(n);
+    let spare = &mut out.spare_capacity_mut()[..n];
+    if n <= CHUNK {
+        fill(0, spare);
+    } else {
+        spare.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| fill(i * CHUNK, chunk));
+    }
+    // SAFETY: `fill` wrote every element of the first `n` (the chunks cover them all).
+    unsafe { out.set_len(n) };
+    out
+}
+
+/// Runs an F32 slice kernel on half-precision values: each block is widened into a stack
+/// buffer, computed in F32 and rounded once.
+fn via_f32<T: Narrow>(
+    inputs: &[&[T]],
+    out: &mut [MaybeUninit<T>],
+    kernel: impl Fn(&[&[f32]], &mut [MaybeUninit<f32>]),
+) {
+    const BLOCK: usize = 256;
+    let mut wide = [[0f32; BLOCK]; 2];
+    let mut result = [MaybeUninit::<f32>::uninit(); BLOCK];
+    for (b, o) in out.chunks_mut(BLOCK).enumerate() {
+        let len = o.len();
+        for (w, input) in wide.iter_mut().zip(inputs) {
+            for (w, v) in w.iter_mut().zip(&input[b * BLOCK..b * BLOCK + len]) {
+                *w = v.widen();
+            }
+        }
+        let args: Vec<&[f32]> = wide.iter().take(inputs.len()).map(|w| &w[..len]).collect();
+        kernel(&args, &mut result[..len]);
+        for (o, r) in o.iter_mut().zip(&result[..len]) {
+            // SAFETY: the kernel wrote the first `len` results.
+            o.write(T::narrow(unsafe { r.assume_init() }));
+        }
+    }
+}
+
+/// The dtypes the F32 kernels take, with their direct conversions (`half`'s bit-level ones:
+/// `WithDType`'s through F64 cost more than the kernels).
+trait Narrow: WithDType {
+    fn widen(self) -> f32;
+    fn narrow(value: f32) -> Self;
+}
+
+impl Narrow for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(value: f32) -> Self {
+        value
+    }
+}
+
+impl Narrow for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn narrow(value: f32) -> Self {
+        Self::from_f32(value)
+    }
+}
+
+impl Narrow for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn narrow(value: f32) -> Self {
+        Self::from_f32(value)
+    }
+}
+
+/// A contiguous CPU tensor's values, or `None`.
+fn cpu_slice(t: &Tensor) -> Option<(impl std::ops::Deref<Target = Storage> + '_, usize, usize)> {
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    matches!(&*storage, Storage::Cpu(_)).then_some((storage, start, end))
+}
+
+/// The tanh-approximation GELU (GPT-2's `gelu_new`, Candle's `gelu`):
+/// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, forward in one pass and with a one-pass
+/// backward `g * gelu'(x)`. Only `x` and the result stay in the graph, as with Candle's op, and
+/// the backward allocates only the gradient (Candle's holds about ten temporaries of `x`'s size).
+/// On other devices, for a non-contiguous `x` or another dtype, it is Candle's `gelu`.
+///
+/// # Errors
+/// On a tensor error.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    let fused = x.device().is_cpu()
+        && x.is_contiguous()
+        && matches!(x.dtype(), DType::F32 | DType::F64 | DType::BF16 | DType::F16);
+    if fused {
+        x.apply_op1(GeluTanh)
+    } else {
+        x.gelu()
+    }
+}
+
+/// The custom op behind [`gelu_tanh`]: its forward computes from the input's storage (one
+/// buffer); CPU only (callers check the device).
+struct GeluTanh;
+
+impl CustomOp1 for GeluTanh {
+    fn name(&self) -> &'static str {
+        "gelu-tanh"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle::bail!("gelu-tanh: the input is not contiguous");
+        };
+        let n = end - start;
+        let out = match storage {
+            CpuStorage::F32(v) => {
+                let x = &v[start..end];
+                CpuStorage::F32(par_fill(n, |i, o| gelu_fwd_slice(&x[i..i + o.len()], o)))
+            }
+            CpuStorage::F64(v) => {
+                let x = &v[start..end];
+                CpuStorage::F64(par_fill(n, |i, o| {
+                    for (o, &x) in o.iter_mut().zip(&x[i..]) {
+                        o.write(gelu_f64(x));
+                    }
+                }))
+            }
+            CpuStorage::BF16(v) => CpuStorage::BF16(half_gelu(&v[start..end])),
+            CpuStorage::F16(v) => CpuStorage::F16(half_gelu(&v[start..end])),
+            other => candle::bail!("gelu-tanh: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        if let Some(grad) = gelu_tanh_backward_cpu(x, g)? {
+            return Ok(Some(grad));
+        }
+        // The same derivative from tensor ops (a gradient that is not contiguous).
+        let dtype = x.dtype();
+        let wide = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let (x, g) = (x.to_dtype(wide)?, g.to_dtype(wide)?);
+        let x2 = x.sqr()?;
+        let t = ((&x * SQRT_2_OVER_PI)? * ((&x2 * GELU_CUBIC)? + 1.0)?)?.tanh()?;
+        let left = ((&t + 1.0)? * 0.5)?;
+        let right =
+            ((((&x * 0.5)? * (1.0 - t.sqr()?)?)? * ((&x2 * (3.0 * GELU_CUBIC))? + 1.0)?)? * SQRT_2_OVER_PI)?;
+        Ok(Some((g * (left + right)?)?.to_dtype(dtype)?))
+    }
+}
+
+fn half_gelu<T: Narrow>(x: &[T]) -> Vec<T> {
+    par_fill(x.len(), |i, o| via_f32(&[&x[i..i + o.len()]], o, |args, out| gelu_fwd_slice(args[0], out)))
+}
+
+/// GELU's backward `g * gelu'(x)` when `x` and `g` are contiguous CPU tensors of one dtype and
+/// shape; `None` elsewhere.
+fn gelu_tanh_backward_cpu(x: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+    if x.dtype() != g.dtype() || x.dims() != g.dims() {
+        return Ok(None);
+    }
+    let (Some((xs, x0, x1)), Some((gs, g0, _))) = (cpu_slice(x), cpu_slice(g)) else {
+        return Ok(None);
+    };
+    let n = x1 - x0;
+    let (Storage::Cpu(xc), Storage::Cpu(gc)) = (&*xs, &*gs) else {
+        return Ok(None);
+    };
+    let grad = match (xc, gc) {
+        (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+            let (x, g) = (&x[x0..x1], &g[g0..g0 + n]);
+            Tensor::from_vec(
+                par_fill(n, |i, o| gelu_bwd_slice(&x[i..i + o.len()], &g[i..i + o.len()], o)),
+                n,
+                &candle::Device::Cpu,
+            )?
+        }
+        (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+            let (x, g) = (&x[x0..x1], &g[g0..g0 + n]);
+            let out = par_fill(n, |i, o| {
+                for ((o, &x), &g) in o.iter_mut().zip(&x[i..]).zip(&g[i..]) {
+                    o.write(gelu_grad_f64(x, g));
+                }
+            });
+            Tensor::from_vec(out, n, &candle::Device::Cpu)?
+        }
+        (CpuStorage::BF16(x), CpuStorage::BF16(g)) => {
+            Tensor::from_vec(half_gelu_grad(&x[x0..x1], &g[g0..g0 + n]), n, &candle::Device::Cpu)?
+        }
+        (CpuStorage::F16(x), CpuStorage::F16(g)) => {
+            Tensor::from_vec(half_gelu_grad(&x[x0..x1], &g[g0..g0 + n]), n, &candle::Device::Cpu)?
+        }
+        _ => return Ok(None),
+    };
+    drop((xs, gs));
+    Ok(Some(grad.reshape(x.shape())?))
+}
+
+fn half_gelu_grad<T: Narrow>(x: &[T], g: &[T]) -> Vec<T> {
+    par_fill(x.len(), |i, o| {
+        let end = i + o.len();
+        via_f32(&[&x[i..end], &g[i..end]], o, |args, out| gelu_bwd_slice(args[0], args[1], out))
+    })
+}
+
+/// Adds `bias` (`[n]`) to every row of `y` (`[rows, n]`) in place. Only for a `y` that nothing
+/// else holds (a matmul's fresh output) and that tracks no gradient.
+struct AddBiasInPlace;
+
+impl InplaceOp2 for AddBiasInPlace {
+    fn name(&self) -> &'static str {
+        "add-bias-in-place"
+    }
+
+    fn cpu_fwd(&self, y: &mut CpuStorage, yl: &Layout, b: &CpuStorage, bl: &Layout) -> Result<()> {
+        fn rows<T: WithDType>(y: &mut [T], b: &[T], add: impl Fn(&mut [T], &[T]) + Sync) {
+            let n = b.len();
+            if n == 0 {
+                return;
+            }
+            let rows_per_task = (CHUNK / n).max(1);
+            if y.len() <= CHUNK {
+                add(y, b);
+            } else {
+                y.par_chunks_mut(rows_per_task * n).for_each(|chunk| add(chunk, b));
+            }
+        }
+        let (Some((y0, y1)), Some((b0, b1))) = (yl.contiguous_offsets(), bl.contiguous_offsets()) else {
+            candle::bail!("add-bias-in-place: non-contiguous operands");
+        };
+        match (y, b) {
+            (CpuStorage::F32(y), CpuStorage::F32(b)) => rows(&mut y[y0..y1], &b[b0..b1], add_rows_slice),
+            (CpuStorage::F64(y), CpuStorage::F64(b)) => rows(&mut y[y0..y1], &b[b0..b1], add_rows_plain),
+            (CpuStorage::BF16(y), CpuStorage::BF16(b)) => rows(&mut y[y0..y1], &b[b0..b1], add_rows_plain),
+            (CpuStorage::F16(y), CpuStorage::F16(b)) => rows(&mut y[y0..y1], &b[b0..b1], add_rows_plain),
+            _ => candle::bail!("add-bias-in-place: unsupported dtypes"),
+        }
+        Ok(())
+    }
+}
+
+fn add_rows_plain<T: WithDType>(rows: &mut [T], bias: &[T]) {
+    for row in rows.chunks_exact_mut(bias.len()) {
+        for (y, &b) in row.iter_mut().zip(bias) {
+            *y += b;
+        }
+    }
+}
+
+/// `y + bias` over the rows of `y` (`[rows, n]`, `bias` `[n]`, one dtype): in place on the CPU
+/// when `y` is contiguous and untracked (the caller's own fresh buffer, such as a matmul's
+/// output: nothing else may hold it), else Candle's `broadcast_add`. Equal to `broadcast_add`
+/// bit for bit (one addition per element, in the tensors' dtype).
+///
+/// # Errors
+/// On a shape or dtype mismatch.
+pub(crate) fn add_bias_owned(y: Tensor, bias: &Tensor) -> Result<Tensor> {
+    let in_place = y.device().is_cpu()
+        && !y.track_op()
+        && y.dtype() == bias.dtype()
+        && y.rank() == 2
+        && bias.dims() == [y.dim(1)?]
+        && y.is_contiguous()
+        && bias.is_contiguous();
+    if !in_place {
+        return y.broadcast_add(bias);
+    }
+    y.inplace_op2(bias, &AddBiasInPlace)?;
+    Ok(y)
+}
+
+/// Rows summed per block of the bias gradient: the blocks' partial sums are added in order,
+/// so the result does not depend on the number of threads.
+const SUM_BLOCK_ROWS: usize = 64;
+
+/// The bias gradient: `g` (`[rows, n]`) summed over its rows, accumulated in F32 (F64 for F64)
+/// and returned in `dtype`. On the CPU for a contiguous `g`, one pass per block of 64 rows
+/// (blocks in parallel, their sums added in order); elsewhere Candle's `sum(0)` in F32.
+///
+/// # Errors
+/// On a tensor error or a `g` that is not two-dimensional.
+pub fn bias_grad(g: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (_, n) = g.dims2()?;
+    if let Some((storage, start, end)) = cpu_slice(g) {
+        let summed = match &*storage {
+            Storage::Cpu(CpuStorage::F32(v)) => {
+                Some(Tensor::from_vec(sum_rows(&v[start..end], n, sum_rows_slice), n, g.device())?)
+            }
+            Storage::Cpu(CpuStorage::F64(v)) => {
+                Some(Tensor::from_vec(sum_rows(&v[start..end], n, sum_rows_plain), n, g.device())?)
+            }
+            Storage::Cpu(CpuStorage::BF16(v)) => {
+                Some(Tensor::from_vec(sum_rows(&v[start..end], n, sum_rows_widened), n, g.device())?)
+            }
+            Storage::Cpu(CpuStorage::F16(v)) => {
+                Some(Tensor::from_vec(sum_rows(&v[start..end], n, sum_rows_widened), n, g.device())?)
+            }
+            _ => None,
+        };
+        drop(storage);
+        if let Some(summed) = summed {
+            return summed.to_dtype(dtype);
+        }
+    }
+    let rd = if g.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    g.to_dtype(rd)?.sum(0)?.to_dtype(dtype)
+}
+
+/// The sum of the rows (`n` wide) of `v`: `add(block, acc)` adds a block of at most
+/// `SUM_BLOCK_ROWS` rows into `acc`; the blocks run in parallel when there are several and
+/// their partial sums are added in block order.
+fn sum_rows<T: Sync, A: WithDType>(v: &[T], n: usize, add: impl Fn(&[T], &mut [A]) + Sync) -> Vec<A> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let block = SUM_BLOCK_ROWS * n;
+    let partial = |rows: &[T]| {
+        let mut acc = vec![A::zero(); n];
+        add(rows, &mut acc);
+        acc
+    };
+    if v.len() <= block {
+        return partial(v);
+    }
+    let partials: Vec<Vec<A>> = v.par_chunks(block).map(partial).collect();
+    let mut total = vec![A::zero(); n];
+    for p in partials {
+        for (t, x) in total.iter_mut().zip(p) {
+            *t += x;
+        }
+    }
+    total
+}
+
+fn sum_rows_plain(rows: &[f64], acc: &mut [f64]) {
+    for row in rows.chunks_exact(acc.len()) {
+        for (a, &x) in acc.iter_mut().zip(row) {
+            *a += x;
+        }
+    }
+}
+
+fn sum_rows_widened<T: Narrow>(rows: &[T], acc: &mut [f32]) {
+    for row in rows.chunks_exact(acc.len()) {
+        for (a, x) in acc.iter_mut().zip(row) {
+            *a += x.widen();
+        }
+    }
+}
+
+/// Dropout as one op on a contiguous CPU tensor: the keep/drop decisions are drawn from `rng`
+/// exactly as [`Dropout`](crate::layers::Dropout) draws them (one `uniform_f32` per element in
+/// order, dropped below `p`; chunks drawn in parallel from skipped copies of `rng`, which ends
+/// advanced by the element count) and kept as one byte per element (the unfused op keeps a mask
+/// in `x`'s dtype, F32 while it is drawn). Forward `x * m` and backward `g * m` with
+/// `m = 1 / (1 - p)` (rounded to `x`'s dtype) or 0: the unfused op's values bit for bit. `None`
+/// (and `rng` untouched) where the kernel does not apply.
+///
+/// # Errors
+/// On a tensor error.
+pub(crate) fn dropout(x: &Tensor, p: f32, rng: &mut candle_ckpt::Rng) -> Result<Option<Tensor>> {
+    let fused = x.device().is_cpu()
+        && x.is_contiguous()
+        && matches!(x.dtype(), DType::F32 | DType::F64 | DType::BF16 | DType::F16);
+    if !fused {
+        return Ok(None);
+    }
+    let n = x.elem_count();
+    let start = rng.clone();
+    let keep: Vec<u8> = par_fill(n, |i, out| {
+        let mut r = start.clone();
+        r.skip(i as u64);
+        for o in out {
+            o.write(u8::from(r.uniform_f32() >= p));
+        }
+    });
+    rng.skip(n as u64);
+    let scale = 1.0 / (1.0 - f64::from(p));
+    x.apply_op1(DropoutMask { keep, scale }).map(Some)
+}
+
+/// The op behind [`dropout`]: its mask, one byte per element (1 keep, 0 drop), and the scale.
+struct DropoutMask {
+    keep: Vec<u8>,
+    scale: f64,
+}
+
+impl DropoutMask {
+    /// `v * (scale or 0)` per element, in `v`'s dtype (as Candle's `mul` by the unfused mask).
+    fn apply<T: WithDType>(&self, v: &[T]) -> Vec<T> {
+        // The mask's values as the unfused path builds them: F64 directly, else F32 rounded to T.
+        let kept = if T::DTYPE == DType::F64 {
+            T::from_f64(self.scale)
+        } else {
+            T::from_f64(f64::from(self.scale as f32))
+        };
+        let (kept, dropped) = (kept, T::zero());
+        par_fill(v.len(), |i, out| {
+            for ((o, &x), &k) in out.iter_mut().zip(&v[i..]).zip(&self.keep[i..]) {
+                o.write(x * if k == 1 { kept } else { dropped });
+            }
+        })
+    }
+
+    fn storage(&self, storage: &CpuStorage, layout: &Layout) -> Result<CpuStorage> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle::bail!("dropout: the tensor is not contiguous");
+        };
+        if end - start != self.keep.len() {
+            candle::bail!("dropout: {} elements for a mask of {}", end - start, self.keep.len());
+        }
+        Ok(match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(self.apply(&v[start..end])),
+            CpuStorage::F64(v) => CpuStorage::F64(self.apply(&v[start..end])),
+            CpuStorage::BF16(v) => CpuStorage::BF16(self.apply(&v[start..end])),
+            CpuStorage::F16(v) => CpuStorage::F16(self.apply(&v[start..end])),
+            other => candle::bail!("dropout: unsupported dtype {:?}", other.dtype()),
+        })
+    }
+}
+
+impl CustomOp1 for DropoutMask {
+    fn name(&self) -> &'static str {
+        "dropout"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((self.storage(storage, layout)?, layout.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        g.contiguous()?.apply_op1_no_bwd(self).map(Some)
+    }
+}
+
+/// The forward of [`ops::causal_softmax`](crate::layers::ops::causal_softmax) as one op on a
+/// contiguous CPU tensor (`[..., t, t]`): each row's softmax of `scores * scale` over the
+/// positions at or before its own, in one pass per row in F32 (F64 for F64) with one output
+/// buffer (the unfused forward holds an F32 copy, the mask and a temporary per step). The same
+/// operations in the same order as the unfused ops (scale, max, `exp(x - max)`, sum, divide),
+/// so the values agree to the rounding of the sum. Backward: softmax's one-pass backward.
+/// `None` where the kernel does not apply.
+///
+/// # Errors
+/// On a tensor error.
+pub(crate) fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    let dims = scores.dims();
+    let fused = scores.device().is_cpu()
+        && scores.is_contiguous()
+        && matches!(scores.dtype(), DType::F32 | DType::F64 | DType::BF16 | DType::F16)
+        && dims.len() >= 2
+        && dims[dims.len() - 1] == dims[dims.len() - 2]
+        && dims[dims.len() - 1] > 0;
+    if !fused {
+        return Ok(None);
+    }
+    scores.apply_op1(CausalSoftmax { scale }).map(Some)
+}
+
+struct CausalSoftmax {
+    scale: f64,
+}
+
+/// Row `i` (of `t`) of a causal softmax in F32: `x` the row's scores, `out` the row.
+#[inline]
+fn causal_row_f32<T: Narrow>(x: &[T], i: usize, scale: f32, wide: &mut [f32], out: &mut [MaybeUninit<T>]) {
+    let mut max = f32::NEG_INFINITY;
+    for (w, v) in wide.iter_mut().zip(&x[..=i]) {
+        *w = v.widen() * scale;
+        max = max.max(*w);
+    }
+    let mut sum = 0f32;
+    for w in &mut wide[..=i] {
+        *w = (*w - max).exp();
+        sum += *w;
+    }
+    for (o, w) in out.iter_mut().zip(&wide[..=i]) {
+        o.write(T::narrow(*w / sum));
+    }
+    for o in &mut out[i + 1..] {
+        o.write(T::zero());
+    }
+}
+
+fn causal_row_f64(x: &[f64], i: usize, scale: f64, out: &mut [MaybeUninit<f64>]) {
+    let max = x[..=i].iter().fold(f64::NEG_INFINITY, |m, v| m.max(v * scale));
+    let mut sum = 0f64;
+    for (o, v) in out.iter_mut().zip(&x[..=i]) {
+        let e = (v * scale - max).exp();
+        sum += e;
+        o.write(e);
+    }
+    for o in &mut out[..=i] {
+        // SAFETY: written just above.
+        let e = unsafe { o.assume_init() };
+        o.write(e / sum);
+    }
+    for o in &mut out[i + 1..] {
+        o.write(0.0);
+    }
+}
+
+/// `n` outputs from `fill(first_row, rows)` over tasks of whole rows (`t` wide), in parallel when
+/// there are several tasks. `fill` must write every element of its rows.
+fn par_fill_rows<U: Send>(n: usize, t: usize, fill: impl Fn(usize, &mut [MaybeUninit<U>]) + Sync) -> Vec<U> {
+    let mut out = Vec::with_capacity(n);
+    let spare = &mut out.spare_capacity_mut()[..n];
+    let task = (CHUNK / t).max(1) * t;
+    if n <= task {
+        fill(0, spare);
+    } else {
+        spare.par_chunks_mut(task).enumerate().for_each(|(k, rows)| fill(k * task / t, rows));
+    }
+    // SAFETY: `fill` wrote every element of every row (the tasks cover all `n`).
+    unsafe { out.set_len(n) };
+    out
+}
+
+impl CausalSoftmax {
+    fn rows<T: Narrow>(&self, x: &[T], t: usize) -> Vec<T> {
+        let scale = self.scale as f32;
+        par_fill_rows(x.len(), t, |first, rows| {
+            let mut wide = vec![0f32; t];
+            for (k, row) in rows.chunks_mut(t).enumerate() {
+                let r = first + k;
+                causal_row_f32(&x[r * t..(r + 1) * t], r % t, scale, &mut wide, row);
+            }
+        })
+    }
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle::bail!("causal-softmax: the scores are not contiguous");
+        };
+        let t = layout.dims().last().copied().unwrap_or(1).max(1);
+        let out = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(self.rows(&v[start..end], t)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(self.rows(&v[start..end], t)),
+            CpuStorage::F16(v) => CpuStorage::F16(self.rows(&v[start..end], t)),
+            CpuStorage::F64(v) => {
+                let x = &v[start..end];
+                CpuStorage::F64(par_fill_rows(x.len(), t, |first, rows| {
+                    for (k, row) in rows.chunks_mut(t).enumerate() {
+                        let r = first + k;
+                        causal_row_f64(&x[r * t..(r + 1) * t], r % t, self.scale, row);
+                    }
+                }))
+            }
+            other => candle::bail!("causal-softmax: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        crate::layers::ops::softmax_backward(y, g, self.scale).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle::{Device, Var};
+
+    use super::*;
+
+    /// Normal values times `scale`, from a fixed seed.
+    fn random(shape: &[usize], scale: f64, seed: u64) -> Result<Tensor> {
+        let mut rng = candle_ckpt::Rng::seeded(seed);
+        let values: Vec<f64> = (0..shape.iter().product()).map(|_| rng.normal_f64() * scale).collect();
+        Tensor::from_vec(values, shape, &Device::Cpu)
+    }
+
+    fn max_abs(t: &Tensor) -> Result<f64> {
+        t.to_dtype(DType::F64)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()
+    }
+
+    /// max |a - b| / max(1, max |b|).
+    fn relative_error(a: &Tensor, b: &Tensor) -> Result<f64> {
+        let diff = max_abs(&(a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?)?;
+        Ok(diff / max_abs(b)?.max(1.0))
+    }
+
+    #[test]
+    fn the_rational_tanh_is_within_5e_7_of_tanh() {
+        let mut worst = (0f64, 0f32);
+        for i in -200_000..=200_000 {
+            let x = i as f32 * 5e-5; // [-10, 10]
+            let error = (f64::from(tanh_f32(x)) - f64::from(x).tanh()).abs();
+            if error > worst.0 {
+                worst = (error, x);
+            }
+        }
+        assert!(worst.0 < 5e-7, "error {:e} at {}", worst.0, worst.1);
+        assert_eq!(tanh_f32(f32::INFINITY), 1.0);
+        assert_eq!(tanh_f32(-1e30), -1.0);
+        assert!(tanh_f32(f32::NAN).is_nan());
+    }
+
+    /// The fused forward and backward against Candle's `gelu` and its backward (the unfused
+    /// ops), with sizes below and above one parallel chunk (and not a multiple of it). Candle's
+    /// backward rounds its constants to 6 digits (0.797885, 0.0356774): 1e-5 relative covers
+    /// that; F32 against F32 also within 1e-5.
+    #[test]
+    fn fused_gelu_equals_candles_gelu_forward_and_backward() -> Result<()> {
+        for n in [7, 1000, 3 * CHUNK + 5] {
+            for dtype in [DType::F64, DType::F32] {
+                let x = Var::from_tensor(&random(&[n], 3.0, 1)?.to_dtype(dtype)?)?;
+                let r = random(&[n], 1.0, 2)?.to_dtype(dtype)?;
+                let fused = gelu_tanh(x.as_tensor())?;
+                let unfused = x.as_tensor().gelu()?;
+                let forward_error = relative_error(&fused, &unfused)?;
+                let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-6 };
+                assert!(forward_error < tolerance, "{dtype:?} n={n}: forward {forward_error:e}");
+                let gf = (fused * &r)?.sum_all()?.backward()?;
+                let gu = (unfused * &r)?.sum_all()?.backward()?;
+                let (gf, gu) = (gf.get(x.as_tensor()), gu.get(x.as_tensor()));
+                let (Some(gf), Some(gu)) = (gf, gu) else { candle::bail!("no gradient") };
+                let backward_error = relative_error(gf, gu)?;
+                assert!(backward_error < 1e-5, "{dtype:?} n={n}: backward {backward_error:e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Half-precision inputs compute in F32 and round once: within one rounding of the F32
+    /// result (BF16 2^-8, F16 2^-11, relative to the largest value).
+    #[test]
+    fn fused_gelu_in_half_precision_rounds_the_f32_result() -> Result<()> {
+        let n = 2 * CHUNK + 3;
+        for (dtype, tolerance) in [(DType::BF16, 8e-3), (DType::F16, 1e-3)] {
+            let x = Var::from_tensor(&random(&[n], 3.0, 3)?.to_dtype(dtype)?)?;
+            let g = random(&[n], 1.0, 4)?.to_dtype(dtype)?;
+            let x32 = x.as_tensor().to_dtype(DType::F32)?;
+            let forward = gelu_tanh(x.as_tensor())?;
+            assert_eq!(forward.dtype(), dtype);
+            assert!(relative_error(&forward, &gelu_tanh(&x32)?)? < tolerance);
+            let grads = (gelu_tanh(x.as_tensor())? * &g)?.sum_all()?.backward()?;
+            let Some(grad) = grads.get(x.as_tensor()) else { candle::bail!("no gradient") };
+            let reference = gelu_tanh_backward_cpu(&x32, &g.to_dtype(DType::F32)?)?
+                .ok_or_else(|| candle::Error::Msg("no CPU path".into()))?;
+            assert!(relative_error(grad, &reference)? < tolerance, "{dtype:?}");
+        }
+        Ok(())
+    }
+
+    /// Central differences in F64 (h = 1e-6, accurate to about 1e-9 here).
+    #[test]
+    fn fused_gelu_matches_finite_differences() -> Result<()> {
+        let x = random(&[64], 3.0, 5)?.to_vec1::<f64>()?;
+        let r = random(&[64], 1.0, 6)?;
+        let var = Var::from_slice(&x, 64, &Device::Cpu)?;
+        let grads = (gelu_tanh(var.as_tensor())? * &r)?.sum_all()?.backward()?;
+        let Some(analytic) = grads.get(var.as_tensor()) else { candle::bail!("no gradient") };
+        let analytic = analytic.to_vec1::<f64>()?;
+        let r = r.to_vec1::<f64>()?;
+        let h = 1e-6;
+        for i in 0..x.len() {
+            let numeric = r[i] * (gelu_f64(x[i] + h) - gelu_f64(x[i] - h)) / (2.0 * h);
+            // The objective through the op itself, not the scalar formula alone.
+            let shifted = |d: f64| -> Result<f64> {
+                let mut v = x.clone();
+                v[i] += d;
+                let t = Tensor::from_vec(v, 64, &Device::Cpu)?;
+                (gelu_tanh(&t)? * Tensor::from_slice(&r, 64, &Device::Cpu)?)?.sum_all()?.to_scalar::<f64>()
+            };
+            let through_op = (shifted(h)? - shifted(-h)?) / (2.0 * h);
+            for reference in [numeric, through_op] {
+                let error = (analytic[i] - reference).abs();
+                assert!(error <= 1e-6 * (1.0 + reference.abs()), "x[{i}]: {} vs {reference}", analytic[i]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The in-place bias add is `broadcast_add` bit for bit; a tracked tensor is not written.
+    #[test]
+    fn in_place_bias_add_equals_broadcast_add() -> Result<()> {
+        for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+            for (rows, n) in [(3, 5), (1000, 48)] {
+                let y = random(&[rows, n], 1.0, 7)?.to_dtype(dtype)?;
+                let b = random(&[n], 1.0, 8)?.to_dtype(dtype)?;
+                let expected = y.broadcast_add(&b)?;
+                let fused = add_bias_owned(y.copy()?, &b)?;
+                let diff = max_abs(&(fused.to_dtype(DType::F64)? - expected.to_dtype(DType::F64)?)?)?;
+                assert_eq!(diff, 0.0, "{dtype:?} {rows}x{n}");
+            }
+        }
+        let tracked = Var::from_tensor(&random(&[2, 3], 1.0, 9)?.to_dtype(DType::F32)?)?;
+        let before = tracked.as_tensor().to_vec2::<f32>()?;
+        let b = Tensor::ones(3, DType::F32, &Device::Cpu)?;
+        let _sum = add_bias_owned(tracked.as_tensor().clone(), &b)?;
+        assert_eq!(tracked.as_tensor().to_vec2::<f32>()?, before);
+        Ok(())
+    }
+
+    /// The one-pass bias gradient against Candle's `sum(0)` in F32 (F64 for F64): rows below and
+    /// above one block, and not a multiple of it.
+    #[test]
+    fn bias_grad_equals_the_sum_over_rows() -> Result<()> {
+        for (rows, n) in [(1, 4), (63, 9), (2048 + 17, 130)] {
+            let g = random(&[rows, n], 1.0, 10)?;
+            for (dtype, tolerance) in [(DType::F64, 1e-13), (DType::F32, 1e-6), (DType::BF16, 1e-6)] {
+                let g = g.to_dtype(dtype)?;
+                let rd = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+                let expected = g.to_dtype(rd)?.sum(0)?;
+                let fused = bias_grad(&g, rd)?;
+                assert_eq!(fused.dtype(), rd);
+                // Relative to the sum of magnitudes (the scale of the rounding errors).
+                let scale = g.to_dtype(DType::F64)?.abs()?.sum(0)?.max(0)?.to_scalar::<f64>()?;
+                let diff = max_abs(&(fused.to_dtype(DType::F64)? - expected.to_dtype(DType::F64)?)?)?;
+                assert!(diff <= tolerance * scale, "{dtype:?} {rows}x{n}: {diff:e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The fused dropout draws the same mask as the unfused one (one `uniform_f32` per element,
+    /// in order, across parallel chunks) and gives the same values and gradient bit for bit;
+    /// the generator ends where the unfused path leaves it.
+    #[test]
+    fn fused_dropout_equals_the_mask_multiply() -> Result<()> {
+        let p = 0.3f32;
+        for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+            for n in [5, 3 * CHUNK + 1] {
+                let x = Var::from_tensor(&random(&[n], 1.0, 11)?.to_dtype(dtype)?)?;
+                let g = random(&[n], 1.0, 12)?.to_dtype(dtype)?;
+                let mut fused_rng = candle_ckpt::Rng::seeded(5);
+                let Some(fused) = dropout(x.as_tensor(), p, &mut fused_rng)? else {
+                    candle::bail!("no CPU path")
+                };
+                // The unfused path of `Dropout::forward`.
+                let mut rng = candle_ckpt::Rng::seeded(5);
+                let keep_scale = 1.0 / (1.0 - f64::from(p));
+                let mut draw = || if rng.uniform_f32() < p { 0.0 } else { keep_scale };
+                let mask = if dtype == DType::F64 {
+                    Tensor::from_vec((0..n).map(|_| draw()).collect::<Vec<f64>>(), n, &Device::Cpu)?
+                } else {
+                    let values: Vec<f32> = (0..n).map(|_| draw() as f32).collect();
+                    Tensor::from_vec(values, n, &Device::Cpu)?.to_dtype(dtype)?
+                };
+                let unfused = x.as_tensor().mul(&mask)?;
+                assert_eq!(fused_rng.next_u64(), rng.next_u64(), "{dtype:?}: generator position");
+                let bits = |t: &Tensor| -> Result<Vec<f64>> { t.to_dtype(DType::F64)?.to_vec1::<f64>() };
+                assert_eq!(bits(&fused)?, bits(&unfused)?, "{dtype:?} n={n}: values");
+                let dropped = bits(&fused)?.iter().filter(|v| **v == 0.0).count() as f64 / n as f64;
+                assert!(n < 100 || (dropped - 0.3).abs() < 0.02, "{dtype:?}: dropped {dropped}");
+                let gf = (fused * &g)?.sum_all()?.backward()?;
+                let gu = (unfused * &g)?.sum_all()?.backward()?;
+                let (Some(gf), Some(gu)) = (gf.get(x.as_tensor()), gu.get(x.as_tensor())) else {
+                    candle::bail!("no gradient")
+                };
+                assert_eq!(bits(gf)?, bits(gu)?, "{dtype:?} n={n}: gradients");
+            }
+        }
+        Ok(())
+    }
+
+    /// The one-pass causal softmax against the unfused ops it replaces (scale, additive -inf
+    /// mask, `ops::softmax_last_dim` in F32/F64, cast back): F64 within 1e-12, F32 within 1e-6,
+    /// BF16/F16 within one rounding of the result; rows of different lengths across several
+    /// parallel tasks (t = 129, 2 x 3 heads).
+    #[test]
+    fn fused_causal_softmax_equals_the_unfused_ops() -> Result<()> {
+        let t = 129;
+        let scores = random(&[2, 3, t, t], 2.0, 13)?;
+        let mask: Vec<f64> =
+            (0..t * t).map(|i| if i % t > i / t { f64::NEG_INFINITY } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu)?;
+        let scale = 0.37;
+        for (dtype, tolerance) in
+            [(DType::F64, 1e-12), (DType::F32, 1e-6), (DType::BF16, 8e-3), (DType::F16, 1e-3)]
+        {
+            let s = scores.to_dtype(dtype)?;
+            let rd = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+            let shifted = (s.to_dtype(rd)? * scale)?.broadcast_add(&mask.to_dtype(rd)?)?;
+            let unfused = crate::layers::ops::softmax_last_dim(&shifted)?.to_dtype(dtype)?;
+            let Some(fused) = causal_softmax(&s, scale)? else { candle::bail!("no CPU path") };
+            assert_eq!(fused.dtype(), dtype);
+            let error = relative_error(&fused, &unfused)?;
+            assert!(error <= tolerance, "{dtype:?}: {error:e}");
+            // Above the diagonal exactly zero.
+            let upper = fused.to_dtype(DType::F64)?.narrow(2, 0, 1)?.narrow(3, 1, t - 1)?;
+            assert_eq!(max_abs(&upper)?, 0.0);
+        }
+        Ok(())
+    }
+}
