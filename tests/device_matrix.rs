@@ -315,7 +315,9 @@ fn memory_meter_sees_the_peak(device: &Device) -> anyhow::Result<()> {
     let start = meter.reset_peak();
     let block = Tensor::ones(1 << 20, DType::F32, device)?;
     let peak = meter.peak_bytes();
-    assert!(peak >= start + (4 << 20), "{}: peak {peak} < start {start} + 4 MiB", meter.source());
+    // On CPU the counter is process-wide: libtest's threads may free a few bytes meanwhile.
+    let slack = if device.is_cpu() { 1 << 20 } else { 0 };
+    assert!(peak + slack >= start + (4 << 20), "{}: peak {peak} < start {start} + 4 MiB", meter.source());
     assert!(meter.current_bytes() >= 4 << 20);
     drop(block);
     let report = train(device, Precision::F32, 2)?;
@@ -486,8 +488,11 @@ fn pool_counters_track_allocations(device: &Device) -> anyhow::Result<()> {
     }
     let meter = DeviceMeter::for_device(device);
     let start = meter.reset_peak();
-    let block = vec![1u8; 8 << 20];
-    assert!(meter.peak_bytes() >= start + (8 << 20));
+    let block = std::hint::black_box(vec![1u8; 8 << 20]);
+    // The heap counter is process-wide: libtest's own threads (reporting the previous case)
+    // may free a few bytes between the reset and the allocation, so allow 1 MiB of them.
+    let peak = meter.peak_bytes();
+    assert!(peak + (1 << 20) >= start + (8 << 20), "peak {peak} after an 8 MiB block from {start}");
     drop(block);
     Ok(())
 }
