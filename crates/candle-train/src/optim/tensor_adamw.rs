@@ -100,22 +100,21 @@ impl TensorAdamW {
             }
         }
         let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
-        let device = param.device();
-        let scalar = |x: f32| Tensor::new(x, device);
+        // Multiplications and the eps add go through `affine` (x * a + b with b = 0, or a = 1:
+        // the same single rounding, and no host-to-device copy of a scalar); the division by
+        // the bias correction must be a true division, so its divisor is a scalar tensor.
+        let f = |x: f32| f64::from(x);
         // p *= 1 - lr * wd
-        let p = param.broadcast_mul(&scalar(s.decay_factor)?)?;
+        let p = param.affine(f(s.decay_factor), 0.0)?;
         // m = m + w * (g - m)   (ATen: fma(w, g - m, m))
-        let m = (grad - m)?.broadcast_mul(&scalar(s.lerp_weight)?)?.add(m)?;
+        let m = (grad - m)?.affine(f(s.lerp_weight), 0.0)?.add(m)?;
         // v = v * beta2 + ((1 - beta2) * g) * g   (ATen: fma((1 - beta2) * g, g, v * beta2))
-        let v = grad
-            .broadcast_mul(&scalar(s.one_minus_beta2)?)?
-            .mul(grad)?
-            .add(&v.broadcast_mul(&scalar(s.beta2)?)?)?;
+        let v = grad.affine(f(s.one_minus_beta2), 0.0)?.mul(grad)?.add(&v.affine(f(s.beta2), 0.0)?)?;
         // denom = sqrt(v) / sqrt(1 - beta2^t) + eps
-        let denom =
-            v.sqrt()?.broadcast_div(&scalar(s.bias_correction2_sqrt)?)?.broadcast_add(&scalar(s.eps)?)?;
+        let bias_correction = Tensor::new(s.bias_correction2_sqrt, param.device())?;
+        let denom = v.sqrt()?.broadcast_div(&bias_correction)?.affine(1.0, f(s.eps))?;
         // p += (-lr / (1 - beta1^t)) * m / denom
-        let p = p.add(&m.broadcast_mul(&scalar(s.neg_step_size)?)?.div(&denom)?)?;
+        let p = p.add(&m.affine(f(s.neg_step_size), 0.0)?.div(&denom)?)?;
         self.exp_avg[index] = m;
         self.exp_avg_sq[index] = v;
         Ok(p)
