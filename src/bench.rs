@@ -373,7 +373,7 @@ pub fn run_one(
             let report = gpt.and_then(|gpt| {
                 let mut updater = LocalUpdater::from_config(gpt.parameters(), &optimizer(config))?;
                 if config.offload {
-                    updater = updater.offloaded();
+                    updater = updater.offloaded()?;
                 }
                 trainer.fit(&gpt, corpus, &mut updater)
             });

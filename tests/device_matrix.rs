@@ -242,7 +242,7 @@ fn offloaded_optimizer_equals_the_on_device_one(device: &Device) -> anyhow::Resu
             let model = Gpt::new(small(0.0), dtype, device, 3)?;
             let mut updater = LocalUpdater::from_config(model.parameters(), &optimizer)?;
             if offload {
-                updater = updater.offloaded();
+                updater = updater.offloaded()?;
             }
             trainer.fit(&model, &corpus()?, &mut updater)?;
             let params: HashMap<String, Tensor> = model

@@ -488,7 +488,7 @@ impl ZeroUpdater {
     /// optimizer buffers.
     fn checkpoint_pieces(&self) -> Result<Vec<SavedPiece>> {
         let rank = self.comm.rank();
-        let state = self.optimizer.state();
+        let state = self.optimizer.state()?;
         let buffers = buffers_by_index(&state)?;
         let shards = self.shards.as_ref().map(|s| lock(s));
         let mut out = Vec::new();
@@ -556,7 +556,7 @@ impl ZeroUpdater {
                 format!("it holds {} state, this run uses {}", info.optimizer, self.optimizer.name()),
             )));
         }
-        let current = self.optimizer.state();
+        let current = self.optimizer.state()?;
         let by_index = buffers_by_index(&current)?;
         let stage3 = self.shards.is_some();
         let mut needs = Vec::new();
