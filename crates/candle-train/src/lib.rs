@@ -59,7 +59,7 @@ pub use trainer::{
     BackwardMode, CheckpointConfig, DataRank, LanguageModel, MicroBatchSearch, MicroBatchTrial, OomRecovery,
     TrainReport, Trainer, TrainerBuilder, TrainerConfig,
 };
-pub use updater::{LocalUpdater, StepReport, Updater, UpdaterState};
+pub use updater::{LocalUpdater, StepReport, Transfers, Updater, UpdaterState};
 
 #[cfg(test)]
 #[global_allocator]

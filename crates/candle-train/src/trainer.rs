@@ -1232,7 +1232,12 @@ impl Trainer {
             let step_time_s = started.elapsed().as_secs_f64();
             let peak = meter.peak_bytes();
             let state = updater.state_bytes();
-            let mem = MemoryReport::new(
+            let mut transfers = updater.take_transfers();
+            if !model.device().is_cpu() {
+                // Each micro-batch's loss is read back (as an f64).
+                transfers.scalars += 8 * split.accumulation_steps as u64;
+            }
+            let mut mem = MemoryReport::new(
                 param_bytes,
                 state.gradients,
                 state.master_weights,
@@ -1240,6 +1245,7 @@ impl Trainer {
                 start_bytes,
                 peak,
             );
+            mem.transfers = transfers;
             if mem.peak >= worst.peak {
                 worst = mem;
             }
@@ -1285,6 +1291,7 @@ impl Trainer {
                 peak_bytes: peak,
                 loss_scale: scaler.is_some().then_some(loss_scale),
                 val_loss,
+                transfers,
             };
             if let Some(m) = metrics.as_mut() {
                 m.write(&record)?;

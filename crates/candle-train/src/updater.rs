@@ -662,12 +662,8 @@ impl Updater for LocalUpdater {
                 store.master.iter().map(|m| m.as_ref().map(to_f32_vec).transpose()).collect::<Result<_>>()?
             }
         };
-        let master_weights = self
-            .params
-            .iter()
-            .zip(masters)
-            .filter_map(|(p, m)| m.map(|m| (p.name.clone(), m)))
-            .collect();
+        let master_weights =
+            self.params.iter().zip(masters).filter_map(|(p, m)| m.map(|m| (p.name.clone(), m))).collect();
         Ok(UpdaterState { master_weights, optimizer: self.optimizer().state()? })
     }
 
@@ -714,9 +710,7 @@ impl Updater for LocalUpdater {
                     .params
                     .iter()
                     .zip(restored)
-                    .map(|(p, m)| {
-                        m.map(|m| Tensor::from_vec(m, p.var.shape(), p.var.device())).transpose()
-                    })
+                    .map(|(p, m)| m.map(|m| Tensor::from_vec(m, p.var.shape(), p.var.device())).transpose())
                     .collect::<candle::Result<Vec<_>>>()?;
                 store.optimizer.load_state(&optimizer)?;
                 store.master = masters;
@@ -759,13 +753,22 @@ mod tests {
     use crate::optim::{OptimizerConfig, SgdConfig};
     use crate::params::ParamBuilder;
 
-    fn setup(dtype: DType) -> Result<(Parameters, LocalUpdater)> {
+    /// Both stores: state in host vectors (the CPU default) and state as tensors on the
+    /// parameters' device (what a GPU gets; the tensor-op optimizers on the CPU).
+    const STORES: [bool; 2] = [false, true];
+
+    fn setup(dtype: DType, on_device: bool) -> Result<(Parameters, LocalUpdater)> {
         let mut pb = ParamBuilder::new(dtype, Device::Cpu, 0);
         pb.constant("w", (2, 2), 1.0)?;
         pb.constant("b", 2, 0.5)?;
         let params = pb.finish();
-        let sgd = SgdConfig { momentum: 0.0, ..Default::default() };
-        let updater = LocalUpdater::new(&params, OptimizerConfig::Sgd(sgd).build(&[4, 2])?)?;
+        let sgd = OptimizerConfig::Sgd(SgdConfig { momentum: 0.0, ..Default::default() });
+        let updater = if on_device {
+            LocalUpdater::on_device(&params, &sgd)?
+        } else {
+            LocalUpdater::from_config(&params, &sgd)?
+        };
+        assert_eq!(updater.is_device_resident(), on_device);
         Ok((params, updater))
     }
 
@@ -784,7 +787,14 @@ mod tests {
 
     #[test]
     fn gradients_accumulate_and_the_global_norm_clips_them() -> Result<()> {
-        let (params, mut updater) = setup(DType::F32)?;
+        for on_device in STORES {
+            gradients_accumulate_and_clip(on_device)?;
+        }
+        Ok(())
+    }
+
+    fn gradients_accumulate_and_clip(on_device: bool) -> Result<()> {
+        let (params, mut updater) = setup(DType::F32, on_device)?;
         updater.accumulate(&grads(&params, &[1.0, 0.0, 0.0, 0.0], &[0.0, 1.0])?)?;
         updater.accumulate(&grads(&params, &[2.0, 0.0, 0.0, 0.0], &[0.0, 3.0])?)?;
         assert_eq!(updater.gradient("w")?, Some(vec![3.0, 0.0, 0.0, 0.0]));
@@ -801,8 +811,8 @@ mod tests {
 
     #[test]
     fn a_non_finite_gradient_skips_the_step_and_never_reaches_the_weights() -> Result<()> {
-        for bad in [f32::INFINITY, f32::NAN] {
-            let (params, mut updater) = setup(DType::F32)?;
+        for (bad, on_device) in [f32::INFINITY, f32::NAN].into_iter().flat_map(|b| STORES.map(|s| (b, s))) {
+            let (params, mut updater) = setup(DType::F32, on_device)?;
             updater.accumulate(&grads(&params, &[1.0, bad, 0.0, 0.0], &[0.0, 1.0])?)?;
             let report = updater.step(0.1, None)?;
             assert!(!report.stepped);
@@ -815,7 +825,14 @@ mod tests {
 
     #[test]
     fn half_precision_parameters_step_on_fp32_master_weights() -> Result<()> {
-        let (params, mut updater) = setup(DType::BF16)?;
+        for on_device in STORES {
+            master_weights(on_device)?;
+        }
+        Ok(())
+    }
+
+    fn master_weights(on_device: bool) -> Result<()> {
+        let (params, mut updater) = setup(DType::BF16, on_device)?;
         assert_eq!(updater.state_bytes().master_weights, 6 * 4);
         // 1e-3 steps are below bf16's resolution at 1.0 (2^-7), but accumulate in the master.
         for _ in 0..8 {
@@ -825,6 +842,60 @@ mod tests {
         let w = values(&params, "w")?;
         assert_eq!(params.get("w").map(|p| p.var.dtype()), Some(DType::BF16));
         assert!((w[0] - 0.9921875).abs() < 1e-7, "{w:?}: 1 - 8e-3 rounded to bf16");
+        Ok(())
+    }
+
+    #[test]
+    fn unscaling_finds_inf_and_nan_in_both_stores_and_nothing_moves_on_the_cpu() -> Result<()> {
+        for on_device in STORES {
+            let (params, mut updater) = setup(DType::F32, on_device)?;
+            updater.accumulate(&grads(&params, &[4.0, 0.0, 0.0, 0.0], &[0.0, 2.0])?)?;
+            assert!(!updater.unscale(0.5)?, "finite gradients");
+            assert_eq!(updater.gradient("w")?, Some(vec![2.0, 0.0, 0.0, 0.0]));
+            for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+                updater.zero_grad();
+                updater.accumulate(&grads(&params, &[1.0, 0.0, 0.0, 0.0], &[bad, 2.0])?)?;
+                assert!(updater.unscale(0.5)?, "{bad} in the device store {on_device}");
+            }
+            // Huge but finite gradients are not reported as overflow.
+            updater.zero_grad();
+            updater.accumulate(&grads(&params, &[3e38, 3e38, 0.0, 0.0], &[0.0, 0.0])?)?;
+            assert!(!updater.unscale(1.0)?);
+            updater.step(0.0, None)?;
+            assert_eq!(updater.take_transfers(), Transfers::default(), "the CPU device moves nothing");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_state_round_trips_between_the_stores_and_offloading_brings_it_to_the_host() -> Result<()> {
+        let mut pb = ParamBuilder::new(DType::BF16, Device::Cpu, 0);
+        pb.constant("w", (2, 2), 1.0)?;
+        pb.constant("b", 2, 0.5)?;
+        let params = pb.finish();
+        let adamw = OptimizerConfig::AdamW(crate::optim::AdamWConfig::default());
+        let mut device = LocalUpdater::on_device(&params, &adamw)?;
+        for _ in 0..3 {
+            device.accumulate(&grads(&params, &[1.0, -2.0, 0.5, 0.0], &[0.25, 1.0])?)?;
+            device.step(1e-2, None)?;
+        }
+        let saved = device.save_state()?;
+        assert_eq!(saved.optimizer.step, 3);
+        assert_eq!(saved.master_weights.len(), 2, "BF16 parameters have FP32 masters");
+        let mut host = LocalUpdater::from_config(&params, &adamw)?;
+        host.load_state(saved.clone())?;
+        assert_eq!(host.save_state()?, saved, "the host store takes the device store's state as it is");
+        let offloaded = device.offloaded()?;
+        assert!(offloaded.is_offloaded() && !offloaded.is_device_resident());
+        assert_eq!(offloaded.save_state()?, saved, "offloading carries the state over unchanged");
+        let mut back = LocalUpdater::on_device(&params, &adamw)?;
+        back.load_state(saved.clone())?;
+        assert_eq!(back.save_state()?, saved);
+        // A wrong master length is refused by either store, and nothing changes.
+        let mut torn = saved.clone();
+        torn.master_weights.values_mut().for_each(|m| m.push(0.0));
+        assert!(matches!(back.load_state(torn), Err(Error::StateMismatch { .. })));
+        assert_eq!(back.save_state()?, saved);
         Ok(())
     }
 }

@@ -239,7 +239,12 @@ impl Optimizer for AdamW {
             buffers.insert(format!("exp_avg.{i}"), m.clone());
             buffers.insert(format!("exp_avg_sq.{i}"), v.clone());
         }
-        Ok(OptimizerState { kind: self.name().into(), step: self.step, buffers, quantized: Default::default() })
+        Ok(OptimizerState {
+            kind: self.name().into(),
+            step: self.step,
+            buffers,
+            quantized: Default::default(),
+        })
     }
 
     fn config(&self) -> Option<super::OptimizerConfig> {

@@ -44,8 +44,11 @@ pub fn build(config: &OptimizerConfig, params: &[&Tensor]) -> Result<Box<dyn Opt
         }
         OptimizerConfig::Sgd(c) => {
             Sgd::new(*c, &[])?;
-            let momentum =
-                if c.momentum > 0.0 { params.iter().map(zeros).collect::<candle::Result<_>>()? } else { Vec::new() };
+            let momentum = if c.momentum > 0.0 {
+                params.iter().map(zeros).collect::<candle::Result<_>>()?
+            } else {
+                Vec::new()
+            };
             Ok(Box::new(FusedSgd {
                 config: *c,
                 device,
@@ -171,7 +174,11 @@ impl FusedAdamW {
         let (pv, gv) = (view::<f32>(&ps, pl, "parameter")?, view::<f32>(&gs, gl, "gradient")?);
         let (mv, vv) = (view::<f32>(&ms, ml, "first moment")?, view::<f32>(&vs, vl, "second moment")?);
         let out = Out::new(copy_guard.as_ref())?;
-        let func = self.device.get_or_load_custom_func(&format!("candle_fit_adamw_{}", out.suffix()), MODULE, PTX)?;
+        let func = self.device.get_or_load_custom_func(
+            &format!("candle_fit_adamw_{}", out.suffix()),
+            MODULE,
+            PTX,
+        )?;
         let mut builder = func.builder();
         builder.arg(&n).arg(&pv).arg(&gv).arg(&mv).arg(&vv);
         out.push(&mut builder);
@@ -289,7 +296,15 @@ pub struct FusedSgd {
 }
 
 impl FusedSgd {
-    fn launch(&self, index: usize, p: &Tensor, g: &Tensor, copy: Option<&Var>, lr: f64, decay: bool) -> Result<()> {
+    fn launch(
+        &self,
+        index: usize,
+        p: &Tensor,
+        g: &Tensor,
+        copy: Option<&Var>,
+        lr: f64,
+        decay: bool,
+    ) -> Result<()> {
         let shape = self.shapes.get(index).ok_or_else(|| Error::StateMismatch {
             name: format!("parameter {index}"),
             expected: format!("an index below {}", self.shapes.len()),
@@ -316,7 +331,8 @@ impl FusedSgd {
             None => None,
         };
         let out = Out::new(copy_guard.as_ref())?;
-        let func = self.device.get_or_load_custom_func(&format!("candle_fit_sgd_{}", out.suffix()), MODULE, PTX)?;
+        let func =
+            self.device.get_or_load_custom_func(&format!("candle_fit_sgd_{}", out.suffix()), MODULE, PTX)?;
         let null = 0u64;
         let mut builder = func.builder();
         builder.arg(&n).arg(&pv).arg(&gv);

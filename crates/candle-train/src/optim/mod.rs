@@ -3,9 +3,9 @@
 
 pub mod adamw;
 pub mod adamw8bit;
-pub mod quant;
 #[cfg(feature = "cuda")]
 pub mod fused_cuda;
+pub mod quant;
 pub mod sgd;
 pub mod tensor_adamw;
 pub mod tensor_sgd;

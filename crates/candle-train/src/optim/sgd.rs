@@ -193,7 +193,12 @@ impl Optimizer for Sgd {
     fn state(&self) -> Result<OptimizerState> {
         let buffers =
             self.momentum.iter().enumerate().map(|(i, b)| (format!("momentum.{i}"), b.clone())).collect();
-        Ok(OptimizerState { kind: self.name().into(), step: self.step, buffers, quantized: Default::default() })
+        Ok(OptimizerState {
+            kind: self.name().into(),
+            step: self.step,
+            buffers,
+            quantized: Default::default(),
+        })
     }
 
     fn config(&self) -> Option<super::OptimizerConfig> {

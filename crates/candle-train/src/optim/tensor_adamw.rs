@@ -96,7 +96,6 @@ impl TensorAdamW {
         self.exp_avg_sq[index] = v;
         Ok(p)
     }
-
 }
 
 /// Checks that `param` and `grad` are F32 tensors shaped and placed like the state `like`.
@@ -105,7 +104,11 @@ pub(crate) fn check_tensors(index: usize, like: &Tensor, param: &Tensor, grad: &
         if t.shape() != like.shape() || t.dtype() != DType::F32 || !t.device().same_device(like.device()) {
             return Err(Error::StateMismatch {
                 name: format!("parameter {index}"),
-                expected: format!("an F32 {what} of shape {:?} on {:?}", like.dims(), like.device().location()),
+                expected: format!(
+                    "an F32 {what} of shape {:?} on {:?}",
+                    like.dims(),
+                    like.device().location()
+                ),
                 found: format!("{:?} {:?} on {:?}", t.dtype(), t.dims(), t.device().location()),
             });
         }

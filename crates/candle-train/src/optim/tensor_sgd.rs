@@ -43,7 +43,13 @@ impl TensorSgd {
         } else {
             Vec::new()
         };
-        Ok(Self { config, device, step: 0, momentum, shapes: params.iter().map(|p| p.shape().clone()).collect() })
+        Ok(Self {
+            config,
+            device,
+            step: 0,
+            momentum,
+            shapes: params.iter().map(|p| p.shape().clone()).collect(),
+        })
     }
 
     fn like(&self, index: usize) -> Result<Tensor> {
