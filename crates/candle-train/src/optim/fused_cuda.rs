@@ -104,7 +104,7 @@ enum Out<'a> {
 }
 
 impl<'a> Out<'a> {
-    fn new(copy: Option<&'a (std::sync::RwLockReadGuard<'a, Storage>, &'a candle::Layout)>) -> Result<Self> {
+    fn new(copy: Option<(&'a Storage, &'a candle::Layout)>) -> Result<Self> {
         let Some((storage, layout)) = copy else { return Ok(Out::None(0)) };
         match storage.dtype() {
             DType::BF16 => Ok(Out::Bf16(view(storage, layout, "BF16 parameter")?)),
@@ -173,7 +173,7 @@ impl FusedAdamW {
         let copy_guard = copy.map(|c| c.as_tensor().storage_and_layout());
         let (pv, gv) = (view::<f32>(&ps, pl, "parameter")?, view::<f32>(&gs, gl, "gradient")?);
         let (mv, vv) = (view::<f32>(&ms, ml, "first moment")?, view::<f32>(&vs, vl, "second moment")?);
-        let out = Out::new(copy_guard.as_ref())?;
+        let out = Out::new(copy_guard.as_ref().map(|(s, l)| (&**s, *l)))?;
         let func = self.device.get_or_load_custom_func(
             &format!("candle_fit_adamw_{}", out.suffix()),
             MODULE,
@@ -330,7 +330,7 @@ impl FusedSgd {
             Some((s, l)) => Some(view::<f32>(s, l, "momentum buffer")?),
             None => None,
         };
-        let out = Out::new(copy_guard.as_ref())?;
+        let out = Out::new(copy_guard.as_ref().map(|(s, l)| (&**s, *l)))?;
         let func =
             self.device.get_or_load_custom_func(&format!("candle_fit_sgd_{}", out.suffix()), MODULE, PTX)?;
         let null = 0u64;
