@@ -122,6 +122,8 @@ pub struct NcclCommunicator {
     stream: Arc<CudaStream>,
     timeout: Duration,
     stats: Cell<CommStats>,
+    /// Bytes copied host -> device -> host to stage collectives.
+    staged: Cell<u64>,
 }
 
 /// cudarc's `Comm` holds NCCL's raw communicator handle, so it is not `Send`.
@@ -158,7 +160,13 @@ impl NcclCommunicator {
             rank,
             code: format!("{e:?}"),
         })?;
-        Ok(Self { comm: SendComm(comm), stream, timeout: Duration::from_secs(300), stats: Cell::default() })
+        Ok(Self {
+            comm: SendComm(comm),
+            stream,
+            timeout: Duration::from_secs(300),
+            stats: Cell::default(),
+            staged: Cell::new(0),
+        })
     }
 
     /// Joins the NCCL group of the launcher's ranks (`info`: from torchrun, Slurm or
@@ -242,6 +250,7 @@ impl NcclCommunicator {
         if values.is_empty() {
             return Ok(());
         }
+        self.staged.set(self.staged.get() + 2 * std::mem::size_of_val(values) as u64);
         let mut buffer = self.stream.clone_htod(&*values).map_err(self.cuda(op))?;
         collective(&self.comm.0, &mut buffer).map_err(self.nccl(op))?;
         self.stream.memcpy_dtoh(&buffer, values).map_err(self.cuda(op))?;
@@ -284,6 +293,7 @@ impl NcclCommunicator {
         if chunk == 0 {
             return Ok(());
         }
+        self.staged.set(self.staged.get() + 4 * (values.len() + chunk) as u64);
         let send = self.stream.clone_htod(&*values).map_err(self.cuda(OP))?;
         let mut receive = self.stream.alloc_zeros::<f32>(chunk).map_err(self.cuda(OP))?;
         self.comm.0.reduce_scatter(&send, &mut receive, &ReduceOp::Sum).map_err(self.nccl(OP))?;
@@ -304,6 +314,7 @@ impl NcclCommunicator {
             return Ok(());
         }
         let mine = &bytes[self.rank() * chunk..(self.rank() + 1) * chunk];
+        self.staged.set(self.staged.get() + (mine.len() + bytes.len()) as u64);
         let send = self.stream.clone_htod(mine).map_err(self.cuda(OP))?;
         let mut receive = self.stream.alloc_zeros::<u8>(bytes.len()).map_err(self.cuda(OP))?;
         self.comm.0.all_gather(&send, &mut receive).map_err(self.nccl(OP))?;
@@ -403,5 +414,9 @@ impl Communicator for NcclCommunicator {
 
     fn stats(&self) -> CommStats {
         self.stats.get()
+    }
+
+    fn host_staged_bytes(&self) -> u64 {
+        self.staged.get()
     }
 }

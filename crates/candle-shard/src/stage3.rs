@@ -107,6 +107,10 @@ impl Communicator for SharedComm {
     fn stats(&self) -> CommStats {
         self.lock().stats()
     }
+
+    fn host_staged_bytes(&self) -> u64 {
+        self.lock().host_staged_bytes()
+    }
 }
 
 /// Swaps a variable's buffer in place: for an empty one (release) or for a new one holding

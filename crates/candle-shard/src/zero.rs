@@ -49,7 +49,7 @@ use candle_ckpt::SegmentGradients;
 use candle_train::checkpoint::{Checkpoint, Progress, RunIdentity, ShardedInfo};
 use candle_train::host::{to_f32_vec, update_f32_in_place, with_f32_values, write_f32_values};
 use candle_train::loss_scale::unscale_slice;
-use candle_train::updater::StateBytes;
+use candle_train::updater::{StateBytes, Transfers};
 use candle_train::{Optimizer, OptimizerConfig, Parameter, Parameters, StepReport, Updater};
 use half::{bf16, f16};
 
@@ -101,6 +101,13 @@ pub struct ZeroUpdater {
     staging: HashMap<usize, (Vec<f32>, usize)>,
     /// Stage 3: the rank's parameter slices, shared with the model wrapper.
     shards: Option<Arc<Mutex<ShardedParameters>>>,
+    /// Whether the parameters live off the CPU, so that every host copy below is a transfer.
+    off_host: bool,
+    /// Host <-> device bytes since the last `take_transfers` (collectives come from the
+    /// communicator's own count).
+    transfers: Transfers,
+    /// The communicator's staged-byte count at the last `take_transfers`.
+    staged_seen: u64,
 }
 
 /// For each of `params` (in order), the segment of `model` whose backward completes its
@@ -264,6 +271,8 @@ impl ZeroUpdater {
         let shards = shared.map(|comm| {
             Arc::new(Mutex::new(ShardedParameters::new(comm, params.clone(), partition.clone(), slices)))
         });
+        let off_host = params.iter().any(|p| !p.var.device().is_cpu());
+        let staged_seen = comm.host_staged_bytes();
         Ok(Self {
             stage,
             comm,
@@ -277,6 +286,9 @@ impl ZeroUpdater {
             pending: HashMap::new(),
             staging: HashMap::new(),
             shards,
+            off_host,
+            transfers: Transfers::default(),
+            staged_seen,
         })
     }
 
@@ -399,7 +411,11 @@ impl ZeroUpdater {
             if self.stage == ZeroStage::Stage0 {
                 if let Some(master) = &group.master {
                     for e in layout.entries() {
-                        write_f32_values(&self.params[e.param].var, &master[e.offset..e.offset + e.len])?;
+                        let var = &self.params[e.param].var;
+                        if self.off_host {
+                            self.transfers.parameters += (e.len * var.dtype().size_in_bytes()) as u64;
+                        }
+                        write_f32_values(var, &master[e.offset..e.offset + e.len])?;
                     }
                 }
                 continue;
@@ -418,6 +434,9 @@ impl ZeroUpdater {
                 Some(master) => flat[shard.clone()].copy_from_slice(master),
                 None => {
                     for piece in layout.pieces(rank) {
+                        if self.off_host {
+                            self.transfers.parameters += 4 * self.params[piece.param].var.elem_count() as u64;
+                        }
                         with_f32_values(self.params[piece.param].var.as_tensor(), |v| {
                             flat[shard.start..][piece.shard_range.clone()]
                                 .copy_from_slice(&v[piece.param_range.clone()])
@@ -428,7 +447,11 @@ impl ZeroUpdater {
             let comm = &self.comm;
             let flat = exchange_in_dtype(layout.dtype(), flat, |bytes| comm.all_gather(bytes))?;
             for e in layout.entries() {
-                write_f32_values(&self.params[e.param].var, &flat[e.offset..e.offset + e.len])?;
+                let var = &self.params[e.param].var;
+                if self.off_host {
+                    self.transfers.parameters += (e.len * var.dtype().size_in_bytes()) as u64;
+                }
+                write_f32_values(var, &flat[e.offset..e.offset + e.len])?;
             }
             if self.stage == ZeroStage::Stage1 {
                 group.grads = flat;
@@ -445,6 +468,9 @@ impl ZeroUpdater {
             let Some(&(group, entry)) = self.index.get(&g.var.as_tensor().id()) else {
                 return Err(unknown(&g.name));
             };
+            if self.off_host {
+                self.transfers.gradients += 4 * g.grad.elem_count() as u64;
+            }
             let mut values = to_f32_vec(&g.grad)?;
             if let Some(earlier) = self.pending.remove(&entry.param) {
                 values.iter_mut().zip(&earlier).for_each(|(v, e)| *v += e);
@@ -677,6 +703,9 @@ impl Updater for ZeroUpdater {
             let Some(&(group, entry)) = self.index.get(&g.var.as_tensor().id()) else {
                 return Err(unknown(&g.name));
             };
+            if self.off_host {
+                self.transfers.gradients += 4 * entry.len as u64;
+            }
             let acc = &mut self.groups[group].grads[entry.offset..entry.offset + entry.len];
             with_f32_values(&g.grad, |values| {
                 acc.iter_mut().zip(values).for_each(|(a, &v)| *a += v);
@@ -726,6 +755,10 @@ impl Updater for ZeroUpdater {
                     optimizer.update(k, &mut master[piece.owned_range.clone()], grad, lr, piece.decay)?
                 }
                 None => {
+                    if self.off_host {
+                        // The whole parameter down and back up.
+                        self.transfers.parameters += 8 * self.params[piece.param].var.elem_count() as u64;
+                    }
                     let mut outcome = Ok(());
                     update_f32_in_place(&self.params[piece.param].var, |values| {
                         outcome =
@@ -806,6 +839,18 @@ impl Updater for ZeroUpdater {
 
     fn restore_sharded(&mut self, checkpoint: &Checkpoint, params: &Parameters) -> candle_train::Result<()> {
         Ok(self.restore_from(checkpoint, params)?)
+    }
+
+    /// Host <-> device bytes since the last call: on a GPU this updater's state is in host
+    /// memory, so gradients come down per micro-batch and parameters go up per step, and the
+    /// NCCL backend stages every collective through the device. (Stage 3's gathers and
+    /// releases of parameters are not counted yet.)
+    fn take_transfers(&mut self) -> Transfers {
+        let staged = self.comm.host_staged_bytes();
+        let mut transfers = std::mem::take(&mut self.transfers);
+        transfers.collectives += staged.saturating_sub(self.staged_seen);
+        self.staged_seen = staged;
+        transfers
     }
 
     fn sum_over_ranks(&mut self, value: f64) -> candle_train::Result<f64> {

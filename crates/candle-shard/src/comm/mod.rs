@@ -191,4 +191,11 @@ pub trait Communicator: Send {
 
     /// What this rank has communicated so far.
     fn stats(&self) -> CommStats;
+
+    /// Bytes this rank has copied between host memory and a device to run its collectives so
+    /// far (both directions): the NCCL backend stages host slices through the GPU; the
+    /// in-process and TCP backends work in host memory (0).
+    fn host_staged_bytes(&self) -> u64 {
+        0
+    }
 }
