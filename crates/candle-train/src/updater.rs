@@ -258,6 +258,25 @@ impl std::fmt::Debug for LocalUpdater {
     }
 }
 
+/// The sum of the squares of a tensor's elements in FP64, as a scalar tensor on its device
+/// (computed over chunks of 4 Mi elements, so the FP64 temporary stays small).
+///
+/// # Errors
+/// A device error.
+pub fn sum_of_squares_f64(t: &Tensor) -> candle::Result<Tensor> {
+    const CHUNK: usize = 1 << 22;
+    let flat = t.flatten_all()?;
+    let n = flat.elem_count();
+    let mut total = Tensor::zeros((), DType::F64, t.device())?;
+    let mut start = 0;
+    while start < n {
+        let len = CHUNK.min(n - start);
+        total = (total + flat.narrow(0, start, len)?.to_dtype(DType::F64)?.sqr()?.sum_all()?)?;
+        start += len;
+    }
+    Ok(total)
+}
+
 fn bytes_of(t: &Tensor) -> u64 {
     (t.elem_count() * t.dtype().size_in_bytes()) as u64
 }
@@ -459,8 +478,9 @@ impl LocalUpdater {
     }
 
     fn step_device(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<StepReport> {
-        // The global norm as torch's clip_grad_norm_: per-parameter FP32 sums of squares.
-        let grad_norm = self.device_sum(|g| g.sqr()?.sum_all())?.sqrt();
+        // Squares summed in FP64 on the device, as the host store sums them: the norm and the
+        // clipping factor do not depend on how the elements are split or ordered.
+        let grad_norm = self.device_sum(sum_of_squares_f64)?.sqrt();
         if !grad_norm.is_finite() {
             self.zero_grad();
             return Ok(StepReport { grad_norm, stepped: false, clip_coef: 1.0 });
