@@ -350,17 +350,27 @@ fn varied(seed: u64, n: usize, scale: f32) -> Vec<f32> {
 
 /// The device-resident optimizers (on CUDA the fused kernels, on the CPU the tensor-op path)
 /// against the host's flat-slice kernels (bit-equal to torch): AdamW and Nesterov SGD with
-/// weight decay, 3 steps on parameters of 1, 7 and 5000 elements. The fused kernels repeat the
-/// flat kernels' arithmetic with IEEE intrinsics: bit-equal, and the BF16 copy a fused step
-/// writes beside the master is the master rounded to nearest even. The tensor-op path rounds
-/// its unfused lerp/addcmul twice: within 1e-5 of each parameter's magnitude.
+/// weight decay and (on CUDA) 8-bit AdamW, 3 steps on parameters of 1, 7 and 5000 elements. The
+/// fused kernels repeat the flat kernels' arithmetic with IEEE intrinsics (8-bit AdamW's
+/// requantization included): bit-equal, state too, and the BF16 copy a fused step writes beside
+/// the master is the master rounded to nearest even. The tensor-op path rounds its unfused
+/// lerp/addcmul twice: within 1e-5 of each parameter's magnitude.
 fn device_optimizers_equal_the_flat_kernels(device: &Device) -> anyhow::Result<()> {
     let sizes = [1usize, 7, 5000];
     let configs = [
         OptimizerConfig::AdamW(AdamWConfig { weight_decay: 0.1, ..Default::default() }),
         OptimizerConfig::Sgd(SgdConfig { momentum: 0.9, nesterov: true, weight_decay: 0.01, dampening: 0.0 }),
+        // 5000 elements: 8-bit moments in three blocks (the last one partial); 1 and 7: FP32.
+        OptimizerConfig::AdamW8bit(AdamWConfig { weight_decay: 0.1, ..Default::default() }),
     ];
     for config in configs {
+        if matches!(config, OptimizerConfig::AdamW8bit(_)) && !device.is_cuda() {
+            // Its device-resident form is the fused CUDA kernel: elsewhere it is refused.
+            let t = Tensor::zeros(4, DType::F32, device)?;
+            let refused = config.build_on_device(&[&t]).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(refused.contains("8-bit AdamW"), "{refused}");
+            continue;
+        }
         let mut flat = config.build(&sizes)?;
         let mut host: Vec<Vec<f32>> =
             sizes.iter().enumerate().map(|(i, &n)| varied(i as u64, n, 1.0)).collect();

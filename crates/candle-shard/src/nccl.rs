@@ -466,7 +466,7 @@ impl Communicator for NcclCommunicator {
         let bytes = total * t.dtype().size_in_bytes();
         fn gather<T: CudaDType + NcclType + DeviceRepr + ValidAsZeroBits>(
             comm: &Comm,
-            stream: &CudaStream,
+            stream: &Arc<CudaStream>,
             t: &Tensor,
             total: usize,
         ) -> Result<CudaSlice<T>, String> {
@@ -533,7 +533,7 @@ impl NcclCommunicator {
         &self,
         op: Op,
         bytes: usize,
-        run: impl FnOnce(&Comm, &CudaStream) -> Result<T, String>,
+        run: impl FnOnce(&Comm, &Arc<CudaStream>) -> Result<T, String>,
     ) -> crate::Result<T> {
         let outcome = run(&self.comm.0, &self.stream);
         let status = match &outcome {

@@ -1,4 +1,4 @@
-//! Fused optimizer steps on CUDA (feature `cuda`): AdamW and SGD whose state lives on the GPU,
+//! Fused optimizer steps on CUDA (feature `cuda`): AdamW, SGD and 8-bit AdamW whose state lives on the GPU,
 //! one kernel launch per parameter that reads each element's parameter, gradient and state
 //! once and writes them once (AdamW: 16 bytes read and 12 written per element, plus 2 for a
 //! half-precision parameter's copy, against the 28 bytes per parameter of an HBM-bound step).
@@ -16,6 +16,8 @@ use candle::{CudaDevice, DType, Device, Storage, Tensor, Var};
 use half::{bf16, f16};
 
 use super::adamw::Scalars;
+use super::adamw8bit::MIN_QUANTIZED;
+use super::quant::{code_values, Code, BLOCK};
 use super::tensor_adamw::{check_tensors, host_values, one_device, refuse_slices, restore_buffer};
 use super::{AdamWConfig, Optimizer, OptimizerConfig, OptimizerState, Sgd, SgdConfig};
 use crate::error::{Error, Result};
@@ -57,10 +59,7 @@ pub fn build(config: &OptimizerConfig, params: &[&Tensor]) -> Result<Box<dyn Opt
                 shapes: params.iter().map(|p| p.shape().clone()).collect(),
             }))
         }
-        OptimizerConfig::AdamW8bit(_) => Err(Error::config(
-            "optimizer",
-            "8-bit AdamW has no fused CUDA kernel yet: build it on the host (`OptimizerConfig::build`)",
-        )),
+        OptimizerConfig::AdamW8bit(c) => Ok(Box::new(FusedAdamW8bit::new(*c, device, params)?)),
     }
 }
 
@@ -163,39 +162,53 @@ impl FusedAdamW {
                 })
             }
         };
-        check_tensors(index, m, p, g)?;
-        let g = g.contiguous()?;
-        let n = m.elem_count();
-        let (ps, pl) = p.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let (ms, ml) = m.storage_and_layout();
-        let (vs, vl) = v.storage_and_layout();
-        let copy_guard = copy.map(|c| c.as_tensor().storage_and_layout());
-        let (pv, gv) = (view::<f32>(&ps, pl, "parameter")?, view::<f32>(&gs, gl, "gradient")?);
-        let (mv, vv) = (view::<f32>(&ms, ml, "first moment")?, view::<f32>(&vs, vl, "second moment")?);
-        let out = Out::new(copy_guard.as_ref().map(|(s, l)| (&**s, *l)))?;
-        let func = self.device.get_or_load_custom_func(
-            &format!("candle_fit_adamw_{}", out.suffix()),
-            MODULE,
-            PTX,
-        )?;
-        let mut builder = func.builder();
-        builder.arg(&n).arg(&pv).arg(&gv).arg(&mv).arg(&vv);
-        out.push(&mut builder);
-        builder
-            .arg(&s.decay_factor)
-            .arg(&s.lerp_weight)
-            .arg(&s.beta2)
-            .arg(&s.one_minus_beta2)
-            .arg(&s.bias_correction2_sqrt)
-            .arg(&s.eps)
-            .arg(&s.neg_step_size);
-        // SAFETY: the kernel's signature is the argument list above (n, four F32 pointers, the
-        // nullable copy pointer, seven f32 scalars); every view holds `n` elements and the
-        // launch's grid-stride loop stays below `n`.
-        unsafe { builder.launch(launch_config(n)) }.map_err(|e| candle::Error::Cuda(Box::new(e)))?;
-        Ok(())
+        launch_adamw(&self.device, index, p, g, (m, v), copy, s)
     }
+}
+
+/// One fused AdamW step of `p` (FP32, in place) from `g` over FP32 moments `m`, `v` (in place),
+/// writing the rounded value into `copy` too when given.
+fn launch_adamw(
+    device: &CudaDevice,
+    index: usize,
+    p: &Tensor,
+    g: &Tensor,
+    (m, v): (&Tensor, &Tensor),
+    copy: Option<&Var>,
+    s: &Scalars,
+) -> Result<()> {
+    check_tensors(index, m, p, g)?;
+    let g = g.contiguous()?;
+    let n = m.elem_count();
+    let (ps, pl) = p.storage_and_layout();
+    let (gs, gl) = g.storage_and_layout();
+    let (ms, ml) = m.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let copy_guard = copy.map(|c| c.as_tensor().storage_and_layout());
+    let (pv, gv) = (view::<f32>(&ps, pl, "parameter")?, view::<f32>(&gs, gl, "gradient")?);
+    let (mv, vv) = (view::<f32>(&ms, ml, "first moment")?, view::<f32>(&vs, vl, "second moment")?);
+    let out = Out::new(copy_guard.as_ref().map(|(s, l)| (&**s, *l)))?;
+    let func = device.get_or_load_custom_func(&format!("candle_fit_adamw_{}", out.suffix()), MODULE, PTX)?;
+    let mut builder = func.builder();
+    builder.arg(&n).arg(&pv).arg(&gv).arg(&mv).arg(&vv);
+    out.push(&mut builder);
+    push_scalars(&mut builder, s);
+    // SAFETY: the kernel's signature is the argument list above (n, four F32 pointers, the
+    // nullable copy pointer, seven f32 scalars); every view holds `n` elements and the
+    // launch's grid-stride loop stays below `n`.
+    unsafe { builder.launch(launch_config(n)) }.map_err(|e| candle::Error::Cuda(Box::new(e)))?;
+    Ok(())
+}
+
+fn push_scalars<'a>(builder: &mut candle::cuda_backend::cudarc::driver::LaunchArgs<'a>, s: &'a Scalars) {
+    builder
+        .arg(&s.decay_factor)
+        .arg(&s.lerp_weight)
+        .arg(&s.beta2)
+        .arg(&s.one_minus_beta2)
+        .arg(&s.bias_correction2_sqrt)
+        .arg(&s.eps)
+        .arg(&s.neg_step_size);
 }
 
 impl Optimizer for FusedAdamW {
@@ -428,6 +441,234 @@ impl Optimizer for FusedSgd {
             .map(|(i, b)| restore_buffer(state, format!("momentum.{i}"), b))
             .collect::<Result<Vec<_>>>()?;
         self.momentum = loaded;
+        self.step = state.step;
+        Ok(())
+    }
+}
+
+/// One parameter's moments on the GPU: FP32 for small parameters, blockwise 8-bit (codes and
+/// one scale per [`BLOCK`] values) from [`MIN_QUANTIZED`] elements, as [`super::AdamW8bit`].
+#[derive(Debug)]
+enum Moments {
+    Full { m: Tensor, v: Tensor },
+    Quantized { m_codes: Tensor, m_scales: Tensor, v_codes: Tensor, v_scales: Tensor },
+}
+
+/// 8-bit AdamW with its moments on the GPU, stepped by one fused kernel per parameter
+/// (dequantize, step, requantize per block of [`BLOCK`] values), bit-equal to
+/// [`super::AdamW8bit`]; its state saves in the same format.
+#[derive(Debug)]
+pub struct FusedAdamW8bit {
+    config: AdamWConfig,
+    device: CudaDevice,
+    step: u64,
+    moments: Vec<Moments>,
+    /// The signed and unsigned codes' 256 values, on the GPU.
+    codes: (Tensor, Tensor),
+}
+
+impl FusedAdamW8bit {
+    fn new(config: AdamWConfig, device: CudaDevice, params: &[&Tensor]) -> Result<Self> {
+        config.validate()?;
+        let on = Device::Cuda(device.clone());
+        let moments = params
+            .iter()
+            .map(|p| {
+                let n = p.elem_count();
+                Ok(if n >= MIN_QUANTIZED {
+                    let blocks = n.div_ceil(BLOCK);
+                    Moments::Quantized {
+                        m_codes: Tensor::zeros(n, DType::U8, &on)?,
+                        m_scales: Tensor::zeros(blocks, DType::F32, &on)?,
+                        v_codes: Tensor::zeros(n, DType::U8, &on)?,
+                        v_scales: Tensor::zeros(blocks, DType::F32, &on)?,
+                    }
+                } else {
+                    Moments::Full {
+                        m: Tensor::zeros(n, DType::F32, &on)?,
+                        v: Tensor::zeros(n, DType::F32, &on)?,
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let codes = (
+            Tensor::from_slice(code_values(Code::Signed), 256, &on)?,
+            Tensor::from_slice(code_values(Code::Unsigned), 256, &on)?,
+        );
+        Ok(Self { config, device, step: 0, moments, codes })
+    }
+
+    fn launch(&self, index: usize, p: &Tensor, g: &Tensor, copy: Option<&Var>, s: &Scalars) -> Result<()> {
+        let moments = self.moments.get(index).ok_or_else(|| Error::StateMismatch {
+            name: format!("parameter {index}"),
+            expected: format!("an index below {}", self.moments.len()),
+            found: index.to_string(),
+        })?;
+        let (m_codes, m_scales, v_codes, v_scales) = match moments {
+            Moments::Full { m, v } => {
+                // Flat moments: shape the parameter and gradient like them.
+                let (p, g) = (p.flatten_all()?, g.flatten_all()?);
+                return launch_adamw(&self.device, index, &p, &g, (m, v), copy, s);
+            }
+            Moments::Quantized { m_codes, m_scales, v_codes, v_scales } => {
+                (m_codes, m_scales, v_codes, v_scales)
+            }
+        };
+        let n = m_codes.elem_count();
+        let like = Tensor::zeros(n, DType::F32, p.device())?;
+        let (p, g) = (p.flatten_all()?, g.flatten_all()?.contiguous()?);
+        check_tensors(index, &like, &p, &g)?;
+        let (ps, pl) = p.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let (mcs, mcl) = m_codes.storage_and_layout();
+        let (mss, msl) = m_scales.storage_and_layout();
+        let (vcs, vcl) = v_codes.storage_and_layout();
+        let (vss, vsl) = v_scales.storage_and_layout();
+        let (scs, scl) = self.codes.0.storage_and_layout();
+        let (ucs, ucl) = self.codes.1.storage_and_layout();
+        let copy_guard = copy.map(|c| c.as_tensor().storage_and_layout());
+        let (pv, gv) = (view::<f32>(&ps, pl, "parameter")?, view::<f32>(&gs, gl, "gradient")?);
+        let (mc, ms) =
+            (view::<u8>(&mcs, mcl, "first moment codes")?, view::<f32>(&mss, msl, "first moment scales")?);
+        let (vc, vs) =
+            (view::<u8>(&vcs, vcl, "second moment codes")?, view::<f32>(&vss, vsl, "second moment scales")?);
+        let (sc, uc) = (view::<f32>(&scs, scl, "signed code")?, view::<f32>(&ucs, ucl, "unsigned code")?);
+        let out = Out::new(copy_guard.as_ref().map(|(s, l)| (&**s, *l)))?;
+        let name = format!("candle_fit_adamw8bit_{}", out.suffix());
+        let func = self.device.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let mut builder = func.builder();
+        builder.arg(&n).arg(&pv).arg(&gv).arg(&mc).arg(&ms).arg(&vc).arg(&vs).arg(&sc).arg(&uc);
+        out.push(&mut builder);
+        push_scalars(&mut builder, s);
+        // One CUDA block of 256 threads per quantization block (grid-stride beyond 132 * 8).
+        let blocks = n.div_ceil(BLOCK).clamp(1, 132 * 8) as u32;
+        let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the kernel's signature is the argument list above (n, two F32 pointers, the
+        // codes and scales of both moments, the two code tables, the nullable copy pointer,
+        // seven f32 scalars); codes hold `n` bytes, scales ceil(n / 2048) values, the tables
+        // 256 values; the kernel's block size is the 256 threads launched here.
+        unsafe { builder.launch(config) }.map_err(|e| candle::Error::Cuda(Box::new(e)))?;
+        Ok(())
+    }
+}
+
+impl Optimizer for FusedAdamW8bit {
+    fn name(&self) -> &'static str {
+        "adamw8bit"
+    }
+
+    fn begin_step(&mut self) {
+        self.step += 1;
+    }
+
+    fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    fn settings(&self) -> String {
+        crate::trainer::canonical_json("adamw8bit", &self.config)
+    }
+
+    fn update(&mut self, _: usize, _: &mut [f32], _: &[f32], _: f64, _: bool) -> Result<()> {
+        Err(refuse_slices(self.name(), &Device::Cuda(self.device.clone())))
+    }
+
+    fn update_tensor(
+        &mut self,
+        index: usize,
+        param: &Tensor,
+        grad: &Tensor,
+        lr: f64,
+        decay: bool,
+    ) -> Result<Option<Tensor>> {
+        let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
+        self.launch(index, param, grad, None, &s)?;
+        Ok(None)
+    }
+
+    fn update_master(
+        &mut self,
+        index: usize,
+        master: &Tensor,
+        grad: &Tensor,
+        model: &Var,
+        lr: f64,
+        decay: bool,
+    ) -> Result<Option<Tensor>> {
+        check_copy(master, model)?;
+        let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
+        self.launch(index, master, grad, Some(model), &s)?;
+        Ok(None)
+    }
+
+    fn device(&self) -> Option<Device> {
+        Some(Device::Cuda(self.device.clone()))
+    }
+
+    fn config(&self) -> Option<OptimizerConfig> {
+        Some(OptimizerConfig::AdamW8bit(self.config))
+    }
+
+    fn state_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        self.moments
+            .iter()
+            .map(|m| match m {
+                Moments::Full { m, v } => bytes(m) + bytes(v),
+                Moments::Quantized { m_codes, m_scales, v_codes, v_scales } => {
+                    bytes(m_codes) + bytes(m_scales) + bytes(v_codes) + bytes(v_scales)
+                }
+            })
+            .sum()
+    }
+
+    /// [`super::AdamW8bit`]'s format: FP32 `exp_avg.{i}` / `exp_avg_sq.{i}` for small
+    /// parameters; `{name}.{i}.codes` bytes and `{name}.{i}.scales` for quantized ones.
+    fn state(&self) -> Result<OptimizerState> {
+        let (mut buffers, mut quantized) =
+            (std::collections::BTreeMap::new(), std::collections::BTreeMap::new());
+        for (i, moments) in self.moments.iter().enumerate() {
+            match moments {
+                Moments::Full { m, v } => {
+                    buffers.insert(format!("exp_avg.{i}"), host_values(m)?);
+                    buffers.insert(format!("exp_avg_sq.{i}"), host_values(v)?);
+                }
+                Moments::Quantized { m_codes, m_scales, v_codes, v_scales } => {
+                    quantized.insert(format!("exp_avg.{i}.codes"), m_codes.to_vec1::<u8>()?);
+                    quantized.insert(format!("exp_avg_sq.{i}.codes"), v_codes.to_vec1::<u8>()?);
+                    buffers.insert(format!("exp_avg.{i}.scales"), host_values(m_scales)?);
+                    buffers.insert(format!("exp_avg_sq.{i}.scales"), host_values(v_scales)?);
+                }
+            }
+        }
+        Ok(OptimizerState { kind: self.name().into(), step: self.step, buffers, quantized })
+    }
+
+    fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
+        state.check_kind(self.name())?;
+        let on = Device::Cuda(self.device.clone());
+        let mut loaded = Vec::with_capacity(self.moments.len());
+        for (i, current) in self.moments.iter().enumerate() {
+            loaded.push(match current {
+                Moments::Full { m, v } => Moments::Full {
+                    m: restore_buffer(state, format!("exp_avg.{i}"), m)?,
+                    v: restore_buffer(state, format!("exp_avg_sq.{i}"), v)?,
+                },
+                Moments::Quantized { m_codes, m_scales, v_codes, v_scales } => {
+                    let codes = |name: String, like: &Tensor| -> Result<Tensor> {
+                        let bytes = state.bytes(&name, like.elem_count())?;
+                        Ok(Tensor::from_slice(bytes, like.elem_count(), &on)?)
+                    };
+                    Moments::Quantized {
+                        m_codes: codes(format!("exp_avg.{i}.codes"), m_codes)?,
+                        m_scales: restore_buffer(state, format!("exp_avg.{i}.scales"), m_scales)?,
+                        v_codes: codes(format!("exp_avg_sq.{i}.codes"), v_codes)?,
+                        v_scales: restore_buffer(state, format!("exp_avg_sq.{i}.scales"), v_scales)?,
+                    }
+                }
+            });
+        }
+        self.moments = loaded;
         self.step = state.step;
         Ok(())
     }

@@ -193,15 +193,17 @@ impl OptimizerConfig {
     /// The optimizer for `params` where they live: on CPU, the host optimizer of
     /// [`OptimizerConfig::build`] (the flat-slice fast path); on another device, a
     /// device-resident optimizer with its state there: on CUDA, the fused kernels for AdamW and
-    /// SGD ([`fused_cuda`], feature `cuda`), else the tensor-op [`TensorAdamW`] and
-    /// [`TensorSgd`]. 8-bit AdamW has no device-resident form yet: it stays on the host
-    /// (and the updater stages its gradients and parameters, counted in its transfers).
+    /// SGD and 8-bit AdamW ([`fused_cuda`], feature `cuda`), else the tensor-op [`TensorAdamW`]
+    /// and [`TensorSgd`]. 8-bit AdamW off CUDA stays on the host (and the updater stages its
+    /// gradients and parameters, counted in its transfers).
     ///
     /// # Errors
     /// As [`OptimizerConfig::build`]; a device that cannot hold the state.
     pub fn build_for(&self, params: &[&Tensor]) -> Result<Box<dyn Optimizer>> {
         let device = params.first().map(|p| p.device().clone()).unwrap_or(Device::Cpu);
-        if device.is_cpu() || matches!(self, OptimizerConfig::AdamW8bit(_)) {
+        // 8-bit AdamW has a device-resident form on CUDA only (its fused kernel).
+        let eight_bit_off_cuda = matches!(self, OptimizerConfig::AdamW8bit(_)) && !device.is_cuda();
+        if device.is_cpu() || eight_bit_off_cuda {
             return self.build(&params.iter().map(|p| p.elem_count()).collect::<Vec<_>>());
         }
         self.build_on_device(params)
@@ -223,7 +225,7 @@ impl OptimizerConfig {
             OptimizerConfig::Sgd(c) => Ok(Box::new(TensorSgd::new(*c, params)?)),
             OptimizerConfig::AdamW8bit(_) => Err(Error::config(
                 "optimizer",
-                "8-bit AdamW has no device-resident form yet: build it on the host (`build`)",
+                "8-bit AdamW is device-resident on CUDA only (its fused kernel): build it on the host (`build`)",
             )),
         }
     }
