@@ -354,6 +354,9 @@ pub struct BenchRow {
     pub peak_vs_baseline: Option<f64>,
     /// Median step time over the baseline's.
     pub time_vs_baseline: Option<f64>,
+    /// Host <-> device bytes of the last measured step, by cause (all zero on the CPU device;
+    /// `null` where not counted, as in PyTorch rows).
+    pub transfers_per_step: Option<candle_train::Transfers>,
 }
 
 fn device_name(device: &Device) -> String {
@@ -439,6 +442,7 @@ pub fn run_one(
         final_loss: report.final_val_loss,
         peak_vs_baseline: None,
         time_vs_baseline: None,
+        transfers_per_step: report.history.last().map(|r| r.transfers),
     })
 }
 

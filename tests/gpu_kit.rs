@@ -34,6 +34,7 @@ fn pytorch_reference_writes_every_field_of_a_bench_row() -> anyhow::Result<()> {
         final_loss: 1.0,
         peak_vs_baseline: None,
         time_vs_baseline: None,
+        transfers_per_step: None,
     };
     let serde_json::Value::Object(fields) = serde_json::to_value(&row)? else {
         anyhow::bail!("a row must serialise to an object");
