@@ -484,7 +484,8 @@ fn trainer_config(config: &BenchConfig, options: &BenchOptions) -> anyhow::Resul
 }
 
 /// The estimator's peak for a run, or `None` where it does not model the run (plain backward,
-/// devices other than the CPU).
+/// devices other than the CPU, ZeRO ranks, the device-resident store's lazily allocated
+/// accumulators and tensor-op temporaries).
 fn predict_peak(
     model: &BenchModel,
     config: &BenchConfig,
@@ -492,7 +493,11 @@ fn predict_peak(
     trainer: &TrainerConfig,
     corpus: &Corpus,
 ) -> anyhow::Result<Option<usize>> {
-    if config.backward != BackwardMode::Segmented || !options.device.is_cpu() || config.zero.is_some() {
+    if config.backward != BackwardMode::Segmented
+        || !options.device.is_cpu()
+        || config.zero.is_some()
+        || config.state_on_device
+    {
         return Ok(None);
     }
     let corpus_bytes = corpus.split(Split::Train).len() + corpus.split(Split::Validation).len();

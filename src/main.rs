@@ -964,7 +964,13 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         c.accumulation_steps,
         c.seq_len,
         optimizer_name(&optimizer),
-        if updater.is_offloaded() { " (offloaded)" } else { "" },
+        if updater.is_offloaded() {
+            " (offloaded)"
+        } else if updater.is_device_resident() {
+            " (state on the device)"
+        } else {
+            ""
+        },
         args.lr
     );
     let report = match &args.resume {
