@@ -422,6 +422,14 @@ fn device_optimizers_equal_the_flat_kernels(device: &Device) -> anyhow::Result<(
             assert_eq!(state, flat.state()?, "{config:?}: fused state is not bit-equal to the flat kernel's");
         }
     }
+    // The global norm's FP64 sum of squares (one fused pass on CUDA) against the host's.
+    for n in [1usize, 1000, 300_001] {
+        let values = varied(7, n, 1.0);
+        let want: f64 = values.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        let t = Tensor::from_slice(&values, n, device)?;
+        let got = candle_fit::train::updater::sum_of_squares_f64(&t)?.to_scalar::<f64>()?;
+        assert!((got - want).abs() <= 1e-12 * want, "{n} values: {got} vs {want}");
+    }
     Ok(())
 }
 

@@ -206,3 +206,28 @@ __device__ __forceinline__ void adamw8bit_body(
 ADAMW8BIT(candle_fit_adamw8bit_f32, float)
 ADAMW8BIT(candle_fit_adamw8bit_bf16, __nv_bfloat16)
 ADAMW8BIT(candle_fit_adamw8bit_f16, __half)
+
+// The sum of squares of n FP32 values in FP64 (each square exact in FP64), one partial sum per
+// block (256 threads, a fixed grid for a given n, summed in a fixed tree order): deterministic.
+// The caller sums the partials. Reads 4 bytes per value: the gradient norm's one pass.
+extern "C" __global__ void __launch_bounds__(256)
+    candle_fit_sum_sq_f64(const size_t n, const float *x, double *partial) {
+  __shared__ double s[256];
+  const int t = threadIdx.x;
+  double acc = 0.0;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + t; i < n; i += (size_t)blockDim.x * gridDim.x) {
+    const double v = (double)x[i];
+    acc = __dadd_rn(acc, __dmul_rn(v, v));
+  }
+  s[t] = acc;
+  __syncthreads();
+  for (int k = 128; k > 0; k >>= 1) {
+    if (t < k) {
+      s[t] = __dadd_rn(s[t], s[t + k]);
+    }
+    __syncthreads();
+  }
+  if (t == 0) {
+    partial[blockIdx.x] = s[0];
+  }
+}

@@ -258,12 +258,18 @@ impl std::fmt::Debug for LocalUpdater {
     }
 }
 
-/// The sum of the squares of a tensor's elements in FP64, as a scalar tensor on its device
-/// (computed over chunks of 4 Mi elements, so the FP64 temporary stays small).
+/// The sum of the squares of a tensor's elements in FP64, as a scalar tensor on its device:
+/// on CUDA one fused pass; elsewhere over chunks of 4 Mi elements, so the FP64 temporary stays
+/// small.
 ///
 /// # Errors
 /// A device error.
 pub fn sum_of_squares_f64(t: &Tensor) -> candle::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if t.device().is_cuda() && t.dtype() == DType::F32 {
+        // One pass reading 4 bytes per element (the chunked path below reads 20).
+        return crate::optim::fused_cuda::sum_of_squares_f64(t);
+    }
     const CHUNK: usize = 1 << 22;
     let flat = t.flatten_all()?;
     let n = flat.elem_count();

@@ -88,6 +88,46 @@ fn view<'a, T: candle::cuda_backend::CudaDType>(
     }
 }
 
+/// The sum of the squares of an F32 CUDA tensor's elements in FP64, as a scalar tensor on its
+/// device: one pass reading 4 bytes per element (`candle_fit_sum_sq_f64`), deterministic.
+///
+/// # Errors
+/// A tensor that is not F32 on CUDA, or a driver error.
+pub fn sum_of_squares_f64(t: &Tensor) -> candle::Result<Tensor> {
+    let Device::Cuda(device) = t.device() else {
+        candle::bail!("sum_of_squares_f64: not a CUDA tensor");
+    };
+    if t.dtype() != DType::F32 {
+        candle::bail!("sum_of_squares_f64: {:?}, not F32", t.dtype());
+    }
+    let t = t.contiguous()?;
+    let n = t.elem_count();
+    let blocks = n.div_ceil(256).clamp(1, 1024);
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cuda) = &*storage else { candle::bail!("sum_of_squares_f64: not a CUDA tensor") };
+    let (start, end) =
+        layout.contiguous_offsets().ok_or_else(|| candle::Error::Msg("not contiguous".into()))?;
+    let x = cuda.as_cuda_slice::<f32>()?.slice(start..end);
+    let stream = device.cuda_stream();
+    let partial = stream.alloc_zeros::<f64>(blocks).map_err(|e| candle::Error::Cuda(Box::new(e)))?;
+    let func = device.get_or_load_custom_func("candle_fit_sum_sq_f64", MODULE, PTX)?;
+    let mut builder = func.builder();
+    builder.arg(&n).arg(&x).arg(&partial);
+    let config =
+        LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the kernel takes (n, n F32 values, `blocks` FP64 outputs), as passed; it is
+    // launched with the 256 threads its reduction assumes.
+    unsafe { builder.launch(config) }.map_err(|e| candle::Error::Cuda(Box::new(e)))?;
+    drop(storage);
+    let partial = Tensor::from_storage(
+        Storage::Cuda(candle::CudaStorage::wrap_cuda_slice(partial, device.clone())),
+        blocks,
+        candle::op::BackpropOp::none(),
+        false,
+    );
+    partial.sum_all()
+}
+
 fn launch_config(n: usize) -> LaunchConfig {
     // A grid-stride loop: enough blocks to fill an H100 several times over, never more than
     // the elements need.
