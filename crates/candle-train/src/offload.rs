@@ -1,13 +1,12 @@
 //! The CPU-offloaded optimizer step of [`crate::LocalUpdater`] (`--offload-optimizer`).
 //!
-//! Master weights, gradient accumulators and optimizer state live in host memory (in this
-//! crate they always do: every optimizer steps host FP32 slices), and the step runs on the
-//! host's cores through [`crate::optim::Optimizer::update_parallel`] (rayon over flat chunks of
-//! a loop the compiler vectorizes). What offloading adds on a GPU:
+//! Master weights, gradient accumulators and optimizer state live in host memory (without
+//! offloading they live on the parameters' device: see [`crate::LocalUpdater`]), and the step
+//! runs on the host's cores through [`crate::optim::Optimizer::update_parallel`] (rayon over
+//! flat chunks of a loop the compiler vectorizes). What offloading adds on a GPU:
 //!
 //! - F32 parameters get a host-resident FP32 copy, downloaded once, which the optimizer steps;
-//!   the device copy is only written (uploaded) after each step, never read back. Without
-//!   offloading, each step downloads the parameter, updates it and uploads it.
+//!   the device copy is only written (uploaded) after each step, never read back.
 //! - Gradients are downloaded and parameters uploaded through page-locked (pinned) staging
 //!   buffers, one per parameter, so the copies run at full PCIe speed (feature `cuda`).
 //!
