@@ -12,8 +12,8 @@
 //! step, stages 1-2 all-gather the new values in the parameters' dtype. Sharded checkpoints
 //! are written in the same format as the host updater's (the pieces copied to the host).
 //!
-//! [`crate::ZeroUpdater`] holds one of these when built with
-//! [`crate::ZeroUpdater::on_device`], or by default when its parameters live off the CPU.
+//! [`crate::zero::ZeroUpdater`] holds one of these when built with
+//! [`crate::zero::ZeroUpdater::on_device`], or by default when its parameters live off the CPU.
 
 use std::collections::HashMap;
 

@@ -111,19 +111,30 @@ impl AdamW {
     }
 }
 
-/// The per-step scalars, computed in f64 and rounded to f32 where PyTorch rounds them.
-pub(crate) struct Scalars {
-    pub(crate) decay_factor: f32,
-    pub(crate) lerp_weight: f32,
-    pub(crate) beta2: f32,
-    pub(crate) one_minus_beta2: f32,
-    pub(crate) bias_correction2_sqrt: f32,
-    pub(crate) eps: f32,
-    pub(crate) neg_step_size: f32,
+/// The per-step scalars, computed in f64 and rounded to f32 where PyTorch rounds them: what
+/// every AdamW kernel (flat, tensor-op, fused CUDA) takes, in this order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scalars {
+    /// `1 - lr * weight_decay` (1 without decay).
+    pub decay_factor: f32,
+    /// `1 - beta1`, the lerp weight of the first moment.
+    pub lerp_weight: f32,
+    /// `beta2`.
+    pub beta2: f32,
+    /// `1 - beta2`.
+    pub one_minus_beta2: f32,
+    /// `sqrt(1 - beta2^t)`.
+    pub bias_correction2_sqrt: f32,
+    /// `eps`.
+    pub eps: f32,
+    /// `-lr / (1 - beta1^t)`.
+    pub neg_step_size: f32,
 }
 
 impl Scalars {
-    pub(crate) fn new(c: &AdamWConfig, step: u64, lr: f64, decay: bool) -> Self {
+    /// The scalars of step `step` (1-based) with learning rate `lr`; `decay` says whether
+    /// weight decay applies to the parameter.
+    pub fn new(c: &AdamWConfig, step: u64, lr: f64, decay: bool) -> Self {
         let t = step as f64;
         let wd = if decay { c.weight_decay } else { 0.0 };
         let bias_correction1 = 1.0 - c.beta1.powf(t);

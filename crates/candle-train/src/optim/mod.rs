@@ -31,7 +31,7 @@ use crate::io::write_atomic;
 ///   vectors and steps flat FP32 slices with [`Optimizer::update`] (on CPU, the fast path:
 ///   bit-equal to torch, rayon-parallel in [`Optimizer::update_parallel`]).
 /// - A **device-resident** optimizer ([`TensorAdamW`], [`TensorSgd`], and on CUDA the fused
-///   kernels of [`fused_cuda`]) keeps its state as tensors on the parameters' device
+///   kernels of `fused_cuda` (feature `cuda`)) keeps its state as tensors on the parameters' device
 ///   ([`Optimizer::device`] says which) and steps FP32 tensors there with
 ///   [`Optimizer::update_tensor`]; nothing crosses to the host.
 ///
@@ -193,7 +193,7 @@ impl OptimizerConfig {
     /// The optimizer for `params` where they live: on CPU, the host optimizer of
     /// [`OptimizerConfig::build`] (the flat-slice fast path); on another device, a
     /// device-resident optimizer with its state there: on CUDA, the fused kernels for AdamW and
-    /// SGD and 8-bit AdamW ([`fused_cuda`], feature `cuda`), else the tensor-op [`TensorAdamW`]
+    /// SGD and 8-bit AdamW (`fused_cuda`, feature `cuda`), else the tensor-op [`TensorAdamW`]
     /// and [`TensorSgd`]. 8-bit AdamW off CUDA stays on the host (and the updater stages its
     /// gradients and parameters, counted in its transfers).
     ///
