@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use candle::{DType, Device, Tensor, Var};
 use candle_fit::ckpt::{RngKey, SegmentContext, SegmentParameter, SegmentedModel};
-use candle_fit::datasets::{read_records, ClassificationDataset, Example, Format, LabelMap, TokenDataset, IGNORE_INDEX};
+use candle_fit::datasets::{
+    read_records, ClassificationDataset, Example, Format, LabelMap, TokenDataset, IGNORE_INDEX,
+};
 use candle_fit::shard::driver::{fit_in_process, InProcessConfig};
 use candle_fit::shard::ZeroStage;
 use candle_fit::train::evaluate::Metrics;
@@ -70,7 +72,8 @@ fn sgd_trainer(micro_batch: usize, accumulation_steps: usize, steps: usize) -> a
 /// The FP32 gradient of one step of the masked token data, per parameter.
 fn masked_gradient(micro_batch: usize, accumulation_steps: usize) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
     let model = Gpt::new(tiny_gpt(), DType::F32, &Device::Cpu, 3)?;
-    let mut updater = LocalUpdater::from_config(model.parameters(), &OptimizerConfig::Sgd(SgdConfig::default()))?;
+    let mut updater =
+        LocalUpdater::from_config(model.parameters(), &OptimizerConfig::Sgd(SgdConfig::default()))?;
     let trainer = Trainer::new(sgd_trainer(micro_batch, accumulation_steps, 1)?);
     let data = token_data()?;
     let decisions = trainer.plan(&model, &data)?;
@@ -103,14 +106,18 @@ fn max_difference(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> (String
 fn masked_uneven_micro_batches_give_the_big_batch_gradient() -> anyhow::Result<()> {
     let data = token_data()?;
     let shape = DataShape { seq_len: 12, eval_samples: 4, eval_batch: 2 };
-    let counts: Vec<usize> =
-        (0..3).map(|m| data.count(0, 4, 2 * m..2 * m + 2, &shape)).collect::<candle_fit::train::Result<_>>()?;
+    let counts: Vec<usize> = (0..3)
+        .map(|m| data.count(0, 4, 2 * m..2 * m + 2, &shape))
+        .collect::<candle_fit::train::Result<_>>()?;
     assert!(counts.windows(2).any(|w| w[0] != w[1]), "the test needs uneven micro-batches: {counts:?}");
     let whole = masked_gradient(6, 1)?;
     assert!(whole.iter().any(|(_, g)| g.iter().any(|v| *v != 0.0)));
     for (micro_batch, accumulation_steps) in [(2, 3), (3, 2), (1, 6)] {
         let (name, rel) = max_difference(&whole, &masked_gradient(micro_batch, accumulation_steps)?);
-        assert!(rel <= 1e-6, "{accumulation_steps} x {micro_batch}: `{name}` differs by {rel:e} of its magnitude");
+        assert!(
+            rel <= 1e-6,
+            "{accumulation_steps} x {micro_batch}: `{name}` differs by {rel:e} of its magnitude"
+        );
     }
     Ok(())
 }
@@ -118,7 +125,9 @@ fn masked_uneven_micro_batches_give_the_big_batch_gradient() -> anyhow::Result<(
 fn parameter_values(params: &Parameters) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
     params
         .iter()
-        .map(|p| Ok((p.name.clone(), p.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)))
+        .map(|p| {
+            Ok((p.name.clone(), p.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
+        })
         .collect()
 }
 
@@ -201,7 +210,13 @@ impl SegmentedModel for Regressor {
         Ok(batch.x.clone())
     }
 
-    fn forward_segment(&self, index: usize, input: &Tensor, batch: &Pairs, _: &SegmentContext) -> candle::Result<Tensor> {
+    fn forward_segment(
+        &self,
+        index: usize,
+        input: &Tensor,
+        batch: &Pairs,
+        _: &SegmentContext,
+    ) -> candle::Result<Tensor> {
         match index {
             0 => input.matmul(self.w1.as_tensor())?.tanh(),
             _ => input.matmul(self.w2.as_tensor())?.sub(&batch.y)?.sqr()?.mean_all(),
@@ -255,17 +270,40 @@ impl DataSource for Synthetic {
         "synthetic sin(x0)+x1x2-x3".to_string()
     }
 
-    fn batch(&self, seed: u64, step: u64, samples: Range<usize>, _: &DataShape, device: &Device) -> candle_fit::train::Result<Pairs> {
-        Self::pairs(samples.map(|j| RngKey { seed, step, micro_batch: j as u64, segment: 0, stream: 7 }), device)
+    fn batch(
+        &self,
+        seed: u64,
+        step: u64,
+        samples: Range<usize>,
+        _: &DataShape,
+        device: &Device,
+    ) -> candle_fit::train::Result<Pairs> {
+        Self::pairs(
+            samples.map(|j| RngKey { seed, step, micro_batch: j as u64, segment: 0, stream: 7 }),
+            device,
+        )
     }
 
-    fn count(&self, _: u64, _: u64, samples: Range<usize>, _: &DataShape) -> candle_fit::train::Result<usize> {
+    fn count(
+        &self,
+        _: u64,
+        _: u64,
+        samples: Range<usize>,
+        _: &DataShape,
+    ) -> candle_fit::train::Result<usize> {
         Ok(samples.len())
     }
 
-    fn validation(&self, shape: &DataShape, device: &Device) -> candle_fit::train::Result<Vec<Counted<Pairs>>> {
+    fn validation(
+        &self,
+        shape: &DataShape,
+        device: &Device,
+    ) -> candle_fit::train::Result<Vec<Counted<Pairs>>> {
         let n = shape.eval_samples;
-        let batch = Self::pairs((0..n).map(|j| RngKey { seed: u64::MAX, step: 0, micro_batch: j as u64, segment: 0, stream: 8 }), device)?;
+        let batch = Self::pairs(
+            (0..n).map(|j| RngKey { seed: u64::MAX, step: 0, micro_batch: j as u64, segment: 0, stream: 8 }),
+            device,
+        )?;
         Ok(vec![Counted { batch, count: n }])
     }
 }
@@ -348,9 +386,14 @@ fn a_users_model_on_synthetic_data_trains_and_resumes_bit_identical() -> anyhow:
     assert_eq!(again.start_step, 4);
     for (a, b) in model.parameters().iter().zip(resumed.parameters().iter()) {
         let (x, y) = (a.var.flatten_all()?.to_vec1::<f32>()?, b.var.flatten_all()?.to_vec1::<f32>()?);
-        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "`{}` differs after resume", a.name);
+        assert!(
+            x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "`{}` differs after resume",
+            a.name
+        );
     }
-    let tail = |r: &candle_fit::train::TrainReport| r.history.iter().map(|h| h.loss.to_bits()).collect::<Vec<_>>();
+    let tail =
+        |r: &candle_fit::train::TrainReport| r.history.iter().map(|h| h.loss.to_bits()).collect::<Vec<_>>();
     assert_eq!(tail(&report)[4..], tail(&again)[..]);
     // Other data is refused, naming the data.
     struct Other;
@@ -359,7 +402,14 @@ fn a_users_model_on_synthetic_data_trains_and_resumes_bit_identical() -> anyhow:
         fn fingerprint(&self, _: &DataShape) -> String {
             "other".into()
         }
-        fn batch(&self, s: u64, t: u64, r: Range<usize>, sh: &DataShape, d: &Device) -> candle_fit::train::Result<Pairs> {
+        fn batch(
+            &self,
+            s: u64,
+            t: u64,
+            r: Range<usize>,
+            sh: &DataShape,
+            d: &Device,
+        ) -> candle_fit::train::Result<Pairs> {
             Synthetic.batch(s, t, r, sh, d)
         }
         fn count(&self, s: u64, t: u64, r: Range<usize>, sh: &DataShape) -> candle_fit::train::Result<usize> {
@@ -400,16 +450,31 @@ fn a_classifier_trains_on_a_csv_file_and_its_accuracy_rises() -> anyhow::Result<
         .map(|(text, label)| (text.bytes().map(|b| u32::from(b - b' ') % 11).collect(), label as u32))
         .collect();
     let (train, validation) = samples.split_at(40);
-    let data = ClassificationDataset::new("reviews.csv", train.to_vec(), validation.to_vec(), labels.len(), 0)?;
+    let data =
+        ClassificationDataset::new("reviews.csv", train.to_vec(), validation.to_vec(), labels.len(), 0)?;
     let config = BertConfig { max_position_embeddings: 16, ..BertConfig::tiny() };
     let model = BertClassifier::new(Bert::new(&config, "", DType::F32, &Device::Cpu, 1)?, labels.len(), 2)?;
-    let mut updater = LocalUpdater::from_config(model.parameters(), &OptimizerConfig::AdamW(Default::default()))?;
+    let mut updater =
+        LocalUpdater::from_config(model.parameters(), &OptimizerConfig::AdamW(Default::default()))?;
     let trainer = Trainer::new(
-        TrainerConfig::builder().micro_batch(4).accumulation_steps(2).steps(30).seq_len(16).lr(1e-2).eval_interval(0).build()?,
+        TrainerConfig::builder()
+            .micro_batch(4)
+            .accumulation_steps(2)
+            .steps(30)
+            .seq_len(16)
+            .lr(1e-2)
+            .eval_interval(0)
+            .build()?,
     );
-    let report = trainer.fit_with(&model, &data, &mut updater, Hooks::new().evaluator(ClassifierEvaluator))?;
+    let report =
+        trainer.fit_with(&model, &data, &mut updater, Hooks::new().evaluator(ClassifierEvaluator))?;
     let accuracy = |m: &Metrics| m.get("accuracy").copied().unwrap_or(f64::NAN);
-    assert!(accuracy(&report.final_metrics) >= 0.9, "{:?} -> {:?}", report.initial_metrics, report.final_metrics);
+    assert!(
+        accuracy(&report.final_metrics) >= 0.9,
+        "{:?} -> {:?}",
+        report.initial_metrics,
+        report.final_metrics
+    );
     assert!(accuracy(&report.final_metrics) > accuracy(&report.initial_metrics));
     assert!(report.final_val_loss < report.initial_val_loss);
     std::fs::remove_dir_all(&dir)?;

@@ -17,7 +17,8 @@ use super::tokenize::{collate, Example};
 
 /// The example drawn for sample `index` of step `step`.
 fn draw(seed: u64, step: u64, index: usize, n: usize) -> usize {
-    RngKey { seed, step, micro_batch: index as u64, segment: 0, stream: 0x_da7a }.rng().below(n as u64) as usize
+    RngKey { seed, step, micro_batch: index as u64, segment: 0, stream: 0x_da7a }.rng().below(n as u64)
+        as usize
 }
 
 fn data_error(what: &str, reason: impl Into<String>) -> Error {
@@ -42,13 +43,20 @@ impl TokenDataset {
     /// # Errors
     /// [`Error::InvalidConfig`] when a split is empty or an example has fewer than two tokens
     /// or labels of another length, naming the split and the example.
-    pub fn new(name: &str, train: Vec<Example>, validation: Vec<Example>, pad_id: u32) -> candle_train::Result<Self> {
+    pub fn new(
+        name: &str,
+        train: Vec<Example>,
+        validation: Vec<Example>,
+        pad_id: u32,
+    ) -> candle_train::Result<Self> {
         for (split, examples) in [("train", &train), ("validation", &validation)] {
             if examples.is_empty() {
                 return Err(data_error(name, format!("the {split} split has no examples")));
             }
-            if let Some((i, e)) =
-                examples.iter().enumerate().find(|(_, e)| e.input_ids.len() < 2 || e.labels.len() != e.input_ids.len())
+            if let Some((i, e)) = examples
+                .iter()
+                .enumerate()
+                .find(|(_, e)| e.input_ids.len() < 2 || e.labels.len() != e.input_ids.len())
             {
                 return Err(data_error(
                     name,
@@ -104,7 +112,13 @@ impl DataSource for TokenDataset {
             bytes.extend(e.input_ids.iter().flat_map(|id| id.to_le_bytes()));
             bytes.extend(e.labels.iter().flat_map(|l| l.to_le_bytes()));
         }
-        format!("tokens {} seq_len={} pad={} sha256={}", self.name, shape.seq_len, self.pad_id, sha256_hex(&bytes))
+        format!(
+            "tokens {} seq_len={} pad={} sha256={}",
+            self.name,
+            shape.seq_len,
+            self.pad_id,
+            sha256_hex(&bytes)
+        )
     }
 
     fn batch(
@@ -118,13 +132,27 @@ impl DataSource for TokenDataset {
         self.batch_of(&self.drawn(seed, step, samples, shape.seq_len), device)
     }
 
-    fn count(&self, seed: u64, step: u64, samples: Range<usize>, shape: &DataShape) -> candle_train::Result<usize> {
+    fn count(
+        &self,
+        seed: u64,
+        step: u64,
+        samples: Range<usize>,
+        shape: &DataShape,
+    ) -> candle_train::Result<usize> {
         Ok(self.drawn(seed, step, samples, shape.seq_len).iter().map(Example::counted_targets).sum())
     }
 
-    fn validation(&self, shape: &DataShape, device: &Device) -> candle_train::Result<Vec<Counted<TokenBatch>>> {
-        let examples: Vec<Example> =
-            self.validation.iter().take(shape.eval_samples.max(1)).map(|e| Self::cut(e, shape.seq_len)).collect();
+    fn validation(
+        &self,
+        shape: &DataShape,
+        device: &Device,
+    ) -> candle_train::Result<Vec<Counted<TokenBatch>>> {
+        let examples: Vec<Example> = self
+            .validation
+            .iter()
+            .take(shape.eval_samples.max(1))
+            .map(|e| Self::cut(e, shape.seq_len))
+            .collect();
         examples
             .chunks(shape.eval_batch.max(1))
             .map(|chunk| {
@@ -185,7 +213,12 @@ impl ClassificationDataset {
         self.num_labels
     }
 
-    fn batch_of(&self, samples: &[&(Vec<u32>, u32)], seq_len: usize, device: &Device) -> candle_train::Result<ClassificationBatch> {
+    fn batch_of(
+        &self,
+        samples: &[&(Vec<u32>, u32)],
+        seq_len: usize,
+        device: &Device,
+    ) -> candle_train::Result<ClassificationBatch> {
         let width = samples.iter().map(|(ids, _)| ids.len().min(seq_len)).max().unwrap_or(1).max(1);
         let (mut ids, mut mask) = (Vec::with_capacity(samples.len() * width), Vec::new());
         for (tokens, _) in samples {
@@ -240,15 +273,27 @@ impl DataSource for ClassificationDataset {
         self.batch_of(&drawn, shape.seq_len, device)
     }
 
-    fn count(&self, _seed: u64, _step: u64, samples: Range<usize>, _shape: &DataShape) -> candle_train::Result<usize> {
+    fn count(
+        &self,
+        _seed: u64,
+        _step: u64,
+        samples: Range<usize>,
+        _shape: &DataShape,
+    ) -> candle_train::Result<usize> {
         Ok(samples.len())
     }
 
-    fn validation(&self, shape: &DataShape, device: &Device) -> candle_train::Result<Vec<Counted<ClassificationBatch>>> {
+    fn validation(
+        &self,
+        shape: &DataShape,
+        device: &Device,
+    ) -> candle_train::Result<Vec<Counted<ClassificationBatch>>> {
         let samples: Vec<&(Vec<u32>, u32)> = self.validation.iter().take(shape.eval_samples.max(1)).collect();
         samples
             .chunks(shape.eval_batch.max(1))
-            .map(|chunk| Ok(Counted { batch: self.batch_of(chunk, shape.seq_len, device)?, count: chunk.len() }))
+            .map(|chunk| {
+                Ok(Counted { batch: self.batch_of(chunk, shape.seq_len, device)?, count: chunk.len() })
+            })
             .collect()
     }
 }
