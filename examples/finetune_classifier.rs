@@ -99,9 +99,12 @@ fn args() -> anyhow::Result<Args> {
     Ok(args)
 }
 
+/// `(text, label)` pairs.
+type Labelled = Vec<(String, u32)>;
+
 /// `(text, label)` pairs and the label names: from `--data`, or the first `PER_CATEGORY` quotes
 /// of each fortunes category.
-fn labelled(data: Option<&Path>) -> anyhow::Result<(Vec<(String, u32)>, Vec<String>)> {
+fn labelled(data: Option<&Path>) -> anyhow::Result<(Labelled, Vec<String>)> {
     if let Some(path) = data {
         let records = read_records(path, Some(Format::Classification))?;
         let labels = LabelMap::from_records(&records)?;

@@ -108,7 +108,7 @@ pub struct RunIdentity {
     /// JSON ([`crate::optim::Optimizer::settings`]).
     pub optimizer_settings: String,
     /// The model's architecture and its settings that decide the trajectory (heads, dropout,
-    /// norm epsilon, ...), as canonical JSON ([`crate::LanguageModel::settings`]).
+    /// norm epsilon, ...), as canonical JSON ([`crate::TrainableModel::settings`]).
     pub model: String,
     /// Whether the backward runs segment by segment or as one graph (their gradients may differ
     /// in the last bits).
