@@ -480,3 +480,34 @@ fn a_classifier_trains_on_a_csv_file_and_its_accuracy_rises() -> anyhow::Result<
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// The built-in sources keep the `DataSource` contract: a range's samples are those of its
+/// parts (up to per-batch padding), counts add up, and the fingerprint names the sequence
+/// length.
+#[test]
+fn token_and_byte_sources_sample_by_key_and_count_additively() -> anyhow::Result<()> {
+    let shape = DataShape { seq_len: 12, eval_samples: 4, eval_batch: 2 };
+    let data = token_data()?;
+    let whole = data.batch(3, 9, 0..5, &shape, &Device::Cpu)?;
+    let parts =
+        [data.batch(3, 9, 0..2, &shape, &Device::Cpu)?, data.batch(3, 9, 2..5, &shape, &Device::Cpu)?];
+    let whole_rows = whole.targets.to_vec2::<i64>()?;
+    let part_rows: Vec<Vec<i64>> =
+        parts.iter().map(|p| p.targets.to_vec2::<i64>()).collect::<candle::Result<Vec<_>>>()?.concat();
+    for (a, b) in whole_rows.iter().zip(&part_rows) {
+        let unpadded = |r: &[i64]| r.iter().rev().skip_while(|&&t| t == IGNORE_INDEX).count();
+        let n = unpadded(a).max(unpadded(b));
+        assert_eq!(a[..n], b[..n], "a sample depends only on (seed, step, index)");
+    }
+    let counted = |rows: &[Vec<i64>]| rows.iter().flatten().filter(|&&t| t != IGNORE_INDEX).count();
+    assert_eq!(data.count(3, 9, 0..5, &shape)?, counted(&whole_rows));
+    assert_eq!(
+        data.count(3, 9, 0..5, &shape)?,
+        data.count(3, 9, 0..2, &shape)? + data.count(3, 9, 2..5, &shape)?
+    );
+    assert_ne!(data.fingerprint(&shape), data.fingerprint(&DataShape { seq_len: 8, ..shape }));
+    let corpus = candle_fit::train::Corpus::from_bytes("c.txt".as_ref(), b"abcdefgh ".repeat(30), 0.2)?;
+    assert_eq!(corpus.count(0, 0, 0..3, &shape)?, 36);
+    assert_ne!(corpus.fingerprint(&shape), corpus.fingerprint(&DataShape { seq_len: 8, ..shape }));
+    Ok(())
+}

@@ -1751,6 +1751,14 @@ mod tests {
     }
 
     #[test]
+    fn equal_counts_keep_the_plain_mean_and_uneven_ones_weight_it() {
+        let losses = [0.1, 0.2, 0.4];
+        assert_eq!(weighted_mean(&losses, &[5, 5, 5]).to_bits(), ((0.1 + 0.2 + 0.4) / 3.0f64).to_bits());
+        assert!((weighted_mean(&losses, &[1, 0, 3]) - (0.1 + 1.2) / 4.0).abs() < 1e-15);
+        assert_eq!(weighted_mean(&losses, &[0, 0, 0]).to_bits(), ((0.1 + 0.2 + 0.4) / 3.0f64).to_bits());
+    }
+
+    #[test]
     fn every_field_of_the_model_and_optimizer_configs_changes_the_run_identity() -> Result<()> {
         let configs: Vec<(&str, serde_json::Value)> = vec![
             (
