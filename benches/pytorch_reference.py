@@ -243,6 +243,8 @@ def run_one(args, layers, width, name, data, device):
         "step_time_s": {"median": median, "min": min(times, default=median), "max": max(times, default=median)},
         "tokens_per_s": args.batch * args.seq_len / median if times else 0.0,
         "final_loss": final_loss,
+        # Host <-> device traffic is not counted in PyTorch.
+        "transfers_per_step": None,
         "peak_vs_baseline": None,
         "time_vs_baseline": None,
         "torch_version": torch.__version__,

@@ -45,6 +45,10 @@ pub struct BenchConfig {
     pub adamw8bit: bool,
     /// The optimizer offloaded (rayon step on the host; pinned transfers on a GPU).
     pub offload: bool,
+    /// Gradients, master weights and optimizer state as tensors on the model's device even on
+    /// the CPU (the tensor-op optimizers; on a GPU every row but `offload` keeps its state on
+    /// the device anyway, with the fused kernels).
+    pub state_on_device: bool,
     /// ZeRO data parallelism on in-process ranks (threads of this process, sharing its device
     /// and its memory counter): `(stage, ranks)`.
     pub zero: Option<(u8, usize)>,
@@ -71,6 +75,7 @@ const fn config(
         tf32: false,
         adamw8bit: false,
         offload: false,
+        state_on_device: false,
         zero: None,
     }
 }
@@ -159,6 +164,17 @@ pub fn configurations() -> Vec<BenchConfig> {
         BenchConfig {
             adamw8bit: true,
             ..config("adamw8bit", "FP32, AdamW with 8-bit moments", F32, Recompute::Never, 1, Segmented)
+        },
+        BenchConfig {
+            state_on_device: true,
+            ..config(
+                "device-state",
+                "FP32, state as tensors on the device (the tensor-op optimizer on CPU; fused kernels on a GPU)",
+                F32,
+                Recompute::Never,
+                1,
+                Segmented,
+            )
         },
         BenchConfig {
             offload: true,
@@ -338,6 +354,9 @@ pub struct BenchRow {
     pub peak_vs_baseline: Option<f64>,
     /// Median step time over the baseline's.
     pub time_vs_baseline: Option<f64>,
+    /// Host <-> device bytes of the last measured step, by cause (all zero on the CPU device;
+    /// `null` where not counted, as in PyTorch rows).
+    pub transfers_per_step: Option<candle_train::Transfers>,
 }
 
 fn device_name(device: &Device) -> String {
@@ -371,9 +390,13 @@ pub fn run_one(
         None => {
             let gpt = make_model(0);
             let report = gpt.and_then(|gpt| {
-                let mut updater = LocalUpdater::from_config(gpt.parameters(), &optimizer(config))?;
+                let mut updater = if config.state_on_device {
+                    LocalUpdater::on_device(gpt.parameters(), &optimizer(config))?
+                } else {
+                    LocalUpdater::from_config(gpt.parameters(), &optimizer(config))?
+                };
                 if config.offload {
-                    updater = updater.offloaded();
+                    updater = updater.offloaded()?;
                 }
                 trainer.fit(&gpt, corpus, &mut updater)
             });
@@ -419,6 +442,7 @@ pub fn run_one(
         final_loss: report.final_val_loss,
         peak_vs_baseline: None,
         time_vs_baseline: None,
+        transfers_per_step: report.history.last().map(|r| r.transfers),
     })
 }
 

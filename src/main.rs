@@ -935,7 +935,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let model = Gpt::new(model_config, dtype, &device, args.seed)?;
     let mut updater = LocalUpdater::from_config(model.parameters(), &optimizer)?;
     if args.offload_optimizer {
-        updater = updater.offloaded();
+        updater = updater.offloaded()?;
     }
     let trainer = Trainer::new(trainer_config);
     let c = trainer.config();

@@ -88,7 +88,8 @@ fn accumulated_gradient(
         .parameters()
         .iter()
         .map(|p| {
-            let g = updater.gradient(&p.name).ok_or_else(|| anyhow::anyhow!("no gradient for {}", p.name))?;
+            let g =
+                updater.gradient(&p.name)?.ok_or_else(|| anyhow::anyhow!("no gradient for {}", p.name))?;
             Ok((p.name.clone(), g.to_vec()))
         })
         .collect()

@@ -242,7 +242,7 @@ fn offloaded_optimizer_equals_the_on_device_one(device: &Device) -> anyhow::Resu
             let model = Gpt::new(small(0.0), dtype, device, 3)?;
             let mut updater = LocalUpdater::from_config(model.parameters(), &optimizer)?;
             if offload {
-                updater = updater.offloaded();
+                updater = updater.offloaded()?;
             }
             trainer.fit(&model, &corpus()?, &mut updater)?;
             let params: HashMap<String, Tensor> = model
@@ -254,7 +254,12 @@ fn offloaded_optimizer_equals_the_on_device_one(device: &Device) -> anyhow::Resu
         }
         let (name, rel) = worst_relative(&runs[0], &runs[1])?;
         println!("{device:?} {dtype:?}: offloaded vs on-device, worst {rel:.2e} ({name})");
-        let bound = if device.is_cpu() { 0.0 } else { 1e-6 };
+        // Off the CPU the default step is the device-resident one (fused kernels, bit-equal per
+        // element to the host's) but its gradient norm is a device reduction in another order,
+        // so a clipped step can differ in the last bit; AdamW's sign-like updates of tiny
+        // gradients carry that to ~1e-5 of a bias's scale (as the tensor-op path does on the
+        // CPU, tests/device_state.rs).
+        let bound = if device.is_cpu() { 0.0 } else { 1e-4 };
         assert!(rel <= bound, "{dtype:?}: `{name}` differs by {rel:.2e} of its magnitude");
     }
     Ok(())
@@ -327,6 +332,150 @@ fn memory_meter_sees_the_peak(device: &Device) -> anyhow::Result<()> {
 }
 
 /// Runs `case` alone: under the lock, on a thread of its own that has ended (its thread-local
+/// A deterministic pseudo-random sequence (SplitMix64) of values of varied magnitude.
+fn varied(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let unit = (z >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            unit * scale * 10f32.powi(((z >> 8) % 7) as i32 - 3)
+        })
+        .collect()
+}
+
+/// The device-resident optimizers (on CUDA the fused kernels, on the CPU the tensor-op path)
+/// against the host's flat-slice kernels (bit-equal to torch): AdamW and Nesterov SGD with
+/// weight decay and (on CUDA) 8-bit AdamW, 3 steps on parameters of 1, 7 and 5000 elements. The
+/// fused kernels repeat the flat kernels' arithmetic with IEEE intrinsics (8-bit AdamW's
+/// requantization included): bit-equal, state too, and the BF16 copy a fused step writes beside
+/// the master is the master rounded to nearest even. The tensor-op path rounds its unfused
+/// lerp/addcmul twice: within 1e-5 of each parameter's magnitude.
+fn device_optimizers_equal_the_flat_kernels(device: &Device) -> anyhow::Result<()> {
+    let sizes = [1usize, 7, 5000];
+    let configs = [
+        OptimizerConfig::AdamW(AdamWConfig { weight_decay: 0.1, ..Default::default() }),
+        OptimizerConfig::Sgd(SgdConfig { momentum: 0.9, nesterov: true, weight_decay: 0.01, dampening: 0.0 }),
+        // 5000 elements: 8-bit moments in three blocks (the last one partial); 1 and 7: FP32.
+        OptimizerConfig::AdamW8bit(AdamWConfig { weight_decay: 0.1, ..Default::default() }),
+    ];
+    for config in configs {
+        if matches!(config, OptimizerConfig::AdamW8bit(_)) && !device.is_cuda() {
+            // Its device-resident form is the fused CUDA kernel: elsewhere it is refused.
+            let t = Tensor::zeros(4, DType::F32, device)?;
+            let refused = config.build_on_device(&[&t]).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(refused.contains("8-bit AdamW"), "{refused}");
+            continue;
+        }
+        let mut flat = config.build(&sizes)?;
+        let mut host: Vec<Vec<f32>> =
+            sizes.iter().enumerate().map(|(i, &n)| varied(i as u64, n, 1.0)).collect();
+        let masters: Vec<Tensor> =
+            host.iter().map(|p| Tensor::from_slice(p, p.len(), device)).collect::<Result<_, _>>()?;
+        let copies: Vec<candle::Var> = masters
+            .iter()
+            .map(|m| candle::Var::from_tensor(&m.to_dtype(DType::BF16)?))
+            .collect::<Result<_, _>>()?;
+        let mut masters = masters;
+        let mut on_device = config.build_on_device(&masters.iter().collect::<Vec<_>>())?;
+        assert!(on_device.device().is_some_and(|d| d.same_device(device)), "{config:?}: state on {device:?}");
+        for step in 0..3u64 {
+            flat.begin_step();
+            on_device.begin_step();
+            for (i, p) in host.iter_mut().enumerate() {
+                let g = varied(100 + 10 * step + i as u64, p.len(), 0.1);
+                flat.update(i, p, &g, 1e-3, i != 0)?;
+                let g = Tensor::from_slice(&g, g.len(), device)?;
+                if let Some(new) = on_device.update_master(i, &masters[i], &g, &copies[i], 1e-3, i != 0)? {
+                    masters[i] = new;
+                }
+            }
+        }
+        let mut worst = 0f64;
+        for (i, p) in host.iter().enumerate() {
+            let got = masters[i].to_vec1::<f32>()?;
+            let copy = copies[i].to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let rounded = masters[i].to_dtype(DType::BF16)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            assert_eq!(copy, rounded, "{config:?}: parameter {i}'s BF16 copy is not its master rounded");
+            let scale = p.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+            for (a, b) in got.iter().zip(p) {
+                worst = worst.max(f64::from((a - b).abs()) / scale);
+            }
+            if device.is_cuda() {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(p),
+                    "{config:?}: fused parameter {i} is not bit-equal to the flat kernel"
+                );
+            }
+        }
+        let state = on_device.state()?;
+        assert_eq!(state.step, 3);
+        println!("{device:?} {config:?}: device-resident vs flat, worst {worst:.2e}");
+        assert!(worst <= 1e-5, "{config:?}: differs by {worst:.2e} of a parameter's magnitude");
+        if device.is_cuda() {
+            assert_eq!(state, flat.state()?, "{config:?}: fused state is not bit-equal to the flat kernel's");
+        }
+    }
+    Ok(())
+}
+
+/// What a training step moves between the host and the device: with the state on the device
+/// (the default), only scalars (one loss per micro-batch, found-inf and the gradient norm);
+/// offloaded, every gradient down per micro-batch and every parameter up per step (and down
+/// once, the first time), exactly. On the CPU, nothing.
+fn a_device_step_moves_only_scalars(device: &Device) -> anyhow::Result<()> {
+    let trainer = Trainer::new(
+        TrainerConfig::builder()
+            .micro_batch(2)
+            .accumulation_steps(2)
+            .steps(2)
+            .seq_len(32)
+            .lr(1e-3)
+            .warmup_steps(0)
+            .max_grad_norm(Some(1.0))
+            .eval_windows(2)
+            .eval_interval(0)
+            .build()?,
+    );
+    let adamw = OptimizerConfig::AdamW(AdamWConfig::default());
+    for offload in [false, true] {
+        let model = Gpt::new(small(0.0), DType::F32, device, 3)?;
+        let elements: u64 = model.parameters().iter().map(|p| p.var.elem_count() as u64).sum();
+        let mut updater = LocalUpdater::from_config(model.parameters(), &adamw)?;
+        assert_eq!(updater.is_device_resident(), !device.is_cpu());
+        if offload {
+            updater = updater.offloaded()?;
+        }
+        let report = trainer.fit(&model, &corpus()?, &mut updater)?;
+        for (k, record) in report.history.iter().enumerate() {
+            let t = record.transfers;
+            println!("{device:?} offload={offload} step {}: {t:?}", record.step);
+            if device.is_cpu() {
+                assert_eq!(t.total(), 0, "the CPU device moves nothing");
+            } else if !offload {
+                assert_eq!((t.gradients, t.parameters, t.state, t.collectives), (0, 0, 0, 0), "{t:?}");
+                // Two losses (f64) and the gradient norm (f64).
+                assert_eq!(t.scalars, 2 * 8 + 8, "{t:?}");
+            } else {
+                assert_eq!(t.gradients, 2 * 4 * elements, "every gradient, each micro-batch");
+                let first = if k == 0 { 2 } else { 1 };
+                assert_eq!(t.parameters, first * 4 * elements, "{t:?}");
+            }
+        }
+        assert!(
+            report.history.iter().any(|r| r.transfers == report.memory.transfers),
+            "the memory report carries its step's transfers"
+        );
+    }
+    Ok(())
+}
+
 /// buffers, such as the matmul's L2-sized scratch, freed) before the next case starts, so the
 /// memory cases' exact lower bounds never see another case's frees.
 fn serially(case: impl FnOnce() -> anyhow::Result<()> + Send) -> anyhow::Result<()> {
@@ -369,6 +518,8 @@ device_matrix!(
     offloaded_optimizer_equals_the_on_device_one,
     stage_three_on_one_rank_equals_the_local_updater,
     zero_stages_on_a_group_of_one_equal_the_local_updater,
+    device_optimizers_equal_the_flat_kernels,
+    a_device_step_moves_only_scalars,
     // Cases below need CUDA; on CPU they check what can be checked there.
     pinned_buffer_round_trips,
     pool_counters_track_allocations,

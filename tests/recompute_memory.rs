@@ -116,8 +116,8 @@ fn recompute_with_accumulation_gives_the_same_gradients() -> anyhow::Result<()> 
         let g: Vec<Vec<f32>> = model
             .parameters()
             .iter()
-            .map(|p| updater.gradient(&p.name).map(<[f32]>::to_vec).unwrap_or_default())
-            .collect();
+            .map(|p| Ok(updater.gradient(&p.name)?.unwrap_or_default()))
+            .collect::<Result<_, candle_fit::train::Error>>()?;
         gradients.push(g);
     }
     for other in &gradients[1..] {

@@ -82,7 +82,8 @@ fn masked_gradient(micro_batch: usize, accumulation_steps: usize) -> anyhow::Res
         .parameters()
         .iter()
         .map(|p| {
-            let g = updater.gradient(&p.name).ok_or_else(|| anyhow::anyhow!("no gradient for {}", p.name))?;
+            let g =
+                updater.gradient(&p.name)?.ok_or_else(|| anyhow::anyhow!("no gradient for {}", p.name))?;
             Ok((p.name.clone(), g.to_vec()))
         })
         .collect()

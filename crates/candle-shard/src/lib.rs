@@ -52,6 +52,7 @@ pub mod nccl;
 
 pub mod checkpoint;
 pub mod comm;
+pub mod device_zero;
 pub mod discovery;
 pub mod driver;
 pub mod error;

@@ -18,9 +18,13 @@ use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Duration;
 
-use candle::cuda::cudarc::driver::{CudaStream, DeviceRepr, DriverError, ValidAsZeroBits};
+use candle::cuda::cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, DeviceRepr, DriverError, ValidAsZeroBits,
+};
 use candle::cuda::cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
-use candle::CudaDevice;
+use candle::cuda_backend::CudaDType;
+use candle::{CudaDevice, CudaStorage, DType, Storage, Tensor};
+use half::{bf16, f16};
 
 use crate::comm::{CommStats, Communicator, Op, TcpCommunicator};
 use crate::discovery::RankInfo;
@@ -122,6 +126,8 @@ pub struct NcclCommunicator {
     stream: Arc<CudaStream>,
     timeout: Duration,
     stats: Cell<CommStats>,
+    /// Bytes copied host -> device -> host to stage collectives.
+    staged: Cell<u64>,
 }
 
 /// cudarc's `Comm` holds NCCL's raw communicator handle, so it is not `Send`.
@@ -158,7 +164,13 @@ impl NcclCommunicator {
             rank,
             code: format!("{e:?}"),
         })?;
-        Ok(Self { comm: SendComm(comm), stream, timeout: Duration::from_secs(300), stats: Cell::default() })
+        Ok(Self {
+            comm: SendComm(comm),
+            stream,
+            timeout: Duration::from_secs(300),
+            stats: Cell::default(),
+            staged: Cell::new(0),
+        })
     }
 
     /// Joins the NCCL group of the launcher's ranks (`info`: from torchrun, Slurm or
@@ -242,6 +254,7 @@ impl NcclCommunicator {
         if values.is_empty() {
             return Ok(());
         }
+        self.staged.set(self.staged.get() + 2 * std::mem::size_of_val(values) as u64);
         let mut buffer = self.stream.clone_htod(&*values).map_err(self.cuda(op))?;
         collective(&self.comm.0, &mut buffer).map_err(self.nccl(op))?;
         self.stream.memcpy_dtoh(&buffer, values).map_err(self.cuda(op))?;
@@ -284,6 +297,7 @@ impl NcclCommunicator {
         if chunk == 0 {
             return Ok(());
         }
+        self.staged.set(self.staged.get() + 4 * (values.len() + chunk) as u64);
         let send = self.stream.clone_htod(&*values).map_err(self.cuda(OP))?;
         let mut receive = self.stream.alloc_zeros::<f32>(chunk).map_err(self.cuda(OP))?;
         self.comm.0.reduce_scatter(&send, &mut receive, &ReduceOp::Sum).map_err(self.nccl(OP))?;
@@ -304,6 +318,7 @@ impl NcclCommunicator {
             return Ok(());
         }
         let mine = &bytes[self.rank() * chunk..(self.rank() + 1) * chunk];
+        self.staged.set(self.staged.get() + (mine.len() + bytes.len()) as u64);
         let send = self.stream.clone_htod(mine).map_err(self.cuda(OP))?;
         let mut receive = self.stream.alloc_zeros::<u8>(bytes.len()).map_err(self.cuda(OP))?;
         self.comm.0.all_gather(&send, &mut receive).map_err(self.nccl(OP))?;
@@ -403,5 +418,129 @@ impl Communicator for NcclCommunicator {
 
     fn stats(&self) -> CommStats {
         self.stats.get()
+    }
+
+    fn host_staged_bytes(&self) -> u64 {
+        self.staged.get()
+    }
+
+    /// On device memory: no host staging.
+    fn all_reduce_tensor(&self, t: &Tensor) -> crate::Result<Tensor> {
+        let t = cuda_input(t, "all_reduce_tensor", DType::F32)?;
+        let n = t.elem_count();
+        let out = self.on_device(Op::AllReduce, 4 * n, |comm, stream| {
+            let (storage, layout) = t.storage_and_layout();
+            let send = view::<f32>(&storage, layout)?;
+            let mut receive = stream.alloc_zeros::<f32>(n).map_err(|e| device_error(&e))?;
+            comm.all_reduce(&send, &mut receive, &ReduceOp::Sum).map_err(|e| format!("{e:?}"))?;
+            Ok(receive)
+        })?;
+        Ok(wrap(out, &t)?.reshape(t.shape())?)
+    }
+
+    fn reduce_scatter_tensor(&self, t: &Tensor) -> crate::Result<Tensor> {
+        let t = cuda_input(t, "reduce_scatter_tensor", DType::F32)?;
+        let chunk = match self.chunk("reduce_scatter", t.elem_count()) {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                return Err(self.traced(Op::ReduceScatter, 0, Err(e)).err().map_or_else(
+                    || crate::Error::config("collective", "reduce_scatter_tensor: bad length"),
+                    crate::Error::from,
+                ))
+            }
+        };
+        let out = self.on_device(Op::ReduceScatter, 4 * t.elem_count(), |comm, stream| {
+            let (storage, layout) = t.storage_and_layout();
+            let send = view::<f32>(&storage, layout)?;
+            let mut receive = stream.alloc_zeros::<f32>(chunk).map_err(|e| device_error(&e))?;
+            comm.reduce_scatter(&send, &mut receive, &ReduceOp::Sum).map_err(|e| format!("{e:?}"))?;
+            Ok(receive)
+        })?;
+        wrap(out, &t)
+    }
+
+    fn all_gather_tensor(&self, t: &Tensor) -> crate::Result<Tensor> {
+        crate::comm::check_gatherable(t)?;
+        let t = cuda_input(t, "all_gather_tensor", t.dtype())?;
+        let total = t.elem_count() * self.world_size();
+        let bytes = total * t.dtype().size_in_bytes();
+        fn gather<T: CudaDType + NcclType + DeviceRepr + ValidAsZeroBits>(
+            comm: &Comm,
+            stream: &Arc<CudaStream>,
+            t: &Tensor,
+            total: usize,
+        ) -> Result<CudaSlice<T>, String> {
+            let (storage, layout) = t.storage_and_layout();
+            let send = view::<T>(&storage, layout)?;
+            let mut receive = stream.alloc_zeros::<T>(total).map_err(|e| device_error(&e))?;
+            comm.all_gather(&send, &mut receive).map_err(|e| format!("{e:?}"))?;
+            Ok(receive)
+        }
+        match t.dtype() {
+            DType::F32 => {
+                wrap(self.on_device(Op::AllGather, bytes, |c, s| gather::<f32>(c, s, &t, total))?, &t)
+            }
+            DType::BF16 => {
+                wrap(self.on_device(Op::AllGather, bytes, |c, s| gather::<bf16>(c, s, &t, total))?, &t)
+            }
+            _ => wrap(self.on_device(Op::AllGather, bytes, |c, s| gather::<f16>(c, s, &t, total))?, &t),
+        }
+    }
+}
+
+/// A contiguous copy (or the tensor itself) of a CUDA tensor of `dtype`, or an error naming
+/// the collective.
+fn cuda_input(t: &Tensor, op: &str, dtype: DType) -> crate::Result<Tensor> {
+    if !t.device().is_cuda() || t.dtype() != dtype {
+        return Err(crate::Error::config(
+            "collective",
+            format!(
+                "the NCCL backend's {op} takes a {dtype:?} CUDA tensor, not {:?} on {:?}",
+                t.dtype(),
+                t.device().location()
+            ),
+        ));
+    }
+    Ok(t.contiguous()?)
+}
+
+fn device_error(e: &DriverError) -> String {
+    format!("{e:?}")
+}
+
+/// A contiguous CUDA tensor's elements as a typed view.
+fn view<'a, T: CudaDType>(storage: &'a Storage, layout: &candle::Layout) -> Result<CudaView<'a, T>, String> {
+    let (start, end) = layout.contiguous_offsets().ok_or("a non-contiguous tensor")?;
+    match storage {
+        Storage::Cuda(s) => Ok(s.as_cuda_slice::<T>().map_err(|e| e.to_string())?.slice(start..end)),
+        _ => Err("a tensor off CUDA".to_string()),
+    }
+}
+
+/// A new 1-D tensor owning `slice`, on `like`'s device.
+fn wrap<T: CudaDType>(slice: CudaSlice<T>, like: &Tensor) -> crate::Result<Tensor> {
+    let candle::Device::Cuda(device) = like.device() else {
+        return Err(crate::Error::config("collective", "the NCCL backend's result must live on CUDA"));
+    };
+    let n = slice.len();
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, device.clone()));
+    Ok(Tensor::from_storage(storage, n, candle::op::BackpropOp::none(), false))
+}
+
+impl NcclCommunicator {
+    /// Runs a collective on device buffers, recorded in the statistics like the slice ones.
+    fn on_device<T>(
+        &self,
+        op: Op,
+        bytes: usize,
+        run: impl FnOnce(&Comm, &Arc<CudaStream>) -> Result<T, String>,
+    ) -> crate::Result<T> {
+        let outcome = run(&self.comm.0, &self.stream);
+        let status = match &outcome {
+            Ok(_) => Ok(()),
+            Err(message) => Err(NcclError::Nccl { op: op.name(), rank: self.rank(), code: message.clone() }),
+        };
+        self.traced(op, bytes, status)?;
+        outcome.map_err(|message| crate::Error::config("collective", message))
     }
 }

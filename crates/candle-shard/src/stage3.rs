@@ -107,6 +107,22 @@ impl Communicator for SharedComm {
     fn stats(&self) -> CommStats {
         self.lock().stats()
     }
+
+    fn host_staged_bytes(&self) -> u64 {
+        self.lock().host_staged_bytes()
+    }
+
+    fn all_reduce_tensor(&self, t: &candle::Tensor) -> crate::Result<candle::Tensor> {
+        self.lock().all_reduce_tensor(t)
+    }
+
+    fn reduce_scatter_tensor(&self, t: &candle::Tensor) -> crate::Result<candle::Tensor> {
+        self.lock().reduce_scatter_tensor(t)
+    }
+
+    fn all_gather_tensor(&self, t: &candle::Tensor) -> crate::Result<candle::Tensor> {
+        self.lock().all_gather_tensor(t)
+    }
 }
 
 /// Swaps a variable's buffer in place: for an empty one (release) or for a new one holding

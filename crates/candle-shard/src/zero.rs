@@ -49,12 +49,13 @@ use candle_ckpt::SegmentGradients;
 use candle_train::checkpoint::{Checkpoint, Progress, RunIdentity, ShardedInfo};
 use candle_train::host::{to_f32_vec, update_f32_in_place, with_f32_values, write_f32_values};
 use candle_train::loss_scale::unscale_slice;
-use candle_train::updater::StateBytes;
+use candle_train::updater::{StateBytes, Transfers};
 use candle_train::{Optimizer, OptimizerConfig, Parameter, Parameters, StepReport, Updater};
 use half::{bf16, f16};
 
 use crate::checkpoint::{buffers_by_index, Need, SavedPiece};
 use crate::comm::{CommStats, Communicator};
+use crate::device_zero::DeviceZero;
 use crate::error::{Error, Result};
 use crate::partition::{FlatEntry, Partition};
 use crate::stage3::{lock, shardable, ShardedParameters, SharedComm};
@@ -101,6 +102,16 @@ pub struct ZeroUpdater {
     staging: HashMap<usize, (Vec<f32>, usize)>,
     /// Stage 3: the rank's parameter slices, shared with the model wrapper.
     shards: Option<Arc<Mutex<ShardedParameters>>>,
+    /// Whether the parameters live off the CPU, so that every host copy below is a transfer.
+    off_host: bool,
+    /// Host <-> device bytes since the last `take_transfers` (collectives come from the
+    /// communicator's own count).
+    transfers: Transfers,
+    /// The communicator's staged-byte count at the last `take_transfers`.
+    staged_seen: u64,
+    /// Stages 0-2 with every buffer on the parameters' device: when set, it holds the state
+    /// and the host buffers above are empty.
+    device: Option<DeviceZero>,
 }
 
 /// For each of `params` (in order), the segment of `model` whose backward completes its
@@ -167,7 +178,35 @@ impl ZeroUpdater {
                 "stage 3 shards the model's parameters too: build it with `ShardedModel::new`",
             ));
         }
-        Self::build(stage, params, units, optimizer, comm)
+        // Off the CPU the state lives on the device, except 8-bit AdamW's (no device form yet).
+        let on_device = params.iter().any(|p| !p.var.device().is_cpu())
+            && !matches!(optimizer, OptimizerConfig::AdamW8bit(_));
+        Self::build(stage, params, units, optimizer, comm, on_device)
+    }
+
+    /// As [`ZeroUpdater::with_units`], with the gradient accumulators, master weights and
+    /// optimizer state as tensors on the parameters' device whatever it is (see
+    /// [`crate::device_zero`]; what `with_units` builds off the CPU). Stages 0-2.
+    ///
+    /// # Errors
+    /// As [`ZeroUpdater::new`]; stage 3, or 8-bit AdamW (no device-resident form).
+    pub fn on_device(
+        stage: ZeroStage,
+        params: &Parameters,
+        units: &[usize],
+        optimizer: &OptimizerConfig,
+        comm: Box<dyn Communicator>,
+    ) -> Result<Self> {
+        if stage == ZeroStage::Stage3 {
+            return Err(Error::config("zero", "the device-resident ZeRO updater serves stages 0-2"));
+        }
+        Self::build(stage, params, units, optimizer, comm, true)
+    }
+
+    /// Whether the gradient accumulators, master weights and optimizer state live on the
+    /// parameters' device.
+    pub fn is_device_resident(&self) -> bool {
+        self.device.is_some()
     }
 
     /// Stage 3's updater and its parameter slices (every variable still gathered).
@@ -183,7 +222,7 @@ impl ZeroUpdater {
                 format!("stage 3 cannot shard parameter `{}` of dtype {:?}", p.name, p.var.dtype()),
             ));
         }
-        let updater = Self::build(ZeroStage::Stage3, params, units, optimizer, comm)?;
+        let updater = Self::build(ZeroStage::Stage3, params, units, optimizer, comm, false)?;
         let shards = updater.shards.clone().expect("stage 3 builds its parameter slices");
         Ok((updater, shards))
     }
@@ -194,6 +233,7 @@ impl ZeroUpdater {
         units: &[usize],
         optimizer: &OptimizerConfig,
         comm: Box<dyn Communicator>,
+        on_device: bool,
     ) -> Result<Self> {
         let (comm, shared): (Box<dyn Communicator>, _) = if stage == ZeroStage::Stage3 {
             let shared = SharedComm::new(comm);
@@ -212,6 +252,29 @@ impl ZeroUpdater {
             index.insert(p.var.as_tensor().id(), located);
         }
         let rank = comm.rank();
+        if on_device {
+            let device = DeviceZero::new(stage, &params, partition.clone(), index.clone(), optimizer, rank)?;
+            let staged_seen = comm.host_staged_bytes();
+            return Ok(Self {
+                stage,
+                comm,
+                params,
+                index,
+                partition,
+                groups: Vec::new(),
+                pieces: Vec::new(),
+                // Unused: the device state's optimizer steps.
+                optimizer: optimizer.build_pieces(&[])?,
+                reduced: false,
+                pending: HashMap::new(),
+                staging: HashMap::new(),
+                shards: None,
+                off_host: false,
+                transfers: Transfers::default(),
+                staged_seen,
+                device: Some(device),
+            });
+        }
         let mut groups = Vec::new();
         let mut pieces = Vec::new();
         let mut slices = Vec::new();
@@ -264,6 +327,8 @@ impl ZeroUpdater {
         let shards = shared.map(|comm| {
             Arc::new(Mutex::new(ShardedParameters::new(comm, params.clone(), partition.clone(), slices)))
         });
+        let off_host = params.iter().any(|p| !p.var.device().is_cpu());
+        let staged_seen = comm.host_staged_bytes();
         Ok(Self {
             stage,
             comm,
@@ -277,6 +342,10 @@ impl ZeroUpdater {
             pending: HashMap::new(),
             staging: HashMap::new(),
             shards,
+            off_host,
+            transfers: Transfers::default(),
+            staged_seen,
+            device: None,
         })
     }
 
@@ -304,13 +373,16 @@ impl ZeroUpdater {
             for e in layout.entries() {
                 write_f32_values(&self.params[e.param].var, &flat[e.offset..e.offset + e.len])?;
             }
-            let group = &mut self.groups[g];
+            let Some(group) = self.groups.get_mut(g) else { continue };
             if let Some(master) = group.master.as_mut() {
                 master.copy_from_slice(&flat[group.owned.clone()]);
             }
             if let Some(shards) = &self.shards {
                 lock(shards).values[g].copy_from_slice(&flat[group.owned.clone()]);
             }
+        }
+        if let Some(device) = &mut self.device {
+            device.reload_masters()?;
         }
         Ok(())
     }
@@ -399,7 +471,11 @@ impl ZeroUpdater {
             if self.stage == ZeroStage::Stage0 {
                 if let Some(master) = &group.master {
                     for e in layout.entries() {
-                        write_f32_values(&self.params[e.param].var, &master[e.offset..e.offset + e.len])?;
+                        let var = &self.params[e.param].var;
+                        if self.off_host {
+                            self.transfers.parameters += (e.len * var.dtype().size_in_bytes()) as u64;
+                        }
+                        write_f32_values(var, &master[e.offset..e.offset + e.len])?;
                     }
                 }
                 continue;
@@ -418,6 +494,9 @@ impl ZeroUpdater {
                 Some(master) => flat[shard.clone()].copy_from_slice(master),
                 None => {
                     for piece in layout.pieces(rank) {
+                        if self.off_host {
+                            self.transfers.parameters += 4 * self.params[piece.param].var.elem_count() as u64;
+                        }
                         with_f32_values(self.params[piece.param].var.as_tensor(), |v| {
                             flat[shard.start..][piece.shard_range.clone()]
                                 .copy_from_slice(&v[piece.param_range.clone()])
@@ -428,7 +507,11 @@ impl ZeroUpdater {
             let comm = &self.comm;
             let flat = exchange_in_dtype(layout.dtype(), flat, |bytes| comm.all_gather(bytes))?;
             for e in layout.entries() {
-                write_f32_values(&self.params[e.param].var, &flat[e.offset..e.offset + e.len])?;
+                let var = &self.params[e.param].var;
+                if self.off_host {
+                    self.transfers.parameters += (e.len * var.dtype().size_in_bytes()) as u64;
+                }
+                write_f32_values(var, &flat[e.offset..e.offset + e.len])?;
             }
             if self.stage == ZeroStage::Stage1 {
                 group.grads = flat;
@@ -445,6 +528,9 @@ impl ZeroUpdater {
             let Some(&(group, entry)) = self.index.get(&g.var.as_tensor().id()) else {
                 return Err(unknown(&g.name));
             };
+            if self.off_host {
+                self.transfers.gradients += 4 * g.grad.elem_count() as u64;
+            }
             let mut values = to_f32_vec(&g.grad)?;
             if let Some(earlier) = self.pending.remove(&entry.param) {
                 values.iter_mut().zip(&earlier).for_each(|(v, e)| *v += e);
@@ -487,8 +573,11 @@ impl ZeroUpdater {
     /// stage: stage 0 steps everything but writes only its slice), with FP32 values and
     /// optimizer buffers.
     fn checkpoint_pieces(&self) -> Result<Vec<SavedPiece>> {
+        if let Some(device) = &self.device {
+            return device.checkpoint_pieces();
+        }
         let rank = self.comm.rank();
-        let state = self.optimizer.state();
+        let state = self.optimizer.state()?;
         let buffers = buffers_by_index(&state)?;
         let shards = self.shards.as_ref().map(|s| lock(s));
         let mut out = Vec::new();
@@ -550,13 +639,18 @@ impl ZeroUpdater {
         let Some(info) = &ckpt.manifest.sharded else {
             return Err(Error::config("checkpoint", "not a sharded checkpoint"));
         };
-        if info.optimizer != self.optimizer.name() {
+        let optimizer = Updater::optimizer(self);
+        if info.optimizer != optimizer.name() {
             return Err(Error::Train(candle_train::Error::checkpoint(
                 &ckpt.path,
-                format!("it holds {} state, this run uses {}", info.optimizer, self.optimizer.name()),
+                format!("it holds {} state, this run uses {}", info.optimizer, optimizer.name()),
             )));
         }
-        let current = self.optimizer.state();
+        let current = optimizer.state()?;
+        let piece_ranges: Vec<(usize, Range<usize>)> = match &self.device {
+            Some(device) => device.piece_ranges(),
+            None => self.pieces.iter().map(|p| (p.param, p.param_range.clone())).collect(),
+        };
         let by_index = buffers_by_index(&current)?;
         let stage3 = self.shards.is_some();
         let mut needs = Vec::new();
@@ -566,20 +660,12 @@ impl ZeroUpdater {
                 needs.push(Need { buffer: "value".into(), param: i, range: 0..p.var.elem_count() });
             }
         }
-        for (k, piece) in self.pieces.iter().enumerate() {
+        for (k, (param, range)) in piece_ranges.iter().enumerate() {
             if stage3 {
-                needs.push(Need {
-                    buffer: "value".into(),
-                    param: piece.param,
-                    range: piece.param_range.clone(),
-                });
+                needs.push(Need { buffer: "value".into(), param: *param, range: range.clone() });
             }
             for (base, _) in by_index.get(&k).map(Vec::as_slice).unwrap_or_default() {
-                needs.push(Need {
-                    buffer: base.clone(),
-                    param: piece.param,
-                    range: piece.param_range.clone(),
-                });
+                needs.push(Need { buffer: base.clone(), param: *param, range: range.clone() });
             }
         }
         let mut found = crate::checkpoint::read(ckpt, params, &needs)?.into_iter();
@@ -589,7 +675,7 @@ impl ZeroUpdater {
             values = found.by_ref().take(self.params.len()).collect();
         }
         let mut piece_values = Vec::new();
-        for (k, _) in self.pieces.iter().enumerate() {
+        for k in 0..piece_ranges.len() {
             if stage3 {
                 piece_values.push(found.next().unwrap_or_default());
             }
@@ -603,6 +689,9 @@ impl ZeroUpdater {
             buffers,
             quantized: Default::default(),
         };
+        if let Some(device) = &mut self.device {
+            return device.restore(&values, &state);
+        }
         // The optimizer checks its buffers and changes nothing on error.
         self.optimizer.load_state(&state)?;
         if let Some(shards) = &self.shards {
@@ -666,6 +755,9 @@ impl Updater for ZeroUpdater {
     }
 
     fn accumulate(&mut self, gradients: &SegmentGradients) -> candle_train::Result<()> {
+        if let Some(device) = &mut self.device {
+            return Ok(device.accumulate(self.comm.as_ref(), gradients)?);
+        }
         if self.stage == ZeroStage::Stage2 {
             return self.accumulate_sharded(gradients);
         }
@@ -677,6 +769,9 @@ impl Updater for ZeroUpdater {
             let Some(&(group, entry)) = self.index.get(&g.var.as_tensor().id()) else {
                 return Err(unknown(&g.name));
             };
+            if self.off_host {
+                self.transfers.gradients += 4 * entry.len as u64;
+            }
             let acc = &mut self.groups[group].grads[entry.offset..entry.offset + entry.len];
             with_f32_values(&g.grad, |values| {
                 acc.iter_mut().zip(values).for_each(|(a, &v)| *a += v);
@@ -686,6 +781,9 @@ impl Updater for ZeroUpdater {
     }
 
     fn step(&mut self, lr: f64, max_grad_norm: Option<f64>) -> candle_train::Result<StepReport> {
+        if let Some(device) = &mut self.device {
+            return Ok(device.step(self.comm.as_ref(), &mut self.transfers, lr, max_grad_norm)?);
+        }
         self.reduce()?;
         let local: f64 = self
             .groups
@@ -726,6 +824,10 @@ impl Updater for ZeroUpdater {
                     optimizer.update(k, &mut master[piece.owned_range.clone()], grad, lr, piece.decay)?
                 }
                 None => {
+                    if self.off_host {
+                        // The whole parameter down and back up.
+                        self.transfers.parameters += 8 * self.params[piece.param].var.elem_count() as u64;
+                    }
                     let mut outcome = Ok(());
                     update_f32_in_place(&self.params[piece.param].var, |values| {
                         outcome =
@@ -742,6 +844,9 @@ impl Updater for ZeroUpdater {
     }
 
     fn unscale(&mut self, inv_scale: f32) -> candle_train::Result<bool> {
+        if let Some(device) = &mut self.device {
+            return Ok(device.unscale(self.comm.as_ref(), &mut self.transfers, inv_scale)?);
+        }
         self.reduce()?;
         let mut found_inf = false;
         for g in &mut self.groups {
@@ -755,6 +860,9 @@ impl Updater for ZeroUpdater {
     }
 
     fn zero_grad(&mut self) {
+        if let Some(device) = &mut self.device {
+            device.zero_grad();
+        }
         self.groups.iter_mut().for_each(|g| g.grads.fill(0.0));
         self.pending.clear();
         self.staging.clear();
@@ -762,11 +870,17 @@ impl Updater for ZeroUpdater {
     }
 
     fn optimizer(&self) -> &dyn Optimizer {
-        self.optimizer.as_ref()
+        match &self.device {
+            Some(device) => device.optimizer(),
+            None => self.optimizer.as_ref(),
+        }
     }
 
     fn optimizer_mut(&mut self) -> &mut dyn Optimizer {
-        self.optimizer.as_mut()
+        match &mut self.device {
+            Some(device) => device.optimizer_mut(),
+            None => self.optimizer.as_mut(),
+        }
     }
 
     fn sharded_checkpoints(&self) -> bool {
@@ -798,14 +912,26 @@ impl Updater for ZeroUpdater {
         }
         let info = ShardedInfo {
             stage: self.stage as u8,
-            optimizer: self.optimizer.name().to_string(),
-            optimizer_step: self.optimizer.step_count(),
+            optimizer: Updater::optimizer(self).name().to_string(),
+            optimizer_step: Updater::optimizer(self).step_count(),
         };
         Ok(crate::checkpoint::save(self.comm.as_ref(), run_dir, keep, params, pieces, info, progress, run)?)
     }
 
     fn restore_sharded(&mut self, checkpoint: &Checkpoint, params: &Parameters) -> candle_train::Result<()> {
         Ok(self.restore_from(checkpoint, params)?)
+    }
+
+    /// Host <-> device bytes since the last call: on a GPU this updater's state is in host
+    /// memory, so gradients come down per micro-batch and parameters go up per step, and the
+    /// NCCL backend stages every collective through the device. (Stage 3's gathers and
+    /// releases of parameters are not counted yet.)
+    fn take_transfers(&mut self) -> Transfers {
+        let staged = self.comm.host_staged_bytes();
+        let mut transfers = std::mem::take(&mut self.transfers);
+        transfers.collectives += staged.saturating_sub(self.staged_seen);
+        self.staged_seen = staged;
+        transfers
     }
 
     fn sum_over_ranks(&mut self, value: f64) -> candle_train::Result<f64> {
@@ -815,6 +941,9 @@ impl Updater for ZeroUpdater {
     }
 
     fn state_bytes(&self) -> StateBytes {
+        if let Some(device) = &self.device {
+            return device.state_bytes();
+        }
         StateBytes {
             gradients: self.groups.iter().map(|g| g.grads.len() * 4).sum(),
             master_weights: self.groups.iter().flat_map(|g| &g.master).map(|m| m.len() * 4).sum::<usize>()

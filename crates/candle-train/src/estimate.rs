@@ -173,6 +173,7 @@ impl MemoryEstimate {
             activations: self.activations,
             other: self.other,
             peak: self.peak,
+            transfers: Default::default(),
         }
     }
 

@@ -65,7 +65,7 @@ pub use trainer::{
     BackwardMode, CheckpointConfig, DataRank, Hooks, LanguageModel, MicroBatchSearch, MicroBatchTrial,
     OomRecovery, TrainReport, TrainableModel, Trainer, TrainerBuilder, TrainerConfig,
 };
-pub use updater::{LocalUpdater, StepReport, Updater, UpdaterState};
+pub use updater::{LocalUpdater, StepReport, Transfers, Updater, UpdaterState};
 
 #[cfg(test)]
 #[global_allocator]

@@ -192,6 +192,10 @@ pub struct MemoryReport {
     pub other: usize,
     /// The step's peak live bytes.
     pub peak: usize,
+    /// Bytes the step moved between the host and the device, by cause (zero on the CPU
+    /// device; set by the Trainer, zero in estimates).
+    #[serde(default)]
+    pub transfers: crate::updater::Transfers,
 }
 
 impl MemoryReport {
@@ -213,6 +217,7 @@ impl MemoryReport {
             activations: peak.saturating_sub(start),
             other: start.saturating_sub(state),
             peak,
+            transfers: Default::default(),
         }
     }
 

@@ -33,6 +33,10 @@ pub struct StepRecord {
     /// Validation loss, on steps where it was measured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
+    /// Bytes moved between the host and the device in this step, by cause (all zero on the
+    /// CPU device; absent from files written before it was recorded).
+    #[serde(default)]
+    pub transfers: crate::updater::Transfers,
 }
 
 /// The largest metrics file a resumed run reads back (about ten million records).

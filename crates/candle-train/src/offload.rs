@@ -68,18 +68,21 @@ impl Offload {
 
     /// Steps F32 parameter `index`, held on a non-CPU device, through its host-resident FP32
     /// copy (downloaded on first use): `update` changes the copy, which is then uploaded.
+    /// Returns the bytes moved (the upload, and the download on first use).
     pub(crate) fn update_resident(
         &mut self,
         index: usize,
         var: &Var,
         update: impl FnOnce(&mut [f32]) -> Result<()>,
-    ) -> Result<()> {
-        let values = match &mut self.resident[index] {
-            Some(values) => values,
-            empty => empty.insert(to_f32_vec(var.as_tensor())?),
+    ) -> Result<u64> {
+        let bytes = var.elem_count() as u64 * 4;
+        let (values, moved) = match &mut self.resident[index] {
+            Some(values) => (values, bytes),
+            empty => (empty.insert(to_f32_vec(var.as_tensor())?), 2 * bytes),
         };
         update(values)?;
-        upload(&mut self.staging[index], var, values)
+        upload(&mut self.staging[index], var, values)?;
+        Ok(moved)
     }
 
     /// Writes updated FP32 `values` into parameter `index` (rounded to its dtype), through its

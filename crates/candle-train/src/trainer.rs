@@ -1571,7 +1571,12 @@ impl Trainer {
             let step_time_s = started.elapsed().as_secs_f64();
             let peak = meter.peak_bytes();
             let bytes = updater.state_bytes();
-            let mem = MemoryReport::new(
+            let mut transfers = updater.take_transfers();
+            if !device.is_cpu() {
+                // Each micro-batch's loss is read back (as an f64).
+                transfers.scalars += 8 * state.split.accumulation_steps as u64;
+            }
+            let mut mem = MemoryReport::new(
                 param_bytes,
                 bytes.gradients,
                 bytes.master_weights,
@@ -1579,6 +1584,7 @@ impl Trainer {
                 start_bytes,
                 peak,
             );
+            mem.transfers = transfers;
             if mem.peak >= state.worst.peak {
                 state.worst = mem;
             }
@@ -1605,6 +1611,7 @@ impl Trainer {
                 peak_bytes: peak,
                 loss_scale: state.scaler.is_some().then_some(loss_scale),
                 val_loss,
+                transfers,
             };
             state.counted_units += units as u128;
             for callback in callbacks.iter_mut() {

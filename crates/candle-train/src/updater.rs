@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use candle::{DType, TensorId};
+use candle::{DType, Tensor, TensorId};
 use candle_ckpt::SegmentGradients;
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +36,42 @@ pub struct StateBytes {
     pub master_weights: usize,
     /// Optimizer state.
     pub optimizer_state: usize,
+}
+
+/// Bytes moved between the host and an accelerator, by cause (both directions together).
+///
+/// On the CPU device nothing moves: every field is zero by construction. With state on the
+/// device ([`LocalUpdater`]'s default off CPU) a step reads back only scalars (found-inf and
+/// the gradient norm); an optimizer kept on the host (offloaded, or 8-bit AdamW) moves every
+/// gradient down and every parameter up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfers {
+    /// Gradients copied to the host.
+    pub gradients: u64,
+    /// Parameters read to or written from the host.
+    pub parameters: u64,
+    /// Master weights and optimizer state copied either way (checkpoints, offload).
+    pub state: u64,
+    /// Bytes staged through the host for collectives.
+    pub collectives: u64,
+    /// Scalars read back (found-inf, gradient norm, loss).
+    pub scalars: u64,
+}
+
+impl Transfers {
+    /// All bytes moved.
+    pub fn total(&self) -> u64 {
+        self.gradients + self.parameters + self.state + self.collectives + self.scalars
+    }
+
+    /// Adds `other` into these counts.
+    pub fn add(&mut self, other: &Transfers) {
+        self.gradients += other.gradients;
+        self.parameters += other.parameters;
+        self.state += other.state;
+        self.collectives += other.collectives;
+        self.scalars += other.scalars;
+    }
 }
 
 /// What an [`Updater`] holds between steps besides the parameters: FP32 master weights (by
@@ -154,6 +190,13 @@ pub trait Updater {
         Err(Error::config("checkpoint", "this updater does not read sharded checkpoints"))
     }
 
+    /// The bytes moved between the host and the device since the last call, by cause (zero on
+    /// the CPU device and for an updater that does not count). The Trainer takes them once per
+    /// step.
+    fn take_transfers(&mut self) -> Transfers {
+        Transfers::default()
+    }
+
     /// The sum of `value` over the data-parallel ranks, the same on every rank (the value
     /// itself on one device). The Trainer reports the loss of the whole global batch with it.
     ///
@@ -164,118 +207,328 @@ pub trait Updater {
     }
 }
 
-/// The single-device [`Updater`]: FP32 gradient accumulators, FP32 master weights for
-/// parameters held in a half type (none for FP32 parameters: they are the FP32 state), and
-/// the optimizer over host slices.
+/// The single-device [`Updater`]. Where its state lives follows its optimizer
+/// ([`crate::optim::Optimizer::device`]):
+///
+/// - **on the parameters' device** (a device-resident optimizer; what
+///   [`LocalUpdater::from_config`] builds for parameters off the CPU): FP32 gradient
+///   accumulators, FP32 master weights for half-precision parameters and the optimizer state
+///   are tensors there; found-inf and the gradient norm are device reductions of which only
+///   the scalar result is read back.
+/// - **on the host** (a host optimizer: the CPU's flat-slice fast path, an offloaded optimizer,
+///   8-bit AdamW): FP32 accumulators and master weights in host vectors, the optimizer over
+///   host slices; on a GPU every micro-batch's gradients come down and every step's parameters
+///   go up, which [`Updater::take_transfers`] counts.
 pub struct LocalUpdater {
     params: Vec<Parameter>,
     index: HashMap<TensorId, usize>,
     decay: Vec<bool>,
+    store: Store,
+    transfers: Transfers,
+}
+
+enum Store {
+    Host(HostStore),
+    Device(DeviceStore),
+}
+
+struct HostStore {
     grads: Vec<Vec<f32>>,
     master: Vec<Option<Vec<f32>>>,
     optimizer: Box<dyn Optimizer>,
     offload: Option<Offload>,
 }
 
+struct DeviceStore {
+    /// FP32 accumulators, allocated by the first gradient of a step (that gradient itself when
+    /// it is already F32) and released by `zero_grad`.
+    grads: Vec<Option<Tensor>>,
+    master: Vec<Option<Tensor>>,
+    optimizer: Box<dyn Optimizer>,
+}
+
 impl std::fmt::Debug for LocalUpdater {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalUpdater")
             .field("params", &self.params.len())
-            .field("optimizer", &self.optimizer.name())
-            .field("offload", &self.offload.is_some())
+            .field("optimizer", &self.optimizer().name())
+            .field("state", &if self.is_device_resident() { "device" } else { "host" })
+            .field("offload", &self.is_offloaded())
             .finish()
     }
 }
 
+/// The sum of the squares of a tensor's elements in FP64, as a scalar tensor on its device
+/// (computed over chunks of 4 Mi elements, so the FP64 temporary stays small).
+///
+/// # Errors
+/// A device error.
+pub fn sum_of_squares_f64(t: &Tensor) -> candle::Result<Tensor> {
+    const CHUNK: usize = 1 << 22;
+    let flat = t.flatten_all()?;
+    let n = flat.elem_count();
+    let mut total = Tensor::zeros((), DType::F64, t.device())?;
+    let mut start = 0;
+    while start < n {
+        let len = CHUNK.min(n - start);
+        total = (total + flat.narrow(0, start, len)?.to_dtype(DType::F64)?.sqr()?.sum_all()?)?;
+        start += len;
+    }
+    Ok(total)
+}
+
+fn bytes_of(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
+}
+
+fn f32_bytes(len: usize) -> u64 {
+    len as u64 * 4
+}
+
 impl LocalUpdater {
     /// An updater for `params`, stepping them with `optimizer` (built for their sizes, in
-    /// order). Weight decay applies to parameters of two or more dimensions.
+    /// order). Weight decay applies to parameters of two or more dimensions. A
+    /// device-resident optimizer keeps the whole state on its device (the parameters must be
+    /// there); a host optimizer keeps it in host memory.
     ///
     /// # Errors
-    /// On a device error reading the initial values of half-precision parameters.
+    /// Parameters off a device-resident optimizer's device; a device error reading the
+    /// initial values of half-precision parameters.
     pub fn new(params: &Parameters, optimizer: Box<dyn Optimizer>) -> Result<Self> {
         let params: Vec<Parameter> = params.iter().cloned().collect();
         let index = params.iter().enumerate().map(|(i, p)| (p.var.as_tensor().id(), i)).collect();
         let decay = params.iter().map(|p| p.var.rank() >= 2).collect();
-        let grads = params.iter().map(|p| vec![0.0; p.var.elem_count()]).collect();
-        let master =
-            params
-                .iter()
-                .map(|p| {
-                    if p.var.dtype() == DType::F32 {
-                        Ok(None)
-                    } else {
-                        to_f32_vec(p.var.as_tensor()).map(Some)
-                    }
-                })
-                .collect::<Result<_>>()?;
-        Ok(Self { params, index, decay, grads, master, optimizer, offload: None })
+        let mut transfers = Transfers::default();
+        let store = match optimizer.device() {
+            Some(device) => {
+                if let Some(p) = params.iter().find(|p| !p.var.device().same_device(&device)) {
+                    return Err(Error::config(
+                        "optimizer",
+                        format!(
+                            "the optimizer keeps its state on {:?} but parameter {} is on {:?}",
+                            device.location(),
+                            p.name,
+                            p.var.device().location()
+                        ),
+                    ));
+                }
+                let master = params
+                    .iter()
+                    .map(|p| match p.var.dtype() {
+                        DType::F32 => Ok(None),
+                        _ => Ok(Some(p.var.as_tensor().detach().to_dtype(DType::F32)?)),
+                    })
+                    .collect::<Result<_>>()?;
+                Store::Device(DeviceStore { grads: vec![None; params.len()], master, optimizer })
+            }
+            None => {
+                let grads = params.iter().map(|p| vec![0.0; p.var.elem_count()]).collect();
+                let master = params
+                    .iter()
+                    .map(|p| {
+                        if p.var.dtype() == DType::F32 {
+                            Ok(None)
+                        } else {
+                            if !p.var.device().is_cpu() {
+                                transfers.parameters += bytes_of(p.var.as_tensor());
+                            }
+                            to_f32_vec(p.var.as_tensor()).map(Some)
+                        }
+                    })
+                    .collect::<Result<_>>()?;
+                Store::Host(HostStore { grads, master, optimizer, offload: None })
+            }
+        };
+        Ok(Self { params, index, decay, store, transfers })
     }
 
-    /// Offloads the optimizer (`--offload-optimizer`): the step runs on the host's cores with
-    /// rayon, and on a GPU the FP32 parameters get host-resident copies and every transfer goes
-    /// through pinned buffers (see [`crate::offload`]). Parameters end bit-identical to the
-    /// step without offloading.
+    /// Offloads the optimizer (`--offload-optimizer`): master weights, accumulators and
+    /// optimizer state move to host memory (a device-resident optimizer is rebuilt on the host
+    /// from its configuration, its state carried over) and the step runs on the host's cores
+    /// with rayon; on a GPU the FP32 parameters get host-resident copies and every transfer
+    /// goes through pinned buffers (see [`crate::offload`]). Parameters end bit-identical to
+    /// the host step without offloading.
     ///
     /// Between steps, the host copies of a GPU model's F32 parameters are authoritative: after
     /// writing such parameters by other means than a checkpoint restore, call
     /// [`LocalUpdater::reload_parameters`].
-    pub fn offloaded(mut self) -> Self {
-        self.offload = Some(Offload::new(self.params.len()));
-        self
+    ///
+    /// # Errors
+    /// A device-resident optimizer that cannot say its configuration (not one of ours), or a
+    /// device error copying its state to the host.
+    pub fn offloaded(mut self) -> Result<Self> {
+        if let Store::Device(store) = &self.store {
+            let Some(config) = store.optimizer.config() else {
+                return Err(Error::config(
+                    "offload",
+                    format!(
+                        "optimizer `{}` keeps its state on a device and cannot be rebuilt on the host",
+                        store.optimizer.name()
+                    ),
+                ));
+            };
+            let sizes: Vec<usize> = self.params.iter().map(|p| p.var.elem_count()).collect();
+            let mut optimizer = config.build(&sizes)?;
+            let state = store.optimizer.state()?;
+            self.transfers.state += state.buffers.values().map(|b| f32_bytes(b.len())).sum::<u64>();
+            optimizer.load_state(&state)?;
+            let master = store
+                .master
+                .iter()
+                .map(|m| m.as_ref().map(to_f32_vec).transpose())
+                .collect::<Result<Vec<_>>>()?;
+            self.transfers.state += master.iter().flatten().map(|m| f32_bytes(m.len())).sum::<u64>();
+            let grads = self.params.iter().map(|p| vec![0.0; p.var.elem_count()]).collect();
+            self.store = Store::Host(HostStore { grads, master, optimizer, offload: None });
+        }
+        if let Store::Host(store) = &mut self.store {
+            store.offload = Some(Offload::new(self.params.len()));
+        }
+        Ok(self)
     }
 
     /// Whether the optimizer is offloaded.
     pub fn is_offloaded(&self) -> bool {
-        self.offload.is_some()
+        matches!(&self.store, Store::Host(HostStore { offload: Some(_), .. }))
+    }
+
+    /// Whether gradients, master weights and optimizer state live on the parameters' device
+    /// (as tensors) rather than in host memory.
+    pub fn is_device_resident(&self) -> bool {
+        matches!(self.store, Store::Device(_))
     }
 
     /// Makes an offloaded updater read the parameters from the model again at the next step
     /// (nothing to do otherwise).
     pub fn reload_parameters(&mut self) {
-        if let Some(offload) = &mut self.offload {
+        if let Store::Host(HostStore { offload: Some(offload), .. }) = &mut self.store {
             offload.invalidate();
         }
     }
 
-    /// An updater for `params` with an optimizer built from `optimizer` for their sizes.
+    /// An updater for `params` with an optimizer built from `optimizer` where they live
+    /// ([`OptimizerConfig::build_for`]): state in host memory for CPU parameters, on the
+    /// device for GPU parameters (8-bit AdamW excepted).
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for bad optimizer hyper-parameters, or as [`LocalUpdater::new`].
     pub fn from_config(params: &Parameters, optimizer: &OptimizerConfig) -> Result<Self> {
-        let sizes: Vec<usize> = params.iter().map(|p| p.var.elem_count()).collect();
-        Self::new(params, optimizer.build(&sizes)?)
+        let tensors: Vec<&Tensor> = params.iter().map(|p| p.var.as_tensor()).collect();
+        Self::new(params, optimizer.build_for(&tensors)?)
     }
 
-    /// The accumulated FP32 gradient of parameter `name`.
-    pub fn gradient(&self, name: &str) -> Option<&[f32]> {
-        self.params.iter().position(|p| p.name == name).map(|i| self.grads[i].as_slice())
+    /// An updater whose state lives on the parameters' device whatever it is, through
+    /// [`OptimizerConfig::build_on_device`] (on the CPU: the tensor-op optimizers, which the
+    /// tests compare with the flat-slice path).
+    ///
+    /// # Errors
+    /// As [`OptimizerConfig::build_on_device`] and [`LocalUpdater::new`].
+    pub fn on_device(params: &Parameters, optimizer: &OptimizerConfig) -> Result<Self> {
+        let tensors: Vec<&Tensor> = params.iter().map(|p| p.var.as_tensor()).collect();
+        Self::new(params, optimizer.build_on_device(&tensors)?)
     }
-}
 
-impl Updater for LocalUpdater {
-    fn accumulate(&mut self, gradients: &SegmentGradients) -> Result<()> {
-        for g in &gradients.gradients {
-            let Some(&i) = self.index.get(&g.var.as_tensor().id()) else {
-                return Err(Error::StateMismatch {
-                    name: g.name.clone(),
-                    expected: "a parameter known to the updater".into(),
-                    found: "an unknown variable".into(),
-                });
-            };
-            let acc = &mut self.grads[i];
-            match &mut self.offload {
-                Some(offload) => offload.accumulate(i, &g.grad, acc)?,
-                None => with_f32_values(&g.grad, |values| {
-                    acc.iter_mut().zip(values).for_each(|(a, &v)| *a += v);
-                })?,
+    /// The accumulated FP32 gradient of parameter `name` (copied to the host), `None` for an
+    /// unknown name.
+    ///
+    /// # Errors
+    /// A device error reading it back.
+    pub fn gradient(&self, name: &str) -> Result<Option<Vec<f32>>> {
+        let Some(i) = self.params.iter().position(|p| p.name == name) else { return Ok(None) };
+        match &self.store {
+            Store::Host(store) => Ok(Some(store.grads[i].clone())),
+            Store::Device(store) => match &store.grads[i] {
+                Some(g) => Ok(Some(to_f32_vec(g)?)),
+                None => Ok(Some(vec![0.0; self.params[i].var.elem_count()])),
+            },
+        }
+    }
+
+    fn position(&self, g: &candle_ckpt::ParameterGradient) -> Result<usize> {
+        self.index.get(&g.var.as_tensor().id()).copied().ok_or_else(|| Error::StateMismatch {
+            name: g.name.clone(),
+            expected: "a parameter known to the updater".into(),
+            found: "an unknown variable".into(),
+        })
+    }
+
+    /// Reads one device scalar back (counted off the CPU).
+    fn read_scalar(&mut self, t: &Tensor) -> Result<f64> {
+        if !t.device().is_cpu() {
+            self.transfers.scalars += bytes_of(t);
+        }
+        Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    }
+
+    /// The sum over the device accumulators of `f(gradient)` (a scalar each), read back once.
+    fn device_sum(&mut self, f: impl Fn(&Tensor) -> candle::Result<Tensor>) -> Result<f64> {
+        let Store::Device(store) = &self.store else { return Ok(0.0) };
+        let mut total: Option<Tensor> = None;
+        for g in store.grads.iter().flatten() {
+            let part = f(g)?.to_dtype(DType::F64)?;
+            total = Some(match total {
+                Some(t) => (t + part)?,
+                None => part,
+            });
+        }
+        match total {
+            Some(t) => self.read_scalar(&t),
+            None => Ok(0.0),
+        }
+    }
+
+    fn step_device(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<StepReport> {
+        // Squares summed in FP64 on the device, as the host store sums them: the norm and the
+        // clipping factor do not depend on how the elements are split or ordered.
+        let grad_norm = self.device_sum(sum_of_squares_f64)?.sqrt();
+        if !grad_norm.is_finite() {
+            self.zero_grad();
+            return Ok(StepReport { grad_norm, stepped: false, clip_coef: 1.0 });
+        }
+        let Store::Device(store) = &mut self.store else { unreachable!("step_device on a host store") };
+        let mut clip_coef = 1.0;
+        if let Some(max_norm) = max_grad_norm {
+            let coef = max_norm / (grad_norm + 1e-6);
+            if coef < 1.0 {
+                clip_coef = coef;
+                let c = f64::from(coef as f32);
+                for g in store.grads.iter_mut().flatten() {
+                    *g = g.affine(c, 0.0)?;
+                }
             }
         }
-        Ok(())
+        store.optimizer.begin_step();
+        for (i, p) in self.params.iter().enumerate() {
+            let grad = match &store.grads[i] {
+                Some(g) => g.clone(),
+                // A parameter no segment sent a gradient to steps on zeros, as on the host.
+                None => Tensor::zeros(p.var.shape(), DType::F32, p.var.device())?,
+            };
+            let decay = self.decay[i];
+            match &store.master[i] {
+                Some(master) => {
+                    let new = store.optimizer.update_master(i, master, &grad, &p.var, lr, decay)?;
+                    if let Some(new) = new {
+                        store.master[i] = Some(new);
+                    }
+                }
+                None => {
+                    // The variable's storage without its gradient tracking: a fused kernel
+                    // updates it in place, the tensor-op path returns new values.
+                    let param = p.var.as_tensor().detach();
+                    if let Some(new) = store.optimizer.update_tensor(i, &param, &grad, lr, decay)? {
+                        p.var.set(&new)?;
+                    }
+                }
+            }
+        }
+        self.zero_grad();
+        Ok(StepReport { grad_norm, stepped: true, clip_coef })
     }
 
-    fn step(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<StepReport> {
-        let sum_sq: f64 = self.grads.iter().flatten().map(|&g| (g as f64) * (g as f64)).sum();
+    fn step_host(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<StepReport> {
+        let Store::Host(store) = &mut self.store else { unreachable!("step_host on a device store") };
+        let sum_sq: f64 = store.grads.iter().flatten().map(|&g| (g as f64) * (g as f64)).sum();
         let grad_norm = sum_sq.sqrt();
         if !grad_norm.is_finite() {
             self.zero_grad();
@@ -287,24 +540,32 @@ impl Updater for LocalUpdater {
             if coef < 1.0 {
                 clip_coef = coef;
                 let c = coef as f32;
-                self.grads.iter_mut().flatten().for_each(|g| *g *= c);
+                store.grads.iter_mut().flatten().for_each(|g| *g *= c);
             }
         }
-        self.optimizer.begin_step();
+        store.optimizer.begin_step();
+        let transfers = &mut self.transfers;
         for (i, p) in self.params.iter().enumerate() {
-            let (grad, decay) = (&self.grads[i], self.decay[i]);
-            let optimizer = &mut self.optimizer;
-            match (&mut self.master[i], &mut self.offload) {
+            let (grad, decay) = (&store.grads[i], self.decay[i]);
+            let optimizer = &mut store.optimizer;
+            let on_host = p.var.device().is_cpu();
+            match (&mut store.master[i], &mut store.offload) {
                 (Some(master), None) => {
                     optimizer.update(i, master, grad, lr, decay)?;
                     write_f32_values(&p.var, master)?;
+                    if !on_host {
+                        transfers.parameters += bytes_of(p.var.as_tensor());
+                    }
                 }
                 (Some(master), Some(offload)) => {
                     optimizer.update_parallel(i, master, grad, lr, decay)?;
                     offload.write_back(i, &p.var, master)?;
+                    if !on_host {
+                        transfers.parameters += f32_bytes(master.len());
+                    }
                 }
-                (None, Some(offload)) if !p.var.device().is_cpu() => {
-                    offload.update_resident(i, &p.var, |values| {
+                (None, Some(offload)) if !on_host => {
+                    transfers.parameters += offload.update_resident(i, &p.var, |values| {
                         optimizer.update_parallel(i, values, grad, lr, decay)
                     })?;
                 }
@@ -319,64 +580,136 @@ impl Updater for LocalUpdater {
                         }
                     })?;
                     outcome?;
+                    if !on_host {
+                        // Read down, written back up.
+                        transfers.parameters += 2 * f32_bytes(grad.len());
+                    }
                 }
             }
         }
         self.zero_grad();
         Ok(StepReport { grad_norm, stepped: true, clip_coef })
     }
+}
+
+impl Updater for LocalUpdater {
+    fn accumulate(&mut self, gradients: &SegmentGradients) -> Result<()> {
+        for g in &gradients.gradients {
+            let i = self.position(g)?;
+            match &mut self.store {
+                Store::Device(store) => {
+                    let grad = g.grad.to_dtype(DType::F32)?;
+                    store.grads[i] = Some(match store.grads[i].take() {
+                        Some(acc) => (acc + grad)?,
+                        None => grad,
+                    });
+                }
+                Store::Host(store) => {
+                    let acc = &mut store.grads[i];
+                    if !g.grad.device().is_cpu() {
+                        self.transfers.gradients += f32_bytes(acc.len());
+                    }
+                    match &mut store.offload {
+                        Some(offload) => offload.accumulate(i, &g.grad, acc)?,
+                        None => with_f32_values(&g.grad, |values| {
+                            acc.iter_mut().zip(values).for_each(|(a, &v)| *a += v);
+                        })?,
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<StepReport> {
+        match self.store {
+            Store::Device(_) => self.step_device(lr, max_grad_norm),
+            Store::Host(_) => self.step_host(lr, max_grad_norm),
+        }
+    }
 
     fn unscale(&mut self, inv_scale: f32) -> Result<bool> {
-        let mut found_inf = false;
-        for g in &mut self.grads {
-            found_inf |= unscale_slice(g, inv_scale);
+        match &mut self.store {
+            Store::Host(store) => {
+                let mut found_inf = false;
+                for g in &mut store.grads {
+                    found_inf |= unscale_slice(g, inv_scale);
+                }
+                Ok(found_inf)
+            }
+            Store::Device(store) => {
+                for g in store.grads.iter_mut().flatten() {
+                    *g = g.affine(f64::from(inv_scale), 0.0)?;
+                }
+                // `x * 0` is 0 for every finite x and NaN for inf or NaN: the sum is NaN
+                // exactly when some element is not finite (no overflow, unlike a sum of
+                // squares).
+                let probe = self.device_sum(|g| g.affine(0.0, 0.0)?.sum_all())?;
+                Ok(!probe.is_finite())
+            }
         }
-        Ok(found_inf)
     }
 
     fn zero_grad(&mut self) {
-        self.grads.iter_mut().for_each(|g| g.fill(0.0));
+        match &mut self.store {
+            Store::Host(store) => store.grads.iter_mut().for_each(|g| g.fill(0.0)),
+            Store::Device(store) => store.grads.iter_mut().for_each(|g| *g = None),
+        }
     }
 
     fn optimizer(&self) -> &dyn Optimizer {
-        self.optimizer.as_ref()
+        match &self.store {
+            Store::Host(store) => store.optimizer.as_ref(),
+            Store::Device(store) => store.optimizer.as_ref(),
+        }
     }
 
     fn optimizer_mut(&mut self) -> &mut dyn Optimizer {
-        self.optimizer.as_mut()
+        match &mut self.store {
+            Store::Host(store) => store.optimizer.as_mut(),
+            Store::Device(store) => store.optimizer.as_mut(),
+        }
+    }
+
+    fn take_transfers(&mut self) -> Transfers {
+        std::mem::take(&mut self.transfers)
     }
 
     fn save_state(&self) -> Result<UpdaterState> {
-        let master_weights = self
-            .params
-            .iter()
-            .zip(&self.master)
-            .filter_map(|(p, m)| m.as_ref().map(|m| (p.name.clone(), m.clone())))
-            .collect();
-        Ok(UpdaterState { master_weights, optimizer: self.optimizer.state() })
+        let masters: Vec<Option<Vec<f32>>> = match &self.store {
+            Store::Host(store) => store.master.clone(),
+            Store::Device(store) => {
+                store.master.iter().map(|m| m.as_ref().map(to_f32_vec).transpose()).collect::<Result<_>>()?
+            }
+        };
+        let master_weights =
+            self.params.iter().zip(masters).filter_map(|(p, m)| m.map(|m| (p.name.clone(), m))).collect();
+        Ok(UpdaterState { master_weights, optimizer: self.optimizer().state()? })
     }
 
     fn load_state(&mut self, state: UpdaterState) -> Result<()> {
         let UpdaterState { mut master_weights, optimizer } = state;
         let mut restored = Vec::with_capacity(self.params.len());
-        for (p, current) in self.params.iter().zip(&self.master) {
-            match (current, master_weights.remove(&p.name)) {
-                (Some(current), Some(saved)) if saved.len() == current.len() => restored.push(Some(saved)),
-                (Some(current), saved) => {
+        for p in &self.params {
+            let half = p.var.dtype() != DType::F32;
+            let len = p.var.elem_count();
+            match (half, master_weights.remove(&p.name)) {
+                (true, Some(saved)) if saved.len() == len => restored.push(Some(saved)),
+                (true, saved) => {
                     return Err(Error::StateMismatch {
                         name: format!("master weights of {}", p.name),
-                        expected: format!("{} FP32 values", current.len()),
+                        expected: format!("{len} FP32 values"),
                         found: saved.map_or("nothing".into(), |s| format!("{} values", s.len())),
                     })
                 }
-                (None, Some(_)) => {
+                (false, Some(_)) => {
                     return Err(Error::StateMismatch {
                         name: format!("master weights of {}", p.name),
                         expected: format!("none ({} is an FP32 parameter)", p.name),
                         found: "FP32 master weights".into(),
                     })
                 }
-                (None, None) => restored.push(None),
+                (false, None) => restored.push(None),
             }
         }
         if let Some(name) = master_weights.keys().next() {
@@ -386,9 +719,23 @@ impl Updater for LocalUpdater {
                 found: "an unknown name".into(),
             });
         }
-        // The optimizer checks its own state and changes nothing on error.
-        self.optimizer.load_state(&optimizer)?;
-        self.master = restored;
+        match &mut self.store {
+            Store::Host(store) => {
+                // The optimizer checks its own state and changes nothing on error.
+                store.optimizer.load_state(&optimizer)?;
+                store.master = restored;
+            }
+            Store::Device(store) => {
+                let masters = self
+                    .params
+                    .iter()
+                    .zip(restored)
+                    .map(|(p, m)| m.map(|m| Tensor::from_vec(m, p.var.shape(), p.var.device())).transpose())
+                    .collect::<candle::Result<Vec<_>>>()?;
+                store.optimizer.load_state(&optimizer)?;
+                store.master = masters;
+            }
+        }
         // The checkpoint writes the parameters next: read them again at the next step.
         self.reload_parameters();
         self.zero_grad();
@@ -396,13 +743,23 @@ impl Updater for LocalUpdater {
     }
 
     fn state_bytes(&self) -> StateBytes {
-        StateBytes {
-            gradients: self.grads.iter().map(|g| g.len() * 4).sum(),
-            // An offloaded updater's host copies of device parameters (and, on CUDA, its pinned
-            // staging buffers) are counted with the master weights.
-            master_weights: self.master.iter().flatten().map(|m| m.len() * 4).sum::<usize>()
-                + self.offload.as_ref().map_or(0, Offload::bytes),
-            optimizer_state: self.optimizer.state_bytes(),
+        // Accumulators are counted at their full size (what a step holds once every
+        // parameter's gradient has arrived), wherever they live.
+        let gradients = self.params.iter().map(|p| p.var.elem_count() * 4).sum();
+        match &self.store {
+            Store::Host(store) => StateBytes {
+                gradients,
+                // An offloaded updater's host copies of device parameters (and, on CUDA, its
+                // pinned staging buffers) are counted with the master weights.
+                master_weights: store.master.iter().flatten().map(|m| m.len() * 4).sum::<usize>()
+                    + store.offload.as_ref().map_or(0, Offload::bytes),
+                optimizer_state: store.optimizer.state_bytes(),
+            },
+            Store::Device(store) => StateBytes {
+                gradients,
+                master_weights: store.master.iter().flatten().map(|m| m.elem_count() * 4).sum(),
+                optimizer_state: store.optimizer.state_bytes(),
+            },
         }
     }
 }
@@ -416,13 +773,22 @@ mod tests {
     use crate::optim::{OptimizerConfig, SgdConfig};
     use crate::params::ParamBuilder;
 
-    fn setup(dtype: DType) -> Result<(Parameters, LocalUpdater)> {
+    /// Both stores: state in host vectors (the CPU default) and state as tensors on the
+    /// parameters' device (what a GPU gets; the tensor-op optimizers on the CPU).
+    const STORES: [bool; 2] = [false, true];
+
+    fn setup(dtype: DType, on_device: bool) -> Result<(Parameters, LocalUpdater)> {
         let mut pb = ParamBuilder::new(dtype, Device::Cpu, 0);
         pb.constant("w", (2, 2), 1.0)?;
         pb.constant("b", 2, 0.5)?;
         let params = pb.finish();
-        let sgd = SgdConfig { momentum: 0.0, ..Default::default() };
-        let updater = LocalUpdater::new(&params, OptimizerConfig::Sgd(sgd).build(&[4, 2])?)?;
+        let sgd = OptimizerConfig::Sgd(SgdConfig { momentum: 0.0, ..Default::default() });
+        let updater = if on_device {
+            LocalUpdater::on_device(&params, &sgd)?
+        } else {
+            LocalUpdater::from_config(&params, &sgd)?
+        };
+        assert_eq!(updater.is_device_resident(), on_device);
         Ok((params, updater))
     }
 
@@ -441,10 +807,17 @@ mod tests {
 
     #[test]
     fn gradients_accumulate_and_the_global_norm_clips_them() -> Result<()> {
-        let (params, mut updater) = setup(DType::F32)?;
+        for on_device in STORES {
+            gradients_accumulate_and_clip(on_device)?;
+        }
+        Ok(())
+    }
+
+    fn gradients_accumulate_and_clip(on_device: bool) -> Result<()> {
+        let (params, mut updater) = setup(DType::F32, on_device)?;
         updater.accumulate(&grads(&params, &[1.0, 0.0, 0.0, 0.0], &[0.0, 1.0])?)?;
         updater.accumulate(&grads(&params, &[2.0, 0.0, 0.0, 0.0], &[0.0, 3.0])?)?;
-        assert_eq!(updater.gradient("w"), Some(&[3.0, 0.0, 0.0, 0.0][..]));
+        assert_eq!(updater.gradient("w")?, Some(vec![3.0, 0.0, 0.0, 0.0]));
         // Global norm sqrt(3² + 4²) = 5, clipped to 1: gradients scale by 1 / (5 + 1e-6).
         let report = updater.step(0.1, Some(1.0))?;
         assert!((report.grad_norm - 5.0).abs() < 1e-12);
@@ -452,14 +825,14 @@ mod tests {
         let w = values(&params, "w")?;
         assert!((w[0] - (1.0 - 0.1 * 3.0 / 5.0)).abs() < 1e-6, "{w:?}");
         assert_eq!(&w[1..], &[1.0, 1.0, 1.0]);
-        assert_eq!(updater.gradient("w"), Some(&[0.0; 4][..]), "accumulators are zeroed after a step");
+        assert_eq!(updater.gradient("w")?, Some(vec![0.0; 4]), "accumulators are zeroed after a step");
         Ok(())
     }
 
     #[test]
     fn a_non_finite_gradient_skips_the_step_and_never_reaches_the_weights() -> Result<()> {
-        for bad in [f32::INFINITY, f32::NAN] {
-            let (params, mut updater) = setup(DType::F32)?;
+        for (bad, on_device) in [f32::INFINITY, f32::NAN].into_iter().flat_map(|b| STORES.map(|s| (b, s))) {
+            let (params, mut updater) = setup(DType::F32, on_device)?;
             updater.accumulate(&grads(&params, &[1.0, bad, 0.0, 0.0], &[0.0, 1.0])?)?;
             let report = updater.step(0.1, None)?;
             assert!(!report.stepped);
@@ -472,7 +845,14 @@ mod tests {
 
     #[test]
     fn half_precision_parameters_step_on_fp32_master_weights() -> Result<()> {
-        let (params, mut updater) = setup(DType::BF16)?;
+        for on_device in STORES {
+            master_weights(on_device)?;
+        }
+        Ok(())
+    }
+
+    fn master_weights(on_device: bool) -> Result<()> {
+        let (params, mut updater) = setup(DType::BF16, on_device)?;
         assert_eq!(updater.state_bytes().master_weights, 6 * 4);
         // 1e-3 steps are below bf16's resolution at 1.0 (2^-7), but accumulate in the master.
         for _ in 0..8 {
@@ -482,6 +862,60 @@ mod tests {
         let w = values(&params, "w")?;
         assert_eq!(params.get("w").map(|p| p.var.dtype()), Some(DType::BF16));
         assert!((w[0] - 0.9921875).abs() < 1e-7, "{w:?}: 1 - 8e-3 rounded to bf16");
+        Ok(())
+    }
+
+    #[test]
+    fn unscaling_finds_inf_and_nan_in_both_stores_and_nothing_moves_on_the_cpu() -> Result<()> {
+        for on_device in STORES {
+            let (params, mut updater) = setup(DType::F32, on_device)?;
+            updater.accumulate(&grads(&params, &[4.0, 0.0, 0.0, 0.0], &[0.0, 2.0])?)?;
+            assert!(!updater.unscale(0.5)?, "finite gradients");
+            assert_eq!(updater.gradient("w")?, Some(vec![2.0, 0.0, 0.0, 0.0]));
+            for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+                updater.zero_grad();
+                updater.accumulate(&grads(&params, &[1.0, 0.0, 0.0, 0.0], &[bad, 2.0])?)?;
+                assert!(updater.unscale(0.5)?, "{bad} in the device store {on_device}");
+            }
+            // Huge but finite gradients are not reported as overflow.
+            updater.zero_grad();
+            updater.accumulate(&grads(&params, &[3e38, 3e38, 0.0, 0.0], &[0.0, 0.0])?)?;
+            assert!(!updater.unscale(1.0)?);
+            updater.step(0.0, None)?;
+            assert_eq!(updater.take_transfers(), Transfers::default(), "the CPU device moves nothing");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_state_round_trips_between_the_stores_and_offloading_brings_it_to_the_host() -> Result<()> {
+        let mut pb = ParamBuilder::new(DType::BF16, Device::Cpu, 0);
+        pb.constant("w", (2, 2), 1.0)?;
+        pb.constant("b", 2, 0.5)?;
+        let params = pb.finish();
+        let adamw = OptimizerConfig::AdamW(crate::optim::AdamWConfig::default());
+        let mut device = LocalUpdater::on_device(&params, &adamw)?;
+        for _ in 0..3 {
+            device.accumulate(&grads(&params, &[1.0, -2.0, 0.5, 0.0], &[0.25, 1.0])?)?;
+            device.step(1e-2, None)?;
+        }
+        let saved = device.save_state()?;
+        assert_eq!(saved.optimizer.step, 3);
+        assert_eq!(saved.master_weights.len(), 2, "BF16 parameters have FP32 masters");
+        let mut host = LocalUpdater::from_config(&params, &adamw)?;
+        host.load_state(saved.clone())?;
+        assert_eq!(host.save_state()?, saved, "the host store takes the device store's state as it is");
+        let offloaded = device.offloaded()?;
+        assert!(offloaded.is_offloaded() && !offloaded.is_device_resident());
+        assert_eq!(offloaded.save_state()?, saved, "offloading carries the state over unchanged");
+        let mut back = LocalUpdater::on_device(&params, &adamw)?;
+        back.load_state(saved.clone())?;
+        assert_eq!(back.save_state()?, saved);
+        // A wrong master length is refused by either store, and nothing changes.
+        let mut torn = saved.clone();
+        torn.master_weights.values_mut().for_each(|m| m.push(0.0));
+        assert!(matches!(back.load_state(torn), Err(Error::StateMismatch { .. })));
+        assert_eq!(back.save_state()?, saved);
         Ok(())
     }
 }

@@ -8,6 +8,7 @@
 pub mod local;
 pub mod tcp;
 
+use candle::{DType, Tensor};
 use std::fmt;
 use std::time::Duration;
 
@@ -191,4 +192,122 @@ pub trait Communicator: Send {
 
     /// What this rank has communicated so far.
     fn stats(&self) -> CommStats;
+
+    /// Bytes this rank has copied between host memory and a device to run its collectives so
+    /// far (both directions): the NCCL backend stages host slices through the GPU; the
+    /// in-process and TCP backends work in host memory (0).
+    fn host_staged_bytes(&self) -> u64 {
+        0
+    }
+
+    /// The sum over ranks of an F32 tensor (any shape), as a new tensor on its device. The
+    /// default runs [`Communicator::all_reduce_f32`] on a host copy (no copy at all for a
+    /// contiguous CPU tensor's values beyond the one the result needs); the NCCL backend
+    /// reduces device memory directly.
+    ///
+    /// # Errors
+    /// A tensor that is not F32, or as [`Communicator::all_reduce_f32`].
+    fn all_reduce_tensor(&self, t: &Tensor) -> crate::Result<Tensor> {
+        let mut values = host_f32(t, "all_reduce_tensor")?;
+        self.all_reduce_f32(&mut values)?;
+        Ok(Tensor::from_vec(values, t.shape(), t.device())?)
+    }
+
+    /// A 1-D F32 tensor cut into `world_size` equal chunks: returns this rank's chunk of the
+    /// sum over ranks (NCCL's reduce-scatter), on the tensor's device.
+    ///
+    /// # Errors
+    /// A tensor that is not 1-D F32, a length that does not split evenly, or as
+    /// [`Communicator::reduce_scatter_f32`].
+    fn reduce_scatter_tensor(&self, t: &Tensor) -> crate::Result<Tensor> {
+        let mut values = host_f32(t, "reduce_scatter_tensor")?;
+        self.reduce_scatter_f32(&mut values)?;
+        let chunk = values.len() / self.world_size().max(1);
+        let mine = &values[self.rank() * chunk..(self.rank() + 1) * chunk];
+        Ok(Tensor::from_slice(mine, chunk, t.device())?)
+    }
+
+    /// Every rank's 1-D tensor (F32, BF16 or F16; the same length everywhere), concatenated in
+    /// rank order on this rank's device (NCCL's all-gather).
+    ///
+    /// # Errors
+    /// A tensor that is not 1-D or of another dtype, or as [`Communicator::all_gather`].
+    fn all_gather_tensor(&self, t: &Tensor) -> crate::Result<Tensor> {
+        let (n, world, rank) = (t.elem_count(), self.world_size(), self.rank());
+        check_gatherable(t)?;
+        let size = t.dtype().size_in_bytes();
+        let mut bytes = vec![0u8; n * world * size];
+        tensor_bytes(t, &mut bytes[rank * n * size..(rank + 1) * n * size])?;
+        self.all_gather(&mut bytes)?;
+        tensor_from_bytes(&bytes, t.dtype(), n * world, t.device())
+    }
+}
+
+/// An F32 tensor's values on the host, or an error naming the collective.
+fn host_f32(t: &Tensor, op: &str) -> crate::Result<Vec<f32>> {
+    if t.dtype() != DType::F32 {
+        return Err(crate::Error::config(
+            "collective",
+            format!("{op} takes F32 tensors, not {:?}", t.dtype()),
+        ));
+    }
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+pub(crate) fn check_gatherable(t: &Tensor) -> crate::Result<()> {
+    if t.rank() != 1 || !matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        return Err(crate::Error::config(
+            "collective",
+            format!(
+                "all_gather_tensor takes a 1-D F32, BF16 or F16 tensor, not {:?} {:?}",
+                t.dtype(),
+                t.dims()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes a 1-D tensor's values into `out` as little-endian bytes.
+fn tensor_bytes(t: &Tensor, out: &mut [u8]) -> crate::Result<()> {
+    match t.dtype() {
+        DType::F32 => {
+            for (o, v) in out.chunks_exact_mut(4).zip(t.to_vec1::<f32>()?) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for (o, v) in out.chunks_exact_mut(2).zip(t.to_vec1::<half::bf16>()?) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        _ => {
+            for (o, v) in out.chunks_exact_mut(2).zip(t.to_vec1::<half::f16>()?) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A 1-D tensor of `n` values of `dtype` read from little-endian bytes.
+fn tensor_from_bytes(bytes: &[u8], dtype: DType, n: usize, device: &candle::Device) -> crate::Result<Tensor> {
+    let t = match dtype {
+        DType::F32 => {
+            let v: Vec<f32> =
+                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            Tensor::from_vec(v, n, device)?
+        }
+        DType::BF16 => {
+            let v: Vec<half::bf16> =
+                bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]])).collect();
+            Tensor::from_vec(v, n, device)?
+        }
+        _ => {
+            let v: Vec<half::f16> =
+                bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]])).collect();
+            Tensor::from_vec(v, n, device)?
+        }
+    };
+    Ok(t)
 }

@@ -233,13 +233,22 @@ impl Optimizer for AdamW {
         self.exp_avg.iter().chain(&self.exp_avg_sq).map(|b| b.len() * 4).sum()
     }
 
-    fn state(&self) -> OptimizerState {
+    fn state(&self) -> Result<OptimizerState> {
         let mut buffers = std::collections::BTreeMap::new();
         for (i, (m, v)) in self.exp_avg.iter().zip(&self.exp_avg_sq).enumerate() {
             buffers.insert(format!("exp_avg.{i}"), m.clone());
             buffers.insert(format!("exp_avg_sq.{i}"), v.clone());
         }
-        OptimizerState { kind: self.name().into(), step: self.step, buffers, quantized: Default::default() }
+        Ok(OptimizerState {
+            kind: self.name().into(),
+            step: self.step,
+            buffers,
+            quantized: Default::default(),
+        })
+    }
+
+    fn config(&self) -> Option<super::OptimizerConfig> {
+        Some(super::OptimizerConfig::AdamW(self.config))
     }
 
     fn load_state(&mut self, state: &OptimizerState) -> Result<()> {

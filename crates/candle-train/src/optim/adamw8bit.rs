@@ -210,7 +210,7 @@ impl Optimizer for AdamW8bit {
         self.moments.iter().map(Moments::bytes).sum()
     }
 
-    fn state(&self) -> OptimizerState {
+    fn state(&self) -> Result<OptimizerState> {
         let (mut buffers, mut quantized) = (BTreeMap::new(), BTreeMap::new());
         for (i, moments) in self.moments.iter().enumerate() {
             match moments {
@@ -226,7 +226,11 @@ impl Optimizer for AdamW8bit {
                 }
             }
         }
-        OptimizerState { kind: self.name().into(), step: self.step, buffers, quantized }
+        Ok(OptimizerState { kind: self.name().into(), step: self.step, buffers, quantized })
+    }
+
+    fn config(&self) -> Option<super::OptimizerConfig> {
+        Some(super::OptimizerConfig::AdamW8bit(self.config))
     }
 
     fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
@@ -330,19 +334,19 @@ mod tests {
                 a.update(i, p, &grads(sizes[i], step), 1e-2, true)?;
             }
         }
-        let state = a.state();
+        let state = a.state()?;
         assert!(state.quantized.contains_key("exp_avg.1.codes") && state.buffers.contains_key("exp_avg.0"));
         let mut b = AdamW8bit::new(AdamWConfig::default(), &sizes)?;
         b.load_state(&state)?;
-        assert_eq!(b.state(), state);
+        assert_eq!(b.state()?, state);
         assert_eq!(b.step_count(), 3);
         let mut torn = state.clone();
         torn.quantized.insert("exp_avg_sq.1.codes".into(), vec![0; 3]);
         let mut c = AdamW8bit::new(AdamWConfig::default(), &sizes)?;
-        let before = c.state();
+        let before = c.state()?;
         assert!(matches!(c.load_state(&torn), Err(Error::StateMismatch { .. })));
-        assert_eq!(c.state(), before, "a failed load must change nothing");
-        let other = AdamW::new(AdamWConfig::default(), &sizes)?.state();
+        assert_eq!(c.state()?, before, "a failed load must change nothing");
+        let other = AdamW::new(AdamWConfig::default(), &sizes)?.state()?;
         assert!(c.load_state(&other).is_err());
         Ok(())
     }

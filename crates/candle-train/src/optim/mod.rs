@@ -3,29 +3,43 @@
 
 pub mod adamw;
 pub mod adamw8bit;
+#[cfg(feature = "cuda")]
+pub mod fused_cuda;
 pub mod quant;
 pub mod sgd;
 pub mod tensor_adamw;
+pub mod tensor_sgd;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use candle::{Device, Tensor};
+use candle::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 pub use adamw::{AdamW, AdamWConfig};
 pub use adamw8bit::AdamW8bit;
 pub use sgd::{Sgd, SgdConfig};
 pub use tensor_adamw::TensorAdamW;
+pub use tensor_sgd::TensorSgd;
 
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 
-/// An optimizer stepping parameters held as flat FP32 slices.
+/// An optimizer: where its state lives decides how it steps.
 ///
-/// Per optimizer step: one [`Optimizer::begin_step`], then one [`Optimizer::update`] per
-/// parameter. A skipped step (inf/NaN gradients) calls neither, so the step count used for
-/// bias correction does not advance.
+/// - A **host** optimizer ([`AdamW`], [`Sgd`], [`AdamW8bit`]) keeps its state in host
+///   vectors and steps flat FP32 slices with [`Optimizer::update`] (on CPU, the fast path:
+///   bit-equal to torch, rayon-parallel in [`Optimizer::update_parallel`]).
+/// - A **device-resident** optimizer ([`TensorAdamW`], [`TensorSgd`], and on CUDA the fused
+///   kernels of [`fused_cuda`]) keeps its state as tensors on the parameters' device
+///   ([`Optimizer::device`] says which) and steps FP32 tensors there with
+///   [`Optimizer::update_tensor`]; nothing crosses to the host.
+///
+/// [`OptimizerConfig::build_for`] picks the right one for where the parameters are.
+///
+/// Per optimizer step: one [`Optimizer::begin_step`], then one update per parameter. A skipped
+/// step (inf/NaN gradients) calls neither, so the step count used for bias correction does not
+/// advance.
 pub trait Optimizer: Send {
     /// A short name (`adamw`, `sgd`).
     fn name(&self) -> &'static str;
@@ -68,8 +82,70 @@ pub trait Optimizer: Send {
     /// Bytes of optimizer state held.
     fn state_bytes(&self) -> usize;
 
-    /// The state as named FP32 buffers plus the step count.
-    fn state(&self) -> OptimizerState;
+    /// The state as named FP32 buffers plus the step count, on the host (a device-resident
+    /// optimizer copies it back: checkpoints do not depend on where the step ran).
+    ///
+    /// # Errors
+    /// A device error reading device-resident state back.
+    fn state(&self) -> Result<OptimizerState>;
+
+    /// The device this optimizer keeps its state on, for a device-resident optimizer (`None`,
+    /// the default: state in host vectors, stepped through [`Optimizer::update`]).
+    fn device(&self) -> Option<Device> {
+        None
+    }
+
+    /// Updates parameter `index`, an FP32 tensor on [`Optimizer::device`], from its FP32
+    /// gradient there. Returns the new values, or `None` when `param`'s own storage was updated
+    /// in place (a fused kernel stepping a contiguous tensor).
+    ///
+    /// # Errors
+    /// [`Error::StateMismatch`] for a parameter or gradient of another shape, dtype or
+    /// device; the default (a host optimizer) refuses, naming the optimizer.
+    fn update_tensor(
+        &mut self,
+        index: usize,
+        param: &Tensor,
+        grad: &Tensor,
+        lr: f64,
+        decay: bool,
+    ) -> Result<Option<Tensor>> {
+        let _ = (index, param, grad, lr, decay);
+        Err(Error::config(
+            "optimizer",
+            format!("`{}` keeps its state on the host: step it with `update` on FP32 slices", self.name()),
+        ))
+    }
+
+    /// [`Optimizer::update_tensor`] for a half-precision parameter `model` whose FP32 master
+    /// weights are `master`: steps the master and writes the new values, rounded to nearest
+    /// even, into `model`. The default casts and copies after the step; a fused kernel writes
+    /// both in one pass. Returns as `update_tensor` (the new master, or `None` when updated in
+    /// place).
+    ///
+    /// # Errors
+    /// As [`Optimizer::update_tensor`]; a `model` of another shape or device.
+    fn update_master(
+        &mut self,
+        index: usize,
+        master: &Tensor,
+        grad: &Tensor,
+        model: &Var,
+        lr: f64,
+        decay: bool,
+    ) -> Result<Option<Tensor>> {
+        let new = self.update_tensor(index, master, grad, lr, decay)?;
+        let value = new.as_ref().unwrap_or(master);
+        model.set(&value.to_dtype(model.dtype())?)?;
+        Ok(new)
+    }
+
+    /// The configuration this optimizer was built from, for the built-in optimizers (lets an
+    /// updater move the optimizer between the host and a device: [`OptimizerConfig::build`]
+    /// then [`Optimizer::load_state`]). `None` by default.
+    fn config(&self) -> Option<OptimizerConfig> {
+        None
+    }
 
     /// Restores the state saved by [`Optimizer::state`].
     ///
@@ -112,6 +188,46 @@ impl OptimizerConfig {
             OptimizerConfig::AdamW8bit(c) => Box::new(AdamW8bit::new(*c, sizes)?),
             OptimizerConfig::Sgd(c) => Box::new(Sgd::new(*c, sizes)?),
         })
+    }
+
+    /// The optimizer for `params` where they live: on CPU, the host optimizer of
+    /// [`OptimizerConfig::build`] (the flat-slice fast path); on another device, a
+    /// device-resident optimizer with its state there: on CUDA, the fused kernels for AdamW and
+    /// SGD and 8-bit AdamW ([`fused_cuda`], feature `cuda`), else the tensor-op [`TensorAdamW`]
+    /// and [`TensorSgd`]. 8-bit AdamW off CUDA stays on the host (and the updater stages its
+    /// gradients and parameters, counted in its transfers).
+    ///
+    /// # Errors
+    /// As [`OptimizerConfig::build`]; a device that cannot hold the state.
+    pub fn build_for(&self, params: &[&Tensor]) -> Result<Box<dyn Optimizer>> {
+        let device = params.first().map(|p| p.device().clone()).unwrap_or(Device::Cpu);
+        // 8-bit AdamW has a device-resident form on CUDA only (its fused kernel).
+        let eight_bit_off_cuda = matches!(self, OptimizerConfig::AdamW8bit(_)) && !device.is_cuda();
+        if device.is_cpu() || eight_bit_off_cuda {
+            return self.build(&params.iter().map(|p| p.elem_count()).collect::<Vec<_>>());
+        }
+        self.build_on_device(params)
+    }
+
+    /// A device-resident optimizer for `params` on their device, whatever it is (CPU
+    /// included: the tensor-op path, which tests compare with the flat-slice one).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for 8-bit AdamW (no device-resident form) or bad
+    /// hyper-parameters; a device that cannot hold the state.
+    pub fn build_on_device(&self, params: &[&Tensor]) -> Result<Box<dyn Optimizer>> {
+        #[cfg(feature = "cuda")]
+        if params.first().is_some_and(|p| p.device().is_cuda()) {
+            return fused_cuda::build(self, params);
+        }
+        match self {
+            OptimizerConfig::AdamW(c) => Ok(Box::new(TensorAdamW::new(*c, params)?)),
+            OptimizerConfig::Sgd(c) => Ok(Box::new(TensorSgd::new(*c, params)?)),
+            OptimizerConfig::AdamW8bit(_) => Err(Error::config(
+                "optimizer",
+                "8-bit AdamW is device-resident on CUDA only (its fused kernel): build it on the host (`build`)",
+            )),
+        }
     }
 
     /// [`OptimizerConfig::build`] for pieces of parameters (a ZeRO rank's slices): `(len,

@@ -190,10 +190,19 @@ impl Optimizer for Sgd {
         self.momentum.iter().map(|b| b.len() * 4).sum()
     }
 
-    fn state(&self) -> OptimizerState {
+    fn state(&self) -> Result<OptimizerState> {
         let buffers =
             self.momentum.iter().enumerate().map(|(i, b)| (format!("momentum.{i}"), b.clone())).collect();
-        OptimizerState { kind: self.name().into(), step: self.step, buffers, quantized: Default::default() }
+        Ok(OptimizerState {
+            kind: self.name().into(),
+            step: self.step,
+            buffers,
+            quantized: Default::default(),
+        })
+    }
+
+    fn config(&self) -> Option<super::OptimizerConfig> {
+        Some(super::OptimizerConfig::Sgd(self.config))
     }
 
     fn load_state(&mut self, state: &OptimizerState) -> Result<()> {

@@ -9,51 +9,40 @@
 //! moment that cancels to near zero can differ by over 100). Divisions are true divisions (a scalar tensor, not Candle's
 //! multiply-by-reciprocal `Tensor / f64`).
 
-use candle::{DType, Tensor};
+use candle::{DType, Device, Tensor};
 
 use super::adamw::Scalars;
-use super::{AdamWConfig, OptimizerState};
+use super::{AdamWConfig, Optimizer, OptimizerConfig, OptimizerState};
 use crate::error::{Error, Result};
 
 /// AdamW over FP32 moments held as tensors on each parameter's device.
 #[derive(Debug, Clone)]
 pub struct TensorAdamW {
     config: AdamWConfig,
+    device: Device,
     step: u64,
     exp_avg: Vec<Tensor>,
     exp_avg_sq: Vec<Tensor>,
 }
 
 impl TensorAdamW {
-    /// Zero moments shaped and placed like `params` (FP32 whatever the parameters' dtype).
+    /// Zero moments shaped and placed like `params` (FP32 whatever the parameters' dtype; all
+    /// on one device, CPU when there are none).
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for bad hyper-parameters; a Candle error when the device
-    /// cannot hold the state.
+    /// [`Error::InvalidConfig`] for bad hyper-parameters or parameters on several devices; a
+    /// Candle error when the device cannot hold the state.
     pub fn new(config: AdamWConfig, params: &[&Tensor]) -> Result<Self> {
         config.validate()?;
+        let device = one_device(params)?;
         let zeros = |p: &&Tensor| Tensor::zeros(p.shape(), DType::F32, p.device());
         Ok(Self {
             config,
+            device,
             step: 0,
             exp_avg: params.iter().map(zeros).collect::<candle::Result<_>>()?,
             exp_avg_sq: params.iter().map(zeros).collect::<candle::Result<_>>()?,
         })
-    }
-
-    /// Starts an optimizer step (advances the count bias correction uses).
-    pub fn begin_step(&mut self) {
-        self.step += 1;
-    }
-
-    /// The number of steps begun.
-    pub fn step_count(&self) -> u64 {
-        self.step
-    }
-
-    /// Bytes of state held (on the parameters' devices).
-    pub fn state_bytes(&self) -> usize {
-        self.exp_avg.iter().chain(&self.exp_avg_sq).map(|t| t.elem_count() * 4).sum()
     }
 
     /// Parameter `index`'s moments (first, second).
@@ -77,11 +66,7 @@ impl TensorAdamW {
 
     /// One AdamW update of FP32 parameter `index` from its FP32 gradient: returns the new
     /// parameter and replaces the moments. `decay` says whether weight decay applies.
-    ///
-    /// # Errors
-    /// [`Error::StateMismatch`] for an index out of range or a parameter or gradient whose
-    /// shape differs from the state's; a Candle error from the device.
-    pub fn update(
+    fn step_tensor(
         &mut self,
         index: usize,
         param: &Tensor,
@@ -90,15 +75,7 @@ impl TensorAdamW {
         decay: bool,
     ) -> Result<Tensor> {
         let (m, v) = self.moments(index)?;
-        for (what, t) in [("parameter", param), ("gradient", grad)] {
-            if t.shape() != m.shape() || t.dtype() != DType::F32 {
-                return Err(Error::StateMismatch {
-                    name: format!("parameter {index}"),
-                    expected: format!("an F32 {what} of shape {:?}", m.dims()),
-                    found: format!("{:?} {:?}", t.dtype(), t.dims()),
-                });
-            }
-        }
+        check_tensors(index, m, param, grad)?;
         let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
         // Multiplications and the eps add go through `affine` (x * a + b with b = 0, or a = 1:
         // the same single rounding, and no host-to-device copy of a scalar); the division by
@@ -119,48 +96,135 @@ impl TensorAdamW {
         self.exp_avg_sq[index] = v;
         Ok(p)
     }
+}
+
+/// Checks that `param` and `grad` are F32 tensors shaped and placed like the state `like`.
+pub(crate) fn check_tensors(index: usize, like: &Tensor, param: &Tensor, grad: &Tensor) -> Result<()> {
+    for (what, t) in [("parameter", param), ("gradient", grad)] {
+        if t.shape() != like.shape() || t.dtype() != DType::F32 || !t.device().same_device(like.device()) {
+            return Err(Error::StateMismatch {
+                name: format!("parameter {index}"),
+                expected: format!(
+                    "an F32 {what} of shape {:?} on {:?}",
+                    like.dims(),
+                    like.device().location()
+                ),
+                found: format!("{:?} {:?} on {:?}", t.dtype(), t.dims(), t.device().location()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Restores buffer `name` of `state` shaped and placed like `like`.
+pub(crate) fn restore_buffer(state: &OptimizerState, name: String, like: &Tensor) -> Result<Tensor> {
+    let values = state.buffer(&name, like.elem_count())?;
+    Ok(Tensor::from_slice(values, like.shape(), like.device())?)
+}
+
+/// A tensor's values, copied to the host.
+pub(crate) fn host_values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// Refuses a flat-slice update for an optimizer whose state lives on a device.
+pub(crate) fn refuse_slices(name: &str, device: &Device) -> Error {
+    Error::config(
+        "optimizer",
+        format!(
+            "`{name}` keeps its state on {:?}: step it with `update_tensor` (LocalUpdater does)",
+            device.location()
+        ),
+    )
+}
+
+impl Optimizer for TensorAdamW {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn begin_step(&mut self) {
+        self.step += 1;
+    }
+
+    fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    fn settings(&self) -> String {
+        crate::trainer::canonical_json("adamw", &self.config)
+    }
+
+    fn update(&mut self, _: usize, _: &mut [f32], _: &[f32], _: f64, _: bool) -> Result<()> {
+        Err(refuse_slices(self.name(), &self.device))
+    }
+
+    fn update_tensor(
+        &mut self,
+        index: usize,
+        param: &Tensor,
+        grad: &Tensor,
+        lr: f64,
+        decay: bool,
+    ) -> Result<Option<Tensor>> {
+        self.step_tensor(index, param, grad, lr, decay).map(Some)
+    }
+
+    fn device(&self) -> Option<Device> {
+        Some(self.device.clone())
+    }
+
+    fn config(&self) -> Option<OptimizerConfig> {
+        Some(OptimizerConfig::AdamW(self.config))
+    }
+
+    /// Bytes of state held (on the parameters' device).
+    fn state_bytes(&self) -> usize {
+        self.exp_avg.iter().chain(&self.exp_avg_sq).map(|t| t.elem_count() * 4).sum()
+    }
 
     /// The state in [`super::AdamW`]'s format (`exp_avg.{i}`, `exp_avg_sq.{i}`, kind `adamw`),
-    /// copied to the host: checkpoints do not depend on where the step ran.
-    ///
-    /// # Errors
-    /// A Candle error when a moment cannot be read back.
-    pub fn state(&self) -> Result<OptimizerState> {
+    /// copied to the host.
+    fn state(&self) -> Result<OptimizerState> {
         let mut buffers = std::collections::BTreeMap::new();
         for (i, (m, v)) in self.exp_avg.iter().zip(&self.exp_avg_sq).enumerate() {
-            buffers.insert(format!("exp_avg.{i}"), m.flatten_all()?.to_vec1::<f32>()?);
-            buffers.insert(format!("exp_avg_sq.{i}"), v.flatten_all()?.to_vec1::<f32>()?);
+            buffers.insert(format!("exp_avg.{i}"), host_values(m)?);
+            buffers.insert(format!("exp_avg_sq.{i}"), host_values(v)?);
         }
         Ok(OptimizerState { kind: "adamw".into(), step: self.step, buffers, quantized: Default::default() })
     }
 
-    /// Restores a state saved by [`TensorAdamW::state`] or [`super::AdamW`] onto the moments'
-    /// devices; nothing changes unless every buffer is present with the right length.
-    ///
-    /// # Errors
-    /// [`Error::StateMismatch`] naming the first missing or mis-sized buffer, or another
-    /// optimizer's state.
-    pub fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
+    /// Restores a state saved by this or [`super::AdamW`] onto the moments' device; nothing
+    /// changes unless every buffer is present with the right length.
+    fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
         state.check_kind("adamw")?;
-        let restore = |name: String, like: &Tensor| -> Result<Tensor> {
-            let values = state.buffer(&name, like.elem_count())?;
-            Ok(Tensor::from_slice(values, like.shape(), like.device())?)
+        let restore = |prefix: &str, ts: &[Tensor]| {
+            ts.iter()
+                .enumerate()
+                .map(|(i, t)| restore_buffer(state, format!("{prefix}.{i}"), t))
+                .collect::<Result<Vec<_>>>()
         };
-        let m = self
-            .exp_avg
-            .iter()
-            .enumerate()
-            .map(|(i, t)| restore(format!("exp_avg.{i}"), t))
-            .collect::<Result<Vec<_>>>()?;
-        let v = self
-            .exp_avg_sq
-            .iter()
-            .enumerate()
-            .map(|(i, t)| restore(format!("exp_avg_sq.{i}"), t))
-            .collect::<Result<Vec<_>>>()?;
+        let m = restore("exp_avg", &self.exp_avg)?;
+        let v = restore("exp_avg_sq", &self.exp_avg_sq)?;
         self.exp_avg = m;
         self.exp_avg_sq = v;
         self.step = state.step;
         Ok(())
+    }
+}
+
+/// The one device `params` are on (CPU for none).
+pub(crate) fn one_device(params: &[&Tensor]) -> Result<Device> {
+    let device = params.first().map_or(Device::Cpu, |p| p.device().clone());
+    match params.iter().find(|p| !p.device().same_device(&device)) {
+        Some(p) => Err(Error::config(
+            "optimizer",
+            format!(
+                "a device-resident optimizer keeps its state on one device; parameters are on {:?} and {:?}",
+                device.location(),
+                p.device().location()
+            ),
+        )),
+        None => Ok(device),
     }
 }

@@ -1,0 +1,155 @@
+//! SGD with momentum written with Candle tensor ops: its momentum buffers live on the
+//! parameters' device and the step runs there (the device-resident counterpart of
+//! [`super::Sgd`], and the reference for the fused CUDA kernel).
+//!
+//! The rule is [`super::Sgd`]'s (torch's): `d = g + wd * p`; `buf = d` on the first step, else
+//! `buf = momentum * buf + (1 - dampening) * d`; Nesterov steps along `d + momentum * buf`;
+//! `p -= lr * step`. Each `fma` of the flat kernel rounds twice here (a product, then a sum),
+//! so one step agrees with it within 2 ulp of each operation's largest operand.
+
+use candle::{Device, Tensor};
+
+use super::tensor_adamw::{check_tensors, host_values, one_device, refuse_slices, restore_buffer};
+use super::{Optimizer, OptimizerConfig, OptimizerState, Sgd, SgdConfig};
+use crate::error::{Error, Result};
+
+/// SGD whose momentum buffers are tensors on the parameters' device.
+#[derive(Debug, Clone)]
+pub struct TensorSgd {
+    config: SgdConfig,
+    device: Device,
+    step: u64,
+    /// One FP32 buffer per parameter, or none at all without momentum.
+    momentum: Vec<Tensor>,
+    /// The parameters' shapes (the step checks against them when there is no buffer).
+    shapes: Vec<candle::Shape>,
+}
+
+impl TensorSgd {
+    /// Zero momentum buffers shaped and placed like `params` (none without momentum).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for bad hyper-parameters (as [`Sgd::new`]) or parameters on
+    /// several devices; a Candle error when the device cannot hold the state.
+    pub fn new(config: SgdConfig, params: &[&Tensor]) -> Result<Self> {
+        // The same validation as the flat optimizer's, with its messages.
+        Sgd::new(config, &[])?;
+        let device = one_device(params)?;
+        let momentum = if config.momentum > 0.0 {
+            params
+                .iter()
+                .map(|p| Tensor::zeros(p.shape(), candle::DType::F32, p.device()))
+                .collect::<candle::Result<_>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            config,
+            device,
+            step: 0,
+            momentum,
+            shapes: params.iter().map(|p| p.shape().clone()).collect(),
+        })
+    }
+
+    fn like(&self, index: usize) -> Result<Tensor> {
+        let shape = self.shapes.get(index).ok_or_else(|| Error::StateMismatch {
+            name: format!("parameter {index}"),
+            expected: format!("an index below {}", self.shapes.len()),
+            found: index.to_string(),
+        })?;
+        match self.momentum.get(index) {
+            Some(b) => Ok(b.clone()),
+            None => Ok(Tensor::zeros(shape, candle::DType::F32, &self.device)?),
+        }
+    }
+}
+
+impl Optimizer for TensorSgd {
+    fn name(&self) -> &'static str {
+        "sgd"
+    }
+
+    fn begin_step(&mut self) {
+        self.step += 1;
+    }
+
+    fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    fn settings(&self) -> String {
+        crate::trainer::canonical_json("sgd", &self.config)
+    }
+
+    fn update(&mut self, _: usize, _: &mut [f32], _: &[f32], _: f64, _: bool) -> Result<()> {
+        Err(refuse_slices(self.name(), &self.device))
+    }
+
+    fn update_tensor(
+        &mut self,
+        index: usize,
+        param: &Tensor,
+        grad: &Tensor,
+        lr: f64,
+        decay: bool,
+    ) -> Result<Option<Tensor>> {
+        let like = self.like(index)?;
+        check_tensors(index, &like, param, grad)?;
+        // The flat kernel's f32 scalars, widened back exactly for `affine`.
+        let c = &self.config;
+        let wd = f64::from(if decay { c.weight_decay as f32 } else { 0.0 });
+        let neg_lr = f64::from(-lr as f32);
+        let d = if wd != 0.0 { param.affine(wd, 0.0)?.add(grad)? } else { grad.clone() };
+        let step = if self.momentum.is_empty() {
+            d
+        } else {
+            let momentum = f64::from(c.momentum as f32);
+            let buf = if self.step <= 1 {
+                d.clone()
+            } else {
+                d.affine(f64::from((1.0 - c.dampening) as f32), 0.0)?.add(&like.affine(momentum, 0.0)?)?
+            };
+            let step = if c.nesterov { buf.affine(momentum, 0.0)?.add(&d)? } else { buf.clone() };
+            self.momentum[index] = buf;
+            step
+        };
+        Ok(Some(step.affine(neg_lr, 0.0)?.add(param)?))
+    }
+
+    fn device(&self) -> Option<Device> {
+        Some(self.device.clone())
+    }
+
+    fn config(&self) -> Option<OptimizerConfig> {
+        Some(OptimizerConfig::Sgd(self.config))
+    }
+
+    fn state_bytes(&self) -> usize {
+        self.momentum.iter().map(|t| t.elem_count() * 4).sum()
+    }
+
+    /// The state in [`Sgd`]'s format (`momentum.{i}`, kind `sgd`), copied to the host.
+    fn state(&self) -> Result<OptimizerState> {
+        let buffers = self
+            .momentum
+            .iter()
+            .enumerate()
+            .map(|(i, b)| Ok((format!("momentum.{i}"), host_values(b)?)))
+            .collect::<Result<_>>()?;
+        Ok(OptimizerState { kind: "sgd".into(), step: self.step, buffers, quantized: Default::default() })
+    }
+
+    fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
+        state.check_kind("sgd")?;
+        let loaded = self
+            .momentum
+            .iter()
+            .enumerate()
+            .map(|(i, b)| restore_buffer(state, format!("momentum.{i}"), b))
+            .collect::<Result<Vec<_>>>()?;
+        self.momentum = loaded;
+        self.step = state.step;
+        Ok(())
+    }
+}
