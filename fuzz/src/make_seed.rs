@@ -21,7 +21,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let run = RunIdentity {
         seed: 0,
-        seq_len: 8,
         global_batch: 2,
         schedule: LrSchedule::Constant { lr: 1e-3 },
         max_grad_norm: None,
@@ -30,7 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         optimizer_settings: String::new(),
         model: String::new(),
         backward: "segmented".into(),
-        corpus_sha256: String::new(),
+        data: String::new(),
     };
     let dir = save(&run_dir, 1, model.parameters(), &updater, progress, run)?;
     let parts: Vec<Vec<u8>> =

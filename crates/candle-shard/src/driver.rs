@@ -7,7 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use candle_train::updater::StateBytes;
-use candle_train::{BackwardMode, Corpus, LanguageModel, OptimizerConfig, TrainReport, Trainer, Updater};
+use candle_train::{
+    BackwardMode, DataSource, OptimizerConfig, TrainReport, TrainableModel, Trainer, Updater,
+};
 
 use crate::comm::{CommStats, LocalGroup};
 use crate::error::{Error, Result};
@@ -44,7 +46,8 @@ pub struct RankRun<M> {
 }
 
 /// Trains `world_size` copies of a model, one per thread, as data-parallel ranks of one global
-/// batch of `trainer`'s `micro_batch` x `accumulation_steps` sequences. `make_model(rank)`
+/// batch of `trainer`'s `micro_batch` x `accumulation_steps` samples of `data` (any
+/// [`DataSource`] of the model's batch type; every rank reads its own samples of each). `make_model(rank)`
 /// builds each rank's copy (on the device that rank uses); rank 0's initial parameters are
 /// broadcast to the others. Returns the ranks' results in rank order.
 ///
@@ -52,18 +55,19 @@ pub struct RankRun<M> {
 /// When any rank fails, the error of a rank that failed by itself (its model, data or
 /// updater), before the collective failures it caused on its peers; a panic in a rank becomes
 /// [`Error::RankPanicked`]. No rank waits longer than `config.timeout` for a peer.
-pub fn fit_in_process<M, F>(
+pub fn fit_in_process<M, D, F>(
     config: &InProcessConfig,
     trainer: &Trainer,
-    corpus: &Corpus,
+    data: &D,
     optimizer: &OptimizerConfig,
     make_model: F,
 ) -> Result<Vec<RankRun<M>>>
 where
-    M: LanguageModel + Send,
+    M: TrainableModel<Batch = D::Batch> + Send,
+    D: DataSource + Sync + ?Sized,
     F: Fn(usize) -> candle_train::Result<M> + Sync,
 {
-    in_process(config, trainer, corpus, optimizer, None, make_model)
+    in_process(config, trainer, data, optimizer, None, make_model)
 }
 
 /// As [`fit_in_process`], continuing the sharded checkpoint `checkpoint` (a checkpoint
@@ -73,31 +77,33 @@ where
 /// # Errors
 /// As [`fit_in_process`]; a checkpoint error (missing, torn, corrupted, another run's or
 /// another model's) before any training.
-pub fn resume_in_process<M, F>(
+pub fn resume_in_process<M, D, F>(
     config: &InProcessConfig,
     trainer: &Trainer,
-    corpus: &Corpus,
+    data: &D,
     optimizer: &OptimizerConfig,
     checkpoint: &Path,
     make_model: F,
 ) -> Result<Vec<RankRun<M>>>
 where
-    M: LanguageModel + Send,
+    M: TrainableModel<Batch = D::Batch> + Send,
+    D: DataSource + Sync + ?Sized,
     F: Fn(usize) -> candle_train::Result<M> + Sync,
 {
-    in_process(config, trainer, corpus, optimizer, Some(checkpoint), make_model)
+    in_process(config, trainer, data, optimizer, Some(checkpoint), make_model)
 }
 
-fn in_process<M, F>(
+fn in_process<M, D, F>(
     config: &InProcessConfig,
     trainer: &Trainer,
-    corpus: &Corpus,
+    data: &D,
     optimizer: &OptimizerConfig,
     checkpoint: Option<&Path>,
     make_model: F,
 ) -> Result<Vec<RankRun<M>>>
 where
-    M: LanguageModel + Send,
+    M: TrainableModel<Batch = D::Batch> + Send,
+    D: DataSource + Sync + ?Sized,
     F: Fn(usize) -> candle_train::Result<M> + Sync,
 {
     let world_size = config.world_size.get();
@@ -110,7 +116,7 @@ where
                 let make_model = &make_model;
                 scope.spawn(move || -> Result<RankRun<M>> {
                     let model = make_model(rank)?;
-                    run_rank(config.stage, Box::new(comm), trainer, corpus, optimizer, model, checkpoint)
+                    run_rank(config.stage, Box::new(comm), trainer, data, optimizer, model, checkpoint)
                 })
             })
             .collect();
@@ -149,15 +155,19 @@ where
 /// A model, data, updater or collective error of this rank; [`Error::InvalidConfig`] for stage
 /// 3 with the plain whole-graph backward (stage 3 gathers each segment's parameters around
 /// that segment's own backward).
-pub fn fit_rank<M: LanguageModel>(
+pub fn fit_rank<M, D>(
     stage: ZeroStage,
     comm: Box<dyn crate::comm::Communicator>,
     trainer: &Trainer,
-    corpus: &Corpus,
+    data: &D,
     optimizer: &OptimizerConfig,
     model: M,
-) -> Result<RankRun<M>> {
-    run_rank(stage, comm, trainer, corpus, optimizer, model, None)
+) -> Result<RankRun<M>>
+where
+    M: TrainableModel<Batch = D::Batch>,
+    D: DataSource + ?Sized,
+{
+    run_rank(stage, comm, trainer, data, optimizer, model, None)
 }
 
 /// As [`fit_rank`], continuing the sharded checkpoint `checkpoint` (see
@@ -165,27 +175,35 @@ pub fn fit_rank<M: LanguageModel>(
 ///
 /// # Errors
 /// As [`fit_rank`], and checkpoint errors.
-pub fn resume_rank<M: LanguageModel>(
+pub fn resume_rank<M, D>(
     stage: ZeroStage,
     comm: Box<dyn crate::comm::Communicator>,
     trainer: &Trainer,
-    corpus: &Corpus,
+    data: &D,
     optimizer: &OptimizerConfig,
     model: M,
     checkpoint: &Path,
-) -> Result<RankRun<M>> {
-    run_rank(stage, comm, trainer, corpus, optimizer, model, Some(checkpoint))
+) -> Result<RankRun<M>>
+where
+    M: TrainableModel<Batch = D::Batch>,
+    D: DataSource + ?Sized,
+{
+    run_rank(stage, comm, trainer, data, optimizer, model, Some(checkpoint))
 }
 
-fn run_rank<M: LanguageModel>(
+fn run_rank<M, D>(
     stage: ZeroStage,
     comm: Box<dyn crate::comm::Communicator>,
     trainer: &Trainer,
-    corpus: &Corpus,
+    data: &D,
     optimizer: &OptimizerConfig,
     model: M,
     checkpoint: Option<&Path>,
-) -> Result<RankRun<M>> {
+) -> Result<RankRun<M>>
+where
+    M: TrainableModel<Batch = D::Batch>,
+    D: DataSource + ?Sized,
+{
     let (rank, world_size) = (comm.rank(), comm.world_size());
     let trainer = trainer.clone().data_parallel(rank, world_size)?;
     if stage == ZeroStage::Stage3 {
@@ -197,8 +215,8 @@ fn run_rank<M: LanguageModel>(
         }
         let (sharded, mut updater) = ShardedModel::new(model, optimizer, comm)?;
         let trained = match checkpoint {
-            Some(path) => trainer.resume(&sharded, corpus, &mut updater, path),
-            None => trainer.fit(&sharded, corpus, &mut updater),
+            Some(path) => trainer.resume(&sharded, data, &mut updater, path),
+            None => trainer.fit(&sharded, data, &mut updater),
         };
         let report = match trained {
             Ok(report) => report,
@@ -224,8 +242,8 @@ fn run_rank<M: LanguageModel>(
     let mut updater = ZeroUpdater::with_units(stage, model.parameters(), &units, optimizer, comm)?;
     updater.broadcast_parameters()?;
     let report = match checkpoint {
-        Some(path) => trainer.resume(&model, corpus, &mut updater, path)?,
-        None => trainer.fit(&model, corpus, &mut updater)?,
+        Some(path) => trainer.resume(&model, data, &mut updater, path)?,
+        None => trainer.fit(&model, data, &mut updater)?,
     };
     Ok(RankRun {
         rank,

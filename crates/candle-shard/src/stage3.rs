@@ -50,7 +50,7 @@ use std::time::Duration;
 use candle::{CpuStorage, DType, InplaceOp1, Layout, Tensor, Var};
 use candle_ckpt::{SegmentContext, SegmentParameter, SegmentedModel};
 use candle_train::host::write_f32_values;
-use candle_train::{LanguageModel, OptimizerConfig, Parameter, Parameters, TokenBatch};
+use candle_train::{OptimizerConfig, Parameter, Parameters, TrainableModel};
 use half::{bf16, f16};
 
 use crate::comm::{CommStats, Communicator};
@@ -432,7 +432,7 @@ pub(crate) fn lock(shards: &Mutex<ShardedParameters>) -> MutexGuard<'_, ShardedP
     shards.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl<M: LanguageModel> ShardedModel<M> {
+impl<M: TrainableModel> ShardedModel<M> {
     /// Shards `model` over the ranks of `comm`: builds the rank's stage-3 [`ZeroUpdater`] (one
     /// flat buffer per segment, as stage 2, and an `optimizer` over this rank's pieces),
     /// broadcasts rank 0's parameters to every rank, keeps this rank's FP32 slice and releases
@@ -521,8 +521,8 @@ impl<M> ShardedModel<M> {
     }
 }
 
-impl<M: SegmentedModel<Batch = TokenBatch>> SegmentedModel for ShardedModel<M> {
-    type Batch = TokenBatch;
+impl<M: SegmentedModel> SegmentedModel for ShardedModel<M> {
+    type Batch = M::Batch;
 
     fn num_segments(&self) -> usize {
         self.model.num_segments()
@@ -532,7 +532,7 @@ impl<M: SegmentedModel<Batch = TokenBatch>> SegmentedModel for ShardedModel<M> {
         self.model.segment_name(index)
     }
 
-    fn first_input(&self, batch: &TokenBatch) -> candle::Result<Tensor> {
+    fn first_input(&self, batch: &M::Batch) -> candle::Result<Tensor> {
         self.model.first_input(batch)
     }
 
@@ -540,7 +540,7 @@ impl<M: SegmentedModel<Batch = TokenBatch>> SegmentedModel for ShardedModel<M> {
         &self,
         index: usize,
         input: &Tensor,
-        batch: &TokenBatch,
+        batch: &M::Batch,
         ctx: &SegmentContext,
     ) -> candle::Result<Tensor> {
         if let Err(e) = self.gather_segment(index) {
@@ -564,7 +564,7 @@ impl<M: SegmentedModel<Batch = TokenBatch>> SegmentedModel for ShardedModel<M> {
     }
 }
 
-impl<M: LanguageModel> LanguageModel for ShardedModel<M> {
+impl<M: TrainableModel> TrainableModel for ShardedModel<M> {
     fn parameters(&self) -> &Parameters {
         self.model.parameters()
     }

@@ -8,9 +8,9 @@
 //! - `manifest.json`: its own SHA-256 first (`manifest_sha256`, over every other byte of the
 //!   file), the format version, the progress (step, the optimizer's step count, micro-batch
 //!   split, loss scaler, skip counters), the settings that decide the trajectory
-//!   ([`RunIdentity`]: seed, sequence length, global batch, schedule, clipping, loss scaling,
+//!   ([`RunIdentity`]: seed, global batch, schedule, clipping, loss scaling,
 //!   the optimizer and its hyper-parameters, the model's whole config, the backward mode, the
-//!   corpus checksum), the parameter list, and the size and SHA-256 of every file.
+//!   data's fingerprint), the parameter list, and the size and SHA-256 of every file.
 //!
 //! A checkpoint is written into a hidden temporary directory, every file and the directory
 //! synced, then renamed into place, and only then are old checkpoints pruned, each renamed to a
@@ -47,7 +47,10 @@ use crate::schedule::LrSchedule;
 use crate::updater::{Updater, UpdaterState};
 
 /// The manifest format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version 3 replaced the byte corpus's `seq_len` and `corpus_sha256` in [`RunIdentity`] with
+/// the data source's fingerprint ([`RunIdentity::data`]); version 2 checkpoints are refused,
+/// naming their version.
+pub const FORMAT_VERSION: u32 = 3;
 /// The key of the manifest's own checksum, the first field of `manifest.json`.
 pub const MANIFEST_CHECKSUM_KEY: &str = "manifest_sha256";
 /// The run directory's lock file (see [`RunLock`]).
@@ -91,9 +94,7 @@ pub struct Progress {
 pub struct RunIdentity {
     /// Seed of the data order and dropout (the only random streams).
     pub seed: u64,
-    /// Tokens per sequence.
-    pub seq_len: usize,
-    /// Sequences per optimizer step.
+    /// Samples per optimizer step.
     pub global_batch: usize,
     /// The learning-rate schedule (it includes the run's length).
     pub schedule: LrSchedule,
@@ -107,13 +108,14 @@ pub struct RunIdentity {
     /// JSON ([`crate::optim::Optimizer::settings`]).
     pub optimizer_settings: String,
     /// The model's architecture and its settings that decide the trajectory (heads, dropout,
-    /// norm epsilon, ...), as canonical JSON ([`crate::LanguageModel::settings`]).
+    /// norm epsilon, ...), as canonical JSON ([`crate::TrainableModel::settings`]).
     pub model: String,
     /// Whether the backward runs segment by segment or as one graph (their gradients may differ
     /// in the last bits).
     pub backward: String,
-    /// SHA-256 of the training split of the corpus, hex.
-    pub corpus_sha256: String,
+    /// The training data's fingerprint ([`crate::source::DataSource::fingerprint`]: for the
+    /// byte corpus, the sequence length and the SHA-256 of its training split).
+    pub data: String,
 }
 
 impl RunIdentity {
@@ -131,7 +133,6 @@ impl RunIdentity {
         // Exhaustive: a new field is a compile error here until it is compared.
         let RunIdentity {
             seed,
-            seq_len,
             global_batch,
             schedule,
             max_grad_norm,
@@ -140,13 +141,10 @@ impl RunIdentity {
             optimizer_settings,
             model,
             backward,
-            corpus_sha256,
+            data,
         } = saved;
         if *seed != self.seed {
             return differs("seed", seed.to_string(), self.seed.to_string());
-        }
-        if *seq_len != self.seq_len {
-            return differs("sequence length", seq_len.to_string(), self.seq_len.to_string());
         }
         if *global_batch != self.global_batch {
             return differs(
@@ -188,8 +186,8 @@ impl RunIdentity {
         if *backward != self.backward {
             return differs("backward mode", backward.clone(), self.backward.clone());
         }
-        if *corpus_sha256 != self.corpus_sha256 {
-            return differs("corpus (SHA-256)", corpus_sha256.clone(), self.corpus_sha256.clone());
+        if *data != self.data {
+            return differs("training data", data.clone(), self.data.clone());
         }
         Ok(())
     }
@@ -1041,7 +1039,6 @@ mod tests {
     fn identity() -> RunIdentity {
         RunIdentity {
             seed: 1,
-            seq_len: 8,
             global_batch: 4,
             schedule: LrSchedule::Constant { lr: 0.1 },
             max_grad_norm: Some(1.0),
@@ -1050,7 +1047,7 @@ mod tests {
             optimizer_settings: "{}".into(),
             model: "{}".into(),
             backward: "segmented".into(),
-            corpus_sha256: "00".into(),
+            data: "bytes seq_len=8 sha256=00".into(),
         }
     }
 
@@ -1062,7 +1059,7 @@ mod tests {
         type Change = fn(&mut RunIdentity);
         let cases: [(&str, Change); 11] = [
             ("seed", |r| r.seed = 2),
-            ("sequence length", |r| r.seq_len = 16),
+            ("training data", |r| r.data = "bytes seq_len=16 sha256=00".into()),
             ("max_grad_norm", |r| r.max_grad_norm = None),
             ("optimizer settings", |r| r.optimizer_settings = "{\"weight_decay\":0.2}".into()),
             ("model settings", |r| r.model = "{\"n_head\":4}".into()),
@@ -1071,7 +1068,7 @@ mod tests {
             ("schedule", |r| r.schedule = LrSchedule::Constant { lr: 0.2 }),
             ("loss scaling", |r| r.loss_scaling = Some(LossScalerConfig::default())),
             ("optimizer", |r| r.optimizer = "sgd".into()),
-            ("corpus", |r| r.corpus_sha256 = "11".into()),
+            ("training data", |r| r.data = "bytes seq_len=8 sha256=11".into()),
         ];
         for (what, change) in cases {
             let mut this = identity();

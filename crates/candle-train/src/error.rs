@@ -132,6 +132,14 @@ pub enum Error {
         last_checkpoint: Option<PathBuf>,
     },
 
+    /// Every label of a step's global batch is the ignore index: there is no loss to
+    /// normalize by.
+    #[error("step {step}: the global batch counts no loss unit (every label is the ignore index -100); drop such samples from the data")]
+    NothingCounted {
+        /// The optimizer step (1-based).
+        step: u64,
+    },
+
     /// A checkpoint cannot be used: missing, torn, corrupted, from another format version, or
     /// written by a run this one cannot continue.
     #[error("checkpoint `{path}`: {reason}")]

@@ -20,6 +20,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod callback;
 pub mod checkpoint;
 pub mod cpu_runtime;
 #[cfg(feature = "cuda")]
@@ -28,6 +29,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod estimate;
+pub mod evaluate;
 pub mod host;
 pub mod io;
 pub mod layers;
@@ -42,12 +44,15 @@ pub mod params;
 pub mod precision;
 pub mod schedule;
 pub mod serve;
+pub mod source;
 pub mod trainer;
 pub mod updater;
 
+pub use callback::Callback;
 pub use data::{Corpus, Split};
 pub use error::{Error, Result};
 pub use estimate::{estimate_memory, EstimateInput, MemoryEstimate};
+pub use evaluate::{ClassifierEvaluator, Evaluator, LossEvaluator, Metrics};
 pub use loss_scale::{LossScaler, LossScalerConfig, ScaleDecision};
 pub use memory::{CountingAllocator, DeviceMeter, MemoryReport};
 pub use models::{Gpt, GptConfig, Llama, LlamaConfig, TokenBatch};
@@ -55,9 +60,10 @@ pub use optim::{AdamW, AdamWConfig, Optimizer, OptimizerConfig, Sgd, SgdConfig};
 pub use params::{ParamBuilder, Parameter, Parameters};
 pub use precision::Precision;
 pub use schedule::LrSchedule;
+pub use source::{Counted, DataShape, DataSource};
 pub use trainer::{
-    BackwardMode, CheckpointConfig, DataRank, LanguageModel, MicroBatchSearch, MicroBatchTrial, OomRecovery,
-    TrainReport, Trainer, TrainerBuilder, TrainerConfig,
+    BackwardMode, CheckpointConfig, DataRank, Hooks, LanguageModel, MicroBatchSearch, MicroBatchTrial,
+    OomRecovery, TrainReport, TrainableModel, Trainer, TrainerBuilder, TrainerConfig,
 };
 pub use updater::{LocalUpdater, StepReport, Transfers, Updater, UpdaterState};
 

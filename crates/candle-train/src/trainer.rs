@@ -3,41 +3,46 @@
 
 use std::cell::RefCell;
 use std::num::NonZeroUsize;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use candle::{Device, Tensor};
 use candle_ckpt::{
-    forward, forward_backward, measure_segments, plain_forward_backward, segment_infos, Decision, Recompute,
+    forward_backward, measure_segments, plain_forward_backward, segment_infos, Decision, Recompute,
     RecomputePolicy, SegmentContext, SegmentParameter, SegmentedModel,
 };
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
+use crate::callback::{Callback, Progress as ProgressCallback};
 use crate::checkpoint::{self, Checkpoint, Progress, RunIdentity, RunLock};
-use crate::data::{Corpus, Split};
 use crate::error::{classify_oom, Error, Result};
+use crate::evaluate::{mean_loss, Evaluator, LossEvaluator, Metrics, LOSS};
 use crate::loss_scale::{LossScaler, LossScalerConfig};
-use crate::memory::{self, DeviceMeter, MemoryReport};
+use crate::memory::{DeviceMeter, MemoryReport};
 use crate::metrics::{MetricsWriter, StepRecord};
-use crate::models::{Gpt, TokenBatch};
+use crate::models::{BertClassifier, Gpt, TokenBatch};
 use crate::params::Parameters;
 use crate::schedule::LrSchedule;
+use crate::source::{Counted, DataShape, DataSource};
 use crate::updater::{StepReport, Updater};
 
-/// A model the Trainer can train on token batches.
-pub trait LanguageModel: SegmentedModel<Batch = TokenBatch> {
+/// A model the Trainer can train: any [`SegmentedModel`] (its own batch type) that lists its
+/// parameters and names its settings.
+pub trait TrainableModel: SegmentedModel {
     /// Its trainable parameters.
     fn parameters(&self) -> &Parameters;
-    /// The longest sequence it accepts.
-    fn context_length(&self) -> usize;
+    /// The longest sequence it accepts. By default, unbounded.
+    fn context_length(&self) -> usize {
+        usize::MAX
+    }
     /// The device its parameters live on.
     fn device(&self) -> Device;
     /// Its architecture and every setting that changes its trajectory (heads, dropout, norm
     /// epsilon, ...) as canonical JSON: a checkpoint resumes only into a model whose settings
     /// are equal ([`crate::checkpoint::RunIdentity::model`]). Serialize the whole config, so no
-    /// field can be forgotten.
+    /// field can be forgotten ([`canonical_json`]).
     fn settings(&self) -> String;
     /// Bytes of parameters resident now. By default all of them; a model whose parameters are
     /// sharded (ZeRO stage 3) holds only those gathered at the moment.
@@ -46,7 +51,18 @@ pub trait LanguageModel: SegmentedModel<Batch = TokenBatch> {
     }
 }
 
-impl LanguageModel for Gpt {
+/// A [`TrainableModel`] of token batches (GPT, LLaMA): what the byte corpus and the token
+/// datasets feed.
+pub trait LanguageModel: TrainableModel<Batch = TokenBatch> {}
+
+impl<M: TrainableModel<Batch = TokenBatch> + ?Sized> LanguageModel for M {}
+
+/// The device of the first parameter (the CPU for a model without parameters).
+pub fn parameters_device(parameters: &Parameters) -> Device {
+    parameters.iter().next().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu)
+}
+
+impl TrainableModel for Gpt {
     fn parameters(&self) -> &Parameters {
         Gpt::parameters(self)
     }
@@ -60,11 +76,11 @@ impl LanguageModel for Gpt {
     }
 
     fn device(&self) -> Device {
-        self.parameters().iter().next().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu)
+        parameters_device(self.parameters())
     }
 }
 
-impl LanguageModel for crate::models::Llama {
+impl TrainableModel for crate::models::Llama {
     fn parameters(&self) -> &Parameters {
         crate::models::Llama::parameters(self)
     }
@@ -79,6 +95,28 @@ impl LanguageModel for crate::models::Llama {
 
     fn device(&self) -> Device {
         crate::models::Llama::device(self)
+    }
+}
+
+impl TrainableModel for BertClassifier {
+    fn parameters(&self) -> &Parameters {
+        BertClassifier::parameters(self)
+    }
+
+    fn context_length(&self) -> usize {
+        self.encoder().config().max_position_embeddings
+    }
+
+    fn settings(&self) -> String {
+        let labels = self.parameters().get("classifier.weight").map_or(0, |p| p.var.dims()[0]);
+        canonical_json(
+            "bert_classifier",
+            &serde_json::json!({"encoder": self.encoder().config(), "labels": labels}),
+        )
+    }
+
+    fn device(&self) -> Device {
+        parameters_device(self.parameters())
     }
 }
 
@@ -460,7 +498,8 @@ impl TrainerBuilder {
 /// What a training run did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainReport {
-    /// Validation loss before the first step (nats per token).
+    /// Validation loss before the first step (nats per counted unit; NaN when the evaluator
+    /// reports no `loss`).
     pub initial_val_loss: f64,
     /// Validation loss after the last step.
     pub final_val_loss: f64,
@@ -468,7 +507,7 @@ pub struct TrainReport {
     pub final_train_loss: f64,
     /// Median wall time of a step, seconds.
     pub median_step_time_s: f64,
-    /// Training tokens per second at the median step time.
+    /// Training loss units (counted tokens, or samples) per second at the median step time.
     pub tokens_per_s: f64,
     /// The memory breakdown of the step with the highest peak.
     pub memory: MemoryReport,
@@ -486,6 +525,10 @@ pub struct TrainReport {
     pub micro_batch_search: Option<MicroBatchSearch>,
     /// Micro-batch reductions after out-of-memory errors.
     pub oom_recoveries: Vec<OomRecovery>,
+    /// The evaluator's metrics before the first step (`loss` is `initial_val_loss`).
+    pub initial_metrics: Metrics,
+    /// The evaluator's metrics after the last step.
+    pub final_metrics: Metrics,
     /// The newest checkpoint written, if any.
     pub last_checkpoint: Option<PathBuf>,
     /// Wall time spent writing checkpoints, seconds.
@@ -547,7 +590,7 @@ struct MemoryGuard<'a, M> {
     tripped: RefCell<Option<Error>>,
 }
 
-impl<'a, M: LanguageModel> MemoryGuard<'a, M> {
+impl<'a, M: TrainableModel> MemoryGuard<'a, M> {
     fn new(model: &'a M, limit: Option<usize>) -> Self {
         let device = match model.device().location() {
             candle::DeviceLocation::Cpu => "cpu".to_string(),
@@ -581,8 +624,8 @@ impl<'a, M: LanguageModel> MemoryGuard<'a, M> {
     }
 }
 
-impl<M: LanguageModel> SegmentedModel for MemoryGuard<'_, M> {
-    type Batch = TokenBatch;
+impl<M: TrainableModel> SegmentedModel for MemoryGuard<'_, M> {
+    type Batch = M::Batch;
 
     fn num_segments(&self) -> usize {
         self.model.num_segments()
@@ -592,7 +635,7 @@ impl<M: LanguageModel> SegmentedModel for MemoryGuard<'_, M> {
         self.model.segment_name(index)
     }
 
-    fn first_input(&self, batch: &TokenBatch) -> candle::Result<Tensor> {
+    fn first_input(&self, batch: &M::Batch) -> candle::Result<Tensor> {
         self.model.first_input(batch)
     }
 
@@ -600,7 +643,7 @@ impl<M: LanguageModel> SegmentedModel for MemoryGuard<'_, M> {
         &self,
         index: usize,
         input: &Tensor,
-        batch: &TokenBatch,
+        batch: &M::Batch,
         ctx: &SegmentContext,
     ) -> candle::Result<Tensor> {
         let output = self.model.forward_segment(index, input, batch, ctx)?;
@@ -618,6 +661,51 @@ impl<M: LanguageModel> SegmentedModel for MemoryGuard<'_, M> {
 
     fn stateful_layer(&self, index: usize) -> Option<String> {
         self.model.stateful_layer(index)
+    }
+}
+
+/// What a run does besides training: the evaluator (by default [`LossEvaluator`]: `loss` and
+/// `perplexity`) and the caller's callbacks (by default none; the progress bar and the
+/// metrics file of the config are added by the Trainer).
+pub struct Hooks<'a, M: SegmentedModel> {
+    evaluator: Box<dyn Evaluator<M> + 'a>,
+    callbacks: Vec<Box<dyn Callback + 'a>>,
+}
+
+impl<M: SegmentedModel> std::fmt::Debug for Hooks<'_, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks").field("callbacks", &self.callbacks.len()).finish_non_exhaustive()
+    }
+}
+
+impl<M: SegmentedModel> Default for Hooks<'_, M>
+where
+    M::Batch: Sized,
+{
+    fn default() -> Self {
+        Self { evaluator: Box::new(LossEvaluator), callbacks: Vec::new() }
+    }
+}
+
+impl<'a, M: SegmentedModel> Hooks<'a, M>
+where
+    M::Batch: Sized,
+{
+    /// The default evaluator and no callbacks.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Evaluates with `evaluator` instead of [`LossEvaluator`].
+    pub fn evaluator(mut self, evaluator: impl Evaluator<M> + 'a) -> Self {
+        self.evaluator = Box::new(evaluator);
+        self
+    }
+
+    /// Adds a callback (called after the Trainer's own, in the order added).
+    pub fn callback(mut self, callback: impl Callback + 'a) -> Self {
+        self.callbacks.push(Box::new(callback));
+        self
     }
 }
 
@@ -708,6 +796,13 @@ impl Trainer {
         self.data_rank
     }
 
+    /// What this trainer asks of a data source: `seq_len`, up to `eval_windows` validation
+    /// samples in batches of `micro_batch`.
+    pub fn data_shape(&self) -> DataShape {
+        let c = &self.config;
+        DataShape { seq_len: c.seq_len.get(), eval_samples: c.eval_windows, eval_batch: c.micro_batch.get() }
+    }
+
     /// The keep/recompute decision for each segment of `model` at this trainer's batch shape.
     /// A policy that needs segment sizes gets them measured on the first training micro-batch
     /// with the counting allocator.
@@ -715,16 +810,19 @@ impl Trainer {
     /// # Errors
     /// When the policy needs sizes and the counting allocator is not installed, or on a data
     /// or model error.
-    pub fn plan<M: LanguageModel>(&self, model: &M, corpus: &Corpus) -> Result<Vec<Decision>> {
-        self.plan_for(model, corpus, self.config.micro_batch.get())
+    pub fn plan<M, D>(&self, model: &M, data: &D) -> Result<Vec<Decision>>
+    where
+        M: TrainableModel<Batch = D::Batch>,
+        D: DataSource + ?Sized,
+    {
+        self.plan_for(model, data, self.config.micro_batch.get())
     }
 
-    fn plan_for<M: LanguageModel>(
-        &self,
-        model: &M,
-        corpus: &Corpus,
-        micro_batch: usize,
-    ) -> Result<Vec<Decision>> {
+    fn plan_for<M, D>(&self, model: &M, data: &D, micro_batch: usize) -> Result<Vec<Decision>>
+    where
+        M: TrainableModel<Batch = D::Batch>,
+        D: DataSource + ?Sized,
+    {
         let infos = if self.policy.needs_sizes() {
             let meter = DeviceMeter::for_device(&model.device());
             if !meter.is_available() {
@@ -733,9 +831,9 @@ impl Trainer {
                     "a byte-budget policy measures segment sizes with the counting allocator, which this binary does not install",
                 ));
             }
-            let c = &self.config;
-            let batch = corpus.train_batch(c.seed, 0, 0, micro_batch, c.seq_len.get(), &model.device())?;
-            measure_segments(model, &batch, SegmentContext::train(c.seed, 0, 0), &|| meter.current_bytes())?
+            let seed = self.config.seed;
+            let batch = data.batch(seed, 0, 0..micro_batch, &self.data_shape(), &model.device())?;
+            measure_segments(model, &batch, SegmentContext::train(seed, 0, 0), &|| meter.current_bytes())?
         } else {
             segment_infos(model)
         };
@@ -747,72 +845,91 @@ impl Trainer {
         &self.config
     }
 
-    /// The mean validation loss (nats per token) over `batches`, without dropout.
+    /// The mean validation loss (per counted unit) over `batches`, without dropout.
     ///
     /// # Errors
     /// On a model error.
-    pub fn evaluate<M: LanguageModel>(model: &M, batches: &[TokenBatch]) -> Result<f64> {
-        let (mut total, mut count) = (0.0, 0usize);
-        for batch in batches {
-            let n = batch.targets.elem_count();
-            let loss = forward(model, batch, SegmentContext::eval())?
-                .to_dtype(candle::DType::F64)?
-                .to_scalar::<f64>()?;
-            total += loss * n as f64;
-            count += n;
-        }
-        Ok(if count == 0 { f64::NAN } else { total / count as f64 })
+    pub fn evaluate<M>(model: &M, batches: &[Counted<M::Batch>]) -> Result<f64>
+    where
+        M: SegmentedModel,
+        M::Batch: Sized,
+    {
+        mean_loss(model, batches)
     }
 
     /// Runs one optimizer step's forward and backward over its micro-batches, accumulating
-    /// into `updater` the gradient of `loss * loss_scale` (averaged over the micro-batches),
-    /// and returns the mean loss. On data-parallel ranks ([`Trainer::data_parallel`]) it runs
-    /// this rank's samples only, accumulates its share of the gradient (the loss weighted by
-    /// its fraction of the samples), and returns the mean loss of its own samples. Does not
-    /// step the optimizer. `decisions` come from [`Trainer::plan`]; `loss_scale` is 1 without
-    /// loss scaling. The memory limit, if set, is checked; there is no recovery here.
+    /// into `updater` the gradient of `loss * loss_scale`, each micro-batch's mean loss weighted
+    /// by its share of the global batch's counted units ([`DataSource::count`]), and returns
+    /// the mean loss. On data-parallel ranks ([`Trainer::data_parallel`]) it runs this rank's
+    /// samples only, accumulates its share of the gradient, and returns the mean loss of its
+    /// own samples. Does not step the optimizer. `decisions` come from [`Trainer::plan`];
+    /// `loss_scale` is 1 without loss scaling. The memory limit, if set, is checked; there is
+    /// no recovery here.
     ///
     /// # Errors
     /// [`Error::OutOfMemory`] over the limit, or a data, model or updater error.
-    pub fn accumulate_step<M: LanguageModel>(
+    pub fn accumulate_step<M, D>(
         &self,
         model: &M,
-        corpus: &Corpus,
+        data: &D,
         updater: &mut dyn Updater,
         step: u64,
         decisions: &[Decision],
         loss_scale: f64,
-    ) -> Result<f64> {
+    ) -> Result<f64>
+    where
+        M: TrainableModel<Batch = D::Batch>,
+        D: DataSource + ?Sized,
+    {
         let c = &self.config;
         let split =
             MicroSplit { micro_batch: c.micro_batch.get(), accumulation_steps: c.accumulation_steps.get() };
-        self.accumulate(model, corpus, updater, step, decisions, loss_scale, split, split.accumulation_steps)
+        let step_loss = self.accumulate(
+            model,
+            data,
+            updater,
+            step,
+            decisions,
+            loss_scale,
+            split,
+            split.accumulation_steps,
+        )?;
+        Ok(step_loss.loss)
     }
 
     /// The first `run_micros` micro-batches of step `step` under `split`, each weighted
-    /// `loss_scale / accumulation_steps`; returns their mean loss.
+    /// `loss_scale x its count / the global batch's count`.
     #[allow(clippy::too_many_arguments)]
-    fn accumulate<M: LanguageModel>(
+    fn accumulate<M, D>(
         &self,
         model: &M,
-        corpus: &Corpus,
+        data: &D,
         updater: &mut dyn Updater,
         step: u64,
         decisions: &[Decision],
         loss_scale: f64,
         split: MicroSplit,
         run_micros: usize,
-    ) -> Result<f64> {
+    ) -> Result<StepLoss>
+    where
+        M: TrainableModel<Batch = D::Batch>,
+        D: DataSource + ?Sized,
+    {
         let c = &self.config;
-        let (b, k) = (split.micro_batch, split.accumulation_steps);
+        let shape = self.data_shape();
+        let b = split.micro_batch;
         let device = model.device();
         let guard = MemoryGuard::new(model, c.max_memory);
         let samples = self.data_rank.samples(b);
-        let share = samples.len() as f64 / b as f64;
-        let mut loss_sum = 0.0;
+        let global = data.count(c.seed, step, 0..b * split.accumulation_steps, &shape)?;
+        if global == 0 {
+            return Err(Error::NothingCounted { step: step + 1 });
+        }
+        let (mut losses, mut counts) = (Vec::with_capacity(run_micros), Vec::with_capacity(run_micros));
         for micro in 0..run_micros {
-            let (first, count) = (micro * b + samples.start, samples.len());
-            let batch = corpus.train_batch(c.seed, step, first, count, c.seq_len.get(), &device)?;
+            let range: Range<usize> = micro * b + samples.start..micro * b + samples.end;
+            let count = data.count(c.seed, step, range.clone(), &shape)?;
+            let batch = data.batch(c.seed, step, range, &shape, &device)?;
             let mut ctx = SegmentContext::train(c.seed, step, micro as u64);
             if self.data_rank.world_size > 1 {
                 // Dropout draws this rank's rows of the whole micro-batch's masks.
@@ -830,7 +947,9 @@ impl Trainer {
                 result?;
                 guard.check(|| format!("backward of {}", model.segment_name(segment)))
             };
-            let multiplier = loss_scale * share / k as f64;
+            // The micro-batch's mean loss times its share of the global batch's units: the sum
+            // over micro-batches (and ranks) is the mean over the whole global batch.
+            let multiplier = loss_scale * (count as f64 / global as f64);
             let result = match c.backward {
                 BackwardMode::Segmented => forward_backward(&guard, &batch, ctx, decisions, multiplier, hook),
                 BackwardMode::Plain => plain_forward_backward(&guard, &batch, ctx, multiplier, hook),
@@ -839,9 +958,10 @@ impl Trainer {
                 return Err(e);
             }
             let loss = result.map_err(|e| classify_oom(e.into(), &guard.device, "a training step"))?;
-            loss_sum += loss.to_dtype(candle::DType::F64)?.to_scalar::<f64>()?;
+            losses.push(loss.to_dtype(candle::DType::F64)?.to_scalar::<f64>()?);
+            counts.push(count);
         }
-        Ok(loss_sum / run_micros as f64)
+        Ok(StepLoss { loss: weighted_mean(&losses, &counts), count: counts.iter().sum(), global })
     }
 
     /// Searches the largest micro-batch that fits `max_memory`: for each divisor of the global
@@ -852,12 +972,16 @@ impl Trainer {
     /// # Errors
     /// [`Error::InvalidConfig`] without a limit or without the counting allocator,
     /// [`Error::OutOfMemory`] when even a micro-batch of 1 does not fit, or a model error.
-    pub fn find_micro_batch<M: LanguageModel>(
+    pub fn find_micro_batch<M, D>(
         &self,
         model: &M,
-        corpus: &Corpus,
+        data: &D,
         updater: &mut dyn Updater,
-    ) -> Result<MicroBatchSearch> {
+    ) -> Result<MicroBatchSearch>
+    where
+        M: TrainableModel<Batch = D::Batch>,
+        D: DataSource + ?Sized,
+    {
         let c = &self.config;
         let limit = c.max_memory.ok_or_else(|| Error::config("find_micro_batch", "needs `max_memory`"))?;
         let meter = DeviceMeter::for_device(&model.device());
@@ -873,9 +997,9 @@ impl Trainer {
         let candidates = (1..=c.micro_batch.get()).rev().filter(|d| global % d == 0);
         for micro_batch in candidates {
             let split = MicroSplit { micro_batch, accumulation_steps: global / micro_batch };
-            let decisions = self.plan_for(model, corpus, micro_batch)?;
+            let decisions = self.plan_for(model, data, micro_batch)?;
             meter.reset_peak();
-            let outcome = self.accumulate(model, corpus, updater, 0, &decisions, 1.0, split, 1);
+            let outcome = self.accumulate(model, data, updater, 0, &decisions, 1.0, split, 1);
             let peak_bytes = meter.peak_bytes();
             updater.zero_grad();
             match outcome {
@@ -900,13 +1024,17 @@ impl Trainer {
 
     /// The settings of this run that a checkpoint must share to be continued: every field of
     /// the config is named here (a new one is a compile error until it is placed), plus the
-    /// model's and the optimizer's own settings, whole.
-    fn identity<M: LanguageModel>(&self, model: &M, corpus: &Corpus, updater: &dyn Updater) -> RunIdentity {
+    /// model's and the optimizer's own settings, whole, and the data's fingerprint.
+    fn identity<M, D>(&self, model: &M, data: &D, updater: &dyn Updater) -> RunIdentity
+    where
+        M: TrainableModel,
+        D: DataSource + ?Sized,
+    {
         let TrainerConfig {
             micro_batch: _,        // in the identity as the global batch; the split is progress
             accumulation_steps: _, // (the same data and gradients up to summation order)
             steps: _,              // the schedule holds the run's length where it matters
-            seq_len,
+            seq_len: _,            // in the data's fingerprint, where the source uses it
             schedule,
             max_grad_norm,
             eval_interval: _, // evaluation does not touch the weights, the data or the RNG
@@ -926,7 +1054,6 @@ impl Trainer {
         } = &self.config;
         RunIdentity {
             seed: *seed,
-            seq_len: seq_len.get(),
             global_batch: self.config.global_batch(),
             schedule: *schedule,
             max_grad_norm: *max_grad_norm,
@@ -935,26 +1062,49 @@ impl Trainer {
             optimizer_settings: updater.optimizer().settings(),
             model: model.settings(),
             backward: format!("{backward:?}").to_lowercase(),
-            corpus_sha256: checkpoint::sha256_hex(corpus.split(Split::Train)),
+            data: data.fingerprint(&self.data_shape()),
         }
     }
 
-    /// Trains `model` on `corpus` from scratch, stepping through `updater`.
+    /// Trains `model` on `data` from scratch, stepping through `updater`, evaluating with
+    /// [`LossEvaluator`].
     ///
     /// # Errors
-    /// [`Error::SequenceTooLong`] if `seq_len` exceeds the model's context,
-    /// [`Error::CorpusTooShort`], [`Error::TooManyNonFiniteSteps`] after too many consecutive
-    /// skipped steps, [`Error::OutOfMemory`] when recovery is off or the micro-batch is
-    /// already 1, and any model, updater, checkpoint or I/O error.
-    pub fn fit<M: LanguageModel>(
+    /// [`Error::SequenceTooLong`] if `seq_len` exceeds the model's context, a data source's
+    /// refusal of the shape (e.g. [`Error::CorpusTooShort`]), [`Error::TooManyNonFiniteSteps`]
+    /// after too many consecutive skipped steps, [`Error::OutOfMemory`] when recovery is off or
+    /// the micro-batch is already 1, and any model, updater, checkpoint or I/O error.
+    pub fn fit<M, D>(&self, model: &M, data: &D, updater: &mut dyn Updater) -> Result<TrainReport>
+    where
+        M: TrainableModel<Batch = D::Batch>,
+        D: DataSource + ?Sized,
+    {
+        self.fit_with(
+            model,
+            data,
+            updater,
+            Hooks { evaluator: Box::new(LossEvaluator), callbacks: Vec::new() },
+        )
+    }
+
+    /// As [`Trainer::fit`], evaluating with `hooks`' evaluator and calling its callbacks.
+    ///
+    /// # Errors
+    /// As [`Trainer::fit`], and any error of the evaluator or a callback.
+    pub fn fit_with<M, D>(
         &self,
         model: &M,
-        corpus: &Corpus,
+        data: &D,
         updater: &mut dyn Updater,
-    ) -> Result<TrainReport> {
-        self.preflight(model, corpus)?;
-        let claim = self.claim_run_dir(model, corpus, updater, None)?;
-        self.run(model, corpus, updater, None, claim)
+        hooks: Hooks<'_, M>,
+    ) -> Result<TrainReport>
+    where
+        M: TrainableModel<Batch = D::Batch>,
+        D: DataSource + ?Sized,
+    {
+        self.preflight(model, data)?;
+        let claim = self.claim_run_dir(model, data, updater, None)?;
+        self.run(model, data, updater, None, claim, hooks)
     }
 
     /// Continues the run saved in checkpoint `path` (a checkpoint directory, or a run
@@ -963,22 +1113,47 @@ impl Trainer {
     /// `steps`. The result is bit-identical to the uninterrupted run (same device and build).
     ///
     /// # Errors
-    /// [`Error::Checkpoint`] when the checkpoint is missing, torn, corrupted, or written by a
-    /// run with other settings (each named), [`Error::StateMismatch`] for another model's
-    /// state; nothing is changed then. Then as [`Trainer::fit`].
-    pub fn resume<M: LanguageModel>(
+    /// [`Error::Checkpoint`] when the checkpoint is missing, torn, corrupted, of another
+    /// format version, or written by a run with other settings or data (each named),
+    /// [`Error::StateMismatch`] for another model's state; nothing is changed then. Then as
+    /// [`Trainer::fit`].
+    pub fn resume<M, D>(
         &self,
         model: &M,
-        corpus: &Corpus,
+        data: &D,
         updater: &mut dyn Updater,
         path: &Path,
-    ) -> Result<TrainReport> {
+    ) -> Result<TrainReport>
+    where
+        M: TrainableModel<Batch = D::Batch>,
+        D: DataSource + ?Sized,
+    {
+        let hooks = Hooks { evaluator: Box::new(LossEvaluator), callbacks: Vec::new() };
+        self.resume_with(model, data, updater, path, hooks)
+    }
+
+    /// As [`Trainer::resume`], evaluating with `hooks`' evaluator and calling its callbacks.
+    ///
+    /// # Errors
+    /// As [`Trainer::resume`], and any error of the evaluator or a callback.
+    pub fn resume_with<M, D>(
+        &self,
+        model: &M,
+        data: &D,
+        updater: &mut dyn Updater,
+        path: &Path,
+        hooks: Hooks<'_, M>,
+    ) -> Result<TrainReport>
+    where
+        M: TrainableModel<Batch = D::Batch>,
+        D: DataSource + ?Sized,
+    {
         let ckpt = Checkpoint::open(path)?;
         // Shapes first: another model's checkpoint is named as such, not as other settings.
         ckpt.check_model(model.parameters())?;
-        self.identity(model, corpus, updater).check_continues(&ckpt.manifest.run, &ckpt.path)?;
+        self.identity(model, data, updater).check_continues(&ckpt.manifest.run, &ckpt.path)?;
         // Everything the run would refuse is refused before the restore changes anything.
-        self.preflight(model, corpus)?;
+        self.preflight(model, data)?;
         let p = &ckpt.manifest.progress;
         let total = self.config.steps.get() as u64;
         if p.step > total {
@@ -990,27 +1165,31 @@ impl Trainer {
         if let (Some(config), Some(state)) = (self.config.loss_scaling, &p.loss_scaler) {
             LossScaler::new(config)?.load_state(state)?;
         }
-        let claim = self.claim_run_dir(model, corpus, updater, Some(&ckpt))?;
+        let claim = self.claim_run_dir(model, data, updater, Some(&ckpt))?;
         ckpt.restore(model.parameters(), updater)?;
-        self.run(model, corpus, updater, Some(ckpt), claim)
+        self.run(model, data, updater, Some(ckpt), claim, hooks)
     }
 
-    /// The checks on the model, corpus and device that need no state: done before a resume
+    /// The checks on the model, data and device that need no state: done before a resume
     /// changes anything, and again at the start of every run.
-    fn preflight<M: LanguageModel>(&self, model: &M, corpus: &Corpus) -> Result<()> {
+    fn preflight<M, D>(&self, model: &M, data: &D) -> Result<()>
+    where
+        M: TrainableModel,
+        D: DataSource + ?Sized,
+    {
         let c = &self.config;
         let seq_len = c.seq_len.get();
         if seq_len > model.context_length() {
             return Err(Error::SequenceTooLong { seq_len, context: model.context_length() });
         }
-        corpus.check_seq_len(seq_len)?;
-        if let Some(metrics) = &c.metrics_path {
+        data.check(&self.data_shape())?;
+        if let (Some(metrics), Some(input)) = (&c.metrics_path, data.path()) {
             let same =
                 |a: &Path, b: &Path| a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok() == Some(a));
-            if same(metrics, corpus.path()) {
+            if same(metrics, input) {
                 return Err(Error::config(
                     "metrics_path",
-                    format!("{} is the corpus; it would be overwritten", metrics.display()),
+                    format!("{} is the training data; it would be overwritten", metrics.display()),
                 ));
             }
         }
@@ -1028,19 +1207,23 @@ impl Trainer {
     /// unless `overwrite` (then `run` removes them, crash-safely, once a resume has restored
     /// everything). Another run's: any checkpoint for a fresh run; for a resumed one, those
     /// whose manifest names other settings.
-    fn claim_run_dir<M: LanguageModel>(
+    fn claim_run_dir<M, D>(
         &self,
         model: &M,
-        corpus: &Corpus,
+        data: &D,
         updater: &dyn Updater,
         resuming: Option<&Checkpoint>,
-    ) -> Result<Option<RunDirClaim>> {
+    ) -> Result<Option<RunDirClaim>>
+    where
+        M: TrainableModel,
+        D: DataSource + ?Sized,
+    {
         let Some(ck) = &self.config.checkpoint else { return Ok(None) };
         if self.data_rank.rank != 0 {
             return Ok(None);
         }
         let lock = RunLock::acquire(&ck.dir)?;
-        let identity = self.identity(model, corpus, updater);
+        let identity = self.identity(model, data, updater);
         let mut foreign = Vec::new();
         for (_, dir) in checkpoint::list_checkpoints(&ck.dir)? {
             let theirs = match resuming {
@@ -1070,18 +1253,10 @@ impl Trainer {
         Ok(Some(RunDirClaim { _lock: lock, foreign }))
     }
 
-    fn run<M: LanguageModel>(
-        &self,
-        model: &M,
-        corpus: &Corpus,
-        updater: &mut dyn Updater,
-        resumed: Option<Checkpoint>,
-        claim: Option<RunDirClaim>,
-    ) -> Result<TrainReport> {
+    /// Refuses what several data-parallel ranks cannot do yet, and removes another run's
+    /// checkpoints when `overwrite` allowed it.
+    fn prepare_run(&self, updater: &dyn Updater, claim: Option<&RunDirClaim>) -> Result<()> {
         let c = &self.config;
-        let seq_len = c.seq_len.get();
-        self.preflight(model, corpus)?;
-        let meter = DeviceMeter::for_device(&model.device());
         if updater.world_size() > 1 || self.data_rank.world_size > 1 {
             // Each rank would decide on its own and the ranks' micro-batches would part.
             if c.find_micro_batch {
@@ -1097,7 +1272,7 @@ impl Trainer {
                 ));
             }
         }
-        if let (Some(claim), Some(ck)) = (&claim, &c.checkpoint) {
+        if let (Some(claim), Some(ck)) = (claim, &c.checkpoint) {
             if !claim.foreign.is_empty() {
                 tracing::warn!(
                     dir = %ck.dir.display(),
@@ -1107,179 +1282,324 @@ impl Trainer {
                 checkpoint::remove_checkpoints(&ck.dir, &claim.foreign)?;
             }
         }
-        let identity = self.identity(model, corpus, updater);
-        let global = c.global_batch();
-        let mut split =
-            MicroSplit { micro_batch: c.micro_batch.get(), accumulation_steps: c.accumulation_steps.get() };
-        let mut scaler = c.loss_scaling.map(LossScaler::new).transpose()?;
-        let (mut skipped, mut consecutive_skips, start_step) = match &resumed {
-            None => (0, 0, 0),
-            Some(ckpt) => {
-                let p = &ckpt.manifest.progress;
-                split = MicroSplit { micro_batch: p.micro_batch, accumulation_steps: p.accumulation_steps };
-                match (scaler.as_mut(), &p.loss_scaler) {
-                    (Some(scaler), Some(state)) => scaler.load_state(state)?,
-                    (None, None) => {}
-                    _ => {
-                        return Err(Error::checkpoint(
-                            &ckpt.path,
-                            "loss scaling is on in one of the run and the checkpoint and off in the other",
-                        ))
-                    }
+        Ok(())
+    }
+
+    /// The state a run starts from: fresh, or the resumed checkpoint's progress.
+    fn start_state(&self, resumed: Option<Checkpoint>) -> Result<RunState> {
+        let c = &self.config;
+        let mut state = RunState {
+            split: MicroSplit {
+                micro_batch: c.micro_batch.get(),
+                accumulation_steps: c.accumulation_steps.get(),
+            },
+            scaler: c.loss_scaling.map(LossScaler::new).transpose()?,
+            skipped: 0,
+            consecutive_skips: 0,
+            start_step: 0,
+            last_checkpoint: None,
+            decisions: Vec::new(),
+            // Grown as steps run: a huge `steps` must not reserve memory up front.
+            history: Vec::with_capacity(c.steps.get().min(1 << 12)),
+            worst: MemoryReport::default(),
+            oom_recoveries: Vec::new(),
+            checkpoint_time_s: 0.0,
+            counted_units: 0,
+        };
+        if let Some(ckpt) = resumed {
+            let p = &ckpt.manifest.progress;
+            state.split = MicroSplit { micro_batch: p.micro_batch, accumulation_steps: p.accumulation_steps };
+            match (state.scaler.as_mut(), &p.loss_scaler) {
+                (Some(scaler), Some(saved)) => scaler.load_state(saved)?,
+                (None, None) => {}
+                _ => {
+                    return Err(Error::checkpoint(
+                        &ckpt.path,
+                        "loss scaling is on in one of the run and the checkpoint and off in the other",
+                    ))
                 }
-                (p.skipped_steps, p.consecutive_skips, p.step)
+            }
+            (state.skipped, state.consecutive_skips, state.start_step) =
+                (p.skipped_steps, p.consecutive_skips, p.step);
+            state.last_checkpoint = Some(ckpt.path);
+        }
+        Ok(state)
+    }
+
+    /// The forward and backward of step `step`'s global batch, retried with a smaller
+    /// micro-batch after an out-of-memory error (recovery on, one rank); the loss of the whole
+    /// global batch (summed over ranks) and its counted units.
+    fn forward_backward_step<M, D>(
+        &self,
+        model: &M,
+        data: &D,
+        updater: &mut dyn Updater,
+        step: u64,
+        loss_scale: f64,
+        state: &mut RunState,
+    ) -> Result<(f64, usize)>
+    where
+        M: TrainableModel<Batch = D::Batch>,
+        D: DataSource + ?Sized,
+    {
+        let c = &self.config;
+        let global = c.global_batch();
+        let meter = DeviceMeter::for_device(&model.device());
+        let step_loss = loop {
+            let split = state.split;
+            let k = split.accumulation_steps;
+            match self.accumulate(model, data, updater, step, &state.decisions, loss_scale, split, k) {
+                Ok(loss) => break loss,
+                Err(e) if e.is_out_of_memory() && c.oom_recovery && self.data_rank.world_size == 1 => {
+                    // The step's graphs are gone with the error; drop its partial sums.
+                    updater.zero_grad();
+                    let Some(smaller) = smaller_micro_batch(split.micro_batch, global) else {
+                        return Err(e);
+                    };
+                    tracing::warn!(
+                        step = step + 1,
+                        from = split.micro_batch,
+                        to = smaller,
+                        error = %e,
+                        "out of memory: retrying the step with a smaller micro-batch"
+                    );
+                    state.oom_recoveries.push(OomRecovery {
+                        step: step + 1,
+                        from: split.micro_batch,
+                        to: smaller,
+                        error: e.to_string(),
+                    });
+                    state.split = MicroSplit { micro_batch: smaller, accumulation_steps: global / smaller };
+                    state.decisions = self.plan_for(model, data, smaller)?;
+                    meter.reset_peak();
+                }
+                Err(e) => return Err(e),
             }
         };
-        let mut last_checkpoint = resumed.map(|ckpt| ckpt.path);
+        let mut loss = step_loss.loss;
+        if self.data_rank.world_size > 1 {
+            // Every rank reports (and decides on) the loss of the whole global batch.
+            loss = updater.sum_over_ranks(loss * (step_loss.count as f64 / step_loss.global as f64))?;
+        }
+        Ok((loss, step_loss.global))
+    }
+
+    /// Unscales (under loss scaling) and steps the optimizer, or skips the step on inf/NaN
+    /// and backs the scale off.
+    fn update(
+        &self,
+        updater: &mut dyn Updater,
+        scaler: Option<&mut LossScaler>,
+        lr: f64,
+    ) -> Result<StepReport> {
+        let c = &self.config;
+        match scaler {
+            None => updater.step(lr, c.max_grad_norm),
+            Some(scaler) => {
+                // Unscale once, in FP32; skip the whole step (optimizer, its step count and so
+                // the schedule) on inf/NaN; then update the scale.
+                let found_inf = updater.unscale(scaler.inv_scale_f32())?;
+                scaler.update(found_inf)?;
+                if found_inf {
+                    updater.zero_grad();
+                    Ok(StepReport { grad_norm: f64::INFINITY, stepped: false, clip_coef: 1.0 })
+                } else {
+                    updater.step(lr, c.max_grad_norm)
+                }
+            }
+        }
+    }
+
+    /// Counts a skipped step; too many non-finite ones in a row stop the run.
+    fn count_skips(&self, state: &mut RunState, report: &StepReport, loss: f64, done: u64) -> Result<()> {
+        if report.stepped && loss.is_finite() {
+            state.consecutive_skips = 0;
+        } else if state.scaler.is_some() && report.grad_norm.is_infinite() && loss.is_finite() {
+            // An overflow of the scaled gradient: the scaler backed off; a scale that keeps
+            // overflowing ends in the scaler's minimum-scale error.
+            state.skipped += 1;
+        } else {
+            state.skipped += 1;
+            state.consecutive_skips += 1;
+            tracing::warn!(
+                step = done,
+                loss,
+                grad_norm = report.grad_norm,
+                "non-finite loss or gradient: step skipped"
+            );
+            if state.consecutive_skips >= self.config.max_consecutive_skips {
+                return Err(Error::TooManyNonFiniteSteps {
+                    count: state.consecutive_skips,
+                    step: done,
+                    last_checkpoint: state.last_checkpoint.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a checkpoint after step `done` when one is due (only after a good step: after a
+    /// skipped one the previous checkpoint stays the newest).
+    fn checkpoint_if_due(
+        &self,
+        parameters: &Parameters,
+        updater: &mut dyn Updater,
+        identity: &RunIdentity,
+        state: &mut RunState,
+        done: u64,
+    ) -> Result<Option<PathBuf>> {
+        let Some(ck) = &self.config.checkpoint else { return Ok(None) };
+        let is_last = done == self.config.steps.get() as u64;
+        if state.consecutive_skips != 0 || !(done % ck.every as u64 == 0 || is_last) {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let progress = Progress {
+            step: done,
+            optimizer_step: updater.optimizer().step_count(),
+            skipped_steps: state.skipped,
+            consecutive_skips: state.consecutive_skips,
+            micro_batch: state.split.micro_batch,
+            accumulation_steps: state.split.accumulation_steps,
+            loss_scaler: state.scaler.as_ref().map(LossScaler::state),
+        };
+        let path = if updater.sharded_checkpoints() {
+            updater.save_sharded(&ck.dir, ck.keep, parameters, progress, identity.clone())?
+        } else {
+            checkpoint::save(&ck.dir, ck.keep, parameters, updater, progress, identity.clone())?
+        };
+        state.checkpoint_time_s += started.elapsed().as_secs_f64();
+        state.last_checkpoint = Some(path.clone());
+        Ok(Some(path))
+    }
+
+    fn run<M, D>(
+        &self,
+        model: &M,
+        data: &D,
+        updater: &mut dyn Updater,
+        resumed: Option<Checkpoint>,
+        claim: Option<RunDirClaim>,
+        hooks: Hooks<'_, M>,
+    ) -> Result<TrainReport>
+    where
+        M: TrainableModel<Batch = D::Batch>,
+        D: DataSource + ?Sized,
+    {
+        let c = &self.config;
+        self.preflight(model, data)?;
+        self.prepare_run(updater, claim.as_ref())?;
+        let Hooks { evaluator, callbacks: user_callbacks } = hooks;
+        let mut callbacks: Vec<Box<dyn Callback + '_>> =
+            vec![Box::new(ProgressCallback::new(c.progress, c.log_interval)?)];
+        // A resumed run keeps the records up to its step and appends, so the file equals the
+        // uninterrupted run's.
+        let start = resumed.as_ref().map_or(0, |ckpt| ckpt.manifest.progress.step);
+        match (c.metrics_path.as_deref(), start) {
+            (None, _) => {}
+            (Some(path), 0) => callbacks.push(Box::new(MetricsWriter::create(path)?)),
+            (Some(path), step) => callbacks.push(Box::new(MetricsWriter::resume(path, step)?)),
+        }
+        callbacks.extend(user_callbacks);
+        let mut state = self.start_state(resumed)?;
+        let outcome = self.train_loop(model, data, updater, &*evaluator, &mut callbacks, &mut state);
+        let failed = outcome.is_err();
+        for callback in &mut callbacks {
+            let ended = callback.on_end(failed);
+            if !failed {
+                ended?;
+            }
+        }
+        outcome
+    }
+
+    fn train_loop<M, D>(
+        &self,
+        model: &M,
+        data: &D,
+        updater: &mut dyn Updater,
+        evaluator: &dyn Evaluator<M>,
+        callbacks: &mut [Box<dyn Callback + '_>],
+        state: &mut RunState,
+    ) -> Result<TrainReport>
+    where
+        M: TrainableModel<Batch = D::Batch>,
+        D: DataSource + ?Sized,
+    {
+        let c = &self.config;
+        let meter = DeviceMeter::for_device(&model.device());
+        let identity = self.identity(model, data, updater);
         let device = model.device();
-        let micro_batch_search = if c.find_micro_batch && start_step == 0 {
-            let search = self.find_micro_batch(model, corpus, updater)?;
-            split =
+        let micro_batch_search = if c.find_micro_batch && state.start_step == 0 {
+            let search = self.find_micro_batch(model, data, updater)?;
+            state.split =
                 MicroSplit { micro_batch: search.micro_batch, accumulation_steps: search.accumulation_steps };
             Some(search)
         } else {
             None
         };
-        let val_batches = corpus.validation_batches(c.micro_batch.get(), c.eval_windows, seq_len, &device)?;
-        let mut decisions = self.plan_for(model, corpus, split.micro_batch)?;
+        let val_batches = data.validation(&self.data_shape(), &device)?;
+        state.decisions = self.plan_for(model, data, state.split.micro_batch)?;
         let recomputed_segments = (0..model.num_segments())
-            .filter(|&i| c.backward == BackwardMode::Segmented && decisions[i] == Decision::Recompute)
+            .filter(|&i| c.backward == BackwardMode::Segmented && state.decisions[i] == Decision::Recompute)
             .map(|i| model.segment_name(i))
             .collect();
-        // A resumed run keeps the records up to its step and appends, so the file equals the
-        // uninterrupted run's.
-        let mut metrics = match (c.metrics_path.as_deref(), start_step) {
-            (None, _) => None,
-            (Some(path), 0) => Some(MetricsWriter::create(path)?),
-            (Some(path), step) => Some(MetricsWriter::resume(path, step)?),
-        };
-        let initial_val_loss = Self::evaluate(model, &val_batches)?;
-
         let total = c.steps.get() as u64;
-        let bar = if c.progress { ProgressBar::new(total) } else { ProgressBar::hidden() };
-        bar.set_style(
-            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
-                .map_err(|e| Error::config("progress", e.to_string()))?
-                .progress_chars("=> "),
-        );
-        bar.set_position(start_step.min(total));
-        let tokens_per_step = (global * seq_len) as f64;
-        // Grown as steps run: a huge `steps` must not reserve memory up front.
-        let mut history = Vec::with_capacity(c.steps.get().min(1 << 12));
-        let mut worst = MemoryReport::default();
-        let mut oom_recoveries = Vec::new();
-        let mut checkpoint_time_s = 0.0;
+        let evaluate = |step: u64, callbacks: &mut [Box<dyn Callback + '_>]| -> Result<Metrics> {
+            let metrics = evaluator.evaluate(model, &val_batches)?;
+            for callback in callbacks.iter_mut() {
+                callback.on_evaluation(step, &metrics)?;
+            }
+            Ok(metrics)
+        };
+        let initial_metrics = evaluate(state.start_step, callbacks)?;
+        for callback in callbacks.iter_mut() {
+            callback.on_start(state.start_step, total)?;
+        }
         updater.zero_grad();
-        for step in start_step..total {
+        let mut last_metrics = None;
+        for step in state.start_step..total {
             let start_bytes = meter.reset_peak();
             let param_bytes = model.resident_parameter_bytes();
             let started = Instant::now();
             let lr = c.schedule.lr(updater.optimizer().step_count());
-            let loss_scale = scaler.as_ref().map_or(1.0, LossScaler::scale);
-            let loss = loop {
-                let k = split.accumulation_steps;
-                match self.accumulate(model, corpus, updater, step, &decisions, loss_scale, split, k) {
-                    Ok(loss) => break loss,
-                    Err(e) if e.is_out_of_memory() && c.oom_recovery && self.data_rank.world_size == 1 => {
-                        // The step's graphs are gone with the error; drop its partial sums.
-                        updater.zero_grad();
-                        let Some(smaller) = smaller_micro_batch(split.micro_batch, global) else {
-                            return Err(e);
-                        };
-                        tracing::warn!(
-                            step = step + 1,
-                            from = split.micro_batch,
-                            to = smaller,
-                            error = %e,
-                            "out of memory: retrying the step with a smaller micro-batch"
-                        );
-                        oom_recoveries.push(OomRecovery {
-                            step: step + 1,
-                            from: split.micro_batch,
-                            to: smaller,
-                            error: e.to_string(),
-                        });
-                        split = MicroSplit { micro_batch: smaller, accumulation_steps: global / smaller };
-                        decisions = self.plan_for(model, corpus, smaller)?;
-                        meter.reset_peak();
-                    }
-                    Err(e) => return Err(e),
-                }
-            };
-            let mut loss = loss;
-            if self.data_rank.world_size > 1 {
-                // Every rank reports (and decides on) the loss of the whole global batch.
-                let b = split.micro_batch;
-                loss = updater.sum_over_ranks(loss * self.data_rank.samples(b).len() as f64 / b as f64)?;
-            }
-            let report = match scaler.as_mut() {
-                None => updater.step(lr, c.max_grad_norm)?,
-                Some(scaler) => {
-                    // Unscale once, in FP32; skip the whole step (optimizer, its step count and
-                    // so the schedule) on inf/NaN; then update the scale.
-                    let found_inf = updater.unscale(scaler.inv_scale_f32())?;
-                    scaler.update(found_inf)?;
-                    if found_inf {
-                        updater.zero_grad();
-                        StepReport { grad_norm: f64::INFINITY, stepped: false, clip_coef: 1.0 }
-                    } else {
-                        updater.step(lr, c.max_grad_norm)?
-                    }
-                }
-            };
+            let loss_scale = state.scaler.as_ref().map_or(1.0, LossScaler::scale);
+            let (loss, units) = self.forward_backward_step(model, data, updater, step, loss_scale, state)?;
+            let report = self.update(updater, state.scaler.as_mut(), lr)?;
             // Queued device work belongs to this step's time (a no-op on CPU).
-            model.device().synchronize()?;
+            device.synchronize()?;
             let step_time_s = started.elapsed().as_secs_f64();
             let peak = meter.peak_bytes();
-            let state = updater.state_bytes();
+            let bytes = updater.state_bytes();
             let mut transfers = updater.take_transfers();
-            if !model.device().is_cpu() {
+            if !device.is_cpu() {
                 // Each micro-batch's loss is read back (as an f64).
-                transfers.scalars += 8 * split.accumulation_steps as u64;
+                transfers.scalars += 8 * state.split.accumulation_steps as u64;
             }
             let mut mem = MemoryReport::new(
                 param_bytes,
-                state.gradients,
-                state.master_weights,
-                state.optimizer_state,
+                bytes.gradients,
+                bytes.master_weights,
+                bytes.optimizer_state,
                 start_bytes,
                 peak,
             );
             mem.transfers = transfers;
-            if mem.peak >= worst.peak {
-                worst = mem;
+            if mem.peak >= state.worst.peak {
+                state.worst = mem;
             }
             let done = step + 1;
-            if report.stepped && loss.is_finite() {
-                consecutive_skips = 0;
-            } else if scaler.is_some() && report.grad_norm.is_infinite() && loss.is_finite() {
-                // An overflow of the scaled gradient: the scaler backed off; a scale that keeps
-                // overflowing ends in the scaler's minimum-scale error.
-                skipped += 1;
-            } else {
-                skipped += 1;
-                consecutive_skips += 1;
-                tracing::warn!(
-                    step = done,
-                    loss,
-                    grad_norm = report.grad_norm,
-                    "non-finite loss or gradient: step skipped"
-                );
-                if consecutive_skips >= c.max_consecutive_skips {
-                    bar.abandon();
-                    return Err(Error::TooManyNonFiniteSteps {
-                        count: consecutive_skips,
-                        step: done,
-                        last_checkpoint,
-                    });
-                }
-            }
-            let is_last = done == total;
-            let val_loss = if is_last || (c.eval_interval > 0 && done % c.eval_interval as u64 == 0) {
-                Some(Self::evaluate(model, &val_batches)?)
+            self.count_skips(state, &report, loss, done)?;
+            let val_metrics = if done == total || (c.eval_interval > 0 && done % c.eval_interval as u64 == 0)
+            {
+                Some(evaluate(done, callbacks)?)
             } else {
                 None
             };
+            let val_loss = val_metrics.as_ref().map(metric_loss);
+            if val_metrics.is_some() {
+                last_metrics = val_metrics;
+            }
             let record = StepRecord {
                 step: done,
                 loss,
@@ -1287,86 +1607,112 @@ impl Trainer {
                 grad_norm: report.grad_norm,
                 stepped: report.stepped,
                 step_time_s,
-                tokens_per_s: tokens_per_step / step_time_s,
+                tokens_per_s: units as f64 / step_time_s,
                 peak_bytes: peak,
-                loss_scale: scaler.is_some().then_some(loss_scale),
+                loss_scale: state.scaler.is_some().then_some(loss_scale),
                 val_loss,
                 transfers,
             };
-            if let Some(m) = metrics.as_mut() {
-                m.write(&record)?;
+            state.counted_units += units as u128;
+            for callback in callbacks.iter_mut() {
+                callback.on_step(&record)?;
             }
-            history.push(record);
-            // Checkpoints only after a good step: after a skipped one the previous checkpoint
-            // stays the newest.
-            if let Some(ck) = &c.checkpoint {
-                if consecutive_skips == 0 && (done % ck.every as u64 == 0 || is_last) {
-                    let started = Instant::now();
-                    let progress = Progress {
-                        step: done,
-                        optimizer_step: updater.optimizer().step_count(),
-                        skipped_steps: skipped,
-                        consecutive_skips,
-                        micro_batch: split.micro_batch,
-                        accumulation_steps: split.accumulation_steps,
-                        loss_scaler: scaler.as_ref().map(LossScaler::state),
-                    };
-                    let path = if updater.sharded_checkpoints() {
-                        updater.save_sharded(
-                            &ck.dir,
-                            ck.keep,
-                            model.parameters(),
-                            progress,
-                            identity.clone(),
-                        )?
-                    } else {
-                        checkpoint::save(
-                            &ck.dir,
-                            ck.keep,
-                            model.parameters(),
-                            updater,
-                            progress,
-                            identity.clone(),
-                        )?
-                    };
-                    checkpoint_time_s += started.elapsed().as_secs_f64();
-                    last_checkpoint = Some(path);
+            state.history.push(record);
+            if let Some(path) = self.checkpoint_if_due(model.parameters(), updater, &identity, state, done)? {
+                for callback in callbacks.iter_mut() {
+                    callback.on_checkpoint(done, &path)?;
                 }
             }
-            bar.inc(1);
-            if done % c.log_interval as u64 == 0 || is_last {
-                bar.set_message(format!(
-                    "loss {loss:.4} | {:.0} tok/s | peak {}",
-                    record.tokens_per_s,
-                    memory::mib(peak)
-                ));
-            }
         }
-        bar.finish();
-        let final_val_loss = Self::evaluate(model, &val_batches)?;
-        let tail = &history[history.len().saturating_sub(c.log_interval)..];
+        // The last step's evaluation is the final one (nothing changed since).
+        let final_metrics = match last_metrics {
+            Some(metrics) if state.history.last().is_some_and(|r| r.step == total) => metrics,
+            _ => evaluate(total.max(state.start_step), callbacks)?,
+        };
+        Ok(self.report(state, initial_metrics, final_metrics, recomputed_segments, micro_batch_search))
+    }
+
+    fn report(
+        &self,
+        state: &mut RunState,
+        initial_metrics: Metrics,
+        final_metrics: Metrics,
+        recomputed_segments: Vec<String>,
+        micro_batch_search: Option<MicroBatchSearch>,
+    ) -> TrainReport {
+        let history = std::mem::take(&mut state.history);
+        let tail = &history[history.len().saturating_sub(self.config.log_interval)..];
         let final_train_loss = tail.iter().map(|r| r.loss).sum::<f64>() / tail.len().max(1) as f64;
         let times: Vec<f64> = history.iter().map(|r| r.step_time_s).collect();
         let median_step_time_s = median(&times);
-        Ok(TrainReport {
-            initial_val_loss,
-            final_val_loss,
+        // The mean counted units of a step (the global batch's tokens for fixed windows).
+        let units_per_step =
+            if history.is_empty() { 0.0 } else { state.counted_units as f64 / history.len() as f64 };
+        TrainReport {
+            initial_val_loss: metric_loss(&initial_metrics),
+            final_val_loss: metric_loss(&final_metrics),
             final_train_loss,
             median_step_time_s,
-            tokens_per_s: if median_step_time_s > 0.0 { tokens_per_step / median_step_time_s } else { 0.0 },
-            memory: worst,
-            skipped_steps: skipped,
+            tokens_per_s: if median_step_time_s > 0.0 { units_per_step / median_step_time_s } else { 0.0 },
+            memory: state.worst,
+            skipped_steps: state.skipped,
             recomputed_segments,
-            start_step,
-            micro_batch: split.micro_batch,
-            accumulation_steps: split.accumulation_steps,
+            start_step: state.start_step,
+            micro_batch: state.split.micro_batch,
+            accumulation_steps: state.split.accumulation_steps,
             micro_batch_search,
-            oom_recoveries,
-            last_checkpoint,
-            checkpoint_time_s,
+            oom_recoveries: std::mem::take(&mut state.oom_recoveries),
+            initial_metrics,
+            final_metrics,
+            last_checkpoint: state.last_checkpoint.take(),
+            checkpoint_time_s: state.checkpoint_time_s,
             history,
-        })
+        }
     }
+}
+
+/// The `loss` of an evaluation (NaN when the evaluator reports none).
+fn metric_loss(metrics: &Metrics) -> f64 {
+    metrics.get(LOSS).copied().unwrap_or(f64::NAN)
+}
+
+/// The mean of `losses` weighted by `counts`; with equal counts the plain mean (the sum divided
+/// by their number, so uniform batches keep the unweighted mean's rounding).
+fn weighted_mean(losses: &[f64], counts: &[usize]) -> f64 {
+    if counts.windows(2).all(|w| w[0] == w[1]) {
+        return losses.iter().sum::<f64>() / losses.len().max(1) as f64;
+    }
+    let total: usize = counts.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    losses.iter().zip(counts).map(|(l, &n)| l * n as f64).sum::<f64>() / total as f64
+}
+
+/// One step's (or one search trial's) losses: the mean over this rank's micro-batches
+/// (weighted by their counts), this rank's counted units, and the global batch's.
+#[derive(Debug, Clone, Copy)]
+struct StepLoss {
+    loss: f64,
+    count: usize,
+    global: usize,
+}
+
+/// What changes as a run goes: the split, the loss scaler, counters, the history.
+#[derive(Debug)]
+struct RunState {
+    split: MicroSplit,
+    scaler: Option<LossScaler>,
+    skipped: usize,
+    consecutive_skips: usize,
+    start_step: u64,
+    last_checkpoint: Option<PathBuf>,
+    decisions: Vec<Decision>,
+    history: Vec<StepRecord>,
+    worst: MemoryReport,
+    oom_recoveries: Vec<OomRecovery>,
+    checkpoint_time_s: f64,
+    counted_units: u128,
 }
 
 /// A run's hold on its checkpoint directory: the lock, and the other run's checkpoints that
@@ -1378,7 +1724,7 @@ struct RunDirClaim {
 }
 
 /// A micro-batch size and the number of them per step.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct MicroSplit {
     micro_batch: usize,
     accumulation_steps: usize,
@@ -1387,7 +1733,7 @@ struct MicroSplit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{GptConfig, LocalUpdater, OptimizerConfig};
+    use crate::{Corpus, GptConfig, LocalUpdater, OptimizerConfig};
 
     /// Every field of `value` (a serialized config), each changed in turn: numbers doubled plus
     /// one, booleans flipped, strings extended.
@@ -1409,6 +1755,14 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn equal_counts_keep_the_plain_mean_and_uneven_ones_weight_it() {
+        let losses = [0.1, 0.2, 0.4];
+        assert_eq!(weighted_mean(&losses, &[5, 5, 5]).to_bits(), ((0.1 + 0.2 + 0.4) / 3.0f64).to_bits());
+        assert!((weighted_mean(&losses, &[1, 0, 3]) - (0.1 + 1.2) / 4.0).abs() < 1e-15);
+        assert_eq!(weighted_mean(&losses, &[0, 0, 0]).to_bits(), ((0.1 + 0.2 + 0.4) / 3.0f64).to_bits());
     }
 
     #[test]

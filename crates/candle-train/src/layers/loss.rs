@@ -50,37 +50,34 @@ pub const IGNORE_INDEX: i64 = -100;
 
 /// The summed negative log-likelihood over the counted positions of `targets` (`[n]`, `I64`
 /// or `U32`; with `I64`, positions equal to [`IGNORE_INDEX`] count nothing and get a zero
-/// gradient), and the number of counted positions. Dividing by the counted positions of the
-/// whole global batch (not of one micro-batch) makes k micro-batches of uneven lengths give
-/// the gradient of one large batch.
+/// gradient), and the number of counted positions as a scalar tensor in the reduction dtype.
+/// Everything stays on the logits' device (the mask is computed with tensor ops; nothing is
+/// read back). Dividing by the counted positions of the whole global batch (not of one
+/// micro-batch) makes k micro-batches of uneven lengths give the gradient of one large batch.
+///
+/// A target outside `0..classes` that is not [`IGNORE_INDEX`] is an error of the gather on
+/// the CPU; validate labels where they are made (the datasets do).
 ///
 /// # Errors
-/// On a shape mismatch, a target outside `0..classes` that is not [`IGNORE_INDEX`], or a
-/// target tensor of another dtype.
-pub fn cross_entropy_masked_sum(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, usize)> {
-    let (n, classes) = logits.dims2()?;
+/// On a shape mismatch or a target tensor of another dtype.
+pub fn cross_entropy_masked_sum(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (n, _) = logits.dims2()?;
     if targets.dims() != [n] {
         candle::bail!("cross_entropy: {n} rows of logits but targets of shape {:?}", targets.dims());
     }
-    let values: Vec<i64> = match targets.dtype() {
-        DType::I64 => targets.to_vec1::<i64>()?,
-        DType::U32 => targets.to_vec1::<u32>()?.into_iter().map(i64::from).collect(),
+    let rd = reduction_dtype(logits.dtype());
+    let (mask, safe) = match targets.dtype() {
+        DType::I64 => {
+            let counted = targets.ne(IGNORE_INDEX)?;
+            let safe = counted.where_cond(targets, &targets.zeros_like()?)?.to_dtype(DType::U32)?;
+            (counted.to_dtype(rd)?, safe)
+        }
+        DType::U32 => (Tensor::ones(n, rd, logits.device())?, targets.clone()),
         other => candle::bail!("cross_entropy: targets must be I64 or U32, not {other:?}"),
     };
-    if let Some((i, bad)) =
-        values.iter().enumerate().find(|(_, &t)| t != IGNORE_INDEX && !(0..classes as i64).contains(&t))
-    {
-        candle::bail!(
-            "cross_entropy: target {bad} at position {i} is outside 0..{classes} and not {IGNORE_INDEX}"
-        );
-    }
-    let counted = values.iter().filter(|&&t| t != IGNORE_INDEX).count();
-    let rd = reduction_dtype(logits.dtype());
-    let device = logits.device();
-    let mask: Vec<f64> = values.iter().map(|&t| f64::from(u8::from(t != IGNORE_INDEX))).collect();
-    let mask = Tensor::from_vec(mask, (n, 1), device)?.to_dtype(rd)?;
-    let safe: Vec<u32> = values.iter().map(|&t| if t == IGNORE_INDEX { 0 } else { t as u32 }).collect();
-    let safe = Tensor::from_vec(safe, (n, 1), device)?;
+    let count = mask.sum_all()?;
+    let mask = mask.unsqueeze(1)?;
+    let safe = safe.unsqueeze(1)?;
     let log_probs = log_softmax_last_dim(&logits.detach())?;
     let value = log_probs.gather(&safe, D::Minus1)?.mul(&mask)?.sum_all()?.neg()?;
     drop(log_probs);
@@ -91,5 +88,22 @@ pub fn cross_entropy_masked_sum(logits: &Tensor, targets: &Tensor) -> Result<(Te
         let grad = (probs - onehot)?.broadcast_mul(&mask)?.broadcast_mul(&g.to_dtype(rd)?)?;
         Ok(Some(grad.to_dtype(logits.dtype())?))
     })?;
-    Ok((loss, counted))
+    Ok((loss, count))
+}
+
+/// The loss of a token batch's head: for `U32` targets the mean over every position
+/// ([`cross_entropy`], unchanged), for `I64` targets the mean over the positions that are not
+/// [`IGNORE_INDEX`] (0 when none counts, so a fully masked micro-batch adds nothing). The
+/// Trainer weights each micro-batch's mean by its counted positions
+/// ([`crate::source::DataSource::count`]), so the step's loss is the mean over the global
+/// batch's counted tokens.
+///
+/// # Errors
+/// As [`cross_entropy`] and [`cross_entropy_masked_sum`].
+pub fn token_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if targets.dtype() != DType::I64 {
+        return cross_entropy(logits, targets);
+    }
+    let (sum, count) = cross_entropy_masked_sum(logits, targets)?;
+    sum.broadcast_div(&count.maximum(1.0)?)
 }

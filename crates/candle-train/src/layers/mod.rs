@@ -22,7 +22,9 @@ pub use embedding::Embedding;
 pub use grouped_attention::GroupedQueryAttention;
 pub use layer_norm::LayerNorm;
 pub use linear::{Linear, WeightLayout};
-pub use loss::{cross_entropy, cross_entropy_masked_sum, cross_entropy_sum, IGNORE_INDEX};
+pub use loss::{
+    cross_entropy, cross_entropy_masked_sum, cross_entropy_sum, token_cross_entropy, IGNORE_INDEX,
+};
 pub use mlp::Mlp;
 pub use rms_norm::RmsNorm;
 pub use rotary::Rotary;

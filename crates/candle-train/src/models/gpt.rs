@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::reduction_dtype;
 use crate::layers::ops::residual_add;
-use crate::layers::{cross_entropy, CausalSelfAttention, Dropout, Embedding, LayerNorm, Mlp};
+use crate::layers::{token_cross_entropy, CausalSelfAttention, Dropout, Embedding, LayerNorm, Mlp};
 use crate::params::{ParamBuilder, Parameters};
 
 /// The shape of a GPT.
@@ -124,12 +124,16 @@ impl GptConfig {
 /// alone, beyond any machine this trains on); more is refused before anything is allocated.
 pub const MAX_PARAMETERS: usize = 1 << 40;
 
-/// A batch of token sequences and their next-token targets, both `[batch, seq]` u32.
+/// A batch of token sequences and their next-token targets, both `[batch, seq]`: inputs
+/// `U32`; targets `U32` (every position counts) or `I64` with
+/// [`crate::layers::IGNORE_INDEX`] (-100) where the loss does not count (prompts, padding).
+/// The head's loss is the mean over the counted positions
+/// ([`crate::layers::token_cross_entropy`]).
 #[derive(Debug, Clone)]
 pub struct TokenBatch {
     /// Input token ids.
     pub inputs: Tensor,
-    /// Target token ids (the inputs shifted by one).
+    /// Target token ids (the inputs shifted by one), or -100 where nothing is counted.
     pub targets: Tensor,
 }
 
@@ -300,7 +304,7 @@ impl SegmentedModel for Gpt {
             _ => {
                 let logits = self.head_logits(input)?;
                 let (b, t, v) = logits.dims3()?;
-                cross_entropy(&logits.reshape((b * t, v))?, &batch.targets.flatten_all()?)
+                token_cross_entropy(&logits.reshape((b * t, v))?, &batch.targets.flatten_all()?)
             }
         }
     }

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::device::reduction_dtype;
 use crate::layers::ops::residual_add;
 use crate::layers::{
-    cross_entropy, Embedding, GroupedQueryAttention, Linear, RmsNorm, Rotary, SwiGlu, WeightLayout,
+    token_cross_entropy, Embedding, GroupedQueryAttention, Linear, RmsNorm, Rotary, SwiGlu, WeightLayout,
 };
 use crate::models::TokenBatch;
 use crate::params::{ParamBuilder, Parameters};
@@ -480,7 +480,7 @@ impl SegmentedModel for Llama {
             _ => {
                 let logits = self.head_logits(input)?;
                 let (b, t, v) = logits.dims3()?;
-                cross_entropy(&logits.reshape((b * t, v))?, &batch.targets.flatten_all()?)
+                token_cross_entropy(&logits.reshape((b * t, v))?, &batch.targets.flatten_all()?)
             }
         }
     }
