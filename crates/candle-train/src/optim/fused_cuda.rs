@@ -1,6 +1,7 @@
-//! Fused optimizer steps on CUDA (feature `cuda`): AdamW, SGD and 8-bit AdamW whose state lives on the GPU,
-//! one kernel launch per parameter that reads each element's parameter, gradient and state
-//! once and writes them once (AdamW: 16 bytes read and 12 written per element, plus 2 for a
+//! Fused optimizer steps on CUDA (feature `cuda`): the kernels [`super::TensorAdamW`] and
+//! [`super::TensorSgd`] step with on a CUDA device, and [`FusedAdamW8bit`]; one kernel launch
+//! per parameter that reads each element's parameter, gradient and state once and writes them
+//! once (AdamW: 16 bytes read and 12 written per element, plus 2 for a
 //! half-precision parameter's copy, against the 28 bytes per parameter of an HBM-bound step).
 //!
 //! The kernels (`kernels/optim.cu`, compiled to PTX by build.rs) repeat the flat-slice CPU
@@ -19,51 +20,13 @@ use super::adamw::Scalars;
 use super::adamw8bit::MIN_QUANTIZED;
 use super::quant::{code_values, Code, BLOCK};
 use super::tensor_adamw::{check_tensors, host_values, one_device, refuse_slices, restore_buffer};
-use super::{AdamWConfig, Optimizer, OptimizerConfig, OptimizerState, Sgd, SgdConfig};
+use super::{AdamWConfig, Optimizer, OptimizerConfig, OptimizerState, SgdConfig};
 use crate::error::{Error, Result};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
 const MODULE: &str = "candle_fit_optim";
 
-/// The fused optimizer for `config` with its state beside `params` (all on one CUDA device).
-///
-/// # Errors
-/// [`Error::InvalidConfig`] for 8-bit AdamW (no fused kernel yet), bad hyper-parameters or
-/// parameters off CUDA; a device error allocating the state.
-pub fn build(config: &OptimizerConfig, params: &[&Tensor]) -> Result<Box<dyn Optimizer>> {
-    let device = cuda_device(&one_device(params)?)?;
-    let zeros = |p: &&Tensor| Tensor::zeros(p.shape(), DType::F32, p.device());
-    match config {
-        OptimizerConfig::AdamW(c) => {
-            c.validate()?;
-            Ok(Box::new(FusedAdamW {
-                config: *c,
-                device,
-                step: 0,
-                exp_avg: params.iter().map(zeros).collect::<candle::Result<_>>()?,
-                exp_avg_sq: params.iter().map(zeros).collect::<candle::Result<_>>()?,
-            }))
-        }
-        OptimizerConfig::Sgd(c) => {
-            Sgd::new(*c, &[])?;
-            let momentum = if c.momentum > 0.0 {
-                params.iter().map(zeros).collect::<candle::Result<_>>()?
-            } else {
-                Vec::new()
-            };
-            Ok(Box::new(FusedSgd {
-                config: *c,
-                device,
-                step: 0,
-                momentum,
-                shapes: params.iter().map(|p| p.shape().clone()).collect(),
-            }))
-        }
-        OptimizerConfig::AdamW8bit(c) => Ok(Box::new(FusedAdamW8bit::new(*c, device, params)?)),
-    }
-}
-
-fn cuda_device(device: &Device) -> Result<CudaDevice> {
+pub(crate) fn cuda_device(device: &Device) -> Result<CudaDevice> {
     match device {
         Device::Cuda(d) => Ok(d.clone()),
         other => Err(Error::config(
@@ -169,7 +132,7 @@ impl<'a> Out<'a> {
     }
 }
 
-fn check_copy(master: &Tensor, copy: &Var) -> Result<()> {
+pub(crate) fn check_copy(master: &Tensor, copy: &Var) -> Result<()> {
     if copy.shape() != master.shape() || !copy.device().same_device(master.device()) {
         return Err(Error::StateMismatch {
             name: "parameter copy".into(),
@@ -180,35 +143,9 @@ fn check_copy(master: &Tensor, copy: &Var) -> Result<()> {
     Ok(())
 }
 
-/// AdamW with its moments on the GPU, stepped by one fused kernel per parameter.
-#[derive(Debug)]
-pub struct FusedAdamW {
-    config: AdamWConfig,
-    device: CudaDevice,
-    step: u64,
-    exp_avg: Vec<Tensor>,
-    exp_avg_sq: Vec<Tensor>,
-}
-
-impl FusedAdamW {
-    fn launch(&self, index: usize, p: &Tensor, g: &Tensor, copy: Option<&Var>, s: &Scalars) -> Result<()> {
-        let (m, v) = match (self.exp_avg.get(index), self.exp_avg_sq.get(index)) {
-            (Some(m), Some(v)) => (m, v),
-            _ => {
-                return Err(Error::StateMismatch {
-                    name: format!("parameter {index}"),
-                    expected: format!("an index below {}", self.exp_avg.len()),
-                    found: index.to_string(),
-                })
-            }
-        };
-        launch_adamw(&self.device, index, p, g, (m, v), copy, s)
-    }
-}
-
 /// One fused AdamW step of `p` (FP32, in place) from `g` over FP32 moments `m`, `v` (in place),
 /// writing the rounded value into `copy` too when given.
-fn launch_adamw(
+pub(crate) fn launch_adamw(
     device: &CudaDevice,
     index: usize,
     p: &Tensor,
@@ -251,239 +188,51 @@ fn push_scalars<'a>(builder: &mut candle::cuda_backend::cudarc::driver::LaunchAr
         .arg(&s.neg_step_size);
 }
 
-impl Optimizer for FusedAdamW {
-    fn name(&self) -> &'static str {
-        "adamw"
-    }
-
-    fn begin_step(&mut self) {
-        self.step += 1;
-    }
-
-    fn step_count(&self) -> u64 {
-        self.step
-    }
-
-    fn settings(&self) -> String {
-        crate::trainer::canonical_json("adamw", &self.config)
-    }
-
-    fn update(&mut self, _: usize, _: &mut [f32], _: &[f32], _: f64, _: bool) -> Result<()> {
-        Err(refuse_slices(self.name(), &Device::Cuda(self.device.clone())))
-    }
-
-    fn update_tensor(
-        &mut self,
-        index: usize,
-        param: &Tensor,
-        grad: &Tensor,
-        lr: f64,
-        decay: bool,
-    ) -> Result<Option<Tensor>> {
-        let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
-        self.launch(index, param, grad, None, &s)?;
-        Ok(None)
-    }
-
-    fn update_master(
-        &mut self,
-        index: usize,
-        master: &Tensor,
-        grad: &Tensor,
-        model: &Var,
-        lr: f64,
-        decay: bool,
-    ) -> Result<Option<Tensor>> {
-        check_copy(master, model)?;
-        let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
-        self.launch(index, master, grad, Some(model), &s)?;
-        Ok(None)
-    }
-
-    fn device(&self) -> Option<Device> {
-        Some(Device::Cuda(self.device.clone()))
-    }
-
-    fn config(&self) -> Option<OptimizerConfig> {
-        Some(OptimizerConfig::AdamW(self.config))
-    }
-
-    fn state_bytes(&self) -> usize {
-        self.exp_avg.iter().chain(&self.exp_avg_sq).map(|t| t.elem_count() * 4).sum()
-    }
-
-    fn state(&self) -> Result<OptimizerState> {
-        let mut buffers = std::collections::BTreeMap::new();
-        for (i, (m, v)) in self.exp_avg.iter().zip(&self.exp_avg_sq).enumerate() {
-            buffers.insert(format!("exp_avg.{i}"), host_values(m)?);
-            buffers.insert(format!("exp_avg_sq.{i}"), host_values(v)?);
-        }
-        Ok(OptimizerState { kind: "adamw".into(), step: self.step, buffers, quantized: Default::default() })
-    }
-
-    fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
-        state.check_kind("adamw")?;
-        let restore = |prefix: &str, ts: &[Tensor]| {
-            ts.iter()
-                .enumerate()
-                .map(|(i, t)| restore_buffer(state, format!("{prefix}.{i}"), t))
-                .collect::<Result<Vec<_>>>()
-        };
-        let m = restore("exp_avg", &self.exp_avg)?;
-        let v = restore("exp_avg_sq", &self.exp_avg_sq)?;
-        self.exp_avg = m;
-        self.exp_avg_sq = v;
-        self.step = state.step;
-        Ok(())
-    }
-}
-
-/// SGD with its momentum buffers on the GPU, stepped by one fused kernel per parameter.
-#[derive(Debug)]
-pub struct FusedSgd {
-    config: SgdConfig,
-    device: CudaDevice,
-    step: u64,
-    momentum: Vec<Tensor>,
-    shapes: Vec<candle::Shape>,
-}
-
-impl FusedSgd {
-    fn launch(
-        &self,
-        index: usize,
-        p: &Tensor,
-        g: &Tensor,
-        copy: Option<&Var>,
-        lr: f64,
-        decay: bool,
-    ) -> Result<()> {
-        let shape = self.shapes.get(index).ok_or_else(|| Error::StateMismatch {
-            name: format!("parameter {index}"),
-            expected: format!("an index below {}", self.shapes.len()),
-            found: index.to_string(),
-        })?;
-        let like = match self.momentum.get(index) {
-            Some(b) => b.clone(),
-            None => Tensor::zeros(shape, DType::F32, p.device())?,
-        };
-        check_tensors(index, &like, p, g)?;
-        let g = g.contiguous()?;
-        let n = like.elem_count();
-        let c = &self.config;
-        let weight_decay = if decay { c.weight_decay as f32 } else { 0.0 };
-        let (neg_lr, momentum, keep) = (-lr as f32, c.momentum as f32, (1.0 - c.dampening) as f32);
-        let (nesterov, first) = (i32::from(c.nesterov), i32::from(self.step <= 1));
-        let (ps, pl) = p.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let buf = self.momentum.get(index).map(Tensor::storage_and_layout);
-        let copy_guard = copy.map(|c| c.as_tensor().storage_and_layout());
-        let (pv, gv) = (view::<f32>(&ps, pl, "parameter")?, view::<f32>(&gs, gl, "gradient")?);
-        let bv = match &buf {
-            Some((s, l)) => Some(view::<f32>(s, l, "momentum buffer")?),
-            None => None,
-        };
-        let out = Out::new(copy_guard.as_ref().map(|(s, l)| (&**s, *l)))?;
-        let func =
-            self.device.get_or_load_custom_func(&format!("candle_fit_sgd_{}", out.suffix()), MODULE, PTX)?;
-        let null = 0u64;
-        let mut builder = func.builder();
-        builder.arg(&n).arg(&pv).arg(&gv);
-        match &bv {
-            Some(b) => builder.arg(b),
-            None => builder.arg(&null),
-        };
-        out.push(&mut builder);
-        builder.arg(&weight_decay).arg(&neg_lr).arg(&momentum).arg(&keep).arg(&nesterov).arg(&first);
-        // SAFETY: the kernel's signature is the argument list above (n, three F32 pointers,
-        // the nullable buffer and copy pointers, four f32 and two i32 scalars); every view
-        // holds `n` elements and the grid-stride loop stays below `n`.
-        unsafe { builder.launch(launch_config(n)) }.map_err(|e| candle::Error::Cuda(Box::new(e)))?;
-        Ok(())
-    }
-}
-
-impl Optimizer for FusedSgd {
-    fn name(&self) -> &'static str {
-        "sgd"
-    }
-
-    fn begin_step(&mut self) {
-        self.step += 1;
-    }
-
-    fn step_count(&self) -> u64 {
-        self.step
-    }
-
-    fn settings(&self) -> String {
-        crate::trainer::canonical_json("sgd", &self.config)
-    }
-
-    fn update(&mut self, _: usize, _: &mut [f32], _: &[f32], _: f64, _: bool) -> Result<()> {
-        Err(refuse_slices(self.name(), &Device::Cuda(self.device.clone())))
-    }
-
-    fn update_tensor(
-        &mut self,
-        index: usize,
-        param: &Tensor,
-        grad: &Tensor,
-        lr: f64,
-        decay: bool,
-    ) -> Result<Option<Tensor>> {
-        self.launch(index, param, grad, None, lr, decay)?;
-        Ok(None)
-    }
-
-    fn update_master(
-        &mut self,
-        index: usize,
-        master: &Tensor,
-        grad: &Tensor,
-        model: &Var,
-        lr: f64,
-        decay: bool,
-    ) -> Result<Option<Tensor>> {
-        check_copy(master, model)?;
-        self.launch(index, master, grad, Some(model), lr, decay)?;
-        Ok(None)
-    }
-
-    fn device(&self) -> Option<Device> {
-        Some(Device::Cuda(self.device.clone()))
-    }
-
-    fn config(&self) -> Option<OptimizerConfig> {
-        Some(OptimizerConfig::Sgd(self.config))
-    }
-
-    fn state_bytes(&self) -> usize {
-        self.momentum.iter().map(|t| t.elem_count() * 4).sum()
-    }
-
-    fn state(&self) -> Result<OptimizerState> {
-        let buffers = self
-            .momentum
-            .iter()
-            .enumerate()
-            .map(|(i, b)| Ok((format!("momentum.{i}"), host_values(b)?)))
-            .collect::<Result<_>>()?;
-        Ok(OptimizerState { kind: "sgd".into(), step: self.step, buffers, quantized: Default::default() })
-    }
-
-    fn load_state(&mut self, state: &OptimizerState) -> Result<()> {
-        state.check_kind("sgd")?;
-        let loaded = self
-            .momentum
-            .iter()
-            .enumerate()
-            .map(|(i, b)| restore_buffer(state, format!("momentum.{i}"), b))
-            .collect::<Result<Vec<_>>>()?;
-        self.momentum = loaded;
-        self.step = state.step;
-        Ok(())
-    }
+/// One fused SGD step of `p` (FP32, in place) from `g`, with the momentum buffer `buf` (in
+/// place; `None` without momentum), writing the rounded value into `copy` too when given.
+/// `first` is the optimizer's first step (the buffer takes the gradient).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_sgd(
+    device: &CudaDevice,
+    index: usize,
+    like: &Tensor,
+    p: &Tensor,
+    g: &Tensor,
+    buf: Option<&Tensor>,
+    copy: Option<&Var>,
+    (config, lr, decay, first): (&SgdConfig, f64, bool, bool),
+) -> Result<()> {
+    check_tensors(index, like, p, g)?;
+    let g = g.contiguous()?;
+    let n = like.elem_count();
+    let weight_decay = if decay { config.weight_decay as f32 } else { 0.0 };
+    let (neg_lr, momentum, keep) = (-lr as f32, config.momentum as f32, (1.0 - config.dampening) as f32);
+    let (nesterov, first) = (i32::from(config.nesterov), i32::from(first));
+    let (ps, pl) = p.storage_and_layout();
+    let (gs, gl) = g.storage_and_layout();
+    let buf_guard = buf.map(Tensor::storage_and_layout);
+    let copy_guard = copy.map(|c| c.as_tensor().storage_and_layout());
+    let (pv, gv) = (view::<f32>(&ps, pl, "parameter")?, view::<f32>(&gs, gl, "gradient")?);
+    let bv = match &buf_guard {
+        Some((s, l)) => Some(view::<f32>(s, l, "momentum buffer")?),
+        None => None,
+    };
+    let out = Out::new(copy_guard.as_ref().map(|(s, l)| (&**s, *l)))?;
+    let func = device.get_or_load_custom_func(&format!("candle_fit_sgd_{}", out.suffix()), MODULE, PTX)?;
+    let null = 0u64;
+    let mut builder = func.builder();
+    builder.arg(&n).arg(&pv).arg(&gv);
+    match &bv {
+        Some(b) => builder.arg(b),
+        None => builder.arg(&null),
+    };
+    out.push(&mut builder);
+    builder.arg(&weight_decay).arg(&neg_lr).arg(&momentum).arg(&keep).arg(&nesterov).arg(&first);
+    // SAFETY: the kernel's signature is the argument list above (n, three F32 pointers,
+    // the nullable buffer and copy pointers, four f32 and two i32 scalars); every view
+    // holds `n` elements and the grid-stride loop stays below `n`.
+    unsafe { builder.launch(launch_config(n)) }.map_err(|e| candle::Error::Cuda(Box::new(e)))?;
+    Ok(())
 }
 
 /// One parameter's moments on the GPU: FP32 for small parameters, blockwise 8-bit (codes and
@@ -508,8 +257,14 @@ pub struct FusedAdamW8bit {
 }
 
 impl FusedAdamW8bit {
-    fn new(config: AdamWConfig, device: CudaDevice, params: &[&Tensor]) -> Result<Self> {
+    /// Zero moments on the CUDA device of `params` (8-bit for parameters of at least
+    /// [`MIN_QUANTIZED`] elements).
+    ///
+    /// # Errors
+    /// Bad hyper-parameters, parameters off CUDA or on several devices, a device error.
+    pub fn new(config: AdamWConfig, params: &[&Tensor]) -> Result<Self> {
         config.validate()?;
+        let device = cuda_device(&one_device(params)?)?;
         let on = Device::Cuda(device.clone());
         let moments = params
             .iter()

@@ -30,8 +30,9 @@ use crate::io::write_atomic;
 /// - A **host** optimizer ([`AdamW`], [`Sgd`], [`AdamW8bit`]) keeps its state in host
 ///   vectors and steps flat FP32 slices with [`Optimizer::update`] (on CPU, the fast path:
 ///   bit-equal to torch, rayon-parallel in [`Optimizer::update_parallel`]).
-/// - A **device-resident** optimizer ([`TensorAdamW`], [`TensorSgd`], and on CUDA the fused
-///   kernels of `fused_cuda` (feature `cuda`)) keeps its state as tensors on the parameters' device
+/// - A **device-resident** optimizer ([`TensorAdamW`], [`TensorSgd`]: fused CUDA kernels on
+///   CUDA, tensor ops elsewhere; `FusedAdamW8bit` on CUDA, feature `cuda`) keeps its state as
+///   tensors on the parameters' device
 ///   ([`Optimizer::device`] says which) and steps FP32 tensors there with
 ///   [`Optimizer::update_tensor`]; nothing crosses to the host.
 ///
@@ -193,9 +194,9 @@ impl OptimizerConfig {
     /// The optimizer for `params` where they live: on CPU, the host optimizer of
     /// [`OptimizerConfig::build`] (the flat-slice fast path); on another device, a
     /// device-resident optimizer with its state there: on CUDA, the fused kernels for AdamW and
-    /// SGD and 8-bit AdamW (`fused_cuda`, feature `cuda`), else the tensor-op [`TensorAdamW`]
-    /// and [`TensorSgd`]. 8-bit AdamW off CUDA stays on the host (and the updater stages its
-    /// gradients and parameters, counted in its transfers).
+    /// SGD and 8-bit AdamW ([`TensorAdamW`] and [`TensorSgd`] step through them there; feature
+    /// `cuda`), elsewhere their tensor-op paths. 8-bit AdamW off CUDA stays on the host (and
+    /// the updater stages its gradients and parameters, counted in its transfers).
     ///
     /// # Errors
     /// As [`OptimizerConfig::build`]; a device that cannot hold the state.
@@ -216,13 +217,14 @@ impl OptimizerConfig {
     /// [`Error::InvalidConfig`] for 8-bit AdamW (no device-resident form) or bad
     /// hyper-parameters; a device that cannot hold the state.
     pub fn build_on_device(&self, params: &[&Tensor]) -> Result<Box<dyn Optimizer>> {
-        #[cfg(feature = "cuda")]
-        if params.first().is_some_and(|p| p.device().is_cuda()) {
-            return fused_cuda::build(self, params);
-        }
+        // On CUDA, TensorAdamW and TensorSgd step through the fused kernels.
         match self {
             OptimizerConfig::AdamW(c) => Ok(Box::new(TensorAdamW::new(*c, params)?)),
             OptimizerConfig::Sgd(c) => Ok(Box::new(TensorSgd::new(*c, params)?)),
+            #[cfg(feature = "cuda")]
+            OptimizerConfig::AdamW8bit(c) if params.first().is_some_and(|p| p.device().is_cuda()) => {
+                Ok(Box::new(fused_cuda::FusedAdamW8bit::new(*c, params)?))
+            }
             OptimizerConfig::AdamW8bit(_) => Err(Error::config(
                 "optimizer",
                 "8-bit AdamW is device-resident on CUDA only (its fused kernel): build it on the host (`build`)",

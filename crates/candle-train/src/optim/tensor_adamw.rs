@@ -1,5 +1,7 @@
-//! AdamW written with Candle tensor ops, so its state and its step live on any device the
-//! parameters do (issue 16's reference path: what a fused device kernel must reproduce).
+//! AdamW whose moments are tensors on the parameters' device, stepped there: on CUDA (feature
+//! `cuda`) by the fused kernel of [`super::fused_cuda`]-style launch (bit-equal to the flat
+//! kernel), elsewhere, or with [`TensorAdamW::tensor_ops`], by Candle tensor ops (issue 16's
+//! reference path, which runs on any device).
 //!
 //! The arithmetic is [`super::AdamW`]'s (torch's single-tensor AdamW) in the same order, with
 //! the same f64-computed, f32-rounded scalars, except that tensor ops cannot fuse: ATen's lerp
@@ -20,6 +22,8 @@ use crate::error::{Error, Result};
 pub struct TensorAdamW {
     config: AdamWConfig,
     device: Device,
+    /// Steps through the fused CUDA kernel (a CUDA device and feature `cuda`).
+    fused: bool,
     step: u64,
     exp_avg: Vec<Tensor>,
     exp_avg_sq: Vec<Tensor>,
@@ -38,11 +42,44 @@ impl TensorAdamW {
         let zeros = |p: &&Tensor| Tensor::zeros(p.shape(), DType::F32, p.device());
         Ok(Self {
             config,
+            fused: cfg!(feature = "cuda") && device.is_cuda(),
             device,
             step: 0,
             exp_avg: params.iter().map(zeros).collect::<candle::Result<_>>()?,
             exp_avg_sq: params.iter().map(zeros).collect::<candle::Result<_>>()?,
         })
+    }
+
+    /// The same optimizer stepping through Candle tensor ops even on CUDA (the reference the
+    /// device matrix holds the fused kernel to).
+    pub fn tensor_ops(mut self) -> Self {
+        self.fused = false;
+        self
+    }
+
+    /// Whether steps run through the fused CUDA kernel.
+    pub fn is_fused(&self) -> bool {
+        self.fused
+    }
+
+    /// The fused kernel's step, in place (`copy`: a half-precision parameter to write too).
+    #[cfg(feature = "cuda")]
+    fn fused_step(
+        &self,
+        index: usize,
+        p: &Tensor,
+        g: &Tensor,
+        copy: Option<&candle::Var>,
+        lr: f64,
+        decay: bool,
+    ) -> Result<()> {
+        let (m, v) = self.moments(index)?;
+        let s = Scalars::new(&self.config, self.step.max(1), lr, decay);
+        let device = super::fused_cuda::cuda_device(&self.device)?;
+        if let Some(copy) = copy {
+            super::fused_cuda::check_copy(p, copy)?;
+        }
+        super::fused_cuda::launch_adamw(&device, index, p, g, (m, v), copy, &s)
     }
 
     /// Parameter `index`'s moments (first, second).
@@ -167,7 +204,32 @@ impl Optimizer for TensorAdamW {
         lr: f64,
         decay: bool,
     ) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if self.fused {
+            self.fused_step(index, param, grad, None, lr, decay)?;
+            return Ok(None);
+        }
         self.step_tensor(index, param, grad, lr, decay).map(Some)
+    }
+
+    fn update_master(
+        &mut self,
+        index: usize,
+        master: &Tensor,
+        grad: &Tensor,
+        model: &candle::Var,
+        lr: f64,
+        decay: bool,
+    ) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if self.fused {
+            // The master and the model's rounded copy in one pass.
+            self.fused_step(index, master, grad, Some(model), lr, decay)?;
+            return Ok(None);
+        }
+        let new = self.step_tensor(index, master, grad, lr, decay)?;
+        model.set(&new.to_dtype(model.dtype())?)?;
+        Ok(Some(new))
     }
 
     fn device(&self) -> Option<Device> {

@@ -1,6 +1,6 @@
-//! SGD with momentum written with Candle tensor ops: its momentum buffers live on the
-//! parameters' device and the step runs there (the device-resident counterpart of
-//! [`super::Sgd`], and the reference for the fused CUDA kernel).
+//! SGD with momentum whose buffers live on the parameters' device, stepped there: on CUDA
+//! (feature `cuda`) by a fused kernel bit-equal to [`super::Sgd`], elsewhere (or with
+//! [`TensorSgd::tensor_ops`]) by Candle tensor ops, the reference for the fused kernel.
 //!
 //! The rule is [`super::Sgd`]'s (torch's): `d = g + wd * p`; `buf = d` on the first step, else
 //! `buf = momentum * buf + (1 - dampening) * d`; Nesterov steps along `d + momentum * buf`;
@@ -18,6 +18,8 @@ use crate::error::{Error, Result};
 pub struct TensorSgd {
     config: SgdConfig,
     device: Device,
+    /// Steps through the fused CUDA kernel (a CUDA device and feature `cuda`).
+    fused: bool,
     step: u64,
     /// One FP32 buffer per parameter, or none at all without momentum.
     momentum: Vec<Tensor>,
@@ -45,11 +47,75 @@ impl TensorSgd {
         };
         Ok(Self {
             config,
+            fused: cfg!(feature = "cuda") && device.is_cuda(),
             device,
             step: 0,
             momentum,
             shapes: params.iter().map(|p| p.shape().clone()).collect(),
         })
+    }
+
+    /// The same optimizer stepping through Candle tensor ops even on CUDA.
+    pub fn tensor_ops(mut self) -> Self {
+        self.fused = false;
+        self
+    }
+
+    /// Whether steps run through the fused CUDA kernel.
+    pub fn is_fused(&self) -> bool {
+        self.fused
+    }
+
+    /// The fused kernel's step, in place (`copy`: a half-precision parameter to write too).
+    #[cfg(feature = "cuda")]
+    fn fused_step(
+        &self,
+        index: usize,
+        p: &Tensor,
+        g: &Tensor,
+        copy: Option<&candle::Var>,
+        lr: f64,
+        decay: bool,
+    ) -> Result<()> {
+        let like = self.like(index)?;
+        let device = super::fused_cuda::cuda_device(&self.device)?;
+        if let Some(copy) = copy {
+            super::fused_cuda::check_copy(p, copy)?;
+        }
+        let rule = (&self.config, lr, decay, self.step <= 1);
+        super::fused_cuda::launch_sgd(&device, index, &like, p, g, self.momentum.get(index), copy, rule)
+    }
+
+    /// One tensor-op step of parameter `index`: returns the new values, replaces the buffer.
+    fn step_tensor(
+        &mut self,
+        index: usize,
+        param: &Tensor,
+        grad: &Tensor,
+        lr: f64,
+        decay: bool,
+    ) -> Result<Tensor> {
+        let like = self.like(index)?;
+        check_tensors(index, &like, param, grad)?;
+        // The flat kernel's f32 scalars, widened back exactly for `affine`.
+        let c = &self.config;
+        let wd = f64::from(if decay { c.weight_decay as f32 } else { 0.0 });
+        let neg_lr = f64::from(-lr as f32);
+        let d = if wd != 0.0 { param.affine(wd, 0.0)?.add(grad)? } else { grad.clone() };
+        let step = if self.momentum.is_empty() {
+            d
+        } else {
+            let momentum = f64::from(c.momentum as f32);
+            let buf = if self.step <= 1 {
+                d.clone()
+            } else {
+                d.affine(f64::from((1.0 - c.dampening) as f32), 0.0)?.add(&like.affine(momentum, 0.0)?)?
+            };
+            let step = if c.nesterov { buf.affine(momentum, 0.0)?.add(&d)? } else { buf.clone() };
+            self.momentum[index] = buf;
+            step
+        };
+        Ok(step.affine(neg_lr, 0.0)?.add(param)?)
     }
 
     fn like(&self, index: usize) -> Result<Tensor> {
@@ -94,27 +160,31 @@ impl Optimizer for TensorSgd {
         lr: f64,
         decay: bool,
     ) -> Result<Option<Tensor>> {
-        let like = self.like(index)?;
-        check_tensors(index, &like, param, grad)?;
-        // The flat kernel's f32 scalars, widened back exactly for `affine`.
-        let c = &self.config;
-        let wd = f64::from(if decay { c.weight_decay as f32 } else { 0.0 });
-        let neg_lr = f64::from(-lr as f32);
-        let d = if wd != 0.0 { param.affine(wd, 0.0)?.add(grad)? } else { grad.clone() };
-        let step = if self.momentum.is_empty() {
-            d
-        } else {
-            let momentum = f64::from(c.momentum as f32);
-            let buf = if self.step <= 1 {
-                d.clone()
-            } else {
-                d.affine(f64::from((1.0 - c.dampening) as f32), 0.0)?.add(&like.affine(momentum, 0.0)?)?
-            };
-            let step = if c.nesterov { buf.affine(momentum, 0.0)?.add(&d)? } else { buf.clone() };
-            self.momentum[index] = buf;
-            step
-        };
-        Ok(Some(step.affine(neg_lr, 0.0)?.add(param)?))
+        #[cfg(feature = "cuda")]
+        if self.fused {
+            self.fused_step(index, param, grad, None, lr, decay)?;
+            return Ok(None);
+        }
+        self.step_tensor(index, param, grad, lr, decay).map(Some)
+    }
+
+    fn update_master(
+        &mut self,
+        index: usize,
+        master: &Tensor,
+        grad: &Tensor,
+        model: &candle::Var,
+        lr: f64,
+        decay: bool,
+    ) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if self.fused {
+            self.fused_step(index, master, grad, Some(model), lr, decay)?;
+            return Ok(None);
+        }
+        let new = self.step_tensor(index, master, grad, lr, decay)?;
+        model.set(&new.to_dtype(model.dtype())?)?;
+        Ok(Some(new))
     }
 
     fn device(&self) -> Option<Device> {
