@@ -267,19 +267,8 @@ impl DeviceZero {
         transfers: &mut Transfers,
         f: impl Fn(&Tensor) -> candle::Result<Tensor>,
     ) -> Result<f64> {
-        let mut total: Option<Tensor> = None;
-        for g in self.owned.iter().flatten() {
-            let part = f(g)?.to_dtype(DType::F64)?;
-            total = Some(match total {
-                Some(t) => (t + part)?,
-                None => part,
-            });
-        }
-        let Some(total) = total else { return Ok(0.0) };
-        if !self.device.is_cpu() {
-            transfers.scalars += 8;
-        }
-        Ok(total.to_scalar::<f64>()?)
+        let total = candle_train::updater::sum_scalars_f64(self.owned.iter().flatten(), f)?;
+        Ok(candle_train::updater::read_scalar(total.as_ref(), transfers)?)
     }
 
     pub(crate) fn unscale(

@@ -283,6 +283,38 @@ pub fn sum_of_squares_f64(t: &Tensor) -> candle::Result<Tensor> {
     Ok(total)
 }
 
+/// The sum over `tensors` of `f(t)` (a scalar tensor each) in FP64, on their device (`None`
+/// for no tensors): one value to read back for a global norm or an inf/NaN probe.
+///
+/// # Errors
+/// A device error.
+pub fn sum_scalars_f64<'a>(
+    tensors: impl IntoIterator<Item = &'a Tensor>,
+    f: impl Fn(&Tensor) -> candle::Result<Tensor>,
+) -> candle::Result<Option<Tensor>> {
+    let mut total: Option<Tensor> = None;
+    for t in tensors {
+        let part = f(t)?.to_dtype(DType::F64)?;
+        total = Some(match total {
+            Some(sum) => (sum + part)?,
+            None => part,
+        });
+    }
+    Ok(total)
+}
+
+/// Reads a device scalar (0 for none) back, counting its bytes in `transfers` off the CPU.
+///
+/// # Errors
+/// A device error.
+pub fn read_scalar(t: Option<&Tensor>, transfers: &mut Transfers) -> Result<f64> {
+    let Some(t) = t else { return Ok(0.0) };
+    if !t.device().is_cpu() {
+        transfers.scalars += bytes_of(t);
+    }
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
 fn bytes_of(t: &Tensor) -> u64 {
     (t.elem_count() * t.dtype().size_in_bytes()) as u64
 }
@@ -458,29 +490,10 @@ impl LocalUpdater {
         })
     }
 
-    /// Reads one device scalar back (counted off the CPU).
-    fn read_scalar(&mut self, t: &Tensor) -> Result<f64> {
-        if !t.device().is_cpu() {
-            self.transfers.scalars += bytes_of(t);
-        }
-        Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
-    }
-
-    /// The sum over the device accumulators of `f(gradient)` (a scalar each), read back once.
     fn device_sum(&mut self, f: impl Fn(&Tensor) -> candle::Result<Tensor>) -> Result<f64> {
         let Store::Device(store) = &self.store else { return Ok(0.0) };
-        let mut total: Option<Tensor> = None;
-        for g in store.grads.iter().flatten() {
-            let part = f(g)?.to_dtype(DType::F64)?;
-            total = Some(match total {
-                Some(t) => (t + part)?,
-                None => part,
-            });
-        }
-        match total {
-            Some(t) => self.read_scalar(&t),
-            None => Ok(0.0),
-        }
+        let total = sum_scalars_f64(store.grads.iter().flatten(), f)?;
+        read_scalar(total.as_ref(), &mut self.transfers)
     }
 
     fn step_device(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<StepReport> {
