@@ -6,7 +6,7 @@ use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use candle::{DType, Device};
+use candle::{DType, Device, Tensor};
 use candle_fit::ckpt::{Recompute, SegmentedModel};
 use candle_fit::shard::comm::{LocalGroup, Op};
 use candle_fit::shard::driver::{fit_in_process, InProcessConfig, RankRun};
@@ -97,6 +97,50 @@ fn max_relative_difference(a: &Gpt, b: &Gpt) -> anyhow::Result<(String, f64)> {
         }
     }
     Ok(worst)
+}
+
+/// Stage 3 releases and gathers through the parameter handles: between steps a forward through
+/// `ShardedModel::inner`, saving its parameters, or reading a parameter through its handle is
+/// an error naming the parameter (never a read of freed storage); gathering a segment makes
+/// exactly its parameters readable, with their values; `into_inner` gives the model back whole.
+#[test]
+fn reading_a_released_parameter_is_an_error_naming_it() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock();
+    let model = Gpt::new(odd_model(), DType::F32, &Device::Cpu, 3)?;
+    let ids = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu)?;
+    let expected = model.logits(&ids)?.flatten_all()?.to_vec1::<f32>()?;
+    let block: Vec<(String, Vec<f32>)> = model
+        .segment_parameters(1)
+        .iter()
+        .map(|p| Ok((p.name.clone(), p.var.flatten_all()?.to_vec1::<f32>()?)))
+        .collect::<anyhow::Result<_>>()?;
+    let comm = LocalGroup::ranks(1, TIMEOUT).pop().ok_or_else(|| anyhow::anyhow!("no rank"))?;
+    let (sharded, _updater) = ShardedModel::new(model, &OptimizerConfig::Sgd(SgdConfig::default()), Box::new(comm))?;
+
+    let err = sharded.inner().logits(&ids).err().ok_or_else(|| anyhow::anyhow!("a forward read released parameters"))?;
+    assert!(err.to_string().contains("parameter `wte.weight` is released"), "{err}");
+    for p in sharded.inner().parameters().iter() {
+        assert!(p.is_released(), "{} is resident between steps", p.name);
+        let err = p.tensor().err().ok_or_else(|| anyhow::anyhow!("{} read while released", p.name))?;
+        assert!(err.to_string().contains(&format!("parameter `{}` is released", p.name)), "{err}");
+    }
+    let path = std::env::temp_dir().join(format!("candle-fit-released-{}.safetensors", std::process::id()));
+    let err = sharded.inner().parameters().save_safetensors(&path).err();
+    assert!(err.is_some_and(|e| e.to_string().contains("is released")), "saved released parameters");
+    assert!(!path.exists());
+
+    sharded.gather_segment(1)?;
+    for p in sharded.inner().parameters().iter() {
+        assert_eq!(p.is_released(), !p.name.starts_with("h.0."), "{} after gathering h.0", p.name);
+    }
+    for (name, values) in &block {
+        let p = sharded.inner().parameters().get(name).ok_or_else(|| anyhow::anyhow!("{name} missing"))?;
+        assert_eq!(&p.tensor()?.flatten_all()?.to_vec1::<f32>()?, values, "{name} gathered");
+    }
+
+    let model = sharded.into_inner()?;
+    assert_eq!(model.logits(&ids)?.flatten_all()?.to_vec1::<f32>()?, expected);
+    Ok(())
 }
 
 /// Every stage (0-3) on 1-4 ranks, with a micro-batch of 6 that 4 ranks split unevenly (2, 2, 1,

@@ -35,6 +35,7 @@ pub mod loss_scale;
 pub mod memory;
 pub mod metrics;
 pub mod models;
+pub mod module;
 pub mod nn;
 pub mod offload;
 pub mod optim;

@@ -1,0 +1,350 @@
+//! The module layer models are built from: parameter handles created through a path builder
+//! (names come from structure, `b.pp("h").pp(3).pp("attn")`, as candle-nn's `VarBuilder`
+//! makes them), a walk over a module's parameters, and a generic segmented stack (embedding,
+//! N blocks, head) that gives a model [`SegmentedModel`] without per-model bookkeeping.
+//!
+//! A forward's context is candle-ckpt's [`SegmentContext`]: the training flag and the
+//! replayable RNG key of the segment (so recompute draws the same dropout masks).
+//!
+//! ```
+//! use candle::{DType, Device};
+//! use candle_train::layers::{LayerNorm, Linear, WeightLayout};
+//! use candle_train::module::{Module, ModuleBuilder};
+//! use candle_train::ParamBuilder;
+//! # fn main() -> candle_train::Result<()> {
+//! let b = ModuleBuilder::new(ParamBuilder::new(DType::F32, Device::Cpu, 0));
+//! let block = b.pp("h").pp(0);
+//! let ln = LayerNorm::build(&block.pp("ln_1"), 4, 1e-5)?;
+//! let fc = Linear::build(&block.pp("mlp").pp("c_fc"), 4, 8, WeightLayout::InOut, 0.02)?;
+//! let names: Vec<String> = ln.parameters().into_iter().chain(fc.parameters()).map(|p| p.name).collect();
+//! assert_eq!(names, ["h.0.ln_1.weight", "h.0.ln_1.bias", "h.0.mlp.c_fc.weight", "h.0.mlp.c_fc.bias"]);
+//! assert_eq!(b.finish().len(), 4);
+//! # Ok(()) }
+//! ```
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use candle::{DType, Device, Result, Shape, Tensor};
+use candle_ckpt::{SegmentContext, SegmentParameter};
+
+use crate::params::{ParamBuilder, Parameter, Parameters};
+
+/// Creates parameters under a path: `pp` descends one level, `normal`/`constant` create the
+/// parameter `{path}.{leaf}`. Clones share one [`ParamBuilder`] (its dtype, device, seeded
+/// generator or given values, and the creation order).
+#[derive(Debug, Clone)]
+pub struct ModuleBuilder {
+    inner: Rc<RefCell<ParamBuilder>>,
+    path: String,
+}
+
+impl ModuleBuilder {
+    /// A builder at the root path (`""`) over `pb`.
+    pub fn new(pb: ParamBuilder) -> Self {
+        Self { inner: Rc::new(RefCell::new(pb)), path: String::new() }
+    }
+
+    /// Runs `f` with a builder at `prefix` over `pb` (the path-string constructors, such as
+    /// `Linear::new(pb, "h.0.attn.c_attn", ..)`, are written over it); `pb` keeps every
+    /// parameter `f` created.
+    ///
+    /// # Errors
+    /// What `f` returns.
+    pub fn scoped<T>(
+        pb: &mut ParamBuilder,
+        prefix: &str,
+        f: impl FnOnce(&ModuleBuilder) -> crate::Result<T>,
+    ) -> crate::Result<T> {
+        let placeholder = ParamBuilder::new(pb.dtype(), pb.device().clone(), 0);
+        let b = Self { inner: Rc::new(RefCell::new(std::mem::replace(pb, placeholder))), path: prefix.into() };
+        let result = f(&b);
+        let placeholder = ParamBuilder::new(pb.dtype(), pb.device().clone(), 0);
+        *pb = std::mem::replace(&mut *b.inner.borrow_mut(), placeholder);
+        result
+    }
+
+    /// The builder one level down: `b.pp("h").pp(0)` creates parameters named `h.0.*`.
+    pub fn pp(&self, name: impl ToString) -> Self {
+        Self { inner: Rc::clone(&self.inner), path: self.join(&name.to_string()) }
+    }
+
+    /// The path of this builder (`h.0.attn`; `""` at the root).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn join(&self, leaf: &str) -> String {
+        if self.path.is_empty() {
+            leaf.to_string()
+        } else {
+            format!("{}.{leaf}", self.path)
+        }
+    }
+
+    /// The parameter `{path}.{leaf}` with values from N(0, std²) (or the given value of that
+    /// name, for a builder over [`ParamBuilder::from_values`]).
+    ///
+    /// # Errors
+    /// As [`ParamBuilder::normal_param`].
+    pub fn normal(&self, leaf: &str, shape: impl Into<Shape>, std: f64) -> crate::Result<Parameter> {
+        self.inner.borrow_mut().normal_param(self.join(leaf), shape, std)
+    }
+
+    /// The parameter `{path}.{leaf}` filled with `value` (or given, as [`ModuleBuilder::normal`]).
+    ///
+    /// # Errors
+    /// As [`ParamBuilder::constant_param`].
+    pub fn constant(&self, leaf: &str, shape: impl Into<Shape>, value: f64) -> crate::Result<Parameter> {
+        self.inner.borrow_mut().constant_param(self.join(leaf), shape, value)
+    }
+
+    /// The dtype parameters are created in.
+    pub fn dtype(&self) -> DType {
+        self.inner.borrow().dtype()
+    }
+
+    /// The device parameters are created on.
+    pub fn device(&self) -> Device {
+        self.inner.borrow().device().clone()
+    }
+
+    /// Every parameter created so far through this builder or its clones, in creation order
+    /// (taken: the builder starts over empty).
+    pub fn finish(&self) -> Parameters {
+        self.inner.borrow_mut().take_parameters()
+    }
+}
+
+/// A layer or block that owns parameters.
+pub trait Module {
+    /// Calls `f` with each of the module's parameters, in creation order.
+    fn visit_parameters(&self, f: &mut dyn FnMut(&Parameter));
+
+    /// The module's parameters (handles sharing the variables), in creation order.
+    fn parameters(&self) -> Vec<Parameter> {
+        let mut out = Vec::new();
+        self.visit_parameters(&mut |p| out.push(p.clone()));
+        out
+    }
+}
+
+impl Module for Parameter {
+    fn visit_parameters(&self, f: &mut dyn FnMut(&Parameter)) {
+        f(self);
+    }
+}
+
+impl<M: Module> Module for Option<M> {
+    fn visit_parameters(&self, f: &mut dyn FnMut(&Parameter)) {
+        if let Some(m) = self {
+            m.visit_parameters(f);
+        }
+    }
+}
+
+impl<M: Module> Module for [M] {
+    fn visit_parameters(&self, f: &mut dyn FnMut(&Parameter)) {
+        for m in self {
+            m.visit_parameters(f);
+        }
+    }
+}
+
+/// Implements [`Module`] for a struct by visiting the listed fields in order.
+#[macro_export]
+macro_rules! module_fields {
+    ($ty:ty { $($field:ident),+ $(,)? }) => {
+        impl $crate::module::Module for $ty {
+            fn visit_parameters(&self, f: &mut dyn FnMut(&$crate::Parameter)) {
+                $($crate::module::Module::visit_parameters(&self.$field, f);)+
+            }
+        }
+    };
+}
+
+/// A model made of an embedding segment, a stack of identical blocks and a head segment that
+/// returns the loss. [`crate::segmented_stack!`] derives [`SegmentedModel`] from it: segment 0
+/// is the embedding, `1..=N` the blocks (named `{block_path}.{i}`, recomputable), the last the
+/// head; each segment lists the parameters its modules walk.
+///
+/// [`SegmentedModel`]: candle_ckpt::SegmentedModel
+pub trait Stacked {
+    /// What a training step consumes.
+    type Batch: ?Sized;
+    /// One block of the stack.
+    type Block: Module;
+
+    /// The blocks, in order.
+    fn blocks(&self) -> &[Self::Block];
+
+    /// The path the blocks were built under (`h`, `model.layers`, `encoder.layer`).
+    fn block_path(&self) -> String;
+
+    /// The name of the embedding segment. By default `embedding`.
+    fn embedding_name(&self) -> String {
+        "embedding".into()
+    }
+
+    /// The input of the embedding segment.
+    ///
+    /// # Errors
+    /// When the batch cannot be turned into a tensor.
+    fn first_input(&self, batch: &Self::Batch) -> Result<Tensor>;
+
+    /// The embedding segment.
+    ///
+    /// # Errors
+    /// Any tensor error of its layers.
+    fn embed(&self, input: &Tensor, batch: &Self::Batch, ctx: &SegmentContext) -> Result<Tensor>;
+
+    /// One block.
+    ///
+    /// # Errors
+    /// Any tensor error of its layers.
+    fn block_forward(
+        &self,
+        block: &Self::Block,
+        x: &Tensor,
+        batch: &Self::Batch,
+        ctx: &SegmentContext,
+    ) -> Result<Tensor>;
+
+    /// The head segment: the scalar loss.
+    ///
+    /// # Errors
+    /// Any tensor error of its layers.
+    fn head(&self, x: &Tensor, batch: &Self::Batch, ctx: &SegmentContext) -> Result<Tensor>;
+
+    /// The parameters the embedding segment reads.
+    fn embedding_parameters(&self) -> Vec<Parameter>;
+
+    /// The parameters the head segment reads (a tied embedding included).
+    fn head_parameters(&self) -> Vec<Parameter>;
+}
+
+/// The functions [`crate::segmented_stack!`] expands to.
+pub mod stack {
+    use super::*;
+
+    /// Embedding, blocks, head.
+    pub fn num_segments<M: Stacked + ?Sized>(model: &M) -> usize {
+        model.blocks().len() + 2
+    }
+
+    /// `embedding`, `{block_path}.{i}`, `head`.
+    pub fn segment_name<M: Stacked + ?Sized>(model: &M, index: usize) -> String {
+        match index {
+            0 => model.embedding_name(),
+            i if i <= model.blocks().len() => format!("{}.{}", model.block_path(), i - 1),
+            _ => "head".into(),
+        }
+    }
+
+    /// Runs segment `index`.
+    ///
+    /// # Errors
+    /// As the segment's method.
+    pub fn forward_segment<M: Stacked + ?Sized>(
+        model: &M,
+        index: usize,
+        input: &Tensor,
+        batch: &M::Batch,
+        ctx: &SegmentContext,
+    ) -> Result<Tensor> {
+        let blocks = model.blocks();
+        match index {
+            0 => model.embed(input, batch, ctx),
+            i if i <= blocks.len() => model.block_forward(&blocks[i - 1], input, batch, ctx),
+            _ => model.head(input, batch, ctx),
+        }
+    }
+
+    /// The parameters segment `index` reads.
+    pub fn segment_parameters<M: Stacked + ?Sized>(model: &M, index: usize) -> Vec<SegmentParameter> {
+        let blocks = model.blocks();
+        let params = match index {
+            0 => model.embedding_parameters(),
+            i if i <= blocks.len() => blocks[i - 1].parameters(),
+            i if i == blocks.len() + 1 => model.head_parameters(),
+            _ => Vec::new(),
+        };
+        params.iter().map(Parameter::segment_parameter).collect()
+    }
+}
+
+/// Implements [`candle_ckpt::SegmentedModel`] for a type that implements
+/// [`Stacked`](crate::module::Stacked) (the orphan rule forbids a blanket impl). The crate
+/// using it must depend on `candle` and `candle-ckpt`.
+#[macro_export]
+macro_rules! segmented_stack {
+    ($ty:ty) => {
+        impl ::candle_ckpt::SegmentedModel for $ty {
+            type Batch = <$ty as $crate::module::Stacked>::Batch;
+
+            fn num_segments(&self) -> usize {
+                $crate::module::stack::num_segments(self)
+            }
+
+            fn segment_name(&self, index: usize) -> String {
+                $crate::module::stack::segment_name(self, index)
+            }
+
+            fn first_input(&self, batch: &Self::Batch) -> ::candle::Result<::candle::Tensor> {
+                $crate::module::Stacked::first_input(self, batch)
+            }
+
+            fn forward_segment(
+                &self,
+                index: usize,
+                input: &::candle::Tensor,
+                batch: &Self::Batch,
+                ctx: &::candle_ckpt::SegmentContext,
+            ) -> ::candle::Result<::candle::Tensor> {
+                $crate::module::stack::forward_segment(self, index, input, batch, ctx)
+            }
+
+            fn segment_parameters(&self, index: usize) -> Vec<::candle_ckpt::SegmentParameter> {
+                $crate::module::stack::segment_parameters(self, index)
+            }
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_come_from_the_path() -> crate::Result<()> {
+        let b = ModuleBuilder::new(ParamBuilder::new(DType::F32, Device::Cpu, 0));
+        let w = b.pp("model").pp("layers").pp(2).normal("weight", (2, 3), 0.1)?;
+        let top = b.constant("scale", 1, 1.0)?;
+        assert_eq!(w.name, "model.layers.2.weight");
+        assert_eq!(top.name, "scale");
+        let params = b.finish();
+        assert_eq!(params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["model.layers.2.weight", "scale"]);
+        assert_eq!(params.get("scale").map(Parameter::id), Some(top.id()));
+        assert!(b.finish().is_empty(), "finish takes the parameters");
+        Ok(())
+    }
+
+    #[test]
+    fn a_released_parameter_is_an_error_naming_it() -> crate::Result<()> {
+        let b = ModuleBuilder::new(ParamBuilder::new(DType::F32, Device::Cpu, 0));
+        let fc = crate::layers::Linear::build(&b.pp("fc"), 3, 2, crate::layers::WeightLayout::OutIn, 0.1)?;
+        let x = Tensor::ones((1, 3), DType::F32, &Device::Cpu)?;
+        fc.forward(&x)?;
+        let params = b.finish();
+        let weight = params.get("fc.weight").cloned().ok_or(crate::Error::config("fc", "missing"))?;
+        weight.set_released(true);
+        let err = fc.forward(&x).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("`fc.weight` is released"), "{err}");
+        let path = std::env::temp_dir().join(format!("released-{}.safetensors", std::process::id()));
+        let err = params.save_safetensors(&path).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("`fc.weight` is released"), "{err}");
+        weight.set_released(false);
+        fc.forward(&x)?;
+        Ok(())
+    }
+}
