@@ -115,9 +115,14 @@ fn reading_a_released_parameter_is_an_error_naming_it() -> anyhow::Result<()> {
         .map(|p| Ok((p.name.clone(), p.var.flatten_all()?.to_vec1::<f32>()?)))
         .collect::<anyhow::Result<_>>()?;
     let comm = LocalGroup::ranks(1, TIMEOUT).pop().ok_or_else(|| anyhow::anyhow!("no rank"))?;
-    let (sharded, _updater) = ShardedModel::new(model, &OptimizerConfig::Sgd(SgdConfig::default()), Box::new(comm))?;
+    let (sharded, _updater) =
+        ShardedModel::new(model, &OptimizerConfig::Sgd(SgdConfig::default()), Box::new(comm))?;
 
-    let err = sharded.inner().logits(&ids).err().ok_or_else(|| anyhow::anyhow!("a forward read released parameters"))?;
+    let err = sharded
+        .inner()
+        .logits(&ids)
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("a forward read released parameters"))?;
     assert!(err.to_string().contains("parameter `wte.weight` is released"), "{err}");
     for p in sharded.inner().parameters().iter() {
         assert!(p.is_released(), "{} is resident between steps", p.name);

@@ -57,7 +57,8 @@ impl ModuleBuilder {
         f: impl FnOnce(&ModuleBuilder) -> crate::Result<T>,
     ) -> crate::Result<T> {
         let placeholder = ParamBuilder::new(pb.dtype(), pb.device().clone(), 0);
-        let b = Self { inner: Rc::new(RefCell::new(std::mem::replace(pb, placeholder))), path: prefix.into() };
+        let b =
+            Self { inner: Rc::new(RefCell::new(std::mem::replace(pb, placeholder))), path: prefix.into() };
         let result = f(&b);
         let placeholder = ParamBuilder::new(pb.dtype(), pb.device().clone(), 0);
         *pb = std::mem::replace(&mut *b.inner.borrow_mut(), placeholder);
@@ -323,9 +324,63 @@ mod tests {
         assert_eq!(w.name, "model.layers.2.weight");
         assert_eq!(top.name, "scale");
         let params = b.finish();
-        assert_eq!(params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["model.layers.2.weight", "scale"]);
+        assert_eq!(
+            params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            ["model.layers.2.weight", "scale"]
+        );
         assert_eq!(params.get("scale").map(Parameter::id), Some(top.id()));
         assert!(b.finish().is_empty(), "finish takes the parameters");
+        Ok(())
+    }
+
+    /// Counts how many segments list each parameter, checking that a block segment lists only
+    /// parameters under its own name and that every listed parameter is the model's.
+    fn listings<M: candle_ckpt::SegmentedModel>(
+        model: &M,
+        params: &Parameters,
+    ) -> std::collections::BTreeMap<String, usize> {
+        let mut count: std::collections::BTreeMap<String, usize> =
+            params.iter().map(|p| (p.name.clone(), 0)).collect();
+        for s in 0..model.num_segments() {
+            let segment = model.segment_name(s);
+            for p in model.segment_parameters(s) {
+                let own = params.get(&p.name).map(Parameter::id);
+                assert_eq!(own, Some(p.var.as_tensor().id()), "{segment} lists {} not the model's", p.name);
+                if model.is_block(s) {
+                    assert!(p.name.contains(&format!("{segment}.")), "block {segment} lists {}", p.name);
+                }
+                *count.entry(p.name).or_default() += 1;
+            }
+        }
+        count
+    }
+
+    /// Every model built on the module layer lists each parameter in exactly one segment (a
+    /// tied embedding in the two that read it): a layer that forgot a field in its walk would
+    /// leave a parameter no segment lists, unchecked by the engine and never reduced by ZeRO-2/3.
+    #[test]
+    fn stacked_models_list_every_parameter_in_the_segments_that_read_it() -> crate::Result<()> {
+        use crate::models::{Bert, BertClassifier, BertConfig, Gpt, GptConfig, Llama, LlamaConfig};
+        let (dtype, device) = (DType::F32, Device::Cpu);
+        let expect = |count: std::collections::BTreeMap<String, usize>, tied: &str| {
+            for (name, n) in count {
+                assert_eq!(n, if name == tied { 2 } else { 1 }, "{name} is listed by {n} segments");
+            }
+        };
+        let config = GptConfig { n_ctx: 8, n_embd: 8, n_layer: 2, n_head: 2, ..GptConfig::default() };
+        let gpt = Gpt::new(config, dtype, &device, 0)?;
+        expect(listings(&gpt, gpt.parameters()), "wte.weight");
+        let llama = Llama::new(&LlamaConfig::tiny(), dtype, &device, 0)?;
+        expect(listings(&llama, llama.parameters()), "");
+        let tied = LlamaConfig { tie_word_embeddings: true, ..LlamaConfig::tiny() };
+        let llama = Llama::new(&tied, dtype, &device, 0)?;
+        expect(listings(&llama, llama.parameters()), "model.embed_tokens.weight");
+        let classifier =
+            BertClassifier::new(Bert::new(&BertConfig::tiny(), "bert.", dtype, &device, 0)?, 3, 1)?;
+        let count = listings(&classifier, classifier.parameters());
+        assert!(count.contains_key("bert.encoder.layer.1.attention.self.query.weight"), "{count:?}");
+        assert!(count.contains_key("classifier.bias"), "{count:?}");
+        expect(count, "");
         Ok(())
     }
 

@@ -150,7 +150,8 @@ impl BertLayer {
     /// On an invalid dropout probability or allocation failure.
     pub fn build(b: &ModuleBuilder, config: &BertConfig) -> crate::Result<Self> {
         let (h, i, eps) = (config.hidden_size, config.intermediate_size, config.layer_norm_eps);
-        let linear = |b: ModuleBuilder, inp: usize, out: usize| Linear::build(&b, inp, out, WeightLayout::OutIn, 0.02);
+        let linear =
+            |b: ModuleBuilder, inp: usize, out: usize| Linear::build(&b, inp, out, WeightLayout::OutIn, 0.02);
         let (attention, this) = (b.pp("attention"), b.pp("attention").pp("self"));
         Ok(Self {
             query: linear(this.pp("query"), h, h)?,
@@ -185,7 +186,8 @@ impl BertLayer {
         let split = |layer: &Linear| split_heads(&layer.forward(&xc)?, self.heads);
         let (q, k, v) = (split(&self.query)?, split(&self.key)?, split(&self.value)?);
         let dropout = (&self.attention_dropout, &mut *rng, training);
-        let context = scaled_dot_product_attention(&q, &k, &v, AttentionMask::KeyPadding(bias), Some(dropout))?;
+        let context =
+            scaled_dot_product_attention(&q, &k, &v, AttentionMask::KeyPadding(bias), Some(dropout))?;
         let attended =
             self.hidden_dropout.forward(&self.attention_output.forward(&context)?, rng, training)?;
         let x = self.attention_norm.forward_as(&residual_add(x, &attended)?, x.dtype())?;
@@ -232,7 +234,8 @@ impl Bert {
         };
         let (h, e) = (config.hidden_size, root.pp("embeddings"));
         let word = Embedding::build(&e.pp("word_embeddings"), config.vocab_size, h, 0.02)?;
-        let position = Embedding::build(&e.pp("position_embeddings"), config.max_position_embeddings, h, 0.02)?;
+        let position =
+            Embedding::build(&e.pp("position_embeddings"), config.max_position_embeddings, h, 0.02)?;
         let token_type = Embedding::build(&e.pp("token_type_embeddings"), config.type_vocab_size, h, 0.02)?;
         let embedding_norm = LayerNorm::build(&e.pp("LayerNorm"), h, config.layer_norm_eps)?;
         let layers = (0..config.num_hidden_layers)
@@ -368,7 +371,7 @@ impl crate::serve::Snapshot for Bert {
         let device = self.params.iter().next().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
         let copy = Self::new(&self.config, &self.prefix, self.dtype, &device, 0)?;
         for (to, from) in copy.params.iter().zip(self.params.iter()) {
-            to.var.set(&from.var.as_tensor().detach().copy()?)?;
+            to.var.set(&from.tensor()?.detach().copy()?)?;
         }
         Ok(copy)
     }

@@ -146,7 +146,13 @@ pub struct GptBlock {
 crate::module_fields!(GptBlock { ln_1, attn, ln_2, mlp });
 
 impl GptBlock {
-    fn build(b: &ModuleBuilder, config: &GptConfig, dropout: Dropout, std: f64, proj_std: f64) -> crate::Result<Self> {
+    fn build(
+        b: &ModuleBuilder,
+        config: &GptConfig,
+        dropout: Dropout,
+        std: f64,
+        proj_std: f64,
+    ) -> crate::Result<Self> {
         let (c, eps) = (config.n_embd, config.layer_norm_eps);
         Ok(Self {
             ln_1: LayerNorm::build(&b.pp("ln_1"), c, eps)?,
@@ -274,7 +280,13 @@ impl Stacked for Gpt {
         self.embed_tokens(input, ctx)
     }
 
-    fn block_forward(&self, block: &GptBlock, x: &Tensor, _: &TokenBatch, ctx: &SegmentContext) -> Result<Tensor> {
+    fn block_forward(
+        &self,
+        block: &GptBlock,
+        x: &Tensor,
+        _: &TokenBatch,
+        ctx: &SegmentContext,
+    ) -> Result<Tensor> {
         block.forward(x, self.dtype, ctx)
     }
 

@@ -336,7 +336,8 @@ impl Llama {
         let (dtype, device) = (pb.dtype(), pb.device().clone());
         let b = ModuleBuilder::new(pb);
         let model = b.pp("model");
-        let embed_tokens = Embedding::build(&model.pp("embed_tokens"), config.vocab_size, config.hidden_size, std)?;
+        let embed_tokens =
+            Embedding::build(&model.pp("embed_tokens"), config.vocab_size, config.hidden_size, std)?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| DecoderLayer::build(&model.pp("layers").pp(i), config, std))
             .collect::<crate::Result<_>>()?;
@@ -345,7 +346,13 @@ impl Llama {
             None
         } else {
             let head = b.pp("lm_head");
-            Some(Linear::build_no_bias(&head, config.hidden_size, config.vocab_size, WeightLayout::OutIn, std)?)
+            Some(Linear::build_no_bias(
+                &head,
+                config.hidden_size,
+                config.vocab_size,
+                WeightLayout::OutIn,
+                std,
+            )?)
         };
         let rotary =
             Rotary::new(config.head_dim(), config.max_position_embeddings, config.rope_theta, &device)?;
@@ -450,7 +457,13 @@ impl Stacked for Llama {
         self.embed_ids(input)
     }
 
-    fn block_forward(&self, layer: &DecoderLayer, x: &Tensor, _: &TokenBatch, _: &SegmentContext) -> Result<Tensor> {
+    fn block_forward(
+        &self,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        _: &TokenBatch,
+        _: &SegmentContext,
+    ) -> Result<Tensor> {
         layer.forward(x, self.dtype, &self.rotary)
     }
 
@@ -478,7 +491,11 @@ crate::segmented_stack!(Llama);
 impl crate::serve::Snapshot for Llama {
     /// A copy with its own variables (same names, values and dtype).
     fn snapshot(&self) -> crate::Result<Self> {
-        let tensors = self.params.iter().map(|p| (p.name.clone(), p.var.as_tensor().detach())).collect();
+        let tensors = self
+            .params
+            .iter()
+            .map(|p| Ok((p.name.clone(), p.tensor()?.detach())))
+            .collect::<crate::Result<_>>()?;
         Self::from_tensors(&self.config, tensors, self.dtype, &self.device())
     }
 }
