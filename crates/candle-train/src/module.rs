@@ -3,8 +3,9 @@
 //! makes them), a walk over a module's parameters, and a generic segmented stack (embedding,
 //! N blocks, head) that gives a model [`SegmentedModel`] without per-model bookkeeping.
 //!
-//! A forward's context is candle-ckpt's [`SegmentContext`]: the training flag and the
-//! replayable RNG key of the segment (so recompute draws the same dropout masks).
+//! A forward's context ([`ForwardContext`], made from candle-ckpt's [`SegmentContext`]) carries
+//! the training flag and the segment's replayable generator, so recompute draws the same
+//! dropout masks.
 //!
 //! ```
 //! use candle::{DType, Device};
@@ -26,7 +27,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use candle::{DType, Device, Result, Shape, Tensor};
-use candle_ckpt::{SegmentContext, SegmentParameter};
+use candle_ckpt::{Rng, SegmentContext, SegmentParameter};
 
 use crate::params::{ParamBuilder, Parameter, Parameters};
 
@@ -127,6 +128,68 @@ pub trait Module {
         let mut out = Vec::new();
         self.visit_parameters(&mut |p| out.push(p.clone()));
         out
+    }
+}
+
+/// What a module's forward may know about the step: whether the model is training (dropout
+/// active) and the generator its random layers draw from, in order. Made from the segment's
+/// [`SegmentContext`], so a recomputed segment replays the same draws.
+#[derive(Debug, Clone)]
+pub struct ForwardContext {
+    /// Whether the model is training.
+    pub training: bool,
+    /// The segment's random stream 0 (dropout masks, drawn in the order layers run).
+    pub rng: Rng,
+}
+
+impl ForwardContext {
+    /// The context of a segment's forward (its stream 0).
+    pub fn new(ctx: &SegmentContext) -> Self {
+        Self { training: ctx.training, rng: ctx.rng(0) }
+    }
+
+    /// Evaluation: no dropout.
+    pub fn eval() -> Self {
+        Self::new(&SegmentContext::eval())
+    }
+}
+
+/// A module with one input and one output.
+pub trait Forward: Module {
+    /// Applies the module to `x`.
+    ///
+    /// # Errors
+    /// On a shape mismatch, a released parameter, or any tensor error of its layers.
+    fn forward(&self, x: &Tensor, ctx: &mut ForwardContext) -> Result<Tensor>;
+}
+
+macro_rules! forward_without_context {
+    ($($ty:ty),+) => {
+        $(impl Forward for $ty {
+            fn forward(&self, x: &Tensor, _: &mut ForwardContext) -> Result<Tensor> {
+                <$ty>::forward(self, x)
+            }
+        })+
+    };
+}
+
+forward_without_context!(
+    crate::layers::Linear,
+    crate::layers::Embedding,
+    crate::layers::LayerNorm,
+    crate::layers::RmsNorm,
+    crate::layers::SwiGlu
+);
+
+impl Forward for crate::layers::Mlp {
+    fn forward(&self, x: &Tensor, ctx: &mut ForwardContext) -> Result<Tensor> {
+        crate::layers::Mlp::forward(self, x, &mut ctx.rng, ctx.training)
+    }
+}
+
+impl Forward for crate::layers::CausalSelfAttention {
+    fn forward(&self, x: &Tensor, ctx: &mut ForwardContext) -> Result<Tensor> {
+        crate::layers::CausalSelfAttention::forward(self, x, &mut ctx.rng, ctx.training)
     }
 }
 

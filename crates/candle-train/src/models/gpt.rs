@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::device::reduction_dtype;
 use crate::layers::ops::residual_add;
 use crate::layers::{cross_entropy, CausalSelfAttention, Dropout, Embedding, LayerNorm, Mlp};
-use crate::module::{Module, ModuleBuilder, Stacked};
+use crate::module::{Forward, ForwardContext, Module, ModuleBuilder, Stacked};
 use crate::params::{ParamBuilder, Parameter, Parameters};
 
 /// The shape of a GPT.
@@ -141,6 +141,8 @@ pub struct GptBlock {
     attn: CausalSelfAttention,
     ln_2: LayerNorm,
     mlp: Mlp,
+    /// The matmuls' dtype (the parameters'); the residual stream stays in F32 under a half type.
+    dtype: DType,
 }
 
 crate::module_fields!(GptBlock { ln_1, attn, ln_2, mlp });
@@ -159,15 +161,17 @@ impl GptBlock {
             attn: CausalSelfAttention::build(&b.pp("attn"), c, config.n_head, dropout, std, proj_std)?,
             ln_2: LayerNorm::build(&b.pp("ln_2"), c, eps)?,
             mlp: Mlp::build(&b.pp("mlp"), c, 4 * c, dropout, std, proj_std)?,
+            dtype: b.dtype(),
         })
     }
+}
 
-    /// The block on the residual stream `x`; matmuls in `dtype`, dropout masks from `ctx`.
-    fn forward(&self, x: &Tensor, dtype: DType, ctx: &SegmentContext) -> Result<Tensor> {
-        let mut rng = ctx.rng(0);
-        let attn = self.attn.forward(&self.ln_1.forward_as(x, dtype)?, &mut rng, ctx.training)?;
+impl Forward for GptBlock {
+    /// The block on the residual stream `x`: pre-norm attention, then the MLP, each added.
+    fn forward(&self, x: &Tensor, ctx: &mut ForwardContext) -> Result<Tensor> {
+        let attn = Forward::forward(&self.attn, &self.ln_1.forward_as(x, self.dtype)?, ctx)?;
         let x = residual_add(x, &attn)?;
-        let mlp = self.mlp.forward(&self.ln_2.forward_as(&x, dtype)?, &mut rng, ctx.training)?;
+        let mlp = Forward::forward(&self.mlp, &self.ln_2.forward_as(&x, self.dtype)?, ctx)?;
         residual_add(&x, &mlp)
     }
 }
@@ -228,7 +232,7 @@ impl Gpt {
         let ctx = SegmentContext::eval();
         let mut h = self.embed_tokens(inputs, &ctx)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            h = block.forward(&h, self.dtype, &ctx.for_segment(i + 1))?;
+            h = block.forward(&h, &mut ForwardContext::new(&ctx.for_segment(i + 1)))?;
         }
         self.head_logits(&h)
     }
@@ -287,7 +291,7 @@ impl Stacked for Gpt {
         _: &TokenBatch,
         ctx: &SegmentContext,
     ) -> Result<Tensor> {
-        block.forward(x, self.dtype, ctx)
+        block.forward(x, &mut ForwardContext::new(ctx))
     }
 
     fn head(&self, x: &Tensor, batch: &TokenBatch, _: &SegmentContext) -> Result<Tensor> {
