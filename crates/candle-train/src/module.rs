@@ -1,7 +1,7 @@
 //! The module layer models are built from: parameter handles created through a path builder
 //! (names come from structure, `b.pp("h").pp(3).pp("attn")`, as candle-nn's `VarBuilder`
 //! makes them), a walk over a module's parameters, and a generic segmented stack (embedding,
-//! N blocks, head) that gives a model [`SegmentedModel`] without per-model bookkeeping.
+//! N blocks, head) that gives a model [`SegmentedModel`](candle_ckpt::SegmentedModel) without per-model bookkeeping.
 //!
 //! A forward's context ([`ForwardContext`], made from candle-ckpt's [`SegmentContext`]) carries
 //! the training flag and the segment's replayable generator, so recompute draws the same
