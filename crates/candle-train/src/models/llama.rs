@@ -21,7 +21,7 @@ use crate::layers::{
     cross_entropy, Embedding, GroupedQueryAttention, Linear, RmsNorm, Rotary, SwiGlu, WeightLayout,
 };
 use crate::models::TokenBatch;
-use crate::module::{Module, ModuleBuilder, Stacked};
+use crate::module::{Forward, ForwardContext, Module, ModuleBuilder, Stacked};
 use crate::params::{ParamBuilder, Parameter, Parameters};
 
 /// The fields of a Hugging Face LLaMA `config.json` this model uses (others are ignored when
@@ -213,12 +213,16 @@ pub struct DecoderLayer {
     self_attn: GroupedQueryAttention,
     post_attention_layernorm: RmsNorm,
     mlp: SwiGlu,
+    /// The model's rotary tables (shared, not copied).
+    rotary: Rotary,
+    /// The matmuls' dtype (the parameters'); the residual stream stays in F32 under a half type.
+    dtype: DType,
 }
 
 crate::module_fields!(DecoderLayer { input_layernorm, self_attn, post_attention_layernorm, mlp });
 
 impl DecoderLayer {
-    fn build(b: &ModuleBuilder, config: &LlamaConfig, std: f64) -> crate::Result<Self> {
+    fn build(b: &ModuleBuilder, config: &LlamaConfig, rotary: &Rotary, std: f64) -> crate::Result<Self> {
         let (h, eps) = (config.hidden_size, config.rms_norm_eps);
         Ok(Self {
             input_layernorm: RmsNorm::build(&b.pp("input_layernorm"), h, eps)?,
@@ -232,13 +236,18 @@ impl DecoderLayer {
             )?,
             post_attention_layernorm: RmsNorm::build(&b.pp("post_attention_layernorm"), h, eps)?,
             mlp: SwiGlu::build(&b.pp("mlp"), h, config.intermediate_size, std)?,
+            rotary: rotary.clone(),
+            dtype: b.dtype(),
         })
     }
+}
 
-    fn forward(&self, x: &Tensor, dtype: DType, rotary: &Rotary) -> Result<Tensor> {
-        let attn = self.self_attn.forward(&self.input_layernorm.forward_as(x, dtype)?, rotary)?;
+impl Forward for DecoderLayer {
+    /// The layer on the residual stream `x` (no dropout: the context is not drawn from).
+    fn forward(&self, x: &Tensor, _: &mut ForwardContext) -> Result<Tensor> {
+        let attn = self.self_attn.forward(&self.input_layernorm.forward_as(x, self.dtype)?, &self.rotary)?;
         let x = residual_add(x, &attn)?;
-        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward_as(&x, dtype)?)?;
+        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward_as(&x, self.dtype)?)?;
         residual_add(&x, &mlp)
     }
 }
@@ -258,7 +267,6 @@ pub struct Llama {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Option<Linear>,
-    rotary: Rotary,
     params: Parameters,
     dtype: DType,
 }
@@ -338,8 +346,10 @@ impl Llama {
         let model = b.pp("model");
         let embed_tokens =
             Embedding::build(&model.pp("embed_tokens"), config.vocab_size, config.hidden_size, std)?;
+        let rotary =
+            Rotary::new(config.head_dim(), config.max_position_embeddings, config.rope_theta, &device)?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| DecoderLayer::build(&model.pp("layers").pp(i), config, std))
+            .map(|i| DecoderLayer::build(&model.pp("layers").pp(i), config, &rotary, std))
             .collect::<crate::Result<_>>()?;
         let norm = RmsNorm::build(&model.pp("norm"), config.hidden_size, config.rms_norm_eps)?;
         let lm_head = if config.tie_word_embeddings {
@@ -354,10 +364,8 @@ impl Llama {
                 std,
             )?)
         };
-        let rotary =
-            Rotary::new(config.head_dim(), config.max_position_embeddings, config.rope_theta, &device)?;
         let params = b.finish();
-        Ok(Self { config: config.clone(), embed_tokens, layers, norm, lm_head, rotary, params, dtype })
+        Ok(Self { config: config.clone(), embed_tokens, layers, norm, lm_head, params, dtype })
     }
 
     /// The model's shape.
@@ -394,7 +402,7 @@ impl Llama {
     pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
         let mut h = self.embed_ids(ids)?;
         for layer in &self.layers {
-            h = layer.forward(&h, self.dtype, &self.rotary)?;
+            h = layer.forward(&h, &mut ForwardContext::eval())?;
         }
         self.head_logits(&h)
     }
@@ -462,9 +470,9 @@ impl Stacked for Llama {
         layer: &DecoderLayer,
         x: &Tensor,
         _: &TokenBatch,
-        _: &SegmentContext,
+        ctx: &SegmentContext,
     ) -> Result<Tensor> {
-        layer.forward(x, self.dtype, &self.rotary)
+        layer.forward(x, &mut ForwardContext::new(ctx))
     }
 
     fn head(&self, x: &Tensor, batch: &TokenBatch, _: &SegmentContext) -> Result<Tensor> {
