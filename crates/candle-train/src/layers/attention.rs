@@ -147,3 +147,80 @@ impl CausalSelfAttention {
         self.resid_dropout.forward(&self.c_proj.forward(&y)?, rng, training)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle::{DType, Device, IndexOp, D};
+
+    use super::*;
+    use crate::layers::ops::padding_bias;
+
+    fn seeded(rng: &mut Rng, shape: &[usize]) -> Result<Tensor> {
+        let n = shape.iter().product();
+        Tensor::from_vec((0..n).map(|_| rng.normal_f64()).collect::<Vec<f64>>(), shape, &Device::Cpu)
+    }
+
+    /// The obviously-correct path: each query head against its key/value head, one at a time,
+    /// masked with -inf before an explicit softmax.
+    fn slow(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, keep: Option<&[Vec<u32>]>) -> Result<Tensor> {
+        let (b, heads, t, d) = q.dims4()?;
+        let (kv_heads, keys) = (k.dim(1)?, k.dim(2)?);
+        let mut rows = Vec::new();
+        for batch in 0..b {
+            let mut per_head = Vec::new();
+            for h in 0..heads {
+                let kv = h / (heads / kv_heads);
+                let scores = (q.i((batch, h))?.matmul(&k.i((batch, kv))?.t()?)? / (d as f64).sqrt())?;
+                let mut mask = vec![0f64; t * keys];
+                for i in 0..t {
+                    for j in 0..keys {
+                        let padded = keep.is_some_and(|keep| keep[batch][j] == 0);
+                        if (causal && j > i) || padded {
+                            mask[i * keys + j] = f64::NEG_INFINITY;
+                        }
+                    }
+                }
+                let scores = (scores + Tensor::from_vec(mask, (t, keys), &Device::Cpu)?)?;
+                let e = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?.exp()?;
+                let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+                per_head.push(probs.matmul(&v.i((batch, kv))?)?);
+            }
+            rows.push(Tensor::cat(&per_head, 1)?);
+        }
+        Tensor::stack(&rows, 0)
+    }
+
+    fn max_difference(a: &Tensor, b: &Tensor) -> Result<f64> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()
+    }
+
+    /// Grouped-query heads (4 query heads over 2 and over 1 key/value heads, and plain
+    /// multi-head) under a causal mask, and a key-padding mask, equal the head-by-head
+    /// reference in F64; padded keys get exactly zero weight.
+    #[test]
+    fn attention_equals_the_head_by_head_reference() -> Result<()> {
+        let mut rng = Rng::seeded(5);
+        let (b, heads, t, d) = (2, 4, 5, 3);
+        let q = seeded(&mut rng, &[b, heads, t, d])?;
+        for kv_heads in [4, 2, 1] {
+            let k = seeded(&mut rng, &[b, kv_heads, t, d])?;
+            let v = seeded(&mut rng, &[b, kv_heads, t, d])?;
+            let fast = scaled_dot_product_attention(&q, &k, &v, AttentionMask::Causal, None)?;
+            let diff = max_difference(&fast, &slow(&q, &k, &v, true, None)?)?;
+            assert!(diff <= 1e-12, "causal, {kv_heads} key/value heads: {diff:e}");
+        }
+        let (k, v) = (seeded(&mut rng, &[b, heads, t, d])?, seeded(&mut rng, &[b, heads, t, d])?);
+        let keep = vec![vec![1u32, 1, 1, 0, 0], vec![1, 1, 1, 1, 1]];
+        let mask = Tensor::new(keep.clone(), &Device::Cpu)?;
+        let bias = padding_bias(&mask, DType::F64)?;
+        let fast = scaled_dot_product_attention(&q, &k, &v, AttentionMask::KeyPadding(&bias), None)?;
+        let diff = max_difference(&fast, &slow(&q, &k, &v, false, Some(&keep))?)?;
+        assert!(diff <= 1e-12, "key padding: {diff:e}");
+        // Changing a padded key's value changes nothing.
+        let v2 =
+            v.slice_assign(&[0..1, 0..heads, 3..5, 0..d], &(seeded(&mut rng, &[1, heads, 2, d])? * 100.0)?)?;
+        let moved = scaled_dot_product_attention(&q, &k, &v2, AttentionMask::KeyPadding(&bias), None)?;
+        assert_eq!(max_difference(&fast, &moved)?, 0.0);
+        Ok(())
+    }
+}
