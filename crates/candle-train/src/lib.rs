@@ -46,6 +46,11 @@ pub mod serve;
 pub mod trainer;
 pub mod updater;
 
+/// The crates [`segmented_stack!`] expands to, so a crate using it needs no dependency of its
+/// own on them.
+#[doc(hidden)]
+pub use {candle as __candle, candle_ckpt as __ckpt};
+
 pub use data::{Corpus, Split};
 pub use error::{Error, Result};
 pub use estimate::{estimate_memory, EstimateInput, MemoryEstimate};

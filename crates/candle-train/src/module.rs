@@ -338,12 +338,11 @@ pub mod stack {
 }
 
 /// Implements [`candle_ckpt::SegmentedModel`] for a type that implements
-/// [`Stacked`](crate::module::Stacked) (the orphan rule forbids a blanket impl). The crate
-/// using it must depend on `candle` and `candle-ckpt`.
+/// [`Stacked`](crate::module::Stacked) (the orphan rule forbids a blanket impl).
 #[macro_export]
 macro_rules! segmented_stack {
     ($ty:ty) => {
-        impl ::candle_ckpt::SegmentedModel for $ty {
+        impl $crate::__ckpt::SegmentedModel for $ty {
             type Batch = <$ty as $crate::module::Stacked>::Batch;
 
             fn num_segments(&self) -> usize {
@@ -354,21 +353,21 @@ macro_rules! segmented_stack {
                 $crate::module::stack::segment_name(self, index)
             }
 
-            fn first_input(&self, batch: &Self::Batch) -> ::candle::Result<::candle::Tensor> {
+            fn first_input(&self, batch: &Self::Batch) -> $crate::__candle::Result<$crate::__candle::Tensor> {
                 $crate::module::Stacked::first_input(self, batch)
             }
 
             fn forward_segment(
                 &self,
                 index: usize,
-                input: &::candle::Tensor,
+                input: &$crate::__candle::Tensor,
                 batch: &Self::Batch,
-                ctx: &::candle_ckpt::SegmentContext,
-            ) -> ::candle::Result<::candle::Tensor> {
+                ctx: &$crate::__ckpt::SegmentContext,
+            ) -> $crate::__candle::Result<$crate::__candle::Tensor> {
                 $crate::module::stack::forward_segment(self, index, input, batch, ctx)
             }
 
-            fn segment_parameters(&self, index: usize) -> Vec<::candle_ckpt::SegmentParameter> {
+            fn segment_parameters(&self, index: usize) -> Vec<$crate::__ckpt::SegmentParameter> {
                 $crate::module::stack::segment_parameters(self, index)
             }
         }
