@@ -97,16 +97,6 @@ impl Stacked for Tiny {
         self.embed.forward(input)
     }
 
-    fn block_forward(
-        &self,
-        block: &Block,
-        x: &Tensor,
-        _: &TokenBatch,
-        ctx: &SegmentContext,
-    ) -> Result<Tensor> {
-        block.forward(x, &mut ForwardContext::new(ctx))
-    }
-
     fn head(&self, x: &Tensor, batch: &TokenBatch, _: &SegmentContext) -> Result<Tensor> {
         let logits = self.head.forward(&self.norm.forward(x)?)?;
         let (b, t, v) = logits.dims3()?;

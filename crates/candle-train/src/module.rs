@@ -132,20 +132,30 @@ pub trait Module {
 }
 
 /// What a module's forward may know about the step: whether the model is training (dropout
-/// active) and the generator its random layers draw from, in order. Made from the segment's
-/// [`SegmentContext`], so a recomputed segment replays the same draws.
+/// active), the generator its random layers draw from, in order, and for an encoder over a
+/// padded batch the batch's key-padding bias. Made from the segment's [`SegmentContext`], so a
+/// recomputed segment replays the same draws.
 #[derive(Debug, Clone)]
 pub struct ForwardContext {
     /// Whether the model is training.
     pub training: bool,
     /// The segment's random stream 0 (dropout masks, drawn in the order layers run).
     pub rng: Rng,
+    /// The additive key bias of a padded batch (`[batch, 1, 1, keys]`, from
+    /// [`padding_bias`](crate::layers::ops::padding_bias)), for attention under
+    /// [`AttentionMask::KeyPadding`](crate::layers::AttentionMask::KeyPadding).
+    pub key_padding: Option<Tensor>,
 }
 
 impl ForwardContext {
-    /// The context of a segment's forward (its stream 0).
+    /// The context of a segment's forward (its stream 0), without a key-padding bias.
     pub fn new(ctx: &SegmentContext) -> Self {
-        Self { training: ctx.training, rng: ctx.rng(0) }
+        Self { training: ctx.training, rng: ctx.rng(0), key_padding: None }
+    }
+
+    /// The same context with the batch's key-padding bias.
+    pub fn with_key_padding(self, bias: Tensor) -> Self {
+        Self { key_padding: Some(bias), ..self }
     }
 
     /// Evaluation: no dropout.
@@ -237,7 +247,7 @@ pub trait Stacked {
     /// What a training step consumes.
     type Batch: ?Sized;
     /// One block of the stack.
-    type Block: Module;
+    type Block: Forward;
 
     /// The blocks, in order.
     fn blocks(&self) -> &[Self::Block];
@@ -262,17 +272,14 @@ pub trait Stacked {
     /// Any tensor error of its layers.
     fn embed(&self, input: &Tensor, batch: &Self::Batch, ctx: &SegmentContext) -> Result<Tensor>;
 
-    /// One block.
+    /// The context every block of this batch runs with. By default the segment's
+    /// ([`ForwardContext::new`]); an encoder over padded batches adds the key-padding bias.
     ///
     /// # Errors
-    /// Any tensor error of its layers.
-    fn block_forward(
-        &self,
-        block: &Self::Block,
-        x: &Tensor,
-        batch: &Self::Batch,
-        ctx: &SegmentContext,
-    ) -> Result<Tensor>;
+    /// When the batch's side inputs cannot be made.
+    fn block_context(&self, _batch: &Self::Batch, ctx: &SegmentContext) -> Result<ForwardContext> {
+        Ok(ForwardContext::new(ctx))
+    }
 
     /// The head segment: the scalar loss.
     ///
@@ -319,7 +326,7 @@ pub mod stack {
         let blocks = model.blocks();
         match index {
             0 => model.embed(input, batch, ctx),
-            i if i <= blocks.len() => model.block_forward(&blocks[i - 1], input, batch, ctx),
+            i if i <= blocks.len() => blocks[i - 1].forward(input, &mut model.block_context(batch, ctx)?),
             _ => model.head(input, batch, ctx),
         }
     }

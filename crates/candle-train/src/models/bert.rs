@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::layers::attention::{scaled_dot_product_attention, split_heads, AttentionMask};
 use crate::layers::ops::{self, padding_bias, residual_add};
 use crate::layers::{Dropout, Embedding, LayerNorm, Linear, WeightLayout};
-use crate::module::{Module, ModuleBuilder};
+use crate::module::{Forward, ForwardContext, Module, ModuleBuilder};
 use crate::params::{ParamBuilder, Parameter, Parameters};
 
 /// The fields of a Hugging Face BERT `config.json` this model uses (others are ignored).
@@ -121,6 +121,8 @@ pub struct BertLayer {
     heads: usize,
     attention_dropout: Dropout,
     hidden_dropout: Dropout,
+    /// The matmuls' dtype (the parameters'); hidden states stay in F32 under a half type.
+    dtype: DType,
 }
 
 crate::module_fields!(BertLayer {
@@ -165,6 +167,7 @@ impl BertLayer {
             heads: config.num_attention_heads,
             attention_dropout: Dropout::new(config.attention_probs_dropout_prob)?,
             hidden_dropout: Dropout::new(config.hidden_dropout_prob)?,
+            dtype: b.dtype(),
         })
     }
 
@@ -194,6 +197,22 @@ impl BertLayer {
         let hidden = ops::gelu_erf(&self.intermediate.forward(&x.to_dtype(dtype)?)?)?;
         let out = self.hidden_dropout.forward(&self.output.forward(&hidden)?, rng, training)?;
         self.output_norm.forward_as(&residual_add(&x, &out)?, x.dtype())
+    }
+}
+
+impl Forward for BertLayer {
+    /// The layer on hidden states `x` under the context's key-padding bias.
+    ///
+    /// # Errors
+    /// When the context has no key-padding bias (a padded batch's mask is part of the
+    /// input), or as [`BertLayer::forward`].
+    fn forward(&self, x: &Tensor, ctx: &mut ForwardContext) -> Result<Tensor> {
+        let Some(bias) = ctx.key_padding.clone() else {
+            candle::bail!(
+                "a BERT layer needs the batch's key-padding bias in its ForwardContext (`with_key_padding`)"
+            );
+        };
+        BertLayer::forward(self, x, &bias, self.dtype, &mut ctx.rng, ctx.training)
     }
 }
 

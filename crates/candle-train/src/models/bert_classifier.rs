@@ -6,10 +6,11 @@
 use candle::{DType, Result, Tensor};
 use candle_ckpt::SegmentContext;
 
+use crate::device::reduction_dtype;
 use crate::layers::ops::padding_bias;
 use crate::layers::{cross_entropy, Linear, WeightLayout};
 use crate::models::bert::{mean_pool, Bert, BertLayer};
-use crate::module::{Module, ModuleBuilder, Stacked};
+use crate::module::{ForwardContext, Module, ModuleBuilder, Stacked};
 use crate::params::{ParamBuilder, Parameter, Parameters};
 
 /// A tokenized, labelled batch: ids, token types and attention mask `[batch, t]` (integers;
@@ -111,15 +112,9 @@ impl Stacked for BertClassifier {
         self.encoder.embed(input, Some(&batch.token_types), &mut ctx.rng(0), ctx.training)
     }
 
-    fn block_forward(
-        &self,
-        layer: &BertLayer,
-        x: &Tensor,
-        batch: &ClassificationBatch,
-        ctx: &SegmentContext,
-    ) -> Result<Tensor> {
-        let bias = padding_bias(&batch.mask, x.dtype())?;
-        layer.forward(x, &bias, self.encoder.dtype(), &mut ctx.rng(0), ctx.training)
+    fn block_context(&self, batch: &ClassificationBatch, ctx: &SegmentContext) -> Result<ForwardContext> {
+        let bias = padding_bias(&batch.mask, reduction_dtype(self.encoder.dtype()))?;
+        Ok(ForwardContext::new(ctx).with_key_padding(bias))
     }
 
     fn head(&self, x: &Tensor, batch: &ClassificationBatch, _: &SegmentContext) -> Result<Tensor> {

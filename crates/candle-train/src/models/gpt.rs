@@ -284,16 +284,6 @@ impl Stacked for Gpt {
         self.embed_tokens(input, ctx)
     }
 
-    fn block_forward(
-        &self,
-        block: &GptBlock,
-        x: &Tensor,
-        _: &TokenBatch,
-        ctx: &SegmentContext,
-    ) -> Result<Tensor> {
-        block.forward(x, &mut ForwardContext::new(ctx))
-    }
-
     fn head(&self, x: &Tensor, batch: &TokenBatch, _: &SegmentContext) -> Result<Tensor> {
         let logits = self.head_logits(x)?;
         let (b, t, v) = logits.dims3()?;

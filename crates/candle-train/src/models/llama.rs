@@ -465,16 +465,6 @@ impl Stacked for Llama {
         self.embed_ids(input)
     }
 
-    fn block_forward(
-        &self,
-        layer: &DecoderLayer,
-        x: &Tensor,
-        _: &TokenBatch,
-        ctx: &SegmentContext,
-    ) -> Result<Tensor> {
-        layer.forward(x, &mut ForwardContext::new(ctx))
-    }
-
     fn head(&self, x: &Tensor, batch: &TokenBatch, _: &SegmentContext) -> Result<Tensor> {
         let logits = self.head_logits(x)?;
         let (b, t, v) = logits.dims3()?;
