@@ -14,8 +14,17 @@
 //! variable see the new buffer, since they share the storage.
 //!
 //! A released variable no longer covers its layout, which breaks an invariant Candle's kernels
-//! rely on: computing with it is undefined behaviour (the CPU matmul reads through raw
-//! pointers). So no code may read a released variable. The protocol that guarantees it, for
+//! rely on: computing with its raw storage would be undefined behaviour (the CPU matmul reads
+//! through raw pointers). So release and gather go through the parameter handles
+//! ([`Parameter`]): a parameter is marked released before its storage is swapped out and
+//! resident only after its values are back, and every layer reads its weights through
+//! [`Parameter::tensor`], which refuses a released parameter with
+//! [`candle_train::Error::ParameterReleased`] naming it. So a forward through
+//! [`ShardedModel::inner`], `Parameters::save_safetensors` of its parameters or any other read
+//! through a handle is an error, not a read of freed memory (tests/zero.rs). What the handle
+//! cannot guard is a raw clone of the `Var` taken around it (`parameter.var`); code that may
+//! run while a model is sharded reads through the handle. The protocol that keeps the
+//! engine's own reads on gathered parameters, for
 //! the segmented engine of candle-ckpt (segments forward in order, backward in reverse, one
 //! hook call after each segment's backward, which the Trainer forwards to
 //! [`Updater::accumulate`](candle_train::Updater::accumulate)):
@@ -303,7 +312,10 @@ impl ShardedParameters {
         let comm = &self.comm;
         let flat = exchange_in_dtype(layout.dtype(), flat, |bytes| comm.all_gather(bytes))?;
         for e in layout.entries() {
-            restore_storage(&self.params[e.param].var, &flat[e.offset..e.offset + e.len])?;
+            let param = &self.params[e.param];
+            restore_storage(&param.var, &flat[e.offset..e.offset + e.len])?;
+            // Readable again only once its values are back.
+            param.set_released(false);
         }
         self.held[group] = true;
         if self.releasing {
@@ -318,7 +330,10 @@ impl ShardedParameters {
             return Ok(());
         }
         for e in self.partition.groups()[group].entries() {
-            release_storage(&self.params[e.param].var)?;
+            // The handle first: from here on every read through it is an error naming it.
+            let param = &self.params[e.param];
+            param.set_released(true);
+            release_storage(&param.var)?;
         }
         self.held[group] = false;
         Ok(())
@@ -487,8 +502,9 @@ impl<M> ShardedModel<M> {
         Ok(self.model)
     }
 
-    /// The wrapped model. Its variables are released except around their segment's use: do
-    /// not compute with them directly.
+    /// The wrapped model. Its parameters are released except around their segment's use: a
+    /// forward through it, or any read through a parameter handle, is then an error naming the
+    /// parameter ([`candle_train::Error::ParameterReleased`]).
     pub fn inner(&self) -> &M {
         &self.model
     }

@@ -528,8 +528,7 @@ pub fn save(
     let tmp = temporary_dir(run_dir, step, &std::process::id().to_string())?;
     let written = (|| {
         let state = updater.save_state()?;
-        let model: Vec<(String, Tensor)> =
-            params.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
+        let model = params.iter().map(|p| Ok((p.name.clone(), p.tensor()?))).collect::<Result<Vec<_>>>()?;
         let master = state
             .master_weights
             .iter()
@@ -907,6 +906,9 @@ impl Checkpoint {
             let value = by_name
                 .remove(p.name.as_str())
                 .ok_or_else(|| Error::checkpoint(&model_path, format!("it has no tensor `{}`", p.name)))?;
+            if p.is_released() {
+                return Err(Error::ParameterReleased { name: p.name.clone() });
+            }
             if value.dims() != p.var.dims() || value.dtype() != p.var.dtype() {
                 return Err(Error::StateMismatch {
                     name: p.name.clone(),

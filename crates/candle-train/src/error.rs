@@ -90,6 +90,16 @@ pub enum Error {
         step: u64,
     },
 
+    /// A parameter was read while it is released (ZeRO stage 3 frees a parameter's storage
+    /// outside its segment's forward, recompute and backward).
+    #[error(
+        "parameter `{name}` is released: ZeRO stage 3 holds it only while its segment runs (read it through the model's forward, or after `ShardedModel::into_inner`)"
+    )]
+    ParameterReleased {
+        /// The parameter's full name.
+        name: String,
+    },
+
     /// Saved state does not match what it is loaded into.
     #[error("state mismatch for `{name}`: expected {expected}, found {found}")]
     StateMismatch {

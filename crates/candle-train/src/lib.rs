@@ -37,6 +37,7 @@ pub mod loss_scale;
 pub mod memory;
 pub mod metrics;
 pub mod models;
+pub mod module;
 pub mod nn;
 pub mod offload;
 pub mod optim;
@@ -49,6 +50,11 @@ pub mod trainer;
 pub mod updater;
 
 pub use callback::Callback;
+/// The crates [`segmented_stack!`] expands to, so a crate using it needs no dependency of its
+/// own on them.
+#[doc(hidden)]
+pub use {candle as __candle, candle_ckpt as __ckpt};
+
 pub use data::{Corpus, Split};
 pub use error::{Error, Result};
 pub use estimate::{estimate_memory, EstimateInput, MemoryEstimate};

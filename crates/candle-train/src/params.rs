@@ -3,23 +3,68 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use candle::{DType, Device, Shape, Tensor, Var};
+use candle::{DType, Device, Shape, Tensor, TensorId, Var};
 use candle_ckpt::{Rng, SegmentParameter};
 
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 
-/// One named parameter.
+/// One named parameter: the handle layers read their weights through.
+///
+/// Clones share the variable and its residency: ZeRO stage 3 marks a parameter released
+/// ([`Parameter::set_released`]) before it frees its storage, and every read through the handle
+/// ([`Parameter::tensor`], the layers' forwards, [`Parameters::save_safetensors`]) is then an
+/// error naming the parameter instead of a read of freed memory.
 #[derive(Debug, Clone)]
 pub struct Parameter {
     /// The full name (`h.0.attn.c_attn.weight`).
     pub name: String,
-    /// Its value, in the model's compute dtype.
+    /// Its value, in the model's compute dtype. Reading it directly bypasses the residency
+    /// check: code that may run while the parameter is sharded reads [`Parameter::tensor`].
     pub var: Var,
+    /// Whether the storage is released (shared by every clone of this handle).
+    released: Arc<AtomicBool>,
 }
 
 impl Parameter {
+    /// A resident parameter over `var` (shared, not copied).
+    pub fn new(name: impl Into<String>, var: Var) -> Self {
+        Self { name: name.into(), var, released: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// The parameter's stable id: its variable's, which stays the same through release and
+    /// gather (ZeRO stage 3 swaps the storage, never the variable).
+    pub fn id(&self) -> TensorId {
+        self.var.as_tensor().id()
+    }
+
+    /// The value, for computing with.
+    ///
+    /// # Errors
+    /// [`crate::Error::ParameterReleased`] (wrapped in a Candle error, as layers return Candle
+    /// results) when the parameter is released: its storage is freed until it is gathered.
+    pub fn tensor(&self) -> candle::Result<Tensor> {
+        if self.is_released() {
+            return Err(candle::Error::wrap(crate::Error::ParameterReleased { name: self.name.clone() }));
+        }
+        Ok(self.var.as_tensor().clone())
+    }
+
+    /// Whether the parameter's storage is released now (ZeRO stage 3, between its segment's
+    /// uses).
+    pub fn is_released(&self) -> bool {
+        self.released.load(Ordering::Acquire)
+    }
+
+    /// Marks the parameter released (before its storage is freed) or resident (after its
+    /// values are back). Only code that owns the storage swap (ZeRO stage 3) calls it.
+    pub fn set_released(&self, released: bool) {
+        self.released.store(released, Ordering::Release);
+    }
+
     /// The parameter as the recompute engine lists it.
     pub fn segment_parameter(&self) -> SegmentParameter {
         SegmentParameter { name: self.name.clone(), var: self.var.clone() }
@@ -67,10 +112,11 @@ impl Parameters {
     /// Saves every parameter to a safetensors file under its name, atomically.
     ///
     /// # Errors
-    /// On serialization or I/O failure.
+    /// On serialization or I/O failure; [`Error::ParameterReleased`] naming a released
+    /// parameter.
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
-        let tensors: Vec<(String, Tensor)> =
-            self.list.iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
+        let tensors =
+            self.list.iter().map(|p| Ok((p.name.clone(), p.tensor()?))).collect::<Result<Vec<_>>>()?;
         let bytes = safetensors::serialize(tensors, None)
             .map_err(|e| Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })?;
         write_atomic(path, &bytes)
@@ -81,9 +127,13 @@ impl Parameters {
     ///
     /// # Errors
     /// [`Error::Io`] if the file cannot be read, [`Error::MalformedState`] if it is not
-    /// safetensors, [`Error::StateMismatch`] naming the first missing or misshapen tensor.
+    /// safetensors, [`Error::StateMismatch`] naming the first missing or misshapen tensor,
+    /// [`Error::ParameterReleased`] naming a released parameter.
     /// Nothing is modified unless every tensor matches.
     pub fn load_safetensors(&self, path: &Path) -> Result<()> {
+        if let Some(p) = self.list.iter().find(|p| p.is_released()) {
+            return Err(Error::ParameterReleased { name: p.name.clone() });
+        }
         let bytes = crate::io::read_bounded(path, crate::io::MAX_STATE_BYTES)?;
         let device = self.list.first().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
         let loaded: HashMap<String, Tensor> = candle::safetensors::load_buffer(&bytes, &device)
@@ -127,7 +177,7 @@ impl Parameters {
                     found: "two".into(),
                 });
             }
-            list.push(Parameter { name, var });
+            list.push(Parameter::new(name, var));
         }
         Ok(Self { list })
     }
@@ -223,13 +273,13 @@ impl ParamBuilder {
         Ok(Some(t))
     }
 
-    fn push_tensor(&mut self, name: String, t: Tensor) -> Result<Var> {
+    fn push_tensor(&mut self, name: String, t: Tensor) -> Result<Parameter> {
         let t = t.to_dtype(self.dtype)?.to_device(&self.device)?;
         // `Var::from_tensor` copies a non-variable's storage (contiguously): the parameter never
         // shares memory with the caller's tensor.
-        let var = Var::from_tensor(&t.detach())?;
-        self.params.list.push(Parameter { name, var: var.clone() });
-        Ok(var)
+        let param = Parameter::new(name, Var::from_tensor(&t.detach())?);
+        self.params.list.push(param.clone());
+        Ok(param)
     }
 
     /// The dtype parameters are created in.
@@ -242,11 +292,11 @@ impl ParamBuilder {
         &self.device
     }
 
-    fn push(&mut self, name: String, values: Vec<f64>, shape: Shape) -> Result<Var> {
+    fn push(&mut self, name: String, values: Vec<f64>, shape: Shape) -> Result<Parameter> {
         let t = Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(self.dtype)?;
-        let var = Var::from_tensor(&t.to_device(&self.device)?)?;
-        self.params.list.push(Parameter { name, var: var.clone() });
-        Ok(var)
+        let param = Parameter::new(name, Var::from_tensor(&t.to_device(&self.device)?)?);
+        self.params.list.push(param.clone());
+        Ok(param)
     }
 
     /// A parameter with values from N(0, std²).
@@ -254,6 +304,28 @@ impl ParamBuilder {
     /// # Errors
     /// On a tensor allocation failure.
     pub fn normal(&mut self, name: impl Into<String>, shape: impl Into<Shape>, std: f64) -> Result<Var> {
+        Ok(self.normal_param(name, shape, std)?.var)
+    }
+
+    /// A parameter filled with `value`.
+    ///
+    /// # Errors
+    /// On a tensor allocation failure.
+    pub fn constant(&mut self, name: impl Into<String>, shape: impl Into<Shape>, value: f64) -> Result<Var> {
+        Ok(self.constant_param(name, shape, value)?.var)
+    }
+
+    /// As [`ParamBuilder::normal`], returning the parameter's handle.
+    ///
+    /// # Errors
+    /// On a tensor allocation failure; [`Error::StateMismatch`] for a missing or misshapen given
+    /// value.
+    pub fn normal_param(
+        &mut self,
+        name: impl Into<String>,
+        shape: impl Into<Shape>,
+        std: f64,
+    ) -> Result<Parameter> {
         let (name, shape) = (name.into(), shape.into());
         if let Some(t) = self.given(&name, &shape)? {
             return self.push_tensor(name, t);
@@ -262,17 +334,28 @@ impl ParamBuilder {
         self.push(name, values, shape)
     }
 
-    /// A parameter filled with `value`.
+    /// As [`ParamBuilder::constant`], returning the parameter's handle.
     ///
     /// # Errors
-    /// On a tensor allocation failure.
-    pub fn constant(&mut self, name: impl Into<String>, shape: impl Into<Shape>, value: f64) -> Result<Var> {
+    /// On a tensor allocation failure; [`Error::StateMismatch`] for a missing or misshapen given
+    /// value.
+    pub fn constant_param(
+        &mut self,
+        name: impl Into<String>,
+        shape: impl Into<Shape>,
+        value: f64,
+    ) -> Result<Parameter> {
         let (name, shape) = (name.into(), shape.into());
         if let Some(t) = self.given(&name, &shape)? {
             return self.push_tensor(name, t);
         }
         let values = vec![value; shape.elem_count()];
         self.push(name, values, shape)
+    }
+
+    /// The parameters created so far, taken (the builder keeps creating into an empty list).
+    pub fn take_parameters(&mut self) -> Parameters {
+        std::mem::take(&mut self.params)
     }
 
     /// The parameters created so far.

@@ -1,13 +1,83 @@
-//! Causal multi-head self-attention in the GPT-2 arrangement (fused `c_attn`, then `c_proj`).
-//! Scores' softmax runs in F32; the matmuls run in the compute dtype.
+//! Attention: one scaled-dot-product attention with a mask type (causal, key padding) and
+//! grouped-query key/value heads, and GPT-2's causal self-attention built on it (fused
+//! `c_attn`, then `c_proj`). Scores' softmax runs in F32; the matmuls run in the compute dtype.
 
 use candle::{Result, Tensor};
 use candle_ckpt::Rng;
 
 use crate::layers::dropout::Dropout;
 use crate::layers::linear::{Linear, WeightLayout};
-use crate::layers::ops::causal_softmax;
+use crate::layers::ops::{causal_softmax, masked_softmax};
+use crate::module::ModuleBuilder;
 use crate::params::ParamBuilder;
+
+/// Which keys a query attends to.
+#[derive(Debug, Clone, Copy)]
+pub enum AttentionMask<'a> {
+    /// Query position `t` sees key positions `<= t` (decoders).
+    Causal,
+    /// Every key except padding: `bias` (`[batch, 1, 1, keys]`, from
+    /// [`padding_bias`](crate::layers::ops::padding_bias)) is added to the scaled scores.
+    KeyPadding(&'a Tensor),
+}
+
+/// Dropout on the attention probabilities: the layer, the generator its mask is drawn from, and
+/// whether the model is training.
+pub type ProbsDropout<'a, 'r> = (&'a Dropout, &'r mut Rng, bool);
+
+/// `softmax(q kᵀ / √d + mask) v` for queries `q` `[batch, heads, t, d]` and keys and values
+/// `[batch, kv_heads, keys, d]`, `kv_heads` dividing `heads`: query head `h` uses key/value
+/// head `h / (heads / kv_heads)`, as Hugging Face's `repeat_kv` arranges them, without copying
+/// keys or values per group (a group's queries are stacked along the sequence axis). The
+/// softmax runs in F32 (F64 for F64 scores); `dropout`, when given, applies to the
+/// probabilities. Returns `[batch, t, heads * d]`, heads concatenated.
+///
+/// # Errors
+/// On a shape mismatch (`kv_heads` not dividing `heads`, a causal mask over `keys != t`).
+pub fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: AttentionMask<'_>,
+    dropout: Option<ProbsDropout<'_, '_>>,
+) -> Result<Tensor> {
+    let (b, heads, t, d) = q.dims4()?;
+    let (_, kv_heads, keys, _) = k.dims4()?;
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        candle::bail!("attention: {kv_heads} key/value heads do not divide {heads} query heads");
+    }
+    let group = heads / kv_heads;
+    let grouped = |x: &Tensor, rows: usize, cols: usize| -> Result<Tensor> {
+        if group == 1 {
+            Ok(x.clone())
+        } else {
+            x.reshape((b, kv_heads, group * rows, cols))
+        }
+    };
+    let scores = grouped(q, t, d)?.matmul(&k.t()?)?;
+    let scores = if group == 1 { scores } else { scores.reshape((b, heads, t, keys))? };
+    let scale = 1.0 / (d as f64).sqrt();
+    let probs = match mask {
+        AttentionMask::Causal => causal_softmax(&scores, scale)?,
+        AttentionMask::KeyPadding(bias) => masked_softmax(&scores, scale, bias)?,
+    };
+    let probs = match dropout {
+        Some((layer, rng, training)) => layer.forward(&probs, rng, training)?,
+        None => probs,
+    };
+    let y = grouped(&probs, t, keys)?.matmul(v)?;
+    let y = if group == 1 { y } else { y.reshape((b, heads, t, d))? };
+    y.transpose(1, 2)?.reshape((b, t, heads * d))
+}
+
+/// Splits `[batch, t, heads * d]` into contiguous heads `[batch, heads, t, d]`.
+///
+/// # Errors
+/// On a shape mismatch.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, width) = x.dims3()?;
+    x.reshape((b, t, heads, width / heads.max(1)))?.transpose(1, 2)?.contiguous()
+}
 
 /// Causal self-attention with `n_head` heads over width `n_embd`.
 #[derive(Debug, Clone)]
@@ -18,6 +88,8 @@ pub struct CausalSelfAttention {
     attn_dropout: Dropout,
     resid_dropout: Dropout,
 }
+
+crate::module_fields!(CausalSelfAttention { c_attn, c_proj });
 
 impl CausalSelfAttention {
     /// Creates `{prefix}.c_attn` (`[n_embd, 3 n_embd]`) and `{prefix}.c_proj`; `proj_std` is
@@ -34,16 +106,29 @@ impl CausalSelfAttention {
         std: f64,
         proj_std: f64,
     ) -> crate::Result<Self> {
+        ModuleBuilder::scoped(pb, prefix, |b| Self::build(b, n_embd, n_head, dropout, std, proj_std))
+    }
+
+    /// As [`CausalSelfAttention::new`], under `b`'s path.
+    ///
+    /// # Errors
+    /// When `n_embd` is not divisible by `n_head`, or on allocation failure.
+    pub fn build(
+        b: &ModuleBuilder,
+        n_embd: usize,
+        n_head: usize,
+        dropout: Dropout,
+        std: f64,
+        proj_std: f64,
+    ) -> crate::Result<Self> {
         if n_head == 0 || n_embd % n_head != 0 {
             return Err(crate::Error::config(
                 "n_head",
                 format!("{n_head} heads do not divide the width {n_embd}"),
             ));
         }
-        let c_attn =
-            Linear::new(pb, &format!("{prefix}.c_attn"), n_embd, 3 * n_embd, WeightLayout::InOut, std)?;
-        let c_proj =
-            Linear::new(pb, &format!("{prefix}.c_proj"), n_embd, n_embd, WeightLayout::InOut, proj_std)?;
+        let c_attn = Linear::build(&b.pp("c_attn"), n_embd, 3 * n_embd, WeightLayout::InOut, std)?;
+        let c_proj = Linear::build(&b.pp("c_proj"), n_embd, n_embd, WeightLayout::InOut, proj_std)?;
         Ok(Self { c_attn, c_proj, n_head, attn_dropout: dropout, resid_dropout: dropout })
     }
 
@@ -53,17 +138,89 @@ impl CausalSelfAttention {
     /// # Errors
     /// On a shape mismatch.
     pub fn forward(&self, x: &Tensor, rng: &mut Rng, training: bool) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let head_dim = c / self.n_head;
+        let c = x.dim(2)?;
         let qkv = self.c_attn.forward(x)?;
-        let split = |i: usize| -> Result<Tensor> {
-            qkv.narrow(2, i * c, c)?.reshape((b, t, self.n_head, head_dim))?.transpose(1, 2)?.contiguous()
-        };
+        let split = |i: usize| split_heads(&qkv.narrow(2, i * c, c)?, self.n_head);
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let probs = causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (head_dim as f64).sqrt())?;
-        let probs = self.attn_dropout.forward(&probs, rng, training)?;
-        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
-        let y = self.c_proj.forward(&y)?;
-        self.resid_dropout.forward(&y, rng, training)
+        let dropout = (&self.attn_dropout, &mut *rng, training);
+        let y = scaled_dot_product_attention(&q, &k, &v, AttentionMask::Causal, Some(dropout))?;
+        self.resid_dropout.forward(&self.c_proj.forward(&y)?, rng, training)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle::{DType, Device, IndexOp, D};
+
+    use super::*;
+    use crate::layers::ops::padding_bias;
+
+    fn seeded(rng: &mut Rng, shape: &[usize]) -> Result<Tensor> {
+        let n = shape.iter().product();
+        Tensor::from_vec((0..n).map(|_| rng.normal_f64()).collect::<Vec<f64>>(), shape, &Device::Cpu)
+    }
+
+    /// The obviously-correct path: each query head against its key/value head, one at a time,
+    /// masked with -inf before an explicit softmax.
+    fn slow(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, keep: Option<&[Vec<u32>]>) -> Result<Tensor> {
+        let (b, heads, t, d) = q.dims4()?;
+        let (kv_heads, keys) = (k.dim(1)?, k.dim(2)?);
+        let mut rows = Vec::new();
+        for batch in 0..b {
+            let mut per_head = Vec::new();
+            for h in 0..heads {
+                let kv = h / (heads / kv_heads);
+                let scores = (q.i((batch, h))?.matmul(&k.i((batch, kv))?.t()?)? / (d as f64).sqrt())?;
+                let mut mask = vec![0f64; t * keys];
+                for i in 0..t {
+                    for j in 0..keys {
+                        let padded = keep.is_some_and(|keep| keep[batch][j] == 0);
+                        if (causal && j > i) || padded {
+                            mask[i * keys + j] = f64::NEG_INFINITY;
+                        }
+                    }
+                }
+                let scores = (scores + Tensor::from_vec(mask, (t, keys), &Device::Cpu)?)?;
+                let e = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?.exp()?;
+                let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+                per_head.push(probs.matmul(&v.i((batch, kv))?)?);
+            }
+            rows.push(Tensor::cat(&per_head, 1)?);
+        }
+        Tensor::stack(&rows, 0)
+    }
+
+    fn max_difference(a: &Tensor, b: &Tensor) -> Result<f64> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()
+    }
+
+    /// Grouped-query heads (4 query heads over 2 and over 1 key/value heads, and plain
+    /// multi-head) under a causal mask, and a key-padding mask, equal the head-by-head
+    /// reference in F64; padded keys get exactly zero weight.
+    #[test]
+    fn attention_equals_the_head_by_head_reference() -> Result<()> {
+        let mut rng = Rng::seeded(5);
+        let (b, heads, t, d) = (2, 4, 5, 3);
+        let q = seeded(&mut rng, &[b, heads, t, d])?;
+        for kv_heads in [4, 2, 1] {
+            let k = seeded(&mut rng, &[b, kv_heads, t, d])?;
+            let v = seeded(&mut rng, &[b, kv_heads, t, d])?;
+            let fast = scaled_dot_product_attention(&q, &k, &v, AttentionMask::Causal, None)?;
+            let diff = max_difference(&fast, &slow(&q, &k, &v, true, None)?)?;
+            assert!(diff <= 1e-12, "causal, {kv_heads} key/value heads: {diff:e}");
+        }
+        let (k, v) = (seeded(&mut rng, &[b, heads, t, d])?, seeded(&mut rng, &[b, heads, t, d])?);
+        let keep = vec![vec![1u32, 1, 1, 0, 0], vec![1, 1, 1, 1, 1]];
+        let mask = Tensor::new(keep.clone(), &Device::Cpu)?;
+        let bias = padding_bias(&mask, DType::F64)?;
+        let fast = scaled_dot_product_attention(&q, &k, &v, AttentionMask::KeyPadding(&bias), None)?;
+        let diff = max_difference(&fast, &slow(&q, &k, &v, false, Some(&keep))?)?;
+        assert!(diff <= 1e-12, "key padding: {diff:e}");
+        // Changing a padded key's value changes nothing.
+        let v2 =
+            v.slice_assign(&[0..1, 0..heads, 3..5, 0..d], &(seeded(&mut rng, &[1, heads, 2, d])? * 100.0)?)?;
+        let moved = scaled_dot_product_attention(&q, &k, &v2, AttentionMask::KeyPadding(&bias), None)?;
+        assert_eq!(max_difference(&fast, &moved)?, 0.0);
+        Ok(())
     }
 }

@@ -5,13 +5,16 @@ use candle::{Result, Tensor, Var};
 
 use crate::device::reduction_dtype;
 use crate::layers::custom_grad::custom2;
-use crate::params::ParamBuilder;
+use crate::module::ModuleBuilder;
+use crate::params::{ParamBuilder, Parameter};
 
 /// A lookup table `[num_embeddings, dim]`.
 #[derive(Debug, Clone)]
 pub struct Embedding {
-    weight: Var,
+    weight: Parameter,
 }
+
+crate::module_fields!(Embedding { weight });
 
 impl Embedding {
     /// Creates the table as parameter `name` ~ N(0, std²).
@@ -25,16 +28,24 @@ impl Embedding {
         dim: usize,
         std: f64,
     ) -> crate::Result<Self> {
-        Ok(Self { weight: pb.normal(name, (num_embeddings, dim), std)? })
+        Ok(Self { weight: pb.normal_param(name, (num_embeddings, dim), std)? })
     }
 
-    /// A table over an existing variable (shared, not copied).
+    /// Creates the table as parameter `weight` ~ N(0, std²) under `b`'s path.
+    ///
+    /// # Errors
+    /// On allocation failure.
+    pub fn build(b: &ModuleBuilder, num_embeddings: usize, dim: usize, std: f64) -> crate::Result<Self> {
+        Ok(Self { weight: b.normal("weight", (num_embeddings, dim), std)? })
+    }
+
+    /// A table over an existing variable (shared, not copied), named `weight`.
     pub fn from_var(weight: Var) -> Self {
-        Self { weight }
+        Self { weight: Parameter::new("weight", weight) }
     }
 
-    /// The table.
-    pub fn weight(&self) -> &Var {
+    /// The table's handle (read it with [`Parameter::tensor`]).
+    pub fn weight(&self) -> &Parameter {
         &self.weight
     }
 
@@ -43,7 +54,7 @@ impl Embedding {
     /// # Errors
     /// On a non-integer or out-of-range id tensor.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        embedding(self.weight.as_tensor(), ids)
+        embedding(&self.weight.tensor()?, ids)
     }
 }
 

@@ -7,15 +7,18 @@ use candle::{Result, Tensor, Var, D};
 use crate::device::reduction_dtype;
 use crate::layers::custom_grad::custom3;
 use crate::layers::ops::mean_last_dim;
-use crate::params::ParamBuilder;
+use crate::module::ModuleBuilder;
+use crate::params::{ParamBuilder, Parameter};
 
 /// `y = (x - mean) / sqrt(var + eps) * weight + bias` over the last dimension.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
-    weight: Var,
-    bias: Var,
+    weight: Parameter,
+    bias: Parameter,
     eps: f64,
 }
+
+crate::module_fields!(LayerNorm { weight, bias });
 
 impl LayerNorm {
     /// Creates `{prefix}.weight` = 1 and `{prefix}.bias` = 0.
@@ -23,14 +26,22 @@ impl LayerNorm {
     /// # Errors
     /// On allocation failure.
     pub fn new(pb: &mut ParamBuilder, prefix: &str, dim: usize, eps: f64) -> crate::Result<Self> {
-        let weight = pb.constant(format!("{prefix}.weight"), dim, 1.0)?;
-        let bias = pb.constant(format!("{prefix}.bias"), dim, 0.0)?;
+        let weight = pb.constant_param(format!("{prefix}.weight"), dim, 1.0)?;
+        let bias = pb.constant_param(format!("{prefix}.bias"), dim, 0.0)?;
         Ok(Self { weight, bias, eps })
     }
 
-    /// A layer over existing variables (shared, not copied).
+    /// Creates `weight` = 1 and `bias` = 0 under `b`'s path.
+    ///
+    /// # Errors
+    /// On allocation failure.
+    pub fn build(b: &ModuleBuilder, dim: usize, eps: f64) -> crate::Result<Self> {
+        Ok(Self { weight: b.constant("weight", dim, 1.0)?, bias: b.constant("bias", dim, 0.0)?, eps })
+    }
+
+    /// A layer over existing variables (shared, not copied), named `weight` and `bias`.
     pub fn from_vars(weight: Var, bias: Var, eps: f64) -> Self {
-        Self { weight, bias, eps }
+        Self { weight: Parameter::new("weight", weight), bias: Parameter::new("bias", bias), eps }
     }
 
     /// Normalises `x` over its last dimension; statistics in F32 (F64 for F64 input), the
@@ -48,7 +59,7 @@ impl LayerNorm {
     /// # Errors
     /// On a shape mismatch.
     pub fn forward_as(&self, x: &Tensor, dtype: candle::DType) -> Result<Tensor> {
-        layer_norm(x, self.weight.as_tensor(), self.bias.as_tensor(), self.eps, dtype)
+        layer_norm(x, &self.weight.tensor()?, &self.bias.tensor()?, self.eps, dtype)
     }
 }
 

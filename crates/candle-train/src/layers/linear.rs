@@ -4,7 +4,8 @@ use candle::{Result, Tensor, Var};
 
 use crate::layers::custom_grad::custom3;
 use crate::layers::fused::{add_bias_owned, bias_grad};
-use crate::params::ParamBuilder;
+use crate::module::ModuleBuilder;
+use crate::params::{ParamBuilder, Parameter};
 
 /// How the weight matrix is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,9 +19,18 @@ pub enum WeightLayout {
 /// `y = x W (+ b)` over the last dimension of `x`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Var,
-    bias: Option<Var>,
+    weight: Parameter,
+    bias: Option<Parameter>,
     layout: WeightLayout,
+}
+
+crate::module_fields!(Linear { weight, bias });
+
+fn weight_shape(in_features: usize, out_features: usize, layout: WeightLayout) -> (usize, usize) {
+    match layout {
+        WeightLayout::OutIn => (out_features, in_features),
+        WeightLayout::InOut => (in_features, out_features),
+    }
 }
 
 impl Linear {
@@ -37,7 +47,7 @@ impl Linear {
         std: f64,
     ) -> crate::Result<Self> {
         let mut layer = Self::no_bias(pb, prefix, in_features, out_features, layout, std)?;
-        layer.bias = Some(pb.constant(format!("{prefix}.bias"), out_features, 0.0)?);
+        layer.bias = Some(pb.constant_param(format!("{prefix}.bias"), out_features, 0.0)?);
         Ok(layer)
     }
 
@@ -53,17 +63,46 @@ impl Linear {
         layout: WeightLayout,
         std: f64,
     ) -> crate::Result<Self> {
-        let shape = match layout {
-            WeightLayout::OutIn => (out_features, in_features),
-            WeightLayout::InOut => (in_features, out_features),
-        };
-        let weight = pb.normal(format!("{prefix}.weight"), shape, std)?;
+        let shape = weight_shape(in_features, out_features, layout);
+        let weight = pb.normal_param(format!("{prefix}.weight"), shape, std)?;
         Ok(Self { weight, bias: None, layout })
     }
 
-    /// A layer over existing variables.
+    /// Creates `weight` ~ N(0, std²) and `bias` = 0 under `b`'s path.
+    ///
+    /// # Errors
+    /// On allocation failure.
+    pub fn build(
+        b: &ModuleBuilder,
+        in_features: usize,
+        out_features: usize,
+        layout: WeightLayout,
+        std: f64,
+    ) -> crate::Result<Self> {
+        let mut layer = Self::build_no_bias(b, in_features, out_features, layout, std)?;
+        layer.bias = Some(b.constant("bias", out_features, 0.0)?);
+        Ok(layer)
+    }
+
+    /// Creates `weight` ~ N(0, std²) under `b`'s path, and no bias.
+    ///
+    /// # Errors
+    /// On allocation failure.
+    pub fn build_no_bias(
+        b: &ModuleBuilder,
+        in_features: usize,
+        out_features: usize,
+        layout: WeightLayout,
+        std: f64,
+    ) -> crate::Result<Self> {
+        let weight = b.normal("weight", weight_shape(in_features, out_features, layout), std)?;
+        Ok(Self { weight, bias: None, layout })
+    }
+
+    /// A layer over existing variables (shared, not copied), named `weight` and `bias`.
     pub fn from_vars(weight: Var, bias: Option<Var>, layout: WeightLayout) -> Self {
-        Self { weight, bias, layout }
+        let bias = bias.map(|b| Parameter::new("bias", b));
+        Self { weight: Parameter::new("weight", weight), bias, layout }
     }
 
     /// Applies the layer to `x` of shape `[..., in_features]`.
@@ -71,7 +110,8 @@ impl Linear {
     /// # Errors
     /// On a shape or dtype mismatch.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        linear(x, self.weight.as_tensor(), self.bias.as_ref().map(Var::as_tensor), self.layout)
+        let bias = self.bias.as_ref().map(Parameter::tensor).transpose()?;
+        linear(x, &self.weight.tensor()?, bias.as_ref(), self.layout)
     }
 }
 

@@ -7,6 +7,7 @@ use candle_ckpt::Rng;
 use crate::layers::dropout::Dropout;
 use crate::layers::fused::gelu_tanh;
 use crate::layers::linear::{Linear, WeightLayout};
+use crate::module::ModuleBuilder;
 use crate::params::ParamBuilder;
 
 /// `dropout(c_proj(gelu(c_fc(x))))`.
@@ -16,6 +17,8 @@ pub struct Mlp {
     c_proj: Linear,
     dropout: Dropout,
 }
+
+crate::module_fields!(Mlp { c_fc, c_proj });
 
 impl Mlp {
     /// Creates `{prefix}.c_fc` (`[n_embd, hidden]`) and `{prefix}.c_proj` (`[hidden, n_embd]`).
@@ -31,9 +34,23 @@ impl Mlp {
         std: f64,
         proj_std: f64,
     ) -> crate::Result<Self> {
-        let c_fc = Linear::new(pb, &format!("{prefix}.c_fc"), n_embd, hidden, WeightLayout::InOut, std)?;
-        let c_proj =
-            Linear::new(pb, &format!("{prefix}.c_proj"), hidden, n_embd, WeightLayout::InOut, proj_std)?;
+        ModuleBuilder::scoped(pb, prefix, |b| Self::build(b, n_embd, hidden, dropout, std, proj_std))
+    }
+
+    /// As [`Mlp::new`], under `b`'s path.
+    ///
+    /// # Errors
+    /// On allocation failure.
+    pub fn build(
+        b: &ModuleBuilder,
+        n_embd: usize,
+        hidden: usize,
+        dropout: Dropout,
+        std: f64,
+        proj_std: f64,
+    ) -> crate::Result<Self> {
+        let c_fc = Linear::build(&b.pp("c_fc"), n_embd, hidden, WeightLayout::InOut, std)?;
+        let c_proj = Linear::build(&b.pp("c_proj"), hidden, n_embd, WeightLayout::InOut, proj_std)?;
         Ok(Self { c_fc, c_proj, dropout })
     }
 

@@ -16,7 +16,7 @@ pub mod rms_norm;
 pub mod rotary;
 pub mod swiglu;
 
-pub use attention::CausalSelfAttention;
+pub use attention::{scaled_dot_product_attention, AttentionMask, CausalSelfAttention};
 pub use dropout::Dropout;
 pub use embedding::Embedding;
 pub use grouped_attention::GroupedQueryAttention;

@@ -6,14 +6,17 @@ use candle::{Result, Tensor, Var, D};
 use crate::device::reduction_dtype;
 use crate::layers::custom_grad::custom2;
 use crate::layers::ops::mean_last_dim;
-use crate::params::ParamBuilder;
+use crate::module::ModuleBuilder;
+use crate::params::{ParamBuilder, Parameter};
 
 /// `y = x / sqrt(mean(x²) + eps) * weight` over the last dimension.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
-    weight: Var,
+    weight: Parameter,
     eps: f64,
 }
+
+crate::module_fields!(RmsNorm { weight });
 
 impl RmsNorm {
     /// Creates `{prefix}.weight` = 1.
@@ -21,12 +24,20 @@ impl RmsNorm {
     /// # Errors
     /// On allocation failure.
     pub fn new(pb: &mut ParamBuilder, prefix: &str, dim: usize, eps: f64) -> crate::Result<Self> {
-        Ok(Self { weight: pb.constant(format!("{prefix}.weight"), dim, 1.0)?, eps })
+        Ok(Self { weight: pb.constant_param(format!("{prefix}.weight"), dim, 1.0)?, eps })
     }
 
-    /// A layer over an existing variable (shared, not copied).
+    /// Creates `weight` = 1 under `b`'s path.
+    ///
+    /// # Errors
+    /// On allocation failure.
+    pub fn build(b: &ModuleBuilder, dim: usize, eps: f64) -> crate::Result<Self> {
+        Ok(Self { weight: b.constant("weight", dim, 1.0)?, eps })
+    }
+
+    /// A layer over an existing variable (shared, not copied), named `weight`.
     pub fn from_var(weight: Var, eps: f64) -> Self {
-        Self { weight, eps }
+        Self { weight: Parameter::new("weight", weight), eps }
     }
 
     /// Normalises `x` over its last dimension in F32 (F64 for F64 input), returning `x`'s dtype.
@@ -43,7 +54,7 @@ impl RmsNorm {
     /// # Errors
     /// On a shape mismatch.
     pub fn forward_as(&self, x: &Tensor, dtype: candle::DType) -> Result<Tensor> {
-        rms_norm(x, self.weight.as_tensor(), self.eps, dtype)
+        rms_norm(x, &self.weight.tensor()?, self.eps, dtype)
     }
 }
 

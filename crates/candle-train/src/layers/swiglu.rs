@@ -4,6 +4,7 @@
 use candle::{Result, Tensor};
 
 use crate::layers::linear::{Linear, WeightLayout};
+use crate::module::ModuleBuilder;
 use crate::params::ParamBuilder;
 
 /// The SwiGLU feed-forward block of width `intermediate`.
@@ -13,6 +14,8 @@ pub struct SwiGlu {
     up_proj: Linear,
     down_proj: Linear,
 }
+
+crate::module_fields!(SwiGlu { gate_proj, up_proj, down_proj });
 
 impl SwiGlu {
     /// Creates `{prefix}.gate_proj`, `{prefix}.up_proj` (`[intermediate, hidden]`) and
@@ -28,13 +31,21 @@ impl SwiGlu {
         intermediate: usize,
         std: f64,
     ) -> crate::Result<Self> {
-        let linear = |pb: &mut ParamBuilder, name: &str, inp: usize, out: usize| {
-            Linear::no_bias(pb, &format!("{prefix}.{name}"), inp, out, WeightLayout::OutIn, std)
+        ModuleBuilder::scoped(pb, prefix, |b| Self::build(b, hidden, intermediate, std))
+    }
+
+    /// As [`SwiGlu::new`], under `b`'s path.
+    ///
+    /// # Errors
+    /// On allocation failure.
+    pub fn build(b: &ModuleBuilder, hidden: usize, intermediate: usize, std: f64) -> crate::Result<Self> {
+        let linear = |name: &str, inp: usize, out: usize| {
+            Linear::build_no_bias(&b.pp(name), inp, out, WeightLayout::OutIn, std)
         };
         Ok(Self {
-            gate_proj: linear(pb, "gate_proj", hidden, intermediate)?,
-            up_proj: linear(pb, "up_proj", hidden, intermediate)?,
-            down_proj: linear(pb, "down_proj", intermediate, hidden)?,
+            gate_proj: linear("gate_proj", hidden, intermediate)?,
+            up_proj: linear("up_proj", hidden, intermediate)?,
+            down_proj: linear("down_proj", intermediate, hidden)?,
         })
     }
 

@@ -2,7 +2,7 @@
 //! key-padding mask) under Hugging Face `BertModel` parameter names, so the weights of a
 //! shipped checkpoint (all-MiniLM-L6-v2) load and save by name.
 //!
-//! Every op has a backward: attention uses [`masked_softmax`], norms our [`LayerNorm`], GELU
+//! Every op has a backward: attention is [`scaled_dot_product_attention`] under a key-padding mask, norms our [`LayerNorm`], GELU
 //! our exact-erf [`ops::gelu_erf`] (Candle's rounds 1/√(2π) in its backward). The residual stream is kept in F32 and only
 //! the matmuls run in the parameters' dtype, as in [`crate::models::Gpt`].
 
@@ -12,9 +12,11 @@ use candle::{DType, Device, Result, Tensor};
 use candle_ckpt::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::layers::ops::{self, masked_softmax, padding_bias, residual_add};
+use crate::layers::attention::{scaled_dot_product_attention, split_heads, AttentionMask};
+use crate::layers::ops::{self, padding_bias, residual_add};
 use crate::layers::{Dropout, Embedding, LayerNorm, Linear, WeightLayout};
-use crate::params::{ParamBuilder, Parameters};
+use crate::module::{Forward, ForwardContext, Module, ModuleBuilder};
+use crate::params::{ParamBuilder, Parameter, Parameters};
 
 /// The fields of a Hugging Face BERT `config.json` this model uses (others are ignored).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,7 +121,20 @@ pub struct BertLayer {
     heads: usize,
     attention_dropout: Dropout,
     hidden_dropout: Dropout,
+    /// The matmuls' dtype (the parameters'); hidden states stay in F32 under a half type.
+    dtype: DType,
 }
+
+crate::module_fields!(BertLayer {
+    query,
+    key,
+    value,
+    attention_output,
+    attention_norm,
+    intermediate,
+    output,
+    output_norm
+});
 
 impl BertLayer {
     /// Creates the layer's parameters under `{prefix}` (`encoder.layer.{i}`).
@@ -127,28 +142,32 @@ impl BertLayer {
     /// # Errors
     /// On an invalid dropout probability or allocation failure.
     pub fn new(pb: &mut ParamBuilder, prefix: &str, config: &BertConfig) -> crate::Result<Self> {
-        let (h, i) = (config.hidden_size, config.intermediate_size);
-        let std = 0.02;
-        let linear = |pb: &mut ParamBuilder, name: &str, inp: usize, out: usize| {
-            Linear::new(pb, &format!("{prefix}.{name}"), inp, out, WeightLayout::OutIn, std)
-        };
+        ModuleBuilder::scoped(pb, prefix, |b| Self::build(b, config))
+    }
+
+    /// Creates the layer's parameters under `b`'s path (`encoder.layer.{i}`), as Hugging Face
+    /// names them.
+    ///
+    /// # Errors
+    /// On an invalid dropout probability or allocation failure.
+    pub fn build(b: &ModuleBuilder, config: &BertConfig) -> crate::Result<Self> {
+        let (h, i, eps) = (config.hidden_size, config.intermediate_size, config.layer_norm_eps);
+        let linear =
+            |b: ModuleBuilder, inp: usize, out: usize| Linear::build(&b, inp, out, WeightLayout::OutIn, 0.02);
+        let (attention, this) = (b.pp("attention"), b.pp("attention").pp("self"));
         Ok(Self {
-            query: linear(pb, "attention.self.query", h, h)?,
-            key: linear(pb, "attention.self.key", h, h)?,
-            value: linear(pb, "attention.self.value", h, h)?,
-            attention_output: linear(pb, "attention.output.dense", h, h)?,
-            attention_norm: LayerNorm::new(
-                pb,
-                &format!("{prefix}.attention.output.LayerNorm"),
-                h,
-                config.layer_norm_eps,
-            )?,
-            intermediate: linear(pb, "intermediate.dense", h, i)?,
-            output: linear(pb, "output.dense", i, h)?,
-            output_norm: LayerNorm::new(pb, &format!("{prefix}.output.LayerNorm"), h, config.layer_norm_eps)?,
+            query: linear(this.pp("query"), h, h)?,
+            key: linear(this.pp("key"), h, h)?,
+            value: linear(this.pp("value"), h, h)?,
+            attention_output: linear(attention.pp("output").pp("dense"), h, h)?,
+            attention_norm: LayerNorm::build(&attention.pp("output").pp("LayerNorm"), h, eps)?,
+            intermediate: linear(b.pp("intermediate").pp("dense"), h, i)?,
+            output: linear(b.pp("output").pp("dense"), i, h)?,
+            output_norm: LayerNorm::build(&b.pp("output").pp("LayerNorm"), h, eps)?,
             heads: config.num_attention_heads,
             attention_dropout: Dropout::new(config.attention_probs_dropout_prob)?,
             hidden_dropout: Dropout::new(config.hidden_dropout_prob)?,
+            dtype: b.dtype(),
         })
     }
 
@@ -166,22 +185,34 @@ impl BertLayer {
         rng: &mut Rng,
         training: bool,
     ) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let head_dim = c / self.heads;
         let xc = x.to_dtype(dtype)?;
-        let split = |layer: &Linear| -> Result<Tensor> {
-            layer.forward(&xc)?.reshape((b, t, self.heads, head_dim))?.transpose(1, 2)?.contiguous()
-        };
+        let split = |layer: &Linear| split_heads(&layer.forward(&xc)?, self.heads);
         let (q, k, v) = (split(&self.query)?, split(&self.key)?, split(&self.value)?);
-        let probs = masked_softmax(&q.matmul(&k.t()?)?, 1.0 / (head_dim as f64).sqrt(), bias)?;
-        let probs = self.attention_dropout.forward(&probs, rng, training)?;
-        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+        let dropout = (&self.attention_dropout, &mut *rng, training);
+        let context =
+            scaled_dot_product_attention(&q, &k, &v, AttentionMask::KeyPadding(bias), Some(dropout))?;
         let attended =
             self.hidden_dropout.forward(&self.attention_output.forward(&context)?, rng, training)?;
         let x = self.attention_norm.forward_as(&residual_add(x, &attended)?, x.dtype())?;
         let hidden = ops::gelu_erf(&self.intermediate.forward(&x.to_dtype(dtype)?)?)?;
         let out = self.hidden_dropout.forward(&self.output.forward(&hidden)?, rng, training)?;
         self.output_norm.forward_as(&residual_add(&x, &out)?, x.dtype())
+    }
+}
+
+impl Forward for BertLayer {
+    /// The layer on hidden states `x` under the context's key-padding bias.
+    ///
+    /// # Errors
+    /// When the context has no key-padding bias (a padded batch's mask is part of the
+    /// input), or as [`BertLayer::forward`].
+    fn forward(&self, x: &Tensor, ctx: &mut ForwardContext) -> Result<Tensor> {
+        let Some(bias) = ctx.key_padding.clone() else {
+            candle::bail!(
+                "a BERT layer needs the batch's key-padding bias in its ForwardContext (`with_key_padding`)"
+            );
+        };
+        BertLayer::forward(self, x, &bias, self.dtype, &mut ctx.rng, ctx.training)
     }
 }
 
@@ -215,22 +246,19 @@ impl Bert {
         seed: u64,
     ) -> crate::Result<Self> {
         config.validate()?;
-        let mut pb = ParamBuilder::new(dtype, device.clone(), seed);
-        let h = config.hidden_size;
-        let e = |name: &str| format!("{prefix}embeddings.{name}");
-        let word = Embedding::new(&mut pb, &e("word_embeddings.weight"), config.vocab_size, h, 0.02)?;
-        let position = Embedding::new(
-            &mut pb,
-            &e("position_embeddings.weight"),
-            config.max_position_embeddings,
-            h,
-            0.02,
-        )?;
-        let token_type =
-            Embedding::new(&mut pb, &e("token_type_embeddings.weight"), config.type_vocab_size, h, 0.02)?;
-        let embedding_norm = LayerNorm::new(&mut pb, &e("LayerNorm"), h, config.layer_norm_eps)?;
+        let b = ModuleBuilder::new(ParamBuilder::new(dtype, device.clone(), seed));
+        let root = match prefix.trim_end_matches('.') {
+            "" => b.clone(),
+            path => b.pp(path),
+        };
+        let (h, e) = (config.hidden_size, root.pp("embeddings"));
+        let word = Embedding::build(&e.pp("word_embeddings"), config.vocab_size, h, 0.02)?;
+        let position =
+            Embedding::build(&e.pp("position_embeddings"), config.max_position_embeddings, h, 0.02)?;
+        let token_type = Embedding::build(&e.pp("token_type_embeddings"), config.type_vocab_size, h, 0.02)?;
+        let embedding_norm = LayerNorm::build(&e.pp("LayerNorm"), h, config.layer_norm_eps)?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| BertLayer::new(&mut pb, &format!("{prefix}encoder.layer.{i}"), config))
+            .map(|i| BertLayer::build(&root.pp("encoder").pp("layer").pp(i), config))
             .collect::<crate::Result<Vec<_>>>()?;
         Ok(Self {
             config: config.clone(),
@@ -240,7 +268,7 @@ impl Bert {
             embedding_norm,
             embedding_dropout: Dropout::new(config.hidden_dropout_prob)?,
             layers,
-            params: pb.finish(),
+            params: b.finish(),
             dtype,
             prefix: prefix.to_string(),
         })
@@ -335,6 +363,15 @@ impl Bert {
         self.embedding_dropout.forward(&self.embedding_norm.forward(&x)?, rng, training)
     }
 
+    /// The parameters the embeddings read (word, position and token-type tables, LayerNorm).
+    pub fn embedding_parameters(&self) -> Vec<Parameter> {
+        [&self.word, &self.position, &self.token_type]
+            .iter()
+            .flat_map(|e| e.parameters())
+            .chain(self.embedding_norm.parameters())
+            .collect()
+    }
+
     /// The encoder layers, in order.
     pub fn layers(&self) -> &[BertLayer] {
         &self.layers
@@ -353,7 +390,7 @@ impl crate::serve::Snapshot for Bert {
         let device = self.params.iter().next().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
         let copy = Self::new(&self.config, &self.prefix, self.dtype, &device, 0)?;
         for (to, from) in copy.params.iter().zip(self.params.iter()) {
-            to.var.set(&from.var.as_tensor().detach().copy()?)?;
+            to.var.set(&from.tensor()?.detach().copy()?)?;
         }
         Ok(copy)
     }

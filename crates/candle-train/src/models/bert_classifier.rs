@@ -4,12 +4,14 @@
 //! and `classifier.bias`, as `BertForSequenceClassification` names its head.
 
 use candle::{DType, Result, Tensor};
-use candle_ckpt::{SegmentContext, SegmentParameter, SegmentedModel};
+use candle_ckpt::SegmentContext;
 
+use crate::device::reduction_dtype;
 use crate::layers::ops::padding_bias;
 use crate::layers::{cross_entropy, Linear, WeightLayout};
-use crate::models::bert::{mean_pool, Bert};
-use crate::params::{ParamBuilder, Parameters};
+use crate::models::bert::{mean_pool, Bert, BertLayer};
+use crate::module::{ForwardContext, Module, ModuleBuilder, Stacked};
+use crate::params::{ParamBuilder, Parameter, Parameters};
 
 /// A tokenized, labelled batch: ids, token types and attention mask `[batch, t]` (integers;
 /// mask 1 for tokens, 0 for padding) and labels `[batch]`.
@@ -35,7 +37,6 @@ pub struct BertClassifier {
     encoder: Bert,
     head: Linear,
     params: Parameters,
-    segment_names: Vec<Vec<String>>,
 }
 
 impl BertClassifier {
@@ -53,20 +54,11 @@ impl BertClassifier {
         }
         let device =
             encoder.parameters().iter().next().map_or(candle::Device::Cpu, |p| p.var.device().clone());
-        let mut pb = ParamBuilder::new(encoder.dtype(), device, seed);
+        let b = ModuleBuilder::new(ParamBuilder::new(encoder.dtype(), device, seed));
         let hidden = encoder.config().hidden_size;
-        let head = Linear::new(&mut pb, Self::HEAD, hidden, num_labels, WeightLayout::OutIn, 0.02)?;
-        let head_params = pb.finish();
-        let params = encoder.parameters().merged(&head_params);
-        let names = |prefix: &str| -> Vec<String> {
-            params.iter().filter(|p| p.name.starts_with(prefix)).map(|p| p.name.clone()).collect()
-        };
-        let mut segment_names = vec![names(&format!("{}embeddings.", encoder.prefix()))];
-        for i in 0..encoder.layers().len() {
-            segment_names.push(names(&format!("{}encoder.layer.{i}.", encoder.prefix())));
-        }
-        segment_names.push(names(&format!("{}.", Self::HEAD)));
-        Ok(Self { encoder, head, params, segment_names })
+        let head = Linear::build(&b.pp(Self::HEAD), hidden, num_labels, WeightLayout::OutIn, 0.02)?;
+        let params = encoder.parameters().merged(&b.finish());
+        Ok(Self { encoder, head, params })
     }
 
     /// The encoder.
@@ -95,51 +87,48 @@ impl BertClassifier {
     }
 }
 
-impl SegmentedModel for BertClassifier {
+impl Stacked for BertClassifier {
     type Batch = ClassificationBatch;
+    type Block = BertLayer;
 
-    fn num_segments(&self) -> usize {
-        self.encoder.layers().len() + 2
+    fn blocks(&self) -> &[BertLayer] {
+        self.encoder.layers()
     }
 
-    fn segment_name(&self, index: usize) -> String {
-        match index {
-            0 => "embeddings".into(),
-            i if i <= self.encoder.layers().len() => format!("encoder.layer.{}", i - 1),
-            _ => "head".into(),
-        }
+    /// `encoder.layer` (segment names leave out a `bert.` prefix).
+    fn block_path(&self) -> String {
+        "encoder.layer".into()
+    }
+
+    fn embedding_name(&self) -> String {
+        "embeddings".into()
     }
 
     fn first_input(&self, batch: &ClassificationBatch) -> Result<Tensor> {
         Ok(batch.ids.clone())
     }
 
-    fn forward_segment(
-        &self,
-        index: usize,
-        input: &Tensor,
-        batch: &ClassificationBatch,
-        ctx: &SegmentContext,
-    ) -> Result<Tensor> {
-        let layers = self.encoder.layers();
-        let mut rng = ctx.rng(0);
-        match index {
-            0 => self.encoder.embed(input, Some(&batch.token_types), &mut rng, ctx.training),
-            i if i <= layers.len() => {
-                let bias = padding_bias(&batch.mask, input.dtype())?;
-                layers[i - 1].forward(input, &bias, self.encoder.dtype(), &mut rng, ctx.training)
-            }
-            _ => {
-                let logits = self.head_logits(input, &batch.mask)?;
-                cross_entropy(&logits, &batch.labels.to_dtype(DType::U32)?)
-            }
-        }
+    fn embed(&self, input: &Tensor, batch: &ClassificationBatch, ctx: &SegmentContext) -> Result<Tensor> {
+        self.encoder.embed(input, Some(&batch.token_types), &mut ctx.rng(0), ctx.training)
     }
 
-    fn segment_parameters(&self, index: usize) -> Vec<SegmentParameter> {
-        match self.segment_names.get(index) {
-            Some(names) => self.params.segment_parameters(names.iter().map(String::as_str)),
-            None => Vec::new(),
-        }
+    fn block_context(&self, batch: &ClassificationBatch, ctx: &SegmentContext) -> Result<ForwardContext> {
+        let bias = padding_bias(&batch.mask, reduction_dtype(self.encoder.dtype()))?;
+        Ok(ForwardContext::new(ctx).with_key_padding(bias))
+    }
+
+    fn head(&self, x: &Tensor, batch: &ClassificationBatch, _: &SegmentContext) -> Result<Tensor> {
+        let logits = self.head_logits(x, &batch.mask)?;
+        cross_entropy(&logits, &batch.labels.to_dtype(DType::U32)?)
+    }
+
+    fn embedding_parameters(&self) -> Vec<Parameter> {
+        self.encoder.embedding_parameters()
+    }
+
+    fn head_parameters(&self) -> Vec<Parameter> {
+        self.head.parameters()
     }
 }
+
+crate::segmented_stack!(BertClassifier);

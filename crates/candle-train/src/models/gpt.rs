@@ -2,13 +2,14 @@
 //! embedding, one per block, head + loss.
 
 use candle::{DType, Device, Result, Tensor};
-use candle_ckpt::{SegmentContext, SegmentParameter, SegmentedModel};
+use candle_ckpt::SegmentContext;
 use serde::{Deserialize, Serialize};
 
 use crate::device::reduction_dtype;
 use crate::layers::ops::residual_add;
 use crate::layers::{token_cross_entropy, CausalSelfAttention, Dropout, Embedding, LayerNorm, Mlp};
-use crate::params::{ParamBuilder, Parameters};
+use crate::module::{Forward, ForwardContext, Module, ModuleBuilder, Stacked};
+use crate::params::{ParamBuilder, Parameter, Parameters};
 
 /// The shape of a GPT.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -137,29 +138,62 @@ pub struct TokenBatch {
     pub targets: Tensor,
 }
 
+/// One transformer block `h.{i}`: pre-norm attention and MLP, each added to the residual.
 #[derive(Debug, Clone)]
-struct Block {
-    prefix: String,
+pub struct GptBlock {
     ln_1: LayerNorm,
     attn: CausalSelfAttention,
     ln_2: LayerNorm,
     mlp: Mlp,
+    /// The matmuls' dtype (the parameters'); the residual stream stays in F32 under a half type.
+    dtype: DType,
+}
+
+crate::module_fields!(GptBlock { ln_1, attn, ln_2, mlp });
+
+impl GptBlock {
+    fn build(
+        b: &ModuleBuilder,
+        config: &GptConfig,
+        dropout: Dropout,
+        std: f64,
+        proj_std: f64,
+    ) -> crate::Result<Self> {
+        let (c, eps) = (config.n_embd, config.layer_norm_eps);
+        Ok(Self {
+            ln_1: LayerNorm::build(&b.pp("ln_1"), c, eps)?,
+            attn: CausalSelfAttention::build(&b.pp("attn"), c, config.n_head, dropout, std, proj_std)?,
+            ln_2: LayerNorm::build(&b.pp("ln_2"), c, eps)?,
+            mlp: Mlp::build(&b.pp("mlp"), c, 4 * c, dropout, std, proj_std)?,
+            dtype: b.dtype(),
+        })
+    }
+}
+
+impl Forward for GptBlock {
+    /// The block on the residual stream `x`: pre-norm attention, then the MLP, each added.
+    fn forward(&self, x: &Tensor, ctx: &mut ForwardContext) -> Result<Tensor> {
+        let attn = Forward::forward(&self.attn, &self.ln_1.forward_as(x, self.dtype)?, ctx)?;
+        let x = residual_add(x, &attn)?;
+        let mlp = Forward::forward(&self.mlp, &self.ln_2.forward_as(&x, self.dtype)?, ctx)?;
+        residual_add(&x, &mlp)
+    }
 }
 
 /// A GPT-2-style decoder-only transformer with tied input/output embeddings.
 ///
-/// Segments: `0` embedding (`wte`, `wpe`), `1..=n_layer` the blocks `h.{i}`, and the last the
-/// final norm `ln_f`, the tied head and the cross-entropy loss (computed in F32).
+/// Segments ([`Stacked`]): `0` embedding (`wte`, `wpe`), `1..=n_layer` the blocks `h.{i}`, and
+/// the last the final norm `ln_f`, the tied head and the cross-entropy loss (computed in F32).
 #[derive(Debug, Clone)]
 pub struct Gpt {
     config: GptConfig,
     wte: Embedding,
     wpe: Embedding,
-    blocks: Vec<Block>,
+    blocks: Vec<GptBlock>,
     ln_f: LayerNorm,
     dropout: Dropout,
     params: Parameters,
-    segment_names: Vec<Vec<String>>,
+    dtype: DType,
 }
 
 impl Gpt {
@@ -170,43 +204,18 @@ impl Gpt {
     /// [`crate::Error::InvalidConfig`] for a bad config; a Candle error on allocation failure.
     pub fn new(config: GptConfig, dtype: DType, device: &Device, seed: u64) -> crate::Result<Self> {
         config.validate()?;
-        let mut pb = ParamBuilder::new(dtype, device.clone(), seed);
+        let b = ModuleBuilder::new(ParamBuilder::new(dtype, device.clone(), seed));
         let std = 0.02;
         let proj_std = std / (2.0 * config.n_layer as f64).sqrt();
         let dropout = Dropout::new(config.dropout)?;
         let c = config.n_embd;
-        let wte = Embedding::new(&mut pb, "wte.weight", config.vocab_size, c, std)?;
-        let wpe = Embedding::new(&mut pb, "wpe.weight", config.n_ctx, c, 0.01)?;
-        let mut blocks = Vec::with_capacity(config.n_layer);
-        for i in 0..config.n_layer {
-            let prefix = format!("h.{i}");
-            blocks.push(Block {
-                ln_1: LayerNorm::new(&mut pb, &format!("{prefix}.ln_1"), c, config.layer_norm_eps)?,
-                attn: CausalSelfAttention::new(
-                    &mut pb,
-                    &format!("{prefix}.attn"),
-                    c,
-                    config.n_head,
-                    dropout,
-                    std,
-                    proj_std,
-                )?,
-                ln_2: LayerNorm::new(&mut pb, &format!("{prefix}.ln_2"), c, config.layer_norm_eps)?,
-                mlp: Mlp::new(&mut pb, &format!("{prefix}.mlp"), c, 4 * c, dropout, std, proj_std)?,
-                prefix,
-            });
-        }
-        let ln_f = LayerNorm::new(&mut pb, "ln_f", c, config.layer_norm_eps)?;
-        let params = pb.finish();
-        let mut segment_names = vec![vec!["wte.weight".to_string(), "wpe.weight".to_string()]];
-        for block in &blocks {
-            let prefix = format!("{}.", block.prefix);
-            segment_names.push(
-                params.iter().filter(|p| p.name.starts_with(&prefix)).map(|p| p.name.clone()).collect(),
-            );
-        }
-        segment_names.push(vec!["ln_f.weight".into(), "ln_f.bias".into(), "wte.weight".into()]);
-        Ok(Self { config, wte, wpe, blocks, ln_f, dropout, params, segment_names })
+        let wte = Embedding::build(&b.pp("wte"), config.vocab_size, c, std)?;
+        let wpe = Embedding::build(&b.pp("wpe"), config.n_ctx, c, 0.01)?;
+        let blocks = (0..config.n_layer)
+            .map(|i| GptBlock::build(&b.pp("h").pp(i), &config, dropout, std, proj_std))
+            .collect::<crate::Result<_>>()?;
+        let ln_f = LayerNorm::build(&b.pp("ln_f"), c, config.layer_norm_eps)?;
+        Ok(Self { config, wte, wpe, blocks, ln_f, dropout, params: b.finish(), dtype })
     }
 
     /// The model's shape.
@@ -225,9 +234,9 @@ impl Gpt {
     /// On a sequence longer than the context or a tensor error.
     pub fn logits(&self, inputs: &Tensor) -> Result<Tensor> {
         let ctx = SegmentContext::eval();
-        let mut h = self.embed(inputs, &ctx)?;
+        let mut h = self.embed_tokens(inputs, &ctx)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            h = self.block_forward(block, &h, &ctx.for_segment(i + 1))?;
+            h = block.forward(&h, &mut ForwardContext::new(&ctx.for_segment(i + 1)))?;
         }
         self.head_logits(&h)
     }
@@ -236,14 +245,10 @@ impl Gpt {
     /// PyTorch autocast, where embeddings and residual adds stay FP32 and only the matmuls'
     /// inputs are cast), else the parameters' dtype.
     pub fn residual_dtype(&self) -> DType {
-        self.params.iter().next().map_or(DType::F32, |p| reduction_dtype(p.var.dtype()))
+        reduction_dtype(self.dtype)
     }
 
-    fn compute_dtype(&self) -> DType {
-        self.params.iter().next().map_or(DType::F32, |p| p.var.dtype())
-    }
-
-    fn embed(&self, inputs: &Tensor, ctx: &SegmentContext) -> Result<Tensor> {
+    fn embed_tokens(&self, inputs: &Tensor, ctx: &SegmentContext) -> Result<Tensor> {
         let (_, t) = inputs.dims2()?;
         if t > self.config.n_ctx {
             candle::bail!("sequence length {t} exceeds the model's context length {}", self.config.n_ctx);
@@ -255,64 +260,47 @@ impl Gpt {
         self.dropout.forward(&h, &mut ctx.rng(0), ctx.training)
     }
 
-    fn block_forward(&self, block: &Block, x: &Tensor, ctx: &SegmentContext) -> Result<Tensor> {
-        let mut rng = ctx.rng(0);
-        let dt = self.compute_dtype();
-        let attn = block.attn.forward(&block.ln_1.forward_as(x, dt)?, &mut rng, ctx.training)?;
-        let x = residual_add(x, &attn)?;
-        let mlp = block.mlp.forward(&block.ln_2.forward_as(&x, dt)?, &mut rng, ctx.training)?;
-        residual_add(&x, &mlp)
-    }
-
     fn head_logits(&self, h: &Tensor) -> Result<Tensor> {
-        let h = self.ln_f.forward_as(h, self.compute_dtype())?;
+        let h = self.ln_f.forward_as(h, self.dtype)?;
         let (b, t, c) = h.dims3()?;
-        let logits = h.reshape((b * t, c))?.matmul(&self.wte.weight().as_tensor().t()?)?;
+        let logits = h.reshape((b * t, c))?.matmul(&self.wte.weight().tensor()?.t()?)?;
         logits.reshape((b, t, self.config.vocab_size))
     }
 }
 
-impl SegmentedModel for Gpt {
+impl Stacked for Gpt {
     type Batch = TokenBatch;
+    type Block = GptBlock;
 
-    fn num_segments(&self) -> usize {
-        self.blocks.len() + 2
+    fn blocks(&self) -> &[GptBlock] {
+        &self.blocks
     }
 
-    fn segment_name(&self, index: usize) -> String {
-        match index {
-            0 => "embedding".into(),
-            i if i <= self.blocks.len() => format!("h.{}", i - 1),
-            _ => "head".into(),
-        }
+    fn block_path(&self) -> String {
+        "h".into()
     }
 
     fn first_input(&self, batch: &TokenBatch) -> Result<Tensor> {
         Ok(batch.inputs.clone())
     }
 
-    fn forward_segment(
-        &self,
-        index: usize,
-        input: &Tensor,
-        batch: &TokenBatch,
-        ctx: &SegmentContext,
-    ) -> Result<Tensor> {
-        match index {
-            0 => self.embed(input, ctx),
-            i if i <= self.blocks.len() => self.block_forward(&self.blocks[i - 1], input, ctx),
-            _ => {
-                let logits = self.head_logits(input)?;
-                let (b, t, v) = logits.dims3()?;
-                token_cross_entropy(&logits.reshape((b * t, v))?, &batch.targets.flatten_all()?)
-            }
-        }
+    fn embed(&self, input: &Tensor, _: &TokenBatch, ctx: &SegmentContext) -> Result<Tensor> {
+        self.embed_tokens(input, ctx)
     }
 
-    fn segment_parameters(&self, index: usize) -> Vec<SegmentParameter> {
-        match self.segment_names.get(index) {
-            Some(names) => self.params.segment_parameters(names.iter().map(String::as_str)),
-            None => Vec::new(),
-        }
+    fn head(&self, x: &Tensor, batch: &TokenBatch, _: &SegmentContext) -> Result<Tensor> {
+        let logits = self.head_logits(x)?;
+        let (b, t, v) = logits.dims3()?;
+        token_cross_entropy(&logits.reshape((b * t, v))?, &batch.targets.flatten_all()?)
+    }
+
+    fn embedding_parameters(&self) -> Vec<Parameter> {
+        [self.wte.parameters(), self.wpe.parameters()].concat()
+    }
+
+    fn head_parameters(&self) -> Vec<Parameter> {
+        [self.ln_f.parameters(), self.wte.parameters()].concat()
     }
 }
+
+crate::segmented_stack!(Gpt);

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle::{DType, Device, Result, Tensor};
-use candle_ckpt::{SegmentContext, SegmentParameter, SegmentedModel};
+use candle_ckpt::SegmentContext;
 use serde::{Deserialize, Serialize};
 
 use crate::device::reduction_dtype;
@@ -21,7 +21,8 @@ use crate::layers::{
     token_cross_entropy, Embedding, GroupedQueryAttention, Linear, RmsNorm, Rotary, SwiGlu, WeightLayout,
 };
 use crate::models::TokenBatch;
-use crate::params::{ParamBuilder, Parameters};
+use crate::module::{Forward, ForwardContext, Module, ModuleBuilder, Stacked};
+use crate::params::{ParamBuilder, Parameter, Parameters};
 
 /// The fields of a Hugging Face LLaMA `config.json` this model uses (others are ignored when
 /// reading). Serialises back to a `config.json` Hugging Face loads ([`LlamaConfig::to_hf_json`]).
@@ -204,13 +205,51 @@ impl LlamaConfig {
     }
 }
 
+/// One decoder layer `model.layers.{i}`: RMSNorm, grouped-query attention, RMSNorm, SwiGLU,
+/// each branch added to the residual.
 #[derive(Debug, Clone)]
-struct DecoderLayer {
-    prefix: String,
+pub struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: GroupedQueryAttention,
     post_attention_layernorm: RmsNorm,
     mlp: SwiGlu,
+    /// The model's rotary tables (shared, not copied).
+    rotary: Rotary,
+    /// The matmuls' dtype (the parameters'); the residual stream stays in F32 under a half type.
+    dtype: DType,
+}
+
+crate::module_fields!(DecoderLayer { input_layernorm, self_attn, post_attention_layernorm, mlp });
+
+impl DecoderLayer {
+    fn build(b: &ModuleBuilder, config: &LlamaConfig, rotary: &Rotary, std: f64) -> crate::Result<Self> {
+        let (h, eps) = (config.hidden_size, config.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: RmsNorm::build(&b.pp("input_layernorm"), h, eps)?,
+            self_attn: GroupedQueryAttention::build(
+                &b.pp("self_attn"),
+                h,
+                config.num_attention_heads,
+                config.num_key_value_heads,
+                config.head_dim(),
+                std,
+            )?,
+            post_attention_layernorm: RmsNorm::build(&b.pp("post_attention_layernorm"), h, eps)?,
+            mlp: SwiGlu::build(&b.pp("mlp"), h, config.intermediate_size, std)?,
+            rotary: rotary.clone(),
+            dtype: b.dtype(),
+        })
+    }
+}
+
+impl Forward for DecoderLayer {
+    /// The layer on the residual stream `x` (no dropout: the context is not drawn from).
+    fn forward(&self, x: &Tensor, _: &mut ForwardContext) -> Result<Tensor> {
+        let attn = self.self_attn.forward(&self.input_layernorm.forward_as(x, self.dtype)?, &self.rotary)?;
+        let x = residual_add(x, &attn)?;
+        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward_as(&x, self.dtype)?)?;
+        residual_add(&x, &mlp)
+    }
 }
 
 /// The name of the token embedding, which the head reuses when the embeddings are tied.
@@ -228,9 +267,7 @@ pub struct Llama {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Option<Linear>,
-    rotary: Rotary,
     params: Parameters,
-    segment_names: Vec<Vec<String>>,
     dtype: DType,
 }
 
@@ -302,65 +339,33 @@ impl Llama {
         self.params.save_safetensors(&dir.join("model.safetensors"))
     }
 
-    fn build(config: &LlamaConfig, mut pb: ParamBuilder) -> crate::Result<Self> {
+    fn build(config: &LlamaConfig, pb: ParamBuilder) -> crate::Result<Self> {
         let std = 0.02;
-        let (h, dtype) = (config.hidden_size, pb.dtype());
-        let device = pb.device().clone();
-        let embed_tokens = Embedding::new(&mut pb, EMBED_TOKENS, config.vocab_size, h, std)?;
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for i in 0..config.num_hidden_layers {
-            let prefix = format!("model.layers.{i}");
-            let eps = config.rms_norm_eps;
-            layers.push(DecoderLayer {
-                input_layernorm: RmsNorm::new(&mut pb, &format!("{prefix}.input_layernorm"), h, eps)?,
-                self_attn: GroupedQueryAttention::new(
-                    &mut pb,
-                    &format!("{prefix}.self_attn"),
-                    h,
-                    config.num_attention_heads,
-                    config.num_key_value_heads,
-                    config.head_dim(),
-                    std,
-                )?,
-                post_attention_layernorm: RmsNorm::new(
-                    &mut pb,
-                    &format!("{prefix}.post_attention_layernorm"),
-                    h,
-                    eps,
-                )?,
-                mlp: SwiGlu::new(&mut pb, &format!("{prefix}.mlp"), h, config.intermediate_size, std)?,
-                prefix,
-            });
-        }
-        let norm = RmsNorm::new(&mut pb, "model.norm", h, config.rms_norm_eps)?;
+        let (dtype, device) = (pb.dtype(), pb.device().clone());
+        let b = ModuleBuilder::new(pb);
+        let model = b.pp("model");
+        let embed_tokens =
+            Embedding::build(&model.pp("embed_tokens"), config.vocab_size, config.hidden_size, std)?;
+        let rotary =
+            Rotary::new(config.head_dim(), config.max_position_embeddings, config.rope_theta, &device)?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::build(&model.pp("layers").pp(i), config, &rotary, std))
+            .collect::<crate::Result<_>>()?;
+        let norm = RmsNorm::build(&model.pp("norm"), config.hidden_size, config.rms_norm_eps)?;
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(Linear::no_bias(&mut pb, "lm_head", h, config.vocab_size, WeightLayout::OutIn, std)?)
+            let head = b.pp("lm_head");
+            Some(Linear::build_no_bias(
+                &head,
+                config.hidden_size,
+                config.vocab_size,
+                WeightLayout::OutIn,
+                std,
+            )?)
         };
-        let rotary =
-            Rotary::new(config.head_dim(), config.max_position_embeddings, config.rope_theta, &device)?;
-        let params = pb.finish();
-        let mut segment_names = vec![vec![EMBED_TOKENS.to_string()]];
-        for layer in &layers {
-            let prefix = format!("{}.", layer.prefix);
-            segment_names.push(
-                params.iter().filter(|p| p.name.starts_with(&prefix)).map(|p| p.name.clone()).collect(),
-            );
-        }
-        let head = if config.tie_word_embeddings { EMBED_TOKENS } else { "lm_head.weight" };
-        segment_names.push(vec!["model.norm.weight".into(), head.into()]);
-        Ok(Self {
-            config: config.clone(),
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            rotary,
-            params,
-            segment_names,
-            dtype,
-        })
+        let params = b.finish();
+        Ok(Self { config: config.clone(), embed_tokens, layers, norm, lm_head, params, dtype })
     }
 
     /// The model's shape.
@@ -395,9 +400,9 @@ impl Llama {
     /// On a sequence longer than `max_position_embeddings`, an id out of range, or a tensor
     /// error.
     pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
-        let mut h = self.embed(ids)?;
+        let mut h = self.embed_ids(ids)?;
         for layer in &self.layers {
-            h = self.layer_forward(layer, &h)?;
+            h = layer.forward(&h, &mut ForwardContext::eval())?;
         }
         self.head_logits(&h)
     }
@@ -411,7 +416,7 @@ impl Llama {
         candle_ckpt::forward(self, batch, SegmentContext::eval())
     }
 
-    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+    fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
         if t > self.config.max_position_embeddings {
             candle::bail!(
@@ -427,76 +432,68 @@ impl Llama {
         self.embed_tokens.forward(ids)?.to_dtype(self.residual_dtype())
     }
 
-    fn layer_forward(&self, layer: &DecoderLayer, x: &Tensor) -> Result<Tensor> {
-        let dt = self.dtype;
-        let attn = layer.self_attn.forward(&layer.input_layernorm.forward_as(x, dt)?, &self.rotary)?;
-        let x = residual_add(x, &attn)?;
-        let mlp = layer.mlp.forward(&layer.post_attention_layernorm.forward_as(&x, dt)?)?;
-        residual_add(&x, &mlp)
-    }
-
     fn head_logits(&self, h: &Tensor) -> Result<Tensor> {
         let h = self.norm.forward_as(h, self.dtype)?;
         match &self.lm_head {
             Some(head) => head.forward(&h),
             None => {
                 let (b, t, c) = h.dims3()?;
-                let table = self.embed_tokens.weight().as_tensor();
+                let table = self.embed_tokens.weight().tensor()?;
                 h.reshape((b * t, c))?.matmul(&table.t()?)?.reshape((b, t, self.config.vocab_size))
             }
         }
     }
 }
 
-impl SegmentedModel for Llama {
+impl Stacked for Llama {
     type Batch = TokenBatch;
+    type Block = DecoderLayer;
 
-    fn num_segments(&self) -> usize {
-        self.layers.len() + 2
+    fn blocks(&self) -> &[DecoderLayer] {
+        &self.layers
     }
 
-    fn segment_name(&self, index: usize) -> String {
-        match index {
-            0 => "embedding".into(),
-            i if i <= self.layers.len() => format!("model.layers.{}", i - 1),
-            _ => "head".into(),
-        }
+    fn block_path(&self) -> String {
+        "model.layers".into()
     }
 
     fn first_input(&self, batch: &TokenBatch) -> Result<Tensor> {
         Ok(batch.inputs.clone())
     }
 
-    fn forward_segment(
-        &self,
-        index: usize,
-        input: &Tensor,
-        batch: &TokenBatch,
-        _ctx: &SegmentContext,
-    ) -> Result<Tensor> {
-        match index {
-            0 => self.embed(input),
-            i if i <= self.layers.len() => self.layer_forward(&self.layers[i - 1], input),
-            _ => {
-                let logits = self.head_logits(input)?;
-                let (b, t, v) = logits.dims3()?;
-                token_cross_entropy(&logits.reshape((b * t, v))?, &batch.targets.flatten_all()?)
-            }
-        }
+    fn embed(&self, input: &Tensor, _: &TokenBatch, _: &SegmentContext) -> Result<Tensor> {
+        self.embed_ids(input)
     }
 
-    fn segment_parameters(&self, index: usize) -> Vec<SegmentParameter> {
-        match self.segment_names.get(index) {
-            Some(names) => self.params.segment_parameters(names.iter().map(String::as_str)),
-            None => Vec::new(),
-        }
+    fn head(&self, x: &Tensor, batch: &TokenBatch, _: &SegmentContext) -> Result<Tensor> {
+        let logits = self.head_logits(x)?;
+        let (b, t, v) = logits.dims3()?;
+        token_cross_entropy(&logits.reshape((b * t, v))?, &batch.targets.flatten_all()?)
+    }
+
+    fn embedding_parameters(&self) -> Vec<Parameter> {
+        self.embed_tokens.parameters()
+    }
+
+    fn head_parameters(&self) -> Vec<Parameter> {
+        let head = match &self.lm_head {
+            Some(head) => head.parameters(),
+            None => self.embed_tokens.parameters(),
+        };
+        [self.norm.parameters(), head].concat()
     }
 }
+
+crate::segmented_stack!(Llama);
 
 impl crate::serve::Snapshot for Llama {
     /// A copy with its own variables (same names, values and dtype).
     fn snapshot(&self) -> crate::Result<Self> {
-        let tensors = self.params.iter().map(|p| (p.name.clone(), p.var.as_tensor().detach())).collect();
+        let tensors = self
+            .params
+            .iter()
+            .map(|p| Ok((p.name.clone(), p.tensor()?.detach())))
+            .collect::<crate::Result<_>>()?;
         Self::from_tensors(&self.config, tensors, self.dtype, &self.device())
     }
 }

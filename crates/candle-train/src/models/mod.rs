@@ -10,5 +10,5 @@ pub mod llama;
 pub use bert::{mean_pool, Bert, BertConfig, BertLayer};
 pub use bert_classifier::{BertClassifier, ClassificationBatch};
 pub use gguf::GgufFile;
-pub use gpt::{Gpt, GptConfig, TokenBatch};
-pub use llama::{Llama, LlamaConfig};
+pub use gpt::{Gpt, GptBlock, GptConfig, TokenBatch};
+pub use llama::{DecoderLayer, Llama, LlamaConfig};
