@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod chart;
 pub mod datasets;
+pub mod export;
 pub mod gguf_tokenizer;
 pub mod optim_bench;
 pub mod pretrained;

@@ -127,13 +127,7 @@ impl LlamaConfig {
             map.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
             map.insert("model_type".into(), "llama".into());
             map.insert("head_dim".into(), self.head_dim().into());
-            let name = match dtype {
-                DType::BF16 => "bfloat16",
-                DType::F16 => "float16",
-                DType::F64 => "float64",
-                _ => "float32",
-            };
-            map.insert("torch_dtype".into(), name.into());
+            map.insert("torch_dtype".into(), hf_dtype_name(dtype).into());
         }
         serde_json::to_string_pretty(&value).map_err(|e| crate::Error::config("config.json", e.to_string()))
     }
@@ -202,6 +196,16 @@ impl LlamaConfig {
         let layer = 2 * h + h * h + 2 * h * kv + h * h + 3 * h * i;
         let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
         self.vocab_size * h + self.num_hidden_layers * layer + h + head
+    }
+}
+
+/// The name `transformers` gives `dtype` in a `config.json`'s `torch_dtype`.
+pub fn hf_dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        _ => "float32",
     }
 }
 
