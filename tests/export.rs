@@ -99,6 +99,9 @@ fn classifier_pools_cls_through_the_pooler_as_bert_for_sequence_classification()
     let config = tiny_bert();
     let encoder = Bert::new(&config, "", DType::F32, &Device::Cpu, 3)?;
     let model = BertClassifier::with_pooling(encoder, 3, Pooling::ClsPooler, 4)?;
+    // Pooler pre-activations of order 1, where tanh is far from the identity.
+    let pooler = model.parameters().get("pooler.dense.weight").expect("the pooler exists");
+    pooler.var.set(&(pooler.tensor()? * 100.0)?)?;
     let (ids, types, mask) = batch(config.vocab_size)?;
     let hidden = model.encoder().forward(&ids, Some(&types), &mask, &mut candle_fit::ckpt::Rng::seeded(0), false)?;
     let get = |name: &str| model.parameters().get(name).expect("the parameter exists").tensor();
@@ -107,6 +110,7 @@ fn classifier_pools_cls_through_the_pooler_as_bert_for_sequence_classification()
     let expected = pooled.matmul(&get("classifier.weight")?.t()?)?.broadcast_add(&get("classifier.bias")?)?;
     let got = model.logits(&ids, &types, &mask)?;
     let (a, b) = (values(&expected)?, values(&got)?);
+    assert!(values(&pooled)?.iter().any(|v| v.abs() > 0.5), "pre-activations large enough to tell tanh apart");
     for (x, y) in a.iter().zip(&b) {
         assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{a:?} vs {b:?}");
     }
