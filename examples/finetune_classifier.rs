@@ -24,10 +24,10 @@ use anyhow::Context;
 use candle::Device;
 use candle_fit::ckpt::{Recompute, Rng};
 use candle_fit::datasets::{read_records, ClassificationDataset, Format, LabelMap};
+use candle_fit::export::save_classifier;
 use candle_fit::pretrained::{MiniLmFiles, TextEncoder};
 use candle_fit::train::evaluate::Metrics;
 use candle_fit::train::memory::{mib, CountingAllocator};
-use candle_fit::export::save_classifier;
 use candle_fit::train::models::{BertClassifier, Pooling};
 use candle_fit::train::{
     AdamWConfig, Callback, ClassifierEvaluator, Hooks, LocalUpdater, OptimizerConfig, Precision, Trainer,
@@ -181,7 +181,12 @@ fn main() -> anyhow::Result<()> {
     let dtype = args.precision.dtype();
     // [CLS] through the package's pretrained pooler, as `BertForSequenceClassification` pools,
     // so that `--save` writes a folder `transformers` loads with the same semantics.
-    let model = BertClassifier::with_pooling(files.encoder(dtype, &Device::Cpu)?, names.len(), Pooling::ClsPooler, 3)?;
+    let model = BertClassifier::with_pooling(
+        files.encoder(dtype, &Device::Cpu)?,
+        names.len(),
+        Pooling::ClsPooler,
+        3,
+    )?;
     model.load_pooler(&files.weights)?;
     let adamw = OptimizerConfig::AdamW(AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() });
     let mut updater = LocalUpdater::from_config(model.parameters(), &adamw)?;

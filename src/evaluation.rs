@@ -53,7 +53,9 @@ pub fn evaluate_file(
                     let token = |id: Option<u32>| id.and_then(|id| tokenizer.token(id)).unwrap_or_default();
                     Some(ChatTemplate::new(source, &token(tokenizer.bos_id()), &token(tokenizer.eos_id()))?)
                 }
-                (Format::Chat, None) => anyhow::bail!("{name}: chat records, but the model's tokenizer has no chat template"),
+                (Format::Chat, None) => {
+                    anyhow::bail!("{name}: chat records, but the model's tokenizer has no chat template")
+                }
                 _ => None,
             };
             let encoded = records

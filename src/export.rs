@@ -75,7 +75,9 @@ pub fn save_classifier(
 ) -> anyhow::Result<()> {
     let source = tokenizer_dir.join("tokenizer.json");
     anyhow::ensure!(source.is_file(), "{}: not found (the classifier's tokenizer)", source.display());
-    model.save_pretrained(dir, labels).with_context(|| format!("saving the classifier into {}", dir.display()))?;
+    model
+        .save_pretrained(dir, labels)
+        .with_context(|| format!("saving the classifier into {}", dir.display()))?;
     for name in BERT_TOKENIZER_FILES {
         let from = tokenizer_dir.join(name);
         if from.is_file() {
@@ -88,5 +90,6 @@ pub fn save_classifier(
 
 fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(value)?;
-    candle_train::io::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
+    candle_train::io::write_atomic(path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }

@@ -107,8 +107,8 @@ impl LmTokenizer {
             field,
             reason,
         };
-        let bytes =
-            candle_train::io::read_bounded(tokenizer_config, 64 << 20).map_err(|e| bad("(file)", e.to_string()))?;
+        let bytes = candle_train::io::read_bounded(tokenizer_config, 64 << 20)
+            .map_err(|e| bad("(file)", e.to_string()))?;
         let config: Json = serde_json::from_slice(&bytes).map_err(|e| bad("(file)", e.to_string()))?;
         let token = |field: &'static str| -> Result<Option<u32>, TokenizerError> {
             let text = match config.get(field) {
@@ -194,7 +194,8 @@ impl LmTokenizer {
     /// the chat template when there is one, `model_max_length`, and every added token under
     /// `added_tokens_decoder`.
     pub fn tokenizer_config_json(&self, model_max_length: usize) -> Json {
-        let name = |id: Option<u32>| id.and_then(|id| self.tokenizer.id_to_token(id)).map_or(Json::Null, Json::from);
+        let name =
+            |id: Option<u32>| id.and_then(|id| self.tokenizer.id_to_token(id)).map_or(Json::Null, Json::from);
         let added: serde_json::Map<String, Json> = self
             .tokenizer
             .get_added_tokens_decoder()

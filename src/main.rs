@@ -1308,9 +1308,14 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         anyhow::bail!("--model {}: a classifier does not generate text", args.model);
     };
     let text = if args.chat {
-        let source = tokenizer.chat_template().context("--chat: the model's tokenizer has no chat template")?;
+        let source =
+            tokenizer.chat_template().context("--chat: the model's tokenizer has no chat template")?;
         let token = |id: Option<u32>| id.and_then(|id| tokenizer.token(id)).unwrap_or_default();
-        let template = candle_fit::datasets::ChatTemplate::new(source, &token(tokenizer.bos_id()), &token(tokenizer.eos_id()))?;
+        let template = candle_fit::datasets::ChatTemplate::new(
+            source,
+            &token(tokenizer.bos_id()),
+            &token(tokenizer.eos_id()),
+        )?;
         let message = candle_fit::datasets::Message { role: "user".into(), content: args.prompt.clone() };
         template.render(&[message], true)?
     } else {

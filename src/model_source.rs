@@ -94,11 +94,8 @@ fn load_folder(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Load
         .with_context(|| format!("{}: a model folder needs config.json", dir.display()))?;
     let config: serde_json::Value =
         serde_json::from_slice(&bytes).with_context(|| format!("{}", config_path.display()))?;
-    let architecture = config
-        .get("architectures")
-        .and_then(|a| a.get(0))
-        .and_then(|a| a.as_str())
-        .map(str::to_string);
+    let architecture =
+        config.get("architectures").and_then(|a| a.get(0)).and_then(|a| a.as_str()).map(str::to_string);
     let model_type = config.get("model_type").and_then(|t| t.as_str()).unwrap_or("");
     match (architecture.as_deref(), model_type) {
         (Some("LlamaForCausalLM"), _) | (None, "llama") => {

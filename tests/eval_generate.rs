@@ -14,7 +14,8 @@ use candle_fit::train::models::{Bert, BertClassifier, BertConfig, Llama, LlamaCo
 use common::tiny_tokenizer;
 
 fn run(args: &[&str]) -> anyhow::Result<(i32, String, String)> {
-    let out = Command::new(env!("CARGO_BIN_EXE_candle-fit")).args(args).env("CANDLE_NUM_THREADS", "1").output()?;
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_candle-fit")).args(args).env("CANDLE_NUM_THREADS", "1").output()?;
     Ok((out.status.code().unwrap_or(-1), String::from_utf8(out.stdout)?, String::from_utf8(out.stderr)?))
 }
 
@@ -45,12 +46,23 @@ fn eval_prints_the_language_models_loss_and_perplexity() -> anyhow::Result<()> {
     let model = llama_folder(&dir)?;
     let data = dir.join("data.jsonl");
     std::fs::write(&data, "{\"prompt\": \"ab\", \"completion\": \"cde\"}\n")?;
-    let (code, stdout, stderr) = run(&["eval", "--model", dir.to_str().unwrap_or_default(), "--data", data.to_str().unwrap_or_default()])?;
+    let (code, stdout, stderr) = run(&[
+        "eval",
+        "--model",
+        dir.to_str().unwrap_or_default(),
+        "--data",
+        data.to_str().unwrap_or_default(),
+    ])?;
     assert_eq!(code, 0, "{stderr}");
     // ids a b c d e <eos>; the loss counts the completion and eos: targets c d e <eos>.
     let ids = Tensor::new(&[[0u32, 1, 2, 3, 4]], &Device::Cpu)?;
-    let log_probs = candle_nn::ops::log_softmax(&model.logits(&ids)?.squeeze(0)?, D::Minus1)?.to_vec2::<f32>()?;
-    let expected = -[(1, 2), (2, 3), (3, 4), (4, 22)].iter().map(|&(row, id)| f64::from(log_probs[row][id])).sum::<f64>() / 4.0;
+    let log_probs =
+        candle_nn::ops::log_softmax(&model.logits(&ids)?.squeeze(0)?, D::Minus1)?.to_vec2::<f32>()?;
+    let expected = -[(1, 2), (2, 3), (3, 4), (4, 22)]
+        .iter()
+        .map(|&(row, id)| f64::from(log_probs[row][id]))
+        .sum::<f64>()
+        / 4.0;
     let (loss, perplexity) = (metric(&stdout, "loss")?, metric(&stdout, "perplexity")?);
     assert!((loss - expected).abs() < 1e-3, "printed {loss}, expected {expected}");
     assert!((perplexity - expected.exp()).abs() < 1e-2 * expected.exp(), "{perplexity}");
@@ -74,7 +86,9 @@ fn eval_prints_the_classifiers_accuracy_and_refuses_unknown_labels() -> anyhow::
     for (i, text) in texts.iter().enumerate() {
         let ids: Vec<u32> = text.bytes().map(|b| if b == b' ' { 19 } else { u32::from(b - b'a') }).collect();
         let ids = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        let predicted = model.logits(&ids, &ids.zeros_like()?, &ids.ones_like()?)?.argmax(D::Minus1)?.to_vec1::<u32>()?[0];
+        let predicted =
+            model.logits(&ids, &ids.zeros_like()?, &ids.ones_like()?)?.argmax(D::Minus1)?.to_vec1::<u32>()?
+                [0];
         let label = i % 2;
         expected_correct += usize::from(predicted as usize == label);
         lines.push_str(&format!("{{\"text\": \"{text}\", \"label\": \"{}\"}}\n", ["ham", "spam"][label]));
@@ -82,16 +96,23 @@ fn eval_prints_the_classifiers_accuracy_and_refuses_unknown_labels() -> anyhow::
     let data = dir.join("data.jsonl");
     std::fs::write(&data, &lines)?;
     let dir_arg = dir.to_str().unwrap_or_default();
-    let (code, stdout, stderr) = run(&["eval", "--model", dir_arg, "--data", data.to_str().unwrap_or_default(), "--batch", "4"])?;
+    let (code, stdout, stderr) =
+        run(&["eval", "--model", dir_arg, "--data", data.to_str().unwrap_or_default(), "--batch", "4"])?;
     assert_eq!(code, 0, "{stderr}");
     let accuracy = metric(&stdout, "accuracy")?;
     assert!((accuracy - expected_correct as f64 / texts.len() as f64).abs() < 1e-4, "{stdout}");
     assert_eq!(metric(&stdout, "samples")?, texts.len() as f64);
 
-    std::fs::write(&data, "{\"text\": \"abc\", \"label\": \"ham\"}\n{\"text\": \"abc\", \"label\": \"eggs\"}\n")?;
+    std::fs::write(
+        &data,
+        "{\"text\": \"abc\", \"label\": \"ham\"}\n{\"text\": \"abc\", \"label\": \"eggs\"}\n",
+    )?;
     let (code, _, stderr) = run(&["eval", "--model", dir_arg, "--data", data.to_str().unwrap_or_default()])?;
     assert_eq!(code, 2);
-    assert!(stderr.contains("data.jsonl:2") && stderr.contains("`label`") && stderr.contains("eggs"), "{stderr}");
+    assert!(
+        stderr.contains("data.jsonl:2") && stderr.contains("`label`") && stderr.contains("eggs"),
+        "{stderr}"
+    );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 
     std::fs::write(&data, "{\"text\": \"abc\"}\n")?;
@@ -113,10 +134,18 @@ fn bad_model_paths_are_one_clear_line() -> anyhow::Result<()> {
     let (code, _, stderr) = run(&["eval", "--model", "no-such-model", "--data", data_arg])?;
     assert_eq!(code, 2);
     assert!(stderr.contains("no-such-model") && stderr.contains("smollm2"), "{stderr}");
-    std::fs::write(dir.join("config.json"), "{\"architectures\": [\"MistralForCausalLM\"], \"model_type\": \"mistral\"}")?;
+    std::fs::write(
+        dir.join("config.json"),
+        "{\"architectures\": [\"MistralForCausalLM\"], \"model_type\": \"mistral\"}",
+    )?;
     let (code, _, stderr) = run(&["eval", "--model", dir.to_str().unwrap_or_default(), "--data", data_arg])?;
     assert_eq!(code, 2);
-    assert!(stderr.contains("config.json") && stderr.contains("architectures") && stderr.contains("MistralForCausalLM"), "{stderr}");
+    assert!(
+        stderr.contains("config.json")
+            && stderr.contains("architectures")
+            && stderr.contains("MistralForCausalLM"),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
@@ -138,7 +167,8 @@ fn generate_streams_the_librarys_tokens_with_and_without_the_cache() -> anyhow::
     let (_, plain, _) = run(&[&args[..], &["--no-cache"]].concat())?;
     assert_eq!(plain, stdout);
 
-    let sampled = [&args[..], &["--temperature", "1.2", "--top-k", "8", "--top-p", "0.95", "--seed", "4"]].concat();
+    let sampled =
+        [&args[..], &["--temperature", "1.2", "--top-k", "8", "--top-p", "0.95", "--seed", "4"]].concat();
     let (code, first, stderr) = run(&sampled)?;
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(run(&sampled)?.1, first, "the same seed gives the same text");

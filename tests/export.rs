@@ -103,14 +103,19 @@ fn classifier_pools_cls_through_the_pooler_as_bert_for_sequence_classification()
     let pooler = model.parameters().get("pooler.dense.weight").expect("the pooler exists");
     pooler.var.set(&(pooler.tensor()? * 100.0)?)?;
     let (ids, types, mask) = batch(config.vocab_size)?;
-    let hidden = model.encoder().forward(&ids, Some(&types), &mask, &mut candle_fit::ckpt::Rng::seeded(0), false)?;
+    let hidden =
+        model.encoder().forward(&ids, Some(&types), &mask, &mut candle_fit::ckpt::Rng::seeded(0), false)?;
     let get = |name: &str| model.parameters().get(name).expect("the parameter exists").tensor();
     let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
-    let pooled = cls.matmul(&get("pooler.dense.weight")?.t()?)?.broadcast_add(&get("pooler.dense.bias")?)?.tanh()?;
+    let pooled =
+        cls.matmul(&get("pooler.dense.weight")?.t()?)?.broadcast_add(&get("pooler.dense.bias")?)?.tanh()?;
     let expected = pooled.matmul(&get("classifier.weight")?.t()?)?.broadcast_add(&get("classifier.bias")?)?;
     let got = model.logits(&ids, &types, &mask)?;
     let (a, b) = (values(&expected)?, values(&got)?);
-    assert!(values(&pooled)?.iter().any(|v| v.abs() > 0.5), "pre-activations large enough to tell tanh apart");
+    assert!(
+        values(&pooled)?.iter().any(|v| v.abs() > 0.5),
+        "pre-activations large enough to tell tanh apart"
+    );
     for (x, y) in a.iter().zip(&b) {
         assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{a:?} vs {b:?}");
     }
@@ -177,7 +182,8 @@ fn classifier_config_with_bad_labels_is_refused_naming_the_field() -> anyhow::Re
     let mut json = read_json(&path)?;
     json["id2label"] = serde_json::json!({"0": "x", "2": "y"});
     std::fs::write(&path, serde_json::to_string(&json)?)?;
-    let message = BertClassifier::from_pretrained(&dir, DType::F32, &Device::Cpu).err().expect("refused").to_string();
+    let message =
+        BertClassifier::from_pretrained(&dir, DType::F32, &Device::Cpu).err().expect("refused").to_string();
     assert!(message.contains("id2label"), "{message}");
     std::fs::remove_dir_all(&dir)?;
     std::fs::remove_dir_all(&tokenizer_dir)?;

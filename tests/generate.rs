@@ -29,7 +29,8 @@ fn cached_logits_equal_the_full_sequence_logits() -> anyhow::Result<()> {
     let ids: Vec<u32> = vec![3, 7, 1, 19, 4, 4, 12, 0];
     let full = model.logits(&Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?)?.i(0)?;
     let mut cache = KvCache::new();
-    let prefix = model.logits_cached(&Tensor::new(&ids[..3], &Device::Cpu)?.unsqueeze(0)?, &mut cache)?.i(0)?;
+    let prefix =
+        model.logits_cached(&Tensor::new(&ids[..3], &Device::Cpu)?.unsqueeze(0)?, &mut cache)?.i(0)?;
     let mut rows = vec![prefix];
     for &id in &ids[3..] {
         rows.push(model.logits_cached(&Tensor::new(&[[id]], &Device::Cpu)?, &mut cache)?.i(0)?);
@@ -53,18 +54,23 @@ fn generation_with_the_cache_equals_generation_without_it() -> anyhow::Result<()
     ];
     for (seed, sampling) in samplings.into_iter().enumerate() {
         let model = model(seed as u64 + 2)?;
-        let config = GenerationConfig { max_new_tokens: 20, sampling, seed: 7, ..GenerationConfig::default() };
+        let config =
+            GenerationConfig { max_new_tokens: 20, sampling, seed: 7, ..GenerationConfig::default() };
         let mut streamed = Vec::new();
         let cached = generate(&model, &[5, 1, 9], &config, |t| {
             streamed.push(t);
             Ok(())
         })?;
-        let plain = generate(&model, &[5, 1, 9], &GenerationConfig { use_cache: false, ..config.clone() }, |_| Ok(()))?;
+        let plain =
+            generate(&model, &[5, 1, 9], &GenerationConfig { use_cache: false, ..config.clone() }, |_| {
+                Ok(())
+            })?;
         assert_eq!(cached.len(), 20);
         assert_eq!(cached, plain, "{sampling:?}");
         assert_eq!(streamed, cached, "every token is streamed, in order");
         if sampling != Sampling::Greedy {
-            let other = generate(&model, &[5, 1, 9], &GenerationConfig { seed: 8, ..config.clone() }, |_| Ok(()))?;
+            let other =
+                generate(&model, &[5, 1, 9], &GenerationConfig { seed: 8, ..config.clone() }, |_| Ok(()))?;
             assert_ne!(other, cached, "another seed draws other tokens");
         }
     }
@@ -78,10 +84,16 @@ fn a_stop_token_ends_generation_and_positions_bound_it() -> anyhow::Result<()> {
     let free = generate(&model, &[2, 3], &config, |_| Ok(()))?;
     let stop = free[4];
     let first = free.iter().position(|&t| t == stop).expect("the token occurs");
-    let stopped = generate(&model, &[2, 3], &GenerationConfig { stop_tokens: vec![stop], ..config }, |_| Ok(()))?;
+    let stopped =
+        generate(&model, &[2, 3], &GenerationConfig { stop_tokens: vec![stop], ..config }, |_| Ok(()))?;
     assert_eq!(stopped, free[..=first].to_vec());
     // 32 positions: a 30-token prompt leaves room for 2.
-    let long = generate(&model, &[1; 30], &GenerationConfig { max_new_tokens: 10, ..GenerationConfig::default() }, |_| Ok(()))?;
+    let long = generate(
+        &model,
+        &[1; 30],
+        &GenerationConfig { max_new_tokens: 10, ..GenerationConfig::default() },
+        |_| Ok(()),
+    )?;
     assert_eq!(long.len(), 2);
     Ok(())
 }

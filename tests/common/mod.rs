@@ -29,4 +29,3 @@ pub fn tiny_tokenizer() -> anyhow::Result<LmTokenizer> {
     ]);
     Ok(LmTokenizer::from_gguf_metadata(&metadata)?)
 }
-

@@ -45,7 +45,13 @@ pub struct GenerationConfig {
 impl Default for GenerationConfig {
     /// 128 new tokens, greedy, seed 0, no stop token, with the cache.
     fn default() -> Self {
-        Self { max_new_tokens: 128, sampling: Sampling::Greedy, seed: 0, stop_tokens: Vec::new(), use_cache: true }
+        Self {
+            max_new_tokens: 128,
+            sampling: Sampling::Greedy,
+            seed: 0,
+            stop_tokens: Vec::new(),
+            use_cache: true,
+        }
     }
 }
 
@@ -222,7 +228,8 @@ mod tests {
     fn top_p_drops_the_unlikely_tail() -> crate::Result<()> {
         // p = [0.7, 0.2, 0.1]: top-p 0.8 keeps the first two, never the third.
         let logits = [0.7f32.ln(), 0.2f32.ln(), 0.1f32.ln()];
-        let mut sampler = Sampler::new(Sampling::Sample { temperature: 1.0, top_k: None, top_p: Some(0.8) }, 5);
+        let mut sampler =
+            Sampler::new(Sampling::Sample { temperature: 1.0, top_k: None, top_p: Some(0.8) }, 5);
         let draws: Vec<u32> = (0..2000).map(|_| sampler.pick(&logits)).collect::<crate::Result<_>>()?;
         assert!(!draws.contains(&2));
         assert!(draws.contains(&1));
@@ -233,8 +240,11 @@ mod tests {
     fn bad_settings_are_refused_by_name() {
         let bad = |sampling| GenerationConfig { sampling, ..GenerationConfig::default() }.validate();
         let message = |r: crate::Result<()>| r.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(message(bad(Sampling::Sample { temperature: 0.0, top_k: None, top_p: None })).contains("temperature"));
-        assert!(message(bad(Sampling::Sample { temperature: 1.0, top_k: Some(0), top_p: None })).contains("top_k"));
-        assert!(message(bad(Sampling::Sample { temperature: 1.0, top_k: None, top_p: Some(1.5) })).contains("top_p"));
+        assert!(message(bad(Sampling::Sample { temperature: 0.0, top_k: None, top_p: None }))
+            .contains("temperature"));
+        assert!(message(bad(Sampling::Sample { temperature: 1.0, top_k: Some(0), top_p: None }))
+            .contains("top_k"));
+        assert!(message(bad(Sampling::Sample { temperature: 1.0, top_k: None, top_p: Some(1.5) }))
+            .contains("top_p"));
     }
 }

@@ -123,7 +123,8 @@ impl GroupedQueryAttention {
             scaled_dot_product_attention(&q, &k, &v, AttentionMask::Causal, None)?
         } else {
             let (b, _, keys, _) = k.dims4()?;
-            let visible = Tensor::zeros((b, 1, 1, keys), crate::device::reduction_dtype(q.dtype()), x.device())?;
+            let visible =
+                Tensor::zeros((b, 1, 1, keys), crate::device::reduction_dtype(q.dtype()), x.device())?;
             scaled_dot_product_attention(&q, &k, &v, AttentionMask::KeyPadding(&visible), None)?
         };
         *cache = Some((k, v));

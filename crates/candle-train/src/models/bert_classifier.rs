@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle::{DType, Device, Result, Tensor};
-use serde_json::json;
 use candle_ckpt::SegmentContext;
+use serde_json::json;
 
 use crate::device::reduction_dtype;
 use crate::layers::ops::padding_bias;
@@ -86,7 +86,12 @@ impl BertClassifier {
     ///
     /// # Errors
     /// [`crate::Error::InvalidConfig`] for zero labels; allocation failure.
-    pub fn with_pooling(encoder: Bert, num_labels: usize, pooling: Pooling, seed: u64) -> crate::Result<Self> {
+    pub fn with_pooling(
+        encoder: Bert,
+        num_labels: usize,
+        pooling: Pooling,
+        seed: u64,
+    ) -> crate::Result<Self> {
         if num_labels == 0 {
             return Err(crate::Error::config("num_labels", "must be at least 1"));
         }
@@ -217,8 +222,8 @@ impl BertClassifier {
         let path = dir.join("config.json");
         let config = BertConfig::from_json_file(&path)?;
         let bytes = crate::io::read_bounded(&path, crate::io::MAX_CONFIG_BYTES)?;
-        let value: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| crate::Error::config("config.json", e.to_string()))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| crate::Error::config("config.json", e.to_string()))?;
         let labels = labels_from_config(&value)?;
         let encoder = Bert::new(&config, HF_PREFIX, dtype, device, 0)?;
         let model = Self::with_pooling(encoder, labels.len(), Pooling::ClsPooler, 0)?;
@@ -341,9 +346,9 @@ fn labels_from_config(value: &serde_json::Value) -> crate::Result<Vec<String>> {
                 let index = key
                     .parse::<usize>()
                     .map_err(|_| crate::Error::config("id2label", format!("key `{key}` is not an index")))?;
-                let name = name
-                    .as_str()
-                    .ok_or_else(|| crate::Error::config("id2label", format!("label {index} is not a string")))?;
+                let name = name.as_str().ok_or_else(|| {
+                    crate::Error::config("id2label", format!("label {index} is not a string"))
+                })?;
                 by_index.insert(index, name.to_string());
             }
             let labels = (0..by_index.len())
