@@ -1346,7 +1346,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         tokens.push(token);
         let text = tokenizer.decode(&tokens).map_err(|e| stream_error(e.to_string()))?;
         if text.len() > printed.len() && text.starts_with(&printed) && !text.ends_with('\u{fffd}') {
-            stdout.write_all(text[printed.len()..].as_bytes()).map_err(|e| stream_error(e.to_string()))?;
+            stdout.write_all(&text.as_bytes()[printed.len()..]).map_err(|e| stream_error(e.to_string()))?;
             stdout.flush().map_err(|e| stream_error(e.to_string()))?;
             printed = text;
         }

@@ -18,6 +18,8 @@ pub const SHORT_NAMES: [&str; 2] = ["smollm2", "smollm2-135m-instruct"];
 const CLASSIFIER_MAX_LEN: usize = 512;
 
 /// A loaded model with what it needs to read text.
+// One value per command, moved once: the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum LoadedModel {
     /// A causal language model (`LlamaForCausalLM`).

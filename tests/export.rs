@@ -76,7 +76,7 @@ fn bad_tokenizer_config_is_refused_naming_file_and_field() -> anyhow::Result<()>
     let dir = temp_dir("badtok");
     save_llama(&Llama::new(&LlamaConfig::tiny(), DType::F32, &Device::Cpu, 5)?, &tiny_tokenizer()?, &dir)?;
     std::fs::write(dir.join("tokenizer_config.json"), r#"{"eos_token": "<|nope|>"}"#)?;
-    let message = format!("{:#}", load_llama(&dir, DType::F32, &Device::Cpu).err().expect("refused"));
+    let message = format!("{:#}", load_llama(&dir, DType::F32, &Device::Cpu).expect_err("refused"));
     assert!(message.contains("tokenizer_config.json") && message.contains("eos_token"), "{message}");
     std::fs::remove_dir_all(&dir)?;
     Ok(())
@@ -164,7 +164,7 @@ fn mean_pooling_classifier_export_is_refused_by_name() -> anyhow::Result<()> {
     let encoder = Bert::new(&tiny_bert(), "", DType::F32, &Device::Cpu, 3)?;
     let model = BertClassifier::new(encoder, 2, 4)?;
     let dir = temp_dir("mean");
-    let message = model.save_pretrained(&dir, &["a".into(), "b".into()]).err().expect("refused").to_string();
+    let message = model.save_pretrained(&dir, &["a".into(), "b".into()]).expect_err("refused").to_string();
     assert!(message.contains("pooling") && message.contains("BertForSequenceClassification"), "{message}");
     assert!(!dir.join("config.json").exists());
     Ok(())
@@ -183,7 +183,7 @@ fn classifier_config_with_bad_labels_is_refused_naming_the_field() -> anyhow::Re
     json["id2label"] = serde_json::json!({"0": "x", "2": "y"});
     std::fs::write(&path, serde_json::to_string(&json)?)?;
     let message =
-        BertClassifier::from_pretrained(&dir, DType::F32, &Device::Cpu).err().expect("refused").to_string();
+        BertClassifier::from_pretrained(&dir, DType::F32, &Device::Cpu).expect_err("refused").to_string();
     assert!(message.contains("id2label"), "{message}");
     std::fs::remove_dir_all(&dir)?;
     std::fs::remove_dir_all(&tokenizer_dir)?;
