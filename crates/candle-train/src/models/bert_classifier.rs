@@ -43,7 +43,7 @@ pub enum Pooling {
     /// The mean over the tokens the mask keeps (sentence-transformers); no Hugging Face
     /// sequence-classification class computes this, so it does not export.
     Mean,
-    /// `tanh(pooler.dense(h[:, 0]))`, the [CLS] token through BERT's pooler, as
+    /// `tanh(pooler.dense(h[:, 0]))`, the `[CLS]` token through BERT's pooler, as
     /// `BertForSequenceClassification` pools.
     ClsPooler,
 }
