@@ -1352,7 +1352,13 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })?;
-    println!();
+    // Whatever streaming held back (a decoding that rewrote earlier text, a final partial
+    // character) comes out at the end.
+    let text = tokenizer.decode(&tokens)?;
+    match text.strip_prefix(printed.as_str()) {
+        Some(rest) => println!("{rest}"),
+        None => println!("\n{text}"),
+    }
     Ok(())
 }
 
