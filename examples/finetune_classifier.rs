@@ -11,7 +11,8 @@
 //!     [--checkpoint-dir DIR] [--resume DIR] [--save DIR]
 //! ```
 //!
-//! The model is `BertClassifier` (embeddings, one segment per encoder layer, pooling + head +
+//! The model is `BertClassifier` (embeddings, one segment per encoder layer, [CLS] through the
+//! pretrained pooler + head +
 //! F32 cross-entropy); the data is a `ClassificationDataset` (each text tokenized once, batches
 //! padded per micro-batch); everything else is the Trainer's: recompute policy, accumulation
 //! (`--batch` samples per step in `--accumulate` micro-batches), warm-up + cosine schedule,
@@ -23,10 +24,11 @@ use anyhow::Context;
 use candle::Device;
 use candle_fit::ckpt::{Recompute, Rng};
 use candle_fit::datasets::{read_records, ClassificationDataset, Format, LabelMap};
+use candle_fit::export::save_classifier;
 use candle_fit::pretrained::{MiniLmFiles, TextEncoder};
 use candle_fit::train::evaluate::Metrics;
 use candle_fit::train::memory::{mib, CountingAllocator};
-use candle_fit::train::models::{Bert, BertClassifier};
+use candle_fit::train::models::{BertClassifier, Pooling};
 use candle_fit::train::{
     AdamWConfig, Callback, ClassifierEvaluator, Hooks, LocalUpdater, OptimizerConfig, Precision, Trainer,
     TrainerConfig,
@@ -177,7 +179,15 @@ fn main() -> anyhow::Result<()> {
         args.accumulate
     );
     let dtype = args.precision.dtype();
-    let model = BertClassifier::new(files.encoder(dtype, &Device::Cpu)?, names.len(), 3)?;
+    // [CLS] through the package's pretrained pooler, as `BertForSequenceClassification` pools,
+    // so that `--save` writes a folder `transformers` loads with the same semantics.
+    let model = BertClassifier::with_pooling(
+        files.encoder(dtype, &Device::Cpu)?,
+        names.len(),
+        Pooling::ClsPooler,
+        3,
+    )?;
+    model.load_pooler(&files.weights)?;
     let adamw = OptimizerConfig::AdamW(AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() });
     let mut updater = LocalUpdater::from_config(model.parameters(), &adamw)?;
     let mut config = TrainerConfig::builder()
@@ -214,17 +224,11 @@ fn main() -> anyhow::Result<()> {
     );
 
     if let Some(dir) = &args.save {
-        // The encoder under its original names and the head as `classifier.*`, the names
-        // transformers' `BertForSequenceClassification` uses, with the package's config and
-        // tokenizer beside them; reloaded and checked.
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let path = dir.join("model.safetensors");
-        model.parameters().save_safetensors(&path)?;
-        std::fs::copy(&files.config, dir.join("config.json"))?;
-        std::fs::copy(&files.tokenizer, dir.join("tokenizer.json"))?;
-        let encoder = Bert::from_safetensors(model.encoder().config(), "", &path, dtype, &Device::Cpu)?;
-        let reloaded = BertClassifier::new(encoder, names.len(), 99)?;
-        reloaded.parameters().load_safetensors(&path)?;
+        // A `BertForSequenceClassification` folder (encoder and pooler under `bert.`, the head
+        // as `classifier.*`, `id2label`) with the package's tokenizer files; reloaded and checked.
+        let model_dir = files.config.parent().context("the package's model folder")?;
+        save_classifier(&model, &names, model_dir, dir)?;
+        let (reloaded, _) = BertClassifier::from_pretrained(dir, dtype, &Device::Cpu)?;
         let batch = &data_batch(&tokenizer, &held_out)?;
         let (a, b) = (
             model.logits(&batch.ids, &batch.token_types, &batch.mask)?,

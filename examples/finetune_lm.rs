@@ -16,8 +16,9 @@
 //! The last 10% of the examples (windows for text) are held out. Batches are right-padded per
 //! micro-batch with `-100` targets, so the loss of a step is the mean over the counted tokens
 //! of the whole global batch, however it is cut into micro-batches. `--save DIR` writes
-//! `config.json`, `model.safetensors` (Hugging Face names) and `tokenizer.json`, reloads them
-//! and checks the reloaded model's held-out loss is identical.
+//! a Hugging Face folder (`config.json`, `model.safetensors`, `tokenizer.json`,
+//! `tokenizer_config.json` with the chat template, `generation_config.json`), reloads it and
+//! checks the reloaded model's held-out loss is identical.
 
 use std::path::PathBuf;
 
@@ -25,10 +26,10 @@ use anyhow::Context;
 use candle::Device;
 use candle_fit::ckpt::Recompute;
 use candle_fit::datasets::{encode_record, pack, read_records, ChatTemplate, Example, Format, TokenDataset};
+use candle_fit::export::{load_llama, save_llama};
 use candle_fit::pretrained::SmolLm2Files;
 use candle_fit::train::evaluate::Metrics;
 use candle_fit::train::memory::{mib, CountingAllocator};
-use candle_fit::train::models::Llama;
 use candle_fit::train::{
     AdamWConfig, Callback, DataSource, Hooks, LocalUpdater, OptimizerConfig, Precision, Trainer,
     TrainerConfig,
@@ -217,9 +218,8 @@ fn main() -> anyhow::Result<()> {
     );
 
     if let Some(dir) = &args.save {
-        model.save_pretrained(dir)?;
-        files.tokenizer()?.save(&dir.join("tokenizer.json"))?;
-        let reloaded = Llama::from_pretrained(dir, args.precision.dtype(), &Device::Cpu)?;
+        save_llama(&model, &files.tokenizer()?, dir)?;
+        let (reloaded, _) = load_llama(dir, args.precision.dtype(), &Device::Cpu)?;
         let again = Trainer::evaluate(&reloaded, &data.validation(&trainer.data_shape(), &Device::Cpu)?)?;
         anyhow::ensure!(
             again == report.final_val_loss,

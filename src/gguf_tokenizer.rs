@@ -39,6 +39,16 @@ pub enum TokenizerError {
     /// The `tokenizers` crate refused the rebuilt tokenizer, or failed to encode, decode or save.
     #[error("tokenizer: {0}")]
     Tokenizers(String),
+    /// A `tokenizer_config.json` field is unusable.
+    #[error("{}: field `{field}`: {reason}", path.display())]
+    Config {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// A causal language model's tokenizer: text to ids and back, without special-token
@@ -47,6 +57,9 @@ pub enum TokenizerError {
 pub struct LmTokenizer {
     tokenizer: tokenizers::Tokenizer,
     eos: Option<u32>,
+    bos: Option<u32>,
+    pad: Option<u32>,
+    chat_template: Option<String>,
 }
 
 impl LmTokenizer {
@@ -62,8 +75,67 @@ impl LmTokenizer {
         let text = serde_json::to_string(&json).map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
         let tokenizer: tokenizers::Tokenizer =
             text.parse().map_err(|e: tokenizers::Error| TokenizerError::Tokenizers(e.to_string()))?;
-        let eos = metadata.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok());
-        Ok(Self { tokenizer, eos })
+        let id = |key: &str| metadata.get(key).and_then(|v| v.to_u32().ok());
+        let chat_template = metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
+        Ok(Self {
+            tokenizer,
+            eos: id("tokenizer.ggml.eos_token_id"),
+            bos: id("tokenizer.ggml.bos_token_id"),
+            pad: id("tokenizer.ggml.padding_token_id"),
+            chat_template,
+        })
+    }
+
+    /// Loads a Hugging Face `tokenizer.json` and, when the file exists, the
+    /// `tokenizer_config.json` beside it (its `bos_token`, `eos_token`, `pad_token` and
+    /// `chat_template`; a token is a string or an object with `content`).
+    ///
+    /// # Errors
+    /// [`TokenizerError::Tokenizers`] when `tokenizer.json` does not load,
+    /// [`TokenizerError::Config`] naming the file and field of a bad `tokenizer_config.json`.
+    pub fn from_files(tokenizer_json: &Path, tokenizer_config: &Path) -> Result<Self, TokenizerError> {
+        let bytes = candle_train::io::read_bounded(tokenizer_json, 1 << 30)
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+        let tokenizer = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| TokenizerError::Tokenizers(format!("{}: {e}", tokenizer_json.display())))?;
+        let mut this = Self { tokenizer, eos: None, bos: None, pad: None, chat_template: None };
+        if !tokenizer_config.exists() {
+            return Ok(this);
+        }
+        let bad = |field: &'static str, reason: String| TokenizerError::Config {
+            path: tokenizer_config.to_path_buf(),
+            field,
+            reason,
+        };
+        let bytes = candle_train::io::read_bounded(tokenizer_config, 64 << 20)
+            .map_err(|e| bad("(file)", e.to_string()))?;
+        let config: Json = serde_json::from_slice(&bytes).map_err(|e| bad("(file)", e.to_string()))?;
+        let token = |field: &'static str| -> Result<Option<u32>, TokenizerError> {
+            let text = match config.get(field) {
+                None | Some(Json::Null) => return Ok(None),
+                Some(Json::String(s)) => s.as_str(),
+                Some(Json::Object(o)) => o
+                    .get("content")
+                    .and_then(Json::as_str)
+                    .ok_or_else(|| bad(field, "an object without a string `content`".into()))?,
+                Some(_) => return Err(bad(field, "must be a string".into())),
+            };
+            this.tokenizer
+                .token_to_id(text)
+                .map(Some)
+                .ok_or_else(|| bad(field, format!("`{text}` is not in tokenizer.json's vocabulary")))
+        };
+        let (bos, eos, pad) = (token("bos_token")?, token("eos_token")?, token("pad_token")?);
+        let chat_template = match config.get("chat_template") {
+            None | Some(Json::Null) => None,
+            Some(Json::String(s)) => Some(s.clone()),
+            Some(_) => return Err(bad("chat_template", "must be a string".into())),
+        };
+        this.bos = bos;
+        this.eos = eos;
+        this.pad = pad;
+        this.chat_template = chat_template;
+        Ok(this)
     }
 
     /// The ids of `text`.
@@ -97,6 +169,61 @@ impl LmTokenizer {
     /// The end-of-sequence id, when the file names one.
     pub fn eos_id(&self) -> Option<u32> {
         self.eos
+    }
+
+    /// The beginning-of-sequence id, when the file names one (it is not inserted by
+    /// [`LmTokenizer::encode`]).
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// The padding id, when the file names one.
+    pub fn pad_id(&self) -> Option<u32> {
+        self.pad
+    }
+
+    /// The chat template's Jinja source (`tokenizer.chat_template` in a GGUF file,
+    /// `chat_template` in `tokenizer_config.json`), when there is one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// The `tokenizer_config.json` Hugging Face's `AutoTokenizer` reads beside
+    /// `tokenizer.json`: the special tokens by string (`bos_token`, `eos_token`, `pad_token`;
+    /// null where the tokenizer has none), no BOS/EOS insertion (as [`LmTokenizer::encode`]),
+    /// the chat template when there is one, `model_max_length`, and every added token under
+    /// `added_tokens_decoder`.
+    pub fn tokenizer_config_json(&self, model_max_length: usize) -> Json {
+        let name =
+            |id: Option<u32>| id.and_then(|id| self.tokenizer.id_to_token(id)).map_or(Json::Null, Json::from);
+        let added: serde_json::Map<String, Json> = self
+            .tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .map(|(id, token)| {
+                let entry = json!({
+                    "content": token.content, "lstrip": token.lstrip, "normalized": token.normalized,
+                    "rstrip": token.rstrip, "single_word": token.single_word, "special": token.special,
+                });
+                (id.to_string(), entry)
+            })
+            .collect();
+        let mut config = json!({
+            "add_bos_token": false,
+            "add_eos_token": false,
+            "added_tokens_decoder": added,
+            "bos_token": name(self.bos),
+            "eos_token": name(self.eos),
+            "pad_token": name(self.pad),
+            "unk_token": Json::Null,
+            "clean_up_tokenization_spaces": false,
+            "model_max_length": model_max_length,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        });
+        if let (Some(template), Some(map)) = (&self.chat_template, config.as_object_mut()) {
+            map.insert("chat_template".into(), json!(template));
+        }
+        config
     }
 
     /// Writes the tokenizer as a Hugging Face `tokenizer.json`.

@@ -12,7 +12,10 @@
 pub mod bench;
 pub mod chart;
 pub mod datasets;
+pub mod evaluation;
+pub mod export;
 pub mod gguf_tokenizer;
+pub mod model_source;
 pub mod optim_bench;
 pub mod pretrained;
 

@@ -43,6 +43,62 @@ enum Command {
     /// group (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set as torchrun does),
     /// communicating over TCP: `candle-fit launch --nproc 2 -- train --zero 1`.
     Launch(LaunchArgs),
+    /// Loss and perplexity (and accuracy, for a classifier) of a model on a data file:
+    /// `candle-fit eval --model DIR|FILE.gguf|smollm2 --data FILE.jsonl`.
+    Eval(EvalArgs),
+    /// Continue a prompt with a causal language model, streaming the text to stdout:
+    /// `candle-fit generate --model DIR|FILE.gguf|smollm2 --prompt TEXT`.
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct GenerateArgs {
+    /// A model folder written by candle-fit (or transformers), a .gguf file, or a packaged
+    /// model's short name (smollm2).
+    #[arg(long)]
+    model: String,
+    /// The text to continue.
+    #[arg(long)]
+    prompt: String,
+    /// Send the prompt as one user message through the tokenizer's chat template (with the
+    /// assistant's opening appended).
+    #[arg(long)]
+    chat: bool,
+    /// The most tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 decodes greedily.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Sample among the k most likely tokens only.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Sample among the most likely tokens up to this cumulative probability.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// The sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Re-run the whole sequence for every token instead of using the key/value cache.
+    #[arg(long)]
+    no_cache: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct EvalArgs {
+    /// A model folder written by candle-fit (or transformers), a .gguf file, or a packaged
+    /// model's short name (smollm2).
+    #[arg(long)]
+    model: String,
+    /// JSONL (text, prompt/completion, chat messages, or text + label) or CSV (text, label).
+    #[arg(long)]
+    data: PathBuf,
+    /// Tokens per sequence (text is packed into windows of this many tokens plus one).
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -1221,6 +1277,91 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
+fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    use candle_fit::evaluation::{evaluate_file, EvalConfig};
+    let device = candle::Device::Cpu;
+    let model = candle_fit::model_source::load_model(&args.model, candle::DType::F32, &device)?;
+    println!(
+        "model {} ({}, {:.1}M parameters, f32, cpu); data {}",
+        args.model,
+        model.architecture(),
+        model.num_parameters() as f64 / 1e6,
+        args.data.display()
+    );
+    let config = EvalConfig { seq_len: args.seq_len, batch: args.batch };
+    let (metrics, count) = evaluate_file(&model, &args.data, config, &device)?;
+    let unit = match model {
+        candle_fit::model_source::LoadedModel::CausalLm { .. } => "tokens",
+        candle_fit::model_source::LoadedModel::Classifier { .. } => "samples",
+    };
+    let line: Vec<String> = metrics.iter().map(|(name, value)| format!("{name}={value:.4}")).collect();
+    println!("{} {unit}={count}", line.join(" "));
+    Ok(())
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    use candle_fit::train::generate::{generate, GenerationConfig, Sampling};
+    use std::io::Write;
+    let device = candle::Device::Cpu;
+    let loaded = candle_fit::model_source::load_model(&args.model, candle::DType::F32, &device)?;
+    let candle_fit::model_source::LoadedModel::CausalLm { model, tokenizer } = loaded else {
+        anyhow::bail!("--model {}: a classifier does not generate text", args.model);
+    };
+    let text = if args.chat {
+        let source =
+            tokenizer.chat_template().context("--chat: the model's tokenizer has no chat template")?;
+        let token = |id: Option<u32>| id.and_then(|id| tokenizer.token(id)).unwrap_or_default();
+        let template = candle_fit::datasets::ChatTemplate::new(
+            source,
+            &token(tokenizer.bos_id()),
+            &token(tokenizer.eos_id()),
+        )?;
+        let message = candle_fit::datasets::Message { role: "user".into(), content: args.prompt.clone() };
+        template.render(&[message], true)?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = tokenizer.encode(&text)?;
+    let sampling = if args.temperature == 0.0 {
+        Sampling::Greedy
+    } else {
+        Sampling::Sample { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p }
+    };
+    let config = GenerationConfig {
+        max_new_tokens: args.max_new_tokens,
+        sampling,
+        seed: args.seed,
+        stop_tokens: tokenizer.eos_id().into_iter().collect(),
+        use_cache: !args.no_cache,
+    };
+    // Each token's text is the growth of the decoded continuation (a token can end inside a
+    // multi-byte character); the stop token is not printed.
+    let (mut tokens, mut printed) = (Vec::new(), String::new());
+    let mut stdout = std::io::stdout();
+    let stream_error = |e: String| candle_fit::train::Error::config("generate", e);
+    generate(&model, &prompt, &config, |token| {
+        if config.stop_tokens.contains(&token) {
+            return Ok(());
+        }
+        tokens.push(token);
+        let text = tokenizer.decode(&tokens).map_err(|e| stream_error(e.to_string()))?;
+        if text.len() > printed.len() && text.starts_with(&printed) && !text.ends_with('\u{fffd}') {
+            stdout.write_all(&text.as_bytes()[printed.len()..]).map_err(|e| stream_error(e.to_string()))?;
+            stdout.flush().map_err(|e| stream_error(e.to_string()))?;
+            printed = text;
+        }
+        Ok(())
+    })?;
+    // Whatever streaming held back (a decoding that rewrote earlier text, a final partial
+    // character) comes out at the end.
+    let text = tokenizer.decode(&tokens)?;
+    match text.strip_prefix(printed.as_str()) {
+        Some(rest) => println!("{rest}"),
+        None => println!("\n{text}"),
+    }
+    Ok(())
+}
+
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Train(args) => train(args),
@@ -1228,6 +1369,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::BenchOptimizer(args) => bench_optimizer(args),
         Command::Estimate(args) => estimate(args),
         Command::Launch(args) => launch(args),
+        Command::Eval(args) => eval(args),
+        Command::Generate(args) => generate(args),
     }
 }
 

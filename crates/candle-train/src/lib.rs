@@ -30,6 +30,7 @@ pub mod device;
 pub mod error;
 pub mod estimate;
 pub mod evaluate;
+pub mod generate;
 pub mod host;
 pub mod io;
 pub mod layers;

@@ -92,4 +92,42 @@ impl GroupedQueryAttention {
         let y = scaled_dot_product_attention(&q, &k, &v, AttentionMask::Causal, None)?;
         self.o_proj.forward(&y)
     }
+
+    /// The attention of the new tokens `x` (`[batch, t, hidden]`, positions `offset..offset + t`
+    /// where `offset` is the cached length) over the cached keys and values and their own;
+    /// appends their keys and values (after rotation) to `cache`. With an empty cache this is
+    /// [`GroupedQueryAttention::forward`] (causal); with a non-empty one `t` must be 1 (one
+    /// token sees every cached position, so no mask is needed).
+    ///
+    /// # Errors
+    /// Several new tokens over a non-empty cache; as [`GroupedQueryAttention::forward`].
+    pub fn forward_cached(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let offset = cache.as_ref().map_or(Ok(0), |(k, _)| k.dim(2))?;
+        let t = x.dim(1)?;
+        if offset > 0 && t != 1 {
+            candle::bail!("attention: {t} new tokens over a cache of {offset}; decode one at a time");
+        }
+        let q = rotary.forward_at(&split_heads(&self.q_proj.forward(x)?, self.num_heads)?, offset)?;
+        let k = rotary.forward_at(&split_heads(&self.k_proj.forward(x)?, self.num_kv_heads)?, offset)?;
+        let v = split_heads(&self.v_proj.forward(x)?, self.num_kv_heads)?;
+        let (k, v) = match cache.take() {
+            None => (k, v),
+            Some((past_k, past_v)) => (Tensor::cat(&[&past_k, &k], 2)?, Tensor::cat(&[&past_v, &v], 2)?),
+        };
+        let y = if offset == 0 {
+            scaled_dot_product_attention(&q, &k, &v, AttentionMask::Causal, None)?
+        } else {
+            let (b, _, keys, _) = k.dims4()?;
+            let visible =
+                Tensor::zeros((b, 1, 1, keys), crate::device::reduction_dtype(q.dtype()), x.device())?;
+            scaled_dot_product_attention(&q, &k, &v, AttentionMask::KeyPadding(&visible), None)?
+        };
+        *cache = Some((k, v));
+        self.o_proj.forward(&y)
+    }
 }

@@ -86,6 +86,28 @@ impl Rotary {
     }
 }
 
+impl Rotary {
+    /// Rotates `x` (`[batch, heads, t, head_dim]`) as the positions `offset..offset + t`, for
+    /// decoding with a key/value cache. Built from ordinary ops (differentiable, but meant for
+    /// inference); at `offset` 0 the values equal [`Rotary::forward`]'s.
+    ///
+    /// # Errors
+    /// As [`Rotary::forward`], with `offset + t` bounded by the tables.
+    pub fn forward_at(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let (_, _, t, d) = x.dims4()?;
+        let (max_positions, head_dim) = self.cos.dims2()?;
+        if d != head_dim {
+            candle::bail!("rotary: heads of {d} dimensions, tables of {head_dim}");
+        }
+        if offset + t > max_positions {
+            candle::bail!("rotary: {} positions exceed the tables' {max_positions}", offset + t);
+        }
+        let cos = self.cos.narrow(0, offset, t)?.to_dtype(x.dtype())?;
+        let sin = self.sin.narrow(0, offset, t)?.to_dtype(x.dtype())?;
+        rotate(x, &cos, &sin)
+    }
+}
+
 /// `x * cos + rotate_half(x) * sin` with `cos`, `sin` (`[t, d]`) broadcast over batch and heads.
 fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?

@@ -127,13 +127,7 @@ impl LlamaConfig {
             map.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
             map.insert("model_type".into(), "llama".into());
             map.insert("head_dim".into(), self.head_dim().into());
-            let name = match dtype {
-                DType::BF16 => "bfloat16",
-                DType::F16 => "float16",
-                DType::F64 => "float64",
-                _ => "float32",
-            };
-            map.insert("torch_dtype".into(), name.into());
+            map.insert("torch_dtype".into(), hf_dtype_name(dtype).into());
         }
         serde_json::to_string_pretty(&value).map_err(|e| crate::Error::config("config.json", e.to_string()))
     }
@@ -205,6 +199,16 @@ impl LlamaConfig {
     }
 }
 
+/// The name `transformers` gives `dtype` in a `config.json`'s `torch_dtype`.
+pub fn hf_dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        _ => "float32",
+    }
+}
+
 /// One decoder layer `model.layers.{i}`: RMSNorm, grouped-query attention, RMSNorm, SwiGLU,
 /// each branch added to the residual.
 #[derive(Debug, Clone)]
@@ -249,6 +253,43 @@ impl Forward for DecoderLayer {
         let x = residual_add(x, &attn)?;
         let mlp = self.mlp.forward(&self.post_attention_layernorm.forward_as(&x, self.dtype)?)?;
         residual_add(&x, &mlp)
+    }
+}
+
+impl DecoderLayer {
+    /// The layer on the new positions `x` over `cache` (this layer's keys and values), which
+    /// it extends.
+    fn forward_cached(&self, x: &Tensor, cache: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
+        let normed = self.input_layernorm.forward_as(x, self.dtype)?;
+        let attn = self.self_attn.forward_cached(&normed, &self.rotary, cache)?;
+        let x = residual_add(x, &attn)?;
+        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward_as(&x, self.dtype)?)?;
+        residual_add(&x, &mlp)
+    }
+}
+
+/// The keys and values of the positions a [`Llama`] has seen, per layer, for decoding one
+/// token at a time ([`Llama::logits_cached`]).
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
@@ -404,6 +445,34 @@ impl Llama {
         for layer in &self.layers {
             h = layer.forward(&h, &mut ForwardContext::eval())?;
         }
+        self.head_logits(&h)
+    }
+
+    /// The logits `[batch, t, vocab]` of the new tokens `ids` (`[batch, t]`) following the
+    /// positions in `cache`, which grows by `t`: the prompt in one call with an empty cache,
+    /// then one token per call. Equal, up to float rounding, to the last `t` rows of
+    /// [`Llama::logits`] on the whole sequence.
+    ///
+    /// # Errors
+    /// Several tokens over a non-empty cache; a sequence longer than
+    /// `max_position_embeddings`; as [`Llama::logits`].
+    pub fn logits_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        if cache.len + t > self.config.max_position_embeddings {
+            candle::bail!(
+                "sequence of {} tokens exceeds the model's {} positions",
+                cache.len + t,
+                self.config.max_position_embeddings
+            );
+        }
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        let mut h = self.embed_ids(ids)?;
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            h = layer.forward_cached(&h, layer_cache)?;
+        }
+        cache.len += t;
         self.head_logits(&h)
     }
 

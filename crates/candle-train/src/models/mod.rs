@@ -8,7 +8,7 @@ pub mod gpt;
 pub mod llama;
 
 pub use bert::{mean_pool, Bert, BertConfig, BertLayer};
-pub use bert_classifier::{BertClassifier, ClassificationBatch};
+pub use bert_classifier::{BertClassifier, ClassificationBatch, Pooling};
 pub use gguf::GgufFile;
 pub use gpt::{Gpt, GptBlock, GptConfig, TokenBatch};
-pub use llama::{DecoderLayer, Llama, LlamaConfig};
+pub use llama::{DecoderLayer, KvCache, Llama, LlamaConfig};

@@ -1,0 +1,120 @@
+//! What a `--model PATH` names: a Hugging Face folder written by [`crate::export`] (or by
+//! `transformers`, single `model.safetensors`), a GGUF file, or a packaged model by short name
+//! (`smollm2`), loaded with its tokenizer.
+
+use std::path::Path;
+
+use anyhow::Context;
+use candle::{DType, Device};
+use candle_train::models::{BertClassifier, GgufFile, Llama};
+
+use crate::gguf_tokenizer::LmTokenizer;
+use crate::pretrained::{SmolLm2Files, TextEncoder};
+
+/// The short names of the packaged models `--model` accepts.
+pub const SHORT_NAMES: [&str; 2] = ["smollm2", "smollm2-135m-instruct"];
+
+/// The longest text a classifier's tokenizer keeps (BERT's positions).
+const CLASSIFIER_MAX_LEN: usize = 512;
+
+/// A loaded model with what it needs to read text.
+// One value per command, moved once: the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum LoadedModel {
+    /// A causal language model (`LlamaForCausalLM`).
+    CausalLm {
+        /// The model.
+        model: Llama,
+        /// Its tokenizer (special tokens, chat template).
+        tokenizer: LmTokenizer,
+    },
+    /// A sequence classifier (`BertForSequenceClassification`).
+    Classifier {
+        /// The model.
+        model: BertClassifier,
+        /// Label names by index (`id2label`).
+        labels: Vec<String>,
+        /// Its tokenizer.
+        tokenizer: TextEncoder,
+    },
+}
+
+impl LoadedModel {
+    /// The architecture's Hugging Face class name.
+    pub fn architecture(&self) -> &'static str {
+        match self {
+            LoadedModel::CausalLm { .. } => "LlamaForCausalLM",
+            LoadedModel::Classifier { .. } => "BertForSequenceClassification",
+        }
+    }
+
+    /// The number of scalar parameters.
+    pub fn num_parameters(&self) -> usize {
+        match self {
+            LoadedModel::CausalLm { model, .. } => model.parameters().num_elements(),
+            LoadedModel::Classifier { model, .. } => model.parameters().num_elements(),
+        }
+    }
+}
+
+/// Loads what `spec` names, in `dtype` on `device`.
+///
+/// # Errors
+/// One line naming the file (and field) at fault: a folder without `config.json`, an
+/// `architectures`/`model_type` this crate does not implement, a file that does not load; or
+/// a `spec` that is neither a path nor a short name.
+pub fn load_model(spec: &str, dtype: DType, device: &Device) -> anyhow::Result<LoadedModel> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return load_folder(path, dtype, device);
+    }
+    if path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        return load_gguf(path, dtype, device);
+    }
+    if SHORT_NAMES.contains(&spec.to_ascii_lowercase().as_str()) {
+        let files = SmolLm2Files::locate()?;
+        return load_gguf(&files.gguf, dtype, device);
+    }
+    anyhow::bail!(
+        "--model `{spec}`: not a model folder, a .gguf file, or a packaged model ({})",
+        SHORT_NAMES.join(", ")
+    )
+}
+
+fn load_gguf(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<LoadedModel> {
+    let file = GgufFile::open(path).with_context(|| format!("{}", path.display()))?;
+    let model = file.llama(dtype, device).with_context(|| format!("{}", path.display()))?;
+    let tokenizer =
+        LmTokenizer::from_gguf_metadata(file.metadata()).with_context(|| format!("{}", path.display()))?;
+    Ok(LoadedModel::CausalLm { model, tokenizer })
+}
+
+fn load_folder(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<LoadedModel> {
+    let config_path = dir.join("config.json");
+    let bytes = candle_train::io::read_bounded(&config_path, candle_train::io::MAX_CONFIG_BYTES)
+        .with_context(|| format!("{}: a model folder needs config.json", dir.display()))?;
+    let config: serde_json::Value =
+        serde_json::from_slice(&bytes).with_context(|| format!("{}", config_path.display()))?;
+    let architecture =
+        config.get("architectures").and_then(|a| a.get(0)).and_then(|a| a.as_str()).map(str::to_string);
+    let model_type = config.get("model_type").and_then(|t| t.as_str()).unwrap_or("");
+    match (architecture.as_deref(), model_type) {
+        (Some("LlamaForCausalLM"), _) | (None, "llama") => {
+            let (model, tokenizer) = crate::export::load_llama(dir, dtype, device)?;
+            Ok(LoadedModel::CausalLm { model, tokenizer })
+        }
+        (Some("BertForSequenceClassification"), _) => {
+            let (model, labels) = BertClassifier::from_pretrained(dir, dtype, device)
+                .with_context(|| format!("loading the classifier in {}", dir.display()))?;
+            let tokenizer = TextEncoder::from_file(&dir.join("tokenizer.json"), CLASSIFIER_MAX_LEN)?;
+            Ok(LoadedModel::Classifier { model, labels, tokenizer })
+        }
+        (architecture, model_type) => anyhow::bail!(
+            "{}: field `architectures` = {:?} (model_type `{model_type}`) is not supported; \
+             supported: LlamaForCausalLM, BertForSequenceClassification",
+            config_path.display(),
+            architecture.unwrap_or("(missing)")
+        ),
+    }
+}

@@ -1,0 +1,181 @@
+//! `candle-fit eval` and `candle-fit generate` on folders written by `candle_fit::export`
+//! (a tiny LLaMA and a tiny BERT classifier with a 23-token tokenizer): the numbers they print
+//! are the library's, and bad input is one clear line.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle::{DType, Device, Tensor, D};
+use candle_fit::export::{save_classifier, save_llama};
+use candle_fit::train::generate::{generate, GenerationConfig};
+use candle_fit::train::models::{Bert, BertClassifier, BertConfig, Llama, LlamaConfig, Pooling};
+use common::tiny_tokenizer;
+
+fn run(args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_candle-fit")).args(args).env("CANDLE_NUM_THREADS", "1").output()?;
+    Ok((out.status.code().unwrap_or(-1), String::from_utf8(out.stdout)?, String::from_utf8(out.stderr)?))
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("candle-fit-cli19-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn metric(stdout: &str, name: &str) -> anyhow::Result<f64> {
+    let prefix = format!("{name}=");
+    let value = stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(prefix.as_str()))
+        .ok_or_else(|| anyhow::anyhow!("no `{name}=` in {stdout}"))?;
+    Ok(value.parse()?)
+}
+
+fn llama_folder(dir: &Path) -> anyhow::Result<Llama> {
+    let model = Llama::new(&LlamaConfig::tiny(), DType::F32, &Device::Cpu, 8)?;
+    save_llama(&model, &tiny_tokenizer()?, dir)?;
+    Ok(model)
+}
+
+#[test]
+fn eval_prints_the_language_models_loss_and_perplexity() -> anyhow::Result<()> {
+    let dir = temp_dir("lm");
+    let model = llama_folder(&dir)?;
+    let data = dir.join("data.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"ab\", \"completion\": \"cde\"}\n")?;
+    let (code, stdout, stderr) = run(&[
+        "eval",
+        "--model",
+        dir.to_str().unwrap_or_default(),
+        "--data",
+        data.to_str().unwrap_or_default(),
+    ])?;
+    assert_eq!(code, 0, "{stderr}");
+    // ids a b c d e <eos>; the loss counts the completion and eos: targets c d e <eos>.
+    let ids = Tensor::new(&[[0u32, 1, 2, 3, 4]], &Device::Cpu)?;
+    let log_probs =
+        candle_nn::ops::log_softmax(&model.logits(&ids)?.squeeze(0)?, D::Minus1)?.to_vec2::<f32>()?;
+    let expected = -[(1, 2), (2, 3), (3, 4), (4, 22)]
+        .iter()
+        .map(|&(row, id)| f64::from(log_probs[row][id]))
+        .sum::<f64>()
+        / 4.0;
+    let (loss, perplexity) = (metric(&stdout, "loss")?, metric(&stdout, "perplexity")?);
+    assert!((loss - expected).abs() < 1e-3, "printed {loss}, expected {expected}");
+    assert!((perplexity - expected.exp()).abs() < 1e-2 * expected.exp(), "{perplexity}");
+    assert_eq!(metric(&stdout, "tokens")?, 4.0);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn eval_prints_the_classifiers_accuracy_and_refuses_unknown_labels() -> anyhow::Result<()> {
+    let (dir, tokenizer_dir) = (temp_dir("cls"), temp_dir("cls-tokenizer"));
+    std::fs::create_dir_all(&tokenizer_dir)?;
+    tiny_tokenizer()?.save(&tokenizer_dir.join("tokenizer.json"))?;
+    let config = BertConfig { vocab_size: 23, ..BertConfig::tiny() };
+    let encoder = Bert::new(&config, "", DType::F32, &Device::Cpu, 3)?;
+    let model = BertClassifier::with_pooling(encoder, 2, Pooling::ClsPooler, 9)?;
+    save_classifier(&model, &["ham".into(), "spam".into()], &tokenizer_dir, &dir)?;
+    let texts = ["abc", "ddd", "ab ba", "r", "cab", "bbb"];
+    let mut expected_correct = 0;
+    let mut lines = String::new();
+    for (i, text) in texts.iter().enumerate() {
+        let ids: Vec<u32> = text.bytes().map(|b| if b == b' ' { 19 } else { u32::from(b - b'a') }).collect();
+        let ids = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let predicted =
+            model.logits(&ids, &ids.zeros_like()?, &ids.ones_like()?)?.argmax(D::Minus1)?.to_vec1::<u32>()?
+                [0];
+        let label = i % 2;
+        expected_correct += usize::from(predicted as usize == label);
+        lines.push_str(&format!("{{\"text\": \"{text}\", \"label\": \"{}\"}}\n", ["ham", "spam"][label]));
+    }
+    let data = dir.join("data.jsonl");
+    std::fs::write(&data, &lines)?;
+    let dir_arg = dir.to_str().unwrap_or_default();
+    let (code, stdout, stderr) =
+        run(&["eval", "--model", dir_arg, "--data", data.to_str().unwrap_or_default(), "--batch", "4"])?;
+    assert_eq!(code, 0, "{stderr}");
+    let accuracy = metric(&stdout, "accuracy")?;
+    assert!((accuracy - expected_correct as f64 / texts.len() as f64).abs() < 1e-4, "{stdout}");
+    assert_eq!(metric(&stdout, "samples")?, texts.len() as f64);
+
+    std::fs::write(
+        &data,
+        "{\"text\": \"abc\", \"label\": \"ham\"}\n{\"text\": \"abc\", \"label\": \"eggs\"}\n",
+    )?;
+    let (code, _, stderr) = run(&["eval", "--model", dir_arg, "--data", data.to_str().unwrap_or_default()])?;
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("data.jsonl:2") && stderr.contains("`label`") && stderr.contains("eggs"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    std::fs::write(&data, "{\"text\": \"abc\"}\n")?;
+    let (code, _, stderr) = run(&["eval", "--model", dir_arg, "--data", data.to_str().unwrap_or_default()])?;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("classifier"), "{stderr}");
+    std::fs::remove_dir_all(&dir)?;
+    std::fs::remove_dir_all(&tokenizer_dir)?;
+    Ok(())
+}
+
+#[test]
+fn bad_model_paths_are_one_clear_line() -> anyhow::Result<()> {
+    let dir = temp_dir("bad");
+    std::fs::create_dir_all(&dir)?;
+    let data = dir.join("d.jsonl");
+    std::fs::write(&data, "{\"text\": \"abc\"}\n")?;
+    let data_arg = data.to_str().unwrap_or_default();
+    let (code, _, stderr) = run(&["eval", "--model", "no-such-model", "--data", data_arg])?;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("no-such-model") && stderr.contains("smollm2"), "{stderr}");
+    std::fs::write(
+        dir.join("config.json"),
+        "{\"architectures\": [\"MistralForCausalLM\"], \"model_type\": \"mistral\"}",
+    )?;
+    let (code, _, stderr) = run(&["eval", "--model", dir.to_str().unwrap_or_default(), "--data", data_arg])?;
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("config.json")
+            && stderr.contains("architectures")
+            && stderr.contains("MistralForCausalLM"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn generate_streams_the_librarys_tokens_with_and_without_the_cache() -> anyhow::Result<()> {
+    let dir = temp_dir("gen");
+    let model = llama_folder(&dir)?;
+    let tokenizer = tiny_tokenizer()?;
+    let config = GenerationConfig { max_new_tokens: 6, stop_tokens: vec![22], ..GenerationConfig::default() };
+    let tokens = generate(&model, &tokenizer.encode("abc")?, &config, |_| Ok(()))?;
+    let kept: Vec<u32> = tokens.into_iter().filter(|&t| t != 22).collect();
+    let expected = tokenizer.decode(&kept)?;
+    let dir_arg = dir.to_str().unwrap_or_default();
+    let args = ["generate", "--model", dir_arg, "--prompt", "abc", "--max-new-tokens", "6"];
+    let (code, stdout, stderr) = run(&args)?;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim_end_matches('\n'), expected);
+    let (_, plain, _) = run(&[&args[..], &["--no-cache"]].concat())?;
+    assert_eq!(plain, stdout);
+
+    let sampled =
+        [&args[..], &["--temperature", "1.2", "--top-k", "8", "--top-p", "0.95", "--seed", "4"]].concat();
+    let (code, first, stderr) = run(&sampled)?;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(run(&sampled)?.1, first, "the same seed gives the same text");
+
+    let (code, _, stderr) = run(&[&args[..], &["--temperature", "1", "--top-p", "2"]].concat())?;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("top_p"), "{stderr}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
