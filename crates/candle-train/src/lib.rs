@@ -33,6 +33,7 @@ pub mod evaluate;
 pub mod host;
 pub mod io;
 pub mod layers;
+pub mod lora;
 pub mod loss_scale;
 pub mod memory;
 pub mod metrics;

@@ -304,3 +304,5 @@ impl Stacked for Gpt {
 }
 
 crate::segmented_stack!(Gpt);
+
+crate::module_fields!(Gpt { wte, wpe, blocks, ln_f });

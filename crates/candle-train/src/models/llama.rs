@@ -486,6 +486,8 @@ impl Stacked for Llama {
 
 crate::segmented_stack!(Llama);
 
+crate::module_fields!(Llama { embed_tokens, layers, norm, lm_head });
+
 impl crate::serve::Snapshot for Llama {
     /// A copy with its own variables (same names, values and dtype).
     fn snapshot(&self) -> crate::Result<Self> {
