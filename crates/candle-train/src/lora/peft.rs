@@ -82,8 +82,11 @@ pub fn config_json(config: &LoraConfig, fan_in_fan_out: bool, info: &PeftInfo) -
 /// [`Error::Io`] when the file cannot be read; [`Error::MalformedState`] naming the file and
 /// the field: not JSON, `peft_type` other than `LORA`, a missing or mistyped `r`,
 /// `lora_alpha`, `target_modules`, a `bias` other than `none`, and any feature this
-/// implementation does not have (DoRA, `modules_to_save`, per-layer rank or alpha patterns,
-/// `layers_to_transform`, regular-expression targets).
+/// implementation does not have (DoRA, adapter biases, QA-LoRA, `modules_to_save`,
+/// `exclude_modules`, per-layer rank or alpha patterns, `layers_to_transform`, layer
+/// replication, trainable tokens, parameter targets, regular-expression targets). Fields that
+/// do not change the computation (`inference_mode`, `peft_version`, `revision`, ...) are
+/// ignored.
 pub fn read_config(path: &Path) -> Result<(LoraConfig, bool, PeftInfo)> {
     let bytes = crate::io::read_bounded(path, crate::io::MAX_CONFIG_BYTES)?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| bad(path, format!("not JSON: {e}")))?;
@@ -133,10 +136,24 @@ pub fn read_config(path: &Path) -> Result<(LoraConfig, bool, PeftInfo)> {
         None | Some("none") => {}
         Some(other) => return Err(bad(path, format!("`bias` is \"{other}\": only \"none\" is supported"))),
     }
-    if boolean("use_dora")? {
-        return Err(bad(path, "`use_dora` is true: DoRA adapters are not supported"));
+    for (name, what) in [
+        ("use_dora", "DoRA adapters are not supported"),
+        ("lora_bias", "adapters with a bias are not supported"),
+        ("use_qalora", "QA-LoRA adapters are not supported"),
+    ] {
+        if boolean(name)? {
+            return Err(bad(path, format!("`{name}` is true: {what}")));
+        }
     }
-    for name in ["modules_to_save", "layers_to_transform", "layers_pattern"] {
+    for name in [
+        "modules_to_save",
+        "layers_to_transform",
+        "layers_pattern",
+        "exclude_modules",
+        "target_parameters",
+        "trainable_token_indices",
+        "layer_replication",
+    ] {
         if let Some(v) = field(name).filter(|v| !matches!(v, Value::Array(a) if a.is_empty())) {
             return Err(bad(path, format!("`{name}` is {v}: not supported (only adapters on linear layers)")));
         }
