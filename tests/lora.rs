@@ -433,6 +433,20 @@ fn the_base_receives_no_gradient() -> anyhow::Result<()> {
         let g = grads.get(p.var.as_tensor()).ok_or_else(|| anyhow::anyhow!("no gradient for `{}`", p.name))?;
         assert!(g.abs()?.max_all()?.to_scalar::<f64>()? > 0.0, "`{}` has a zero gradient", p.name);
     }
+    // Tied heads (GPT's `wte`, a tied LLaMA's table) read the frozen table as a constant too.
+    let gpt = LoraModel::new(Gpt::new(tiny_gpt(0.0), DType::F64, &Device::Cpu, 1)?, lora(&["c_fc"], 0.0), 2)?;
+    let tied = LlamaConfig { tie_word_embeddings: true, ..tiny_llama() };
+    let llama = LoraModel::new(Llama::new(&tied, DType::F64, &Device::Cpu, 1)?, lora(&["o_proj"], 0.0), 2)?;
+    let ids = batch(2, 0)?.inputs;
+    for (logits, params) in [
+        (gpt.inner().logits(&ids)?, gpt.inner().parameters()),
+        (llama.inner().logits(&ids)?, llama.inner().parameters()),
+    ] {
+        let grads = logits.sqr()?.sum_all()?.backward()?;
+        for p in params.iter() {
+            assert!(grads.get(p.var.as_tensor()).is_none(), "`{}` received a gradient", p.name);
+        }
+    }
     Ok(())
 }
 

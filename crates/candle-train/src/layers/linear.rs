@@ -241,6 +241,20 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, layout:
     })
 }
 
+/// `x Wᵀ` for a `[rows, in]` input and a weight handle `[out, in]` (a tied embedding table as
+/// the output head): Candle's matmul, or [`frozen_linear`] when the parameter is frozen, so a
+/// frozen table gets no gradient computed.
+///
+/// # Errors
+/// On a shape or dtype mismatch; a released parameter.
+pub fn matmul_transposed(x: &Tensor, weight: &Parameter) -> Result<Tensor> {
+    let w = weight.tensor()?;
+    if weight.is_frozen() {
+        return frozen_linear(x, &w, None, WeightLayout::OutIn);
+    }
+    x.matmul(&w.t()?)
+}
+
 /// `x W` for a weight in either layout, differentiable through Candle's matmul.
 fn matmul_weight(x: &Tensor, w: &Tensor, layout: WeightLayout) -> Result<Tensor> {
     match layout {

@@ -438,8 +438,9 @@ impl Llama {
             Some(head) => head.forward(&h),
             None => {
                 let (b, t, c) = h.dims3()?;
-                let table = self.embed_tokens.weight().tensor()?;
-                h.reshape((b * t, c))?.matmul(&table.t()?)?.reshape((b, t, self.config.vocab_size))
+                let table = self.embed_tokens.weight();
+                crate::layers::linear::matmul_transposed(&h.reshape((b * t, c))?, table)?
+                    .reshape((b, t, self.config.vocab_size))
             }
         }
     }
