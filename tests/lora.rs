@@ -19,11 +19,12 @@ use candle_fit::train::lora::peft::{PeftInfo, CONFIG_FILE, WEIGHTS_FILE};
 use candle_fit::train::lora::{LoraConfig, LoraModel};
 use candle_fit::train::module::Module;
 use candle_fit::train::{
-    AdamWConfig, Corpus, SgdConfig, Gpt, GptConfig, Llama, LlamaConfig, LocalUpdater, OptimizerConfig, TokenBatch,
-    TrainableModel, Trainer, TrainerConfig, Updater,
+    AdamWConfig, Corpus, Gpt, GptConfig, Llama, LlamaConfig, LocalUpdater, OptimizerConfig, SgdConfig,
+    TokenBatch, TrainableModel, Trainer, TrainerConfig, Updater,
 };
 
-const LLAMA_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+const LLAMA_TARGETS: [&str; 7] =
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 const GPT_TARGETS: [&str; 3] = ["c_attn", "c_proj", "c_fc"];
 
 fn tiny_gpt(dropout: f32) -> GptConfig {
@@ -187,7 +188,9 @@ fn adapter_dropout_replays_under_recompute() -> anyhow::Result<()> {
 fn values(params: &candle_fit::train::Parameters) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
     params
         .iter()
-        .map(|p| Ok((p.name.clone(), p.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)))
+        .map(|p| {
+            Ok((p.name.clone(), p.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
+        })
         .collect()
 }
 
@@ -273,7 +276,7 @@ fn gpt_trains_through_the_trainer() -> anyhow::Result<()> {
 fn zero_on_two_ranks_equals_one_rank() -> anyhow::Result<()> {
     let config = GptConfig { vocab_size: 256, ..tiny_gpt(0.0) };
     let make = |_rank: usize| -> candle_fit::train::Result<LoraModel<Gpt>> {
-        LoraModel::new(Gpt::new(config.clone(), DType::F32, &Device::Cpu, 1)?, lora(&GPT_TARGETS, 0.0), 3)
+        LoraModel::new(Gpt::new(config, DType::F32, &Device::Cpu, 1)?, lora(&GPT_TARGETS, 0.0), 3)
     };
     // SGD: the update is linear in the gradient, so the ranks' other summation order stays at
     // the level of rounding (AdamW divides tiny early gradients by their own square root).
@@ -333,7 +336,8 @@ fn peft_files_round_trip_and_merge() -> anyhow::Result<()> {
     assert_eq!(a.dims(), [2, 24]);
     assert_eq!(weights["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].dims(), [16, 2]);
 
-    let ids = Tensor::from_vec((0..12u32).map(|i| (i * 5 + 2) % 23).collect::<Vec<_>>(), (2, 6), &Device::Cpu)?;
+    let ids =
+        Tensor::from_vec((0..12u32).map(|i| (i * 5 + 2) % 23).collect::<Vec<_>>(), (2, 6), &Device::Cpu)?;
     let expected = model.inner().logits(&ids)?;
     let plain = Llama::new(&tiny_llama(), DType::F64, &Device::Cpu, 1)?.logits(&ids)?;
     let close = |a: &Tensor, b: &Tensor| -> anyhow::Result<f64> {
@@ -341,7 +345,8 @@ fn peft_files_round_trip_and_merge() -> anyhow::Result<()> {
     };
     assert!(close(&expected, &plain)? > 1e-3, "the adapters change nothing");
 
-    let (loaded, info) = LoraModel::from_peft(Llama::new(&tiny_llama(), DType::F64, &Device::Cpu, 1)?, &dir, "")?;
+    let (loaded, info) =
+        LoraModel::from_peft(Llama::new(&tiny_llama(), DType::F64, &Device::Cpu, 1)?, &dir, "")?;
     assert_eq!(loaded.config(), &config);
     assert_eq!(info.task_type.as_deref(), Some("CAUSAL_LM"));
     assert!(close(&loaded.inner().logits(&ids)?, &expected)? == 0.0);
@@ -362,7 +367,8 @@ fn peft_files_round_trip_and_merge() -> anyhow::Result<()> {
 #[test]
 fn gpt_adapters_use_the_conv1d_layout() -> anyhow::Result<()> {
     let dir = temp_dir("gpt");
-    let model = LoraModel::new(Gpt::new(tiny_gpt(0.0), DType::F64, &Device::Cpu, 1)?, lora(&["c_attn"], 0.0), 2)?;
+    let model =
+        LoraModel::new(Gpt::new(tiny_gpt(0.0), DType::F64, &Device::Cpu, 1)?, lora(&["c_attn"], 0.0), 2)?;
     randomize_b(&model)?;
     let info = PeftInfo { module_prefix: "transformer.".into(), ..PeftInfo::default() };
     model.save_peft(&dir, &info)?;
@@ -423,14 +429,19 @@ fn bad_adapter_files_are_refused_naming_the_field() -> anyhow::Result<()> {
 /// base's input gradients still flow to the earliest adapters.
 #[test]
 fn the_base_receives_no_gradient() -> anyhow::Result<()> {
-    let model = LoraModel::new(Llama::new(&tiny_llama(), DType::F64, &Device::Cpu, 1)?, lora(&LLAMA_TARGETS, 0.0), 2)?;
+    let model = LoraModel::new(
+        Llama::new(&tiny_llama(), DType::F64, &Device::Cpu, 1)?,
+        lora(&LLAMA_TARGETS, 0.0),
+        2,
+    )?;
     randomize_b(&model)?;
     let grads = model.inner().logits(&batch(2, 0)?.inputs)?.sqr()?.sum_all()?.backward()?;
     for p in model.inner().parameters().iter() {
         assert!(grads.get(p.var.as_tensor()).is_none(), "`{}` received a gradient", p.name);
     }
     for p in model.adapter_parameters().iter() {
-        let g = grads.get(p.var.as_tensor()).ok_or_else(|| anyhow::anyhow!("no gradient for `{}`", p.name))?;
+        let g =
+            grads.get(p.var.as_tensor()).ok_or_else(|| anyhow::anyhow!("no gradient for `{}`", p.name))?;
         assert!(g.abs()?.max_all()?.to_scalar::<f64>()? > 0.0, "`{}` has a zero gradient", p.name);
     }
     // Tied heads (GPT's `wte`, a tied LLaMA's table) read the frozen table as a constant too.
@@ -445,7 +456,8 @@ fn the_base_receives_no_gradient() -> anyhow::Result<()> {
         let grads = logits.sqr()?.sum_all()?.backward()?;
         // A constant's gradient would sit under the id of its detached copy: look for any
         // gradient shaped as a base matrix (no activation of these shapes has that shape).
-        let shapes: Vec<Vec<usize>> = grads.get_ids().filter_map(|&id| grads.get_id(id)).map(|g| g.dims().to_vec()).collect();
+        let shapes: Vec<Vec<usize>> =
+            grads.get_ids().filter_map(|&id| grads.get_id(id)).map(|g| g.dims().to_vec()).collect();
         for p in params.iter().filter(|p| p.var.rank() == 2) {
             let (rows, cols) = (p.var.dims()[0], p.var.dims()[1]);
             assert!(

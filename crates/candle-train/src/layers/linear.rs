@@ -165,7 +165,10 @@ impl Linear {
     /// When a thread panicked while attaching or detaching an adapter (the slot's lock is
     /// poisoned).
     pub fn adapter(&self) -> crate::Result<Option<Arc<crate::lora::LoraAdapter>>> {
-        let slot = self.adapter.read().map_err(|_| crate::Error::Poisoned { what: "a linear layer's adapter slot" })?;
+        let slot = self
+            .adapter
+            .read()
+            .map_err(|_| crate::Error::Poisoned { what: "a linear layer's adapter slot" })?;
         Ok(slot.clone())
     }
 
@@ -178,8 +181,10 @@ impl Linear {
         &self,
         adapter: Option<Arc<crate::lora::LoraAdapter>>,
     ) -> crate::Result<Option<Arc<crate::lora::LoraAdapter>>> {
-        let mut slot =
-            self.adapter.write().map_err(|_| crate::Error::Poisoned { what: "a linear layer's adapter slot" })?;
+        let mut slot = self
+            .adapter
+            .write()
+            .map_err(|_| crate::Error::Poisoned { what: "a linear layer's adapter slot" })?;
         Ok(std::mem::replace(&mut *slot, adapter))
     }
 
@@ -227,7 +232,12 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, layout: Weight
 ///
 /// # Errors
 /// On a shape or dtype mismatch.
-pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, layout: WeightLayout) -> Result<Tensor> {
+pub fn frozen_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    layout: WeightLayout,
+) -> Result<Tensor> {
     let (weight, bias) = (weight.detach(), bias.map(Tensor::detach));
     let value = linear(&x.detach(), &weight, bias.as_ref(), layout)?;
     crate::layers::custom_grad::custom1("frozen_linear", x, value, move |x, _, g| {

@@ -73,15 +73,15 @@ impl LoraAdapter {
         frozen: bool,
     ) -> Result<Tensor> {
         let (a, b) = (self.a.tensor()?, self.b.tensor()?);
-        let mut draws = self
-            .shared
-            .draws
-            .lock()
-            .map_err(|_| candle::Error::wrap(crate::Error::Poisoned { what: "the LoRA dropout generator" }))?;
+        let mut draws = self.shared.draws.lock().map_err(|_| {
+            candle::Error::wrap(crate::Error::Poisoned { what: "the LoRA dropout generator" })
+        })?;
         let dropping = draws.is_some() && self.dropout.p() > 0.0;
         if self.shared.merged_reference.load(Ordering::Acquire) {
             if dropping {
-                candle::bail!("the merged LoRA reference path has no dropout: use lora_dropout 0 or evaluation");
+                candle::bail!(
+                    "the merged LoRA reference path has no dropout: use lora_dropout 0 or evaluation"
+                );
             }
             // x (W + s B A) as one weight, differentiable in A and B.
             let delta = b.matmul(&a)?.affine(self.scale, 0.0)?;
@@ -91,7 +91,8 @@ impl LoraAdapter {
             };
             return linear(x, &weight.add(&delta)?, bias, layout);
         }
-        let base = if frozen { frozen_linear(x, weight, bias, layout)? } else { linear(x, weight, bias, layout)? };
+        let base =
+            if frozen { frozen_linear(x, weight, bias, layout)? } else { linear(x, weight, bias, layout)? };
         let x = match draws.as_mut() {
             Some(rng) if dropping => self.dropout.forward(x, rng, true)?,
             _ => x.clone(),

@@ -77,7 +77,13 @@ impl LoraConfig {
     /// Rank 8, alpha 16, no dropout, no rsLoRA (PEFT's defaults apart from alpha, which PEFT
     /// sets to 8), on `targets`.
     pub fn new<S: Into<String>>(targets: impl IntoIterator<Item = S>) -> Self {
-        Self { rank: 8, alpha: 16.0, dropout: 0.0, targets: targets.into_iter().map(Into::into).collect(), use_rslora: false }
+        Self {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            targets: targets.into_iter().map(Into::into).collect(),
+            use_rslora: false,
+        }
     }
 
     /// The factor the update `B A x` is multiplied by.
@@ -105,7 +111,10 @@ impl LoraConfig {
             Error::config("lora dropout", format!("{} is not a probability in [0, 1)", self.dropout))
         })?;
         if self.targets.is_empty() {
-            return Err(Error::config("lora targets", "no target module (give names such as q_proj, or all-linear)"));
+            return Err(Error::config(
+                "lora targets",
+                "no target module (give names such as q_proj, or all-linear)",
+            ));
         }
         if let Some(t) = self.targets.iter().find(|t| t.trim().is_empty() || t.trim() != t.as_str()) {
             return Err(Error::config("lora targets", format!("`{t}` is not a module name")));
@@ -154,19 +163,26 @@ impl<M: Module> LoraModel<M> {
         inner.visit_linears(&mut |l| all.push(l.clone()));
         for pattern in &config.targets {
             if !all.iter().any(|l| target_matches(pattern, l.path())) {
-                let mut leaves: Vec<&str> = all.iter().map(|l| l.path().rsplit('.').next().unwrap_or("")).collect();
+                let mut leaves: Vec<&str> =
+                    all.iter().map(|l| l.path().rsplit('.').next().unwrap_or("")).collect();
                 leaves.sort_unstable();
                 leaves.dedup();
                 return Err(Error::config(
                     "lora targets",
-                    format!("`{pattern}` matches no linear module (the model's linear modules end in: {})", leaves.join(", ")),
+                    format!(
+                        "`{pattern}` matches no linear module (the model's linear modules end in: {})",
+                        leaves.join(", ")
+                    ),
                 ));
             }
         }
         let layers: Vec<Linear> = all.into_iter().filter(|l| config.targets_layer(l.path())).collect();
         for l in &layers {
             if l.adapter()?.is_some() {
-                return Err(Error::config("lora targets", format!("`{}` already carries an adapter", l.path())));
+                return Err(Error::config(
+                    "lora targets",
+                    format!("`{}` already carries an adapter", l.path()),
+                ));
             }
         }
         let dropout = Dropout::new(config.dropout)?;
@@ -180,8 +196,16 @@ impl<M: Module> LoraModel<M> {
             let bound = 1.0 / (in_features as f64).sqrt();
             let values: Vec<f64> =
                 (0..config.rank * in_features).map(|_| (2.0 * rng.uniform_f64() - 1.0) * bound).collect();
-            let a = variable(Tensor::from_vec(values, (config.rank, in_features), &Device::Cpu)?, dtype, &device)?;
-            let b = variable(Tensor::zeros((out_features, config.rank), DType::F64, &Device::Cpu)?, dtype, &device)?;
+            let a = variable(
+                Tensor::from_vec(values, (config.rank, in_features), &Device::Cpu)?,
+                dtype,
+                &device,
+            )?;
+            let b = variable(
+                Tensor::zeros((out_features, config.rank), DType::F64, &Device::Cpu)?,
+                dtype,
+                &device,
+            )?;
             let a = Parameter::new(format!("{}.lora_A.weight", l.path()), a);
             let b = Parameter::new(format!("{}.lora_B.weight", l.path()), b);
             handles.extend([a.clone(), b.clone()]);
@@ -305,11 +329,10 @@ impl<M: SegmentedModel> SegmentedModel for LoraModel<M> {
         ctx: &SegmentContext,
     ) -> candle::Result<Tensor> {
         {
-            let mut draws = self
-                .shared
-                .draws
-                .lock()
-                .map_err(|_| candle::Error::wrap(Error::Poisoned { what: "the LoRA dropout generator" }))?;
+            let mut draws =
+                self.shared.draws.lock().map_err(|_| {
+                    candle::Error::wrap(Error::Poisoned { what: "the LoRA dropout generator" })
+                })?;
             *draws = ctx.training.then(|| ctx.rng(LORA_STREAM));
         }
         let _clear = DrawsGuard(&self.shared);

@@ -114,12 +114,14 @@ pub fn read_config(path: &Path) -> Result<(LoraConfig, bool, PeftInfo)> {
         .and_then(Value::as_u64)
         .filter(|&r| r > 0)
         .ok_or_else(|| bad(path, format!("`r` must be a positive integer, found {:?}", map.get("r"))))?;
-    let alpha = field("lora_alpha")
-        .and_then(Value::as_f64)
-        .ok_or_else(|| bad(path, format!("`lora_alpha` must be a number, found {:?}", map.get("lora_alpha"))))?;
+    let alpha = field("lora_alpha").and_then(Value::as_f64).ok_or_else(|| {
+        bad(path, format!("`lora_alpha` must be a number, found {:?}", map.get("lora_alpha")))
+    })?;
     let dropout = match field("lora_dropout") {
         None => 0.0,
-        Some(v) => v.as_f64().ok_or_else(|| bad(path, format!("`lora_dropout` must be a number, found {v}")))?,
+        Some(v) => {
+            v.as_f64().ok_or_else(|| bad(path, format!("`lora_dropout` must be a number, found {v}")))?
+        }
     };
     let targets = match field("target_modules") {
         Some(Value::String(s)) if s == ALL_LINEAR => vec![ALL_LINEAR.to_string()],
@@ -155,7 +157,10 @@ pub fn read_config(path: &Path) -> Result<(LoraConfig, bool, PeftInfo)> {
         "layer_replication",
     ] {
         if let Some(v) = field(name).filter(|v| !matches!(v, Value::Array(a) if a.is_empty())) {
-            return Err(bad(path, format!("`{name}` is {v}: not supported (only adapters on linear layers)")));
+            return Err(bad(
+                path,
+                format!("`{name}` is {v}: not supported (only adapters on linear layers)"),
+            ));
         }
     }
     for name in ["rank_pattern", "alpha_pattern"] {
@@ -192,7 +197,11 @@ impl<M: Module> LoraModel<M> {
     /// # Errors
     /// On I/O or serialization failure; a released adapter.
     pub fn save_peft(&self, dir: &Path, info: &PeftInfo) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io { action: "create", path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            action: "create",
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let fan_in_fan_out = self.layers.iter().any(|l| l.layout() == WeightLayout::InOut);
         let config = serde_json::to_vec_pretty(&config_json(&self.config, fan_in_fan_out, info))
             .map_err(|e| bad(&dir.join(CONFIG_FILE), e.to_string()))?;
@@ -230,17 +239,26 @@ impl<M: Module> LoraModel<M> {
     /// misshapen tensor. Nothing changes unless everything matches.
     pub fn load_peft_weights(&self, path: &Path, info: &PeftInfo) -> Result<()> {
         let bytes = crate::io::read_bounded(path, crate::io::MAX_STATE_BYTES)?;
-        let device = self.trainable.iter().next().map(|p| p.var.device().clone()).unwrap_or(candle::Device::Cpu);
+        let device =
+            self.trainable.iter().next().map(|p| p.var.device().clone()).unwrap_or(candle::Device::Cpu);
         let mut loaded: HashMap<String, Tensor> =
             candle::safetensors::load_buffer(&bytes, &device).map_err(|e| bad(path, e.to_string()))?;
         let mut values = Vec::with_capacity(self.trainable.len());
         for p in self.trainable.iter() {
             let name = Self::file_name(info, &p.name);
             let Some(t) = loaded.remove(&name) else {
-                return Err(Error::StateMismatch { name, expected: format!("a tensor of shape {:?}", p.var.dims()), found: "nothing".into() });
+                return Err(Error::StateMismatch {
+                    name,
+                    expected: format!("a tensor of shape {:?}", p.var.dims()),
+                    found: "nothing".into(),
+                });
             };
             if t.dims() != p.var.dims() {
-                return Err(Error::StateMismatch { name, expected: format!("shape {:?}", p.var.dims()), found: format!("shape {:?}", t.dims()) });
+                return Err(Error::StateMismatch {
+                    name,
+                    expected: format!("shape {:?}", p.var.dims()),
+                    found: format!("shape {:?}", t.dims()),
+                });
             }
             values.push(t.to_dtype(p.var.dtype())?);
         }

@@ -439,8 +439,11 @@ impl Llama {
             None => {
                 let (b, t, c) = h.dims3()?;
                 let table = self.embed_tokens.weight();
-                crate::layers::linear::matmul_transposed(&h.reshape((b * t, c))?, table)?
-                    .reshape((b, t, self.config.vocab_size))
+                crate::layers::linear::matmul_transposed(&h.reshape((b * t, c))?, table)?.reshape((
+                    b,
+                    t,
+                    self.config.vocab_size,
+                ))
             }
         }
     }

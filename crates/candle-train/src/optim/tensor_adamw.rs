@@ -1,5 +1,5 @@
 //! AdamW whose moments are tensors on the parameters' device, stepped there: on CUDA (feature
-//! `cuda`) by the fused kernel of [`super::fused_cuda`]-style launch (bit-equal to the flat
+//! `cuda`) by the fused kernel of `fused_cuda`-style launch (bit-equal to the flat
 //! kernel), elsewhere, or with [`TensorAdamW::tensor_ops`], by Candle tensor ops (issue 16's
 //! reference path, which runs on any device).
 //!
