@@ -408,6 +408,23 @@ mod tests {
         assert!((LoraConfig { use_rslora: true, rank: 4, alpha: 8.0, ..ok }.scale() - 4.0).abs() < 1e-15);
     }
 
+    /// BERT's encoder and classifier walk their affine layers too; the segments of the wrapped
+    /// classifier list exactly the adapters.
+    #[test]
+    fn bert_classifier_takes_adapters() -> Result<()> {
+        use crate::models::{Bert, BertClassifier, BertConfig};
+        let bert = Bert::new(&BertConfig::tiny(), "bert.", DType::F32, &Device::Cpu, 0)?;
+        let classifier = BertClassifier::new(bert, 3, 1)?;
+        let model = LoraModel::new(classifier, LoraConfig::new(["query", "value", "classifier"]), 0)?;
+        let layers = model.adapted_layers();
+        assert_eq!(layers.first().map(String::as_str), Some("bert.encoder.layer.0.attention.self.query"));
+        assert_eq!(layers.last().map(String::as_str), Some("classifier"));
+        let listed: usize = (0..model.num_segments()).map(|s| model.segment_parameters(s).len()).sum();
+        assert_eq!(listed, TrainableModel::parameters(&model).len());
+        assert_eq!(listed, 2 * layers.len());
+        Ok(())
+    }
+
     #[test]
     fn a_pattern_that_matches_nothing_is_named() -> Result<()> {
         let base = crate::Llama::new(&crate::LlamaConfig::tiny(), DType::F32, &Device::Cpu, 0)?;

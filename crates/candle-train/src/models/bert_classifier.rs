@@ -39,6 +39,8 @@ pub struct BertClassifier {
     params: Parameters,
 }
 
+crate::module_fields!(BertClassifier { encoder, head });
+
 impl BertClassifier {
     /// The head's name prefix.
     pub const HEAD: &'static str = "classifier";
