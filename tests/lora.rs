@@ -572,3 +572,25 @@ fn checkpoints_hold_the_adapters_and_resume_bit_identical() -> anyhow::Result<()
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// `unload` detaches the adapters and unfreezes the base, unchanged: its logits are the plain
+/// model's again and it takes new adapters.
+#[test]
+fn unload_gives_the_base_back_unchanged() -> anyhow::Result<()> {
+    let ids = batch(2, 0)?.inputs;
+    let plain = Llama::new(&tiny_llama(), DType::F64, &Device::Cpu, 1)?.logits(&ids)?;
+    let model = LoraModel::new(
+        Llama::new(&tiny_llama(), DType::F64, &Device::Cpu, 1)?,
+        lora(&["all-linear"], 0.0),
+        2,
+    )?;
+    randomize_b(&model)?;
+    let adapted = model.inner().logits(&ids)?;
+    assert!((&adapted - &plain)?.abs()?.max_all()?.to_scalar::<f64>()? > 1e-3);
+    let base = model.unload()?;
+    assert!(base.parameters().iter().all(|p| !p.is_frozen()));
+    assert_eq!((base.logits(&ids)? - &plain)?.abs()?.max_all()?.to_scalar::<f64>()?, 0.0);
+    let again = LoraModel::new(base, lora(&["q_proj"], 0.0), 2)?;
+    assert_eq!(again.adapted_layers().len(), 3);
+    Ok(())
+}
