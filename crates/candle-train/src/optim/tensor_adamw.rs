@@ -1,7 +1,7 @@
 //! AdamW whose moments are tensors on the parameters' device, stepped there: on CUDA (feature
-//! `cuda`) by the fused kernel of `fused_cuda`-style launch (bit-equal to the flat
-//! kernel), elsewhere, or with [`TensorAdamW::tensor_ops`], by Candle tensor ops (issue 16's
-//! reference path, which runs on any device).
+//! `cuda`) by the fused kernel of `optim::fused_cuda` (bit-equal to the flat kernel),
+//! elsewhere, or with [`TensorAdamW::tensor_ops`], by Candle tensor ops (issue 16's reference
+//! path, which runs on any device).
 //!
 //! The arithmetic is [`super::AdamW`]'s (torch's single-tensor AdamW) in the same order, with
 //! the same f64-computed, f32-rounded scalars, except that tensor ops cannot fuse: ATen's lerp
