@@ -34,6 +34,7 @@ pub mod generate;
 pub mod host;
 pub mod io;
 pub mod layers;
+pub mod lora;
 pub mod loss_scale;
 pub mod memory;
 pub mod metrics;

@@ -129,6 +129,11 @@ pub trait Module {
         self.visit_parameters(&mut |p| out.push(p.clone()));
         out
     }
+
+    /// Calls `f` with each affine layer of the module, in creation order: the layers LoRA
+    /// adapters attach to ([`crate::lora`]). By default none; [`crate::module_fields!`] visits the
+    /// fields.
+    fn visit_linears(&self, _f: &mut dyn FnMut(&crate::layers::Linear)) {}
 }
 
 /// What a module's forward may know about the step: whether the model is training (dropout
@@ -215,6 +220,12 @@ impl<M: Module> Module for Option<M> {
             m.visit_parameters(f);
         }
     }
+
+    fn visit_linears(&self, f: &mut dyn FnMut(&crate::layers::Linear)) {
+        if let Some(m) = self {
+            m.visit_linears(f);
+        }
+    }
 }
 
 impl<M: Module> Module for [M] {
@@ -222,6 +233,22 @@ impl<M: Module> Module for [M] {
         for m in self {
             m.visit_parameters(f);
         }
+    }
+
+    fn visit_linears(&self, f: &mut dyn FnMut(&crate::layers::Linear)) {
+        for m in self {
+            m.visit_linears(f);
+        }
+    }
+}
+
+impl<M: Module> Module for Vec<M> {
+    fn visit_parameters(&self, f: &mut dyn FnMut(&Parameter)) {
+        self.as_slice().visit_parameters(f);
+    }
+
+    fn visit_linears(&self, f: &mut dyn FnMut(&crate::layers::Linear)) {
+        self.as_slice().visit_linears(f);
     }
 }
 
@@ -232,6 +259,10 @@ macro_rules! module_fields {
         impl $crate::module::Module for $ty {
             fn visit_parameters(&self, f: &mut dyn FnMut(&$crate::Parameter)) {
                 $($crate::module::Module::visit_parameters(&self.$field, f);)+
+            }
+
+            fn visit_linears(&self, f: &mut dyn FnMut(&$crate::layers::Linear)) {
+                $($crate::module::Module::visit_linears(&self.$field, f);)+
             }
         }
     };

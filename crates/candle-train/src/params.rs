@@ -27,12 +27,19 @@ pub struct Parameter {
     pub var: Var,
     /// Whether the storage is released (shared by every clone of this handle).
     released: Arc<AtomicBool>,
+    /// Whether the parameter is frozen (shared by every clone of this handle).
+    frozen: Arc<AtomicBool>,
 }
 
 impl Parameter {
     /// A resident parameter over `var` (shared, not copied).
     pub fn new(name: impl Into<String>, var: Var) -> Self {
-        Self { name: name.into(), var, released: Arc::new(AtomicBool::new(false)) }
+        Self {
+            name: name.into(),
+            var,
+            released: Arc::new(AtomicBool::new(false)),
+            frozen: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// The parameter's stable id: its variable's, which stays the same through release and
@@ -41,7 +48,9 @@ impl Parameter {
         self.var.as_tensor().id()
     }
 
-    /// The value, for computing with.
+    /// The value, for computing with. A frozen parameter's value is a constant (the variable's
+    /// storage, shared, detached from autograd): no gradient is computed for it, while the
+    /// gradients of the inputs it multiplies still flow.
     ///
     /// # Errors
     /// [`crate::Error::ParameterReleased`] (wrapped in a Candle error, as layers return Candle
@@ -50,7 +59,23 @@ impl Parameter {
         if self.is_released() {
             return Err(candle::Error::wrap(crate::Error::ParameterReleased { name: self.name.clone() }));
         }
+        if self.is_frozen() {
+            return Ok(self.var.as_tensor().detach());
+        }
         Ok(self.var.as_tensor().clone())
+    }
+
+    /// Whether the parameter is frozen: read as a constant, so it receives no gradient (a LoRA
+    /// base weight).
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Acquire)
+    }
+
+    /// Freezes the parameter (reads through [`Parameter::tensor`] become constants) or makes it
+    /// trainable again. Whoever freezes it also leaves it out of the [`Parameters`] the updater
+    /// steps.
+    pub fn set_frozen(&self, frozen: bool) {
+        self.frozen.store(frozen, Ordering::Release);
     }
 
     /// Whether the parameter's storage is released now (ZeRO stage 3, between its segment's
@@ -160,6 +185,27 @@ impl Parameters {
             p.var.set(&value)?;
         }
         Ok(())
+    }
+
+    /// Parameters over existing handles, in the given order, sharing them (their variables and
+    /// residency): what a wrapper that trains only some of a model's parameters hands the
+    /// updater.
+    ///
+    /// # Errors
+    /// [`Error::StateMismatch`] when a name repeats.
+    pub fn from_handles(handles: impl IntoIterator<Item = Parameter>) -> Result<Self> {
+        let mut list: Vec<Parameter> = Vec::new();
+        for p in handles {
+            if list.iter().any(|q| q.name == p.name) {
+                return Err(Error::StateMismatch {
+                    name: p.name,
+                    expected: "one parameter of that name".into(),
+                    found: "two".into(),
+                });
+            }
+            list.push(p);
+        }
+        Ok(Self { list })
     }
 
     /// Parameters over existing variables, in the given order, sharing them (no copy): the

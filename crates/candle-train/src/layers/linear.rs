@@ -1,5 +1,7 @@
 //! Affine layers: `nn.Linear` (weight `[out, in]`) and GPT-2's `Conv1D` (weight `[in, out]`).
 
+use std::sync::{Arc, RwLock};
+
 use candle::{Result, Tensor, Var};
 
 use crate::layers::custom_grad::custom3;
@@ -16,15 +18,36 @@ pub enum WeightLayout {
     InOut,
 }
 
-/// `y = x W (+ b)` over the last dimension of `x`.
+/// `y = x W (+ b)` over the last dimension of `x`, plus a LoRA adapter's `s B A x` when one is
+/// attached ([`crate::lora`]).
+///
+/// Clones share the weights and the adapter slot: an adapter attached through one clone is seen
+/// by every clone (the model's blocks and a wrapper's list of adapted layers).
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Parameter,
     bias: Option<Parameter>,
     layout: WeightLayout,
+    adapter: Arc<RwLock<Option<Arc<crate::lora::LoraAdapter>>>>,
 }
 
-crate::module_fields!(Linear { weight, bias });
+impl crate::module::Module for Linear {
+    /// The weight, the bias, then an attached adapter's `lora_A` and `lora_B`.
+    fn visit_parameters(&self, f: &mut dyn FnMut(&Parameter)) {
+        f(&self.weight);
+        if let Some(b) = &self.bias {
+            f(b);
+        }
+        if let Ok(Some(adapter)) = self.adapter() {
+            f(adapter.a());
+            f(adapter.b());
+        }
+    }
+
+    fn visit_linears(&self, f: &mut dyn FnMut(&Linear)) {
+        f(self);
+    }
+}
 
 fn weight_shape(in_features: usize, out_features: usize, layout: WeightLayout) -> (usize, usize) {
     match layout {
@@ -65,7 +88,7 @@ impl Linear {
     ) -> crate::Result<Self> {
         let shape = weight_shape(in_features, out_features, layout);
         let weight = pb.normal_param(format!("{prefix}.weight"), shape, std)?;
-        Ok(Self { weight, bias: None, layout })
+        Ok(Self { weight, bias: None, layout, adapter: Arc::default() })
     }
 
     /// Creates `weight` ~ N(0, std²) and `bias` = 0 under `b`'s path.
@@ -96,13 +119,73 @@ impl Linear {
         std: f64,
     ) -> crate::Result<Self> {
         let weight = b.normal("weight", weight_shape(in_features, out_features, layout), std)?;
-        Ok(Self { weight, bias: None, layout })
+        Ok(Self { weight, bias: None, layout, adapter: Arc::default() })
     }
 
     /// A layer over existing variables (shared, not copied), named `weight` and `bias`.
     pub fn from_vars(weight: Var, bias: Option<Var>, layout: WeightLayout) -> Self {
         let bias = bias.map(|b| Parameter::new("bias", b));
-        Self { weight: Parameter::new("weight", weight), bias, layout }
+        Self { weight: Parameter::new("weight", weight), bias, layout, adapter: Arc::default() }
+    }
+
+    /// The weight's handle.
+    pub fn weight(&self) -> &Parameter {
+        &self.weight
+    }
+
+    /// The bias's handle, if the layer has one.
+    pub fn bias(&self) -> Option<&Parameter> {
+        self.bias.as_ref()
+    }
+
+    /// How the weight is stored.
+    pub fn layout(&self) -> WeightLayout {
+        self.layout
+    }
+
+    /// `[in_features, out_features]`.
+    pub fn features(&self) -> (usize, usize) {
+        let dims = self.weight.var.dims();
+        let (rows, cols) = (dims.first().copied().unwrap_or(0), dims.get(1).copied().unwrap_or(0));
+        match self.layout {
+            WeightLayout::OutIn => (cols, rows),
+            WeightLayout::InOut => (rows, cols),
+        }
+    }
+
+    /// The module path: the weight's name without `.weight` (`model.layers.0.self_attn.q_proj`).
+    pub fn path(&self) -> &str {
+        let name = self.weight.name.as_str();
+        name.strip_suffix(".weight").unwrap_or(if name == "weight" { "" } else { name })
+    }
+
+    /// The attached LoRA adapter, if any.
+    ///
+    /// # Errors
+    /// When a thread panicked while attaching or detaching an adapter (the slot's lock is
+    /// poisoned).
+    pub fn adapter(&self) -> crate::Result<Option<Arc<crate::lora::LoraAdapter>>> {
+        let slot = self
+            .adapter
+            .read()
+            .map_err(|_| crate::Error::Poisoned { what: "a linear layer's adapter slot" })?;
+        Ok(slot.clone())
+    }
+
+    /// Attaches `adapter` (or detaches with `None`), returning the one attached before. Every
+    /// clone of this layer sees the change.
+    ///
+    /// # Errors
+    /// As [`Linear::adapter`].
+    pub fn set_adapter(
+        &self,
+        adapter: Option<Arc<crate::lora::LoraAdapter>>,
+    ) -> crate::Result<Option<Arc<crate::lora::LoraAdapter>>> {
+        let mut slot = self
+            .adapter
+            .write()
+            .map_err(|_| crate::Error::Poisoned { what: "a linear layer's adapter slot" })?;
+        Ok(std::mem::replace(&mut *slot, adapter))
     }
 
     /// Applies the layer to `x` of shape `[..., in_features]`.
@@ -111,7 +194,14 @@ impl Linear {
     /// On a shape or dtype mismatch.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let bias = self.bias.as_ref().map(Parameter::tensor).transpose()?;
-        linear(x, &self.weight.tensor()?, bias.as_ref(), self.layout)
+        let weight = self.weight.tensor()?;
+        if let Some(adapter) = self.adapter().map_err(candle::Error::wrap)? {
+            return adapter.forward(x, &weight, bias.as_ref(), self.layout, self.weight.is_frozen());
+        }
+        if self.weight.is_frozen() {
+            return frozen_linear(x, &weight, bias.as_ref(), self.layout);
+        }
+        linear(x, &weight, bias.as_ref(), self.layout)
     }
 }
 
@@ -135,6 +225,44 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, layout: Weight
     let mut out_dims = lead.to_vec();
     out_dims.push(out_features);
     y.reshape(out_dims)
+}
+
+/// `x W (+ b)` for a constant (frozen) weight and bias: one op whose backward computes only
+/// the input's gradient (`g Wᵀ`), never a gradient for the weight or the bias.
+///
+/// # Errors
+/// On a shape or dtype mismatch.
+pub fn frozen_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    layout: WeightLayout,
+) -> Result<Tensor> {
+    let (weight, bias) = (weight.detach(), bias.map(Tensor::detach));
+    let value = linear(&x.detach(), &weight, bias.as_ref(), layout)?;
+    crate::layers::custom_grad::custom1("frozen_linear", x, value, move |x, _, g| {
+        let out_features = g.dim(candle::D::Minus1)?;
+        let g2 = g.reshape((g.elem_count() / out_features.max(1), out_features))?;
+        let grad_x = match layout {
+            WeightLayout::InOut => g2.matmul(&weight.t()?)?,
+            WeightLayout::OutIn => g2.matmul(&weight)?,
+        };
+        Ok(Some(grad_x.reshape(x.shape())?))
+    })
+}
+
+/// `x Wᵀ` for a `[rows, in]` input and a weight handle `[out, in]` (a tied embedding table as
+/// the output head): Candle's matmul, or [`frozen_linear`] when the parameter is frozen, so a
+/// frozen table gets no gradient computed.
+///
+/// # Errors
+/// On a shape or dtype mismatch; a released parameter.
+pub fn matmul_transposed(x: &Tensor, weight: &Parameter) -> Result<Tensor> {
+    let w = weight.tensor()?;
+    if weight.is_frozen() {
+        return frozen_linear(x, &w, None, WeightLayout::OutIn);
+    }
+    x.matmul(&w.t()?)
 }
 
 /// `x W` for a weight in either layout, differentiable through Candle's matmul.

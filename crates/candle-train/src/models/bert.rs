@@ -231,6 +231,8 @@ pub struct Bert {
     prefix: String,
 }
 
+crate::module_fields!(Bert { word, position, token_type, embedding_norm, layers });
+
 impl Bert {
     /// A randomly initialised encoder (N(0, 0.02²) weights, as Hugging Face initialises BERT)
     /// whose parameter names start with `prefix` (`""` for all-MiniLM-L6-v2, `"bert."` for

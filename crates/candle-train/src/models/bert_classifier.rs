@@ -66,6 +66,8 @@ pub struct BertClassifier {
 /// The name prefix `BertForSequenceClassification` gives the encoder and pooler.
 const HF_PREFIX: &str = "bert.";
 
+crate::module_fields!(BertClassifier { encoder, pooler, head });
+
 impl BertClassifier {
     /// The head's name prefix.
     pub const HEAD: &'static str = "classifier";

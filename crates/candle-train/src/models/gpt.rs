@@ -263,7 +263,7 @@ impl Gpt {
     fn head_logits(&self, h: &Tensor) -> Result<Tensor> {
         let h = self.ln_f.forward_as(h, self.dtype)?;
         let (b, t, c) = h.dims3()?;
-        let logits = h.reshape((b * t, c))?.matmul(&self.wte.weight().tensor()?.t()?)?;
+        let logits = crate::layers::linear::matmul_transposed(&h.reshape((b * t, c))?, self.wte.weight())?;
         logits.reshape((b, t, self.config.vocab_size))
     }
 }
@@ -304,3 +304,5 @@ impl Stacked for Gpt {
 }
 
 crate::segmented_stack!(Gpt);
+
+crate::module_fields!(Gpt { wte, wpe, blocks, ln_f });

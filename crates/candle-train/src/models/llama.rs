@@ -507,8 +507,12 @@ impl Llama {
             Some(head) => head.forward(&h),
             None => {
                 let (b, t, c) = h.dims3()?;
-                let table = self.embed_tokens.weight().tensor()?;
-                h.reshape((b * t, c))?.matmul(&table.t()?)?.reshape((b, t, self.config.vocab_size))
+                let table = self.embed_tokens.weight();
+                crate::layers::linear::matmul_transposed(&h.reshape((b * t, c))?, table)?.reshape((
+                    b,
+                    t,
+                    self.config.vocab_size,
+                ))
             }
         }
     }
@@ -554,6 +558,8 @@ impl Stacked for Llama {
 }
 
 crate::segmented_stack!(Llama);
+
+crate::module_fields!(Llama { embed_tokens, layers, norm, lm_head });
 
 impl crate::serve::Snapshot for Llama {
     /// A copy with its own variables (same names, values and dtype).
