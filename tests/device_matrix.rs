@@ -156,6 +156,14 @@ fn stage_three_on_one_rank_equals_the_local_updater(device: &Device) -> anyhow::
         "{} of {whole}",
         run.peak_gathered_bytes
     );
+    // Stage 3 keeps its slices on the host: off the CPU every gather uploads parameters, and
+    // the step's transfers say so (at least each parameter once); on the CPU nothing moves.
+    let moved = run.report.history.iter().map(|r| r.transfers.parameters).sum::<u64>();
+    if device.is_cpu() {
+        assert_eq!(moved, 0);
+    } else {
+        assert!(moved >= whole as u64, "stage 3 uploaded {moved} bytes of parameters, fewer than {whole}");
+    }
     Ok(())
 }
 

@@ -255,6 +255,9 @@ pub(crate) struct ShardedParameters {
     releasing: bool,
     /// The most bytes gathered at once while releasing.
     peak_gathered: usize,
+    /// Bytes written from host memory into variables off the CPU by gathers since the last
+    /// [`ShardedParameters::take_uploaded`] (the slices live on the host).
+    uploaded: u64,
 }
 
 impl ShardedParameters {
@@ -276,7 +279,13 @@ impl ShardedParameters {
             transient: None,
             releasing: false,
             peak_gathered: 0,
+            uploaded: 0,
         }
+    }
+
+    /// The bytes gathers have uploaded into device variables since the last call.
+    pub(crate) fn take_uploaded(&mut self) -> u64 {
+        std::mem::take(&mut self.uploaded)
     }
 
     /// Whether variables are released between uses now.
@@ -313,6 +322,9 @@ impl ShardedParameters {
         let flat = exchange_in_dtype(layout.dtype(), flat, |bytes| comm.all_gather(bytes))?;
         for e in layout.entries() {
             let param = &self.params[e.param];
+            if !param.var.device().is_cpu() {
+                self.uploaded += (e.len * layout.dtype().size_in_bytes()) as u64;
+            }
             restore_storage(&param.var, &flat[e.offset..e.offset + e.len])?;
             // Readable again only once its values are back.
             param.set_released(false);

@@ -922,13 +922,16 @@ impl Updater for ZeroUpdater {
         Ok(self.restore_from(checkpoint, params)?)
     }
 
-    /// Host <-> device bytes since the last call: on a GPU this updater's state is in host
-    /// memory, so gradients come down per micro-batch and parameters go up per step, and the
-    /// NCCL backend stages every collective through the device. (Stage 3's gathers and
-    /// releases of parameters are not counted yet.)
+    /// Host <-> device bytes since the last call: on a GPU the host updater's state is in
+    /// host memory, so gradients come down per micro-batch and parameters go up per step (stage
+    /// 3: every gather of a segment's parameters), and the NCCL backend stages every
+    /// collective through the device. The device-resident stages 0-2 move only scalars.
     fn take_transfers(&mut self) -> Transfers {
         let staged = self.comm.host_staged_bytes();
         let mut transfers = std::mem::take(&mut self.transfers);
+        if let Some(shards) = &self.shards {
+            transfers.parameters += lock(shards).take_uploaded();
+        }
         transfers.collectives += staged.saturating_sub(self.staged_seen);
         self.staged_seen = staged;
         transfers
