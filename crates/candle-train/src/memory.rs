@@ -8,7 +8,12 @@
 //! static ALLOC: candle_train::memory::CountingAllocator = candle_train::memory::CountingAllocator;
 //! ```
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
+
+#[cfg(feature = "mimalloc")]
+use mimalloc::MiMalloc as System;
+#[cfg(not(feature = "mimalloc"))]
+use std::alloc::System;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
