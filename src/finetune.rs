@@ -145,7 +145,10 @@ impl FinetuneOptions {
                 lora.dropout
             );
             if let Some(alpha) = lora.alpha {
-                anyhow::ensure!(alpha.is_finite() && alpha > 0.0, "invalid `--lora-alpha`: {alpha} is not positive");
+                anyhow::ensure!(
+                    alpha.is_finite() && alpha > 0.0,
+                    "invalid `--lora-alpha`: {alpha} is not positive"
+                );
             }
             anyhow::ensure!(
                 !lora.targets.is_empty() && lora.targets.iter().all(|t| !t.trim().is_empty()),
@@ -319,9 +322,15 @@ pub fn verify_reload(model: &Llama, dir: &Path, dtype: DType) -> anyhow::Result<
     let (reloaded, _) = crate::export::load_llama(dir, dtype, &Device::Cpu)?;
     let theirs = reloaded.parameters();
     for mine in model.parameters().iter() {
-        let other = theirs.get(&mine.name).with_context(|| format!("{}: no `{}`", dir.display(), mine.name))?;
+        let other =
+            theirs.get(&mine.name).with_context(|| format!("{}: no `{}`", dir.display(), mine.name))?;
         let bits = |t: &candle::Tensor| -> anyhow::Result<Vec<u32>> {
-            Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
+            Ok(t.flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f32::to_bits)
+                .collect())
         };
         anyhow::ensure!(
             bits(mine.var.as_tensor())? == bits(other.var.as_tensor())?,
@@ -403,11 +412,11 @@ pub fn run(options: &FinetuneOptions) -> anyhow::Result<FinetuneOutcome> {
     let trainable = lora_model.adapter_parameters().num_elements();
     println!("LoRA: {} adapted layers, {trainable} trainable parameters", lora_model.adapted_layers().len());
     let report = fit(&lora_model, options, &data)?;
-    lora_model.save_peft(&options.out, &PeftInfo { base_model: Some(options.model.clone()), ..PeftInfo::default() })?;
-    println!(
-        "adapter saved to {} (adapter_config.json, adapter_model.safetensors)",
-        options.out.display()
-    );
+    lora_model.save_peft(
+        &options.out,
+        &PeftInfo { base_model: Some(options.model.clone()), ..PeftInfo::default() },
+    )?;
+    println!("adapter saved to {} (adapter_config.json, adapter_model.safetensors)", options.out.display());
     let mut verified = false;
     if lora.merge {
         let merged = lora_model.merge()?;

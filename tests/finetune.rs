@@ -49,17 +49,39 @@ fn finetune_writes_a_folder_that_eval_and_generate_load() -> anyhow::Result<()> 
     }
     let out = temp_dir("full");
     let metrics = out.with_extension("metrics.jsonl");
-    let out_s = out.to_str().unwrap();
+    let out_s = out.to_str().expect("a UTF-8 temporary path");
     let (code, stdout, stderr) = run(&[
-        "finetune", "--model", "smollm2", "--data", CHAT, "--valid", VALID, "--out", out_s, "--steps", "2",
-        "--micro-batch", "2", "--seq-len", "64", "--lr", "1e-4", "--quiet", "--metrics",
-        metrics.to_str().unwrap(),
+        "finetune",
+        "--model",
+        "smollm2",
+        "--data",
+        CHAT,
+        "--valid",
+        VALID,
+        "--out",
+        out_s,
+        "--steps",
+        "2",
+        "--micro-batch",
+        "2",
+        "--seq-len",
+        "64",
+        "--lr",
+        "1e-4",
+        "--quiet",
+        "--metrics",
+        metrics.to_str().expect("a UTF-8 temporary path"),
     ])?;
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert!(stdout.contains("reloaded: bit-identical"), "{stdout}");
     assert_eq!(field(&stdout, "verified")?, "true");
-    for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
-    {
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         assert!(out.join(file).is_file(), "{file} missing in {}", out.display());
     }
     let before: f64 = field(&stdout, "loss_before")?.parse()?;
@@ -72,8 +94,16 @@ fn finetune_writes_a_folder_that_eval_and_generate_load() -> anyhow::Result<()> 
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(field(&eval_out, "loss")?, after, "{eval_out}");
 
-    let (code, text, stderr) =
-        run(&["generate", "--model", out_s, "--prompt", "Say hello in French.", "--chat", "--max-new-tokens", "6"])?;
+    let (code, text, stderr) = run(&[
+        "generate",
+        "--model",
+        out_s,
+        "--prompt",
+        "Say hello in French.",
+        "--chat",
+        "--max-new-tokens",
+        "6",
+    ])?;
     assert_eq!(code, 0, "{stderr}");
     assert!(!text.trim().is_empty(), "nothing generated");
     std::fs::remove_dir_all(&out).ok();
@@ -87,19 +117,42 @@ fn lora_finetune_writes_peft_adapter_files_and_the_merged_model() -> anyhow::Res
         return Ok(());
     }
     let out = temp_dir("lora");
-    let out_s = out.to_str().unwrap();
+    let out_s = out.to_str().expect("a UTF-8 temporary path");
     let (code, stdout, stderr) = run(&[
-        "finetune", "--model", "smollm2", "--data", CHAT, "--out", out_s, "--steps", "2", "--micro-batch", "2",
-        "--seq-len", "48", "--lr", "1e-3", "--quiet", "--lora-rank", "4", "--lora-targets", "q_proj,v_proj",
+        "finetune",
+        "--model",
+        "smollm2",
+        "--data",
+        CHAT,
+        "--out",
+        out_s,
+        "--steps",
+        "2",
+        "--micro-batch",
+        "2",
+        "--seq-len",
+        "48",
+        "--lr",
+        "1e-3",
+        "--quiet",
+        "--lora-rank",
+        "4",
+        "--lora-targets",
+        "q_proj,v_proj",
         "--merge",
     ])?;
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert_eq!(field(&stdout, "trainable")?, "230400", "{stdout}");
-    let adapter: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("adapter_config.json"))?)?;
+    let adapter: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json"))?)?;
     assert_eq!(adapter["r"], 4);
     assert!(out.join("adapter_model.safetensors").is_file());
-    assert!(out.join("model.safetensors").is_file() && stdout.contains("reloaded: bit-identical"), "{stdout}");
-    let (code, _, stderr) = run(&["generate", "--model", out_s, "--prompt", "Hello", "--max-new-tokens", "2"])?;
+    assert!(
+        out.join("model.safetensors").is_file() && stdout.contains("reloaded: bit-identical"),
+        "{stdout}"
+    );
+    let (code, _, stderr) =
+        run(&["generate", "--model", out_s, "--prompt", "Hello", "--max-new-tokens", "2"])?;
     assert_eq!(code, 0, "{stderr}");
     std::fs::remove_dir_all(&out).ok();
     Ok(())
@@ -111,7 +164,7 @@ fn bad_flags_folders_and_records_are_one_clear_line() -> anyhow::Result<()> {
     let dir = temp_dir("bad");
     std::fs::create_dir_all(&dir)?;
     let out = dir.join("out");
-    let out_s = out.to_str().unwrap();
+    let out_s = out.to_str().expect("a UTF-8 temporary path");
     let bad = dir.join("bad.jsonl");
     std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"text\": 3}\n")?;
     let labels = dir.join("labels.jsonl");
@@ -128,8 +181,11 @@ fn bad_flags_folders_and_records_are_one_clear_line() -> anyhow::Result<()> {
         (vec!["--data", CHAT, "--schedule", "linear"], vec!["--schedule", "linear"]),
         (vec!["--data", CHAT, "--steps", "0"], vec!["--steps"]),
         (vec!["--data", "no-such.jsonl"], vec!["--data", "no-such.jsonl"]),
-        (vec!["--data", bad.to_str().unwrap()], vec!["bad.jsonl:2", "text"]),
-        (vec!["--data", labels.to_str().unwrap()], vec!["labels.jsonl", "classification"]),
+        (vec!["--data", bad.to_str().expect("a UTF-8 temporary path")], vec!["bad.jsonl:2", "text"]),
+        (
+            vec!["--data", labels.to_str().expect("a UTF-8 temporary path")],
+            vec!["labels.jsonl", "classification"],
+        ),
     ];
     for (extra, wanted) in cases {
         let mut args = vec!["finetune", "--model", "smollm2", "--out", out_s];
@@ -141,12 +197,26 @@ fn bad_flags_folders_and_records_are_one_clear_line() -> anyhow::Result<()> {
             assert!(stderr.contains(w), "{extra:?}: `{w}` not in {stderr}");
         }
     }
-    let (code, _, stderr) =
-        run(&["finetune", "--model", dir.to_str().unwrap(), "--data", CHAT, "--out", out_s])?;
+    let (code, _, stderr) = run(&[
+        "finetune",
+        "--model",
+        dir.to_str().expect("a UTF-8 temporary path"),
+        "--data",
+        CHAT,
+        "--out",
+        out_s,
+    ])?;
     assert_eq!(code, 2);
     assert!(stderr.contains("config.json"), "{stderr}");
-    let (code, _, stderr) =
-        run(&["finetune", "--model", "smollm2", "--data", CHAT, "--out", non_empty.to_str().unwrap()])?;
+    let (code, _, stderr) = run(&[
+        "finetune",
+        "--model",
+        "smollm2",
+        "--data",
+        CHAT,
+        "--out",
+        non_empty.to_str().expect("a UTF-8 temporary path"),
+    ])?;
     assert_eq!(code, 2);
     assert!(stderr.contains("not empty") && stderr.contains("--overwrite"), "{stderr}");
     assert!(!out.exists(), "nothing is written for a refused run");
