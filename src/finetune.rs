@@ -412,10 +412,13 @@ pub fn run(options: &FinetuneOptions) -> anyhow::Result<FinetuneOutcome> {
     let trainable = lora_model.adapter_parameters().num_elements();
     println!("LoRA: {} adapted layers, {trainable} trainable parameters", lora_model.adapted_layers().len());
     let report = fit(&lora_model, options, &data)?;
-    lora_model.save_peft(
-        &options.out,
-        &PeftInfo { base_model: Some(options.model.clone()), ..PeftInfo::default() },
-    )?;
+    // The base as `eval`/`generate` find it again from anywhere: a short name as given, a path
+    // made absolute.
+    let base = match std::fs::canonicalize(&options.model) {
+        Ok(path) if Path::new(&options.model).exists() => path.display().to_string(),
+        _ => options.model.clone(),
+    };
+    lora_model.save_peft(&options.out, &PeftInfo { base_model: Some(base), ..PeftInfo::default() })?;
     println!("adapter saved to {} (adapter_config.json, adapter_model.safetensors)", options.out.display());
     let mut verified = false;
     if lora.merge {

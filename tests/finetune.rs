@@ -112,20 +112,13 @@ fn finetune_writes_a_folder_that_eval_and_generate_load() -> anyhow::Result<()> 
 }
 
 #[test]
-fn lora_finetune_writes_peft_adapter_files_and_the_merged_model() -> anyhow::Result<()> {
+fn lora_finetune_writes_peft_adapter_files_that_eval_loads_and_the_merged_model() -> anyhow::Result<()> {
     if !smollm2_present() {
         return Ok(());
     }
     let out = temp_dir("lora");
     let out_s = out.to_str().expect("a UTF-8 temporary path");
-    let (code, stdout, stderr) = run(&[
-        "finetune",
-        "--model",
-        "smollm2",
-        "--data",
-        CHAT,
-        "--out",
-        out_s,
+    let lora = [
         "--steps",
         "2",
         "--micro-batch",
@@ -139,22 +132,40 @@ fn lora_finetune_writes_peft_adapter_files_and_the_merged_model() -> anyhow::Res
         "4",
         "--lora-targets",
         "q_proj,v_proj",
-        "--merge",
-    ])?;
+    ];
+    let mut args = vec!["finetune", "--model", "smollm2", "--data", CHAT, "--valid", VALID, "--out", out_s];
+    args.extend(lora);
+    let (code, stdout, stderr) = run(&args)?;
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert_eq!(field(&stdout, "trainable")?, "230400", "{stdout}");
     let adapter: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("adapter_config.json"))?)?;
     assert_eq!(adapter["r"], 4);
+    assert_eq!(adapter["base_model_name_or_path"], "smollm2");
     assert!(out.join("adapter_model.safetensors").is_file());
+    assert!(!out.join("model.safetensors").exists(), "no merged model without --merge");
+    // `eval` loads the adapter folder (base + adapters): the trained model's last held-out loss.
+    let (code, eval_out, stderr) = run(&["eval", "--model", out_s, "--data", VALID, "--seq-len", "48"])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(field(&eval_out, "loss")?, field(&stdout, "loss_after")?, "{eval_out}");
+
+    // With --merge the folder also holds the merged model, reloaded bit-identically.
+    let merged = temp_dir("merged");
+    let merged_s = merged.to_str().expect("a UTF-8 temporary path");
+    let mut args = vec!["finetune", "--model", "smollm2", "--data", CHAT, "--out", merged_s, "--merge"];
+    args.extend(lora);
+    let (code, stdout, stderr) = run(&args)?;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(merged.join("adapter_model.safetensors").is_file());
     assert!(
-        out.join("model.safetensors").is_file() && stdout.contains("reloaded: bit-identical"),
+        merged.join("model.safetensors").is_file() && stdout.contains("reloaded: bit-identical"),
         "{stdout}"
     );
     let (code, _, stderr) =
-        run(&["generate", "--model", out_s, "--prompt", "Hello", "--max-new-tokens", "2"])?;
+        run(&["generate", "--model", merged_s, "--prompt", "Hello", "--max-new-tokens", "2"])?;
     assert_eq!(code, 0, "{stderr}");
     std::fs::remove_dir_all(&out).ok();
+    std::fs::remove_dir_all(&merged).ok();
     Ok(())
 }
 
