@@ -28,6 +28,17 @@ use crate::model_source::{load_model, LoadedModel};
 /// SmolLM2-Instruct's chat template (ChatML), used when a model's tokenizer ships none.
 pub const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
+/// The files `finetune` writes (and removes from an overwritten output folder first).
+pub const OUTPUT_FILES: [&str; 7] = [
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+];
+
 /// The learning-rate schedule after warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Schedule {
@@ -95,6 +106,14 @@ pub struct FinetuneOptions {
     pub checkpoint_dir: Option<PathBuf>,
     /// Checkpoint every this many steps.
     pub checkpoint_every: Option<usize>,
+    /// Keep this many of the newest checkpoints.
+    pub keep_checkpoints: usize,
+    /// A limit on live heap bytes during a step (out of memory above it).
+    pub max_memory: Option<usize>,
+    /// Before training, pick the largest micro-batch that fits `max_memory`.
+    pub find_micro_batch: bool,
+    /// Halve the micro-batch and retry on an out-of-memory error.
+    pub oom_recovery: bool,
     /// Continue from this checkpoint (or run directory).
     pub resume: Option<PathBuf>,
     /// Per-step metrics as JSON lines.
@@ -134,6 +153,11 @@ impl FinetuneOptions {
             self.checkpoint_every.is_none() || self.checkpoint_dir.is_some() || self.resume.is_some(),
             "`--checkpoint-every` needs `--checkpoint-dir` (or `--resume`) to say where checkpoints go"
         );
+        anyhow::ensure!(
+            !self.find_micro_batch || self.max_memory.is_some(),
+            "`--find-micro-batch` needs `--max-memory` (the budget the micro-batch must fit)"
+        );
+        anyhow::ensure!(self.keep_checkpoints > 0, "invalid `--keep-checkpoints`: must be at least 1");
         if let Some(every) = self.checkpoint_every {
             anyhow::ensure!(every > 0, "invalid `--checkpoint-every`: must be at least 1");
         }
@@ -195,7 +219,10 @@ impl FinetuneOptions {
             .progress(self.progress)
             .metrics_path(self.metrics.clone())
             .recompute(self.recompute)
-            .loss_scaling(loss_scaling);
+            .loss_scaling(loss_scaling)
+            .max_memory(self.max_memory)
+            .oom_recovery(self.oom_recovery)
+            .find_micro_batch(self.find_micro_batch);
         if self.schedule == Schedule::Constant {
             config = config.schedule(LrSchedule::Constant { lr: self.lr });
         }
@@ -205,7 +232,7 @@ impl FinetuneOptions {
             (None, None) => None,
         };
         if let Some(dir) = dir {
-            config = config.checkpoint(dir, self.checkpoint_every.unwrap_or(100), 2);
+            config = config.checkpoint(dir, self.checkpoint_every.unwrap_or(100), self.keep_checkpoints);
         }
         Ok(config.build()?)
     }
@@ -393,6 +420,14 @@ pub fn run(options: &FinetuneOptions) -> anyhow::Result<FinetuneOutcome> {
         if options.valid.is_some() { "" } else { " (evaluated on the training examples: no --valid)" }
     );
     std::fs::create_dir_all(&options.out).with_context(|| format!("creating {}", options.out.display()))?;
+    // An overwritten folder loses the files a model folder is read by, so that no stale model
+    // (a full model beside a new adapter) is loaded from it; other files stay.
+    for name in OUTPUT_FILES {
+        let path = options.out.join(name);
+        if path.is_file() {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
     let Some(lora) = &options.lora else {
         let trainable = model.parameters().num_elements();
         let report = fit(&model, options, &data)?;

@@ -124,9 +124,23 @@ struct FinetuneArgs {
     /// Write a checkpoint every this many steps (and after the last) [default: 100].
     #[arg(long)]
     checkpoint_every: Option<usize>,
+    /// Keep this many of the newest checkpoints.
+    #[arg(long, default_value_t = 2)]
+    keep_checkpoints: usize,
     /// Continue from this checkpoint (or the newest in this run directory).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Limit live heap bytes during a step (K/M/G suffixes): going over it is an out-of-memory
+    /// error, which halves the micro-batch and retries unless --no-oom-recovery.
+    #[arg(long)]
+    max_memory: Option<String>,
+    /// Before training, pick the largest micro-batch that fits --max-memory, keeping the
+    /// global batch.
+    #[arg(long)]
+    find_micro_batch: bool,
+    /// Stop on an out-of-memory error instead of retrying with a smaller micro-batch.
+    #[arg(long)]
+    no_oom_recovery: bool,
     /// Write per-step metrics as JSON lines to this file.
     #[arg(long)]
     metrics: Option<PathBuf>,
@@ -175,6 +189,12 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
     };
     let recompute: Recompute =
         args.recompute.parse().map_err(|e| anyhow::anyhow!("invalid `--recompute`: {e}"))?;
+    let max_memory = match &args.max_memory {
+        None => None,
+        Some(text) => Some(candle_fit::ckpt::parse_bytes(text).filter(|&b| b > 0).ok_or_else(|| {
+            anyhow::anyhow!("invalid `--max-memory`: `{text}` is not a positive byte count (digits with an optional K, M or G)")
+        })?),
+    };
     let lora = match args.lora_rank {
         Some(rank) => Some(LoraOptions {
             rank,
@@ -227,6 +247,10 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
         offload_optimizer: args.offload_optimizer,
         checkpoint_dir: args.checkpoint_dir,
         checkpoint_every: args.checkpoint_every,
+        keep_checkpoints: args.keep_checkpoints,
+        max_memory,
+        find_micro_batch: args.find_micro_batch,
+        oom_recovery: !args.no_oom_recovery,
         resume: args.resume,
         metrics: args.metrics,
         eval_interval: args.eval_interval,

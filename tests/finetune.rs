@@ -191,6 +191,8 @@ fn bad_flags_folders_and_records_are_one_clear_line() -> anyhow::Result<()> {
         (vec!["--data", CHAT, "--precision", "f8"], vec!["f8"]),
         (vec!["--data", CHAT, "--schedule", "linear"], vec!["--schedule", "linear"]),
         (vec!["--data", CHAT, "--steps", "0"], vec!["--steps"]),
+        (vec!["--data", CHAT, "--find-micro-batch"], vec!["--find-micro-batch", "--max-memory"]),
+        (vec!["--data", CHAT, "--max-memory", "lots"], vec!["--max-memory", "lots"]),
         (vec!["--data", "no-such.jsonl"], vec!["--data", "no-such.jsonl"]),
         (vec!["--data", bad.to_str().expect("a UTF-8 temporary path")], vec!["bad.jsonl:2", "text"]),
         (
