@@ -15,6 +15,10 @@
 //!      [--save-adapter DIR]]
 //! ```
 //!
+//! `candle-fit finetune` is the command-line form of this example (any LLaMA-family folder or
+//! GGUF file, every technique's flag, a Hugging Face output folder); both read data through
+//! `candle_fit::finetune`.
+//!
 //! With `--lora-rank` the base is frozen and only LoRA adapters train (`candle_train::lora`;
 //! alpha defaults to twice the rank, targets to `q_proj,v_proj`); `--save-adapter DIR` writes
 //! PEFT's `adapter_config.json` + `adapter_model.safetensors`, and `--save` the merged model.
@@ -31,7 +35,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use candle::Device;
 use candle_fit::ckpt::Recompute;
-use candle_fit::datasets::{encode_record, pack, read_records, ChatTemplate, Example, Format, TokenDataset};
+use candle_fit::datasets::{pack, Example, TokenDataset};
 use candle_fit::export::{load_llama, save_llama};
 use candle_fit::pretrained::SmolLm2Files;
 use candle_fit::train::evaluate::Metrics;
@@ -45,9 +49,6 @@ use candle_fit::train::{
 
 #[global_allocator]
 static ALLOC: CountingAllocator = CountingAllocator;
-
-/// SmolLM2-Instruct's chat template (ChatML), used when the GGUF file ships none.
-const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 const USAGE: &str =
     "use --data FILE, --precision bf16|f32|f16, --recompute never|all|every:K|sqrt, --accumulate K, \
@@ -166,28 +167,9 @@ fn examples(args: &Args, files: &SmolLm2Files) -> anyhow::Result<(String, Vec<Ex
         let labels = ids.iter().map(|&id| i64::from(id)).collect();
         return Ok(("bundled novel".into(), pack(&[Example { input_ids: ids, labels }], window)));
     };
-    let records = read_records(path, None)?;
-    let template = match records.format {
-        Format::Chat => {
-            let gguf = files.open()?;
-            let source = gguf
-                .metadata()
-                .get("tokenizer.chat_template")
-                .and_then(|v| v.to_string().ok().cloned())
-                .unwrap_or_else(|| CHATML.to_string());
-            Some(ChatTemplate::new(&source, "", "<|im_end|>")?)
-        }
-        _ => None,
-    };
-    let encoded = records
-        .records
-        .iter()
-        .map(|(line, record)| {
-            encode_record(record, &tokenizer, template.as_ref())
-                .with_context(|| format!("{}:{line}: tokenizing", path.display()))
-        })
-        .collect::<anyhow::Result<Vec<Example>>>()?;
-    let examples = if records.format == Format::Text { pack(&encoded, window) } else { encoded };
+    // The same parsing, chat template (ChatML when the file ships none) and cutting as
+    // `candle-fit finetune`.
+    let examples = candle_fit::finetune::read_examples(path, &tokenizer, args.seq_len)?;
     Ok((path.display().to_string(), examples))
 }
 

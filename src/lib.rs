@@ -14,6 +14,7 @@ pub mod chart;
 pub mod datasets;
 pub mod evaluation;
 pub mod export;
+pub mod finetune;
 pub mod gguf_tokenizer;
 pub mod model_source;
 pub mod optim_bench;

@@ -49,6 +49,229 @@ enum Command {
     /// Continue a prompt with a causal language model, streaming the text to stdout:
     /// `candle-fit generate --model DIR|FILE.gguf|smollm2 --prompt TEXT`.
     Generate(GenerateArgs),
+    /// Fine-tune a LLaMA-family language model (fully or with LoRA) on a JSONL file and write a
+    /// Hugging Face folder: `candle-fit finetune --model smollm2 --data train.jsonl --out DIR`.
+    Finetune(FinetuneArgs),
+}
+
+#[derive(clap::Args, Debug)]
+#[command(allow_negative_numbers = true)]
+struct FinetuneArgs {
+    /// A model folder (LlamaForCausalLM), a .gguf file, or a packaged model's short name
+    /// (smollm2).
+    #[arg(long)]
+    model: String,
+    /// Training records, JSONL: {"text"}, {"prompt","completion"} (loss on the completion) or
+    /// {"messages":[...]} (chat template applied, loss on the assistant turns).
+    #[arg(long)]
+    data: PathBuf,
+    /// Held-out records (same formats) for the periodic evaluation; without it the
+    /// evaluations run on the training examples.
+    #[arg(long)]
+    valid: Option<PathBuf>,
+    /// The output folder: a Hugging Face model folder (with LoRA: the PEFT adapter files, and
+    /// the merged model with --merge).
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace the files of a non-empty output folder.
+    #[arg(long)]
+    overwrite: bool,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 100)]
+    steps: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// Schedule after warm-up: cosine (decay to a tenth of --lr) or constant.
+    #[arg(long, default_value = "cosine")]
+    schedule: String,
+    /// Warm-up steps (linear).
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    micro_batch: usize,
+    /// Micro-batches accumulated per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    accumulation_steps: usize,
+    /// Tokens per sequence (text is packed into windows; other records are cut to it).
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Precision: f32, bf16 (FP32 master weights) or f16 (FP32 master weights, loss scaling).
+    #[arg(long, default_value = "f32")]
+    precision: String,
+    /// Dynamic loss scaling: on, off, or auto (on for f16 only).
+    #[arg(long, default_value = "auto")]
+    loss_scaling: String,
+    /// Recomputation: never, all, every:K, sqrt or budget:BYTES.
+    #[arg(long, default_value = "never")]
+    recompute: String,
+    /// Clip the global gradient norm to this positive number (0 disables clipping).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Optimizer.
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Adamw)]
+    optimizer: OptimizerKind,
+    /// Weight decay (decoupled for AdamW, L2 for SGD), on matrices only.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Step the optimizer on the host with master weights and state there.
+    #[arg(long)]
+    offload_optimizer: bool,
+    /// Write training-state checkpoints into this run directory.
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Write a checkpoint every this many steps (and after the last) [default: 100].
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Keep this many of the newest checkpoints.
+    #[arg(long, default_value_t = 2)]
+    keep_checkpoints: usize,
+    /// Continue from this checkpoint (or the newest in this run directory).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Limit live heap bytes during a step (K/M/G suffixes): going over it is an out-of-memory
+    /// error, which halves the micro-batch and retries unless --no-oom-recovery.
+    #[arg(long)]
+    max_memory: Option<String>,
+    /// Before training, pick the largest micro-batch that fits --max-memory, keeping the
+    /// global batch.
+    #[arg(long)]
+    find_micro_batch: bool,
+    /// Stop on an out-of-memory error instead of retrying with a smaller micro-batch.
+    #[arg(long)]
+    no_oom_recovery: bool,
+    /// Write per-step metrics as JSON lines to this file.
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+    /// Evaluate every this many steps (0: at the start and the end only).
+    #[arg(long, default_value_t = 0)]
+    eval_interval: usize,
+    /// Held-out sequences per evaluation.
+    #[arg(long, default_value_t = 64)]
+    eval_samples: usize,
+    /// Seed of data order, adapters' initialisation and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Train LoRA adapters of this rank on a frozen base instead of every weight.
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA alpha (the update is scaled by alpha / rank) [default: twice the rank].
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// Dropout on the adapters' input.
+    #[arg(long)]
+    lora_dropout: Option<f32>,
+    /// Adapted modules (comma-separated), or all-linear [default: q_proj,v_proj].
+    #[arg(long, value_delimiter = ',')]
+    lora_targets: Option<Vec<String>>,
+    /// With LoRA: also write the merged model into the output folder.
+    #[arg(long)]
+    merge: bool,
+}
+
+fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
+    use candle_fit::finetune::{run, FinetuneOptions, LoraOptions, Schedule};
+    let precision: Precision = args.precision.parse()?;
+    let loss_scaling = match args.loss_scaling.as_str() {
+        "auto" => None,
+        "on" => Some(true),
+        "off" => Some(false),
+        other => anyhow::bail!("invalid `--loss-scaling`: `{other}` is not one of on, off, auto"),
+    };
+    let schedule = match args.schedule.as_str() {
+        "cosine" => Schedule::Cosine,
+        "constant" => Schedule::Constant,
+        other => anyhow::bail!("invalid `--schedule`: `{other}` is not one of cosine, constant"),
+    };
+    let recompute: Recompute =
+        args.recompute.parse().map_err(|e| anyhow::anyhow!("invalid `--recompute`: {e}"))?;
+    let max_memory = match &args.max_memory {
+        None => None,
+        Some(text) => Some(candle_fit::ckpt::parse_bytes(text).filter(|&b| b > 0).ok_or_else(|| {
+            anyhow::anyhow!("invalid `--max-memory`: `{text}` is not a positive byte count (digits with an optional K, M or G)")
+        })?),
+    };
+    let lora = match args.lora_rank {
+        Some(rank) => Some(LoraOptions {
+            rank,
+            alpha: args.lora_alpha,
+            dropout: args.lora_dropout.unwrap_or(0.0),
+            targets: args.lora_targets.clone().unwrap_or_else(|| vec!["q_proj".into(), "v_proj".into()]),
+            merge: args.merge,
+        }),
+        None => {
+            for (flag, given) in [
+                ("--lora-alpha", args.lora_alpha.is_some()),
+                ("--lora-dropout", args.lora_dropout.is_some()),
+                ("--lora-targets", args.lora_targets.is_some()),
+                ("--merge", args.merge),
+            ] {
+                anyhow::ensure!(!given, "`{flag}` needs `--lora-rank`");
+            }
+            None
+        }
+    };
+    let optimizer = match args.optimizer {
+        OptimizerKind::Adamw => {
+            OptimizerConfig::AdamW(AdamWConfig { weight_decay: args.weight_decay, ..Default::default() })
+        }
+        OptimizerKind::Adamw8bit => {
+            OptimizerConfig::AdamW8bit(AdamWConfig { weight_decay: args.weight_decay, ..Default::default() })
+        }
+        OptimizerKind::Sgd => {
+            OptimizerConfig::Sgd(SgdConfig { weight_decay: args.weight_decay, ..Default::default() })
+        }
+    };
+    let options = FinetuneOptions {
+        model: args.model,
+        data: args.data,
+        valid: args.valid,
+        out: args.out,
+        overwrite: args.overwrite,
+        steps: args.steps,
+        lr: args.lr,
+        schedule,
+        warmup_steps: args.warmup_steps,
+        micro_batch: args.micro_batch,
+        accumulation_steps: args.accumulation_steps,
+        seq_len: args.seq_len,
+        precision,
+        loss_scaling,
+        recompute,
+        max_grad_norm: (args.max_grad_norm != 0.0).then_some(args.max_grad_norm),
+        optimizer,
+        offload_optimizer: args.offload_optimizer,
+        checkpoint_dir: args.checkpoint_dir,
+        checkpoint_every: args.checkpoint_every,
+        keep_checkpoints: args.keep_checkpoints,
+        max_memory,
+        find_micro_batch: args.find_micro_batch,
+        oom_recovery: !args.no_oom_recovery,
+        resume: args.resume,
+        metrics: args.metrics,
+        eval_interval: args.eval_interval,
+        eval_samples: args.eval_samples,
+        seed: args.seed,
+        progress: !args.quiet,
+        lora,
+    };
+    let outcome = run(&options)?;
+    let report = &outcome.report;
+    println!(
+        "RESULT steps={} trainable={} loss_before={:.4} loss_after={:.4} s_per_step={:.2} peak={} verified={}",
+        options.steps,
+        outcome.trainable,
+        report.initial_val_loss,
+        report.final_val_loss,
+        report.median_step_time_s,
+        mib(report.memory.peak),
+        outcome.verified
+    );
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -1371,6 +1594,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Launch(args) => launch(args),
         Command::Eval(args) => eval(args),
         Command::Generate(args) => generate(args),
+        Command::Finetune(args) => finetune(args),
     }
 }
 

