@@ -310,17 +310,14 @@ impl DeviceZero {
             self.zero_grad();
             return Ok(StepReport { grad_norm, stepped: false, clip_coef: 1.0 });
         }
-        let mut clip_coef = 1.0;
-        if let Some(max_norm) = max_grad_norm {
-            let coef = max_norm / (grad_norm + 1e-6);
-            if coef < 1.0 {
-                clip_coef = coef;
-                let c = f64::from(coef as f32);
-                for g in self.owned.iter_mut().flatten() {
-                    *g = g.affine(c, 0.0)?;
-                }
+        let clip = candle_train::updater::clip_factor(grad_norm, max_grad_norm);
+        if let Some(coef) = clip {
+            let c = f64::from(coef as f32);
+            for g in self.owned.iter_mut().flatten() {
+                *g = g.affine(c, 0.0)?;
             }
         }
+        let clip_coef = clip.unwrap_or(1.0);
         self.optimizer.begin_step();
         // Each piece's new FP32 values (its master, or a view of the F32 variable).
         let mut values = Vec::with_capacity(self.pieces.len());

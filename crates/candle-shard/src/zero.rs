@@ -796,18 +796,15 @@ impl Updater for ZeroUpdater {
             self.zero_grad();
             return Ok(StepReport { grad_norm, stepped: false, clip_coef: 1.0 });
         }
-        let mut clip_coef = 1.0;
-        if let Some(max_norm) = max_grad_norm {
-            let coef = max_norm / (grad_norm + 1e-6);
-            if coef < 1.0 {
-                clip_coef = coef;
-                let c = coef as f32;
-                for g in &mut self.groups {
-                    let owned = g.owned.start - g.grads_offset..g.owned.end - g.grads_offset;
-                    g.grads[owned].iter_mut().for_each(|v| *v *= c);
-                }
+        let clip = candle_train::updater::clip_factor(grad_norm, max_grad_norm);
+        if let Some(coef) = clip {
+            let c = coef as f32;
+            for g in &mut self.groups {
+                let owned = g.owned.start - g.grads_offset..g.owned.end - g.grads_offset;
+                g.grads[owned].iter_mut().for_each(|v| *v *= c);
             }
         }
+        let clip_coef = clip.unwrap_or(1.0);
         self.optimizer.begin_step();
         let mut shards = self.shards.as_ref().map(|s| lock(s));
         for (k, piece) in self.pieces.iter().enumerate() {

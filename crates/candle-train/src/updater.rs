@@ -258,6 +258,14 @@ impl std::fmt::Debug for LocalUpdater {
     }
 }
 
+/// The factor that clips gradients of global norm `grad_norm` to `max_grad_norm`, as torch's
+/// `clip_grad_norm_` (`max / (norm + 1e-6)`), or `None` when no clipping applies (no maximum,
+/// or a factor of 1 or more). Every updater clips with it.
+pub fn clip_factor(grad_norm: f64, max_grad_norm: Option<f64>) -> Option<f64> {
+    let coef = max_grad_norm? / (grad_norm + 1e-6);
+    (coef < 1.0).then_some(coef)
+}
+
 /// The sum of the squares of a tensor's elements in FP64, as a scalar tensor on its device:
 /// on CUDA one fused pass; elsewhere over chunks of 4 Mi elements, so the FP64 temporary stays
 /// small.
@@ -505,17 +513,14 @@ impl LocalUpdater {
             return Ok(StepReport { grad_norm, stepped: false, clip_coef: 1.0 });
         }
         let Store::Device(store) = &mut self.store else { unreachable!("step_device on a host store") };
-        let mut clip_coef = 1.0;
-        if let Some(max_norm) = max_grad_norm {
-            let coef = max_norm / (grad_norm + 1e-6);
-            if coef < 1.0 {
-                clip_coef = coef;
-                let c = f64::from(coef as f32);
-                for g in store.grads.iter_mut().flatten() {
-                    *g = g.affine(c, 0.0)?;
-                }
+        let clip = clip_factor(grad_norm, max_grad_norm);
+        if let Some(coef) = clip {
+            let c = f64::from(coef as f32);
+            for g in store.grads.iter_mut().flatten() {
+                *g = g.affine(c, 0.0)?;
             }
         }
+        let clip_coef = clip.unwrap_or(1.0);
         store.optimizer.begin_step();
         for (i, p) in self.params.iter().enumerate() {
             let grad = match &store.grads[i] {
@@ -553,15 +558,12 @@ impl LocalUpdater {
             self.zero_grad();
             return Ok(StepReport { grad_norm, stepped: false, clip_coef: 1.0 });
         }
-        let mut clip_coef = 1.0;
-        if let Some(max_norm) = max_grad_norm {
-            let coef = max_norm / (grad_norm + 1e-6);
-            if coef < 1.0 {
-                clip_coef = coef;
-                let c = coef as f32;
-                store.grads.iter_mut().flatten().for_each(|g| *g *= c);
-            }
+        let clip = clip_factor(grad_norm, max_grad_norm);
+        if let Some(coef) = clip {
+            let c = coef as f32;
+            store.grads.iter_mut().flatten().for_each(|g| *g *= c);
         }
+        let clip_coef = clip.unwrap_or(1.0);
         store.optimizer.begin_step();
         let transfers = &mut self.transfers;
         for (i, p) in self.params.iter().enumerate() {
