@@ -1,6 +1,7 @@
-//! Issue 16: ZeRO stages 0-2 with the gradient accumulators, master weights and optimizer
-//! state as tensors on the parameters' device (`ZeroUpdater::on_device`; what a GPU gets by
-//! default) and tensor collectives. On the CPU they run through the tensor-op optimizers and
+//! Issue 16: ZeRO stages 0-3 with the gradient accumulators, master weights (stage 3: the
+//! rank's parameter slices) and optimizer state as tensors on the parameters' device
+//! (`ZeroUpdater::on_device`, `ShardedModel::on_device`; what a GPU gets by default) and tensor
+//! collectives. On the CPU they run through the tensor-op optimizers and
 //! the communicators' host implementations of the tensor collectives: N ranks end where the
 //! host-resident ZeRO updater ends (the flat-slice kernels, bit-equal to torch) within the
 //! tensor-op path's rounding, stage 1 and 2 are bit-equal to stage 0 on the device (elementwise
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use candle::{DType, Device};
 use candle_fit::shard::comm::{Communicator, LocalGroup};
+use candle_fit::shard::stage3::ShardedModel;
 use candle_fit::shard::zero::{segment_units, ZeroUpdater};
 use candle_fit::shard::ZeroStage;
 use candle_fit::train::{
@@ -52,6 +54,8 @@ struct Run {
     report: TrainReport,
     state: candle_fit::train::updater::StateBytes,
     transfers: Transfers,
+    /// Stage 3: the most parameter bytes gathered at once.
+    peak_gathered: usize,
 }
 
 /// `world_size` in-process ranks of `stage`, the state on the device or on the host, rank r's
@@ -75,6 +79,28 @@ fn ranks(
                 let corpus = &corpus;
                 scope.spawn(move || -> anyhow::Result<Run> {
                     let model = Gpt::new(odd_model(), dtype, &Device::Cpu, 7 + 100 * rank as u64)?;
+                    let trainer = trainer.clone().data_parallel(rank, world_size)?;
+                    if stage == ZeroStage::Stage3 {
+                        let comm: Box<dyn Communicator> = Box::new(comm);
+                        let (sharded, mut updater) = if on_device {
+                            ShardedModel::on_device(model, optimizer, comm)?
+                        } else {
+                            ShardedModel::new(model, optimizer, comm)?
+                        };
+                        assert_eq!(updater.is_device_resident(), on_device);
+                        let report = match resume {
+                            Some(path) => trainer.resume(&sharded, corpus, &mut updater, path)?,
+                            None => trainer.fit(&sharded, corpus, &mut updater)?,
+                        };
+                        let peak_gathered = sharded.peak_gathered_bytes();
+                        return Ok(Run {
+                            model: sharded.into_inner()?,
+                            report,
+                            state: updater.state_bytes(),
+                            transfers: updater.take_transfers(),
+                            peak_gathered,
+                        });
+                    }
                     let units = match stage {
                         ZeroStage::Stage2 => segment_units(&model, model.parameters()),
                         _ => Vec::new(),
@@ -87,7 +113,6 @@ fn ranks(
                     };
                     assert_eq!(updater.is_device_resident(), on_device);
                     updater.broadcast_parameters()?;
-                    let trainer = trainer.clone().data_parallel(rank, world_size)?;
                     let report = match resume {
                         Some(path) => trainer.resume(&model, corpus, &mut updater, path)?,
                         None => trainer.fit(&model, corpus, &mut updater)?,
@@ -97,6 +122,7 @@ fn ranks(
                         report,
                         state: updater.state_bytes(),
                         transfers: updater.take_transfers(),
+                        peak_gathered: 0,
                     })
                 })
             })
@@ -225,6 +251,81 @@ fn a_device_sharded_checkpoint_resumes_bit_identically_on_the_device_and_on_the_
     for (a, b) in full.iter().zip(&host) {
         let (name, worst) = worst_difference(&a.model, &b.model)?;
         assert!(worst <= 1e-4, "resumed on the host: `{name}` differs by {worst:e}");
+    }
+    for d in [full_dir, device_dir, host_dir] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    Ok(())
+}
+
+#[test]
+fn device_stage3_steps_device_slices_like_device_stage2_and_follows_the_host_stage3() -> anyhow::Result<()> {
+    let adamw = OptimizerConfig::AdamW(AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() });
+    let trainer = trainer(3, None)?;
+    for dtype in [DType::F32, DType::BF16] {
+        let stage2 = ranks(ZeroStage::Stage2, 2, true, dtype, &adamw, &trainer, None)?;
+        let device = ranks(ZeroStage::Stage3, 2, true, dtype, &adamw, &trainer, None)?;
+        let host = ranks(ZeroStage::Stage3, 2, false, dtype, &adamw, &trainer, None)?;
+        for (rank, ((s2, d), h)) in stage2.iter().zip(&device).zip(&host).enumerate() {
+            // The same reduction per unit and the same tensor-op step on the same FP32 values
+            // (stage 2's F32 variables or BF16 master pieces, stage 3's slices): the same bits.
+            assert!(
+                snapshot(&d.model)? == snapshot(&s2.model)?,
+                "{dtype:?} rank {rank}: device stage 3 differs from device stage 2: {:?}",
+                worst_difference(&d.model, &s2.model)?
+            );
+            let (name, worst) = worst_difference(&h.model, &d.model)?;
+            let tolerance = if dtype == DType::F32 { 1e-4 } else { 1e-2 };
+            assert!(worst <= tolerance, "{dtype:?} rank {rank}: `{name}` differs from the host by {worst:e}");
+            assert_eq!(d.transfers, Transfers::default(), "the CPU device moves nothing");
+            // The slices and the gradient slices are the host's (padding included); the
+            // optimizer state is stage 2's (the same pieces).
+            assert_eq!(d.state.master_weights, h.state.master_weights, "{dtype:?}: slice bytes");
+            assert_eq!(d.state.gradients, h.state.gradients, "{dtype:?}: gradient slices");
+            assert_eq!(d.state.optimizer_state, s2.state.optimizer_state);
+            // Released between uses: at most one segment's buffers plus shared ones at once,
+            // as on the host.
+            assert!(
+                d.peak_gathered > 0 && d.peak_gathered == h.peak_gathered,
+                "{} vs {}",
+                d.peak_gathered,
+                h.peak_gathered
+            );
+            for (a, b) in s2.report.history.iter().zip(&d.report.history) {
+                assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "losses {} {}", a.loss, b.loss);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_device_stage3_checkpoint_resumes_bit_identically() -> anyhow::Result<()> {
+    let adamw = OptimizerConfig::AdamW(AdamWConfig::default());
+    let dir = |name: &str| {
+        let d = std::env::temp_dir().join(format!("candle-fit-device-zero3-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    };
+    let (full_dir, device_dir, host_dir) = (dir("full"), dir("device"), dir("host"));
+    let full = ranks(ZeroStage::Stage3, 2, true, DType::BF16, &adamw, &trainer(4, Some(&full_dir))?, None)?;
+    let from = full_dir.join("step-00000002");
+    let resumed =
+        ranks(ZeroStage::Stage3, 2, true, DType::BF16, &adamw, &trainer(4, Some(&device_dir))?, Some(&from))?;
+    for (a, b) in full.iter().zip(&resumed) {
+        assert_eq!(b.report.start_step, 2);
+        assert!(
+            snapshot(&a.model)? == snapshot(&b.model)?,
+            "resumed on the device: {:?}",
+            worst_difference(&a.model, &b.model)?
+        );
+    }
+    // The host stage 3 reads the same files.
+    let host =
+        ranks(ZeroStage::Stage3, 2, false, DType::BF16, &adamw, &trainer(4, Some(&host_dir))?, Some(&from))?;
+    for (a, b) in full.iter().zip(&host) {
+        let (name, worst) = worst_difference(&a.model, &b.model)?;
+        assert!(worst <= 1e-2, "resumed on the host: `{name}` differs by {worst:e}");
     }
     for d in [full_dir, device_dir, host_dir] {
         let _ = std::fs::remove_dir_all(d);

@@ -1,4 +1,4 @@
-//! ZeRO stages 0-2 with every buffer on the parameters' device (issue 16): the FP32 gradient
+//! ZeRO stages 0-3 with every buffer on the parameters' device (issue 16): the FP32 gradient
 //! accumulators, the owned slice's FP32 master weights and the optimizer state are tensors
 //! there, the optimizer is device-resident (fused kernels on CUDA, the tensor-op path
 //! elsewhere) and the collectives take tensors ([`Communicator::all_reduce_tensor`] and
@@ -9,13 +9,19 @@
 //! The semantics are [`crate::zero`]'s, stage for stage: stage 0 all-reduces the gradient and
 //! steps everything; stage 1 reduce-scatters once per step and steps the rank's slice; stage 2
 //! reduce-scatters each unit during backward, as soon as its gradients are final. After a
-//! step, stages 1-2 all-gather the new values in the parameters' dtype. Sharded checkpoints
-//! are written in the same format as the host updater's (the pieces copied to the host).
+//! step, stages 1-2 all-gather the new values in the parameters' dtype. Stage 3 reduces as
+//! stage 2 and steps the rank's FP32 slices, which live on the device too (in the
+//! [`ShardedParameters`] the model wrapper gathers from, device to device); the step gathers
+//! nothing but the variables that are gathered at that moment. Sharded checkpoints are written
+//! in the same format as the host updater's (the pieces copied to the host).
 //!
 //! [`crate::zero::ZeroUpdater`] holds one of these when built with
-//! [`crate::zero::ZeroUpdater::on_device`], or by default when its parameters live off the CPU.
+//! [`crate::zero::ZeroUpdater::on_device`] (stage 3:
+//! [`crate::stage3::ShardedModel::on_device`]), or by default when its parameters live off the
+//! CPU.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use candle::{DType, Device, Tensor, TensorId};
 use candle_ckpt::SegmentGradients;
@@ -26,6 +32,7 @@ use crate::checkpoint::{buffers_by_index, SavedPiece};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::partition::{FlatEntry, Partition};
+use crate::stage3::{lock, ShardedParameters};
 use crate::ZeroStage;
 
 /// A piece of a parameter this rank steps; its position is its optimizer index.
@@ -55,14 +62,37 @@ pub(crate) struct DeviceZero {
     /// Per group: the flat elements this rank steps.
     ranges: Vec<std::ops::Range<usize>>,
     pieces: Vec<Owned>,
-    /// Per piece: FP32 master values (parameters not held in F32).
+    /// Per piece: FP32 master values (parameters not held in F32; stage 3 keeps them in its
+    /// slices instead).
     master: Vec<Option<Tensor>>,
+    /// Stage 3: the rank's FP32 slices (one per flat buffer, on the device), shared with the
+    /// model wrapper that gathers from them.
+    shards: Option<Arc<Mutex<ShardedParameters>>>,
     optimizer: Box<dyn Optimizer>,
     reduced: bool,
 }
 
 fn flat_f32(t: &Tensor) -> candle::Result<Tensor> {
     t.to_dtype(DType::F32)?.flatten_all()
+}
+
+/// Stage 3's initial slices: per flat buffer, this rank's shard range of the parameters' FP32
+/// values (padding zero), as contiguous 1-D tensors on their device.
+pub(crate) fn device_slices(params: &[Parameter], partition: &Partition, rank: usize) -> Result<Vec<Tensor>> {
+    let device = params.first().map_or(Device::Cpu, |p| p.var.device().clone());
+    let mut slices = Vec::with_capacity(partition.groups().len());
+    for layout in partition.groups() {
+        let mut parts = Vec::with_capacity(layout.entries().len() + 1);
+        for e in layout.entries() {
+            parts.push(flat_f32(params[e.param].var.as_tensor())?);
+        }
+        if layout.padded_len() > layout.len() {
+            parts.push(Tensor::zeros(layout.padded_len() - layout.len(), DType::F32, &device)?);
+        }
+        let shard = layout.shard_range(rank);
+        slices.push(Tensor::cat(&parts, 0)?.narrow(0, shard.start, shard.len())?.contiguous()?);
+    }
+    Ok(slices)
 }
 
 impl DeviceZero {
@@ -73,9 +103,10 @@ impl DeviceZero {
         index: HashMap<TensorId, (usize, FlatEntry)>,
         optimizer: &OptimizerConfig,
         rank: usize,
+        shards: Option<Arc<Mutex<ShardedParameters>>>,
     ) -> Result<Self> {
-        if stage == ZeroStage::Stage3 {
-            return Err(Error::config("zero", "the device-resident ZeRO updater serves stages 0-2"));
+        if (stage == ZeroStage::Stage3) != shards.is_some() {
+            return Err(Error::config("zero", "internal: stage 3, and only stage 3, steps shared slices"));
         }
         let device = params.first().map_or(Device::Cpu, |p| p.var.device().clone());
         let mut ranges = Vec::new();
@@ -114,6 +145,7 @@ impl DeviceZero {
         let master = pieces
             .iter()
             .map(|o| match params[o.param].var.dtype() {
+                _ if shards.is_some() => Ok(None),
                 DType::F32 => Ok(None),
                 _ => Ok(Some(piece_value(o)?.contiguous()?)),
             })
@@ -136,6 +168,7 @@ impl DeviceZero {
             partition,
             pieces,
             master,
+            shards,
             optimizer,
             reduced: false,
         })
@@ -180,7 +213,7 @@ impl DeviceZero {
                 Some(earlier) => (earlier + grad)?,
                 None => grad,
             };
-            if self.stage != ZeroStage::Stage2 || !g.is_final {
+            if !self.reduces_per_unit() || !g.is_final {
                 self.local[entry.param] = Some(sum);
                 continue;
             }
@@ -213,8 +246,13 @@ impl DeviceZero {
         Ok(())
     }
 
+    /// Stages 2 and 3 reduce-scatter each unit's gradients during backward.
+    fn reduces_per_unit(&self) -> bool {
+        matches!(self.stage, ZeroStage::Stage2 | ZeroStage::Stage3)
+    }
+
     fn reduce(&mut self, comm: &dyn Communicator) -> Result<()> {
-        if self.stage == ZeroStage::Stage2 {
+        if self.reduces_per_unit() {
             // Units never completed (a parameter no segment lists a final gradient for),
             // flushed in group order on every rank alike.
             let mut incomplete: Vec<usize> = self.staged.keys().copied().collect();
@@ -319,14 +357,21 @@ impl DeviceZero {
         }
         let clip_coef = clip.unwrap_or(1.0);
         self.optimizer.begin_step();
-        // Each piece's new FP32 values (its master, or a view of the F32 variable).
+        let mut shards = self.shards.as_ref().map(|s| lock(s));
+        // Each piece's new FP32 values (its master, a view of its stage-3 slice or of the F32
+        // variable).
         let mut values = Vec::with_capacity(self.pieces.len());
         for (k, piece) in self.pieces.iter().enumerate() {
             let grad =
                 self.owned_grad(piece.group)?.narrow(0, piece.owned_range.start, piece.owned_range.len())?;
-            let current = match &self.master[k] {
-                Some(master) => master.clone(),
-                None => flat_f32(&self.params[piece.param].var.as_tensor().detach())?.narrow(
+            let current = match (&self.master[k], shards.as_deref()) {
+                (Some(master), _) => master.clone(),
+                (None, Some(shards)) => shards.device_slices()?[piece.group].narrow(
+                    0,
+                    piece.owned_range.start,
+                    piece.owned_range.len(),
+                )?,
+                (None, None) => flat_f32(&self.params[piece.param].var.as_tensor().detach())?.narrow(
                     0,
                     piece.param_range.start,
                     piece.param_range.len(),
@@ -341,9 +386,46 @@ impl DeviceZero {
             }
             values.push((new, in_place));
         }
-        self.publish(comm, values)?;
+        match shards.as_deref_mut() {
+            Some(shards) => self.publish_slices(shards, &values)?,
+            None => self.publish(comm, values)?,
+        }
+        drop(shards);
         self.zero_grad();
         Ok(StepReport { grad_norm, stepped: true, clip_coef })
+    }
+
+    /// Group `g`'s owned range in FP32 from its pieces' values (zero where no piece is: the
+    /// padding).
+    fn assemble(&self, g: usize, values: &[(Tensor, bool)]) -> Result<Tensor> {
+        let owned_len = self.ranges[g].len();
+        let mut parts = Vec::new();
+        let mut at = 0;
+        for (piece, (value, _)) in self.pieces.iter().zip(values).filter(|(p, _)| p.group == g) {
+            if piece.owned_range.start > at {
+                parts.push(Tensor::zeros(piece.owned_range.start - at, DType::F32, &self.device)?);
+            }
+            parts.push(value.clone());
+            at = piece.owned_range.end;
+        }
+        if owned_len > at {
+            parts.push(Tensor::zeros(owned_len - at, DType::F32, &self.device)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Stage 3: the new values become the slices (unless a fused kernel stepped them in
+    /// place), and the variables gathered now are gathered again with them.
+    fn publish_slices(&self, shards: &mut ShardedParameters, values: &[(Tensor, bool)]) -> Result<()> {
+        for g in 0..self.ranges.len() {
+            let mut group = self.pieces.iter().zip(values).filter(|(p, _)| p.group == g);
+            if group.all(|(_, (_, in_place))| *in_place) {
+                continue;
+            }
+            let slice = self.assemble(g, values)?;
+            shards.device_slices_mut()?[g] = slice;
+        }
+        shards.refresh()
     }
 
     /// Writes the new values into every rank's parameters: stage 0 directly (every rank
@@ -361,20 +443,7 @@ impl DeviceZero {
             return Ok(());
         }
         for (g, layout) in self.partition.groups().iter().enumerate() {
-            let owned_len = self.ranges[g].len();
-            let mut parts = Vec::new();
-            let mut at = 0;
-            for (piece, (value, _)) in self.pieces.iter().zip(&values).filter(|(p, _)| p.group == g) {
-                if piece.owned_range.start > at {
-                    parts.push(Tensor::zeros(piece.owned_range.start - at, DType::F32, &self.device)?);
-                }
-                parts.push(value.clone());
-                at = piece.owned_range.end;
-            }
-            if owned_len > at {
-                parts.push(Tensor::zeros(owned_len - at, DType::F32, &self.device)?);
-            }
-            let mine = Tensor::cat(&parts, 0)?.to_dtype(layout.dtype())?;
+            let mine = self.assemble(g, &values)?.to_dtype(layout.dtype())?;
             let all = comm.all_gather_tensor(&mine)?;
             for e in layout.entries() {
                 let var = &self.params[e.param].var;
@@ -397,9 +466,10 @@ impl DeviceZero {
             ZeroStage::Stage0 | ZeroStage::Stage1 => self.params.iter().map(|p| p.var.elem_count() * 4).sum(),
             _ => self.ranges.iter().map(|r| r.len() * 4).sum(),
         };
+        let slices = self.shards.as_ref().map_or(0, |s| lock(s).slice_bytes());
         StateBytes {
             gradients,
-            master_weights: self.master.iter().flatten().map(|m| m.elem_count() * 4).sum(),
+            master_weights: self.master.iter().flatten().map(|m| m.elem_count() * 4).sum::<usize>() + slices,
             optimizer_state: self.optimizer.state_bytes(),
         }
     }
@@ -409,6 +479,7 @@ impl DeviceZero {
     pub(crate) fn checkpoint_pieces(&self) -> Result<Vec<SavedPiece>> {
         let state = self.optimizer.state()?;
         let buffers = buffers_by_index(&state)?;
+        let shards = self.shards.as_ref().map(|s| lock(s));
         let mut out = Vec::new();
         for (g, layout) in self.partition.groups().iter().enumerate() {
             for piece in layout.pieces(self.rank) {
@@ -427,9 +498,12 @@ impl DeviceZero {
                 let o = &self.pieces[k];
                 let offset = piece.param_range.start - o.param_range.start;
                 let len = piece.param_range.len();
-                let source = match &self.master[k] {
-                    Some(master) => master.clone(),
-                    None => flat_f32(self.params[o.param].var.as_tensor())?.narrow(
+                let source = match (&self.master[k], shards.as_deref()) {
+                    (Some(master), _) => master.clone(),
+                    (None, Some(shards)) => {
+                        shards.device_slices()?[g].narrow(0, o.owned_range.start, o.owned_range.len())?
+                    }
+                    (None, None) => flat_f32(self.params[o.param].var.as_tensor())?.narrow(
                         0,
                         o.param_range.start,
                         o.param_range.len(),
@@ -451,8 +525,13 @@ impl DeviceZero {
         Ok(out)
     }
 
-    /// Reads the master weights again from the parameters (after a broadcast wrote them).
+    /// Reads the master weights (stage 3: the slices) again from the parameters (after a
+    /// broadcast wrote them, before stage 3 releases them).
     pub(crate) fn reload_masters(&mut self) -> Result<()> {
+        if let Some(shards) = &self.shards {
+            let slices = device_slices(&self.params, &self.partition, self.rank)?;
+            *lock(shards).device_slices_mut()? = slices;
+        }
         for (k, piece) in self.pieces.iter().enumerate() {
             if self.master[k].is_some() {
                 let values = flat_f32(self.params[piece.param].var.as_tensor())?
@@ -470,14 +549,31 @@ impl DeviceZero {
         self.pieces.iter().map(|p| (p.param, p.param_range.clone())).collect()
     }
 
-    /// Restores parameters (whole values), master weights and optimizer state read from a
-    /// sharded checkpoint; nothing changes unless the optimizer accepts its state.
+    /// Restores parameters (whole values; stage 3: the owned pieces' values, in optimizer
+    /// order), master weights and optimizer state read from a sharded checkpoint; nothing
+    /// changes unless the optimizer accepts its state.
     pub(crate) fn restore(
         &mut self,
         values: &[Vec<f32>],
+        piece_values: &[Vec<f32>],
         state: &candle_train::optim::OptimizerState,
     ) -> Result<()> {
         self.optimizer.load_state(state)?;
+        if let Some(shards) = &self.shards {
+            let pieces = piece_values
+                .iter()
+                .map(|v| Ok((Tensor::from_slice(v, v.len(), &self.device)?, false)))
+                .collect::<Result<Vec<_>>>()?;
+            let mut shards = lock(shards);
+            for g in 0..self.ranges.len() {
+                let slice = self.assemble(g, &pieces)?;
+                shards.device_slices_mut()?[g] = slice;
+            }
+            shards.refresh()?;
+            drop(shards);
+            self.zero_grad();
+            return Ok(());
+        }
         for (p, v) in self.params.iter().zip(values) {
             let t = Tensor::from_slice(v, p.var.shape(), &self.device)?.to_dtype(p.var.dtype())?;
             p.var.set(&t)?;

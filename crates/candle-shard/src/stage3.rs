@@ -1,5 +1,8 @@
 //! ZeRO stage 3: parameters sharded too. Each rank keeps only its FP32 slice of every flat
-//! buffer (`ShardedParameters`, shared with the rank's [`ZeroUpdater`]); [`ShardedModel`]
+//! buffer (`ShardedParameters`, shared with the rank's [`ZeroUpdater`]: host vectors the
+//! flat-slice kernels step, or, by default off the CPU and with [`ShardedModel::on_device`],
+//! tensors on the parameters' device that the device-resident updater steps and gathers
+//! through device collectives); [`ShardedModel`]
 //! wraps a model and all-gathers a segment's parameters into the model's variables just before
 //! the segment's forward or recompute, and the updater releases them once the segment's
 //! backward is done.
@@ -44,8 +47,10 @@
 //! don't. [`ShardedModel::into_inner`] gathers everything back and returns the model.
 //!
 //! On CUDA (feature `cuda`) the buffer is swapped for a one-element allocation (compiled, not
-//! run yet: no GPU); on other devices storage is not released (the values are written with
-//! `Var::set`): the semantics are stage 3's, the memory is not.
+//! run yet: no GPU), and a gather swaps in a new allocation that the gathered tensor is copied
+//! into on the device (host slices: uploaded from the host, counted as parameter transfers);
+//! on other devices storage is not released (the values are written with `Var::set`): the
+//! semantics are stage 3's, the memory is not.
 //!
 //! Communication per micro-batch: the forward gathers every segment's parameters, the backward
 //! gathers them again (the last segment's stay gathered from its forward; a parameter that a
@@ -139,6 +144,9 @@ impl Communicator for SharedComm {
 enum SwapStorage<'a> {
     Release,
     Restore(&'a [f32]),
+    /// A new zeroed buffer covering the layout (its values then come from `Var::set`, a copy
+    /// on the device).
+    Allocate,
 }
 
 fn check_layout(layout: &Layout) -> candle::Result<()> {
@@ -170,6 +178,18 @@ impl InplaceOp1 for SwapStorage<'_> {
             (SwapStorage::Restore(v), CpuStorage::F64(_)) => {
                 CpuStorage::F64(v.iter().map(|&x| f64::from(x)).collect())
             }
+            (SwapStorage::Allocate, CpuStorage::F32(_)) => {
+                CpuStorage::F32(vec![0.0; layout.shape().elem_count()])
+            }
+            (SwapStorage::Allocate, CpuStorage::BF16(_)) => {
+                CpuStorage::BF16(vec![bf16::ZERO; layout.shape().elem_count()])
+            }
+            (SwapStorage::Allocate, CpuStorage::F16(_)) => {
+                CpuStorage::F16(vec![f16::ZERO; layout.shape().elem_count()])
+            }
+            (SwapStorage::Allocate, CpuStorage::F64(_)) => {
+                CpuStorage::F64(vec![0.0; layout.shape().elem_count()])
+            }
             _ => candle::bail!("only float parameters can be sharded"),
         };
         Ok(())
@@ -199,6 +219,18 @@ impl InplaceOp1 for SwapStorage<'_> {
             (SwapStorage::Restore(v), Slice::F64(_)) => {
                 let host: Vec<f64> = v.iter().map(|&x| f64::from(x)).collect();
                 Slice::F64(device.clone_htod(host.as_slice())?)
+            }
+            (SwapStorage::Allocate, Slice::F32(_)) => {
+                Slice::F32(device.alloc_zeros::<f32>(layout.shape().elem_count())?)
+            }
+            (SwapStorage::Allocate, Slice::BF16(_)) => {
+                Slice::BF16(device.alloc_zeros::<bf16>(layout.shape().elem_count())?)
+            }
+            (SwapStorage::Allocate, Slice::F16(_)) => {
+                Slice::F16(device.alloc_zeros::<f16>(layout.shape().elem_count())?)
+            }
+            (SwapStorage::Allocate, Slice::F64(_)) => {
+                Slice::F64(device.alloc_zeros::<f64>(layout.shape().elem_count())?)
             }
             _ => candle::bail!("only float parameters can be sharded"),
         };
@@ -235,6 +267,38 @@ fn restore_storage(var: &Var, values: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// Gives a variable a new buffer holding `values` (a tensor on its device, of its shape and
+/// dtype): a device-to-device copy, nothing crosses to the host.
+fn restore_storage_from(var: &Var, values: &Tensor) -> Result<()> {
+    if swappable(var) {
+        var.as_tensor().inplace_op1(&SwapStorage::Allocate)?;
+    }
+    var.set(values)?;
+    Ok(())
+}
+
+/// Where a rank's FP32 slices live: host vectors (the host updater steps them with the
+/// flat-slice kernels) or 1-D tensors on the parameters' device (the device-resident updater,
+/// [`crate::device_zero`]). Each covers the rank's shard range of its flat buffer, padding
+/// included.
+pub(crate) enum Slices {
+    Host(Vec<Vec<f32>>),
+    Device(Vec<Tensor>),
+}
+
+impl Slices {
+    fn bytes(&self) -> usize {
+        match self {
+            Slices::Host(v) => v.iter().map(|s| s.len() * 4).sum(),
+            Slices::Device(v) => v.iter().map(|s| s.elem_count() * 4).sum(),
+        }
+    }
+}
+
+fn misplaced(wanted: &str) -> Error {
+    Error::config("zero", format!("internal: stage 3's slices are not {wanted}"))
+}
+
 /// One rank's parameters under stage 3: its FP32 slice of every flat buffer (the parameters
 /// themselves for F32, the master weights otherwise: the value a gather rounds to the dtype),
 /// and which buffers are gathered into the model's variables now.
@@ -243,7 +307,7 @@ pub(crate) struct ShardedParameters {
     params: Vec<Parameter>,
     partition: Partition,
     /// Per flat buffer, this rank's slice in FP32: what the optimizer steps.
-    pub(crate) values: Vec<Vec<f32>>,
+    slices: Slices,
     held: Vec<bool>,
     /// Per segment, the flat buffers holding the parameters it lists (set by
     /// [`ShardedModel::new`]; empty before).
@@ -266,14 +330,14 @@ impl ShardedParameters {
         comm: SharedComm,
         params: Vec<Parameter>,
         partition: Partition,
-        values: Vec<Vec<f32>>,
+        slices: Slices,
     ) -> Self {
         let held = vec![true; partition.groups().len()];
         Self {
             comm,
             params,
             partition,
-            values,
+            slices,
             held,
             segment_groups: Vec::new(),
             transient: None,
@@ -295,7 +359,40 @@ impl ShardedParameters {
 
     /// Bytes of the FP32 slices.
     pub(crate) fn slice_bytes(&self) -> usize {
-        self.values.iter().map(|v| v.len() * 4).sum()
+        self.slices.bytes()
+    }
+
+    /// The host slices (the host updater's).
+    ///
+    /// # Errors
+    /// An internal error when the slices live on the device.
+    pub(crate) fn host_slices_mut(&mut self) -> Result<&mut Vec<Vec<f32>>> {
+        match &mut self.slices {
+            Slices::Host(v) => Ok(v),
+            Slices::Device(_) => Err(misplaced("on the host")),
+        }
+    }
+
+    /// The device slices (the device-resident updater's), to read.
+    ///
+    /// # Errors
+    /// An internal error when the slices live on the host.
+    pub(crate) fn device_slices(&self) -> Result<&[Tensor]> {
+        match &self.slices {
+            Slices::Device(v) => Ok(v),
+            Slices::Host(_) => Err(misplaced("on the device")),
+        }
+    }
+
+    /// The device slices (the device-resident updater's).
+    ///
+    /// # Errors
+    /// An internal error when the slices live on the host.
+    pub(crate) fn device_slices_mut(&mut self) -> Result<&mut Vec<Tensor>> {
+        match &mut self.slices {
+            Slices::Device(v) => Ok(v),
+            Slices::Host(_) => Err(misplaced("on the device")),
+        }
     }
 
     /// Bytes of parameters currently gathered into variables (on CPU).
@@ -315,19 +412,37 @@ impl ShardedParameters {
             return Ok(());
         }
         let layout = &self.partition.groups()[group];
-        let rank = self.comm.rank();
-        let mut flat = vec![0f32; layout.padded_len()];
-        flat[layout.shard_range(rank)].copy_from_slice(&self.values[group]);
-        let comm = &self.comm;
-        let flat = exchange_in_dtype(layout.dtype(), flat, |bytes| comm.all_gather(bytes))?;
-        for e in layout.entries() {
-            let param = &self.params[e.param];
-            if !param.var.device().is_cpu() {
-                self.uploaded += (e.len * layout.dtype().size_in_bytes()) as u64;
+        match &self.slices {
+            Slices::Host(values) => {
+                let rank = self.comm.rank();
+                let mut flat = vec![0f32; layout.padded_len()];
+                flat[layout.shard_range(rank)].copy_from_slice(&values[group]);
+                let comm = &self.comm;
+                let flat = exchange_in_dtype(layout.dtype(), flat, |bytes| comm.all_gather(bytes))?;
+                for e in layout.entries() {
+                    let param = &self.params[e.param];
+                    if !param.var.device().is_cpu() {
+                        self.uploaded += (e.len * layout.dtype().size_in_bytes()) as u64;
+                    }
+                    restore_storage(&param.var, &flat[e.offset..e.offset + e.len])?;
+                    // Readable again only once its values are back.
+                    param.set_released(false);
+                }
             }
-            restore_storage(&param.var, &flat[e.offset..e.offset + e.len])?;
-            // Readable again only once its values are back.
-            param.set_released(false);
+            Slices::Device(slices) => {
+                // Rounded to the dtype on the device (to nearest even, as the host path), then
+                // gathered device to device; F64 parameters travel as their FP32 values.
+                let wire = if layout.dtype() == DType::F64 { DType::F32 } else { layout.dtype() };
+                let all = self.comm.all_gather_tensor(&slices[group].to_dtype(wire)?)?;
+                for e in layout.entries() {
+                    let param = &self.params[e.param];
+                    let var = &param.var;
+                    let values =
+                        all.narrow(0, e.offset, e.len)?.reshape(var.shape())?.to_dtype(var.dtype())?;
+                    restore_storage_from(var, &values)?;
+                    param.set_released(false);
+                }
+            }
         }
         self.held[group] = true;
         if self.releasing {
@@ -465,6 +580,10 @@ impl<M: TrainableModel> ShardedModel<M> {
     /// broadcasts rank 0's parameters to every rank, keeps this rank's FP32 slice and releases
     /// the model's variables. Every rank must call it (it communicates).
     ///
+    /// Off the CPU the slices, gradient accumulators and optimizer state are tensors on the
+    /// parameters' device (except 8-bit AdamW's, which has no device form under ZeRO): see
+    /// [`ShardedModel::on_device`].
+    ///
     /// # Errors
     /// Bad optimizer hyper-parameters, a parameter of a non-float dtype, a collective failure,
     /// or a device error.
@@ -473,9 +592,36 @@ impl<M: TrainableModel> ShardedModel<M> {
         optimizer: &OptimizerConfig,
         comm: Box<dyn Communicator>,
     ) -> Result<(Self, ZeroUpdater)> {
+        let on_device = model.parameters().iter().any(|p| !p.var.device().is_cpu())
+            && !matches!(optimizer, OptimizerConfig::AdamW8bit(_));
+        Self::build(model, optimizer, comm, on_device)
+    }
+
+    /// As [`ShardedModel::new`], with the rank's FP32 slices, gradient accumulators and
+    /// optimizer state as tensors on the parameters' device whatever it is (on the CPU: the
+    /// tensor-op optimizers; see [`crate::device_zero`]). Gathers are device collectives
+    /// ([`Communicator::all_gather_tensor`]) rounded to the dtype on the device: a step moves
+    /// no parameter bytes through the host.
+    ///
+    /// # Errors
+    /// As [`ShardedModel::new`]; 8-bit AdamW (no device-resident form under ZeRO).
+    pub fn on_device(
+        model: M,
+        optimizer: &OptimizerConfig,
+        comm: Box<dyn Communicator>,
+    ) -> Result<(Self, ZeroUpdater)> {
+        Self::build(model, optimizer, comm, true)
+    }
+
+    fn build(
+        model: M,
+        optimizer: &OptimizerConfig,
+        comm: Box<dyn Communicator>,
+        on_device: bool,
+    ) -> Result<(Self, ZeroUpdater)> {
         let params: &Parameters = model.parameters();
         let units = segment_units(&model, params);
-        let (mut updater, shards) = ZeroUpdater::stage3(params, &units, optimizer, comm)?;
+        let (mut updater, shards) = ZeroUpdater::stage3(params, &units, optimizer, comm, on_device)?;
         updater.broadcast_parameters()?;
         let index: std::collections::HashMap<_, _> =
             params.iter().enumerate().map(|(i, p)| (p.var.as_tensor().id(), i)).collect();

@@ -58,7 +58,7 @@ use crate::comm::{CommStats, Communicator};
 use crate::device_zero::DeviceZero;
 use crate::error::{Error, Result};
 use crate::partition::{FlatEntry, Partition};
-use crate::stage3::{lock, shardable, ShardedParameters, SharedComm};
+use crate::stage3::{lock, shardable, ShardedParameters, SharedComm, Slices};
 use crate::ZeroStage;
 
 /// One flat buffer's state on this rank.
@@ -189,7 +189,9 @@ impl ZeroUpdater {
     /// [`crate::device_zero`]; what `with_units` builds off the CPU). Stages 0-2.
     ///
     /// # Errors
-    /// As [`ZeroUpdater::new`]; stage 3, or 8-bit AdamW (no device-resident form).
+    /// As [`ZeroUpdater::new`]; stage 3 (see
+    /// [`ShardedModel::on_device`](crate::stage3::ShardedModel::on_device)), or 8-bit AdamW
+    /// (no device-resident form).
     pub fn on_device(
         stage: ZeroStage,
         params: &Parameters,
@@ -198,7 +200,10 @@ impl ZeroUpdater {
         comm: Box<dyn Communicator>,
     ) -> Result<Self> {
         if stage == ZeroStage::Stage3 {
-            return Err(Error::config("zero", "the device-resident ZeRO updater serves stages 0-2"));
+            return Err(Error::config(
+                "zero",
+                "stage 3 shards the model's parameters too: build it with `ShardedModel::on_device`",
+            ));
         }
         Self::build(stage, params, units, optimizer, comm, true)
     }
@@ -215,6 +220,7 @@ impl ZeroUpdater {
         units: &[usize],
         optimizer: &OptimizerConfig,
         comm: Box<dyn Communicator>,
+        on_device: bool,
     ) -> Result<(Self, Arc<Mutex<ShardedParameters>>)> {
         if let Some(p) = params.iter().find(|p| !shardable(p.var.dtype())) {
             return Err(Error::config(
@@ -222,7 +228,7 @@ impl ZeroUpdater {
                 format!("stage 3 cannot shard parameter `{}` of dtype {:?}", p.name, p.var.dtype()),
             ));
         }
-        let updater = Self::build(ZeroStage::Stage3, params, units, optimizer, comm, false)?;
+        let updater = Self::build(ZeroStage::Stage3, params, units, optimizer, comm, on_device)?;
         let shards = updater.shards.clone().expect("stage 3 builds its parameter slices");
         Ok((updater, shards))
     }
@@ -253,7 +259,28 @@ impl ZeroUpdater {
         }
         let rank = comm.rank();
         if on_device {
-            let device = DeviceZero::new(stage, &params, partition.clone(), index.clone(), optimizer, rank)?;
+            let shards = match shared {
+                Some(shared) => {
+                    let slices = crate::device_zero::device_slices(&params, &partition, rank)?;
+                    let shards = ShardedParameters::new(
+                        shared,
+                        params.clone(),
+                        partition.clone(),
+                        Slices::Device(slices),
+                    );
+                    Some(Arc::new(Mutex::new(shards)))
+                }
+                None => None,
+            };
+            let device = DeviceZero::new(
+                stage,
+                &params,
+                partition.clone(),
+                index.clone(),
+                optimizer,
+                rank,
+                shards.clone(),
+            )?;
             let staged_seen = comm.host_staged_bytes();
             return Ok(Self {
                 stage,
@@ -268,7 +295,7 @@ impl ZeroUpdater {
                 reduced: false,
                 pending: HashMap::new(),
                 staging: HashMap::new(),
-                shards: None,
+                shards,
                 off_host: false,
                 transfers: Transfers::default(),
                 staged_seen,
@@ -325,7 +352,12 @@ impl ZeroUpdater {
             pieces.iter().map(|p| (p.param_range.len(), params[p.param].var.elem_count())).collect();
         let optimizer = optimizer.build_pieces(&sizes)?;
         let shards = shared.map(|comm| {
-            Arc::new(Mutex::new(ShardedParameters::new(comm, params.clone(), partition.clone(), slices)))
+            Arc::new(Mutex::new(ShardedParameters::new(
+                comm,
+                params.clone(),
+                partition.clone(),
+                Slices::Host(slices),
+            )))
         });
         let off_host = params.iter().any(|p| !p.var.device().is_cpu());
         let staged_seen = comm.host_staged_bytes();
@@ -378,7 +410,7 @@ impl ZeroUpdater {
                 master.copy_from_slice(&flat[group.owned.clone()]);
             }
             if let Some(shards) = &self.shards {
-                lock(shards).values[g].copy_from_slice(&flat[group.owned.clone()]);
+                lock(shards).host_slices_mut()?[g].copy_from_slice(&flat[group.owned.clone()]);
             }
         }
         if let Some(device) = &mut self.device {
@@ -579,7 +611,11 @@ impl ZeroUpdater {
         let rank = self.comm.rank();
         let state = self.optimizer.state()?;
         let buffers = buffers_by_index(&state)?;
-        let shards = self.shards.as_ref().map(|s| lock(s));
+        let mut shards = self.shards.as_ref().map(|s| lock(s));
+        let slices = match shards.as_mut() {
+            Some(shards) => Some(shards.host_slices_mut()?),
+            None => None,
+        };
         let mut out = Vec::new();
         for (g, layout) in self.partition.groups().iter().enumerate() {
             let group = &self.groups[g];
@@ -588,8 +624,8 @@ impl ZeroUpdater {
                 // The flat elements, relative to the owned range.
                 let flat = shard.start + piece.shard_range.start - group.owned.start
                     ..shard.start + piece.shard_range.end - group.owned.start;
-                let values = match (&shards, &group.master) {
-                    (Some(shards), _) => shards.values[g][flat.clone()].to_vec(),
+                let values = match (&slices, &group.master) {
+                    (Some(slices), _) => slices[g][flat.clone()].to_vec(),
                     (None, Some(master)) => master[flat.clone()].to_vec(),
                     (None, None) => with_f32_values(self.params[piece.param].var.as_tensor(), |v| {
                         v[piece.param_range.clone()].to_vec()
@@ -690,14 +726,15 @@ impl ZeroUpdater {
             quantized: Default::default(),
         };
         if let Some(device) = &mut self.device {
-            return device.restore(&values, &state);
+            return device.restore(&values, &piece_values, &state);
         }
         // The optimizer checks its buffers and changes nothing on error.
         self.optimizer.load_state(&state)?;
         if let Some(shards) = &self.shards {
             let mut shards = lock(shards);
+            let slices = shards.host_slices_mut()?;
             for (piece, v) in self.pieces.iter().zip(piece_values) {
-                shards.values[piece.group][piece.owned_range.clone()].copy_from_slice(&v);
+                slices[piece.group][piece.owned_range.clone()].copy_from_slice(&v);
             }
             shards.refresh()?;
         } else {
@@ -756,7 +793,11 @@ impl Updater for ZeroUpdater {
 
     fn accumulate(&mut self, gradients: &SegmentGradients) -> candle_train::Result<()> {
         if let Some(device) = &mut self.device {
-            return Ok(device.accumulate(self.comm.as_ref(), gradients)?);
+            device.accumulate(self.comm.as_ref(), gradients)?;
+            if let Some(shards) = &self.shards {
+                lock(shards).after_backward(gradients.segment)?;
+            }
+            return Ok(());
         }
         if self.stage == ZeroStage::Stage2 {
             return self.accumulate_sharded(gradients);
@@ -807,12 +848,16 @@ impl Updater for ZeroUpdater {
         let clip_coef = clip.unwrap_or(1.0);
         self.optimizer.begin_step();
         let mut shards = self.shards.as_ref().map(|s| lock(s));
+        let mut slices = match shards.as_mut() {
+            Some(shards) => Some(shards.host_slices_mut()?),
+            None => None,
+        };
         for (k, piece) in self.pieces.iter().enumerate() {
             let group = &mut self.groups[piece.group];
             let grad = &group.grads[group.owned.start - group.grads_offset..][piece.owned_range.clone()];
             let optimizer = &mut self.optimizer;
-            if let Some(shards) = shards.as_mut() {
-                let slice = &mut shards.values[piece.group][piece.owned_range.clone()];
+            if let Some(slices) = slices.as_mut() {
+                let slice = &mut slices[piece.group][piece.owned_range.clone()];
                 optimizer.update(k, slice, grad, lr, piece.decay)?;
                 continue;
             }
