@@ -332,3 +332,23 @@ fn a_device_stage3_checkpoint_resumes_bit_identically() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn eight_bit_adamw_has_no_device_form_off_cuda_and_stays_on_the_host_by_default() -> anyhow::Result<()> {
+    let adamw8bit = OptimizerConfig::AdamW8bit(AdamWConfig::default());
+    let model = Gpt::new(odd_model(), DType::F32, &Device::Cpu, 7)?;
+    let comm = || -> anyhow::Result<Box<dyn Communicator>> {
+        let comm = LocalGroup::ranks(1, Duration::from_secs(120)).pop();
+        Ok(Box::new(comm.ok_or_else(|| anyhow::anyhow!("a group of one"))?))
+    };
+    let err = ZeroUpdater::on_device(ZeroStage::Stage1, model.parameters(), &[], &adamw8bit, comm()?)
+        .expect_err("8-bit AdamW has no device form on the CPU");
+    assert!(err.to_string().contains("CUDA"), "{err}");
+    let err = ShardedModel::on_device(model, &adamw8bit, comm()?).expect_err("nor under stage 3");
+    assert!(err.to_string().contains("CUDA"), "{err}");
+    // The default picks the host form on the CPU.
+    let model = Gpt::new(odd_model(), DType::F32, &Device::Cpu, 7)?;
+    let updater = ZeroUpdater::with_units(ZeroStage::Stage1, model.parameters(), &[], &adamw8bit, comm()?)?;
+    assert!(!updater.is_device_resident());
+    Ok(())
+}

@@ -154,7 +154,9 @@ impl DeviceZero {
             .iter()
             .map(|o| Tensor::zeros(o.param_range.len(), DType::F32, &device))
             .collect::<candle::Result<Vec<_>>>()?;
-        let optimizer = optimizer.build_on_device(&shapes.iter().collect::<Vec<_>>())?;
+        // 8-bit AdamW decides 8-bit or 32-bit state per original parameter.
+        let originals: Vec<usize> = pieces.iter().map(|o| params[o.param].var.elem_count()).collect();
+        let optimizer = optimizer.build_pieces_on_device(&shapes.iter().collect::<Vec<_>>(), &originals)?;
         Ok(Self {
             stage,
             rank,

@@ -581,8 +581,8 @@ impl<M: TrainableModel> ShardedModel<M> {
     /// the model's variables. Every rank must call it (it communicates).
     ///
     /// Off the CPU the slices, gradient accumulators and optimizer state are tensors on the
-    /// parameters' device (except 8-bit AdamW's, which has no device form under ZeRO): see
-    /// [`ShardedModel::on_device`].
+    /// parameters' device wherever the optimizer has a device form (8-bit AdamW: CUDA only):
+    /// see [`ShardedModel::on_device`].
     ///
     /// # Errors
     /// Bad optimizer hyper-parameters, a parameter of a non-float dtype, a collective failure,
@@ -592,8 +592,11 @@ impl<M: TrainableModel> ShardedModel<M> {
         optimizer: &OptimizerConfig,
         comm: Box<dyn Communicator>,
     ) -> Result<(Self, ZeroUpdater)> {
-        let on_device = model.parameters().iter().any(|p| !p.var.device().is_cpu())
-            && !matches!(optimizer, OptimizerConfig::AdamW8bit(_));
+        let on_device = model
+            .parameters()
+            .iter()
+            .find(|p| !p.var.device().is_cpu())
+            .is_some_and(|p| optimizer.has_device_form(p.var.device()));
         Self::build(model, optimizer, comm, on_device)
     }
 
@@ -604,7 +607,7 @@ impl<M: TrainableModel> ShardedModel<M> {
     /// no parameter bytes through the host.
     ///
     /// # Errors
-    /// As [`ShardedModel::new`]; 8-bit AdamW (no device-resident form under ZeRO).
+    /// As [`ShardedModel::new`]; 8-bit AdamW off CUDA (its device form is the CUDA kernel).
     pub fn on_device(
         model: M,
         optimizer: &OptimizerConfig,

@@ -178,9 +178,12 @@ impl ZeroUpdater {
                 "stage 3 shards the model's parameters too: build it with `ShardedModel::new`",
             ));
         }
-        // Off the CPU the state lives on the device, except 8-bit AdamW's (no device form yet).
-        let on_device = params.iter().any(|p| !p.var.device().is_cpu())
-            && !matches!(optimizer, OptimizerConfig::AdamW8bit(_));
+        // Off the CPU the state lives on the device, wherever the optimizer has a device form
+        // (8-bit AdamW: CUDA only).
+        let on_device = params
+            .iter()
+            .find(|p| !p.var.device().is_cpu())
+            .is_some_and(|p| optimizer.has_device_form(p.var.device()));
         Self::build(stage, params, units, optimizer, comm, on_device)
     }
 
@@ -190,8 +193,8 @@ impl ZeroUpdater {
     ///
     /// # Errors
     /// As [`ZeroUpdater::new`]; stage 3 (see
-    /// [`ShardedModel::on_device`](crate::stage3::ShardedModel::on_device)), or 8-bit AdamW
-    /// (no device-resident form).
+    /// [`ShardedModel::on_device`](crate::stage3::ShardedModel::on_device)), or 8-bit AdamW off
+    /// CUDA (its device form is the CUDA kernel).
     pub fn on_device(
         stage: ZeroStage,
         params: &Parameters,

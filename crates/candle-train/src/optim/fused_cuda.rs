@@ -263,14 +263,40 @@ impl FusedAdamW8bit {
     /// # Errors
     /// Bad hyper-parameters, parameters off CUDA or on several devices, a device error.
     pub fn new(config: AdamWConfig, params: &[&Tensor]) -> Result<Self> {
+        let originals: Vec<usize> = params.iter().map(|p| p.elem_count()).collect();
+        Self::for_pieces(config, params, &originals)
+    }
+
+    /// As [`FusedAdamW8bit::new`] for pieces of parameters (a ZeRO rank's slices):
+    /// `originals[i]` is the length of the parameter `params[i]` is a piece of, which decides
+    /// 8-bit or 32-bit state as [`super::AdamW8bit::for_pieces`] does (blocks start at the
+    /// piece's first element).
+    ///
+    /// # Errors
+    /// As [`FusedAdamW8bit::new`]; `originals` of another length than `params`, or a piece
+    /// longer than its parameter.
+    pub fn for_pieces(config: AdamWConfig, params: &[&Tensor], originals: &[usize]) -> Result<Self> {
         config.validate()?;
+        if originals.len() != params.len() {
+            return Err(Error::config(
+                "pieces",
+                format!("{} original lengths for {} pieces", originals.len(), params.len()),
+            ));
+        }
+        if let Some((p, original)) = params.iter().zip(originals).find(|(p, &o)| p.elem_count() > o) {
+            return Err(Error::config(
+                "pieces",
+                format!("a piece of {} elements is longer than its parameter of {original}", p.elem_count()),
+            ));
+        }
         let device = cuda_device(&one_device(params)?)?;
         let on = Device::Cuda(device.clone());
         let moments = params
             .iter()
-            .map(|p| {
+            .zip(originals)
+            .map(|(p, &original)| {
                 let n = p.elem_count();
-                Ok(if n >= MIN_QUANTIZED {
+                Ok(if original >= MIN_QUANTIZED {
                     let blocks = n.div_ceil(BLOCK);
                     Moments::Quantized {
                         m_codes: Tensor::zeros(n, DType::U8, &on)?,

@@ -203,8 +203,7 @@ impl OptimizerConfig {
     pub fn build_for(&self, params: &[&Tensor]) -> Result<Box<dyn Optimizer>> {
         let device = params.first().map(|p| p.device().clone()).unwrap_or(Device::Cpu);
         // 8-bit AdamW has a device-resident form on CUDA only (its fused kernel).
-        let eight_bit_off_cuda = matches!(self, OptimizerConfig::AdamW8bit(_)) && !device.is_cuda();
-        if device.is_cpu() || eight_bit_off_cuda {
+        if device.is_cpu() || !self.has_device_form(&device) {
             return self.build(&params.iter().map(|p| p.elem_count()).collect::<Vec<_>>());
         }
         self.build_on_device(params)
@@ -230,6 +229,38 @@ impl OptimizerConfig {
                 "8-bit AdamW is device-resident on CUDA only (its fused kernel): build it on the host (`build`)",
             )),
         }
+    }
+
+    /// [`OptimizerConfig::build_on_device`] for pieces of parameters (a ZeRO rank's slices, as
+    /// tensors on its device): `originals[i]` is the length of the parameter `params[i]` is a
+    /// piece of; only 8-bit AdamW (on CUDA) looks at it.
+    ///
+    /// # Errors
+    /// As [`OptimizerConfig::build_on_device`]; `originals` of another length than `params`.
+    pub fn build_pieces_on_device(
+        &self,
+        params: &[&Tensor],
+        originals: &[usize],
+    ) -> Result<Box<dyn Optimizer>> {
+        if originals.len() != params.len() {
+            return Err(Error::config(
+                "pieces",
+                format!("{} original lengths for {} pieces", originals.len(), params.len()),
+            ));
+        }
+        match self {
+            #[cfg(feature = "cuda")]
+            OptimizerConfig::AdamW8bit(c) if params.first().is_some_and(|p| p.device().is_cuda()) => {
+                Ok(Box::new(fused_cuda::FusedAdamW8bit::for_pieces(*c, params, originals)?))
+            }
+            other => other.build_on_device(params),
+        }
+    }
+
+    /// Whether [`OptimizerConfig::build_on_device`] has a form for `device` (every optimizer
+    /// but 8-bit AdamW everywhere; 8-bit AdamW on CUDA under the `cuda` feature).
+    pub fn has_device_form(&self, device: &Device) -> bool {
+        !matches!(self, OptimizerConfig::AdamW8bit(_)) || (cfg!(feature = "cuda") && device.is_cuda())
     }
 
     /// [`OptimizerConfig::build`] for pieces of parameters (a ZeRO rank's slices): `(len,
