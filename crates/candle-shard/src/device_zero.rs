@@ -11,7 +11,7 @@
 //! reduce-scatters each unit during backward, as soon as its gradients are final. After a
 //! step, stages 1-2 all-gather the new values in the parameters' dtype. Stage 3 reduces as
 //! stage 2 and steps the rank's FP32 slices, which live on the device too (in the
-//! [`ShardedParameters`] the model wrapper gathers from, device to device); the step gathers
+//! `ShardedParameters` the model wrapper gathers from, device to device); the step gathers
 //! nothing but the variables that are gathered at that moment. Sharded checkpoints are written
 //! in the same format as the host updater's (the pieces copied to the host).
 //!
