@@ -25,7 +25,7 @@ use candle::Device;
 use candle_fit::ckpt::{Recompute, Rng};
 use candle_fit::datasets::{read_records, ClassificationDataset, Format, LabelMap};
 use candle_fit::export::save_classifier;
-use candle_fit::pretrained::{MiniLmFiles, TextEncoder};
+use candle_fit::pretrained::{fortune_quotes, MiniLmFiles, TextEncoder};
 use candle_fit::train::evaluate::Metrics;
 use candle_fit::train::memory::{mib, CountingAllocator};
 use candle_fit::train::models::{BertClassifier, Pooling};
@@ -38,7 +38,6 @@ use candle_fit::train::{
 static ALLOC: CountingAllocator = CountingAllocator;
 
 const CATEGORIES: [&str; 4] = ["food", "law", "love", "sports"];
-const FORTUNES: &str = "/usr/share/games/fortunes";
 const PER_CATEGORY: usize = 140;
 const MAX_LEN: usize = 64;
 const USAGE: &str =
@@ -113,30 +112,12 @@ fn labelled(data: Option<&Path>) -> anyhow::Result<(Labelled, Vec<String>)> {
         let pairs = labels.resolve(&records)?.into_iter().map(|(t, l)| (t.to_string(), l as u32)).collect();
         return Ok((pairs, labels.names().to_vec()));
     }
-    let mut all = Vec::new();
-    for (label, name) in CATEGORIES.iter().enumerate() {
-        let path = Path::new(FORTUNES).join(name);
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "{} missing; install it with: apt-get install -y fortunes, or pass --data FILE",
-                path.display()
-            )
-        })?;
-        let quotes = text.split("\n%\n").map(|q| q.split_whitespace().collect::<Vec<_>>().join(" "));
-        all.extend(quotes.filter(|q| !q.is_empty()).take(PER_CATEGORY).map(|q| (q, label as u32)));
-    }
-    Ok((all, CATEGORIES.iter().map(|c| c.to_string()).collect()))
+    Ok((fortune_quotes(&CATEGORIES, PER_CATEGORY)?, CATEGORIES.iter().map(|c| c.to_string()).collect()))
 }
 
 /// Token ids of each text (`[CLS] ... [SEP]`, cut to `MAX_LEN`), with its label.
 fn tokenize(tokenizer: &TextEncoder, pairs: &[(String, u32)]) -> anyhow::Result<Vec<(Vec<u32>, u32)>> {
-    pairs
-        .iter()
-        .map(|(text, label)| {
-            let ids = tokenizer.encode(&[text.as_str()], &Device::Cpu)?.ids.to_vec2::<u32>()?;
-            Ok((ids.into_iter().next().unwrap_or_default(), *label))
-        })
-        .collect()
+    pairs.iter().map(|(text, label)| Ok((tokenizer.ids(text)?, *label))).collect()
 }
 
 /// Prints every evaluation.

@@ -275,6 +275,40 @@ impl TextEncoder {
     }
 }
 
+impl TextEncoder {
+    /// One text's token ids (with the special tokens, truncated as the encoder truncates; no
+    /// padding).
+    ///
+    /// # Errors
+    /// On a tokenizer error.
+    pub fn ids(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+        let encoding = self.tokenizer.encode(text, true).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+}
+
+/// Where Debian's `fortunes` package installs its quote files (`apt-get install -y fortunes`).
+pub const FORTUNES: &str = "/usr/share/games/fortunes";
+
+/// Labelled text from the `fortunes` package: the first `per_category` quotes of each of
+/// `categories` (file names under [`FORTUNES`]: `food`, `law`, ...), whitespace collapsed,
+/// labelled by the category's position.
+///
+/// # Errors
+/// A missing category file, named with the line that installs the package.
+pub fn fortune_quotes(categories: &[&str], per_category: usize) -> anyhow::Result<Vec<(String, u32)>> {
+    let mut all = Vec::new();
+    for (label, name) in categories.iter().enumerate() {
+        let path = Path::new(FORTUNES).join(name);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            anyhow::anyhow!("{}: {e}; install it with: apt-get install -y fortunes", path.display())
+        })?;
+        let quotes = text.split("\n%\n").map(|q| q.split_whitespace().collect::<Vec<_>>().join(" "));
+        all.extend(quotes.filter(|q| !q.is_empty()).take(per_category).map(|q| (q, label as u32)));
+    }
+    Ok(all)
+}
+
 /// The bytes of a tokenizer file (at most 1 GiB), through [`crate::train::io::read_bounded`].
 fn candle_fit_read(path: &Path) -> crate::train::Result<Vec<u8>> {
     crate::train::io::read_bounded(path, 1 << 30)

@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use candle::{DType, Device, Tensor};
 use candle_fit::ckpt::Rng;
-use candle_fit::train::models::{mean_pool, Bert, BertConfig};
-use candle_fit::train::serve::WeightVersions;
+use candle_fit::train::models::{mean_pool, Bert, BertConfig, Llama, LlamaConfig};
+use candle_fit::train::serve::{Publisher, WeightVersions};
+use candle_fit::train::{Corpus, Hooks, LocalUpdater, OptimizerConfig, SgdConfig, Trainer, TrainerConfig};
 
 const VERSIONS: u64 = 12;
 
@@ -124,5 +125,53 @@ fn a_snapshot_does_not_follow_later_changes_to_the_live_model() -> anyhow::Resul
         .and_then(|t| t.to_scalar::<f32>())
         .map(|s| s == 0.0)
         .unwrap_or(false)));
+    Ok(())
+}
+
+fn bits(model: &Llama) -> anyhow::Result<Vec<Vec<u32>>> {
+    model
+        .parameters()
+        .iter()
+        .map(|p| {
+            Ok(p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
+        })
+        .collect()
+}
+
+/// The Trainer publishes through `Publisher`: every `every` steps and once more after a last
+/// step that was not published; the last version holds the trained weights.
+#[test]
+fn the_trainer_publishes_versions_through_the_publisher_callback() -> anyhow::Result<()> {
+    let config = LlamaConfig { vocab_size: 256, ..LlamaConfig::tiny() };
+    let corpus = Corpus::from_bytes("bundled".as_ref(), candle_fit::BUNDLED_CORPUS[..20_000].to_vec(), 0.1)?;
+    let sgd = OptimizerConfig::Sgd(SgdConfig::default());
+    for (steps, every, published) in [(5, 2, vec![(1, 2), (2, 4), (3, 5)]), (4, 2, vec![(1, 2), (2, 4)])] {
+        let live = Llama::new(&config, DType::F32, &Device::Cpu, 3)?;
+        let versions = Arc::new(WeightVersions::new(&live)?);
+        let trainer = Trainer::new(
+            TrainerConfig::builder()
+                .micro_batch(2)
+                .steps(steps)
+                .seq_len(16)
+                .lr(0.1)
+                .warmup_steps(0)
+                .eval_windows(1)
+                .eval_interval(0)
+                .build()?,
+        );
+        let mut updater = LocalUpdater::from_config(live.parameters(), &sgd)?;
+        let seen = std::cell::RefCell::new(Vec::new());
+        let publisher = Publisher::new(&live, Arc::clone(&versions), every)?
+            .on_publish(|version, step| seen.borrow_mut().push((version, step)));
+        trainer.fit_with(&live, &corpus, &mut updater, Hooks::new().callback(publisher))?;
+        assert_eq!(seen.into_inner(), published, "{steps} steps, every {every}");
+        // The last version is the trained model, bit for bit, and training moved it.
+        let last = versions.current()?;
+        assert_eq!(last.number, published.len() as u64);
+        assert!(bits(&last.model)? == bits(&live)?, "the last version holds the final weights");
+        assert!(bits(&Llama::new(&config, DType::F32, &Device::Cpu, 3)?)? != bits(&live)?);
+    }
+    let live = Llama::new(&config, DType::F32, &Device::Cpu, 3)?;
+    assert!(Publisher::new(&live, Arc::new(WeightVersions::new(&live)?), 0).is_err(), "every 0 is refused");
     Ok(())
 }

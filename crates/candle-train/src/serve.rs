@@ -10,7 +10,9 @@
 
 use std::sync::{Arc, RwLock};
 
+use crate::callback::Callback;
 use crate::error::{Error, Result};
+use crate::metrics::StepRecord;
 
 /// A model that can make a deep copy of itself: same values, new variables that nothing else
 /// modifies.
@@ -68,5 +70,77 @@ impl<M: Snapshot> WeightVersions<M> {
     pub fn current(&self) -> Result<Arc<Version<M>>> {
         let current = self.current.read().map_err(|_| Error::Poisoned { what: "weight versions" })?;
         Ok(Arc::clone(&current))
+    }
+}
+
+/// A Trainer [`Callback`] that publishes a snapshot of the live `model` every `every`
+/// optimizer steps that stepped (a step skipped for an overflow changes nothing), and once
+/// more after the last step if that one was not published: the Trainer calls it between
+/// steps, when no optimizer writes the model. `model` is what serving reads (a classifier's
+/// encoder, a language model); it must share its variables with what the Trainer trains.
+pub struct Publisher<'a, M: Snapshot> {
+    model: &'a M,
+    versions: Arc<WeightVersions<M>>,
+    every: u64,
+    /// The last step seen, and whether a version holds it.
+    last: Option<(u64, bool)>,
+    on_publish: Box<dyn FnMut(u64, u64) + 'a>,
+}
+
+impl<M: Snapshot> std::fmt::Debug for Publisher<'_, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("every", &self.every)
+            .field("last", &self.last)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, M: Snapshot> Publisher<'a, M> {
+    /// Publishes `model` into `versions` every `every` stepped optimizer steps.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] when `every` is 0.
+    pub fn new(model: &'a M, versions: Arc<WeightVersions<M>>, every: u64) -> Result<Self> {
+        if every == 0 {
+            return Err(Error::config("publish_every", "must be at least 1"));
+        }
+        Ok(Self { model, versions, every, last: None, on_publish: Box::new(|_, _| ()) })
+    }
+
+    /// Calls `f(version, step)` after each publication (to log it).
+    #[must_use]
+    pub fn on_publish(mut self, f: impl FnMut(u64, u64) + 'a) -> Self {
+        self.on_publish = Box::new(f);
+        self
+    }
+
+    fn publish(&mut self, step: u64) -> Result<()> {
+        let version = self.versions.publish(self.model)?;
+        (self.on_publish)(version, step);
+        Ok(())
+    }
+}
+
+impl<M: Snapshot> Callback for Publisher<'_, M> {
+    fn on_step(&mut self, record: &StepRecord) -> Result<()> {
+        let due = record.stepped && record.step % self.every == 0;
+        if due {
+            self.publish(record.step)?;
+        }
+        let held = due || (!record.stepped && self.last.is_none_or(|(_, held)| held));
+        self.last = Some((record.step, held));
+        Ok(())
+    }
+
+    fn on_end(&mut self, failed: bool) -> Result<()> {
+        match self.last {
+            Some((step, false)) if !failed => {
+                self.publish(step)?;
+                self.last = Some((step, true));
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 }
