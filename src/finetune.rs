@@ -15,6 +15,7 @@ use candle_train::evaluate::Metrics;
 use candle_train::lora::peft::PeftInfo;
 use candle_train::lora::{LoraConfig, LoraModel};
 use candle_train::models::Llama;
+use candle_train::serve::Snapshot;
 use candle_train::{
     Callback, Hooks, LanguageModel, LocalUpdater, LossScalerConfig, LrSchedule, OptimizerConfig, Precision,
     TrainReport, Trainer, TrainerConfig, Updater,
@@ -128,7 +129,19 @@ pub struct FinetuneOptions {
     pub progress: bool,
     /// LoRA instead of full fine-tuning.
     pub lora: Option<LoraOptions>,
+    /// ZeRO stage of data-parallel training (`None`: one rank, no sharding; stage 0 when only
+    /// `world_size` is given).
+    pub zero: Option<u8>,
+    /// Data-parallel ranks as threads of this process (the micro-batch is the global one,
+    /// split over them). A rank started by `candle-fit launch` (or torchrun, Slurm) takes its
+    /// rank and world size from the environment instead and talks TCP.
+    pub world_size: usize,
+    /// Seconds a rank waits for its peers in a collective before failing.
+    pub comm_timeout_s: u64,
 }
+
+/// The most data-parallel ranks `finetune` runs.
+pub const MAX_RANKS: usize = 1024;
 
 impl FinetuneOptions {
     /// Checks the flags and their combinations, before anything is read.
@@ -158,6 +171,40 @@ impl FinetuneOptions {
             "`--find-micro-batch` needs `--max-memory` (the budget the micro-batch must fit)"
         );
         anyhow::ensure!(self.keep_checkpoints > 0, "invalid `--keep-checkpoints`: must be at least 1");
+        anyhow::ensure!(
+            (1..=MAX_RANKS).contains(&self.world_size),
+            "invalid `--world-size`: {} is not between 1 and {MAX_RANKS}",
+            self.world_size
+        );
+        anyhow::ensure!(
+            self.zero.is_none_or(|z| z <= 3),
+            "invalid `--zero`: {} is not a ZeRO stage (0, 1, 2 or 3)",
+            self.zero.unwrap_or_default()
+        );
+        anyhow::ensure!(
+            (1..=7 * 24 * 3600).contains(&self.comm_timeout_s),
+            "invalid `--comm-timeout`: {} s is not between 1 s and a week",
+            self.comm_timeout_s
+        );
+        // A launched process's ranks come from its environment.
+        let ranks = launched_rank().map_or(self.world_size, |(_, world_size)| world_size);
+        if self.zero.is_some() || ranks > 1 {
+            for (flag, given) in [
+                ("--offload-optimizer", self.offload_optimizer),
+                ("--find-micro-batch", self.find_micro_batch),
+                ("--metrics", self.metrics.is_some() && ranks > 1),
+            ] {
+                anyhow::ensure!(
+                    !given,
+                    "`{flag}` is not available with `--zero` or several ranks yet (it works on one device's state)"
+                );
+            }
+            anyhow::ensure!(
+                self.micro_batch >= ranks,
+                "invalid `--micro-batch`: {} sequences cannot be split over {ranks} ranks",
+                self.micro_batch
+            );
+        }
         if let Some(every) = self.checkpoint_every {
             anyhow::ensure!(every > 0, "invalid `--checkpoint-every`: must be at least 1");
         }
@@ -184,7 +231,7 @@ impl FinetuneOptions {
                 anyhow::ensure!(path.is_file(), "{name} {}: no such file", path.display());
             }
         }
-        if self.out.exists() {
+        if self.out.exists() && !launched_rank().is_some_and(|(rank, _)| rank > 0) {
             anyhow::ensure!(self.out.is_dir(), "--out {}: exists and is not a folder", self.out.display());
             let non_empty = std::fs::read_dir(&self.out)
                 .with_context(|| format!("--out {}", self.out.display()))?
@@ -318,6 +365,80 @@ impl Callback for Report {
     }
 }
 
+/// The rank and world size of a process started by a launcher (`candle-fit launch`,
+/// torchrun, Slurm) with more than one rank, from its environment.
+fn launched_rank() -> Option<(usize, usize)> {
+    let info = candle_shard::discovery::RankInfo::from_env().ok().flatten()?;
+    (info.world_size > 1).then_some((info.rank, info.world_size))
+}
+
+/// Trains `model` as `options` say: on one device, or as rank 0 of `--world-size` in-process
+/// ranks under ZeRO (the other ranks' copies from `replica`), or as this process's rank of a
+/// launched group over TCP. Returns the report, the trained model (whole, whatever the stage)
+/// and whether this process writes the output (rank 0).
+fn train_ranks<M, F>(
+    model: M,
+    options: &FinetuneOptions,
+    data: &TokenDataset,
+    replica: F,
+) -> anyhow::Result<(TrainReport, M, bool)>
+where
+    M: LanguageModel + Send,
+    F: Fn() -> candle_train::Result<M> + Sync,
+{
+    use candle_shard::driver::{fit_in_process, fit_rank, resume_in_process, resume_rank, InProcessConfig};
+    use candle_shard::ZeroStage;
+    let launched = candle_shard::discovery::RankInfo::from_env()?.filter(|i| i.world_size > 1);
+    if options.zero.is_none() && options.world_size == 1 && launched.is_none() {
+        let report = fit(&model, options, data)?;
+        return Ok((report, model, true));
+    }
+    anyhow::ensure!(
+        launched.is_none() || options.world_size == 1,
+        "invalid `--world-size`: the launcher sets the ranks (give --world-size to `launch` as --nproc)"
+    );
+    anyhow::ensure!(
+        !options.offload_optimizer && !options.find_micro_batch,
+        "`--offload-optimizer` and `--find-micro-batch` are not available with several ranks yet"
+    );
+    let stage = ZeroStage::from_number(options.zero.unwrap_or(0))?;
+    let mut config = options.trainer_config()?;
+    // One progress bar per rank would interleave on stderr.
+    config.progress = false;
+    let trainer = Trainer::new(config);
+    let timeout = std::time::Duration::from_secs(options.comm_timeout_s);
+    if let Some(info) = launched {
+        let comm = Box::new(candle_shard::comm::TcpCommunicator::connect(&info, timeout)?);
+        let run = match &options.resume {
+            Some(dir) => resume_rank(stage, comm, &trainer, data, &options.optimizer, model, dir)?,
+            None => fit_rank(stage, comm, &trainer, data, &options.optimizer, model)?,
+        };
+        return Ok((run.report, run.model, info.rank == 0));
+    }
+    let world_size = std::num::NonZeroUsize::new(options.world_size).context("--world-size")?;
+    println!(
+        "ZeRO {stage:?} on {world_size} in-process ranks (the micro-batch of {} split over them)",
+        options.micro_batch
+    );
+    // Rank 0 trains the loaded model; the others train copies (rank 0's values are broadcast).
+    let first = std::sync::Mutex::new(Some(model));
+    let make = |rank: usize| match rank {
+        0 => first
+            .lock()
+            .map_err(|_| candle_train::Error::config("finetune", "a rank panicked"))?
+            .take()
+            .ok_or_else(|| candle_train::Error::config("finetune", "rank 0's model was taken twice")),
+        _ => replica(),
+    };
+    let config = InProcessConfig { world_size, stage, timeout };
+    let runs = match &options.resume {
+        Some(dir) => resume_in_process(&config, &trainer, data, &options.optimizer, dir, make)?,
+        None => fit_in_process(&config, &trainer, data, &options.optimizer, make)?,
+    };
+    let run = runs.into_iter().next().context("no rank ran")?;
+    Ok((run.report, run.model, true))
+}
+
 fn fit<M: LanguageModel>(
     model: &M,
     options: &FinetuneOptions,
@@ -428,9 +549,22 @@ pub fn run(options: &FinetuneOptions) -> anyhow::Result<FinetuneOutcome> {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
     }
+    // Under ZeRO the ranks other than 0 train copies of the base (their values are replaced
+    // by rank 0's broadcast); one device keeps only the loaded model.
+    let sharded = options.zero.is_some() || options.world_size > 1;
+    let source = if sharded { Some(model.snapshot()?) } else { None };
+    let base_copy = || -> candle_train::Result<Llama> {
+        source
+            .as_ref()
+            .ok_or_else(|| candle_train::Error::config("finetune", "no copy to replicate"))?
+            .snapshot()
+    };
     let Some(lora) = &options.lora else {
         let trainable = model.parameters().num_elements();
-        let report = fit(&model, options, &data)?;
+        let (report, model, writer) = train_ranks(model, options, &data, base_copy)?;
+        if !writer {
+            return Ok(FinetuneOutcome { report, trainable, verified: false });
+        }
         crate::export::save_llama(&model, &tokenizer, &options.out)?;
         verify_reload(&model, &options.out, dtype)?;
         println!("saved to {} (Hugging Face folder); reloaded: bit-identical", options.out.display());
@@ -443,10 +577,14 @@ pub fn run(options: &FinetuneOptions) -> anyhow::Result<FinetuneOutcome> {
         targets: lora.targets.clone(),
         use_rslora: false,
     };
-    let lora_model = LoraModel::new(model, config, options.seed)?;
+    let lora_model = LoraModel::new(model, config.clone(), options.seed)?;
     let trainable = lora_model.adapter_parameters().num_elements();
     println!("LoRA: {} adapted layers, {trainable} trainable parameters", lora_model.adapted_layers().len());
-    let report = fit(&lora_model, options, &data)?;
+    let replica = || LoraModel::new(base_copy()?, config.clone(), options.seed);
+    let (report, lora_model, writer) = train_ranks(lora_model, options, &data, replica)?;
+    if !writer {
+        return Ok(FinetuneOutcome { report, trainable, verified: false });
+    }
     // The base as `eval`/`generate` find it again from anywhere: a short name as given, a path
     // made absolute.
     let base = match std::fs::canonicalize(&options.model) {

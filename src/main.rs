@@ -171,6 +171,17 @@ struct FinetuneArgs {
     /// With LoRA: also write the merged model into the output folder.
     #[arg(long)]
     merge: bool,
+    /// ZeRO stage of data-parallel training over `--world-size` in-process ranks (or the ranks
+    /// of `candle-fit launch --nproc N -- finetune ...`): 0, 1, 2 or 3 (as `train --zero`).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=3))]
+    zero: Option<u8>,
+    /// Data-parallel ranks as threads of this process; the micro-batch is the global one,
+    /// split over them.
+    #[arg(long, default_value_t = 1)]
+    world_size: usize,
+    /// Seconds a rank waits for its peers in a collective before failing.
+    #[arg(long, default_value_t = 300)]
+    comm_timeout: u64,
 }
 
 fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
@@ -258,6 +269,9 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
         seed: args.seed,
         progress: !args.quiet,
         lora,
+        zero: args.zero,
+        world_size: args.world_size,
+        comm_timeout_s: args.comm_timeout,
     };
     let outcome = run(&options)?;
     let report = &outcome.report;

