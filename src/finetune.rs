@@ -138,6 +138,9 @@ pub struct FinetuneOptions {
     pub world_size: usize,
     /// Seconds a rank waits for its peers in a collective before failing.
     pub comm_timeout_s: u64,
+    /// Where the model trains: `cpu`, `cuda` or `cuda:N` (a bare `cuda` in a launched rank
+    /// takes its `LOCAL_RANK`'s GPU).
+    pub device: String,
 }
 
 /// The most data-parallel ranks `finetune` runs.
@@ -509,7 +512,8 @@ pub fn run(options: &FinetuneOptions) -> anyhow::Result<FinetuneOutcome> {
         );
     }
     let dtype = options.precision.dtype();
-    let device = Device::Cpu;
+    let device = candle_train::device::parse_device(&options.device)
+        .with_context(|| format!("invalid `--device` `{}`", options.device))?;
     let (model, tokenizer) = match load_model(&options.model, dtype, &device)? {
         LoadedModel::CausalLm { model, tokenizer } => (model, tokenizer),
         other => anyhow::bail!(

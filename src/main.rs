@@ -182,6 +182,10 @@ struct FinetuneArgs {
     /// Seconds a rank waits for its peers in a collective before failing.
     #[arg(long, default_value_t = 300)]
     comm_timeout: u64,
+    /// Device: cpu, cuda or cuda:N (a bare cuda in a launched rank takes its LOCAL_RANK's GPU;
+    /// needs a build with the cuda feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
@@ -272,6 +276,7 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
         zero: args.zero,
         world_size: args.world_size,
         comm_timeout_s: args.comm_timeout,
+        device: args.device,
     };
     let outcome = run(&options)?;
     let report = &outcome.report;

@@ -240,6 +240,7 @@ fn bad_flags_folders_and_records_are_one_clear_line() -> anyhow::Result<()> {
         (vec!["--data", CHAT, "--zero", "1", "--offload-optimizer"], vec!["--offload-optimizer", "--zero"]),
         (vec!["--data", CHAT, "--world-size", "4", "--micro-batch", "2"], vec!["--micro-batch", "4 ranks"]),
         (vec!["--data", CHAT, "--world-size", "0"], vec!["--world-size"]),
+        (vec!["--data", CHAT, "--device", "tpu"], vec!["--device", "tpu"]),
         (vec!["--data", "no-such.jsonl"], vec!["--data", "no-such.jsonl"]),
         (vec!["--data", bad.to_str().expect("a UTF-8 temporary path")], vec!["bad.jsonl:2", "text"]),
         (
