@@ -234,7 +234,7 @@ impl FinetuneOptions {
                 anyhow::ensure!(path.is_file(), "{name} {}: no such file", path.display());
             }
         }
-        if self.out.exists() && !launched_rank().is_some_and(|(rank, _)| rank > 0) {
+        if self.out.exists() && launched_rank().is_none_or(|(rank, _)| rank == 0) {
             anyhow::ensure!(self.out.is_dir(), "--out {}: exists and is not a folder", self.out.display());
             let non_empty = std::fs::read_dir(&self.out)
                 .with_context(|| format!("--out {}", self.out.display()))?

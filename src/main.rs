@@ -171,17 +171,8 @@ struct FinetuneArgs {
     /// With LoRA: also write the merged model into the output folder.
     #[arg(long)]
     merge: bool,
-    /// ZeRO stage of data-parallel training over `--world-size` in-process ranks (or the ranks
-    /// of `candle-fit launch --nproc N -- finetune ...`): 0, 1, 2 or 3 (as `train --zero`).
-    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=3))]
-    zero: Option<u8>,
-    /// Data-parallel ranks as threads of this process; the micro-batch is the global one,
-    /// split over them.
-    #[arg(long, default_value_t = 1)]
-    world_size: usize,
-    /// Seconds a rank waits for its peers in a collective before failing.
-    #[arg(long, default_value_t = 300)]
-    comm_timeout: u64,
+    #[command(flatten)]
+    ranks: RankArgs,
     /// Device: cpu, cuda or cuda:N (a bare cuda in a launched rank takes its LOCAL_RANK's GPU;
     /// needs a build with the cuda feature).
     #[arg(long, default_value = "cpu")]
@@ -273,9 +264,9 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
         seed: args.seed,
         progress: !args.quiet,
         lora,
-        zero: args.zero,
-        world_size: args.world_size,
-        comm_timeout_s: args.comm_timeout,
+        zero: args.ranks.zero,
+        world_size: args.ranks.world_size,
+        comm_timeout_s: args.ranks.comm_timeout,
         device: args.device,
     };
     let outcome = run(&options)?;
@@ -800,6 +791,13 @@ struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    ranks: RankArgs,
+}
+
+/// Data parallelism, as `train`, `estimate` and `finetune` take it.
+#[derive(clap::Args, Debug, Clone)]
+struct RankArgs {
     /// ZeRO stage for data-parallel training over `--world-size` ranks: 0 (gradients
     /// all-reduced), 1 (optimizer state and master weights sharded), 2 (gradients sharded
     /// too, reduced per segment during backward) or 3 (parameters sharded too, each segment's
@@ -808,7 +806,8 @@ struct TrainArgs {
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=3))]
     zero: Option<u8>,
     /// Data-parallel ranks, run as threads of this process (in-process communicator). The
-    /// micro-batch is the global one, split over the ranks.
+    /// micro-batch is the global one, split over the ranks. A process started by `candle-fit
+    /// launch` (or torchrun, Slurm) takes its rank and world size from the launcher instead.
     #[arg(long, default_value_t = 1)]
     world_size: usize,
     /// Seconds a rank waits for its peers in a collective before failing.
@@ -938,13 +937,13 @@ const MAX_MODELLED_BYTES: u128 = 1 << 56;
 
 /// Counts of `train`/`estimate` that are not sizes: ranks and the collective timeout.
 fn check_counts(args: &TrainArgs) -> anyhow::Result<()> {
-    if args.world_size > MAX_RANKS {
-        anyhow::bail!("invalid `--world-size`: {} is more than {MAX_RANKS} ranks", args.world_size);
+    if args.ranks.world_size > MAX_RANKS {
+        anyhow::bail!("invalid `--world-size`: {} is more than {MAX_RANKS} ranks", args.ranks.world_size);
     }
-    if args.comm_timeout == 0 || args.comm_timeout > MAX_COMM_TIMEOUT_S {
+    if args.ranks.comm_timeout == 0 || args.ranks.comm_timeout > MAX_COMM_TIMEOUT_S {
         anyhow::bail!(
             "invalid `--comm-timeout`: {} s is not between 1 and {MAX_COMM_TIMEOUT_S} s (a week)",
-            args.comm_timeout
+            args.ranks.comm_timeout
         );
     }
     Ok(())
@@ -1097,7 +1096,7 @@ fn estimate(args: TrainArgs) -> anyhow::Result<()> {
         corpus_bytes,
         args.validation_fraction,
     )?;
-    if args.zero.is_some() || args.world_size > 1 {
+    if args.ranks.zero.is_some() || args.ranks.world_size > 1 {
         return estimate_sharded(&args, &p);
     }
     let e = estimate_memory(&input)?;
@@ -1137,8 +1136,8 @@ fn estimate_sharded(args: &TrainArgs, p: &Plan) -> anyhow::Result<()> {
     use candle_fit::shard::estimate::{rank_state, ShardLayout};
     use candle_fit::shard::ZeroStage;
     use candle_fit::train::estimate::{estimate_memory, EstimateInput};
-    let stage = ZeroStage::from_number(args.zero.unwrap_or(0))?;
-    let world_size = args.world_size;
+    let stage = ZeroStage::from_number(args.ranks.zero.unwrap_or(0))?;
+    let world_size = args.ranks.world_size;
     if world_size == 0 {
         anyhow::bail!("invalid `--world-size`: must be at least 1");
     }
@@ -1218,7 +1217,10 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     watch_launcher();
     // Launched by `candle-fit launch`, torchrun or Slurm: one rank of a multi-process group.
     let launched = candle_fit::shard::discovery::RankInfo::from_env()?;
-    if args.zero.is_some() || args.world_size != 1 || launched.as_ref().is_some_and(|i| i.world_size > 1) {
+    if args.ranks.zero.is_some()
+        || args.ranks.world_size != 1
+        || launched.as_ref().is_some_and(|i| i.world_size > 1)
+    {
         if args.offload_optimizer {
             anyhow::bail!(
                 "invalid `--offload-optimizer`: the offloaded optimizer steps one device's state; it is not available with `--zero` or several ranks yet"
@@ -1378,17 +1380,19 @@ fn train_sharded(
     };
     use candle_fit::shard::ZeroStage;
 
-    let stage = ZeroStage::from_number(args.zero.unwrap_or(0))?;
-    let timeout = Duration::from_secs(args.comm_timeout);
-    let launched = launched.filter(|i| i.world_size > 1 || args.world_size == 1);
+    let stage = ZeroStage::from_number(args.ranks.zero.unwrap_or(0))?;
+    let timeout = Duration::from_secs(args.ranks.comm_timeout);
+    let launched = launched.filter(|i| i.world_size > 1 || args.ranks.world_size == 1);
     let world_size = match &launched {
-        Some(info) if args.world_size != 1 && args.world_size != info.world_size => anyhow::bail!(
-            "invalid `--world-size`: {} contradicts the launcher's world size {}",
-            args.world_size,
-            info.world_size
-        ),
+        Some(info) if args.ranks.world_size != 1 && args.ranks.world_size != info.world_size => {
+            anyhow::bail!(
+                "invalid `--world-size`: {} contradicts the launcher's world size {}",
+                args.ranks.world_size,
+                info.world_size
+            )
+        }
         Some(info) => info.world_size,
-        None => args.world_size,
+        None => args.ranks.world_size,
     };
     let world_size = NonZeroUsize::new(world_size)
         .ok_or_else(|| anyhow::anyhow!("invalid `--world-size`: must be at least 1"))?;
