@@ -209,36 +209,9 @@ pub(crate) fn update_slice_parallel(
 }
 
 impl Optimizer for AdamW {
-    fn name(&self) -> &'static str {
-        "adamw"
-    }
+    step_counter!("adamw");
 
-    fn begin_step(&mut self) {
-        self.step += 1;
-    }
-
-    fn step_count(&self) -> u64 {
-        self.step
-    }
-
-    fn settings(&self) -> String {
-        crate::trainer::canonical_json("adamw", &self.config)
-    }
-
-    fn update(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()> {
-        self.step_parameter(index, param, grad, lr, decay, false)
-    }
-
-    fn update_parallel(
-        &mut self,
-        index: usize,
-        param: &mut [f32],
-        grad: &[f32],
-        lr: f64,
-        decay: bool,
-    ) -> Result<()> {
-        self.step_parameter(index, param, grad, lr, decay, true)
-    }
+    host_updates!();
 
     fn state_bytes(&self) -> usize {
         self.exp_avg.iter().chain(&self.exp_avg_sq).map(|b| b.len() * 4).sum()

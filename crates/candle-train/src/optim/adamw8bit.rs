@@ -175,36 +175,9 @@ fn update_blocks(
 }
 
 impl Optimizer for AdamW8bit {
-    fn name(&self) -> &'static str {
-        "adamw8bit"
-    }
+    step_counter!("adamw8bit");
 
-    fn begin_step(&mut self) {
-        self.step += 1;
-    }
-
-    fn step_count(&self) -> u64 {
-        self.step
-    }
-
-    fn settings(&self) -> String {
-        crate::trainer::canonical_json("adamw8bit", &self.config)
-    }
-
-    fn update(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()> {
-        self.step_parameter(index, param, grad, lr, decay, false)
-    }
-
-    fn update_parallel(
-        &mut self,
-        index: usize,
-        param: &mut [f32],
-        grad: &[f32],
-        lr: f64,
-        decay: bool,
-    ) -> Result<()> {
-        self.step_parameter(index, param, grad, lr, decay, true)
-    }
+    host_updates!();
 
     fn state_bytes(&self) -> usize {
         self.moments.iter().map(Moments::bytes).sum()

@@ -374,21 +374,7 @@ impl FusedAdamW8bit {
 }
 
 impl Optimizer for FusedAdamW8bit {
-    fn name(&self) -> &'static str {
-        "adamw8bit"
-    }
-
-    fn begin_step(&mut self) {
-        self.step += 1;
-    }
-
-    fn step_count(&self) -> u64 {
-        self.step
-    }
-
-    fn settings(&self) -> String {
-        crate::trainer::canonical_json("adamw8bit", &self.config)
-    }
+    step_counter!("adamw8bit");
 
     fn update(&mut self, _: usize, _: &mut [f32], _: &[f32], _: f64, _: bool) -> Result<()> {
         Err(refuse_slices(self.name(), &Device::Cuda(self.device.clone())))

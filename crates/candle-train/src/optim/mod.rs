@@ -1,6 +1,56 @@
 //! Optimizers over flat FP32 slices whose state we own (so it can be saved, sharded and
 //! quantized), with the same code stepping a whole model or one rank's shard.
 
+/// `name`, `begin_step`, `step_count` and `settings` of an [`Optimizer`] with a `step: u64`
+/// counter and a serializable `config`, named `$name` (its state's kind and settings' key).
+macro_rules! step_counter {
+    ($name:literal) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+
+        fn begin_step(&mut self) {
+            self.step += 1;
+        }
+
+        fn step_count(&self) -> u64 {
+            self.step
+        }
+
+        fn settings(&self) -> String {
+            crate::trainer::canonical_json($name, &self.config)
+        }
+    };
+}
+
+/// `update` and `update_parallel` of a host [`Optimizer`] through its
+/// `step_parameter(index, param, grad, lr, decay, parallel)`.
+macro_rules! host_updates {
+    () => {
+        fn update(
+            &mut self,
+            index: usize,
+            param: &mut [f32],
+            grad: &[f32],
+            lr: f64,
+            decay: bool,
+        ) -> Result<()> {
+            self.step_parameter(index, param, grad, lr, decay, false)
+        }
+
+        fn update_parallel(
+            &mut self,
+            index: usize,
+            param: &mut [f32],
+            grad: &[f32],
+            lr: f64,
+            decay: bool,
+        ) -> Result<()> {
+            self.step_parameter(index, param, grad, lr, decay, true)
+        }
+    };
+}
+
 pub mod adamw;
 pub mod adamw8bit;
 #[cfg(feature = "cuda")]

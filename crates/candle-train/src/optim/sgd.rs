@@ -155,36 +155,9 @@ impl Sgd {
 }
 
 impl Optimizer for Sgd {
-    fn name(&self) -> &'static str {
-        "sgd"
-    }
+    step_counter!("sgd");
 
-    fn begin_step(&mut self) {
-        self.step += 1;
-    }
-
-    fn step_count(&self) -> u64 {
-        self.step
-    }
-
-    fn settings(&self) -> String {
-        crate::trainer::canonical_json("sgd", &self.config)
-    }
-
-    fn update(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64, decay: bool) -> Result<()> {
-        self.step_parameter(index, param, grad, lr, decay, false)
-    }
-
-    fn update_parallel(
-        &mut self,
-        index: usize,
-        param: &mut [f32],
-        grad: &[f32],
-        lr: f64,
-        decay: bool,
-    ) -> Result<()> {
-        self.step_parameter(index, param, grad, lr, decay, true)
-    }
+    host_updates!();
 
     fn state_bytes(&self) -> usize {
         self.momentum.iter().map(|b| b.len() * 4).sum()

@@ -176,21 +176,7 @@ pub(crate) fn refuse_slices(name: &str, device: &Device) -> Error {
 }
 
 impl Optimizer for TensorAdamW {
-    fn name(&self) -> &'static str {
-        "adamw"
-    }
-
-    fn begin_step(&mut self) {
-        self.step += 1;
-    }
-
-    fn step_count(&self) -> u64 {
-        self.step
-    }
-
-    fn settings(&self) -> String {
-        crate::trainer::canonical_json("adamw", &self.config)
-    }
+    step_counter!("adamw");
 
     fn update(&mut self, _: usize, _: &mut [f32], _: &[f32], _: f64, _: bool) -> Result<()> {
         Err(refuse_slices(self.name(), &self.device))

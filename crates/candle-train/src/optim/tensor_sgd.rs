@@ -132,21 +132,7 @@ impl TensorSgd {
 }
 
 impl Optimizer for TensorSgd {
-    fn name(&self) -> &'static str {
-        "sgd"
-    }
-
-    fn begin_step(&mut self) {
-        self.step += 1;
-    }
-
-    fn step_count(&self) -> u64 {
-        self.step
-    }
-
-    fn settings(&self) -> String {
-        crate::trainer::canonical_json("sgd", &self.config)
-    }
+    step_counter!("sgd");
 
     fn update(&mut self, _: usize, _: &mut [f32], _: &[f32], _: f64, _: bool) -> Result<()> {
         Err(refuse_slices(self.name(), &self.device))
