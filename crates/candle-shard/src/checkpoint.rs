@@ -45,6 +45,57 @@ pub(crate) struct SavedPiece {
     pub(crate) buffers: Vec<(String, Vec<f32>)>,
 }
 
+/// The optimizer piece that holds the checkpoint piece `piece` of flat buffer `group`: its
+/// optimizer index and the offset of `piece`'s first element in it. `owned` lists the rank's
+/// optimizer pieces in optimizer order as `(group, param, param_range)` (stage 0: whole
+/// parameters; the others: exactly the checkpoint's pieces).
+///
+/// # Errors
+/// An internal error when no optimizer piece holds it.
+pub(crate) fn owning_piece<'a>(
+    owned: impl IntoIterator<Item = (usize, usize, &'a Range<usize>)>,
+    group: usize,
+    piece: &crate::partition::Piece,
+) -> Result<(usize, usize)> {
+    owned
+        .into_iter()
+        .enumerate()
+        .find(|(_, (g, param, range))| {
+            *g == group
+                && *param == piece.param
+                && range.start <= piece.param_range.start
+                && piece.param_range.end <= range.end
+        })
+        .map(|(k, (_, _, range))| (k, piece.param_range.start - range.start))
+        .ok_or_else(|| Error::config("checkpoint", "internal: a slice piece has no optimizer piece"))
+}
+
+/// Optimizer piece `k`'s buffers (of `owned_len` elements each) cut to `len` elements from
+/// `offset`: what a checkpoint piece holds of them.
+///
+/// # Errors
+/// A buffer that is not elementwise (another length than the piece's), named.
+pub(crate) fn piece_buffers(
+    buffers: &BuffersByIndex<'_>,
+    kind: &str,
+    k: usize,
+    owned_len: usize,
+    offset: usize,
+    len: usize,
+) -> Result<Vec<(String, Vec<f32>)>> {
+    let mut out = Vec::new();
+    for (base, values) in buffers.get(&k).map(Vec::as_slice).unwrap_or_default() {
+        if values.len() != owned_len {
+            return Err(Error::config(
+                "checkpoint",
+                format!("{kind} buffer `{base}` is not elementwise: it cannot be sharded"),
+            ));
+        }
+        out.push((base.clone(), values[offset..offset + len].to_vec()));
+    }
+    Ok(out)
+}
+
 /// An optimizer's buffers by optimizer index: (buffer name, values).
 pub(crate) type BuffersByIndex<'a> = HashMap<usize, Vec<(String, &'a [f32])>>;
 

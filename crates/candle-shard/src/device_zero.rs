@@ -28,7 +28,7 @@ use candle_ckpt::SegmentGradients;
 use candle_train::updater::{StateBytes, Transfers};
 use candle_train::{Optimizer, OptimizerConfig, Parameter, StepReport};
 
-use crate::checkpoint::{buffers_by_index, SavedPiece};
+use crate::checkpoint::{buffers_by_index, owning_piece, piece_buffers, SavedPiece};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::partition::{FlatEntry, Partition};
@@ -485,20 +485,9 @@ impl DeviceZero {
         let mut out = Vec::new();
         for (g, layout) in self.partition.groups().iter().enumerate() {
             for piece in layout.pieces(self.rank) {
-                let owner = self.pieces.iter().position(|o| {
-                    o.group == g
-                        && o.param == piece.param
-                        && o.param_range.start <= piece.param_range.start
-                        && piece.param_range.end <= o.param_range.end
-                });
-                let Some(k) = owner else {
-                    return Err(Error::config(
-                        "checkpoint",
-                        "internal: a slice piece has no optimizer piece",
-                    ));
-                };
+                let owned = self.pieces.iter().map(|o| (o.group, o.param, &o.param_range));
+                let (k, offset) = owning_piece(owned, g, &piece)?;
                 let o = &self.pieces[k];
-                let offset = piece.param_range.start - o.param_range.start;
                 let len = piece.param_range.len();
                 let source = match (&self.master[k], shards.as_deref()) {
                     (Some(master), _) => master.clone(),
@@ -512,15 +501,12 @@ impl DeviceZero {
                     )?,
                 };
                 let values = source.narrow(0, offset, len)?.to_vec1::<f32>()?;
-                let mut piece_buffers = Vec::new();
-                for (base, values) in buffers.get(&k).map(Vec::as_slice).unwrap_or_default() {
-                    piece_buffers.push((base.clone(), values[offset..offset + len].to_vec()));
-                }
+                let buffers = piece_buffers(&buffers, &state.kind, k, o.param_range.len(), offset, len)?;
                 out.push(SavedPiece {
                     name: self.params[piece.param].name.clone(),
                     param_range: piece.param_range,
                     values,
-                    buffers: piece_buffers,
+                    buffers,
                 });
             }
         }

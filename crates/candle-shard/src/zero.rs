@@ -53,7 +53,7 @@ use candle_train::updater::{StateBytes, Transfers};
 use candle_train::{Optimizer, OptimizerConfig, Parameter, Parameters, StepReport, Updater};
 use half::{bf16, f16};
 
-use crate::checkpoint::{buffers_by_index, Need, SavedPiece};
+use crate::checkpoint::{buffers_by_index, owning_piece, piece_buffers, Need, SavedPiece};
 use crate::comm::{CommStats, Communicator};
 use crate::device_zero::DeviceZero;
 use crate::error::{Error, Result};
@@ -635,34 +635,11 @@ impl ZeroUpdater {
                     })?,
                 };
                 // The optimizer piece holding these elements (stage 0: the whole parameter).
-                let owner = self.pieces.iter().position(|o| {
-                    o.group == g
-                        && o.param == piece.param
-                        && o.param_range.start <= piece.param_range.start
-                        && piece.param_range.end <= o.param_range.end
-                });
-                let Some(k) = owner else {
-                    return Err(Error::config(
-                        "checkpoint",
-                        "internal: a slice piece has no optimizer piece",
-                    ));
-                };
-                let o = &self.pieces[k];
-                let offset = piece.param_range.start - o.param_range.start;
-                let mut piece_buffers = Vec::new();
-                for (base, values) in buffers.get(&k).map(Vec::as_slice).unwrap_or_default() {
-                    if values.len() != o.param_range.len() {
-                        return Err(Error::config(
-                            "checkpoint",
-                            format!(
-                                "{} buffer `{base}` is not elementwise: it cannot be sharded",
-                                state.kind
-                            ),
-                        ));
-                    }
-                    piece_buffers
-                        .push((base.clone(), values[offset..offset + piece.param_range.len()].to_vec()));
-                }
+                let owned = self.pieces.iter().map(|o| (o.group, o.param, &o.param_range));
+                let (k, offset) = owning_piece(owned, g, &piece)?;
+                let owned_len = self.pieces[k].param_range.len();
+                let piece_buffers =
+                    piece_buffers(&buffers, &state.kind, k, owned_len, offset, piece.param_range.len())?;
                 out.push(SavedPiece {
                     name: self.params[piece.param].name.clone(),
                     param_range: piece.param_range,
