@@ -51,6 +51,58 @@ macro_rules! host_updates {
     };
 }
 
+/// `update` (refused: the state is on the device), `update_tensor`, `update_master` and
+/// `device` of a tensor-op [`Optimizer`] with a `device`, a `fused` flag (CUDA), and its
+/// `step_tensor(index, param, grad, lr, decay)` / `fused_step(index, param, grad, copy, lr,
+/// decay)`.
+macro_rules! tensor_updates {
+    () => {
+        fn update(&mut self, _: usize, _: &mut [f32], _: &[f32], _: f64, _: bool) -> Result<()> {
+            Err(refuse_slices(self.name(), &self.device))
+        }
+
+        fn update_tensor(
+            &mut self,
+            index: usize,
+            param: &Tensor,
+            grad: &Tensor,
+            lr: f64,
+            decay: bool,
+        ) -> Result<Option<Tensor>> {
+            #[cfg(feature = "cuda")]
+            if self.fused {
+                self.fused_step(index, param, grad, None, lr, decay)?;
+                return Ok(None);
+            }
+            self.step_tensor(index, param, grad, lr, decay).map(Some)
+        }
+
+        fn update_master(
+            &mut self,
+            index: usize,
+            master: &Tensor,
+            grad: &Tensor,
+            model: &candle::Var,
+            lr: f64,
+            decay: bool,
+        ) -> Result<Option<Tensor>> {
+            #[cfg(feature = "cuda")]
+            if self.fused {
+                // The master and the model's rounded copy in one pass.
+                self.fused_step(index, master, grad, Some(model), lr, decay)?;
+                return Ok(None);
+            }
+            let new = self.step_tensor(index, master, grad, lr, decay)?;
+            model.set(&new.to_dtype(model.dtype())?)?;
+            Ok(Some(new))
+        }
+
+        fn device(&self) -> Option<Device> {
+            Some(self.device.clone())
+        }
+    };
+}
+
 pub mod adamw;
 pub mod adamw8bit;
 #[cfg(feature = "cuda")]

@@ -134,48 +134,7 @@ impl TensorSgd {
 impl Optimizer for TensorSgd {
     step_counter!("sgd");
 
-    fn update(&mut self, _: usize, _: &mut [f32], _: &[f32], _: f64, _: bool) -> Result<()> {
-        Err(refuse_slices(self.name(), &self.device))
-    }
-
-    fn update_tensor(
-        &mut self,
-        index: usize,
-        param: &Tensor,
-        grad: &Tensor,
-        lr: f64,
-        decay: bool,
-    ) -> Result<Option<Tensor>> {
-        #[cfg(feature = "cuda")]
-        if self.fused {
-            self.fused_step(index, param, grad, None, lr, decay)?;
-            return Ok(None);
-        }
-        self.step_tensor(index, param, grad, lr, decay).map(Some)
-    }
-
-    fn update_master(
-        &mut self,
-        index: usize,
-        master: &Tensor,
-        grad: &Tensor,
-        model: &candle::Var,
-        lr: f64,
-        decay: bool,
-    ) -> Result<Option<Tensor>> {
-        #[cfg(feature = "cuda")]
-        if self.fused {
-            self.fused_step(index, master, grad, Some(model), lr, decay)?;
-            return Ok(None);
-        }
-        let new = self.step_tensor(index, master, grad, lr, decay)?;
-        model.set(&new.to_dtype(model.dtype())?)?;
-        Ok(Some(new))
-    }
-
-    fn device(&self) -> Option<Device> {
-        Some(self.device.clone())
-    }
+    tensor_updates!();
 
     fn config(&self) -> Option<OptimizerConfig> {
         Some(OptimizerConfig::Sgd(self.config))
