@@ -1,13 +1,24 @@
 //! Memory limit, out-of-memory recovery and the micro-batch search, measured with the
 //! counting allocator this test binary installs: recovering from an out-of-memory error (or
 //! choosing the micro-batch up front) gives the same trajectory, bit for bit, as running the
-//! smaller micro-batch from the start.
+//! smaller micro-batch from the start. For the GPT on bytes, and for a LLaMA on masked token
+//! examples of uneven lengths (the Trainer's recovery is the same for any model and data).
+
+use std::sync::Mutex;
 
 use candle::{DType, Device};
+use candle_fit::datasets::TokenDataset;
 use candle_fit::train::memory::CountingAllocator;
+use candle_fit::train::models::{Llama, LlamaConfig};
 use candle_fit::train::{
-    Corpus, Error, Gpt, GptConfig, LocalUpdater, OptimizerConfig, TrainReport, Trainer, TrainerConfig,
+    Corpus, DataSource, Error, Gpt, GptConfig, LocalUpdater, OptimizerConfig, TrainReport, TrainableModel,
+    Trainer, TrainerConfig,
 };
+
+mod common;
+
+/// Memory is process-wide: the tests of this binary run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 #[global_allocator]
 static ALLOC: CountingAllocator = CountingAllocator;
@@ -33,11 +44,18 @@ impl Run {
         Self { micro_batch, accumulation_steps, max_memory: None, recovery: true, search: false }
     }
 
-    /// Trains 3 steps; returns every parameter's f32 bits and the report.
-    fn go(&self, corpus: &Corpus) -> candle_fit::train::Result<(Vec<Vec<u32>>, TrainReport)> {
-        let config =
-            GptConfig { n_ctx: 64, n_embd: 32, n_layer: 2, n_head: 2, dropout: 0.1, ..GptConfig::default() };
-        let model = Gpt::new(config, DType::F32, &Device::Cpu, 4)?;
+    /// Trains `model` 3 steps on `data`; returns every parameter's f32 bits and the report.
+    fn go<M, D>(
+        &self,
+        model: &M,
+        data: &D,
+        seq_len: usize,
+    ) -> candle_fit::train::Result<(Vec<Vec<u32>>, TrainReport)>
+    where
+        M: TrainableModel,
+        M::Batch: Sized,
+        D: DataSource<Batch = M::Batch>,
+    {
         let mut updater =
             LocalUpdater::from_config(model.parameters(), &OptimizerConfig::AdamW(Default::default()))?;
         let trainer = Trainer::new(
@@ -45,7 +63,7 @@ impl Run {
                 .micro_batch(self.micro_batch)
                 .accumulation_steps(self.accumulation_steps)
                 .steps(3)
-                .seq_len(64)
+                .seq_len(seq_len)
                 .eval_windows(2)
                 .eval_interval(0)
                 .max_memory(self.max_memory)
@@ -53,7 +71,7 @@ impl Run {
                 .find_micro_batch(self.search)
                 .build()?,
         );
-        let report = trainer.fit(&model, corpus, &mut updater)?;
+        let report = trainer.fit(model, data, &mut updater)?;
         let bits = model
             .parameters()
             .iter()
@@ -65,19 +83,54 @@ impl Run {
     }
 }
 
-// One test: memory is process-wide, so these runs must not overlap.
+fn gpt() -> candle_fit::train::Result<Gpt> {
+    let config =
+        GptConfig { n_ctx: 64, n_embd: 32, n_layer: 2, n_head: 2, dropout: 0.1, ..GptConfig::default() };
+    Gpt::new(config, DType::F32, &Device::Cpu, 4)
+}
+
+fn llama() -> candle_fit::train::Result<Llama> {
+    let config =
+        LlamaConfig { vocab_size: 64, hidden_size: 64, intermediate_size: 96, ..LlamaConfig::tiny() };
+    Llama::new(&config, DType::F32, &Device::Cpu, 4)
+}
+
 #[test]
 fn out_of_memory_recovery_and_the_micro_batch_search_keep_the_trajectory() -> anyhow::Result<()> {
-    let corpus = corpus()?;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    keeps_the_trajectory(gpt, &corpus()?, 64)
+}
+
+#[test]
+fn a_llama_on_masked_tokens_recovers_from_out_of_memory_on_the_same_trajectory() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let data =
+        TokenDataset::new("synthetic", common::masked_examples(64, 1), common::masked_examples(4, 2), 0)?;
+    keeps_the_trajectory(llama, &data, 13)
+}
+
+/// The run we want is micro-batch 8 x 2; 16 x 1 does not fit under a limit between their
+/// peaks. Recovery and the search both end on the 8 x 2 run's parameters, bit for bit.
+fn keeps_the_trajectory<M, D>(
+    make: impl Fn() -> candle_fit::train::Result<M>,
+    data: &D,
+    seq_len: usize,
+) -> anyhow::Result<()>
+where
+    M: TrainableModel,
+    M::Batch: Sized,
+    D: DataSource<Batch = M::Batch>,
+{
     // The run we want: micro-batch 8 x 2. And the peak of 16 x 1, which will not fit.
-    let (reference, r8) = Run::new(8, 2).go(&corpus)?;
-    let (_, r16) = Run::new(16, 1).go(&corpus)?;
+    let (reference, r8) = Run::new(8, 2).go(&make()?, data, seq_len)?;
+    let (_, r16) = Run::new(16, 1).go(&make()?, data, seq_len)?;
     let (p8, p16) = (r8.memory.peak, r16.memory.peak);
     assert!(p16 > p8 + (1 << 20), "micro-batch 16 should need over 1 MiB more than 8: {p16} vs {p8}");
     let limit = p8 + (p16 - p8) / 2;
 
     // Without recovery: a typed error naming the limit and where it was hit.
-    let err = Run { max_memory: Some(limit), recovery: false, ..Run::new(16, 1) }.go(&corpus).err();
+    let err =
+        Run { max_memory: Some(limit), recovery: false, ..Run::new(16, 1) }.go(&make()?, data, seq_len).err();
     match &err {
         Some(Error::OutOfMemory { device, needed, limit: l, at }) => {
             assert_eq!((device.as_str(), *l), ("cpu", limit));
@@ -88,7 +141,8 @@ fn out_of_memory_recovery_and_the_micro_batch_search_keep_the_trajectory() -> an
     }
 
     // With recovery: step 1 is retried as 8 x 2, and the whole run equals the 8 x 2 run.
-    let (recovered, report) = Run { max_memory: Some(limit), ..Run::new(16, 1) }.go(&corpus)?;
+    let (recovered, report) =
+        Run { max_memory: Some(limit), ..Run::new(16, 1) }.go(&make()?, data, seq_len)?;
     assert_eq!(report.oom_recoveries.len(), 1, "{:?}", report.oom_recoveries);
     let r = &report.oom_recoveries[0];
     assert_eq!((r.step, r.from, r.to), (1, 16, 8));
@@ -97,7 +151,8 @@ fn out_of_memory_recovery_and_the_micro_batch_search_keep_the_trajectory() -> an
     assert!(recovered == reference, "the recovered run's parameters differ from the 8 x 2 run's");
 
     // The search measures 16 (too big), then 8 (fits), and trains with 8 x 2 from the start.
-    let (searched, report) = Run { max_memory: Some(limit), search: true, ..Run::new(16, 1) }.go(&corpus)?;
+    let (searched, report) =
+        Run { max_memory: Some(limit), search: true, ..Run::new(16, 1) }.go(&make()?, data, seq_len)?;
     let search = report.micro_batch_search.as_ref().expect("a search ran");
     let tried: Vec<(usize, bool)> = search.trials.iter().map(|t| (t.micro_batch, t.fits)).collect();
     assert_eq!(tried, [(16, false), (8, true)]);
@@ -107,7 +162,8 @@ fn out_of_memory_recovery_and_the_micro_batch_search_keep_the_trajectory() -> an
     assert!(searched == reference, "the searched run's parameters differ from the 8 x 2 run's");
 
     // A limit below what even one sequence needs: the search says so.
-    let tiny = Run { max_memory: Some(p8 / 4), search: true, ..Run::new(16, 1) }.go(&corpus).err();
+    let tiny =
+        Run { max_memory: Some(p8 / 4), search: true, ..Run::new(16, 1) }.go(&make()?, data, seq_len).err();
     assert!(matches!(tiny, Some(Error::OutOfMemory { .. })), "{tiny:?}");
     Ok(())
 }

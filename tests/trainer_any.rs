@@ -10,10 +10,12 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
+mod common;
+
 use candle::{DType, Device, Tensor, Var};
 use candle_fit::ckpt::{RngKey, SegmentContext, SegmentParameter, SegmentedModel};
 use candle_fit::datasets::{
-    read_records, ClassificationDataset, Example, Format, LabelMap, TokenDataset, IGNORE_INDEX,
+    read_records, ClassificationDataset, Format, LabelMap, TokenDataset, IGNORE_INDEX,
 };
 use candle_fit::shard::driver::{fit_in_process, InProcessConfig};
 use candle_fit::shard::ZeroStage;
@@ -24,6 +26,7 @@ use candle_fit::train::{
     Callback, ClassifierEvaluator, Counted, DataShape, DataSource, Gpt, GptConfig, Hooks, LocalUpdater,
     LrSchedule, OptimizerConfig, ParamBuilder, Parameters, SgdConfig, TrainableModel, Trainer, TrainerConfig,
 };
+use common::masked_examples;
 
 fn temp_dir(name: &str) -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("candle-fit-trainer-any-{name}-{}", std::process::id()));
@@ -33,22 +36,6 @@ fn temp_dir(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Examples of 3 to 13 tokens whose first `len / 3` tokens are a masked prompt.
-fn masked_examples(n: usize, seed: u64) -> Vec<Example> {
-    (0..n)
-        .map(|i| {
-            let mut rng = RngKey::new(seed).with_stream(i as u64).rng();
-            let len = 3 + rng.below(11) as usize;
-            let input_ids: Vec<u32> = (0..len).map(|_| rng.below(64) as u32).collect();
-            let labels = input_ids
-                .iter()
-                .enumerate()
-                .map(|(j, &id)| if j < len / 3 { IGNORE_INDEX } else { i64::from(id) })
-                .collect();
-            Example { input_ids, labels }
-        })
-        .collect()
-}
-
 fn token_data() -> anyhow::Result<TokenDataset> {
     Ok(TokenDataset::new("synthetic", masked_examples(40, 1), masked_examples(6, 2), 0)?)
 }

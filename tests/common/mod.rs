@@ -29,3 +29,22 @@ pub fn tiny_tokenizer() -> anyhow::Result<LmTokenizer> {
     ]);
     Ok(LmTokenizer::from_gguf_metadata(&metadata)?)
 }
+
+/// `n` token examples of uneven lengths (3 to 13 tokens of a 64-token vocabulary, drawn from
+/// `seed`), the first third of each masked with [`IGNORE_INDEX`] as a prompt is.
+pub fn masked_examples(n: usize, seed: u64) -> Vec<candle_fit::datasets::Example> {
+    use candle_fit::datasets::{Example, IGNORE_INDEX};
+    (0..n)
+        .map(|i| {
+            let mut rng = candle_fit::ckpt::RngKey::new(seed).with_stream(i as u64).rng();
+            let len = 3 + rng.below(11) as usize;
+            let input_ids: Vec<u32> = (0..len).map(|_| rng.below(64) as u32).collect();
+            let labels = input_ids
+                .iter()
+                .enumerate()
+                .map(|(j, &id)| if j < len / 3 { IGNORE_INDEX } else { i64::from(id) })
+                .collect();
+            Example { input_ids, labels }
+        })
+        .collect()
+}
