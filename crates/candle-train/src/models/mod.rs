@@ -11,4 +11,4 @@ pub use bert::{mean_pool, Bert, BertConfig, BertLayer};
 pub use bert_classifier::{BertClassifier, ClassificationBatch, Pooling};
 pub use gguf::GgufFile;
 pub use gpt::{Gpt, GptBlock, GptConfig, TokenBatch};
-pub use llama::{DecoderLayer, KvCache, Llama, LlamaConfig};
+pub use llama::{DecoderFamily, DecoderLayer, KvCache, Llama, Llama3RopeScaling, LlamaConfig};
