@@ -377,3 +377,153 @@ fn a_sliding_window_is_honoured_within_it_and_refused_beyond() -> anyhow::Result
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// A tiny BERT config as `transformers` writes it (the fields candle-transformers requires
+/// included): vocabulary 32, width 16, 2 layers of 4 heads.
+fn tiny_bert_config(architecture: &str) -> Value {
+    json!({
+        "architectures": [architecture],
+        "model_type": "bert",
+        "vocab_size": 32,
+        "hidden_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 24,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+        "max_position_embeddings": 16,
+        "type_vocab_size": 2,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-12,
+        "pad_token_id": 0,
+        "position_embedding_type": "absolute",
+        "classifier_dropout": null,
+    })
+}
+
+/// A padded batch of two: ids, token types, mask (the second row has two padding positions).
+fn bert_batch() -> anyhow::Result<(Tensor, Tensor, Tensor)> {
+    let ids = Tensor::new(&[[2u32, 17, 5, 29, 9, 3], [2, 11, 31, 3, 0, 0]], &Device::Cpu)?;
+    let types = Tensor::new(&[[0u32, 0, 0, 1, 1, 1], [0, 0, 1, 1, 0, 0]], &Device::Cpu)?;
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &Device::Cpu)?;
+    Ok((ids, types, mask))
+}
+
+/// Checks that `saved` holds every field of `original`'s config with its value and the same
+/// tensors, bit for bit.
+fn check_same_folder(original: &Path, saved: &Path) -> anyhow::Result<()> {
+    let read = |d: &Path| -> anyhow::Result<Value> {
+        Ok(serde_json::from_str(&std::fs::read_to_string(d.join("config.json"))?)?)
+    };
+    let (before, after) = (read(original)?, read(saved)?);
+    for (key, value) in before.as_object().expect("a config is an object") {
+        assert_eq!(after.get(key), Some(value), "{}: field `{key}`", saved.display());
+    }
+    let before = candle::safetensors::load(original.join("model.safetensors"), &Device::Cpu)?;
+    let after = candle::safetensors::load(saved.join("model.safetensors"), &Device::Cpu)?;
+    assert_eq!(before.len(), after.len());
+    for (name, tensor) in &before {
+        let written = after.get(name).unwrap_or_else(|| panic!("{name} is not written"));
+        let bits = |t: &Tensor| -> anyhow::Result<Vec<u32>> {
+            Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|x| x.to_bits()).collect())
+        };
+        assert_eq!(bits(tensor)?, bits(written)?, "{name}");
+    }
+    Ok(())
+}
+
+#[test]
+fn bert_encoder_equals_candle_transformers() -> anyhow::Result<()> {
+    use candle_fit::train::models::{Bert, BertConfig};
+    use candle_transformers::models::bert as reference;
+    let config = tiny_bert_config("BertModel");
+    let dir = temp_dir("bert");
+    let parsed: BertConfig = serde_json::from_value(config.clone())?;
+    let shapes: Vec<(String, Vec<usize>)> = Bert::new(&parsed, "", DType::F32, &Device::Cpu, 0)?
+        .parameters()
+        .iter()
+        .map(|p| (p.name.clone(), p.var.dims().to_vec()))
+        .collect();
+    write_folder(&dir, &config, &seeded_tensors(&shapes, 11)?)?;
+
+    let (ids, types, mask) = bert_batch()?;
+    let cfg: reference::Config = serde_json::from_value(config)?;
+    let expected =
+        reference::BertModel::load(reference_weights(&dir)?, &cfg)?.forward(&ids, &types, Some(&mask))?;
+    let model = Bert::from_pretrained(&dir, DType::F32, &Device::Cpu)?;
+    let ours = model.forward(&ids, Some(&types), &mask, &mut Rng::seeded(0), false)?;
+    let error = relative_error(&ours, &expected)?;
+    assert!(error <= TOLERANCE, "relative error {error:e}");
+
+    let saved = dir.with_extension("saved");
+    model.save_pretrained(&saved)?;
+    check_same_folder(&dir, &saved)?;
+    let reloaded = Bert::from_pretrained(&saved, DType::F32, &Device::Cpu)?;
+    let again = reloaded.forward(&ids, Some(&types), &mask, &mut Rng::seeded(0), false)?;
+    assert_eq!(again.flatten_all()?.to_vec1::<f32>()?, ours.flatten_all()?.to_vec1::<f32>()?);
+    std::fs::remove_dir_all(&dir)?;
+    std::fs::remove_dir_all(&saved)?;
+    Ok(())
+}
+
+#[test]
+fn bert_sequence_classifier_equals_candle_transformers_with_its_head() -> anyhow::Result<()> {
+    use candle_fit::train::models::{Bert, BertClassifier, BertConfig, Pooling};
+    use candle_nn::Module;
+    use candle_transformers::models::bert as reference;
+    let mut config = tiny_bert_config("BertForSequenceClassification");
+    config["id2label"] = json!({"0": "negative", "1": "neutral", "2": "positive"});
+    config["label2id"] = json!({"negative": 0, "neutral": 1, "positive": 2});
+    let dir = temp_dir("bert-classifier");
+    let parsed: BertConfig = serde_json::from_value(config.clone())?;
+    let encoder = Bert::new(&parsed, "bert.", DType::F32, &Device::Cpu, 0)?;
+    let shapes: Vec<(String, Vec<usize>)> = BertClassifier::with_pooling(encoder, 3, Pooling::ClsPooler, 0)?
+        .parameters()
+        .iter()
+        .map(|p| (p.name.clone(), p.var.dims().to_vec()))
+        .collect();
+    write_folder(&dir, &config, &seeded_tensors(&shapes, 13)?)?;
+
+    // candle-transformers has the encoder; the head is `BertForSequenceClassification`'s:
+    // tanh(pooler.dense(CLS)), then `classifier`.
+    let (ids, types, mask) = bert_batch()?;
+    let cfg: reference::Config = serde_json::from_value(config)?;
+    let vb = reference_weights(&dir)?;
+    let hidden = reference::BertModel::load(vb.clone(), &cfg)?.forward(&ids, &types, Some(&mask))?;
+    let pooler = candle_nn::linear(16, 16, vb.pp("bert.pooler.dense"))?;
+    let classifier = candle_nn::linear(16, 3, vb.pp("classifier"))?;
+    let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+    let expected = classifier.forward(&pooler.forward(&cls)?.tanh()?)?;
+    let (model, labels) = BertClassifier::from_pretrained(&dir, DType::F32, &Device::Cpu)?;
+    assert_eq!(labels, ["negative", "neutral", "positive"]);
+    let ours = model.logits(&ids, &types, &mask)?;
+    let error = relative_error(&ours, &expected)?;
+    assert!(error <= TOLERANCE, "relative error {error:e}");
+
+    let saved = dir.with_extension("saved");
+    model.save_pretrained(&saved, &labels)?;
+    check_same_folder(&dir, &saved)?;
+    let (reloaded, _) = BertClassifier::from_pretrained(&saved, DType::F32, &Device::Cpu)?;
+    let again = reloaded.logits(&ids, &types, &mask)?;
+    assert_eq!(again.flatten_all()?.to_vec1::<f32>()?, ours.flatten_all()?.to_vec1::<f32>()?);
+    std::fs::remove_dir_all(&dir)?;
+    std::fs::remove_dir_all(&saved)?;
+    Ok(())
+}
+
+#[test]
+fn bert_with_relative_positions_or_another_activation_is_refused() -> anyhow::Result<()> {
+    use candle_fit::train::models::BertConfig;
+    for (field, value) in [("position_embedding_type", "relative_key"), ("hidden_act", "gelu_new")] {
+        let mut config = tiny_bert_config("BertModel");
+        config[field] = json!(value);
+        let dir = temp_dir(&format!("bert-{field}"));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("config.json"), config.to_string())?;
+        let message = BertConfig::from_json_file(&dir.join("config.json")).expect_err("refused").to_string();
+        assert!(message.contains(field) && message.contains(value), "{message}");
+        std::fs::remove_dir_all(&dir)?;
+    }
+    Ok(())
+}
