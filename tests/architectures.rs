@@ -527,3 +527,115 @@ fn bert_with_relative_positions_or_another_activation_is_refused() -> anyhow::Re
     }
     Ok(())
 }
+
+/// A tiny GPT-2 config as `transformers` writes it: vocabulary 32, context 16, width 16, 2
+/// layers of 4 heads.
+fn tiny_gpt2_config() -> Value {
+    json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": 32,
+        "n_positions": 16,
+        "n_ctx": 16,
+        "n_embd": 16,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_inner": null,
+        "activation_function": "gelu_new",
+        "resid_pdrop": 0.1,
+        "embd_pdrop": 0.1,
+        "attn_pdrop": 0.1,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "bos_token_id": 30,
+        "eos_token_id": 30,
+    })
+}
+
+/// GPT-2's logits from the folder's tensors through candle-nn layers, written out op by op as
+/// `transformers`' `GPT2LMHeadModel` computes them (`Conv1D` weights `[in, out]`, the tanh
+/// GELU, a causal mask, the head tied to `wte`). candle-transformers has no GPT-2: its
+/// `bigcode` (GPT-BigCode) reshapes the fused projection of multi-head attention by the width
+/// instead of the head count, so it only runs multi-query models, and `metavoice`'s GPT is not
+/// causal.
+fn gpt2_reference(dir: &Path, config: &Value, tokens: &[u32]) -> anyhow::Result<Tensor> {
+    use candle_nn::Module;
+    let vb = reference_weights(dir)?.pp("transformer");
+    let (c, heads, layers) = (16, 4, 2);
+    let eps = config["layer_norm_epsilon"].as_f64().unwrap_or(1e-5);
+    let t = tokens.len();
+    let conv1d = |vb: VarBuilder, inp: usize, out: usize| -> candle::Result<candle_nn::Linear> {
+        Ok(candle_nn::Linear::new(vb.get((inp, out), "weight")?.t()?, Some(vb.get(out, "bias")?)))
+    };
+    let wte = vb.get((32, c), "wte.weight")?;
+    let positions = Tensor::arange(0u32, t as u32, &Device::Cpu)?;
+    let mut h = (candle_nn::Embedding::new(wte.clone(), c).forward(&ids(tokens)?)?
+        + candle_nn::Embedding::new(vb.get((16, c), "wpe.weight")?, c).forward(&positions)?.unsqueeze(0)?)?;
+    let mask: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu)?;
+    for i in 0..layers {
+        let vb = vb.pp(format!("h.{i}"));
+        let x = candle_nn::layer_norm(c, eps, vb.pp("ln_1"))?.forward(&h)?;
+        let qkv = conv1d(vb.pp("attn.c_attn"), c, 3 * c)?.forward(&x)?;
+        let head = |j: usize| qkv.narrow(2, j * c, c)?.reshape((1, t, heads, c / heads))?.transpose(1, 2);
+        let (q, k, v) = (head(0)?.contiguous()?, head(1)?.contiguous()?, head(2)?.contiguous()?);
+        let scores = (q.matmul(&k.t()?)? / ((c / heads) as f64).sqrt())?.broadcast_add(&mask)?;
+        let y = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?.transpose(1, 2)?.reshape((1, t, c))?;
+        h = (h + conv1d(vb.pp("attn.c_proj"), c, c)?.forward(&y)?)?;
+        let x = candle_nn::layer_norm(c, eps, vb.pp("ln_2"))?.forward(&h)?;
+        let x = conv1d(vb.pp("mlp.c_fc"), c, 4 * c)?.forward(&x)?.gelu()?;
+        h = (h + conv1d(vb.pp("mlp.c_proj"), 4 * c, c)?.forward(&x)?)?;
+    }
+    let h = candle_nn::layer_norm(c, eps, vb.pp("ln_f"))?.forward(&h)?;
+    Ok(h.squeeze(0)?.matmul(&wte.t()?)?)
+}
+
+#[test]
+fn gpt2_equals_the_reference_and_round_trips_with_its_names() -> anyhow::Result<()> {
+    use candle_fit::train::models::{gpt2_config, Gpt, GPT2_PREFIX};
+    let config = tiny_gpt2_config();
+    let shapes: Vec<(String, Vec<usize>)> = Gpt::new(gpt2_config(&config)?, DType::F32, &Device::Cpu, 0)?
+        .parameters()
+        .iter()
+        .map(|p| (format!("{GPT2_PREFIX}{}", p.name), p.var.dims().to_vec()))
+        .collect();
+    let mut tensors = seeded_tensors(&shapes, 17)?;
+    // The causal-mask buffer old checkpoints carry is ignored.
+    tensors
+        .insert("transformer.h.0.attn.bias".into(), Tensor::ones((1, 1, 16, 16), DType::F32, &Device::Cpu)?);
+    let dir = temp_dir("gpt2");
+    write_folder(&dir, &config, &tensors)?;
+    let tokens = &TOKENS[..7];
+    let expected = gpt2_reference(&dir, &config, tokens)?;
+    let model = Gpt::from_pretrained(&dir, DType::F32, &Device::Cpu)?;
+    assert_eq!(model.parameters().iter().next().map(|p| p.name.as_str()), Some("transformer.wte.weight"));
+    let ours = model.logits(&ids(tokens)?)?.squeeze(0)?;
+    let error = relative_error(&ours, &expected)?;
+    assert!(error <= TOLERANCE, "relative error {error:e}");
+
+    let saved = dir.with_extension("saved");
+    model.save_pretrained(&saved)?;
+    std::fs::remove_file(dir.join("model.safetensors"))?;
+    tensors.remove("transformer.h.0.attn.bias");
+    candle::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    check_same_folder(&dir, &saved)?;
+    let reloaded = Gpt::from_pretrained(&saved, DType::F32, &Device::Cpu)?;
+    let again = reloaded.logits(&ids(tokens)?)?.squeeze(0)?;
+    assert_eq!(again.flatten_all()?.to_vec1::<f32>()?, ours.flatten_all()?.to_vec1::<f32>()?);
+
+    for (field, value, shown) in [
+        ("activation_function", json!("relu"), "relu"),
+        ("n_inner", json!(40), "40"),
+        ("attn_pdrop", json!(0.0), "attn_pdrop"),
+        ("scale_attn_by_inverse_layer_idx", json!(true), "true"),
+    ] {
+        let mut bad = config.clone();
+        bad[field] = value;
+        std::fs::write(dir.join("config.json"), bad.to_string())?;
+        let message = Gpt::from_pretrained(&dir, DType::F32, &Device::Cpu).expect_err("refused").to_string();
+        assert!(message.contains(field) && message.contains(shown), "{message}");
+    }
+    std::fs::remove_dir_all(&dir)?;
+    std::fs::remove_dir_all(&saved)?;
+    Ok(())
+}
