@@ -2,7 +2,9 @@
 //! (`AutoModelForCausalLM`, `AutoModelForSequenceClassification`, `AutoTokenizer`) and this
 //! crate load it back.
 //!
-//! A LLaMA folder holds `config.json` (`LlamaForCausalLM`), `model.safetensors`,
+//! A LLaMA-family folder holds `config.json` (`LlamaForCausalLM`, `MistralForCausalLM`,
+//! `Qwen2ForCausalLM` or `Qwen3ForCausalLM`, with every field of the config it was loaded
+//! from), `model.safetensors`,
 //! `tokenizer.json`, `tokenizer_config.json` (special tokens, chat template) and
 //! `generation_config.json` (bos/eos/pad ids). A classifier folder holds `config.json`
 //! (`BertForSequenceClassification`, `num_labels`, `id2label`, `label2id`),
