@@ -311,6 +311,10 @@ struct GenerateArgs {
     /// Re-run the whole sequence for every token instead of using the key/value cache.
     #[arg(long)]
     no_cache: bool,
+    /// Print to stderr, at the end, the prompt's processing and the decoding speed in tokens/s
+    /// (the prompt's forward up to the first new token; then one forward per later token).
+    #[arg(long)]
+    timings: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -1578,7 +1582,10 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let (mut tokens, mut printed) = (Vec::new(), String::new());
     let mut stdout = std::io::stdout();
     let stream_error = |e: String| candle_fit::train::Error::config("generate", e);
-    generate(&model, &prompt, &config, |token| {
+    let start = std::time::Instant::now();
+    let mut first_token: Option<std::time::Instant> = None;
+    let generated = generate(&model, &prompt, &config, |token| {
+        first_token.get_or_insert_with(std::time::Instant::now);
         if config.stop_tokens.contains(&token) {
             return Ok(());
         }
@@ -1591,12 +1598,24 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })?;
+    let end = std::time::Instant::now();
     // Whatever streaming held back (a decoding that rewrote earlier text, a final partial
     // character) comes out at the end.
     let text = tokenizer.decode(&tokens)?;
     match text.strip_prefix(printed.as_str()) {
         Some(rest) => println!("{rest}"),
         None => println!("\n{text}"),
+    }
+    if let (true, Some(first)) = (args.timings, first_token) {
+        let prompt_s = (first - start).as_secs_f64();
+        let decoded = generated.len().saturating_sub(1);
+        let decode_s = (end - first).as_secs_f64();
+        eprintln!(
+            "prompt: {} tokens in {prompt_s:.3} s ({:.1} tokens/s); decode: {decoded} tokens in {decode_s:.3} s ({:.1} tokens/s)",
+            prompt.len(),
+            prompt.len() as f64 / prompt_s,
+            decoded as f64 / decode_s.max(f64::MIN_POSITIVE),
+        );
     }
     Ok(())
 }
