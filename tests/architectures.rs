@@ -344,6 +344,12 @@ fn unsupported_architectures_and_options_are_refused_naming_field_and_value() ->
         ),
         ("mlp-bias", with(llama.clone(), json!({"mlp_bias": true})), "mlp_bias", "true"),
         ("head-dim", with(llama.clone(), json!({"head_dim": 5})), "head_dim", "5"),
+        (
+            "mismatch",
+            with(llama.clone(), json!({"architectures": ["LlamaForCausalLM"], "model_type": "qwen2"})),
+            "architectures",
+            "qwen2",
+        ),
     ];
     for (name, config, field, value) in cases {
         let message = load_error(name, &config);
@@ -352,6 +358,25 @@ fn unsupported_architectures_and_options_are_refused_naming_field_and_value() ->
             "{name}: {message}"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn a_tensor_the_config_has_no_parameter_for_is_refused_by_name() -> anyhow::Result<()> {
+    // Qwen2 weights (with q/k/v biases) under a LLaMA config would lose their biases silently.
+    let qwen = with(
+        tiny_config("qwen2", "Qwen2ForCausalLM"),
+        json!({"sliding_window": 32, "max_window_layers": 2, "use_sliding_window": false}),
+    );
+    let dir = llama_family_folder("stray", &qwen)?;
+    std::fs::write(dir.join("config.json"), tiny_config("llama", "LlamaForCausalLM").to_string())?;
+    let message =
+        format!("{:#}", Llama::from_pretrained(&dir, DType::F32, &Device::Cpu).expect_err("refused"));
+    assert!(
+        message.contains("self_attn.") && message.contains(".bias") && message.contains("llama"),
+        "{message}"
+    );
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
@@ -635,6 +660,12 @@ fn gpt2_equals_the_reference_and_round_trips_with_its_names() -> anyhow::Result<
         let message = Gpt::from_pretrained(&dir, DType::F32, &Device::Cpu).expect_err("refused").to_string();
         assert!(message.contains(field) && message.contains(shown), "{message}");
     }
+    // A tensor no GPT-2 parameter takes is refused by name, not dropped.
+    std::fs::write(dir.join("config.json"), config.to_string())?;
+    tensors.insert("transformer.h.1.ln_3.weight".into(), Tensor::ones(16, DType::F32, &Device::Cpu)?);
+    candle::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    let message = Gpt::from_pretrained(&dir, DType::F32, &Device::Cpu).expect_err("refused").to_string();
+    assert!(message.contains("transformer.h.1.ln_3.weight"), "{message}");
     std::fs::remove_dir_all(&dir)?;
     std::fs::remove_dir_all(&saved)?;
     Ok(())

@@ -132,8 +132,23 @@ impl Gpt {
                 });
             }
         }
+        let mut names: Vec<String> = tensors.keys().cloned().collect();
+        names.sort();
         let mut model =
             Self::build(config, ParamBuilder::from_values(dtype, device.clone(), tensors), prefix)?;
+        let known: std::collections::HashSet<&str> =
+            model.parameters().iter().map(|p| p.name.as_str()).collect();
+        // The attention-mask buffers and the (checked) tied head carry no parameter.
+        let ignorable = |name: &str| {
+            name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name == "lm_head.weight"
+        };
+        if let Some(unused) = names.iter().find(|n| !known.contains(n.as_str()) && !ignorable(n)) {
+            return Err(crate::Error::StateMismatch {
+                name: unused.clone(),
+                expected: "no such tensor: a GPT-2 model has no parameter of this name".into(),
+                found: format!("a tensor in {}", path.display()),
+            });
+        }
         let config = value.as_object().cloned().unwrap_or_default();
         model.source = Some(Gpt2Source { prefix: prefix.to_string(), config });
         Ok(model)

@@ -440,6 +440,18 @@ impl LlamaConfig {
             ));
         }
         self.llama3_rope_scaling()?;
+        let architecture =
+            self.extra.get("architectures").and_then(|a| a.get(0)).and_then(serde_json::Value::as_str);
+        if let Some(architecture) = architecture.filter(|a| *a != self.model_type.architecture()) {
+            return Err(crate::Error::config(
+                "architectures",
+                format!(
+                    "`{architecture}` does not match model_type `{}` (expected `{}`)",
+                    self.model_type.model_type(),
+                    self.model_type.architecture()
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -612,7 +624,26 @@ impl Llama {
         let bytes = crate::io::read_bounded(path, crate::io::MAX_STATE_BYTES)?;
         let tensors = candle::safetensors::load_buffer(&bytes, device)
             .map_err(|e| crate::Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })?;
-        Self::from_tensors(config, tensors, dtype, device)
+        let mut names: Vec<String> = tensors.keys().cloned().collect();
+        names.sort();
+        let model = Self::from_tensors(config, tensors, dtype, device)?;
+        // A tensor the config gives no parameter for (a bias with `attention_bias` unset, a
+        // head norm under the wrong `model_type`) would be silently dropped: refuse it.
+        let known: std::collections::HashSet<&str> = model.params.iter().map(|p| p.name.as_str()).collect();
+        let ignorable = |name: &str| {
+            name.ends_with(".rotary_emb.inv_freq") || (name == "lm_head.weight" && config.tie_word_embeddings)
+        };
+        if let Some(unused) = names.iter().find(|n| !known.contains(n.as_str()) && !ignorable(n)) {
+            return Err(crate::Error::StateMismatch {
+                name: unused.clone(),
+                expected: format!(
+                    "no such tensor: config.json (model_type `{}`) describes no parameter of this name",
+                    config.model_type.model_type()
+                ),
+                found: format!("a tensor in {}", path.display()),
+            });
+        }
+        Ok(model)
     }
 
     /// A model saved by [`Llama::save_pretrained`] (or any Hugging Face LLaMA directory with a
