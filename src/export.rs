@@ -2,7 +2,9 @@
 //! (`AutoModelForCausalLM`, `AutoModelForSequenceClassification`, `AutoTokenizer`) and this
 //! crate load it back.
 //!
-//! A LLaMA folder holds `config.json` (`LlamaForCausalLM`), `model.safetensors`,
+//! A LLaMA-family folder holds `config.json` (`LlamaForCausalLM`, `MistralForCausalLM`,
+//! `Qwen2ForCausalLM` or `Qwen3ForCausalLM`, with every field of the config it was loaded
+//! from), `model.safetensors`,
 //! `tokenizer.json`, `tokenizer_config.json` (special tokens, chat template) and
 //! `generation_config.json` (bos/eos/pad ids). A classifier folder holds `config.json`
 //! (`BertForSequenceClassification`, `num_labels`, `id2label`, `label2id`),
@@ -13,7 +15,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle::{DType, Device};
-use candle_train::models::{BertClassifier, Llama};
+use candle_train::models::{BertClassifier, Llama, LlamaConfig};
 use serde_json::json;
 
 use crate::gguf_tokenizer::LmTokenizer;
@@ -23,7 +25,8 @@ use crate::gguf_tokenizer::LmTokenizer;
 pub const BERT_TOKENIZER_FILES: [&str; 4] =
     ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"];
 
-/// Writes `model` and `tokenizer` as a Hugging Face LLaMA folder in `dir` (created).
+/// Writes `model` and `tokenizer` as a Hugging Face folder of its family (LLaMA, Mistral,
+/// Qwen2, Qwen3) in `dir` (created).
 ///
 /// # Errors
 /// When a file cannot be written, naming it.
@@ -47,14 +50,19 @@ pub fn generation_config(tokenizer: &LmTokenizer) -> serde_json::Value {
     })
 }
 
-/// A LLaMA folder (as [`save_llama`] writes it) in `dtype` on `device`, with its tokenizer.
+/// A LLaMA-family folder (as [`save_llama`] or `transformers` writes it) in `dtype` on
+/// `device`, with its tokenizer.
 ///
 /// # Errors
 /// When `config.json`, `model.safetensors`, `tokenizer.json` or `tokenizer_config.json` does not
 /// load, naming the file (and the field where one is at fault).
 pub fn load_llama(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<(Llama, LmTokenizer)> {
-    let model = Llama::from_pretrained(dir, dtype, device)
-        .with_context(|| format!("loading the LLaMA model in {}", dir.display()))?;
+    let config_path = dir.join("config.json");
+    let config =
+        LlamaConfig::from_json_file(&config_path).with_context(|| format!("{}", config_path.display()))?;
+    let weights = dir.join("model.safetensors");
+    let model = Llama::from_safetensors(&config, &weights, dtype, device)
+        .with_context(|| format!("loading the LLaMA-family model from {}", weights.display()))?;
     let tokenizer = LmTokenizer::from_files(&dir.join("tokenizer.json"), &dir.join("tokenizer_config.json"))?;
     Ok((model, tokenizer))
 }

@@ -517,12 +517,12 @@ pub fn run(options: &FinetuneOptions) -> anyhow::Result<FinetuneOutcome> {
     let (model, tokenizer) = match load_model(&options.model, dtype, &device)? {
         LoadedModel::CausalLm { model, tokenizer } => (model, tokenizer),
         other => anyhow::bail!(
-            "--model {}: a {} is not a causal language model; finetune trains LlamaForCausalLM",
+            "--model {}: a {} is not a causal language model; finetune trains the LLaMA family (LLaMA, Mistral, Qwen2, Qwen3)",
             options.model,
             other.architecture()
         ),
     };
-    let context = model.config().max_position_embeddings;
+    let context = model.config().max_sequence_len();
     anyhow::ensure!(
         options.seq_len <= context,
         "invalid `--seq-len`: {} is longer than the model's context ({context})",

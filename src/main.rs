@@ -47,7 +47,8 @@ enum Command {
     /// `candle-fit eval --model DIR|FILE.gguf|smollm2 --data FILE.jsonl`.
     Eval(EvalArgs),
     /// Continue a prompt with a causal language model, streaming the text to stdout:
-    /// `candle-fit generate --model DIR|FILE.gguf|smollm2 --prompt TEXT`.
+    /// `candle-fit generate --model DIR|FILE.gguf|smollm2 --prompt TEXT` (or `--messages
+    /// FILE.json`, a chat through the tokenizer's chat template).
     Generate(GenerateArgs),
     /// Fine-tune a LLaMA-family language model (fully or with LoRA) on a JSONL file and write a
     /// Hugging Face folder: `candle-fit finetune --model smollm2 --data train.jsonl --out DIR`.
@@ -57,8 +58,8 @@ enum Command {
 #[derive(clap::Args, Debug)]
 #[command(allow_negative_numbers = true)]
 struct FinetuneArgs {
-    /// A model folder (LlamaForCausalLM), a .gguf file, or a packaged model's short name
-    /// (smollm2).
+    /// A model folder (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
+    /// Qwen3ForCausalLM), a .gguf file, or a packaged model's short name (smollm2).
     #[arg(long)]
     model: String,
     /// Training records, JSONL: {"text"}, {"prompt","completion"} (loss on the completion) or
@@ -291,12 +292,17 @@ struct GenerateArgs {
     #[arg(long)]
     model: String,
     /// The text to continue.
-    #[arg(long)]
-    prompt: String,
+    #[arg(long, required_unless_present = "messages", conflicts_with = "messages")]
+    prompt: Option<String>,
     /// Send the prompt as one user message through the tokenizer's chat template (with the
     /// assistant's opening appended).
     #[arg(long)]
     chat: bool,
+    /// A JSON file of chat messages, `[{"role": "system"|"user"|"assistant", "content": ...}]`
+    /// (or `{"messages": [...]}`), rendered through the tokenizer's chat template with the
+    /// assistant's opening appended, as `--chat` renders `--prompt`.
+    #[arg(long, value_name = "FILE")]
+    messages: Option<std::path::PathBuf>,
     /// The most tokens to generate.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
@@ -315,6 +321,10 @@ struct GenerateArgs {
     /// Re-run the whole sequence for every token instead of using the key/value cache.
     #[arg(long)]
     no_cache: bool,
+    /// Print to stderr, at the end, the prompt's processing and the decoding speed in tokens/s
+    /// (the prompt's forward up to the first new token; then one forward per later token).
+    #[arg(long)]
+    timings: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -1548,24 +1558,34 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     use candle_fit::train::generate::{generate, GenerationConfig, Sampling};
     use std::io::Write;
+    // The conversation is read before the model loads, so a bad file is reported at once.
+    let conversation = match (&args.messages, &args.prompt) {
+        (Some(path), _) => Some(candle_fit::datasets::read_messages(path).context("--messages")?),
+        (None, Some(prompt)) if args.chat => {
+            Some(vec![candle_fit::datasets::Message { role: "user".into(), content: prompt.clone() }])
+        }
+        _ => None,
+    };
     let device = candle::Device::Cpu;
     let loaded = candle_fit::model_source::load_model(&args.model, candle::DType::F32, &device)?;
     let candle_fit::model_source::LoadedModel::CausalLm { model, tokenizer } = loaded else {
         anyhow::bail!("--model {}: a classifier does not generate text", args.model);
     };
-    let text = if args.chat {
-        let source =
-            tokenizer.chat_template().context("--chat: the model's tokenizer has no chat template")?;
-        let token = |id: Option<u32>| id.and_then(|id| tokenizer.token(id)).unwrap_or_default();
-        let template = candle_fit::datasets::ChatTemplate::new(
-            source,
-            &token(tokenizer.bos_id()),
-            &token(tokenizer.eos_id()),
-        )?;
-        let message = candle_fit::datasets::Message { role: "user".into(), content: args.prompt.clone() };
-        template.render(&[message], true)?
-    } else {
-        args.prompt.clone()
+    let text = match conversation {
+        Some(messages) => {
+            let flag = if args.messages.is_some() { "--messages" } else { "--chat" };
+            let source = tokenizer
+                .chat_template()
+                .with_context(|| format!("{flag}: the model's tokenizer has no chat template"))?;
+            let token = |id: Option<u32>| id.and_then(|id| tokenizer.token(id)).unwrap_or_default();
+            let template = candle_fit::datasets::ChatTemplate::new(
+                source,
+                &token(tokenizer.bos_id()),
+                &token(tokenizer.eos_id()),
+            )?;
+            template.render(&messages, true)?
+        }
+        None => args.prompt.clone().unwrap_or_default(),
     };
     let prompt = tokenizer.encode(&text)?;
     let sampling = if args.temperature == 0.0 {
@@ -1585,7 +1605,10 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let (mut tokens, mut printed) = (Vec::new(), String::new());
     let mut stdout = std::io::stdout();
     let stream_error = |e: String| candle_fit::train::Error::config("generate", e);
-    generate(&model, &prompt, &config, |token| {
+    let start = std::time::Instant::now();
+    let mut first_token: Option<std::time::Instant> = None;
+    let generated = generate(&model, &prompt, &config, |token| {
+        first_token.get_or_insert_with(std::time::Instant::now);
         if config.stop_tokens.contains(&token) {
             return Ok(());
         }
@@ -1598,12 +1621,24 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })?;
+    let end = std::time::Instant::now();
     // Whatever streaming held back (a decoding that rewrote earlier text, a final partial
     // character) comes out at the end.
     let text = tokenizer.decode(&tokens)?;
     match text.strip_prefix(printed.as_str()) {
         Some(rest) => println!("{rest}"),
         None => println!("\n{text}"),
+    }
+    if let (true, Some(first)) = (args.timings, first_token) {
+        let prompt_s = (first - start).as_secs_f64();
+        let decoded = generated.len().saturating_sub(1);
+        let decode_s = (end - first).as_secs_f64();
+        eprintln!(
+            "prompt: {} tokens in {prompt_s:.3} s ({:.1} tokens/s); decode: {decoded} tokens in {decode_s:.3} s ({:.1} tokens/s)",
+            prompt.len(),
+            prompt.len() as f64 / prompt_s,
+            decoded as f64 / decode_s.max(f64::MIN_POSITIVE),
+        );
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle::{DType, Device};
-use candle_train::models::{BertClassifier, GgufFile, Llama};
+use candle_train::models::{BertClassifier, DecoderFamily, GgufFile, Llama};
 
 use crate::gguf_tokenizer::LmTokenizer;
 use crate::pretrained::{SmolLm2Files, TextEncoder};
@@ -22,7 +22,8 @@ const CLASSIFIER_MAX_LEN: usize = 512;
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum LoadedModel {
-    /// A causal language model (`LlamaForCausalLM`).
+    /// A causal language model of the LLaMA family (`LlamaForCausalLM`,
+    /// `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`).
     CausalLm {
         /// The model.
         model: Llama,
@@ -44,7 +45,7 @@ impl LoadedModel {
     /// The architecture's Hugging Face class name.
     pub fn architecture(&self) -> &'static str {
         match self {
-            LoadedModel::CausalLm { .. } => "LlamaForCausalLM",
+            LoadedModel::CausalLm { model, .. } => model.config().model_type.architecture(),
             LoadedModel::Classifier { .. } => "BertForSequenceClassification",
         }
     }
@@ -102,8 +103,12 @@ fn load_folder(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Load
     let architecture =
         config.get("architectures").and_then(|a| a.get(0)).and_then(|a| a.as_str()).map(str::to_string);
     let model_type = config.get("model_type").and_then(|t| t.as_str()).unwrap_or("");
+    let family = match architecture.as_deref() {
+        Some(name) => DecoderFamily::from_architecture(name),
+        None => DecoderFamily::from_model_type(model_type),
+    };
     match (architecture.as_deref(), model_type) {
-        (Some("LlamaForCausalLM"), _) | (None, "llama") => {
+        _ if family.is_some() => {
             let (model, tokenizer) = crate::export::load_llama(dir, dtype, device)?;
             Ok(LoadedModel::CausalLm { model, tokenizer })
         }
@@ -115,9 +120,10 @@ fn load_folder(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Load
         }
         (architecture, model_type) => anyhow::bail!(
             "{}: field `architectures` = {:?} (model_type `{model_type}`) is not supported; \
-             supported: LlamaForCausalLM, BertForSequenceClassification",
+             supported: {}, BertForSequenceClassification",
             config_path.display(),
-            architecture.unwrap_or("(missing)")
+            architecture.unwrap_or("(missing)"),
+            DecoderFamily::ALL.map(DecoderFamily::architecture).join(", ")
         ),
     }
 }

@@ -136,14 +136,14 @@ fn bad_model_paths_are_one_clear_line() -> anyhow::Result<()> {
     assert!(stderr.contains("no-such-model") && stderr.contains("smollm2"), "{stderr}");
     std::fs::write(
         dir.join("config.json"),
-        "{\"architectures\": [\"MistralForCausalLM\"], \"model_type\": \"mistral\"}",
+        "{\"architectures\": [\"PhiForCausalLM\"], \"model_type\": \"phi\"}",
     )?;
     let (code, _, stderr) = run(&["eval", "--model", dir.to_str().unwrap_or_default(), "--data", data_arg])?;
     assert_eq!(code, 2);
     assert!(
         stderr.contains("config.json")
             && stderr.contains("architectures")
-            && stderr.contains("MistralForCausalLM"),
+            && stderr.contains("PhiForCausalLM"),
         "{stderr}"
     );
     std::fs::remove_dir_all(&dir)?;
@@ -176,6 +176,68 @@ fn generate_streams_the_librarys_tokens_with_and_without_the_cache() -> anyhow::
     let (code, _, stderr) = run(&[&args[..], &["--temperature", "1", "--top-p", "2"]].concat())?;
     assert_eq!(code, 2);
     assert!(stderr.contains("top_p"), "{stderr}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn generate_renders_a_messages_file_through_the_chat_template() -> anyhow::Result<()> {
+    use candle_fit::datasets::{ChatTemplate, Message};
+    let dir = temp_dir("messages");
+    let model = llama_folder(&dir)?;
+    let tokenizer = tiny_tokenizer()?;
+    let conversation = [("system", "bad"), ("user", "abc"), ("assistant", "ed"), ("user", "fed")];
+    let messages: Vec<Message> = conversation
+        .iter()
+        .map(|(role, content)| Message { role: (*role).into(), content: (*content).into() })
+        .collect();
+    let file = dir.join("chat.json");
+    std::fs::write(&file, serde_json::to_string(&messages)?)?;
+    // The library's tokens for the rendered conversation, with the assistant's opening.
+    let template = ChatTemplate::new(common::TEMPLATE, "<|im_start|>", "<|im_end|>")?;
+    let rendered = template.render(&messages, true)?;
+    assert!(rendered.ends_with("<|im_start|>assistant\n"), "{rendered}");
+    let config = GenerationConfig { max_new_tokens: 5, stop_tokens: vec![22], ..GenerationConfig::default() };
+    let tokens = generate(&model, &tokenizer.encode(&rendered)?, &config, |_| Ok(()))?;
+    let kept: Vec<u32> = tokens.into_iter().filter(|&t| t != 22).collect();
+    let expected = tokenizer.decode(&kept)?;
+    let (dir_arg, file_arg) = (dir.to_str().unwrap_or_default(), file.to_str().unwrap_or_default());
+    let args = ["generate", "--model", dir_arg, "--messages", file_arg, "--max-new-tokens", "5"];
+    let (code, stdout, stderr) = run(&args)?;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim_end_matches('\n'), expected);
+    // `{"messages": [...]}` reads the same; one user message is `--chat --prompt`.
+    std::fs::write(&file, serde_json::json!({ "messages": messages }).to_string())?;
+    assert_eq!(run(&args)?.1, stdout);
+    std::fs::write(&file, r#"[{"role": "user", "content": "abc"}]"#)?;
+    let (code, single, stderr) = run(&args)?;
+    assert_eq!(code, 0, "{stderr}");
+    let chat = ["generate", "--model", dir_arg, "--prompt", "abc", "--chat", "--max-new-tokens", "5"];
+    assert_eq!(run(&chat)?.1, single);
+
+    // A bad file is one line naming the file and the field.
+    for (content, field) in [
+        (r#"[{"role": "user", "content": "abc"}, {"role": "assistant"}]"#, "messages[1].content"),
+        (r#"[{"role": "user", "content": 3}]"#, "messages[0].content"),
+        (r#"[{"content": "abc"}]"#, "messages[0].role"),
+        (r#"[]"#, "empty"),
+        (r#"{"turns": []}"#, "messages"),
+        (r#"[{"role": "user""#, "not JSON"),
+    ] {
+        std::fs::write(&file, content)?;
+        let (code, _, stderr) = run(&args)?;
+        assert_eq!(code, 2, "{content}: {stderr}");
+        assert!(stderr.contains(file_arg) && stderr.contains(field), "{content}: {stderr}");
+    }
+    let missing = dir.join("absent.json");
+    let (code, _, stderr) =
+        run(&["generate", "--model", dir_arg, "--messages", missing.to_str().unwrap_or_default()])?;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("absent.json"), "{stderr}");
+    // `--prompt` and `--messages` are one or the other.
+    let (code, _, stderr) = run(&[&args[..], &["--prompt", "abc"]].concat())?;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--messages") && stderr.contains("--prompt"), "{stderr}");
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -164,12 +164,16 @@ fn tiny_batch(vocab: u32, batch: usize, t: usize, seed: u64) -> anyhow::Result<T
     Ok(TokenBatch { inputs: all.narrow(1, 0, t)?, targets: all.narrow(1, 1, t)? })
 }
 
-/// A random model whose norm weights are not all 1 (so their gradients are exercised too).
+/// A random model whose norm weights are not all 1 and biases not all 0 (so their gradients
+/// are exercised too).
 fn random_model(config: &LlamaConfig, dtype: DType, seed: u64) -> anyhow::Result<Llama> {
     let model = Llama::new(config, dtype, &Device::Cpu, seed)?;
     let mut rng = Rng::seeded(seed + 1);
-    for p in model.parameters().iter().filter(|p| p.name.ends_with("norm.weight")) {
-        let values: Vec<f64> = (0..p.var.elem_count()).map(|_| 1.0 + 0.3 * rng.normal_f64()).collect();
+    for p in
+        model.parameters().iter().filter(|p| p.name.ends_with("norm.weight") || p.name.ends_with(".bias"))
+    {
+        let base = if p.name.ends_with(".bias") { 0.0 } else { 1.0 };
+        let values: Vec<f64> = (0..p.var.elem_count()).map(|_| base + 0.3 * rng.normal_f64()).collect();
         p.var.set(&Tensor::from_vec(values, p.var.shape(), &Device::Cpu)?.to_dtype(dtype)?)?;
     }
     Ok(model)
@@ -188,11 +192,21 @@ fn set_element(var: &Var, index: usize, value: f64) -> candle::Result<()> {
 }
 
 /// Central differences in F64 (h = 1e-6) on 5 elements of every parameter must match the
-/// analytic gradient within 1e-6 (1 + |numeric|), for a tied and an untied head.
+/// analytic gradient within 1e-6 (1 + |numeric|), for a tied and an untied head, and for the
+/// family's variants: Qwen2's q/k/v biases, Qwen3's per-head q/k norms with biases on all four
+/// projections and a head dimension (6) that is not width / heads.
 #[test]
 fn tiny_llama_gradients_match_finite_differences() -> anyhow::Result<()> {
-    for tied in [false, true] {
-        let model = random_model(&tiny(tied), DType::F64, 3)?;
+    use candle_fit::train::models::DecoderFamily;
+    let qwen2 = LlamaConfig { model_type: DecoderFamily::Qwen2, ..tiny(false) };
+    let qwen3 = LlamaConfig {
+        model_type: DecoderFamily::Qwen3,
+        attention_bias: Some(true),
+        head_dim: Some(6),
+        ..tiny(true)
+    };
+    for config in [tiny(false), tiny(true), qwen2, qwen3] {
+        let model = random_model(&config, DType::F64, 3)?;
         let batch = tiny_batch(23, 2, 7, 4)?;
         let grads = whole_loss(&model, &batch)?.backward()?;
         for p in model.parameters().iter() {
@@ -213,7 +227,9 @@ fn tiny_llama_gradients_match_finite_differences() -> anyhow::Result<()> {
                 let error = (analytic[i] - numeric).abs();
                 assert!(
                     error <= 1e-6 * (1.0 + numeric.abs()),
-                    "tied={tied} d/d{}[{i}]: analytic {} vs numeric {numeric}",
+                    "{:?} tied={} d/d{}[{i}]: analytic {} vs numeric {numeric}",
+                    config.model_type,
+                    config.tie_word_embeddings,
                     p.name,
                     analytic[i]
                 );

@@ -23,7 +23,8 @@ mod tokenize;
 
 pub use chat::ChatTemplate;
 pub use records::{
-    read_records, read_records_from, Format, LabelMap, Message, Record, Records, MAX_DATA_FILE_BYTES,
+    read_messages, read_records, read_records_from, Format, LabelMap, Message, Record, Records,
+    MAX_DATA_FILE_BYTES,
 };
 pub use source::{ClassificationDataset, TokenDataset};
 pub use tokenize::{collate, encode_record, pack, Collated, Example, Tokenize, IGNORE_INDEX};

@@ -282,38 +282,68 @@ fn parse_record(
             },
         },
         Format::Chat => {
-            let messages = match object.get("messages") {
-                Some(Value::Array(m)) if !m.is_empty() => m,
-                Some(Value::Array(_)) => return Err("field `messages` is empty".into()),
-                Some(other) => return Err(format!("field `messages` must be an array, not {}", kind(other))),
+            let turns = match object.get("messages") {
+                Some(messages) => parse_messages(messages)?,
                 None => return Err("field `messages` is missing".into()),
             };
-            let mut turns = Vec::with_capacity(messages.len());
-            for (i, m) in messages.iter().enumerate() {
-                let Value::Object(m) = m else {
-                    return Err(format!("`messages[{i}]` must be an object, not {}", kind(m)));
-                };
-                let field = |key: &str| -> std::result::Result<String, String> {
-                    match m.get(key) {
-                        Some(Value::String(s)) => Ok(s.clone()),
-                        Some(other) => {
-                            Err(format!("`messages[{i}].{key}` must be a string, not {}", kind(other)))
-                        }
-                        None => Err(format!("`messages[{i}].{key}` is missing")),
-                    }
-                };
-                let role = field("role")?;
-                if role.is_empty() {
-                    return Err(format!("`messages[{i}].role` is empty"));
-                }
-                turns.push(Message { role, content: field("content")? });
-            }
             if !turns.iter().any(|m| m.role == "assistant") {
                 return Err("`messages` has no `assistant` turn: nothing to train on".into());
             }
             Record::Chat(turns)
         }
     })
+}
+
+/// The turns of a `messages` array (`[{"role", "content"}, ...]`, at least one, every role a
+/// non-empty string, every content a string).
+///
+/// # Errors
+/// A message naming the first bad element and field (`messages[1].content`).
+fn parse_messages(messages: &Value) -> std::result::Result<Vec<Message>, String> {
+    let messages = match messages {
+        Value::Array(m) if !m.is_empty() => m,
+        Value::Array(_) => return Err("field `messages` is empty".into()),
+        other => return Err(format!("field `messages` must be an array, not {}", kind(other))),
+    };
+    let mut turns = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let Value::Object(m) = m else {
+            return Err(format!("`messages[{i}]` must be an object, not {}", kind(m)));
+        };
+        let field = |key: &str| -> std::result::Result<String, String> {
+            match m.get(key) {
+                Some(Value::String(s)) => Ok(s.clone()),
+                Some(other) => Err(format!("`messages[{i}].{key}` must be a string, not {}", kind(other))),
+                None => Err(format!("`messages[{i}].{key}` is missing")),
+            }
+        };
+        let role = field("role")?;
+        if role.is_empty() {
+            return Err(format!("`messages[{i}].role` is empty"));
+        }
+        turns.push(Message { role, content: field("content")? });
+    }
+    Ok(turns)
+}
+
+/// The conversation in a JSON file, for `candle-fit generate --messages`: an array of chat
+/// messages `[{"role": "user", "content": "..."}, ...]`, or an object holding one under
+/// `messages` (a chat record of a training file). Read bounded, as data files are.
+///
+/// # Errors
+/// [`DataError::Io`] / [`DataError::File`] naming the file when it cannot be read, is not JSON,
+/// or a message is malformed (naming the element and field: `messages[1].content is missing`).
+pub fn read_messages(path: &Path) -> Result<Vec<Message>> {
+    let bytes = read_bounded(path)?;
+    let file_error = |reason: String| DataError::File { path: path.to_path_buf(), reason };
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| file_error(format!("not JSON: {e}")))?;
+    let messages = match &value {
+        Value::Object(object) => object.get("messages").ok_or_else(|| {
+            file_error("an object without field `messages` (expected [{\"role\", \"content\"}, ...])".into())
+        })?,
+        other => other,
+    };
+    parse_messages(messages).map_err(file_error)
 }
 
 fn read_csv(path: &Path, text: &str) -> Result<Vec<(usize, Record)>> {

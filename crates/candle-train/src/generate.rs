@@ -156,7 +156,8 @@ pub fn generate(
         return Err(crate::Error::config("prompt", "has no tokens"));
     }
     let device = model.device();
-    let max_positions = model.config().max_position_embeddings;
+    // The positions, or the attention window when shorter (longer sequences are refused).
+    let max_positions = model.config().max_sequence_len();
     let mut sampler = Sampler::new(config.sampling, config.seed);
     let mut cache = KvCache::new();
     let mut sequence = prompt.to_vec();

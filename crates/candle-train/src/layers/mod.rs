@@ -19,7 +19,7 @@ pub mod swiglu;
 pub use attention::{scaled_dot_product_attention, AttentionMask, CausalSelfAttention};
 pub use dropout::Dropout;
 pub use embedding::Embedding;
-pub use grouped_attention::GroupedQueryAttention;
+pub use grouped_attention::{AttentionOptions, GroupedQueryAttention};
 pub use layer_norm::LayerNorm;
 pub use linear::{Linear, WeightLayout};
 pub use loss::{

@@ -36,10 +36,32 @@ impl Rotary {
         if !(theta.is_finite() && theta > 0.0) {
             return Err(crate::Error::config("rope_theta", format!("{theta} is not a positive number")));
         }
-        let half = head_dim / 2;
         let base = theta as f32;
         let inv_freq: Vec<f32> =
             (0..head_dim).step_by(2).map(|i| 1f32 / base.powf(i as f32 / head_dim as f32)).collect();
+        Self::from_inverse_frequencies(&inv_freq, max_positions, device)
+    }
+
+    /// The tables for the inverse frequencies `inv_freq` (one per pair of dimensions: heads of
+    /// `2 * inv_freq.len()` dimensions), for positions up to `max_positions`: for frequencies
+    /// that a rope scaling rule has adjusted ([`llama3_inverse_frequencies`]). The angles are
+    /// computed in F32.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidConfig`] for no frequencies or zero `max_positions`; a Candle
+    /// error on allocation failure.
+    pub fn from_inverse_frequencies(
+        inv_freq: &[f32],
+        max_positions: usize,
+        device: &Device,
+    ) -> crate::Result<Self> {
+        if inv_freq.is_empty() {
+            return Err(crate::Error::config("head_dim", "0 is not a positive even number"));
+        }
+        if max_positions == 0 {
+            return Err(crate::Error::config("max_position_embeddings", "must be at least 1"));
+        }
+        let head_dim = 2 * inv_freq.len();
         let mut angles = Vec::with_capacity(max_positions * head_dim);
         for p in 0..max_positions {
             // Both halves of a head share the frequencies (`cat(freqs, freqs)` in HF).
@@ -47,7 +69,6 @@ impl Rotary {
                 angles.extend(inv_freq.iter().map(|f| p as f32 * f));
             }
         }
-        debug_assert_eq!(angles.len(), max_positions * 2 * half);
         let angles = Tensor::from_vec(angles, (max_positions, head_dim), device)?;
         Ok(Self { cos: angles.cos()?, sin: angles.sin()? })
     }
@@ -119,6 +140,41 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
     Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// The inverse frequencies of LLaMA 3.1's rope scaling (`rope_scaling.rope_type = "llama3"`):
+/// from the base frequencies `theta^(-2i/head_dim)`, wavelengths shorter than
+/// `original_max_positions / high_freq_factor` are kept, those longer than
+/// `original_max_positions / low_freq_factor` divided by `factor`, and those between
+/// interpolated smoothly, in F32 as `transformers`' `_compute_llama3_parameters` and
+/// candle-transformers compute them.
+pub fn llama3_inverse_frequencies(
+    head_dim: usize,
+    theta: f64,
+    factor: f32,
+    low_freq_factor: f32,
+    high_freq_factor: f32,
+    original_max_positions: usize,
+) -> Vec<f32> {
+    let base = theta as f32;
+    let old_context = original_max_positions as f32;
+    let low_freq_wavelen = old_context / low_freq_factor;
+    let high_freq_wavelen = old_context / high_freq_factor;
+    (0..head_dim)
+        .step_by(2)
+        .map(|i| 1f32 / base.powf(i as f32 / head_dim as f32))
+        .map(|freq| {
+            let wavelen = 2.0 * std::f32::consts::PI / freq;
+            if wavelen < high_freq_wavelen {
+                freq
+            } else if wavelen > low_freq_wavelen {
+                freq / factor
+            } else {
+                let smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                (1.0 - smooth) * freq / factor + smooth * freq
+            }
+        })
+        .collect()
 }
 
 /// Converts the rows of a query or key projection weight (`[heads * head_dim, in]`) from the

@@ -18,7 +18,8 @@ use crate::layers::{Dropout, Embedding, LayerNorm, Linear, WeightLayout};
 use crate::module::{Forward, ForwardContext, Module, ModuleBuilder};
 use crate::params::{ParamBuilder, Parameter, Parameters};
 
-/// The fields of a Hugging Face BERT `config.json` this model uses (others are ignored).
+/// The fields of a Hugging Face BERT `config.json` this model uses; every other field is kept
+/// in [`BertConfig::extra`] and written back by the exports.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BertConfig {
     /// Vocabulary size.
@@ -38,18 +39,28 @@ pub struct BertConfig {
     /// Layer-norm epsilon.
     pub layer_norm_eps: f64,
     /// Dropout on embeddings and residual branches.
-    #[serde(default)]
+    #[serde(default, serialize_with = "shortest_f32")]
     pub hidden_dropout_prob: f32,
     /// Dropout on attention probabilities.
-    #[serde(default)]
+    #[serde(default, serialize_with = "shortest_f32")]
     pub attention_probs_dropout_prob: f32,
     /// The activation; only `"gelu"` (exact erf form) is supported.
     #[serde(default = "default_act")]
     pub hidden_act: String,
+    /// Every other field of the `config.json` read (`architectures`, `model_type`,
+    /// `pad_token_id`, `id2label`, ...), written back unchanged.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 fn default_act() -> String {
     "gelu".into()
+}
+
+/// Writes an F32 field as the shortest decimal that reads back to it (`0.1`, not the F64
+/// widening `0.10000000149011612`), so a saved config has the value it was read with.
+fn shortest_f32<S: serde::Serializer>(value: &f32, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+    serializer.serialize_f64(value.to_string().parse().unwrap_or(f64::from(*value)))
 }
 
 impl BertConfig {
@@ -77,8 +88,18 @@ impl BertConfig {
         if self.hidden_act != "gelu" {
             return Err(crate::Error::config(
                 "hidden_act",
-                format!("`{}` is not supported", self.hidden_act),
+                format!("`{}` is not supported (supported: gelu)", self.hidden_act),
             ));
+        }
+        match self.extra.get("position_embedding_type") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(kind) if kind == "absolute" => {}
+            Some(kind) => {
+                return Err(crate::Error::config(
+                    "position_embedding_type",
+                    format!("{kind} is not supported (supported: absolute)"),
+                ))
+            }
         }
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
             return Err(crate::Error::config(
@@ -103,6 +124,7 @@ impl BertConfig {
             hidden_dropout_prob: 0.0,
             attention_probs_dropout_prob: 0.0,
             hidden_act: "gelu".into(),
+            extra: serde_json::Map::new(),
         }
     }
 }
@@ -291,6 +313,44 @@ impl Bert {
         let model = Self::new(config, prefix, dtype, device, 0)?;
         model.params.load_safetensors(path)?;
         Ok(model)
+    }
+
+    /// An encoder saved as a Hugging Face folder (`config.json` and one `model.safetensors`,
+    /// such as all-MiniLM-L6-v2 or [`Bert::save_pretrained`]'s): the parameter names start with
+    /// `bert.` when the file's do (a checkpoint saved from a `BertFor...` class), else with
+    /// nothing. A pooler or head in the file is ignored.
+    ///
+    /// # Errors
+    /// As [`BertConfig::from_json_file`] and [`Bert::from_safetensors`].
+    pub fn from_pretrained(dir: &Path, dtype: DType, device: &Device) -> crate::Result<Self> {
+        let config = BertConfig::from_json_file(&dir.join("config.json"))?;
+        let path = dir.join("model.safetensors");
+        let bytes = crate::io::read_bounded(&path, crate::io::MAX_STATE_BYTES)?;
+        let tensors = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| crate::Error::MalformedState { path: path.clone(), reason: e.to_string() })?;
+        let prefixed = tensors.names().iter().any(|n| n.starts_with("bert.embeddings."));
+        Self::from_safetensors(&config, if prefixed { "bert." } else { "" }, &path, dtype, device)
+    }
+
+    /// Writes `config.json` (every field of the config read; `architectures` `BertModel` and
+    /// `model_type` `bert` where absent; `torch_dtype` naming the parameters' dtype) and
+    /// `model.safetensors` (every parameter under its name, in the parameters' dtype) into
+    /// `dir`, creating it; each file atomically.
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`] on a file-system error.
+    pub fn save_pretrained(&self, dir: &Path) -> crate::Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| crate::Error::io("create", dir, e))?;
+        let bad = |e: serde_json::Error| crate::Error::config("config.json", e.to_string());
+        let mut value = serde_json::to_value(&self.config).map_err(bad)?;
+        if let Some(map) = value.as_object_mut() {
+            map.entry("architectures").or_insert_with(|| serde_json::json!(["BertModel"]));
+            map.entry("model_type").or_insert_with(|| "bert".into());
+            map.insert("torch_dtype".into(), crate::models::llama::hf_dtype_name(self.dtype).into());
+        }
+        let text = serde_json::to_string_pretty(&value).map_err(bad)?;
+        crate::io::write_atomic(&dir.join("config.json"), text.as_bytes())?;
+        self.params.save_safetensors(&dir.join("model.safetensors"))
     }
 
     /// The configuration.

@@ -321,14 +321,15 @@ fn classifier_config_json(config: &BertConfig, labels: &[String], dtype: DType) 
     let label2id: serde_json::Map<String, serde_json::Value> =
         labels.iter().enumerate().map(|(i, name)| (name.clone(), json!(i))).collect();
     if let Some(map) = value.as_object_mut() {
+        // The head's fields describe this model; the others keep what the config read held.
         map.insert("architectures".into(), json!(["BertForSequenceClassification"]));
         map.insert("model_type".into(), json!("bert"));
         map.insert("num_labels".into(), json!(labels.len()));
         map.insert("id2label".into(), id2label.into());
         map.insert("label2id".into(), label2id.into());
-        map.insert("problem_type".into(), json!("single_label_classification"));
-        map.insert("position_embedding_type".into(), json!("absolute"));
-        map.insert("pad_token_id".into(), json!(0));
+        map.entry("problem_type").or_insert_with(|| json!("single_label_classification"));
+        map.entry("position_embedding_type").or_insert_with(|| json!("absolute"));
+        map.entry("pad_token_id").or_insert_with(|| json!(0));
         map.insert("torch_dtype".into(), json!(crate::models::llama::hf_dtype_name(dtype)));
     }
     serde_json::to_string_pretty(&value).map_err(bad)

@@ -119,6 +119,13 @@ impl GgufFile {
             rope_theta: self.get_f64("llama.rope.freq_base").unwrap_or(10_000.0),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             hidden_act: "silu".into(),
+            model_type: crate::models::DecoderFamily::Llama,
+            head_dim: None,
+            attention_bias: None,
+            sliding_window: None,
+            use_sliding_window: None,
+            rope_scaling: None,
+            extra: serde_json::Map::new(),
         };
         config.validate()?;
         if let Ok(rope_dim) = self.get_usize("llama.rope.dimension_count") {

@@ -194,6 +194,9 @@ pub struct Gpt {
     dropout: Dropout,
     params: Parameters,
     dtype: DType,
+    /// Where a model loaded from a Hugging Face folder came from (its name prefix and config),
+    /// so that [`Gpt::save_pretrained`] writes them back.
+    pub(crate) source: Option<crate::models::gpt2::Gpt2Source>,
 }
 
 impl Gpt {
@@ -203,8 +206,19 @@ impl Gpt {
     /// # Errors
     /// [`crate::Error::InvalidConfig`] for a bad config; a Candle error on allocation failure.
     pub fn new(config: GptConfig, dtype: DType, device: &Device, seed: u64) -> crate::Result<Self> {
+        Self::build(config, ParamBuilder::new(dtype, device.clone(), seed), "")
+    }
+
+    /// The model over `pb` (drawn or given values), parameter names starting with `prefix`
+    /// (`""`, or `transformer.` for a `GPT2LMHeadModel` checkpoint).
+    pub(crate) fn build(config: GptConfig, pb: ParamBuilder, prefix: &str) -> crate::Result<Self> {
         config.validate()?;
-        let b = ModuleBuilder::new(ParamBuilder::new(dtype, device.clone(), seed));
+        let dtype = pb.dtype();
+        let root = ModuleBuilder::new(pb);
+        let b = match prefix.trim_end_matches('.') {
+            "" => root.clone(),
+            path => root.pp(path),
+        };
         let std = 0.02;
         let proj_std = std / (2.0 * config.n_layer as f64).sqrt();
         let dropout = Dropout::new(config.dropout)?;
@@ -215,12 +229,17 @@ impl Gpt {
             .map(|i| GptBlock::build(&b.pp("h").pp(i), &config, dropout, std, proj_std))
             .collect::<crate::Result<_>>()?;
         let ln_f = LayerNorm::build(&b.pp("ln_f"), c, config.layer_norm_eps)?;
-        Ok(Self { config, wte, wpe, blocks, ln_f, dropout, params: b.finish(), dtype })
+        Ok(Self { config, wte, wpe, blocks, ln_f, dropout, params: root.finish(), dtype, source: None })
     }
 
     /// The model's shape.
     pub fn config(&self) -> &GptConfig {
         &self.config
+    }
+
+    /// The dtype of the parameters (and the matmuls).
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// All parameters, in creation order, named as Hugging Face GPT-2 names them.

@@ -1,8 +1,11 @@
-//! A trainable LLaMA-family decoder (SmolLM2, LLaMA 2/3 without rope scaling, Mistral without
-//! sliding windows) under Hugging Face `LlamaForCausalLM` parameter names: RMSNorm, rotary
+//! A trainable LLaMA-family decoder under Hugging Face parameter names: RMSNorm, rotary
 //! positions in the half-split form, grouped-query attention, a SwiGLU feed-forward block and a
-//! tied or untied head. Cut into segments for the recompute engine: embedding, one per decoder
-//! layer, final norm + head + loss.
+//! tied or untied head. One model covers the family's members, chosen by `model_type`
+//! ([`DecoderFamily`]): LLaMA 2/3 (SmolLM2; LLaMA 3.1's `llama3` rope scaling; `attention_bias`),
+//! Mistral (a `sliding_window` is honoured for sequences that fit in it and refused beyond),
+//! Qwen2 (biases on the query, key and value projections) and Qwen3 (an RMSNorm over each query
+//! and key head; an explicit `head_dim`). Cut into segments for the recompute engine:
+//! embedding, one per decoder layer, final norm + head + loss.
 //!
 //! Every op has a backward (our norms, rotary, softmax and cross-entropy; Candle's matmul and
 //! `silu`). In BF16/F16 the residual stream stays F32 and only the layers' matmuls run in the
@@ -17,17 +20,95 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::reduction_dtype;
 use crate::layers::ops::residual_add;
+use crate::layers::rotary::llama3_inverse_frequencies;
 use crate::layers::{
-    token_cross_entropy, Embedding, GroupedQueryAttention, Linear, RmsNorm, Rotary, SwiGlu, WeightLayout,
+    token_cross_entropy, AttentionOptions, Embedding, GroupedQueryAttention, Linear, RmsNorm, Rotary, SwiGlu,
+    WeightLayout,
 };
 use crate::models::TokenBatch;
 use crate::module::{Forward, ForwardContext, Module, ModuleBuilder, Stacked};
 use crate::params::{ParamBuilder, Parameter, Parameters};
 
-/// The fields of a Hugging Face LLaMA `config.json` this model uses (others are ignored when
-/// reading). Serialises back to a `config.json` Hugging Face loads ([`LlamaConfig::to_hf_json`]).
+/// The members of the LLaMA family this model implements, by their `config.json`
+/// `model_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DecoderFamily {
+    /// `llama` (`LlamaForCausalLM`): LLaMA 2/3, SmolLM2. Biases on all four attention
+    /// projections with `attention_bias`.
+    #[default]
+    Llama,
+    /// `mistral` (`MistralForCausalLM`): no biases; an attention window (`sliding_window`).
+    Mistral,
+    /// `qwen2` (`Qwen2ForCausalLM`): biases on `q_proj`, `k_proj`, `v_proj` (always).
+    Qwen2,
+    /// `qwen3` (`Qwen3ForCausalLM`): `q_norm`, `k_norm` over each head; biases with
+    /// `attention_bias`.
+    Qwen3,
+}
+
+impl DecoderFamily {
+    /// Every member, in the order errors list them.
+    pub const ALL: [DecoderFamily; 4] =
+        [DecoderFamily::Llama, DecoderFamily::Mistral, DecoderFamily::Qwen2, DecoderFamily::Qwen3];
+
+    /// The `model_type` of `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            DecoderFamily::Llama => "llama",
+            DecoderFamily::Mistral => "mistral",
+            DecoderFamily::Qwen2 => "qwen2",
+            DecoderFamily::Qwen3 => "qwen3",
+        }
+    }
+
+    /// The `transformers` class (`architectures[0]` of `config.json`).
+    pub fn architecture(self) -> &'static str {
+        match self {
+            DecoderFamily::Llama => "LlamaForCausalLM",
+            DecoderFamily::Mistral => "MistralForCausalLM",
+            DecoderFamily::Qwen2 => "Qwen2ForCausalLM",
+            DecoderFamily::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+
+    /// The member whose `model_type` is `name`.
+    pub fn from_model_type(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.model_type() == name)
+    }
+
+    /// The member whose `transformers` class is `name`.
+    pub fn from_architecture(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.architecture() == name)
+    }
+}
+
+impl TryFrom<String> for DecoderFamily {
+    type Error = String;
+
+    fn try_from(name: String) -> std::result::Result<Self, String> {
+        Self::from_model_type(&name).ok_or_else(|| {
+            let known: Vec<&str> = Self::ALL.iter().map(|f| f.model_type()).collect();
+            format!("model_type `{name}` is not supported (supported: {})", known.join(", "))
+        })
+    }
+}
+
+impl From<DecoderFamily> for String {
+    fn from(family: DecoderFamily) -> String {
+        family.model_type().to_string()
+    }
+}
+
+/// The fields of a Hugging Face LLaMA-family `config.json` this model uses; every other field
+/// is kept in [`LlamaConfig::extra`] and written back, so a loaded-and-saved folder has the
+/// config it was read from. Serialises back to a `config.json` Hugging Face loads
+/// ([`LlamaConfig::to_hf_json`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
+    /// Which member of the family (`model_type`; `llama` when absent).
+    #[serde(default)]
+    pub model_type: DecoderFamily,
     /// Vocabulary size.
     pub vocab_size: usize,
     /// Width of the residual stream.
@@ -53,6 +134,45 @@ pub struct LlamaConfig {
     /// The activation; only `"silu"` is supported.
     #[serde(default = "default_act")]
     pub hidden_act: String,
+    /// The dimension of one attention head when it is not `hidden_size / num_attention_heads`
+    /// (Qwen3; some Mistral checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// Biases on the attention projections: on all four for `llama` and `qwen3` (`mistral`
+    /// ignores it, `qwen2` always has them on the query, key and value projections, as
+    /// `transformers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_bias: Option<bool>,
+    /// The attention window of `mistral` (and of `qwen2`/`qwen3` with `use_sliding_window`):
+    /// sequences that fit in it are computed exactly, longer ones refused (windowed attention is
+    /// not implemented). Written back as read (`null` included).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Whether `qwen2`/`qwen3` use [`LlamaConfig::sliding_window`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
+    /// The rope scaling rule, as read: absent, `null`, `rope_type` `default`, or `llama3` (with
+    /// `factor`, `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings`).
+    /// Other kinds are refused by [`LlamaConfig::validate`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Every other field of the `config.json` read (`architectures`, token ids, `torch_dtype`,
+    /// ...), written back unchanged.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// LLaMA 3.1's rope scaling parameters (`rope_scaling` with `rope_type = "llama3"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3RopeScaling {
+    /// `factor`.
+    pub factor: f32,
+    /// `low_freq_factor`.
+    pub low_freq_factor: f32,
+    /// `high_freq_factor`.
+    pub high_freq_factor: f32,
+    /// `original_max_position_embeddings`.
+    pub original_max_position_embeddings: usize,
 }
 
 fn default_rope_theta() -> f64 {
@@ -78,6 +198,7 @@ impl LlamaConfig {
             rope_theta: 100_000.0,
             tie_word_embeddings: true,
             hidden_act: "silu".into(),
+            ..Self::tiny()
         }
     }
 
@@ -96,6 +217,13 @@ impl LlamaConfig {
             rope_theta: 10_000.0,
             tie_word_embeddings: false,
             hidden_act: "silu".into(),
+            model_type: DecoderFamily::Llama,
+            head_dim: None,
+            attention_bias: None,
+            sliding_window: None,
+            use_sliding_window: None,
+            rope_scaling: None,
+            extra: serde_json::Map::new(),
         }
     }
 
@@ -124,17 +252,126 @@ impl LlamaConfig {
         let mut value =
             serde_json::to_value(self).map_err(|e| crate::Error::config("config.json", e.to_string()))?;
         if let Some(map) = value.as_object_mut() {
-            map.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
-            map.insert("model_type".into(), "llama".into());
-            map.insert("head_dim".into(), self.head_dim().into());
+            if !map.contains_key("architectures") {
+                map.insert("architectures".into(), serde_json::json!([self.model_type.architecture()]));
+            }
+            if !map.get("head_dim").is_some_and(|d| d.is_u64()) {
+                map.insert("head_dim".into(), self.head_dim().into());
+            }
             map.insert("torch_dtype".into(), hf_dtype_name(dtype).into());
+            if self.model_type == DecoderFamily::Llama && self.sliding_window.is_none() {
+                // LLaMA has no window; `null` here would only be noise.
+                map.remove("sliding_window");
+            }
         }
         serde_json::to_string_pretty(&value).map_err(|e| crate::Error::config("config.json", e.to_string()))
     }
 
-    /// The dimension of one attention head.
+    /// The dimension of one attention head (`head_dim`, else `hidden_size /
+    /// num_attention_heads`).
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads.max(1)
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// The attention block's variant for this member of the family.
+    pub fn attention_options(&self) -> AttentionOptions {
+        let bias = self.attention_bias.unwrap_or(false);
+        match self.model_type {
+            DecoderFamily::Llama => AttentionOptions { qkv_bias: bias, o_bias: bias, qk_norm_eps: None },
+            DecoderFamily::Mistral => AttentionOptions::default(),
+            DecoderFamily::Qwen2 => AttentionOptions { qkv_bias: true, o_bias: false, qk_norm_eps: None },
+            DecoderFamily::Qwen3 => {
+                AttentionOptions { qkv_bias: bias, o_bias: bias, qk_norm_eps: Some(self.rms_norm_eps) }
+            }
+        }
+    }
+
+    /// The attention window that applies, if any: `mistral`'s `sliding_window`, or `qwen2`'s and
+    /// `qwen3`'s with `use_sliding_window`. Sequences longer than it are refused.
+    pub fn attention_window(&self) -> Option<usize> {
+        match self.model_type {
+            DecoderFamily::Llama => None,
+            DecoderFamily::Mistral => self.sliding_window,
+            DecoderFamily::Qwen2 | DecoderFamily::Qwen3 => {
+                self.sliding_window.filter(|_| self.use_sliding_window == Some(true))
+            }
+        }
+    }
+
+    /// The longest sequence the model computes: `max_position_embeddings`, or the attention
+    /// window when shorter.
+    pub fn max_sequence_len(&self) -> usize {
+        self.attention_window().map_or(self.max_position_embeddings, |w| w.min(self.max_position_embeddings))
+    }
+
+    /// The LLaMA 3.1 rope scaling, when `rope_scaling` sets one (`None` for no scaling).
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidConfig`] naming `rope_scaling` for a kind other than `default` or
+    /// `llama3`, or a missing or non-numeric parameter.
+    pub fn llama3_rope_scaling(&self) -> crate::Result<Option<Llama3RopeScaling>> {
+        let Some(scaling) = self.rope_scaling.as_ref().filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
+        let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|k| k.as_str());
+        match kind {
+            Some("default") => Ok(None),
+            Some("llama3") => {
+                let number = |field: &str| {
+                    scaling.get(field).and_then(|v| v.as_f64()).ok_or_else(|| {
+                        crate::Error::config(
+                            "rope_scaling",
+                            format!("`{field}` is missing or not a number (rope_type `llama3`)"),
+                        )
+                    })
+                };
+                let scaling = Llama3RopeScaling {
+                    factor: number("factor")? as f32,
+                    low_freq_factor: number("low_freq_factor")? as f32,
+                    high_freq_factor: number("high_freq_factor")? as f32,
+                    original_max_position_embeddings: number("original_max_position_embeddings")? as usize,
+                };
+                let positive = scaling.factor > 0.0
+                    && scaling.low_freq_factor > 0.0
+                    && scaling.high_freq_factor > scaling.low_freq_factor
+                    && scaling.original_max_position_embeddings > 0;
+                if !positive {
+                    return Err(crate::Error::config(
+                        "rope_scaling",
+                        format!("llama3 parameters {scaling:?} need positive factors, high above low"),
+                    ));
+                }
+                Ok(Some(scaling))
+            }
+            other => Err(crate::Error::config(
+                "rope_scaling",
+                format!(
+                    "rope_type {} is not supported (supported: default, llama3)",
+                    other.map_or_else(|| scaling.to_string(), |k| format!("`{k}`"))
+                ),
+            )),
+        }
+    }
+
+    /// The rotary tables for this config (with its rope scaling) on `device`.
+    ///
+    /// # Errors
+    /// As [`LlamaConfig::llama3_rope_scaling`] and [`Rotary::new`].
+    pub fn rotary(&self, device: &Device) -> crate::Result<Rotary> {
+        match self.llama3_rope_scaling()? {
+            None => Rotary::new(self.head_dim(), self.max_position_embeddings, self.rope_theta, device),
+            Some(s) => {
+                let inv_freq = llama3_inverse_frequencies(
+                    self.head_dim(),
+                    self.rope_theta,
+                    s.factor,
+                    s.low_freq_factor,
+                    s.high_freq_factor,
+                    s.original_max_position_embeddings,
+                );
+                Rotary::from_inverse_frequencies(&inv_freq, self.max_position_embeddings, device)
+            }
+        }
     }
 
     /// Checks that every field is usable.
@@ -156,14 +393,21 @@ impl LlamaConfig {
                 return Err(crate::Error::config(field, "must be at least 1"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 || self.head_dim() % 2 != 0 {
-            return Err(crate::Error::config(
-                "num_attention_heads",
-                format!(
-                    "{} heads do not split the width {} into heads of an even dimension",
-                    self.num_attention_heads, self.hidden_size
-                ),
-            ));
+        match self.head_dim {
+            Some(d) if d == 0 || d % 2 != 0 => {
+                return Err(crate::Error::config("head_dim", format!("{d} is not a positive even number")));
+            }
+            Some(_) => {}
+            None if self.hidden_size % self.num_attention_heads != 0 || self.head_dim() % 2 != 0 => {
+                return Err(crate::Error::config(
+                    "num_attention_heads",
+                    format!(
+                        "{} heads do not split the width {} into heads of an even dimension",
+                        self.num_attention_heads, self.hidden_size
+                    ),
+                ));
+            }
+            None => {}
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(crate::Error::config(
@@ -183,7 +427,29 @@ impl LlamaConfig {
         if self.hidden_act != "silu" {
             return Err(crate::Error::config(
                 "hidden_act",
-                format!("`{}` is not supported", self.hidden_act),
+                format!("`{}` is not supported (supported: silu)", self.hidden_act),
+            ));
+        }
+        if self.sliding_window == Some(0) {
+            return Err(crate::Error::config("sliding_window", "must be at least 1"));
+        }
+        if let Some(bias) = self.extra.get("mlp_bias").filter(|b| !b.is_null() && **b != false) {
+            return Err(crate::Error::config(
+                "mlp_bias",
+                format!("{bias} is not supported (the feed-forward block has no biases)"),
+            ));
+        }
+        self.llama3_rope_scaling()?;
+        let architecture =
+            self.extra.get("architectures").and_then(|a| a.get(0)).and_then(serde_json::Value::as_str);
+        if let Some(architecture) = architecture.filter(|a| *a != self.model_type.architecture()) {
+            return Err(crate::Error::config(
+                "architectures",
+                format!(
+                    "`{architecture}` does not match model_type `{}` (expected `{}`)",
+                    self.model_type.model_type(),
+                    self.model_type.architecture()
+                ),
             ));
         }
         Ok(())
@@ -191,9 +457,12 @@ impl LlamaConfig {
 
     /// The number of scalar parameters.
     pub fn num_parameters(&self) -> usize {
-        let (h, i) = (self.hidden_size, self.intermediate_size);
-        let kv = self.num_key_value_heads * self.head_dim();
-        let layer = 2 * h + h * h + 2 * h * kv + h * h + 3 * h * i;
+        let (h, i, d) = (self.hidden_size, self.intermediate_size, self.head_dim());
+        let (q, kv) = (self.num_attention_heads * d, self.num_key_value_heads * d);
+        let options = self.attention_options();
+        let biases = if options.qkv_bias { q + 2 * kv } else { 0 } + if options.o_bias { h } else { 0 };
+        let head_norms = if options.qk_norm_eps.is_some() { 2 * d } else { 0 };
+        let layer = 2 * h + h * q + 2 * h * kv + q * h + 3 * h * i + biases + head_norms;
         let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
         self.vocab_size * h + self.num_hidden_layers * layer + h + head
     }
@@ -230,13 +499,14 @@ impl DecoderLayer {
         let (h, eps) = (config.hidden_size, config.rms_norm_eps);
         Ok(Self {
             input_layernorm: RmsNorm::build(&b.pp("input_layernorm"), h, eps)?,
-            self_attn: GroupedQueryAttention::build(
+            self_attn: GroupedQueryAttention::build_with(
                 &b.pp("self_attn"),
                 h,
                 config.num_attention_heads,
                 config.num_key_value_heads,
                 config.head_dim(),
                 std,
+                config.attention_options(),
             )?,
             post_attention_layernorm: RmsNorm::build(&b.pp("post_attention_layernorm"), h, eps)?,
             mlp: SwiGlu::build(&b.pp("mlp"), h, config.intermediate_size, std)?,
@@ -354,7 +624,26 @@ impl Llama {
         let bytes = crate::io::read_bounded(path, crate::io::MAX_STATE_BYTES)?;
         let tensors = candle::safetensors::load_buffer(&bytes, device)
             .map_err(|e| crate::Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })?;
-        Self::from_tensors(config, tensors, dtype, device)
+        let mut names: Vec<String> = tensors.keys().cloned().collect();
+        names.sort();
+        let model = Self::from_tensors(config, tensors, dtype, device)?;
+        // A tensor the config gives no parameter for (a bias with `attention_bias` unset, a
+        // head norm under the wrong `model_type`) would be silently dropped: refuse it.
+        let known: std::collections::HashSet<&str> = model.params.iter().map(|p| p.name.as_str()).collect();
+        let ignorable = |name: &str| {
+            name.ends_with(".rotary_emb.inv_freq") || (name == "lm_head.weight" && config.tie_word_embeddings)
+        };
+        if let Some(unused) = names.iter().find(|n| !known.contains(n.as_str()) && !ignorable(n)) {
+            return Err(crate::Error::StateMismatch {
+                name: unused.clone(),
+                expected: format!(
+                    "no such tensor: config.json (model_type `{}`) describes no parameter of this name",
+                    config.model_type.model_type()
+                ),
+                found: format!("a tensor in {}", path.display()),
+            });
+        }
+        Ok(model)
     }
 
     /// A model saved by [`Llama::save_pretrained`] (or any Hugging Face LLaMA directory with a
@@ -387,8 +676,7 @@ impl Llama {
         let model = b.pp("model");
         let embed_tokens =
             Embedding::build(&model.pp("embed_tokens"), config.vocab_size, config.hidden_size, std)?;
-        let rotary =
-            Rotary::new(config.head_dim(), config.max_position_embeddings, config.rope_theta, &device)?;
+        let rotary = config.rotary(&device)?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| DecoderLayer::build(&model.pp("layers").pp(i), config, &rotary, std))
             .collect::<crate::Result<_>>()?;
@@ -458,13 +746,7 @@ impl Llama {
     /// `max_position_embeddings`; as [`Llama::logits`].
     pub fn logits_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
-        if cache.len + t > self.config.max_position_embeddings {
-            candle::bail!(
-                "sequence of {} tokens exceeds the model's {} positions",
-                cache.len + t,
-                self.config.max_position_embeddings
-            );
-        }
+        self.check_length(cache.len + t)?;
         if cache.layers.len() != self.layers.len() {
             cache.layers = vec![None; self.layers.len()];
         }
@@ -487,18 +769,28 @@ impl Llama {
 
     fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
-        if t > self.config.max_position_embeddings {
-            candle::bail!(
-                "sequence of {t} tokens exceeds the model's {} positions",
-                self.config.max_position_embeddings
-            );
-        }
+        self.check_length(t)?;
         let vocab = self.config.vocab_size;
         let largest = ids.to_dtype(DType::U32)?.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
         if largest >= vocab {
             candle::bail!("token id {largest} is out of the vocabulary of {vocab}");
         }
         self.embed_tokens.forward(ids)?.to_dtype(self.residual_dtype())
+    }
+
+    /// Refuses a sequence of `len` tokens beyond the positions or the attention window.
+    fn check_length(&self, len: usize) -> Result<()> {
+        let positions = self.config.max_position_embeddings;
+        if len > positions {
+            candle::bail!("sequence of {len} tokens exceeds the model's {positions} positions");
+        }
+        if let Some(window) = self.config.attention_window().filter(|w| len > *w) {
+            candle::bail!(
+                "sequence of {len} tokens exceeds the attention window (config.json `sliding_window` = \
+                 {window}); windowed attention is not implemented, so longer sequences are refused"
+            );
+        }
+        Ok(())
     }
 
     fn head_logits(&self, h: &Tensor) -> Result<Tensor> {

@@ -5,10 +5,12 @@ pub mod bert;
 pub mod bert_classifier;
 pub mod gguf;
 pub mod gpt;
+pub mod gpt2;
 pub mod llama;
 
 pub use bert::{mean_pool, Bert, BertConfig, BertLayer};
 pub use bert_classifier::{BertClassifier, ClassificationBatch, Pooling};
 pub use gguf::GgufFile;
 pub use gpt::{Gpt, GptBlock, GptConfig, TokenBatch};
-pub use llama::{DecoderLayer, KvCache, Llama, LlamaConfig};
+pub use gpt2::{gpt2_config, GPT2_PREFIX};
+pub use llama::{DecoderFamily, DecoderLayer, KvCache, Llama, Llama3RopeScaling, LlamaConfig};
