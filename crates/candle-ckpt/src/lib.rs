@@ -54,6 +54,7 @@ pub mod closure;
 pub mod diagnose;
 pub mod engine;
 pub mod policy;
+pub mod probe;
 pub mod rng;
 pub mod segment;
 pub mod verify;
@@ -64,6 +65,7 @@ pub use engine::{
     forward, forward_backward, measure_segments, plain_forward_backward, segment_infos, tracked_input,
     Decision, ParameterGradient, SegmentGradients,
 };
+pub use probe::{probe_segments, simulate, MemoryMeter, SegmentProbe, SimulatedSegment, SimulatedStep, StepProbe};
 pub use policy::{parse_bytes, ParseRecomputeError, Recompute, RecomputePolicy, SegmentInfo};
 pub use rng::{Rng, RngKey, SampleWindow};
 pub use segment::{SegmentContext, SegmentParameter, SegmentedModel};
