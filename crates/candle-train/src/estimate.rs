@@ -217,6 +217,8 @@ pub struct SegmentEstimate {
 /// activations broken down per segment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MemoryEstimate {
+    /// Number of trainable parameters (elements).
+    pub parameter_count: usize,
     /// Model parameters in their dtype.
     pub parameters: usize,
     /// FP32 gradient accumulators.
@@ -509,6 +511,7 @@ where
         })
         .collect();
     Ok(MemoryEstimate {
+        parameter_count: elements,
         parameters,
         gradients,
         master_weights,
