@@ -251,6 +251,13 @@ fn estimate_predicts_the_measured_peak_without_training() -> anyhow::Result<()> 
     for category in ["parameters", "gradients", "optimizer_state", "activations", "h.0"] {
         assert!(stdout.contains(category), "missing `{category}` in {stdout}");
     }
+    for (family, block) in [("llama", "model.layers.0"), ("bert", "encoder.layer.0")] {
+        let mut args = tiny_with(&["--model", family, "--vocab", "300"]);
+        args[0] = "estimate".into();
+        let (code, stdout, stderr) = run(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.contains(&family.to_uppercase()) && stdout.contains(block), "{stdout}");
+    }
     let mut bad = tiny_with(&["--recompute", "sometimes"]);
     bad[0] = "estimate".into();
     let refs: Vec<&str> = bad.iter().map(String::as_str).collect();

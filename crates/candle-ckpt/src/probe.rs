@@ -270,3 +270,58 @@ pub fn simulate(probe: &StepProbe, decisions: &[Decision]) -> Result<SimulatedSt
     }
     Ok(SimulatedStep { peak: peak.max(0) as usize, segments: out })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(kept: usize, output: usize, peak: usize) -> SegmentProbe {
+        SegmentProbe {
+            name: String::new(),
+            is_block: true,
+            input_bytes: output,
+            kept_bytes: kept,
+            keep_forward_peak: kept + 5,
+            dropped_forward_peak: output + 7,
+            output_bytes: output,
+            keep_backward_peak: peak,
+            // The graph and the output gradient freed, the input gradient held.
+            keep_backward_change: -(kept as i64) - output as i64 + output as i64,
+            recompute_backward_peak: peak + kept,
+            // The output gradient freed, the input gradient held.
+            recompute_backward_change: -(output as i64) + output as i64,
+        }
+    }
+
+    #[test]
+    fn the_simulation_follows_the_engine_order() -> Result<()> {
+        use Decision::{Keep, Recompute};
+        // An embedding, three blocks of 100 kept bytes and 10 output bytes, a head.
+        let mut segments = vec![record(20, 10, 30)];
+        segments.extend((0..3).map(|_| record(100, 10, 50)));
+        segments.push(record(5, 4, 40));
+        let probe = StepProbe { first_input_bytes: 2, segments };
+        // Everything kept: forward ends at 2 + 20 + 300 + 5; the head's backward frees 5 and the
+        // last block's backward peaks 50 above that.
+        let kept = simulate(&probe, &[Keep; 5])?;
+        assert_eq!(kept.segments[4].backward_peak, 2 + 20 + 300 + 5 + 40);
+        assert_eq!(kept.peak, 2 + 20 + 300 + 50);
+        assert_eq!(kept.segments[3].backward_peak, kept.peak);
+        // Every block recomputed: the embedding's graph and two block outputs held (the last
+        // block's output is freed once the kept head has copied it), the head's graph; then
+        // each block's recompute on top of what is left.
+        let all = simulate(&probe, &[Keep, Recompute, Recompute, Recompute, Keep])?;
+        let forward_end = 2 + 20 + 10 + 10 + 5;
+        assert_eq!(all.segments[4].backward_peak, forward_end + 40);
+        let after_head = forward_end - 5;
+        assert_eq!(all.segments[3].backward_peak, after_head + 150);
+        // Its saved input (block 2's output, held by nothing else) is released after it.
+        assert_eq!(all.segments[2].backward_peak, after_head - 10 + 150);
+        assert!(all.peak < kept.peak, "{all:?}");
+        assert!(all.segments.iter().skip(1).take(3).all(|s| s.recomputed));
+        assert!(simulate(&probe, &[Keep; 4]).is_err());
+        // The last segment is kept whatever its decision says.
+        assert_eq!(simulate(&probe, &[Keep, Keep, Keep, Keep, Recompute])?, kept);
+        Ok(())
+    }
+}
