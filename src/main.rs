@@ -682,6 +682,10 @@ struct EstimateArgs {
     /// Outputs of the classifier head (BERT).
     #[arg(long, default_value_t = 2)]
     labels: usize,
+    /// Probe the block at this micro-batch and twice it and extrapolate linearly to
+    /// --micro-batch (cheaper for big batches) instead of probing at --micro-batch.
+    #[arg(long)]
+    probe_micro_batch: Option<usize>,
     #[command(flatten)]
     train: TrainArgs,
 }
@@ -1163,7 +1167,7 @@ fn estimate(all: EstimateArgs) -> anyhow::Result<()> {
         p.corpus.split(candle_fit::train::Split::Train).len()
             + p.corpus.split(candle_fit::train::Split::Validation).len()
     };
-    let input = EstimateInput::for_trainer(
+    let mut input = EstimateInput::for_trainer(
         shape,
         p.precision.dtype(),
         &p.trainer_config,
@@ -1171,6 +1175,7 @@ fn estimate(all: EstimateArgs) -> anyhow::Result<()> {
         corpus_bytes,
         args.validation_fraction,
     )?;
+    input.probe_micro_batch = all.probe_micro_batch;
     let e = estimate_memory(&input)?;
     println!(
         "predicted peak heap of a training step: {} ({} {} layers, width {}, {} parameters, {}, micro-batch {} x {} accumulation, seq {}, recompute {})",

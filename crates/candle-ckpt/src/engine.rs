@@ -258,7 +258,8 @@ where
     let mut grad_out: Option<Tensor> = None;
     for index in (0..n).rev() {
         let entry = saved.pop().expect("one saved entry per segment");
-        grad_out = backward_one(model, index, entry, grad_out, batch, ctx, loss_multiplier, &first_use, &mut hook)?;
+        grad_out =
+            backward_one(model, index, entry, grad_out, batch, ctx, loss_multiplier, &first_use, &mut hook)?;
     }
     Ok(loss_value)
 }

@@ -65,8 +65,10 @@ pub use engine::{
     forward, forward_backward, measure_segments, plain_forward_backward, segment_infos, tracked_input,
     Decision, ParameterGradient, SegmentGradients,
 };
-pub use probe::{probe_segments, simulate, MemoryMeter, SegmentProbe, SimulatedSegment, SimulatedStep, StepProbe};
 pub use policy::{parse_bytes, ParseRecomputeError, Recompute, RecomputePolicy, SegmentInfo};
+pub use probe::{
+    probe_segments, simulate, MemoryMeter, SegmentProbe, SimulatedSegment, SimulatedStep, StepProbe,
+};
 pub use rng::{Rng, RngKey, SampleWindow};
 pub use segment::{SegmentContext, SegmentParameter, SegmentedModel};
 pub use verify::{

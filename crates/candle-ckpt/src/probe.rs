@@ -180,13 +180,24 @@ where
             // On a copy of the output gradient, which the engine frees during the backward.
             let g = grad_out.as_ref().map(Tensor::copy).transpose()?;
             let start = meter.reset_peak();
-            let grad_in = backward_one(model, index, entry, g, batch, ctx, loss_multiplier, &first_use, &mut hook)?;
+            let grad_in =
+                backward_one(model, index, entry, g, batch, ctx, loss_multiplier, &first_use, &mut hook)?;
             record.recompute_backward_peak = meter.peak_bytes().saturating_sub(start);
             record.recompute_backward_change = change(meter.current_bytes(), start);
             drop(grad_in);
         }
         let start = meter.reset_peak();
-        grad_out = backward_one(model, index, keep_entry, grad_out.take(), batch, ctx, loss_multiplier, &first_use, &mut hook)?;
+        grad_out = backward_one(
+            model,
+            index,
+            keep_entry,
+            grad_out.take(),
+            batch,
+            ctx,
+            loss_multiplier,
+            &first_use,
+            &mut hook,
+        )?;
         record.keep_backward_peak = meter.peak_bytes().saturating_sub(start);
         record.keep_backward_change = change(meter.current_bytes(), start);
         if index + 1 == n {
@@ -233,7 +244,8 @@ pub fn simulate(probe: &StepProbe, decisions: &[Decision]) -> Result<SimulatedSt
     let keep: Vec<bool> = (0..n).map(|i| decisions[i] == Decision::Keep || i + 1 == n).collect();
     // Bytes a recomputed segment's saved input holds on its own: the previous output, when the
     // previous segment was recomputed too (a kept one holds it in its graph).
-    let held = |i: usize| if i > 0 && !keep[i] && !keep[i - 1] { segments[i - 1].output_bytes as i64 } else { 0 };
+    let held =
+        |i: usize| if i > 0 && !keep[i] && !keep[i - 1] { segments[i - 1].output_bytes as i64 } else { 0 };
     let mut live = probe.first_input_bytes as i64;
     let mut peak = live;
     let mut out: Vec<SimulatedSegment> = Vec::with_capacity(n);
@@ -252,7 +264,11 @@ pub fn simulate(probe: &StepProbe, decisions: &[Decision]) -> Result<SimulatedSt
             at
         };
         peak = peak.max(forward_peak);
-        out.push(SimulatedSegment { recomputed: !keep[i], forward_peak: forward_peak.max(0) as usize, backward_peak: 0 });
+        out.push(SimulatedSegment {
+            recomputed: !keep[i],
+            forward_peak: forward_peak.max(0) as usize,
+            backward_peak: 0,
+        });
     }
     for i in (0..n).rev() {
         let s = &segments[i];

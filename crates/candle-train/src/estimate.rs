@@ -33,7 +33,9 @@
 //! segmented backward with the host-store updater on the CPU is modelled.
 
 use candle::{DType, Device, Tensor};
-use candle_ckpt::{probe_segments, simulate, Decision, Recompute, RecomputePolicy, SegmentContext, StepProbe};
+use candle_ckpt::{
+    probe_segments, simulate, Decision, Recompute, RecomputePolicy, SegmentContext, StepProbe,
+};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -158,6 +160,9 @@ pub struct EstimateInput {
     /// Heap the process holds besides the model, its state and the data, counted in
     /// `other`; [`default_runtime_bytes`] estimates it for this machine.
     pub runtime_bytes: usize,
+    /// Probe at this smaller micro-batch (and twice it) and extrapolate
+    /// ([`StepSettings::probe_micro_batch`]); `None` probes at the real one.
+    pub probe_micro_batch: Option<usize>,
 }
 
 impl EstimateInput {
@@ -191,6 +196,7 @@ impl EstimateInput {
             validation_fraction,
             eval_windows: trainer.eval_windows,
             runtime_bytes: default_runtime_bytes(),
+            probe_micro_batch: None,
         })
     }
 }
@@ -269,6 +275,12 @@ impl MemoryEstimate {
 /// The model-independent settings of [`estimate_stacked`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepSettings {
+    /// Samples per micro-batch.
+    pub micro_batch: usize,
+    /// Probe at this micro-batch and twice it, and extrapolate every record linearly to
+    /// `micro_batch` (activations are linear in the batch; parameter gradients constant), when
+    /// twice it is below `micro_batch`; `None` probes at `micro_batch` itself.
+    pub probe_micro_batch: Option<usize>,
     /// Micro-batches per optimizer step (the backward starts from the loss times its
     /// reciprocal; the peak does not depend on it).
     pub accumulation_steps: usize,
@@ -314,8 +326,10 @@ pub fn estimate_memory(input: &EstimateInput) -> Result<MemoryEstimate> {
         ));
     }
     let settings = StepSettings {
+        micro_batch: b,
+        probe_micro_batch: input.probe_micro_batch,
         accumulation_steps: input.accumulation_steps,
-        optimizer: input.optimizer.clone(),
+        optimizer: input.optimizer,
         recompute: input.recompute,
         data_bytes: corpus_data_bytes(
             input.corpus_bytes,
@@ -330,17 +344,18 @@ pub fn estimate_memory(input: &EstimateInput) -> Result<MemoryEstimate> {
     match &input.model {
         ModelShape::Gpt(c) => {
             let model = crate::Gpt::new(GptConfig { n_layer: 1, ..*c }, dtype, &dev, 0)?;
-            estimate_stacked(&model, || token_batch(c.vocab_size, b, t), blocks, &settings)
+            estimate_stacked(&model, |b| token_batch(c.vocab_size, b, t), blocks, &settings)
         }
         ModelShape::Llama(c) => {
-            let model = crate::Llama::new(&LlamaConfig { num_hidden_layers: 1, ..c.clone() }, dtype, &dev, 0)?;
-            estimate_stacked(&model, || token_batch(c.vocab_size, b, t), blocks, &settings)
+            let model =
+                crate::Llama::new(&LlamaConfig { num_hidden_layers: 1, ..c.clone() }, dtype, &dev, 0)?;
+            estimate_stacked(&model, |b| token_batch(c.vocab_size, b, t), blocks, &settings)
         }
         ModelShape::Bert { config, num_labels } => {
             let one = BertConfig { num_hidden_layers: 1, ..config.clone() };
             let encoder = crate::models::Bert::new(&one, "", dtype, &dev, 0)?;
             let model = BertClassifier::new(encoder, *num_labels, 0)?;
-            let batch = || classification_batch(config.vocab_size, *num_labels, b, t);
+            let batch = |b| classification_batch(config.vocab_size, *num_labels, b, t);
             estimate_stacked(&model, batch, blocks, &settings)
         }
     }
@@ -358,7 +373,12 @@ fn token_batch(vocab: usize, b: usize, t: usize) -> Result<TokenBatch> {
 }
 
 /// A classification batch of `b` unpadded sequences of `t` tokens.
-fn classification_batch(vocab: usize, labels: usize, b: usize, t: usize) -> Result<crate::models::ClassificationBatch> {
+fn classification_batch(
+    vocab: usize,
+    labels: usize,
+    b: usize,
+    t: usize,
+) -> Result<crate::models::ClassificationBatch> {
     let dev = Device::Cpu;
     let ids: Vec<u32> = (0..b * t).map(|i| (i % vocab.max(1)) as u32).collect();
     let label: Vec<u32> = (0..b).map(|i| (i % labels.max(1)) as u32).collect();
@@ -372,10 +392,12 @@ fn classification_batch(vocab: usize, labels: usize, b: usize, t: usize) -> Resu
 
 /// Predicts the memory of one training step of a stacked model of `blocks` identical blocks
 /// from `probe_model`, the same model with exactly one block (the segments before it, the
-/// block, the segments after it), and `make_batch`, which makes one micro-batch of the real
-/// shape. The model of the real depth is never built: its parameters are the probe's plus
-/// `blocks - 1` times the block's; its activations are the probe's records composed by
-/// [`candle_ckpt::simulate`] with the block's record repeated.
+/// block, the segments after it), and `make_batch`, which makes one micro-batch of the given
+/// number of samples at the real sequence length. The model of the real depth is never built:
+/// its parameters are the probe's plus `blocks - 1` times the block's; its activations are the
+/// probe's records composed by [`candle_ckpt::simulate`] with the block's record repeated.
+/// With [`StepSettings::probe_micro_batch`], the records are probed at that micro-batch and
+/// twice it and extrapolated linearly to [`StepSettings::micro_batch`].
 ///
 /// # Errors
 /// [`Error::InvalidConfig`] when `probe_model` does not have exactly one block, `blocks` or
@@ -390,7 +412,7 @@ pub fn estimate_stacked<M, F>(
 where
     M: TrainableModel,
     M::Batch: Sized,
-    F: Fn() -> Result<M::Batch>,
+    F: Fn(usize) -> Result<M::Batch>,
 {
     if settings.accumulation_steps == 0 {
         return Err(Error::config("accumulation_steps", "must be at least 1"));
@@ -447,35 +469,45 @@ where
     };
     let tensors = all.len() + extra * block_params.len();
 
-    // The probe, after one whole step of the probe model (allocations made once per process).
     let mut updater = LocalUpdater::from_config(probe_model.parameters(), &settings.optimizer)?;
-    let ctx = SegmentContext::train(0, 0, 0);
-    let multiplier = 1.0 / settings.accumulation_steps as f64;
-    let batch_start = meter.current_bytes();
-    let batch = make_batch()?;
-    let batch_bytes = meter.current_bytes().saturating_sub(batch_start);
-    let mut hook_error = None;
-    let mut hook = |g: candle_ckpt::SegmentGradients| {
-        updater.accumulate(&g).map_err(|e| {
-            let msg = e.to_string();
-            hook_error = Some(e);
-            candle::Error::Msg(msg)
-        })
+    let mut probe_at = |micro_batch: usize| -> Result<(StepProbe, usize)> {
+        // After one whole step of the probe model (allocations made once per process).
+        let ctx = SegmentContext::train(0, 0, 0);
+        let multiplier = 1.0 / settings.accumulation_steps as f64;
+        let batch_start = meter.current_bytes();
+        let batch = make_batch(micro_batch)?;
+        let batch_bytes = meter.current_bytes().saturating_sub(batch_start);
+        let mut hook_error = None;
+        let mut hook = |g: candle_ckpt::SegmentGradients| {
+            updater.accumulate(&g).map_err(|e| {
+                let msg = e.to_string();
+                hook_error = Some(e);
+                candle::Error::Msg(msg)
+            })
+        };
+        let keep_all = vec![Decision::Keep; n];
+        let probed =
+            candle_ckpt::forward_backward(probe_model, &batch, ctx, &keep_all, multiplier, &mut hook)
+                .and_then(|_| probe_segments(probe_model, &batch, ctx, multiplier, &meter, &mut hook));
+        if let Some(e) = hook_error {
+            return Err(e);
+        }
+        Ok((probed?, batch_bytes))
     };
-    let keep_all = vec![Decision::Keep; n];
-    let probed = candle_ckpt::forward_backward(probe_model, &batch, ctx, &keep_all, multiplier, &mut hook)
-        .and_then(|_| probe_segments(probe_model, &batch, ctx, multiplier, &meter, &mut hook));
-    drop(hook);
-    if let Some(e) = hook_error {
-        return Err(e);
-    }
-    let probe = probed?;
+    let (probe, batch_bytes) = match settings.probe_micro_batch {
+        Some(small) if small > 0 && 2 * small < settings.micro_batch => {
+            let (a, a_batch) = probe_at(small)?;
+            let (b, b_batch) = probe_at(2 * small)?;
+            let scale = (settings.micro_batch - small) as f64 / small as f64;
+            (extrapolate(&a, &b, scale), affine(a_batch as i64, b_batch as i64, scale) as usize)
+        }
+        _ => probe_at(settings.micro_batch)?,
+    };
     // The optimizer step's transient (its largest per-parameter temporary).
     let start = meter.reset_peak();
     updater.step(1e-3, Some(1.0))?;
     let update_peak = meter.peak_bytes().saturating_sub(start);
     drop(updater);
-    drop(batch);
 
     // The real depth: the block's record repeated.
     let stem = probe.segments[block].name.strip_suffix('0').map(str::to_string);
@@ -496,7 +528,8 @@ where
     let step = simulate(&full, &decisions)?;
     let activations = (batch_bytes + step.peak).max(update_peak);
 
-    let other = tensors * BYTES_PER_PARAMETER_TENSOR + BYTES_FIXED + settings.data_bytes + settings.runtime_bytes;
+    let other =
+        tensors * BYTES_PER_PARAMETER_TENSOR + BYTES_FIXED + settings.data_bytes + settings.runtime_bytes;
     let segments = full
         .segments
         .iter()
@@ -521,6 +554,43 @@ where
         peak: parameters + gradients + master_weights + optimizer_state + activations + other,
         segments,
     })
+}
+
+/// `a + (b - a) * scale`: a value measured at a micro-batch `m` (`a`) and `2m` (`b`),
+/// extrapolated to `m + scale * m`.
+fn affine(a: i64, b: i64, scale: f64) -> i64 {
+    (a as f64 + (b - a) as f64 * scale).round() as i64
+}
+
+/// Every record of `a` (probed at a micro-batch `m`) and `b` (at `2m`) extrapolated to
+/// `m + scale * m`.
+fn extrapolate(a: &StepProbe, b: &StepProbe, scale: f64) -> StepProbe {
+    let u = |x: usize, y: usize| affine(x as i64, y as i64, scale).max(0) as usize;
+    StepProbe {
+        first_input_bytes: u(a.first_input_bytes, b.first_input_bytes),
+        segments: a
+            .segments
+            .iter()
+            .zip(&b.segments)
+            .map(|(x, y)| candle_ckpt::SegmentProbe {
+                name: x.name.clone(),
+                is_block: x.is_block,
+                input_bytes: u(x.input_bytes, y.input_bytes),
+                kept_bytes: u(x.kept_bytes, y.kept_bytes),
+                keep_forward_peak: u(x.keep_forward_peak, y.keep_forward_peak),
+                dropped_forward_peak: u(x.dropped_forward_peak, y.dropped_forward_peak),
+                output_bytes: u(x.output_bytes, y.output_bytes),
+                keep_backward_peak: u(x.keep_backward_peak, y.keep_backward_peak),
+                keep_backward_change: affine(x.keep_backward_change, y.keep_backward_change, scale),
+                recompute_backward_peak: u(x.recompute_backward_peak, y.recompute_backward_peak),
+                recompute_backward_change: affine(
+                    x.recompute_backward_change,
+                    y.recompute_backward_change,
+                    scale,
+                ),
+            })
+            .collect(),
+    }
 }
 
 /// Heap the process keeps besides the model, its state and the data, estimated for this
