@@ -597,12 +597,14 @@ fn extrapolate(a: &StepProbe, b: &StepProbe, scale: f64) -> StepProbe {
 /// machine: Candle's CPU matmul (the `gemm` crate) gives every thread that runs one a
 /// scratch buffer the size of the L2 cache, kept for the thread's life. With Candle's thread
 /// count `n` above 1 (`RAYON_NUM_THREADS`, else the cores), that is the `n` worker threads and
-/// the calling thread (which runs the small matmuls itself); with one thread, the calling
-/// thread alone. The L2 size is read from `/sys/devices/system/cpu/cpu0/cache` (1 MiB where
-/// that cannot be read).
+/// the calling thread (which runs the small matmuls itself) unless the caller is itself one of
+/// the workers ([`crate::cpu_runtime::run_on_pool`], as the CLI runs); with one thread, the
+/// calling thread alone. The L2 size is read from `/sys/devices/system/cpu/cpu0/cache` (1 MiB
+/// where that cannot be read).
 pub fn default_runtime_bytes() -> usize {
     let threads = candle::utils::get_num_threads();
-    let buffers = if threads > 1 { threads + 1 } else { 1 };
+    let on_pool = rayon::current_thread_index().is_some();
+    let buffers = if threads > 1 && !on_pool { threads + 1 } else { threads.max(1) };
     buffers * l2_cache_bytes().unwrap_or(1 << 20)
 }
 
