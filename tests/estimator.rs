@@ -569,12 +569,8 @@ fn a_users_module_layer_model_is_estimated_from_a_one_block_copy() -> anyhow::Re
             runtime_bytes: default_runtime_bytes(),
         };
         let one = user_model::Mini::new(1)?;
-        let predicted = estimate_stacked(
-            &one,
-            |n| Ok(corpus.train_batch(0, 0, 0, n, t, &Device::Cpu)?),
-            layers,
-            &settings,
-        )?;
+        let predicted =
+            estimate_stacked(&one, |n| corpus.train_batch(0, 0, 0, n, t, &Device::Cpu), layers, &settings)?;
         drop(one);
         let model = user_model::Mini::new(layers)?;
         let mut updater = LocalUpdater::from_config(model.parameters(), &settings.optimizer)?;
