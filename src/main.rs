@@ -498,6 +498,9 @@ fn launch(args: LaunchArgs) -> anyhow::Result<()> {
 
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
+    /// Model family: gpt or llama (byte-level, on the corpus).
+    #[arg(long, value_enum, default_value_t = Family::Gpt)]
+    model: Family,
     /// Configurations to run (comma-separated), or `all`. `candle-fit bench --list` names them.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     configs: Vec<String>,
@@ -595,9 +598,19 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             let mut models = Vec::new();
             for &layers in &args.layers {
                 for &width in &args.width {
-                    let mut model = BenchModel::gpt(layers, width, seq_len);
-                    model.config.validate()?;
-                    check_sizes(&model.config, candle::DType::F32, batch, seq_len, true)?;
+                    let gpt = BenchModel::gpt(layers, width, seq_len);
+                    let mut model = match args.model {
+                        Family::Gpt => gpt.clone(),
+                        Family::Llama => BenchModel::llama(layers, width, seq_len),
+                        Family::Bert => anyhow::bail!(
+                            "invalid `--model bert`: the bench trains on the byte corpus (gpt or llama); `estimate --model bert` predicts a BERT classifier"
+                        ),
+                    };
+                    model.shape.validate()?;
+                    if let candle_fit::train::estimate::ModelShape::Gpt(config) = &gpt.shape {
+                        // A lower bound of the step's bytes, for the GPT of this shape.
+                        check_sizes(config, candle::DType::F32, batch, seq_len, true)?;
+                    }
                     if named {
                         model.name = format!("{}-S{seq_len}-B{batch}", model.name);
                     }
