@@ -14,12 +14,12 @@ use candle::Device;
 use candle_ckpt::Recompute;
 use candle_shard::driver::{fit_in_process, InProcessConfig};
 use candle_shard::ZeroStage;
-use candle_train::estimate::{estimate_memory, EstimateInput};
+use candle_train::estimate::{estimate_memory, EstimateInput, ModelShape};
 use candle_train::memory;
 use candle_train::trainer::median;
 use candle_train::{
-    AdamWConfig, BackwardMode, Corpus, DeviceMeter, Gpt, GptConfig, LocalUpdater, OptimizerConfig, Precision,
-    Split, Trainer, TrainerConfig,
+    AdamWConfig, BackwardMode, Corpus, DeviceMeter, Gpt, GptConfig, Llama, LlamaConfig, LocalUpdater,
+    OptimizerConfig, Precision, Split, TrainableModel, Trainer, TrainerConfig,
 };
 use serde::Serialize;
 
@@ -260,10 +260,10 @@ pub fn select_configurations(names: &[String]) -> anyhow::Result<Vec<BenchConfig
 /// A named model shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BenchModel {
-    /// Its name in the tables (`L4-W128`).
+    /// Its name in the tables (`L4-W128` for GPT, `LLaMA-L4-W128`).
     pub name: String,
-    /// Its shape.
-    pub config: GptConfig,
+    /// Its family and shape (GPT or LLaMA: the bench trains on the byte corpus).
+    pub shape: ModelShape,
 }
 
 impl BenchModel {
@@ -277,7 +277,30 @@ impl BenchModel {
             n_ctx: context,
             ..GptConfig::default()
         };
-        Self { name: format!("L{layers}-W{width}"), config }
+        Self { name: format!("L{layers}-W{width}"), shape: ModelShape::Gpt(config) }
+    }
+
+    /// A byte-level LLaMA (vocabulary 256, untied head) with `layers` decoder layers of width
+    /// `width`: query heads of 32 dimensions (at least one), half as many key/value heads when
+    /// that divides them, a SwiGLU block of 8/3 the width (rounded up to a multiple of 8), and
+    /// context `context`.
+    pub fn llama(layers: usize, width: usize, context: usize) -> Self {
+        let heads = (width / 32).max(1);
+        let config = LlamaConfig {
+            vocab_size: 256,
+            hidden_size: width,
+            intermediate_size: (width * 8 / 3).div_ceil(8) * 8,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: if heads % 2 == 0 { heads / 2 } else { heads },
+            max_position_embeddings: context,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_word_embeddings: false,
+            hidden_act: "silu".into(),
+            ..LlamaConfig::tiny()
+        };
+        Self { name: format!("LLaMA-L{layers}-W{width}"), shape: ModelShape::Llama(config) }
     }
 }
 
@@ -382,38 +405,13 @@ pub fn run_one(
     let micro_batch = trainer_config.micro_batch.get();
     let predicted_peak_bytes = predict_peak(model, config, options, &trainer_config, corpus)?;
     let trainer = Trainer::new(trainer_config);
-    let make_model =
-        |_rank: usize| Gpt::new(model.config, config.precision.dtype(), &options.device, options.seed);
+    let (dtype, device, seed) = (config.precision.dtype(), &options.device, options.seed);
     // A process-wide cuBLAS setting: set for this run only.
     candle::cuda::set_gemm_reduced_precision_f32(config.tf32);
-    let (report, world_size) = match config.zero {
-        None => {
-            let gpt = make_model(0);
-            let report = gpt.and_then(|gpt| {
-                let mut updater = if config.state_on_device {
-                    LocalUpdater::on_device(gpt.parameters(), &optimizer(config))?
-                } else {
-                    LocalUpdater::from_config(gpt.parameters(), &optimizer(config))?
-                };
-                if config.offload {
-                    updater = updater.offloaded()?;
-                }
-                trainer.fit(&gpt, corpus, &mut updater)
-            });
-            (report.map_err(anyhow::Error::from), 1)
-        }
-        Some((stage, world_size)) => {
-            let in_process = InProcessConfig {
-                world_size: std::num::NonZeroUsize::new(world_size).context("no ranks")?,
-                stage: ZeroStage::from_number(stage)?,
-                timeout: std::time::Duration::from_secs(600),
-            };
-            let runs = fit_in_process(&in_process, &trainer, corpus, &optimizer(config), make_model);
-            let report = runs
-                .map_err(anyhow::Error::from)
-                .and_then(|runs| runs.into_iter().next().map(|r| r.report).context("no rank ran"));
-            (report, world_size)
-        }
+    let (report, world_size) = match &model.shape {
+        ModelShape::Gpt(c) => fit_model(config, &trainer, corpus, |_| Gpt::new(*c, dtype, device, seed))?,
+        ModelShape::Llama(c) => fit_model(config, &trainer, corpus, |_| Llama::new(c, dtype, device, seed))?,
+        ModelShape::Bert { .. } => bail!("the bench trains on the byte corpus: GPT and LLaMA only"),
     };
     candle::cuda::set_gemm_reduced_precision_f32(false);
     let report =
@@ -443,6 +441,48 @@ pub fn run_one(
         peak_vs_baseline: None,
         time_vs_baseline: None,
         transfers_per_step: report.history.last().map(|r| r.transfers),
+    })
+}
+
+/// Trains the model `make_model` builds under `config` (on in-process ranks for ZeRO): the
+/// report of rank 0 and the number of ranks.
+fn fit_model<M, F>(
+    config: &BenchConfig,
+    trainer: &Trainer,
+    corpus: &Corpus,
+    make_model: F,
+) -> anyhow::Result<(anyhow::Result<candle_train::TrainReport>, usize)>
+where
+    M: TrainableModel<Batch = candle_train::TokenBatch> + Send,
+    F: Fn(usize) -> candle_train::Result<M> + Sync,
+{
+    Ok(match config.zero {
+        None => {
+            let report = make_model(0).and_then(|model| {
+                let mut updater = if config.state_on_device {
+                    LocalUpdater::on_device(model.parameters(), &optimizer(config))?
+                } else {
+                    LocalUpdater::from_config(model.parameters(), &optimizer(config))?
+                };
+                if config.offload {
+                    updater = updater.offloaded()?;
+                }
+                trainer.fit(&model, corpus, &mut updater)
+            });
+            (report.map_err(anyhow::Error::from), 1)
+        }
+        Some((stage, world_size)) => {
+            let in_process = InProcessConfig {
+                world_size: std::num::NonZeroUsize::new(world_size).context("no ranks")?,
+                stage: ZeroStage::from_number(stage)?,
+                timeout: std::time::Duration::from_secs(600),
+            };
+            let runs = fit_in_process(&in_process, trainer, corpus, &optimizer(config), make_model);
+            let report = runs
+                .map_err(anyhow::Error::from)
+                .and_then(|runs| runs.into_iter().next().map(|r| r.report).context("no rank ran"));
+            (report, world_size)
+        }
     })
 }
 
@@ -503,7 +543,7 @@ fn predict_peak(
     let corpus_bytes = corpus.split(Split::Train).len() + corpus.split(Split::Validation).len();
     let validation_fraction = corpus.split(Split::Validation).len() as f64 / corpus_bytes as f64;
     let input = EstimateInput::for_trainer(
-        model.config,
+        model.shape.clone(),
         config.precision.dtype(),
         trainer,
         optimizer(config),

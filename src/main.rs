@@ -36,9 +36,9 @@ enum Command {
     /// Measure the CPU optimizer step (AdamW, 8-bit AdamW) in parameters per second against
     /// the machine's copy bandwidth, with one thread and with all cores.
     BenchOptimizer(OptimBenchArgs),
-    /// Predict the peak memory of a `train` run, and its breakdown, without allocating the
-    /// model (takes the same flags as `train`).
-    Estimate(TrainArgs),
+    /// Predict the peak memory of a `train` run, and its breakdown, from a probe of one block
+    /// (takes the same flags as `train`, plus `--model gpt|llama|bert` and their shapes).
+    Estimate(EstimateArgs),
     /// Start N local processes of `candle-fit train ...` as the ranks of one data-parallel
     /// group (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set as torchrun does),
     /// communicating over TCP: `candle-fit launch --nproc 2 -- train --zero 1`.
@@ -518,6 +518,9 @@ fn launch(args: LaunchArgs) -> anyhow::Result<()> {
 
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
+    /// Model family: gpt or llama (byte-level, on the corpus).
+    #[arg(long, value_enum, default_value_t = Family::Gpt)]
+    model: Family,
     /// Configurations to run (comma-separated), or `all`. `candle-fit bench --list` names them.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     configs: Vec<String>,
@@ -615,9 +618,19 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             let mut models = Vec::new();
             for &layers in &args.layers {
                 for &width in &args.width {
-                    let mut model = BenchModel::gpt(layers, width, seq_len);
-                    model.config.validate()?;
-                    check_sizes(&model.config, candle::DType::F32, batch, seq_len, true)?;
+                    let gpt = BenchModel::gpt(layers, width, seq_len);
+                    let mut model = match args.model {
+                        Family::Gpt => gpt.clone(),
+                        Family::Llama => BenchModel::llama(layers, width, seq_len),
+                        Family::Bert => anyhow::bail!(
+                            "invalid `--model bert`: the bench trains on the byte corpus (gpt or llama); `estimate --model bert` predicts a BERT classifier"
+                        ),
+                    };
+                    model.shape.validate()?;
+                    if let candle_fit::train::estimate::ModelShape::Gpt(config) = &gpt.shape {
+                        // A lower bound of the step's bytes, for the GPT of this shape.
+                        check_sizes(config, candle::DType::F32, batch, seq_len, true)?;
+                    }
                     if named {
                         model.name = format!("{}-S{seq_len}-B{batch}", model.name);
                     }
@@ -671,6 +684,92 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         candle_fit::chart::write_chart(&rows, path)?;
     }
     Ok(())
+}
+
+/// The model families `estimate` knows.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    /// GPT-2 (pre-norm, tied embedding), on the byte corpus.
+    Gpt,
+    /// LLaMA (RMSNorm, rotary, grouped-query attention, SwiGLU), on the byte corpus.
+    Llama,
+    /// A BERT sequence classifier (post-norm encoder, mean pooling, linear head).
+    Bert,
+}
+
+#[derive(clap::Args, Debug)]
+struct EstimateArgs {
+    /// Model family: gpt, llama or bert (a BERT sequence classifier).
+    #[arg(long, value_enum, default_value_t = Family::Gpt)]
+    model: Family,
+    /// Key/value heads (LLaMA) [default: --heads].
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    /// Width of the feed-forward block (LLaMA, BERT) [default: 8/3 x --width rounded up to a
+    /// multiple of 8 for LLaMA, 4 x --width for BERT].
+    #[arg(long)]
+    intermediate: Option<usize>,
+    /// Vocabulary size (LLaMA, BERT; GPT trains on bytes: 256).
+    #[arg(long, default_value_t = 256)]
+    vocab: usize,
+    /// Outputs of the classifier head (BERT).
+    #[arg(long, default_value_t = 2)]
+    labels: usize,
+    /// Probe the block at this micro-batch and twice it and extrapolate linearly to
+    /// --micro-batch (cheaper for big batches) instead of probing at --micro-batch.
+    #[arg(long)]
+    probe_micro_batch: Option<usize>,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+impl EstimateArgs {
+    /// The model the flags describe.
+    fn shape(&self, gpt: &GptConfig) -> anyhow::Result<candle_fit::train::estimate::ModelShape> {
+        use candle_fit::train::estimate::ModelShape;
+        use candle_fit::train::models::BertConfig;
+        use candle_fit::train::LlamaConfig;
+        let a = &self.train;
+        if self.model == Family::Llama && a.dropout != 0.0 {
+            anyhow::bail!("invalid `--dropout`: LLaMA has no dropout");
+        }
+        let shape = match self.model {
+            Family::Gpt => ModelShape::Gpt(*gpt),
+            Family::Llama => ModelShape::Llama(LlamaConfig {
+                vocab_size: self.vocab,
+                hidden_size: a.width,
+                intermediate_size: self.intermediate.unwrap_or_else(|| (a.width * 8 / 3).div_ceil(8) * 8),
+                num_hidden_layers: a.layers,
+                num_attention_heads: a.heads,
+                num_key_value_heads: self.kv_heads.unwrap_or(a.heads),
+                max_position_embeddings: a.context,
+                rms_norm_eps: 1e-5,
+                rope_theta: 10_000.0,
+                tie_word_embeddings: false,
+                hidden_act: "silu".into(),
+                ..LlamaConfig::tiny()
+            }),
+            Family::Bert => ModelShape::Bert {
+                config: BertConfig {
+                    vocab_size: self.vocab,
+                    hidden_size: a.width,
+                    num_hidden_layers: a.layers,
+                    num_attention_heads: a.heads,
+                    intermediate_size: self.intermediate.unwrap_or(4 * a.width),
+                    max_position_embeddings: a.context,
+                    type_vocab_size: 2,
+                    layer_norm_eps: 1e-12,
+                    hidden_dropout_prob: a.dropout,
+                    attention_probs_dropout_prob: a.dropout,
+                    hidden_act: "gelu".into(),
+                    ..BertConfig::tiny()
+                },
+                num_labels: self.labels,
+            },
+        };
+        shape.validate()?;
+        Ok(shape)
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -1091,15 +1190,28 @@ fn probe_writable(flag: &str, dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints the predicted memory of a training run without allocating its model.
-fn estimate(args: TrainArgs) -> anyhow::Result<()> {
+/// Prints the predicted memory of a training run, from a probe of one block.
+fn estimate(all: EstimateArgs) -> anyhow::Result<()> {
     use candle_fit::train::estimate::{estimate_memory, EstimateInput};
-    let p = plan(&args)?;
+    let args = &all.train;
+    let p = plan(args)?;
     check_sizes(&p.model_config, p.precision.dtype(), args.micro_batch, args.seq_len, false)?;
-    let corpus_bytes = p.corpus.split(candle_fit::train::Split::Train).len()
-        + p.corpus.split(candle_fit::train::Split::Validation).len();
-    let input = EstimateInput::for_trainer(
-        p.model_config,
+    let shape = all.shape(&p.model_config)?;
+    if args.ranks.zero.is_some() || args.ranks.world_size > 1 {
+        if all.model != Family::Gpt {
+            anyhow::bail!("`estimate --zero`/`--world-size` models GPT only");
+        }
+        return estimate_sharded(args, &p);
+    }
+    // The byte corpus is what GPT and LLaMA train on here; a BERT classifier reads its own file.
+    let corpus_bytes = if all.model == Family::Bert {
+        0
+    } else {
+        p.corpus.split(candle_fit::train::Split::Train).len()
+            + p.corpus.split(candle_fit::train::Split::Validation).len()
+    };
+    let mut input = EstimateInput::for_trainer(
+        shape,
         p.precision.dtype(),
         &p.trainer_config,
         p.optimizer,
@@ -1107,15 +1219,17 @@ fn estimate(args: TrainArgs) -> anyhow::Result<()> {
         args.validation_fraction,
     )?;
     if args.ranks.zero.is_some() || args.ranks.world_size > 1 {
-        return estimate_sharded(&args, &p);
+        return estimate_sharded(args, &p);
     }
+    input.probe_micro_batch = all.probe_micro_batch;
     let e = estimate_memory(&input)?;
     println!(
-        "predicted peak heap of a training step: {} (GPT {} layers, width {}, {} parameters, {}, micro-batch {} x {} accumulation, seq {}, recompute {})",
+        "predicted peak heap of a training step: {} ({} {} layers, width {}, {} parameters, {}, micro-batch {} x {} accumulation, seq {}, recompute {})",
         mib(e.peak),
+        input.model.family().to_uppercase(),
         args.layers,
         args.width,
-        p.model_config.num_parameters(),
+        e.parameter_count,
         p.precision,
         args.micro_batch,
         args.accumulation_steps,
@@ -1129,7 +1243,7 @@ fn estimate(args: TrainArgs) -> anyhow::Result<()> {
     for s in &e.segments {
         let how = if s.recomputed { "recomputed" } else { "kept" };
         println!(
-            "    {:<10} {:<10} {:>12} {:>12}",
+            "    {:<18} {:<10} {:>12} {:>12}",
             s.name,
             how,
             mib(s.activation_bytes),

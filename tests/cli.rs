@@ -230,6 +230,35 @@ fn bench_writes_every_schema_field_and_refuses_unknown_configurations() -> anyho
     assert_eq!(rows[2]["micro_batch"].as_u64(), Some(1));
     assert_eq!(rows[2]["accum_steps"].as_u64(), Some(4));
 
+    let (code, stdout, stderr) = run(&[
+        "bench",
+        "--model",
+        "llama",
+        "--configs",
+        "fp32",
+        "--layers",
+        "1",
+        "--width",
+        "32",
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--eval-windows",
+        "1",
+    ])?;
+    assert_eq!(code, 0, "{stderr}");
+    let row = stdout.lines().find(|l| l.starts_with("| LLaMA-L1-W32 | fp32 |")).unwrap_or_default();
+    // The predicted column (the twelfth) holds the estimator's MiB.
+    let predicted = row.split('|').nth(12).map(str::trim).unwrap_or_default();
+    assert!(predicted.parse::<f64>().is_ok(), "{stdout}");
+    let (code, _, stderr) = run(&["bench", "--model", "bert"])?;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("invalid `--model bert`"), "{stderr}");
     let (code, _, stderr) = run(&["bench", "--configs", "fp32,turbo"])?;
     assert_ne!(code, 0);
     assert!(stderr.contains("unknown benchmark configuration `turbo`: known ones are fp32"), "{stderr}");
@@ -250,6 +279,13 @@ fn estimate_predicts_the_measured_peak_without_training() -> anyhow::Result<()> 
     assert!(stdout.starts_with("predicted peak heap of a training step:"), "{stdout}");
     for category in ["parameters", "gradients", "optimizer_state", "activations", "h.0"] {
         assert!(stdout.contains(category), "missing `{category}` in {stdout}");
+    }
+    for (family, block) in [("llama", "model.layers.0"), ("bert", "encoder.layer.0")] {
+        let mut args = tiny_with(&["--model", family, "--vocab", "300"]);
+        args[0] = "estimate".into();
+        let (code, stdout, stderr) = run(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.contains(&family.to_uppercase()) && stdout.contains(block), "{stdout}");
     }
     let mut bad = tiny_with(&["--recompute", "sometimes"]);
     bad[0] = "estimate".into();

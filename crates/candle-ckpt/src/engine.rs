@@ -40,7 +40,7 @@ pub struct SegmentGradients {
     pub gradients: Vec<ParameterGradient>,
 }
 
-struct Saved {
+pub(crate) struct Saved {
     /// The detached input the segment ran on.
     input: Tensor,
     /// The output with its graph, for kept segments.
@@ -236,19 +236,9 @@ where
     let mut x = model.first_input(batch)?;
     for (index, decision) in decisions.iter().enumerate() {
         let keep = *decision == Decision::Keep || index + 1 == n;
-        let seg_ctx = ctx.for_segment(index);
-        if keep {
-            // A kept graph is built on a tracked input, so every branch reaches it.
-            let input = if index > 0 { tracked_input(&x)? } else { x.clone() };
-            let output = model.forward_segment(index, &input, batch, &seg_ctx)?;
-            x = output.detach();
-            saved.push(Saved { input, output: Some(output) });
-        } else {
-            // No graph is kept: the detached input is enough (it is tracked when recomputed).
-            let output = model.forward_segment(index, &x, batch, &seg_ctx)?.detach();
-            saved.push(Saved { input: x, output: None });
-            x = output;
-        }
+        let (entry, next) = forward_one(model, index, keep, x, batch, ctx)?;
+        saved.push(entry);
+        x = next;
     }
     drop(x);
     let loss = match saved.last().and_then(|s| s.output.as_ref()) {
@@ -262,77 +252,133 @@ where
     // The head's graph is reached through `saved` alone, so it is freed after its backward.
     drop(loss);
 
-    // The first segment (in forward order) that lists each parameter.
-    let mut first_use: HashMap<TensorId, usize> = HashMap::new();
-    for index in 0..n {
-        for p in model.segment_parameters(index) {
-            first_use.entry(p.var.as_tensor().id()).or_insert(index);
-        }
-    }
+    let first_use = first_uses(model);
 
     // Backward, last segment first.
     let mut grad_out: Option<Tensor> = None;
     for index in (0..n).rev() {
-        let Saved { input, output } = saved.pop().expect("one saved entry per segment");
-        let seg_ctx = ctx.for_segment(index);
-        let (input, output) = match output {
-            Some(output) => (input, output),
-            None => {
-                let input = if index > 0 { tracked_input(&input)? } else { input };
-                let output = model.forward_segment(index, &input, batch, &seg_ctx)?;
-                (input, output)
-            }
-        };
-        let seed = if index + 1 == n {
-            None
-        } else {
-            match grad_out.take() {
-                Some(g) => Some(g),
-                None => bail!(
-                    "segment `{}` received no gradient for its output: the next segment does not depend on it",
-                    model.segment_name(index)
-                ),
-            }
-        };
-        let root = match seed {
-            None if loss_multiplier == 1.0 => output,
-            None => output.affine(loss_multiplier, 0.0)?,
-            Some(g) => output.mul(&g)?.sum_all()?,
-        };
-        let grads = root.backward()?;
-        drop(root);
-        let wants_input_grad = index > 0 && !input.dtype().is_int();
-        let parameters: Vec<SegmentParameter> = model.segment_parameters(index);
-        let mut gradients = Vec::with_capacity(parameters.len());
-        for SegmentParameter { name, var } in &parameters {
-            let Some(grad) = grads.get(var.as_tensor()) else {
-                let all: Vec<crate::diagnose::ParameterInfo> = parameters
-                    .iter()
-                    .map(|p| crate::diagnose::ParameterInfo {
-                        name: &p.name,
-                        rank: p.var.as_tensor().rank(),
-                        absent: grads.get(p.var.as_tensor()).is_none(),
-                    })
-                    .collect();
-                let position = all.iter().position(|p| p.name == name.as_str()).unwrap_or(0);
-                bail!(
-                    "parameter `{name}` received no gradient in segment `{}`: {}",
-                    model.segment_name(index),
-                    crate::diagnose::no_gradient_cause(position, &all)
-                );
-            };
-            let (name, var) = (name.clone(), var.clone());
-            let is_final = first_use.get(&var.as_tensor().id()) == Some(&index);
-            gradients.push(ParameterGradient { name, var, grad: grad.detach(), is_final });
-        }
-        if wants_input_grad {
-            grad_out = grads.get(&input).map(Tensor::detach);
-        }
-        drop(grads);
-        drop(input);
-        hook(SegmentGradients { segment: index, gradients })?;
+        let entry = saved.pop().expect("one saved entry per segment");
+        grad_out =
+            backward_one(model, index, entry, grad_out, batch, ctx, loss_multiplier, &first_use, &mut hook)?;
     }
     Ok(loss_value)
+}
+
+/// One segment's forward as the engine runs it: kept (`keep`: its graph built on a tracked
+/// input) or run without keeping its graph (its input saved for the recompute). Returns what
+/// is saved for the backward and the next segment's (detached) input; `x` is consumed.
+pub(crate) fn forward_one<M: SegmentedModel>(
+    model: &M,
+    index: usize,
+    keep: bool,
+    x: Tensor,
+    batch: &M::Batch,
+    ctx: SegmentContext,
+) -> Result<(Saved, Tensor)> {
+    let seg_ctx = ctx.for_segment(index);
+    if keep {
+        // A kept graph is built on a tracked input, so every branch reaches it.
+        let input = if index > 0 { tracked_input(&x)? } else { x.clone() };
+        let output = model.forward_segment(index, &input, batch, &seg_ctx)?;
+        let next = output.detach();
+        drop(x);
+        Ok((Saved { input, output: Some(output) }, next))
+    } else {
+        // No graph is kept: the detached input is enough (it is tracked when recomputed).
+        let output = model.forward_segment(index, &x, batch, &seg_ctx)?.detach();
+        Ok((Saved { input: x, output: None }, output))
+    }
+}
+
+/// One segment's backward as the engine runs it (recomputing its forward when only its input
+/// was saved): the vector-Jacobian product with `grad_out` (or the loss times
+/// `loss_multiplier` for the last segment), the gradients handed to `hook`, the graph dropped.
+/// Returns the gradient of the segment's input, for the segment before it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_one<M, H>(
+    model: &M,
+    index: usize,
+    entry: Saved,
+    grad_out: Option<Tensor>,
+    batch: &M::Batch,
+    ctx: SegmentContext,
+    loss_multiplier: f64,
+    first_use: &HashMap<TensorId, usize>,
+    hook: &mut H,
+) -> Result<Option<Tensor>>
+where
+    M: SegmentedModel,
+    H: FnMut(SegmentGradients) -> Result<()>,
+{
+    let n = model.num_segments();
+    let Saved { input, output } = entry;
+    let seg_ctx = ctx.for_segment(index);
+    let (input, output) = match output {
+        Some(output) => (input, output),
+        None => {
+            let input = if index > 0 { tracked_input(&input)? } else { input };
+            let output = model.forward_segment(index, &input, batch, &seg_ctx)?;
+            (input, output)
+        }
+    };
+    let seed = if index + 1 == n {
+        None
+    } else {
+        match grad_out {
+            Some(g) => Some(g),
+            None => bail!(
+                "segment `{}` received no gradient for its output: the next segment does not depend on it",
+                model.segment_name(index)
+            ),
+        }
+    };
+    let root = match seed {
+        None if loss_multiplier == 1.0 => output,
+        None => output.affine(loss_multiplier, 0.0)?,
+        Some(g) => output.mul(&g)?.sum_all()?,
+    };
+    let grads = root.backward()?;
+    drop(root);
+    let wants_input_grad = index > 0 && !input.dtype().is_int();
+    let parameters: Vec<SegmentParameter> = model.segment_parameters(index);
+    let mut gradients = Vec::with_capacity(parameters.len());
+    for SegmentParameter { name, var } in &parameters {
+        let Some(grad) = grads.get(var.as_tensor()) else {
+            let all: Vec<crate::diagnose::ParameterInfo> = parameters
+                .iter()
+                .map(|p| crate::diagnose::ParameterInfo {
+                    name: &p.name,
+                    rank: p.var.as_tensor().rank(),
+                    absent: grads.get(p.var.as_tensor()).is_none(),
+                })
+                .collect();
+            let position = all.iter().position(|p| p.name == name.as_str()).unwrap_or(0);
+            bail!(
+                "parameter `{name}` received no gradient in segment `{}`: {}",
+                model.segment_name(index),
+                crate::diagnose::no_gradient_cause(position, &all)
+            );
+        };
+        let (name, var) = (name.clone(), var.clone());
+        let is_final = first_use.get(&var.as_tensor().id()) == Some(&index);
+        gradients.push(ParameterGradient { name, var, grad: grad.detach(), is_final });
+    }
+    let grad_in = if wants_input_grad { grads.get(&input).map(Tensor::detach) } else { None };
+    drop(grads);
+    drop(input);
+    hook(SegmentGradients { segment: index, gradients })?;
+    Ok(grad_in)
+}
+
+/// The first segment (in forward order) that lists each parameter.
+pub(crate) fn first_uses<M: SegmentedModel>(model: &M) -> HashMap<TensorId, usize> {
+    let mut first_use: HashMap<TensorId, usize> = HashMap::new();
+    for index in 0..model.num_segments() {
+        for p in model.segment_parameters(index) {
+            first_use.entry(p.var.as_tensor().id()).or_insert(index);
+        }
+    }
+    first_use
 }
 
 #[cfg(test)]

@@ -54,6 +54,7 @@ pub mod closure;
 pub mod diagnose;
 pub mod engine;
 pub mod policy;
+pub mod probe;
 pub mod rng;
 pub mod segment;
 pub mod verify;
@@ -65,6 +66,9 @@ pub use engine::{
     Decision, ParameterGradient, SegmentGradients,
 };
 pub use policy::{parse_bytes, ParseRecomputeError, Recompute, RecomputePolicy, SegmentInfo};
+pub use probe::{
+    probe_segments, simulate, MemoryMeter, SegmentProbe, SimulatedSegment, SimulatedStep, StepProbe,
+};
 pub use rng::{Rng, RngKey, SampleWindow};
 pub use segment::{SegmentContext, SegmentParameter, SegmentedModel};
 pub use verify::{

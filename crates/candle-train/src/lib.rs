@@ -59,7 +59,9 @@ pub use {candle as __candle, candle_ckpt as __ckpt};
 
 pub use data::{Corpus, Split};
 pub use error::{Error, Result};
-pub use estimate::{estimate_memory, EstimateInput, MemoryEstimate};
+pub use estimate::{
+    estimate_memory, estimate_stacked, EstimateInput, MemoryEstimate, ModelShape, StepSettings,
+};
 pub use evaluate::{ClassifierEvaluator, Evaluator, LossEvaluator, Metrics};
 pub use loss_scale::{LossScaler, LossScalerConfig, ScaleDecision};
 pub use memory::{CountingAllocator, DeviceMeter, MemoryReport};

@@ -168,6 +168,20 @@ impl DeviceMeter {
     }
 }
 
+impl candle_ckpt::MemoryMeter for DeviceMeter {
+    fn current_bytes(&self) -> usize {
+        DeviceMeter::current_bytes(self)
+    }
+
+    fn peak_bytes(&self) -> usize {
+        DeviceMeter::peak_bytes(self)
+    }
+
+    fn reset_peak(&self) -> usize {
+        DeviceMeter::reset_peak(self)
+    }
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_or_zero(bytes: crate::Result<usize>) -> usize {
     bytes.unwrap_or_else(|e| {
