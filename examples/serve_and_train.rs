@@ -87,9 +87,9 @@ fn main() -> anyhow::Result<()> {
             .parameters()
             .iter()
             .filter_map(|p| {
-                grads.get(p.var.as_tensor()).map(|g| ParameterGradient {
+                grads.get_id(p.id()).map(|g| ParameterGradient {
                     name: p.name.clone(),
-                    var: p.var.clone(),
+                    id: p.id(),
                     grad: g.detach(),
                     is_final: true,
                 })

@@ -95,7 +95,7 @@ fn parameters_relative_difference(a: &Parameters, b: &Parameters) -> anyhow::Res
     let mut worst = (String::new(), 0.0);
     for (pa, pb) in a.iter().zip(b.iter()) {
         anyhow::ensure!(pa.name == pb.name, "`{}` against `{}`", pa.name, pb.name);
-        let (ta, tb) = (pa.var.to_dtype(DType::F32)?, pb.var.to_dtype(DType::F32)?);
+        let (ta, tb) = (pa.tensor()?.to_dtype(DType::F32)?, pb.tensor()?.to_dtype(DType::F32)?);
         let scale = ta.abs()?.max_all()?.to_scalar::<f32>()? as f64;
         let diff = (&ta - &tb)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
         let rel = diff / scale.max(f64::MIN_POSITIVE);
@@ -119,7 +119,7 @@ fn reading_a_released_parameter_is_an_error_naming_it() -> anyhow::Result<()> {
     let block: Vec<(String, Vec<f32>)> = model
         .segment_parameters(1)
         .iter()
-        .map(|p| Ok((p.name.clone(), p.var.flatten_all()?.to_vec1::<f32>()?)))
+        .map(|p| Ok((p.name.clone(), p.var()?.flatten_all()?.to_vec1::<f32>()?)))
         .collect::<anyhow::Result<_>>()?;
     let comm = LocalGroup::ranks(1, TIMEOUT).pop().ok_or_else(|| anyhow::anyhow!("no rank"))?;
     let (sharded, _updater) =
@@ -397,7 +397,7 @@ fn bf16_sharded_stages_follow_one_rank() -> anyhow::Result<()> {
     let (reference, _) = one_rank(&trainer, &sgd, DType::BF16)?;
     for stage in [ZeroStage::Stage1, ZeroStage::Stage2, ZeroStage::Stage3] {
         let runs = ranks(stage, 2, &trainer, &sgd, DType::BF16)?;
-        assert_eq!(runs[0].model.parameters().iter().next().map(|p| p.var.dtype()), Some(DType::BF16));
+        assert_eq!(runs[0].model.parameters().iter().next().map(|p| p.dtype()), Some(DType::BF16));
         for run in &runs {
             let (name, rel) = max_relative_difference(&reference, &run.model)?;
             assert!(rel <= 1e-2, "{stage:?} rank {}: `{name}` differs by {rel:e}", run.rank);
@@ -594,9 +594,7 @@ fn stage_three_per_rank_bytes_match_the_formula_plus_one_gathered_segment() -> a
         let segments = probe.num_segments();
         // The bytes of each segment's own parameters (a lower bound of what it gathers).
         let own: Vec<usize> = (0..segments)
-            .map(|s| {
-                probe.segment_parameters(s).iter().map(|p| p.var.elem_count() * dtype.size_in_bytes()).sum()
-            })
+            .map(|s| probe.segment_parameters(s).iter().map(|p| p.elem_count() * dtype.size_in_bytes()).sum())
             .collect();
         drop(probe);
         for world_size in [2usize, 4, 8] {
@@ -779,7 +777,7 @@ fn bytes_communicated_per_step_match_the_theory() -> anyhow::Result<()> {
     let (steps, micro_batches) = (3u64, 2u64);
     let trainer = trainer(4, micro_batches as usize, steps as usize)?;
     let model = Gpt::new(odd_model(), DType::F32, &Device::Cpu, 0)?;
-    let shapes: Vec<_> = model.parameters().iter().map(|p| (DType::F32, p.var.elem_count())).collect();
+    let shapes: Vec<_> = model.parameters().iter().map(|p| (DType::F32, p.elem_count())).collect();
     for world_size in [2u64, 4] {
         let ring = |bytes: u64| bytes * (world_size - 1) / world_size;
         for stage in [ZeroStage::Stage0, ZeroStage::Stage1, ZeroStage::Stage2] {
@@ -847,7 +845,7 @@ fn stage_three_bytes_per_step_match_the_theory() -> anyhow::Result<()> {
     let sgd = OptimizerConfig::Sgd(SgdConfig::default());
     let micro_batches = 2u64;
     let model = Gpt::new(odd_model(), DType::F32, &Device::Cpu, 0)?;
-    let shapes: Vec<_> = model.parameters().iter().map(|p| (DType::F32, p.var.elem_count())).collect();
+    let shapes: Vec<_> = model.parameters().iter().map(|p| (DType::F32, p.elem_count())).collect();
     let units = segment_units(&model, model.parameters());
     assert_eq!(units.iter().copied().max(), Some(2), "embedding, one block, head");
     for world_size in [2u64, 4] {

@@ -30,7 +30,7 @@
 //!         }
 //!     }
 //!     fn segment_parameters(&self, i: usize) -> Vec<SegmentParameter> {
-//!         let p = |name: &str, var: &Var| SegmentParameter { name: name.into(), var: var.clone() };
+//!         let p = |name: &str, var: &Var| SegmentParameter::new(name, var.clone());
 //!         match i { 0 => vec![p("w1", &self.w1)], 1 => vec![p("w2", &self.w2)], _ => vec![] }
 //!     }
 //! }
@@ -66,7 +66,7 @@ pub use engine::{
 };
 pub use policy::{parse_bytes, ParseRecomputeError, Recompute, RecomputePolicy, SegmentInfo};
 pub use rng::{Rng, RngKey, SampleWindow};
-pub use segment::{SegmentContext, SegmentParameter, SegmentedModel};
+pub use segment::{released_error, Residency, SegmentContext, SegmentParameter, SegmentedModel};
 pub use verify::{
     check_backward_rules, compare_gradients, verify_gradients, GradientDifference, GradientReport,
     MissingGradient,

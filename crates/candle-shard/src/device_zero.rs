@@ -77,7 +77,7 @@ impl DeviceZero {
         if stage == ZeroStage::Stage3 {
             return Err(Error::config("zero", "the device-resident ZeRO updater serves stages 0-2"));
         }
-        let device = params.first().map_or(Device::Cpu, |p| p.var.device().clone());
+        let device = params.first().map_or(Device::Cpu, |p| p.device().clone());
         let mut ranges = Vec::new();
         let mut pieces = Vec::new();
         for (g, layout) in partition.groups().iter().enumerate() {
@@ -90,7 +90,7 @@ impl DeviceZero {
                             param: e.param,
                             param_range: 0..e.len,
                             owned_range: e.offset..e.offset + e.len,
-                            decay: params[e.param].var.rank() >= 2,
+                            decay: params[e.param].rank() >= 2,
                         });
                     }
                 }
@@ -102,18 +102,18 @@ impl DeviceZero {
                             param: p.param,
                             param_range: p.param_range,
                             owned_range: p.shard_range,
-                            decay: params[p.param].var.rank() >= 2,
+                            decay: params[p.param].rank() >= 2,
                         });
                     }
                 }
             }
         }
         let piece_value = |o: &Owned| -> candle::Result<Tensor> {
-            flat_f32(params[o.param].var.as_tensor())?.narrow(0, o.param_range.start, o.param_range.len())
+            flat_f32(&params[o.param].tensor()?)?.narrow(0, o.param_range.start, o.param_range.len())
         };
         let master = pieces
             .iter()
-            .map(|o| match params[o.param].var.dtype() {
+            .map(|o| match params[o.param].dtype() {
                 DType::F32 => Ok(None),
                 _ => Ok(Some(piece_value(o)?.contiguous()?)),
             })
@@ -168,7 +168,7 @@ impl DeviceZero {
     pub(crate) fn accumulate(&mut self, comm: &dyn Communicator, gradients: &SegmentGradients) -> Result<()> {
         let mut completed = Vec::new();
         for g in &gradients.gradients {
-            let Some(&(group, entry)) = self.index.get(&g.var.as_tensor().id()) else {
+            let Some(&(group, entry)) = self.index.get(&g.id) else {
                 return Err(Error::Train(candle_train::Error::StateMismatch {
                     name: g.name.clone(),
                     expected: "a parameter known to the updater".into(),
@@ -326,7 +326,7 @@ impl DeviceZero {
                 self.owned_grad(piece.group)?.narrow(0, piece.owned_range.start, piece.owned_range.len())?;
             let current = match &self.master[k] {
                 Some(master) => master.clone(),
-                None => flat_f32(&self.params[piece.param].var.as_tensor().detach())?.narrow(
+                None => flat_f32(&self.params[piece.param].var()?.as_tensor().detach())?.narrow(
                     0,
                     piece.param_range.start,
                     piece.param_range.len(),
@@ -355,7 +355,7 @@ impl DeviceZero {
                 if *in_place && self.master[k].is_none() {
                     continue;
                 }
-                let var = &self.params[piece.param].var;
+                let var = self.params[piece.param].var()?;
                 var.set(&value.reshape(var.shape())?.to_dtype(var.dtype())?.contiguous()?)?;
             }
             return Ok(());
@@ -377,7 +377,7 @@ impl DeviceZero {
             let mine = Tensor::cat(&parts, 0)?.to_dtype(layout.dtype())?;
             let all = comm.all_gather_tensor(&mine)?;
             for e in layout.entries() {
-                let var = &self.params[e.param].var;
+                let var = self.params[e.param].var()?;
                 var.set(&all.narrow(0, e.offset, e.len)?.reshape(var.shape())?.contiguous()?)?;
             }
         }
@@ -394,7 +394,7 @@ impl DeviceZero {
     pub(crate) fn state_bytes(&self) -> StateBytes {
         let gradients = match self.stage {
             // The local accumulators cover every parameter.
-            ZeroStage::Stage0 | ZeroStage::Stage1 => self.params.iter().map(|p| p.var.elem_count() * 4).sum(),
+            ZeroStage::Stage0 | ZeroStage::Stage1 => self.params.iter().map(|p| p.elem_count() * 4).sum(),
             _ => self.ranges.iter().map(|r| r.len() * 4).sum(),
         };
         StateBytes {
@@ -429,7 +429,7 @@ impl DeviceZero {
                 let len = piece.param_range.len();
                 let source = match &self.master[k] {
                     Some(master) => master.clone(),
-                    None => flat_f32(self.params[o.param].var.as_tensor())?.narrow(
+                    None => flat_f32(self.params[o.param].var()?.as_tensor())?.narrow(
                         0,
                         o.param_range.start,
                         o.param_range.len(),
@@ -455,7 +455,7 @@ impl DeviceZero {
     pub(crate) fn reload_masters(&mut self) -> Result<()> {
         for (k, piece) in self.pieces.iter().enumerate() {
             if self.master[k].is_some() {
-                let values = flat_f32(self.params[piece.param].var.as_tensor())?
+                let values = flat_f32(self.params[piece.param].var()?.as_tensor())?
                     .narrow(0, piece.param_range.start, piece.param_range.len())?
                     .contiguous()?;
                 self.master[k] = Some(values);
@@ -479,8 +479,8 @@ impl DeviceZero {
     ) -> Result<()> {
         self.optimizer.load_state(state)?;
         for (p, v) in self.params.iter().zip(values) {
-            let t = Tensor::from_slice(v, p.var.shape(), &self.device)?.to_dtype(p.var.dtype())?;
-            p.var.set(&t)?;
+            let t = Tensor::from_slice(v, p.shape(), &self.device)?.to_dtype(p.dtype())?;
+            p.var()?.set(&t)?;
         }
         for (k, piece) in self.pieces.iter().enumerate() {
             if self.master[k].is_some() {

@@ -211,27 +211,43 @@ fn swappable(var: &Var) -> bool {
     var.device().is_cpu() || (cfg!(feature = "cuda") && var.device().is_cuda())
 }
 
-/// Replaces a variable's buffer by an empty one (on devices without a swap: nothing).
-fn release_storage(var: &Var) -> Result<()> {
+/// Marks `param` released, then replaces its variable's buffer by an empty one (on devices
+/// without a swap: only the mark).
+fn release_storage(param: &Parameter) -> Result<()> {
+    // The handle first: from here on every checked read through it is an error naming it.
+    param.set_released(true);
+    // SAFETY: the variable's metadata is read (device) and its buffer is swapped wholesale by
+    // `SwapStorage::Release`, which reads only the storage's dtype tag, never the old values;
+    // the reference ends with this function.
+    let var = unsafe { param.var_unchecked() };
     if swappable(var) {
         var.as_tensor().inplace_op1(&SwapStorage::Release)?;
     }
     Ok(())
 }
 
-/// Gives a variable a new buffer holding `values` (FP32, rounded to the variable's dtype to
-/// nearest even, as Candle's `to_dtype`).
-fn restore_storage(var: &Var, values: &[f32]) -> Result<()> {
+/// Gives `param`'s variable a new buffer holding `values` (FP32, rounded to the variable's
+/// dtype to nearest even, as Candle's `to_dtype`), then marks it resident.
+fn restore_storage(param: &Parameter, values: &[f32]) -> Result<()> {
+    // SAFETY: the variable's metadata is read (element count, device) and its buffer is
+    // replaced wholesale by `SwapStorage::Restore` (reading only the storage's dtype tag) with
+    // one covering its layout; on devices without a swap the storage was never released and
+    // `write_f32_values` writes a full buffer. The parameter is marked resident only after,
+    // and the reference ends with this function.
+    let var = unsafe { param.var_unchecked() };
     if values.len() != var.elem_count() {
         return Err(Error::config(
             "zero",
             format!("{} gathered values for a parameter of {} elements", values.len(), var.elem_count()),
         ));
     }
-    if !swappable(var) {
-        return Ok(write_f32_values(var, values)?);
+    if swappable(var) {
+        var.as_tensor().inplace_op1(&SwapStorage::Restore(values))?;
+    } else {
+        write_f32_values(var, values)?;
     }
-    var.as_tensor().inplace_op1(&SwapStorage::Restore(values))?;
+    // Readable again only once its values are back.
+    param.set_released(false);
     Ok(())
 }
 
@@ -322,12 +338,10 @@ impl ShardedParameters {
         let flat = exchange_in_dtype(layout.dtype(), flat, |bytes| comm.all_gather(bytes))?;
         for e in layout.entries() {
             let param = &self.params[e.param];
-            if !param.var.device().is_cpu() {
+            if !param.device().is_cpu() {
                 self.uploaded += (e.len * layout.dtype().size_in_bytes()) as u64;
             }
-            restore_storage(&param.var, &flat[e.offset..e.offset + e.len])?;
-            // Readable again only once its values are back.
-            param.set_released(false);
+            restore_storage(param, &flat[e.offset..e.offset + e.len])?;
         }
         self.held[group] = true;
         if self.releasing {
@@ -342,10 +356,7 @@ impl ShardedParameters {
             return Ok(());
         }
         for e in self.partition.groups()[group].entries() {
-            // The handle first: from here on every read through it is an error naming it.
-            let param = &self.params[e.param];
-            param.set_released(true);
-            release_storage(&param.var)?;
+            release_storage(&self.params[e.param])?;
         }
         self.held[group] = false;
         Ok(())
@@ -478,15 +489,14 @@ impl<M: TrainableModel> ShardedModel<M> {
         let (mut updater, shards) = ZeroUpdater::stage3(params, &units, optimizer, comm)?;
         updater.broadcast_parameters()?;
         let index: std::collections::HashMap<_, _> =
-            params.iter().enumerate().map(|(i, p)| (p.var.as_tensor().id(), i)).collect();
+            params.iter().enumerate().map(|(i, p)| (p.id(), i)).collect();
         let segment_groups = {
             let guard = lock(&shards);
             (0..model.num_segments())
                 .map(|segment| {
                     let mut groups = Vec::new();
                     for p in model.segment_parameters(segment) {
-                        let located =
-                            index.get(&p.var.as_tensor().id()).and_then(|&i| guard.partition.locate(i));
+                        let located = index.get(&p.id()).and_then(|&i| guard.partition.locate(i));
                         if let Some((g, _)) = located {
                             if !groups.contains(&g) {
                                 groups.push(g);

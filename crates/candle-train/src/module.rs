@@ -445,7 +445,7 @@ mod tests {
             let segment = model.segment_name(s);
             for p in model.segment_parameters(s) {
                 let own = params.get(&p.name).map(Parameter::id);
-                assert_eq!(own, Some(p.var.as_tensor().id()), "{segment} lists {} not the model's", p.name);
+                assert_eq!(own, Some(p.id()), "{segment} lists {} not the model's", p.name);
                 if model.is_block(s) {
                     assert!(p.name.contains(&format!("{segment}.")), "block {segment} lists {}", p.name);
                 }

@@ -59,7 +59,7 @@ impl<M: TrainableModel<Batch = TokenBatch> + ?Sized> LanguageModel for M {}
 
 /// The device of the first parameter (the CPU for a model without parameters).
 pub fn parameters_device(parameters: &Parameters) -> Device {
-    parameters.iter().next().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu)
+    parameters.iter().next().map(|p| p.device().clone()).unwrap_or(Device::Cpu)
 }
 
 impl TrainableModel for Gpt {
@@ -108,7 +108,7 @@ impl TrainableModel for BertClassifier {
     }
 
     fn settings(&self) -> String {
-        let labels = self.parameters().get("classifier.weight").map_or(0, |p| p.var.dims()[0]);
+        let labels = self.parameters().get("classifier.weight").map_or(0, |p| p.dims()[0]);
         canonical_json(
             "bert_classifier",
             &serde_json::json!({"encoder": self.encoder().config(), "labels": labels}),

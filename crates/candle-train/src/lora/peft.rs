@@ -239,8 +239,7 @@ impl<M: Module> LoraModel<M> {
     /// misshapen tensor. Nothing changes unless everything matches.
     pub fn load_peft_weights(&self, path: &Path, info: &PeftInfo) -> Result<()> {
         let bytes = crate::io::read_bounded(path, crate::io::MAX_STATE_BYTES)?;
-        let device =
-            self.trainable.iter().next().map(|p| p.var.device().clone()).unwrap_or(candle::Device::Cpu);
+        let device = self.trainable.iter().next().map(|p| p.device().clone()).unwrap_or(candle::Device::Cpu);
         let mut loaded: HashMap<String, Tensor> =
             candle::safetensors::load_buffer(&bytes, &device).map_err(|e| bad(path, e.to_string()))?;
         let mut values = Vec::with_capacity(self.trainable.len());
@@ -249,24 +248,24 @@ impl<M: Module> LoraModel<M> {
             let Some(t) = loaded.remove(&name) else {
                 return Err(Error::StateMismatch {
                     name,
-                    expected: format!("a tensor of shape {:?}", p.var.dims()),
+                    expected: format!("a tensor of shape {:?}", p.dims()),
                     found: "nothing".into(),
                 });
             };
-            if t.dims() != p.var.dims() {
+            if t.dims() != p.dims() {
                 return Err(Error::StateMismatch {
                     name,
-                    expected: format!("shape {:?}", p.var.dims()),
+                    expected: format!("shape {:?}", p.dims()),
                     found: format!("shape {:?}", t.dims()),
                 });
             }
-            values.push(t.to_dtype(p.var.dtype())?);
+            values.push(t.to_dtype(p.dtype())?);
         }
         if let Some(extra) = loaded.keys().min() {
             return Err(bad(path, format!("`{extra}` belongs to no adapted layer of this model (are the targets or the module prefix different?)")));
         }
         for (p, value) in self.trainable.iter().zip(values) {
-            p.var.set(&value)?;
+            p.var()?.set(&value)?;
         }
         Ok(())
     }

@@ -389,10 +389,10 @@ impl crate::serve::Snapshot for Bert {
     /// A copy with its own variables (same names, values and dtype). The copy is built as
     /// [`Bert::new`] builds a model, then its values are overwritten.
     fn snapshot(&self) -> crate::Result<Self> {
-        let device = self.params.iter().next().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
+        let device = self.params.iter().next().map(|p| p.device().clone()).unwrap_or(Device::Cpu);
         let copy = Self::new(&self.config, &self.prefix, self.dtype, &device, 0)?;
         for (to, from) in copy.params.iter().zip(self.params.iter()) {
-            to.var.set(&from.tensor()?.detach().copy()?)?;
+            to.var()?.set(&from.tensor()?.detach().copy()?)?;
         }
         Ok(copy)
     }

@@ -97,8 +97,7 @@ impl BertClassifier {
         if num_labels == 0 {
             return Err(crate::Error::config("num_labels", "must be at least 1"));
         }
-        let device =
-            encoder.parameters().iter().next().map_or(candle::Device::Cpu, |p| p.var.device().clone());
+        let device = encoder.parameters().iter().next().map_or(candle::Device::Cpu, |p| p.device().clone());
         let b = ModuleBuilder::new(ParamBuilder::new(encoder.dtype(), device, seed));
         let hidden = encoder.config().hidden_size;
         let pooler = match pooling {
@@ -125,7 +124,7 @@ impl BertClassifier {
 
     /// The number of labels (the head's outputs).
     pub fn num_labels(&self) -> usize {
-        self.params.get("classifier.bias").map_or(0, |p| p.var.elem_count())
+        self.params.get("classifier.bias").map_or(0, |p| p.elem_count())
     }
 
     /// Sets the pooler's weights from the `{prefix}pooler.dense.weight` and `.bias` of a
@@ -148,20 +147,20 @@ impl BertClassifier {
         for p in &pooler {
             let t = loaded.get(&p.name).ok_or_else(|| crate::Error::StateMismatch {
                 name: p.name.clone(),
-                expected: format!("a tensor of shape {:?} in {}", p.var.dims(), path.display()),
+                expected: format!("a tensor of shape {:?} in {}", p.dims(), path.display()),
                 found: "nothing".into(),
             })?;
-            if t.dims() != p.var.dims() {
+            if t.dims() != p.dims() {
                 return Err(crate::Error::StateMismatch {
                     name: p.name.clone(),
-                    expected: format!("shape {:?}", p.var.dims()),
+                    expected: format!("shape {:?}", p.dims()),
                     found: format!("shape {:?}", t.dims()),
                 });
             }
-            values.push(t.to_dtype(p.var.dtype())?.to_device(p.var.device())?);
+            values.push(t.to_dtype(p.dtype())?.to_device(p.device())?);
         }
         for (p, value) in pooler.iter().zip(values) {
-            p.var.set(&value)?;
+            p.var()?.set(&value)?;
         }
         Ok(())
     }

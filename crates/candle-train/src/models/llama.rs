@@ -432,7 +432,7 @@ impl Llama {
 
     /// The device the parameters live on.
     pub fn device(&self) -> Device {
-        self.params.iter().next().map_or(Device::Cpu, |p| p.var.device().clone())
+        self.params.iter().next().map_or(Device::Cpu, |p| p.device().clone())
     }
 
     /// The logits `[batch, t, vocab]` (in the parameters' dtype) for token ids `[batch, t]`.
