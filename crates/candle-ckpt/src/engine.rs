@@ -293,6 +293,7 @@ where
                 ),
             }
         };
+        model.before_backward(index)?;
         let root = match seed {
             None if loss_multiplier == 1.0 => output,
             None => output.affine(loss_multiplier, 0.0)?,

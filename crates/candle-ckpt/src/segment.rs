@@ -206,6 +206,17 @@ pub trait SegmentedModel {
         index > 0 && index + 1 < self.num_segments()
     }
 
+    /// Called by the engine just before segment `index`'s backward (after its recompute, if
+    /// any), whatever the hook does: a model whose parameters are not always resident (ZeRO
+    /// stage 3 releases them between uses) makes segment `index`'s readable again here, so a
+    /// kept graph's backward never reads released storage. By default, nothing.
+    ///
+    /// # Errors
+    /// When the parameters cannot be made resident (a collective failure).
+    fn before_backward(&self, _index: usize) -> Result<()> {
+        Ok(())
+    }
+
     /// The name of a layer in segment `index` whose state changes from call to call (a KV
     /// cache, running statistics), if any. Such a segment cannot be recomputed. By default,
     /// none.

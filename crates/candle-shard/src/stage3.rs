@@ -397,6 +397,16 @@ impl ShardedParameters {
         Ok(())
     }
 
+    /// Before segment `segment`'s backward: gathers its buffers unless they are (the protocol
+    /// gathers them after the next segment's backward, or in its recompute; this makes a
+    /// hook that does not call the updater safe too).
+    pub(crate) fn before_backward(&mut self, segment: usize) -> Result<()> {
+        if self.releasing {
+            self.acquire(segment)?;
+        }
+        Ok(())
+    }
+
     /// After segment `segment`'s backward: gathers segment `segment - 1` (whose backward is
     /// next) and releases the rest of `segment`'s.
     pub(crate) fn after_backward(&mut self, segment: usize) -> Result<()> {
@@ -552,6 +562,16 @@ impl<M> ShardedModel<M> {
         lock(&self.shards).before_forward(index)
     }
 
+    /// A gather's failure as the engine carries it (a Candle error naming the segment), kept
+    /// typed for [`ShardedModel::take_error`].
+    fn typed(&self, gathered: Result<()>, segment: impl FnOnce() -> String) -> candle::Result<()> {
+        gathered.map_err(|e| {
+            let message = format!("gathering the parameters of {}: {e}", segment());
+            self.failed.borrow_mut().get_or_insert(e);
+            candle::Error::Msg(message)
+        })
+    }
+
     /// The first collective failure a forward met, if any (taken: a second call returns
     /// `None`).
     pub fn take_error(&self) -> Option<Error> {
@@ -581,12 +601,24 @@ impl<M: SegmentedModel> SegmentedModel for ShardedModel<M> {
         batch: &M::Batch,
         ctx: &SegmentContext,
     ) -> candle::Result<Tensor> {
-        if let Err(e) = self.gather_segment(index) {
-            let message = format!("gathering the parameters of {}: {e}", self.model.segment_name(index));
-            self.failed.borrow_mut().get_or_insert(e);
-            return Err(candle::Error::Msg(message));
+        // A segment's input that carries the previous segments' graph (a plain whole-graph
+        // backward) would have that graph read released parameters in its backward: refused.
+        // The engine hands segments a tracked copy (a variable) or a detached input.
+        if index > 0 && input.track_op() && !input.is_variable() && lock(&self.shards).is_releasing() {
+            return Err(candle::Error::Msg(format!(
+                "segment `{}` of a ZeRO stage 3 model was given an input that carries the previous segments' graph: its parameters are released after their segment runs, so only the segmented engine (`forward_backward`, one backward per segment) can train it, not a whole-graph backward",
+                self.model.segment_name(index)
+            )));
         }
+        let gathered = self.gather_segment(index);
+        self.typed(gathered, || self.model.segment_name(index))?;
         self.model.forward_segment(index, input, batch, ctx)
+    }
+
+    fn before_backward(&self, index: usize) -> candle::Result<()> {
+        let gathered = lock(&self.shards).before_backward(index);
+        self.typed(gathered, || self.model.segment_name(index))?;
+        self.model.before_backward(index)
     }
 
     fn segment_parameters(&self, index: usize) -> Vec<SegmentParameter> {

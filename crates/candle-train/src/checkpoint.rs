@@ -528,7 +528,10 @@ pub fn save(
     let tmp = temporary_dir(run_dir, step, &std::process::id().to_string())?;
     let written = (|| {
         let state = updater.save_state()?;
-        let model = params.iter().map(|p| Ok((p.name.clone(), p.tensor()?))).collect::<Result<Vec<_>>>()?;
+        let model = params
+            .iter()
+            .map(|p| Ok((p.name.clone(), p.var()?.as_tensor().clone())))
+            .collect::<Result<Vec<_>>>()?;
         let master = state
             .master_weights
             .iter()

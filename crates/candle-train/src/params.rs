@@ -201,8 +201,11 @@ impl Parameters {
     /// On serialization or I/O failure; [`Error::ParameterReleased`] naming a released
     /// parameter.
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
-        let tensors =
-            self.list.iter().map(|p| Ok((p.name.clone(), p.tensor()?))).collect::<Result<Vec<_>>>()?;
+        let tensors = self
+            .list
+            .iter()
+            .map(|p| Ok((p.name.clone(), p.var()?.as_tensor().clone())))
+            .collect::<Result<Vec<_>>>()?;
         let bytes = safetensors::serialize(tensors, None)
             .map_err(|e| Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })?;
         write_atomic(path, &bytes)

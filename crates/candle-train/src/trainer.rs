@@ -655,6 +655,10 @@ impl<M: TrainableModel> SegmentedModel for MemoryGuard<'_, M> {
         self.model.segment_parameters(index)
     }
 
+    fn before_backward(&self, index: usize) -> candle::Result<()> {
+        self.model.before_backward(index)
+    }
+
     fn is_block(&self, index: usize) -> bool {
         self.model.is_block(index)
     }

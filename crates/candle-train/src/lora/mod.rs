@@ -348,6 +348,10 @@ impl<M: SegmentedModel> SegmentedModel for LoraModel<M> {
             .collect()
     }
 
+    fn before_backward(&self, index: usize) -> candle::Result<()> {
+        self.inner.before_backward(index)
+    }
+
     fn is_block(&self, index: usize) -> bool {
         self.inner.is_block(index)
     }

@@ -208,7 +208,7 @@ impl<M: Module> LoraModel<M> {
         let tensors = self
             .trainable
             .iter()
-            .map(|p| Ok((Self::file_name(info, &p.name), p.tensor()?)))
+            .map(|p| Ok((Self::file_name(info, &p.name), p.var()?.as_tensor().clone())))
             .collect::<Result<Vec<(String, Tensor)>>>()?;
         let path = dir.join(WEIGHTS_FILE);
         let weights = safetensors::serialize(tensors, None).map_err(|e| bad(&path, e.to_string()))?;

@@ -202,7 +202,7 @@ impl BertClassifier {
                     Some(rest) if !p.name.starts_with("classifier.") => format!("{HF_PREFIX}{rest}"),
                     _ => p.name.clone(),
                 };
-                Ok((name, p.tensor()?))
+                Ok((name, p.var()?.as_tensor().clone()))
             })
             .collect::<crate::Result<Vec<_>>>()?;
         let path = dir.join("model.safetensors");

@@ -567,7 +567,7 @@ impl crate::serve::Snapshot for Llama {
         let tensors = self
             .params
             .iter()
-            .map(|p| Ok((p.name.clone(), p.tensor()?.detach())))
+            .map(|p| Ok((p.name.clone(), p.var()?.as_tensor().detach())))
             .collect::<crate::Result<_>>()?;
         Self::from_tensors(&self.config, tensors, self.dtype, &self.device())
     }
