@@ -897,7 +897,7 @@ impl Checkpoint {
         let model_bytes = self.read_verified(MODEL_FILE)?;
         let master_bytes = self.read_verified(MASTER_FILE)?;
         let optimizer_bytes = self.read_verified(OPTIMIZER_FILE)?;
-        let device = params.iter().next().map(|p| p.device().clone()).unwrap_or(Device::Cpu);
+        let device = params.device();
         let model_path = self.path.join(MODEL_FILE);
         let values = parse_model(&model_bytes, &m.parameters, &device, &model_path)?;
         let mut by_name: HashMap<&str, Tensor> =

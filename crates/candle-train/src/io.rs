@@ -14,6 +14,20 @@ pub const MAX_CORPUS_BYTES: u64 = 64 << 30;
 /// The largest JSON config file read (`config.json`).
 pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
+/// The tensors of the safetensors file at `path` (at most [`MAX_STATE_BYTES`]), by name, on
+/// `device`.
+///
+/// # Errors
+/// As [`read_bounded`]; [`Error::MalformedState`] naming the file when it is not safetensors.
+pub fn read_safetensors(
+    path: &Path,
+    device: &candle::Device,
+) -> Result<std::collections::HashMap<String, candle::Tensor>> {
+    let bytes = read_bounded(path, MAX_STATE_BYTES)?;
+    candle::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })
+}
+
 /// Reads the file at `path` whole, refusing one that is not a regular file (a FIFO or device
 /// would block or never end) or that is longer than `limit` bytes, with a clear error, before
 /// reading; the read itself stops after `limit` bytes (a file growing meanwhile is cut there

@@ -215,38 +215,56 @@ impl Parameters {
     /// the parameter's shape; it is converted to the parameter's dtype.
     ///
     /// # Errors
+    /// [`Error::ParameterReleased`] naming a released parameter (before the file is read),
     /// [`Error::Io`] if the file cannot be read, [`Error::MalformedState`] if it is not
-    /// safetensors, [`Error::StateMismatch`] naming the first missing or misshapen tensor,
-    /// [`Error::ParameterReleased`] naming a released parameter.
+    /// safetensors, [`Error::StateMismatch`] naming the first missing or misshapen tensor.
     /// Nothing is modified unless every tensor matches.
     pub fn load_safetensors(&self, path: &Path) -> Result<()> {
-        let vars = self.list.iter().map(Parameter::var).collect::<Result<Vec<_>>>()?;
-        let bytes = crate::io::read_bounded(path, crate::io::MAX_STATE_BYTES)?;
-        let device = self.list.first().map(|p| p.device().clone()).unwrap_or(Device::Cpu);
-        let loaded: HashMap<String, Tensor> = candle::safetensors::load_buffer(&bytes, &device)
-            .map_err(|e| Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })?;
+        self.list.iter().try_for_each(|p| p.var().map(drop))?;
+        let loaded = crate::io::read_safetensors(path, &self.device())?;
+        for (var, value) in self.values_by_name(&loaded, str::to_string)? {
+            var.set(&value)?;
+        }
+        Ok(())
+    }
+
+    /// Each parameter's variable with its new value: the tensor of `loaded` under
+    /// `key(name)`, checked against the parameter's shape and converted to its dtype and
+    /// device. Checks everything before the caller sets anything.
+    ///
+    /// # Errors
+    /// [`Error::ParameterReleased`] naming a released parameter; [`Error::StateMismatch`]
+    /// naming (by key) the first missing or misshapen tensor.
+    pub(crate) fn values_by_name(
+        &self,
+        loaded: &HashMap<String, Tensor>,
+        key: impl Fn(&str) -> String,
+    ) -> Result<Vec<(&Var, Tensor)>> {
         let mut values = Vec::with_capacity(self.list.len());
         for p in &self.list {
-            let Some(t) = loaded.get(&p.name) else {
+            let name = key(&p.name);
+            let Some(t) = loaded.get(&name) else {
                 return Err(Error::StateMismatch {
-                    name: p.name.clone(),
+                    name,
                     expected: format!("a tensor of shape {:?}", p.dims()),
                     found: "nothing".into(),
                 });
             };
             if t.dims() != p.dims() {
                 return Err(Error::StateMismatch {
-                    name: p.name.clone(),
+                    name,
                     expected: format!("shape {:?}", p.dims()),
                     found: format!("shape {:?}", t.dims()),
                 });
             }
-            values.push(t.to_dtype(p.dtype())?);
+            values.push((p.var()?, t.to_dtype(p.dtype())?.to_device(p.device())?));
         }
-        for (var, value) in vars.into_iter().zip(values) {
-            var.set(&value)?;
-        }
-        Ok(())
+        Ok(values)
+    }
+
+    /// The device of the first parameter (the CPU when there are none).
+    pub fn device(&self) -> Device {
+        self.list.first().map_or(Device::Cpu, |p| p.device().clone())
     }
 
     /// Parameters over existing handles, in the given order, sharing them (their variables and

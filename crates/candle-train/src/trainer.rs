@@ -37,8 +37,11 @@ pub trait TrainableModel: SegmentedModel {
     fn context_length(&self) -> usize {
         usize::MAX
     }
-    /// The device its parameters live on.
-    fn device(&self) -> Device;
+    /// The device its parameters live on. By default the first parameter's
+    /// ([`Parameters::device`]).
+    fn device(&self) -> Device {
+        self.parameters().device()
+    }
     /// Its architecture and every setting that changes its trajectory (heads, dropout, norm
     /// epsilon, ...) as canonical JSON: a checkpoint resumes only into a model whose settings
     /// are equal ([`crate::checkpoint::RunIdentity::model`]). Serialize the whole config, so no
@@ -57,11 +60,6 @@ pub trait LanguageModel: TrainableModel<Batch = TokenBatch> {}
 
 impl<M: TrainableModel<Batch = TokenBatch> + ?Sized> LanguageModel for M {}
 
-/// The device of the first parameter (the CPU for a model without parameters).
-pub fn parameters_device(parameters: &Parameters) -> Device {
-    parameters.iter().next().map(|p| p.device().clone()).unwrap_or(Device::Cpu)
-}
-
 impl TrainableModel for Gpt {
     fn parameters(&self) -> &Parameters {
         Gpt::parameters(self)
@@ -73,10 +71,6 @@ impl TrainableModel for Gpt {
 
     fn settings(&self) -> String {
         canonical_json("gpt", self.config())
-    }
-
-    fn device(&self) -> Device {
-        parameters_device(self.parameters())
     }
 }
 
@@ -91,10 +85,6 @@ impl TrainableModel for crate::models::Llama {
 
     fn settings(&self) -> String {
         canonical_json("llama", self.config())
-    }
-
-    fn device(&self) -> Device {
-        crate::models::Llama::device(self)
     }
 }
 
@@ -113,10 +103,6 @@ impl TrainableModel for BertClassifier {
             "bert_classifier",
             &serde_json::json!({"encoder": self.encoder().config(), "labels": labels}),
         )
-    }
-
-    fn device(&self) -> Device {
-        parameters_device(self.parameters())
     }
 }
 

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::layers::attention::{scaled_dot_product_attention, split_heads, AttentionMask};
 use crate::layers::ops::{self, padding_bias, residual_add};
 use crate::layers::{Dropout, Embedding, LayerNorm, Linear, WeightLayout};
-use crate::module::{Forward, ForwardContext, Module, ModuleBuilder};
+use crate::module::{parameters_of, Forward, ForwardContext, ModuleBuilder};
 use crate::params::{ParamBuilder, Parameter, Parameters};
 
 /// The fields of a Hugging Face BERT `config.json` this model uses (others are ignored).
@@ -367,11 +367,7 @@ impl Bert {
 
     /// The parameters the embeddings read (word, position and token-type tables, LayerNorm).
     pub fn embedding_parameters(&self) -> Vec<Parameter> {
-        [&self.word, &self.position, &self.token_type]
-            .iter()
-            .flat_map(|e| e.parameters())
-            .chain(self.embedding_norm.parameters())
-            .collect()
+        parameters_of(&[&self.word, &self.position, &self.token_type, &self.embedding_norm])
     }
 
     /// The encoder layers, in order.
@@ -389,8 +385,7 @@ impl crate::serve::Snapshot for Bert {
     /// A copy with its own variables (same names, values and dtype). The copy is built as
     /// [`Bert::new`] builds a model, then its values are overwritten.
     fn snapshot(&self) -> crate::Result<Self> {
-        let device = self.params.iter().next().map(|p| p.device().clone()).unwrap_or(Device::Cpu);
-        let copy = Self::new(&self.config, &self.prefix, self.dtype, &device, 0)?;
+        let copy = Self::new(&self.config, &self.prefix, self.dtype, &self.params.device(), 0)?;
         for (to, from) in copy.params.iter().zip(self.params.iter()) {
             to.var()?.set(&from.tensor()?.detach().copy()?)?;
         }

@@ -20,7 +20,7 @@ use crate::device::reduction_dtype;
 use crate::layers::ops::padding_bias;
 use crate::layers::{cross_entropy, Linear, WeightLayout};
 use crate::models::bert::{mean_pool, Bert, BertConfig, BertLayer};
-use crate::module::{ForwardContext, Module, ModuleBuilder, Stacked};
+use crate::module::{parameters_of, ForwardContext, ModuleBuilder, Stacked};
 use crate::params::{ParamBuilder, Parameter, Parameters};
 
 /// A tokenized, labelled batch: ids, token types and attention mask `[batch, t]` (integers;
@@ -97,8 +97,7 @@ impl BertClassifier {
         if num_labels == 0 {
             return Err(crate::Error::config("num_labels", "must be at least 1"));
         }
-        let device = encoder.parameters().iter().next().map_or(candle::Device::Cpu, |p| p.device().clone());
-        let b = ModuleBuilder::new(ParamBuilder::new(encoder.dtype(), device, seed));
+        let b = ModuleBuilder::new(ParamBuilder::new(encoder.dtype(), encoder.parameters().device(), seed));
         let hidden = encoder.config().hidden_size;
         let pooler = match pooling {
             Pooling::Mean => None,
@@ -138,31 +137,9 @@ impl BertClassifier {
         if self.pooler.is_none() {
             return Err(crate::Error::config("pooling", "a mean-pooling classifier has no pooler to load"));
         }
-        let bytes = crate::io::read_bounded(path, crate::io::MAX_STATE_BYTES)?;
-        let loaded = candle::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| crate::Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })?;
         let prefix = format!("{}pooler.", self.encoder.prefix());
-        let pooler: Vec<_> = self.params.iter().filter(|p| p.name.starts_with(&prefix)).collect();
-        let mut values = Vec::with_capacity(pooler.len());
-        for p in &pooler {
-            let t = loaded.get(&p.name).ok_or_else(|| crate::Error::StateMismatch {
-                name: p.name.clone(),
-                expected: format!("a tensor of shape {:?} in {}", p.dims(), path.display()),
-                found: "nothing".into(),
-            })?;
-            if t.dims() != p.dims() {
-                return Err(crate::Error::StateMismatch {
-                    name: p.name.clone(),
-                    expected: format!("shape {:?}", p.dims()),
-                    found: format!("shape {:?}", t.dims()),
-                });
-            }
-            values.push(t.to_dtype(p.dtype())?.to_device(p.device())?);
-        }
-        for (p, value) in pooler.iter().zip(values) {
-            p.var()?.set(&value)?;
-        }
-        Ok(())
+        let pooler = self.params.iter().filter(|p| p.name.starts_with(&prefix)).cloned();
+        Parameters::from_handles(pooler)?.load_safetensors(path)
     }
 
     /// Writes a Hugging Face `BertForSequenceClassification` folder into `dir` (created):
@@ -304,8 +281,7 @@ impl Stacked for BertClassifier {
     }
 
     fn head_parameters(&self) -> Vec<Parameter> {
-        let pooler = self.pooler.as_ref().map(Module::parameters).unwrap_or_default();
-        [pooler, self.head.parameters()].concat()
+        parameters_of(&[&self.pooler, &self.head])
     }
 }
 

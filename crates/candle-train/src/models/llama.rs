@@ -17,11 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::reduction_dtype;
 use crate::layers::ops::residual_add;
-use crate::layers::{
-    token_cross_entropy, Embedding, GroupedQueryAttention, Linear, RmsNorm, Rotary, SwiGlu, WeightLayout,
-};
+use crate::layers::{Embedding, GroupedQueryAttention, Linear, RmsNorm, Rotary, SwiGlu, WeightLayout};
 use crate::models::TokenBatch;
-use crate::module::{Forward, ForwardContext, Module, ModuleBuilder, Stacked};
+use crate::module::{parameters_of, Forward, ForwardContext, Module, ModuleBuilder, Stacked};
 use crate::params::{ParamBuilder, Parameter, Parameters};
 
 /// The fields of a Hugging Face LLaMA `config.json` this model uses (others are ignored when
@@ -351,10 +349,7 @@ impl Llama {
         dtype: DType,
         device: &Device,
     ) -> crate::Result<Self> {
-        let bytes = crate::io::read_bounded(path, crate::io::MAX_STATE_BYTES)?;
-        let tensors = candle::safetensors::load_buffer(&bytes, device)
-            .map_err(|e| crate::Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })?;
-        Self::from_tensors(config, tensors, dtype, device)
+        Self::from_tensors(config, crate::io::read_safetensors(path, device)?, dtype, device)
     }
 
     /// A model saved by [`Llama::save_pretrained`] (or any Hugging Face LLaMA directory with a
@@ -432,7 +427,7 @@ impl Llama {
 
     /// The device the parameters live on.
     pub fn device(&self) -> Device {
-        self.params.iter().next().map_or(Device::Cpu, |p| p.device().clone())
+        self.params.device()
     }
 
     /// The logits `[batch, t, vocab]` (in the parameters' dtype) for token ids `[batch, t]`.
@@ -441,11 +436,8 @@ impl Llama {
     /// On a sequence longer than `max_position_embeddings`, an id out of range, or a tensor
     /// error.
     pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
-        let mut h = self.embed_ids(ids)?;
-        for layer in &self.layers {
-            h = layer.forward(&h, &mut ForwardContext::eval())?;
-        }
-        self.head_logits(&h)
+        let h = self.embed_ids(ids)?;
+        self.head_logits(&crate::module::stack::forward_blocks(&self.layers, h, &SegmentContext::eval())?)
     }
 
     /// The logits `[batch, t, vocab]` of the new tokens `ids` (`[batch, t]`) following the
@@ -505,15 +497,7 @@ impl Llama {
         let h = self.norm.forward_as(h, self.dtype)?;
         match &self.lm_head {
             Some(head) => head.forward(&h),
-            None => {
-                let (b, t, c) = h.dims3()?;
-                let table = self.embed_tokens.weight();
-                crate::layers::linear::matmul_transposed(&h.reshape((b * t, c))?, table)?.reshape((
-                    b,
-                    t,
-                    self.config.vocab_size,
-                ))
-            }
+            None => self.embed_tokens.tied_logits(&h),
         }
     }
 }
@@ -539,9 +523,7 @@ impl Stacked for Llama {
     }
 
     fn head(&self, x: &Tensor, batch: &TokenBatch, _: &SegmentContext) -> Result<Tensor> {
-        let logits = self.head_logits(x)?;
-        let (b, t, v) = logits.dims3()?;
-        token_cross_entropy(&logits.reshape((b * t, v))?, &batch.targets.flatten_all()?)
+        batch.loss(&self.head_logits(x)?)
     }
 
     fn embedding_parameters(&self) -> Vec<Parameter> {
@@ -549,11 +531,11 @@ impl Stacked for Llama {
     }
 
     fn head_parameters(&self) -> Vec<Parameter> {
-        let head = match &self.lm_head {
-            Some(head) => head.parameters(),
-            None => self.embed_tokens.parameters(),
+        let head: &dyn Module = match &self.lm_head {
+            Some(head) => head,
+            None => &self.embed_tokens,
         };
-        [self.norm.parameters(), head].concat()
+        parameters_of(&[&self.norm, head])
     }
 }
 
