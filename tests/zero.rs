@@ -264,7 +264,7 @@ fn every_public_read_of_a_released_parameter_is_an_error_naming_it() -> anyhow::
     for segment in 0..sharded.num_segments() {
         for p in sharded.segment_parameters(segment) {
             let own = params.get(&p.name).ok_or_else(|| anyhow::anyhow!("{} not listed", p.name))?;
-            assert_eq!((p.id(), p.dims()), (own.id(), own.dims()), "{}", p.name);
+            assert_eq!((p.id(), p.shape()), (own.id(), own.shape()), "{}", p.name);
             let err = p.var().err().ok_or_else(|| anyhow::anyhow!("segment read `{}`", p.name))?;
             assert!(err.to_string().contains(&format!("parameter `{}` is released", p.name)), "{err}");
         }
@@ -729,7 +729,13 @@ fn stage_three_per_rank_bytes_match_the_formula_plus_one_gathered_segment() -> a
         let segments = probe.num_segments();
         // The bytes of each segment's own parameters (a lower bound of what it gathers).
         let own: Vec<usize> = (0..segments)
-            .map(|s| probe.segment_parameters(s).iter().map(|p| p.elem_count() * dtype.size_in_bytes()).sum())
+            .map(|s| {
+                probe
+                    .segment_parameters(s)
+                    .iter()
+                    .map(|p| p.shape().elem_count() * dtype.size_in_bytes())
+                    .sum()
+            })
             .collect();
         drop(probe);
         for world_size in [2usize, 4, 8] {

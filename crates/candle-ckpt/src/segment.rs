@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use candle::{DType, Device, Result, Shape, Tensor, TensorId, Var};
+use candle::{Result, Shape, Tensor, TensorId, Var};
 
 use crate::rng::{Rng, RngKey, SampleWindow};
 
@@ -121,29 +121,9 @@ impl SegmentParameter {
         self.var.shape()
     }
 
-    /// The variable's dimensions.
-    pub fn dims(&self) -> &[usize] {
-        self.var.dims()
-    }
-
-    /// The variable's number of elements.
-    pub fn elem_count(&self) -> usize {
-        self.var.elem_count()
-    }
-
     /// The variable's number of dimensions.
     pub fn rank(&self) -> usize {
         self.var.rank()
-    }
-
-    /// The variable's dtype.
-    pub fn dtype(&self) -> DType {
-        self.var.dtype()
-    }
-
-    /// The variable's device.
-    pub fn device(&self) -> &Device {
-        self.var.device()
     }
 
     /// Whether the parameter's storage is released now.

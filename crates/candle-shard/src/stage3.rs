@@ -16,32 +16,41 @@
 //! A released variable no longer covers its layout, which breaks an invariant Candle's kernels
 //! rely on: computing with its raw storage would be undefined behaviour (the CPU matmul reads
 //! through raw pointers). So release and gather go through the parameter handles
-//! ([`Parameter`]): a parameter is marked released before its storage is swapped out and
-//! resident only after its values are back, and every layer reads its weights through
-//! [`Parameter::tensor`], which refuses a released parameter with
-//! [`candle_train::Error::ParameterReleased`] naming it. So a forward through
-//! [`ShardedModel::inner`], `Parameters::save_safetensors` of its parameters or any other read
-//! through a handle is an error, not a read of freed memory (tests/zero.rs). What the handle
-//! cannot guard is a raw clone of the `Var` taken around it (`parameter.var`); code that may
-//! run while a model is sharded reads through the handle. The protocol that keeps the
-//! engine's own reads on gathered parameters, for
-//! the segmented engine of candle-ckpt (segments forward in order, backward in reverse, one
-//! hook call after each segment's backward, which the Trainer forwards to
+//! ([`Parameter`]), whose variable is private: a parameter is marked released before its
+//! storage is swapped out and resident only after its values are back, and every read of its
+//! values from safe code ([`Parameter::tensor`], which the layers read through,
+//! [`Parameter::var`], the engine's [`SegmentParameter::var`]) refuses a released parameter
+//! with [`candle_train::Error::ParameterReleased`] naming it. So a forward through
+//! [`ShardedModel::inner`], saving or exporting its parameters, a checkpoint, or any other read
+//! through a handle is an error, not a read of freed memory (tests/zero.rs). The swap itself is
+//! the one user of [`Parameter::var_unchecked`] (`release_storage`, `restore_storage`).
+//!
+//! What no handle can see is a value taken while the parameter was resident and kept past its
+//! release: a graph that used it. The protocol keeps graphs on gathered parameters, for the
+//! segmented engine of candle-ckpt (segments forward in order, backward in reverse, one hook
+//! call after each segment's backward, which the Trainer forwards to
 //! [`Updater::accumulate`](candle_train::Updater::accumulate)):
 //!
 //! - before segment `i`'s forward or recompute, its parameters are gathered; the parameters
 //!   gathered for the previous forward are released then (those segment `i` does not use): a
 //!   segment's forward output is detached, so nothing reads them until the backward;
-//! - after segment `i`'s backward (its hook call), segment `i - 1`'s parameters are gathered
-//!   (a kept graph reads them in its backward, which comes next) and segment `i`'s released;
+//! - before segment `i`'s backward the engine calls
+//!   [`SegmentedModel::before_backward`], which gathers segment `i`'s parameters if they are
+//!   not (a kept graph reads them in its backward), whatever the hook does;
+//! - after segment `i`'s backward (its hook call, through the updater), segment `i - 1`'s
+//!   parameters are gathered (so `before_backward` finds them there) and segment `i`'s
+//!   released;
 //! - the optimizer steps the FP32 slices; variables that happen to be gathered at that point
 //!   are gathered again with the new values.
 //!
-//! The plain whole-graph backward ([`candle_train::BackwardMode::Plain`]) reads every
-//! segment's parameters at once after the forward, so stage 3 refuses it
-//! ([`crate::driver::fit_rank`]). The model is moved into [`ShardedModel`]; a clone of its
-//! parameters made before, read while the model is sharded, would read released memory:
-//! don't. [`ShardedModel::into_inner`] gathers everything back and returns the model.
+//! A graph across segments (a plain whole-graph backward, [`candle_ckpt::plain_forward_backward`],
+//! gradient verification's reference) would read every segment's parameters after their
+//! release: [`ShardedModel`]'s forward refuses an input that carries the previous segments'
+//! graph, and [`crate::driver::fit_rank`] refuses [`candle_train::BackwardMode::Plain`]. The
+//! model is moved into [`ShardedModel`]; a variable the caller kept (a candle-nn `VarMap`'s,
+//! a clone of one given to [`Parameter::new`]) shares the storage and is not guarded: don't
+//! read it while the model is sharded. [`ShardedModel::into_inner`] gathers everything back
+//! and returns the model.
 //!
 //! On CUDA (feature `cuda`) the buffer is swapped for a one-element allocation (compiled, not
 //! run yet: no GPU); on other devices storage is not released (the values are written with

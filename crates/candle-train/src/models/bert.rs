@@ -59,12 +59,7 @@ impl BertConfig {
     /// [`crate::Error::Io`] if the file cannot be read, [`crate::Error::InvalidConfig`] if it
     /// does not parse or names an unsupported activation or head count.
     pub fn from_json_file(path: &Path) -> crate::Result<Self> {
-        let bytes = crate::io::read_bounded(path, crate::io::MAX_CONFIG_BYTES)?;
-        let text = String::from_utf8(bytes).map_err(|e| {
-            crate::Error::io("read", path, std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-        })?;
-        let config: Self =
-            serde_json::from_str(&text).map_err(|e| crate::Error::config("config.json", e.to_string()))?;
+        let config: Self = crate::io::read_json_config(path)?;
         config.validate()?;
         Ok(config)
     }
@@ -249,10 +244,8 @@ impl Bert {
     ) -> crate::Result<Self> {
         config.validate()?;
         let b = ModuleBuilder::new(ParamBuilder::new(dtype, device.clone(), seed));
-        let root = match prefix.trim_end_matches('.') {
-            "" => b.clone(),
-            path => b.pp(path),
-        };
+        // `pp("")` stays at the root.
+        let root = b.pp(prefix.trim_end_matches('.'));
         let (h, e) = (config.hidden_size, root.pp("embeddings"));
         let word = Embedding::build(&e.pp("word_embeddings"), config.vocab_size, h, 0.02)?;
         let position =

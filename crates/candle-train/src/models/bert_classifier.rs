@@ -102,8 +102,7 @@ impl BertClassifier {
         let pooler = match pooling {
             Pooling::Mean => None,
             Pooling::ClsPooler => {
-                let path = format!("{}pooler", encoder.prefix());
-                let dense = path.split('.').fold(b.clone(), |b, part| b.pp(part)).pp("dense");
+                let dense = b.pp(format!("{}pooler", encoder.prefix())).pp("dense");
                 Some(Linear::build(&dense, hidden, hidden, WeightLayout::OutIn, 0.02)?)
             }
         };
@@ -199,10 +198,7 @@ impl BertClassifier {
     pub fn from_pretrained(dir: &Path, dtype: DType, device: &Device) -> crate::Result<(Self, Vec<String>)> {
         let path = dir.join("config.json");
         let config = BertConfig::from_json_file(&path)?;
-        let bytes = crate::io::read_bounded(&path, crate::io::MAX_CONFIG_BYTES)?;
-        let value: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| crate::Error::config("config.json", e.to_string()))?;
-        let labels = labels_from_config(&value)?;
+        let labels = labels_from_config(&crate::io::read_json_config(&path)?)?;
         let encoder = Bert::new(&config, HF_PREFIX, dtype, device, 0)?;
         let model = Self::with_pooling(encoder, labels.len(), Pooling::ClsPooler, 0)?;
         model.params.load_safetensors(&dir.join("model.safetensors"))?;
@@ -289,24 +285,22 @@ crate::segmented_stack!(BertClassifier);
 
 /// `BertForSequenceClassification`'s `config.json` for `config` and `labels`.
 fn classifier_config_json(config: &BertConfig, labels: &[String], dtype: DType) -> crate::Result<String> {
-    let bad = |e: serde_json::Error| crate::Error::config("config.json", e.to_string());
-    let mut value = serde_json::to_value(config).map_err(bad)?;
     let id2label: serde_json::Map<String, serde_json::Value> =
         labels.iter().enumerate().map(|(i, name)| (i.to_string(), json!(name))).collect();
     let label2id: serde_json::Map<String, serde_json::Value> =
         labels.iter().enumerate().map(|(i, name)| (name.clone(), json!(i))).collect();
-    if let Some(map) = value.as_object_mut() {
-        map.insert("architectures".into(), json!(["BertForSequenceClassification"]));
-        map.insert("model_type".into(), json!("bert"));
-        map.insert("num_labels".into(), json!(labels.len()));
-        map.insert("id2label".into(), id2label.into());
-        map.insert("label2id".into(), label2id.into());
-        map.insert("problem_type".into(), json!("single_label_classification"));
-        map.insert("position_embedding_type".into(), json!("absolute"));
-        map.insert("pad_token_id".into(), json!(0));
-        map.insert("torch_dtype".into(), json!(crate::models::llama::hf_dtype_name(dtype)));
-    }
-    serde_json::to_string_pretty(&value).map_err(bad)
+    let extra = json!({
+        "architectures": ["BertForSequenceClassification"],
+        "model_type": "bert",
+        "num_labels": labels.len(),
+        "id2label": id2label,
+        "label2id": label2id,
+        "problem_type": "single_label_classification",
+        "position_embedding_type": "absolute",
+        "pad_token_id": 0,
+        "torch_dtype": crate::models::llama::hf_dtype_name(dtype),
+    });
+    super::hf_config_json(config, extra)
 }
 
 /// The label names of a `config.json` value: `id2label` when present (every index below its

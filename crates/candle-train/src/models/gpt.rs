@@ -52,18 +52,13 @@ impl GptConfig {
     /// # Errors
     /// [`crate::Error::InvalidConfig`] naming the first bad field.
     pub fn validate(&self) -> crate::Result<()> {
-        let positive = [
+        super::check_positive(&[
             ("vocab_size", self.vocab_size),
             ("n_ctx", self.n_ctx),
             ("n_embd", self.n_embd),
             ("n_layer", self.n_layer),
             ("n_head", self.n_head),
-        ];
-        for (field, value) in positive {
-            if value == 0 {
-                return Err(crate::Error::config(field, "must be at least 1"));
-            }
-        }
+        ])?;
         if self.n_embd % self.n_head != 0 {
             return Err(crate::Error::config(
                 "n_head",

@@ -103,12 +103,7 @@ impl LlamaConfig {
     /// [`crate::Error::Io`] if the file cannot be read, [`crate::Error::InvalidConfig`] if it
     /// does not parse or describes a model this one does not implement.
     pub fn from_json_file(path: &Path) -> crate::Result<Self> {
-        let bytes = crate::io::read_bounded(path, crate::io::MAX_CONFIG_BYTES)?;
-        let text = String::from_utf8(bytes).map_err(|e| {
-            crate::Error::io("read", path, std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-        })?;
-        let config: Self =
-            serde_json::from_str(&text).map_err(|e| crate::Error::config("config.json", e.to_string()))?;
+        let config: Self = crate::io::read_json_config(path)?;
         config.validate()?;
         Ok(config)
     }
@@ -119,15 +114,13 @@ impl LlamaConfig {
     /// # Errors
     /// [`crate::Error::InvalidConfig`] if the config does not serialise (it always does).
     pub fn to_hf_json(&self, dtype: DType) -> crate::Result<String> {
-        let mut value =
-            serde_json::to_value(self).map_err(|e| crate::Error::config("config.json", e.to_string()))?;
-        if let Some(map) = value.as_object_mut() {
-            map.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
-            map.insert("model_type".into(), "llama".into());
-            map.insert("head_dim".into(), self.head_dim().into());
-            map.insert("torch_dtype".into(), hf_dtype_name(dtype).into());
-        }
-        serde_json::to_string_pretty(&value).map_err(|e| crate::Error::config("config.json", e.to_string()))
+        let extra = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "head_dim": self.head_dim(),
+            "torch_dtype": hf_dtype_name(dtype),
+        });
+        super::hf_config_json(self, extra)
     }
 
     /// The dimension of one attention head.
@@ -140,7 +133,7 @@ impl LlamaConfig {
     /// # Errors
     /// [`crate::Error::InvalidConfig`] naming the first bad field.
     pub fn validate(&self) -> crate::Result<()> {
-        let positive = [
+        super::check_positive(&[
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
@@ -148,12 +141,7 @@ impl LlamaConfig {
             ("num_attention_heads", self.num_attention_heads),
             ("num_key_value_heads", self.num_key_value_heads),
             ("max_position_embeddings", self.max_position_embeddings),
-        ];
-        for (field, value) in positive {
-            if value == 0 {
-                return Err(crate::Error::config(field, "must be at least 1"));
-            }
-        }
+        ])?;
         if self.hidden_size % self.num_attention_heads != 0 || self.head_dim() % 2 != 0 {
             return Err(crate::Error::config(
                 "num_attention_heads",
@@ -247,10 +235,7 @@ impl DecoderLayer {
 impl Forward for DecoderLayer {
     /// The layer on the residual stream `x` (no dropout: the context is not drawn from).
     fn forward(&self, x: &Tensor, _: &mut ForwardContext) -> Result<Tensor> {
-        let attn = self.self_attn.forward(&self.input_layernorm.forward_as(x, self.dtype)?, &self.rotary)?;
-        let x = residual_add(x, &attn)?;
-        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward_as(&x, self.dtype)?)?;
-        residual_add(&x, &mlp)
+        self.residual_branches(x, |normed| self.self_attn.forward(normed, &self.rotary))
     }
 }
 
@@ -258,9 +243,17 @@ impl DecoderLayer {
     /// The layer on the new positions `x` over `cache` (this layer's keys and values), which
     /// it extends.
     fn forward_cached(&self, x: &Tensor, cache: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
-        let normed = self.input_layernorm.forward_as(x, self.dtype)?;
-        let attn = self.self_attn.forward_cached(&normed, &self.rotary, cache)?;
-        let x = residual_add(x, &attn)?;
+        self.residual_branches(x, |normed| self.self_attn.forward_cached(normed, &self.rotary, cache))
+    }
+
+    /// Pre-norm attention (`attention` on the normed stream), then the pre-norm MLP, each
+    /// added to the residual stream `x`.
+    fn residual_branches(
+        &self,
+        x: &Tensor,
+        attention: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let x = residual_add(x, &attention(&self.input_layernorm.forward_as(x, self.dtype)?)?)?;
         let mlp = self.mlp.forward(&self.post_attention_layernorm.forward_as(&x, self.dtype)?)?;
         residual_add(&x, &mlp)
     }
