@@ -66,7 +66,7 @@ pub use engine::{
 };
 pub use policy::{parse_bytes, ParseRecomputeError, Recompute, RecomputePolicy, SegmentInfo};
 pub use rng::{Rng, RngKey, SampleWindow};
-pub use segment::{released_error, Residency, SegmentContext, SegmentParameter, SegmentedModel};
+pub use segment::{Residency, SegmentContext, SegmentParameter, SegmentedModel};
 pub use verify::{
     check_backward_rules, compare_gradients, verify_gradients, GradientDifference, GradientReport,
     MissingGradient,

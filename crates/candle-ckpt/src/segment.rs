@@ -79,7 +79,7 @@ impl Residency {
 
 /// The error of a read of a released parameter, with the text of candle-train's
 /// `Error::ParameterReleased`.
-pub fn released_error(name: &str) -> candle::Error {
+pub(crate) fn released_error(name: &str) -> candle::Error {
     candle::Error::Msg(format!(
         "parameter `{name}` is released: ZeRO stage 3 holds it only while its segment runs (read it through the model's forward, or after `ShardedModel::into_inner`)"
     ))
@@ -134,7 +134,8 @@ impl SegmentParameter {
     /// The variable, to read or set its values.
     ///
     /// # Errors
-    /// When the parameter is released ([`released_error`], naming it).
+    /// When the parameter is released: an error naming it, worded as candle-train's
+    /// `Error::ParameterReleased`.
     pub fn var(&self) -> Result<&Var> {
         if self.is_released() {
             return Err(released_error(&self.name));
@@ -202,5 +203,28 @@ pub trait SegmentedModel {
     /// none.
     fn stateful_layer(&self, _index: usize) -> Option<String> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle::{DType, Device, Result, Var};
+
+    use super::{Residency, SegmentParameter};
+
+    #[test]
+    fn a_released_parameter_refuses_its_variable_and_keeps_its_metadata() -> Result<()> {
+        let var = Var::zeros((2, 3), DType::F32, &Device::Cpu)?;
+        let residency = Residency::new();
+        let p = SegmentParameter::with_residency("w", var.clone(), residency.clone());
+        assert_eq!(p.var()?.as_tensor().id(), var.as_tensor().id());
+        residency.set_released(true);
+        assert!(p.is_released());
+        let err = p.var().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("parameter `w` is released"), "{err}");
+        assert_eq!((p.id(), p.shape().dims(), p.rank()), (var.as_tensor().id(), &[2, 3][..], 2));
+        residency.set_released(false);
+        assert_eq!(p.var()?.as_tensor().id(), var.as_tensor().id());
+        Ok(())
     }
 }
