@@ -241,7 +241,7 @@ fn main() -> anyhow::Result<()> {
     let wte = data.get("wte.weight").context("wte.weight in the map")?;
     println!(
         "wte.weight in the VarMap is the trained variable: {}",
-        wte.as_tensor().id() == model.params.get("wte.weight").context("param")?.var.as_tensor().id()
+        wte.as_tensor().id() == model.params.get("wte.weight").context("param")?.id()
     );
     Ok(())
 }

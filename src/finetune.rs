@@ -484,7 +484,7 @@ pub fn verify_reload(model: &Llama, dir: &Path, dtype: DType) -> anyhow::Result<
                 .collect())
         };
         anyhow::ensure!(
-            bits(mine.var.as_tensor())? == bits(other.var.as_tensor())?,
+            bits(&mine.tensor()?)? == bits(&other.tensor()?)?,
             "{}: reloaded `{}` differs from the trained one",
             dir.display(),
             mine.name

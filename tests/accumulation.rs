@@ -52,8 +52,8 @@ fn train(
 fn max_relative_difference(a: &Gpt, b: &Gpt) -> anyhow::Result<(String, f64)> {
     let mut worst = (String::new(), 0.0);
     for (pa, pb) in a.parameters().iter().zip(b.parameters().iter()) {
-        let scale = pa.var.abs()?.max_all()?.to_scalar::<f32>()? as f64;
-        let diff = (pa.var.as_tensor() - pb.var.as_tensor())?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+        let scale = pa.tensor()?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+        let diff = (&pa.tensor()? - &pb.tensor()?)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
         let rel = diff / scale;
         if rel > worst.1 {
             worst = (pa.name.clone(), rel);

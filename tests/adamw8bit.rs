@@ -94,7 +94,7 @@ fn an_eight_bit_run_resumes_from_its_checkpoint_bit_for_bit() -> anyhow::Result<
         let bits = |t: &candle::Tensor| -> anyhow::Result<Vec<u32>> {
             Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
         };
-        assert_eq!(bits(a.var.as_tensor())?, bits(b.var.as_tensor())?, "{}", a.name);
+        assert_eq!(bits(&a.tensor()?)?, bits(&b.tensor()?)?, "{}", a.name);
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

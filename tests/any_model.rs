@@ -155,7 +155,9 @@ impl TinyGpt {
         let mut rng = Rng::seeded(seed);
         for p in params.iter() {
             let mean = if p.name.contains("ln_") && p.name.ends_with("weight") { 1.0 } else { 0.0 };
-            p.var.set(&seeded(&mut rng, p.var.dims(), mean, 0.3)?.to_dtype(dtype)?)?;
+            p.var()
+                .map_err(candle::Error::wrap)?
+                .set(&seeded(&mut rng, p.dims(), mean, 0.3)?.to_dtype(dtype)?)?;
         }
         Ok(Self { map, params, wte, wpe, blocks, ln_f, lm_head, n_head: HEADS })
     }
@@ -336,7 +338,7 @@ fn the_drop_in_layers_give_candle_nns_differentiable_gradients() -> Result<()> {
     // Same seed, same VarBuilder paths and initialisations: the same values.
     for p in theirs.params.iter() {
         let q = ours.params.get(&p.name).ok_or_else(|| candle::Error::Msg(p.name.clone()))?;
-        let d = (p.var.as_tensor() - q.var.as_tensor())?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+        let d = (&p.tensor()? - &q.tensor()?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
         assert_eq!(d, 0.0, "{}", p.name);
     }
     let batch = theirs.batch(2)?;
@@ -366,12 +368,7 @@ fn a_var_map_model_trains_through_the_engine_and_the_updater_without_a_copy() ->
     {
         let data = model.map.data().lock().map_err(|_| candle::Error::Msg("lock".into()))?;
         for p in model.params.iter() {
-            assert_eq!(
-                data.get(&p.name).map(|v| v.as_tensor().id()),
-                Some(p.var.as_tensor().id()),
-                "{}",
-                p.name
-            );
+            assert_eq!(data.get(&p.name).map(|v| v.as_tensor().id()), Some(p.id()), "{}", p.name);
         }
     }
     let sgd =
@@ -383,8 +380,7 @@ fn a_var_map_model_trains_through_the_engine_and_the_updater_without_a_copy() ->
     let mut losses = vec![];
     for step in 0..6 {
         let batch = model.batch(step % 2)?;
-        let before: Vec<Tensor> =
-            model.params.iter().map(|p| p.var.as_tensor().copy()).collect::<Result<_>>()?;
+        let before: Vec<Tensor> = model.params.iter().map(|p| p.tensor()?.copy()).collect::<Result<_>>()?;
         let mut expected = vec![];
         let loss = forward_backward(&model, &batch, SegmentContext::eval(), &decisions, 1.0, |g| {
             for p in &g.gradients {
@@ -484,7 +480,7 @@ impl SegmentedModel for RandomModel {
     fn segment_parameters(&self, index: usize) -> Vec<SegmentParameter> {
         match self.params.get(index) {
             Some(var) if index < self.specs.len() => {
-                vec![SegmentParameter { name: format!("w{index}"), var: var.clone() }]
+                vec![SegmentParameter::new(format!("w{index}"), var.clone())]
             }
             _ => vec![],
         }

@@ -73,7 +73,7 @@ fn llama_family_folder(name: &str, config: &Value) -> anyhow::Result<PathBuf> {
     let parsed: LlamaConfig = serde_json::from_value(config.clone())?;
     let model = Llama::new(&parsed, DType::F32, &Device::Cpu, 0)?;
     let shapes: Vec<(String, Vec<usize>)> =
-        model.parameters().iter().map(|p| (p.name.clone(), p.var.dims().to_vec())).collect();
+        model.parameters().iter().map(|p| (p.name.clone(), p.dims().to_vec())).collect();
     write_folder(&dir, config, &seeded_tensors(&shapes, 7)?)?;
     Ok(dir)
 }
@@ -468,7 +468,7 @@ fn bert_encoder_equals_candle_transformers() -> anyhow::Result<()> {
     let shapes: Vec<(String, Vec<usize>)> = Bert::new(&parsed, "", DType::F32, &Device::Cpu, 0)?
         .parameters()
         .iter()
-        .map(|p| (p.name.clone(), p.var.dims().to_vec()))
+        .map(|p| (p.name.clone(), p.dims().to_vec()))
         .collect();
     write_folder(&dir, &config, &seeded_tensors(&shapes, 11)?)?;
 
@@ -506,7 +506,7 @@ fn bert_sequence_classifier_equals_candle_transformers_with_its_head() -> anyhow
     let shapes: Vec<(String, Vec<usize>)> = BertClassifier::with_pooling(encoder, 3, Pooling::ClsPooler, 0)?
         .parameters()
         .iter()
-        .map(|p| (p.name.clone(), p.var.dims().to_vec()))
+        .map(|p| (p.name.clone(), p.dims().to_vec()))
         .collect();
     write_folder(&dir, &config, &seeded_tensors(&shapes, 13)?)?;
 
@@ -622,7 +622,7 @@ fn gpt2_equals_the_reference_and_round_trips_with_its_names() -> anyhow::Result<
     let shapes: Vec<(String, Vec<usize>)> = Gpt::new(gpt2_config(&config)?, DType::F32, &Device::Cpu, 0)?
         .parameters()
         .iter()
-        .map(|p| (format!("{GPT2_PREFIX}{}", p.name), p.var.dims().to_vec()))
+        .map(|p| (format!("{GPT2_PREFIX}{}", p.name), p.dims().to_vec()))
         .collect();
     let mut tensors = seeded_tensors(&shapes, 17)?;
     // The causal-mask buffer old checkpoints carry is ignored.

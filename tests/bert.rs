@@ -95,7 +95,7 @@ fn every_minilm_parameter_receives_a_nonzero_gradient() -> anyhow::Result<()> {
     let grads = loss.backward()?;
     assert_eq!(model.parameters().len(), 6 * 16 + 5);
     for p in model.parameters().iter() {
-        let grad = grads.get(p.var.as_tensor());
+        let grad = grads.get_id(p.id());
         let norm = match grad {
             Some(g) => g.sqr()?.sum_all()?.to_scalar::<f32>()?,
             None => anyhow::bail!("`{}` received no gradient", p.name),
@@ -114,7 +114,7 @@ fn saved_weights_keep_the_original_names_and_reload_to_identical_outputs() -> an
     let model = files.encoder(DType::F32, &Device::Cpu)?;
     // A "fine-tuned" change: shift every parameter by a different small amount.
     for (i, p) in model.parameters().iter().enumerate() {
-        p.var.set(&(p.var.as_tensor() + 1e-3 * (i as f64 + 1.0))?)?;
+        p.var()?.set(&(&p.tensor()? + 1e-3 * (i as f64 + 1.0))?)?;
     }
     let dir = std::env::temp_dir().join(format!("candle-fit-bert-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -160,7 +160,7 @@ fn classifier_with_its_head_saves_and_reloads_to_identical_logits() -> anyhow::R
     let head = Linear::new(&mut pb, "classifier", 384, 4, WeightLayout::OutIn, 0.5)?;
     let head_params = pb.finish();
     for p in encoder.parameters().iter().take(3) {
-        p.var.set(&(p.var.as_tensor() + 1e-3)?)?;
+        p.var()?.set(&(&p.tensor()? + 1e-3)?)?;
     }
     let dir = std::env::temp_dir().join(format!("candle-fit-classifier-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;

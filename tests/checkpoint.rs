@@ -64,7 +64,7 @@ fn snapshot(model: &Gpt) -> anyhow::Result<Vec<(String, Vec<u32>)>> {
         .parameters()
         .iter()
         .map(|p| {
-            let values = p.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let values = p.tensor()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             Ok((p.name.clone(), values.iter().map(|v| v.to_bits()).collect()))
         })
         .collect()

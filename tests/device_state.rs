@@ -64,7 +64,7 @@ fn train(
 fn worst_difference(a: &Gpt, b: &Gpt) -> anyhow::Result<(String, f64)> {
     let mut worst = (String::new(), 0.0);
     for (pa, pb) in a.parameters().iter().zip(b.parameters().iter()) {
-        let (ta, tb) = (pa.var.to_dtype(DType::F64)?, pb.var.to_dtype(DType::F64)?);
+        let (ta, tb) = (pa.tensor()?.to_dtype(DType::F64)?, pb.tensor()?.to_dtype(DType::F64)?);
         let scale = ta.abs()?.max_all()?.to_scalar::<f64>()?;
         let diff = (&ta - &tb)?.abs()?.max_all()?.to_scalar::<f64>()?;
         if diff / scale > worst.1 {
@@ -125,7 +125,7 @@ fn snapshot(model: &Gpt) -> anyhow::Result<Vec<Vec<u32>>> {
         .parameters()
         .iter()
         .map(|p| {
-            let values = p.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let values = p.tensor()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             Ok(values.iter().map(|v| v.to_bits()).collect())
         })
         .collect()

@@ -101,7 +101,7 @@ fn classifier_pools_cls_through_the_pooler_as_bert_for_sequence_classification()
     let model = BertClassifier::with_pooling(encoder, 3, Pooling::ClsPooler, 4)?;
     // Pooler pre-activations of order 1, where tanh is far from the identity.
     let pooler = model.parameters().get("pooler.dense.weight").expect("the pooler exists");
-    pooler.var.set(&(pooler.tensor()? * 100.0)?)?;
+    pooler.var()?.set(&(pooler.tensor()? * 100.0)?)?;
     let (ids, types, mask) = batch(config.vocab_size)?;
     let hidden =
         model.encoder().forward(&ids, Some(&types), &mask, &mut candle_fit::ckpt::Rng::seeded(0), false)?;

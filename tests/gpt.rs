@@ -12,7 +12,7 @@ fn config() -> GptConfig {
 fn parameters_carry_gpt2_names_and_shapes() -> anyhow::Result<()> {
     let model = Gpt::new(config(), DType::F32, &Device::Cpu, 0)?;
     let shapes: Vec<(String, Vec<usize>)> =
-        model.parameters().iter().map(|p| (p.name.clone(), p.var.dims().to_vec())).collect();
+        model.parameters().iter().map(|p| (p.name.clone(), p.dims().to_vec())).collect();
     let expected_block = |i: usize| {
         vec![
             (format!("h.{i}.ln_1.weight"), vec![12]),
@@ -37,7 +37,7 @@ fn parameters_carry_gpt2_names_and_shapes() -> anyhow::Result<()> {
     expected.push(("ln_f.bias".into(), vec![12]));
     assert_eq!(shapes, expected);
     assert_eq!(model.parameters().num_elements(), config().num_parameters());
-    let sizes: Vec<usize> = model.parameters().iter().map(|p| p.var.elem_count()).collect();
+    let sizes: Vec<usize> = model.parameters().iter().map(|p| p.elem_count()).collect();
     assert_eq!(sizes, config().parameter_sizes());
     Ok(())
 }
@@ -56,7 +56,7 @@ fn segments_are_embedding_blocks_and_head() -> anyhow::Result<()> {
 fn builds_in_every_float_dtype_and_refuses_long_sequences() -> anyhow::Result<()> {
     for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
         let model = Gpt::new(config(), dtype, &Device::Cpu, 0)?;
-        assert!(model.parameters().iter().all(|p| p.var.dtype() == dtype));
+        assert!(model.parameters().iter().all(|p| p.dtype() == dtype));
         let logits = model.logits(&Tensor::zeros((2, 8), DType::U32, &Device::Cpu)?)?;
         assert_eq!(logits.dims(), [2, 8, 256]);
     }

@@ -66,8 +66,8 @@ fn builder() -> ParamBuilder {
     ParamBuilder::new(DType::F64, Device::Cpu, 11)
 }
 
-fn param_vars(pb: ParamBuilder) -> Vec<(String, Var)> {
-    pb.finish().iter().map(|p| (p.name.clone(), p.var.clone())).collect()
+fn param_vars(pb: ParamBuilder) -> candle_fit::train::Result<Vec<(String, Var)>> {
+    pb.finish().iter().map(|p| Ok((p.name.clone(), p.var()?.clone()))).collect()
 }
 
 fn check_all(layer: &str, params: &[(String, Var)], x: &Var, objective: &Objective) -> anyhow::Result<()> {
@@ -83,12 +83,14 @@ fn linear_in_both_layouts_matches_finite_differences() -> anyhow::Result<()> {
         let layer = Linear::new(&mut pb, "fc", 5, 3, layout, 0.5)?;
         let x = Var::from_tensor(&random(&[2, 4, 5], 1)?)?;
         let objective = || weighted_sum(&layer.forward(x.as_tensor())?, 2);
-        check_all(&format!("linear {layout:?}"), &param_vars(pb), &x, &objective)?;
+        check_all(&format!("linear {layout:?}"), &param_vars(pb)?, &x, &objective)?;
     }
     let mut pb = builder();
     let layer = Linear::no_bias(&mut pb, "fc", 4, 6, WeightLayout::OutIn, 0.5)?;
     let x = Var::from_tensor(&random(&[3, 4], 3)?)?;
-    check_all("linear without bias", &param_vars(pb), &x, &|| weighted_sum(&layer.forward(x.as_tensor())?, 4))
+    check_all("linear without bias", &param_vars(pb)?, &x, &|| {
+        weighted_sum(&layer.forward(x.as_tensor())?, 4)
+    })
 }
 
 #[test]
@@ -97,7 +99,7 @@ fn embedding_matches_finite_differences() -> anyhow::Result<()> {
     let layer = Embedding::new(&mut pb, "wte", 7, 4, 1.0)?;
     // Repeated ids: their gradients must add up.
     let ids = Tensor::new(&[[1u32, 3, 3], [0, 6, 1]], &Device::Cpu)?;
-    let params = param_vars(pb);
+    let params = param_vars(pb)?;
     let vars: Vec<(&str, &Var)> = params.iter().map(|(n, v)| (n.as_str(), v)).collect();
     gradcheck("embedding", &vars, &|| weighted_sum(&layer.forward(&ids)?, 5))
 }
@@ -108,7 +110,7 @@ fn layer_norm_and_rms_norm_match_finite_differences() -> anyhow::Result<()> {
     let ln = LayerNorm::new(&mut pb, "ln", 6, 1e-5)?;
     let x = Var::from_tensor(&random(&[2, 3, 6], 6)?)?;
     // Move weight and bias off their initial 1 and 0 so their gradients are generic.
-    let params = param_vars(pb);
+    let params = param_vars(pb)?;
     for (i, (_, v)) in params.iter().enumerate() {
         v.set(&(v.as_tensor() + random(v.dims(), 20 + i as u64)?)?)?;
     }
@@ -116,7 +118,7 @@ fn layer_norm_and_rms_norm_match_finite_differences() -> anyhow::Result<()> {
 
     let mut pb = builder();
     let rms = RmsNorm::new(&mut pb, "rms", 6, 1e-6)?;
-    let params = param_vars(pb);
+    let params = param_vars(pb)?;
     params[0].1.set(&(params[0].1.as_tensor() + random(&[6], 30)?)?)?;
     check_all("rms norm", &params, &x, &|| weighted_sum(&rms.forward(x.as_tensor())?, 8))
 }
@@ -127,7 +129,7 @@ fn causal_self_attention_matches_finite_differences() -> anyhow::Result<()> {
     let attn = CausalSelfAttention::new(&mut pb, "attn", 8, 2, Dropout::new(0.0)?, 0.3, 0.3)?;
     let x = Var::from_tensor(&random(&[2, 5, 8], 9)?)?;
     let objective = || weighted_sum(&attn.forward(x.as_tensor(), &mut Rng::seeded(0), true)?, 10);
-    check_all("attention", &param_vars(pb), &x, &objective)
+    check_all("attention", &param_vars(pb)?, &x, &objective)
 }
 
 #[test]
@@ -153,7 +155,7 @@ fn mlp_matches_finite_differences() -> anyhow::Result<()> {
     let mlp = Mlp::new(&mut pb, "mlp", 4, 16, Dropout::new(0.0)?, 0.5, 0.5)?;
     let x = Var::from_tensor(&random(&[3, 2, 4], 13)?)?;
     let objective = || weighted_sum(&mlp.forward(x.as_tensor(), &mut Rng::seeded(0), true)?, 14);
-    check_all("mlp", &param_vars(pb), &x, &objective)
+    check_all("mlp", &param_vars(pb)?, &x, &objective)
 }
 
 #[test]
@@ -224,13 +226,16 @@ fn bert_encoder_matches_finite_differences() -> anyhow::Result<()> {
     let model = Bert::new(&BertConfig::tiny(), "", DType::F64, &Device::Cpu, 3)?;
     // Larger weights than BERT's 0.02 so every path (attention included) matters.
     for (i, p) in model.parameters().iter().enumerate() {
-        p.var.set(&((p.var.as_tensor() * 20.0)? + (random(p.var.dims(), 60 + i as u64)? * 0.1)?)?)?;
+        p.var()?.set(&((&p.tensor()? * 20.0)? + (random(p.dims(), 60 + i as u64)? * 0.1)?)?)?;
     }
     let ids = Tensor::new(&[[2u32, 5, 7, 1], [3, 3, 9, 0]], &Device::Cpu)?;
     let types = Tensor::new(&[[0u32, 0, 1, 1], [0, 1, 1, 0]], &Device::Cpu)?;
     let mask = Tensor::new(&[[1u32, 1, 1, 1], [1, 1, 1, 0]], &Device::Cpu)?;
-    let params: Vec<(String, Var)> =
-        model.parameters().iter().map(|p| (p.name.clone(), p.var.clone())).collect();
+    let params: Vec<(String, Var)> = model
+        .parameters()
+        .iter()
+        .map(|p| Ok((p.name.clone(), p.var()?.clone())))
+        .collect::<anyhow::Result<_>>()?;
     let vars: Vec<(&str, &Var)> = params.iter().map(|(n, v)| (n.as_str(), v)).collect();
     let objective = || {
         let h = model.forward(&ids, Some(&types), &mask, &mut Rng::seeded(0), true)?;
@@ -250,12 +255,12 @@ fn rotary_grouped_attention_and_swiglu_match_finite_differences() -> anyhow::Res
     let attn = GroupedQueryAttention::new(&mut pb, "self_attn", 8, 4, 2, 4, 0.4)?;
     let x = Var::from_tensor(&random(&[2, 5, 8], 42)?)?;
     let objective = || weighted_sum(&attn.forward(x.as_tensor(), &rotary)?, 43);
-    check_all("grouped-query attention", &param_vars(pb), &x, &objective)?;
+    check_all("grouped-query attention", &param_vars(pb)?, &x, &objective)?;
 
     let mut pb = builder();
     let mlp = SwiGlu::new(&mut pb, "mlp", 4, 6, 0.5)?;
     let x = Var::from_tensor(&random(&[3, 2, 4], 44)?)?;
-    check_all("swiglu", &param_vars(pb), &x, &|| weighted_sum(&mlp.forward(x.as_tensor())?, 45))
+    check_all("swiglu", &param_vars(pb)?, &x, &|| weighted_sum(&mlp.forward(x.as_tensor())?, 45))
 }
 
 #[test]
@@ -273,7 +278,7 @@ fn grouped_attention_is_causal_and_shares_keys_within_a_group() -> anyhow::Resul
     // Against repeat_kv written out: each key/value head copied to its group's query heads.
     let params = pb.finish();
     let w = |name: &str| -> anyhow::Result<Tensor> {
-        Ok(params.get(name).ok_or_else(|| anyhow::anyhow!("{name}"))?.var.as_tensor().clone())
+        Ok(params.get(name).ok_or_else(|| anyhow::anyhow!("{name}"))?.tensor()?)
     };
     let x2 = x.squeeze(0)?;
     let heads = |name: &str, n: usize| -> anyhow::Result<Tensor> {

@@ -173,8 +173,8 @@ fn random_model(config: &LlamaConfig, dtype: DType, seed: u64) -> anyhow::Result
         model.parameters().iter().filter(|p| p.name.ends_with("norm.weight") || p.name.ends_with(".bias"))
     {
         let base = if p.name.ends_with(".bias") { 0.0 } else { 1.0 };
-        let values: Vec<f64> = (0..p.var.elem_count()).map(|_| base + 0.3 * rng.normal_f64()).collect();
-        p.var.set(&Tensor::from_vec(values, p.var.shape(), &Device::Cpu)?.to_dtype(dtype)?)?;
+        let values: Vec<f64> = (0..p.elem_count()).map(|_| base + 0.3 * rng.normal_f64()).collect();
+        p.var()?.set(&Tensor::from_vec(values, p.shape(), &Device::Cpu)?.to_dtype(dtype)?)?;
     }
     Ok(model)
 }
@@ -211,18 +211,18 @@ fn tiny_llama_gradients_match_finite_differences() -> anyhow::Result<()> {
         let grads = whole_loss(&model, &batch)?.backward()?;
         for p in model.parameters().iter() {
             let analytic = grads
-                .get(p.var.as_tensor())
+                .get_id(p.id())
                 .ok_or_else(|| anyhow::anyhow!("`{}` received no gradient", p.name))?
                 .flatten_all()?
                 .to_vec1::<f64>()?;
-            let values = p.var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+            let values = p.tensor()?.flatten_all()?.to_vec1::<f64>()?;
             let h = 1e-6;
             for i in (0..values.len()).step_by((values.len() / 5).max(1)) {
-                set_element(&p.var, i, values[i] + h)?;
+                set_element(p.var()?, i, values[i] + h)?;
                 let plus = whole_loss(&model, &batch)?.to_scalar::<f64>()?;
-                set_element(&p.var, i, values[i] - h)?;
+                set_element(p.var()?, i, values[i] - h)?;
                 let minus = whole_loss(&model, &batch)?.to_scalar::<f64>()?;
-                set_element(&p.var, i, values[i])?;
+                set_element(p.var()?, i, values[i])?;
                 let numeric = (plus - minus) / (2.0 * h);
                 let error = (analytic[i] - numeric).abs();
                 assert!(
@@ -320,8 +320,11 @@ fn recompute_and_accumulation_give_the_gradients_of_one_plain_pass() -> anyhow::
 fn bf16_model_follows_f32() -> anyhow::Result<()> {
     let config = tiny(true);
     let f32_model = random_model(&config, DType::F32, 7)?;
-    let tensors =
-        f32_model.parameters().iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
+    let tensors = f32_model
+        .parameters()
+        .iter()
+        .map(|p| Ok((p.name.clone(), p.tensor()?)))
+        .collect::<candle::Result<_>>()?;
     let bf16_model = Llama::from_tensors(&config, tensors, DType::BF16, &Device::Cpu)?;
     assert_eq!(bf16_model.residual_dtype(), DType::F32);
     let batch = tiny_batch(23, 2, 8, 8)?;
@@ -419,8 +422,11 @@ fn bad_configs_and_inputs_fail_with_clear_errors() -> anyhow::Result<()> {
     assert!(err.contains("exceeds"), "{err}");
 
     // A checkpoint that lacks a tensor names it and builds nothing.
-    let mut tensors: HashMap<String, Tensor> =
-        model.parameters().iter().map(|p| (p.name.clone(), p.var.as_tensor().clone())).collect();
+    let mut tensors: HashMap<String, Tensor> = model
+        .parameters()
+        .iter()
+        .map(|p| Ok((p.name.clone(), p.tensor()?)))
+        .collect::<candle::Result<_>>()?;
     tensors.remove("model.layers.1.mlp.up_proj.weight");
     let err = Llama::from_tensors(&LlamaConfig::tiny(), tensors, DType::F32, &Device::Cpu)
         .err()

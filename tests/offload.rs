@@ -111,7 +111,10 @@ fn offloaded_training_gives_the_same_parameters_as_on_device_training() -> anyho
                     .parameters()
                     .iter()
                     .map(|p| {
-                        Ok((p.name.clone(), p.var.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?))
+                        Ok((
+                            p.name.clone(),
+                            p.tensor()?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                        ))
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?;
                 runs.push((params, updater.save_state()?, updater.state_bytes(), report.final_val_loss));

@@ -75,9 +75,7 @@ impl Run {
         let bits = model
             .parameters()
             .iter()
-            .map(|p| {
-                Ok(p.var.as_tensor().flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
-            })
+            .map(|p| Ok(p.tensor()?.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect()))
             .collect::<candle_fit::train::Result<_>>()?;
         Ok((bits, report))
     }

@@ -66,7 +66,7 @@ fn an_overflowing_f16_step_leaves_weights_optimizer_and_schedule_untouched() -> 
     let before: Vec<Vec<f32>> = model
         .parameters()
         .iter()
-        .map(|p| Ok(p.var.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
+        .map(|p| Ok(p.tensor()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
         .collect::<anyhow::Result<_>>()?;
     let mut updater =
         LocalUpdater::from_config(model.parameters(), &OptimizerConfig::AdamW(AdamWConfig::default()))?;
@@ -92,7 +92,7 @@ fn an_overflowing_f16_step_leaves_weights_optimizer_and_schedule_untouched() -> 
     assert_eq!(updater.optimizer().step_count(), 0, "Adam's step count did not advance");
     assert_eq!(report.history[0].lr, report.history[1].lr, "the schedule did not advance");
     for (p, old) in model.parameters().iter().zip(&before) {
-        let now = p.var.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let now = p.tensor()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(&now, old, "{} changed", p.name);
     }
     Ok(())

@@ -35,9 +35,7 @@ fn plain_gradients(
     let grads = x.backward()?;
     let mut out = HashMap::new();
     for p in model.parameters().iter() {
-        let g = grads
-            .get(p.var.as_tensor())
-            .ok_or_else(|| anyhow::anyhow!("no plain gradient for {}", p.name))?;
+        let g = grads.get_id(p.id()).ok_or_else(|| anyhow::anyhow!("no plain gradient for {}", p.name))?;
         out.insert(p.name.clone(), g.clone());
     }
     Ok(out)

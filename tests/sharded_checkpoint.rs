@@ -65,7 +65,7 @@ fn run(
 fn max_relative_difference(a: &Gpt, b: &Gpt) -> anyhow::Result<(String, f64)> {
     let mut worst = (String::new(), 0.0);
     for (pa, pb) in a.parameters().iter().zip(b.parameters().iter()) {
-        let (ta, tb) = (pa.var.to_dtype(DType::F32)?, pb.var.to_dtype(DType::F32)?);
+        let (ta, tb) = (pa.tensor()?.to_dtype(DType::F32)?, pb.tensor()?.to_dtype(DType::F32)?);
         let scale = ta.abs()?.max_all()?.to_scalar::<f32>()? as f64;
         let diff = (&ta - &tb)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
         let rel = diff / scale.max(f64::MIN_POSITIVE);

@@ -113,9 +113,7 @@ fn masked_uneven_micro_batches_give_the_big_batch_gradient() -> anyhow::Result<(
 fn parameter_values(params: &Parameters) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
     params
         .iter()
-        .map(|p| {
-            Ok((p.name.clone(), p.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
-        })
+        .map(|p| Ok((p.name.clone(), p.tensor()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)))
         .collect()
 }
 
@@ -373,7 +371,8 @@ fn a_users_model_on_synthetic_data_trains_and_resumes_bit_identical() -> anyhow:
     let again = trainer.resume(&resumed, &Synthetic, &mut resumed_updater, &dir.join("step-00000004"))?;
     assert_eq!(again.start_step, 4);
     for (a, b) in model.parameters().iter().zip(resumed.parameters().iter()) {
-        let (x, y) = (a.var.flatten_all()?.to_vec1::<f32>()?, b.var.flatten_all()?.to_vec1::<f32>()?);
+        let (x, y) =
+            (a.tensor()?.flatten_all()?.to_vec1::<f32>()?, b.tensor()?.flatten_all()?.to_vec1::<f32>()?);
         assert!(
             x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
             "`{}` differs after resume",

@@ -95,7 +95,7 @@ fn parameters_relative_difference(a: &Parameters, b: &Parameters) -> anyhow::Res
     let mut worst = (String::new(), 0.0);
     for (pa, pb) in a.iter().zip(b.iter()) {
         anyhow::ensure!(pa.name == pb.name, "`{}` against `{}`", pa.name, pb.name);
-        let (ta, tb) = (pa.var.to_dtype(DType::F32)?, pb.var.to_dtype(DType::F32)?);
+        let (ta, tb) = (pa.tensor()?.to_dtype(DType::F32)?, pb.tensor()?.to_dtype(DType::F32)?);
         let scale = ta.abs()?.max_all()?.to_scalar::<f32>()? as f64;
         let diff = (&ta - &tb)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
         let rel = diff / scale.max(f64::MIN_POSITIVE);
@@ -119,7 +119,7 @@ fn reading_a_released_parameter_is_an_error_naming_it() -> anyhow::Result<()> {
     let block: Vec<(String, Vec<f32>)> = model
         .segment_parameters(1)
         .iter()
-        .map(|p| Ok((p.name.clone(), p.var.flatten_all()?.to_vec1::<f32>()?)))
+        .map(|p| Ok((p.name.clone(), p.var()?.flatten_all()?.to_vec1::<f32>()?)))
         .collect::<anyhow::Result<_>>()?;
     let comm = LocalGroup::ranks(1, TIMEOUT).pop().ok_or_else(|| anyhow::anyhow!("no rank"))?;
     let (sharded, _updater) =
@@ -152,6 +152,141 @@ fn reading_a_released_parameter_is_an_error_naming_it() -> anyhow::Result<()> {
 
     let model = sharded.into_inner()?;
     assert_eq!(model.logits(&ids)?.flatten_all()?.to_vec1::<f32>()?, expected);
+    Ok(())
+}
+
+/// Each parameter's gradient from the segmented engine under `decisions`, summed over the
+/// segments that list it, collected by a hook that is not an updater's.
+fn engine_gradients<M: SegmentedModel>(
+    model: &M,
+    batch: &M::Batch,
+    ctx: candle_fit::ckpt::SegmentContext,
+    decisions: &[candle_fit::ckpt::Decision],
+) -> anyhow::Result<std::collections::HashMap<String, Tensor>> {
+    let mut out = std::collections::HashMap::new();
+    candle_fit::ckpt::forward_backward(model, batch, ctx, decisions, 1.0, |segment| {
+        for g in segment.gradients {
+            let sum = match out.remove(&g.name) {
+                Some(sum) => (sum + g.grad)?,
+                None => g.grad,
+            };
+            out.insert(g.name, sum);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Every public path that reads or writes a parameter's values refuses a released one with an
+/// error naming it, and metadata stays readable: the handle's `var()`, loading and saving its
+/// parameters, a Hugging Face export, a serving snapshot, a checkpoint, a new updater over
+/// them, the segment parameters the engine lists (their `var()`), a whole-graph backward and
+/// gradient verification (a graph across segments would read released storage in its
+/// backward). The segmented engine with a hook that is not the updater's (so nothing gathers
+/// between segments' backwards) gives the unsharded model's gradients: the engine gathers a
+/// kept segment before its backward itself.
+#[test]
+fn every_public_read_of_a_released_parameter_is_an_error_naming_it() -> anyhow::Result<()> {
+    use candle_fit::ckpt::{compare_gradients, plain_forward_backward, Decision, SegmentContext};
+    use candle_fit::train::checkpoint::{self, Progress, RunIdentity};
+    use candle_fit::train::schedule::LrSchedule;
+    use candle_fit::train::serve::Snapshot;
+    use candle_fit::train::{Error as TrainError, TokenBatch};
+
+    let _serial = SERIAL.lock();
+    let config = LlamaConfig { vocab_size: 64, max_position_embeddings: 16, ..LlamaConfig::tiny() };
+    let model = Llama::new(&config, DType::F32, &Device::Cpu, 5)?;
+    let tokens: Vec<u32> = (0..2 * 9).map(|i| (i * 7 % 64) as u32).collect();
+    let all = Tensor::from_vec(tokens, (2, 9), &Device::Cpu)?;
+    let batch = TokenBatch { inputs: all.narrow(1, 0, 8)?, targets: all.narrow(1, 1, 8)? };
+    let ctx = SegmentContext::train(1, 0, 0);
+    let decisions = vec![Decision::Keep; model.num_segments()];
+    let expected = engine_gradients(&model, &batch, ctx, &decisions)?;
+    // An updater made before sharding shares the handles (and their residency).
+    let sgd = OptimizerConfig::Sgd(SgdConfig::default());
+    let early_updater = LocalUpdater::from_config(model.parameters(), &sgd)?;
+    let names: Vec<String> = model.parameters().iter().map(|p| p.name.clone()).collect();
+    let dims: Vec<Vec<usize>> = model.parameters().iter().map(|p| p.dims().to_vec()).collect();
+    let comm = LocalGroup::ranks(1, TIMEOUT).pop().ok_or_else(|| anyhow::anyhow!("no rank"))?;
+    let (sharded, _updater) = ShardedModel::new(model, &sgd, Box::new(comm))?;
+    let params = sharded.inner().parameters();
+    let first = names.first().ok_or_else(|| anyhow::anyhow!("no parameters"))?;
+    let released = |e: &TrainError| matches!(e, TrainError::ParameterReleased { name } if name == first);
+
+    for (p, dims) in params.iter().zip(&dims) {
+        // Metadata never touches the storage.
+        assert_eq!(p.dims(), dims.as_slice(), "{}", p.name);
+        assert_eq!((p.dtype(), p.elem_count()), (DType::F32, dims.iter().product()), "{}", p.name);
+        let err = p.var().err().ok_or_else(|| anyhow::anyhow!("`{}` read through var()", p.name))?;
+        assert!(matches!(&err, TrainError::ParameterReleased { name } if *name == p.name), "{err}");
+    }
+    let dir = std::env::temp_dir().join(format!("candle-fit-released-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let file = dir.join("params.safetensors");
+    let err = params.load_safetensors(&file).err().ok_or_else(|| anyhow::anyhow!("loaded into released"))?;
+    assert!(released(&err), "load: {err}");
+    let err = sharded
+        .inner()
+        .save_pretrained(&dir.join("export"))
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("exported"))?;
+    assert!(released(&err), "export: {err}");
+    assert!(!dir.join("export/model.safetensors").exists());
+    let err = sharded.inner().snapshot().err().ok_or_else(|| anyhow::anyhow!("snapshot of released"))?;
+    assert!(released(&err), "snapshot: {err}");
+    let err = LocalUpdater::from_config(params, &sgd).err().ok_or_else(|| anyhow::anyhow!("new updater"))?;
+    assert!(released(&err), "updater: {err}");
+    let progress = Progress {
+        step: 0,
+        optimizer_step: 0,
+        skipped_steps: 0,
+        consecutive_skips: 0,
+        micro_batch: 2,
+        accumulation_steps: 1,
+        loss_scaler: None,
+    };
+    let run = RunIdentity {
+        seed: 1,
+        global_batch: 2,
+        schedule: LrSchedule::Constant { lr: 0.1 },
+        max_grad_norm: None,
+        loss_scaling: None,
+        optimizer: "sgd".into(),
+        optimizer_settings: String::new(),
+        model: String::new(),
+        backward: String::new(),
+        data: String::new(),
+    };
+    let err = checkpoint::save(&dir.join("run"), 1, params, &early_updater, progress, run)
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("checkpointed released parameters"))?;
+    assert!(released(&err), "checkpoint: {err}");
+    for segment in 0..sharded.num_segments() {
+        for p in sharded.segment_parameters(segment) {
+            let own = params.get(&p.name).ok_or_else(|| anyhow::anyhow!("{} not listed", p.name))?;
+            assert_eq!((p.id(), p.shape()), (own.id(), own.shape()), "{}", p.name);
+            let err = p.var().err().ok_or_else(|| anyhow::anyhow!("segment read `{}`", p.name))?;
+            assert!(err.to_string().contains(&format!("parameter `{}` is released", p.name)), "{err}");
+        }
+    }
+
+    let whole_graph = plain_forward_backward(&sharded, &batch, ctx, 1.0, |_| Ok(())).err();
+    assert!(
+        whole_graph.is_some_and(|e| e.to_string().contains("previous segments' graph")),
+        "plain backward"
+    );
+    let verify = compare_gradients(&sharded, &batch, ctx, &decisions).err();
+    assert!(verify.is_some_and(|e| e.to_string().contains("previous segments' graph")), "verification");
+
+    // Not the updater's hook: nothing gathers between backwards but the engine itself.
+    let got = engine_gradients(&sharded, &batch, ctx, &decisions)?;
+    assert_eq!(got.len(), expected.len());
+    for (name, want) in &expected {
+        let have = got.get(name).ok_or_else(|| anyhow::anyhow!("no gradient for {name}"))?;
+        let diff = (have - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff == 0.0, "{name}: the sharded gradient differs by {diff}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
@@ -397,7 +532,7 @@ fn bf16_sharded_stages_follow_one_rank() -> anyhow::Result<()> {
     let (reference, _) = one_rank(&trainer, &sgd, DType::BF16)?;
     for stage in [ZeroStage::Stage1, ZeroStage::Stage2, ZeroStage::Stage3] {
         let runs = ranks(stage, 2, &trainer, &sgd, DType::BF16)?;
-        assert_eq!(runs[0].model.parameters().iter().next().map(|p| p.var.dtype()), Some(DType::BF16));
+        assert_eq!(runs[0].model.parameters().iter().next().map(|p| p.dtype()), Some(DType::BF16));
         for run in &runs {
             let (name, rel) = max_relative_difference(&reference, &run.model)?;
             assert!(rel <= 1e-2, "{stage:?} rank {}: `{name}` differs by {rel:e}", run.rank);
@@ -595,7 +730,11 @@ fn stage_three_per_rank_bytes_match_the_formula_plus_one_gathered_segment() -> a
         // The bytes of each segment's own parameters (a lower bound of what it gathers).
         let own: Vec<usize> = (0..segments)
             .map(|s| {
-                probe.segment_parameters(s).iter().map(|p| p.var.elem_count() * dtype.size_in_bytes()).sum()
+                probe
+                    .segment_parameters(s)
+                    .iter()
+                    .map(|p| p.shape().elem_count() * dtype.size_in_bytes())
+                    .sum()
             })
             .collect();
         drop(probe);
@@ -779,7 +918,7 @@ fn bytes_communicated_per_step_match_the_theory() -> anyhow::Result<()> {
     let (steps, micro_batches) = (3u64, 2u64);
     let trainer = trainer(4, micro_batches as usize, steps as usize)?;
     let model = Gpt::new(odd_model(), DType::F32, &Device::Cpu, 0)?;
-    let shapes: Vec<_> = model.parameters().iter().map(|p| (DType::F32, p.var.elem_count())).collect();
+    let shapes: Vec<_> = model.parameters().iter().map(|p| (DType::F32, p.elem_count())).collect();
     for world_size in [2u64, 4] {
         let ring = |bytes: u64| bytes * (world_size - 1) / world_size;
         for stage in [ZeroStage::Stage0, ZeroStage::Stage1, ZeroStage::Stage2] {
@@ -847,7 +986,7 @@ fn stage_three_bytes_per_step_match_the_theory() -> anyhow::Result<()> {
     let sgd = OptimizerConfig::Sgd(SgdConfig::default());
     let micro_batches = 2u64;
     let model = Gpt::new(odd_model(), DType::F32, &Device::Cpu, 0)?;
-    let shapes: Vec<_> = model.parameters().iter().map(|p| (DType::F32, p.var.elem_count())).collect();
+    let shapes: Vec<_> = model.parameters().iter().map(|p| (DType::F32, p.elem_count())).collect();
     let units = segment_units(&model, model.parameters());
     assert_eq!(units.iter().copied().max(), Some(2), "embedding, one block, head");
     for world_size in [2u64, 4] {

@@ -23,7 +23,7 @@ struct ClosureSegment<'a, B: ?Sized> {
 /// use candle_ckpt::{forward_backward, ClosureModel, Decision, SegmentContext, SegmentParameter};
 /// # fn main() -> candle::Result<()> {
 /// let w = Var::new(&[[0.5f64, -1.0], [2.0, 0.25]], &Device::Cpu)?;
-/// let p = SegmentParameter { name: "w".into(), var: w.clone() };
+/// let p = SegmentParameter::new("w", w.clone());
 /// let model = ClosureModel::new(|x: &Tensor| Ok(x.clone()))
 ///     .block("tanh_layer", vec![p], |x, _, _| x.matmul(w.as_tensor())?.tanh())
 ///     .segment("loss", vec![], false, |x, _, _| x.sqr()?.sum_all());

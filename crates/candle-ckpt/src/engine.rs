@@ -22,8 +22,9 @@ pub enum Decision {
 pub struct ParameterGradient {
     /// The parameter's name.
     pub name: String,
-    /// The parameter.
-    pub var: Var,
+    /// The parameter's id ([`SegmentParameter::id`]): the key an updater finds its
+    /// accumulator by.
+    pub id: TensorId,
     /// Its gradient from this segment, detached from every graph, in the parameter's dtype.
     pub grad: Tensor,
     /// True when no earlier segment uses this parameter: after this hook call its gradient
@@ -117,22 +118,20 @@ where
     let mut gradients = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for index in 0..n {
-        for SegmentParameter { name, var } in model.segment_parameters(index) {
-            if !seen.insert(var.as_tensor().id()) {
+        for p in model.segment_parameters(index) {
+            let id = p.id();
+            if !seen.insert(id) {
                 continue;
             }
-            let Some(grad) = grads.get(var.as_tensor()) else {
-                let info = [crate::diagnose::ParameterInfo {
-                    name: &name,
-                    rank: var.as_tensor().rank(),
-                    absent: true,
-                }];
+            let Some(grad) = grads.get_id(id) else {
+                let info = [crate::diagnose::ParameterInfo { name: &p.name, rank: p.rank(), absent: true }];
                 bail!(
-                    "parameter `{name}` received no gradient: {}",
+                    "parameter `{}` received no gradient: {}",
+                    p.name,
                     crate::diagnose::no_gradient_cause(0, &info)
                 );
             };
-            gradients.push(ParameterGradient { name, var, grad: grad.clone(), is_final: true });
+            gradients.push(ParameterGradient { name: p.name, id, grad: grad.clone(), is_final: true });
         }
     }
     hook(SegmentGradients { segment: 0, gradients })?;
@@ -332,6 +331,7 @@ where
             ),
         }
     };
+    model.before_backward(index)?;
     let root = match seed {
         None if loss_multiplier == 1.0 => output,
         None => output.affine(loss_multiplier, 0.0)?,
@@ -342,14 +342,15 @@ where
     let wants_input_grad = index > 0 && !input.dtype().is_int();
     let parameters: Vec<SegmentParameter> = model.segment_parameters(index);
     let mut gradients = Vec::with_capacity(parameters.len());
-    for SegmentParameter { name, var } in &parameters {
-        let Some(grad) = grads.get(var.as_tensor()) else {
+    for p in &parameters {
+        let (name, id) = (&p.name, p.id());
+        let Some(grad) = grads.get_id(id) else {
             let all: Vec<crate::diagnose::ParameterInfo> = parameters
                 .iter()
                 .map(|p| crate::diagnose::ParameterInfo {
                     name: &p.name,
-                    rank: p.var.as_tensor().rank(),
-                    absent: grads.get(p.var.as_tensor()).is_none(),
+                    rank: p.rank(),
+                    absent: grads.get_id(p.id()).is_none(),
                 })
                 .collect();
             let position = all.iter().position(|p| p.name == name.as_str()).unwrap_or(0);
@@ -359,9 +360,8 @@ where
                 crate::diagnose::no_gradient_cause(position, &all)
             );
         };
-        let (name, var) = (name.clone(), var.clone());
-        let is_final = first_use.get(&var.as_tensor().id()) == Some(&index);
-        gradients.push(ParameterGradient { name, var, grad: grad.detach(), is_final });
+        let is_final = first_use.get(&id) == Some(&index);
+        gradients.push(ParameterGradient { name: name.clone(), id, grad: grad.detach(), is_final });
     }
     let grad_in = if wants_input_grad { grads.get(&input).map(Tensor::detach) } else { None };
     drop(grads);
@@ -375,7 +375,7 @@ pub(crate) fn first_uses<M: SegmentedModel>(model: &M) -> HashMap<TensorId, usiz
     let mut first_use: HashMap<TensorId, usize> = HashMap::new();
     for index in 0..model.num_segments() {
         for p in model.segment_parameters(index) {
-            first_use.entry(p.var.as_tensor().id()).or_insert(index);
+            first_use.entry(p.id()).or_insert(index);
         }
     }
     first_use
@@ -416,7 +416,7 @@ mod tests {
             }
         }
         fn segment_parameters(&self, i: usize) -> Vec<SegmentParameter> {
-            let p = |name: &str, var: &Var| SegmentParameter { name: name.into(), var: var.clone() };
+            let p = |name: &str, var: &Var| SegmentParameter::new(name, var.clone());
             match i {
                 0 => vec![p("a", &self.a)],
                 1 => vec![p("b", &self.b)],
@@ -486,7 +486,7 @@ mod tests {
             }
         }
         fn segment_parameters(&self, i: usize) -> Vec<SegmentParameter> {
-            let p = |name: &str, var: &Var| SegmentParameter { name: name.into(), var: var.clone() };
+            let p = |name: &str, var: &Var| SegmentParameter::new(name, var.clone());
             match i {
                 0 => vec![p("a", &self.a)],
                 1 => vec![p("w", &self.w)],

@@ -30,7 +30,7 @@
 //!         }
 //!     }
 //!     fn segment_parameters(&self, i: usize) -> Vec<SegmentParameter> {
-//!         let p = |name: &str, var: &Var| SegmentParameter { name: name.into(), var: var.clone() };
+//!         let p = |name: &str, var: &Var| SegmentParameter::new(name, var.clone());
 //!         match i { 0 => vec![p("w1", &self.w1)], 1 => vec![p("w2", &self.w2)], _ => vec![] }
 //!     }
 //! }
@@ -70,7 +70,7 @@ pub use probe::{
     probe_segments, simulate, MemoryMeter, SegmentProbe, SimulatedSegment, SimulatedStep, StepProbe,
 };
 pub use rng::{Rng, RngKey, SampleWindow};
-pub use segment::{SegmentContext, SegmentParameter, SegmentedModel};
+pub use segment::{Residency, SegmentContext, SegmentParameter, SegmentedModel};
 pub use verify::{
     check_backward_rules, compare_gradients, verify_gradients, GradientDifference, GradientReport,
     MissingGradient,

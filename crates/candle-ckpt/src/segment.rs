@@ -1,6 +1,9 @@
 //! The segmented-model interface: what a model exposes so the engine can drive it.
 
-use candle::{Result, Tensor, Var};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use candle::{Result, Shape, Tensor, TensorId, Var};
 
 use crate::rng::{Rng, RngKey, SampleWindow};
 
@@ -48,13 +51,97 @@ impl SegmentContext {
     }
 }
 
-/// A trainable parameter as the engine sees it: its name (for errors) and its variable.
+/// Whether a parameter's storage is released, shared by every handle of one parameter (its
+/// clones, its [`SegmentParameter`]s): ZeRO stage 3 frees a parameter's storage outside its
+/// segment's use and marks it released first, and every checked read
+/// ([`SegmentParameter::var`], candle-train's `Parameter::var` and `Parameter::tensor`) is
+/// then an error naming the parameter instead of a read of freed memory.
+#[derive(Debug, Clone, Default)]
+pub struct Residency(Arc<AtomicBool>);
+
+impl Residency {
+    /// A flag for a resident parameter.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the storage is released now.
+    pub fn is_released(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Marks the storage released (before it is freed) or resident (after its values are
+    /// back). Only the code that swaps the storage calls it.
+    pub fn set_released(&self, released: bool) {
+        self.0.store(released, Ordering::Release);
+    }
+}
+
+/// The error of a read of a released parameter, with the text of candle-train's
+/// `Error::ParameterReleased`.
+pub(crate) fn released_error(name: &str) -> candle::Error {
+    candle::Error::Msg(format!(
+        "parameter `{name}` is released: ZeRO stage 3 holds it only while its segment runs (read it through the model's forward, or after `ShardedModel::into_inner`)"
+    ))
+}
+
+/// A trainable parameter as the engine sees it: its name (for errors), its variable and the
+/// variable's residency.
+///
+/// The variable is private: its metadata (id, shape, dtype, device) is always readable, its
+/// values only through [`SegmentParameter::var`], which refuses a released parameter. The
+/// engine itself reads metadata only (it finds gradients by id).
 #[derive(Debug, Clone)]
 pub struct SegmentParameter {
     /// The parameter's full name, e.g. `h.0.attn.c_attn.weight`.
     pub name: String,
-    /// The variable holding its value.
-    pub var: Var,
+    var: Var,
+    residency: Residency,
+}
+
+impl SegmentParameter {
+    /// A parameter over `var` (shared, not copied) that is never released.
+    pub fn new(name: impl Into<String>, var: Var) -> Self {
+        Self::with_residency(name, var, Residency::new())
+    }
+
+    /// A parameter over `var` whose residency is `residency` (shared with the handle that
+    /// owns it).
+    pub fn with_residency(name: impl Into<String>, var: Var, residency: Residency) -> Self {
+        Self { name: name.into(), var, residency }
+    }
+
+    /// The variable's id, the key of its gradient (stable through release and gather).
+    pub fn id(&self) -> TensorId {
+        self.var.as_tensor().id()
+    }
+
+    /// The variable's shape.
+    pub fn shape(&self) -> &Shape {
+        self.var.shape()
+    }
+
+    /// The variable's number of dimensions.
+    pub fn rank(&self) -> usize {
+        self.var.rank()
+    }
+
+    /// Whether the parameter's storage is released now.
+    pub fn is_released(&self) -> bool {
+        self.residency.is_released()
+    }
+
+    /// The variable, to read or set its values.
+    ///
+    /// # Errors
+    /// When the parameter is released: an error naming it, worded as candle-train's
+    /// `Error::ParameterReleased`.
+    pub fn var(&self) -> Result<&Var> {
+        if self.is_released() {
+            return Err(released_error(&self.name));
+        }
+        Ok(&self.var)
+    }
 }
 
 /// A model cut into segments that run one after another: segment 0 takes the batch's first
@@ -100,10 +187,44 @@ pub trait SegmentedModel {
         index > 0 && index + 1 < self.num_segments()
     }
 
+    /// Called by the engine just before segment `index`'s backward (after its recompute, if
+    /// any), whatever the hook does: a model whose parameters are not always resident (ZeRO
+    /// stage 3 releases them between uses) makes segment `index`'s readable again here, so a
+    /// kept graph's backward never reads released storage. By default, nothing.
+    ///
+    /// # Errors
+    /// When the parameters cannot be made resident (a collective failure).
+    fn before_backward(&self, _index: usize) -> Result<()> {
+        Ok(())
+    }
+
     /// The name of a layer in segment `index` whose state changes from call to call (a KV
     /// cache, running statistics), if any. Such a segment cannot be recomputed. By default,
     /// none.
     fn stateful_layer(&self, _index: usize) -> Option<String> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle::{DType, Device, Result, Var};
+
+    use super::{Residency, SegmentParameter};
+
+    #[test]
+    fn a_released_parameter_refuses_its_variable_and_keeps_its_metadata() -> Result<()> {
+        let var = Var::zeros((2, 3), DType::F32, &Device::Cpu)?;
+        let residency = Residency::new();
+        let p = SegmentParameter::with_residency("w", var.clone(), residency.clone());
+        assert_eq!(p.var()?.as_tensor().id(), var.as_tensor().id());
+        residency.set_released(true);
+        assert!(p.is_released());
+        let err = p.var().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("parameter `w` is released"), "{err}");
+        assert_eq!((p.id(), p.shape().dims(), p.rank()), (var.as_tensor().id(), &[2, 3][..], 2));
+        residency.set_released(false);
+        assert_eq!(p.var()?.as_tensor().id(), var.as_tensor().id());
+        Ok(())
     }
 }

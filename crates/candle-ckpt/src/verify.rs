@@ -143,7 +143,7 @@ fn unique_parameters<M: SegmentedModel>(model: &M) -> Vec<(SegmentParameter, usi
     let mut out = Vec::new();
     for index in 0..model.num_segments() {
         for p in model.segment_parameters(index) {
-            if seen.insert(p.var.as_tensor().id()) {
+            if seen.insert(p.id()) {
                 out.push((p, index));
             }
         }
@@ -165,7 +165,7 @@ fn plain_gradients<M: SegmentedModel>(
     }
     let loss = scalar(&x)?;
     let grads = x.backward()?;
-    let out = parameters.iter().map(|(p, _)| grads.get(p.var.as_tensor()).map(Tensor::detach)).collect();
+    let out = parameters.iter().map(|(p, _)| grads.get_id(p.id()).map(Tensor::detach)).collect();
     Ok((loss, out))
 }
 
@@ -211,7 +211,7 @@ pub fn check_backward_rules<M: SegmentedModel>(
     let (loss, grads) = plain_gradients(model, batch, ctx, &parameters)?;
     let mut suspects = Vec::new();
     for ((p, segment), grad) in parameters.iter().zip(&grads) {
-        let value = p.var.as_tensor();
+        let value = p.var()?.as_tensor();
         if value.dtype().is_int() {
             continue;
         }
@@ -228,15 +228,12 @@ pub fn check_backward_rules<M: SegmentedModel>(
     let infos: Vec<ParameterInfo> = parameters
         .iter()
         .zip(&grads)
-        .map(|((p, _), g)| ParameterInfo {
-            name: &p.name,
-            rank: p.var.as_tensor().rank(),
-            absent: g.is_none(),
-        })
+        .map(|((p, _), g)| ParameterInfo { name: &p.name, rank: p.rank(), absent: g.is_none() })
         .collect();
     let mut found = Vec::new();
     for (k, (p, segment, mask, zero_elements, absent)) in suspects.iter().enumerate() {
-        let value = p.var.as_tensor();
+        let var = p.var()?;
+        let value = var.as_tensor();
         let (step, tolerance) = match value.dtype() {
             DType::F64 => (1e-4, 1e-7 * (1.0 + loss.abs())),
             _ => (1e-2, 1e-3 * (1.0 + loss.abs())),
@@ -250,8 +247,8 @@ pub fn check_backward_rules<M: SegmentedModel>(
         let shifted = |sign: f64| -> Result<Tensor> {
             original.to_dtype(DType::F64)?.add(&direction.affine(sign * step, 0.0)?)?.to_dtype(value.dtype())
         };
-        let plus = loss_at(model, batch, ctx, &p.var, &original, &shifted(1.0)?)?;
-        let minus = loss_at(model, batch, ctx, &p.var, &original, &shifted(-1.0)?)?;
+        let plus = loss_at(model, batch, ctx, var, &original, &shifted(1.0)?)?;
+        let minus = loss_at(model, batch, ctx, var, &original, &shifted(-1.0)?)?;
         let finite_difference = (plus - minus) / (2.0 * step);
         if finite_difference.abs() > tolerance {
             let position = infos.iter().position(|i| i.name == p.name).unwrap_or(0);
@@ -287,10 +284,10 @@ pub fn compare_gradients<M: SegmentedModel>(
     let (_, plain) = plain_gradients(model, batch, ctx, &parameters)?;
     let mut engine: Vec<Option<Tensor>> = vec![None; parameters.len()];
     let position: std::collections::HashMap<TensorId, usize> =
-        parameters.iter().enumerate().map(|(i, (p, _))| (p.var.as_tensor().id(), i)).collect();
+        parameters.iter().enumerate().map(|(i, (p, _))| (p.id(), i)).collect();
     forward_backward(model, batch, ctx, decisions, 1.0, |segment| {
         for g in segment.gradients {
-            let Some(&i) = position.get(&g.var.as_tensor().id()) else { continue };
+            let Some(&i) = position.get(&g.id) else { continue };
             let grad = g.grad.to_dtype(DType::F64)?;
             engine[i] = Some(match engine[i].take() {
                 Some(sum) => (sum + grad)?,
@@ -378,7 +375,7 @@ mod tests {
             }
         }
         fn segment_parameters(&self, i: usize) -> Vec<SegmentParameter> {
-            let p = |name: &str, var: &Var| SegmentParameter { name: name.into(), var: var.clone() };
+            let p = |name: &str, var: &Var| SegmentParameter::new(name, var.clone());
             match i {
                 0 => vec![p("a", &self.a)],
                 1 => vec![p("b", &self.b)],
@@ -444,7 +441,7 @@ mod tests {
                 }
             }
             fn segment_parameters(&self, i: usize) -> Vec<SegmentParameter> {
-                let p = |name: &str, var: &Var| SegmentParameter { name: name.into(), var: var.clone() };
+                let p = |name: &str, var: &Var| SegmentParameter::new(name, var.clone());
                 match i {
                     0 => vec![p("a", &self.a), p("layer.weight", &self.b), p("other.weight", &self.unused)],
                     _ => vec![],

@@ -311,7 +311,7 @@ pub(crate) fn read(ckpt: &Checkpoint, params: &Parameters, needs: &[Need]) -> Re
             }
             let values = tensor.to_vec1::<f32>()?;
             let saved = start..start.saturating_add(values.len());
-            if saved.end > params.iter().nth(param).map_or(0, |p| p.var.elem_count()) {
+            if saved.end > params.iter().nth(param).map_or(0, |p| p.elem_count()) {
                 return Err(malformed(&entry.name, format!("`{key}` runs past the parameter's end")));
             }
             for &i in targets {

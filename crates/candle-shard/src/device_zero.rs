@@ -79,12 +79,12 @@ fn flat_f32(t: &Tensor) -> candle::Result<Tensor> {
 /// Stage 3's initial slices: per flat buffer, this rank's shard range of the parameters' FP32
 /// values (padding zero), as contiguous 1-D tensors on their device.
 pub(crate) fn device_slices(params: &[Parameter], partition: &Partition, rank: usize) -> Result<Vec<Tensor>> {
-    let device = params.first().map_or(Device::Cpu, |p| p.var.device().clone());
+    let device = params.first().map_or(Device::Cpu, |p| p.device().clone());
     let mut slices = Vec::with_capacity(partition.groups().len());
     for layout in partition.groups() {
         let mut parts = Vec::with_capacity(layout.entries().len() + 1);
         for e in layout.entries() {
-            parts.push(flat_f32(params[e.param].var.as_tensor())?);
+            parts.push(flat_f32(params[e.param].var()?.as_tensor())?);
         }
         if layout.padded_len() > layout.len() {
             parts.push(Tensor::zeros(layout.padded_len() - layout.len(), DType::F32, &device)?);
@@ -108,7 +108,7 @@ impl DeviceZero {
         if (stage == ZeroStage::Stage3) != shards.is_some() {
             return Err(Error::config("zero", "internal: stage 3, and only stage 3, steps shared slices"));
         }
-        let device = params.first().map_or(Device::Cpu, |p| p.var.device().clone());
+        let device = params.first().map_or(Device::Cpu, |p| p.device().clone());
         let mut ranges = Vec::new();
         let mut pieces = Vec::new();
         for (g, layout) in partition.groups().iter().enumerate() {
@@ -121,7 +121,7 @@ impl DeviceZero {
                             param: e.param,
                             param_range: 0..e.len,
                             owned_range: e.offset..e.offset + e.len,
-                            decay: params[e.param].var.rank() >= 2,
+                            decay: params[e.param].rank() >= 2,
                         });
                     }
                 }
@@ -133,18 +133,18 @@ impl DeviceZero {
                             param: p.param,
                             param_range: p.param_range,
                             owned_range: p.shard_range,
-                            decay: params[p.param].var.rank() >= 2,
+                            decay: params[p.param].rank() >= 2,
                         });
                     }
                 }
             }
         }
         let piece_value = |o: &Owned| -> candle::Result<Tensor> {
-            flat_f32(params[o.param].var.as_tensor())?.narrow(0, o.param_range.start, o.param_range.len())
+            flat_f32(&params[o.param].tensor()?)?.narrow(0, o.param_range.start, o.param_range.len())
         };
         let master = pieces
             .iter()
-            .map(|o| match params[o.param].var.dtype() {
+            .map(|o| match params[o.param].dtype() {
                 _ if shards.is_some() => Ok(None),
                 DType::F32 => Ok(None),
                 _ => Ok(Some(piece_value(o)?.contiguous()?)),
@@ -155,7 +155,7 @@ impl DeviceZero {
             .map(|o| Tensor::zeros(o.param_range.len(), DType::F32, &device))
             .collect::<candle::Result<Vec<_>>>()?;
         // 8-bit AdamW decides 8-bit or 32-bit state per original parameter.
-        let originals: Vec<usize> = pieces.iter().map(|o| params[o.param].var.elem_count()).collect();
+        let originals: Vec<usize> = pieces.iter().map(|o| params[o.param].elem_count()).collect();
         let optimizer = optimizer.build_pieces_on_device(&shapes.iter().collect::<Vec<_>>(), &originals)?;
         Ok(Self {
             stage,
@@ -203,7 +203,7 @@ impl DeviceZero {
     pub(crate) fn accumulate(&mut self, comm: &dyn Communicator, gradients: &SegmentGradients) -> Result<()> {
         let mut completed = Vec::new();
         for g in &gradients.gradients {
-            let Some(&(group, entry)) = self.index.get(&g.var.as_tensor().id()) else {
+            let Some(&(group, entry)) = self.index.get(&g.id) else {
                 return Err(Error::Train(candle_train::Error::StateMismatch {
                     name: g.name.clone(),
                     expected: "a parameter known to the updater".into(),
@@ -373,7 +373,7 @@ impl DeviceZero {
                     piece.owned_range.start,
                     piece.owned_range.len(),
                 )?,
-                (None, None) => flat_f32(&self.params[piece.param].var.as_tensor().detach())?.narrow(
+                (None, None) => flat_f32(&self.params[piece.param].var()?.as_tensor().detach())?.narrow(
                     0,
                     piece.param_range.start,
                     piece.param_range.len(),
@@ -439,7 +439,7 @@ impl DeviceZero {
                 if *in_place && self.master[k].is_none() {
                     continue;
                 }
-                let var = &self.params[piece.param].var;
+                let var = self.params[piece.param].var()?;
                 var.set(&value.reshape(var.shape())?.to_dtype(var.dtype())?.contiguous()?)?;
             }
             return Ok(());
@@ -448,7 +448,7 @@ impl DeviceZero {
             let mine = self.assemble(g, &values)?.to_dtype(layout.dtype())?;
             let all = comm.all_gather_tensor(&mine)?;
             for e in layout.entries() {
-                let var = &self.params[e.param].var;
+                let var = self.params[e.param].var()?;
                 var.set(&all.narrow(0, e.offset, e.len)?.reshape(var.shape())?.contiguous()?)?;
             }
         }
@@ -465,7 +465,7 @@ impl DeviceZero {
     pub(crate) fn state_bytes(&self) -> StateBytes {
         let gradients = match self.stage {
             // The local accumulators cover every parameter.
-            ZeroStage::Stage0 | ZeroStage::Stage1 => self.params.iter().map(|p| p.var.elem_count() * 4).sum(),
+            ZeroStage::Stage0 | ZeroStage::Stage1 => self.params.iter().map(|p| p.elem_count() * 4).sum(),
             _ => self.ranges.iter().map(|r| r.len() * 4).sum(),
         };
         let slices = self.shards.as_ref().map_or(0, |s| lock(s).slice_bytes());
@@ -494,7 +494,7 @@ impl DeviceZero {
                     (None, Some(shards)) => {
                         shards.device_slices()?[g].narrow(0, o.owned_range.start, o.owned_range.len())?
                     }
-                    (None, None) => flat_f32(self.params[o.param].var.as_tensor())?.narrow(
+                    (None, None) => flat_f32(self.params[o.param].var()?.as_tensor())?.narrow(
                         0,
                         o.param_range.start,
                         o.param_range.len(),
@@ -522,7 +522,7 @@ impl DeviceZero {
         }
         for (k, piece) in self.pieces.iter().enumerate() {
             if self.master[k].is_some() {
-                let values = flat_f32(self.params[piece.param].var.as_tensor())?
+                let values = flat_f32(self.params[piece.param].var()?.as_tensor())?
                     .narrow(0, piece.param_range.start, piece.param_range.len())?
                     .contiguous()?;
                 self.master[k] = Some(values);
@@ -563,8 +563,8 @@ impl DeviceZero {
             return Ok(());
         }
         for (p, v) in self.params.iter().zip(values) {
-            let t = Tensor::from_slice(v, p.var.shape(), &self.device)?.to_dtype(p.var.dtype())?;
-            p.var.set(&t)?;
+            let t = Tensor::from_slice(v, p.shape(), &self.device)?.to_dtype(p.dtype())?;
+            p.var()?.set(&t)?;
         }
         for (k, piece) in self.pieces.iter().enumerate() {
             if self.master[k].is_some() {

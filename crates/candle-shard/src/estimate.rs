@@ -35,18 +35,18 @@ pub struct ShardLayout {
 impl ShardLayout {
     /// The layout of a built model.
     pub fn of_model<M: SegmentedModel + ?Sized>(model: &M, params: &Parameters) -> Self {
-        let ids: Vec<_> = params.iter().map(|p| p.var.as_tensor().id()).collect();
+        let ids: Vec<_> = params.iter().map(|p| p.id()).collect();
         let segments = (0..model.num_segments())
             .map(|s| {
                 model
                     .segment_parameters(s)
                     .iter()
-                    .filter_map(|p| ids.iter().position(|&id| id == p.var.as_tensor().id()))
+                    .filter_map(|p| ids.iter().position(|&id| id == p.id()))
                     .collect()
             })
             .collect();
         Self {
-            shapes: params.iter().map(|p| (p.var.dtype(), p.var.elem_count())).collect(),
+            shapes: params.iter().map(|p| (p.dtype(), p.elem_count())).collect(),
             units: segment_units(model, params),
             segments,
         }

@@ -19,32 +19,41 @@
 //! A released variable no longer covers its layout, which breaks an invariant Candle's kernels
 //! rely on: computing with its raw storage would be undefined behaviour (the CPU matmul reads
 //! through raw pointers). So release and gather go through the parameter handles
-//! ([`Parameter`]): a parameter is marked released before its storage is swapped out and
-//! resident only after its values are back, and every layer reads its weights through
-//! [`Parameter::tensor`], which refuses a released parameter with
-//! [`candle_train::Error::ParameterReleased`] naming it. So a forward through
-//! [`ShardedModel::inner`], `Parameters::save_safetensors` of its parameters or any other read
-//! through a handle is an error, not a read of freed memory (tests/zero.rs). What the handle
-//! cannot guard is a raw clone of the `Var` taken around it (`parameter.var`); code that may
-//! run while a model is sharded reads through the handle. The protocol that keeps the
-//! engine's own reads on gathered parameters, for
-//! the segmented engine of candle-ckpt (segments forward in order, backward in reverse, one
-//! hook call after each segment's backward, which the Trainer forwards to
+//! ([`Parameter`]), whose variable is private: a parameter is marked released before its
+//! storage is swapped out and resident only after its values are back, and every read of its
+//! values from safe code ([`Parameter::tensor`], which the layers read through,
+//! [`Parameter::var`], the engine's [`SegmentParameter::var`]) refuses a released parameter
+//! with [`candle_train::Error::ParameterReleased`] naming it. So a forward through
+//! [`ShardedModel::inner`], saving or exporting its parameters, a checkpoint, or any other read
+//! through a handle is an error, not a read of freed memory (tests/zero.rs). The swap itself is
+//! the one user of [`Parameter::var_unchecked`] (`release_storage`, `restore_storage`).
+//!
+//! What no handle can see is a value taken while the parameter was resident and kept past its
+//! release: a graph that used it. The protocol keeps graphs on gathered parameters, for the
+//! segmented engine of candle-ckpt (segments forward in order, backward in reverse, one hook
+//! call after each segment's backward, which the Trainer forwards to
 //! [`Updater::accumulate`](candle_train::Updater::accumulate)):
 //!
 //! - before segment `i`'s forward or recompute, its parameters are gathered; the parameters
 //!   gathered for the previous forward are released then (those segment `i` does not use): a
 //!   segment's forward output is detached, so nothing reads them until the backward;
-//! - after segment `i`'s backward (its hook call), segment `i - 1`'s parameters are gathered
-//!   (a kept graph reads them in its backward, which comes next) and segment `i`'s released;
+//! - before segment `i`'s backward the engine calls
+//!   [`SegmentedModel::before_backward`], which gathers segment `i`'s parameters if they are
+//!   not (a kept graph reads them in its backward), whatever the hook does;
+//! - after segment `i`'s backward (its hook call, through the updater), segment `i - 1`'s
+//!   parameters are gathered (so `before_backward` finds them there) and segment `i`'s
+//!   released;
 //! - the optimizer steps the FP32 slices; variables that happen to be gathered at that point
 //!   are gathered again with the new values.
 //!
-//! The plain whole-graph backward ([`candle_train::BackwardMode::Plain`]) reads every
-//! segment's parameters at once after the forward, so stage 3 refuses it
-//! ([`crate::driver::fit_rank`]). The model is moved into [`ShardedModel`]; a clone of its
-//! parameters made before, read while the model is sharded, would read released memory:
-//! don't. [`ShardedModel::into_inner`] gathers everything back and returns the model.
+//! A graph across segments (a plain whole-graph backward, [`candle_ckpt::plain_forward_backward`],
+//! gradient verification's reference) would read every segment's parameters after their
+//! release: [`ShardedModel`]'s forward refuses an input that carries the previous segments'
+//! graph, and [`crate::driver::fit_rank`] refuses [`candle_train::BackwardMode::Plain`]. The
+//! model is moved into [`ShardedModel`]; a variable the caller kept (a candle-nn `VarMap`'s,
+//! a clone of one given to [`Parameter::new`]) shares the storage and is not guarded: don't
+//! read it while the model is sharded. [`ShardedModel::into_inner`] gathers everything back
+//! and returns the model.
 //!
 //! On CUDA (feature `cuda`) the buffer is swapped for a one-element allocation (compiled, not
 //! run yet: no GPU), and a gather swaps in a new allocation that the gathered tensor is copied
@@ -243,37 +252,61 @@ fn swappable(var: &Var) -> bool {
     var.device().is_cpu() || (cfg!(feature = "cuda") && var.device().is_cuda())
 }
 
-/// Replaces a variable's buffer by an empty one (on devices without a swap: nothing).
-fn release_storage(var: &Var) -> Result<()> {
+/// Marks `param` released, then replaces its variable's buffer by an empty one (on devices
+/// without a swap: only the mark).
+fn release_storage(param: &Parameter) -> Result<()> {
+    // The handle first: from here on every checked read through it is an error naming it.
+    param.set_released(true);
+    // SAFETY: the variable's metadata is read (device) and its buffer is swapped wholesale by
+    // `SwapStorage::Release`, which reads only the storage's dtype tag, never the old values;
+    // the reference ends with this function.
+    let var = unsafe { param.var_unchecked() };
     if swappable(var) {
         var.as_tensor().inplace_op1(&SwapStorage::Release)?;
     }
     Ok(())
 }
 
-/// Gives a variable a new buffer holding `values` (FP32, rounded to the variable's dtype to
-/// nearest even, as Candle's `to_dtype`).
-fn restore_storage(var: &Var, values: &[f32]) -> Result<()> {
+/// Gives `param`'s variable a new buffer holding `values` (FP32, rounded to the variable's
+/// dtype to nearest even, as Candle's `to_dtype`), then marks it resident.
+fn restore_storage(param: &Parameter, values: &[f32]) -> Result<()> {
+    // SAFETY: the variable's metadata is read (element count, device) and its buffer is
+    // replaced wholesale by `SwapStorage::Restore` (reading only the storage's dtype tag) with
+    // one covering its layout; on devices without a swap the storage was never released and
+    // `write_f32_values` writes a full buffer. The parameter is marked resident only after,
+    // and the reference ends with this function.
+    let var = unsafe { param.var_unchecked() };
     if values.len() != var.elem_count() {
         return Err(Error::config(
             "zero",
             format!("{} gathered values for a parameter of {} elements", values.len(), var.elem_count()),
         ));
     }
-    if !swappable(var) {
-        return Ok(write_f32_values(var, values)?);
+    if swappable(var) {
+        var.as_tensor().inplace_op1(&SwapStorage::Restore(values))?;
+    } else {
+        write_f32_values(var, values)?;
     }
-    var.as_tensor().inplace_op1(&SwapStorage::Restore(values))?;
+    // Readable again only once its values are back.
+    param.set_released(false);
     Ok(())
 }
 
-/// Gives a variable a new buffer holding `values` (a tensor on its device, of its shape and
-/// dtype): a device-to-device copy, nothing crosses to the host.
-fn restore_storage_from(var: &Var, values: &Tensor) -> Result<()> {
+/// Gives `param`'s variable a new buffer holding `values` (a tensor on its device, of its
+/// shape and dtype: a device-to-device copy, nothing crosses to the host), then marks it
+/// resident.
+fn restore_storage_from(param: &Parameter, values: &Tensor) -> Result<()> {
+    // SAFETY: the variable's metadata is read (device) and its buffer is replaced wholesale by
+    // `SwapStorage::Allocate` (reading only the storage's dtype tag and the layout) with a
+    // zeroed one covering its layout, which `Var::set` then fills: the old values are never
+    // read. On devices without a swap the storage was never released. The parameter is
+    // marked resident only after, and the reference ends with this function.
+    let var = unsafe { param.var_unchecked() };
     if swappable(var) {
         var.as_tensor().inplace_op1(&SwapStorage::Allocate)?;
     }
     var.set(values)?;
+    param.set_released(false);
     Ok(())
 }
 
@@ -421,12 +454,10 @@ impl ShardedParameters {
                 let flat = exchange_in_dtype(layout.dtype(), flat, |bytes| comm.all_gather(bytes))?;
                 for e in layout.entries() {
                     let param = &self.params[e.param];
-                    if !param.var.device().is_cpu() {
+                    if !param.device().is_cpu() {
                         self.uploaded += (e.len * layout.dtype().size_in_bytes()) as u64;
                     }
-                    restore_storage(&param.var, &flat[e.offset..e.offset + e.len])?;
-                    // Readable again only once its values are back.
-                    param.set_released(false);
+                    restore_storage(param, &flat[e.offset..e.offset + e.len])?;
                 }
             }
             Slices::Device(slices) => {
@@ -436,11 +467,9 @@ impl ShardedParameters {
                 let all = self.comm.all_gather_tensor(&slices[group].to_dtype(wire)?)?;
                 for e in layout.entries() {
                     let param = &self.params[e.param];
-                    let var = &param.var;
                     let values =
-                        all.narrow(0, e.offset, e.len)?.reshape(var.shape())?.to_dtype(var.dtype())?;
-                    restore_storage_from(var, &values)?;
-                    param.set_released(false);
+                        all.narrow(0, e.offset, e.len)?.reshape(param.shape())?.to_dtype(param.dtype())?;
+                    restore_storage_from(param, &values)?;
                 }
             }
         }
@@ -457,10 +486,7 @@ impl ShardedParameters {
             return Ok(());
         }
         for e in self.partition.groups()[group].entries() {
-            // The handle first: from here on every read through it is an error naming it.
-            let param = &self.params[e.param];
-            param.set_released(true);
-            release_storage(&param.var)?;
+            release_storage(&self.params[e.param])?;
         }
         self.held[group] = false;
         Ok(())
@@ -498,6 +524,16 @@ impl ShardedParameters {
         }
         self.acquire(segment)?;
         self.transient = Some(segment);
+        Ok(())
+    }
+
+    /// Before segment `segment`'s backward: gathers its buffers unless they are (the protocol
+    /// gathers them after the next segment's backward, or in its recompute; this makes a
+    /// hook that does not call the updater safe too).
+    pub(crate) fn before_backward(&mut self, segment: usize) -> Result<()> {
+        if self.releasing {
+            self.acquire(segment)?;
+        }
         Ok(())
     }
 
@@ -595,8 +631,8 @@ impl<M: TrainableModel> ShardedModel<M> {
         let on_device = model
             .parameters()
             .iter()
-            .find(|p| !p.var.device().is_cpu())
-            .is_some_and(|p| optimizer.has_device_form(p.var.device()));
+            .find(|p| !p.device().is_cpu())
+            .is_some_and(|p| optimizer.has_device_form(p.device()));
         Self::build(model, optimizer, comm, on_device)
     }
 
@@ -627,15 +663,14 @@ impl<M: TrainableModel> ShardedModel<M> {
         let (mut updater, shards) = ZeroUpdater::stage3(params, &units, optimizer, comm, on_device)?;
         updater.broadcast_parameters()?;
         let index: std::collections::HashMap<_, _> =
-            params.iter().enumerate().map(|(i, p)| (p.var.as_tensor().id(), i)).collect();
+            params.iter().enumerate().map(|(i, p)| (p.id(), i)).collect();
         let segment_groups = {
             let guard = lock(&shards);
             (0..model.num_segments())
                 .map(|segment| {
                     let mut groups = Vec::new();
                     for p in model.segment_parameters(segment) {
-                        let located =
-                            index.get(&p.var.as_tensor().id()).and_then(|&i| guard.partition.locate(i));
+                        let located = index.get(&p.id()).and_then(|&i| guard.partition.locate(i));
                         if let Some((g, _)) = located {
                             if !groups.contains(&g) {
                                 groups.push(g);
@@ -691,6 +726,16 @@ impl<M> ShardedModel<M> {
         lock(&self.shards).before_forward(index)
     }
 
+    /// A gather's failure as the engine carries it (a Candle error naming the segment), kept
+    /// typed for [`ShardedModel::take_error`].
+    fn typed(&self, gathered: Result<()>, segment: impl FnOnce() -> String) -> candle::Result<()> {
+        gathered.map_err(|e| {
+            let message = format!("gathering the parameters of {}: {e}", segment());
+            self.failed.borrow_mut().get_or_insert(e);
+            candle::Error::Msg(message)
+        })
+    }
+
     /// The first collective failure a forward met, if any (taken: a second call returns
     /// `None`).
     pub fn take_error(&self) -> Option<Error> {
@@ -720,12 +765,24 @@ impl<M: SegmentedModel> SegmentedModel for ShardedModel<M> {
         batch: &M::Batch,
         ctx: &SegmentContext,
     ) -> candle::Result<Tensor> {
-        if let Err(e) = self.gather_segment(index) {
-            let message = format!("gathering the parameters of {}: {e}", self.model.segment_name(index));
-            self.failed.borrow_mut().get_or_insert(e);
-            return Err(candle::Error::Msg(message));
+        // A segment's input that carries the previous segments' graph (a plain whole-graph
+        // backward) would have that graph read released parameters in its backward: refused.
+        // The engine hands segments a tracked copy (a variable) or a detached input.
+        if index > 0 && input.track_op() && !input.is_variable() && lock(&self.shards).is_releasing() {
+            return Err(candle::Error::Msg(format!(
+                "segment `{}` of a ZeRO stage 3 model was given an input that carries the previous segments' graph: its parameters are released after their segment runs, so only the segmented engine (`forward_backward`, one backward per segment) can train it, not a whole-graph backward",
+                self.model.segment_name(index)
+            )));
         }
+        let gathered = self.gather_segment(index);
+        self.typed(gathered, || self.model.segment_name(index))?;
         self.model.forward_segment(index, input, batch, ctx)
+    }
+
+    fn before_backward(&self, index: usize) -> candle::Result<()> {
+        let gathered = lock(&self.shards).before_backward(index);
+        self.typed(gathered, || self.model.segment_name(index))?;
+        self.model.before_backward(index)
     }
 
     fn segment_parameters(&self, index: usize) -> Vec<SegmentParameter> {

@@ -121,10 +121,10 @@ pub fn segment_units<M: candle_ckpt::SegmentedModel + ?Sized>(model: &M, params:
     let mut first: HashMap<TensorId, usize> = HashMap::new();
     for segment in 0..model.num_segments() {
         for p in model.segment_parameters(segment) {
-            first.entry(p.var.as_tensor().id()).or_insert(segment);
+            first.entry(p.id()).or_insert(segment);
         }
     }
-    params.iter().map(|p| first.get(&p.var.as_tensor().id()).copied().unwrap_or(usize::MAX)).collect()
+    params.iter().map(|p| first.get(&p.id()).copied().unwrap_or(usize::MAX)).collect()
 }
 
 impl std::fmt::Debug for ZeroUpdater {
@@ -182,8 +182,8 @@ impl ZeroUpdater {
         // (8-bit AdamW: CUDA only).
         let on_device = params
             .iter()
-            .find(|p| !p.var.device().is_cpu())
-            .is_some_and(|p| optimizer.has_device_form(p.var.device()));
+            .find(|p| !p.device().is_cpu())
+            .is_some_and(|p| optimizer.has_device_form(p.device()));
         Self::build(stage, params, units, optimizer, comm, on_device)
     }
 
@@ -225,10 +225,10 @@ impl ZeroUpdater {
         comm: Box<dyn Communicator>,
         on_device: bool,
     ) -> Result<(Self, Arc<Mutex<ShardedParameters>>)> {
-        if let Some(p) = params.iter().find(|p| !shardable(p.var.dtype())) {
+        if let Some(p) = params.iter().find(|p| !shardable(p.dtype())) {
             return Err(Error::config(
                 "zero",
-                format!("stage 3 cannot shard parameter `{}` of dtype {:?}", p.name, p.var.dtype()),
+                format!("stage 3 cannot shard parameter `{}` of dtype {:?}", p.name, p.dtype()),
             ));
         }
         let updater = Self::build(ZeroStage::Stage3, params, units, optimizer, comm, on_device)?;
@@ -251,14 +251,13 @@ impl ZeroUpdater {
             (comm, None)
         };
         let params: Vec<Parameter> = params.iter().cloned().collect();
-        let shapes: Vec<(DType, usize)> =
-            params.iter().map(|p| (p.var.dtype(), p.var.elem_count())).collect();
+        let shapes: Vec<(DType, usize)> = params.iter().map(|p| (p.dtype(), p.elem_count())).collect();
         let units = if units.is_empty() { vec![0; params.len()] } else { units.to_vec() };
         let partition = Partition::by_unit(&shapes, &units, comm.world_size());
         let mut index = HashMap::new();
         for (i, p) in params.iter().enumerate() {
             let located = partition.locate(i).expect("every parameter is in its dtype's buffer");
-            index.insert(p.var.as_tensor().id(), located);
+            index.insert(p.id(), located);
         }
         let rank = comm.rank();
         if on_device {
@@ -327,7 +326,7 @@ impl ZeroUpdater {
             } else {
                 let mut master = vec![0f32; owned.len()];
                 for (param, param_range, owned_range) in &group_pieces {
-                    let values = to_f32_vec(params[*param].var.as_tensor())?;
+                    let values = to_f32_vec(params[*param].var()?.as_tensor())?;
                     master[owned_range.clone()].copy_from_slice(&values[param_range.clone()]);
                 }
                 Some(master)
@@ -340,7 +339,7 @@ impl ZeroUpdater {
                 _ => master,
             };
             for (param, param_range, owned_range) in group_pieces {
-                let decay = params[param].var.rank() >= 2;
+                let decay = params[param].rank() >= 2;
                 pieces.push(OwnedPiece { group: g, param, param_range, owned_range, decay });
             }
             let (grads, grads_offset) = match stage {
@@ -352,7 +351,7 @@ impl ZeroUpdater {
         // (piece, whole parameter) lengths: 8-bit AdamW decides 8-bit or 32-bit state per
         // original parameter, whatever the slice this rank steps.
         let sizes: Vec<(usize, usize)> =
-            pieces.iter().map(|p| (p.param_range.len(), params[p.param].var.elem_count())).collect();
+            pieces.iter().map(|p| (p.param_range.len(), params[p.param].elem_count())).collect();
         let optimizer = optimizer.build_pieces(&sizes)?;
         let shards = shared.map(|comm| {
             Arc::new(Mutex::new(ShardedParameters::new(
@@ -362,7 +361,7 @@ impl ZeroUpdater {
                 Slices::Host(slices),
             )))
         });
-        let off_host = params.iter().any(|p| !p.var.device().is_cpu());
+        let off_host = params.iter().any(|p| !p.device().is_cpu());
         let staged_seen = comm.host_staged_bytes();
         Ok(Self {
             stage,
@@ -400,13 +399,13 @@ impl ZeroUpdater {
         for (g, layout) in self.partition.groups().iter().enumerate() {
             let mut flat = vec![0f32; layout.padded_len()];
             for e in layout.entries() {
-                with_f32_values(self.params[e.param].var.as_tensor(), |v| {
+                with_f32_values(self.params[e.param].var()?.as_tensor(), |v| {
                     flat[e.offset..e.offset + e.len].copy_from_slice(v)
                 })?;
             }
             let flat = exchange_in_dtype(layout.dtype(), flat, |bytes| self.comm.broadcast(bytes, 0))?;
             for e in layout.entries() {
-                write_f32_values(&self.params[e.param].var, &flat[e.offset..e.offset + e.len])?;
+                write_f32_values(self.params[e.param].var()?, &flat[e.offset..e.offset + e.len])?;
             }
             let Some(group) = self.groups.get_mut(g) else { continue };
             if let Some(master) = group.master.as_mut() {
@@ -506,7 +505,7 @@ impl ZeroUpdater {
             if self.stage == ZeroStage::Stage0 {
                 if let Some(master) = &group.master {
                     for e in layout.entries() {
-                        let var = &self.params[e.param].var;
+                        let var = self.params[e.param].var()?;
                         if self.off_host {
                             self.transfers.parameters += (e.len * var.dtype().size_in_bytes()) as u64;
                         }
@@ -530,9 +529,9 @@ impl ZeroUpdater {
                 None => {
                     for piece in layout.pieces(rank) {
                         if self.off_host {
-                            self.transfers.parameters += 4 * self.params[piece.param].var.elem_count() as u64;
+                            self.transfers.parameters += 4 * self.params[piece.param].elem_count() as u64;
                         }
-                        with_f32_values(self.params[piece.param].var.as_tensor(), |v| {
+                        with_f32_values(self.params[piece.param].var()?.as_tensor(), |v| {
                             flat[shard.start..][piece.shard_range.clone()]
                                 .copy_from_slice(&v[piece.param_range.clone()])
                         })?;
@@ -542,7 +541,7 @@ impl ZeroUpdater {
             let comm = &self.comm;
             let flat = exchange_in_dtype(layout.dtype(), flat, |bytes| comm.all_gather(bytes))?;
             for e in layout.entries() {
-                let var = &self.params[e.param].var;
+                let var = self.params[e.param].var()?;
                 if self.off_host {
                     self.transfers.parameters += (e.len * var.dtype().size_in_bytes()) as u64;
                 }
@@ -560,7 +559,7 @@ impl ZeroUpdater {
     fn accumulate_sharded(&mut self, gradients: &SegmentGradients) -> candle_train::Result<()> {
         let mut completed = Vec::new();
         for g in &gradients.gradients {
-            let Some(&(group, entry)) = self.index.get(&g.var.as_tensor().id()) else {
+            let Some(&(group, entry)) = self.index.get(&g.id) else {
                 return Err(unknown(&g.name));
             };
             if self.off_host {
@@ -630,7 +629,7 @@ impl ZeroUpdater {
                 let values = match (&slices, &group.master) {
                     (Some(slices), _) => slices[g][flat.clone()].to_vec(),
                     (None, Some(master)) => master[flat.clone()].to_vec(),
-                    (None, None) => with_f32_values(self.params[piece.param].var.as_tensor(), |v| {
+                    (None, None) => with_f32_values(self.params[piece.param].var()?.as_tensor(), |v| {
                         v[piece.param_range.clone()].to_vec()
                     })?,
                 };
@@ -673,7 +672,7 @@ impl ZeroUpdater {
         // Values: every parameter whole (stages 0-2 hold it), or the owned pieces (stage 3).
         if !stage3 {
             for (i, p) in self.params.iter().enumerate() {
-                needs.push(Need { buffer: "value".into(), param: i, range: 0..p.var.elem_count() });
+                needs.push(Need { buffer: "value".into(), param: i, range: 0..p.elem_count() });
             }
         }
         for (k, (param, range)) in piece_ranges.iter().enumerate() {
@@ -719,7 +718,7 @@ impl ZeroUpdater {
             shards.refresh()?;
         } else {
             for (p, v) in self.params.iter().zip(&values) {
-                write_f32_values(&p.var, v)?;
+                write_f32_values(p.var()?, v)?;
             }
             for piece in &self.pieces {
                 if let Some(master) = self.groups[piece.group].master.as_mut() {
@@ -787,7 +786,7 @@ impl Updater for ZeroUpdater {
             return Ok(lock(&shards).after_backward(gradients.segment)?);
         }
         for g in &gradients.gradients {
-            let Some(&(group, entry)) = self.index.get(&g.var.as_tensor().id()) else {
+            let Some(&(group, entry)) = self.index.get(&g.id) else {
                 return Err(unknown(&g.name));
             };
             if self.off_host {
@@ -848,10 +847,10 @@ impl Updater for ZeroUpdater {
                 None => {
                     if self.off_host {
                         // The whole parameter down and back up.
-                        self.transfers.parameters += 8 * self.params[piece.param].var.elem_count() as u64;
+                        self.transfers.parameters += 8 * self.params[piece.param].elem_count() as u64;
                     }
                     let mut outcome = Ok(());
-                    update_f32_in_place(&self.params[piece.param].var, |values| {
+                    update_f32_in_place(self.params[piece.param].var()?, |values| {
                         outcome =
                             optimizer.update(k, &mut values[piece.param_range.clone()], grad, lr, piece.decay)
                     })?;

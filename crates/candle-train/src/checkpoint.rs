@@ -422,8 +422,8 @@ pub fn parameter_specs(params: &Parameters) -> Vec<ParameterSpec> {
         .iter()
         .map(|p| ParameterSpec {
             name: p.name.clone(),
-            shape: p.var.dims().to_vec(),
-            dtype: p.var.dtype().as_str().to_string(),
+            shape: p.dims().to_vec(),
+            dtype: p.dtype().as_str().to_string(),
         })
         .collect()
 }
@@ -528,7 +528,10 @@ pub fn save(
     let tmp = temporary_dir(run_dir, step, &std::process::id().to_string())?;
     let written = (|| {
         let state = updater.save_state()?;
-        let model = params.iter().map(|p| Ok((p.name.clone(), p.tensor()?))).collect::<Result<Vec<_>>>()?;
+        let model = params
+            .iter()
+            .map(|p| Ok((p.name.clone(), p.var()?.as_tensor().clone())))
+            .collect::<Result<Vec<_>>>()?;
         let master = state
             .master_weights
             .iter()
@@ -894,7 +897,7 @@ impl Checkpoint {
         let model_bytes = self.read_verified(MODEL_FILE)?;
         let master_bytes = self.read_verified(MASTER_FILE)?;
         let optimizer_bytes = self.read_verified(OPTIMIZER_FILE)?;
-        let device = params.iter().next().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
+        let device = params.device();
         let model_path = self.path.join(MODEL_FILE);
         let values = parse_model(&model_bytes, &m.parameters, &device, &model_path)?;
         let mut by_name: HashMap<&str, Tensor> =
@@ -909,10 +912,10 @@ impl Checkpoint {
             if p.is_released() {
                 return Err(Error::ParameterReleased { name: p.name.clone() });
             }
-            if value.dims() != p.var.dims() || value.dtype() != p.var.dtype() {
+            if value.dims() != p.dims() || value.dtype() != p.dtype() {
                 return Err(Error::StateMismatch {
                     name: p.name.clone(),
-                    expected: format!("{} {:?}", p.var.dtype().as_str(), p.var.dims()),
+                    expected: format!("{} {:?}", p.dtype().as_str(), p.dims()),
                     found: format!("{} {:?}", value.dtype().as_str(), value.dims()),
                 });
             }
@@ -934,7 +937,7 @@ impl Checkpoint {
         // buffers) and changes nothing on error.
         updater.load_state(UpdaterState { master_weights, optimizer })?;
         for (p, value) in params.iter().zip(ordered) {
-            p.var.set(&value)?;
+            p.var()?.set(&value)?;
         }
         Ok(())
     }

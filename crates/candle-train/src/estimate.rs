@@ -438,9 +438,13 @@ where
 
     // Model state from the shapes.
     let dtype_bytes = |v: &candle::Var| v.elem_count() * v.dtype().size_in_bytes();
-    let all: Vec<&candle::Var> = probe_model.parameters().iter().map(|p| &p.var).collect();
-    let block_params: Vec<candle::Var> =
-        probe_model.segment_parameters(block).into_iter().map(|p| p.var).collect();
+    let all: Vec<candle::Var> =
+        probe_model.parameters().iter().map(|p| p.var().cloned()).collect::<Result<_>>()?;
+    let block_params: Vec<candle::Var> = probe_model
+        .segment_parameters(block)
+        .into_iter()
+        .map(|p| p.var().cloned())
+        .collect::<candle::Result<_>>()?;
     let extra = blocks - 1;
     let sum = |f: &dyn Fn(&candle::Var) -> usize| {
         all.iter().map(|v| f(v)).sum::<usize>() + extra * block_params.iter().map(f).sum::<usize>()

@@ -14,6 +14,33 @@ pub const MAX_CORPUS_BYTES: u64 = 64 << 30;
 /// The largest JSON config file read (`config.json`).
 pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
+/// The JSON file at `path` (at most [`MAX_CONFIG_BYTES`]) as a `T` (a model's
+/// `config.json`).
+///
+/// # Errors
+/// As [`read_bounded`] (and [`Error::Io`] for text that is not UTF-8);
+/// [`Error::InvalidConfig`] (field `config.json`) when it does not parse as a `T`.
+pub fn read_json_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = read_bounded(path, MAX_CONFIG_BYTES)?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| Error::io("read", path, std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+    serde_json::from_str(&text).map_err(|e| Error::config("config.json", e.to_string()))
+}
+
+/// The tensors of the safetensors file at `path` (at most [`MAX_STATE_BYTES`]), by name, on
+/// `device`.
+///
+/// # Errors
+/// As [`read_bounded`]; [`Error::MalformedState`] naming the file when it is not safetensors.
+pub fn read_safetensors(
+    path: &Path,
+    device: &candle::Device,
+) -> Result<std::collections::HashMap<String, candle::Tensor>> {
+    let bytes = read_bounded(path, MAX_STATE_BYTES)?;
+    candle::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })
+}
+
 /// Reads the file at `path` whole, refusing one that is not a regular file (a FIFO or device
 /// would block or never end) or that is longer than `limit` bytes, with a clear error, before
 /// reading; the read itself stops after `limit` bytes (a file growing meanwhile is cut there

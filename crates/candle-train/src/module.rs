@@ -136,6 +136,16 @@ pub trait Module {
     fn visit_linears(&self, _f: &mut dyn FnMut(&crate::layers::Linear)) {}
 }
 
+/// The parameters of `modules`, in order: what a segment made of several modules reads
+/// ([`Stacked::embedding_parameters`], [`Stacked::head_parameters`]).
+pub fn parameters_of(modules: &[&dyn Module]) -> Vec<Parameter> {
+    let mut out = Vec::new();
+    for m in modules {
+        m.visit_parameters(&mut |p| out.push(p.clone()));
+    }
+    out
+}
+
 /// What a module's forward may know about the step: whether the model is training (dropout
 /// active), the generator its random layers draw from, in order, and for an encoder over a
 /// padded batch the batch's key-padding bias. Made from the segment's [`SegmentContext`], so a
@@ -362,6 +372,19 @@ pub mod stack {
         }
     }
 
+    /// The blocks applied in order to `x`, each with its segment's context under `ctx`
+    /// (`ctx.for_segment(i + 1)`, as the engine runs block `i`): a model's whole-sequence
+    /// forward outside the engine (logits for evaluation or generation).
+    ///
+    /// # Errors
+    /// Any error of the blocks.
+    pub fn forward_blocks<B: Forward>(blocks: &[B], x: Tensor, ctx: &SegmentContext) -> Result<Tensor> {
+        blocks
+            .iter()
+            .enumerate()
+            .try_fold(x, |h, (i, block)| block.forward(&h, &mut ForwardContext::new(&ctx.for_segment(i + 1))))
+    }
+
     /// The parameters segment `index` reads.
     pub fn segment_parameters<M: Stacked + ?Sized>(model: &M, index: usize) -> Vec<SegmentParameter> {
         let blocks = model.blocks();
@@ -445,7 +468,7 @@ mod tests {
             let segment = model.segment_name(s);
             for p in model.segment_parameters(s) {
                 let own = params.get(&p.name).map(Parameter::id);
-                assert_eq!(own, Some(p.var.as_tensor().id()), "{segment} lists {} not the model's", p.name);
+                assert_eq!(own, Some(p.id()), "{segment} lists {} not the model's", p.name);
                 if model.is_block(s) {
                     assert!(p.name.contains(&format!("{segment}.")), "block {segment} lists {}", p.name);
                 }

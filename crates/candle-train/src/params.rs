@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle::{DType, Device, Shape, Tensor, TensorId, Var};
-use candle_ckpt::{Rng, SegmentParameter};
+use candle_ckpt::{Residency, Rng, SegmentParameter};
 
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
@@ -15,18 +15,27 @@ use crate::io::write_atomic;
 /// One named parameter: the handle layers read their weights through.
 ///
 /// Clones share the variable and its residency: ZeRO stage 3 marks a parameter released
-/// ([`Parameter::set_released`]) before it frees its storage, and every read through the handle
-/// ([`Parameter::tensor`], the layers' forwards, [`Parameters::save_safetensors`]) is then an
-/// error naming the parameter instead of a read of freed memory.
+/// ([`Parameter::set_released`]) before it frees its storage, and every read of its values
+/// through the handle ([`Parameter::tensor`], [`Parameter::var`], the layers' forwards,
+/// [`Parameters::save_safetensors`]) is then an error naming the parameter instead of a read of
+/// freed memory.
+///
+/// The variable is private, so safe code reaches its values only through those checked
+/// accessors; its metadata ([`Parameter::id`], [`Parameter::shape`], [`Parameter::dtype`],
+/// [`Parameter::device`], ...) never touches the storage and is always readable. What the
+/// check cannot see is a value taken while the parameter was resident and kept past its
+/// release (a tensor from [`Parameter::tensor`] or a clone of [`Parameter::var`]'s variable):
+/// they share the storage, so code that may run while a model is sharded takes values through
+/// the handle when it uses them, never earlier.
 #[derive(Debug, Clone)]
 pub struct Parameter {
     /// The full name (`h.0.attn.c_attn.weight`).
     pub name: String,
-    /// Its value, in the model's compute dtype. Reading it directly bypasses the residency
-    /// check: code that may run while the parameter is sharded reads [`Parameter::tensor`].
-    pub var: Var,
-    /// Whether the storage is released (shared by every clone of this handle).
-    released: Arc<AtomicBool>,
+    /// Its value, in the model's compute dtype (private: see the type's docs).
+    var: Var,
+    /// Whether the storage is released (shared by every clone of this handle and its
+    /// [`SegmentParameter`]s).
+    residency: Residency,
     /// Whether the parameter is frozen (shared by every clone of this handle).
     frozen: Arc<AtomicBool>,
 }
@@ -34,18 +43,71 @@ pub struct Parameter {
 impl Parameter {
     /// A resident parameter over `var` (shared, not copied).
     pub fn new(name: impl Into<String>, var: Var) -> Self {
-        Self {
-            name: name.into(),
-            var,
-            released: Arc::new(AtomicBool::new(false)),
-            frozen: Arc::new(AtomicBool::new(false)),
-        }
+        Self { name: name.into(), var, residency: Residency::new(), frozen: Arc::new(AtomicBool::new(false)) }
     }
 
     /// The parameter's stable id: its variable's, which stays the same through release and
     /// gather (ZeRO stage 3 swaps the storage, never the variable).
     pub fn id(&self) -> TensorId {
         self.var.as_tensor().id()
+    }
+
+    /// The shape (metadata: readable while released).
+    pub fn shape(&self) -> &Shape {
+        self.var.shape()
+    }
+
+    /// The dimensions (metadata: readable while released).
+    pub fn dims(&self) -> &[usize] {
+        self.var.dims()
+    }
+
+    /// The number of dimensions (metadata: readable while released).
+    pub fn rank(&self) -> usize {
+        self.var.rank()
+    }
+
+    /// The number of elements (metadata: readable while released).
+    pub fn elem_count(&self) -> usize {
+        self.var.elem_count()
+    }
+
+    /// The dtype (metadata: readable while released).
+    pub fn dtype(&self) -> DType {
+        self.var.dtype()
+    }
+
+    /// The device (metadata: readable while released).
+    pub fn device(&self) -> &Device {
+        self.var.device()
+    }
+
+    /// The variable, to read its values or set them (`var()?.set(..)`).
+    ///
+    /// # Errors
+    /// [`Error::ParameterReleased`] naming the parameter when it is released: its storage is
+    /// freed until it is gathered.
+    pub fn var(&self) -> Result<&Var> {
+        if self.is_released() {
+            return Err(Error::ParameterReleased { name: self.name.clone() });
+        }
+        Ok(&self.var)
+    }
+
+    /// The variable, whatever the parameter's residency: for the code that swaps a released
+    /// parameter's storage (ZeRO stage 3's release and gather).
+    ///
+    /// # Safety
+    /// While the parameter is released its storage does not cover its layout, and Candle's
+    /// kernels read storage through raw pointers: reading its values (any op on the variable
+    /// or a tensor cloned from it, `Var::set`, `to_vec`, ...) is undefined behaviour. The
+    /// caller may read the variable's metadata (id, shape, dtype, device) and may replace its
+    /// storage wholesale with an in-place op that does not read the old buffer (swapping it
+    /// for a buffer covering the layout before calling `set_released(false)`, or for an empty
+    /// one after calling `set_released(true)`); it must not keep the reference, or a clone of
+    /// the variable, past that.
+    pub unsafe fn var_unchecked(&self) -> &Var {
+        &self.var
     }
 
     /// The value, for computing with. A frozen parameter's value is a constant (the variable's
@@ -56,13 +118,11 @@ impl Parameter {
     /// [`crate::Error::ParameterReleased`] (wrapped in a Candle error, as layers return Candle
     /// results) when the parameter is released: its storage is freed until it is gathered.
     pub fn tensor(&self) -> candle::Result<Tensor> {
-        if self.is_released() {
-            return Err(candle::Error::wrap(crate::Error::ParameterReleased { name: self.name.clone() }));
-        }
+        let var = self.var().map_err(candle::Error::wrap)?;
         if self.is_frozen() {
-            return Ok(self.var.as_tensor().detach());
+            return Ok(var.as_tensor().detach());
         }
-        Ok(self.var.as_tensor().clone())
+        Ok(var.as_tensor().clone())
     }
 
     /// Whether the parameter is frozen: read as a constant, so it receives no gradient (a LoRA
@@ -81,18 +141,19 @@ impl Parameter {
     /// Whether the parameter's storage is released now (ZeRO stage 3, between its segment's
     /// uses).
     pub fn is_released(&self) -> bool {
-        self.released.load(Ordering::Acquire)
+        self.residency.is_released()
     }
 
     /// Marks the parameter released (before its storage is freed) or resident (after its
     /// values are back). Only code that owns the storage swap (ZeRO stage 3) calls it.
     pub fn set_released(&self, released: bool) {
-        self.released.store(released, Ordering::Release);
+        self.residency.set_released(released);
     }
 
-    /// The parameter as the recompute engine lists it.
+    /// The parameter as the recompute engine lists it (sharing the variable and the
+    /// residency: its [`SegmentParameter::var`] refuses it while released).
     pub fn segment_parameter(&self) -> SegmentParameter {
-        SegmentParameter { name: self.name.clone(), var: self.var.clone() }
+        SegmentParameter::with_residency(self.name.clone(), self.var.clone(), self.residency.clone())
     }
 }
 
@@ -126,12 +187,12 @@ impl Parameters {
 
     /// The total number of scalar parameters.
     pub fn num_elements(&self) -> usize {
-        self.list.iter().map(|p| p.var.elem_count()).sum()
+        self.list.iter().map(Parameter::elem_count).sum()
     }
 
     /// The total bytes the parameters occupy in their dtype.
     pub fn size_in_bytes(&self) -> usize {
-        self.list.iter().map(|p| p.var.elem_count() * p.var.dtype().size_in_bytes()).sum()
+        self.list.iter().map(|p| p.elem_count() * p.dtype().size_in_bytes()).sum()
     }
 
     /// Saves every parameter to a safetensors file under its name, atomically.
@@ -140,8 +201,11 @@ impl Parameters {
     /// On serialization or I/O failure; [`Error::ParameterReleased`] naming a released
     /// parameter.
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
-        let tensors =
-            self.list.iter().map(|p| Ok((p.name.clone(), p.tensor()?))).collect::<Result<Vec<_>>>()?;
+        let tensors = self
+            .list
+            .iter()
+            .map(|p| Ok((p.name.clone(), p.var()?.as_tensor().clone())))
+            .collect::<Result<Vec<_>>>()?;
         let bytes = safetensors::serialize(tensors, None)
             .map_err(|e| Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })?;
         write_atomic(path, &bytes)
@@ -151,40 +215,56 @@ impl Parameters {
     /// the parameter's shape; it is converted to the parameter's dtype.
     ///
     /// # Errors
+    /// [`Error::ParameterReleased`] naming a released parameter (before the file is read),
     /// [`Error::Io`] if the file cannot be read, [`Error::MalformedState`] if it is not
-    /// safetensors, [`Error::StateMismatch`] naming the first missing or misshapen tensor,
-    /// [`Error::ParameterReleased`] naming a released parameter.
+    /// safetensors, [`Error::StateMismatch`] naming the first missing or misshapen tensor.
     /// Nothing is modified unless every tensor matches.
     pub fn load_safetensors(&self, path: &Path) -> Result<()> {
-        if let Some(p) = self.list.iter().find(|p| p.is_released()) {
-            return Err(Error::ParameterReleased { name: p.name.clone() });
+        self.list.iter().try_for_each(|p| p.var().map(drop))?;
+        let loaded = crate::io::read_safetensors(path, &self.device())?;
+        for (var, value) in self.values_by_name(&loaded, str::to_string)? {
+            var.set(&value)?;
         }
-        let bytes = crate::io::read_bounded(path, crate::io::MAX_STATE_BYTES)?;
-        let device = self.list.first().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
-        let loaded: HashMap<String, Tensor> = candle::safetensors::load_buffer(&bytes, &device)
-            .map_err(|e| Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })?;
+        Ok(())
+    }
+
+    /// Each parameter's variable with its new value: the tensor of `loaded` under
+    /// `key(name)`, checked against the parameter's shape and converted to its dtype and
+    /// device. Checks everything before the caller sets anything.
+    ///
+    /// # Errors
+    /// [`Error::ParameterReleased`] naming a released parameter; [`Error::StateMismatch`]
+    /// naming (by key) the first missing or misshapen tensor.
+    pub(crate) fn values_by_name(
+        &self,
+        loaded: &HashMap<String, Tensor>,
+        key: impl Fn(&str) -> String,
+    ) -> Result<Vec<(&Var, Tensor)>> {
         let mut values = Vec::with_capacity(self.list.len());
         for p in &self.list {
-            let Some(t) = loaded.get(&p.name) else {
+            let name = key(&p.name);
+            let Some(t) = loaded.get(&name) else {
                 return Err(Error::StateMismatch {
-                    name: p.name.clone(),
-                    expected: format!("a tensor of shape {:?}", p.var.dims()),
+                    name,
+                    expected: format!("a tensor of shape {:?}", p.dims()),
                     found: "nothing".into(),
                 });
             };
-            if t.dims() != p.var.dims() {
+            if t.dims() != p.dims() {
                 return Err(Error::StateMismatch {
-                    name: p.name.clone(),
-                    expected: format!("shape {:?}", p.var.dims()),
+                    name,
+                    expected: format!("shape {:?}", p.dims()),
                     found: format!("shape {:?}", t.dims()),
                 });
             }
-            values.push(t.to_dtype(p.var.dtype())?);
+            values.push((p.var()?, t.to_dtype(p.dtype())?.to_device(p.device())?));
         }
-        for (p, value) in self.list.iter().zip(values) {
-            p.var.set(&value)?;
-        }
-        Ok(())
+        Ok(values)
+    }
+
+    /// The device of the first parameter (the CPU when there are none).
+    pub fn device(&self) -> Device {
+        self.list.first().map_or(Device::Cpu, |p| p.device().clone())
     }
 
     /// Parameters over existing handles, in the given order, sharing them (their variables and

@@ -37,8 +37,11 @@ pub trait TrainableModel: SegmentedModel {
     fn context_length(&self) -> usize {
         usize::MAX
     }
-    /// The device its parameters live on.
-    fn device(&self) -> Device;
+    /// The device its parameters live on. By default the first parameter's
+    /// ([`Parameters::device`]).
+    fn device(&self) -> Device {
+        self.parameters().device()
+    }
     /// Its architecture and every setting that changes its trajectory (heads, dropout, norm
     /// epsilon, ...) as canonical JSON: a checkpoint resumes only into a model whose settings
     /// are equal ([`crate::checkpoint::RunIdentity::model`]). Serialize the whole config, so no
@@ -57,11 +60,6 @@ pub trait LanguageModel: TrainableModel<Batch = TokenBatch> {}
 
 impl<M: TrainableModel<Batch = TokenBatch> + ?Sized> LanguageModel for M {}
 
-/// The device of the first parameter (the CPU for a model without parameters).
-pub fn parameters_device(parameters: &Parameters) -> Device {
-    parameters.iter().next().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu)
-}
-
 impl TrainableModel for Gpt {
     fn parameters(&self) -> &Parameters {
         Gpt::parameters(self)
@@ -73,10 +71,6 @@ impl TrainableModel for Gpt {
 
     fn settings(&self) -> String {
         canonical_json("gpt", self.config())
-    }
-
-    fn device(&self) -> Device {
-        parameters_device(self.parameters())
     }
 }
 
@@ -92,10 +86,6 @@ impl TrainableModel for crate::models::Llama {
     fn settings(&self) -> String {
         canonical_json("llama", self.config())
     }
-
-    fn device(&self) -> Device {
-        crate::models::Llama::device(self)
-    }
 }
 
 impl TrainableModel for BertClassifier {
@@ -108,15 +98,11 @@ impl TrainableModel for BertClassifier {
     }
 
     fn settings(&self) -> String {
-        let labels = self.parameters().get("classifier.weight").map_or(0, |p| p.var.dims()[0]);
+        let labels = self.parameters().get("classifier.weight").map_or(0, |p| p.dims()[0]);
         canonical_json(
             "bert_classifier",
             &serde_json::json!({"encoder": self.encoder().config(), "labels": labels}),
         )
-    }
-
-    fn device(&self) -> Device {
-        parameters_device(self.parameters())
     }
 }
 
@@ -653,6 +639,10 @@ impl<M: TrainableModel> SegmentedModel for MemoryGuard<'_, M> {
 
     fn segment_parameters(&self, index: usize) -> Vec<SegmentParameter> {
         self.model.segment_parameters(index)
+    }
+
+    fn before_backward(&self, index: usize) -> candle::Result<()> {
+        self.model.before_backward(index)
     }
 
     fn is_block(&self, index: usize) -> bool {

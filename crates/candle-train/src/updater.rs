@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use candle::{DType, Tensor, TensorId};
+use candle::{DType, Tensor, TensorId, Var};
 use candle_ckpt::SegmentGradients;
 use serde::{Deserialize, Serialize};
 
@@ -342,43 +342,43 @@ impl LocalUpdater {
     /// initial values of half-precision parameters.
     pub fn new(params: &Parameters, optimizer: Box<dyn Optimizer>) -> Result<Self> {
         let params: Vec<Parameter> = params.iter().cloned().collect();
-        let index = params.iter().enumerate().map(|(i, p)| (p.var.as_tensor().id(), i)).collect();
-        let decay = params.iter().map(|p| p.var.rank() >= 2).collect();
+        let index = params.iter().enumerate().map(|(i, p)| (p.id(), i)).collect();
+        let decay = params.iter().map(|p| p.rank() >= 2).collect();
         let mut transfers = Transfers::default();
         let store = match optimizer.device() {
             Some(device) => {
-                if let Some(p) = params.iter().find(|p| !p.var.device().same_device(&device)) {
+                if let Some(p) = params.iter().find(|p| !p.device().same_device(&device)) {
                     return Err(Error::config(
                         "optimizer",
                         format!(
                             "the optimizer keeps its state on {:?} but parameter {} is on {:?}",
                             device.location(),
                             p.name,
-                            p.var.device().location()
+                            p.device().location()
                         ),
                     ));
                 }
                 let master = params
                     .iter()
-                    .map(|p| match p.var.dtype() {
+                    .map(|p| match p.dtype() {
                         DType::F32 => Ok(None),
-                        _ => Ok(Some(p.var.as_tensor().detach().to_dtype(DType::F32)?)),
+                        _ => Ok(Some(p.var()?.as_tensor().detach().to_dtype(DType::F32)?)),
                     })
                     .collect::<Result<_>>()?;
                 Store::Device(DeviceStore { grads: vec![None; params.len()], master, optimizer })
             }
             None => {
-                let grads = params.iter().map(|p| vec![0.0; p.var.elem_count()]).collect();
+                let grads = params.iter().map(|p| vec![0.0; p.elem_count()]).collect();
                 let master = params
                     .iter()
                     .map(|p| {
-                        if p.var.dtype() == DType::F32 {
+                        if p.dtype() == DType::F32 {
                             Ok(None)
                         } else {
-                            if !p.var.device().is_cpu() {
-                                transfers.parameters += bytes_of(p.var.as_tensor());
+                            if !p.device().is_cpu() {
+                                transfers.parameters += bytes_of(p.var()?.as_tensor());
                             }
-                            to_f32_vec(p.var.as_tensor()).map(Some)
+                            to_f32_vec(p.var()?.as_tensor()).map(Some)
                         }
                     })
                     .collect::<Result<_>>()?;
@@ -413,7 +413,7 @@ impl LocalUpdater {
                     ),
                 ));
             };
-            let sizes: Vec<usize> = self.params.iter().map(|p| p.var.elem_count()).collect();
+            let sizes: Vec<usize> = self.params.iter().map(|p| p.elem_count()).collect();
             let mut optimizer = config.build(&sizes)?;
             let state = store.optimizer.state()?;
             self.transfers.state += state.buffers.values().map(|b| f32_bytes(b.len())).sum::<u64>();
@@ -424,7 +424,7 @@ impl LocalUpdater {
                 .map(|m| m.as_ref().map(to_f32_vec).transpose())
                 .collect::<Result<Vec<_>>>()?;
             self.transfers.state += master.iter().flatten().map(|m| f32_bytes(m.len())).sum::<u64>();
-            let grads = self.params.iter().map(|p| vec![0.0; p.var.elem_count()]).collect();
+            let grads = self.params.iter().map(|p| vec![0.0; p.elem_count()]).collect();
             self.store = Store::Host(HostStore { grads, master, optimizer, offload: None });
         }
         if let Store::Host(store) = &mut self.store {
@@ -459,7 +459,7 @@ impl LocalUpdater {
     /// # Errors
     /// [`Error::InvalidConfig`] for bad optimizer hyper-parameters, or as [`LocalUpdater::new`].
     pub fn from_config(params: &Parameters, optimizer: &OptimizerConfig) -> Result<Self> {
-        let tensors: Vec<&Tensor> = params.iter().map(|p| p.var.as_tensor()).collect();
+        let tensors = params.iter().map(|p| p.var().map(Var::as_tensor)).collect::<Result<Vec<_>>>()?;
         Self::new(params, optimizer.build_for(&tensors)?)
     }
 
@@ -470,7 +470,7 @@ impl LocalUpdater {
     /// # Errors
     /// As [`OptimizerConfig::build_on_device`] and [`LocalUpdater::new`].
     pub fn on_device(params: &Parameters, optimizer: &OptimizerConfig) -> Result<Self> {
-        let tensors: Vec<&Tensor> = params.iter().map(|p| p.var.as_tensor()).collect();
+        let tensors = params.iter().map(|p| p.var().map(Var::as_tensor)).collect::<Result<Vec<_>>>()?;
         Self::new(params, optimizer.build_on_device(&tensors)?)
     }
 
@@ -485,13 +485,13 @@ impl LocalUpdater {
             Store::Host(store) => Ok(Some(store.grads[i].clone())),
             Store::Device(store) => match &store.grads[i] {
                 Some(g) => Ok(Some(to_f32_vec(g)?)),
-                None => Ok(Some(vec![0.0; self.params[i].var.elem_count()])),
+                None => Ok(Some(vec![0.0; self.params[i].elem_count()])),
             },
         }
     }
 
     fn position(&self, g: &candle_ckpt::ParameterGradient) -> Result<usize> {
-        self.index.get(&g.var.as_tensor().id()).copied().ok_or_else(|| Error::StateMismatch {
+        self.index.get(&g.id).copied().ok_or_else(|| Error::StateMismatch {
             name: g.name.clone(),
             expected: "a parameter known to the updater".into(),
             found: "an unknown variable".into(),
@@ -526,12 +526,12 @@ impl LocalUpdater {
             let grad = match &store.grads[i] {
                 Some(g) => g.clone(),
                 // A parameter no segment sent a gradient to steps on zeros, as on the host.
-                None => Tensor::zeros(p.var.shape(), DType::F32, p.var.device())?,
+                None => Tensor::zeros(p.shape(), DType::F32, p.device())?,
             };
             let decay = self.decay[i];
             match &store.master[i] {
                 Some(master) => {
-                    let new = store.optimizer.update_master(i, master, &grad, &p.var, lr, decay)?;
+                    let new = store.optimizer.update_master(i, master, &grad, p.var()?, lr, decay)?;
                     if let Some(new) = new {
                         store.master[i] = Some(new);
                     }
@@ -539,9 +539,9 @@ impl LocalUpdater {
                 None => {
                     // The variable's storage without its gradient tracking: a fused kernel
                     // updates it in place, the tensor-op path returns new values.
-                    let param = p.var.as_tensor().detach();
+                    let param = p.var()?.as_tensor().detach();
                     if let Some(new) = store.optimizer.update_tensor(i, &param, &grad, lr, decay)? {
-                        p.var.set(&new)?;
+                        p.var()?.set(&new)?;
                     }
                 }
             }
@@ -569,31 +569,31 @@ impl LocalUpdater {
         for (i, p) in self.params.iter().enumerate() {
             let (grad, decay) = (&store.grads[i], self.decay[i]);
             let optimizer = &mut store.optimizer;
-            let on_host = p.var.device().is_cpu();
+            let on_host = p.device().is_cpu();
             match (&mut store.master[i], &mut store.offload) {
                 (Some(master), None) => {
                     optimizer.update(i, master, grad, lr, decay)?;
-                    write_f32_values(&p.var, master)?;
+                    write_f32_values(p.var()?, master)?;
                     if !on_host {
-                        transfers.parameters += bytes_of(p.var.as_tensor());
+                        transfers.parameters += bytes_of(p.var()?.as_tensor());
                     }
                 }
                 (Some(master), Some(offload)) => {
                     optimizer.update_parallel(i, master, grad, lr, decay)?;
-                    offload.write_back(i, &p.var, master)?;
+                    offload.write_back(i, p.var()?, master)?;
                     if !on_host {
                         transfers.parameters += f32_bytes(master.len());
                     }
                 }
                 (None, Some(offload)) if !on_host => {
-                    transfers.parameters += offload.update_resident(i, &p.var, |values| {
+                    transfers.parameters += offload.update_resident(i, p.var()?, |values| {
                         optimizer.update_parallel(i, values, grad, lr, decay)
                     })?;
                 }
                 (None, offload) => {
                     let parallel = offload.is_some();
                     let mut outcome = Ok(());
-                    update_f32_in_place(&p.var, |values| {
+                    update_f32_in_place(p.var()?, |values| {
                         outcome = if parallel {
                             optimizer.update_parallel(i, values, grad, lr, decay)
                         } else {
@@ -712,8 +712,8 @@ impl Updater for LocalUpdater {
         let UpdaterState { mut master_weights, optimizer } = state;
         let mut restored = Vec::with_capacity(self.params.len());
         for p in &self.params {
-            let half = p.var.dtype() != DType::F32;
-            let len = p.var.elem_count();
+            let half = p.dtype() != DType::F32;
+            let len = p.elem_count();
             match (half, master_weights.remove(&p.name)) {
                 (true, Some(saved)) if saved.len() == len => restored.push(Some(saved)),
                 (true, saved) => {
@@ -751,7 +751,7 @@ impl Updater for LocalUpdater {
                     .params
                     .iter()
                     .zip(restored)
-                    .map(|(p, m)| m.map(|m| Tensor::from_vec(m, p.var.shape(), p.var.device())).transpose())
+                    .map(|(p, m)| m.map(|m| Tensor::from_vec(m, p.shape(), p.device())).transpose())
                     .collect::<candle::Result<Vec<_>>>()?;
                 store.optimizer.load_state(&optimizer)?;
                 store.master = masters;
@@ -766,7 +766,7 @@ impl Updater for LocalUpdater {
     fn state_bytes(&self) -> StateBytes {
         // Accumulators are counted at their full size (what a step holds once every
         // parameter's gradient has arrived), wherever they live.
-        let gradients = self.params.iter().map(|p| p.var.elem_count() * 4).sum();
+        let gradients = self.params.iter().map(|p| p.elem_count() * 4).sum();
         match &self.store {
             Store::Host(store) => StateBytes {
                 gradients,
@@ -816,14 +816,14 @@ mod tests {
     fn grads(params: &Parameters, w: &[f32], b: &[f32]) -> Result<SegmentGradients> {
         let entry = |name: &str, values: &[f32]| -> Result<ParameterGradient> {
             let p = params.get(name).ok_or_else(|| Error::config("test", "missing"))?;
-            let grad = Tensor::from_slice(values, p.var.shape(), &Device::Cpu)?.to_dtype(p.var.dtype())?;
-            Ok(ParameterGradient { name: name.into(), var: p.var.clone(), grad, is_final: true })
+            let grad = Tensor::from_slice(values, p.shape(), &Device::Cpu)?.to_dtype(p.dtype())?;
+            Ok(ParameterGradient { name: name.into(), id: p.id(), grad, is_final: true })
         };
         Ok(SegmentGradients { segment: 0, gradients: vec![entry("w", w)?, entry("b", b)?] })
     }
 
     fn values(params: &Parameters, name: &str) -> Result<Vec<f32>> {
-        to_f32_vec(params.get(name).ok_or_else(|| Error::config("test", "missing"))?.var.as_tensor())
+        to_f32_vec(params.get(name).ok_or_else(|| Error::config("test", "missing"))?.var()?.as_tensor())
     }
 
     #[test]
@@ -881,7 +881,7 @@ mod tests {
             updater.step(1e-3, None)?;
         }
         let w = values(&params, "w")?;
-        assert_eq!(params.get("w").map(|p| p.var.dtype()), Some(DType::BF16));
+        assert_eq!(params.get("w").map(|p| p.dtype()), Some(DType::BF16));
         assert!((w[0] - 0.9921875).abs() < 1e-7, "{w:?}: 1 - 8e-3 rounded to bf16");
         Ok(())
     }

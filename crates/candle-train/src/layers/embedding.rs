@@ -56,6 +56,17 @@ impl Embedding {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         embedding(&self.weight.tensor()?, ids)
     }
+
+    /// The tied output head: hidden states `h` (`[batch, t, dim]`) times the table
+    /// transposed, the logits `[batch, t, num_embeddings]` (GPT-2's and a tied LLaMA's head).
+    ///
+    /// # Errors
+    /// On a shape mismatch or a released table.
+    pub fn tied_logits(&self, h: &Tensor) -> Result<Tensor> {
+        let (b, t, c) = h.dims3()?;
+        let logits = crate::layers::linear::matmul_transposed(&h.reshape((b * t, c))?, &self.weight)?;
+        logits.reshape((b, t, self.weight.dims()[0]))
+    }
 }
 
 /// Looks up integer `ids` of any shape in `table` `[num_embeddings, dim]` (the function behind

@@ -145,7 +145,7 @@ impl Linear {
 
     /// `[in_features, out_features]`.
     pub fn features(&self) -> (usize, usize) {
-        let dims = self.weight.var.dims();
+        let dims = self.weight.dims();
         let (rows, cols) = (dims.first().copied().unwrap_or(0), dims.get(1).copied().unwrap_or(0));
         match self.layout {
             WeightLayout::OutIn => (cols, rows),

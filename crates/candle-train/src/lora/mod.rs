@@ -192,7 +192,7 @@ impl<M: Module> LoraModel<M> {
         let mut adapters = Vec::with_capacity(layers.len());
         for l in &layers {
             let (in_features, out_features) = l.features();
-            let (dtype, device) = (l.weight().var.dtype(), l.weight().var.device().clone());
+            let (dtype, device) = (l.weight().dtype(), l.weight().device().clone());
             let bound = 1.0 / (in_features as f64).sqrt();
             let values: Vec<f64> =
                 (0..config.rank * in_features).map(|_| (2.0 * rng.uniform_f64() - 1.0) * bound).collect();
@@ -273,7 +273,7 @@ impl<M: Module> LoraModel<M> {
             merged.push((w.to_dtype(delta.dtype())?.add(&delta)?.to_dtype(w.dtype())?, l));
         }
         for (value, l) in merged {
-            l.weight().var.set(&value)?;
+            l.weight().var()?.set(&value)?;
         }
         self.unload()
     }
@@ -344,8 +344,12 @@ impl<M: SegmentedModel> SegmentedModel for LoraModel<M> {
         self.inner
             .segment_parameters(index)
             .into_iter()
-            .filter(|p| self.trainable_ids.contains(&p.var.as_tensor().id()))
+            .filter(|p| self.trainable_ids.contains(&p.id()))
             .collect()
+    }
+
+    fn before_backward(&self, index: usize) -> candle::Result<()> {
+        self.inner.before_backward(index)
     }
 
     fn is_block(&self, index: usize) -> bool {

@@ -5,7 +5,7 @@
 //! whose Hugging Face class nests it (GPT-2's `GPT2LMHeadModel` holds the blocks under
 //! `transformer.`) passes that as the prefix.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::Path;
 
 use candle::Tensor;
@@ -208,7 +208,7 @@ impl<M: Module> LoraModel<M> {
         let tensors = self
             .trainable
             .iter()
-            .map(|p| Ok((Self::file_name(info, &p.name), p.tensor()?)))
+            .map(|p| Ok((Self::file_name(info, &p.name), p.var()?.as_tensor().clone())))
             .collect::<Result<Vec<(String, Tensor)>>>()?;
         let path = dir.join(WEIGHTS_FILE);
         let weights = safetensors::serialize(tensors, None).map_err(|e| bad(&path, e.to_string()))?;
@@ -238,35 +238,15 @@ impl<M: Module> LoraModel<M> {
     /// tensor no adapter has (naming it); [`Error::StateMismatch`] naming a missing or
     /// misshapen tensor. Nothing changes unless everything matches.
     pub fn load_peft_weights(&self, path: &Path, info: &PeftInfo) -> Result<()> {
-        let bytes = crate::io::read_bounded(path, crate::io::MAX_STATE_BYTES)?;
-        let device =
-            self.trainable.iter().next().map(|p| p.var.device().clone()).unwrap_or(candle::Device::Cpu);
-        let mut loaded: HashMap<String, Tensor> =
-            candle::safetensors::load_buffer(&bytes, &device).map_err(|e| bad(path, e.to_string()))?;
-        let mut values = Vec::with_capacity(self.trainable.len());
-        for p in self.trainable.iter() {
-            let name = Self::file_name(info, &p.name);
-            let Some(t) = loaded.remove(&name) else {
-                return Err(Error::StateMismatch {
-                    name,
-                    expected: format!("a tensor of shape {:?}", p.var.dims()),
-                    found: "nothing".into(),
-                });
-            };
-            if t.dims() != p.var.dims() {
-                return Err(Error::StateMismatch {
-                    name,
-                    expected: format!("shape {:?}", p.var.dims()),
-                    found: format!("shape {:?}", t.dims()),
-                });
-            }
-            values.push(t.to_dtype(p.var.dtype())?);
-        }
-        if let Some(extra) = loaded.keys().min() {
+        let loaded = crate::io::read_safetensors(path, &self.trainable.device())?;
+        let values = self.trainable.values_by_name(&loaded, |name| Self::file_name(info, name))?;
+        let expected: HashSet<String> =
+            self.trainable.iter().map(|p| Self::file_name(info, &p.name)).collect();
+        if let Some(extra) = loaded.keys().filter(|k| !expected.contains(*k)).min() {
             return Err(bad(path, format!("`{extra}` belongs to no adapted layer of this model (are the targets or the module prefix different?)")));
         }
-        for (p, value) in self.trainable.iter().zip(values) {
-            p.var.set(&value)?;
+        for (var, value) in values {
+            var.set(&value)?;
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::layers::attention::{scaled_dot_product_attention, split_heads, AttentionMask};
 use crate::layers::ops::{self, padding_bias, residual_add};
 use crate::layers::{Dropout, Embedding, LayerNorm, Linear, WeightLayout};
-use crate::module::{Forward, ForwardContext, Module, ModuleBuilder};
+use crate::module::{parameters_of, Forward, ForwardContext, ModuleBuilder};
 use crate::params::{ParamBuilder, Parameter, Parameters};
 
 /// The fields of a Hugging Face BERT `config.json` this model uses; every other field is kept
@@ -70,12 +70,7 @@ impl BertConfig {
     /// [`crate::Error::Io`] if the file cannot be read, [`crate::Error::InvalidConfig`] if it
     /// does not parse or names an unsupported activation or head count.
     pub fn from_json_file(path: &Path) -> crate::Result<Self> {
-        let bytes = crate::io::read_bounded(path, crate::io::MAX_CONFIG_BYTES)?;
-        let text = String::from_utf8(bytes).map_err(|e| {
-            crate::Error::io("read", path, std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-        })?;
-        let config: Self =
-            serde_json::from_str(&text).map_err(|e| crate::Error::config("config.json", e.to_string()))?;
+        let config: Self = crate::io::read_json_config(path)?;
         config.validate()?;
         Ok(config)
     }
@@ -271,10 +266,8 @@ impl Bert {
     ) -> crate::Result<Self> {
         config.validate()?;
         let b = ModuleBuilder::new(ParamBuilder::new(dtype, device.clone(), seed));
-        let root = match prefix.trim_end_matches('.') {
-            "" => b.clone(),
-            path => b.pp(path),
-        };
+        // `pp("")` stays at the root.
+        let root = b.pp(prefix.trim_end_matches('.'));
         let (h, e) = (config.hidden_size, root.pp("embeddings"));
         let word = Embedding::build(&e.pp("word_embeddings"), config.vocab_size, h, 0.02)?;
         let position =
@@ -427,11 +420,7 @@ impl Bert {
 
     /// The parameters the embeddings read (word, position and token-type tables, LayerNorm).
     pub fn embedding_parameters(&self) -> Vec<Parameter> {
-        [&self.word, &self.position, &self.token_type]
-            .iter()
-            .flat_map(|e| e.parameters())
-            .chain(self.embedding_norm.parameters())
-            .collect()
+        parameters_of(&[&self.word, &self.position, &self.token_type, &self.embedding_norm])
     }
 
     /// The encoder layers, in order.
@@ -449,10 +438,9 @@ impl crate::serve::Snapshot for Bert {
     /// A copy with its own variables (same names, values and dtype). The copy is built as
     /// [`Bert::new`] builds a model, then its values are overwritten.
     fn snapshot(&self) -> crate::Result<Self> {
-        let device = self.params.iter().next().map(|p| p.var.device().clone()).unwrap_or(Device::Cpu);
-        let copy = Self::new(&self.config, &self.prefix, self.dtype, &device, 0)?;
+        let copy = Self::new(&self.config, &self.prefix, self.dtype, &self.params.device(), 0)?;
         for (to, from) in copy.params.iter().zip(self.params.iter()) {
-            to.var.set(&from.tensor()?.detach().copy()?)?;
+            to.var()?.set(&from.tensor()?.detach().copy()?)?;
         }
         Ok(copy)
     }

@@ -20,7 +20,7 @@ use crate::device::reduction_dtype;
 use crate::layers::ops::padding_bias;
 use crate::layers::{cross_entropy, Linear, WeightLayout};
 use crate::models::bert::{mean_pool, Bert, BertConfig, BertLayer};
-use crate::module::{ForwardContext, Module, ModuleBuilder, Stacked};
+use crate::module::{parameters_of, ForwardContext, ModuleBuilder, Stacked};
 use crate::params::{ParamBuilder, Parameter, Parameters};
 
 /// A tokenized, labelled batch: ids, token types and attention mask `[batch, t]` (integers;
@@ -97,15 +97,12 @@ impl BertClassifier {
         if num_labels == 0 {
             return Err(crate::Error::config("num_labels", "must be at least 1"));
         }
-        let device =
-            encoder.parameters().iter().next().map_or(candle::Device::Cpu, |p| p.var.device().clone());
-        let b = ModuleBuilder::new(ParamBuilder::new(encoder.dtype(), device, seed));
+        let b = ModuleBuilder::new(ParamBuilder::new(encoder.dtype(), encoder.parameters().device(), seed));
         let hidden = encoder.config().hidden_size;
         let pooler = match pooling {
             Pooling::Mean => None,
             Pooling::ClsPooler => {
-                let path = format!("{}pooler", encoder.prefix());
-                let dense = path.split('.').fold(b.clone(), |b, part| b.pp(part)).pp("dense");
+                let dense = b.pp(format!("{}pooler", encoder.prefix())).pp("dense");
                 Some(Linear::build(&dense, hidden, hidden, WeightLayout::OutIn, 0.02)?)
             }
         };
@@ -125,7 +122,7 @@ impl BertClassifier {
 
     /// The number of labels (the head's outputs).
     pub fn num_labels(&self) -> usize {
-        self.params.get("classifier.bias").map_or(0, |p| p.var.elem_count())
+        self.params.get("classifier.bias").map_or(0, |p| p.elem_count())
     }
 
     /// Sets the pooler's weights from the `{prefix}pooler.dense.weight` and `.bias` of a
@@ -139,31 +136,9 @@ impl BertClassifier {
         if self.pooler.is_none() {
             return Err(crate::Error::config("pooling", "a mean-pooling classifier has no pooler to load"));
         }
-        let bytes = crate::io::read_bounded(path, crate::io::MAX_STATE_BYTES)?;
-        let loaded = candle::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| crate::Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })?;
         let prefix = format!("{}pooler.", self.encoder.prefix());
-        let pooler: Vec<_> = self.params.iter().filter(|p| p.name.starts_with(&prefix)).collect();
-        let mut values = Vec::with_capacity(pooler.len());
-        for p in &pooler {
-            let t = loaded.get(&p.name).ok_or_else(|| crate::Error::StateMismatch {
-                name: p.name.clone(),
-                expected: format!("a tensor of shape {:?} in {}", p.var.dims(), path.display()),
-                found: "nothing".into(),
-            })?;
-            if t.dims() != p.var.dims() {
-                return Err(crate::Error::StateMismatch {
-                    name: p.name.clone(),
-                    expected: format!("shape {:?}", p.var.dims()),
-                    found: format!("shape {:?}", t.dims()),
-                });
-            }
-            values.push(t.to_dtype(p.var.dtype())?.to_device(p.var.device())?);
-        }
-        for (p, value) in pooler.iter().zip(values) {
-            p.var.set(&value)?;
-        }
-        Ok(())
+        let pooler = self.params.iter().filter(|p| p.name.starts_with(&prefix)).cloned();
+        Parameters::from_handles(pooler)?.load_safetensors(path)
     }
 
     /// Writes a Hugging Face `BertForSequenceClassification` folder into `dir` (created):
@@ -203,7 +178,7 @@ impl BertClassifier {
                     Some(rest) if !p.name.starts_with("classifier.") => format!("{HF_PREFIX}{rest}"),
                     _ => p.name.clone(),
                 };
-                Ok((name, p.tensor()?))
+                Ok((name, p.var()?.as_tensor().clone()))
             })
             .collect::<crate::Result<Vec<_>>>()?;
         let path = dir.join("model.safetensors");
@@ -223,10 +198,7 @@ impl BertClassifier {
     pub fn from_pretrained(dir: &Path, dtype: DType, device: &Device) -> crate::Result<(Self, Vec<String>)> {
         let path = dir.join("config.json");
         let config = BertConfig::from_json_file(&path)?;
-        let bytes = crate::io::read_bounded(&path, crate::io::MAX_CONFIG_BYTES)?;
-        let value: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| crate::Error::config("config.json", e.to_string()))?;
-        let labels = labels_from_config(&value)?;
+        let labels = labels_from_config(&crate::io::read_json_config(&path)?)?;
         let encoder = Bert::new(&config, HF_PREFIX, dtype, device, 0)?;
         let model = Self::with_pooling(encoder, labels.len(), Pooling::ClsPooler, 0)?;
         model.params.load_safetensors(&dir.join("model.safetensors"))?;
@@ -305,8 +277,7 @@ impl Stacked for BertClassifier {
     }
 
     fn head_parameters(&self) -> Vec<Parameter> {
-        let pooler = self.pooler.as_ref().map(Module::parameters).unwrap_or_default();
-        [pooler, self.head.parameters()].concat()
+        parameters_of(&[&self.pooler, &self.head])
     }
 }
 

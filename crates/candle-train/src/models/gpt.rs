@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::device::reduction_dtype;
 use crate::layers::ops::residual_add;
 use crate::layers::{token_cross_entropy, CausalSelfAttention, Dropout, Embedding, LayerNorm, Mlp};
-use crate::module::{Forward, ForwardContext, Module, ModuleBuilder, Stacked};
+use crate::module::{parameters_of, Forward, ForwardContext, ModuleBuilder, Stacked};
 use crate::params::{ParamBuilder, Parameter, Parameters};
 
 /// The shape of a GPT.
@@ -52,18 +52,13 @@ impl GptConfig {
     /// # Errors
     /// [`crate::Error::InvalidConfig`] naming the first bad field.
     pub fn validate(&self) -> crate::Result<()> {
-        let positive = [
+        super::check_positive(&[
             ("vocab_size", self.vocab_size),
             ("n_ctx", self.n_ctx),
             ("n_embd", self.n_embd),
             ("n_layer", self.n_layer),
             ("n_head", self.n_head),
-        ];
-        for (field, value) in positive {
-            if value == 0 {
-                return Err(crate::Error::config(field, "must be at least 1"));
-            }
-        }
+        ])?;
         if self.n_embd % self.n_head != 0 {
             return Err(crate::Error::config(
                 "n_head",
@@ -136,6 +131,18 @@ pub struct TokenBatch {
     pub inputs: Tensor,
     /// Target token ids (the inputs shifted by one), or -100 where nothing is counted.
     pub targets: Tensor,
+}
+
+impl TokenBatch {
+    /// The mean next-token cross-entropy of `logits` (`[batch, seq, vocab]`) against the
+    /// targets, over the counted positions: a language model's head loss.
+    ///
+    /// # Errors
+    /// On a shape mismatch.
+    pub fn loss(&self, logits: &Tensor) -> Result<Tensor> {
+        let (b, t, v) = logits.dims3()?;
+        token_cross_entropy(&logits.reshape((b * t, v))?, &self.targets.flatten_all()?)
+    }
 }
 
 /// One transformer block `h.{i}`: pre-norm attention and MLP, each added to the residual.
@@ -253,11 +260,8 @@ impl Gpt {
     /// On a sequence longer than the context or a tensor error.
     pub fn logits(&self, inputs: &Tensor) -> Result<Tensor> {
         let ctx = SegmentContext::eval();
-        let mut h = self.embed_tokens(inputs, &ctx)?;
-        for (i, block) in self.blocks.iter().enumerate() {
-            h = block.forward(&h, &mut ForwardContext::new(&ctx.for_segment(i + 1)))?;
-        }
-        self.head_logits(&h)
+        let h = self.embed_tokens(inputs, &ctx)?;
+        self.head_logits(&crate::module::stack::forward_blocks(&self.blocks, h, &ctx)?)
     }
 
     /// The dtype of the residual stream: F32 when the parameters are in a half type (as under
@@ -280,10 +284,7 @@ impl Gpt {
     }
 
     fn head_logits(&self, h: &Tensor) -> Result<Tensor> {
-        let h = self.ln_f.forward_as(h, self.dtype)?;
-        let (b, t, c) = h.dims3()?;
-        let logits = crate::layers::linear::matmul_transposed(&h.reshape((b * t, c))?, self.wte.weight())?;
-        logits.reshape((b, t, self.config.vocab_size))
+        self.wte.tied_logits(&self.ln_f.forward_as(h, self.dtype)?)
     }
 }
 
@@ -308,17 +309,15 @@ impl Stacked for Gpt {
     }
 
     fn head(&self, x: &Tensor, batch: &TokenBatch, _: &SegmentContext) -> Result<Tensor> {
-        let logits = self.head_logits(x)?;
-        let (b, t, v) = logits.dims3()?;
-        token_cross_entropy(&logits.reshape((b * t, v))?, &batch.targets.flatten_all()?)
+        batch.loss(&self.head_logits(x)?)
     }
 
     fn embedding_parameters(&self) -> Vec<Parameter> {
-        [self.wte.parameters(), self.wpe.parameters()].concat()
+        parameters_of(&[&self.wte, &self.wpe])
     }
 
     fn head_parameters(&self) -> Vec<Parameter> {
-        [self.ln_f.parameters(), self.wte.parameters()].concat()
+        parameters_of(&[&self.ln_f, &self.wte])
     }
 }
 

@@ -22,11 +22,10 @@ use crate::device::reduction_dtype;
 use crate::layers::ops::residual_add;
 use crate::layers::rotary::llama3_inverse_frequencies;
 use crate::layers::{
-    token_cross_entropy, AttentionOptions, Embedding, GroupedQueryAttention, Linear, RmsNorm, Rotary, SwiGlu,
-    WeightLayout,
+    AttentionOptions, Embedding, GroupedQueryAttention, Linear, RmsNorm, Rotary, SwiGlu, WeightLayout,
 };
 use crate::models::TokenBatch;
-use crate::module::{Forward, ForwardContext, Module, ModuleBuilder, Stacked};
+use crate::module::{parameters_of, Forward, ForwardContext, Module, ModuleBuilder, Stacked};
 use crate::params::{ParamBuilder, Parameter, Parameters};
 
 /// The members of the LLaMA family this model implements, by their `config.json`
@@ -233,12 +232,7 @@ impl LlamaConfig {
     /// [`crate::Error::Io`] if the file cannot be read, [`crate::Error::InvalidConfig`] if it
     /// does not parse or describes a model this one does not implement.
     pub fn from_json_file(path: &Path) -> crate::Result<Self> {
-        let bytes = crate::io::read_bounded(path, crate::io::MAX_CONFIG_BYTES)?;
-        let text = String::from_utf8(bytes).map_err(|e| {
-            crate::Error::io("read", path, std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-        })?;
-        let config: Self =
-            serde_json::from_str(&text).map_err(|e| crate::Error::config("config.json", e.to_string()))?;
+        let config: Self = crate::io::read_json_config(path)?;
         config.validate()?;
         Ok(config)
     }
@@ -379,7 +373,7 @@ impl LlamaConfig {
     /// # Errors
     /// [`crate::Error::InvalidConfig`] naming the first bad field.
     pub fn validate(&self) -> crate::Result<()> {
-        let positive = [
+        super::check_positive(&[
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
             ("intermediate_size", self.intermediate_size),
@@ -387,12 +381,7 @@ impl LlamaConfig {
             ("num_attention_heads", self.num_attention_heads),
             ("num_key_value_heads", self.num_key_value_heads),
             ("max_position_embeddings", self.max_position_embeddings),
-        ];
-        for (field, value) in positive {
-            if value == 0 {
-                return Err(crate::Error::config(field, "must be at least 1"));
-            }
-        }
+        ])?;
         match self.head_dim {
             Some(d) if d == 0 || d % 2 != 0 => {
                 return Err(crate::Error::config("head_dim", format!("{d} is not a positive even number")));
@@ -519,10 +508,7 @@ impl DecoderLayer {
 impl Forward for DecoderLayer {
     /// The layer on the residual stream `x` (no dropout: the context is not drawn from).
     fn forward(&self, x: &Tensor, _: &mut ForwardContext) -> Result<Tensor> {
-        let attn = self.self_attn.forward(&self.input_layernorm.forward_as(x, self.dtype)?, &self.rotary)?;
-        let x = residual_add(x, &attn)?;
-        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward_as(&x, self.dtype)?)?;
-        residual_add(&x, &mlp)
+        self.residual_branches(x, |normed| self.self_attn.forward(normed, &self.rotary))
     }
 }
 
@@ -530,9 +516,17 @@ impl DecoderLayer {
     /// The layer on the new positions `x` over `cache` (this layer's keys and values), which
     /// it extends.
     fn forward_cached(&self, x: &Tensor, cache: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
-        let normed = self.input_layernorm.forward_as(x, self.dtype)?;
-        let attn = self.self_attn.forward_cached(&normed, &self.rotary, cache)?;
-        let x = residual_add(x, &attn)?;
+        self.residual_branches(x, |normed| self.self_attn.forward_cached(normed, &self.rotary, cache))
+    }
+
+    /// Pre-norm attention (`attention` on the normed stream), then the pre-norm MLP, each
+    /// added to the residual stream `x`.
+    fn residual_branches(
+        &self,
+        x: &Tensor,
+        attention: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let x = residual_add(x, &attention(&self.input_layernorm.forward_as(x, self.dtype)?)?)?;
         let mlp = self.mlp.forward(&self.post_attention_layernorm.forward_as(&x, self.dtype)?)?;
         residual_add(&x, &mlp)
     }
@@ -621,9 +615,7 @@ impl Llama {
         dtype: DType,
         device: &Device,
     ) -> crate::Result<Self> {
-        let bytes = crate::io::read_bounded(path, crate::io::MAX_STATE_BYTES)?;
-        let tensors = candle::safetensors::load_buffer(&bytes, device)
-            .map_err(|e| crate::Error::MalformedState { path: path.to_path_buf(), reason: e.to_string() })?;
+        let tensors = crate::io::read_safetensors(path, device)?;
         let mut names: Vec<String> = tensors.keys().cloned().collect();
         names.sort();
         let model = Self::from_tensors(config, tensors, dtype, device)?;
@@ -720,7 +712,7 @@ impl Llama {
 
     /// The device the parameters live on.
     pub fn device(&self) -> Device {
-        self.params.iter().next().map_or(Device::Cpu, |p| p.var.device().clone())
+        self.params.device()
     }
 
     /// The logits `[batch, t, vocab]` (in the parameters' dtype) for token ids `[batch, t]`.
@@ -729,11 +721,8 @@ impl Llama {
     /// On a sequence longer than `max_position_embeddings`, an id out of range, or a tensor
     /// error.
     pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
-        let mut h = self.embed_ids(ids)?;
-        for layer in &self.layers {
-            h = layer.forward(&h, &mut ForwardContext::eval())?;
-        }
-        self.head_logits(&h)
+        let h = self.embed_ids(ids)?;
+        self.head_logits(&crate::module::stack::forward_blocks(&self.layers, h, &SegmentContext::eval())?)
     }
 
     /// The logits `[batch, t, vocab]` of the new tokens `ids` (`[batch, t]`) following the
@@ -797,15 +786,7 @@ impl Llama {
         let h = self.norm.forward_as(h, self.dtype)?;
         match &self.lm_head {
             Some(head) => head.forward(&h),
-            None => {
-                let (b, t, c) = h.dims3()?;
-                let table = self.embed_tokens.weight();
-                crate::layers::linear::matmul_transposed(&h.reshape((b * t, c))?, table)?.reshape((
-                    b,
-                    t,
-                    self.config.vocab_size,
-                ))
-            }
+            None => self.embed_tokens.tied_logits(&h),
         }
     }
 }
@@ -831,9 +812,7 @@ impl Stacked for Llama {
     }
 
     fn head(&self, x: &Tensor, batch: &TokenBatch, _: &SegmentContext) -> Result<Tensor> {
-        let logits = self.head_logits(x)?;
-        let (b, t, v) = logits.dims3()?;
-        token_cross_entropy(&logits.reshape((b * t, v))?, &batch.targets.flatten_all()?)
+        batch.loss(&self.head_logits(x)?)
     }
 
     fn embedding_parameters(&self) -> Vec<Parameter> {
@@ -841,11 +820,11 @@ impl Stacked for Llama {
     }
 
     fn head_parameters(&self) -> Vec<Parameter> {
-        let head = match &self.lm_head {
-            Some(head) => head.parameters(),
-            None => self.embed_tokens.parameters(),
+        let head: &dyn Module = match &self.lm_head {
+            Some(head) => head,
+            None => &self.embed_tokens,
         };
-        [self.norm.parameters(), head].concat()
+        parameters_of(&[&self.norm, head])
     }
 }
 
@@ -859,7 +838,7 @@ impl crate::serve::Snapshot for Llama {
         let tensors = self
             .params
             .iter()
-            .map(|p| Ok((p.name.clone(), p.tensor()?.detach())))
+            .map(|p| Ok((p.name.clone(), p.var()?.as_tensor().detach())))
             .collect::<crate::Result<_>>()?;
         Self::from_tensors(&self.config, tensors, self.dtype, &self.device())
     }

@@ -14,3 +14,11 @@ pub use gguf::GgufFile;
 pub use gpt::{Gpt, GptBlock, GptConfig, TokenBatch};
 pub use gpt2::{gpt2_config, GPT2_PREFIX};
 pub use llama::{DecoderFamily, DecoderLayer, KvCache, Llama, Llama3RopeScaling, LlamaConfig};
+
+/// [`crate::Error::InvalidConfig`] naming the first of `fields` whose value is zero.
+pub(crate) fn check_positive(fields: &[(&'static str, usize)]) -> crate::Result<()> {
+    match fields.iter().find(|(_, value)| *value == 0) {
+        Some((field, _)) => Err(crate::Error::config(field, "must be at least 1")),
+        None => Ok(()),
+    }
+}
