@@ -447,7 +447,7 @@ where
         .collect::<candle::Result<_>>()?;
     let extra = blocks - 1;
     let sum = |f: &dyn Fn(&candle::Var) -> usize| {
-        all.iter().map(|v| f(v)).sum::<usize>() + extra * block_params.iter().map(f).sum::<usize>()
+        all.iter().map(f).sum::<usize>() + extra * block_params.iter().map(f).sum::<usize>()
     };
     let parameters = sum(&|v| dtype_bytes(v));
     let elements = sum(&|v| v.elem_count());
