@@ -261,6 +261,15 @@ impl<M: Module> LoraModel<M> {
     /// On a released parameter or a tensor error; nothing is written unless every merged
     /// weight was computed.
     pub fn merge(self) -> Result<M> {
+        if let Some(l) = self.layers.iter().find(|l| l.quantized().is_some()) {
+            return Err(Error::config(
+                "lora merge",
+                format!(
+                    "`{}` is quantized: merging into a quantized base would quantize the update away; save the adapter and merge it into the dense base",
+                    l.path()
+                ),
+            ));
+        }
         let mut merged = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
             let Some(adapter) = l.adapter()? else { continue };
