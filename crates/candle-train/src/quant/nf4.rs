@@ -56,39 +56,51 @@ pub const NF4_CODE: [f32; 16] = [
 
 /// bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map(signed=True,
 /// max_exponent_bits=7, total_bits=8)`), sorted: for `i` in `0..7`, the midpoints of
-/// `torch.linspace(0.1, 1, 2^i + 1)` (F32, torch's two-sided linspace) times `10^(i - 6)`, with
-/// both signs, then `0` and `1`. Index 127 is zero.
+/// `torch.linspace(0.1, 1, 2^i + 1)` times `10^(i - 6)`, with both signs, then `0` and `1`.
+/// Index 127 is zero.
+///
+/// The values are torch's F32 results as bit patterns (printed by
+/// `scripts/reference/nf4_double_quant.py`, torch 2.x on x86-64): torch's CPU `linspace` is
+/// vectorised, and 42 of the 256 values differ in the last bit from a scalar
+/// `start + step * i`, so the table is copied rather than recomputed.
 pub fn dynamic_map() -> [f32; 256] {
-    let mut data: Vec<f32> = Vec::with_capacity(256);
-    for i in 0..7 {
-        let steps = (1usize << i) + 1;
-        let boundaries = torch_linspace(0.1, 1.0, steps);
-        // `10 ** (i - 6)` is a Python float (an int for i = 6), multiplied into the F32 tensor.
-        let scale = 10f64.powi(i - 6) as f32;
-        for pair in boundaries.windows(2) {
-            let mean = (pair[0] + pair[1]) / 2.0;
-            data.push(scale * mean);
-            data.push(-scale * mean);
-        }
-    }
-    data.push(0.0);
-    data.push(1.0);
-    data.sort_by(f32::total_cmp);
-    let mut map = [0f32; 256];
-    map.copy_from_slice(&data);
-    map
+    DYNAMIC_MAP_BITS.map(f32::from_bits)
 }
 
-/// `torch.linspace(start, end, steps)` in F32 as ATen's CPU kernel computes it: the step in
-/// F32, the first half counted from `start`, the second half back from `end`.
-fn torch_linspace(start: f64, end: f64, steps: usize) -> Vec<f32> {
-    let (start, end) = (start as f32, end as f32);
-    let step = (end - start) / (steps - 1) as f32;
-    let halfway = steps / 2;
-    (0..steps)
-        .map(|i| if i < halfway { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 })
-        .collect()
-}
+const DYNAMIC_MAP_BITS: [u32; 256] = [
+    0xbf7e3333, 0xbf7a999a, 0xbf770000, 0xbf736666, 0xbf6fcccd, 0xbf6c3333, 0xbf68999a, 0xbf650000,
+    0xbf616666, 0xbf5dcccd, 0xbf5a3333, 0xbf56999a, 0xbf530000, 0xbf4f6666, 0xbf4bcccd, 0xbf483333,
+    0xbf44999a, 0xbf410000, 0xbf3d6666, 0xbf39cccd, 0xbf363334, 0xbf32999a, 0xbf2f0000, 0xbf2b6666,
+    0xbf27cccd, 0xbf243334, 0xbf20999a, 0xbf1d0000, 0xbf196666, 0xbf15cccd, 0xbf123334, 0xbf0e999a,
+    0xbf0b0000, 0xbf076666, 0xbf03cccc, 0xbf003333, 0xbef93332, 0xbef20000, 0xbeeacccc, 0xbee3999a,
+    0xbedc6666, 0xbed53333, 0xbece0000, 0xbec6cccc, 0xbebf999a, 0xbeb86666, 0xbeb13333, 0xbeaa0000,
+    0xbea2cccc, 0xbe9b999a, 0xbe946666, 0xbe8d3334, 0xbe860000, 0xbe7d9999, 0xbe6f3333, 0xbe60cccd,
+    0xbe526666, 0xbe440000, 0xbe35999a, 0xbe273333, 0xbe18cccd, 0xbe0a6666, 0xbdf80000, 0xbddb3334,
+    0xbdc9eb85, 0xbdc428f7, 0xbdbe6667, 0xbdb8a3d7, 0xbdb2e148, 0xbdad1eb8, 0xbda75c2a, 0xbda1999a,
+    0xbd9bd70a, 0xbd96147b, 0xbd9051eb, 0xbd8a8f5d, 0xbd84cccd, 0xbd7e147b, 0xbd728f5d, 0xbd670a3d,
+    0xbd5b851f, 0xbd500000, 0xbd447ae1, 0xbd38f5c3, 0xbd2d70a3, 0xbd21eb85, 0xbd166667, 0xbd0ae148,
+    0xbcfeb852, 0xbce7ae15, 0xbcd0a3d7, 0xbcb9999a, 0xbca28f5d, 0xbc8b851f, 0xbc68f5c3, 0xbc3ae148,
+    0xbc1f3b64, 0xbc160418, 0xbc0ccccd, 0xbc039581, 0xbbf4bc6a, 0xbbe24dd3, 0xbbcfdf3b, 0xbbbd70a4,
+    0xbbab020d, 0xbb989374, 0xbb8624dd, 0xbb676c8a, 0xbb428f5c, 0xbb1db22d, 0xbaf1a9fc, 0xbaa7ef9d,
+    0xba7765ff, 0xba59e83e, 0xba3c6a80, 0xba1eecc1, 0xba016f01, 0xb9c7e283, 0xb98ce705, 0xb923d70b,
+    0xb8ba1f4b, 0xb88aefb3, 0xb8378034, 0xb7b24206, 0xb70205ff, 0xb65a1a94, 0xb513a3b7, 0x00000000,
+    0x3513a3b7, 0x365a1a94, 0x370205ff, 0x37b24206, 0x38378034, 0x388aefb3, 0x38ba1f4b, 0x3923d70b,
+    0x398ce705, 0x39c7e283, 0x3a016f01, 0x3a1eecc1, 0x3a3c6a80, 0x3a59e83e, 0x3a7765ff, 0x3aa7ef9d,
+    0x3af1a9fc, 0x3b1db22d, 0x3b428f5c, 0x3b676c8a, 0x3b8624dd, 0x3b989374, 0x3bab020d, 0x3bbd70a4,
+    0x3bcfdf3b, 0x3be24dd3, 0x3bf4bc6a, 0x3c039581, 0x3c0ccccd, 0x3c160418, 0x3c1f3b64, 0x3c3ae148,
+    0x3c68f5c3, 0x3c8b851f, 0x3ca28f5d, 0x3cb9999a, 0x3cd0a3d7, 0x3ce7ae15, 0x3cfeb852, 0x3d0ae148,
+    0x3d166667, 0x3d21eb85, 0x3d2d70a3, 0x3d38f5c3, 0x3d447ae1, 0x3d500000, 0x3d5b851f, 0x3d670a3d,
+    0x3d728f5d, 0x3d7e147b, 0x3d84cccd, 0x3d8a8f5d, 0x3d9051eb, 0x3d96147b, 0x3d9bd70a, 0x3da1999a,
+    0x3da75c2a, 0x3dad1eb8, 0x3db2e148, 0x3db8a3d7, 0x3dbe6667, 0x3dc428f7, 0x3dc9eb85, 0x3ddb3334,
+    0x3df80000, 0x3e0a6666, 0x3e18cccd, 0x3e273333, 0x3e35999a, 0x3e440000, 0x3e526666, 0x3e60cccd,
+    0x3e6f3333, 0x3e7d9999, 0x3e860000, 0x3e8d3334, 0x3e946666, 0x3e9b999a, 0x3ea2cccc, 0x3eaa0000,
+    0x3eb13333, 0x3eb86666, 0x3ebf999a, 0x3ec6cccc, 0x3ece0000, 0x3ed53333, 0x3edc6666, 0x3ee3999a,
+    0x3eeacccc, 0x3ef20000, 0x3ef93332, 0x3f003333, 0x3f03cccc, 0x3f076666, 0x3f0b0000, 0x3f0e999a,
+    0x3f123334, 0x3f15cccd, 0x3f196666, 0x3f1d0000, 0x3f20999a, 0x3f243334, 0x3f27cccd, 0x3f2b6666,
+    0x3f2f0000, 0x3f32999a, 0x3f363334, 0x3f39cccd, 0x3f3d6666, 0x3f410000, 0x3f44999a, 0x3f483333,
+    0x3f4bcccd, 0x3f4f6666, 0x3f530000, 0x3f56999a, 0x3f5a3333, 0x3f5dcccd, 0x3f616666, 0x3f650000,
+    0x3f68999a, 0x3f6c3333, 0x3f6fcccd, 0x3f736666, 0x3f770000, 0x3f7a999a, 0x3f7e3333, 0x3f800000,
+];
 
 /// The index of the code value nearest to `x` in the sorted `code` (the lower one at an exact
 /// midpoint, as `argmin` gives).
@@ -236,5 +248,97 @@ impl Nf4Tensor {
     /// Bytes held: the packed codes, the absmax codes and scales, and the offset.
     pub fn storage_bytes(&self) -> usize {
         self.packed.len() + self.absmax_codes.len() + 4 * self.absmax_scales.len() + 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// bitsandbytes' map as torch computes it (`create_dynamic_map()`, values' bits recorded
+    /// from torch 2.x by scripts/reference/nf4_double_quant.py's `create_dynamic_map`).
+    #[test]
+    fn the_dynamic_map_is_bitsandbytes() {
+        let map = dynamic_map();
+        let bits: Vec<u32> = map.iter().map(|v| v.to_bits()).collect();
+        let expected = [
+            (0, 0xbf7e_3333u32),
+            (1, 0xbf7a_999a),
+            (64, 0xbdc9_eb85),
+            (126, 0xb513_a3b7),
+            (127, 0),
+            (128, 0x3513_a3b7),
+            (200, 0x3e6f_3333),
+            (254, 0x3f7e_3333),
+            (255, 0x3f80_0000),
+        ];
+        for (i, b) in expected {
+            assert_eq!(bits[i], b, "map[{i}] = {}", map[i]);
+        }
+        // Every one of the 256 values: the sum of their bit patterns as torch gives them.
+        assert_eq!(bits.iter().map(|&b| u64::from(b)).sum::<u64>(), 535_306_620_548);
+    }
+
+    /// One block worked by hand: absmax 2, so each value scaled by 1/2 is an NF4 value or lies
+    /// between two; a single block's centred absmax is 0, so the block's scale comes back as
+    /// exactly 2 (the offset).
+    #[test]
+    fn one_block_by_hand() -> Result<()> {
+        let mut values: Vec<f32> = (0..64).map(|j| 2.0 * NF4_CODE[j % 16]).collect();
+        values[16] = 0.5; // 0.25: between 0.2461 (code 10) and 0.3379 (11), nearer 10
+        values[17] = -0.3; // -0.15: between -0.1848 (5) and -0.0911 (6), nearer 5
+        values[18] = 1.9; // 0.95: between 0.7230 (14) and 1 (15), nearer 15
+        let t = Nf4Tensor::quantize(&values, &[4, 16])?;
+        assert_eq!(t.offset(), 2.0);
+        assert_eq!(t.block_absmax(), vec![2.0]);
+        let codes: Vec<u8> = (0..20).map(|i| t.code(i)).collect();
+        let expected = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 10, 5, 15, 3];
+        assert_eq!(codes, expected);
+        // Packing: the first element in the high nibble (codes 0 and 1: byte 0x01).
+        assert_eq!(t.packed[0], 0x01);
+        assert_eq!(t.packed[8], 0xa5);
+        let back = t.dequantize_range(0, 64)?;
+        for j in (0..64).filter(|j| !(16..19).contains(j)) {
+            assert_eq!(back[j], values[j], "element {j}");
+        }
+        assert_eq!(back[16], 2.0 * NF4_CODE[10]);
+        assert_eq!(back[17], 2.0 * NF4_CODE[5]);
+        assert_eq!(back[18], 2.0);
+        Ok(())
+    }
+
+    /// Three blocks with absmaxes 1, 2 and 4: offset 7/3, centred absmaxes scaled by their
+    /// largest magnitude 5/3 to -0.8, -0.2 and 1, mapped to the dynamic map and back. The
+    /// values are bitsandbytes' reference kernels' as scripts/reference/nf4_double_quant.py
+    /// computes them with torch.
+    #[test]
+    fn double_quantization_matches_bitsandbytes() -> Result<()> {
+        let mut values: Vec<f32> = (0..192).map(|j| (((j * 37) % 64) as f32 - 31.5) / 31.5).collect();
+        values[64..128].iter_mut().for_each(|v| *v *= 2.0);
+        values[128..].iter_mut().for_each(|v| *v *= 4.0);
+        let t = Nf4Tensor::quantize(&values, &[192])?;
+        assert_eq!(t.offset().to_bits(), 0x4015_5555);
+        assert_eq!(t.absmax_codes, vec![14, 56, 255]);
+        assert_eq!(t.absmax_scales.iter().map(|s| s.to_bits()).collect::<Vec<_>>(), vec![0x3fd5_5556]);
+        let absmax: Vec<u32> = t.block_absmax().iter().map(|a| a.to_bits()).collect();
+        assert_eq!(absmax, vec![0x3f80_d554, 0x3ffe_d554, 0x4080_0000]);
+        assert_eq!((0..8).map(|i| t.code(i)).collect::<Vec<_>>(), vec![0, 9, 1, 12, 3, 14, 6, 0]);
+        let out = t.dequantize_range(0, 192)?;
+        let bits: Vec<u32> = out[..4].iter().map(|v| v.to_bits()).collect();
+        assert_eq!(bits, vec![0xbf80_d554, 0x3e25_dd89, 0xbf33_62ba, 0x3ee3_1cc8]);
+        assert_eq!(out[130].to_bits(), 0xc032_39b1);
+        // A range inside the tensor dequantizes to the same values.
+        assert_eq!(t.dequantize_range(60, 10)?, out[60..70].to_vec());
+        Ok(())
+    }
+
+    #[test]
+    fn zeros_and_bad_input() -> Result<()> {
+        let t = Nf4Tensor::quantize(&[0.0; 70], &[70])?;
+        assert!(t.dequantize_range(0, 70)?.iter().all(|v| *v == 0.0));
+        assert!(Nf4Tensor::quantize(&[f32::NAN], &[1]).is_err());
+        assert!(Nf4Tensor::quantize(&[1.0, 2.0], &[3]).is_err());
+        assert!(t.dequantize_range(60, 11).is_err());
+        Ok(())
     }
 }
