@@ -299,7 +299,10 @@ impl ParamBuilder {
 
     /// Gives affine layers quantized weights by name (QLoRA's frozen base, [`crate::quant`]):
     /// a layer whose `{path}.weight` is among them holds it instead of a parameter.
-    pub fn with_quantized(mut self, weights: impl IntoIterator<Item = crate::quant::QuantizedWeight>) -> Self {
+    pub fn with_quantized(
+        mut self,
+        weights: impl IntoIterator<Item = crate::quant::QuantizedWeight>,
+    ) -> Self {
         for w in weights {
             self.quantized.insert(w.name().to_string(), std::sync::Arc::new(w));
         }

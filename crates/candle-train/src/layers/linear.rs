@@ -152,7 +152,13 @@ impl Linear {
     /// A layer over existing variables (shared, not copied), named `weight` and `bias`.
     pub fn from_vars(weight: Var, bias: Option<Var>, layout: WeightLayout) -> Self {
         let bias = bias.map(|b| Parameter::new("bias", b));
-        Self { weight: Parameter::new("weight", weight), bias, layout, adapter: Arc::default(), quantized: None }
+        Self {
+            weight: Parameter::new("weight", weight),
+            bias,
+            layout,
+            adapter: Arc::default(),
+            quantized: None,
+        }
     }
 
     /// The weight's handle (an empty frozen placeholder when the weight is quantized).

@@ -232,7 +232,8 @@ impl GgufFile {
                     .map_err(|e| self.bad(format!("tensor `{name}`: {e}")))?;
                 let rows = match heads {
                     Some(heads) => {
-                        let (out, _) = qtensor.shape().dims2().map_err(|e| self.bad(format!("`{name}`: {e}")))?;
+                        let (out, _) =
+                            qtensor.shape().dims2().map_err(|e| self.bad(format!("`{name}`: {e}")))?;
                         Some(half_split_rows(out, heads).map_err(|e| self.bad(format!("`{name}`: {e}")))?)
                     }
                     None => None,

@@ -397,7 +397,10 @@ impl Llama {
         device: &Device,
     ) -> crate::Result<Self> {
         config.validate()?;
-        Self::build(config, ParamBuilder::from_values(dtype, device.clone(), tensors).with_quantized(quantized))
+        Self::build(
+            config,
+            ParamBuilder::from_values(dtype, device.clone(), tensors).with_quantized(quantized),
+        )
     }
 
     /// A model with the weights of a Hugging Face safetensors file (such as one

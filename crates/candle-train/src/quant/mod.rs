@@ -123,7 +123,11 @@ impl FromStr for BaseQuantization {
 enum Blocks {
     Nf4(Nf4Tensor),
     /// Row-major GGML blocks: row `r` is `bytes[r * row_bytes .. (r + 1) * row_bytes]`.
-    Ggml { dtype: GgmlDType, bytes: Vec<u8>, row_bytes: usize },
+    Ggml {
+        dtype: GgmlDType,
+        bytes: Vec<u8>,
+        row_bytes: usize,
+    },
 }
 
 /// A frozen weight `[out_features, in_features]` (`nn.Linear`'s layout) held quantized.
@@ -191,8 +195,10 @@ impl QuantizedWeight {
         let (out_features, in_features) = q.shape().dims2()?;
         let dtype = q.dtype();
         if in_features % dtype.block_size() != 0 {
-            return Err(candle::Error::Msg(format!("`{name}`: rows of {in_features} are not whole {dtype:?} blocks"))
-                .into());
+            return Err(candle::Error::Msg(format!(
+                "`{name}`: rows of {in_features} are not whole {dtype:?} blocks"
+            ))
+            .into());
         }
         let row_bytes = in_features / dtype.block_size() * dtype.type_size();
         let data = q.data()?;
