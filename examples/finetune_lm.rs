@@ -260,6 +260,7 @@ fn main() -> anyhow::Result<()> {
                 dropout: args.lora_dropout,
                 targets: args.lora_targets.clone(),
                 use_rslora: false,
+                quantize_base: None,
             };
             let lora = LoraModel::new(model, config, 0)?;
             println!(

@@ -403,6 +403,28 @@ impl Llama {
         )
     }
 
+    /// This model with its decoder layers' affine weights quantized as `quantization` says
+    /// (QLoRA's frozen base; [`crate::quant::BaseQuantization::Gguf`] is refused: a dense model
+    /// has no file blocks). The dense weights are released one by one as they are quantized;
+    /// loading the base quantized ([`crate::models::GgufFile::llama_quantized`]) avoids
+    /// holding them at all.
+    ///
+    /// # Errors
+    /// As [`quantize_linears`] and [`Llama::from_tensors_quantized`]; a released parameter.
+    pub fn quantize_base(self, quantization: crate::quant::BaseQuantization) -> crate::Result<Self> {
+        let (config, dtype, device) = (self.config.clone(), self.dtype, self.device());
+        if !self.quantized_weights().is_empty() {
+            return Err(crate::Error::config("quantize_base", "the base is quantized already"));
+        }
+        let mut tensors = HashMap::with_capacity(self.params.len());
+        for p in self.params.iter() {
+            tensors.insert(p.name.clone(), p.tensor()?.detach());
+        }
+        drop(self);
+        let quantized = quantize_linears(&mut tensors, quantization)?;
+        Self::from_tensors_quantized(&config, tensors, quantized, dtype, &device)
+    }
+
     /// A model with the weights of a Hugging Face safetensors file (such as one
     /// [`Llama::save_pretrained`] wrote), converted to `dtype`.
     ///
