@@ -319,8 +319,24 @@ impl QuantizedWeight {
     }
 }
 
+/// The dtype the chunks multiply in: F32 for a half-precision input on the CPU, else the
+/// input's. The dequantized chunk is F32; rounding it to BF16 (as bitsandbytes dequantizes to
+/// the compute dtype) would cost Candle's slow CPU conversion over every weight value at every
+/// use and lose bits of the file's values (a Q4_1 value `d q + m` with F16 `d`, `m` needs more
+/// than BF16's 8 bits). Measured on SmolLM2-135M QLoRA over its Q4_1 blocks, 4 BF16 steps of
+/// 2 x 64 tokens: 4.6 s a step this way, 6.1 s with BF16 chunks and a BF16 matmul, 7.2 s with
+/// chunks rounded to BF16 and multiplied in F32 (a loaded 2-core machine; BENCHMARKS.md 16).
+fn compute_dtype(dtype: DType, device: &Device) -> DType {
+    if device.is_cpu() && matches!(dtype, DType::BF16 | DType::F16) {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
 /// `x Wᵀ (+ b)` over the last dimension of `x` for a quantized `W` (`[out, in]`), computed a
-/// chunk of output rows at a time in `x`'s dtype. Its backward gives `x` the gradient `g W`
+/// chunk of output rows at a time (in F32 for a half-precision input on the CPU, see
+/// [`compute_dtype`]; the result in `x`'s dtype). Its backward gives `x` the gradient `g W`
 /// (chunk by chunk, summed in F32 for half types) and nothing else: the weight and the bias
 /// are constants.
 ///
@@ -337,12 +353,14 @@ pub fn quantized_linear(x: &Tensor, weight: &Arc<QuantizedWeight>, bias: Option<
     }
     let rows: usize = lead.iter().product();
     let (device, dtype) = (x.device().clone(), x.dtype());
-    let x2 = x.detach().reshape((rows, in_features))?;
+    let compute = compute_dtype(dtype, &device);
+    let x2 = x.detach().reshape((rows, in_features))?.to_dtype(compute)?;
     let mut parts = Vec::new();
     for (start, len) in weight.chunks() {
-        let w = weight.dequantize_rows(start, len, &device)?.to_dtype(dtype)?;
-        parts.push(x2.matmul(&w.t()?)?);
+        let w = weight.dequantize_rows(start, len, &device)?.to_dtype(compute)?;
+        parts.push(x2.matmul(&w.t()?)?.to_dtype(dtype)?);
     }
+    drop(x2);
     let mut y = if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(&parts, 1)? };
     drop(parts);
     if let Some(b) = bias {
@@ -353,11 +371,12 @@ pub fn quantized_linear(x: &Tensor, weight: &Arc<QuantizedWeight>, bias: Option<
     let value = y.reshape(out_dims)?;
     let weight = Arc::clone(weight);
     custom1("quantized_linear", x, value, move |x, _, g| {
-        let g2 = g.reshape((rows, out_features))?;
+        let compute = compute_dtype(g.dtype(), g.device());
         let acc_dtype = crate::device::reduction_dtype(g.dtype());
+        let g2 = g.reshape((rows, out_features))?.to_dtype(compute)?;
         let mut grad: Option<Tensor> = None;
         for (start, len) in weight.chunks() {
-            let w = weight.dequantize_rows(start, len, g.device())?.to_dtype(g.dtype())?;
+            let w = weight.dequantize_rows(start, len, g.device())?.to_dtype(compute)?;
             let part = g2.narrow(1, start, len)?.contiguous()?.matmul(&w)?.to_dtype(acc_dtype)?;
             grad = Some(match grad {
                 Some(sum) => (sum + part)?,
