@@ -402,3 +402,20 @@ fn what_a_quantized_base_cannot_do_is_refused_by_name() -> anyhow::Result<()> {
     assert!(err.contains("int3") && err.contains("nf4"), "{err}");
     Ok(())
 }
+
+/// In BF16 the quantized layers take a BF16 input (multiplied in F32 on the CPU) and give a
+/// BF16 output: the logits stay within BF16 rounding of the F32 model's over the same blocks.
+#[test]
+fn a_bf16_model_over_the_same_blocks_stays_close() -> anyhow::Result<()> {
+    let config = config();
+    let mut tensors = dense_tensors(&config)?;
+    let quantized = quantize_linears(&mut tensors, BaseQuantization::Q4_1)?;
+    let reference = Llama::from_tensors(&config, dequantized(&tensors, &quantized)?, DType::F32, &Device::Cpu)?;
+    let model = Llama::from_tensors_quantized(&config, tensors, quantized, DType::BF16, &Device::Cpu)?;
+    let ids = batch(2)?.inputs;
+    let logits = model.logits(&ids)?;
+    assert_eq!(logits.dtype(), DType::BF16);
+    let rel = relative(&logits.to_dtype(DType::F32)?, &reference.logits(&ids)?)?;
+    assert!(rel <= 3e-2, "BF16 logits differ by {rel:e}");
+    Ok(())
+}
