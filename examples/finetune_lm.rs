@@ -44,9 +44,9 @@ use candle_fit::pretrained::SmolLm2Files;
 use candle_fit::train::evaluate::Metrics;
 use candle_fit::train::lora::peft::PeftInfo;
 use candle_fit::train::lora::{LoraConfig, LoraModel};
+use candle_fit::train::memory::{mib, CountingAllocator};
 use candle_fit::train::models::GgufFile;
 use candle_fit::train::quant::BaseQuantization;
-use candle_fit::train::memory::{mib, CountingAllocator};
 use candle_fit::train::{
     AdamWConfig, Callback, DataSource, Hooks, LanguageModel, LocalUpdater, OptimizerConfig, Precision,
     Trainer, TrainerConfig, Updater,

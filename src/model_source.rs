@@ -113,10 +113,11 @@ pub fn load_causal_lm_quantized(
     };
     if let Some(path) = gguf {
         let file = GgufFile::open(&path).with_context(|| format!("{}", path.display()))?;
-        let model =
-            file.llama_quantized(quantization, dtype, device).with_context(|| format!("{}", path.display()))?;
-        let tokenizer =
-            LmTokenizer::from_gguf_metadata(file.metadata()).with_context(|| format!("{}", path.display()))?;
+        let model = file
+            .llama_quantized(quantization, dtype, device)
+            .with_context(|| format!("{}", path.display()))?;
+        let tokenizer = LmTokenizer::from_gguf_metadata(file.metadata())
+            .with_context(|| format!("{}", path.display()))?;
         return Ok((model, tokenizer));
     }
     anyhow::ensure!(

@@ -237,7 +237,10 @@ fn bad_flags_folders_and_records_are_one_clear_line() -> anyhow::Result<()> {
         (vec!["--data", CHAT, "--lora-alpha", "8"], vec!["--lora-alpha", "--lora-rank"]),
         (vec!["--data", CHAT, "--lora-rank", "4", "--lora-dropout", "1.5"], vec!["--lora-dropout"]),
         (vec!["--data", CHAT, "--quantize-base", "nf4"], vec!["--quantize-base", "--lora-rank"]),
-        (vec!["--data", CHAT, "--lora-rank", "4", "--quantize-base", "int3"], vec!["--quantize-base", "int3", "nf4"]),
+        (
+            vec!["--data", CHAT, "--lora-rank", "4", "--quantize-base", "int3"],
+            vec!["--quantize-base", "int3", "nf4"],
+        ),
         (
             vec!["--data", CHAT, "--lora-rank", "4", "--quantize-base", "nf4", "--merge"],
             vec!["--merge", "--quantize-base"],

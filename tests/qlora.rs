@@ -410,7 +410,8 @@ fn a_bf16_model_over_the_same_blocks_stays_close() -> anyhow::Result<()> {
     let config = config();
     let mut tensors = dense_tensors(&config)?;
     let quantized = quantize_linears(&mut tensors, BaseQuantization::Q4_1)?;
-    let reference = Llama::from_tensors(&config, dequantized(&tensors, &quantized)?, DType::F32, &Device::Cpu)?;
+    let reference =
+        Llama::from_tensors(&config, dequantized(&tensors, &quantized)?, DType::F32, &Device::Cpu)?;
     let model = Llama::from_tensors_quantized(&config, tensors, quantized, DType::BF16, &Device::Cpu)?;
     let ids = batch(2)?.inputs;
     let logits = model.logits(&ids)?;

@@ -315,7 +315,8 @@ impl<M: Module> LoraModel<M> {
 /// Checks that the base's quantized layers are held as `quantization` says: at least one, and
 /// each in that format (any GGML type for a GGUF file's own blocks).
 fn check_quantized_base(layers: &[Linear], quantization: BaseQuantization) -> Result<()> {
-    let quantized: Vec<_> = layers.iter().filter_map(|l| l.quantized().map(|q| (l.path(), q.format()))).collect();
+    let quantized: Vec<_> =
+        layers.iter().filter_map(|l| l.quantized().map(|q| (l.path(), q.format()))).collect();
     if quantized.is_empty() {
         return Err(Error::config(
             "lora quantize_base",
