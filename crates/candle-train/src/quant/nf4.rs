@@ -35,6 +35,9 @@ pub const ABSMAX_GROUP: usize = 256;
 
 /// The 16 NF4 code values (bitsandbytes' `get_4bit_type("nf4")`, QLoRA's normal-float table),
 /// indexed by the 4-bit code.
+// The digits bitsandbytes writes (its table is F32 of these Python floats); each rounds to the
+// F32 value bitsandbytes uses.
+#[allow(clippy::excessive_precision)]
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
@@ -64,8 +67,18 @@ pub const NF4_CODE: [f32; 16] = [
 /// vectorised, and 42 of the 256 values differ in the last bit from a scalar
 /// `start + step * i`, so the table is copied rather than recomputed.
 pub fn dynamic_map() -> [f32; 256] {
-    DYNAMIC_MAP_BITS.map(f32::from_bits)
+    DYNAMIC_MAP
 }
+
+const DYNAMIC_MAP: [f32; 256] = {
+    let mut map = [0f32; 256];
+    let mut i = 0;
+    while i < 256 {
+        map[i] = f32::from_bits(DYNAMIC_MAP_BITS[i]);
+        i += 1;
+    }
+    map
+};
 
 const DYNAMIC_MAP_BITS: [u32; 256] = [
     0xbf7e3333, 0xbf7a999a, 0xbf770000, 0xbf736666, 0xbf6fcccd, 0xbf6c3333, 0xbf68999a, 0xbf650000,
@@ -147,8 +160,6 @@ pub struct Nf4Tensor {
     absmax_scales: Vec<f32>,
     /// The mean of the absmaxes, added back after dequantizing them.
     offset: f32,
-    /// The dynamic map the absmax codes index.
-    map: [f32; 256],
 }
 
 impl Nf4Tensor {
@@ -176,9 +187,8 @@ impl Nf4Tensor {
             (absmax.iter().map(|&a| f64::from(a)).sum::<f64>() / absmax.len() as f64) as f32
         };
         let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
-        let map = dynamic_map();
-        let (absmax_codes, absmax_scales) = quantize_blockwise(&centred, ABSMAX_GROUP, &map, 127);
-        Ok(Self { dims: dims.to_vec(), packed, absmax_codes, absmax_scales, offset, map })
+        let (absmax_codes, absmax_scales) = quantize_blockwise(&centred, ABSMAX_GROUP, &DYNAMIC_MAP, 127);
+        Ok(Self { dims: dims.to_vec(), packed, absmax_codes, absmax_scales, offset })
     }
 
     /// The shape.
@@ -206,7 +216,7 @@ impl Nf4Tensor {
         self.absmax_codes
             .iter()
             .enumerate()
-            .map(|(i, &q)| self.map[q as usize] * self.absmax_scales[i / ABSMAX_GROUP] + self.offset)
+            .map(|(i, &q)| DYNAMIC_MAP[q as usize] * self.absmax_scales[i / ABSMAX_GROUP] + self.offset)
             .collect()
     }
 
@@ -230,7 +240,7 @@ impl Nf4Tensor {
             if i / NF4_BLOCK != block {
                 block = i / NF4_BLOCK;
                 let q = self.absmax_codes[block] as usize;
-                absmax = self.map[q] * self.absmax_scales[block / ABSMAX_GROUP] + self.offset;
+                absmax = DYNAMIC_MAP[q] * self.absmax_scales[block / ABSMAX_GROUP] + self.offset;
             }
             out.push(NF4_CODE[self.code(i) as usize] * absmax);
         }
