@@ -336,7 +336,7 @@ fn compute_dtype(dtype: DType, device: &Device) -> DType {
 
 /// `x Wᵀ (+ b)` over the last dimension of `x` for a quantized `W` (`[out, in]`), computed a
 /// chunk of output rows at a time (in F32 for a half-precision input on the CPU, see
-/// [`compute_dtype`]; the result in `x`'s dtype). Its backward gives `x` the gradient `g W`
+/// `compute_dtype`; the result in `x`'s dtype). Its backward gives `x` the gradient `g W`
 /// (chunk by chunk, summed in F32 for half types) and nothing else: the weight and the bias
 /// are constants.
 ///
