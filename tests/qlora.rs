@@ -420,3 +420,34 @@ fn a_bf16_model_over_the_same_blocks_stays_close() -> anyhow::Result<()> {
     assert!(rel <= 3e-2, "BF16 logits differ by {rel:e}");
     Ok(())
 }
+
+/// `LoraConfig::quantize_base` states the base's format: `LoraModel::new` checks it against the
+/// layers (a dense base, or layers in another format, are refused naming the field), and a
+/// dense model quantized in place (`Llama::quantize_base`) holds the same blocks as a loaded one.
+#[test]
+fn the_lora_config_states_the_base_format() -> anyhow::Result<()> {
+    let config = config();
+    let with = |q: BaseQuantization| LoraConfig { quantize_base: Some(q), ..lora() };
+    let dense = Llama::from_tensors(&config, dense_tensors(&config)?, DType::F32, &Device::Cpu)?;
+    let err = LoraModel::new(dense, with(BaseQuantization::Nf4), 3).err().map(|e| e.to_string());
+    let err = err.unwrap_or_default();
+    assert!(err.contains("lora quantize_base") && err.contains("dense"), "{err}");
+    let dense = Llama::from_tensors(&config, dense_tensors(&config)?, DType::F32, &Device::Cpu)?;
+    let nf4 = dense.quantize_base(BaseQuantization::Nf4)?;
+    let mut tensors = dense_tensors(&config)?;
+    let loaded = quantize_linears(&mut tensors, BaseQuantization::Nf4)?;
+    let loaded = Llama::from_tensors_quantized(&config, tensors, loaded, DType::F32, &Device::Cpu)?;
+    assert_eq!(blocks(&nf4)?, blocks(&loaded)?);
+    let err = nf4.quantize_base(BaseQuantization::Q8_0).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("quantized already"), "{err}");
+    let err = LoraModel::new(loaded, with(BaseQuantization::Q8_0), 3).err().map(|e| e.to_string());
+    let err = err.unwrap_or_default();
+    assert!(err.contains("model.layers.0.self_attn.q_proj") && err.contains("nf4"), "{err}");
+    let dense = Llama::from_tensors(&config, dense_tensors(&config)?, DType::F32, &Device::Cpu)?;
+    let model = LoraModel::new(dense.quantize_base(BaseQuantization::Q4_0)?, with(BaseQuantization::Q4_0), 3)?;
+    // The run's settings record it (and so do its checkpoints'); a dense run's do not.
+    assert!(model.settings().contains("\"quantize_base\":\"q4_0\""), "{}", model.settings());
+    let dense = Llama::from_tensors(&config, dense_tensors(&config)?, DType::F32, &Device::Cpu)?;
+    assert!(!LoraModel::new(dense, lora(), 3)?.settings().contains("quantize_base"));
+    Ok(())
+}
