@@ -323,9 +323,8 @@ impl QuantizedWeight {
 /// input's. The dequantized chunk is F32; rounding it to BF16 (as bitsandbytes dequantizes to
 /// the compute dtype) would cost Candle's slow CPU conversion over every weight value at every
 /// use and lose bits of the file's values (a Q4_1 value `d q + m` with F16 `d`, `m` needs more
-/// than BF16's 8 bits). Single runs on SmolLM2-135M QLoRA over its Q4_1 blocks, 4 BF16 steps of
-/// 2 x 64 tokens, on a shared 2-core machine under load (rough): 4.6 s a step this way, 6.1 s
-/// with BF16 chunks and a BF16 matmul, 7.2 s with chunks rounded to BF16 and multiplied in F32.
+/// than BF16's 8 bits). BENCHMARKS.md section 16: with BF16 chunks a SmolLM2-135M QLoRA step
+/// took about 1.4x LoRA's, this way about 1.07x (single runs on a loaded 2-core machine).
 fn compute_dtype(dtype: DType, device: &Device) -> DType {
     if device.is_cpu() && matches!(dtype, DType::BF16 | DType::F16) {
         DType::F32
