@@ -323,7 +323,7 @@ impl QuantizedWeight {
 /// input's. The dequantized chunk is F32; rounding it to BF16 (as bitsandbytes dequantizes to
 /// the compute dtype) would cost Candle's slow CPU conversion over every weight value at every
 /// use and lose bits of the file's values (a Q4_1 value `d q + m` with F16 `d`, `m` needs more
-/// than BF16's 8 bits). BENCHMARKS.md section 16: with BF16 chunks a SmolLM2-135M QLoRA step
+/// than BF16's 8 bits). BENCHMARKS.md section 17: with BF16 chunks a SmolLM2-135M QLoRA step
 /// took about 1.4x LoRA's, this way about 1.07x (single runs on a loaded 2-core machine).
 fn compute_dtype(dtype: DType, device: &Device) -> DType {
     if device.is_cpu() && matches!(dtype, DType::BF16 | DType::F16) {
