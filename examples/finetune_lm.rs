@@ -12,7 +12,7 @@
 //!     [--recompute never|all|every:K|sqrt] [--accumulate K] [--batch B] [--seq-len T] [--steps N]
 //!     [--lr LR] [--eval-every N] [--eval-samples N] [--checkpoint-dir DIR] [--resume DIR] [--save DIR]
 //!     [--lora-rank R [--lora-alpha A] [--lora-dropout P] [--lora-targets q_proj,v_proj|all-linear]
-//!      [--save-adapter DIR]]
+//!      [--save-adapter DIR] [--quantize-base nf4|q4_0|q4_1|q8_0|gguf]]
 //! ```
 //!
 //! `candle-fit finetune` is the command-line form of this example (any LLaMA-family folder or
@@ -22,6 +22,9 @@
 //! With `--lora-rank` the base is frozen and only LoRA adapters train (`candle_train::lora`;
 //! alpha defaults to twice the rank, targets to `q_proj,v_proj`); `--save-adapter DIR` writes
 //! PEFT's `adapter_config.json` + `adapter_model.safetensors`, and `--save` the merged model.
+//! `--quantize-base` (QLoRA) holds the frozen decoder-layer weights quantized, read straight
+//! from the GGUF file (`gguf`: the file's own Q4_1 blocks; `nf4`/`q4_0`/`q4_1`/`q8_0`: each
+//! weight dequantized and quantized again, one at a time); it cannot be combined with `--save`.
 //!
 //! The last 10% of the examples (windows for text) are held out. Batches are right-padded per
 //! micro-batch with `-100` targets, so the loss of a step is the mean over the counted tokens
@@ -42,6 +45,8 @@ use candle_fit::train::evaluate::Metrics;
 use candle_fit::train::lora::peft::PeftInfo;
 use candle_fit::train::lora::{LoraConfig, LoraModel};
 use candle_fit::train::memory::{mib, CountingAllocator};
+use candle_fit::train::models::GgufFile;
+use candle_fit::train::quant::BaseQuantization;
 use candle_fit::train::{
     AdamWConfig, Callback, DataSource, Hooks, LanguageModel, LocalUpdater, OptimizerConfig, Precision,
     Trainer, TrainerConfig, Updater,
@@ -54,7 +59,7 @@ const USAGE: &str =
     "use --data FILE, --precision bf16|f32|f16, --recompute never|all|every:K|sqrt, --accumulate K, \
                      --batch B, --seq-len T, --steps N, --lr LR, --eval-every N, --eval-samples N, \
                      --checkpoint-dir DIR, --resume DIR, --save DIR, --lora-rank R, --lora-alpha A, \
-                     --lora-dropout P, --lora-targets NAMES, --save-adapter DIR";
+                     --lora-dropout P, --lora-targets NAMES, --save-adapter DIR, --quantize-base Q";
 
 struct Args {
     data: Option<PathBuf>,
@@ -75,6 +80,7 @@ struct Args {
     lora_dropout: f32,
     lora_targets: Vec<String>,
     save_adapter: Option<PathBuf>,
+    quantize_base: Option<BaseQuantization>,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -97,6 +103,7 @@ fn args() -> anyhow::Result<Args> {
         lora_dropout: 0.0,
         lora_targets: vec!["q_proj".into(), "v_proj".into()],
         save_adapter: None,
+        quantize_base: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -140,12 +147,24 @@ fn args() -> anyhow::Result<Args> {
                 args.lora_targets = value("--lora-targets")?.split(',').map(str::to_string).collect();
             }
             "--save-adapter" => args.save_adapter = Some(value("--save-adapter")?.into()),
+            "--quantize-base" => {
+                let text = value("--quantize-base")?;
+                args.quantize_base = Some(text.parse().with_context(|| format!("--quantize-base `{text}`"))?);
+            }
             other => anyhow::bail!("unknown argument `{other}` ({USAGE})"),
         }
     }
     anyhow::ensure!(
         args.lora_rank.is_some() || args.save_adapter.is_none(),
         "--save-adapter needs --lora-rank"
+    );
+    anyhow::ensure!(
+        args.lora_rank.is_some() || args.quantize_base.is_none(),
+        "--quantize-base needs --lora-rank (QLoRA trains adapters over the quantized base)"
+    );
+    anyhow::ensure!(
+        args.quantize_base.is_none() || args.save.is_none(),
+        "--save with --quantize-base: the adapters cannot be merged into a quantized base (use --save-adapter)"
     );
     anyhow::ensure!(
         args.batch % args.accumulate == 0,
@@ -241,7 +260,24 @@ fn main() -> anyhow::Result<()> {
     let held_out = examples.split_off(examples.len() - (examples.len() / 10).max(1));
     let eos = files.tokenizer()?.eos_id().unwrap_or(0);
     let data = TokenDataset::new(&name, examples, held_out, eos)?;
-    let model = files.model(args.precision.dtype(), &Device::Cpu)?;
+    let model = match args.quantize_base {
+        // Read straight from the GGUF file into blocks: no dense copy of the affine weights.
+        Some(quantization) => GgufFile::open(&files.gguf)?.llama_quantized(
+            quantization,
+            args.precision.dtype(),
+            &Device::Cpu,
+        )?,
+        None => files.model(args.precision.dtype(), &Device::Cpu)?,
+    };
+    if let Some(quantization) = args.quantize_base {
+        let quantized = model.quantized_weights();
+        println!(
+            "QLoRA base: {} affine weights held as {quantization} ({}) in {:.1} MiB",
+            quantized.len(),
+            quantized.first().map(|q| q.format()).unwrap_or_default(),
+            quantized.iter().map(|q| q.storage_bytes()).sum::<usize>() as f64 / (1 << 20) as f64
+        );
+    }
     println!(
         "SmolLM2-135M: {} parameters in {}; {} train examples of {name}",
         model.parameters().num_elements(),
@@ -260,6 +296,7 @@ fn main() -> anyhow::Result<()> {
                 dropout: args.lora_dropout,
                 targets: args.lora_targets.clone(),
                 use_rslora: false,
+                quantize_base: args.quantize_base,
             };
             let lora = LoraModel::new(model, config, 0)?;
             println!(
@@ -278,6 +315,9 @@ fn main() -> anyhow::Result<()> {
                     "adapter saved to {} (PEFT's adapter_config.json + adapter_model.safetensors)",
                     dir.display()
                 );
+            }
+            if args.quantize_base.is_some() {
+                return Ok(());
             }
             (lora.merge()?, trainer, report)
         }

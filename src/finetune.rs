@@ -24,7 +24,8 @@ use candle_train::{
 use crate::ckpt::Recompute;
 use crate::datasets::{encode_record, pack, read_records, ChatTemplate, Example, Format, TokenDataset};
 use crate::gguf_tokenizer::LmTokenizer;
-use crate::model_source::{load_model, LoadedModel};
+use crate::model_source::{load_causal_lm_quantized, load_model, LoadedModel};
+use candle_train::quant::BaseQuantization;
 
 /// SmolLM2-Instruct's chat template (ChatML), used when a model's tokenizer ships none.
 pub const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -62,6 +63,8 @@ pub struct LoraOptions {
     pub targets: Vec<String>,
     /// Also write the merged model as a Hugging Face folder.
     pub merge: bool,
+    /// QLoRA: hold the frozen base's decoder-layer affine weights quantized (`--quantize-base`).
+    pub quantize_base: Option<BaseQuantization>,
 }
 
 /// Everything a `finetune` run is made of.
@@ -227,6 +230,21 @@ impl FinetuneOptions {
             anyhow::ensure!(
                 !lora.targets.is_empty() && lora.targets.iter().all(|t| !t.trim().is_empty()),
                 "invalid `--lora-targets`: name at least one module (q_proj,v_proj or all-linear)"
+            );
+        }
+        if let Some(quantization) = self.lora.as_ref().and_then(|l| l.quantize_base) {
+            anyhow::ensure!(
+                quantization != BaseQuantization::Gguf || crate::model_source::is_gguf(&self.model),
+                "invalid `--quantize-base gguf`: it keeps a GGUF file's own blocks, but --model `{}` is not a .gguf file (use nf4, q4_0, q4_1 or q8_0)",
+                self.model
+            );
+            anyhow::ensure!(
+                !self.lora.as_ref().is_some_and(|l| l.merge),
+                "`--merge` with `--quantize-base`: the adapters cannot be merged into a quantized base (load the adapter folder with eval/generate, which merge it into the dense base)"
+            );
+            anyhow::ensure!(
+                self.zero.is_none() && self.world_size == 1 && launched_rank().is_none(),
+                "`--quantize-base` with `--zero` or several ranks: not available yet (each rank would need its own copy of the quantized base)"
             );
         }
         for (name, path) in [("--data", Some(&self.data)), ("--valid", self.valid.as_ref())] {
@@ -465,6 +483,26 @@ fn fit<M: LanguageModel>(
     Ok(report)
 }
 
+/// Prints the memory of the step with the highest peak, by category (the counting allocator's
+/// live heap bytes).
+fn print_memory(report: &TrainReport) {
+    let m = &report.memory;
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    println!("memory of the step with the highest peak (live heap, MiB):");
+    println!("| parameters | gradients | master weights | optimizer state | activations | other | peak |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+        mib(m.parameters),
+        mib(m.gradients),
+        mib(m.master_weights),
+        mib(m.optimizer_state),
+        mib(m.activations),
+        mib(m.other),
+        mib(m.peak)
+    );
+}
+
 /// Reloads the folder `dir` in `dtype` and checks every parameter equals `model`'s bit for bit.
 ///
 /// # Errors
@@ -514,13 +552,17 @@ pub fn run(options: &FinetuneOptions) -> anyhow::Result<FinetuneOutcome> {
     let dtype = options.precision.dtype();
     let device = candle_train::device::parse_device(&options.device)
         .with_context(|| format!("invalid `--device` `{}`", options.device))?;
-    let (model, tokenizer) = match load_model(&options.model, dtype, &device)? {
-        LoadedModel::CausalLm { model, tokenizer } => (model, tokenizer),
-        other => anyhow::bail!(
-            "--model {}: a {} is not a causal language model; finetune trains the LLaMA family (LLaMA, Mistral, Qwen2, Qwen3)",
-            options.model,
-            other.architecture()
-        ),
+    let quantize_base = options.lora.as_ref().and_then(|l| l.quantize_base);
+    let (model, tokenizer) = match quantize_base {
+        Some(quantization) => load_causal_lm_quantized(&options.model, quantization, dtype, &device)?,
+        None => match load_model(&options.model, dtype, &device)? {
+            LoadedModel::CausalLm { model, tokenizer } => (model, tokenizer),
+            other => anyhow::bail!(
+                "--model {}: a {} is not a causal language model; finetune trains the LLaMA family (LLaMA, Mistral, Qwen2, Qwen3)",
+                options.model,
+                other.architecture()
+            ),
+        },
     };
     let context = model.config().max_sequence_len();
     anyhow::ensure!(
@@ -536,10 +578,23 @@ pub fn run(options: &FinetuneOptions) -> anyhow::Result<FinetuneOutcome> {
     let name = options.data.display().to_string();
     let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
     let data = TokenDataset::new(&name, train, valid, pad)?;
+    let quantized = model.quantized_weights();
+    if let Some(quantization) = quantize_base {
+        let elements: usize = quantized.iter().map(|q| q.dims().0 * q.dims().1).sum();
+        let bytes: usize = quantized.iter().map(|q| q.storage_bytes()).sum();
+        println!(
+            "QLoRA base: {} affine weights ({:.1}M values) held as {quantization} in {:.1} MiB",
+            quantized.len(),
+            elements as f64 / 1e6,
+            bytes as f64 / (1 << 20) as f64
+        );
+    }
+    let quantized_elements: usize = quantized.iter().map(|q| q.dims().0 * q.dims().1).sum();
+    drop(quantized);
     println!(
         "model {} ({:.1}M parameters, {}); {} training examples from {name}{}",
         options.model,
-        model.parameters().num_elements() as f64 / 1e6,
+        (model.parameters().num_elements() + quantized_elements) as f64 / 1e6,
         options.precision.name(),
         data.train().len(),
         if options.valid.is_some() { "" } else { " (evaluated on the training examples: no --valid)" }
@@ -569,6 +624,7 @@ pub fn run(options: &FinetuneOptions) -> anyhow::Result<FinetuneOutcome> {
         if !writer {
             return Ok(FinetuneOutcome { report, trainable, verified: false });
         }
+        print_memory(&report);
         crate::export::save_llama(&model, &tokenizer, &options.out)?;
         verify_reload(&model, &options.out, dtype)?;
         println!("saved to {} (Hugging Face folder); reloaded: bit-identical", options.out.display());
@@ -580,6 +636,7 @@ pub fn run(options: &FinetuneOptions) -> anyhow::Result<FinetuneOutcome> {
         dropout: lora.dropout,
         targets: lora.targets.clone(),
         use_rslora: false,
+        quantize_base: lora.quantize_base,
     };
     let lora_model = LoraModel::new(model, config.clone(), options.seed)?;
     let trainable = lora_model.adapter_parameters().num_elements();
@@ -589,6 +646,7 @@ pub fn run(options: &FinetuneOptions) -> anyhow::Result<FinetuneOutcome> {
     if !writer {
         return Ok(FinetuneOutcome { report, trainable, verified: false });
     }
+    print_memory(&report);
     // The base as `eval`/`generate` find it again from anywhere: a short name as given, a path
     // made absolute.
     let base = match std::fs::canonicalize(&options.model) {

@@ -178,6 +178,11 @@ struct FinetuneArgs {
     /// needs a build with the cuda feature).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// QLoRA (with --lora-rank): hold the frozen base's decoder-layer weights quantized: nf4
+    /// (bitsandbytes' NF4 with double quantization), q4_0, q4_1, q8_0 (GGML blocks), or gguf
+    /// (a .gguf model's own blocks, never dequantized).
+    #[arg(long)]
+    quantize_base: Option<String>,
 }
 
 fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
@@ -202,6 +207,12 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
             anyhow::anyhow!("invalid `--max-memory`: `{text}` is not a positive byte count (digits with an optional K, M or G)")
         })?),
     };
+    let quantize_base = args
+        .quantize_base
+        .as_deref()
+        .map(|q| q.parse::<candle_fit::train::quant::BaseQuantization>())
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("invalid `--quantize-base`: {e}"))?;
     let lora = match args.lora_rank {
         Some(rank) => Some(LoraOptions {
             rank,
@@ -209,8 +220,13 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
             dropout: args.lora_dropout.unwrap_or(0.0),
             targets: args.lora_targets.clone().unwrap_or_else(|| vec!["q_proj".into(), "v_proj".into()]),
             merge: args.merge,
+            quantize_base,
         }),
         None => {
+            anyhow::ensure!(
+                quantize_base.is_none(),
+                "`--quantize-base` needs `--lora-rank`: QLoRA trains LoRA adapters over the quantized base, and full fine-tuning cannot update quantized weights"
+            );
             for (flag, given) in [
                 ("--lora-alpha", args.lora_alpha.is_some()),
                 ("--lora-dropout", args.lora_dropout.is_some()),

@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::Context;
 use candle::{DType, Device};
 use candle_train::models::{BertClassifier, DecoderFamily, GgufFile, Llama};
+use candle_train::quant::BaseQuantization;
 
 use crate::gguf_tokenizer::LmTokenizer;
 use crate::pretrained::{SmolLm2Files, TextEncoder};
@@ -81,6 +82,59 @@ pub fn load_model(spec: &str, dtype: DType, device: &Device) -> anyhow::Result<L
         "--model `{spec}`: not a model folder, a .gguf file, or a packaged model ({})",
         SHORT_NAMES.join(", ")
     )
+}
+
+/// Whether `spec` names a GGUF file (a `.gguf` path or a packaged short name, which is one).
+pub fn is_gguf(spec: &str) -> bool {
+    let path = Path::new(spec);
+    (path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")))
+        || (!path.exists() && SHORT_NAMES.contains(&spec.to_ascii_lowercase().as_str()))
+}
+
+/// Loads the causal language model `spec` names (as [`load_model`]) with its decoder layers'
+/// affine weights held quantized (QLoRA's frozen base): a GGUF file is read straight into
+/// blocks ([`GgufFile::llama_quantized`]: `gguf` keeps the file's own blocks, never
+/// dequantizing them); a folder loads dense and is quantized weight by weight.
+///
+/// # Errors
+/// As [`load_model`]; `gguf` for a model that is not a GGUF file, naming `--quantize-base`; a
+/// classifier.
+pub fn load_causal_lm_quantized(
+    spec: &str,
+    quantization: BaseQuantization,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<(Llama, LmTokenizer)> {
+    let gguf = if is_gguf(spec) && Path::new(spec).is_file() {
+        Some(Path::new(spec).to_path_buf())
+    } else if is_gguf(spec) {
+        Some(SmolLm2Files::locate()?.gguf)
+    } else {
+        None
+    };
+    if let Some(path) = gguf {
+        let file = GgufFile::open(&path).with_context(|| format!("{}", path.display()))?;
+        let model = file
+            .llama_quantized(quantization, dtype, device)
+            .with_context(|| format!("{}", path.display()))?;
+        let tokenizer = LmTokenizer::from_gguf_metadata(file.metadata())
+            .with_context(|| format!("{}", path.display()))?;
+        return Ok((model, tokenizer));
+    }
+    anyhow::ensure!(
+        quantization != BaseQuantization::Gguf,
+        "invalid `--quantize-base gguf`: it keeps a GGUF file's own blocks, but --model `{spec}` is not a .gguf file (use nf4, q4_0, q4_1 or q8_0)"
+    );
+    match load_model(spec, dtype, device)? {
+        LoadedModel::CausalLm { model, tokenizer } => {
+            let model = model.quantize_base(quantization).with_context(|| format!("--model {spec}"))?;
+            Ok((model, tokenizer))
+        }
+        other => anyhow::bail!(
+            "--model {spec}: a {} is not a causal language model; QLoRA trains LlamaForCausalLM",
+            other.architecture()
+        ),
+    }
 }
 
 fn load_gguf(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<LoadedModel> {

@@ -213,6 +213,55 @@ fn lora_finetune_under_zero_3_on_two_ranks_equals_one_device() -> anyhow::Result
     Ok(())
 }
 
+/// QLoRA from the packaged GGUF file's own Q4_1 blocks: the adapter files load in `eval` over
+/// the dense (dequantized) base, whose held-out loss is the trained one's up to rounding.
+#[test]
+fn qlora_finetune_trains_over_the_gguf_blocks() -> anyhow::Result<()> {
+    if !smollm2_present() {
+        return Ok(());
+    }
+    let out = temp_dir("qlora");
+    let out_s = out.to_str().expect("a UTF-8 temporary path");
+    let (code, stdout, stderr) = run(&[
+        "finetune",
+        "--model",
+        "smollm2",
+        "--data",
+        CHAT,
+        "--valid",
+        VALID,
+        "--out",
+        out_s,
+        "--steps",
+        "2",
+        "--micro-batch",
+        "2",
+        "--seq-len",
+        "48",
+        "--lr",
+        "1e-3",
+        "--quiet",
+        "--lora-rank",
+        "4",
+        "--lora-targets",
+        "q_proj,v_proj",
+        "--quantize-base",
+        "gguf",
+    ])?;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("210 affine weights") && stdout.contains("held as gguf"), "{stdout}");
+    assert!(stdout.contains("| parameters | gradients |"), "{stdout}");
+    assert_eq!(field(&stdout, "trainable")?, "230400", "{stdout}");
+    assert!(out.join("adapter_model.safetensors").is_file());
+    let (code, eval_out, stderr) = run(&["eval", "--model", out_s, "--data", VALID, "--seq-len", "48"])?;
+    assert_eq!(code, 0, "{stderr}");
+    let trained: f64 = field(&stdout, "loss_after")?.parse()?;
+    let evaluated: f64 = field(&eval_out, "loss")?.parse()?;
+    assert!((trained - evaluated).abs() < 2e-3, "{trained} vs {evaluated}");
+    std::fs::remove_dir_all(&out).ok();
+    Ok(())
+}
+
 /// Refusals that come before any model is loaded: they need no package.
 #[test]
 fn bad_flags_folders_and_records_are_one_clear_line() -> anyhow::Result<()> {
@@ -231,6 +280,15 @@ fn bad_flags_folders_and_records_are_one_clear_line() -> anyhow::Result<()> {
         (vec!["--data", CHAT, "--merge"], vec!["--merge", "--lora-rank"]),
         (vec!["--data", CHAT, "--lora-alpha", "8"], vec!["--lora-alpha", "--lora-rank"]),
         (vec!["--data", CHAT, "--lora-rank", "4", "--lora-dropout", "1.5"], vec!["--lora-dropout"]),
+        (vec!["--data", CHAT, "--quantize-base", "nf4"], vec!["--quantize-base", "--lora-rank"]),
+        (
+            vec!["--data", CHAT, "--lora-rank", "4", "--quantize-base", "int3"],
+            vec!["--quantize-base", "int3", "nf4"],
+        ),
+        (
+            vec!["--data", CHAT, "--lora-rank", "4", "--quantize-base", "nf4", "--merge"],
+            vec!["--merge", "--quantize-base"],
+        ),
         (vec!["--data", CHAT, "--checkpoint-every", "5"], vec!["--checkpoint-every", "--checkpoint-dir"]),
         (vec!["--data", CHAT, "--precision", "f8"], vec!["f8"]),
         (vec!["--data", CHAT, "--schedule", "linear"], vec!["--schedule", "linear"]),
@@ -269,6 +327,22 @@ fn bad_flags_folders_and_records_are_one_clear_line() -> anyhow::Result<()> {
     ])?;
     assert_eq!(code, 2);
     assert!(stderr.contains("config.json"), "{stderr}");
+    // `gguf` keeps a GGUF file's blocks: refused for a model that is not one, before loading.
+    let (code, _, stderr) = run(&[
+        "finetune",
+        "--model",
+        dir.to_str().expect("a UTF-8 temporary path"),
+        "--data",
+        CHAT,
+        "--out",
+        out_s,
+        "--lora-rank",
+        "4",
+        "--quantize-base",
+        "gguf",
+    ])?;
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--quantize-base gguf") && stderr.contains("not a .gguf file"), "{stderr}");
     let (code, _, stderr) = run(&[
         "finetune",
         "--model",

@@ -591,3 +591,34 @@ fn unload_gives_the_base_back_unchanged() -> anyhow::Result<()> {
     assert_eq!(again.adapted_layers().len(), 3);
     Ok(())
 }
+
+/// Our adapter for PEFT: a seeded tiny LLaMA saved as a Hugging Face folder, LoRA on q/v/down
+/// (random B) saved as PEFT's files, and the ids and our logits beside them;
+/// `scripts/reference/peft_load_ours.py DIR` loads the folder with transformers + PEFT and
+/// compares. With `CANDLE_FIT_PEFT_OURS=DIR` the files stay in DIR for that script; here they
+/// are read back by our own loader, which must give the same logits.
+#[test]
+fn our_adapter_files_for_peft() -> anyhow::Result<()> {
+    let keep = std::env::var_os("CANDLE_FIT_PEFT_OURS").map(PathBuf::from);
+    let dir = keep.clone().unwrap_or_else(|| temp_dir("peft-ours"));
+    let base = Llama::new(&LlamaConfig::tiny(), DType::F32, &Device::Cpu, 11)?;
+    base.save_pretrained(&dir.join("base"))?;
+    let config = LoraConfig { rank: 4, alpha: 8.0, ..LoraConfig::new(["q_proj", "v_proj", "down_proj"]) };
+    let model = LoraModel::new(base, config, 12)?;
+    randomize_b(&model)?;
+    model.save_peft(&dir.join("adapter"), &PeftInfo::default())?;
+    let ids = batch(2, 0)?.inputs;
+    let logits = model.inner().logits(&ids)?;
+    let mut tensors = std::collections::HashMap::new();
+    tensors.insert("ids".to_string(), ids.to_dtype(DType::I64)?);
+    tensors.insert("logits".to_string(), logits.clone());
+    candle::safetensors::save(&tensors, dir.join("ours.safetensors"))?;
+    let reloaded = Llama::from_pretrained(&dir.join("base"), DType::F32, &Device::Cpu)?;
+    let (again, _) = LoraModel::from_peft(reloaded, &dir.join("adapter"), "")?;
+    let diff = (again.inner().logits(&ids)? - &logits)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert_eq!(diff, 0.0, "our own reload differs by {diff}");
+    if keep.is_none() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    Ok(())
+}

@@ -45,6 +45,7 @@ pub mod offload;
 pub mod optim;
 pub mod params;
 pub mod precision;
+pub mod quant;
 pub mod schedule;
 pub mod serve;
 pub mod source;

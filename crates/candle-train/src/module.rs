@@ -101,6 +101,17 @@ impl ModuleBuilder {
         self.inner.borrow_mut().constant_param(self.join(leaf), shape, value)
     }
 
+    /// The quantized weight `{path}.{leaf}` given to the builder
+    /// ([`ParamBuilder::with_quantized`]), taken; `None` when there is none.
+    pub fn take_quantized(&self, leaf: &str) -> Option<std::sync::Arc<crate::quant::QuantizedWeight>> {
+        self.inner.borrow_mut().take_quantized(&self.join(leaf))
+    }
+
+    /// The names of the quantized weights given to the builder that no layer has taken.
+    pub fn untaken_quantized(&self) -> Vec<String> {
+        self.inner.borrow().untaken_quantized()
+    }
+
     /// The dtype parameters are created in.
     pub fn dtype(&self) -> DType {
         self.inner.borrow().dtype()

@@ -360,12 +360,45 @@ pub struct ParamBuilder {
     params: Parameters,
     /// When set, parameters take these values by name instead of drawing them.
     values: Option<HashMap<String, Tensor>>,
+    /// Quantized weights by name, which affine layers take instead of creating a parameter.
+    quantized: HashMap<String, std::sync::Arc<crate::quant::QuantizedWeight>>,
 }
 
 impl ParamBuilder {
     /// A builder whose random values come from `seed`.
     pub fn new(dtype: DType, device: Device, seed: u64) -> Self {
-        Self { dtype, device, rng: Rng::seeded(seed), params: Parameters::default(), values: None }
+        Self {
+            dtype,
+            device,
+            rng: Rng::seeded(seed),
+            params: Parameters::default(),
+            values: None,
+            quantized: HashMap::new(),
+        }
+    }
+
+    /// Gives affine layers quantized weights by name (QLoRA's frozen base, [`crate::quant`]):
+    /// a layer whose `{path}.weight` is among them holds it instead of a parameter.
+    pub fn with_quantized(
+        mut self,
+        weights: impl IntoIterator<Item = crate::quant::QuantizedWeight>,
+    ) -> Self {
+        for w in weights {
+            self.quantized.insert(w.name().to_string(), std::sync::Arc::new(w));
+        }
+        self
+    }
+
+    /// The quantized weight given for `name`, taken (`None` when there is none).
+    pub fn take_quantized(&mut self, name: &str) -> Option<std::sync::Arc<crate::quant::QuantizedWeight>> {
+        self.quantized.remove(name)
+    }
+
+    /// The names of the quantized weights no layer has taken yet, sorted.
+    pub fn untaken_quantized(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.quantized.keys().cloned().collect();
+        names.sort();
+        names
     }
 
     /// A builder whose parameters take their values from `values` by name (a loaded

@@ -86,6 +86,12 @@ impl TrainableModel for crate::models::Llama {
     fn settings(&self) -> String {
         canonical_json("llama", self.config())
     }
+
+    /// The parameters' bytes and a quantized base's blocks.
+    fn resident_parameter_bytes(&self) -> usize {
+        let quantized: usize = self.quantized_weights().iter().map(|q| q.storage_bytes()).sum();
+        self.parameters().size_in_bytes() + quantized
+    }
 }
 
 impl TrainableModel for BertClassifier {

@@ -8,6 +8,7 @@ use crate::layers::custom_grad::custom3;
 use crate::layers::fused::{add_bias_owned, bias_grad};
 use crate::module::ModuleBuilder;
 use crate::params::{ParamBuilder, Parameter};
+use crate::quant::{quantized_linear, QuantizedWeight};
 
 /// How the weight matrix is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +30,9 @@ pub struct Linear {
     bias: Option<Parameter>,
     layout: WeightLayout,
     adapter: Arc<RwLock<Option<Arc<crate::lora::LoraAdapter>>>>,
+    /// The frozen weight held quantized ([`crate::quant`]); `weight` is then an empty frozen
+    /// placeholder that carries the name, dtype and device.
+    quantized: Option<Arc<QuantizedWeight>>,
 }
 
 impl crate::module::Module for Linear {
@@ -88,7 +92,7 @@ impl Linear {
     ) -> crate::Result<Self> {
         let shape = weight_shape(in_features, out_features, layout);
         let weight = pb.normal_param(format!("{prefix}.weight"), shape, std)?;
-        Ok(Self { weight, bias: None, layout, adapter: Arc::default() })
+        Ok(Self { weight, bias: None, layout, adapter: Arc::default(), quantized: None })
     }
 
     /// Creates `weight` ~ N(0, std²) and `bias` = 0 under `b`'s path.
@@ -107,10 +111,13 @@ impl Linear {
         Ok(layer)
     }
 
-    /// Creates `weight` ~ N(0, std²) under `b`'s path, and no bias.
+    /// Creates `weight` ~ N(0, std²) under `b`'s path, and no bias. When the builder was
+    /// given a quantized weight of that name ([`ParamBuilder::with_quantized`]), the layer
+    /// holds it instead (frozen; `weight` is then an empty placeholder).
     ///
     /// # Errors
-    /// On allocation failure.
+    /// On allocation failure; [`crate::Error::StateMismatch`] for a quantized weight of another
+    /// shape, [`crate::Error::InvalidConfig`] for one in GPT-2's `[in, out]` layout.
     pub fn build_no_bias(
         b: &ModuleBuilder,
         in_features: usize,
@@ -118,19 +125,50 @@ impl Linear {
         layout: WeightLayout,
         std: f64,
     ) -> crate::Result<Self> {
+        if let Some(q) = b.take_quantized("weight") {
+            let name = q.name().to_string();
+            if layout != WeightLayout::OutIn {
+                return Err(crate::Error::config(
+                    "quantize_base",
+                    format!("`{name}`: a quantized weight must be in the [out, in] layout"),
+                ));
+            }
+            if q.dims() != (out_features, in_features) {
+                return Err(crate::Error::StateMismatch {
+                    name,
+                    expected: format!("shape {:?}", [out_features, in_features]),
+                    found: format!("quantized shape {:?}", q.dims()),
+                });
+            }
+            let placeholder = candle::Tensor::zeros(0, b.dtype(), &b.device())?;
+            let weight = Parameter::new(name, Var::from_tensor(&placeholder)?);
+            weight.set_frozen(true);
+            return Ok(Self { weight, bias: None, layout, adapter: Arc::default(), quantized: Some(q) });
+        }
         let weight = b.normal("weight", weight_shape(in_features, out_features, layout), std)?;
-        Ok(Self { weight, bias: None, layout, adapter: Arc::default() })
+        Ok(Self { weight, bias: None, layout, adapter: Arc::default(), quantized: None })
     }
 
     /// A layer over existing variables (shared, not copied), named `weight` and `bias`.
     pub fn from_vars(weight: Var, bias: Option<Var>, layout: WeightLayout) -> Self {
         let bias = bias.map(|b| Parameter::new("bias", b));
-        Self { weight: Parameter::new("weight", weight), bias, layout, adapter: Arc::default() }
+        Self {
+            weight: Parameter::new("weight", weight),
+            bias,
+            layout,
+            adapter: Arc::default(),
+            quantized: None,
+        }
     }
 
-    /// The weight's handle.
+    /// The weight's handle (an empty frozen placeholder when the weight is quantized).
     pub fn weight(&self) -> &Parameter {
         &self.weight
+    }
+
+    /// The quantized weight, when the layer holds one ([`crate::quant`]).
+    pub fn quantized(&self) -> Option<&Arc<QuantizedWeight>> {
+        self.quantized.as_ref()
     }
 
     /// The bias's handle, if the layer has one.
@@ -145,6 +183,10 @@ impl Linear {
 
     /// `[in_features, out_features]`.
     pub fn features(&self) -> (usize, usize) {
+        if let Some(q) = &self.quantized {
+            let (out_features, in_features) = q.dims();
+            return (in_features, out_features);
+        }
         let dims = self.weight.dims();
         let (rows, cols) = (dims.first().copied().unwrap_or(0), dims.get(1).copied().unwrap_or(0));
         match self.layout {
@@ -194,6 +236,12 @@ impl Linear {
     /// On a shape or dtype mismatch.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let bias = self.bias.as_ref().map(Parameter::tensor).transpose()?;
+        if let Some(q) = &self.quantized {
+            if let Some(adapter) = self.adapter().map_err(candle::Error::wrap)? {
+                return adapter.forward_quantized(x, q, bias.as_ref());
+            }
+            return quantized_linear(x, q, bias.as_ref());
+        }
         let weight = self.weight.tensor()?;
         if let Some(adapter) = self.adapter().map_err(candle::Error::wrap)? {
             return adapter.forward(x, &weight, bias.as_ref(), self.layout, self.weight.is_frozen());

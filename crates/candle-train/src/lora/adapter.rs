@@ -10,6 +10,7 @@ use candle_ckpt::Rng;
 use crate::layers::linear::{frozen_linear, linear};
 use crate::layers::{Dropout, WeightLayout};
 use crate::params::Parameter;
+use crate::quant::{quantized_linear, QuantizedWeight};
 
 /// The randomness and the forward mode a [`LoraModel`](super::LoraModel) shares with its
 /// adapters: the current segment's dropout generator (set for the segment's forward or
@@ -95,6 +96,35 @@ impl LoraAdapter {
             if frozen { frozen_linear(x, weight, bias, layout)? } else { linear(x, weight, bias, layout)? };
         let x = match draws.as_mut() {
             Some(rng) if dropping => self.dropout.forward(x, rng, true)?,
+            _ => x.clone(),
+        };
+        drop(draws);
+        let update = linear(&linear(&x, &a, None, WeightLayout::OutIn)?, &b, None, WeightLayout::OutIn)?;
+        base.add(&update.affine(self.scale, 0.0)?)
+    }
+
+    /// The adapted layer's output over a quantized frozen base: `x Wᵀ (+ b)` through
+    /// [`quantized_linear`] (no gradient for the base) plus `s B A dropout(x)`.
+    pub(crate) fn forward_quantized(
+        &self,
+        x: &Tensor,
+        weight: &Arc<QuantizedWeight>,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (a, b) = (self.a.tensor()?, self.b.tensor()?);
+        if self.shared.merged_reference.load(Ordering::Acquire) {
+            candle::bail!(
+                "`{}`: the merged LoRA reference path needs a dense base, and this one is quantized ({})",
+                weight.name(),
+                weight.format()
+            );
+        }
+        let base = quantized_linear(x, weight, bias)?;
+        let mut draws = self.shared.draws.lock().map_err(|_| {
+            candle::Error::wrap(crate::Error::Poisoned { what: "the LoRA dropout generator" })
+        })?;
+        let x = match draws.as_mut() {
+            Some(rng) if self.dropout.p() > 0.0 => self.dropout.forward(x, rng, true)?,
             _ => x.clone(),
         };
         drop(draws);

@@ -45,6 +45,7 @@ use crate::error::{Error, Result};
 use crate::layers::{Dropout, Linear, WeightLayout};
 use crate::module::Module;
 use crate::params::{Parameter, Parameters};
+use crate::quant::BaseQuantization;
 use crate::trainer::{canonical_json, TrainableModel};
 
 /// The random stream (of a segment's [`SegmentContext::rng`]) LoRA's dropout draws from;
@@ -71,6 +72,13 @@ pub struct LoraConfig {
     pub targets: Vec<String>,
     /// rsLoRA: scale by `alpha / sqrt(rank)`.
     pub use_rslora: bool,
+    /// QLoRA: the format the base's decoder-layer affine weights are held in
+    /// ([`crate::quant`]); `None` for a dense base. [`LoraModel::new`] refuses a base that is
+    /// not held so (load it with [`crate::Llama::quantize_base`] or
+    /// [`crate::models::GgufFile::llama_quantized`]), so the run's settings (and its
+    /// checkpoints) record what it trained over. Not a PEFT field: PEFT's files omit it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize_base: Option<BaseQuantization>,
 }
 
 impl LoraConfig {
@@ -83,6 +91,7 @@ impl LoraConfig {
             dropout: 0.0,
             targets: targets.into_iter().map(Into::into).collect(),
             use_rslora: false,
+            quantize_base: None,
         }
     }
 
@@ -176,6 +185,9 @@ impl<M: Module> LoraModel<M> {
                 ));
             }
         }
+        if let Some(quantization) = config.quantize_base {
+            check_quantized_base(&all, quantization)?;
+        }
         let layers: Vec<Linear> = all.into_iter().filter(|l| config.targets_layer(l.path())).collect();
         for l in &layers {
             if l.adapter()?.is_some() {
@@ -261,6 +273,15 @@ impl<M: Module> LoraModel<M> {
     /// On a released parameter or a tensor error; nothing is written unless every merged
     /// weight was computed.
     pub fn merge(self) -> Result<M> {
+        if let Some(l) = self.layers.iter().find(|l| l.quantized().is_some()) {
+            return Err(Error::config(
+                "lora merge",
+                format!(
+                    "`{}` is quantized: merging into a quantized base would quantize the update away; save the adapter and merge it into the dense base",
+                    l.path()
+                ),
+            ));
+        }
         let mut merged = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
             let Some(adapter) = l.adapter()? else { continue };
@@ -289,6 +310,34 @@ impl<M: Module> LoraModel<M> {
         self.inner.visit_parameters(&mut |p| p.set_frozen(false));
         Ok(self.inner)
     }
+}
+
+/// Checks that the base's quantized layers are held as `quantization` says: at least one, and
+/// each in that format (any GGML type for a GGUF file's own blocks).
+fn check_quantized_base(layers: &[Linear], quantization: BaseQuantization) -> Result<()> {
+    let quantized: Vec<_> =
+        layers.iter().filter_map(|l| l.quantized().map(|q| (l.path(), q.format()))).collect();
+    if quantized.is_empty() {
+        return Err(Error::config(
+            "lora quantize_base",
+            format!(
+                "`{quantization}` was asked for, but the base is dense: load it quantized (Llama::quantize_base, GgufFile::llama_quantized)"
+            ),
+        ));
+    }
+    for (path, format) in quantized {
+        let matches = match quantization {
+            BaseQuantization::Gguf => format != "nf4",
+            other => format == other.name(),
+        };
+        if !matches {
+            return Err(Error::config(
+                "lora quantize_base",
+                format!("`{path}` is held as {format}, not as `{quantization}`"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn variable(t: Tensor, dtype: DType, device: &Device) -> Result<Var> {

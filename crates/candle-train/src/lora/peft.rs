@@ -174,6 +174,7 @@ pub fn read_config(path: &Path) -> Result<(LoraConfig, bool, PeftInfo)> {
         dropout: dropout as f32,
         targets,
         use_rslora: boolean("use_rslora")?,
+        quantize_base: None,
     };
     config.validate().map_err(|e| bad(path, e.to_string()))?;
     let fan_in_fan_out = boolean("fan_in_fan_out")?;

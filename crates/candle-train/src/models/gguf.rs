@@ -13,7 +13,8 @@ use candle::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::layers::rotary::interleaved_to_half_split;
-use crate::models::llama::{Llama, LlamaConfig, EMBED_TOKENS};
+use crate::models::llama::{is_base_linear, Llama, LlamaConfig, EMBED_TOKENS};
+use crate::quant::{BaseQuantization, QuantizedWeight};
 
 /// An opened GGUF file: its metadata and tensor directory (no tensor data is read yet).
 #[derive(Debug)]
@@ -194,6 +195,69 @@ impl GgufFile {
         qtensor.dequantize(device).map_err(|e| self.bad(format!("dequantizing `{name}`: {e}")))
     }
 
+    /// The model this file holds with its decoder layers' affine weights quantized (QLoRA's
+    /// frozen base, [`crate::quant`]): [`BaseQuantization::Gguf`] keeps the file's own blocks
+    /// (whatever their type: the bytes are copied, never dequantized; the query and key rows
+    /// are permuted as whole rows back to the half-split rotary layout), the other modes
+    /// dequantize each weight and quantize it again. The embedding, the norms and an untied
+    /// head are dequantized to `dtype`, as [`GgufFile::llama`] does.
+    ///
+    /// # Errors
+    /// As [`GgufFile::llama`]; a weight whose rows are not whole blocks of the chosen type.
+    pub fn llama_quantized(
+        &self,
+        quantization: BaseQuantization,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Llama> {
+        let config = self.llama_config()?;
+        let file = File::open(&self.path).map_err(|e| Error::io("open", &self.path, e))?;
+        let mut reader = BufReader::new(file);
+        let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
+        names.sort();
+        let mut tensors = HashMap::with_capacity(names.len());
+        let mut quantized = Vec::new();
+        for name in names {
+            let hf = hf_name(name).ok_or_else(|| {
+                Error::config("gguf tensors", format!("`{name}` has no place in a LLaMA model"))
+            })?;
+            let heads = if hf.ends_with("self_attn.q_proj.weight") {
+                Some(config.num_attention_heads)
+            } else if hf.ends_with("self_attn.k_proj.weight") {
+                Some(config.num_key_value_heads)
+            } else {
+                None
+            };
+            if !is_base_linear(&hf) {
+                tensors.insert(hf, self.dequantize(&mut reader, name, device)?.to_dtype(dtype)?);
+                continue;
+            }
+            if quantization == BaseQuantization::Gguf {
+                let qtensor = self
+                    .content
+                    .tensor(&mut reader, name, &Device::Cpu)
+                    .map_err(|e| self.bad(format!("tensor `{name}`: {e}")))?;
+                let rows = match heads {
+                    Some(heads) => {
+                        let (out, _) =
+                            qtensor.shape().dims2().map_err(|e| self.bad(format!("`{name}`: {e}")))?;
+                        Some(half_split_rows(out, heads).map_err(|e| self.bad(format!("`{name}`: {e}")))?)
+                    }
+                    None => None,
+                };
+                quantized.push(QuantizedWeight::from_qtensor(&hf, &qtensor, rows.as_deref())?);
+                continue;
+            }
+            let value = self.dequantize(&mut reader, name, &Device::Cpu)?;
+            let value = match heads {
+                Some(heads) => interleaved_to_half_split(&value, heads)?,
+                None => value,
+            };
+            quantized.push(quantization.quantize(&hf, &value)?);
+        }
+        Llama::from_tensors_quantized(&config, tensors, quantized, dtype, device)
+    }
+
     /// The model this file holds, in `dtype` on `device`.
     ///
     /// # Errors
@@ -203,6 +267,28 @@ impl GgufFile {
         let tensors = self.llama_tensors(&config, dtype, device)?;
         Llama::from_tensors(&config, tensors, dtype, device)
     }
+}
+
+/// The row order that takes a `[rows, in]` query or key weight from llama.cpp's interleaved
+/// rotary layout to Hugging Face's half-split one (what [`interleaved_to_half_split`] does to a
+/// dense matrix): row `i` of the result is row `order[i]` of the file's.
+///
+/// # Errors
+/// When the rows do not split into `heads` heads of an even dimension.
+pub fn half_split_rows(rows: usize, heads: usize) -> candle::Result<Vec<usize>> {
+    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+        candle::bail!("cannot split {rows} rows into {heads} heads of an even dimension");
+    }
+    let half = rows / heads / 2;
+    let mut order = Vec::with_capacity(rows);
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..half {
+                order.push(h * 2 * half + i * 2 + j);
+            }
+        }
+    }
+    Ok(order)
 }
 
 fn malformed(path: &Path, e: candle::Error) -> Error {
@@ -247,6 +333,18 @@ mod tests {
         assert_eq!(hf_name("blk.0.attn_k.weight").as_deref(), Some("model.layers.0.self_attn.k_proj.weight"));
         assert_eq!(hf_name("blk.x.attn_k.weight"), None);
         assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+
+    #[test]
+    fn the_row_order_undoes_the_rotary_permutation() -> Result<()> {
+        let dense = Tensor::arange(0f32, 16.0 * 3.0, &Device::Cpu)?.reshape((16, 3))?;
+        let expected = interleaved_to_half_split(&dense, 2)?.to_vec2::<f32>()?;
+        let order = half_split_rows(16, 2)?;
+        let rows = dense.to_vec2::<f32>()?;
+        let permuted: Vec<Vec<f32>> = order.iter().map(|&r| rows[r].clone()).collect();
+        assert_eq!(permuted, expected);
+        assert!(half_split_rows(16, 3).is_err());
+        Ok(())
     }
 
     #[test]

@@ -457,6 +457,47 @@ impl LlamaConfig {
     }
 }
 
+/// Whether `name` is the weight of a decoder layer's affine map (`model.layers.{i}.self_attn.
+/// {q,k,v,o}_proj.weight`, `model.layers.{i}.mlp.{gate,up,down}_proj.weight`): the weights
+/// QLoRA holds quantized (the embedding, the norms and the head stay dense, as bitsandbytes
+/// leaves the head).
+pub fn is_base_linear(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("model.layers.") else { return false };
+    let Some((layer, part)) = rest.split_once('.') else { return false };
+    layer.parse::<usize>().is_ok()
+        && matches!(
+            part,
+            "self_attn.q_proj.weight"
+                | "self_attn.k_proj.weight"
+                | "self_attn.v_proj.weight"
+                | "self_attn.o_proj.weight"
+                | "mlp.gate_proj.weight"
+                | "mlp.up_proj.weight"
+                | "mlp.down_proj.weight"
+        )
+}
+
+/// Takes every decoder-layer affine weight ([`is_base_linear`]) out of `tensors` and returns it
+/// quantized as `quantization` says, one at a time (each dense weight is dropped once
+/// quantized), in name order.
+///
+/// # Errors
+/// As [`crate::quant::BaseQuantization::quantize`], naming the weight.
+pub fn quantize_linears(
+    tensors: &mut HashMap<String, Tensor>,
+    quantization: crate::quant::BaseQuantization,
+) -> crate::Result<Vec<crate::quant::QuantizedWeight>> {
+    let mut names: Vec<String> = tensors.keys().filter(|n| is_base_linear(n)).cloned().collect();
+    names.sort();
+    let mut quantized = Vec::with_capacity(names.len());
+    for name in names {
+        if let Some(dense) = tensors.remove(&name) {
+            quantized.push(quantization.quantize(&name, &dense)?);
+        }
+    }
+    Ok(quantized)
+}
+
 /// The name `transformers` gives `dtype` in a `config.json`'s `torch_dtype`.
 pub fn hf_dtype_name(dtype: DType) -> &'static str {
     match dtype {
@@ -603,6 +644,51 @@ impl Llama {
         Self::build(config, ParamBuilder::from_values(dtype, device.clone(), tensors))
     }
 
+    /// A model whose decoder layers' affine weights are the quantized `quantized` (by Hugging
+    /// Face name, such as those [`quantize_linears`] makes; QLoRA's frozen base,
+    /// [`crate::quant`]) and whose other parameters take their values from `tensors`, as
+    /// [`Llama::from_tensors`]. No dense copy of a quantized weight is made; the quantized
+    /// layers are frozen and compute through [`crate::quant::quantized_linear`].
+    ///
+    /// # Errors
+    /// As [`Llama::from_tensors`]; [`crate::Error::StateMismatch`] for a quantized weight of the
+    /// wrong shape, [`crate::Error::InvalidConfig`] naming a quantized weight no layer takes.
+    pub fn from_tensors_quantized(
+        config: &LlamaConfig,
+        tensors: HashMap<String, Tensor>,
+        quantized: Vec<crate::quant::QuantizedWeight>,
+        dtype: DType,
+        device: &Device,
+    ) -> crate::Result<Self> {
+        config.validate()?;
+        Self::build(
+            config,
+            ParamBuilder::from_values(dtype, device.clone(), tensors).with_quantized(quantized),
+        )
+    }
+
+    /// This model with its decoder layers' affine weights quantized as `quantization` says
+    /// (QLoRA's frozen base; [`crate::quant::BaseQuantization::Gguf`] is refused: a dense model
+    /// has no file blocks). The dense weights are released one by one as they are quantized;
+    /// loading the base quantized ([`crate::models::GgufFile::llama_quantized`]) avoids
+    /// holding them at all.
+    ///
+    /// # Errors
+    /// As [`quantize_linears`] and [`Llama::from_tensors_quantized`]; a released parameter.
+    pub fn quantize_base(self, quantization: crate::quant::BaseQuantization) -> crate::Result<Self> {
+        let (config, dtype, device) = (self.config.clone(), self.dtype, self.device());
+        if !self.quantized_weights().is_empty() {
+            return Err(crate::Error::config("quantize_base", "the base is quantized already"));
+        }
+        let mut tensors = HashMap::with_capacity(self.params.len());
+        for p in self.params.iter() {
+            tensors.insert(p.name.clone(), p.tensor()?.detach());
+        }
+        drop(self);
+        let quantized = quantize_linears(&mut tensors, quantization)?;
+        Self::from_tensors_quantized(&config, tensors, quantized, dtype, &device)
+    }
+
     /// A model with the weights of a Hugging Face safetensors file (such as one
     /// [`Llama::save_pretrained`] wrote), converted to `dtype`.
     ///
@@ -655,6 +741,12 @@ impl Llama {
     /// # Errors
     /// [`crate::Error::Io`] on a file-system error.
     pub fn save_pretrained(&self, dir: &Path) -> crate::Result<()> {
+        if let Some(name) = self.quantized_weights().first().map(|q| q.name().to_string()) {
+            return Err(crate::Error::config(
+                "save_pretrained",
+                format!("the base is quantized (`{name}`, ...): save the LoRA adapter instead"),
+            ));
+        }
         std::fs::create_dir_all(dir).map_err(|e| crate::Error::io("create", dir, e))?;
         let config = self.config.to_hf_json(self.dtype)?;
         crate::io::write_atomic(&dir.join("config.json"), config.as_bytes())?;
@@ -685,8 +777,26 @@ impl Llama {
                 std,
             )?)
         };
+        if let Some(name) = b.untaken_quantized().first() {
+            return Err(crate::Error::config(
+                "quantize_base",
+                format!("the quantized weight `{name}` has no affine layer of that name in the model"),
+            ));
+        }
         let params = b.finish();
         Ok(Self { config: config.clone(), embed_tokens, layers, norm, lm_head, params, dtype })
+    }
+
+    /// The quantized affine weights (QLoRA's frozen base), in the layers' order; empty for a
+    /// dense model.
+    pub fn quantized_weights(&self) -> Vec<std::sync::Arc<crate::quant::QuantizedWeight>> {
+        let mut found = Vec::new();
+        self.visit_linears(&mut |l| {
+            if let Some(q) = l.quantized() {
+                found.push(std::sync::Arc::clone(q));
+            }
+        });
+        found
     }
 
     /// The model's shape.
@@ -835,6 +945,9 @@ crate::module_fields!(Llama { embed_tokens, layers, norm, lm_head });
 impl crate::serve::Snapshot for Llama {
     /// A copy with its own variables (same names, values and dtype).
     fn snapshot(&self) -> crate::Result<Self> {
+        if !self.quantized_weights().is_empty() {
+            return Err(crate::Error::config("snapshot", "a model over a quantized base is not copied"));
+        }
         let tensors = self
             .params
             .iter()
