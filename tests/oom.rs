@@ -1,15 +1,16 @@
 //! Memory limit, out-of-memory recovery and the micro-batch search, measured with the
 //! counting allocator this test binary installs: recovering from an out-of-memory error (or
 //! choosing the micro-batch up front) gives the same trajectory, bit for bit, as running the
-//! smaller micro-batch from the start. For the GPT on bytes, and for a LLaMA on masked token
-//! examples of uneven lengths (the Trainer's recovery is the same for any model and data).
+//! smaller micro-batch from the start. For the GPT on bytes, a LLaMA on masked token examples
+//! of uneven lengths and a BERT classifier on labelled sequences (the Trainer's recovery is the
+//! same for any model and data).
 
 use std::sync::Mutex;
 
 use candle::{DType, Device};
-use candle_fit::datasets::TokenDataset;
+use candle_fit::datasets::{ClassificationDataset, TokenDataset};
 use candle_fit::train::memory::CountingAllocator;
-use candle_fit::train::models::{Llama, LlamaConfig};
+use candle_fit::train::models::{Bert, BertClassifier, BertConfig, Llama, LlamaConfig};
 use candle_fit::train::{
     Corpus, DataSource, Error, Gpt, GptConfig, LocalUpdater, OptimizerConfig, TrainReport, TrainableModel,
     Trainer, TrainerConfig,
@@ -105,6 +106,31 @@ fn a_llama_on_masked_tokens_recovers_from_out_of_memory_on_the_same_trajectory()
     let data =
         TokenDataset::new("synthetic", common::masked_examples(64, 1), common::masked_examples(4, 2), 0)?;
     keeps_the_trajectory(llama, &data, 13)
+}
+
+fn classifier() -> candle_fit::train::Result<BertClassifier> {
+    let config = BertConfig {
+        vocab_size: 50,
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_attention_heads: 4,
+        num_hidden_layers: 2,
+        max_position_embeddings: 64,
+        hidden_dropout_prob: 0.1,
+        ..BertConfig::tiny()
+    };
+    BertClassifier::new(Bert::new(&config, "", DType::F32, &Device::Cpu, 4)?, 3, 4)
+}
+
+#[test]
+fn a_bert_classifier_recovers_from_out_of_memory_on_the_same_trajectory() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let samples: Vec<(Vec<u32>, u32)> = (0..80u32)
+        .map(|i| ((0..40 + i as usize % 9).map(|k| (i * 7 + k as u32 * 3) % 50).collect(), i % 3))
+        .collect();
+    let (train, validation) = samples.split_at(72);
+    let data = ClassificationDataset::new("synthetic", train.to_vec(), validation.to_vec(), 3, 0)?;
+    keeps_the_trajectory(classifier, &data, 48)
 }
 
 /// The run we want is micro-batch 8 x 2; 16 x 1 does not fit under a limit between their
