@@ -538,12 +538,12 @@ impl DecoderLayer {
     }
 }
 
-/// The keys and values of the positions a [`Llama`] has seen, per layer, for decoding one
-/// token at a time ([`Llama::logits_cached`]).
+/// The keys and values of the positions a causal language model has seen, per layer, for
+/// decoding one token at a time ([`Llama::logits_cached`], [`crate::models::Gpt::logits_cached`]).
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
+    pub(crate) layers: Vec<Option<(Tensor, Tensor)>>,
+    pub(crate) len: usize,
 }
 
 impl KvCache {
