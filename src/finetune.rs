@@ -495,15 +495,20 @@ where
     Ok(report)
 }
 
-/// Checks that every parameter of `mine` equals the one of the same name in `theirs` (a
-/// reload of the folder `dir`) bit for bit.
+/// Checks that every parameter of `mine` equals the one named `saved_name(name)` in `theirs`
+/// (a reload of the folder `dir`) bit for bit.
 ///
 /// # Errors
 /// When a parameter is missing from `theirs` or differs (named).
-pub fn compare_parameters(mine: &Parameters, theirs: &Parameters, dir: &Path) -> anyhow::Result<()> {
+pub fn compare_parameters(
+    mine: &Parameters,
+    theirs: &Parameters,
+    dir: &Path,
+    saved_name: impl Fn(&str) -> String,
+) -> anyhow::Result<()> {
     for mine in mine.iter() {
-        let other =
-            theirs.get(&mine.name).with_context(|| format!("{}: no `{}`", dir.display(), mine.name))?;
+        let name = saved_name(&mine.name);
+        let other = theirs.get(&name).with_context(|| format!("{}: no `{name}`", dir.display()))?;
         let bits = |t: &candle::Tensor| -> anyhow::Result<Vec<u32>> {
             Ok(t.flatten_all()?
                 .to_dtype(DType::F32)?
@@ -528,7 +533,12 @@ pub fn compare_parameters(mine: &Parameters, theirs: &Parameters, dir: &Path) ->
 /// When the folder does not load or a parameter differs (named).
 pub fn verify_reload<M: HfCausalLm>(model: &M, dir: &Path, dtype: DType) -> anyhow::Result<()> {
     let reloaded = M::load(dir, dtype)?;
-    compare_parameters(TrainableModel::parameters(model), TrainableModel::parameters(&reloaded), dir)
+    compare_parameters(
+        TrainableModel::parameters(model),
+        TrainableModel::parameters(&reloaded),
+        dir,
+        str::to_string,
+    )
 }
 
 /// A causal language model `finetune` trains and writes as a Hugging Face folder.
@@ -761,6 +771,13 @@ fn finetune_classifier(
         "`--lora-rank`: LoRA is not available for a BERT classifier (its head must train in full, \
          PEFT's modules_to_save, which the LoRA layer does not implement); fine-tune it without LoRA"
     );
+    anyhow::ensure!(
+        Path::new(&options.model).is_dir(),
+        "--model {}: --data {} holds classification records (text + label), which train a BERT \
+         classifier from a model folder (BertModel or BertForSequenceClassification)",
+        options.model,
+        options.data.display()
+    );
     let labels = head_labels(options, train_records)?;
     let (model, labels, tokenizer) =
         crate::model_source::load_classifier(&options.model, &labels, options.seed, dtype, device)?;
@@ -808,7 +825,13 @@ fn finetune_classifier(
         "{}: reloaded id2label {reloaded_labels:?} differs from {labels:?}",
         options.out.display()
     );
-    compare_parameters(model.parameters(), reloaded.parameters(), &options.out)?;
+    // The folder holds the encoder and pooler under `bert.` whatever prefix they were read with.
+    let prefix = model.encoder().prefix().to_string();
+    let saved_name = |name: &str| match name.strip_prefix(prefix.as_str()) {
+        Some(rest) if !name.starts_with(BertClassifier::HEAD) => format!("bert.{rest}"),
+        _ => name.to_string(),
+    };
+    compare_parameters(model.parameters(), reloaded.parameters(), &options.out, saved_name)?;
     println!(
         "saved to {} ({}); reloaded: bit-identical",
         options.out.display(),

@@ -5,6 +5,8 @@
 //! ZeRO on two in-process ranks equals one device; bad flags, folders and records are refused
 //! in one line before training.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -282,5 +284,161 @@ fn bad_flags_folders_and_records_are_one_clear_line() -> anyhow::Result<()> {
     assert!(stderr.contains("not empty") && stderr.contains("--overwrite"), "{stderr}");
     assert!(!out.exists(), "nothing is written for a refused run");
     std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
+
+/// A tiny GPT-2 folder (`GPT2LMHeadModel` config, the 23-token test tokenizer) in `dir`.
+fn gpt2_folder(dir: &std::path::Path) -> anyhow::Result<()> {
+    use candle_fit::train::models::{Gpt, GptConfig};
+    let config =
+        GptConfig { vocab_size: 23, n_ctx: 16, n_embd: 8, n_layer: 2, n_head: 2, ..GptConfig::default() };
+    let model = Gpt::new(config, candle::DType::F32, &candle::Device::Cpu, 5)?;
+    candle_fit::export::save_gpt2(&model, &common::tiny_tokenizer()?, dir)
+}
+
+#[test]
+fn gpt2_finetune_writes_a_folder_that_reloads_bit_identically_and_eval_and_generate_load(
+) -> anyhow::Result<()> {
+    let (base, out) = (temp_dir("gpt2-base"), temp_dir("gpt2-out"));
+    gpt2_folder(&base)?;
+    let data = base.join("data.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"ab\", \"completion\": \"cde\"}\n{\"prompt\": \"fg\", \"completion\": \"hij\"}\n",
+    )?;
+    let (base_s, out_s, data_s) = (
+        base.to_str().expect("a UTF-8 temporary path"),
+        out.to_str().expect("a UTF-8 temporary path"),
+        data.to_str().expect("a UTF-8 temporary path"),
+    );
+    let common_args = ["--steps", "2", "--micro-batch", "2", "--seq-len", "8", "--lr", "1e-2", "--quiet"];
+    let mut args = vec!["finetune", "--model", base_s, "--data", data_s, "--valid", data_s, "--out", out_s];
+    args.extend(common_args);
+    let (code, stdout, stderr) = run(&args)?;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("reloaded: bit-identical"), "{stdout}");
+    assert_eq!(field(&stdout, "verified")?, "true");
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json"))?)?;
+    assert_eq!(config["architectures"][0], "GPT2LMHeadModel", "{config}");
+    assert!(out.join("tokenizer.json").is_file() && out.join("generation_config.json").is_file());
+    let before: f64 = field(&stdout, "loss_before")?.parse()?;
+    let after = field(&stdout, "loss_after")?;
+    assert!(after.parse::<f64>()? < before, "{stdout}");
+    // `eval` on the written folder: the trained model's last held-out loss.
+    let (code, eval_out, stderr) = run(&["eval", "--model", out_s, "--data", data_s, "--seq-len", "8"])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(field(&eval_out, "loss")?, after, "{eval_out}");
+    // `generate`: the library's tokens, the same with and without the key/value cache.
+    let (model, tokenizer) = candle_fit::export::load_gpt2(&out, candle::DType::F32, &candle::Device::Cpu)?;
+    let config = candle_fit::train::generate::GenerationConfig {
+        max_new_tokens: 6,
+        stop_tokens: vec![22],
+        ..Default::default()
+    };
+    let tokens =
+        candle_fit::train::generate::generate(&model, &tokenizer.encode("abc")?, &config, |_| Ok(()))?;
+    let kept: Vec<u32> = tokens.into_iter().filter(|&t| t != 22).collect();
+    let generate = ["generate", "--model", out_s, "--prompt", "abc", "--max-new-tokens", "6"];
+    let (code, text, stderr) = run(&generate)?;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(text.trim_end_matches('\n'), tokenizer.decode(&kept)?);
+    assert_eq!(run(&[&generate[..], &["--no-cache"]].concat())?.1, text);
+
+    // LoRA on `c_attn` (the default for GPT-2), merged: PEFT files with Conv1D's layout, the
+    // merged folder reloaded bit for bit, and `eval` on the adapter folder.
+    let lora_out = temp_dir("gpt2-lora");
+    let lora_s = lora_out.to_str().expect("a UTF-8 temporary path");
+    let mut args = vec!["finetune", "--model", base_s, "--data", data_s, "--valid", data_s, "--out", lora_s];
+    args.extend(common_args);
+    args.extend(["--lora-rank", "2", "--merge"]);
+    let (code, stdout, stderr) = run(&args)?;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(field(&stdout, "verified")?, "true");
+    // 2 layers x c_attn: A [2, 8] + B [24, 2].
+    assert_eq!(field(&stdout, "trainable")?, "128", "{stdout}");
+    let adapter: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lora_out.join("adapter_config.json"))?)?;
+    assert_eq!(adapter["target_modules"], serde_json::json!(["c_attn"]));
+    assert_eq!(adapter["fan_in_fan_out"], true);
+    std::fs::remove_file(lora_out.join("config.json"))?;
+    let (code, eval_out, stderr) = run(&["eval", "--model", lora_s, "--data", data_s, "--seq-len", "8"])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(field(&eval_out, "loss")?, field(&stdout, "loss_after")?, "{eval_out}");
+    for dir in [base, out, lora_out] {
+        std::fs::remove_dir_all(dir).ok();
+    }
+    Ok(())
+}
+
+#[test]
+fn bert_encoder_finetunes_into_a_classifier_folder_with_accuracy() -> anyhow::Result<()> {
+    use candle_fit::train::models::{Bert, BertConfig};
+    let (base, out, again) = (temp_dir("bert-base"), temp_dir("bert-out"), temp_dir("bert-again"));
+    let config = BertConfig { vocab_size: 23, ..BertConfig::tiny() };
+    Bert::new(&config, "", candle::DType::F32, &candle::Device::Cpu, 3)?.save_pretrained(&base)?;
+    common::tiny_tokenizer()?.save(&base.join("tokenizer.json"))?;
+    let data = base.join("train.csv");
+    std::fs::write(&data, "text,label\nabc,ham\nrrq,spam\nbca,ham\nqqr,spam\n")?;
+    let (base_s, out_s, data_s) = (
+        base.to_str().expect("a UTF-8 temporary path"),
+        out.to_str().expect("a UTF-8 temporary path"),
+        data.to_str().expect("a UTF-8 temporary path"),
+    );
+    let train = ["--steps", "3", "--micro-batch", "4", "--seq-len", "8", "--lr", "1e-2", "--quiet"];
+    let mut args = vec!["finetune", "--model", base_s, "--data", data_s, "--out", out_s];
+    args.extend(train);
+    let (code, stdout, stderr) = run(&args)?;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("reloaded: bit-identical") && stdout.contains("accuracy"), "{stdout}");
+    assert_eq!(field(&stdout, "verified")?, "true");
+    let before: f64 = field(&stdout, "loss_before")?.parse()?;
+    assert!(field(&stdout, "loss_after")?.parse::<f64>()? < before, "{stdout}");
+    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json"))?)?;
+    assert_eq!(written["architectures"][0], "BertForSequenceClassification");
+    assert_eq!(written["id2label"], serde_json::json!({"0": "ham", "1": "spam"}));
+    assert!(out.join("tokenizer.json").is_file());
+    // `eval` on the folder: the trained model's last held-out loss, and an accuracy.
+    let (code, eval_out, stderr) = run(&["eval", "--model", out_s, "--data", data_s, "--seq-len", "8"])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(field(&eval_out, "loss")?, field(&stdout, "loss_after")?, "{eval_out}");
+    let accuracy: f64 = field(&eval_out, "accuracy")?.parse()?;
+    assert!((0.0..=1.0).contains(&accuracy), "{eval_out}");
+    assert_eq!(field(&eval_out, "samples")?, "4");
+    // The written classifier fine-tunes again (its id2label is the label map).
+    let again_s = again.to_str().expect("a UTF-8 temporary path");
+    let mut args = vec!["finetune", "--model", out_s, "--data", data_s, "--out", again_s];
+    args.extend(train);
+    let (code, stdout, stderr) = run(&args)?;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(field(&stdout, "verified")?, "true");
+
+    // Refusals, one line each, before training.
+    let chat = std::fs::canonicalize(CHAT)?;
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (vec!["--model", base_s, "--data", data_s, "--lora-rank", "2"], vec!["--lora-rank", "classifier"]),
+        (vec!["--model", base_s, "--data", data_s, "--num-labels", "3"], vec!["--num-labels", "ham"]),
+        (
+            vec!["--model", out_s, "--data", chat.to_str().unwrap_or_default()],
+            vec!["--data", "BertForSequenceClassification"],
+        ),
+        (
+            vec!["--model", base_s, "--data", CHAT, "--num-labels", "2"],
+            vec!["--num-labels", "classification"],
+        ),
+    ];
+    let refused = temp_dir("bert-refused");
+    for (extra, wanted) in cases {
+        let mut args = vec!["finetune", "--out", refused.to_str().expect("a UTF-8 temporary path")];
+        args.extend(&extra);
+        let (code, _, stderr) = run(&args)?;
+        assert_eq!(code, 2, "{extra:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{extra:?}: {stderr}");
+        for w in wanted {
+            assert!(stderr.contains(w), "{extra:?}: `{w}` not in {stderr}");
+        }
+    }
+    for dir in [base, out, again, refused] {
+        std::fs::remove_dir_all(dir).ok();
+    }
     Ok(())
 }
