@@ -833,9 +833,8 @@ fn finetune_classifier(
     };
     compare_parameters(model.parameters(), reloaded.parameters(), &options.out, saved_name)?;
     println!(
-        "saved to {} ({}); reloaded: bit-identical",
-        options.out.display(),
-        "BertForSequenceClassification folder"
+        "saved to {} (BertForSequenceClassification folder); reloaded: bit-identical",
+        options.out.display()
     );
     Ok(FinetuneOutcome { report, trainable, verified: true })
 }
