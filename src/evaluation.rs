@@ -4,16 +4,13 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use candle::Device;
 use candle_train::evaluate::{ClassifierEvaluator, Evaluator, LossEvaluator, Metrics};
 use candle_train::source::{DataShape, DataSource};
-
 use candle_train::LanguageModel;
 
 use crate::datasets::{
-    encode_record, pack, read_records, ChatTemplate, ClassificationDataset, Example, Format, LabelMap,
-    Records, TokenDataset,
+    read_records, ChatTemplate, ClassificationDataset, Format, LabelMap, Records, TokenDataset,
 };
 use crate::gguf_tokenizer::LmTokenizer;
 use crate::model_source::LoadedModel;
@@ -113,16 +110,8 @@ fn evaluate_lm<M: LanguageModel>(
         }
         _ => None,
     };
-    let encoded = records
-        .records
-        .iter()
-        .map(|(line, record)| {
-            encode_record(record, tokenizer, template.as_ref())
-                .with_context(|| format!("{name}:{line}: tokenizing"))
-        })
-        .collect::<anyhow::Result<Vec<Example>>>()?;
-    let window = config.seq_len + 1;
-    let mut examples = if records.format == Format::Text { pack(&encoded, window) } else { encoded };
+    let mut examples =
+        crate::finetune::tokenize_records(name, records, tokenizer, template.as_ref(), config.seq_len + 1)?;
     examples.retain(|e| e.input_ids.len() >= 2);
     anyhow::ensure!(!examples.is_empty(), "{name}: no record has two tokens to predict one from");
     let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);

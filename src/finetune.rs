@@ -345,22 +345,37 @@ fn encode_records(
         Format::Chat => Some(chat_template(tokenizer)?),
         _ => None,
     };
-    let encoded = records
-        .records
-        .iter()
-        .map(|(line, record)| {
-            encode_record(record, tokenizer, template.as_ref())
-                .with_context(|| format!("{}:{line}: tokenizing", path.display()))
-        })
-        .collect::<anyhow::Result<Vec<Example>>>()?;
     let window = seq_len + 1;
-    let mut examples = if records.format == Format::Text { pack(&encoded, window) } else { encoded };
+    let name = path.display().to_string();
+    let mut examples = tokenize_records(&name, records, tokenizer, template.as_ref(), window)?;
     for example in &mut examples {
         example.truncate(window);
     }
     examples.retain(|e| e.counted_targets() > 0);
     anyhow::ensure!(!examples.is_empty(), "{}: no record has a token to train on", path.display());
     Ok(examples)
+}
+
+/// Each language-model record of the file `name` tokenized (a conversation through
+/// `template`), text records packed into windows of `window` tokens.
+///
+/// # Errors
+/// A record that does not tokenize, naming the file and line.
+pub(crate) fn tokenize_records(
+    name: &str,
+    records: &Records,
+    tokenizer: &LmTokenizer,
+    template: Option<&ChatTemplate>,
+    window: usize,
+) -> anyhow::Result<Vec<Example>> {
+    let encoded = records
+        .records
+        .iter()
+        .map(|(line, record)| {
+            encode_record(record, tokenizer, template).with_context(|| format!("{name}:{line}: tokenizing"))
+        })
+        .collect::<anyhow::Result<Vec<Example>>>()?;
+    Ok(if records.format == Format::Text { pack(&encoded, window) } else { encoded })
 }
 
 /// What a run did.

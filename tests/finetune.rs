@@ -27,6 +27,17 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// Runs `args`, which must fail with exit code 2 and one line of stderr holding every `wanted`.
+fn assert_refused(args: &[&str], wanted: &[&str]) -> anyhow::Result<()> {
+    let (code, _, stderr) = run(args)?;
+    assert_eq!(code, 2, "{args:?}: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+    for w in wanted {
+        assert!(stderr.contains(w), "{args:?}: `{w}` not in {stderr}");
+    }
+    Ok(())
+}
+
 fn smollm2_present() -> bool {
     match SmolLm2Files::locate() {
         Ok(_) => true,
@@ -251,14 +262,7 @@ fn bad_flags_folders_and_records_are_one_clear_line() -> anyhow::Result<()> {
         ),
     ];
     for (extra, wanted) in cases {
-        let mut args = vec!["finetune", "--model", "smollm2", "--out", out_s];
-        args.extend(&extra);
-        let (code, _, stderr) = run(&args)?;
-        assert_eq!(code, 2, "{extra:?}: {stderr}");
-        assert_eq!(stderr.trim().lines().count(), 1, "{extra:?}: {stderr}");
-        for w in wanted {
-            assert!(stderr.contains(w), "{extra:?}: `{w}` not in {stderr}");
-        }
+        assert_refused(&[&["finetune", "--model", "smollm2", "--out", out_s][..], &extra].concat(), &wanted)?;
     }
     let (code, _, stderr) = run(&[
         "finetune",
@@ -428,14 +432,8 @@ fn bert_encoder_finetunes_into_a_classifier_folder_with_accuracy() -> anyhow::Re
     ];
     let refused = temp_dir("bert-refused");
     for (extra, wanted) in cases {
-        let mut args = vec!["finetune", "--out", refused.to_str().expect("a UTF-8 temporary path")];
-        args.extend(&extra);
-        let (code, _, stderr) = run(&args)?;
-        assert_eq!(code, 2, "{extra:?}: {stderr}");
-        assert_eq!(stderr.trim().lines().count(), 1, "{extra:?}: {stderr}");
-        for w in wanted {
-            assert!(stderr.contains(w), "{extra:?}: `{w}` not in {stderr}");
-        }
+        let out = ["finetune", "--out", refused.to_str().expect("a UTF-8 temporary path")];
+        assert_refused(&[&out[..], &extra].concat(), &wanted)?;
     }
     for dir in [base, out, again, refused] {
         std::fs::remove_dir_all(dir).ok();

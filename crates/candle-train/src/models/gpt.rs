@@ -374,11 +374,7 @@ crate::module_fields!(Gpt { wte, wpe, blocks, ln_f });
 impl crate::serve::Snapshot for Gpt {
     /// A copy with its own variables (same names, values, dtype and Hugging Face source).
     fn snapshot(&self) -> crate::Result<Self> {
-        let tensors = self
-            .params
-            .iter()
-            .map(|p| Ok((p.name.clone(), p.tensor()?.detach())))
-            .collect::<crate::Result<_>>()?;
+        let tensors = self.params.detached_values()?;
         let device = crate::trainer::parameters_device(&self.params);
         let prefix = self.source.as_ref().map_or("", |s| s.prefix.as_str());
         let mut copy =

@@ -856,11 +856,6 @@ crate::module_fields!(Llama { embed_tokens, layers, norm, lm_head });
 impl crate::serve::Snapshot for Llama {
     /// A copy with its own variables (same names, values and dtype).
     fn snapshot(&self) -> crate::Result<Self> {
-        let tensors = self
-            .params
-            .iter()
-            .map(|p| Ok((p.name.clone(), p.tensor()?.detach())))
-            .collect::<crate::Result<_>>()?;
-        Self::from_tensors(&self.config, tensors, self.dtype, &self.device())
+        Self::from_tensors(&self.config, self.params.detached_values()?, self.dtype, &self.device())
     }
 }
