@@ -84,14 +84,21 @@ pub fn load_llama(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<(
 }
 
 /// A GPT-2 folder (`GPT2LMHeadModel` or `GPT2Model`, as [`save_gpt2`] or `transformers` writes
-/// it) in `dtype` on `device`, with its tokenizer.
+/// it) in `dtype` on `device`, with its tokenizer; the bos/eos ids `tokenizer_config.json` does
+/// not name come from `config.json`'s `bos_token_id`/`eos_token_id` (as in the Hub's `gpt2`).
 ///
 /// # Errors
 /// As [`load_llama`].
 pub fn load_gpt2(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<(Gpt, LmTokenizer)> {
     let model = Gpt::from_pretrained(dir, dtype, device)
         .with_context(|| format!("loading the GPT-2 model in {}", dir.display()))?;
-    Ok((model, load_lm_tokenizer(dir)?))
+    let config_path = dir.join("config.json");
+    let bytes = candle_train::io::read_bounded(&config_path, candle_train::io::MAX_CONFIG_BYTES)?;
+    let config: serde_json::Value =
+        serde_json::from_slice(&bytes).with_context(|| format!("{}", config_path.display()))?;
+    let id = |field: &str| config.get(field).and_then(serde_json::Value::as_u64).map(|id| id as u32);
+    let tokenizer = load_lm_tokenizer(dir)?.or_special_ids(id("bos_token_id"), id("eos_token_id"));
+    Ok((model, tokenizer))
 }
 
 /// `tokenizer.json` with the special tokens and chat template of `tokenizer_config.json`

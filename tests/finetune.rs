@@ -305,6 +305,12 @@ fn gpt2_finetune_writes_a_folder_that_reloads_bit_identically_and_eval_and_gener
 ) -> anyhow::Result<()> {
     let (base, out) = (temp_dir("gpt2-base"), temp_dir("gpt2-out"));
     gpt2_folder(&base)?;
+    // As the Hub's `gpt2`: the special ids in config.json, none in tokenizer_config.json.
+    std::fs::write(base.join("tokenizer_config.json"), "{\"model_max_length\": 16}")?;
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(base.join("config.json"))?)?;
+    config["bos_token_id"] = 21.into();
+    config["eos_token_id"] = 22.into();
+    std::fs::write(base.join("config.json"), config.to_string())?;
     let data = base.join("data.jsonl");
     std::fs::write(
         &data,
@@ -325,6 +331,9 @@ fn gpt2_finetune_writes_a_folder_that_reloads_bit_identically_and_eval_and_gener
     let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json"))?)?;
     assert_eq!(config["architectures"][0], "GPT2LMHeadModel", "{config}");
     assert!(out.join("tokenizer.json").is_file() && out.join("generation_config.json").is_file());
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("tokenizer_config.json"))?)?;
+    assert_eq!(written["eos_token"], "<|im_end|>", "{written}");
     let before: f64 = field(&stdout, "loss_before")?.parse()?;
     let after = field(&stdout, "loss_after")?;
     assert!(after.parse::<f64>()? < before, "{stdout}");
