@@ -2,8 +2,8 @@
 //! (`AutoModelForCausalLM`, `AutoModelForSequenceClassification`, `AutoTokenizer`) and this
 //! crate load it back.
 //!
-//! A LLaMA-family folder holds `config.json` (`LlamaForCausalLM`, `MistralForCausalLM`,
-//! `Qwen2ForCausalLM` or `Qwen3ForCausalLM`, with every field of the config it was loaded
+//! A LLaMA-family or GPT-2 folder holds `config.json` (`LlamaForCausalLM`, `MistralForCausalLM`,
+//! `Qwen2ForCausalLM`, `Qwen3ForCausalLM` or `GPT2LMHeadModel`, with every field of the config it was loaded
 //! from), `model.safetensors`,
 //! `tokenizer.json`, `tokenizer_config.json` (special tokens, chat template) and
 //! `generation_config.json` (bos/eos/pad ids). A classifier folder holds `config.json`
@@ -15,7 +15,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle::{DType, Device};
-use candle_train::models::{BertClassifier, Llama, LlamaConfig};
+use candle_train::models::{BertClassifier, Gpt, Llama, LlamaConfig};
 use serde_json::json;
 
 use crate::gguf_tokenizer::LmTokenizer;
@@ -32,10 +32,27 @@ pub const BERT_TOKENIZER_FILES: [&str; 4] =
 /// When a file cannot be written, naming it.
 pub fn save_llama(model: &Llama, tokenizer: &LmTokenizer, dir: &Path) -> anyhow::Result<()> {
     model.save_pretrained(dir).with_context(|| format!("saving the model into {}", dir.display()))?;
+    save_lm_tokenizer(tokenizer, model.config().max_position_embeddings, dir)
+}
+
+/// Writes `model` and `tokenizer` as a Hugging Face GPT-2 folder in `dir` (created):
+/// `config.json` (`GPT2LMHeadModel` with every field of the config it was loaded from),
+/// `model.safetensors` (the names it was loaded with), and the tokenizer files as
+/// [`save_llama`] writes them.
+///
+/// # Errors
+/// When a file cannot be written, naming it.
+pub fn save_gpt2(model: &Gpt, tokenizer: &LmTokenizer, dir: &Path) -> anyhow::Result<()> {
+    model.save_pretrained(dir).with_context(|| format!("saving the model into {}", dir.display()))?;
+    save_lm_tokenizer(tokenizer, model.config().n_ctx, dir)
+}
+
+/// `tokenizer.json`, `tokenizer_config.json` and `generation_config.json` of a causal language
+/// model of `max_length` positions.
+fn save_lm_tokenizer(tokenizer: &LmTokenizer, max_length: usize, dir: &Path) -> anyhow::Result<()> {
     let path = dir.join("tokenizer.json");
     tokenizer.save(&path).with_context(|| format!("writing {}", path.display()))?;
-    let config = tokenizer.tokenizer_config_json(model.config().max_position_embeddings);
-    write_json(&dir.join("tokenizer_config.json"), &config)?;
+    write_json(&dir.join("tokenizer_config.json"), &tokenizer.tokenizer_config_json(max_length))?;
     write_json(&dir.join("generation_config.json"), &generation_config(tokenizer))
 }
 
@@ -63,8 +80,31 @@ pub fn load_llama(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<(
     let weights = dir.join("model.safetensors");
     let model = Llama::from_safetensors(&config, &weights, dtype, device)
         .with_context(|| format!("loading the LLaMA-family model from {}", weights.display()))?;
-    let tokenizer = LmTokenizer::from_files(&dir.join("tokenizer.json"), &dir.join("tokenizer_config.json"))?;
+    Ok((model, load_lm_tokenizer(dir)?))
+}
+
+/// A GPT-2 folder (`GPT2LMHeadModel` or `GPT2Model`, as [`save_gpt2`] or `transformers` writes
+/// it) in `dtype` on `device`, with its tokenizer; the bos/eos ids `tokenizer_config.json` does
+/// not name come from `config.json`'s `bos_token_id`/`eos_token_id` (as in the Hub's `gpt2`).
+///
+/// # Errors
+/// As [`load_llama`].
+pub fn load_gpt2(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<(Gpt, LmTokenizer)> {
+    let model = Gpt::from_pretrained(dir, dtype, device)
+        .with_context(|| format!("loading the GPT-2 model in {}", dir.display()))?;
+    let config_path = dir.join("config.json");
+    let bytes = candle_train::io::read_bounded(&config_path, candle_train::io::MAX_CONFIG_BYTES)?;
+    let config: serde_json::Value =
+        serde_json::from_slice(&bytes).with_context(|| format!("{}", config_path.display()))?;
+    let id = |field: &str| config.get(field).and_then(serde_json::Value::as_u64).map(|id| id as u32);
+    let tokenizer = load_lm_tokenizer(dir)?.or_special_ids(id("bos_token_id"), id("eos_token_id"));
     Ok((model, tokenizer))
+}
+
+/// `tokenizer.json` with the special tokens and chat template of `tokenizer_config.json`
+/// (when there is one) in `dir`.
+fn load_lm_tokenizer(dir: &Path) -> anyhow::Result<LmTokenizer> {
+    Ok(LmTokenizer::from_files(&dir.join("tokenizer.json"), &dir.join("tokenizer_config.json"))?)
 }
 
 /// Writes `model` as a Hugging Face `BertForSequenceClassification` folder in `dir` (created),

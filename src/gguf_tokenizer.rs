@@ -138,6 +138,15 @@ impl LmTokenizer {
         Ok(this)
     }
 
+    /// This tokenizer with `bos` and `eos` as its beginning- and end-of-sequence ids where it
+    /// names none (a Hugging Face GPT-2 folder gives them in `config.json` only, its
+    /// `tokenizer_config.json` holding just `model_max_length`).
+    pub fn or_special_ids(mut self, bos: Option<u32>, eos: Option<u32>) -> Self {
+        self.bos = self.bos.or(bos);
+        self.eos = self.eos.or(eos);
+        self
+    }
+
     /// The ids of `text`.
     ///
     /// # Errors

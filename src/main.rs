@@ -59,11 +59,13 @@ enum Command {
 #[command(allow_negative_numbers = true)]
 struct FinetuneArgs {
     /// A model folder (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
-    /// Qwen3ForCausalLM), a .gguf file, or a packaged model's short name (smollm2).
+    /// Qwen3ForCausalLM, GPT2LMHeadModel; BertForSequenceClassification or BertModel for
+    /// classification records), a .gguf file, or a packaged model's short name (smollm2).
     #[arg(long)]
     model: String,
     /// Training records, JSONL: {"text"}, {"prompt","completion"} (loss on the completion) or
-    /// {"messages":[...]} (chat template applied, loss on the assistant turns).
+    /// {"messages":[...]} (chat template applied, loss on the assistant turns); for a BERT
+    /// classifier {"text","label"} JSONL or a text,label CSV.
     #[arg(long)]
     data: PathBuf,
     /// Held-out records (same formats) for the periodic evaluation; without it the
@@ -166,12 +168,17 @@ struct FinetuneArgs {
     /// Dropout on the adapters' input.
     #[arg(long)]
     lora_dropout: Option<f32>,
-    /// Adapted modules (comma-separated), or all-linear [default: q_proj,v_proj].
+    /// Adapted modules (comma-separated), or all-linear [default: q_proj,v_proj for the LLaMA
+    /// family, c_attn for GPT-2].
     #[arg(long, value_delimiter = ',')]
     lora_targets: Option<Vec<String>>,
     /// With LoRA: also write the merged model into the output folder.
     #[arg(long)]
     merge: bool,
+    /// Classes of the new head on a BertModel folder [default: one per label in --data]; with
+    /// integer labels below it, the classes are 0..N.
+    #[arg(long)]
+    num_labels: Option<usize>,
     #[command(flatten)]
     ranks: RankArgs,
     /// Device: cpu, cuda or cuda:N (a bare cuda in a launched rank takes its LOCAL_RANK's GPU;
@@ -218,7 +225,7 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
             rank,
             alpha: args.lora_alpha,
             dropout: args.lora_dropout.unwrap_or(0.0),
-            targets: args.lora_targets.clone().unwrap_or_else(|| vec!["q_proj".into(), "v_proj".into()]),
+            targets: args.lora_targets.clone().unwrap_or_default(),
             merge: args.merge,
             quantize_base,
         }),
@@ -285,6 +292,7 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
         world_size: args.ranks.world_size,
         comm_timeout_s: args.ranks.comm_timeout,
         device: args.device,
+        num_labels: args.num_labels,
     };
     let outcome = run(&options)?;
     let report = &outcome.report;
@@ -1677,7 +1685,8 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let config = EvalConfig { seq_len: args.seq_len, batch: args.batch };
     let (metrics, count) = evaluate_file(&model, &args.data, config, &device)?;
     let unit = match model {
-        candle_fit::model_source::LoadedModel::CausalLm { .. } => "tokens",
+        candle_fit::model_source::LoadedModel::CausalLm { .. }
+        | candle_fit::model_source::LoadedModel::Gpt2 { .. } => "tokens",
         candle_fit::model_source::LoadedModel::Classifier { .. } => "samples",
     };
     let line: Vec<String> = metrics.iter().map(|(name, value)| format!("{name}={value:.4}")).collect();
@@ -1686,8 +1695,6 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    use candle_fit::train::generate::{generate, GenerationConfig, Sampling};
-    use std::io::Write;
     // The conversation is read before the model loads, so a bad file is reported at once.
     let conversation = match (&args.messages, &args.prompt) {
         (Some(path), _) => Some(candle_fit::datasets::read_messages(path).context("--messages")?),
@@ -1697,10 +1704,28 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let device = candle::Device::Cpu;
-    let loaded = candle_fit::model_source::load_model(&args.model, candle::DType::F32, &device)?;
-    let candle_fit::model_source::LoadedModel::CausalLm { model, tokenizer } = loaded else {
-        anyhow::bail!("--model {}: a classifier does not generate text", args.model);
-    };
+    match candle_fit::model_source::load_model(&args.model, candle::DType::F32, &device)? {
+        candle_fit::model_source::LoadedModel::CausalLm { model, tokenizer } => {
+            generate_with(&model, &tokenizer, conversation, &args)
+        }
+        candle_fit::model_source::LoadedModel::Gpt2 { model, tokenizer } => {
+            generate_with(&model, &tokenizer, conversation, &args)
+        }
+        candle_fit::model_source::LoadedModel::Classifier { .. } => {
+            anyhow::bail!("--model {}: a classifier does not generate text", args.model)
+        }
+    }
+}
+
+/// `generate`'s body for a loaded causal language model.
+fn generate_with(
+    model: &impl candle_fit::train::generate::CausalLm,
+    tokenizer: &candle_fit::gguf_tokenizer::LmTokenizer,
+    conversation: Option<Vec<candle_fit::datasets::Message>>,
+    args: &GenerateArgs,
+) -> anyhow::Result<()> {
+    use candle_fit::train::generate::{generate, GenerationConfig, Sampling};
+    use std::io::Write;
     let text = match conversation {
         Some(messages) => {
             let flag = if args.messages.is_some() { "--messages" } else { "--chat" };
@@ -1737,7 +1762,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let stream_error = |e: String| candle_fit::train::Error::config("generate", e);
     let start = std::time::Instant::now();
     let mut first_token: Option<std::time::Instant> = None;
-    let generated = generate(&model, &prompt, &config, |token| {
+    let generated = generate(model, &prompt, &config, |token| {
         first_token.get_or_insert_with(std::time::Instant::now);
         if config.stop_tokens.contains(&token) {
             return Ok(());

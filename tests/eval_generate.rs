@@ -241,3 +241,40 @@ fn generate_renders_a_messages_file_through_the_chat_template() -> anyhow::Resul
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// GPT-2's key/value cache: the prompt in one pass, then one token at a time, gives the
+/// logits of the whole sequence (within 1e-5 relative in F32: only the attention's summation
+/// order differs), and `generate` the same tokens with and without it, greedy and sampled.
+#[test]
+fn gpt2_generates_the_same_tokens_with_and_without_the_cache() -> anyhow::Result<()> {
+    use candle_fit::train::generate::Sampling;
+    use candle_fit::train::models::{Gpt, GptConfig, KvCache};
+    let config =
+        GptConfig { vocab_size: 23, n_ctx: 24, n_embd: 16, n_layer: 2, n_head: 4, ..GptConfig::default() };
+    let model = Gpt::new(config, DType::F32, &Device::Cpu, 11)?;
+    let ids: Vec<u32> = vec![3, 1, 4, 1, 5, 9, 2, 6, 5, 3];
+    let whole = model.logits(&Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?)?.squeeze(0)?;
+    let mut cache = KvCache::new();
+    let prompt = Tensor::new(&ids[..4], &Device::Cpu)?.unsqueeze(0)?;
+    let mut rows = vec![model.logits_cached(&prompt, &mut cache)?.squeeze(0)?];
+    for &id in &ids[4..] {
+        rows.push(model.logits_cached(&Tensor::new(&[[id]], &Device::Cpu)?, &mut cache)?.squeeze(0)?);
+    }
+    assert_eq!(cache.len(), ids.len());
+    let cached = Tensor::cat(&rows, 0)?;
+    let scale = whole.abs()?.max_all()?.to_scalar::<f32>()?;
+    let difference = (cached - &whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(difference <= 1e-5 * scale, "cached logits differ by {difference} (scale {scale})");
+    for sampling in
+        [Sampling::Greedy, Sampling::Sample { temperature: 1.5, top_k: Some(10), top_p: Some(0.9) }]
+    {
+        let config =
+            GenerationConfig { max_new_tokens: 12, sampling, seed: 7, ..GenerationConfig::default() };
+        let cached = generate(&model, &ids[..3], &config, |_| Ok(()))?;
+        let plain =
+            generate(&model, &ids[..3], &GenerationConfig { use_cache: false, ..config }, |_| Ok(()))?;
+        assert_eq!(cached.len(), 12);
+        assert_eq!(cached, plain, "{sampling:?}");
+    }
+    Ok(())
+}

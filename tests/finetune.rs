@@ -5,6 +5,8 @@
 //! ZeRO on two in-process ranks equals one device; bad flags, folders and records are refused
 //! in one line before training.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -23,6 +25,17 @@ fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("candle-fit-finetune-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
+}
+
+/// Runs `args`, which must fail with exit code 2 and one line of stderr holding every `wanted`.
+fn assert_refused(args: &[&str], wanted: &[&str]) -> anyhow::Result<()> {
+    let (code, _, stderr) = run(args)?;
+    assert_eq!(code, 2, "{args:?}: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+    for w in wanted {
+        assert!(stderr.contains(w), "{args:?}: `{w}` not in {stderr}");
+    }
+    Ok(())
 }
 
 fn smollm2_present() -> bool {
@@ -307,14 +320,7 @@ fn bad_flags_folders_and_records_are_one_clear_line() -> anyhow::Result<()> {
         ),
     ];
     for (extra, wanted) in cases {
-        let mut args = vec!["finetune", "--model", "smollm2", "--out", out_s];
-        args.extend(&extra);
-        let (code, _, stderr) = run(&args)?;
-        assert_eq!(code, 2, "{extra:?}: {stderr}");
-        assert_eq!(stderr.trim().lines().count(), 1, "{extra:?}: {stderr}");
-        for w in wanted {
-            assert!(stderr.contains(w), "{extra:?}: `{w}` not in {stderr}");
-        }
+        assert_refused(&[&["finetune", "--model", "smollm2", "--out", out_s][..], &extra].concat(), &wanted)?;
     }
     let (code, _, stderr) = run(&[
         "finetune",
@@ -356,5 +362,185 @@ fn bad_flags_folders_and_records_are_one_clear_line() -> anyhow::Result<()> {
     assert!(stderr.contains("not empty") && stderr.contains("--overwrite"), "{stderr}");
     assert!(!out.exists(), "nothing is written for a refused run");
     std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
+
+/// A tiny GPT-2 folder (`GPT2LMHeadModel` config, the 23-token test tokenizer) in `dir`.
+fn gpt2_folder(dir: &std::path::Path) -> anyhow::Result<()> {
+    use candle_fit::train::models::{Gpt, GptConfig};
+    let config =
+        GptConfig { vocab_size: 23, n_ctx: 16, n_embd: 8, n_layer: 2, n_head: 2, ..GptConfig::default() };
+    let model = Gpt::new(config, candle::DType::F32, &candle::Device::Cpu, 5)?;
+    candle_fit::export::save_gpt2(&model, &common::tiny_tokenizer()?, dir)
+}
+
+#[test]
+fn gpt2_finetune_writes_a_folder_that_reloads_bit_identically_and_eval_and_generate_load(
+) -> anyhow::Result<()> {
+    let (base, out) = (temp_dir("gpt2-base"), temp_dir("gpt2-out"));
+    gpt2_folder(&base)?;
+    // As the Hub's `gpt2`: the special ids in config.json, none in tokenizer_config.json.
+    std::fs::write(base.join("tokenizer_config.json"), "{\"model_max_length\": 16}")?;
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(base.join("config.json"))?)?;
+    config["bos_token_id"] = 21.into();
+    config["eos_token_id"] = 22.into();
+    std::fs::write(base.join("config.json"), config.to_string())?;
+    let data = base.join("data.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"ab\", \"completion\": \"cde\"}\n{\"prompt\": \"fg\", \"completion\": \"hij\"}\n",
+    )?;
+    let (base_s, out_s, data_s) = (
+        base.to_str().expect("a UTF-8 temporary path"),
+        out.to_str().expect("a UTF-8 temporary path"),
+        data.to_str().expect("a UTF-8 temporary path"),
+    );
+    let common_args = ["--steps", "2", "--micro-batch", "2", "--seq-len", "8", "--lr", "1e-2", "--quiet"];
+    let mut args = vec!["finetune", "--model", base_s, "--data", data_s, "--valid", data_s, "--out", out_s];
+    args.extend(common_args);
+    let (code, stdout, stderr) = run(&args)?;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("reloaded: bit-identical"), "{stdout}");
+    assert_eq!(field(&stdout, "verified")?, "true");
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json"))?)?;
+    assert_eq!(config["architectures"][0], "GPT2LMHeadModel", "{config}");
+    assert!(out.join("tokenizer.json").is_file() && out.join("generation_config.json").is_file());
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("tokenizer_config.json"))?)?;
+    assert_eq!(written["eos_token"], "<|im_end|>", "{written}");
+    let before: f64 = field(&stdout, "loss_before")?.parse()?;
+    let after = field(&stdout, "loss_after")?;
+    assert!(after.parse::<f64>()? < before, "{stdout}");
+    // `eval` on the written folder: the trained model's last held-out loss.
+    let (code, eval_out, stderr) = run(&["eval", "--model", out_s, "--data", data_s, "--seq-len", "8"])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(field(&eval_out, "loss")?, after, "{eval_out}");
+    // `generate`: the library's tokens, the same with and without the key/value cache.
+    let (model, tokenizer) = candle_fit::export::load_gpt2(&out, candle::DType::F32, &candle::Device::Cpu)?;
+    let config = candle_fit::train::generate::GenerationConfig {
+        max_new_tokens: 6,
+        stop_tokens: vec![22],
+        ..Default::default()
+    };
+    let tokens =
+        candle_fit::train::generate::generate(&model, &tokenizer.encode("abc")?, &config, |_| Ok(()))?;
+    let kept: Vec<u32> = tokens.into_iter().filter(|&t| t != 22).collect();
+    let generate = ["generate", "--model", out_s, "--prompt", "abc", "--max-new-tokens", "6"];
+    let (code, text, stderr) = run(&generate)?;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(text.trim_end_matches('\n'), tokenizer.decode(&kept)?);
+    assert_eq!(run(&[&generate[..], &["--no-cache"]].concat())?.1, text);
+
+    // LoRA on `c_attn` (the default for GPT-2), merged: PEFT files with Conv1D's layout, the
+    // merged folder reloaded bit for bit, and `eval` on the adapter folder.
+    let lora_out = temp_dir("gpt2-lora");
+    let lora_s = lora_out.to_str().expect("a UTF-8 temporary path");
+    let mut args = vec!["finetune", "--model", base_s, "--data", data_s, "--valid", data_s, "--out", lora_s];
+    args.extend(common_args);
+    args.extend(["--lora-rank", "2", "--merge"]);
+    let (code, stdout, stderr) = run(&args)?;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(field(&stdout, "verified")?, "true");
+    // 2 layers x c_attn: A [2, 8] + B [24, 2].
+    assert_eq!(field(&stdout, "trainable")?, "128", "{stdout}");
+    let adapter: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lora_out.join("adapter_config.json"))?)?;
+    assert_eq!(adapter["target_modules"], serde_json::json!(["c_attn"]));
+    assert_eq!(adapter["fan_in_fan_out"], true);
+    std::fs::remove_file(lora_out.join("config.json"))?;
+    let (code, eval_out, stderr) = run(&["eval", "--model", lora_s, "--data", data_s, "--seq-len", "8"])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(field(&eval_out, "loss")?, field(&stdout, "loss_after")?, "{eval_out}");
+    for dir in [base, out, lora_out] {
+        std::fs::remove_dir_all(dir).ok();
+    }
+    Ok(())
+}
+
+#[test]
+fn bert_encoder_finetunes_into_a_classifier_folder_with_accuracy() -> anyhow::Result<()> {
+    use candle_fit::train::models::{Bert, BertConfig};
+    let (base, out, again) = (temp_dir("bert-base"), temp_dir("bert-out"), temp_dir("bert-again"));
+    let config = BertConfig { vocab_size: 23, ..BertConfig::tiny() };
+    Bert::new(&config, "", candle::DType::F32, &candle::Device::Cpu, 3)?.save_pretrained(&base)?;
+    common::tiny_tokenizer()?.save(&base.join("tokenizer.json"))?;
+    let data = base.join("train.csv");
+    std::fs::write(&data, "text,label\nabc,ham\nrrq,spam\nbca,ham\nqqr,spam\n")?;
+    let (base_s, out_s, data_s) = (
+        base.to_str().expect("a UTF-8 temporary path"),
+        out.to_str().expect("a UTF-8 temporary path"),
+        data.to_str().expect("a UTF-8 temporary path"),
+    );
+    let train = ["--steps", "3", "--micro-batch", "4", "--seq-len", "8", "--lr", "1e-2", "--quiet"];
+    let mut args = vec!["finetune", "--model", base_s, "--data", data_s, "--out", out_s];
+    args.extend(train);
+    let (code, stdout, stderr) = run(&args)?;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stdout.contains("reloaded: bit-identical") && stdout.contains("accuracy"), "{stdout}");
+    assert_eq!(field(&stdout, "verified")?, "true");
+    let before: f64 = field(&stdout, "loss_before")?.parse()?;
+    assert!(field(&stdout, "loss_after")?.parse::<f64>()? < before, "{stdout}");
+    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json"))?)?;
+    assert_eq!(written["architectures"][0], "BertForSequenceClassification");
+    assert_eq!(written["id2label"], serde_json::json!({"0": "ham", "1": "spam"}));
+    assert!(out.join("tokenizer.json").is_file());
+    // ZeRO 2 on two in-process ranks (the other rank's classifier loaded again) trains the same
+    // classifier as one device, within 1e-4 relative in the final loss.
+    let sharded = temp_dir("bert-zero");
+    let mut args = vec!["finetune", "--model", base_s, "--data", data_s];
+    args.extend([
+        "--out",
+        sharded.to_str().expect("a UTF-8 temporary path"),
+        "--zero",
+        "2",
+        "--world-size",
+        "2",
+    ]);
+    args.extend(train);
+    let (code, zero_out, stderr) = run(&args)?;
+    assert_eq!(code, 0, "{zero_out}\n{stderr}");
+    assert!(zero_out.contains("on 2 in-process ranks"), "{zero_out}");
+    assert_eq!(field(&zero_out, "verified")?, "true");
+    let (one, two): (f64, f64) =
+        (field(&stdout, "loss_after")?.parse()?, field(&zero_out, "loss_after")?.parse()?);
+    assert!((one - two).abs() <= 1e-4 * one, "{one} vs {two}");
+    std::fs::remove_dir_all(&sharded).ok();
+    // `eval` on the folder: the trained model's last held-out loss, and an accuracy.
+    let (code, eval_out, stderr) = run(&["eval", "--model", out_s, "--data", data_s, "--seq-len", "8"])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(field(&eval_out, "loss")?, field(&stdout, "loss_after")?, "{eval_out}");
+    let accuracy: f64 = field(&eval_out, "accuracy")?.parse()?;
+    assert!((0.0..=1.0).contains(&accuracy), "{eval_out}");
+    assert_eq!(field(&eval_out, "samples")?, "4");
+    // The written classifier fine-tunes again (its id2label is the label map).
+    let again_s = again.to_str().expect("a UTF-8 temporary path");
+    let mut args = vec!["finetune", "--model", out_s, "--data", data_s, "--out", again_s];
+    args.extend(train);
+    let (code, stdout, stderr) = run(&args)?;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(field(&stdout, "verified")?, "true");
+
+    // Refusals, one line each, before training.
+    let chat = std::fs::canonicalize(CHAT)?;
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (vec!["--model", base_s, "--data", data_s, "--lora-rank", "2"], vec!["--lora-rank", "classifier"]),
+        (vec!["--model", base_s, "--data", data_s, "--num-labels", "3"], vec!["--num-labels", "ham"]),
+        (
+            vec!["--model", out_s, "--data", chat.to_str().unwrap_or_default()],
+            vec!["--data", "BertForSequenceClassification"],
+        ),
+        (
+            vec!["--model", base_s, "--data", CHAT, "--num-labels", "2"],
+            vec!["--num-labels", "classification"],
+        ),
+    ];
+    let refused = temp_dir("bert-refused");
+    for (extra, wanted) in cases {
+        let out = ["finetune", "--out", refused.to_str().expect("a UTF-8 temporary path")];
+        assert_refused(&[&out[..], &extra].concat(), &wanted)?;
+    }
+    for dir in [base, out, again, refused] {
+        std::fs::remove_dir_all(dir).ok();
+    }
     Ok(())
 }

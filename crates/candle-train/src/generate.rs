@@ -1,11 +1,69 @@
-//! Text generation with a [`Llama`]: greedy decoding or sampling (temperature, top-k, top-p)
-//! from a seeded generator, stopping at an end-of-sequence token or a token budget, with or
-//! without a key/value cache (the same tokens either way, up to float ties).
+//! Text generation with a causal language model ([`CausalLm`]: [`Llama`], [`Gpt`]): greedy
+//! decoding or sampling (temperature, top-k, top-p) from a seeded generator, stopping at an
+//! end-of-sequence token or a token budget, with or without a key/value cache (the same tokens
+//! either way, up to float ties).
 
-use candle::{DType, Tensor};
+use candle::{DType, Device, Tensor};
 use candle_ckpt::Rng;
 
-use crate::models::{KvCache, Llama};
+use crate::models::{Gpt, KvCache, Llama};
+
+/// What [`generate`] needs of a model: the logits of a whole sequence, and of new tokens over
+/// a [`KvCache`] of the positions seen.
+pub trait CausalLm {
+    /// The device of its parameters (where the ids go).
+    fn device(&self) -> Device;
+    /// The longest sequence it reads (its positions, or a shorter attention window).
+    fn max_positions(&self) -> usize;
+    /// The logits `[batch, t, vocab]` of ids `[batch, t]`, without dropout.
+    ///
+    /// # Errors
+    /// A sequence longer than [`CausalLm::max_positions`], an id out of the vocabulary, a
+    /// tensor error.
+    fn logits(&self, ids: &Tensor) -> candle::Result<Tensor>;
+    /// The logits of new ids `[batch, t]` after the positions in `cache`, which it extends
+    /// (the whole prompt over an empty cache, then one token per call).
+    ///
+    /// # Errors
+    /// As [`CausalLm::logits`]; several new tokens over a non-empty cache.
+    fn logits_cached(&self, ids: &Tensor, cache: &mut KvCache) -> candle::Result<Tensor>;
+}
+
+impl CausalLm for Llama {
+    fn device(&self) -> Device {
+        Llama::device(self)
+    }
+
+    fn max_positions(&self) -> usize {
+        self.config().max_sequence_len()
+    }
+
+    fn logits(&self, ids: &Tensor) -> candle::Result<Tensor> {
+        Llama::logits(self, ids)
+    }
+
+    fn logits_cached(&self, ids: &Tensor, cache: &mut KvCache) -> candle::Result<Tensor> {
+        Llama::logits_cached(self, ids, cache)
+    }
+}
+
+impl CausalLm for Gpt {
+    fn device(&self) -> Device {
+        self.parameters().device()
+    }
+
+    fn max_positions(&self) -> usize {
+        self.config().n_ctx
+    }
+
+    fn logits(&self, ids: &Tensor) -> candle::Result<Tensor> {
+        Gpt::logits(self, ids)
+    }
+
+    fn logits_cached(&self, ids: &Tensor, cache: &mut KvCache) -> candle::Result<Tensor> {
+        Gpt::logits_cached(self, ids, cache)
+    }
+}
 
 /// How the next token is chosen from the logits.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -145,8 +203,8 @@ impl Sampler {
 /// [`crate::Error::InvalidConfig`] for bad sampling settings or an empty prompt; a model error
 /// (a token outside the vocabulary, a prompt longer than the model's positions); `on_token`'s
 /// error.
-pub fn generate(
-    model: &Llama,
+pub fn generate<M: CausalLm + ?Sized>(
+    model: &M,
     prompt: &[u32],
     config: &GenerationConfig,
     mut on_token: impl FnMut(u32) -> crate::Result<()>,
@@ -157,7 +215,7 @@ pub fn generate(
     }
     let device = model.device();
     // The positions, or the attention window when shorter (longer sequences are refused).
-    let max_positions = model.config().max_sequence_len();
+    let max_positions = model.max_positions();
     let mut sampler = Sampler::new(config.sampling, config.seed);
     let mut cache = KvCache::new();
     let mut sequence = prompt.to_vec();

@@ -165,6 +165,15 @@ pub struct Parameters {
 }
 
 impl Parameters {
+    /// Every parameter's current value, detached, by name (what a deep copy is built from:
+    /// [`crate::serve::Snapshot`]).
+    ///
+    /// # Errors
+    /// [`crate::Error::ParameterReleased`] for a parameter whose values are not resident.
+    pub fn detached_values(&self) -> crate::Result<std::collections::HashMap<String, Tensor>> {
+        self.iter().map(|p| Ok((p.name.clone(), p.tensor()?.detach()))).collect()
+    }
+
     /// All parameters, in order.
     pub fn iter(&self) -> std::slice::Iter<'_, Parameter> {
         self.list.iter()

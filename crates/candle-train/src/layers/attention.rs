@@ -138,14 +138,60 @@ impl CausalSelfAttention {
     /// # Errors
     /// On a shape mismatch.
     pub fn forward(&self, x: &Tensor, rng: &mut Rng, training: bool) -> Result<Tensor> {
-        let c = x.dim(2)?;
-        let qkv = self.c_attn.forward(x)?;
-        let split = |i: usize| split_heads(&qkv.narrow(2, i * c, c)?, self.n_head);
-        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let (q, k, v) = self.heads(x)?;
         let dropout = (&self.attn_dropout, &mut *rng, training);
         let y = scaled_dot_product_attention(&q, &k, &v, AttentionMask::Causal, Some(dropout))?;
         self.resid_dropout.forward(&self.c_proj.forward(&y)?, rng, training)
     }
+
+    /// Attends (without dropout) from the new positions `x` over them and the keys and values
+    /// in `cache` (this layer's, `[batch, n_head, seen, d]`), which it extends: the whole
+    /// prompt in one causal pass over an empty cache, then one token at a time.
+    ///
+    /// # Errors
+    /// Several new tokens over a non-empty cache; a shape mismatch.
+    pub fn forward_cached(&self, x: &Tensor, cache: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
+        let y = cached_attention(self.heads(x)?, cache)?;
+        self.c_proj.forward(&y)
+    }
+
+    /// Queries, keys and values `[batch, n_head, t, d]` of `x` through `c_attn`.
+    fn heads(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = x.dim(2)?;
+        let qkv = self.c_attn.forward(x)?;
+        let split = |i: usize| split_heads(&qkv.narrow(2, i * c, c)?, self.n_head);
+        Ok((split(0)?, split(1)?, split(2)?))
+    }
+}
+
+/// Attention of the new positions' queries `q` over their keys and values appended to
+/// `cache` (which then holds them): a causal pass over an empty cache, else one new token that
+/// sees every cached position. Returns `[batch, t, heads * d]`.
+///
+/// # Errors
+/// Several new tokens over a non-empty cache; a shape mismatch.
+pub(crate) fn cached_attention(
+    (q, k, v): (Tensor, Tensor, Tensor),
+    cache: &mut Option<(Tensor, Tensor)>,
+) -> Result<Tensor> {
+    let offset = cache.as_ref().map_or(Ok(0), |(k, _)| k.dim(2))?;
+    let t = q.dim(2)?;
+    if offset > 0 && t != 1 {
+        candle::bail!("attention: {t} new tokens over a cache of {offset}; decode one at a time");
+    }
+    let (k, v) = match cache.take() {
+        None => (k, v),
+        Some((past_k, past_v)) => (Tensor::cat(&[&past_k, &k], 2)?, Tensor::cat(&[&past_v, &v], 2)?),
+    };
+    let y = if offset == 0 {
+        scaled_dot_product_attention(&q, &k, &v, AttentionMask::Causal, None)?
+    } else {
+        let (b, _, keys, _) = k.dims4()?;
+        let visible = Tensor::zeros((b, 1, 1, keys), crate::device::reduction_dtype(q.dtype()), q.device())?;
+        scaled_dot_product_attention(&q, &k, &v, AttentionMask::KeyPadding(&visible), None)?
+    };
+    *cache = Some((k, v));
+    Ok(y)
 }
 
 #[cfg(test)]

@@ -164,26 +164,10 @@ impl GroupedQueryAttention {
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let offset = cache.as_ref().map_or(Ok(0), |(k, _)| k.dim(2))?;
-        let t = x.dim(1)?;
-        if offset > 0 && t != 1 {
-            candle::bail!("attention: {t} new tokens over a cache of {offset}; decode one at a time");
-        }
         let (q, k) = self.query_key_heads(x)?;
         let (q, k) = (rotary.forward_at(&q, offset)?, rotary.forward_at(&k, offset)?);
         let v = split_heads(&self.v_proj.forward(x)?, self.num_kv_heads)?;
-        let (k, v) = match cache.take() {
-            None => (k, v),
-            Some((past_k, past_v)) => (Tensor::cat(&[&past_k, &k], 2)?, Tensor::cat(&[&past_v, &v], 2)?),
-        };
-        let y = if offset == 0 {
-            scaled_dot_product_attention(&q, &k, &v, AttentionMask::Causal, None)?
-        } else {
-            let (b, _, keys, _) = k.dims4()?;
-            let visible =
-                Tensor::zeros((b, 1, 1, keys), crate::device::reduction_dtype(q.dtype()), x.device())?;
-            scaled_dot_product_attention(&q, &k, &v, AttentionMask::KeyPadding(&visible), None)?
-        };
-        *cache = Some((k, v));
+        let y = crate::layers::attention::cached_attention((q, k, v), cache)?;
         self.o_proj.forward(&y)
     }
 }

@@ -177,6 +177,21 @@ impl GptBlock {
     }
 }
 
+impl GptBlock {
+    /// The block (without dropout) on the new positions `x` over `cache` (this block's keys
+    /// and values), which it extends.
+    fn forward_cached(&self, x: &Tensor, cache: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
+        let attn = self.attn.forward_cached(&self.ln_1.forward_as(x, self.dtype)?, cache)?;
+        let x = residual_add(x, &attn)?;
+        let mlp = Forward::forward(
+            &self.mlp,
+            &self.ln_2.forward_as(&x, self.dtype)?,
+            &mut ForwardContext::new(&SegmentContext::eval()),
+        )?;
+        residual_add(&x, &mlp)
+    }
+}
+
 impl Forward for GptBlock {
     /// The block on the residual stream `x`: pre-norm attention, then the MLP, each added.
     fn forward(&self, x: &Tensor, ctx: &mut ForwardContext) -> Result<Tensor> {
@@ -264,6 +279,27 @@ impl Gpt {
         self.head_logits(&crate::module::stack::forward_blocks(&self.blocks, h, &ctx)?)
     }
 
+    /// The logits `[batch, t, vocab]` of the new token ids `ids` `[batch, t]` after the
+    /// positions in `cache`, which it extends (without dropout): the whole prompt over an empty
+    /// cache, then one token per call. Equal to the last rows of [`Gpt::logits`] on the whole
+    /// sequence, up to the summation order of the attention.
+    ///
+    /// # Errors
+    /// Several new tokens over a non-empty cache, a sequence longer than the context, or a
+    /// tensor error.
+    pub fn logits_cached(&self, ids: &Tensor, cache: &mut crate::models::KvCache) -> Result<Tensor> {
+        if cache.layers.len() != self.blocks.len() {
+            *cache = crate::models::KvCache::default();
+            cache.layers = vec![None; self.blocks.len()];
+        }
+        let mut h = self.embed_at(ids, cache.len, &SegmentContext::eval())?;
+        for (block, block_cache) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            h = block.forward_cached(&h, block_cache)?;
+        }
+        cache.len += ids.dim(1)?;
+        self.head_logits(&h)
+    }
+
     /// The dtype of the residual stream: F32 when the parameters are in a half type (as under
     /// PyTorch autocast, where embeddings and residual adds stay FP32 and only the matmuls'
     /// inputs are cast), else the parameters' dtype.
@@ -272,12 +308,21 @@ impl Gpt {
     }
 
     fn embed_tokens(&self, inputs: &Tensor, ctx: &SegmentContext) -> Result<Tensor> {
+        self.embed_at(inputs, 0, ctx)
+    }
+
+    /// The embeddings of `inputs` at positions `offset..offset + t`.
+    fn embed_at(&self, inputs: &Tensor, offset: usize, ctx: &SegmentContext) -> Result<Tensor> {
         let (_, t) = inputs.dims2()?;
-        if t > self.config.n_ctx {
-            candle::bail!("sequence length {t} exceeds the model's context length {}", self.config.n_ctx);
+        if offset + t > self.config.n_ctx {
+            candle::bail!(
+                "sequence length {} exceeds the model's context length {}",
+                offset + t,
+                self.config.n_ctx
+            );
         }
         let rd = self.residual_dtype();
-        let positions = Tensor::arange(0u32, t as u32, inputs.device())?;
+        let positions = Tensor::arange(offset as u32, (offset + t) as u32, inputs.device())?;
         let tokens = self.wte.forward(inputs)?.to_dtype(rd)?;
         let h = tokens.broadcast_add(&self.wpe.forward(&positions)?.to_dtype(rd)?)?;
         self.dropout.forward(&h, &mut ctx.rng(0), ctx.training)
@@ -324,3 +369,16 @@ impl Stacked for Gpt {
 crate::segmented_stack!(Gpt);
 
 crate::module_fields!(Gpt { wte, wpe, blocks, ln_f });
+
+impl crate::serve::Snapshot for Gpt {
+    /// A copy with its own variables (same names, values, dtype and Hugging Face source).
+    fn snapshot(&self) -> crate::Result<Self> {
+        let tensors = self.params.detached_values()?;
+        let device = self.params.device();
+        let prefix = self.source.as_ref().map_or("", |s| s.prefix.as_str());
+        let mut copy =
+            Self::build(self.config, ParamBuilder::from_values(self.dtype, device, tensors), prefix)?;
+        copy.source.clone_from(&self.source);
+        Ok(copy)
+    }
+}

@@ -19,7 +19,7 @@ pub const GPT2_PREFIX: &str = "transformer.";
 /// every field of the `config.json` read.
 #[derive(Debug, Clone)]
 pub(crate) struct Gpt2Source {
-    prefix: String,
+    pub(crate) prefix: String,
     config: Map<String, Value>,
 }
 

@@ -573,12 +573,12 @@ impl DecoderLayer {
     }
 }
 
-/// The keys and values of the positions a [`Llama`] has seen, per layer, for decoding one
-/// token at a time ([`Llama::logits_cached`]).
+/// The keys and values of the positions a causal language model has seen, per layer, for
+/// decoding one token at a time ([`Llama::logits_cached`], [`crate::models::Gpt::logits_cached`]).
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
+    pub(crate) layers: Vec<Option<(Tensor, Tensor)>>,
+    pub(crate) len: usize,
 }
 
 impl KvCache {
@@ -948,11 +948,6 @@ impl crate::serve::Snapshot for Llama {
         if !self.quantized_weights().is_empty() {
             return Err(crate::Error::config("snapshot", "a model over a quantized base is not copied"));
         }
-        let tensors = self
-            .params
-            .iter()
-            .map(|p| Ok((p.name.clone(), p.var()?.as_tensor().detach())))
-            .collect::<crate::Result<_>>()?;
-        Self::from_tensors(&self.config, tensors, self.dtype, &self.device())
+        Self::from_tensors(&self.config, self.params.detached_values()?, self.dtype, &self.device())
     }
 }

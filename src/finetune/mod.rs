@@ -1,28 +1,38 @@
-//! `candle-fit finetune`: fine-tune a LLaMA-family causal language model (a Hugging Face
-//! folder, a GGUF file, or the packaged `smollm2`) on a JSONL file through the Trainer, fully
-//! or with LoRA adapters, and write a Hugging Face folder that `candle-fit eval`/`generate`
-//! (and `transformers`) load.
+//! `candle-fit finetune`: fine-tune a causal language model (a LLaMA-family or GPT-2 Hugging
+//! Face folder, a GGUF file, or the packaged `smollm2`) on text, prompt/completion or chat
+//! records, fully or with LoRA adapters, or a BERT sequence classifier (a
+//! `BertForSequenceClassification` folder, or a `BertModel` folder given a new head) on
+//! classification records, through the Trainer, and write a Hugging Face folder that
+//! `candle-fit eval`/`generate` (and `transformers`) load, reloaded and compared bit for bit.
 //!
 //! Everything is validated before the model is loaded or training starts: the flags
 //! ([`FinetuneOptions::validate`]), the data files (one line naming file, line and field), the
-//! model (a classifier or an unknown folder is refused) and the output folder.
+//! model (one that cannot train on the records is refused) and the output folder.
+
+mod classifier;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle::{DType, Device};
 use candle_train::evaluate::Metrics;
+use candle_train::generate::CausalLm;
 use candle_train::lora::peft::PeftInfo;
 use candle_train::lora::{LoraConfig, LoraModel};
-use candle_train::models::Llama;
+use candle_train::models::{Gpt, Llama};
+use candle_train::module::Module;
+use candle_train::params::Parameters;
 use candle_train::serve::Snapshot;
+use candle_train::source::DataSource;
 use candle_train::{
     Callback, Hooks, LanguageModel, LocalUpdater, LossScalerConfig, LrSchedule, OptimizerConfig, Precision,
-    TrainReport, Trainer, TrainerConfig, Updater,
+    TrainReport, TrainableModel, Trainer, TrainerConfig, Updater,
 };
 
 use crate::ckpt::Recompute;
-use crate::datasets::{encode_record, pack, read_records, ChatTemplate, Example, Format, TokenDataset};
+use crate::datasets::{
+    encode_record, pack, read_records, ChatTemplate, Example, Format, Records, TokenDataset,
+};
 use crate::gguf_tokenizer::LmTokenizer;
 use crate::model_source::{load_causal_lm_quantized, load_model, LoadedModel};
 use candle_train::quant::BaseQuantization;
@@ -59,7 +69,9 @@ pub struct LoraOptions {
     pub alpha: Option<f64>,
     /// Dropout on the adapters' input.
     pub dropout: f32,
-    /// Module name patterns (`q_proj,v_proj` or `all-linear`).
+    /// Module name patterns (`q_proj,v_proj` or `all-linear`); empty: the architecture's
+    /// attention projections ([`HfCausalLm::LORA_TARGETS`]: `q_proj,v_proj` for the LLaMA
+    /// family, `c_attn` for GPT-2).
     pub targets: Vec<String>,
     /// Also write the merged model as a Hugging Face folder.
     pub merge: bool,
@@ -72,7 +84,8 @@ pub struct LoraOptions {
 pub struct FinetuneOptions {
     /// `--model`: a folder, a `.gguf` file or a packaged short name.
     pub model: String,
-    /// Training records (JSONL: text, prompt/completion or chat messages).
+    /// Training records (JSONL: text, prompt/completion or chat messages for a causal language
+    /// model; text + label, JSONL or CSV, for a classifier).
     pub data: PathBuf,
     /// Held-out records; without them the evaluations run on the training examples.
     pub valid: Option<PathBuf>,
@@ -144,6 +157,9 @@ pub struct FinetuneOptions {
     /// Where the model trains: `cpu`, `cuda` or `cuda:N` (a bare `cuda` in a launched rank
     /// takes its `LOCAL_RANK`'s GPU).
     pub device: String,
+    /// The classes of a new head on a BERT encoder (`None`: one per label in the training
+    /// records); with integer labels below it, the classes are `0..num_labels`.
+    pub num_labels: Option<usize>,
 }
 
 /// The most data-parallel ranks `finetune` runs.
@@ -211,6 +227,7 @@ impl FinetuneOptions {
                 self.micro_batch
             );
         }
+        anyhow::ensure!(self.num_labels != Some(0), "invalid `--num-labels`: must be at least 1");
         if let Some(every) = self.checkpoint_every {
             anyhow::ensure!(every > 0, "invalid `--checkpoint-every`: must be at least 1");
         }
@@ -228,8 +245,8 @@ impl FinetuneOptions {
                 );
             }
             anyhow::ensure!(
-                !lora.targets.is_empty() && lora.targets.iter().all(|t| !t.trim().is_empty()),
-                "invalid `--lora-targets`: name at least one module (q_proj,v_proj or all-linear)"
+                lora.targets.iter().all(|t| !t.trim().is_empty()),
+                "invalid `--lora-targets`: an empty module name (give q_proj,v_proj, c_attn or all-linear)"
             );
         }
         if let Some(quantization) = self.lora.as_ref().and_then(|l| l.quantize_base) {
@@ -338,7 +355,7 @@ pub fn read_examples(path: &Path, tokenizer: &LmTokenizer, seq_len: usize) -> an
 
 fn encode_records(
     path: &Path,
-    records: &crate::datasets::Records,
+    records: &Records,
     tokenizer: &LmTokenizer,
     seq_len: usize,
 ) -> anyhow::Result<Vec<Example>> {
@@ -346,22 +363,37 @@ fn encode_records(
         Format::Chat => Some(chat_template(tokenizer)?),
         _ => None,
     };
-    let encoded = records
-        .records
-        .iter()
-        .map(|(line, record)| {
-            encode_record(record, tokenizer, template.as_ref())
-                .with_context(|| format!("{}:{line}: tokenizing", path.display()))
-        })
-        .collect::<anyhow::Result<Vec<Example>>>()?;
     let window = seq_len + 1;
-    let mut examples = if records.format == Format::Text { pack(&encoded, window) } else { encoded };
+    let name = path.display().to_string();
+    let mut examples = tokenize_records(&name, records, tokenizer, template.as_ref(), window)?;
     for example in &mut examples {
         example.truncate(window);
     }
     examples.retain(|e| e.counted_targets() > 0);
     anyhow::ensure!(!examples.is_empty(), "{}: no record has a token to train on", path.display());
     Ok(examples)
+}
+
+/// Each language-model record of the file `name` tokenized (a conversation through
+/// `template`), text records packed into windows of `window` tokens.
+///
+/// # Errors
+/// A record that does not tokenize, naming the file and line.
+pub(crate) fn tokenize_records(
+    name: &str,
+    records: &Records,
+    tokenizer: &LmTokenizer,
+    template: Option<&ChatTemplate>,
+    window: usize,
+) -> anyhow::Result<Vec<Example>> {
+    let encoded = records
+        .records
+        .iter()
+        .map(|(line, record)| {
+            encode_record(record, tokenizer, template).with_context(|| format!("{name}:{line}: tokenizing"))
+        })
+        .collect::<anyhow::Result<Vec<Example>>>()?;
+    Ok(if records.format == Format::Text { pack(&encoded, window) } else { encoded })
 }
 
 /// What a run did.
@@ -375,13 +407,18 @@ pub struct FinetuneOutcome {
     pub verified: bool,
 }
 
-/// Prints every evaluation.
+/// Prints every evaluation (and the accuracy, for a classifier).
 struct Report;
 
 impl Callback for Report {
     fn on_evaluation(&mut self, step: u64, metrics: &Metrics) -> candle_train::Result<()> {
         let get = |name: &str| metrics.get(name).copied().unwrap_or(f64::NAN);
-        println!("step {step:5}  held-out loss {:.4}  perplexity {:.3}", get("loss"), get("perplexity"));
+        let accuracy = metrics.get("accuracy").map(|a| format!("  accuracy {a:.4}")).unwrap_or_default();
+        println!(
+            "step {step:5}  held-out loss {:.4}  perplexity {:.3}{accuracy}",
+            get("loss"),
+            get("perplexity")
+        );
         Ok(())
     }
 }
@@ -393,25 +430,28 @@ fn launched_rank() -> Option<(usize, usize)> {
     (info.world_size > 1).then_some((info.rank, info.world_size))
 }
 
-/// Trains `model` as `options` say: on one device, or as rank 0 of `--world-size` in-process
-/// ranks under ZeRO (the other ranks' copies from `replica`), or as this process's rank of a
-/// launched group over TCP. Returns the report, the trained model (whole, whatever the stage)
-/// and whether this process writes the output (rank 0).
-fn train_ranks<M, F>(
+/// Trains `model` on `data` as `options` say: on one device (evaluated by `hooks`' evaluator),
+/// or as rank 0 of `--world-size` in-process ranks under ZeRO (the other ranks' copies from
+/// `replica`), or as this process's rank of a launched group over TCP (both evaluated by the
+/// loss). Returns the report, the trained model (whole, whatever the stage) and whether this
+/// process writes the output (rank 0).
+fn train_ranks<M, D, F>(
     model: M,
     options: &FinetuneOptions,
-    data: &TokenDataset,
+    data: &D,
     replica: F,
+    hooks: Hooks<'_, M>,
 ) -> anyhow::Result<(TrainReport, M, bool)>
 where
-    M: LanguageModel + Send,
+    M: TrainableModel<Batch = D::Batch> + Send,
+    D: DataSource + Sync,
     F: Fn() -> candle_train::Result<M> + Sync,
 {
     use candle_shard::driver::{fit_in_process, fit_rank, resume_in_process, resume_rank, InProcessConfig};
     use candle_shard::ZeroStage;
     let launched = candle_shard::discovery::RankInfo::from_env()?.filter(|i| i.world_size > 1);
     if options.zero.is_none() && options.world_size == 1 && launched.is_none() {
-        let report = fit(&model, options, data)?;
+        let report = fit(&model, options, data, hooks)?;
         return Ok((report, model, true));
     }
     anyhow::ensure!(
@@ -460,17 +500,22 @@ where
     Ok((run.report, run.model, true))
 }
 
-fn fit<M: LanguageModel>(
+fn fit<M, D>(
     model: &M,
     options: &FinetuneOptions,
-    data: &TokenDataset,
-) -> anyhow::Result<TrainReport> {
+    data: &D,
+    hooks: Hooks<'_, M>,
+) -> anyhow::Result<TrainReport>
+where
+    M: TrainableModel<Batch = D::Batch>,
+    D: DataSource,
+{
     let mut updater = LocalUpdater::from_config(model.parameters(), &options.optimizer)?;
     if options.offload_optimizer {
         updater = updater.offloaded()?;
     }
     let trainer = Trainer::new(options.trainer_config()?);
-    let hooks = Hooks::new().callback(Report);
+    let hooks = hooks.callback(Report);
     let report = match &options.resume {
         Some(dir) => trainer.resume_with(model, data, &mut updater, dir, hooks)?,
         None => trainer.fit_with(model, data, &mut updater, hooks)?,
@@ -503,16 +548,20 @@ fn print_memory(report: &TrainReport) {
     );
 }
 
-/// Reloads the folder `dir` in `dtype` and checks every parameter equals `model`'s bit for bit.
+/// Checks that every parameter of `mine` equals the one named `saved_name(name)` in `theirs`
+/// (a reload of the folder `dir`) bit for bit.
 ///
 /// # Errors
-/// When the folder does not load or a parameter differs (named).
-pub fn verify_reload(model: &Llama, dir: &Path, dtype: DType) -> anyhow::Result<()> {
-    let (reloaded, _) = crate::export::load_llama(dir, dtype, &Device::Cpu)?;
-    let theirs = reloaded.parameters();
-    for mine in model.parameters().iter() {
-        let other =
-            theirs.get(&mine.name).with_context(|| format!("{}: no `{}`", dir.display(), mine.name))?;
+/// When a parameter is missing from `theirs` or differs (named).
+pub fn compare_parameters(
+    mine: &Parameters,
+    theirs: &Parameters,
+    dir: &Path,
+    saved_name: impl Fn(&str) -> String,
+) -> anyhow::Result<()> {
+    for mine in mine.iter() {
+        let name = saved_name(&mine.name);
+        let other = theirs.get(&name).with_context(|| format!("{}: no `{name}`", dir.display()))?;
         let bits = |t: &candle::Tensor| -> anyhow::Result<Vec<u32>> {
             Ok(t.flatten_all()?
                 .to_dtype(DType::F32)?
@@ -531,6 +580,62 @@ pub fn verify_reload(model: &Llama, dir: &Path, dtype: DType) -> anyhow::Result<
     Ok(())
 }
 
+/// Reloads the folder `dir` in `dtype` and checks every parameter equals `model`'s bit for bit.
+///
+/// # Errors
+/// When the folder does not load or a parameter differs (named).
+pub fn verify_reload<M: HfCausalLm>(model: &M, dir: &Path, dtype: DType) -> anyhow::Result<()> {
+    let reloaded = M::load(dir, dtype)?;
+    compare_parameters(
+        TrainableModel::parameters(model),
+        TrainableModel::parameters(&reloaded),
+        dir,
+        str::to_string,
+    )
+}
+
+/// A causal language model `finetune` trains and writes as a Hugging Face folder.
+pub trait HfCausalLm: LanguageModel + CausalLm + Module + Snapshot + Send + Sync + Sized {
+    /// The LoRA targets when `--lora-targets` is not given (the query and value projections).
+    const LORA_TARGETS: &'static [&'static str];
+
+    /// Writes the model and `tokenizer` as a Hugging Face folder in `dir`.
+    ///
+    /// # Errors
+    /// A file-system error, naming the file.
+    fn save(&self, tokenizer: &LmTokenizer, dir: &Path) -> anyhow::Result<()>;
+
+    /// The model of the folder `dir` (as [`HfCausalLm::save`] writes it) in `dtype` on the CPU.
+    ///
+    /// # Errors
+    /// A file that does not load, naming it.
+    fn load(dir: &Path, dtype: DType) -> anyhow::Result<Self>;
+}
+
+impl HfCausalLm for Llama {
+    const LORA_TARGETS: &'static [&'static str] = &["q_proj", "v_proj"];
+
+    fn save(&self, tokenizer: &LmTokenizer, dir: &Path) -> anyhow::Result<()> {
+        crate::export::save_llama(self, tokenizer, dir)
+    }
+
+    fn load(dir: &Path, dtype: DType) -> anyhow::Result<Self> {
+        Ok(crate::export::load_llama(dir, dtype, &Device::Cpu)?.0)
+    }
+}
+
+impl HfCausalLm for Gpt {
+    const LORA_TARGETS: &'static [&'static str] = &["c_attn"];
+
+    fn save(&self, tokenizer: &LmTokenizer, dir: &Path) -> anyhow::Result<()> {
+        crate::export::save_gpt2(self, tokenizer, dir)
+    }
+
+    fn load(dir: &Path, dtype: DType) -> anyhow::Result<Self> {
+        Ok(crate::export::load_gpt2(dir, dtype, &Device::Cpu)?.0)
+    }
+}
+
 /// Runs `finetune`: validates, loads, trains, writes `options.out`.
 ///
 /// # Errors
@@ -540,46 +645,38 @@ pub fn run(options: &FinetuneOptions) -> anyhow::Result<FinetuneOutcome> {
     // Records are parsed (and their fields checked) before the model loads.
     let train_records = read_records(&options.data, None)?;
     let valid_records = options.valid.as_ref().map(|p| read_records(p, None)).transpose()?;
-    for (path, records) in
-        std::iter::once((&options.data, &train_records)).chain(options.valid.iter().zip(valid_records.iter()))
-    {
+    let classify = train_records.format == Format::Classification;
+    if let (Some(path), Some(records)) = (&options.valid, &valid_records) {
         anyhow::ensure!(
-            records.format != Format::Classification,
-            "{}: classification records (text + label), but finetune trains a causal language model",
-            path.display()
+            (records.format == Format::Classification) == classify,
+            "--valid {}: {} records, but --data {} holds {} records",
+            path.display(),
+            records.format,
+            options.data.display(),
+            train_records.format
         );
     }
+    anyhow::ensure!(
+        classify || options.num_labels.is_none(),
+        "`--num-labels` needs classification records (text + label) in --data {}",
+        options.data.display()
+    );
     let dtype = options.precision.dtype();
     let device = candle_train::device::parse_device(&options.device)
         .with_context(|| format!("invalid `--device` `{}`", options.device))?;
-    let quantize_base = options.lora.as_ref().and_then(|l| l.quantize_base);
-    let (model, tokenizer) = match quantize_base {
-        Some(quantization) => load_causal_lm_quantized(&options.model, quantization, dtype, &device)?,
-        None => match load_model(&options.model, dtype, &device)? {
-            LoadedModel::CausalLm { model, tokenizer } => (model, tokenizer),
-            other => anyhow::bail!(
-                "--model {}: a {} is not a causal language model; finetune trains the LLaMA family (LLaMA, Mistral, Qwen2, Qwen3)",
-                options.model,
-                other.architecture()
-            ),
-        },
-    };
-    let context = model.config().max_sequence_len();
-    anyhow::ensure!(
-        options.seq_len <= context,
-        "invalid `--seq-len`: {} is longer than the model's context ({context})",
-        options.seq_len
-    );
-    let train = encode_records(&options.data, &train_records, &tokenizer, options.seq_len)?;
-    let valid = match (&options.valid, &valid_records) {
-        (Some(path), Some(records)) => encode_records(path, records, &tokenizer, options.seq_len)?,
-        _ => train.clone(),
-    };
-    let name = options.data.display().to_string();
-    let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
-    let data = TokenDataset::new(&name, train, valid, pad)?;
-    let quantized = model.quantized_weights();
-    if let Some(quantization) = quantize_base {
+    if classify {
+        return classifier::finetune_classifier(
+            options,
+            &train_records,
+            valid_records.as_ref(),
+            dtype,
+            &device,
+        );
+    }
+    let records = (&train_records, valid_records.as_ref());
+    if let Some(quantization) = options.lora.as_ref().and_then(|l| l.quantize_base) {
+        let (model, tokenizer) = load_causal_lm_quantized(&options.model, quantization, dtype, &device)?;
+        let quantized = model.quantized_weights();
         let elements: usize = quantized.iter().map(|q| q.dims().0 * q.dims().1).sum();
         let bytes: usize = quantized.iter().map(|q| q.storage_bytes()).sum();
         println!(
@@ -588,53 +685,103 @@ pub fn run(options: &FinetuneOptions) -> anyhow::Result<FinetuneOutcome> {
             elements as f64 / 1e6,
             bytes as f64 / (1 << 20) as f64
         );
+        drop(quantized);
+        return finetune_lm(model, &tokenizer, options, records);
     }
-    let quantized_elements: usize = quantized.iter().map(|q| q.dims().0 * q.dims().1).sum();
-    drop(quantized);
-    println!(
-        "model {} ({:.1}M parameters, {}); {} training examples from {name}{}",
-        options.model,
-        (model.parameters().num_elements() + quantized_elements) as f64 / 1e6,
-        options.precision.name(),
-        data.train().len(),
-        if options.valid.is_some() { "" } else { " (evaluated on the training examples: no --valid)" }
-    );
-    std::fs::create_dir_all(&options.out).with_context(|| format!("creating {}", options.out.display()))?;
+    match load_model(&options.model, dtype, &device)? {
+        LoadedModel::CausalLm { model, tokenizer } => finetune_lm(model, &tokenizer, options, records),
+        LoadedModel::Gpt2 { model, tokenizer } => finetune_lm(model, &tokenizer, options, records),
+        LoadedModel::Classifier { .. } => anyhow::bail!(
+            "--data {}: {} records, but --model {} is a BertForSequenceClassification (it trains on \
+             text + label records)",
+            options.data.display(),
+            train_records.format,
+            options.model
+        ),
+    }
+}
+
+/// Creates the output folder, removing the model and adapter files of an overwritten one.
+fn prepare_output(out: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     // An overwritten folder loses the files a model folder is read by, so that no stale model
     // (a full model beside a new adapter) is loaded from it; other files stay.
-    for name in OUTPUT_FILES {
-        let path = options.out.join(name);
+    for name in OUTPUT_FILES.iter().chain(&crate::export::BERT_TOKENIZER_FILES) {
+        let path = out.join(name);
         if path.is_file() {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
     }
+    Ok(())
+}
+
+fn print_start(options: &FinetuneOptions, parameters: usize, examples: usize) {
+    println!(
+        "model {} ({:.1}M parameters, {}); {examples} training examples from {}{}",
+        options.model,
+        parameters as f64 / 1e6,
+        options.precision.name(),
+        options.data.display(),
+        if options.valid.is_some() { "" } else { " (evaluated on the training examples: no --valid)" }
+    );
+}
+
+/// Fine-tunes a causal language model on language-model records (`records`: the training and
+/// held-out ones), fully or with LoRA, and writes its folder.
+fn finetune_lm<M: HfCausalLm>(
+    model: M,
+    tokenizer: &LmTokenizer,
+    options: &FinetuneOptions,
+    (train_records, valid_records): (&Records, Option<&Records>),
+) -> anyhow::Result<FinetuneOutcome> {
+    let dtype = options.precision.dtype();
+    let context = model.max_positions();
+    anyhow::ensure!(
+        options.seq_len <= context,
+        "invalid `--seq-len`: {} is longer than the model's context ({context})",
+        options.seq_len
+    );
+    let train = encode_records(&options.data, train_records, tokenizer, options.seq_len)?;
+    let valid = match (&options.valid, valid_records) {
+        (Some(path), Some(records)) => encode_records(path, records, tokenizer, options.seq_len)?,
+        _ => train.clone(),
+    };
+    let name = options.data.display().to_string();
+    let pad = tokenizer.pad_id().or(tokenizer.eos_id()).unwrap_or(0);
+    let data = TokenDataset::new(&name, train, valid, pad)?;
+    print_start(options, TrainableModel::parameters(&model).num_elements(), data.train().len());
+    prepare_output(&options.out)?;
     // Under ZeRO the ranks other than 0 train copies of the base (their values are replaced
     // by rank 0's broadcast); one device keeps only the loaded model.
     let sharded = options.zero.is_some() || options.world_size > 1;
     let source = if sharded { Some(model.snapshot()?) } else { None };
-    let base_copy = || -> candle_train::Result<Llama> {
+    let base_copy = || -> candle_train::Result<M> {
         source
             .as_ref()
             .ok_or_else(|| candle_train::Error::config("finetune", "no copy to replicate"))?
             .snapshot()
     };
     let Some(lora) = &options.lora else {
-        let trainable = model.parameters().num_elements();
-        let (report, model, writer) = train_ranks(model, options, &data, base_copy)?;
+        let trainable = TrainableModel::parameters(&model).num_elements();
+        let (report, model, writer) = train_ranks(model, options, &data, base_copy, Hooks::new())?;
         if !writer {
             return Ok(FinetuneOutcome { report, trainable, verified: false });
         }
         print_memory(&report);
-        crate::export::save_llama(&model, &tokenizer, &options.out)?;
+        model.save(tokenizer, &options.out)?;
         verify_reload(&model, &options.out, dtype)?;
         println!("saved to {} (Hugging Face folder); reloaded: bit-identical", options.out.display());
         return Ok(FinetuneOutcome { report, trainable, verified: true });
+    };
+    let targets = match lora.targets.is_empty() {
+        true => M::LORA_TARGETS.iter().map(|t| t.to_string()).collect(),
+        false => lora.targets.clone(),
     };
     let config = LoraConfig {
         rank: lora.rank,
         alpha: lora.alpha.unwrap_or(2.0 * lora.rank as f64),
         dropout: lora.dropout,
-        targets: lora.targets.clone(),
+        targets,
         use_rslora: false,
         quantize_base: lora.quantize_base,
     };
@@ -642,7 +789,7 @@ pub fn run(options: &FinetuneOptions) -> anyhow::Result<FinetuneOutcome> {
     let trainable = lora_model.adapter_parameters().num_elements();
     println!("LoRA: {} adapted layers, {trainable} trainable parameters", lora_model.adapted_layers().len());
     let replica = || LoraModel::new(base_copy()?, config.clone(), options.seed);
-    let (report, lora_model, writer) = train_ranks(lora_model, options, &data, replica)?;
+    let (report, lora_model, writer) = train_ranks(lora_model, options, &data, replica, Hooks::new())?;
     if !writer {
         return Ok(FinetuneOutcome { report, trainable, verified: false });
     }
@@ -658,7 +805,7 @@ pub fn run(options: &FinetuneOptions) -> anyhow::Result<FinetuneOutcome> {
     let mut verified = false;
     if lora.merge {
         let merged = lora_model.merge()?;
-        crate::export::save_llama(&merged, &tokenizer, &options.out)?;
+        merged.save(tokenizer, &options.out)?;
         verify_reload(&merged, &options.out, dtype)?;
         verified = true;
         println!("merged model saved to {}; reloaded: bit-identical", options.out.display());
