@@ -171,7 +171,8 @@ impl Parameters {
     /// # Errors
     /// [`crate::Error::ParameterReleased`] for a parameter whose values are not resident.
     pub fn detached_values(&self) -> crate::Result<std::collections::HashMap<String, Tensor>> {
-        self.iter().map(|p| Ok((p.name.clone(), p.tensor()?.detach()))).collect()
+        // Through `var()`: a released parameter is the typed error, not a wrapped one.
+        self.iter().map(|p| Ok((p.name.clone(), p.var()?.as_tensor().detach()))).collect()
     }
 
     /// All parameters, in order.
