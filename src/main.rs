@@ -133,17 +133,8 @@ struct FinetuneArgs {
     /// Continue from this checkpoint (or the newest in this run directory).
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Limit live heap bytes during a step (K/M/G suffixes): going over it is an out-of-memory
-    /// error, which halves the micro-batch and retries unless --no-oom-recovery.
-    #[arg(long)]
-    max_memory: Option<String>,
-    /// Before training, pick the largest micro-batch that fits --max-memory, keeping the
-    /// global batch.
-    #[arg(long)]
-    find_micro_batch: bool,
-    /// Stop on an out-of-memory error instead of retrying with a smaller micro-batch.
-    #[arg(long)]
-    no_oom_recovery: bool,
+    #[command(flatten)]
+    memory: MemoryArgs,
     /// Write per-step metrics as JSON lines to this file.
     #[arg(long)]
     metrics: Option<PathBuf>,
@@ -208,12 +199,7 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
     };
     let recompute: Recompute =
         args.recompute.parse().map_err(|e| anyhow::anyhow!("invalid `--recompute`: {e}"))?;
-    let max_memory = match &args.max_memory {
-        None => None,
-        Some(text) => Some(candle_fit::ckpt::parse_bytes(text).filter(|&b| b > 0).ok_or_else(|| {
-            anyhow::anyhow!("invalid `--max-memory`: `{text}` is not a positive byte count (digits with an optional K, M or G)")
-        })?),
-    };
+    let max_memory = args.memory.limit()?;
     let quantize_base = args
         .quantize_base
         .as_deref()
@@ -279,8 +265,8 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
         checkpoint_every: args.checkpoint_every,
         keep_checkpoints: args.keep_checkpoints,
         max_memory,
-        find_micro_batch: args.find_micro_batch,
-        oom_recovery: !args.no_oom_recovery,
+        find_micro_batch: args.memory.find_micro_batch,
+        oom_recovery: !args.memory.no_oom_recovery,
         resume: args.resume,
         metrics: args.metrics,
         eval_interval: args.eval_interval,
@@ -910,22 +896,43 @@ struct TrainArgs {
     /// start); without it such a directory is refused.
     #[arg(long)]
     overwrite: bool,
-    /// Limit live heap bytes during a step (K/M/G suffixes): going over it is an out-of-memory
-    /// error, which halves the micro-batch and retries unless --no-oom-recovery.
-    #[arg(long)]
-    max_memory: Option<String>,
-    /// Before training, pick the largest micro-batch that fits --max-memory (or the available
-    /// memory), keeping the global batch.
-    #[arg(long)]
-    find_micro_batch: bool,
-    /// Stop on an out-of-memory error instead of retrying with a smaller micro-batch.
-    #[arg(long)]
-    no_oom_recovery: bool,
+    #[command(flatten)]
+    memory: MemoryArgs,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
     #[command(flatten)]
     ranks: RankArgs,
+}
+
+/// The memory limit and what happens at it, as `train` and `finetune` take them.
+#[derive(clap::Args, Debug, Clone)]
+struct MemoryArgs {
+    /// Limit live heap bytes during a step (K/M/G suffixes): going over it is an out-of-memory
+    /// error, which halves the micro-batch and retries unless --no-oom-recovery.
+    #[arg(long)]
+    max_memory: Option<String>,
+    /// Before training, pick the largest micro-batch that fits --max-memory (`train`: or the
+    /// available memory), keeping the global batch.
+    #[arg(long)]
+    find_micro_batch: bool,
+    /// Stop on an out-of-memory error instead of retrying with a smaller micro-batch.
+    #[arg(long)]
+    no_oom_recovery: bool,
+}
+
+impl MemoryArgs {
+    /// `--max-memory` in bytes.
+    fn limit(&self) -> anyhow::Result<Option<usize>> {
+        self.max_memory
+            .as_ref()
+            .map(|text| {
+                candle_fit::ckpt::parse_bytes(text).filter(|&b| b > 0).ok_or_else(|| {
+                    anyhow::anyhow!("invalid `--max-memory`: `{text}` is not a positive byte count (digits with an optional K, M or G)")
+                })
+            })
+            .transpose()
+    }
 }
 
 /// Data parallelism, as `train`, `estimate` and `finetune` take it.
@@ -970,13 +977,8 @@ fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
     let device = parse_device(&args.device)?;
     let recompute: Recompute =
         args.recompute.parse().map_err(|e| anyhow::anyhow!("invalid `--recompute`: {e}"))?;
-    let mut max_memory = match &args.max_memory {
-        None => None,
-        Some(text) => Some(candle_fit::ckpt::parse_bytes(text).filter(|&b| b > 0).ok_or_else(|| {
-            anyhow::anyhow!("invalid `--max-memory`: `{text}` is not a positive byte count (digits with an optional K, M or G)")
-        })?),
-    };
-    if args.find_micro_batch && max_memory.is_none() {
+    let mut max_memory = args.memory.limit()?;
+    if args.memory.find_micro_batch && max_memory.is_none() {
         max_memory = Some(candle_fit::bench::available_memory().ok_or_else(|| {
             anyhow::anyhow!(
                 "`--find-micro-batch` needs `--max-memory`: the available memory cannot be read here"
@@ -1020,8 +1022,8 @@ fn plan(args: &TrainArgs) -> anyhow::Result<Plan> {
         .recompute(recompute)
         .loss_scaling(loss_scaling)
         .max_memory(max_memory)
-        .oom_recovery(!args.no_oom_recovery)
-        .find_micro_batch(args.find_micro_batch);
+        .oom_recovery(!args.memory.no_oom_recovery)
+        .find_micro_batch(args.memory.find_micro_batch);
     let trainer_config = match checkpoint_dir {
         Some(dir) => trainer_config
             .checkpoint(dir, args.checkpoint_every.unwrap_or(100), args.keep_checkpoints)

@@ -210,6 +210,10 @@ impl FinetuneOptions {
         );
         // A launched process's ranks come from its environment.
         let ranks = launched_rank().map_or(self.world_size, |(_, world_size)| world_size);
+        anyhow::ensure!(
+            launched_rank().is_none() || self.world_size == 1,
+            "invalid `--world-size`: the launcher sets the ranks (give their number to `launch --nproc`)"
+        );
         if self.zero.is_some() || ranks > 1 {
             for (flag, given) in [
                 ("--offload-optimizer", self.offload_optimizer),
@@ -454,14 +458,8 @@ where
         let report = fit(&model, options, data, hooks)?;
         return Ok((report, model, true));
     }
-    anyhow::ensure!(
-        launched.is_none() || options.world_size == 1,
-        "invalid `--world-size`: the launcher sets the ranks (give --world-size to `launch` as --nproc)"
-    );
-    anyhow::ensure!(
-        !options.offload_optimizer && !options.find_micro_batch,
-        "`--offload-optimizer` and `--find-micro-batch` are not available with several ranks yet"
-    );
+    // `validate` refused what several ranks cannot do (offload, the search, a contradicting
+    // `--world-size`).
     let stage = ZeroStage::from_number(options.zero.unwrap_or(0))?;
     let mut config = options.trainer_config()?;
     // One progress bar per rank would interleave on stderr.
