@@ -140,8 +140,10 @@ fn each_format_equals_its_dequantized_weights() -> anyhow::Result<()> {
     {
         let mut tensors = dense_tensors(&config)?;
         // Five rows at a time: every weight is dequantized in several chunks, the last short.
-        let quantized: Vec<QuantizedWeight> =
-            quantize_linears(&mut tensors, quantization)?.into_iter().map(|q| q.with_chunk_rows(5)).collect();
+        let quantized: Vec<QuantizedWeight> = quantize_linears(&mut tensors, quantization)?
+            .into_iter()
+            .map(|q| q.with_chunk_rows(5))
+            .collect::<candle::Result<_>>()?;
         assert_eq!(quantized.len(), 7 * 2);
         assert!(tensors.keys().all(|n| !is_base_linear(n)), "a dense copy is left");
         let reference =

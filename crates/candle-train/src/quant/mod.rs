@@ -26,6 +26,7 @@ use candle::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use nf4::Nf4Tensor;
+use nf4::{ABSMAX_GROUP, NF4_BLOCK};
 
 use crate::layers::custom_grad::custom1;
 
@@ -119,18 +120,162 @@ impl FromStr for BaseQuantization {
     }
 }
 
+/// The NF4 code book as pairs: row `b` is the code values of byte `b`'s high and low nibbles
+/// (`[256, 2]`), so that one `index_select` over the packed bytes gives every element's code
+/// value without bit operations (candle has none).
+fn nf4_pairs() -> Vec<f32> {
+    (0..256usize).flat_map(|b| [nf4::NF4_CODE[b >> 4], nf4::NF4_CODE[b & 0x0f]]).collect()
+}
+
+/// The NF4 pair table and the 256-value dynamic map on `device`: made once per device and
+/// shared by every NF4 weight there (3 KiB; not counted by [`QuantizedWeight::storage_bytes`]).
+fn nf4_tables(device: &Device) -> Result<(Tensor, Tensor)> {
+    type Tables = Vec<(Device, Tensor, Tensor)>;
+    static TABLES: std::sync::Mutex<Tables> = std::sync::Mutex::new(Vec::new());
+    // A panic elsewhere cannot leave the list half-written (a push is the only change).
+    let mut tables = TABLES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, pairs, map)) = tables.iter().find(|(d, _, _)| d.same_device(device)) {
+        return Ok((pairs.clone(), map.clone()));
+    }
+    let pairs = Tensor::from_vec(nf4_pairs(), (256, 2), device)?;
+    let map = Tensor::from_slice(&nf4::dynamic_map(), 256, device)?;
+    tables.push((device.clone(), pairs.clone(), map.clone()));
+    Ok((pairs, map))
+}
+
+/// NF4 blocks as tensors on the weight's device (the parts of an [`Nf4Tensor`]).
+#[derive(Debug)]
+struct Nf4Blocks {
+    elements: usize,
+    /// `U8 [ceil(n / 2)]`: two 4-bit codes a byte, the first in the high nibble.
+    packed: Tensor,
+    /// `U8 [ceil(n / 64)]`: each block's double-quantized absmax code.
+    absmax_codes: Tensor,
+    /// `F32 [ceil(blocks / 256)]`: each group's absmax scale.
+    absmax_scales: Tensor,
+    /// `F32 [1]`: the absmaxes' mean.
+    offset: Tensor,
+    /// [`nf4_tables`] for the device (shared, not owned).
+    pairs: Tensor,
+    map: Tensor,
+}
+
+/// A vector in memory of exactly its length (the counting allocator then sees the bytes
+/// [`QuantizedWeight::storage_bytes`] reports).
+fn exact<T>(mut v: Vec<T>) -> Vec<T> {
+    v.shrink_to_fit();
+    v
+}
+
+impl Nf4Blocks {
+    fn new(t: &Nf4Tensor, device: &Device) -> Result<Self> {
+        let (pairs, map) = nf4_tables(device)?;
+        Ok(Self {
+            elements: t.elem_count(),
+            packed: Tensor::from_vec(exact(t.packed().to_vec()), t.packed().len(), device)?,
+            absmax_codes: Tensor::from_vec(exact(t.absmax_codes().to_vec()), t.absmax_codes().len(), device)?,
+            absmax_scales: Tensor::from_vec(
+                exact(t.absmax_scales().to_vec()),
+                t.absmax_scales().len(),
+                device,
+            )?,
+            offset: Tensor::from_vec(vec![t.offset()], 1, device)?,
+            pairs,
+            map,
+        })
+    }
+
+    fn storage_bytes(&self) -> usize {
+        self.packed.elem_count() + self.absmax_codes.elem_count() + 4 * self.absmax_scales.elem_count() + 4
+    }
+
+    fn to_host(&self, dims: &[usize]) -> Result<Nf4Tensor> {
+        let offset = self.offset.to_vec1::<f32>()?;
+        Nf4Tensor::from_parts(
+            dims,
+            self.packed.to_vec1()?,
+            self.absmax_codes.to_vec1()?,
+            self.absmax_scales.to_vec1()?,
+            offset.first().copied().unwrap_or(0.0),
+        )
+    }
+
+    /// Elements `start .. start + len` (flattened) dequantized to F32 on the blocks' device,
+    /// with tensor ops only: the blocks covering the range are expanded (their packed bytes
+    /// through the pair table, their absmaxes as `map[code] * scale + offset`, each product
+    /// rounded as [`Nf4Tensor::dequantize_range`] rounds it), multiplied block by block, and
+    /// narrowed to the range. Bit for bit the host's values.
+    fn dequantize_range(&self, start: usize, len: usize) -> Result<Tensor> {
+        let device = self.packed.device();
+        if len == 0 {
+            return Tensor::zeros(0, DType::F32, device);
+        }
+        let end = start + len;
+        let (b0, b1) = (start / NF4_BLOCK, (end - 1) / NF4_BLOCK + 1);
+        let blocks = b1 - b0;
+        let (e0, e1) = (b0 * NF4_BLOCK, (b1 * NF4_BLOCK).min(self.elements));
+        // The code value of every element of the blocks (a last odd element's padding nibble
+        // dropped, a short last block padded with zeros to 64).
+        let (byte0, byte1) = (e0 / 2, e1.div_ceil(2));
+        let bytes = self.packed.narrow(0, byte0, byte1 - byte0)?;
+        let mut codes = self.pairs.index_select(&bytes, 0)?.flatten_all()?.narrow(0, 0, e1 - e0)?;
+        if e1 - e0 < blocks * NF4_BLOCK {
+            codes = codes.pad_with_zeros(0, 0, blocks * NF4_BLOCK - (e1 - e0))?;
+        }
+        // Each block's absmax: map[code] * the group's scale + offset (two F32 roundings).
+        let (g0, g1) = (b0 / ABSMAX_GROUP, (b1 - 1) / ABSMAX_GROUP + 1);
+        let scales = self
+            .absmax_scales
+            .narrow(0, g0, g1 - g0)?
+            .reshape((g1 - g0, 1))?
+            .broadcast_as((g1 - g0, ABSMAX_GROUP))?
+            .flatten_all()?
+            .narrow(0, b0 - g0 * ABSMAX_GROUP, blocks)?;
+        let absmax = self.map.index_select(&self.absmax_codes.narrow(0, b0, blocks)?, 0)?;
+        let absmax = (absmax * scales)?.broadcast_add(&self.offset)?;
+        let values = codes.reshape((blocks, NF4_BLOCK))?.broadcast_mul(&absmax.reshape((blocks, 1))?)?;
+        let values = values.flatten_all()?;
+        if start == e0 && len == values.elem_count() {
+            Ok(values)
+        } else {
+            values.narrow(0, start - e0, len)?.contiguous()
+        }
+    }
+
+    fn to_device(&self, device: &Device) -> Result<Self> {
+        let (pairs, map) = nf4_tables(device)?;
+        Ok(Self {
+            elements: self.elements,
+            packed: self.packed.to_device(device)?,
+            absmax_codes: self.absmax_codes.to_device(device)?,
+            absmax_scales: self.absmax_scales.to_device(device)?,
+            offset: self.offset.to_device(device)?,
+            pairs,
+            map,
+        })
+    }
+}
+
 #[derive(Debug)]
 enum Blocks {
-    Nf4(Nf4Tensor),
-    /// Row-major GGML blocks: row `r` is `bytes[r * row_bytes .. (r + 1) * row_bytes]`.
+    Nf4(Nf4Blocks),
+    /// GGML blocks as candle's [`QTensor`]s on the weight's device, one per chunk of
+    /// `chunk_rows` output rows (chunk `k` holds rows `k * chunk_rows ..`), each dequantized by
+    /// candle where it lives (CUDA/Metal kernels, or the CPU).
     Ggml {
         dtype: GgmlDType,
-        bytes: Vec<u8>,
-        row_bytes: usize,
+        chunks: Vec<QTensor>,
+    },
+    /// A GGUF file's unquantized `F32`/`F16`/`BF16` weight: a plain tensor of that dtype on the
+    /// device (candle's CUDA `QTensor` would dequantize these on the host).
+    Float {
+        dtype: GgmlDType,
+        tensor: Tensor,
     },
 }
 
-/// A frozen weight `[out_features, in_features]` (`nn.Linear`'s layout) held quantized.
+/// A frozen weight `[out_features, in_features]` (`nn.Linear`'s layout) held quantized, its
+/// blocks on one device (see the module docs).
 #[derive(Debug)]
 pub struct QuantizedWeight {
     name: String,
@@ -144,26 +289,68 @@ fn default_chunk_rows(in_features: usize) -> usize {
     (CHUNK_ELEMENTS / in_features.max(1)).max(1)
 }
 
+/// `bytes` (whole rows of `row_bytes`) as one [`QTensor`] of `dtype` per `chunk_rows` rows on
+/// `device`.
+fn ggml_chunks(
+    name: &str,
+    bytes: &[u8],
+    (rows, in_features): (usize, usize),
+    row_bytes: usize,
+    chunk_rows: usize,
+    dtype: GgmlDType,
+    device: &Device,
+) -> Result<Vec<QTensor>> {
+    // candle views the bytes as blocks (F16 fields: 2-byte alignment; Q8_K: 4). The allocator
+    // aligns every buffer to 16 bytes, and chunks start at whole rows of whole blocks; checked
+    // rather than assumed.
+    if bytes.as_ptr() as usize % 8 != 0 {
+        candle::bail!("`{name}`: block buffer is not 8-byte aligned");
+    }
+    (0..rows)
+        .step_by(chunk_rows.max(1))
+        .map(|start| {
+            let len = chunk_rows.min(rows - start);
+            let slice = &bytes[start * row_bytes..(start + len) * row_bytes];
+            let storage = QStorage::from_data(Cow::Borrowed(slice), device, dtype)?;
+            QTensor::new(storage, (len, in_features))
+        })
+        .collect()
+}
+
 impl QuantizedWeight {
-    /// `weight` (`[out, in]`) in NF4 with double quantization ([`nf4`]).
+    /// `weight` (`[out, in]`) in NF4 with double quantization ([`nf4`]), its blocks on
+    /// `weight`'s device (quantized on the host, then copied there).
     ///
     /// # Errors
     /// For a weight that is not a matrix or holds a non-finite value.
     pub fn nf4(name: &str, weight: &Tensor) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
         let values = weight.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let blocks = Nf4Tensor::quantize(&values, &[out_features, in_features])
+        let host = Nf4Tensor::quantize(&values, &[out_features, in_features])
             .map_err(|e| candle::Error::Msg(format!("`{name}`: {e}")))?;
+        drop(values);
+        Self::from_nf4(name, &host, weight.device())
+    }
+
+    /// The NF4 tensor `t` (`[out, in]`) as a weight whose blocks are on `device`.
+    ///
+    /// # Errors
+    /// For a tensor that is not a matrix; a tensor error.
+    pub fn from_nf4(name: &str, t: &Nf4Tensor, device: &Device) -> Result<Self> {
+        let &[out_features, in_features] = t.dims() else {
+            candle::bail!("`{name}`: an NF4 weight must be a matrix, not {:?}", t.dims());
+        };
         Ok(Self {
             name: name.to_string(),
             out_features,
             in_features,
             chunk_rows: default_chunk_rows(in_features),
-            blocks: Blocks::Nf4(blocks),
+            blocks: Blocks::Nf4(Nf4Blocks::new(t, device)?),
         })
     }
 
-    /// `weight` (`[out, in]`) quantized by candle to the GGML block type `dtype`.
+    /// `weight` (`[out, in]`) quantized by candle to the GGML block type `dtype`, its blocks on
+    /// `weight`'s device (quantized on the host, then copied there).
     ///
     /// # Errors
     /// [`crate::Error::InvalidConfig`] when the input dimension is not a multiple of the
@@ -180,13 +367,14 @@ impl QuantizedWeight {
             ));
         }
         let q = QTensor::quantize(&weight.to_device(&Device::Cpu)?.to_dtype(DType::F32)?, dtype)?;
-        Self::from_qtensor(name, &q, None)
+        Ok(Self::from_qtensor(name, &q, None)?.to_device(weight.device())?)
     }
 
     /// The blocks of `q` (`[out, in]`, any GGML type, such as a tensor read from a GGUF file),
-    /// copied as they are; with `rows`, output row `i` is `q`'s row `rows[i]` (a permutation of
-    /// whole rows, such as llama.cpp's rotary layout undone: legal because the blocks run along
-    /// the input dimension).
+    /// copied as they are onto `q`'s device ([`QuantizedWeight::to_device`] moves them); with
+    /// `rows`, output row `i` is `q`'s row `rows[i]` (a permutation of whole rows, such as
+    /// llama.cpp's rotary layout undone: legal because the blocks run along the input
+    /// dimension). `F32`/`F16`/`BF16` "blocks" are held as a plain tensor of that dtype.
     ///
     /// # Errors
     /// For a tensor that is not a matrix, whose rows are not whole blocks, a `rows` that is not
@@ -210,7 +398,7 @@ impl QuantizedWeight {
             .into());
         }
         let bytes = match rows {
-            None => data.to_vec(),
+            None => data,
             Some(rows) => {
                 if rows.len() != out_features || rows.iter().any(|&r| r >= out_features) {
                     return Err(candle::Error::Msg(format!(
@@ -222,28 +410,99 @@ impl QuantizedWeight {
                 for &r in rows {
                     bytes.extend_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
                 }
-                bytes
+                Cow::Owned(bytes)
             }
         };
-        // candle views the bytes as blocks (F16 fields: 2-byte alignment; Q8_K: 4). The
-        // allocator aligns every buffer to 16 bytes; checked rather than assumed.
-        if bytes.as_ptr() as usize % 8 != 0 {
-            return Err(candle::Error::Msg(format!("`{name}`: block buffer is not 8-byte aligned")).into());
-        }
+        let chunk_rows = default_chunk_rows(in_features);
         Ok(Self {
             name: name.to_string(),
             out_features,
             in_features,
-            chunk_rows: default_chunk_rows(in_features),
-            blocks: Blocks::Ggml { dtype, bytes, row_bytes },
+            chunk_rows,
+            blocks: Self::ggml_blocks(
+                name,
+                &bytes,
+                (out_features, in_features),
+                chunk_rows,
+                dtype,
+                &q.device(),
+            )?,
         })
     }
 
+    fn ggml_blocks(
+        name: &str,
+        bytes: &[u8],
+        dims: (usize, usize),
+        chunk_rows: usize,
+        dtype: GgmlDType,
+        device: &Device,
+    ) -> Result<Blocks> {
+        let row_bytes = dims.1 / dtype.block_size() * dtype.type_size();
+        let float = match dtype {
+            GgmlDType::F32 => Some(DType::F32),
+            GgmlDType::F16 => Some(DType::F16),
+            GgmlDType::BF16 => Some(DType::BF16),
+            _ => None,
+        };
+        if let Some(float) = float {
+            // Exact: F16 and BF16 widen to F32 exactly, and narrow back to the same bits.
+            let whole = ggml_chunks(name, bytes, dims, row_bytes, dims.0, dtype, &Device::Cpu)?;
+            let parts = whole.iter().map(|q| q.dequantize(&Device::Cpu)).collect::<Result<Vec<_>>>()?;
+            let tensor = match parts.len() {
+                1 => parts[0].clone(),
+                _ => Tensor::zeros(dims, DType::F32, &Device::Cpu)?,
+            };
+            let tensor = tensor.to_dtype(float)?.to_device(device)?;
+            return Ok(Blocks::Float { dtype, tensor });
+        }
+        let chunks = ggml_chunks(name, bytes, dims, row_bytes, chunk_rows, dtype, device)?;
+        Ok(Blocks::Ggml { dtype, chunks })
+    }
+
+    /// The same weight with its blocks on `device` (itself when they are there already).
+    ///
+    /// # Errors
+    /// When the blocks cannot be read back or copied.
+    pub fn to_device(self, device: &Device) -> Result<Self> {
+        if self.device().same_device(device) {
+            return Ok(self);
+        }
+        let blocks = match &self.blocks {
+            Blocks::Nf4(b) => Blocks::Nf4(b.to_device(device)?),
+            Blocks::Float { dtype, tensor } => {
+                Blocks::Float { dtype: *dtype, tensor: tensor.to_device(device)? }
+            }
+            Blocks::Ggml { dtype, chunks } => Blocks::Ggml {
+                dtype: *dtype,
+                chunks: chunks
+                    .iter()
+                    .map(|q| QTensor::new(QStorage::from_data(q.data()?, device, *dtype)?, q.shape().clone()))
+                    .collect::<Result<_>>()?,
+            },
+        };
+        Ok(Self { blocks, ..self })
+    }
+
     /// The same weight, dequantized `rows` output rows at a time (by default
-    /// [`CHUNK_ELEMENTS`] / `in_features`).
-    pub fn with_chunk_rows(mut self, rows: usize) -> Self {
-        self.chunk_rows = rows.max(1);
-        self
+    /// [`CHUNK_ELEMENTS`] / `in_features`). GGML blocks are held one [`QTensor`] per chunk, so
+    /// they are regrouped (read back and copied again).
+    ///
+    /// # Errors
+    /// When GGML blocks cannot be read back or copied.
+    pub fn with_chunk_rows(mut self, rows: usize) -> Result<Self> {
+        let rows = rows.max(1);
+        if let Blocks::Ggml { dtype, chunks } = &self.blocks {
+            let mut bytes = Vec::with_capacity(self.storage_bytes());
+            for q in chunks {
+                bytes.extend_from_slice(&q.data()?);
+            }
+            let dims = (self.out_features, self.in_features);
+            let device = self.device();
+            self.blocks = Self::ggml_blocks(&self.name, &bytes, dims, rows, *dtype, &device)?;
+        }
+        self.chunk_rows = rows;
+        Ok(self)
     }
 
     /// The weight's name (`model.layers.0.self_attn.q_proj.weight`).
@@ -256,31 +515,50 @@ impl QuantizedWeight {
         (self.out_features, self.in_features)
     }
 
+    /// The device the blocks live on (where they are dequantized).
+    pub fn device(&self) -> Device {
+        match &self.blocks {
+            Blocks::Nf4(b) => b.packed.device().clone(),
+            Blocks::Float { tensor, .. } => tensor.device().clone(),
+            Blocks::Ggml { chunks, .. } => chunks.first().map_or(Device::Cpu, QTensor::device),
+        }
+    }
+
     /// The format: `nf4` or the GGML type's name (`q4_1`, `q8_0`, `f16`, ...).
     pub fn format(&self) -> String {
         match &self.blocks {
             Blocks::Nf4(_) => "nf4".into(),
-            Blocks::Ggml { dtype, .. } => format!("{dtype:?}").to_ascii_lowercase(),
+            Blocks::Ggml { dtype, .. } | Blocks::Float { dtype, .. } => {
+                format!("{dtype:?}").to_ascii_lowercase()
+            }
         }
     }
 
-    /// The NF4 blocks, when the weight is NF4.
-    pub fn as_nf4(&self) -> Option<&Nf4Tensor> {
+    /// The NF4 blocks copied back into host memory (the reference the tests dequantize on the
+    /// host), when the weight is NF4.
+    ///
+    /// # Errors
+    /// When the blocks cannot be read back.
+    pub fn to_nf4(&self) -> Result<Option<Nf4Tensor>> {
         match &self.blocks {
-            Blocks::Nf4(t) => Some(t),
-            Blocks::Ggml { .. } => None,
+            Blocks::Nf4(b) => Ok(Some(b.to_host(&[self.out_features, self.in_features])?)),
+            Blocks::Ggml { .. } | Blocks::Float { .. } => Ok(None),
         }
     }
 
-    /// Bytes the quantized weight holds.
+    /// Bytes the quantized weight holds: NF4's packed codes, absmax codes, absmax scales and
+    /// offset; the GGML blocks (for `F32`/`F16`/`BF16`, the tensor). On CUDA candle pads each
+    /// chunk's `QTensor` allocation by 512 values' worth of blocks, which this does not count.
     pub fn storage_bytes(&self) -> usize {
         match &self.blocks {
-            Blocks::Nf4(t) => t.storage_bytes(),
-            Blocks::Ggml { bytes, .. } => bytes.len(),
+            Blocks::Nf4(b) => b.storage_bytes(),
+            Blocks::Ggml { chunks, .. } => chunks.iter().map(QTensor::storage_size_in_bytes).sum(),
+            Blocks::Float { tensor, .. } => tensor.elem_count() * tensor.dtype().size_in_bytes(),
         }
     }
 
-    /// Output rows `start .. start + len` dequantized to F32 (`[len, in]`) on `device`.
+    /// Output rows `start .. start + len` dequantized to F32 (`[len, in]`) where the blocks
+    /// live, then moved to `device` (nothing moves when it is theirs).
     ///
     /// # Errors
     /// When the rows are out of range; a tensor error.
@@ -289,14 +567,31 @@ impl QuantizedWeight {
             candle::bail!("`{}`: rows {start}..{} of {}", self.name, start + len, self.out_features);
         }
         let t = match &self.blocks {
-            Blocks::Nf4(t) => {
-                let values = t.dequantize_range(start * self.in_features, len * self.in_features)?;
-                Tensor::from_vec(values, (len, self.in_features), &Device::Cpu)?
-            }
-            Blocks::Ggml { dtype, bytes, row_bytes } => {
-                let slice = &bytes[start * row_bytes..(start + len) * row_bytes];
-                let storage = QStorage::from_data(Cow::Borrowed(slice), &Device::Cpu, *dtype)?;
-                QTensor::new(storage, (len, self.in_features))?.dequantize(&Device::Cpu)?
+            Blocks::Nf4(b) => b
+                .dequantize_range(start * self.in_features, len * self.in_features)?
+                .reshape((len, self.in_features))?,
+            Blocks::Float { tensor, .. } => tensor.narrow(0, start, len)?.to_dtype(DType::F32)?,
+            Blocks::Ggml { chunks, .. } => {
+                let mut parts = Vec::new();
+                let first = start / self.chunk_rows;
+                for (k, q) in chunks.iter().enumerate().skip(first) {
+                    let chunk_start = k * self.chunk_rows;
+                    if chunk_start >= start + len {
+                        break;
+                    }
+                    let rows = q.shape().dims()[0];
+                    let (from, to) = (start.max(chunk_start), (start + len).min(chunk_start + rows));
+                    let values = q.dequantize(&q.device())?;
+                    parts.push(match (from - chunk_start, to - from) {
+                        (0, n) if n == rows => values,
+                        (offset, n) => values.narrow(0, offset, n)?,
+                    });
+                }
+                match parts.len() {
+                    0 => Tensor::zeros((0, self.in_features), DType::F32, &self.device())?,
+                    1 => parts.remove(0),
+                    _ => Tensor::cat(&parts, 0)?,
+                }
             }
         };
         t.to_device(device)

@@ -191,6 +191,49 @@ impl Nf4Tensor {
         Ok(Self { dims: dims.to_vec(), packed, absmax_codes, absmax_scales, offset })
     }
 
+    /// A tensor from its stored parts (as [`Nf4Tensor::packed`], [`Nf4Tensor::absmax_codes`],
+    /// [`Nf4Tensor::absmax_scales`] and [`Nf4Tensor::offset`] give them), such as blocks read
+    /// back from a device.
+    ///
+    /// # Errors
+    /// When a part's length does not fit `dims` (naming the part).
+    pub fn from_parts(
+        dims: &[usize],
+        packed: Vec<u8>,
+        absmax_codes: Vec<u8>,
+        absmax_scales: Vec<f32>,
+        offset: f32,
+    ) -> Result<Self> {
+        let n: usize = dims.iter().product();
+        let blocks = n.div_ceil(NF4_BLOCK);
+        for (part, len, want) in [
+            ("packed codes", packed.len(), n.div_ceil(2)),
+            ("absmax codes", absmax_codes.len(), blocks),
+            ("absmax scales", absmax_scales.len(), blocks.div_ceil(ABSMAX_GROUP)),
+        ] {
+            if len != want {
+                candle::bail!("nf4: {len} {part} for shape {dims:?}, which takes {want}");
+            }
+        }
+        Ok(Self { dims: dims.to_vec(), packed, absmax_codes, absmax_scales, offset })
+    }
+
+    /// The packed 4-bit codes: two per byte, the first element in the high nibble (a last odd
+    /// element's low nibble is 0).
+    pub fn packed(&self) -> &[u8] {
+        &self.packed
+    }
+
+    /// The 8-bit code (an index into [`dynamic_map`]) of each 64-element block's centred absmax.
+    pub fn absmax_codes(&self) -> &[u8] {
+        &self.absmax_codes
+    }
+
+    /// The F32 scale of each group of [`ABSMAX_GROUP`] absmax codes.
+    pub fn absmax_scales(&self) -> &[f32] {
+        &self.absmax_scales
+    }
+
     /// The shape.
     pub fn dims(&self) -> &[usize] {
         &self.dims
