@@ -462,3 +462,162 @@ fn the_lora_config_states_the_base_format() -> anyhow::Result<()> {
     assert!(!LoraModel::new(dense, lora(), 3)?.settings().contains("quantize_base"));
     Ok(())
 }
+
+fn bits(t: &Tensor) -> anyhow::Result<Vec<u32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
+}
+
+/// Fails naming the first differing element (and how many differ), not printing both vectors.
+fn assert_same_bits(got: &[u32], want: &[u32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let differ: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want[i]).collect();
+    if let Some(&i) = differ.first() {
+        panic!(
+            "{what}: {} of {} elements differ, the first at {i}: {} ({:#x}) against {} ({:#x})",
+            differ.len(),
+            got.len(),
+            f32::from_bits(got[i]),
+            got[i],
+            f32::from_bits(want[i]),
+            want[i]
+        );
+    }
+}
+
+/// Seeded values of mixed magnitudes (blocks of very different absmaxes, some all zero).
+fn values(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let block = i / 64;
+            let scale = if (block + seed) % 7 == 3 { 0.0 } else { 1.0 + ((block * 5 + seed) % 11) as f32 };
+            scale * ((i * 31 + seed * 17) as f32 * 0.37).sin()
+        })
+        .collect()
+}
+
+/// NF4 dequantized on the device with tensor ops (what training runs) equals the host's
+/// element-by-element dequantization (`Nf4Tensor::dequantize_range`, checked against
+/// bitsandbytes in the unit tests) bit for bit: odd element counts (a padding nibble), a short
+/// last block, more than 256 blocks (two absmax groups), every chunk size and so every chunk
+/// boundary, and ranges that start and end inside blocks.
+#[test]
+fn nf4_on_the_device_equals_the_host_bit_for_bit() -> anyhow::Result<()> {
+    for (k, (rows, cols)) in [(3, 7), (5, 100), (37, 129), (300, 70), (1, 64)].into_iter().enumerate() {
+        let data = values(rows * cols, k);
+        let weight = QuantizedWeight::nf4("w", &Tensor::from_vec(data, (rows, cols), &Device::Cpu)?)?;
+        let host = weight.to_nf4()?.ok_or_else(|| anyhow::anyhow!("not nf4"))?;
+        let n = rows * cols;
+        assert_eq!(weight.storage_bytes(), host.storage_bytes());
+        let reference: Vec<u32> = host.dequantize_range(0, n)?.into_iter().map(f32::to_bits).collect();
+        assert!(reference.iter().any(|&b| b != 0), "{rows}x{cols}: all zero");
+        let whole = bits(&weight.dequantize(&Device::Cpu)?)?;
+        assert_same_bits(&whole, &reference, &format!("{rows}x{cols}: whole"));
+        let whole = bits(&weight.dequantize_rows_portable(0, rows)?)?;
+        assert_same_bits(&whole, &reference, &format!("{rows}x{cols}: whole, tensor ops"));
+        let chunk_sizes: Vec<usize> = if rows <= 40 { (1..=rows).collect() } else { vec![1, 7, 256, 299] };
+        let mut weight = weight;
+        for chunk in chunk_sizes {
+            weight = weight.with_chunk_rows(chunk)?;
+            let mut covered = 0;
+            for (start, len) in weight.chunks() {
+                let want = &reference[start * cols..(start + len) * cols];
+                let got = bits(&weight.dequantize_rows(start, len, &Device::Cpu)?)?;
+                assert_same_bits(&got, want, &format!("{rows}x{cols}: rows {start}+{len}"));
+                let got = bits(&weight.dequantize_rows_portable(start, len)?)?;
+                assert_same_bits(&got, want, &format!("{rows}x{cols}: rows {start}+{len}, tensor ops"));
+                covered += len;
+            }
+            assert_eq!(covered, rows);
+        }
+        assert!(weight.dequantize_rows_portable(rows, 1).is_err());
+    }
+    Ok(())
+}
+
+/// GGML blocks held one `QTensor` per chunk of rows dequantize, chunk by chunk and over any
+/// range of rows, to what candle gives for the whole tensor; a GGUF file's F16/BF16/F32 weights
+/// (held as a plain tensor) too, bit for bit.
+#[test]
+fn ggml_chunks_equal_the_whole_tensor_dequantized() -> anyhow::Result<()> {
+    let (rows, cols) = (13, 64);
+    let dense = Tensor::from_vec(values(rows * cols, 2), (rows, cols), &Device::Cpu)?;
+    let types =
+        [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::F16, GgmlDType::BF16, GgmlDType::F32];
+    for dtype in types {
+        let q = QTensor::quantize(&dense, dtype)?;
+        let whole = bits(&q.dequantize(&Device::Cpu)?)?;
+        let weight = QuantizedWeight::from_qtensor("w", &q, None)?;
+        assert_eq!(weight.storage_bytes(), q.storage_size_in_bytes(), "{dtype:?}");
+        assert_eq!(weight.format(), format!("{dtype:?}").to_ascii_lowercase());
+        let mut weight = weight;
+        for chunk in [1, 4, 5, 13] {
+            weight = weight.with_chunk_rows(chunk)?;
+            assert_eq!(weight.storage_bytes(), q.storage_size_in_bytes(), "{dtype:?}, {chunk} rows");
+            for (start, len) in weight.chunks().chain([(3, 7), (0, 13), (12, 1)]) {
+                let want = &whole[start * cols..(start + len) * cols];
+                let got = bits(&weight.dequantize_rows(start, len, &Device::Cpu)?)?;
+                assert_same_bits(&got, want, &format!("{dtype:?}: rows {start}+{len}"));
+                let got = bits(&weight.dequantize_rows_portable(start, len)?)?;
+                assert_same_bits(&got, want, &format!("{dtype:?}: rows {start}+{len}, portable"));
+            }
+        }
+        assert!(weight.dequantize_rows(10, 4, &Device::Cpu).is_err());
+    }
+    // Rows permuted as whole rows (llama.cpp's rotary layout undone): row i is q's row rows[i].
+    let q = QTensor::quantize(&dense, GgmlDType::Q4_1)?;
+    let order: Vec<usize> = (0..rows).rev().collect();
+    let permuted = QuantizedWeight::from_qtensor("w", &q, Some(&order))?.with_chunk_rows(4)?;
+    let whole = q.dequantize(&Device::Cpu)?;
+    for (i, &r) in order.iter().enumerate() {
+        let want = bits(&whole.narrow(0, r, 1)?)?;
+        assert_same_bits(&bits(&permuted.dequantize_rows(i, 1, &Device::Cpu)?)?, &want, &format!("row {i}"));
+    }
+    Ok(())
+}
+
+/// A SmolLM2-sized weight (576 x 1536, the MLP's down projection) dequantized in its chunks of
+/// rows three ways: with tensor ops (`dequantize_rows_portable`, what CUDA and Metal run), by
+/// `dequantize_rows` on the CPU (a host loop over the blocks' tensors), and by the host
+/// `Nf4Tensor::dequantize_range`: equal bit for bit; the times are printed (`--nocapture`),
+/// never asserted. BENCHMARKS.md section 18 quotes them.
+#[test]
+fn nf4_dequantization_time_on_a_smollm2_weight() -> anyhow::Result<()> {
+    let (rows, cols) = (576, 1536);
+    let dense = Tensor::from_vec(values(rows * cols, 5), (rows, cols), &Device::Cpu)?;
+    let weight = QuantizedWeight::nf4("model.layers.0.mlp.down_proj.weight", &dense)?;
+    let host = weight.to_nf4()?.ok_or_else(|| anyhow::anyhow!("not nf4"))?;
+    let chunks: Vec<(usize, usize)> = weight.chunks().collect();
+    let time = |f: &dyn Fn() -> anyhow::Result<Vec<Tensor>>| -> anyhow::Result<(f64, Vec<Tensor>)> {
+        let mut best = f64::INFINITY;
+        let mut out = Vec::new();
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            out = f()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok((best * 1e3, out))
+    };
+    let (tensor_ms, tensor) =
+        time(&|| chunks.iter().map(|&(s, n)| Ok(weight.dequantize_rows_portable(s, n)?)).collect())?;
+    let (cpu_ms, cpu) =
+        time(&|| chunks.iter().map(|&(s, n)| Ok(weight.dequantize_rows(s, n, &Device::Cpu)?)).collect())?;
+    let (host_ms, host_out) = time(&|| {
+        chunks
+            .iter()
+            .map(|&(s, n)| {
+                Ok(Tensor::from_vec(host.dequantize_range(s * cols, n * cols)?, (n, cols), &Device::Cpu)?)
+            })
+            .collect()
+    })?;
+    assert_eq!(tensor.len(), chunks.len());
+    for (k, ((a, b), c)) in tensor.iter().zip(&host_out).zip(&cpu).enumerate() {
+        assert_same_bits(&bits(a)?, &bits(b)?, &format!("chunk {k}, tensor ops"));
+        assert_same_bits(&bits(c)?, &bits(b)?, &format!("chunk {k}, dequantize_rows"));
+    }
+    println!(
+        "nf4 {rows}x{cols} in {} chunks, best of 5: tensor ops {tensor_ms:.2} ms, dequantize_rows on the \
+         CPU (host loop over the blocks' tensors) {cpu_ms:.2} ms, Nf4Tensor::dequantize_range {host_ms:.2} ms",
+        chunks.len()
+    );
+    Ok(())
+}

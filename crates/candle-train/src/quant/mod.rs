@@ -22,7 +22,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use candle::quantized::{GgmlDType, QStorage, QTensor};
-use candle::{DType, Device, Result, Tensor};
+use candle::{CpuStorage, DType, Device, Result, Storage, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use nf4::Nf4Tensor;
@@ -200,12 +200,55 @@ impl Nf4Blocks {
         )
     }
 
+    /// Elements `start .. start + len` (flattened) dequantized to F32 on the blocks' device:
+    /// on the CPU by the host loop over the tensors' bytes ([`nf4::dequantize_parts`], measured
+    /// faster there, BENCHMARKS.md section 18), elsewhere by [`Nf4Blocks::dequantize_range_portable`].
+    fn dequantize_range(&self, start: usize, len: usize) -> Result<Tensor> {
+        if !self.packed.device().is_cpu() {
+            return self.dequantize_range_portable(start, len);
+        }
+        let (packed, codes, scales, offset) = (
+            self.packed.storage_and_layout(),
+            self.absmax_codes.storage_and_layout(),
+            self.absmax_scales.storage_and_layout(),
+            self.offset.storage_and_layout(),
+        );
+        let (Some(p), Some(c), Some(s), Some(o)) = (
+            packed.1.contiguous_offsets(),
+            codes.1.contiguous_offsets(),
+            scales.1.contiguous_offsets(),
+            offset.1.contiguous_offsets(),
+        ) else {
+            candle::bail!("nf4: the blocks are not contiguous tensors");
+        };
+        if start + len > self.elements {
+            candle::bail!("nf4: elements {start}..{} of {}", start + len, self.elements);
+        }
+        let values = match (&*packed.0, &*codes.0, &*scales.0, &*offset.0) {
+            (
+                Storage::Cpu(CpuStorage::U8(packed)),
+                Storage::Cpu(CpuStorage::U8(codes)),
+                Storage::Cpu(CpuStorage::F32(scales)),
+                Storage::Cpu(CpuStorage::F32(offset)),
+            ) if o.1 == o.0 + 1 => nf4::dequantize_parts(
+                &packed[p.0..p.1],
+                &codes[c.0..c.1],
+                &scales[s.0..s.1],
+                offset[o.0],
+                start,
+                len,
+            ),
+            _ => candle::bail!("nf4: the blocks are not U8/F32 CPU tensors"),
+        };
+        Tensor::from_vec(values, len, &Device::Cpu)
+    }
+
     /// Elements `start .. start + len` (flattened) dequantized to F32 on the blocks' device,
-    /// with tensor ops only: the blocks covering the range are expanded (their packed bytes
+    /// with tensor ops only (what runs on CUDA and Metal): the blocks covering the range are expanded (their packed bytes
     /// through the pair table, their absmaxes as `map[code] * scale + offset`, each product
     /// rounded as [`Nf4Tensor::dequantize_range`] rounds it), multiplied block by block, and
     /// narrowed to the range. Bit for bit the host's values.
-    fn dequantize_range(&self, start: usize, len: usize) -> Result<Tensor> {
+    fn dequantize_range_portable(&self, start: usize, len: usize) -> Result<Tensor> {
         let device = self.packed.device();
         if len == 0 {
             return Tensor::zeros(0, DType::F32, device);
@@ -218,6 +261,9 @@ impl Nf4Blocks {
         // dropped, a short last block padded with zeros to 64).
         let (byte0, byte1) = (e0 / 2, e1.div_ceil(2));
         let bytes = self.packed.narrow(0, byte0, byte1 - byte0)?;
+        // U32 indices: candle's index_select reads an index equal to the index type's maximum
+        // as "none" and gives zeros, so U8 indices would lose byte 0xff and map code 255.
+        let bytes = bytes.to_dtype(DType::U32)?;
         let mut codes = self.pairs.index_select(&bytes, 0)?.flatten_all()?.narrow(0, 0, e1 - e0)?;
         if e1 - e0 < blocks * NF4_BLOCK {
             codes = codes.pad_with_zeros(0, 0, blocks * NF4_BLOCK - (e1 - e0))?;
@@ -231,7 +277,8 @@ impl Nf4Blocks {
             .broadcast_as((g1 - g0, ABSMAX_GROUP))?
             .flatten_all()?
             .narrow(0, b0 - g0 * ABSMAX_GROUP, blocks)?;
-        let absmax = self.map.index_select(&self.absmax_codes.narrow(0, b0, blocks)?, 0)?;
+        let absmax =
+            self.map.index_select(&self.absmax_codes.narrow(0, b0, blocks)?.to_dtype(DType::U32)?, 0)?;
         let absmax = (absmax * scales)?.broadcast_add(&self.offset)?;
         let values = codes.reshape((blocks, NF4_BLOCK))?.broadcast_mul(&absmax.reshape((blocks, 1))?)?;
         let values = values.flatten_all()?;
@@ -595,6 +642,27 @@ impl QuantizedWeight {
             }
         };
         t.to_device(device)
+    }
+
+    /// Output rows `start .. start + len` dequantized to F32 (`[len, in]`) on the blocks' own
+    /// device by the path that runs on every device: for NF4 the tensor ops CUDA and Metal run
+    /// (on the CPU [`QuantizedWeight::dequantize_rows`] takes a host loop instead, which gives
+    /// the same bits faster); for the other formats the same as `dequantize_rows`. The tests
+    /// compare the two.
+    ///
+    /// # Errors
+    /// When the rows are out of range; a tensor error.
+    pub fn dequantize_rows_portable(&self, start: usize, len: usize) -> Result<Tensor> {
+        match &self.blocks {
+            Blocks::Nf4(b) => {
+                if start + len > self.out_features {
+                    candle::bail!("`{}`: rows {start}..{} of {}", self.name, start + len, self.out_features);
+                }
+                b.dequantize_range_portable(start * self.in_features, len * self.in_features)?
+                    .reshape((len, self.in_features))
+            }
+            _ => self.dequantize_rows(start, len, &self.device()),
+        }
     }
 
     /// The whole weight dequantized to F32 (`[out, in]`): the reference the tests compare with,

@@ -148,7 +148,35 @@ fn quantize_blockwise(values: &[f32], block: usize, code: &[f32], zero_index: u8
     (codes, absmaxes)
 }
 
-/// A tensor in NF4 with double-quantized block scales, held in host memory.
+/// Elements `start .. start + len` of the NF4 tensor whose parts these are, dequantized to F32
+/// one by one (`NF4_CODE[code] * (map[absmax code] * scale + offset)`). The range must lie in
+/// the tensor (`2 * packed.len()` elements at most).
+pub(crate) fn dequantize_parts(
+    packed: &[u8],
+    absmax_codes: &[u8],
+    absmax_scales: &[f32],
+    offset: f32,
+    start: usize,
+    len: usize,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    let mut block = usize::MAX;
+    let mut absmax = 0f32;
+    for i in start..start + len {
+        if i / NF4_BLOCK != block {
+            block = i / NF4_BLOCK;
+            let q = absmax_codes[block] as usize;
+            absmax = DYNAMIC_MAP[q] * absmax_scales[block / ABSMAX_GROUP] + offset;
+        }
+        let byte = packed[i / 2];
+        let code = if i % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+        out.push(NF4_CODE[code as usize] * absmax);
+    }
+    out
+}
+
+/// A tensor in NF4 with double-quantized block scales, held in host memory (the format as
+/// quantized; [`super::QuantizedWeight`] places its parts on a device).
 #[derive(Debug, Clone)]
 pub struct Nf4Tensor {
     dims: Vec<usize>,
@@ -276,18 +304,7 @@ impl Nf4Tensor {
         if start + len > self.elem_count() {
             candle::bail!("nf4: elements {start}..{} of {}", start + len, self.elem_count());
         }
-        let mut out = Vec::with_capacity(len);
-        let mut block = usize::MAX;
-        let mut absmax = 0f32;
-        for i in start..start + len {
-            if i / NF4_BLOCK != block {
-                block = i / NF4_BLOCK;
-                let q = self.absmax_codes[block] as usize;
-                absmax = DYNAMIC_MAP[q] * self.absmax_scales[block / ABSMAX_GROUP] + self.offset;
-            }
-            out.push(NF4_CODE[self.code(i) as usize] * absmax);
-        }
-        Ok(out)
+        Ok(dequantize_parts(&self.packed, &self.absmax_codes, &self.absmax_scales, self.offset, start, len))
     }
 
     /// The whole tensor dequantized to F32 on `device`.
