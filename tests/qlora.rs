@@ -12,13 +12,16 @@ use candle::quantized::gguf_file::Value;
 use candle::quantized::{GgmlDType, QTensor};
 use candle::{DType, Device, Tensor};
 use candle_fit::ckpt::{forward_backward, segment_infos, Recompute, RecomputePolicy, SegmentContext};
+use candle_fit::shard::driver::{fit_in_process, InProcessConfig};
+use candle_fit::shard::ZeroStage;
 use candle_fit::train::lora::{LoraConfig, LoraModel};
 use candle_fit::train::models::llama::{is_base_linear, quantize_linears};
 use candle_fit::train::models::GgufFile;
 use candle_fit::train::quant::{BaseQuantization, QuantizedWeight};
+use candle_fit::train::serve::Snapshot;
 use candle_fit::train::{
-    AdamWConfig, Corpus, Llama, LlamaConfig, LocalUpdater, OptimizerConfig, TokenBatch, TrainableModel,
-    Trainer, TrainerConfig, Updater,
+    AdamWConfig, Corpus, Llama, LlamaConfig, LocalUpdater, OptimizerConfig, SgdConfig, TokenBatch,
+    TrainableModel, Trainer, TrainerConfig, Updater,
 };
 
 /// Widths that are whole GGML blocks (32): 2 layers of width 32, 4 query heads of dimension 8
@@ -619,5 +622,85 @@ fn nf4_dequantization_time_on_a_smollm2_weight() -> anyhow::Result<()> {
          CPU (host loop over the blocks' tensors) {cpu_ms:.2} ms, Nf4Tensor::dequantize_range {host_ms:.2} ms",
         chunks.len()
     );
+    Ok(())
+}
+
+/// The adapters' values by name.
+fn adapter_values(model: &LoraModel<Llama>) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
+    model
+        .adapter_parameters()
+        .iter()
+        .map(|p| Ok((p.name.clone(), p.tensor()?.flatten_all()?.to_vec1()?)))
+        .collect()
+}
+
+/// QLoRA under ZeRO stages 0-3 on two in-process ranks ends where one rank does (the adapters
+/// within 1e-6 of their magnitude, the tolerance of `tests/lora.rs`'s LoRA-under-ZeRO test):
+/// the adapters are the trainable parameters (partitioned by stage 1-3, released and gathered
+/// by stage 3), and every rank's model is a snapshot of one NF4 base, sharing its blocks
+/// (the same `Arc`s, not copies). The base stays bit-identical.
+#[test]
+fn qlora_under_zero_on_two_ranks_equals_one_rank() -> anyhow::Result<()> {
+    let config = LlamaConfig { vocab_size: 256, ..config() };
+    let mut tensors = dense_tensors(&config)?;
+    let quantized = quantize_linears(&mut tensors, BaseQuantization::Nf4)?;
+    let base = Llama::from_tensors_quantized(&config, tensors, quantized, DType::F32, &Device::Cpu)?;
+    let before = blocks(&base)?;
+    let copy = base.snapshot()?;
+    let (ours, theirs) = (base.quantized_weights(), copy.quantized_weights());
+    assert_eq!(ours.len(), 14);
+    assert!(
+        ours.iter().zip(&theirs).all(|(a, b)| std::sync::Arc::ptr_eq(a, b)),
+        "the snapshot copied the blocks"
+    );
+    let make = |_rank: usize| -> candle_fit::train::Result<LoraModel<Llama>> {
+        let model = LoraModel::new(base.snapshot()?, lora(), 3)?;
+        // Non-zero B for every rank alike (B starts at zero).
+        randomize_b(&model).map_err(|e| candle_fit::train::Error::config("test", e.to_string()))?;
+        Ok(model)
+    };
+    let optimizer = OptimizerConfig::Sgd(SgdConfig::default());
+    let data = Corpus::from_bytes("austen.txt".as_ref(), candle_fit::BUNDLED_CORPUS[..6000].to_vec(), 0.2)?;
+    let trainer = || -> anyhow::Result<Trainer> {
+        Ok(Trainer::new(
+            TrainerConfig::builder()
+                .micro_batch(2)
+                .accumulation_steps(2)
+                .seq_len(12)
+                .steps(2)
+                .eval_windows(4)
+                .recompute(Recompute::All)
+                .lr(1e-1)
+                .build()?,
+        ))
+    };
+    let initial = adapter_values(&make(0)?)?;
+    let single = {
+        let model = make(0)?;
+        let mut updater = LocalUpdater::from_config(TrainableModel::parameters(&model), &optimizer)?;
+        trainer()?.fit(&model, &data, &mut updater)?;
+        adapter_values(&model)?
+    };
+    for stage in [ZeroStage::Stage0, ZeroStage::Stage1, ZeroStage::Stage2, ZeroStage::Stage3] {
+        let config = InProcessConfig {
+            world_size: std::num::NonZeroUsize::new(2).ok_or_else(|| anyhow::anyhow!("zero ranks"))?,
+            stage,
+            timeout: std::time::Duration::from_secs(60),
+        };
+        let runs = fit_in_process(&config, &trainer()?, &data, &optimizer, make)?;
+        let ranked = adapter_values(&runs[0].model)?;
+        assert_eq!(ranked.len(), single.len());
+        let mut moved = 0.0f32;
+        for (((name, one), (other, many)), (_, start)) in single.iter().zip(&ranked).zip(&initial) {
+            assert_eq!(name, other);
+            let step = one.iter().zip(start).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            let diff = one.iter().zip(many).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            let magnitude = one.iter().fold(step, |m, v| m.max(v.abs()));
+            moved = moved.max(step);
+            assert!(diff <= 1e-6 * magnitude, "{stage:?}: `{name}` differs by {diff:e} (update {step:e})");
+        }
+        assert!(moved > 1e-4, "{stage:?}: training did not move the adapters");
+        assert_eq!(blocks(runs[0].model.inner())?, before, "{stage:?}: the quantized base changed");
+    }
     Ok(())
 }

@@ -263,10 +263,6 @@ impl FinetuneOptions {
                 !self.lora.as_ref().is_some_and(|l| l.merge),
                 "`--merge` with `--quantize-base`: the adapters cannot be merged into a quantized base (load the adapter folder with eval/generate, which merge it into the dense base)"
             );
-            anyhow::ensure!(
-                self.zero.is_none() && self.world_size == 1 && launched_rank().is_none(),
-                "`--quantize-base` with `--zero` or several ranks: not available yet (each rank would need its own copy of the quantized base)"
-            );
         }
         for (name, path) in [("--data", Some(&self.data)), ("--valid", self.valid.as_ref())] {
             if let Some(path) = path {
@@ -750,7 +746,9 @@ fn finetune_lm<M: HfCausalLm>(
     print_start(options, TrainableModel::parameters(&model).num_elements(), data.train().len());
     prepare_output(&options.out)?;
     // Under ZeRO the ranks other than 0 train copies of the base (their values are replaced
-    // by rank 0's broadcast); one device keeps only the loaded model.
+    // by rank 0's broadcast); one device keeps only the loaded model. A quantized base
+    // (QLoRA) is immutable: the in-process ranks' copies share its blocks (`Snapshot`), and a
+    // launched rank loaded its own.
     let sharded = options.zero.is_some() || options.world_size > 1;
     let source = if sharded { Some(model.snapshot()?) } else { None };
     let base_copy = || -> candle_train::Result<M> {

@@ -399,6 +399,19 @@ impl ParamBuilder {
         self
     }
 
+    /// Gives affine layers quantized weights shared with another model (as
+    /// [`ParamBuilder::with_quantized`], the same immutable blocks, not copied: a snapshot's or
+    /// an in-process rank's replica of a QLoRA base).
+    pub fn with_shared_quantized(
+        mut self,
+        weights: impl IntoIterator<Item = std::sync::Arc<crate::quant::QuantizedWeight>>,
+    ) -> Self {
+        for w in weights {
+            self.quantized.insert(w.name().to_string(), w);
+        }
+        self
+    }
+
     /// The quantized weight given for `name`, taken (`None` when there is none).
     pub fn take_quantized(&mut self, name: &str) -> Option<std::sync::Arc<crate::quant::QuantizedWeight>> {
         self.quantized.remove(name)

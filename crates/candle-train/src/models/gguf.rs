@@ -200,7 +200,8 @@ impl GgufFile {
     /// (whatever their type: the bytes are copied, never dequantized; the query and key rows
     /// are permuted as whole rows back to the half-split rotary layout), the other modes
     /// dequantize each weight and quantize it again. The embedding, the norms and an untied
-    /// head are dequantized to `dtype`, as [`GgufFile::llama`] does.
+    /// head are dequantized to `dtype`, as [`GgufFile::llama`] does. Each weight's blocks are
+    /// made on the host and moved to `device` before the next is read.
     ///
     /// # Errors
     /// As [`GgufFile::llama`]; a weight whose rows are not whole blocks of the chosen type.
@@ -245,7 +246,8 @@ impl GgufFile {
                     }
                     None => None,
                 };
-                quantized.push(QuantizedWeight::from_qtensor(&hf, &qtensor, rows.as_deref())?);
+                quantized
+                    .push(QuantizedWeight::from_qtensor(&hf, &qtensor, rows.as_deref())?.to_device(device)?);
                 continue;
             }
             let value = self.dequantize(&mut reader, name, &Device::Cpu)?;
@@ -253,7 +255,7 @@ impl GgufFile {
                 Some(heads) => interleaved_to_half_split(&value, heads)?,
                 None => value,
             };
-            quantized.push(quantization.quantize(&hf, &value)?);
+            quantized.push(quantization.quantize(&hf, &value)?.to_device(device)?);
         }
         Llama::from_tensors_quantized(&config, tensors, quantized, dtype, device)
     }

@@ -648,7 +648,8 @@ impl Llama {
     /// Face name, such as those [`quantize_linears`] makes; QLoRA's frozen base,
     /// [`crate::quant`]) and whose other parameters take their values from `tensors`, as
     /// [`Llama::from_tensors`]. No dense copy of a quantized weight is made; the quantized
-    /// layers are frozen and compute through [`crate::quant::quantized_linear`].
+    /// layers are frozen and compute through [`crate::quant::quantized_linear`]. A quantized
+    /// weight whose blocks are on another device is moved to `device`.
     ///
     /// # Errors
     /// As [`Llama::from_tensors`]; [`crate::Error::StateMismatch`] for a quantized weight of the
@@ -661,6 +662,9 @@ impl Llama {
         device: &Device,
     ) -> crate::Result<Self> {
         config.validate()?;
+        // The blocks live on the model's device (moved there when they were made elsewhere).
+        let quantized =
+            quantized.into_iter().map(|q| q.to_device(device)).collect::<candle::Result<Vec<_>>>()?;
         Self::build(
             config,
             ParamBuilder::from_values(dtype, device.clone(), tensors).with_quantized(quantized),
@@ -943,11 +947,22 @@ crate::segmented_stack!(Llama);
 crate::module_fields!(Llama { embed_tokens, layers, norm, lm_head });
 
 impl crate::serve::Snapshot for Llama {
-    /// A copy with its own variables (same names, values and dtype).
+    /// A copy with its own variables (same names, values and dtype); a quantized base (QLoRA's,
+    /// immutable) is shared with the copy, not copied.
     fn snapshot(&self) -> crate::Result<Self> {
-        if !self.quantized_weights().is_empty() {
-            return Err(crate::Error::config("snapshot", "a model over a quantized base is not copied"));
+        let quantized = self.quantized_weights();
+        if quantized.is_empty() {
+            return Self::from_tensors(
+                &self.config,
+                self.params.detached_values()?,
+                self.dtype,
+                &self.device(),
+            );
         }
-        Self::from_tensors(&self.config, self.params.detached_values()?, self.dtype, &self.device())
+        let values = self.params.detached_values()?;
+        Self::build(
+            &self.config,
+            ParamBuilder::from_values(self.dtype, self.device(), values).with_shared_quantized(quantized),
+        )
     }
 }
