@@ -365,6 +365,63 @@ fn bad_flags_folders_and_records_are_one_clear_line() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// QLoRA under ZeRO: `--quantize-base q8_0 --zero 2 --world-size 2` on a tiny LLaMA folder (the
+/// in-process ranks share the one quantized base) trains the adapters one device trains on the
+/// same global batch: the same held-out loss, the adapter tensors within F32 rounding of the
+/// sums' other order (SGD, as the LoRA test above).
+#[test]
+fn qlora_finetune_under_zero_2_on_two_ranks_equals_one_device() -> anyhow::Result<()> {
+    use candle_fit::train::{Llama, LlamaConfig};
+    let base = temp_dir("qlora-zero-base");
+    // Widths of whole Q8_0 blocks (32).
+    let config = LlamaConfig { hidden_size: 32, intermediate_size: 64, ..LlamaConfig::tiny() };
+    let model = Llama::new(&config, candle::DType::F32, &candle::Device::Cpu, 4)?;
+    candle_fit::export::save_llama(&model, &common::tiny_tokenizer()?, &base)?;
+    let data = base.join("data.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"ab\", \"completion\": \"cde\"}\n{\"prompt\": \"fg\", \"completion\": \"hij\"}\n",
+    )?;
+    let (one, two) = (temp_dir("qlora-rank1"), temp_dir("qlora-rank2"));
+    let mut outputs = Vec::new();
+    for (dir, ranks) in [(&one, &[][..]), (&two, &["--zero", "2", "--world-size", "2"][..])] {
+        let path = |p: &PathBuf| p.to_str().expect("a UTF-8 temporary path").to_string();
+        let (base_s, data_s, out_s) = (path(&base), path(&data), path(dir));
+        let mut args = vec!["finetune", "--model", &base_s, "--data", &data_s, "--valid", &data_s];
+        args.extend(["--out", &out_s, "--steps", "2", "--micro-batch", "2", "--seq-len", "8", "--quiet"]);
+        args.extend(["--optimizer", "sgd", "--lr", "0.5", "--lora-rank", "2", "--quantize-base", "q8_0"]);
+        args.extend(["--lora-targets", "all-linear"]);
+        args.extend(ranks);
+        let (code, stdout, stderr) = run(&args)?;
+        assert_eq!(code, 0, "{ranks:?}: {stdout}\n{stderr}");
+        assert!(stdout.contains("held as q8_0"), "{stdout}");
+        outputs.push(stdout);
+    }
+    assert!(outputs[1].contains("ZeRO Stage2 on 2 in-process ranks"), "{}", outputs[1]);
+    let loss = |i: usize| -> anyhow::Result<f64> { Ok(field(&outputs[i], "loss_after")?.parse()?) };
+    assert!((loss(0)? - loss(1)?).abs() <= 1e-4 * loss(0)?, "{} vs {}", loss(0)?, loss(1)?);
+    let load = |dir: &PathBuf| {
+        candle::safetensors::load(dir.join("adapter_model.safetensors"), &candle::Device::Cpu)
+    };
+    let (a, b) = (load(&one)?, load(&two)?);
+    assert_eq!(a.len(), 2 * 7 * 2, "{:?}", a.keys());
+    assert_eq!(a.len(), b.len());
+    let mut moved = false;
+    for (name, ta) in &a {
+        let tb = b.get(name).ok_or_else(|| anyhow::anyhow!("`{name}` missing from the sharded run"))?;
+        let scale = ta.abs()?.max_all()?.to_scalar::<f32>()?.max(f32::MIN_POSITIVE);
+        let diff = (ta - tb)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff <= 1e-5 * scale, "`{name}`: {diff:e} of {scale:e}");
+        // B starts at zero: a non-zero B is an update.
+        moved |= name.contains("lora_B") && ta.abs()?.max_all()?.to_scalar::<f32>()? > 0.0;
+    }
+    assert!(moved, "no adapter moved");
+    for dir in [base, one, two] {
+        std::fs::remove_dir_all(dir).ok();
+    }
+    Ok(())
+}
+
 /// A tiny GPT-2 folder (`GPT2LMHeadModel` config, the 23-token test tokenizer) in `dir`.
 fn gpt2_folder(dir: &std::path::Path) -> anyhow::Result<()> {
     use candle_fit::train::models::{Gpt, GptConfig};
