@@ -6,7 +6,8 @@
 //! give the update of one batch k times the size; BF16 and FP16 (loss-scaled) follow the FP32
 //! loss curve; the device's memory meter sees a step's peak; the offloaded optimizer ends where
 //! the default one does; ZeRO stages 0-3 on a group of one (NCCL on CUDA with the `nccl`
-//! feature) and stage 3's release and gather end where the single-device updater does. CUDA
+//! feature) and stage 3's release and gather end where the single-device updater does; QLoRA's
+//! quantized base keeps its blocks on the device and dequantizes there to the CPU's values. CUDA
 //! adds the memory pool's counters and pinned host buffers.
 //!
 //! A CUDA build of this file needs no GPU to compile (`scripts/cuda-env.sh cargo test --no-run
@@ -491,6 +492,54 @@ fn a_device_step_moves_only_scalars(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// QLoRA's quantized base on `device`: a weight quantized from a tensor there keeps its blocks
+/// there (`QuantizedWeight::device`), holds the bytes the CPU's does, and dequantizes chunk by
+/// chunk to the CPU's values: NF4 bit for bit (its tensor ops round as the host loop does),
+/// GGML blocks within 1e-6 of the largest value (candle's kernels may contract `d * q + m`);
+/// `quantized_linear`'s forward and input gradient follow within 1e-5.
+fn quantized_base_lives_and_dequantizes_on_the_device(device: &Device) -> anyhow::Result<()> {
+    use candle_fit::train::quant::{quantized_linear, BaseQuantization};
+    let (rows, cols) = (37, 128);
+    let dense = Tensor::from_vec(varied(11, rows * cols, 1.0), (rows, cols), &Device::Cpu)?;
+    let largest = dense.abs()?.max_all()?.to_scalar::<f32>()?;
+    let x_values = varied(12, 3 * cols, 1.0);
+    for quantization in
+        [BaseQuantization::Nf4, BaseQuantization::Q4_0, BaseQuantization::Q4_1, BaseQuantization::Q8_0]
+    {
+        let cpu = quantization.quantize("w", &dense)?.with_chunk_rows(5)?;
+        let here = quantization.quantize("w", &dense.to_device(device)?)?.with_chunk_rows(5)?;
+        assert!(here.device().same_device(device), "{quantization}: blocks on {:?}", here.device());
+        assert_eq!(here.storage_bytes(), cpu.storage_bytes(), "{quantization}");
+        for (start, len) in here.chunks() {
+            let want = cpu.dequantize_rows(start, len, &Device::Cpu)?;
+            let got = here.dequantize_rows(start, len, device)?;
+            assert!(got.device().same_device(device));
+            let got = got.to_device(&Device::Cpu)?;
+            let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let exact = quantization == BaseQuantization::Nf4;
+            assert!(
+                if exact { diff == 0.0 } else { diff <= 1e-6 * largest },
+                "{quantization}: rows {start}+{len} differ by {diff:e}"
+            );
+        }
+        let linear = |weight: candle_fit::train::quant::QuantizedWeight, on: &Device| -> anyhow::Result<_> {
+            let x = candle::Var::from_tensor(&Tensor::from_vec(x_values.clone(), (3, cols), on)?)?;
+            let y = quantized_linear(x.as_tensor(), &std::sync::Arc::new(weight), None)?;
+            let grads = (y.sqr()?.sum_all()? * 0.5)?.backward()?;
+            let gx = grads.get(x.as_tensor()).ok_or_else(|| anyhow::anyhow!("no input gradient"))?;
+            Ok((y.to_device(&Device::Cpu)?, gx.to_device(&Device::Cpu)?))
+        };
+        let (y_cpu, g_cpu) = linear(cpu, &Device::Cpu)?;
+        let (y, g) = linear(here, device)?;
+        for (what, a, b) in [("output", &y, &y_cpu), ("input gradient", &g, &g_cpu)] {
+            let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff <= 1e-5 * scale, "{quantization}: {what} differs by {diff:e} of {scale:e}");
+        }
+    }
+    Ok(())
+}
+
 /// buffers, such as the matmul's L2-sized scratch, freed) before the next case starts, so the
 /// memory cases' exact lower bounds never see another case's frees.
 fn serially(case: impl FnOnce() -> anyhow::Result<()> + Send) -> anyhow::Result<()> {
@@ -535,6 +584,7 @@ device_matrix!(
     zero_stages_on_a_group_of_one_equal_the_local_updater,
     device_optimizers_equal_the_flat_kernels,
     a_device_step_moves_only_scalars,
+    quantized_base_lives_and_dequantizes_on_the_device,
     // Cases below need CUDA; on CPU they check what can be checked there.
     pinned_buffer_round_trips,
     pool_counters_track_allocations,

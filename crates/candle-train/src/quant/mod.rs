@@ -10,9 +10,33 @@
 //! dimension (NF4's 64-element blocks run along the flattened `[out, in]` matrix, so a chunk of
 //! rows is a range of elements), so a chunk of rows never needs a row outside it.
 //!
-//! The blocks are held in host memory: on the CPU, where this is measured, that is the device;
-//! on CUDA each chunk is dequantized on the host and copied over (correct, slow: no device
-//! kernel is written for it).
+//! The blocks live on the weight's device (training state lives on the device; the host sees
+//! only what the user offloads), and each chunk is dequantized there:
+//!
+//! - NF4: the packed codes and the absmax codes are `U8` tensors, the absmax scales and the
+//!   offset `F32` tensors. The portable path ([`QuantizedWeight::dequantize_rows_portable`],
+//!   what CUDA and Metal run) is candle tensor ops only: the packed bytes index a `[256, 2]`
+//!   table of their two nibbles' code values (no bit operations: candle has none), the
+//!   absmaxes are `map[code] * scale + offset` over bitsandbytes' dynamic map, and the two are
+//!   multiplied block by block; every F32 rounding is the host loop's, so the values are the
+//!   same bits (tested over odd shapes, short last blocks, two absmax groups and every chunk
+//!   boundary). On the CPU the same tensors are read by the host loop instead
+//!   (`nf4::dequantize_parts`): on a 576 x 1536 SmolLM2 weight it took 1.2 ms against the
+//!   tensor ops' 2.2 ms (BENCHMARKS.md section 18).
+//! - GGML types: one candle [`QTensor`] per chunk of rows on the device, dequantized by candle
+//!   where it lives (its CUDA/Metal kernels for `Q4_0` ... `Q8_K`; candle's CUDA backend
+//!   dequantizes `Q8_1` on the host, a type no GGUF weight uses). A GGUF file's unquantized
+//!   `F32`/`F16`/`BF16` weights are held as a plain tensor of that dtype (candle's CUDA
+//!   `QTensor` would dequantize those on the host).
+//!
+//! Quantizing (NF4, or GGML from a dense weight) runs on the host at load time, one weight at a
+//! time, and the blocks are then copied to the device. What ran where: the CPU path and the
+//! portable tensor-op path are tested on the CPU; the CUDA build compiles (`scripts/cuda-env.sh
+//! cargo clippy --features nccl`), but nothing of this module has run on a GPU yet.
+//!
+//! Several in-process ranks (ZeRO, `candle_shard::driver::fit_in_process`) share one base: a
+//! quantized [`crate::Llama`]'s snapshot holds the same `Arc<QuantizedWeight>`s, which are
+//! immutable.
 
 pub mod nf4;
 
