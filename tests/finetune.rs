@@ -365,10 +365,11 @@ fn bad_flags_folders_and_records_are_one_clear_line() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// QLoRA under ZeRO: `--quantize-base q8_0 --zero 2 --world-size 2` on a tiny LLaMA folder (the
-/// in-process ranks share the one quantized base) trains the adapters one device trains on the
-/// same global batch: the same held-out loss, the adapter tensors within F32 rounding of the
-/// sums' other order (SGD, as the LoRA test above).
+/// QLoRA under ZeRO 2 on two ranks, `--quantize-base q8_0` on a tiny LLaMA folder: in-process
+/// (`--world-size 2`: the ranks share the one quantized base) and launched (`launch --nproc 2`:
+/// each process loads its own) train the adapters one device trains on the same global batch:
+/// the same held-out loss, the adapter tensors within F32 rounding of the sums' other order
+/// (SGD, as the LoRA test above).
 #[test]
 fn qlora_finetune_under_zero_2_on_two_ranks_equals_one_device() -> anyhow::Result<()> {
     use candle_fit::train::{Llama, LlamaConfig};
@@ -382,41 +383,56 @@ fn qlora_finetune_under_zero_2_on_two_ranks_equals_one_device() -> anyhow::Resul
         &data,
         "{\"prompt\": \"ab\", \"completion\": \"cde\"}\n{\"prompt\": \"fg\", \"completion\": \"hij\"}\n",
     )?;
-    let (one, two) = (temp_dir("qlora-rank1"), temp_dir("qlora-rank2"));
+    let dirs = [temp_dir("qlora-rank1"), temp_dir("qlora-threads"), temp_dir("qlora-processes")];
+    let ways: [(&[&str], &[&str]); 3] = [
+        (&[], &[]),
+        (&[], &["--zero", "2", "--world-size", "2"]),
+        (&["launch", "--nproc", "2", "--"], &["--zero", "2"]),
+    ];
+    let path = |p: &PathBuf| p.to_str().expect("a UTF-8 temporary path").to_string();
+    let (base_s, data_s) = (path(&base), path(&data));
     let mut outputs = Vec::new();
-    for (dir, ranks) in [(&one, &[][..]), (&two, &["--zero", "2", "--world-size", "2"][..])] {
-        let path = |p: &PathBuf| p.to_str().expect("a UTF-8 temporary path").to_string();
-        let (base_s, data_s, out_s) = (path(&base), path(&data), path(dir));
-        let mut args = vec!["finetune", "--model", &base_s, "--data", &data_s, "--valid", &data_s];
+    for (dir, (launch, ranks)) in dirs.iter().zip(ways) {
+        let out_s = path(dir);
+        let mut args = launch.to_vec();
+        args.extend(["finetune", "--model", &base_s, "--data", &data_s, "--valid", &data_s]);
         args.extend(["--out", &out_s, "--steps", "2", "--micro-batch", "2", "--seq-len", "8", "--quiet"]);
         args.extend(["--optimizer", "sgd", "--lr", "0.5", "--lora-rank", "2", "--quantize-base", "q8_0"]);
         args.extend(["--lora-targets", "all-linear"]);
         args.extend(ranks);
         let (code, stdout, stderr) = run(&args)?;
-        assert_eq!(code, 0, "{ranks:?}: {stdout}\n{stderr}");
+        assert_eq!(code, 0, "{args:?}: {stdout}\n{stderr}");
         assert!(stdout.contains("held as q8_0"), "{stdout}");
         outputs.push(stdout);
     }
     assert!(outputs[1].contains("ZeRO Stage2 on 2 in-process ranks"), "{}", outputs[1]);
+    assert_eq!(outputs[2].matches("held as q8_0").count(), 2, "each process loads its base: {}", outputs[2]);
     let loss = |i: usize| -> anyhow::Result<f64> { Ok(field(&outputs[i], "loss_after")?.parse()?) };
-    assert!((loss(0)? - loss(1)?).abs() <= 1e-4 * loss(0)?, "{} vs {}", loss(0)?, loss(1)?);
     let load = |dir: &PathBuf| {
         candle::safetensors::load(dir.join("adapter_model.safetensors"), &candle::Device::Cpu)
     };
-    let (a, b) = (load(&one)?, load(&two)?);
-    assert_eq!(a.len(), 2 * 7 * 2, "{:?}", a.keys());
-    assert_eq!(a.len(), b.len());
+    let one = load(&dirs[0])?;
+    assert_eq!(one.len(), 2 * 7 * 2, "{:?}", one.keys());
     let mut moved = false;
-    for (name, ta) in &a {
-        let tb = b.get(name).ok_or_else(|| anyhow::anyhow!("`{name}` missing from the sharded run"))?;
-        let scale = ta.abs()?.max_all()?.to_scalar::<f32>()?.max(f32::MIN_POSITIVE);
-        let diff = (ta - tb)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff <= 1e-5 * scale, "`{name}`: {diff:e} of {scale:e}");
-        // B starts at zero: a non-zero B is an update.
-        moved |= name.contains("lora_B") && ta.abs()?.max_all()?.to_scalar::<f32>()? > 0.0;
+    for (i, dir) in dirs.iter().enumerate().skip(1) {
+        assert!((loss(0)? - loss(i)?).abs() <= 1e-4 * loss(0)?, "{} vs {}", loss(0)?, loss(i)?);
+        let other = load(dir)?;
+        assert_eq!(one.len(), other.len());
+        for (name, ta) in &one {
+            let tb = other.get(name).ok_or_else(|| anyhow::anyhow!("`{name}` missing from {dir:?}"))?;
+            let largest = ta.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (ta - tb)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                diff <= 1e-5 * largest.max(f32::MIN_POSITIVE),
+                "`{name}` in {dir:?}: {diff:e} of {largest:e}"
+            );
+            // B starts at zero: a non-zero B is an update.
+            moved |= name.contains("lora_B") && largest > 0.0;
+        }
     }
     assert!(moved, "no adapter moved");
-    for dir in [base, one, two] {
+    std::fs::remove_dir_all(base).ok();
+    for dir in dirs {
         std::fs::remove_dir_all(dir).ok();
     }
     Ok(())

@@ -20,7 +20,8 @@
 //!   absmaxes are `map[code] * scale + offset` over bitsandbytes' dynamic map, and the two are
 //!   multiplied block by block; every F32 rounding is the host loop's, so the values are the
 //!   same bits (tested over odd shapes, short last blocks, two absmax groups and every chunk
-//!   boundary). On the CPU the same tensors are read by the host loop instead
+//!   boundary). Its temporaries peak at about 2.5 times the chunk's F32 bytes (the U32 byte
+//!   indices, the code values and their product). On the CPU the same tensors are read by the host loop instead
 //!   (`nf4::dequantize_parts`): on a 576 x 1536 SmolLM2 weight it took 1.2 ms against the
 //!   tensor ops' 2.2 ms (BENCHMARKS.md section 18).
 //! - GGML types: one candle [`QTensor`] per chunk of rows on the device, dequantized by candle
@@ -268,12 +269,16 @@ impl Nf4Blocks {
     }
 
     /// Elements `start .. start + len` (flattened) dequantized to F32 on the blocks' device,
-    /// with tensor ops only (what runs on CUDA and Metal): the blocks covering the range are expanded (their packed bytes
-    /// through the pair table, their absmaxes as `map[code] * scale + offset`, each product
-    /// rounded as [`Nf4Tensor::dequantize_range`] rounds it), multiplied block by block, and
-    /// narrowed to the range. Bit for bit the host's values.
+    /// with tensor ops only (what runs on CUDA and Metal): the blocks covering the range are
+    /// expanded (their packed bytes through the pair table, their absmaxes as
+    /// `map[code] * scale + offset`, each product rounded as [`Nf4Tensor::dequantize_range`]
+    /// rounds it), multiplied block by block, and narrowed to the range. Bit for bit the host's
+    /// values.
     fn dequantize_range_portable(&self, start: usize, len: usize) -> Result<Tensor> {
         let device = self.packed.device();
+        if start + len > self.elements {
+            candle::bail!("nf4: elements {start}..{} of {}", start + len, self.elements);
+        }
         if len == 0 {
             return Tensor::zeros(0, DType::F32, device);
         }
@@ -548,7 +553,14 @@ impl QuantizedWeight {
                 dtype: *dtype,
                 chunks: chunks
                     .iter()
-                    .map(|q| QTensor::new(QStorage::from_data(q.data()?, device, *dtype)?, q.shape().clone()))
+                    .map(|q| {
+                        let data = q.data()?;
+                        // candle views the bytes as blocks (and asserts their alignment).
+                        if data.as_ptr() as usize % 8 != 0 {
+                            candle::bail!("`{}`: block buffer is not 8-byte aligned", self.name);
+                        }
+                        QTensor::new(QStorage::from_data(data, device, *dtype)?, q.shape().clone())
+                    })
                     .collect::<Result<_>>()?,
             },
         };
