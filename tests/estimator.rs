@@ -7,6 +7,8 @@
 //! `cargo test --test estimator -- --nocapture` prints the table of predicted and measured
 //! peaks.
 
+mod common;
+
 use std::ops::Range;
 use std::sync::Mutex;
 
@@ -431,128 +433,21 @@ fn a_probe_at_a_small_micro_batch_extrapolates_to_the_real_one() -> anyhow::Resu
     Ok(())
 }
 
-/// A user's model on the module layer (pre-norm attention blocks with a fused q/k/v
-/// projection, dropout), estimated through `estimate_stacked` from a one-block copy of it.
-mod user_model {
-    use candle::{DType, Device, Result, Tensor};
-    use candle_fit::ckpt::SegmentContext;
-    use candle_fit::train::layers::attention::split_heads;
-    use candle_fit::train::layers::ops::residual_add;
-    use candle_fit::train::layers::{
-        cross_entropy, scaled_dot_product_attention, AttentionMask, Dropout, Embedding, LayerNorm, Linear,
-        WeightLayout,
-    };
-    use candle_fit::train::module::{Forward, ForwardContext, Module, ModuleBuilder, Stacked};
-    use candle_fit::train::{ParamBuilder, Parameter, Parameters, TokenBatch, TrainableModel};
-
-    pub const WIDTH: usize = 64;
-    const HEADS: usize = 4;
-    const VOCAB: usize = 256;
-
-    pub struct Block {
-        norm: LayerNorm,
-        qkv: Linear,
-        out: Linear,
-        dropout: Dropout,
-    }
-
-    candle_fit::train::module_fields!(Block { norm, qkv, out });
-
-    impl Forward for Block {
-        fn forward(&self, x: &Tensor, ctx: &mut ForwardContext) -> Result<Tensor> {
-            let qkv = self.qkv.forward(&self.norm.forward(x)?)?;
-            let part = |i: usize| split_heads(&qkv.narrow(2, i * WIDTH, WIDTH)?, HEADS);
-            let dropout = (&self.dropout, &mut ctx.rng, ctx.training);
-            let y = scaled_dot_product_attention(
-                &part(0)?,
-                &part(1)?,
-                &part(2)?,
-                AttentionMask::Causal,
-                Some(dropout),
-            )?;
-            residual_add(x, &self.out.forward(&y)?)
-        }
-    }
-
-    pub struct Mini {
-        embed: Embedding,
-        blocks: Vec<Block>,
-        norm: LayerNorm,
-        head: Linear,
-        params: Parameters,
-    }
-
-    impl Mini {
-        pub fn new(layers: usize) -> candle_fit::train::Result<Self> {
-            let b = ModuleBuilder::new(ParamBuilder::new(DType::F32, Device::Cpu, 0));
-            let embed = Embedding::build(&b.pp("embed"), VOCAB, WIDTH, 0.5)?;
-            let blocks = (0..layers)
-                .map(|i| {
-                    let b = b.pp("blocks").pp(i);
-                    Ok(Block {
-                        norm: LayerNorm::build(&b.pp("norm"), WIDTH, 1e-5)?,
-                        qkv: Linear::build(&b.pp("qkv"), WIDTH, 3 * WIDTH, WeightLayout::OutIn, 0.02)?,
-                        out: Linear::build(&b.pp("out"), WIDTH, WIDTH, WeightLayout::OutIn, 0.02)?,
-                        dropout: Dropout::new(0.1)?,
-                    })
-                })
-                .collect::<candle_fit::train::Result<_>>()?;
-            let norm = LayerNorm::build(&b.pp("norm"), WIDTH, 1e-5)?;
-            let head = Linear::build(&b.pp("head"), WIDTH, VOCAB, WeightLayout::OutIn, 0.02)?;
-            Ok(Self { embed, blocks, norm, head, params: b.finish() })
-        }
-    }
-
-    impl Stacked for Mini {
-        type Batch = TokenBatch;
-        type Block = Block;
-
-        fn blocks(&self) -> &[Block] {
-            &self.blocks
-        }
-
-        fn block_path(&self) -> String {
-            "blocks".into()
-        }
-
-        fn first_input(&self, batch: &TokenBatch) -> Result<Tensor> {
-            Ok(batch.inputs.clone())
-        }
-
-        fn embed(&self, input: &Tensor, _: &TokenBatch, _: &SegmentContext) -> Result<Tensor> {
-            self.embed.forward(input)
-        }
-
-        fn head(&self, x: &Tensor, batch: &TokenBatch, _: &SegmentContext) -> Result<Tensor> {
-            let logits = self.head.forward(&self.norm.forward(x)?)?;
-            let (b, t, v) = logits.dims3()?;
-            cross_entropy(&logits.reshape((b * t, v))?, &batch.targets.flatten_all()?)
-        }
-
-        fn embedding_parameters(&self) -> Vec<Parameter> {
-            self.embed.parameters()
-        }
-
-        fn head_parameters(&self) -> Vec<Parameter> {
-            [self.norm.parameters(), self.head.parameters()].concat()
-        }
-    }
-
-    candle_fit::train::segmented_stack!(Mini);
-
-    impl TrainableModel for Mini {
-        fn parameters(&self) -> &Parameters {
-            &self.params
-        }
-
-        fn device(&self) -> Device {
-            Device::Cpu
-        }
-
-        fn settings(&self) -> String {
-            format!("mini layers={}", self.blocks.len())
-        }
-    }
+/// A user's model on the module layer (tests/common/stack_model.rs: pre-norm attention blocks
+/// with a fused q/k/v projection, dropout) at width 64, estimated through `estimate_stacked`
+/// from a one-block copy of it.
+fn user_model(layers: usize) -> candle_fit::train::Result<common::stack_model::Mini> {
+    common::stack_model::Mini::new(common::stack_model::MiniConfig {
+        dtype: DType::F32,
+        width: 64,
+        heads: 4,
+        vocab: 256,
+        layers,
+        embedding_std: 0.5,
+        linear_std: 0.02,
+        dropout: 0.1,
+        seed: 0,
+    })
 }
 
 #[test]
@@ -571,11 +466,11 @@ fn a_users_module_layer_model_is_estimated_from_a_one_block_copy() -> anyhow::Re
             data_bytes: corpus_data_bytes(CORPUS_BYTES, VALIDATION_FRACTION, EVAL_WINDOWS, b, t),
             runtime_bytes: default_runtime_bytes(),
         };
-        let one = user_model::Mini::new(1)?;
+        let one = user_model(1)?;
         let predicted =
             estimate_stacked(&one, |n| corpus.train_batch(0, 0, 0, n, t, &Device::Cpu), layers, &settings)?;
         drop(one);
-        let model = user_model::Mini::new(layers)?;
+        let model = user_model(layers)?;
         let mut updater = LocalUpdater::from_config(model.parameters(), &settings.optimizer)?;
         let trainer = TrainerConfig::builder()
             .micro_batch(b)
@@ -589,8 +484,7 @@ fn a_users_module_layer_model_is_estimated_from_a_one_block_copy() -> anyhow::Re
         let measured = Trainer::new(trainer).fit(&model, &corpus, &mut updater)?.memory;
         let error = predicted.peak as f64 / measured.peak as f64 - 1.0;
         println!(
-            "user model L{layers} C{} T{t} B{b} {recompute}: predicted {} measured {} ({:+.2}%)",
-            user_model::WIDTH,
+            "user model L{layers} C64 T{t} B{b} {recompute}: predicted {} measured {} ({:+.2}%)",
             predicted.peak,
             measured.peak,
             100.0 * error
