@@ -1,8 +1,9 @@
 //! The memory estimator (a one-block probe composed by a model-independent simulation of the
 //! engine) predicts a training step's measured peak heap bytes within 5% for GPT, LLaMA and
 //! BERT, across depth, width, sequence length, micro-batch, dtype, recompute policies (never,
-//! all, every other block, a byte budget), accumulation, optimizer and dropout. The measurement
-//! is the Trainer's own, through the counting allocator this test binary installs.
+//! all, every other block, a byte budget), accumulation, optimizer and dropout, and for LoRA and
+//! QLoRA LLaMAs (dense F32/BF16, NF4, Q4_1 and Q8_0 bases). The measurement is the Trainer's own,
+//! through the counting allocator this test binary installs.
 //!
 //! `cargo test --test estimator -- --nocapture` prints the table of predicted and measured
 //! peaks.
