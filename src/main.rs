@@ -1269,11 +1269,14 @@ fn estimate(all: EstimateArgs) -> anyhow::Result<()> {
         return estimate_sharded(args, &p);
     }
     input.probe_micro_batch = all.probe_micro_batch;
-    // The targets finetune adapts by default (PEFT's query/value for a BERT classifier).
+    anyhow::ensure!(
+        lora.is_none() || all.model != Family::Bert,
+        "`--lora-rank`: LoRA is not available for a BERT classifier, as in `finetune` (its head must train in full, PEFT's modules_to_save, which the LoRA layer does not implement)"
+    );
+    // The targets finetune adapts by default.
     input.lora = lora.as_ref().map(|l| match &input.model {
-        ModelShape::Gpt(_) => l.config(<candle_fit::train::Gpt as HfCausalLm>::LORA_TARGETS),
         ModelShape::Llama(_) => l.config(<candle_fit::train::Llama as HfCausalLm>::LORA_TARGETS),
-        ModelShape::Bert { .. } => l.config(&["query", "value"]),
+        _ => l.config(<candle_fit::train::Gpt as HfCausalLm>::LORA_TARGETS),
     });
     let e = estimate_memory(&input)?;
     let base_parameters = match &input.model {

@@ -307,6 +307,7 @@ fn estimate_predicts_the_measured_peak_without_training() -> anyhow::Result<()> 
         (&["--model", "llama", "--quantize-base", "nf4"][..], "`--quantize-base` needs `--lora-rank`"),
         (&["--model", "llama", "--lora-targets", "q_proj"][..], "`--lora-targets` needs `--lora-rank`"),
         (&["--lora-rank", "2", "--quantize-base", "nf4"][..], "is a LLaMA's; this model is gpt"),
+        (&["--model", "bert", "--lora-rank", "2"][..], "LoRA is not available for a BERT classifier"),
         (
             &["--model", "llama", "--lora-rank", "2", "--quantize-base", "nf5"][..],
             "invalid `--quantize-base`",
