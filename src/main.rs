@@ -150,19 +150,8 @@ struct FinetuneArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
-    /// Train LoRA adapters of this rank on a frozen base instead of every weight.
-    #[arg(long)]
-    lora_rank: Option<usize>,
-    /// LoRA alpha (the update is scaled by alpha / rank) [default: twice the rank].
-    #[arg(long)]
-    lora_alpha: Option<f64>,
-    /// Dropout on the adapters' input.
-    #[arg(long)]
-    lora_dropout: Option<f32>,
-    /// Adapted modules (comma-separated), or all-linear [default: q_proj,v_proj for the LLaMA
-    /// family, c_attn for GPT-2].
-    #[arg(long, value_delimiter = ',')]
-    lora_targets: Option<Vec<String>>,
+    #[command(flatten)]
+    lora: LoraArgs,
     /// With LoRA: also write the merged model into the output folder.
     #[arg(long)]
     merge: bool,
@@ -176,15 +165,69 @@ struct FinetuneArgs {
     /// needs a build with the cuda feature).
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+/// LoRA and QLoRA, as `finetune` trains and `estimate` predicts them.
+#[derive(clap::Args, Debug)]
+struct LoraArgs {
+    /// Train LoRA adapters of this rank on a frozen base instead of every weight.
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA alpha (the update is scaled by alpha / rank) [default: twice the rank].
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// Dropout on the adapters' input.
+    #[arg(long)]
+    lora_dropout: Option<f32>,
+    /// Adapted modules (comma-separated), or all-linear [default: q_proj,v_proj for the LLaMA
+    /// family, c_attn for GPT-2].
+    #[arg(long, value_delimiter = ',')]
+    lora_targets: Option<Vec<String>>,
     /// QLoRA (with --lora-rank): hold the frozen base's decoder-layer weights quantized: nf4
     /// (bitsandbytes' NF4 with double quantization), q4_0, q4_1, q8_0 (GGML blocks), or gguf
-    /// (a .gguf model's own blocks, never dequantized).
+    /// (a .gguf model's own blocks, never dequantized; finetune only).
     #[arg(long)]
     quantize_base: Option<String>,
 }
 
+impl LoraArgs {
+    /// The LoRA settings the flags give (`merge`: finetune's `--merge`), or `None` without
+    /// `--lora-rank`, when every other LoRA flag is refused.
+    fn options(&self, merge: bool) -> anyhow::Result<Option<candle_fit::finetune::LoraOptions>> {
+        let quantize_base = self
+            .quantize_base
+            .as_deref()
+            .map(|q| q.parse::<candle_fit::train::quant::BaseQuantization>())
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("invalid `--quantize-base`: {e}"))?;
+        let Some(rank) = self.lora_rank else {
+            anyhow::ensure!(
+                quantize_base.is_none(),
+                "`--quantize-base` needs `--lora-rank`: QLoRA trains LoRA adapters over the quantized base, and full fine-tuning cannot update quantized weights"
+            );
+            for (flag, given) in [
+                ("--lora-alpha", self.lora_alpha.is_some()),
+                ("--lora-dropout", self.lora_dropout.is_some()),
+                ("--lora-targets", self.lora_targets.is_some()),
+                ("--merge", merge),
+            ] {
+                anyhow::ensure!(!given, "`{flag}` needs `--lora-rank`");
+            }
+            return Ok(None);
+        };
+        Ok(Some(candle_fit::finetune::LoraOptions {
+            rank,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout.unwrap_or(0.0),
+            targets: self.lora_targets.clone().unwrap_or_default(),
+            merge,
+            quantize_base,
+        }))
+    }
+}
+
 fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
-    use candle_fit::finetune::{run, FinetuneOptions, LoraOptions, Schedule};
+    use candle_fit::finetune::{run, FinetuneOptions, Schedule};
     let precision: Precision = args.precision.parse()?;
     let loss_scaling = match args.loss_scaling.as_str() {
         "auto" => None,
@@ -200,37 +243,7 @@ fn finetune(args: FinetuneArgs) -> anyhow::Result<()> {
     let recompute: Recompute =
         args.recompute.parse().map_err(|e| anyhow::anyhow!("invalid `--recompute`: {e}"))?;
     let max_memory = args.memory.limit()?;
-    let quantize_base = args
-        .quantize_base
-        .as_deref()
-        .map(|q| q.parse::<candle_fit::train::quant::BaseQuantization>())
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("invalid `--quantize-base`: {e}"))?;
-    let lora = match args.lora_rank {
-        Some(rank) => Some(LoraOptions {
-            rank,
-            alpha: args.lora_alpha,
-            dropout: args.lora_dropout.unwrap_or(0.0),
-            targets: args.lora_targets.clone().unwrap_or_default(),
-            merge: args.merge,
-            quantize_base,
-        }),
-        None => {
-            anyhow::ensure!(
-                quantize_base.is_none(),
-                "`--quantize-base` needs `--lora-rank`: QLoRA trains LoRA adapters over the quantized base, and full fine-tuning cannot update quantized weights"
-            );
-            for (flag, given) in [
-                ("--lora-alpha", args.lora_alpha.is_some()),
-                ("--lora-dropout", args.lora_dropout.is_some()),
-                ("--lora-targets", args.lora_targets.is_some()),
-                ("--merge", args.merge),
-            ] {
-                anyhow::ensure!(!given, "`{flag}` needs `--lora-rank`");
-            }
-            None
-        }
-    };
+    let lora = args.lora.options(args.merge)?;
     let optimizer = match args.optimizer {
         OptimizerKind::Adamw => {
             OptimizerConfig::AdamW(AdamWConfig { weight_decay: args.weight_decay, ..Default::default() })
@@ -730,6 +743,8 @@ struct EstimateArgs {
     #[arg(long)]
     probe_micro_batch: Option<usize>,
     #[command(flatten)]
+    lora: LoraArgs,
+    #[command(flatten)]
     train: TrainArgs,
 }
 
@@ -1218,15 +1233,21 @@ fn probe_writable(flag: &str, dir: &std::path::Path) -> anyhow::Result<()> {
 
 /// Prints the predicted memory of a training run, from a probe of one block.
 fn estimate(all: EstimateArgs) -> anyhow::Result<()> {
-    use candle_fit::train::estimate::{estimate_memory, EstimateInput};
+    use candle_fit::finetune::HfCausalLm;
+    use candle_fit::train::estimate::{estimate_memory, EstimateInput, ModelShape};
     let args = &all.train;
     let p = plan(args)?;
     check_sizes(&p.model_config, p.precision.dtype(), args.micro_batch, args.seq_len, false)?;
     let shape = all.shape(&p.model_config)?;
+    let lora = all.lora.options(false)?;
     if args.ranks.zero.is_some() || args.ranks.world_size > 1 {
         if all.model != Family::Gpt {
             anyhow::bail!("`estimate --zero`/`--world-size` models GPT only");
         }
+        anyhow::ensure!(
+            lora.is_none(),
+            "`estimate --zero`/`--world-size` models full training only, not `--lora-rank`"
+        );
         return estimate_sharded(args, &p);
     }
     // The byte corpus is what GPT and LLaMA train on here; a BERT classifier reads its own file.
@@ -1248,7 +1269,21 @@ fn estimate(all: EstimateArgs) -> anyhow::Result<()> {
         return estimate_sharded(args, &p);
     }
     input.probe_micro_batch = all.probe_micro_batch;
+    anyhow::ensure!(
+        lora.is_none() || all.model != Family::Bert,
+        "`--lora-rank`: LoRA is not available for a BERT classifier, as in `finetune` (its head must train in full, PEFT's modules_to_save, which the LoRA layer does not implement)"
+    );
+    // The targets finetune adapts by default.
+    input.lora = lora.as_ref().map(|l| match &input.model {
+        ModelShape::Llama(_) => l.config(<candle_fit::train::Llama as HfCausalLm>::LORA_TARGETS),
+        _ => l.config(<candle_fit::train::Gpt as HfCausalLm>::LORA_TARGETS),
+    });
     let e = estimate_memory(&input)?;
+    let base_parameters = match &input.model {
+        ModelShape::Gpt(c) => Some(c.num_parameters()),
+        ModelShape::Llama(c) => Some(c.num_parameters()),
+        ModelShape::Bert { .. } => None,
+    };
     println!(
         "predicted peak heap of a training step: {} ({} {} layers, width {}, {} parameters, {}, micro-batch {} x {} accumulation, seq {}, recompute {})",
         mib(e.peak),
@@ -1262,8 +1297,26 @@ fn estimate(all: EstimateArgs) -> anyhow::Result<()> {
         args.seq_len,
         p.recompute
     );
+    if let Some(l) = &input.lora {
+        println!(
+            "  LoRA rank {} alpha {} on {} over a frozen {} base: {} trainable parameters; the frozen base holds {}",
+            l.rank,
+            l.alpha,
+            l.targets.join(","),
+            l.quantize_base.map_or_else(|| p.precision.to_string(), |q| q.to_string()),
+            e.parameter_count,
+            mib(e.frozen_bytes)
+        );
+    }
     for (name, bytes) in e.report().categories() {
         println!("  {name:<20} {}", mib(bytes));
+    }
+    if let Some(n) = base_parameters {
+        println!(
+            "  per model parameter  {:.3} bytes of model state, {:.3} bytes at the peak ({n} parameters)",
+            (e.parameters + e.gradients + e.master_weights + e.optimizer_state) as f64 / n as f64,
+            e.peak as f64 / n as f64
+        );
     }
     println!("  per segment (kept in forward / peak during its backward):");
     for s in &e.segments {

@@ -287,6 +287,38 @@ fn estimate_predicts_the_measured_peak_without_training() -> anyhow::Result<()> 
         assert_eq!(code, 0, "{stderr}");
         assert!(stdout.contains(&family.to_uppercase()) && stdout.contains(block), "{stdout}");
     }
+    // LoRA (finetune's default targets) and QLoRA: the frozen base named, the flags checked as
+    // finetune checks them.
+    for (extra, expected) in [
+        (&["--lora-rank", "4"][..], "LoRA rank 4 alpha 8 on q_proj,v_proj over a frozen f32 base"),
+        (
+            &["--lora-rank", "2", "--lora-targets", "all-linear", "--quantize-base", "q8_0"][..],
+            "LoRA rank 2 alpha 4 on all-linear over a frozen q8_0 base",
+        ),
+    ] {
+        let mut args =
+            tiny_with(&[&["--model", "llama", "--width", "32", "--intermediate", "64"], extra].concat());
+        args[0] = "estimate".into();
+        let (code, stdout, stderr) = run(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.contains(expected) && stdout.contains("per model parameter"), "{stdout}");
+    }
+    for (extra, expected) in [
+        (&["--model", "llama", "--quantize-base", "nf4"][..], "`--quantize-base` needs `--lora-rank`"),
+        (&["--model", "llama", "--lora-targets", "q_proj"][..], "`--lora-targets` needs `--lora-rank`"),
+        (&["--lora-rank", "2", "--quantize-base", "nf4"][..], "is a LLaMA's; this model is gpt"),
+        (&["--model", "bert", "--lora-rank", "2"][..], "LoRA is not available for a BERT classifier"),
+        (
+            &["--model", "llama", "--lora-rank", "2", "--quantize-base", "nf5"][..],
+            "invalid `--quantize-base`",
+        ),
+    ] {
+        let mut args = tiny_with(extra);
+        args[0] = "estimate".into();
+        let (code, _, stderr) = run(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        assert_ne!(code, 0, "{extra:?}");
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+    }
     let mut bad = tiny_with(&["--recompute", "sometimes"]);
     bad[0] = "estimate".into();
     let refs: Vec<&str> = bad.iter().map(String::as_str).collect();

@@ -1,11 +1,14 @@
 //! The memory estimator (a one-block probe composed by a model-independent simulation of the
 //! engine) predicts a training step's measured peak heap bytes within 5% for GPT, LLaMA and
 //! BERT, across depth, width, sequence length, micro-batch, dtype, recompute policies (never,
-//! all, every other block, a byte budget), accumulation, optimizer and dropout. The measurement
-//! is the Trainer's own, through the counting allocator this test binary installs.
+//! all, every other block, a byte budget), accumulation, optimizer and dropout, and for LoRA and
+//! QLoRA LLaMAs (dense F32/BF16, NF4, Q4_1 and Q8_0 bases). The measurement is the Trainer's own,
+//! through the counting allocator this test binary installs.
 //!
 //! `cargo test --test estimator -- --nocapture` prints the table of predicted and measured
 //! peaks.
+
+mod common;
 
 use std::ops::Range;
 use std::sync::Mutex;
@@ -264,6 +267,7 @@ fn predict_probing(row: &Row, probe_micro_batch: Option<usize>) -> anyhow::Resul
         eval_windows: EVAL_WINDOWS,
         runtime_bytes: default_runtime_bytes(),
         probe_micro_batch,
+        lora: None,
     };
     Ok(estimate_memory(&input)?)
 }
@@ -430,128 +434,21 @@ fn a_probe_at_a_small_micro_batch_extrapolates_to_the_real_one() -> anyhow::Resu
     Ok(())
 }
 
-/// A user's model on the module layer (pre-norm attention blocks with a fused q/k/v
-/// projection, dropout), estimated through `estimate_stacked` from a one-block copy of it.
-mod user_model {
-    use candle::{DType, Device, Result, Tensor};
-    use candle_fit::ckpt::SegmentContext;
-    use candle_fit::train::layers::attention::split_heads;
-    use candle_fit::train::layers::ops::residual_add;
-    use candle_fit::train::layers::{
-        cross_entropy, scaled_dot_product_attention, AttentionMask, Dropout, Embedding, LayerNorm, Linear,
-        WeightLayout,
-    };
-    use candle_fit::train::module::{Forward, ForwardContext, Module, ModuleBuilder, Stacked};
-    use candle_fit::train::{ParamBuilder, Parameter, Parameters, TokenBatch, TrainableModel};
-
-    pub const WIDTH: usize = 64;
-    const HEADS: usize = 4;
-    const VOCAB: usize = 256;
-
-    pub struct Block {
-        norm: LayerNorm,
-        qkv: Linear,
-        out: Linear,
-        dropout: Dropout,
-    }
-
-    candle_fit::train::module_fields!(Block { norm, qkv, out });
-
-    impl Forward for Block {
-        fn forward(&self, x: &Tensor, ctx: &mut ForwardContext) -> Result<Tensor> {
-            let qkv = self.qkv.forward(&self.norm.forward(x)?)?;
-            let part = |i: usize| split_heads(&qkv.narrow(2, i * WIDTH, WIDTH)?, HEADS);
-            let dropout = (&self.dropout, &mut ctx.rng, ctx.training);
-            let y = scaled_dot_product_attention(
-                &part(0)?,
-                &part(1)?,
-                &part(2)?,
-                AttentionMask::Causal,
-                Some(dropout),
-            )?;
-            residual_add(x, &self.out.forward(&y)?)
-        }
-    }
-
-    pub struct Mini {
-        embed: Embedding,
-        blocks: Vec<Block>,
-        norm: LayerNorm,
-        head: Linear,
-        params: Parameters,
-    }
-
-    impl Mini {
-        pub fn new(layers: usize) -> candle_fit::train::Result<Self> {
-            let b = ModuleBuilder::new(ParamBuilder::new(DType::F32, Device::Cpu, 0));
-            let embed = Embedding::build(&b.pp("embed"), VOCAB, WIDTH, 0.5)?;
-            let blocks = (0..layers)
-                .map(|i| {
-                    let b = b.pp("blocks").pp(i);
-                    Ok(Block {
-                        norm: LayerNorm::build(&b.pp("norm"), WIDTH, 1e-5)?,
-                        qkv: Linear::build(&b.pp("qkv"), WIDTH, 3 * WIDTH, WeightLayout::OutIn, 0.02)?,
-                        out: Linear::build(&b.pp("out"), WIDTH, WIDTH, WeightLayout::OutIn, 0.02)?,
-                        dropout: Dropout::new(0.1)?,
-                    })
-                })
-                .collect::<candle_fit::train::Result<_>>()?;
-            let norm = LayerNorm::build(&b.pp("norm"), WIDTH, 1e-5)?;
-            let head = Linear::build(&b.pp("head"), WIDTH, VOCAB, WeightLayout::OutIn, 0.02)?;
-            Ok(Self { embed, blocks, norm, head, params: b.finish() })
-        }
-    }
-
-    impl Stacked for Mini {
-        type Batch = TokenBatch;
-        type Block = Block;
-
-        fn blocks(&self) -> &[Block] {
-            &self.blocks
-        }
-
-        fn block_path(&self) -> String {
-            "blocks".into()
-        }
-
-        fn first_input(&self, batch: &TokenBatch) -> Result<Tensor> {
-            Ok(batch.inputs.clone())
-        }
-
-        fn embed(&self, input: &Tensor, _: &TokenBatch, _: &SegmentContext) -> Result<Tensor> {
-            self.embed.forward(input)
-        }
-
-        fn head(&self, x: &Tensor, batch: &TokenBatch, _: &SegmentContext) -> Result<Tensor> {
-            let logits = self.head.forward(&self.norm.forward(x)?)?;
-            let (b, t, v) = logits.dims3()?;
-            cross_entropy(&logits.reshape((b * t, v))?, &batch.targets.flatten_all()?)
-        }
-
-        fn embedding_parameters(&self) -> Vec<Parameter> {
-            self.embed.parameters()
-        }
-
-        fn head_parameters(&self) -> Vec<Parameter> {
-            [self.norm.parameters(), self.head.parameters()].concat()
-        }
-    }
-
-    candle_fit::train::segmented_stack!(Mini);
-
-    impl TrainableModel for Mini {
-        fn parameters(&self) -> &Parameters {
-            &self.params
-        }
-
-        fn device(&self) -> Device {
-            Device::Cpu
-        }
-
-        fn settings(&self) -> String {
-            format!("mini layers={}", self.blocks.len())
-        }
-    }
+/// A user's model on the module layer (tests/common/stack_model.rs: pre-norm attention blocks
+/// with a fused q/k/v projection, dropout) at width 64, estimated through `estimate_stacked`
+/// from a one-block copy of it.
+fn user_model(layers: usize) -> candle_fit::train::Result<common::stack_model::Mini> {
+    common::stack_model::Mini::new(common::stack_model::MiniConfig {
+        dtype: DType::F32,
+        width: 64,
+        heads: 4,
+        vocab: 256,
+        layers,
+        embedding_std: 0.5,
+        linear_std: 0.02,
+        dropout: 0.1,
+        seed: 0,
+    })
 }
 
 #[test]
@@ -570,11 +467,11 @@ fn a_users_module_layer_model_is_estimated_from_a_one_block_copy() -> anyhow::Re
             data_bytes: corpus_data_bytes(CORPUS_BYTES, VALIDATION_FRACTION, EVAL_WINDOWS, b, t),
             runtime_bytes: default_runtime_bytes(),
         };
-        let one = user_model::Mini::new(1)?;
+        let one = user_model(1)?;
         let predicted =
             estimate_stacked(&one, |n| corpus.train_batch(0, 0, 0, n, t, &Device::Cpu), layers, &settings)?;
         drop(one);
-        let model = user_model::Mini::new(layers)?;
+        let model = user_model(layers)?;
         let mut updater = LocalUpdater::from_config(model.parameters(), &settings.optimizer)?;
         let trainer = TrainerConfig::builder()
             .micro_batch(b)
@@ -588,8 +485,7 @@ fn a_users_module_layer_model_is_estimated_from_a_one_block_copy() -> anyhow::Re
         let measured = Trainer::new(trainer).fit(&model, &corpus, &mut updater)?.memory;
         let error = predicted.peak as f64 / measured.peak as f64 - 1.0;
         println!(
-            "user model L{layers} C{} T{t} B{b} {recompute}: predicted {} measured {} ({:+.2}%)",
-            user_model::WIDTH,
+            "user model L{layers} C64 T{t} B{b} {recompute}: predicted {} measured {} ({:+.2}%)",
             predicted.peak,
             measured.peak,
             100.0 * error
@@ -599,5 +495,126 @@ fn a_users_module_layer_model_is_estimated_from_a_one_block_copy() -> anyhow::Re
         assert_eq!(predicted.segments.len(), layers + 2);
         assert_eq!(predicted.segments[layers].name, format!("blocks.{}", layers - 1));
     }
+    Ok(())
+}
+
+/// A LLaMA whose affine layers hold whole GGML blocks (every input dimension a multiple of 32).
+fn lora_llama(layers: usize) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 256,
+        hidden_size: 128,
+        intermediate_size: 384,
+        num_hidden_layers: layers,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        max_position_embeddings: 128,
+        tie_word_embeddings: false,
+        ..LlamaConfig::tiny()
+    }
+}
+
+/// NF4's bytes for a weight of `n` values by bitsandbytes' layout, written out here rather than
+/// asked of the quantizer: two 4-bit codes per byte, one 8-bit absmax code per block of 64, an
+/// F32 scale per 256 absmax codes, and the F32 mean of the absmaxes.
+fn nf4_bytes(n: usize) -> usize {
+    let blocks = n.div_ceil(64);
+    n.div_ceil(2) + blocks + 4 * blocks.div_ceil(256) + 4
+}
+
+/// LoRA over a dense base (F32 and BF16) and QLoRA (NF4, Q4_1, Q8_0): the estimator's probe is
+/// the adapted, quantized one-block model, and the frozen base is counted exactly. Predicted
+/// peaks within 5% of the Trainer's measured ones under recompute never and all; model state
+/// (the frozen base's bytes included) exact; NF4's bytes equal bitsandbytes' layout.
+#[test]
+fn lora_and_qlora_peaks_are_predicted_within_five_percent() -> anyhow::Result<()> {
+    use candle_fit::train::lora::{LoraConfig, LoraModel, ALL_LINEAR};
+    use candle_fit::train::quant::BaseQuantization::{self, Nf4, Q4_1, Q8_0};
+    let _serial = SERIAL.lock();
+    let corpus = corpus()?;
+    let (layers, b, t) = (4, 4, 64);
+    let cases: [(DType, Recompute, Option<BaseQuantization>, &[&str]); 6] = [
+        (DType::F32, Recompute::Never, None, &["q_proj", "v_proj"]),
+        (DType::BF16, Recompute::All, None, &[ALL_LINEAR]),
+        (DType::F32, Recompute::Never, Some(Nf4), &[ALL_LINEAR]),
+        (DType::BF16, Recompute::All, Some(Nf4), &[ALL_LINEAR]),
+        (DType::F32, Recompute::All, Some(Q4_1), &[ALL_LINEAR]),
+        (DType::BF16, Recompute::Never, Some(Q8_0), &["q_proj", "v_proj"]),
+    ];
+    let mut worst = 0.0f64;
+    for (dtype, recompute, quantize_base, targets) in cases {
+        let lora = LoraConfig { rank: 8, quantize_base, ..LoraConfig::new(targets.iter().copied()) };
+        let optimizer = OptimizerConfig::AdamW(AdamWConfig::default());
+        let input = EstimateInput {
+            model: ModelShape::Llama(lora_llama(layers)),
+            dtype,
+            micro_batch: b,
+            seq_len: t,
+            accumulation_steps: 1,
+            optimizer,
+            recompute,
+            corpus_bytes: CORPUS_BYTES,
+            validation_fraction: VALIDATION_FRACTION,
+            eval_windows: EVAL_WINDOWS,
+            runtime_bytes: default_runtime_bytes(),
+            probe_micro_batch: None,
+            lora: Some(lora.clone()),
+        };
+        let predicted = estimate_memory(&input)?;
+
+        let mut base = Llama::new(&lora_llama(layers), dtype, &Device::Cpu, 0)?;
+        if let Some(q) = quantize_base {
+            base = base.quantize_base(q)?;
+        }
+        let quantized = base.quantized_weights();
+        if quantize_base == Some(Nf4) {
+            let layout: usize = quantized.iter().map(|q| nf4_bytes(q.dims().0 * q.dims().1)).sum();
+            let held: usize = quantized.iter().map(|q| q.storage_bytes()).sum();
+            assert_eq!(held, layout, "NF4 storage is bitsandbytes' layout");
+        }
+        let model = LoraModel::new(base, lora, 0)?;
+        let frozen = model.resident_parameter_bytes() - model.adapter_parameters().size_in_bytes();
+        drop(quantized);
+        let mut updater = LocalUpdater::from_config(model.parameters(), &optimizer)?;
+        let trainer = TrainerConfig::builder()
+            .micro_batch(b)
+            .steps(2)
+            .seq_len(t)
+            .lr(1e-3)
+            .warmup_steps(0)
+            .eval_windows(EVAL_WINDOWS)
+            .eval_interval(0)
+            .recompute(recompute)
+            .build()?;
+        let measured = Trainer::new(trainer).fit(&model, &corpus, &mut updater)?.memory;
+        let label = format!(
+            "LLaMA L{layers} C128 T{t} B{b} {dtype:?} {recompute} {} {}",
+            quantize_base.map_or("dense".to_string(), |q| q.to_string()),
+            targets.join(",")
+        );
+        let error = predicted.peak as f64 / measured.peak as f64 - 1.0;
+        println!(
+            "{label:<58} predicted {:>10} measured {:>10} ({:+.2}%) | act {:>9} {:>9} | oth {:>9} {:>9} | frozen {}",
+            predicted.peak,
+            measured.peak,
+            100.0 * error,
+            predicted.activations,
+            measured.activations,
+            predicted.other,
+            measured.other,
+            predicted.frozen_bytes
+        );
+        if error.abs() > worst.abs() {
+            worst = error;
+        }
+        assert_eq!(predicted.frozen_bytes, frozen, "{label}: the frozen base's bytes");
+        assert_eq!(
+            (predicted.parameters, predicted.gradients, predicted.master_weights, predicted.optimizer_state),
+            (measured.parameters, measured.gradients, measured.master_weights, measured.optimizer_state),
+            "{label}: model state is exact"
+        );
+        assert_eq!(predicted.parameter_count, model.adapter_parameters().num_elements(), "{label}");
+        assert!(error.abs() <= TOLERANCE, "{label}: {predicted:?} vs {measured:?}");
+    }
+    println!("LoRA/QLoRA: worst error {:+.2}%", 100.0 * worst);
     Ok(())
 }

@@ -79,6 +79,25 @@ pub struct LoraOptions {
     pub quantize_base: Option<BaseQuantization>,
 }
 
+impl LoraOptions {
+    /// The adapters' configuration: `alpha` twice the rank when not given, `default_targets`
+    /// when no target is given, no rsLoRA (what `finetune` trains and `estimate` predicts).
+    pub fn config(&self, default_targets: &[&str]) -> LoraConfig {
+        let targets = match self.targets.is_empty() {
+            true => default_targets.iter().map(|t| t.to_string()).collect(),
+            false => self.targets.clone(),
+        };
+        LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha.unwrap_or(2.0 * self.rank as f64),
+            dropout: self.dropout,
+            targets,
+            use_rslora: false,
+            quantize_base: self.quantize_base,
+        }
+    }
+}
+
 /// Everything a `finetune` run is made of.
 #[derive(Debug, Clone)]
 pub struct FinetuneOptions {
@@ -769,18 +788,7 @@ fn finetune_lm<M: HfCausalLm>(
         println!("saved to {} (Hugging Face folder); reloaded: bit-identical", options.out.display());
         return Ok(FinetuneOutcome { report, trainable, verified: true });
     };
-    let targets = match lora.targets.is_empty() {
-        true => M::LORA_TARGETS.iter().map(|t| t.to_string()).collect(),
-        false => lora.targets.clone(),
-    };
-    let config = LoraConfig {
-        rank: lora.rank,
-        alpha: lora.alpha.unwrap_or(2.0 * lora.rank as f64),
-        dropout: lora.dropout,
-        targets,
-        use_rslora: false,
-        quantize_base: lora.quantize_base,
-    };
+    let config = lora.config(M::LORA_TARGETS);
     let lora_model = LoraModel::new(model, config.clone(), options.seed)?;
     let trainable = lora_model.adapter_parameters().num_elements();
     println!("LoRA: {} adapted layers, {trainable} trainable parameters", lora_model.adapted_layers().len());

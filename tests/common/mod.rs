@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests that build model folders.
 #![allow(dead_code)]
 
+pub mod stack_model;
+
 use std::collections::HashMap;
 
 use candle::quantized::gguf_file::Value;

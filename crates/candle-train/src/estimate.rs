@@ -13,6 +13,12 @@
 //! - **model state** from the parameters' shapes alone: the model of the real shape is never
 //!   built. The parameters of a model with one block plus, per further block, the block's
 //!   parameters; the per-parameter byte rules of the updater (8-bit AdamW's blocks included).
+//!   Under LoRA ([`EstimateInput::lora`]) the trainable parameters are the adapters, and the
+//!   frozen base is counted by its exact bytes ([`TrainableModel::frozen_segment_bytes`]): the
+//!   one-block model's (embedding, head, norms, the block) plus the block's per further block,
+//!   dense in its dtype or, for QLoRA, each quantized weight's
+//!   [`storage_bytes`](crate::quant::QuantizedWeight::storage_bytes) (NF4's packed codes and
+//!   double-quantized absmaxes).
 //! - **activations** from a measured probe: the real code of each distinct segment (the
 //!   embedding, one block, the head) runs once at the real batch shape, on a model with one
 //!   block, through the engine's own per-segment forward and backward under the counting
@@ -39,6 +45,7 @@ use candle_ckpt::{
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::lora::{LoraConfig, LoraModel};
 use crate::memory::{DeviceMeter, MemoryReport};
 use crate::models::{BertClassifier, BertConfig, GptConfig, LlamaConfig, TokenBatch};
 use crate::optim::OptimizerConfig;
@@ -163,6 +170,10 @@ pub struct EstimateInput {
     /// Probe at this smaller micro-batch (and twice it) and extrapolate
     /// ([`StepSettings::probe_micro_batch`]); `None` probes at the real one.
     pub probe_micro_batch: Option<usize>,
+    /// LoRA adapters over a frozen base (QLoRA with [`LoraConfig::quantize_base`], LLaMA only:
+    /// the probe's base is quantized as [`crate::Llama::quantize_base`] does); `None` trains
+    /// every parameter.
+    pub lora: Option<LoraConfig>,
 }
 
 impl EstimateInput {
@@ -197,6 +208,7 @@ impl EstimateInput {
             eval_windows: trainer.eval_windows,
             runtime_bytes: default_runtime_bytes(),
             probe_micro_batch: None,
+            lora: None,
         })
     }
 }
@@ -225,8 +237,12 @@ pub struct SegmentEstimate {
 pub struct MemoryEstimate {
     /// Number of trainable parameters (elements).
     pub parameter_count: usize,
-    /// Model parameters in their dtype.
+    /// Model parameters in their dtype, frozen weights included (as the Trainer's
+    /// [`MemoryReport::parameters`] counts them).
     pub parameters: usize,
+    /// The part of `parameters` that is frozen weights outside the trainable parameters (a
+    /// LoRA model's base, dense or quantized; [`TrainableModel::frozen_segment_bytes`]).
+    pub frozen_bytes: usize,
     /// FP32 gradient accumulators.
     pub gradients: usize,
     /// FP32 master weights (zero for F32 parameters).
@@ -341,22 +357,67 @@ pub fn estimate_memory(input: &EstimateInput) -> Result<MemoryEstimate> {
         runtime_bytes: input.runtime_bytes,
     };
     let (dev, dtype, blocks) = (Device::Cpu, input.dtype, input.model.blocks());
+    let lora = input.lora.as_ref();
+    if let Some(quantization) = lora.and_then(|l| l.quantize_base) {
+        if !matches!(input.model, ModelShape::Llama(_)) {
+            return Err(Error::config(
+                "quantize_base",
+                format!(
+                    "a quantized base ({quantization}) is a LLaMA's; this model is {}",
+                    input.model.family()
+                ),
+            ));
+        }
+        if quantization == crate::quant::BaseQuantization::Gguf {
+            return Err(Error::config(
+                "quantize_base",
+                "`gguf` keeps a GGUF file's own blocks, which the estimator has no file of: give their type (q4_0, q4_1, q8_0)",
+            ));
+        }
+    }
     match &input.model {
         ModelShape::Gpt(c) => {
             let model = crate::Gpt::new(GptConfig { n_layer: 1, ..*c }, dtype, &dev, 0)?;
-            estimate_stacked(&model, |b| token_batch(c.vocab_size, b, t), blocks, &settings)
+            estimate_adapted(model, lora, |b| token_batch(c.vocab_size, b, t), blocks, &settings)
         }
         ModelShape::Llama(c) => {
-            let model =
+            let mut model =
                 crate::Llama::new(&LlamaConfig { num_hidden_layers: 1, ..c.clone() }, dtype, &dev, 0)?;
-            estimate_stacked(&model, |b| token_batch(c.vocab_size, b, t), blocks, &settings)
+            if let Some(quantization) = lora.and_then(|l| l.quantize_base) {
+                model = model.quantize_base(quantization)?;
+            }
+            estimate_adapted(model, lora, |b| token_batch(c.vocab_size, b, t), blocks, &settings)
         }
         ModelShape::Bert { config, num_labels } => {
             let one = BertConfig { num_hidden_layers: 1, ..config.clone() };
             let encoder = crate::models::Bert::new(&one, "", dtype, &dev, 0)?;
             let model = BertClassifier::new(encoder, *num_labels, 0)?;
             let batch = |b| classification_batch(config.vocab_size, *num_labels, b, t);
-            estimate_stacked(&model, batch, blocks, &settings)
+            estimate_adapted(model, lora, batch, blocks, &settings)
+        }
+    }
+}
+
+/// [`estimate_stacked`] of `model`, or of `model` under LoRA adapters when `lora` is given (the
+/// probe then measures the adapted, possibly quantized, block: the adapters' activations and
+/// the quantized layers' dequantization buffers included).
+fn estimate_adapted<M, F>(
+    model: M,
+    lora: Option<&LoraConfig>,
+    make_batch: F,
+    blocks: usize,
+    settings: &StepSettings,
+) -> Result<MemoryEstimate>
+where
+    M: TrainableModel + crate::module::Module,
+    M::Batch: Sized,
+    F: Fn(usize) -> Result<M::Batch>,
+{
+    match lora {
+        None => estimate_stacked(&model, make_batch, blocks, settings),
+        Some(config) => {
+            let model = LoraModel::new(model, config.clone(), 0)?;
+            estimate_stacked(&model, make_batch, blocks, settings)
         }
     }
 }
@@ -449,7 +510,12 @@ where
     let sum = |f: &dyn Fn(&candle::Var) -> usize| {
         all.iter().map(f).sum::<usize>() + extra * block_params.iter().map(f).sum::<usize>()
     };
-    let parameters = sum(&|v| dtype_bytes(v));
+    // Frozen weights (a LoRA base, a quantized base's blocks): the one-block model's, and the
+    // block's once more per further block.
+    let frozen_bytes =
+        probe_model.resident_parameter_bytes().saturating_sub(probe_model.parameters().size_in_bytes())
+            + extra * probe_model.frozen_segment_bytes(block);
+    let parameters = sum(&|v| dtype_bytes(v)) + frozen_bytes;
     let elements = sum(&|v| v.elem_count());
     let half = sum(&|v| if v.dtype() == DType::F32 { 0 } else { v.elem_count() });
     let sizes: Vec<usize> = all
@@ -550,6 +616,7 @@ where
     Ok(MemoryEstimate {
         parameter_count: elements,
         parameters,
+        frozen_bytes,
         gradients,
         master_weights,
         optimizer_state,

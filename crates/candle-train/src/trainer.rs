@@ -52,6 +52,13 @@ pub trait TrainableModel: SegmentedModel {
     fn resident_parameter_bytes(&self) -> usize {
         self.parameters().size_in_bytes()
     }
+    /// Bytes of the weights segment `index` reads that [`TrainableModel::parameters`] does not
+    /// list: frozen weights no updater holds state for (a LoRA model's frozen base, a quantized
+    /// base's blocks). The memory estimator ([`crate::estimate::estimate_stacked`]) counts a
+    /// block's once per block of the real depth. By default none.
+    fn frozen_segment_bytes(&self, _index: usize) -> usize {
+        0
+    }
 }
 
 /// A [`TrainableModel`] of token batches (GPT, LLaMA): what the byte corpus and the token
@@ -91,6 +98,18 @@ impl TrainableModel for crate::models::Llama {
     fn resident_parameter_bytes(&self) -> usize {
         let quantized: usize = self.quantized_weights().iter().map(|q| q.storage_bytes()).sum();
         self.parameters().size_in_bytes() + quantized
+    }
+
+    /// The quantized blocks of a decoder layer's affine weights (the only weights a quantized
+    /// base holds outside its parameters).
+    fn frozen_segment_bytes(&self, index: usize) -> usize {
+        use crate::module::{Module, Stacked};
+        let Some(layer) = index.checked_sub(1).and_then(|i| self.blocks().get(i)) else {
+            return 0;
+        };
+        let mut bytes = 0;
+        layer.visit_linears(&mut |l| bytes += l.quantized().map_or(0, |q| q.storage_bytes()));
+        bytes
     }
 }
 

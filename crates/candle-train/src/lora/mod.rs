@@ -433,6 +433,20 @@ impl<M: TrainableModel + Module> TrainableModel for LoraModel<M> {
     fn resident_parameter_bytes(&self) -> usize {
         self.inner.resident_parameter_bytes() + self.trainable.size_in_bytes()
     }
+
+    /// The base's resident parameters the segment reads (frozen here) and what the base itself holds
+    /// outside its parameters (a quantized base's blocks).
+    fn frozen_segment_bytes(&self, index: usize) -> usize {
+        let frozen: usize = self
+            .inner
+            .segment_parameters(index)
+            .iter()
+            .filter(|p| !self.trainable_ids.contains(&p.id()))
+            // A released parameter (sharded away) holds nothing here.
+            .map(|p| p.var().map_or(0, |v| v.elem_count() * v.dtype().size_in_bytes()))
+            .sum();
+        frozen + self.inner.frozen_segment_bytes(index)
+    }
 }
 
 #[cfg(test)]
