@@ -158,11 +158,11 @@ fn all_linear_adapts_every_linear_layer_and_peft_files_round_trip() -> anyhow::R
     lora.save_peft(dir.as_path(), &info)?;
 
     // The files are PEFT's: the config's fields and the weights' names.
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.as_path().join(CONFIG_FILE))?)?;
-    assert_eq!(config["r"], 3);
-    assert_eq!(config["lora_alpha"], 6.0);
-    assert_eq!(config["target_modules"], "all-linear");
-    assert_eq!(config["fan_in_fan_out"], false);
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.as_path().join(CONFIG_FILE))?)?;
+    assert_eq!(json["r"], 3);
+    assert_eq!(json["lora_alpha"], 6.0);
+    assert_eq!(json["target_modules"], "all-linear");
+    assert_eq!(json["fan_in_fan_out"], false);
     let tensors = candle::safetensors::load(dir.as_path().join(WEIGHTS_FILE), &Device::Cpu)?;
     assert_eq!(tensors.len(), 12);
     let b = &tensors["base_model.model.mlp.fc1.lora_B.weight"];
