@@ -74,8 +74,14 @@ fn reference(base: &VarMap, lora: &Lora, x: &Tensor) -> Result<Tensor> {
         }
         Ok(candle_nn::Linear::new(w, get(&format!("{path}.bias")).ok()))
     };
-    let norm =
-        |x: &Tensor, p: &str| candle_nn::ops::layer_norm_slow(x, &get(&format!("{p}.weight"))?, &get(&format!("{p}.bias"))?, EPS as f32);
+    let norm = |x: &Tensor, p: &str| {
+        candle_nn::ops::layer_norm_slow(
+            x,
+            &get(&format!("{p}.weight"))?,
+            &get(&format!("{p}.bias"))?,
+            EPS as f32,
+        )
+    };
     let h = norm(x, "ln1")?;
     let q = lin("attn.q_proj")?.forward(&h)?;
     let k = lin("attn.k_proj")?.forward(&h)?;

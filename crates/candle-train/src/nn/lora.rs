@@ -242,7 +242,10 @@ impl Lora {
 
     /// The paths of the adapted layers, in the order the build made them.
     pub fn adapted_layers(&self) -> Vec<String> {
-        self.state.lock().map(|inner| inner.adapters.iter().map(|(p, _)| p.clone()).collect()).unwrap_or_default()
+        self.state
+            .lock()
+            .map(|inner| inner.adapters.iter().map(|(p, _)| p.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// The adapters, `{path}.lora_A.weight` and `{path}.lora_B.weight` per adapted layer in
