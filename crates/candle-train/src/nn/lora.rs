@@ -190,7 +190,8 @@ impl Lora {
     /// pending PEFT weights, if any ([`Lora::from_peft`]).
     ///
     /// # Errors
-    /// A second build of the same `Lora`; `build`'s error; [`Error::InvalidConfig`] for a
+    /// A second build of the same `Lora` (also after a failed one: make a new `Lora`);
+    /// `build`'s error; [`Error::InvalidConfig`] for a
     /// target pattern that matches no linear layer (listing the layers' names) or a targeted
     /// layer whose weight is a trainable variable; as [`Lora::load_peft_weights`].
     pub fn build<T>(
@@ -240,7 +241,8 @@ impl Lora {
         Ok(model)
     }
 
-    /// The paths of the adapted layers, in the order the build made them.
+    /// The paths of the adapted layers, in the order the build made them (empty if a thread
+    /// panicked holding the adapters' lock).
     pub fn adapted_layers(&self) -> Vec<String> {
         self.state
             .lock()
@@ -258,7 +260,8 @@ impl Lora {
         Parameters::from_handles(inner.adapters.iter().flat_map(|(_, a)| [a.a().clone(), a.b().clone()]))
     }
 
-    /// The adapters' variables in [`Lora::parameters`]' order (for `candle_nn::AdamW::new`).
+    /// The adapters' variables in [`Lora::parameters`]' order (for `candle_nn::AdamW::new`);
+    /// empty if a thread panicked holding the adapters' lock.
     pub fn vars(&self) -> Vec<Var> {
         self.parameters()
             .map(|params| params.iter().filter_map(|p| p.var().ok().cloned()).collect())
