@@ -234,7 +234,7 @@ fn train<M: LanguageModel>(
     };
     let state = updater.state_bytes();
     println!(
-        "RESULT precision={} recompute={} accumulate={} batch={} seq_len={} steps={} lora_rank={} trainable={} ppl_before={:.3} ppl_after={:.3} s_per_step={:.2} peak={} state={}",
+        "RESULT precision={} recompute={} accumulate={} batch={} seq_len={} steps={} lora_rank={} trainable={} loss_before={:.5} loss_after={:.5} ppl_before={:.3} ppl_after={:.3} s_per_step={:.2} peak={} state={}",
         args.precision.name(),
         args.recompute,
         args.accumulate,
@@ -243,6 +243,8 @@ fn train<M: LanguageModel>(
         args.steps,
         args.lora_rank.unwrap_or(0),
         model.parameters().num_elements(),
+        report.initial_val_loss,
+        report.final_val_loss,
         report.initial_val_loss.exp(),
         report.final_val_loss.exp(),
         report.median_step_time_s,

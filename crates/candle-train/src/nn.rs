@@ -15,24 +15,49 @@
 //! A `VarBuilder` over a `VarMap` hands out the map's variables; these layers keep them as
 //! given (no copy), so [`crate::Parameters::from_var_map`] and the updater write the same
 //! storage the map holds. (A builder over fixed tensors gives constants, as in candle-nn.)
+//!
+//! LoRA: build the same model through [`Lora::build`] (a frozen base `VarMap`, PEFT-style
+//! adapters on the [`linear`] layers whose `VarBuilder` path a target pattern names, such as
+//! `q_proj` or `all-linear`), train [`Lora::parameters`], and save them as PEFT's adapter
+//! files ([`Lora::save_peft`]); the model's code does not change.
+
+mod lora;
+
+use std::sync::Arc;
 
 use candle::{Result, Tensor};
 pub use candle_nn::{LayerNormConfig, Module, VarBuilder, VarMap};
 
+pub use self::lora::Lora;
 use crate::layers;
+use crate::lora::LoraAdapter;
 
-/// `y = x Wᵀ + b` with `weight` `[out, in]`, as `candle_nn::Linear`.
+/// `y = x Wᵀ + b` with `weight` `[out, in]`, as `candle_nn::Linear`; plus `s B A x` when
+/// built inside [`Lora::build`] at a targeted path.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    adapter: Option<Arc<LoraAdapter>>,
 }
 
 impl Linear {
     /// A layer over `weight` `[out, in]` and an optional `bias` `[out]` (kept as given: a
-    /// variable stays the same variable).
+    /// variable stays the same variable), without an adapter.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self { weight, bias, adapter: None }
+    }
+
+    /// The layer made by [`linear`] and its kin at `vb`'s path: with the running
+    /// [`Lora::build`]'s adapter when it targets the path.
+    fn at(weight: Tensor, bias: Option<Tensor>, vb: &VarBuilder) -> Result<Self> {
+        let adapter = lora::adapter_for(&vb.prefix(), &weight)?;
+        Ok(Self { weight, bias, adapter })
+    }
+
+    /// The LoRA adapter, if the layer has one.
+    pub fn adapter(&self) -> Option<&LoraAdapter> {
+        self.adapter.as_deref()
     }
 
     /// The weight `[out, in]`.
@@ -48,7 +73,13 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        layers::linear::linear(xs, &self.weight, self.bias.as_ref(), layers::WeightLayout::OutIn)
+        match &self.adapter {
+            // The base is a constant (Lora::build's VarBuilder): no gradient for it.
+            Some(adapter) => {
+                adapter.forward(xs, &self.weight, self.bias.as_ref(), layers::WeightLayout::OutIn, true)
+            }
+            None => layers::linear::linear(xs, &self.weight, self.bias.as_ref(), layers::WeightLayout::OutIn),
+        }
     }
 }
 
@@ -60,7 +91,7 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let ws = vb.get_with_hints((out_dim, in_dim), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
     let bound = 1. / (in_dim as f64).sqrt();
     let bs = vb.get_with_hints(out_dim, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?;
-    Ok(Linear::new(ws, Some(bs)))
+    Linear::at(ws, Some(bs), &vb)
 }
 
 /// As `candle_nn::linear_no_bias`.
@@ -69,7 +100,7 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
 /// When `vb` has no such tensor or a differently shaped one.
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let ws = vb.get_with_hints((out_dim, in_dim), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
-    Ok(Linear::new(ws, None))
+    Linear::at(ws, None, &vb)
 }
 
 /// As `candle_nn::linear_b`.

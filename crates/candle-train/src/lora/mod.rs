@@ -31,6 +31,8 @@
 mod adapter;
 pub mod peft;
 
+pub(crate) use adapter::Shared;
+
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -205,23 +207,17 @@ impl<M: Module> LoraModel<M> {
         for l in &layers {
             let (in_features, out_features) = l.features();
             let (dtype, device) = (l.weight().dtype(), l.weight().device().clone());
-            let bound = 1.0 / (in_features as f64).sqrt();
-            let values: Vec<f64> =
-                (0..config.rank * in_features).map(|_| (2.0 * rng.uniform_f64() - 1.0) * bound).collect();
-            let a = variable(
-                Tensor::from_vec(values, (config.rank, in_features), &Device::Cpu)?,
-                dtype,
-                &device,
+            let adapter = new_adapter(
+                l.path(),
+                (in_features, out_features),
+                (dtype, &device),
+                &config,
+                dropout,
+                &mut rng,
+                &shared,
             )?;
-            let b = variable(
-                Tensor::zeros((out_features, config.rank), DType::F64, &Device::Cpu)?,
-                dtype,
-                &device,
-            )?;
-            let a = Parameter::new(format!("{}.lora_A.weight", l.path()), a);
-            let b = Parameter::new(format!("{}.lora_B.weight", l.path()), b);
-            handles.extend([a.clone(), b.clone()]);
-            adapters.push(Arc::new(LoraAdapter::new(a, b, config.scale(), dropout, Arc::clone(&shared))));
+            handles.extend([adapter.a().clone(), adapter.b().clone()]);
+            adapters.push(adapter);
         }
         inner.visit_parameters(&mut |p| p.set_frozen(true));
         for (l, adapter) in layers.iter().zip(adapters) {
@@ -342,6 +338,28 @@ fn check_quantized_base(layers: &[Linear], quantization: BaseQuantization) -> Re
 
 fn variable(t: Tensor, dtype: DType, device: &Device) -> Result<Var> {
     Ok(Var::from_tensor(&t.to_dtype(dtype)?.to_device(device)?)?)
+}
+
+/// A new adapter for the affine layer at `path` (`features` = (in, out)): `lora_A` `[r, in]`
+/// drawn Kaiming-uniform from `rng` (U(-1/sqrt(in), 1/sqrt(in)), PEFT's), `lora_B` `[out, r]`
+/// zero, both in `dtype` on `device`, named `{path}.lora_A.weight` / `{path}.lora_B.weight`.
+pub(crate) fn new_adapter(
+    path: &str,
+    (in_features, out_features): (usize, usize),
+    (dtype, device): (DType, &Device),
+    config: &LoraConfig,
+    dropout: Dropout,
+    rng: &mut Rng,
+    shared: &Arc<adapter::Shared>,
+) -> Result<Arc<LoraAdapter>> {
+    let bound = 1.0 / (in_features as f64).sqrt();
+    let values: Vec<f64> =
+        (0..config.rank * in_features).map(|_| (2.0 * rng.uniform_f64() - 1.0) * bound).collect();
+    let a = variable(Tensor::from_vec(values, (config.rank, in_features), &Device::Cpu)?, dtype, device)?;
+    let b = variable(Tensor::zeros((out_features, config.rank), DType::F64, &Device::Cpu)?, dtype, device)?;
+    let a = Parameter::new(format!("{path}.lora_A.weight"), a);
+    let b = Parameter::new(format!("{path}.lora_B.weight"), b);
+    Ok(Arc::new(LoraAdapter::new(a, b, config.scale(), dropout, Arc::clone(shared))))
 }
 
 /// Clears the segment's dropout generator when the segment's forward ends (or fails).

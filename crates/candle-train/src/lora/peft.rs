@@ -15,6 +15,7 @@ use super::{LoraConfig, LoraModel, ALL_LINEAR};
 use crate::error::{Error, Result};
 use crate::layers::WeightLayout;
 use crate::module::Module;
+use crate::params::Parameters;
 
 /// The configuration file's name.
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -186,35 +187,64 @@ pub fn read_config(path: &Path) -> Result<(LoraConfig, bool, PeftInfo)> {
     Ok((config, fan_in_fan_out, info))
 }
 
-impl<M: Module> LoraModel<M> {
-    /// The name a tensor has in PEFT's weights file.
-    fn file_name(info: &PeftInfo, name: &str) -> String {
-        format!("{PEFT_PREFIX}{}{name}", info.module_prefix)
-    }
+/// The name a tensor has in PEFT's weights file.
+fn file_name(info: &PeftInfo, name: &str) -> String {
+    format!("{PEFT_PREFIX}{}{name}", info.module_prefix)
+}
 
+/// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` (created if needed),
+/// each atomically: `adapters` (named `{path}.lora_A.weight`, ...) in their dtype under PEFT's
+/// names. What [`LoraModel::save_peft`] and [`crate::nn::Lora::save_peft`] write.
+pub(crate) fn write_files(
+    dir: &Path,
+    config: &LoraConfig,
+    fan_in_fan_out: bool,
+    adapters: &Parameters,
+    info: &PeftInfo,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        action: "create",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let config = serde_json::to_vec_pretty(&config_json(config, fan_in_fan_out, info))
+        .map_err(|e| bad(&dir.join(CONFIG_FILE), e.to_string()))?;
+    let tensors = adapters
+        .iter()
+        .map(|p| Ok((file_name(info, &p.name), p.var()?.as_tensor().clone())))
+        .collect::<Result<Vec<(String, Tensor)>>>()?;
+    let path = dir.join(WEIGHTS_FILE);
+    let weights = safetensors::serialize(tensors, None).map_err(|e| bad(&path, e.to_string()))?;
+    crate::io::write_atomic(&path, &weights)?;
+    crate::io::write_atomic(&dir.join(CONFIG_FILE), &config)
+}
+
+/// Sets `adapters` from a PEFT weights file: each must be present with its shape (converted
+/// to the adapter's dtype), and the file must hold no other tensor; nothing changes unless
+/// everything matches. What [`LoraModel::load_peft_weights`] and
+/// [`crate::nn::Lora::load_peft_weights`] do.
+pub(crate) fn load_values(path: &Path, adapters: &Parameters, info: &PeftInfo) -> Result<()> {
+    let loaded = crate::io::read_safetensors(path, &adapters.device())?;
+    let values = adapters.values_by_name(&loaded, |name| file_name(info, name))?;
+    let expected: HashSet<String> = adapters.iter().map(|p| file_name(info, &p.name)).collect();
+    if let Some(extra) = loaded.keys().filter(|k| !expected.contains(*k)).min() {
+        return Err(bad(path, format!("`{extra}` belongs to no adapted layer of this model (are the targets or the module prefix different?)")));
+    }
+    for (var, value) in values {
+        var.set(&value)?;
+    }
+    Ok(())
+}
+
+impl<M: Module> LoraModel<M> {
     /// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` (created if
     /// needed), each atomically: the adapters in their dtype under PEFT's names.
     ///
     /// # Errors
     /// On I/O or serialization failure; a released adapter.
     pub fn save_peft(&self, dir: &Path, info: &PeftInfo) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-            action: "create",
-            path: dir.to_path_buf(),
-            source,
-        })?;
         let fan_in_fan_out = self.layers.iter().any(|l| l.layout() == WeightLayout::InOut);
-        let config = serde_json::to_vec_pretty(&config_json(&self.config, fan_in_fan_out, info))
-            .map_err(|e| bad(&dir.join(CONFIG_FILE), e.to_string()))?;
-        let tensors = self
-            .trainable
-            .iter()
-            .map(|p| Ok((Self::file_name(info, &p.name), p.var()?.as_tensor().clone())))
-            .collect::<Result<Vec<(String, Tensor)>>>()?;
-        let path = dir.join(WEIGHTS_FILE);
-        let weights = safetensors::serialize(tensors, None).map_err(|e| bad(&path, e.to_string()))?;
-        crate::io::write_atomic(&path, &weights)?;
-        crate::io::write_atomic(&dir.join(CONFIG_FILE), &config)
+        write_files(dir, &self.config, fan_in_fan_out, &self.trainable, info)
     }
 
     /// Wraps `inner` with the adapters of a PEFT folder: the config read and checked
@@ -239,16 +269,6 @@ impl<M: Module> LoraModel<M> {
     /// tensor no adapter has (naming it); [`Error::StateMismatch`] naming a missing or
     /// misshapen tensor. Nothing changes unless everything matches.
     pub fn load_peft_weights(&self, path: &Path, info: &PeftInfo) -> Result<()> {
-        let loaded = crate::io::read_safetensors(path, &self.trainable.device())?;
-        let values = self.trainable.values_by_name(&loaded, |name| Self::file_name(info, name))?;
-        let expected: HashSet<String> =
-            self.trainable.iter().map(|p| Self::file_name(info, &p.name)).collect();
-        if let Some(extra) = loaded.keys().filter(|k| !expected.contains(*k)).min() {
-            return Err(bad(path, format!("`{extra}` belongs to no adapted layer of this model (are the targets or the module prefix different?)")));
-        }
-        for (var, value) in values {
-            var.set(&value)?;
-        }
-        Ok(())
+        load_values(path, &self.trainable, info)
     }
 }
