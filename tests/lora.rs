@@ -622,3 +622,62 @@ fn our_adapter_files_for_peft() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The Trainer's builder switch: `TrainerBuilder::lora` + `Trainer::adapt` give the same run as
+/// wrapping the model by hand (same adapters drawn from the run's seed, bit-identical values
+/// after training), QLoRA's `quantize_base` included; a run refuses a model without the
+/// configured adapters or with others, before any step.
+#[test]
+fn the_trainer_builder_carries_lora() -> anyhow::Result<()> {
+    use candle_fit::train::quant::BaseQuantization;
+    let config = LlamaConfig { vocab_size: 256, hidden_size: 32, intermediate_size: 64, ..tiny_llama() };
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        quantize_base: Some(BaseQuantization::Q8_0),
+        ..LoraConfig::new(["all-linear"])
+    };
+    let build = |lora: Option<LoraConfig>| -> anyhow::Result<Trainer> {
+        Ok(Trainer::new(
+            TrainerConfig::builder()
+                .micro_batch(2)
+                .seq_len(12)
+                .steps(3)
+                .eval_windows(2)
+                .seed(5)
+                .lr(1e-2)
+                .lora(lora)
+                .build()?,
+        ))
+    };
+    let optimizer = OptimizerConfig::AdamW(AdamWConfig::default());
+    let base = || -> anyhow::Result<Llama> {
+        Ok(Llama::new(&config, DType::F32, &Device::Cpu, 1)?.quantize_base(BaseQuantization::Q8_0)?)
+    };
+    let trainer = build(Some(lora.clone()))?;
+    let adapted = trainer.adapt(base()?)?;
+    let mut updater = LocalUpdater::from_config(TrainableModel::parameters(&adapted), &optimizer)?;
+    trainer.fit(&adapted, &corpus()?, &mut updater)?;
+    let by_hand = LoraModel::new(base()?, lora.clone(), 5)?;
+    let mut updater = LocalUpdater::from_config(TrainableModel::parameters(&by_hand), &optimizer)?;
+    build(None)?.fit(&by_hand, &corpus()?, &mut updater)?;
+    assert_eq!(values(adapted.adapter_parameters())?, values(by_hand.adapter_parameters())?);
+
+    // Forgetting `adapt` would train every parameter: refused, naming the setting.
+    let plain = Llama::new(&config, DType::F32, &Device::Cpu, 1)?;
+    let mut updater = LocalUpdater::from_config(plain.parameters(), &optimizer)?;
+    let before = values(plain.parameters())?;
+    let err = trainer.fit(&plain, &corpus()?, &mut updater).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("lora") && err.contains("Trainer::adapt"), "{err}");
+    assert_eq!(values(plain.parameters())?, before, "a refused run changed the model");
+    // Other adapters than the configured ones: refused.
+    let other = LoraModel::new(base()?, LoraConfig { rank: 2, ..lora.clone() }, 5)?;
+    let mut updater = LocalUpdater::from_config(TrainableModel::parameters(&other), &optimizer)?;
+    let err = trainer.fit(&other, &corpus()?, &mut updater).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("rank 2") && err.contains("rank 4"), "{err}");
+    // `adapt` without LoRA settings, and invalid settings at build time.
+    let err = build(None)?.adapt(base()?).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("without LoRA settings"), "{err}");
+    assert!(build(Some(LoraConfig { rank: 0, ..lora })).is_err());
+    Ok(())
+}

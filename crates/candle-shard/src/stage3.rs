@@ -815,6 +815,10 @@ impl<M: TrainableModel> TrainableModel for ShardedModel<M> {
         self.model.settings()
     }
 
+    fn lora_config(&self) -> Option<&candle_train::lora::LoraConfig> {
+        self.model.lora_config()
+    }
+
     /// The parameters gathered now (between steps, usually none; those gathered during a step
     /// count with its activations).
     fn resident_parameter_bytes(&self) -> usize {

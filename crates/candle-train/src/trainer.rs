@@ -19,6 +19,7 @@ use crate::callback::{Callback, Progress as ProgressCallback};
 use crate::checkpoint::{self, Checkpoint, Progress, RunIdentity, RunLock};
 use crate::error::{classify_oom, Error, Result};
 use crate::evaluate::{mean_loss, Evaluator, LossEvaluator, Metrics, LOSS};
+use crate::lora::{LoraConfig, LoraModel};
 use crate::loss_scale::{LossScaler, LossScalerConfig};
 use crate::memory::{DeviceMeter, MemoryReport};
 use crate::metrics::{MetricsWriter, StepRecord};
@@ -58,6 +59,12 @@ pub trait TrainableModel: SegmentedModel {
     /// block's once per block of the real depth. By default none.
     fn frozen_segment_bytes(&self, _index: usize) -> usize {
         0
+    }
+    /// The LoRA adapters the model trains, if it is a [`LoraModel`](crate::lora::LoraModel)
+    /// (or wraps one): the Trainer checks them against [`TrainerConfig::lora`]. By default
+    /// none.
+    fn lora_config(&self) -> Option<&LoraConfig> {
+        None
     }
 }
 
@@ -201,6 +208,13 @@ pub struct TrainerConfig {
     /// Before training, pick the largest micro-batch (a divisor of the global batch, at most
     /// `micro_batch`) whose forward and backward stay within `max_memory`, measured.
     pub find_micro_batch: bool,
+    /// Train LoRA adapters over a frozen (with [`LoraConfig::quantize_base`], quantized) base
+    /// instead of every parameter: [`Trainer::adapt`] wraps the model, and every run refuses a
+    /// model whose adapters are not these (so the updater, built from the model's parameters,
+    /// cannot silently hold the whole model). `None` (the default) trains the model as given,
+    /// which may itself be a [`LoraModel`](crate::lora::LoraModel) the caller wrapped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
 }
 
 /// Where and how often the Trainer writes checkpoints (see [`crate::checkpoint`]).
@@ -255,6 +269,7 @@ pub struct TrainerBuilder {
     max_memory: Option<usize>,
     oom_recovery: bool,
     find_micro_batch: bool,
+    lora: Option<LoraConfig>,
 }
 
 impl Default for TrainerBuilder {
@@ -282,6 +297,7 @@ impl Default for TrainerBuilder {
             max_memory: None,
             oom_recovery: true,
             find_micro_batch: false,
+            lora: None,
         }
     }
 }
@@ -433,6 +449,14 @@ impl TrainerBuilder {
         self
     }
 
+    /// Train LoRA adapters (QLoRA with [`LoraConfig::quantize_base`]) instead of the whole
+    /// model ([`TrainerConfig::lora`]; wrap the model with [`Trainer::adapt`]). By default,
+    /// none.
+    pub fn lora(mut self, config: Option<LoraConfig>) -> Self {
+        self.lora = config;
+        self
+    }
+
     /// Validates the settings.
     ///
     /// # Errors
@@ -481,6 +505,9 @@ impl TrainerBuilder {
                 "needs a memory limit (`max_memory`) to search against",
             ));
         }
+        if let Some(lora) = &self.lora {
+            lora.validate()?;
+        }
         Ok(TrainerConfig {
             micro_batch,
             accumulation_steps,
@@ -502,7 +529,39 @@ impl TrainerBuilder {
             max_memory: self.max_memory,
             oom_recovery: self.oom_recovery,
             find_micro_batch: self.find_micro_batch,
+            lora: self.lora,
         })
+    }
+}
+
+/// Refuses a model whose adapters are not the Trainer's LoRA settings: without this, a model
+/// the caller forgot to [`Trainer::adapt`] would train (and hold optimizer state for) every
+/// parameter.
+fn check_adapters(configured: Option<&LoraConfig>, model: Option<&LoraConfig>) -> Result<()> {
+    match (configured, model) {
+        (Some(want), None) => Err(Error::config(
+            "lora",
+            format!(
+                "the Trainer is set to train LoRA adapters (rank {}, targets {}), but the model carries none: wrap it with Trainer::adapt before building the updater",
+                want.rank,
+                want.targets.join(",")
+            ),
+        )),
+        (Some(want), Some(got)) if want != got => Err(Error::config(
+            "lora",
+            format!(
+                "the model's adapters (rank {}, alpha {}, targets {}, base {}) are not the Trainer's (rank {}, alpha {}, targets {}, base {})",
+                got.rank,
+                got.alpha,
+                got.targets.join(","),
+                got.quantize_base.map_or("dense".to_string(), |q| q.to_string()),
+                want.rank,
+                want.alpha,
+                want.targets.join(","),
+                want.quantize_base.map_or("dense".to_string(), |q| q.to_string()),
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -860,6 +919,24 @@ impl Trainer {
         &self.config
     }
 
+    /// `model` under the LoRA adapters of [`TrainerConfig::lora`] (its base frozen, `A` drawn
+    /// from the run's seed): build the updater from the result's parameters (the adapters).
+    /// For QLoRA the base must already hold its weights in the configured format
+    /// ([`crate::Llama::quantize_base`], [`crate::models::GgufFile::llama_quantized`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] when the Trainer has no LoRA settings, and as
+    /// [`LoraModel::new`] (a target matching no layer, a base not held as configured).
+    pub fn adapt<M: crate::module::Module>(&self, model: M) -> Result<LoraModel<M>> {
+        let Some(config) = &self.config.lora else {
+            return Err(Error::config(
+                "lora",
+                "the Trainer was built without LoRA settings (TrainerBuilder::lora)",
+            ));
+        };
+        LoraModel::new(model, config.clone(), self.config.seed)
+    }
+
     /// The mean validation loss (per counted unit) over `batches`, without dropout.
     ///
     /// # Errors
@@ -1066,6 +1143,7 @@ impl Trainer {
             max_memory: _, // out-of-memory recovery changes only the split (in progress)
             oom_recovery: _,
             find_micro_batch: _,
+            lora: _, // the model's settings hold its adapters (checked equal in preflight)
         } = &self.config;
         RunIdentity {
             seed: *seed,
@@ -1198,6 +1276,7 @@ impl Trainer {
             return Err(Error::SequenceTooLong { seq_len, context: model.context_length() });
         }
         data.check(&self.data_shape())?;
+        check_adapters(c.lora.as_ref(), model.lora_config())?;
         if let (Some(metrics), Some(input)) = (&c.metrics_path, data.path()) {
             let same =
                 |a: &Path, b: &Path| a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok() == Some(a));

@@ -442,6 +442,10 @@ impl<M: TrainableModel + Module> TrainableModel for LoraModel<M> {
         self.inner.device()
     }
 
+    fn lora_config(&self) -> Option<&LoraConfig> {
+        Some(&self.config)
+    }
+
     /// The base's settings and the LoRA config.
     fn settings(&self) -> String {
         format!("{{\"base\":{},\"lora\":{}}}", self.inner.settings(), canonical_json("lora", &self.config))
