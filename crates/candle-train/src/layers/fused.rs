@@ -133,6 +133,141 @@ f32_kernel!(sum_rows_slice, sum_rows_generic, sum_rows_avx2, (rows: &[f32], acc:
     }
 });
 
+/// Slice kernels generic over the half types ([`Narrow`]), compiled for the baseline target and
+/// for AVX2 + FMA and dispatched at run time, as [`f32_kernel`]'s.
+macro_rules! half_kernel {
+    ($name:ident, $generic:ident, $avx2:ident, ($($arg:ident: $ty:ty),*), $body:block) => {
+        #[inline(always)]
+        fn $generic<T: Narrow>($($arg: $ty),*) $body
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        // SAFETY (for callers): only called after detecting AVX2 and FMA.
+        unsafe fn $avx2<T: Narrow>($($arg: $ty),*) {
+            $generic($($arg),*)
+        }
+
+        fn $name<T: Narrow>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                return unsafe { $avx2($($arg),*) };
+            }
+            $generic($($arg),*)
+        }
+    };
+}
+
+// `y + b` as `half`'s `Add` computes it (in F32, rounded once): `broadcast_add` bit for bit.
+half_kernel!(add_rows_half, add_rows_half_generic, add_rows_half_avx2, (rows: &mut [T], bias: &[T]), {
+    for row in rows.chunks_exact_mut(bias.len()) {
+        for (y, &b) in row.iter_mut().zip(bias) {
+            *y = T::narrow(y.widen() + b.widen());
+        }
+    }
+});
+
+// Softmax's backward `scale * y * (g - sum(g * y))` on rows `n` wide of half-precision values:
+// the products are exact in F32 (8- or 11-bit significands), summed in F64, the rest in F32,
+// rounded once.
+half_kernel!(
+    softmax_backward_half,
+    softmax_backward_half_generic,
+    softmax_backward_half_avx2,
+    (y: &[T], g: &[T], n: usize, scale: f32, out: &mut [MaybeUninit<T>]),
+    {
+        for ((yr, gr), o) in y.chunks_exact(n).zip(g.chunks_exact(n)).zip(out.chunks_exact_mut(n)) {
+            let dot: f64 = yr.iter().zip(gr).map(|(y, g)| f64::from(y.widen() * g.widen())).sum();
+            let dot = dot as f32;
+            for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
+                o.write(T::narrow(scale * y.widen() * (g.widen() - dot)));
+            }
+        }
+    }
+);
+
+// The same for F32 (and by `softmax_backward_f64` for F64), computed in F64 and rounded once.
+f32_kernel!(
+    softmax_backward_f32,
+    softmax_backward_f32_generic,
+    softmax_backward_f32_avx2,
+    (y: &[f32], g: &[f32], n: usize, scale: f64, out: &mut [MaybeUninit<f32>]),
+    {
+        for ((yr, gr), o) in y.chunks_exact(n).zip(g.chunks_exact(n)).zip(out.chunks_exact_mut(n)) {
+            let dot: f64 = yr.iter().zip(gr).map(|(&y, &g)| f64::from(y) * f64::from(g)).sum();
+            for ((o, &y), &g) in o.iter_mut().zip(yr).zip(gr) {
+                o.write((scale * f64::from(y) * (f64::from(g) - dot)) as f32);
+            }
+        }
+    }
+);
+
+fn softmax_backward_f64(y: &[f64], g: &[f64], n: usize, scale: f64, out: &mut [MaybeUninit<f64>]) {
+    for ((yr, gr), o) in y.chunks_exact(n).zip(g.chunks_exact(n)).zip(out.chunks_exact_mut(n)) {
+        let dot: f64 = yr.iter().zip(gr).map(|(y, g)| y * g).sum();
+        for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
+            o.write(scale * y * (g - dot));
+        }
+    }
+}
+
+/// Softmax's backward `scale * y * (g - sum(g * y))` over the last dimension (`n` wide) of
+/// contiguous CPU tensors `y` and `g` of one dtype and shape, rows split over rayon's threads
+/// (each row computed alone, so the values do not depend on the split): F32 and F64 in F64,
+/// BF16/F16 as [`softmax_backward_half`]. Only the result is allocated. `None` elsewhere.
+///
+/// # Errors
+/// On a tensor error.
+pub(crate) fn softmax_backward(y: &Tensor, g: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    if y.dtype() != g.dtype() || y.dims() != g.dims() || y.rank() == 0 {
+        return Ok(None);
+    }
+    let n = y.dim(candle::D::Minus1)?;
+    let (Some((ys, y0, y1)), Some((gs, g0, _))) = (cpu_slice(y), cpu_slice(g)) else {
+        return Ok(None);
+    };
+    let (Storage::Cpu(yc), Storage::Cpu(gc)) = (&*ys, &*gs) else {
+        return Ok(None);
+    };
+    if n == 0 {
+        return Ok(None);
+    }
+    fn run<T: Send + Sync, U: Send>(
+        y: &[T],
+        g: &[T],
+        n: usize,
+        kernel: impl Fn(&[T], &[T], &mut [MaybeUninit<U>]) + Sync,
+    ) -> Vec<U> {
+        par_fill_rows(y.len(), n, |first, rows| {
+            let (start, end) = (first * n, first * n + rows.len());
+            kernel(&y[start..end], &g[start..end], rows)
+        })
+    }
+    let len = y1 - y0;
+    let (shape, device) = (y.shape(), &candle::Device::Cpu);
+    let scale32 = scale as f32;
+    let grad = match (yc, gc) {
+        (CpuStorage::F32(y), CpuStorage::F32(g)) => {
+            let (y, g) = (&y[y0..y1], &g[g0..g0 + len]);
+            Tensor::from_vec(run(y, g, n, |y, g, o| softmax_backward_f32(y, g, n, scale, o)), shape, device)?
+        }
+        (CpuStorage::F64(y), CpuStorage::F64(g)) => {
+            let (y, g) = (&y[y0..y1], &g[g0..g0 + len]);
+            Tensor::from_vec(run(y, g, n, |y, g, o| softmax_backward_f64(y, g, n, scale, o)), shape, device)?
+        }
+        (CpuStorage::BF16(y), CpuStorage::BF16(g)) => {
+            let (y, g) = (&y[y0..y1], &g[g0..g0 + len]);
+            Tensor::from_vec(run(y, g, n, |y, g, o| softmax_backward_half(y, g, n, scale32, o)), shape, device)?
+        }
+        (CpuStorage::F16(y), CpuStorage::F16(g)) => {
+            let (y, g) = (&y[y0..y1], &g[g0..g0 + len]);
+            Tensor::from_vec(run(y, g, n, |y, g, o| softmax_backward_half(y, g, n, scale32, o)), shape, device)?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(grad))
+}
+
 /// `n` outputs from `fill(start, chunk)` over fixed chunks, in parallel when there are
 /// several chunks. Every element is written exactly once: `fill` must write the whole chunk.
 fn par_fill<U: Send>(n: usize, fill: impl Fn(usize, &mut [MaybeUninit<U>]) + Sync) -> Vec<U> {
@@ -199,8 +334,21 @@ impl Narrow for half::bf16 {
     }
     #[inline(always)]
     fn narrow(value: f32) -> Self {
-        Self::from_f32(value)
+        bf16_from_f32(value)
     }
+}
+
+/// `half::bf16::from_f32` bit for bit (round to nearest even; a NaN keeps its sign and top
+/// payload bits and is made quiet), without branches, so loops over it vectorise (`half`'s
+/// version branches per value; the AVX-512 BF16 instruction `vcvtneps2bf16` would also flush
+/// subnormals to zero, and is not in every x86-64 CPU).
+#[inline(always)]
+pub(crate) fn bf16_from_f32(value: f32) -> half::bf16 {
+    let bits = value.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    let quiet_nan = (bits >> 16) | 0x40;
+    let is_nan = bits & 0x7fff_ffff > 0x7f80_0000;
+    half::bf16::from_bits(if is_nan { quiet_nan } else { rounded } as u16)
 }
 
 impl Narrow for half::f16 {
@@ -373,8 +521,8 @@ impl InplaceOp2 for AddBiasInPlace {
         match (y, b) {
             (CpuStorage::F32(y), CpuStorage::F32(b)) => rows(&mut y[y0..y1], &b[b0..b1], add_rows_slice),
             (CpuStorage::F64(y), CpuStorage::F64(b)) => rows(&mut y[y0..y1], &b[b0..b1], add_rows_plain),
-            (CpuStorage::BF16(y), CpuStorage::BF16(b)) => rows(&mut y[y0..y1], &b[b0..b1], add_rows_plain),
-            (CpuStorage::F16(y), CpuStorage::F16(b)) => rows(&mut y[y0..y1], &b[b0..b1], add_rows_plain),
+            (CpuStorage::BF16(y), CpuStorage::BF16(b)) => rows(&mut y[y0..y1], &b[b0..b1], add_rows_half),
+            (CpuStorage::F16(y), CpuStorage::F16(b)) => rows(&mut y[y0..y1], &b[b0..b1], add_rows_half),
             _ => candle::bail!("add-bias-in-place: unsupported dtypes"),
         }
         Ok(())
@@ -815,6 +963,44 @@ mod tests {
                 let error = (analytic[i] - reference).abs();
                 assert!(error <= 1e-6 * (1.0 + reference.abs()), "x[{i}]: {} vs {reference}", analytic[i]);
             }
+        }
+        Ok(())
+    }
+
+    /// The branch-free BF16 rounding is `half`'s bit for bit: every sign, exponent and top
+    /// mantissa pattern (all 65,536 upper halves) with lower halves at and around the rounding
+    /// tie (ties to even both ways, just above and below), NaNs, infinities and subnormals.
+    #[test]
+    fn branch_free_bf16_rounding_equals_halfs() {
+        for upper in 0..=u16::MAX {
+            for lower in [0u16, 1, 0x7fff, 0x8000, 0x8001, 0xc000, 0xffff] {
+                let value = f32::from_bits(u32::from(upper) << 16 | u32::from(lower));
+                let (ours, theirs) = (bf16_from_f32(value), half::bf16::from_f32(value));
+                assert_eq!(ours.to_bits(), theirs.to_bits(), "{value:e} ({:#010x})", value.to_bits());
+            }
+        }
+    }
+
+    /// The one-pass softmax backward across several parallel tasks (774 rows of 129) against
+    /// the tensor-op formula in F64 (1e-12), and BF16/F16 within one rounding of the formula on
+    /// the same rounded inputs.
+    #[test]
+    fn softmax_backward_over_parallel_rows_equals_the_formula() -> Result<()> {
+        let t = 129;
+        let logits = random(&[2, 3, t, t], 2.0, 14)?;
+        let y = crate::layers::ops::softmax_last_dim(&logits)?;
+        let g = random(&[2, 3, t, t], 1.0, 15)?;
+        let scale = 0.37;
+        for (dtype, tolerance) in [(DType::F64, 1e-12), (DType::F32, 1e-6), (DType::BF16, 8e-3), (DType::F16, 1e-3)] {
+            let (yd, gd) = (y.to_dtype(dtype)?, g.to_dtype(dtype)?);
+            let Some(fused) = softmax_backward(&yd, &gd, scale)? else { candle::bail!("no CPU path") };
+            assert_eq!(fused.dtype(), dtype);
+            let (y64, g64) = (yd.to_dtype(DType::F64)?, gd.to_dtype(DType::F64)?);
+            let dot = (&g64 * &y64)?.sum_keepdim(candle::D::Minus1)?;
+            let expected = ((g64.broadcast_sub(&dot)? * &y64)? * scale)?;
+            let error = relative_error(&fused, &expected)?;
+            let size = max_abs(&expected)?;
+            assert!(size > 1e-3 && error <= tolerance * size, "{dtype:?}: {error:e} of {size:e}");
         }
         Ok(())
     }
