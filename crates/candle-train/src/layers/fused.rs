@@ -894,6 +894,279 @@ impl CustomOp1 for CausalSoftmax {
     }
 }
 
+/// The float types layer normalisation computes in (F32, and F64 for the F64 reference).
+trait Real:
+    Copy
+    + Send
+    + Sync
+    + WithDType
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::AddAssign
+{
+    const ZERO: Self;
+    const ONE: Self;
+    fn sqrt(self) -> Self;
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+}
+
+/// A stored dtype for results computed in `X`: F32/BF16/F16 from F32 (rounded once), F64 from
+/// F64.
+trait Store<X>: Copy + Send + Sync {
+    fn put(value: X) -> Self;
+    fn get(self) -> X;
+}
+
+impl<T: Narrow> Store<f32> for T {
+    #[inline(always)]
+    fn put(value: f32) -> Self {
+        T::narrow(value)
+    }
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self.widen()
+    }
+}
+
+impl Store<f64> for f64 {
+    #[inline(always)]
+    fn put(value: f64) -> Self {
+        value
+    }
+    #[inline(always)]
+    fn get(self) -> f64 {
+        self
+    }
+}
+
+/// `sum(values)` in eight interleaved partial sums (so the loop vectorises), added at the end.
+#[inline(always)]
+fn lane_sum<X: Real>(values: impl Iterator<Item = X>) -> X {
+    let mut lanes = [X::ZERO; 8];
+    for (k, v) in values.enumerate() {
+        lanes[k % 8] += v;
+    }
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+}
+
+/// Layer norm's forward on rows of `x` (each `w.len()` wide): `((x - mean) * rstd) * w + b` per
+/// row with `rstd = 1 / sqrt(mean((x - mean)^2) + eps)`, the row's `(mean, rstd)` into `stats`.
+#[inline(always)]
+fn ln_rows_forward<X: Real, T: Store<X>>(
+    x: &[X],
+    w: &[X],
+    b: &[X],
+    eps: X,
+    out: &mut [MaybeUninit<T>],
+    stats: &mut [(X, X)],
+) {
+    let c = w.len();
+    let n = X::from_f64(c as f64);
+    for ((row, o), stat) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)).zip(stats) {
+        let mean = lane_sum(row.iter().copied()) / n;
+        let var = lane_sum(row.iter().map(|&v| (v - mean) * (v - mean))) / n;
+        let rstd = X::ONE / (var + eps).sqrt();
+        for (((o, &v), &w), &b) in o.iter_mut().zip(row).zip(w).zip(b) {
+            o.write(T::put((v - mean) * rstd * w + b));
+        }
+        *stat = (mean, rstd);
+    }
+}
+
+/// Layer norm's backward on rows of `x` with their `stats` and output gradient `g`: the input
+/// gradient `((g w - mean(g w)) - x̂ mean(g w x̂)) * rstd` into `gx`, and `g x̂` and `g` added
+/// into `acc_w` and `acc_b` (the weight and bias gradients' partial sums over these rows).
+#[inline(always)]
+fn ln_rows_backward<X: Real, T: Store<X>>(
+    x: &[X],
+    g: &[T],
+    w: &[X],
+    stats: &[(X, X)],
+    gx: &mut [MaybeUninit<X>],
+    acc_w: &mut [X],
+    acc_b: &mut [X],
+) {
+    let c = w.len();
+    let n = X::from_f64(c as f64);
+    let rows = x.chunks_exact(c).zip(g.chunks_exact(c)).zip(gx.chunks_exact_mut(c)).zip(stats);
+    for (((row, grow), gxrow), &(mean, rstd)) in rows {
+        let xhat = |v: X| (v - mean) * rstd;
+        let mean_gw = lane_sum(grow.iter().zip(w).map(|(g, &w)| g.get() * w)) / n;
+        let mean_gw_xhat = lane_sum(grow.iter().zip(w).zip(row).map(|((g, &w), &v)| g.get() * w * xhat(v))) / n;
+        for ((((o, g), &w), &v), (aw, ab)) in
+            gxrow.iter_mut().zip(grow).zip(w).zip(row).zip(acc_w.iter_mut().zip(acc_b.iter_mut()))
+        {
+            let (g, xh) = (g.get(), xhat(v));
+            o.write(((g * w - mean_gw) - xh * mean_gw_xhat) * rstd);
+            *aw += g * xh;
+            *ab += g;
+        }
+    }
+}
+
+/// Runs `f` compiled with AVX2 + FMA when the CPU has them, else as compiled for the baseline.
+/// `f` must be `#[inline(always)]` code for the features to reach its loops.
+#[inline(always)]
+fn dispatch_avx2<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        // SAFETY (for callers): only called after detecting AVX2 and FMA.
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
+
+/// The forward over all rows: the result and the per-row statistics. Rows in tasks of about
+/// [`CHUNK`] values, in parallel.
+fn ln_forward<X: Real, T: Store<X>>(x: &[X], w: &[X], b: &[X], eps: X) -> (Vec<T>, Vec<(X, X)>) {
+    let c = w.len();
+    let rows = x.len() / c;
+    let mut out = Vec::with_capacity(x.len());
+    let mut stats = vec![(X::ZERO, X::ZERO); rows];
+    let task = (CHUNK / c).max(1);
+    out.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(task * c)
+        .zip(stats.par_chunks_mut(task))
+        .zip(x.par_chunks(task * c))
+        .for_each(|((o, st), xs)| dispatch_avx2(|| ln_rows_forward(xs, w, b, eps, o, st)));
+    // SAFETY: the tasks cover every row and each wrote every element of its rows.
+    unsafe { out.set_len(x.len()) };
+    (out, stats)
+}
+
+/// The backward over all rows: the input gradient and the weight and bias gradients, these
+/// summed per block of [`SUM_BLOCK_ROWS`] rows (blocks in parallel) and then in block order,
+/// so the result does not depend on the number of threads.
+fn ln_backward<X: Real, T: Store<X>>(
+    x: &[X],
+    g: &[T],
+    w: &[X],
+    stats: &[(X, X)],
+) -> (Vec<X>, Vec<X>, Vec<X>) {
+    let c = w.len();
+    let block = SUM_BLOCK_ROWS * c;
+    let mut gx = Vec::with_capacity(x.len());
+    let partials: Vec<(Vec<X>, Vec<X>)> = gx.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(block)
+        .zip(x.par_chunks(block).zip(g.par_chunks(block)))
+        .zip(stats.par_chunks(SUM_BLOCK_ROWS))
+        .map(|((o, (xs, gs)), st)| {
+            let (mut acc_w, mut acc_b) = (vec![X::ZERO; c], vec![X::ZERO; c]);
+            dispatch_avx2(|| ln_rows_backward(xs, gs, w, st, o, &mut acc_w, &mut acc_b));
+            (acc_w, acc_b)
+        })
+        .collect();
+    // SAFETY: the blocks cover every row and each wrote every element of its rows.
+    unsafe { gx.set_len(x.len()) };
+    let (mut grad_w, mut grad_b) = (vec![X::ZERO; c], vec![X::ZERO; c]);
+    for (pw, pb) in partials {
+        for ((tw, tb), (w, b)) in grad_w.iter_mut().zip(grad_b.iter_mut()).zip(pw.into_iter().zip(pb)) {
+            *tw += w;
+            *tb += b;
+        }
+    }
+    (gx, grad_w, grad_b)
+}
+
+/// A contiguous CPU tensor's values as a `Vec` of `X` (a copy).
+fn values<X: WithDType>(t: &Tensor) -> Result<Vec<X>> {
+    t.to_dtype(X::DTYPE)?.flatten_all()?.to_vec1::<X>()
+}
+
+/// Layer normalisation over the last dimension of a contiguous CPU `x` in F32 (result in F32,
+/// BF16 or F16) or F64 (result in F64), with `w` and `b` (`[c]`, any float dtype, used in the
+/// compute dtype): the forward in one pass per row, keeping only `x`, the result and each row's
+/// mean and `1/std` in the graph, and the backward in one pass per row (input gradient, and the
+/// weight and bias gradients summed per block of 64 rows, blocks added in order). The same
+/// operations in the same order as the unfused ops in `layer_norm.rs` except the sums (eight
+/// partial sums per row here): equal to them to the rounding of the sums. `None` where it does
+/// not apply (other devices, dtypes, layouts).
+///
+/// # Errors
+/// On a tensor error.
+pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64, dtype: DType) -> Result<Option<Tensor>> {
+    let c = x.dims().last().copied().unwrap_or(0);
+    let applies = x.device().is_cpu()
+        && x.is_contiguous()
+        && c > 0
+        && w.dims() == [c]
+        && b.dims() == [c]
+        && matches!(
+            (x.dtype(), dtype),
+            (DType::F32, DType::F32 | DType::BF16 | DType::F16) | (DType::F64, DType::F64)
+        );
+    if !applies {
+        return Ok(None);
+    }
+    if x.dtype() == DType::F64 {
+        return layer_norm_in::<f64, f64>(x, w, b, eps).map(Some);
+    }
+    match dtype {
+        DType::F32 => layer_norm_in::<f32, f32>(x, w, b, eps),
+        DType::BF16 => layer_norm_in::<f32, half::bf16>(x, w, b, eps),
+        _ => layer_norm_in::<f32, half::f16>(x, w, b, eps),
+    }
+    .map(Some)
+}
+
+fn layer_norm_in<X: Real, T: Store<X> + WithDType>(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let (w32, b32) = (values::<X>(&w.detach())?, values::<X>(&b.detach())?);
+    let (value, stats) = {
+        let Some((storage, start, end)) = cpu_slice(x) else { candle::bail!("layer-norm: not a contiguous CPU tensor") };
+        let Some(xs) = X::cpu_storage_as_slice(match &*storage {
+            Storage::Cpu(s) => s,
+            _ => candle::bail!("layer-norm: not a CPU tensor"),
+        })
+        .ok() else {
+            candle::bail!("layer-norm: unexpected dtype")
+        };
+        let (out, stats) = ln_forward::<X, T>(&xs[start..end], &w32, &b32, X::from_f64(eps));
+        (Tensor::from_vec(out, x.shape(), x.device())?, stats)
+    };
+    crate::layers::custom_grad::custom3("layer-norm", x, w, b, value, move |x, w, b, _, g| {
+        let g = g.contiguous()?;
+        let (Some((xs_storage, x0, x1)), Some((gs_storage, g0, g1))) = (cpu_slice(x), cpu_slice(&g)) else {
+            candle::bail!("layer-norm backward: not contiguous CPU tensors")
+        };
+        let (Storage::Cpu(xc), Storage::Cpu(gc)) = (&*xs_storage, &*gs_storage) else {
+            candle::bail!("layer-norm backward: not CPU tensors")
+        };
+        let (xs, gs) = (&X::cpu_storage_as_slice(xc)?[x0..x1], &T::cpu_storage_as_slice(gc)?[g0..g1]);
+        let (gx, gw, gb) = ln_backward::<X, T>(xs, gs, &w32, &stats);
+        let device = x.device();
+        let grad_x = Tensor::from_vec(gx, x.shape(), device)?;
+        let grad_w = Tensor::from_vec(gw, w.shape(), device)?.to_dtype(w.dtype())?;
+        let grad_b = Tensor::from_vec(gb, b.shape(), device)?.to_dtype(b.dtype())?;
+        Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use candle::{Device, Var};
@@ -1061,6 +1334,95 @@ mod tests {
             let error = relative_error(&fused, &expected)?;
             let size = max_abs(&expected)?;
             assert!(size > 1e-3 && error <= tolerance * size, "{dtype:?}: {error:e} of {size:e}");
+        }
+        Ok(())
+    }
+
+    /// The value and the gradients of `x`, `w` and `b` under the loss `sum(y * r)`.
+    fn ln_run(
+        x: &Var,
+        w: &Var,
+        b: &Var,
+        r: &Tensor,
+        dtype: DType,
+        fused: bool,
+    ) -> Result<(Tensor, [Tensor; 3])> {
+        let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+        let y = if fused {
+            layer_norm(xt, wt, bt, 1e-5, dtype)?.ok_or_else(|| candle::Error::Msg("no CPU path".into()))?
+        } else {
+            crate::layers::layer_norm::layer_norm_unfused(xt, wt, bt, 1e-5, dtype)?
+        };
+        let grads = (y.to_dtype(DType::F64)? * r)?.sum_all()?.backward()?;
+        let get = |t: &Tensor| grads.get(t).cloned().ok_or_else(|| candle::Error::Msg("no gradient".into()));
+        Ok((y, [get(xt)?, get(wt)?, get(bt)?]))
+    }
+
+    /// The fused layer norm against the unfused ops (`layer_norm_unfused`) over rows spanning
+    /// several parallel tasks and weight-gradient blocks (2 x 150 rows of 72): F32 within 1e-6
+    /// (value) and 1e-5 (gradients) of the largest value, a BF16 result (with F32 or BF16
+    /// weights) within one BF16 rounding (and its gradients, from the same BF16 upstream
+    /// gradient, within 1e-5, or one rounding where they are BF16).
+    #[test]
+    fn fused_layer_norm_equals_the_unfused_ops() -> Result<()> {
+        let (shape, c) = ([2, 150, 72], 72);
+        let r = random(&shape, 1.0, 20)?;
+        for (out, params, value_tol, grad_tol) in [
+            (DType::F32, DType::F32, 1e-6, 1e-5),
+            (DType::BF16, DType::F32, 8e-3, 1e-5),
+            (DType::BF16, DType::BF16, 8e-3, 8e-3),
+        ] {
+            let x = Var::from_tensor(&random(&shape, 2.0, 21)?.affine(1.0, 0.5)?.to_dtype(DType::F32)?)?;
+            let w = Var::from_tensor(&random(&[c], 0.5, 22)?.affine(1.0, 1.0)?.to_dtype(params)?)?;
+            let b = Var::from_tensor(&random(&[c], 0.5, 23)?.to_dtype(params)?)?;
+            let (yf, gf) = ln_run(&x, &w, &b, &r, out, true)?;
+            let (yu, gu) = ln_run(&x, &w, &b, &r, out, false)?;
+            assert_eq!(yf.dtype(), out);
+            let error = relative_error(&yf, &yu)?;
+            assert!(error <= value_tol, "{out:?}/{params:?} value: {error:e}");
+            for (name, (f, u)) in ["x", "w", "b"].iter().zip(gf.iter().zip(&gu)) {
+                assert_eq!((f.dtype(), f.dims()), (u.dtype(), u.dims()), "{name}");
+                let error = relative_error(f, u)?;
+                let tolerance = if *name == "x" { 1e-5 } else { grad_tol };
+                assert!(max_abs(u)? > 1e-2 && error <= tolerance, "{out:?}/{params:?} grad {name}: {error:e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The fused layer norm's F64 gradients of `x`, `w` and `b` against central differences of
+    /// the loss through the op (h = 1e-5: error about 1e-10).
+    #[test]
+    fn fused_layer_norm_matches_finite_differences() -> Result<()> {
+        let (shape, c) = ([3, 4, 6], 6);
+        let r = random(&shape, 1.0, 24)?;
+        let x0 = random(&shape, 1.5, 25)?;
+        let w0 = random(&[c], 0.5, 26)?.affine(1.0, 1.0)?;
+        let b0 = random(&[c], 0.5, 27)?;
+        let (x, w, b) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?, Var::from_tensor(&b0)?);
+        let (_, grads) = ln_run(&x, &w, &b, &r, DType::F64, true)?;
+        let loss = |x: &Tensor, w: &Tensor, b: &Tensor| -> Result<f64> {
+            let y = layer_norm(x, w, b, 1e-5, DType::F64)?.ok_or_else(|| candle::Error::Msg("no CPU path".into()))?;
+            (y * &r)?.sum_all()?.to_scalar::<f64>()
+        };
+        let h = 1e-5;
+        for (which, grad) in grads.iter().enumerate() {
+            let base = [&x0, &w0, &b0][which];
+            let flat = base.flatten_all()?.to_vec1::<f64>()?;
+            let analytic = grad.flatten_all()?.to_vec1::<f64>()?;
+            for i in 0..flat.len() {
+                let shifted = |delta: f64| -> Result<f64> {
+                    let mut v = flat.clone();
+                    v[i] += delta;
+                    let moved = Tensor::from_vec(v, base.shape(), &Device::Cpu)?;
+                    let mut args = [x0.clone(), w0.clone(), b0.clone()];
+                    args[which] = moved;
+                    loss(&args[0], &args[1], &args[2])
+                };
+                let numeric = (shifted(h)? - shifted(-h)?) / (2.0 * h);
+                let error = (numeric - analytic[i]).abs();
+                assert!(error <= 1e-7 * analytic[i].abs().max(1.0), "arg {which}[{i}]: {numeric} vs {}", analytic[i]);
+            }
         }
         Ok(())
     }
