@@ -439,6 +439,19 @@ impl CustomOp1 for GeluTanh {
     }
 }
 
+/// GELU's backward `g * gelu'(x)` for `x` and `g` of one shape and dtype: the one-pass kernel
+/// on contiguous CPU tensors, else the same derivative from tensor ops ([`gelu_tanh`]'s
+/// backward).
+///
+/// # Errors
+/// On a tensor error.
+pub(crate) fn gelu_tanh_grad(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    match GeluTanh.bwd(x, x, g)? {
+        Some(grad) => Ok(grad),
+        None => candle::bail!("gelu-tanh: no gradient"),
+    }
+}
+
 fn half_gelu<T: Narrow>(x: &[T]) -> Vec<T> {
     par_fill(x.len(), |i, o| via_f32(&[&x[i..i + o.len()]], o, |args, out| gelu_fwd_slice(args[0], out)))
 }
