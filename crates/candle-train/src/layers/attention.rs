@@ -8,6 +8,7 @@ use candle_ckpt::Rng;
 use crate::layers::dropout::Dropout;
 use crate::layers::linear::{Linear, WeightLayout};
 use crate::layers::custom_grad::custom1;
+use crate::layers::fused::matmul as mm;
 use crate::layers::ops::{causal_softmax, masked_softmax};
 use crate::module::ModuleBuilder;
 use crate::params::ParamBuilder;
@@ -103,25 +104,25 @@ pub fn causal_attention_qkv(qkv: &Tensor, heads: usize) -> Result<Tensor> {
     let (value, probs) = {
         let qkv = qkv.detach();
         let (q, k) = (split(&qkv, 0)?, split(&qkv, 1)?);
-        let scores = q.matmul(&k.t()?)?;
+        let scores = mm(&q, &k.t()?)?;
         drop((q, k));
         let probs = causal_softmax(&scores, scale)?;
         drop(scores);
-        let y = probs.matmul(&split(&qkv, 2)?)?;
+        let y = mm(&probs, &split(&qkv, 2)?)?;
         (merge(&y)?, probs)
     };
     custom1("causal-attention", qkv, value, move |qkv, _, g| {
         // As Candle differentiates the unfused ops: `scores = q kᵀ`, `y = probs v`.
         let gy = split_heads(g, heads)?;
         let v = split(qkv, 2)?;
-        let grad_probs = gy.matmul(&v.t()?)?;
-        let grad_v = probs.t()?.matmul(&gy)?;
+        let grad_probs = mm(&gy, &v.t()?)?;
+        let grad_v = mm(&probs.t()?, &gy)?;
         drop((v, gy));
         let grad_scores = crate::layers::ops::softmax_backward(&probs, &grad_probs, scale)?;
         drop(grad_probs);
         let (q, k) = (split(qkv, 0)?, split(qkv, 1)?);
-        let grad_q = grad_scores.matmul(&k)?;
-        let grad_k = q.t()?.matmul(&grad_scores)?.t()?;
+        let grad_q = mm(&grad_scores, &k)?;
+        let grad_k = mm(&q.t()?, &grad_scores)?.t()?;
         drop((q, k, grad_scores));
         // `[batch, t, 3, heads, d]` from the three `[batch, heads, t, d]` gradients.
         let parts = [grad_q, grad_k, grad_v].map(|p| p.transpose(1, 2));

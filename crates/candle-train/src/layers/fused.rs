@@ -907,6 +907,151 @@ impl CustomOp1 for CausalSoftmax {
     }
 }
 
+/// One operand of [`matmul`] in its storage: the touched range, the step between batch
+/// matrices and the row and column strides.
+struct Operand {
+    start: usize,
+    end: usize,
+    skip: usize,
+    rs: isize,
+    cs: isize,
+}
+
+impl Operand {
+    /// `None` for a layout whose batch dimensions do not collapse into one stride (Candle's
+    /// matmul then decides), or an empty one.
+    fn of(layout: &Layout) -> Option<Self> {
+        let (dims, stride) = (layout.dims(), layout.stride());
+        let rank = dims.len();
+        let (rows, cols) = (dims[rank - 2], dims[rank - 1]);
+        let batch: usize = dims[..rank - 2].iter().product();
+        if batch == 0 || rows == 0 || cols == 0 {
+            return None;
+        }
+        let skip = if rank == 2 {
+            rows * cols
+        } else {
+            let collapses = (0..rank - 3).all(|i| stride[i] == stride[i + 1] * dims[i + 1]);
+            if !collapses {
+                return None;
+            }
+            stride[rank - 3]
+        };
+        let (rs, cs) = (stride[rank - 2], stride[rank - 1]);
+        let start = layout.start_offset();
+        let end = start + (batch - 1) * skip + (rows - 1) * rs + (cols - 1) * cs + 1;
+        Some(Self { start, end, skip, rs: rs as isize, cs: cs as isize })
+    }
+}
+
+/// `batch` products `[m, k] x [k, n]` by `gemm` in F32 into a fresh contiguous buffer, with the
+/// arguments Candle's CPU matmul passes (so the same values), but no zero-filled destination:
+/// with `read_dst` false, `gemm` treats `alpha` as 0 and writes every element of `dst` without
+/// reading it (`gemm-common` 0.19: the micro-kernels' `alpha_status` 0, `gemv`/`gevv` likewise).
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(lhs: &[f32], a: &Operand, rhs: &[f32], b: &Operand, batch: usize, m: usize, n: usize, k: usize) -> Vec<f32> {
+    let threads = candle::utils::get_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let mut dst: Vec<f32> = Vec::with_capacity(batch * m * n);
+    for i in 0..batch {
+        // SAFETY: the operands' ranges hold every element the strides reach (`Operand::of`
+        // computed `end` from them; `lhs`/`rhs` start at `start`); `dst` has room for `batch`
+        // row-major `[m, n]` results; `k > 0` (checked by the caller).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr().add(i * m * n),
+                1,
+                n as isize,
+                false,
+                lhs.as_ptr().add(i * a.skip),
+                a.cs,
+                a.rs,
+                rhs.as_ptr().add(i * b.skip),
+                b.cs,
+                b.rs,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    }
+    // SAFETY: `gemm` wrote all `m * n` elements of each of the `batch` results (see above).
+    unsafe { dst.set_len(batch * m * n) };
+    dst
+}
+
+// Widening BF16 to F32 and rounding F32 to BF16 (`bf16_from_f32`), vectorised.
+half_kernel!(widen_slice, widen_slice_generic, widen_slice_avx2, (src: &[T], dst: &mut [MaybeUninit<f32>]), {
+    for (d, s) in dst.iter_mut().zip(src) {
+        d.write(s.widen());
+    }
+});
+
+half_kernel!(narrow_slice, narrow_slice_generic, narrow_slice_avx2, (src: &[f32], dst: &mut [MaybeUninit<T>]), {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        d.write(T::narrow(s));
+    }
+});
+
+/// `a.matmul(b)` for CPU tensors of rank 2 or more with the same batch dimensions: F32 through
+/// `gemm` without zero-filling the result first, BF16 widened to F32 (only the range the
+/// operand's layout touches), multiplied so and rounded once, in vectorised passes (Candle's
+/// BF16 matmul widens the whole storage and rounds with scalar `half` calls). The values are
+/// Candle's (the same `gemm` call on the same F32 values, the same rounding). The result tracks
+/// no gradient: only for values computed outside the graph (a custom op's forward or backward).
+/// Candle's matmul elsewhere (other devices and dtypes, broadcast batches, odd layouts).
+///
+/// # Errors
+/// On a shape mismatch (Candle's error).
+pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match matmul_cpu(a, b)? {
+        Some(c) => Ok(c),
+        None => a.matmul(b),
+    }
+}
+
+fn matmul_cpu(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    let rank = a.rank();
+    if !a.device().is_cpu() || a.dtype() != b.dtype() || rank < 2 || b.rank() != rank {
+        return Ok(None);
+    }
+    let (ad, bd) = (a.dims(), b.dims());
+    let (m, k, n) = (ad[rank - 2], ad[rank - 1], bd[rank - 1]);
+    if ad[..rank - 2] != bd[..rank - 2] || bd[rank - 2] != k || k == 0 {
+        return Ok(None);
+    }
+    let batch: usize = ad[..rank - 2].iter().product();
+    let mut out_dims = ad[..rank - 2].to_vec();
+    out_dims.extend([m, n]);
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Some(oa), Some(ob)) = (Operand::of(la), Operand::of(lb)) else {
+        return Ok(None);
+    };
+    let widen = |v: &[half::bf16], o: &Operand| -> Vec<f32> { par_fill(o.end - o.start, |i, out| widen_slice(&v[o.start + i..], out)) };
+    let product = match (&*sa, &*sb) {
+        (Storage::Cpu(CpuStorage::F32(x)), Storage::Cpu(CpuStorage::F32(y))) => {
+            let c = gemm_f32(&x[oa.start..oa.end], &oa, &y[ob.start..ob.end], &ob, batch, m, n, k);
+            Tensor::from_vec(c, out_dims, a.device())?
+        }
+        (Storage::Cpu(CpuStorage::BF16(x)), Storage::Cpu(CpuStorage::BF16(y))) => {
+            let (xw, yw) = (widen(x, &oa), widen(y, &ob));
+            let c = gemm_f32(&xw, &oa, &yw, &ob, batch, m, n, k);
+            drop((xw, yw));
+            let c: Vec<half::bf16> = par_fill(c.len(), |i, out| narrow_slice(&c[i..i + out.len()], out));
+            Tensor::from_vec(c, out_dims, a.device())?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(product))
+}
+
 /// The float types layer normalisation computes in (F32, and F64 for the F64 reference).
 trait Real:
     Copy
@@ -1435,6 +1580,37 @@ mod tests {
                 let numeric = (shifted(h)? - shifted(-h)?) / (2.0 * h);
                 let error = (numeric - analytic[i]).abs();
                 assert!(error <= 1e-7 * analytic[i].abs().max(1.0), "arg {which}[{i}]: {numeric} vs {}", analytic[i]);
+            }
+        }
+        Ok(())
+    }
+
+    /// `matmul` against Candle's matmul bit for bit in F32 and BF16: plain, transposed operands
+    /// (views of contiguous storage), a batch of 2 x 3 matrices, a view into the middle of a
+    /// storage; sizes on both sides of `gemm`'s small-matrix path. F64 takes Candle's path.
+    #[test]
+    fn matmul_equals_candles_matmul() -> Result<()> {
+        for (m, k, n) in [(3, 5, 4), (70, 33, 65)] {
+            for dtype in [DType::F32, DType::BF16, DType::F64] {
+                let a = random(&[2, 3, m, k], 1.0, 30)?.to_dtype(dtype)?;
+                let b = random(&[2, 3, k, n], 1.0, 31)?.to_dtype(dtype)?;
+                let at = random(&[2, 3, k, m], 1.0, 32)?.to_dtype(dtype)?.transpose(2, 3)?;
+                let bt = random(&[2, 3, n, k], 1.0, 33)?.to_dtype(dtype)?.transpose(2, 3)?;
+                let wide = random(&[m, k + 7], 1.0, 34)?.to_dtype(dtype)?;
+                let middle = wide.narrow(1, 3, k)?;
+                let b2 = b.get(1)?.get(2)?;
+                let cases = [(&a, &b), (&at, &b), (&a, &bt), (&at, &bt)];
+                for (i, (x, y)) in cases.into_iter().enumerate() {
+                    let ours = matmul(x, y)?;
+                    let theirs = x.matmul(y)?;
+                    assert_eq!(ours.dims(), theirs.dims());
+                    let diff = max_abs(&(ours.to_dtype(DType::F64)? - theirs.to_dtype(DType::F64)?)?)?;
+                    assert_eq!(diff, 0.0, "{dtype:?} {m}x{k}x{n} case {i}");
+                }
+                let (ours, theirs) = (matmul(&middle, &b2)?, middle.matmul(&b2)?);
+                let diff = max_abs(&(ours.to_dtype(DType::F64)? - theirs.to_dtype(DType::F64)?)?)?;
+                assert_eq!(diff, 0.0, "{dtype:?} {m}x{k}x{n} a view");
+                assert!(max_abs(&ours)? > 0.1);
             }
         }
         Ok(())

@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 use candle::{Result, Tensor, Var};
 
 use crate::layers::custom_grad::custom3;
-use crate::layers::fused::{add_bias_owned, bias_grad, gelu_tanh, gelu_tanh_grad};
+use crate::layers::fused::{add_bias_owned, bias_grad, gelu_tanh, gelu_tanh_grad, matmul as mm};
 use crate::module::ModuleBuilder;
 use crate::params::{ParamBuilder, Parameter};
 use crate::quant::{quantized_linear, QuantizedWeight};
@@ -375,7 +375,12 @@ fn affine(
     layout: WeightLayout,
     gelu: bool,
 ) -> Result<Tensor> {
-    let value = add_bias_owned(matmul_weight(&x2.detach(), &w.detach(), layout)?, &b.detach())?;
+    let (xd, wd) = (x2.detach(), w.detach());
+    let product = match layout {
+        WeightLayout::InOut => mm(&xd, &wd)?,
+        WeightLayout::OutIn => mm(&xd, &wd.t()?)?,
+    };
+    let value = add_bias_owned(product, &b.detach())?;
     let (value, pre) = if gelu { (gelu_tanh(&value)?, Some(value)) } else { (value, None) };
     let rows = x2.dim(0)?;
     let mut out_dims = x.dims().to_vec();
@@ -391,12 +396,12 @@ fn affine(
             None => g,
         };
         let grad_x = match layout {
-            WeightLayout::InOut => g.matmul(&w.t()?)?,
-            WeightLayout::OutIn => g.matmul(w)?,
+            WeightLayout::InOut => mm(g, &w.t()?)?,
+            WeightLayout::OutIn => mm(g, w)?,
         };
         let grad_w = match layout {
-            WeightLayout::InOut => x.t()?.matmul(g)?,
-            WeightLayout::OutIn => g.t()?.matmul(&x)?,
+            WeightLayout::InOut => mm(&x.t()?, g)?,
+            WeightLayout::OutIn => mm(&g.t()?, &x)?,
         };
         let grad_b = bias_grad(g, b.dtype())?;
         Ok((Some(grad_x.reshape(x_full.shape())?), Some(grad_w), Some(grad_b)))
