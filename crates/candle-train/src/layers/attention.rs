@@ -5,10 +5,10 @@
 use candle::{Result, Tensor};
 use candle_ckpt::Rng;
 
-use crate::layers::dropout::Dropout;
-use crate::layers::linear::{Linear, WeightLayout};
 use crate::layers::custom_grad::custom1;
+use crate::layers::dropout::Dropout;
 use crate::layers::fused::matmul as mm;
+use crate::layers::linear::{Linear, WeightLayout};
 use crate::layers::ops::{causal_softmax, masked_softmax};
 use crate::module::ModuleBuilder;
 use crate::params::ParamBuilder;
@@ -357,7 +357,11 @@ mod tests {
             };
             let numeric = (shifted(h)? - shifted(-h)?) / (2.0 * h);
             let error = (numeric - analytic[i]).abs();
-            assert!(error <= 1e-7 * analytic[i].abs().max(1.0), "coordinate {i}: {numeric} vs {}", analytic[i]);
+            assert!(
+                error <= 1e-7 * analytic[i].abs().max(1.0),
+                "coordinate {i}: {numeric} vs {}",
+                analytic[i]
+            );
         }
         Ok(())
     }

@@ -257,11 +257,19 @@ pub(crate) fn softmax_backward(y: &Tensor, g: &Tensor, scale: f64) -> Result<Opt
         }
         (CpuStorage::BF16(y), CpuStorage::BF16(g)) => {
             let (y, g) = (&y[y0..y1], &g[g0..g0 + len]);
-            Tensor::from_vec(run(y, g, n, |y, g, o| softmax_backward_half(y, g, n, scale32, o)), shape, device)?
+            Tensor::from_vec(
+                run(y, g, n, |y, g, o| softmax_backward_half(y, g, n, scale32, o)),
+                shape,
+                device,
+            )?
         }
         (CpuStorage::F16(y), CpuStorage::F16(g)) => {
             let (y, g) = (&y[y0..y1], &g[g0..g0 + len]);
-            Tensor::from_vec(run(y, g, n, |y, g, o| softmax_backward_half(y, g, n, scale32, o)), shape, device)?
+            Tensor::from_vec(
+                run(y, g, n, |y, g, o| softmax_backward_half(y, g, n, scale32, o)),
+                shape,
+                device,
+            )?
         }
         _ => return Ok(None),
     };
@@ -809,7 +817,8 @@ fn causal_row_f32<T: Narrow>(x: &[T], i: usize, scale: f32, wide: &mut [f32], ou
         *w = exp_f32(*w - max);
         *lane += *w;
     }
-    let sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+    let sum =
+        ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
     for (o, w) in out.iter_mut().zip(&wide[..=i]) {
         o.write(T::narrow(*w / sum));
     }
@@ -949,7 +958,16 @@ impl Operand {
 /// with `read_dst` false, `gemm` treats `alpha` as 0 and writes every element of `dst` without
 /// reading it (`gemm-common` 0.19: the micro-kernels' `alpha_status` 0, `gemv`/`gevv` likewise).
 #[allow(clippy::too_many_arguments)]
-fn gemm_f32(lhs: &[f32], a: &Operand, rhs: &[f32], b: &Operand, batch: usize, m: usize, n: usize, k: usize) -> Vec<f32> {
+fn gemm_f32(
+    lhs: &[f32],
+    a: &Operand,
+    rhs: &[f32],
+    b: &Operand,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
     let threads = candle::utils::get_num_threads();
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     let mut dst: Vec<f32> = Vec::with_capacity(batch * m * n);
@@ -1034,7 +1052,9 @@ fn matmul_cpu(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     let (Some(oa), Some(ob)) = (Operand::of(la), Operand::of(lb)) else {
         return Ok(None);
     };
-    let widen = |v: &[half::bf16], o: &Operand| -> Vec<f32> { par_fill(o.end - o.start, |i, out| widen_slice(&v[o.start + i..], out)) };
+    let widen = |v: &[half::bf16], o: &Operand| -> Vec<f32> {
+        par_fill(o.end - o.start, |i, out| widen_slice(&v[o.start + i..], out))
+    };
     let product = match (&*sa, &*sb) {
         (Storage::Cpu(CpuStorage::F32(x)), Storage::Cpu(CpuStorage::F32(y))) => {
             let c = gemm_f32(&x[oa.start..oa.end], &oa, &y[ob.start..ob.end], &ob, batch, m, n, k);
@@ -1169,7 +1189,8 @@ fn ln_rows_backward<X: Real, T: Store<X>>(
     for (((row, grow), gxrow), &(mean, rstd)) in rows {
         let xhat = |v: X| (v - mean) * rstd;
         let mean_gw = lane_sum(grow.iter().zip(w).map(|(g, &w)| g.get() * w)) / n;
-        let mean_gw_xhat = lane_sum(grow.iter().zip(w).zip(row).map(|((g, &w), &v)| g.get() * w * xhat(v))) / n;
+        let mean_gw_xhat =
+            lane_sum(grow.iter().zip(w).zip(row).map(|((g, &w), &v)| g.get() * w * xhat(v))) / n;
         for ((((o, g), &w), &v), (aw, ab)) in
             gxrow.iter_mut().zip(grow).zip(w).zip(row).zip(acc_w.iter_mut().zip(acc_b.iter_mut()))
         {
@@ -1268,7 +1289,13 @@ fn values<X: WithDType>(t: &Tensor) -> Result<Vec<X>> {
 ///
 /// # Errors
 /// On a tensor error.
-pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64, dtype: DType) -> Result<Option<Tensor>> {
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    dtype: DType,
+) -> Result<Option<Tensor>> {
     let c = x.dims().last().copied().unwrap_or(0);
     let applies = x.device().is_cpu()
         && x.is_contiguous()
@@ -1293,10 +1320,17 @@ pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64, dtype: DT
     .map(Some)
 }
 
-fn layer_norm_in<X: Real, T: Store<X> + WithDType>(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+fn layer_norm_in<X: Real, T: Store<X> + WithDType>(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let (w32, b32) = (values::<X>(&w.detach())?, values::<X>(&b.detach())?);
     let (value, stats) = {
-        let Some((storage, start, end)) = cpu_slice(x) else { candle::bail!("layer-norm: not a contiguous CPU tensor") };
+        let Some((storage, start, end)) = cpu_slice(x) else {
+            candle::bail!("layer-norm: not a contiguous CPU tensor")
+        };
         let Some(xs) = X::cpu_storage_as_slice(match &*storage {
             Storage::Cpu(s) => s,
             _ => candle::bail!("layer-norm: not a CPU tensor"),
@@ -1482,7 +1516,9 @@ mod tests {
         let y = crate::layers::ops::softmax_last_dim(&logits)?;
         let g = random(&[2, 3, t, t], 1.0, 15)?;
         let scale = 0.37;
-        for (dtype, tolerance) in [(DType::F64, 1e-12), (DType::F32, 1e-6), (DType::BF16, 8e-3), (DType::F16, 1e-3)] {
+        for (dtype, tolerance) in
+            [(DType::F64, 1e-12), (DType::F32, 1e-6), (DType::BF16, 8e-3), (DType::F16, 1e-3)]
+        {
             let (yd, gd) = (y.to_dtype(dtype)?, g.to_dtype(dtype)?);
             let Some(fused) = softmax_backward(&yd, &gd, scale)? else { candle::bail!("no CPU path") };
             assert_eq!(fused.dtype(), dtype);
@@ -1542,7 +1578,10 @@ mod tests {
                 assert_eq!((f.dtype(), f.dims()), (u.dtype(), u.dims()), "{name}");
                 let error = relative_error(f, u)?;
                 let tolerance = if *name == "x" { 1e-5 } else { grad_tol };
-                assert!(max_abs(u)? > 1e-2 && error <= tolerance, "{out:?}/{params:?} grad {name}: {error:e}");
+                assert!(
+                    max_abs(u)? > 1e-2 && error <= tolerance,
+                    "{out:?}/{params:?} grad {name}: {error:e}"
+                );
             }
         }
         Ok(())
@@ -1560,7 +1599,8 @@ mod tests {
         let (x, w, b) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?, Var::from_tensor(&b0)?);
         let (_, grads) = ln_run(&x, &w, &b, &r, DType::F64, true)?;
         let loss = |x: &Tensor, w: &Tensor, b: &Tensor| -> Result<f64> {
-            let y = layer_norm(x, w, b, 1e-5, DType::F64)?.ok_or_else(|| candle::Error::Msg("no CPU path".into()))?;
+            let y = layer_norm(x, w, b, 1e-5, DType::F64)?
+                .ok_or_else(|| candle::Error::Msg("no CPU path".into()))?;
             (y * &r)?.sum_all()?.to_scalar::<f64>()
         };
         let h = 1e-5;
@@ -1579,7 +1619,11 @@ mod tests {
                 };
                 let numeric = (shifted(h)? - shifted(-h)?) / (2.0 * h);
                 let error = (numeric - analytic[i]).abs();
-                assert!(error <= 1e-7 * analytic[i].abs().max(1.0), "arg {which}[{i}]: {numeric} vs {}", analytic[i]);
+                assert!(
+                    error <= 1e-7 * analytic[i].abs().max(1.0),
+                    "arg {which}[{i}]: {numeric} vs {}",
+                    analytic[i]
+                );
             }
         }
         Ok(())

@@ -431,7 +431,9 @@ mod tests {
         let grads = (y.to_dtype(DType::F64)? * r)?.sum_all()?.backward()?;
         let grads = vars
             .iter()
-            .map(|v| grads.get(v.as_tensor()).cloned().ok_or_else(|| candle::Error::Msg("no gradient".into())))
+            .map(|v| {
+                grads.get(v.as_tensor()).cloned().ok_or_else(|| candle::Error::Msg("no gradient".into()))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok((y, grads))
     }
@@ -453,7 +455,8 @@ mod tests {
                 ];
                 let (fused, gf) = run(|x, w, b| linear_gelu(x, w, b, layout), &vars, &r)?;
                 let (reference, gu) = run(|x, w, b| gelu_tanh(&linear(x, w, Some(b), layout)?), &vars, &r)?;
-                let bits = |t: &Tensor| -> Result<Vec<f64>> { t.to_dtype(DType::F64)?.flatten_all()?.to_vec1() };
+                let bits =
+                    |t: &Tensor| -> Result<Vec<f64>> { t.to_dtype(DType::F64)?.flatten_all()?.to_vec1() };
                 assert_eq!(fused.dims(), [2, 3, o]);
                 assert_eq!(bits(&fused)?, bits(&reference)?, "{layout:?} {dtype:?} values");
                 for (k, (f, u)) in gf.iter().zip(&gu).enumerate() {
@@ -482,7 +485,11 @@ mod tests {
                 };
                 let numeric = (loss(h)? - loss(-h)?) / (2.0 * h);
                 let error = (numeric - analytic[k]).abs();
-                assert!(error <= 1e-7 * analytic[k].abs().max(1.0), "arg {which}[{k}]: {numeric} vs {}", analytic[k]);
+                assert!(
+                    error <= 1e-7 * analytic[k].abs().max(1.0),
+                    "arg {which}[{k}]: {numeric} vs {}",
+                    analytic[k]
+                );
             }
         }
         Ok(())
