@@ -1,12 +1,16 @@
 //! Fused CPU kernels for the element-wise work of a training step, each one pass over memory
 //! with one output buffer (Candle evaluates them as chains of tensor ops, one fresh buffer per
 //! op): the tanh-GELU forward and backward, the bias added in place to a matmul's fresh
-//! output, and the bias gradient (the sum over rows). Large tensors are split over rayon's
-//! threads in fixed chunks, so results do not depend on the number of threads.
+//! output, the bias gradient (the sum over rows), the causal softmax's forward and softmax's
+//! backward, dropout, layer normalisation forward and backward, and `matmul` (Candle's CPU
+//! products without its zero fill and BF16 conversions, for values computed outside the graph).
+//! Large tensors are split over rayon's threads in fixed chunks, so results do not depend on the
+//! number of threads.
 //!
-//! F32 kernels are compiled twice, for the baseline x86-64 target and with AVX2 + FMA, and
-//! picked at run time. F64 runs the textbook formulas with `f64::tanh` (the finite-difference
-//! reference); BF16/F16 compute in F32 and round once. On other devices, and for layouts the
+//! F32 kernels, and the half-precision ones (generic over `Narrow`), are compiled twice, for
+//! the baseline x86-64 target and with AVX2 + FMA, and picked at run time. F64 runs the
+//! textbook formulas with `f64::tanh` (the finite-difference reference); BF16/F16 compute in
+//! F32 and round once. On other devices, and for layouts the
 //! kernels do not take, the same values come from Candle's tensor ops.
 
 use std::mem::MaybeUninit;
@@ -749,7 +753,8 @@ impl CustomOp1 for DropoutMask {
 /// positions at or before its own, in one pass per row in F32 (F64 for F64) with one output
 /// buffer (the unfused forward holds an F32 copy, the mask and a temporary per step). The same
 /// operations in the same order as the unfused ops (scale, max, `exp(x - max)`, sum, divide),
-/// so the values agree to the rounding of the sum. Backward: softmax's one-pass backward.
+/// with a vectorised `exp` within 2 ulp of libm's and the sum in eight partial sums: the
+/// values agree to that rounding (1e-6 relative, tested). Backward: softmax's one-pass backward.
 /// `None` where the kernel does not apply.
 ///
 /// # Errors
