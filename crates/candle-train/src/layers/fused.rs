@@ -1207,23 +1207,47 @@ fn ln_rows_backward<X: Real, T: Store<X>>(
     }
 }
 
-/// Runs `f` compiled with AVX2 + FMA when the CPU has them, else as compiled for the baseline.
-/// `f` must be `#[inline(always)]` code for the features to reach its loops.
-#[inline(always)]
-fn dispatch_avx2<R>(f: impl FnOnce() -> R) -> R {
+/// [`ln_rows_forward`] compiled with AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+// SAFETY (for callers): only called after detecting AVX2 and FMA.
+unsafe fn ln_rows_forward_avx2<X: Real, T: Store<X>>(
+    x: &[X],
+    w: &[X],
+    b: &[X],
+    eps: X,
+    out: &mut [MaybeUninit<T>],
+    stats: &mut [(X, X)],
+) {
+    ln_rows_forward(x, w, b, eps, out, stats)
+}
+
+/// [`ln_rows_backward`] compiled with AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+// SAFETY (for callers): only called after detecting AVX2 and FMA.
+unsafe fn ln_rows_backward_avx2<X: Real, T: Store<X>>(
+    x: &[X],
+    g: &[T],
+    w: &[X],
+    stats: &[(X, X)],
+    gx: &mut [MaybeUninit<X>],
+    acc_w: &mut [X],
+    acc_b: &mut [X],
+) {
+    ln_rows_backward(x, g, w, stats, gx, acc_w, acc_b)
+}
+
+/// Whether the CPU has AVX2 and FMA (std caches the detection).
+fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx2,fma")]
-        // SAFETY (for callers): only called after detecting AVX2 and FMA.
-        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            return unsafe { avx2(f) };
-        }
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
     }
-    f()
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// The forward over all rows: the result and the per-row statistics. Rows in tasks of about
@@ -1238,7 +1262,14 @@ fn ln_forward<X: Real, T: Store<X>>(x: &[X], w: &[X], b: &[X], eps: X) -> (Vec<T
         .par_chunks_mut(task * c)
         .zip(stats.par_chunks_mut(task))
         .zip(x.par_chunks(task * c))
-        .for_each(|((o, st), xs)| dispatch_avx2(|| ln_rows_forward(xs, w, b, eps, o, st)));
+        .for_each(|((o, st), xs)| {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2_fma() {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                return unsafe { ln_rows_forward_avx2(xs, w, b, eps, o, st) };
+            }
+            ln_rows_forward(xs, w, b, eps, o, st)
+        });
     // SAFETY: the tasks cover every row and each wrote every element of its rows.
     unsafe { out.set_len(x.len()) };
     (out, stats)
@@ -1262,7 +1293,13 @@ fn ln_backward<X: Real, T: Store<X>>(
         .zip(stats.par_chunks(SUM_BLOCK_ROWS))
         .map(|((o, (xs, gs)), st)| {
             let (mut acc_w, mut acc_b) = (vec![X::ZERO; c], vec![X::ZERO; c]);
-            dispatch_avx2(|| ln_rows_backward(xs, gs, w, st, o, &mut acc_w, &mut acc_b));
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2_fma() {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                unsafe { ln_rows_backward_avx2(xs, gs, w, st, o, &mut acc_w, &mut acc_b) };
+                return (acc_w, acc_b);
+            }
+            ln_rows_backward(xs, gs, w, st, o, &mut acc_w, &mut acc_b);
             (acc_w, acc_b)
         })
         .collect();
