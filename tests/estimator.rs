@@ -402,8 +402,12 @@ fn probed_segment_sizes_match_measured_ones_and_a_budget_decides_alike() -> anyh
 }
 
 /// Probing at micro-batches 1 and 2 and extrapolating linearly to 16 stays within 5% of the
-/// measured peak, and within 2% of probing at 16 itself (the embedding's backward peak, the
-/// larger of its table's gradient and its activations', is not linear in the batch).
+/// measured peak, and within 3.5% of probing at 16 itself (the embedding's backward peak, the
+/// larger of its table's gradient and its activations', is not linear in the batch; nor is a
+/// block's: since issue 24's fused kernels (BENCHMARKS 14f) the backward keeps far fewer
+/// per-sample tensors alive, so at micro-batches 1 and 2 its peak falls where the
+/// batch-independent weight gradients dominate, at 16 where activations do: GPT -3.05%, BERT
+/// -2.12% against the probe at 16, which the estimator uses unless told otherwise).
 #[test]
 fn a_probe_at_a_small_micro_batch_extrapolates_to_the_real_one() -> anyhow::Result<()> {
     use DType::F32;
@@ -428,7 +432,7 @@ fn a_probe_at_a_small_micro_batch_extrapolates_to_the_real_one() -> anyhow::Resu
             100.0 * to_full,
             100.0 * to_measured
         );
-        assert!(to_full.abs() <= 0.02, "{}: {small:?} vs {full:?}", row.label());
+        assert!(to_full.abs() <= 0.035, "{}: {small:?} vs {full:?}", row.label());
         assert!(to_measured.abs() <= TOLERANCE, "{}: {} vs {}", row.label(), small.peak, measured.peak);
     }
     Ok(())

@@ -1,12 +1,16 @@
 //! Fused CPU kernels for the element-wise work of a training step, each one pass over memory
 //! with one output buffer (Candle evaluates them as chains of tensor ops, one fresh buffer per
 //! op): the tanh-GELU forward and backward, the bias added in place to a matmul's fresh
-//! output, and the bias gradient (the sum over rows). Large tensors are split over rayon's
-//! threads in fixed chunks, so results do not depend on the number of threads.
+//! output, the bias gradient (the sum over rows), the causal softmax's forward and softmax's
+//! backward, dropout, layer normalisation forward and backward, and `matmul` (Candle's CPU
+//! products without its zero fill and BF16 conversions, for values computed outside the graph).
+//! Large tensors are split over rayon's threads in fixed chunks, so results do not depend on the
+//! number of threads.
 //!
-//! F32 kernels are compiled twice, for the baseline x86-64 target and with AVX2 + FMA, and
-//! picked at run time. F64 runs the textbook formulas with `f64::tanh` (the finite-difference
-//! reference); BF16/F16 compute in F32 and round once. On other devices, and for layouts the
+//! F32 kernels, and the half-precision ones (generic over `Narrow`), are compiled twice, for
+//! the baseline x86-64 target and with AVX2 + FMA, and picked at run time. F64 runs the
+//! textbook formulas with `f64::tanh` (the finite-difference reference); BF16/F16 compute in
+//! F32 and round once. On other devices, and for layouts the
 //! kernels do not take, the same values come from Candle's tensor ops.
 
 use std::mem::MaybeUninit;
@@ -133,6 +137,149 @@ f32_kernel!(sum_rows_slice, sum_rows_generic, sum_rows_avx2, (rows: &[f32], acc:
     }
 });
 
+/// Slice kernels generic over the half types ([`Narrow`]), compiled for the baseline target and
+/// for AVX2 + FMA and dispatched at run time, as [`f32_kernel`]'s.
+macro_rules! half_kernel {
+    ($name:ident, $generic:ident, $avx2:ident, ($($arg:ident: $ty:ty),*), $body:block) => {
+        #[inline(always)]
+        fn $generic<T: Narrow>($($arg: $ty),*) $body
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        // SAFETY (for callers): only called after detecting AVX2 and FMA.
+        unsafe fn $avx2<T: Narrow>($($arg: $ty),*) {
+            $generic($($arg),*)
+        }
+
+        fn $name<T: Narrow>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                return unsafe { $avx2($($arg),*) };
+            }
+            $generic($($arg),*)
+        }
+    };
+}
+
+// `y + b` as `half`'s `Add` computes it (in F32, rounded once): `broadcast_add` bit for bit.
+half_kernel!(add_rows_half, add_rows_half_generic, add_rows_half_avx2, (rows: &mut [T], bias: &[T]), {
+    for row in rows.chunks_exact_mut(bias.len()) {
+        for (y, &b) in row.iter_mut().zip(bias) {
+            *y = T::narrow(y.widen() + b.widen());
+        }
+    }
+});
+
+// Softmax's backward `scale * y * (g - sum(g * y))` on rows `n` wide of half-precision values:
+// the products are exact in F32 (8- or 11-bit significands), summed in F64, the rest in F32,
+// rounded once.
+half_kernel!(
+    softmax_backward_half,
+    softmax_backward_half_generic,
+    softmax_backward_half_avx2,
+    (y: &[T], g: &[T], n: usize, scale: f32, out: &mut [MaybeUninit<T>]),
+    {
+        for ((yr, gr), o) in y.chunks_exact(n).zip(g.chunks_exact(n)).zip(out.chunks_exact_mut(n)) {
+            let dot: f64 = yr.iter().zip(gr).map(|(y, g)| f64::from(y.widen() * g.widen())).sum();
+            let dot = dot as f32;
+            for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
+                o.write(T::narrow(scale * y.widen() * (g.widen() - dot)));
+            }
+        }
+    }
+);
+
+// The same for F32 (and by `softmax_backward_f64` for F64), computed in F64 and rounded once.
+f32_kernel!(
+    softmax_backward_f32,
+    softmax_backward_f32_generic,
+    softmax_backward_f32_avx2,
+    (y: &[f32], g: &[f32], n: usize, scale: f64, out: &mut [MaybeUninit<f32>]),
+    {
+        for ((yr, gr), o) in y.chunks_exact(n).zip(g.chunks_exact(n)).zip(out.chunks_exact_mut(n)) {
+            let dot: f64 = yr.iter().zip(gr).map(|(&y, &g)| f64::from(y) * f64::from(g)).sum();
+            for ((o, &y), &g) in o.iter_mut().zip(yr).zip(gr) {
+                o.write((scale * f64::from(y) * (f64::from(g) - dot)) as f32);
+            }
+        }
+    }
+);
+
+fn softmax_backward_f64(y: &[f64], g: &[f64], n: usize, scale: f64, out: &mut [MaybeUninit<f64>]) {
+    for ((yr, gr), o) in y.chunks_exact(n).zip(g.chunks_exact(n)).zip(out.chunks_exact_mut(n)) {
+        let dot: f64 = yr.iter().zip(gr).map(|(y, g)| y * g).sum();
+        for ((o, y), g) in o.iter_mut().zip(yr).zip(gr) {
+            o.write(scale * y * (g - dot));
+        }
+    }
+}
+
+/// Softmax's backward `scale * y * (g - sum(g * y))` over the last dimension (`n` wide) of
+/// contiguous CPU tensors `y` and `g` of one dtype and shape, rows split over rayon's threads
+/// (each row computed alone, so the values do not depend on the split): F32 and F64 in F64,
+/// BF16/F16 as [`softmax_backward_half`]. Only the result is allocated. `None` elsewhere.
+///
+/// # Errors
+/// On a tensor error.
+pub(crate) fn softmax_backward(y: &Tensor, g: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    if y.dtype() != g.dtype() || y.dims() != g.dims() || y.rank() == 0 {
+        return Ok(None);
+    }
+    let n = y.dim(candle::D::Minus1)?;
+    let (Some((ys, y0, y1)), Some((gs, g0, _))) = (cpu_slice(y), cpu_slice(g)) else {
+        return Ok(None);
+    };
+    let (Storage::Cpu(yc), Storage::Cpu(gc)) = (&*ys, &*gs) else {
+        return Ok(None);
+    };
+    if n == 0 {
+        return Ok(None);
+    }
+    fn run<T: Send + Sync, U: Send>(
+        y: &[T],
+        g: &[T],
+        n: usize,
+        kernel: impl Fn(&[T], &[T], &mut [MaybeUninit<U>]) + Sync,
+    ) -> Vec<U> {
+        par_fill_rows(y.len(), n, |first, rows| {
+            let (start, end) = (first * n, first * n + rows.len());
+            kernel(&y[start..end], &g[start..end], rows)
+        })
+    }
+    let len = y1 - y0;
+    let (shape, device) = (y.shape(), &candle::Device::Cpu);
+    let scale32 = scale as f32;
+    let grad = match (yc, gc) {
+        (CpuStorage::F32(y), CpuStorage::F32(g)) => {
+            let (y, g) = (&y[y0..y1], &g[g0..g0 + len]);
+            Tensor::from_vec(run(y, g, n, |y, g, o| softmax_backward_f32(y, g, n, scale, o)), shape, device)?
+        }
+        (CpuStorage::F64(y), CpuStorage::F64(g)) => {
+            let (y, g) = (&y[y0..y1], &g[g0..g0 + len]);
+            Tensor::from_vec(run(y, g, n, |y, g, o| softmax_backward_f64(y, g, n, scale, o)), shape, device)?
+        }
+        (CpuStorage::BF16(y), CpuStorage::BF16(g)) => {
+            let (y, g) = (&y[y0..y1], &g[g0..g0 + len]);
+            Tensor::from_vec(
+                run(y, g, n, |y, g, o| softmax_backward_half(y, g, n, scale32, o)),
+                shape,
+                device,
+            )?
+        }
+        (CpuStorage::F16(y), CpuStorage::F16(g)) => {
+            let (y, g) = (&y[y0..y1], &g[g0..g0 + len]);
+            Tensor::from_vec(
+                run(y, g, n, |y, g, o| softmax_backward_half(y, g, n, scale32, o)),
+                shape,
+                device,
+            )?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(grad))
+}
+
 /// `n` outputs from `fill(start, chunk)` over fixed chunks, in parallel when there are
 /// several chunks. Every element is written exactly once: `fill` must write the whole chunk.
 fn par_fill<U: Send>(n: usize, fill: impl Fn(usize, &mut [MaybeUninit<U>]) + Sync) -> Vec<U> {
@@ -199,8 +346,21 @@ impl Narrow for half::bf16 {
     }
     #[inline(always)]
     fn narrow(value: f32) -> Self {
-        Self::from_f32(value)
+        bf16_from_f32(value)
     }
+}
+
+/// `half::bf16::from_f32` bit for bit (round to nearest even; a NaN keeps its sign and top
+/// payload bits and is made quiet), without branches, so loops over it vectorise (`half`'s
+/// version branches per value; the AVX-512 BF16 instruction `vcvtneps2bf16` would also flush
+/// subnormals to zero, and is not in every x86-64 CPU).
+#[inline(always)]
+pub(crate) fn bf16_from_f32(value: f32) -> half::bf16 {
+    let bits = value.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    let quiet_nan = (bits >> 16) | 0x40;
+    let is_nan = bits & 0x7fff_ffff > 0x7f80_0000;
+    half::bf16::from_bits(if is_nan { quiet_nan } else { rounded } as u16)
 }
 
 impl Narrow for half::f16 {
@@ -291,6 +451,19 @@ impl CustomOp1 for GeluTanh {
     }
 }
 
+/// GELU's backward `g * gelu'(x)` for `x` and `g` of one shape and dtype: the one-pass kernel
+/// on contiguous CPU tensors, else the same derivative from tensor ops ([`gelu_tanh`]'s
+/// backward).
+///
+/// # Errors
+/// On a tensor error.
+pub(crate) fn gelu_tanh_grad(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    match GeluTanh.bwd(x, x, g)? {
+        Some(grad) => Ok(grad),
+        None => candle::bail!("gelu-tanh: no gradient"),
+    }
+}
+
 fn half_gelu<T: Narrow>(x: &[T]) -> Vec<T> {
     par_fill(x.len(), |i, o| via_f32(&[&x[i..i + o.len()]], o, |args, out| gelu_fwd_slice(args[0], out)))
 }
@@ -373,8 +546,8 @@ impl InplaceOp2 for AddBiasInPlace {
         match (y, b) {
             (CpuStorage::F32(y), CpuStorage::F32(b)) => rows(&mut y[y0..y1], &b[b0..b1], add_rows_slice),
             (CpuStorage::F64(y), CpuStorage::F64(b)) => rows(&mut y[y0..y1], &b[b0..b1], add_rows_plain),
-            (CpuStorage::BF16(y), CpuStorage::BF16(b)) => rows(&mut y[y0..y1], &b[b0..b1], add_rows_plain),
-            (CpuStorage::F16(y), CpuStorage::F16(b)) => rows(&mut y[y0..y1], &b[b0..b1], add_rows_plain),
+            (CpuStorage::BF16(y), CpuStorage::BF16(b)) => rows(&mut y[y0..y1], &b[b0..b1], add_rows_half),
+            (CpuStorage::F16(y), CpuStorage::F16(b)) => rows(&mut y[y0..y1], &b[b0..b1], add_rows_half),
             _ => candle::bail!("add-bias-in-place: unsupported dtypes"),
         }
         Ok(())
@@ -580,7 +753,8 @@ impl CustomOp1 for DropoutMask {
 /// positions at or before its own, in one pass per row in F32 (F64 for F64) with one output
 /// buffer (the unfused forward holds an F32 copy, the mask and a temporary per step). The same
 /// operations in the same order as the unfused ops (scale, max, `exp(x - max)`, sum, divide),
-/// so the values agree to the rounding of the sum. Backward: softmax's one-pass backward.
+/// with a vectorised `exp` within 2 ulp of libm's and the sum in eight partial sums: the
+/// values agree to that rounding (1e-6 relative, tested). Backward: softmax's one-pass backward.
 /// `None` where the kernel does not apply.
 ///
 /// # Errors
@@ -603,19 +777,53 @@ struct CausalSoftmax {
     scale: f64,
 }
 
-/// Row `i` (of `t`) of a causal softmax in F32: `x` the row's scores, `out` the row.
-#[inline]
+/// `e^x` in F32 without branches, so loops over it vectorise (libm's `expf` is a scalar call):
+/// Cephes' `expf`, a degree-5 polynomial on `x - n ln 2` scaled by `2^n`. Within 2 ulp of the
+/// exact value on `[-87, 88]` (tested against `f64::exp`); `x` is clamped to that range (below
+/// it the result is about 1.6e-38 instead of a subnormal or 0, above 1.65e38 instead of up to
+/// infinity); NaN stays NaN.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Row `i` (of `t`) of a causal softmax in F32: `x` the row's scores, `out` the row. The sum
+/// runs in eight interleaved partial sums (so it vectorises), added at the end.
+#[inline(always)]
 fn causal_row_f32<T: Narrow>(x: &[T], i: usize, scale: f32, wide: &mut [f32], out: &mut [MaybeUninit<T>]) {
     let mut max = f32::NEG_INFINITY;
     for (w, v) in wide.iter_mut().zip(&x[..=i]) {
         *w = v.widen() * scale;
         max = max.max(*w);
     }
-    let mut sum = 0f32;
-    for w in &mut wide[..=i] {
-        *w = (*w - max).exp();
-        sum += *w;
+    let mut lanes = [0f32; 8];
+    let mut chunks = wide[..=i].chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        for (w, lane) in chunk.iter_mut().zip(&mut lanes) {
+            *w = exp_f32(*w - max);
+            *lane += *w;
+        }
     }
+    for (w, lane) in chunks.into_remainder().iter_mut().zip(&mut lanes) {
+        *w = exp_f32(*w - max);
+        *lane += *w;
+    }
+    let sum =
+        ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
     for (o, w) in out.iter_mut().zip(&wide[..=i]) {
         o.write(T::narrow(*w / sum));
     }
@@ -623,6 +831,21 @@ fn causal_row_f32<T: Narrow>(x: &[T], i: usize, scale: f32, wide: &mut [f32], ou
         o.write(T::zero());
     }
 }
+
+// Rows `first ..` (each `t` wide, row `r` the `r % t`-th of its matrix) of a causal softmax.
+half_kernel!(
+    causal_rows,
+    causal_rows_generic,
+    causal_rows_avx2,
+    (x: &[T], t: usize, first: usize, scale: f32, rows: &mut [MaybeUninit<T>]),
+    {
+        let mut wide = vec![0f32; t];
+        for (k, row) in rows.chunks_mut(t).enumerate() {
+            let r = first + k;
+            causal_row_f32(&x[r * t..(r + 1) * t], r % t, scale, &mut wide, row);
+        }
+    }
+);
 
 fn causal_row_f64(x: &[f64], i: usize, scale: f64, out: &mut [MaybeUninit<f64>]) {
     let max = x[..=i].iter().fold(f64::NEG_INFINITY, |m, v| m.max(v * scale));
@@ -661,13 +884,7 @@ fn par_fill_rows<U: Send>(n: usize, t: usize, fill: impl Fn(usize, &mut [MaybeUn
 impl CausalSoftmax {
     fn rows<T: Narrow>(&self, x: &[T], t: usize) -> Vec<T> {
         let scale = self.scale as f32;
-        par_fill_rows(x.len(), t, |first, rows| {
-            let mut wide = vec![0f32; t];
-            for (k, row) in rows.chunks_mut(t).enumerate() {
-                let r = first + k;
-                causal_row_f32(&x[r * t..(r + 1) * t], r % t, scale, &mut wide, row);
-            }
-        })
+        par_fill_rows(x.len(), t, |first, rows| causal_rows(x, t, first, scale, rows))
     }
 }
 
@@ -704,6 +921,486 @@ impl CustomOp1 for CausalSoftmax {
     }
 }
 
+/// One operand of [`matmul`] in its storage: the touched range, the step between batch
+/// matrices and the row and column strides.
+struct Operand {
+    start: usize,
+    end: usize,
+    skip: usize,
+    rs: isize,
+    cs: isize,
+}
+
+impl Operand {
+    /// `None` for a layout whose batch dimensions do not collapse into one stride (Candle's
+    /// matmul then decides), or an empty one.
+    fn of(layout: &Layout) -> Option<Self> {
+        let (dims, stride) = (layout.dims(), layout.stride());
+        let rank = dims.len();
+        let (rows, cols) = (dims[rank - 2], dims[rank - 1]);
+        let batch: usize = dims[..rank - 2].iter().product();
+        if batch == 0 || rows == 0 || cols == 0 {
+            return None;
+        }
+        let skip = if rank == 2 {
+            rows * cols
+        } else {
+            let collapses = (0..rank - 3).all(|i| stride[i] == stride[i + 1] * dims[i + 1]);
+            if !collapses {
+                return None;
+            }
+            stride[rank - 3]
+        };
+        let (rs, cs) = (stride[rank - 2], stride[rank - 1]);
+        let start = layout.start_offset();
+        let end = start + (batch - 1) * skip + (rows - 1) * rs + (cols - 1) * cs + 1;
+        Some(Self { start, end, skip, rs: rs as isize, cs: cs as isize })
+    }
+}
+
+/// `batch` products `[m, k] x [k, n]` by `gemm` in F32 into a fresh contiguous buffer, with the
+/// arguments Candle's CPU matmul passes (so the same values), but no zero-filled destination:
+/// with `read_dst` false, `gemm` treats `alpha` as 0 and writes every element of `dst` without
+/// reading it (`gemm-common` 0.19: the micro-kernels' `alpha_status` 0, `gemv`/`gevv` likewise).
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    lhs: &[f32],
+    a: &Operand,
+    rhs: &[f32],
+    b: &Operand,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    let threads = candle::utils::get_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let mut dst: Vec<f32> = Vec::with_capacity(batch * m * n);
+    for i in 0..batch {
+        // SAFETY: the operands' ranges hold every element the strides reach (`Operand::of`
+        // computed `end` from them; `lhs`/`rhs` start at `start`); `dst` has room for `batch`
+        // row-major `[m, n]` results; `k > 0` (checked by the caller).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr().add(i * m * n),
+                1,
+                n as isize,
+                false,
+                lhs.as_ptr().add(i * a.skip),
+                a.cs,
+                a.rs,
+                rhs.as_ptr().add(i * b.skip),
+                b.cs,
+                b.rs,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    }
+    // SAFETY: `gemm` wrote all `m * n` elements of each of the `batch` results (see above).
+    unsafe { dst.set_len(batch * m * n) };
+    dst
+}
+
+// Widening BF16 to F32 and rounding F32 to BF16 (`bf16_from_f32`), vectorised.
+half_kernel!(widen_slice, widen_slice_generic, widen_slice_avx2, (src: &[T], dst: &mut [MaybeUninit<f32>]), {
+    for (d, s) in dst.iter_mut().zip(src) {
+        d.write(s.widen());
+    }
+});
+
+half_kernel!(narrow_slice, narrow_slice_generic, narrow_slice_avx2, (src: &[f32], dst: &mut [MaybeUninit<T>]), {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        d.write(T::narrow(s));
+    }
+});
+
+/// `a.matmul(b)` for CPU tensors of rank 2 or more with the same batch dimensions: F32 through
+/// `gemm` without zero-filling the result first, BF16 widened to F32 (only the range the
+/// operand's layout touches), multiplied so and rounded once, in vectorised passes (Candle's
+/// BF16 matmul widens the whole storage and rounds with scalar `half` calls). The values are
+/// Candle's (the same `gemm` call on the same F32 values, the same rounding). The result tracks
+/// no gradient: only for values computed outside the graph (a custom op's forward or backward).
+/// Candle's matmul elsewhere (other devices and dtypes, broadcast batches, odd layouts).
+///
+/// # Errors
+/// On a shape mismatch (Candle's error).
+pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match matmul_cpu(a, b)? {
+        Some(c) => Ok(c),
+        None => a.matmul(b),
+    }
+}
+
+fn matmul_cpu(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    let rank = a.rank();
+    if !a.device().is_cpu() || a.dtype() != b.dtype() || rank < 2 || b.rank() != rank {
+        return Ok(None);
+    }
+    let (ad, bd) = (a.dims(), b.dims());
+    let (m, k, n) = (ad[rank - 2], ad[rank - 1], bd[rank - 1]);
+    if ad[..rank - 2] != bd[..rank - 2] || bd[rank - 2] != k || k == 0 {
+        return Ok(None);
+    }
+    let batch: usize = ad[..rank - 2].iter().product();
+    let mut out_dims = ad[..rank - 2].to_vec();
+    out_dims.extend([m, n]);
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Some(oa), Some(ob)) = (Operand::of(la), Operand::of(lb)) else {
+        return Ok(None);
+    };
+    let widen = |v: &[half::bf16], o: &Operand| -> Vec<f32> {
+        par_fill(o.end - o.start, |i, out| widen_slice(&v[o.start + i..], out))
+    };
+    let product = match (&*sa, &*sb) {
+        (Storage::Cpu(CpuStorage::F32(x)), Storage::Cpu(CpuStorage::F32(y))) => {
+            let c = gemm_f32(&x[oa.start..oa.end], &oa, &y[ob.start..ob.end], &ob, batch, m, n, k);
+            Tensor::from_vec(c, out_dims, a.device())?
+        }
+        (Storage::Cpu(CpuStorage::BF16(x)), Storage::Cpu(CpuStorage::BF16(y))) => {
+            let (xw, yw) = (widen(x, &oa), widen(y, &ob));
+            let c = gemm_f32(&xw, &oa, &yw, &ob, batch, m, n, k);
+            drop((xw, yw));
+            let c: Vec<half::bf16> = par_fill(c.len(), |i, out| narrow_slice(&c[i..i + out.len()], out));
+            Tensor::from_vec(c, out_dims, a.device())?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(product))
+}
+
+/// The float types layer normalisation computes in (F32, and F64 for the F64 reference).
+trait Real:
+    Copy
+    + Send
+    + Sync
+    + WithDType
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::AddAssign
+{
+    const ZERO: Self;
+    const ONE: Self;
+    fn sqrt(self) -> Self;
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+}
+
+/// A stored dtype for results computed in `X`: F32/BF16/F16 from F32 (rounded once), F64 from
+/// F64.
+trait Store<X>: Copy + Send + Sync {
+    fn put(value: X) -> Self;
+    fn get(self) -> X;
+}
+
+impl<T: Narrow> Store<f32> for T {
+    #[inline(always)]
+    fn put(value: f32) -> Self {
+        T::narrow(value)
+    }
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self.widen()
+    }
+}
+
+impl Store<f64> for f64 {
+    #[inline(always)]
+    fn put(value: f64) -> Self {
+        value
+    }
+    #[inline(always)]
+    fn get(self) -> f64 {
+        self
+    }
+}
+
+/// `sum(values)` in eight interleaved partial sums (so the loop vectorises), added at the end.
+#[inline(always)]
+fn lane_sum<X: Real>(values: impl Iterator<Item = X>) -> X {
+    let mut lanes = [X::ZERO; 8];
+    for (k, v) in values.enumerate() {
+        lanes[k % 8] += v;
+    }
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+}
+
+/// Layer norm's forward on rows of `x` (each `w.len()` wide): `((x - mean) * rstd) * w + b` per
+/// row with `rstd = 1 / sqrt(mean((x - mean)^2) + eps)`, the row's `(mean, rstd)` into `stats`.
+#[inline(always)]
+fn ln_rows_forward<X: Real, T: Store<X>>(
+    x: &[X],
+    w: &[X],
+    b: &[X],
+    eps: X,
+    out: &mut [MaybeUninit<T>],
+    stats: &mut [(X, X)],
+) {
+    let c = w.len();
+    let n = X::from_f64(c as f64);
+    for ((row, o), stat) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)).zip(stats) {
+        let mean = lane_sum(row.iter().copied()) / n;
+        let var = lane_sum(row.iter().map(|&v| (v - mean) * (v - mean))) / n;
+        let rstd = X::ONE / (var + eps).sqrt();
+        for (((o, &v), &w), &b) in o.iter_mut().zip(row).zip(w).zip(b) {
+            o.write(T::put((v - mean) * rstd * w + b));
+        }
+        *stat = (mean, rstd);
+    }
+}
+
+/// Layer norm's backward on rows of `x` with their `stats` and output gradient `g`: the input
+/// gradient `((g w - mean(g w)) - x̂ mean(g w x̂)) * rstd` into `gx`, and `g x̂` and `g` added
+/// into `acc_w` and `acc_b` (the weight and bias gradients' partial sums over these rows).
+#[inline(always)]
+fn ln_rows_backward<X: Real, T: Store<X>>(
+    x: &[X],
+    g: &[T],
+    w: &[X],
+    stats: &[(X, X)],
+    gx: &mut [MaybeUninit<X>],
+    acc_w: &mut [X],
+    acc_b: &mut [X],
+) {
+    let c = w.len();
+    let n = X::from_f64(c as f64);
+    let rows = x.chunks_exact(c).zip(g.chunks_exact(c)).zip(gx.chunks_exact_mut(c)).zip(stats);
+    for (((row, grow), gxrow), &(mean, rstd)) in rows {
+        let xhat = |v: X| (v - mean) * rstd;
+        let mean_gw = lane_sum(grow.iter().zip(w).map(|(g, &w)| g.get() * w)) / n;
+        let mean_gw_xhat =
+            lane_sum(grow.iter().zip(w).zip(row).map(|((g, &w), &v)| g.get() * w * xhat(v))) / n;
+        for ((((o, g), &w), &v), (aw, ab)) in
+            gxrow.iter_mut().zip(grow).zip(w).zip(row).zip(acc_w.iter_mut().zip(acc_b.iter_mut()))
+        {
+            let (g, xh) = (g.get(), xhat(v));
+            o.write(((g * w - mean_gw) - xh * mean_gw_xhat) * rstd);
+            *aw += g * xh;
+            *ab += g;
+        }
+    }
+}
+
+/// [`ln_rows_forward`] compiled with AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+// SAFETY (for callers): only called after detecting AVX2 and FMA.
+unsafe fn ln_rows_forward_avx2<X: Real, T: Store<X>>(
+    x: &[X],
+    w: &[X],
+    b: &[X],
+    eps: X,
+    out: &mut [MaybeUninit<T>],
+    stats: &mut [(X, X)],
+) {
+    ln_rows_forward(x, w, b, eps, out, stats)
+}
+
+/// [`ln_rows_backward`] compiled with AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+// SAFETY (for callers): only called after detecting AVX2 and FMA.
+unsafe fn ln_rows_backward_avx2<X: Real, T: Store<X>>(
+    x: &[X],
+    g: &[T],
+    w: &[X],
+    stats: &[(X, X)],
+    gx: &mut [MaybeUninit<X>],
+    acc_w: &mut [X],
+    acc_b: &mut [X],
+) {
+    ln_rows_backward(x, g, w, stats, gx, acc_w, acc_b)
+}
+
+/// Whether the CPU has AVX2 and FMA (std caches the detection).
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The forward over all rows: the result and the per-row statistics. Rows in tasks of about
+/// [`CHUNK`] values, in parallel.
+fn ln_forward<X: Real, T: Store<X>>(x: &[X], w: &[X], b: &[X], eps: X) -> (Vec<T>, Vec<(X, X)>) {
+    let c = w.len();
+    let rows = x.len() / c;
+    let mut out = Vec::with_capacity(x.len());
+    let mut stats = vec![(X::ZERO, X::ZERO); rows];
+    let task = (CHUNK / c).max(1);
+    out.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(task * c)
+        .zip(stats.par_chunks_mut(task))
+        .zip(x.par_chunks(task * c))
+        .for_each(|((o, st), xs)| {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2_fma() {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                return unsafe { ln_rows_forward_avx2(xs, w, b, eps, o, st) };
+            }
+            ln_rows_forward(xs, w, b, eps, o, st)
+        });
+    // SAFETY: the tasks cover every row and each wrote every element of its rows.
+    unsafe { out.set_len(x.len()) };
+    (out, stats)
+}
+
+/// The backward over all rows: the input gradient and the weight and bias gradients, these
+/// summed per block of [`SUM_BLOCK_ROWS`] rows (blocks in parallel) and then in block order,
+/// so the result does not depend on the number of threads.
+fn ln_backward<X: Real, T: Store<X>>(
+    x: &[X],
+    g: &[T],
+    w: &[X],
+    stats: &[(X, X)],
+) -> (Vec<X>, Vec<X>, Vec<X>) {
+    let c = w.len();
+    let block = SUM_BLOCK_ROWS * c;
+    let mut gx = Vec::with_capacity(x.len());
+    let partials: Vec<(Vec<X>, Vec<X>)> = gx.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(block)
+        .zip(x.par_chunks(block).zip(g.par_chunks(block)))
+        .zip(stats.par_chunks(SUM_BLOCK_ROWS))
+        .map(|((o, (xs, gs)), st)| {
+            let (mut acc_w, mut acc_b) = (vec![X::ZERO; c], vec![X::ZERO; c]);
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2_fma() {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                unsafe { ln_rows_backward_avx2(xs, gs, w, st, o, &mut acc_w, &mut acc_b) };
+                return (acc_w, acc_b);
+            }
+            ln_rows_backward(xs, gs, w, st, o, &mut acc_w, &mut acc_b);
+            (acc_w, acc_b)
+        })
+        .collect();
+    // SAFETY: the blocks cover every row and each wrote every element of its rows.
+    unsafe { gx.set_len(x.len()) };
+    let (mut grad_w, mut grad_b) = (vec![X::ZERO; c], vec![X::ZERO; c]);
+    for (pw, pb) in partials {
+        for ((tw, tb), (w, b)) in grad_w.iter_mut().zip(grad_b.iter_mut()).zip(pw.into_iter().zip(pb)) {
+            *tw += w;
+            *tb += b;
+        }
+    }
+    (gx, grad_w, grad_b)
+}
+
+/// A contiguous CPU tensor's values as a `Vec` of `X` (a copy).
+fn values<X: WithDType>(t: &Tensor) -> Result<Vec<X>> {
+    t.to_dtype(X::DTYPE)?.flatten_all()?.to_vec1::<X>()
+}
+
+/// Layer normalisation over the last dimension of a contiguous CPU `x` in F32 (result in F32,
+/// BF16 or F16) or F64 (result in F64), with `w` and `b` (`[c]`, any float dtype, used in the
+/// compute dtype): the forward in one pass per row, keeping only `x`, the result and each row's
+/// mean and `1/std` in the graph, and the backward in one pass per row (input gradient, and the
+/// weight and bias gradients summed per block of 64 rows, blocks added in order). The same
+/// operations in the same order as the unfused ops in `layer_norm.rs` except the sums (eight
+/// partial sums per row here): equal to them to the rounding of the sums. `None` where it does
+/// not apply (other devices, dtypes, layouts).
+///
+/// # Errors
+/// On a tensor error.
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    dtype: DType,
+) -> Result<Option<Tensor>> {
+    let c = x.dims().last().copied().unwrap_or(0);
+    let applies = x.device().is_cpu()
+        && x.is_contiguous()
+        && c > 0
+        && w.dims() == [c]
+        && b.dims() == [c]
+        && matches!(
+            (x.dtype(), dtype),
+            (DType::F32, DType::F32 | DType::BF16 | DType::F16) | (DType::F64, DType::F64)
+        );
+    if !applies {
+        return Ok(None);
+    }
+    if x.dtype() == DType::F64 {
+        return layer_norm_in::<f64, f64>(x, w, b, eps).map(Some);
+    }
+    match dtype {
+        DType::F32 => layer_norm_in::<f32, f32>(x, w, b, eps),
+        DType::BF16 => layer_norm_in::<f32, half::bf16>(x, w, b, eps),
+        _ => layer_norm_in::<f32, half::f16>(x, w, b, eps),
+    }
+    .map(Some)
+}
+
+fn layer_norm_in<X: Real, T: Store<X> + WithDType>(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let (w32, b32) = (values::<X>(&w.detach())?, values::<X>(&b.detach())?);
+    let (value, stats) = {
+        let Some((storage, start, end)) = cpu_slice(x) else {
+            candle::bail!("layer-norm: not a contiguous CPU tensor")
+        };
+        let Some(xs) = X::cpu_storage_as_slice(match &*storage {
+            Storage::Cpu(s) => s,
+            _ => candle::bail!("layer-norm: not a CPU tensor"),
+        })
+        .ok() else {
+            candle::bail!("layer-norm: unexpected dtype")
+        };
+        let (out, stats) = ln_forward::<X, T>(&xs[start..end], &w32, &b32, X::from_f64(eps));
+        (Tensor::from_vec(out, x.shape(), x.device())?, stats)
+    };
+    crate::layers::custom_grad::custom3("layer-norm", x, w, b, value, move |x, w, b, _, g| {
+        let g = g.contiguous()?;
+        let (Some((xs_storage, x0, x1)), Some((gs_storage, g0, g1))) = (cpu_slice(x), cpu_slice(&g)) else {
+            candle::bail!("layer-norm backward: not contiguous CPU tensors")
+        };
+        let (Storage::Cpu(xc), Storage::Cpu(gc)) = (&*xs_storage, &*gs_storage) else {
+            candle::bail!("layer-norm backward: not CPU tensors")
+        };
+        let (xs, gs) = (&X::cpu_storage_as_slice(xc)?[x0..x1], &T::cpu_storage_as_slice(gc)?[g0..g1]);
+        let (gx, gw, gb) = ln_backward::<X, T>(xs, gs, &w32, &stats);
+        let device = x.device();
+        let grad_x = Tensor::from_vec(gx, x.shape(), device)?;
+        let grad_w = Tensor::from_vec(gw, w.shape(), device)?.to_dtype(w.dtype())?;
+        let grad_b = Tensor::from_vec(gb, b.shape(), device)?.to_dtype(b.dtype())?;
+        Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use candle::{Device, Var};
@@ -725,6 +1422,24 @@ mod tests {
     fn relative_error(a: &Tensor, b: &Tensor) -> Result<f64> {
         let diff = max_abs(&(a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?)?;
         Ok(diff / max_abs(b)?.max(1.0))
+    }
+
+    /// The branch-free exp within 2 ulp (2.4e-7 relative) of `f64::exp` over its range.
+    #[test]
+    fn the_branch_free_exp_is_within_2_ulp() {
+        let mut worst = (0f64, 0f32);
+        for i in -870_000..=880_000 {
+            let x = i as f32 * 1e-4;
+            let exact = f64::from(x).exp();
+            let error = (f64::from(exp_f32(x)) - exact).abs() / exact;
+            if error > worst.0 {
+                worst = (error, x);
+            }
+        }
+        assert!(worst.0 < 2.4e-7, "error {:e} at {}", worst.0, worst.1);
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert!(exp_f32(f32::NEG_INFINITY) < 2e-38);
     }
 
     #[test]
@@ -814,6 +1529,174 @@ mod tests {
             for reference in [numeric, through_op] {
                 let error = (analytic[i] - reference).abs();
                 assert!(error <= 1e-6 * (1.0 + reference.abs()), "x[{i}]: {} vs {reference}", analytic[i]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The branch-free BF16 rounding is `half`'s bit for bit: every sign, exponent and top
+    /// mantissa pattern (all 65,536 upper halves) with lower halves at and around the rounding
+    /// tie (ties to even both ways, just above and below), NaNs, infinities and subnormals.
+    #[test]
+    fn branch_free_bf16_rounding_equals_halfs() {
+        for upper in 0..=u16::MAX {
+            for lower in [0u16, 1, 0x7fff, 0x8000, 0x8001, 0xc000, 0xffff] {
+                let value = f32::from_bits(u32::from(upper) << 16 | u32::from(lower));
+                let (ours, theirs) = (bf16_from_f32(value), half::bf16::from_f32(value));
+                assert_eq!(ours.to_bits(), theirs.to_bits(), "{value:e} ({:#010x})", value.to_bits());
+            }
+        }
+    }
+
+    /// The one-pass softmax backward across several parallel tasks (774 rows of 129) against
+    /// the tensor-op formula in F64 (1e-12), and BF16/F16 within one rounding of the formula on
+    /// the same rounded inputs.
+    #[test]
+    fn softmax_backward_over_parallel_rows_equals_the_formula() -> Result<()> {
+        let t = 129;
+        let logits = random(&[2, 3, t, t], 2.0, 14)?;
+        let y = crate::layers::ops::softmax_last_dim(&logits)?;
+        let g = random(&[2, 3, t, t], 1.0, 15)?;
+        let scale = 0.37;
+        for (dtype, tolerance) in
+            [(DType::F64, 1e-12), (DType::F32, 1e-6), (DType::BF16, 8e-3), (DType::F16, 1e-3)]
+        {
+            let (yd, gd) = (y.to_dtype(dtype)?, g.to_dtype(dtype)?);
+            let Some(fused) = softmax_backward(&yd, &gd, scale)? else { candle::bail!("no CPU path") };
+            assert_eq!(fused.dtype(), dtype);
+            let (y64, g64) = (yd.to_dtype(DType::F64)?, gd.to_dtype(DType::F64)?);
+            let dot = (&g64 * &y64)?.sum_keepdim(candle::D::Minus1)?;
+            let expected = ((g64.broadcast_sub(&dot)? * &y64)? * scale)?;
+            let error = relative_error(&fused, &expected)?;
+            let size = max_abs(&expected)?;
+            assert!(size > 1e-3 && error <= tolerance * size, "{dtype:?}: {error:e} of {size:e}");
+        }
+        Ok(())
+    }
+
+    /// The value and the gradients of `x`, `w` and `b` under the loss `sum(y * r)`.
+    fn ln_run(
+        x: &Var,
+        w: &Var,
+        b: &Var,
+        r: &Tensor,
+        dtype: DType,
+        fused: bool,
+    ) -> Result<(Tensor, [Tensor; 3])> {
+        let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+        let y = if fused {
+            layer_norm(xt, wt, bt, 1e-5, dtype)?.ok_or_else(|| candle::Error::Msg("no CPU path".into()))?
+        } else {
+            crate::layers::layer_norm::layer_norm_unfused(xt, wt, bt, 1e-5, dtype)?
+        };
+        let grads = (y.to_dtype(DType::F64)? * r)?.sum_all()?.backward()?;
+        let get = |t: &Tensor| grads.get(t).cloned().ok_or_else(|| candle::Error::Msg("no gradient".into()));
+        Ok((y, [get(xt)?, get(wt)?, get(bt)?]))
+    }
+
+    /// The fused layer norm against the unfused ops (`layer_norm_unfused`) over rows spanning
+    /// several parallel tasks and weight-gradient blocks (2 x 150 rows of 72): F32 within 1e-6
+    /// (value) and 1e-5 (gradients) of the largest value, a BF16 result (with F32 or BF16
+    /// weights) within one BF16 rounding (and its gradients, from the same BF16 upstream
+    /// gradient, within 1e-5, or one rounding where they are BF16).
+    #[test]
+    fn fused_layer_norm_equals_the_unfused_ops() -> Result<()> {
+        let (shape, c) = ([2, 150, 72], 72);
+        let r = random(&shape, 1.0, 20)?;
+        for (out, params, value_tol, grad_tol) in [
+            (DType::F32, DType::F32, 1e-6, 1e-5),
+            (DType::BF16, DType::F32, 8e-3, 1e-5),
+            (DType::BF16, DType::BF16, 8e-3, 8e-3),
+        ] {
+            let x = Var::from_tensor(&random(&shape, 2.0, 21)?.affine(1.0, 0.5)?.to_dtype(DType::F32)?)?;
+            let w = Var::from_tensor(&random(&[c], 0.5, 22)?.affine(1.0, 1.0)?.to_dtype(params)?)?;
+            let b = Var::from_tensor(&random(&[c], 0.5, 23)?.to_dtype(params)?)?;
+            let (yf, gf) = ln_run(&x, &w, &b, &r, out, true)?;
+            let (yu, gu) = ln_run(&x, &w, &b, &r, out, false)?;
+            assert_eq!(yf.dtype(), out);
+            let error = relative_error(&yf, &yu)?;
+            assert!(error <= value_tol, "{out:?}/{params:?} value: {error:e}");
+            for (name, (f, u)) in ["x", "w", "b"].iter().zip(gf.iter().zip(&gu)) {
+                assert_eq!((f.dtype(), f.dims()), (u.dtype(), u.dims()), "{name}");
+                let error = relative_error(f, u)?;
+                let tolerance = if *name == "x" { 1e-5 } else { grad_tol };
+                assert!(
+                    max_abs(u)? > 1e-2 && error <= tolerance,
+                    "{out:?}/{params:?} grad {name}: {error:e}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The fused layer norm's F64 gradients of `x`, `w` and `b` against central differences of
+    /// the loss through the op (h = 1e-5: error about 1e-10).
+    #[test]
+    fn fused_layer_norm_matches_finite_differences() -> Result<()> {
+        let (shape, c) = ([3, 4, 6], 6);
+        let r = random(&shape, 1.0, 24)?;
+        let x0 = random(&shape, 1.5, 25)?;
+        let w0 = random(&[c], 0.5, 26)?.affine(1.0, 1.0)?;
+        let b0 = random(&[c], 0.5, 27)?;
+        let (x, w, b) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?, Var::from_tensor(&b0)?);
+        let (_, grads) = ln_run(&x, &w, &b, &r, DType::F64, true)?;
+        let loss = |x: &Tensor, w: &Tensor, b: &Tensor| -> Result<f64> {
+            let y = layer_norm(x, w, b, 1e-5, DType::F64)?
+                .ok_or_else(|| candle::Error::Msg("no CPU path".into()))?;
+            (y * &r)?.sum_all()?.to_scalar::<f64>()
+        };
+        let h = 1e-5;
+        for (which, grad) in grads.iter().enumerate() {
+            let base = [&x0, &w0, &b0][which];
+            let flat = base.flatten_all()?.to_vec1::<f64>()?;
+            let analytic = grad.flatten_all()?.to_vec1::<f64>()?;
+            for i in 0..flat.len() {
+                let shifted = |delta: f64| -> Result<f64> {
+                    let mut v = flat.clone();
+                    v[i] += delta;
+                    let moved = Tensor::from_vec(v, base.shape(), &Device::Cpu)?;
+                    let mut args = [x0.clone(), w0.clone(), b0.clone()];
+                    args[which] = moved;
+                    loss(&args[0], &args[1], &args[2])
+                };
+                let numeric = (shifted(h)? - shifted(-h)?) / (2.0 * h);
+                let error = (numeric - analytic[i]).abs();
+                assert!(
+                    error <= 1e-7 * analytic[i].abs().max(1.0),
+                    "arg {which}[{i}]: {numeric} vs {}",
+                    analytic[i]
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// `matmul` against Candle's matmul bit for bit in F32 and BF16: plain, transposed operands
+    /// (views of contiguous storage), a batch of 2 x 3 matrices, a view into the middle of a
+    /// storage; sizes on both sides of `gemm`'s small-matrix path. F64 takes Candle's path.
+    #[test]
+    fn matmul_equals_candles_matmul() -> Result<()> {
+        for (m, k, n) in [(3, 5, 4), (70, 33, 65)] {
+            for dtype in [DType::F32, DType::BF16, DType::F64] {
+                let a = random(&[2, 3, m, k], 1.0, 30)?.to_dtype(dtype)?;
+                let b = random(&[2, 3, k, n], 1.0, 31)?.to_dtype(dtype)?;
+                let at = random(&[2, 3, k, m], 1.0, 32)?.to_dtype(dtype)?.transpose(2, 3)?;
+                let bt = random(&[2, 3, n, k], 1.0, 33)?.to_dtype(dtype)?.transpose(2, 3)?;
+                let wide = random(&[m, k + 7], 1.0, 34)?.to_dtype(dtype)?;
+                let middle = wide.narrow(1, 3, k)?;
+                let b2 = b.get(1)?.get(2)?;
+                let cases = [(&a, &b), (&at, &b), (&a, &bt), (&at, &bt)];
+                for (i, (x, y)) in cases.into_iter().enumerate() {
+                    let ours = matmul(x, y)?;
+                    let theirs = x.matmul(y)?;
+                    assert_eq!(ours.dims(), theirs.dims());
+                    let diff = max_abs(&(ours.to_dtype(DType::F64)? - theirs.to_dtype(DType::F64)?)?)?;
+                    assert_eq!(diff, 0.0, "{dtype:?} {m}x{k}x{n} case {i}");
+                }
+                let (ours, theirs) = (matmul(&middle, &b2)?, middle.matmul(&b2)?);
+                let diff = max_abs(&(ours.to_dtype(DType::F64)? - theirs.to_dtype(DType::F64)?)?)?;
+                assert_eq!(diff, 0.0, "{dtype:?} {m}x{k}x{n} a view");
+                assert!(max_abs(&ours)? > 0.1);
             }
         }
         Ok(())

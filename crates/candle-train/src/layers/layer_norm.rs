@@ -70,6 +70,22 @@ impl LayerNorm {
 /// # Errors
 /// On a shape mismatch.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64, dtype: candle::DType) -> Result<Tensor> {
+    // One pass per row each way on the CPU (`fused`), the same values to the sums' rounding.
+    if let Some(y) = crate::layers::fused::layer_norm(x, w, b, eps, dtype)? {
+        return Ok(y);
+    }
+    layer_norm_unfused(x, w, b, eps, dtype)
+}
+
+/// [`layer_norm`] from Candle's tensor ops (any device and dtype; the reference of the fused
+/// CPU kernel).
+pub(crate) fn layer_norm_unfused(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    dtype: candle::DType,
+) -> Result<Tensor> {
     let rd = reduction_dtype(x.dtype());
     let x32 = x.detach().to_dtype(rd)?;
     let mean = mean_last_dim(&x32)?;

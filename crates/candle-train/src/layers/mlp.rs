@@ -5,7 +5,6 @@ use candle::{Result, Tensor};
 use candle_ckpt::Rng;
 
 use crate::layers::dropout::Dropout;
-use crate::layers::fused::gelu_tanh;
 use crate::layers::linear::{Linear, WeightLayout};
 use crate::module::ModuleBuilder;
 use crate::params::ParamBuilder;
@@ -59,7 +58,8 @@ impl Mlp {
     /// # Errors
     /// On a shape mismatch.
     pub fn forward(&self, x: &Tensor, rng: &mut Rng, training: bool) -> Result<Tensor> {
-        let h = gelu_tanh(&self.c_fc.forward(x)?)?;
+        // `gelu_tanh(c_fc(x))` as one op.
+        let h = self.c_fc.forward_gelu(x)?;
         self.dropout.forward(&self.c_proj.forward(&h)?, rng, training)
     }
 }

@@ -2,7 +2,7 @@
 //! dtype. Candle's fused `softmax_last_dim` has no backward rule; these are built from ops
 //! that have one.
 
-use candle::{CpuStorage, DType, Device, Result, Storage, Tensor, WithDType, D};
+use candle::{DType, Device, Result, Tensor, D};
 
 use crate::device::reduction_dtype;
 use crate::layers::custom_grad::{custom1, custom2};
@@ -84,44 +84,13 @@ pub(crate) fn softmax_backward(y: &Tensor, g: &Tensor, scale: f64) -> Result<Ten
 }
 
 /// Softmax's backward `scale * y * (g - sum(g * y))` over the last dimension in one pass per
-/// row, on CPU, when `y` and `g` are contiguous and of one dtype: the row sum and the products
-/// run in F64 and only the result is allocated, in the input's dtype (the tensor-op path holds
-/// several F32 temporaries of the full `[batch, heads, t, t]` size at once). `None` elsewhere.
+/// row, on CPU, when `y` and `g` are contiguous and of one dtype
+/// ([`fused::softmax_backward`](crate::layers::fused::softmax_backward): rows in parallel;
+/// F32/F64 in F64, BF16/F16 with F32 products and an F64 row sum): only the result is
+/// allocated, in the input's dtype (the tensor-op path holds several F32 temporaries of the
+/// full `[batch, heads, t, t]` size at once). `None` elsewhere.
 fn softmax_backward_cpu(y: &Tensor, g: &Tensor, scale: f64) -> Result<Option<Tensor>> {
-    fn rows<T: WithDType>(y: &[T], g: &[T], n: usize, scale: f64) -> Vec<T> {
-        let mut out = Vec::with_capacity(y.len());
-        for (yr, gr) in y.chunks_exact(n).zip(g.chunks_exact(n)) {
-            let dot: f64 = yr.iter().zip(gr).map(|(y, g)| y.to_f64() * g.to_f64()).sum();
-            out.extend(yr.iter().zip(gr).map(|(y, g)| T::from_f64(scale * y.to_f64() * (g.to_f64() - dot))));
-        }
-        out
-    }
-    if !y.device().is_cpu() || y.dtype() != g.dtype() || y.dims() != g.dims() || y.rank() == 0 {
-        return Ok(None);
-    }
-    let n = y.dim(D::Minus1)?;
-    let (ys, yl) = y.storage_and_layout();
-    let (gs, gl) = g.storage_and_layout();
-    let (Some((y0, y1)), Some((g0, g1))) = (yl.contiguous_offsets(), gl.contiguous_offsets()) else {
-        return Ok(None);
-    };
-    let shape = y.shape();
-    let grad = match (&*ys, &*gs) {
-        (Storage::Cpu(CpuStorage::F32(y)), Storage::Cpu(CpuStorage::F32(g))) => {
-            Tensor::from_vec(rows(&y[y0..y1], &g[g0..g1], n, scale), shape, &Device::Cpu)?
-        }
-        (Storage::Cpu(CpuStorage::BF16(y)), Storage::Cpu(CpuStorage::BF16(g))) => {
-            Tensor::from_vec(rows(&y[y0..y1], &g[g0..g1], n, scale), shape, &Device::Cpu)?
-        }
-        (Storage::Cpu(CpuStorage::F16(y)), Storage::Cpu(CpuStorage::F16(g))) => {
-            Tensor::from_vec(rows(&y[y0..y1], &g[g0..g1], n, scale), shape, &Device::Cpu)?
-        }
-        (Storage::Cpu(CpuStorage::F64(y)), Storage::Cpu(CpuStorage::F64(g))) => {
-            Tensor::from_vec(rows(&y[y0..y1], &g[g0..g1], n, scale), shape, &Device::Cpu)?
-        }
-        _ => return Ok(None),
-    };
-    Ok(Some(grad))
+    crate::layers::fused::softmax_backward(y, g, scale)
 }
 
 /// `x + branch` where the residual stream `x` may be in a wider dtype than `branch` (an F32
