@@ -60,7 +60,7 @@ pub trait TrainableModel: SegmentedModel {
     fn frozen_segment_bytes(&self, _index: usize) -> usize {
         0
     }
-    /// The LoRA adapters the model trains, if it is a [`LoraModel`](crate::lora::LoraModel)
+    /// The LoRA adapters the model trains, if it is a [`LoraModel`]
     /// (or wraps one): the Trainer checks them against [`TrainerConfig::lora`]. By default
     /// none.
     fn lora_config(&self) -> Option<&LoraConfig> {
@@ -212,7 +212,7 @@ pub struct TrainerConfig {
     /// instead of every parameter: [`Trainer::adapt`] wraps the model, and every run refuses a
     /// model whose adapters are not these (so the updater, built from the model's parameters,
     /// cannot silently hold the whole model). `None` (the default) trains the model as given,
-    /// which may itself be a [`LoraModel`](crate::lora::LoraModel) the caller wrapped.
+    /// which may itself be a [`LoraModel`] the caller wrapped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraConfig>,
 }

@@ -270,7 +270,7 @@ impl Linear {
 }
 
 /// `gelu_tanh(x W + b)` for a weight in `layout` as one op (see `affine`): the values and
-/// gradients of [`linear`] followed by [`gelu_tanh`](crate::layers::fused::gelu_tanh), bit for
+/// gradients of [`linear`] followed by [`gelu_tanh`], bit for
 /// bit.
 ///
 /// # Errors
