@@ -389,14 +389,8 @@ impl ParamBuilder {
 
     /// Gives affine layers quantized weights by name (QLoRA's frozen base, [`crate::quant`]):
     /// a layer whose `{path}.weight` is among them holds it instead of a parameter.
-    pub fn with_quantized(
-        mut self,
-        weights: impl IntoIterator<Item = crate::quant::QuantizedWeight>,
-    ) -> Self {
-        for w in weights {
-            self.quantized.insert(w.name().to_string(), std::sync::Arc::new(w));
-        }
-        self
+    pub fn with_quantized(self, weights: impl IntoIterator<Item = crate::quant::QuantizedWeight>) -> Self {
+        self.with_shared_quantized(weights.into_iter().map(std::sync::Arc::new))
     }
 
     /// Gives affine layers quantized weights shared with another model (as

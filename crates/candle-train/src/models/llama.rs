@@ -950,19 +950,11 @@ impl crate::serve::Snapshot for Llama {
     /// A copy with its own variables (same names, values and dtype); a quantized base (QLoRA's,
     /// immutable) is shared with the copy, not copied.
     fn snapshot(&self) -> crate::Result<Self> {
-        let quantized = self.quantized_weights();
-        if quantized.is_empty() {
-            return Self::from_tensors(
-                &self.config,
-                self.params.detached_values()?,
-                self.dtype,
-                &self.device(),
-            );
-        }
         let values = self.params.detached_values()?;
         Self::build(
             &self.config,
-            ParamBuilder::from_values(self.dtype, self.device(), values).with_shared_quantized(quantized),
+            ParamBuilder::from_values(self.dtype, self.device(), values)
+                .with_shared_quantized(self.quantized_weights()),
         )
     }
 }

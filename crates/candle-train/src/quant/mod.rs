@@ -523,11 +523,11 @@ impl QuantizedWeight {
         };
         if let Some(float) = float {
             // Exact: F16 and BF16 widen to F32 exactly, and narrow back to the same bits.
+            // One chunk of every row (none for a weight of no rows).
             let whole = ggml_chunks(name, bytes, dims, row_bytes, dims.0, dtype, &Device::Cpu)?;
-            let parts = whole.iter().map(|q| q.dequantize(&Device::Cpu)).collect::<Result<Vec<_>>>()?;
-            let tensor = match parts.len() {
-                1 => parts[0].clone(),
-                _ => Tensor::zeros(dims, DType::F32, &Device::Cpu)?,
+            let tensor = match whole.first() {
+                Some(q) => q.dequantize(&Device::Cpu)?,
+                None => Tensor::zeros(dims, DType::F32, &Device::Cpu)?,
             };
             let tensor = tensor.to_dtype(float)?.to_device(device)?;
             return Ok(Blocks::Float { dtype, tensor });
