@@ -1640,34 +1640,11 @@ mod tests {
         let b0 = random(&[c], 0.5, 27)?;
         let (x, w, b) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?, Var::from_tensor(&b0)?);
         let (_, grads) = ln_run(&x, &w, &b, &r, DType::F64, true)?;
-        let loss = |x: &Tensor, w: &Tensor, b: &Tensor| -> Result<f64> {
-            let y = layer_norm(x, w, b, 1e-5, DType::F64)?
+        crate::layers::assert_finite_differences(&[x0, w0, b0], &grads, |args| {
+            let y = layer_norm(&args[0], &args[1], &args[2], 1e-5, DType::F64)?
                 .ok_or_else(|| candle::Error::Msg("no CPU path".into()))?;
             (y * &r)?.sum_all()?.to_scalar::<f64>()
-        };
-        let h = 1e-5;
-        for (which, grad) in grads.iter().enumerate() {
-            let base = [&x0, &w0, &b0][which];
-            let flat = base.flatten_all()?.to_vec1::<f64>()?;
-            let analytic = grad.flatten_all()?.to_vec1::<f64>()?;
-            for i in 0..flat.len() {
-                let shifted = |delta: f64| -> Result<f64> {
-                    let mut v = flat.clone();
-                    v[i] += delta;
-                    let moved = Tensor::from_vec(v, base.shape(), &Device::Cpu)?;
-                    let mut args = [x0.clone(), w0.clone(), b0.clone()];
-                    args[which] = moved;
-                    loss(&args[0], &args[1], &args[2])
-                };
-                let numeric = (shifted(h)? - shifted(-h)?) / (2.0 * h);
-                let error = (numeric - analytic[i]).abs();
-                assert!(
-                    error <= 1e-7 * analytic[i].abs().max(1.0),
-                    "arg {which}[{i}]: {numeric} vs {}",
-                    analytic[i]
-                );
-            }
-        }
+        })?;
         Ok(())
     }
 

@@ -29,3 +29,38 @@ pub use mlp::Mlp;
 pub use rms_norm::RmsNorm;
 pub use rotary::Rotary;
 pub use swiglu::SwiGlu;
+
+/// Test support: asserts that `analytic[k]`, an op's F64 gradient with respect to `args[k]`,
+/// equals central differences of `loss` (evaluated through the op) at every coordinate of
+/// every argument: h = 1e-5 (error about 1e-10), within 1e-7 relative (absolute below 1).
+#[cfg(test)]
+pub(crate) fn assert_finite_differences(
+    args: &[candle::Tensor],
+    analytic: &[candle::Tensor],
+    loss: impl Fn(&[candle::Tensor]) -> candle::Result<f64>,
+) -> candle::Result<()> {
+    assert_eq!(args.len(), analytic.len(), "one gradient per argument");
+    let h = 1e-5;
+    for (which, (base, grad)) in args.iter().zip(analytic).enumerate() {
+        let flat = base.flatten_all()?.to_vec1::<f64>()?;
+        let analytic = grad.flatten_all()?.to_vec1::<f64>()?;
+        assert_eq!(flat.len(), analytic.len(), "argument {which}: gradient of another shape");
+        for i in 0..flat.len() {
+            let shifted = |delta: f64| -> candle::Result<f64> {
+                let mut values = flat.clone();
+                values[i] += delta;
+                let mut moved = args.to_vec();
+                moved[which] = candle::Tensor::from_vec(values, base.shape(), base.device())?;
+                loss(&moved)
+            };
+            let numeric = (shifted(h)? - shifted(-h)?) / (2.0 * h);
+            let error = (numeric - analytic[i]).abs();
+            assert!(
+                error <= 1e-7 * analytic[i].abs().max(1.0),
+                "argument {which}[{i}]: {numeric} vs {}",
+                analytic[i]
+            );
+        }
+    }
+    Ok(())
+}
