@@ -656,11 +656,13 @@ fn the_trainer_builder_carries_lora() -> anyhow::Result<()> {
     };
     let trainer = build(Some(lora.clone()))?;
     let adapted = trainer.adapt(base()?)?;
+    let initial = values(adapted.adapter_parameters())?;
     let mut updater = LocalUpdater::from_config(TrainableModel::parameters(&adapted), &optimizer)?;
     trainer.fit(&adapted, &corpus()?, &mut updater)?;
     let by_hand = LoraModel::new(base()?, lora.clone(), 5)?;
     let mut updater = LocalUpdater::from_config(TrainableModel::parameters(&by_hand), &optimizer)?;
     build(None)?.fit(&by_hand, &corpus()?, &mut updater)?;
+    assert_ne!(values(adapted.adapter_parameters())?, initial, "the run did not train the adapters");
     assert_eq!(values(adapted.adapter_parameters())?, values(by_hand.adapter_parameters())?);
 
     // Forgetting `adapt` would train every parameter: refused, naming the setting.
