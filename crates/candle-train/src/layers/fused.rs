@@ -19,6 +19,8 @@ use candle::backend::BackendStorage;
 use candle::{CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Result, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::layers::gemm_bf16;
+
 /// Elements per parallel task: large enough that a task outweighs rayon's scheduling, small
 /// enough that a `[rows, 4 n_embd]` activation spreads over every thread.
 const CHUNK: usize = 1 << 14;
@@ -1022,24 +1024,29 @@ half_kernel!(narrow_slice, narrow_slice_generic, narrow_slice_avx2, (src: &[f32]
     }
 });
 
-/// `a.matmul(b)` for CPU tensors of rank 2 or more with the same batch dimensions: F32 through
-/// `gemm` without zero-filling the result first, BF16 widened to F32 (only the range the
-/// operand's layout touches), multiplied so and rounded once, in vectorised passes (Candle's
-/// BF16 matmul widens the whole storage and rounds with scalar `half` calls). The values are
-/// Candle's (the same `gemm` call on the same F32 values, the same rounding). The result tracks
-/// no gradient: only for values computed outside the graph (a custom op's forward or backward).
-/// Candle's matmul elsewhere (other devices and dtypes, broadcast batches, odd layouts).
+/// `a.matmul(b)` for CPU tensors of rank 2 or more with the same batch dimensions, without
+/// zero-filling the result first: F32 through `gemm` (Candle's values: the same call); BF16 on
+/// a CPU with the AVX-512 BF16 dot product through [`gemm_bf16`]'s kernel (products summed in
+/// F32 and rounded once, in another order than Candle's F32 `gemm`: within the rounding of that
+/// sum of Candle's values, subnormals flushed), elsewhere widened to F32 (only the range the
+/// operand's layout touches), multiplied by `gemm` and rounded once in vectorised passes
+/// (Candle's values; its BF16 matmul widens the whole storage and rounds with scalar `half`
+/// calls). The result tracks no gradient: only for values computed outside the graph (a custom
+/// op's forward or backward). Candle's matmul elsewhere (other devices and dtypes, broadcast
+/// batches, odd layouts).
 ///
 /// # Errors
 /// On a shape mismatch (Candle's error).
 pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    match matmul_cpu(a, b)? {
+    match matmul_cpu(a, b, gemm_bf16::available())? {
         Some(c) => Ok(c),
         None => a.matmul(b),
     }
 }
 
-fn matmul_cpu(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+/// [`matmul`] on the CPU, BF16 through the AVX-512 BF16 kernel when `bf16_kernel` (the CPU has
+/// it), else widened; `None` where Candle's matmul decides.
+fn matmul_cpu(a: &Tensor, b: &Tensor, bf16_kernel: bool) -> Result<Option<Tensor>> {
     let rank = a.rank();
     if !a.device().is_cpu() || a.dtype() != b.dtype() || rank < 2 || b.rank() != rank {
         return Ok(None);
@@ -1065,6 +1072,10 @@ fn matmul_cpu(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
             let c = gemm_f32(&x[oa.start..oa.end], &oa, &y[ob.start..ob.end], &ob, batch, m, n, k);
             Tensor::from_vec(c, out_dims, a.device())?
         }
+        (Storage::Cpu(CpuStorage::BF16(x)), Storage::Cpu(CpuStorage::BF16(y))) if bf16_kernel => {
+            let c = bf16_products(x, &oa, y, &ob, batch, m, n, k)?;
+            Tensor::from_vec(c, out_dims, a.device())?
+        }
         (Storage::Cpu(CpuStorage::BF16(x)), Storage::Cpu(CpuStorage::BF16(y))) => {
             let (xw, yw) = (widen(x, &oa), widen(y, &ob));
             let c = gemm_f32(&xw, &oa, &yw, &ob, batch, m, n, k);
@@ -1075,6 +1086,42 @@ fn matmul_cpu(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
         _ => return Ok(None),
     };
     Ok(Some(product))
+}
+
+/// `batch` BF16 products `[m, k] x [k, n]` by [`gemm_bf16`]'s kernel (the CPU has it: the
+/// caller checked), rounded to BF16: one product split over the threads, or several side by
+/// side.
+#[allow(clippy::too_many_arguments)]
+fn bf16_products(
+    x: &[half::bf16],
+    a: &Operand,
+    y: &[half::bf16],
+    b: &Operand,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<Vec<half::bf16>> {
+    use half::slice::HalfFloatSliceExt;
+    let (x, y) = (x.reinterpret_cast(), y.reinterpret_cast());
+    fn mat<'a>(data: &'a [u16], o: &Operand, i: usize, rows: usize, cols: usize) -> gemm_bf16::Mat<'a> {
+        gemm_bf16::Mat { data: &data[o.start + i * o.skip..o.end], rows, cols, rs: o.rs as usize, cs: o.cs as usize }
+    }
+    let mut c: Vec<half::bf16> = Vec::with_capacity(batch * m * n);
+    let out = &mut c.spare_capacity_mut()[..batch * m * n];
+    let done = if batch == 1 {
+        gemm_bf16::gemm_bf16(mat(x, a, 0, m, k), mat(y, b, 0, k, n), out, true)
+    } else {
+        out.par_chunks_mut(m * n)
+            .enumerate()
+            .try_for_each(|(i, out)| gemm_bf16::gemm_bf16(mat(x, a, i, m, k), mat(y, b, i, k, n), out, false))
+    };
+    if done.is_none() {
+        candle::bail!("matmul: the BF16 kernel refused [{m}, {k}] x [{k}, {n}] (an operand's layout)");
+    }
+    // SAFETY: the kernel wrote all `batch * m * n` elements.
+    unsafe { c.set_len(batch * m * n) };
+    Ok(c)
 }
 
 /// The float types layer normalisation computes in (F32, and F64 for the F64 reference).
@@ -1662,17 +1709,59 @@ mod tests {
                 let wide = random(&[m, k + 7], 1.0, 34)?.to_dtype(dtype)?;
                 let middle = wide.narrow(1, 3, k)?;
                 let b2 = b.get(1)?.get(2)?;
-                let cases = [(&a, &b), (&at, &b), (&a, &bt), (&at, &bt)];
+                let cases = [(&a, &b), (&at, &b), (&a, &bt), (&at, &bt), (&middle, &b2)];
                 for (i, (x, y)) in cases.into_iter().enumerate() {
-                    let ours = matmul(x, y)?;
+                    // The portable path (BF16 widened, as on CPUs without the BF16 kernel); F64 is
+                    // Candle's own.
+                    let ours = match dtype {
+                        DType::F64 => matmul(x, y)?,
+                        _ => matmul_cpu(x, y, false)?.expect("a layout the kernels take"),
+                    };
                     let theirs = x.matmul(y)?;
                     assert_eq!(ours.dims(), theirs.dims());
                     let diff = max_abs(&(ours.to_dtype(DType::F64)? - theirs.to_dtype(DType::F64)?)?)?;
                     assert_eq!(diff, 0.0, "{dtype:?} {m}x{k}x{n} case {i}");
+                    assert!(max_abs(&ours)? > 0.1);
                 }
-                let (ours, theirs) = (matmul(&middle, &b2)?, middle.matmul(&b2)?);
-                let diff = max_abs(&(ours.to_dtype(DType::F64)? - theirs.to_dtype(DType::F64)?)?)?;
-                assert_eq!(diff, 0.0, "{dtype:?} {m}x{k}x{n} a view");
+            }
+        }
+        Ok(())
+    }
+
+    /// The AVX-512 BF16 kernel's products against the exact ones (F64 sums of the same BF16
+    /// values): each result within the F32 rounding of its sum (`k` roundings of at most 2^-24
+    /// of the running sum's magnitude, bounded by the sum of `|a b|`) plus one BF16 rounding
+    /// (2^-8 relative) of the value, on transposed, strided and batched layouts, odd and
+    /// panel-crossing shapes; and within the same bound of Candle's matmul. Skipped (with a
+    /// message) on CPUs without the instruction.
+    #[test]
+    fn bf16_kernel_matmul_is_within_one_rounding_of_the_exact_product() -> Result<()> {
+        if !gemm_bf16::available() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return Ok(());
+        }
+        let bf16 = DType::BF16;
+        for (m, k, n) in [(1, 1, 1), (3, 5, 4), (13, 33, 65), (70, 2 * gemm_bf16::KC + 3, 37)] {
+            let a = random(&[2, 3, m, k], 1.0, 30)?.to_dtype(bf16)?;
+            let b = random(&[2, 3, k, n], 1.0, 31)?.to_dtype(bf16)?;
+            let at = random(&[2, 3, k, m], 1.0, 32)?.to_dtype(bf16)?.transpose(2, 3)?;
+            let bt = random(&[2, 3, n, k], 1.0, 33)?.to_dtype(bf16)?.transpose(2, 3)?;
+            let middle = random(&[m, k + 7], 1.0, 34)?.to_dtype(bf16)?.narrow(1, 3, k)?;
+            let b2 = b.get(1)?.get(2)?;
+            let cases = [(&a, &b), (&at, &b), (&a, &bt), (&at, &bt), (&middle, &b2)];
+            for (i, (x, y)) in cases.into_iter().enumerate() {
+                let ours = matmul_cpu(x, y, true)?.expect("a layout the kernels take");
+                assert_eq!(ours.dtype(), bf16);
+                let (x64, y64) = (x.to_dtype(DType::F64)?, y.to_dtype(DType::F64)?);
+                let exact = x64.matmul(&y64)?;
+                let magnitudes = x64.abs()?.matmul(&y64.abs()?)?;
+                let bound = ((exact.abs()? * 2f64.powi(-8))? + (magnitudes * (k as f64 * 2f64.powi(-24)))?)?;
+                let ours = ours.to_dtype(DType::F64)?;
+                let excess = ((&ours - &exact)?.abs()? - &bound)?.flatten_all()?.max(0)?;
+                assert!(excess.to_scalar::<f64>()? <= 0.0, "{m}x{k}x{n} case {i}");
+                let candle = x.matmul(y)?.to_dtype(DType::F64)?;
+                let excess = ((&ours - &candle)?.abs()? - (bound * 2.0)?)?.flatten_all()?.max(0)?;
+                assert!(excess.to_scalar::<f64>()? <= 0.0, "{m}x{k}x{n} case {i} against Candle");
                 assert!(max_abs(&ours)? > 0.1);
             }
         }

@@ -6,6 +6,7 @@ pub mod custom_grad;
 pub mod dropout;
 pub mod embedding;
 pub mod fused;
+mod gemm_bf16;
 pub mod grouped_attention;
 pub mod layer_norm;
 pub mod linear;
