@@ -69,6 +69,9 @@ impl Mat<'_> {
     }
 }
 
+/// The most column panels for which the left operand is read in place rather than packed.
+const IN_PLACE_PANELS: usize = 16;
+
 /// Whether this CPU has the instructions the kernel needs (cached by std after the first call).
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -173,6 +176,9 @@ unsafe fn run(a: &Mat<'_>, b: &Mat<'_>, dst: Dst, parallel: bool) {
     let col_groups = if row_blocks >= 2 * workers { 1 } else { col_panels.min((2 * workers).div_ceil(row_blocks)) };
     let per_group = col_panels.div_ceil(col_groups);
     let tasks = row_blocks * col_panels.div_ceil(per_group);
+    // The left operand read in place, unpacked: row-major, `k` even (every pair in one row),
+    // and few column panels (each packed word would serve few products).
+    let in_place = a.cs == 1 && k % 2 == 0 && col_panels <= IN_PLACE_PANELS;
     let mut packed_a: Vec<u32> = Vec::new();
     let mut packed_b: Vec<u16> = Vec::new();
     for k0 in (0..k).step_by(KC) {
@@ -180,7 +186,9 @@ unsafe fn run(a: &Mat<'_>, b: &Mat<'_>, dst: Dst, parallel: bool) {
         let kcp = kc.div_ceil(2);
         let (a_panel, b_panel) = (kcp * MR, kcp * NR * 2);
         packed_a.clear();
-        packed_a.resize(row_panels * a_panel, 0);
+        if !in_place {
+            packed_a.resize(row_panels * a_panel, 0);
+        }
         packed_b.clear();
         packed_b.resize(col_panels * b_panel, 0);
         // SAFETY (both packs): the operands are in bounds (checked above); each chunk is one
@@ -205,17 +213,28 @@ unsafe fn run(a: &Mat<'_>, b: &Mat<'_>, dst: Dst, parallel: bool) {
             for q in cols {
                 let bp = &shared_b[q * b_panel..(q + 1) * b_panel];
                 for r in rows.clone() {
-                    let ap = &shared_a[r * a_panel..(r + 1) * a_panel];
                     let (rows, cols, first) = (MR.min(m - r * MR), NR.min(n - q * NR), k0 == 0);
                     let offset = r * MR * n + q * NR;
-                    // SAFETY: the CPU has the instructions (`valid`); `ap` and `bp` hold `kcp`
-                    // pairs; the tile (rows `r * MR..`, columns `q * NR..`, clipped to `m` and
+                    // SAFETY: the CPU has the instructions (`valid`); the panels hold `kcp`
+                    // pairs (in place: rows `r * MR..` of `a`, the rows past `m` reading the
+                    // last one again, each with the block's pairs adjacent, `a.cs == 1` and `kc`
+                    // even); the tile (rows `r * MR..`, columns `q * NR..`, clipped to `m` and
                     // `n`) lies inside the result, and no other task writes it (tasks cover
                     // disjoint row blocks and column groups).
                     unsafe {
-                        match dst {
-                            Dst::F32(c) => kernel_f32(kcp, ap, bp, c.add(offset), n, rows, cols, first),
-                            Dst::Bf16(c) => kernel_bf16(kcp, ap, bp, c.add(offset), n, rows, cols),
+                        if in_place {
+                            let offsets = std::array::from_fn(|i| (r * MR + i.min(rows - 1)) * a.rs);
+                            let ap = Rows { start: a.data.as_ptr().add(k0), offsets };
+                            match dst {
+                                Dst::F32(c) => kernel_f32(kcp, ap, bp, c.add(offset), n, rows, cols, first),
+                                Dst::Bf16(c) => kernel_bf16(kcp, ap, bp, c.add(offset), n, rows, cols),
+                            }
+                        } else {
+                            let ap = Packed(shared_a[r * a_panel..(r + 1) * a_panel].as_ptr());
+                            match dst {
+                                Dst::F32(c) => kernel_f32(kcp, ap, bp, c.add(offset), n, rows, cols, first),
+                                Dst::Bf16(c) => kernel_bf16(kcp, ap, bp, c.add(offset), n, rows, cols),
+                            }
                         }
                     }
                 }
@@ -336,31 +355,68 @@ unsafe fn pack_b(b: &Mat<'_>, k0: usize, kc: usize, j0: usize, out: &mut [u16]) 
     }
 }
 
+/// Where the micro-kernel reads the left operand's pairs of `k`.
+trait Lhs: Copy {
+    /// The word `a[i][2p] | a[i][2p + 1] << 16` of the panel's row `i < MR`.
+    ///
+    /// # Safety
+    /// `p` below the panel's number of pairs.
+    unsafe fn word(self, p: usize, i: usize) -> u32;
+}
+
+/// A packed panel: `MR` words per pair.
+#[derive(Clone, Copy)]
+struct Packed(*const u32);
+
+impl Lhs for Packed {
+    #[inline(always)]
+    unsafe fn word(self, p: usize, i: usize) -> u32 {
+        // SAFETY: the caller's contract (the panel holds `MR` words per pair).
+        unsafe { *self.0.add(p * MR + i) }
+    }
+}
+
+/// `MR` rows of a row-major operand read in place (row `i` at `start + offsets[i]`, its pairs
+/// adjacent): for products with few column panels, where packing would cost as much as the
+/// products it serves.
+#[derive(Clone, Copy)]
+struct Rows {
+    start: *const u16,
+    offsets: [usize; MR],
+}
+
+impl Lhs for Rows {
+    #[inline(always)]
+    unsafe fn word(self, p: usize, i: usize) -> u32 {
+        // SAFETY: the caller's contract (each row holds the block's pairs).
+        unsafe { self.start.add(self.offsets[i] + 2 * p).cast::<u32>().read_unaligned() }
+    }
+}
+
 /// The micro-kernel's sums: an [`MR`] x [`NR`] block over `kcp` pairs of `k`, as two vectors of
 /// 16 columns per row.
 ///
 /// # Safety
-/// The CPU has AVX-512F/BW/BF16; `a` holds `kcp * MR` words, `b` `kcp * NR * 2` values.
+/// The CPU has AVX-512F/BW/BF16; `a` holds `kcp` pairs, `b` `kcp * NR * 2` values.
 #[inline(always)]
-unsafe fn sums(
+unsafe fn sums<L: Lhs>(
     kcp: usize,
-    a: &[u32],
+    a: L,
     b: &[u16],
 ) -> ([std::arch::x86_64::__m512; MR], [std::arch::x86_64::__m512; MR]) {
     use std::arch::x86_64::*;
     // SAFETY: a register operation (the caller has AVX-512F).
     let zero = unsafe { _mm512_setzero_ps() };
     let (mut lo, mut hi) = ([zero; MR], [zero; MR]);
-    let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    let bp = b.as_ptr();
     for p in 0..kcp {
         // SAFETY: `p < kcp`: the loads stay inside `a` and `b` (the caller's contract); the
         // transmutes reinterpret 512 bits as 32 BF16 values.
         unsafe {
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR * 2).cast()));
             let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR * 2 + NR).cast()));
-            let words = ap.add(p * MR);
             for i in 0..MR {
-                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*words.add(i) as i32));
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(a.word(p, i) as i32));
                 lo[i] = _mm512_dpbf16_ps(lo[i], x, b0);
                 hi[i] = _mm512_dpbf16_ps(hi[i], x, b1);
             }
@@ -383,9 +439,9 @@ fn lanes(count: usize) -> u16 {
 /// `cols` long) that no one else reads or writes meanwhile.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn kernel_f32(
+unsafe fn kernel_f32<L: Lhs>(
     kcp: usize,
-    a: &[u32],
+    a: L,
     b: &[u16],
     c: *mut f32,
     ldc: usize,
@@ -435,7 +491,7 @@ unsafe fn round(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m256i {
 /// As [`kernel_f32`].
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn kernel_bf16(kcp: usize, a: &[u32], b: &[u16], c: *mut u16, ldc: usize, rows: usize, cols: usize) {
+unsafe fn kernel_bf16<L: Lhs>(kcp: usize, a: L, b: &[u16], c: *mut u16, ldc: usize, rows: usize, cols: usize) {
     use std::arch::x86_64::*;
     // SAFETY: the caller's contract.
     let (lo, hi) = unsafe { sums(kcp, a, b) };
