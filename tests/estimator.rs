@@ -401,13 +401,14 @@ fn probed_segment_sizes_match_measured_ones_and_a_budget_decides_alike() -> anyh
     Ok(())
 }
 
-/// Probing at micro-batches 1 and 2 and extrapolating linearly to 16 stays within 5% of the
-/// measured peak, and within 3.5% of probing at 16 itself (the embedding's backward peak, the
-/// larger of its table's gradient and its activations', is not linear in the batch; nor is a
-/// block's: since issue 24's fused kernels (BENCHMARKS 14f) the backward keeps far fewer
-/// per-sample tensors alive, so at micro-batches 1 and 2 its peak falls where the
-/// batch-independent weight gradients dominate, at 16 where activations do: GPT -3.05%, BERT
-/// -2.12% against the probe at 16, which the estimator uses unless told otherwise).
+/// Probing at micro-batches 2 and 4 and extrapolating linearly to 16 stays within 5% of the
+/// measured peak, and within 1% of probing at 16 itself (GPT 0.00%, LLaMA 0.00%, BERT -0.49%). A block's backward peak is the larger
+/// of a batch-independent part (the weight gradients, which a custom op's backward returns
+/// together with the input's) and a per-sample part, so it is not linear in the batch at the
+/// smallest micro-batches: since issue 24's fused kernels keep few per-sample tensors alive,
+/// probes at 1 and 2 fall where the weight gradients dominate (GPT -3.05%, BERT -2.12% against
+/// the probe at 16; LLaMA -6.4% since its bias-free linear layers became one op with the BF16
+/// kernel). From 2 and 4 the extrapolation is past that kink.
 #[test]
 fn a_probe_at_a_small_micro_batch_extrapolates_to_the_real_one() -> anyhow::Result<()> {
     use DType::F32;
@@ -418,13 +419,13 @@ fn a_probe_at_a_small_micro_batch_extrapolates_to_the_real_one() -> anyhow::Resu
         row(Llama, 4, 128, 64, 16, F32, Recompute::All, 1, false, 0.0),
         row(Bert, 4, 128, 64, 16, F32, Recompute::EveryK(2), 1, false, 0.1),
     ] {
-        let small = predict_probing(&row, Some(1))?;
+        let small = predict_probing(&row, Some(2))?;
         let full = predict(&row)?;
         let measured = measure(&row)?;
         let (to_full, to_measured) =
             (small.peak as f64 / full.peak as f64 - 1.0, small.peak as f64 / measured.peak as f64 - 1.0);
         println!(
-            "{:<46} probed at 1+2: {} probed at 16: {} measured: {} ({:+.2}% / {:+.2}%)",
+            "{:<46} probed at 2+4: {} probed at 16: {} measured: {} ({:+.2}% / {:+.2}%)",
             row.label(),
             small.peak,
             full.peak,
@@ -432,7 +433,7 @@ fn a_probe_at_a_small_micro_batch_extrapolates_to_the_real_one() -> anyhow::Resu
             100.0 * to_full,
             100.0 * to_measured
         );
-        assert!(to_full.abs() <= 0.035, "{}: {small:?} vs {full:?}", row.label());
+        assert!(to_full.abs() <= 0.01, "{}: {small:?} vs {full:?}", row.label());
         assert!(to_measured.abs() <= TOLERANCE, "{}: {} vs {}", row.label(), small.peak, measured.peak);
     }
     Ok(())

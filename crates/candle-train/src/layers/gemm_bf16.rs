@@ -310,6 +310,19 @@ unsafe fn pack_a(a: &Mat<'_>, i0: usize, rows: usize, k0: usize, kc: usize, out:
     }
 }
 
+/// `_mm512_permutex2var_epi16` indices interleaving two vectors `x`, `y` of 32 values:
+/// `x0 y0 x1 y1 ... x15 y15`, then `x16 y16 ... x31 y31` (`y`'s lanes numbered from 32).
+const INTERLEAVE: [[u16; 32]; 2] = {
+    let mut idx = [[0u16; 32]; 2];
+    let mut j = 0;
+    while j < 32 {
+        idx[j / 16][2 * (j % 16)] = j as u16;
+        idx[j / 16][2 * (j % 16) + 1] = 32 + j as u16;
+        j += 1;
+    }
+    idx
+};
+
 /// Packs values `k0..k0 + kc` of `b`'s columns `j0..j0 + NR` into one panel: for each pair `p`
 /// of `k`, the [`NR`] pairs `(b[k0 + 2p][j], b[k0 + 2p + 1][j])` in column order (zeros past the
 /// last column and past `k0 + kc`).
@@ -324,15 +337,18 @@ unsafe fn pack_b(b: &Mat<'_>, k0: usize, kc: usize, j0: usize, out: &mut [u16]) 
     for (p, pair) in out.chunks_exact_mut(NR * 2).enumerate() {
         let k = k0 + 2 * p;
         if p < full && cols == NR && b.cs == 1 {
-            // Rows `k` and `k + 1` each hold the panel's columns side by side: interleave them.
-            // SAFETY: rows `k`, `k + 1` and columns `j0..j0 + NR` are in bounds.
-            let (r0, r1) = unsafe { (base.add(k * b.rs + j0), base.add((k + 1) * b.rs + j0)) };
-            for (j, two) in pair.chunks_exact_mut(2).enumerate() {
-                // SAFETY: `j < NR`.
-                unsafe {
-                    two[0] = *r0.add(j);
-                    two[1] = *r1.add(j);
-                }
+            // Rows `k` and `k + 1` each hold the panel's 32 columns side by side: interleave them
+            // (two permutes of the two rows' vectors).
+            use std::arch::x86_64::*;
+            // SAFETY: rows `k`, `k + 1` and columns `j0..j0 + NR` are in bounds; `pair` holds
+            // `2 * NR` values; the CPU has AVX-512F/BW (the caller's contract).
+            unsafe {
+                let r0 = _mm512_loadu_si512(base.add(k * b.rs + j0).cast());
+                let r1 = _mm512_loadu_si512(base.add((k + 1) * b.rs + j0).cast());
+                let first = _mm512_permutex2var_epi16(r0, _mm512_loadu_si512(INTERLEAVE[0].as_ptr().cast()), r1);
+                let second = _mm512_permutex2var_epi16(r0, _mm512_loadu_si512(INTERLEAVE[1].as_ptr().cast()), r1);
+                _mm512_storeu_si512(pair.as_mut_ptr().cast(), first);
+                _mm512_storeu_si512(pair.as_mut_ptr().add(NR).cast(), second);
             }
         } else if p < full && b.rs == 1 {
             // A transposed operand (`Wᵀ`): each column's pair is one 32-bit word.

@@ -4,7 +4,7 @@ use std::sync::{Arc, RwLock};
 
 use candle::{Result, Tensor, Var};
 
-use crate::layers::custom_grad::custom3;
+use crate::layers::custom_grad::{custom2, custom3};
 use crate::layers::fused::{add_bias_owned, bias_grad, gelu_tanh, gelu_tanh_grad, matmul as mm};
 use crate::module::ModuleBuilder;
 use crate::params::{ParamBuilder, Parameter};
@@ -281,7 +281,7 @@ pub fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor, layout: WeightLay
         candle::bail!("linear_gelu: input must have at least one dimension");
     };
     let rows: usize = lead.iter().product();
-    affine(x, &x.reshape((rows, in_features))?, weight, bias, layout, true)
+    affine(x, &x.reshape((rows, in_features))?, weight, Some(bias), layout, true)
 }
 
 /// `x W (+ b)` over the last dimension of `x` for a weight in `layout` (the function behind
@@ -295,17 +295,9 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, layout: Weight
         candle::bail!("linear: input must have at least one dimension");
     };
     let rows: usize = lead.iter().product();
-    let x2 = x.reshape((rows, in_features))?;
-    let y = match bias {
-        // Already in `x`'s leading shape: no reshape op in the graph, whose backward would add
-        // the gradient to a zero tensor once more.
-        Some(b) => return affine(x, &x2, weight, b, layout, false),
-        None => matmul_weight(&x2, weight, layout)?,
-    };
-    let out_features = y.dim(1)?;
-    let mut out_dims = lead.to_vec();
-    out_dims.push(out_features);
-    y.reshape(out_dims)
+    // Already in `x`'s leading shape: no reshape op in the graph, whose backward would add the
+    // gradient to a zero tensor once more.
+    affine(x, &x.reshape((rows, in_features))?, weight, bias, layout, false)
 }
 
 /// `x W (+ b)` for a constant (frozen) weight and bias: one op whose backward computes only
@@ -325,16 +317,16 @@ pub fn frozen_linear(
         let out_features = g.dim(candle::D::Minus1)?;
         let g2 = g.reshape((g.elem_count() / out_features.max(1), out_features))?;
         let grad_x = match layout {
-            WeightLayout::InOut => g2.matmul(&weight.t()?)?,
-            WeightLayout::OutIn => g2.matmul(&weight)?,
+            WeightLayout::InOut => mm(&g2, &weight.t()?)?,
+            WeightLayout::OutIn => mm(&g2, &weight)?,
         };
         Ok(Some(grad_x.reshape(x.shape())?))
     })
 }
 
 /// `x Wᵀ` for a `[rows, in]` input and a weight handle `[out, in]` (a tied embedding table as
-/// the output head): Candle's matmul, or [`frozen_linear`] when the parameter is frozen, so a
-/// frozen table gets no gradient computed.
+/// the output head): [`linear`] without a bias, or [`frozen_linear`] when the parameter is
+/// frozen, so a frozen table gets no gradient computed.
 ///
 /// # Errors
 /// On a shape or dtype mismatch; a released parameter.
@@ -343,20 +335,13 @@ pub fn matmul_transposed(x: &Tensor, weight: &Parameter) -> Result<Tensor> {
     if weight.is_frozen() {
         return frozen_linear(x, &w, None, WeightLayout::OutIn);
     }
-    x.matmul(&w.t()?)
+    linear(x, &w, None, WeightLayout::OutIn)
 }
 
-/// `x W` for a weight in either layout, differentiable through Candle's matmul.
-fn matmul_weight(x: &Tensor, w: &Tensor, layout: WeightLayout) -> Result<Tensor> {
-    match layout {
-        WeightLayout::InOut => x.matmul(w),
-        WeightLayout::OutIn => x.matmul(&w.t()?),
-    }
-}
-
-/// `x W + b` (`x2` is `x` seen as `[rows, in]`) as one op, the result in `x`'s leading shape
+/// `x W (+ b)` (`x2` is `x` seen as `[rows, in]`) as one op, the result in `x`'s leading shape
 /// (`[..., out]`): only `x` and the result stay in the graph (not the product before the bias,
-/// nor a reshape of it), and the bias gradient is reduced in F32.
+/// nor a reshape of it), the products are [`mm`]'s (on the CPU: no zero fill, BF16 through the
+/// BF16 kernel where the CPU has one), and the bias gradient is reduced in F32.
 ///
 /// The op takes `x` itself, not its reshaped view: when `x` tracks no gradient (a segment's
 /// detached input in candle-ckpt's engine), Candle records no reshape op, and a gradient that
@@ -371,7 +356,7 @@ fn affine(
     x: &Tensor,
     x2: &Tensor,
     w: &Tensor,
-    b: &Tensor,
+    b: Option<&Tensor>,
     layout: WeightLayout,
     gelu: bool,
 ) -> Result<Tensor> {
@@ -380,7 +365,10 @@ fn affine(
         WeightLayout::InOut => mm(&xd, &wd)?,
         WeightLayout::OutIn => mm(&xd, &wd.t()?)?,
     };
-    let value = add_bias_owned(product, &b.detach())?;
+    let value = match b {
+        Some(b) => add_bias_owned(product, &b.detach())?,
+        None => product,
+    };
     let (value, pre) = if gelu { (gelu_tanh(&value)?, Some(value)) } else { (value, None) };
     let rows = x2.dim(0)?;
     let mut out_dims = x.dims().to_vec();
@@ -388,24 +376,34 @@ fn affine(
         *last = value.dim(1)?;
     }
     let value = value.reshape(out_dims)?;
-    custom3("affine", x, w, b, value, move |x_full, w, b, _, g| {
+    // The input and weight gradients, and the output gradient as `[rows, out]` (for the bias).
+    let grads = move |x_full: &Tensor, w: &Tensor, g: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
         let x = x_full.reshape((rows, x_full.elem_count() / rows.max(1)))?;
         let g = g.reshape((rows, g.elem_count() / rows.max(1)))?;
-        let g = &match &pre {
+        let g = match &pre {
             Some(pre) => gelu_tanh_grad(pre, &g)?,
             None => g,
         };
         let grad_x = match layout {
-            WeightLayout::InOut => mm(g, &w.t()?)?,
-            WeightLayout::OutIn => mm(g, w)?,
+            WeightLayout::InOut => mm(&g, &w.t()?)?,
+            WeightLayout::OutIn => mm(&g, w)?,
         };
         let grad_w = match layout {
-            WeightLayout::InOut => mm(&x.t()?, g)?,
+            WeightLayout::InOut => mm(&x.t()?, &g)?,
             WeightLayout::OutIn => mm(&g.t()?, &x)?,
         };
-        let grad_b = bias_grad(g, b.dtype())?;
-        Ok((Some(grad_x.reshape(x_full.shape())?), Some(grad_w), Some(grad_b)))
-    })
+        Ok((grad_x.reshape(x_full.shape())?, grad_w, g))
+    };
+    match b {
+        Some(b) => custom3("affine", x, w, b, value, move |x_full, w, b, _, g| {
+            let (grad_x, grad_w, g) = grads(x_full, w, g)?;
+            Ok((Some(grad_x), Some(grad_w), Some(bias_grad(&g, b.dtype())?)))
+        }),
+        None => custom2("linear", x, w, value, move |x_full, w, _, g| {
+            let (grad_x, grad_w, _) = grads(x_full, w, g)?;
+            Ok((Some(grad_x), Some(grad_w)))
+        }),
+    }
 }
 
 #[cfg(test)]
