@@ -16,8 +16,8 @@ fn corpus() -> anyhow::Result<Corpus> {
     )?)
 }
 
-fn train(precision: Precision, steps: usize) -> anyhow::Result<TrainReport> {
-    let model = Gpt::new(GptConfig::default(), precision.dtype(), &Device::Cpu, 0)?;
+fn train(precision: Precision, steps: usize, seed: u64) -> anyhow::Result<TrainReport> {
+    let model = Gpt::new(GptConfig::default(), precision.dtype(), &Device::Cpu, seed)?;
     let optimizer = OptimizerConfig::AdamW(AdamWConfig { weight_decay: 0.1, ..Default::default() });
     let mut updater = LocalUpdater::from_config(model.parameters(), &optimizer)?;
     let trainer = Trainer::new(
@@ -34,27 +34,43 @@ fn train(precision: Precision, steps: usize) -> anyhow::Result<TrainReport> {
     Ok(trainer.fit(&model, &corpus()?, &mut updater)?)
 }
 
+/// The final validation loss of BF16 and FP16 runs against FP32's from the same
+/// initialisation, over two seeds: within 2% on average and 3% for each. One seed alone is too
+/// noisy a measure: the FP32 runs' final losses themselves spread 2.6% over seeds 0-3, and BF16's
+/// distance from FP32 moved between 0.0% and 2.2% over those seeds, with the BF16 products
+/// computed either way (the AVX-512 BF16 kernel or F32 `gemm`; 2026-12-07).
 #[test]
 fn bf16_and_f16_follow_the_f32_loss_curve_within_two_percent() -> anyhow::Result<()> {
     let steps = 300;
-    let f32 = train(Precision::F32, steps)?;
-    assert!(f32.final_val_loss < 0.85 * f32.initial_val_loss, "the run must learn: {f32:?}");
+    let seeds = [0, 1];
+    let mut f32_runs = Vec::new();
+    for seed in seeds {
+        let f32 = train(Precision::F32, steps, seed)?;
+        assert!(f32.final_val_loss < 0.85 * f32.initial_val_loss, "the run must learn: {f32:?}");
+        f32_runs.push(f32);
+    }
     for precision in [Precision::Bf16, Precision::F16] {
-        let half = train(precision, steps)?;
-        let rel = (half.final_val_loss - f32.final_val_loss).abs() / f32.final_val_loss;
-        println!(
-            "{precision}: final validation loss {:.4} vs f32 {:.4} ({:.2}%), {} skipped steps",
-            half.final_val_loss,
-            f32.final_val_loss,
-            100.0 * rel,
-            half.skipped_steps
-        );
-        assert!(
-            rel <= 0.02,
-            "{precision} ends at {} against f32's {}",
-            half.final_val_loss,
-            f32.final_val_loss
-        );
+        let mut total = 0.0;
+        for (seed, f32) in seeds.into_iter().zip(&f32_runs) {
+            let half = train(precision, steps, seed)?;
+            let rel = (half.final_val_loss - f32.final_val_loss).abs() / f32.final_val_loss;
+            println!(
+                "{precision} seed {seed}: final validation loss {:.4} vs f32 {:.4} ({:.2}%), {} skipped steps",
+                half.final_val_loss,
+                f32.final_val_loss,
+                100.0 * rel,
+                half.skipped_steps
+            );
+            assert!(
+                rel <= 0.03,
+                "{precision} seed {seed} ends at {} against f32's {}",
+                half.final_val_loss,
+                f32.final_val_loss
+            );
+            total += rel;
+        }
+        let mean = total / seeds.len() as f64;
+        assert!(mean <= 0.02, "{precision}: {:.2}% from f32 on average", 100.0 * mean);
     }
     Ok(())
 }

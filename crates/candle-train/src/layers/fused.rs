@@ -1736,12 +1736,15 @@ mod tests {
     /// message) on CPUs without the instruction.
     #[test]
     fn bf16_kernel_matmul_is_within_one_rounding_of_the_exact_product() -> Result<()> {
-        if !gemm_bf16::available() {
+        if !gemm_bf16::cpu_has_instructions() {
             eprintln!("skipped: this CPU has no AVX-512 BF16");
             return Ok(());
         }
         let bf16 = DType::BF16;
-        for (m, k, n) in [(1, 1, 1), (3, 5, 4), (13, 33, 65), (70, 2 * gemm_bf16::KC + 3, 37)] {
+        // Odd `k` (packed left operands) and even (row-major ones read in place), one and
+        // several blocks of `k`.
+        let shapes = [(1, 1, 1), (3, 5, 4), (13, 33, 65), (13, 34, 65), (25, 64, 70), (5, 2 * gemm_bf16::KC + 2, 3)];
+        for (m, k, n) in shapes.into_iter().chain([(70, 2 * gemm_bf16::KC + 3, 37)]) {
             let a = random(&[2, 3, m, k], 1.0, 30)?.to_dtype(bf16)?;
             let b = random(&[2, 3, k, n], 1.0, 31)?.to_dtype(bf16)?;
             let at = random(&[2, 3, k, m], 1.0, 32)?.to_dtype(bf16)?.transpose(2, 3)?;

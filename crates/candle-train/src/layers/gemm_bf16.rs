@@ -72,8 +72,18 @@ impl Mat<'_> {
 /// The most column panels for which the left operand is read in place rather than packed.
 const IN_PLACE_PANELS: usize = 16;
 
-/// Whether this CPU has the instructions the kernel needs (cached by std after the first call).
+/// Whether this CPU has the instructions the kernel needs and the environment does not turn it
+/// off (`CANDLE_FIT_BF16_GEMM=off`: BF16 products widened to F32, as on other CPUs, for
+/// comparisons). Read once per process.
 pub(crate) fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::env::var("CANDLE_FIT_BF16_GEMM").map_or(true, |v| v != "off") && cpu_has_instructions()
+    })
+}
+
+/// Whether this CPU has AVX-512F/BW/VL and AVX-512 BF16.
+pub(crate) fn cpu_has_instructions() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -100,7 +110,7 @@ unsafe impl Sync for Dst {}
 /// `c = a b` (`a` is `[m, k]`, `b` `[k, n]`, `c` row-major `[m, n]`, every element written), the
 /// products in BF16 summed in F32. `parallel` allows splitting the product over rayon's
 /// threads (the caller runs several products side by side otherwise). `None` when the CPU lacks
-/// the instructions ([`available`]), or when the shapes disagree or a stride reaches past its
+/// the instructions ([`cpu_has_instructions`]), or when the shapes disagree or a stride reaches past its
 /// data (nothing written).
 pub(crate) fn gemm(a: Mat<'_>, b: Mat<'_>, c: &mut [f32], parallel: bool) -> Option<()> {
     if !valid(&a, &b) || c.len() != a.rows * b.cols {
@@ -138,7 +148,7 @@ pub(crate) fn gemm_bf16(
 
 /// Whether the CPU has the instructions and the operands agree and stay in bounds.
 fn valid(a: &Mat<'_>, b: &Mat<'_>) -> bool {
-    available() && b.rows == a.cols && a.in_bounds() && b.in_bounds()
+    cpu_has_instructions() && b.rows == a.cols && a.in_bounds() && b.in_bounds()
 }
 
 /// The product into `dst` (`[m, n]`, row-major).
@@ -544,7 +554,7 @@ mod tests {
     /// tiles.
     #[test]
     fn rounded_products_are_the_f32_sums_rounded() {
-        if !available() {
+        if !cpu_has_instructions() {
             eprintln!("skipped: this CPU has no AVX-512 BF16");
             return;
         }
@@ -569,7 +579,7 @@ mod tests {
     /// signs with payloads, subnormals and zeros.
     #[test]
     fn vector_rounding_is_bf16_from_f32() {
-        if !available() {
+        if !cpu_has_instructions() {
             eprintln!("skipped: this CPU has no AVX-512 BF16");
             return;
         }
