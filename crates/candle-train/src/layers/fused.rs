@@ -3,7 +3,8 @@
 //! op): the tanh-GELU forward and backward, the bias added in place to a matmul's fresh
 //! output, the bias gradient (the sum over rows), the causal softmax's forward and softmax's
 //! backward, dropout, layer normalisation forward and backward, and `matmul` (Candle's CPU
-//! products without its zero fill and BF16 conversions, for values computed outside the graph).
+//! products without its zero fill and BF16 conversions, BF16 through the AVX-512 BF16 kernel of
+//! `gemm_bf16` where the CPU has one; for values computed outside the graph).
 //! Large tensors are split over rayon's threads in fixed chunks, so results do not depend on the
 //! number of threads.
 //!
