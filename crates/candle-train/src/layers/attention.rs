@@ -5,7 +5,7 @@
 use candle::{Result, Tensor};
 use candle_ckpt::Rng;
 
-use crate::layers::custom_grad::custom1;
+use crate::layers::custom_grad::{custom1, custom3};
 use crate::layers::dropout::Dropout;
 use crate::layers::fused::matmul as mm;
 use crate::layers::linear::{Linear, WeightLayout};
@@ -92,44 +92,101 @@ pub fn scaled_dot_product_attention(
 /// # Errors
 /// When `qkv`'s last dimension is not `3 * heads * d`; on a tensor error.
 pub fn causal_attention_qkv(qkv: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, t, width) = qkv.dims3()?;
-    if heads == 0 || width % (3 * heads) != 0 {
-        candle::bail!("causal_attention_qkv: a last dimension of {width} is not 3 x {heads} heads");
+    let attention = QkvAttention::of(qkv.dims(), heads)?;
+    let (value, probs) = attention.forward(&qkv.detach())?;
+    custom1("causal-attention", qkv, value, move |qkv, _, g| attention.backward(qkv, &probs, g).map(Some))
+}
+
+/// `causal_attention_qkv(x W + b, heads)` (GPT-2's `c_attn` and attention, `x` `[batch, t, c]`,
+/// `W` `[c, 3c]` in `layout`) as one op: the values and the gradients of `x`, `W` and `b` of the
+/// two ops bit for bit ([`linear`](crate::layers::linear::linear)'s products and bias gradient,
+/// [`causal_attention_qkv`]'s attention). `qkv` is kept by the op instead of being a node of the
+/// graph, so Candle's backward does not give it a zero gradient and add into it (three
+/// activations' worth of zeroing and adding per block, BF16 adds through a called conversion
+/// on the CPU); the memory kept is the same.
+///
+/// # Errors
+/// When `W`'s output width is not `3 * heads * d`; on a shape or dtype mismatch.
+pub fn causal_attention_linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    layout: WeightLayout,
+    heads: usize,
+) -> Result<Tensor> {
+    let (batch, t, c) = x.dims3()?;
+    let rows = batch * t;
+    let qkv = crate::layers::linear::affine_value(&x.reshape((rows, c))?, w, Some(b), layout)?;
+    let qkv = qkv.reshape((batch, t, qkv.dim(1)?))?;
+    let attention = QkvAttention::of(qkv.dims(), heads)?;
+    let (value, probs) = attention.forward(&qkv)?;
+    custom3("causal-attention-linear", x, w, b, value, move |x, w, b, _, g| {
+        let grad_qkv = attention.backward(&qkv, &probs, g)?;
+        let grad_qkv = grad_qkv.reshape((rows, grad_qkv.elem_count() / rows.max(1)))?;
+        let (grad_x, grad_w) =
+            crate::layers::linear::affine_grads(&x.reshape((rows, c))?, w, &grad_qkv, layout)?;
+        let grad_b = crate::layers::fused::bias_grad(&grad_qkv, b.dtype())?;
+        Ok((Some(grad_x.reshape((batch, t, c))?), Some(grad_w), Some(grad_b)))
+    })
+}
+
+/// The shape of [`causal_attention_qkv`]'s computation: `qkv` `[b, t, 3 c]`, `heads` heads of
+/// `d = c / heads`.
+#[derive(Clone, Copy)]
+struct QkvAttention {
+    b: usize,
+    t: usize,
+    c: usize,
+    heads: usize,
+    scale: f64,
+}
+
+impl QkvAttention {
+    fn of(dims: &[usize], heads: usize) -> Result<Self> {
+        let &[b, t, width] = dims else {
+            candle::bail!("causal_attention_qkv: expected [batch, t, 3 c], got {dims:?}");
+        };
+        if heads == 0 || width % (3 * heads) != 0 {
+            candle::bail!("causal_attention_qkv: a last dimension of {width} is not 3 x {heads} heads");
+        }
+        let c = width / 3;
+        Ok(Self { b, t, c, heads, scale: 1.0 / ((c / heads) as f64).sqrt() })
     }
-    let c = width / 3;
-    let d = c / heads;
-    let scale = 1.0 / (d as f64).sqrt();
-    let split = move |qkv: &Tensor, i: usize| split_heads(&qkv.narrow(2, i * c, c)?, heads);
-    let merge = move |y: &Tensor| y.transpose(1, 2)?.reshape((b, t, c));
-    let (value, probs) = {
-        let qkv = qkv.detach();
-        let (q, k) = (split(&qkv, 0)?, split(&qkv, 1)?);
+
+    /// Head `i` (0 queries, 1 keys, 2 values) of `qkv` as contiguous `[b, heads, t, d]`.
+    fn split(&self, qkv: &Tensor, i: usize) -> Result<Tensor> {
+        split_heads(&qkv.narrow(2, i * self.c, self.c)?, self.heads)
+    }
+
+    /// The merged output `[b, t, c]` and the probabilities, from a `qkv` outside the graph.
+    fn forward(&self, qkv: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (q, k) = (self.split(qkv, 0)?, self.split(qkv, 1)?);
         let scores = mm(&q, &k.t()?)?;
         drop((q, k));
-        let probs = causal_softmax(&scores, scale)?;
+        let probs = causal_softmax(&scores, self.scale)?;
         drop(scores);
-        let y = mm(&probs, &split(&qkv, 2)?)?;
-        (merge(&y)?, probs)
-    };
-    custom1("causal-attention", qkv, value, move |qkv, _, g| {
-        // As Candle differentiates the unfused ops: `scores = q kᵀ`, `y = probs v`.
-        let gy = split_heads(g, heads)?;
-        let v = split(qkv, 2)?;
+        let y = mm(&probs, &self.split(qkv, 2)?)?;
+        Ok((y.transpose(1, 2)?.reshape((self.b, self.t, self.c))?, probs))
+    }
+
+    /// The gradient of `qkv` from the output's `g`, as Candle differentiates the unfused ops:
+    /// `scores = q kᵀ`, `y = probs v`.
+    fn backward(&self, qkv: &Tensor, probs: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let gy = split_heads(g, self.heads)?;
+        let v = self.split(qkv, 2)?;
         let grad_probs = mm(&gy, &v.t()?)?;
         let grad_v = mm(&probs.t()?, &gy)?;
         drop((v, gy));
-        let grad_scores = crate::layers::ops::softmax_backward(&probs, &grad_probs, scale)?;
+        let grad_scores = crate::layers::ops::softmax_backward(probs, &grad_probs, self.scale)?;
         drop(grad_probs);
-        let (q, k) = (split(qkv, 0)?, split(qkv, 1)?);
+        let (q, k) = (self.split(qkv, 0)?, self.split(qkv, 1)?);
         let grad_q = mm(&grad_scores, &k)?;
         let grad_k = mm(&q.t()?, &grad_scores)?.t()?;
         drop((q, k, grad_scores));
         // `[batch, t, 3, heads, d]` from the three `[batch, heads, t, d]` gradients.
-        let parts = [grad_q, grad_k, grad_v].map(|p| p.transpose(1, 2));
-        let [gq, gk, gv] = parts;
-        let grad = Tensor::stack(&[gq?, gk?, gv?], 2)?.reshape((b, t, width))?;
-        Ok(Some(grad))
-    })
+        let [gq, gk, gv] = [grad_q, grad_k, grad_v].map(|p| p.transpose(1, 2));
+        Tensor::stack(&[gq?, gk?, gv?], 2)?.reshape((self.b, self.t, 3 * self.c))
+    }
 }
 
 /// Splits `[batch, t, heads * d]` into contiguous heads `[batch, heads, t, d]`.
@@ -203,7 +260,10 @@ impl CausalSelfAttention {
         if !training || self.attn_dropout.p() == 0.0 {
             // No dropout on the probabilities (the identity, `rng` untouched): one op from the
             // fused projection to the heads' merged output.
-            let y = causal_attention_qkv(&self.c_attn.forward(x)?, self.n_head)?;
+            let y = match self.c_attn.plain_affine(x)? {
+                Some((w, b, layout)) => causal_attention_linear(x, &w, &b, layout, self.n_head)?,
+                None => causal_attention_qkv(&self.c_attn.forward(x)?, self.n_head)?,
+            };
             return self.resid_dropout.forward(&self.c_proj.forward(&y)?, rng, training);
         }
         let (q, k, v) = self.heads(x)?;
@@ -348,6 +408,59 @@ mod tests {
         crate::layers::assert_finite_differences(&[base], &[analytic], |args| {
             loss(&causal_attention_qkv(&args[0], heads)?)?.to_scalar::<f64>()
         })?;
+        Ok(())
+    }
+
+    /// [`causal_attention_linear`] against the two ops it replaces (`linear`, then
+    /// [`causal_attention_qkv`]): the same values and gradients of `x`, `W` and `b` bit for bit
+    /// in F64, F32 and BF16, for both weight layouts; in F64 against central differences.
+    #[test]
+    fn attention_with_its_projection_equals_the_two_ops() -> Result<()> {
+        use crate::layers::linear::linear;
+        let mut rng = Rng::seeded(12);
+        let (b, t, heads, d) = (2, 5, 3, 4);
+        let c = heads * d;
+        let x0 = seeded(&mut rng, &[b, t, c])?;
+        let w_in_out = (seeded(&mut rng, &[c, 3 * c])? * 0.3)?;
+        let b0 = seeded(&mut rng, &[3 * c])?;
+        let weights = seeded(&mut rng, &[b, t, c])?;
+        let loss = |y: &Tensor| (y.to_dtype(DType::F64)? * &weights)?.sum_all();
+        let wide = |x: &Tensor| x.to_dtype(DType::F64);
+        for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+            let w0 = match layout {
+                WeightLayout::InOut => w_in_out.clone(),
+                WeightLayout::OutIn => w_in_out.t()?.contiguous()?,
+            };
+            for dtype in [DType::F64, DType::F32, DType::BF16] {
+                let vars = [&x0, &w0, &b0].map(|v| v.to_dtype(dtype).and_then(|v| candle::Var::from_tensor(&v)));
+                let [x, w, bias] = vars;
+                let (x, w, bias) = (x?, w?, bias?);
+                let fused = causal_attention_linear(&x, &w, &bias, layout, heads)?;
+                let reference = causal_attention_qkv(&linear(&x, &w, Some(&bias), layout)?, heads)?;
+                assert_eq!((fused.dtype(), fused.dims()), (dtype, reference.dims()));
+                assert_eq!(max_difference(&wide(&fused)?, &wide(&reference)?)?, 0.0, "{dtype:?} values");
+                let (g_fused, g_reference) = (loss(&fused)?.backward()?, loss(&reference)?.backward()?);
+                for (name, var) in [("x", &x), ("W", &w), ("b", &bias)] {
+                    let get = |g: &candle::backprop::GradStore| {
+                        g.get(var.as_tensor()).cloned().ok_or_else(|| candle::Error::Msg(format!("no {name} gradient")))
+                    };
+                    let (a, r) = (wide(&get(&g_fused)?)?, wide(&get(&g_reference)?)?);
+                    assert!(a.abs()?.max_all()?.to_scalar::<f64>()? > 1e-3, "{name} gradient all zero");
+                    assert_eq!(max_difference(&a, &r)?, 0.0, "{dtype:?} {layout:?} {name} gradient");
+                }
+            }
+            let vars = [&x0, &w0, &b0].map(candle::Var::from_tensor);
+            let [x, w, bias] = vars;
+            let (x, w, bias) = (x?, w?, bias?);
+            let grads = loss(&causal_attention_linear(&x, &w, &bias, layout, heads)?)?.backward()?;
+            let analytic: Vec<Tensor> = [&x, &w, &bias]
+                .iter()
+                .map(|v| grads.get(v.as_tensor()).cloned().ok_or_else(|| candle::Error::Msg("no gradient".into())))
+                .collect::<Result<_>>()?;
+            crate::layers::assert_finite_differences(&[x0.clone(), w0.clone(), b0.clone()], &analytic, |args| {
+                loss(&causal_attention_linear(&args[0], &args[1], &args[2], layout, heads)?)?.to_scalar::<f64>()
+            })?;
+        }
         Ok(())
     }
 

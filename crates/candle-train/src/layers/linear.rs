@@ -236,13 +236,26 @@ impl Linear {
     /// # Errors
     /// On a shape or dtype mismatch.
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        match self.plain_affine(x)? {
+            Some((w, b, layout)) => linear_gelu(x, &w, &b, layout),
+            None => crate::layers::fused::gelu_tanh(&self.forward(x)?),
+        }
+    }
+
+    /// The weight, bias and layout of a layer that [`Linear::forward`] computes as the plain
+    /// `x W + b` (a trainable dense weight, a bias, no adapter) for a CPU input: what a fused
+    /// op taking the layer's place needs. `None` otherwise.
+    ///
+    /// # Errors
+    /// A released parameter; a poisoned adapter slot.
+    pub(crate) fn plain_affine(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor, WeightLayout)>> {
         let plain = x.device().is_cpu()
             && self.quantized.is_none()
             && !self.weight.is_frozen()
             && self.adapter().map_err(candle::Error::wrap)?.is_none();
         match (&self.bias, plain) {
-            (Some(bias), true) => linear_gelu(x, &self.weight.tensor()?, &bias.tensor()?, self.layout),
-            _ => crate::layers::fused::gelu_tanh(&self.forward(x)?),
+            (Some(bias), true) => Ok(Some((self.weight.tensor()?, bias.tensor()?, self.layout))),
+            _ => Ok(None),
         }
     }
 
@@ -338,6 +351,40 @@ pub fn matmul_transposed(x: &Tensor, weight: &Parameter) -> Result<Tensor> {
     linear(x, &w, None, WeightLayout::OutIn)
 }
 
+/// `x W (+ b)` for `x` `[rows, in]`, computed outside the graph (the value of [`affine`]'s op
+/// and of fused ops that start with a linear layer).
+///
+/// # Errors
+/// On a shape or dtype mismatch.
+pub(crate) fn affine_value(x: &Tensor, w: &Tensor, b: Option<&Tensor>, layout: WeightLayout) -> Result<Tensor> {
+    let (xd, wd) = (x.detach(), w.detach());
+    let product = match layout {
+        WeightLayout::InOut => mm(&xd, &wd)?,
+        WeightLayout::OutIn => mm(&xd, &wd.t()?)?,
+    };
+    match b {
+        Some(b) => add_bias_owned(product, &b.detach()),
+        None => Ok(product),
+    }
+}
+
+/// The input and weight gradients of `x W (+ b)` for `x` `[rows, in]` and the output's gradient
+/// `g` `[rows, out]`: `g Wᵀ` and `xᵀ g` (in the weight's layout), outside the graph.
+///
+/// # Errors
+/// On a shape or dtype mismatch.
+pub(crate) fn affine_grads(x: &Tensor, w: &Tensor, g: &Tensor, layout: WeightLayout) -> Result<(Tensor, Tensor)> {
+    let grad_x = match layout {
+        WeightLayout::InOut => mm(g, &w.t()?)?,
+        WeightLayout::OutIn => mm(g, w)?,
+    };
+    let grad_w = match layout {
+        WeightLayout::InOut => mm(&x.t()?, g)?,
+        WeightLayout::OutIn => mm(&g.t()?, x)?,
+    };
+    Ok((grad_x, grad_w))
+}
+
 /// `x W (+ b)` (`x2` is `x` seen as `[rows, in]`) as one op, the result in `x`'s leading shape
 /// (`[..., out]`): only `x` and the result stay in the graph (not the product before the bias,
 /// nor a reshape of it), the products are [`mm`]'s (on the CPU: no zero fill, BF16 through the
@@ -360,15 +407,7 @@ fn affine(
     layout: WeightLayout,
     gelu: bool,
 ) -> Result<Tensor> {
-    let (xd, wd) = (x2.detach(), w.detach());
-    let product = match layout {
-        WeightLayout::InOut => mm(&xd, &wd)?,
-        WeightLayout::OutIn => mm(&xd, &wd.t()?)?,
-    };
-    let value = match b {
-        Some(b) => add_bias_owned(product, &b.detach())?,
-        None => product,
-    };
+    let value = affine_value(x2, w, b, layout)?;
     let (value, pre) = if gelu { (gelu_tanh(&value)?, Some(value)) } else { (value, None) };
     let rows = x2.dim(0)?;
     let mut out_dims = x.dims().to_vec();
@@ -384,14 +423,7 @@ fn affine(
             Some(pre) => gelu_tanh_grad(pre, &g)?,
             None => g,
         };
-        let grad_x = match layout {
-            WeightLayout::InOut => mm(&g, &w.t()?)?,
-            WeightLayout::OutIn => mm(&g, w)?,
-        };
-        let grad_w = match layout {
-            WeightLayout::InOut => mm(&x.t()?, &g)?,
-            WeightLayout::OutIn => mm(&g.t()?, &x)?,
-        };
+        let (grad_x, grad_w) = affine_grads(&x, w, &g, layout)?;
         Ok((grad_x.reshape(x_full.shape())?, grad_w, g))
     };
     match b {
