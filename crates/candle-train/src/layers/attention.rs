@@ -432,7 +432,8 @@ mod tests {
                 WeightLayout::OutIn => w_in_out.t()?.contiguous()?,
             };
             for dtype in [DType::F64, DType::F32, DType::BF16] {
-                let vars = [&x0, &w0, &b0].map(|v| v.to_dtype(dtype).and_then(|v| candle::Var::from_tensor(&v)));
+                let vars =
+                    [&x0, &w0, &b0].map(|v| v.to_dtype(dtype).and_then(|v| candle::Var::from_tensor(&v)));
                 let [x, w, bias] = vars;
                 let (x, w, bias) = (x?, w?, bias?);
                 let fused = causal_attention_linear(&x, &w, &bias, layout, heads)?;
@@ -442,7 +443,9 @@ mod tests {
                 let (g_fused, g_reference) = (loss(&fused)?.backward()?, loss(&reference)?.backward()?);
                 for (name, var) in [("x", &x), ("W", &w), ("b", &bias)] {
                     let get = |g: &candle::backprop::GradStore| {
-                        g.get(var.as_tensor()).cloned().ok_or_else(|| candle::Error::Msg(format!("no {name} gradient")))
+                        g.get(var.as_tensor())
+                            .cloned()
+                            .ok_or_else(|| candle::Error::Msg(format!("no {name} gradient")))
                     };
                     let (a, r) = (wide(&get(&g_fused)?)?, wide(&get(&g_reference)?)?);
                     assert!(a.abs()?.max_all()?.to_scalar::<f64>()? > 1e-3, "{name} gradient all zero");
@@ -455,11 +458,18 @@ mod tests {
             let grads = loss(&causal_attention_linear(&x, &w, &bias, layout, heads)?)?.backward()?;
             let analytic: Vec<Tensor> = [&x, &w, &bias]
                 .iter()
-                .map(|v| grads.get(v.as_tensor()).cloned().ok_or_else(|| candle::Error::Msg("no gradient".into())))
+                .map(|v| {
+                    grads.get(v.as_tensor()).cloned().ok_or_else(|| candle::Error::Msg("no gradient".into()))
+                })
                 .collect::<Result<_>>()?;
-            crate::layers::assert_finite_differences(&[x0.clone(), w0.clone(), b0.clone()], &analytic, |args| {
-                loss(&causal_attention_linear(&args[0], &args[1], &args[2], layout, heads)?)?.to_scalar::<f64>()
-            })?;
+            crate::layers::assert_finite_differences(
+                &[x0.clone(), w0.clone(), b0.clone()],
+                &analytic,
+                |args| {
+                    loss(&causal_attention_linear(&args[0], &args[1], &args[2], layout, heads)?)?
+                        .to_scalar::<f64>()
+                },
+            )?;
         }
         Ok(())
     }

@@ -1106,7 +1106,13 @@ fn bf16_products(
     use half::slice::HalfFloatSliceExt;
     let (x, y) = (x.reinterpret_cast(), y.reinterpret_cast());
     fn mat<'a>(data: &'a [u16], o: &Operand, i: usize, rows: usize, cols: usize) -> gemm_bf16::Mat<'a> {
-        gemm_bf16::Mat { data: &data[o.start + i * o.skip..o.end], rows, cols, rs: o.rs as usize, cs: o.cs as usize }
+        gemm_bf16::Mat {
+            data: &data[o.start + i * o.skip..o.end],
+            rows,
+            cols,
+            rs: o.rs as usize,
+            cs: o.cs as usize,
+        }
     }
     let mut c: Vec<half::bf16> = Vec::with_capacity(batch * m * n);
     let out = &mut c.spare_capacity_mut()[..batch * m * n];
@@ -1744,7 +1750,8 @@ mod tests {
         let bf16 = DType::BF16;
         // Odd `k` (packed left operands) and even (row-major ones read in place), one and
         // several blocks of `k`.
-        let shapes = [(1, 1, 1), (3, 5, 4), (13, 33, 65), (13, 34, 65), (25, 64, 70), (5, 2 * gemm_bf16::KC + 2, 3)];
+        let shapes =
+            [(1, 1, 1), (3, 5, 4), (13, 33, 65), (13, 34, 65), (25, 64, 70), (5, 2 * gemm_bf16::KC + 2, 3)];
         for (m, k, n) in shapes.into_iter().chain([(70, 2 * gemm_bf16::KC + 3, 37)]) {
             let a = random(&[2, 3, m, k], 1.0, 30)?.to_dtype(bf16)?;
             let b = random(&[2, 3, k, n], 1.0, 31)?.to_dtype(bf16)?;

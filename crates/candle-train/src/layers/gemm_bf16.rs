@@ -183,7 +183,8 @@ unsafe fn run(a: &Mat<'_>, b: &Mat<'_>, dst: Dst, parallel: bool) {
     let workers = if parallel { threads } else { 1 };
     let per_block = (MC / MR).min(row_panels.div_ceil(workers));
     let row_blocks = row_panels.div_ceil(per_block);
-    let col_groups = if row_blocks >= 2 * workers { 1 } else { col_panels.min((2 * workers).div_ceil(row_blocks)) };
+    let col_groups =
+        if row_blocks >= 2 * workers { 1 } else { col_panels.min((2 * workers).div_ceil(row_blocks)) };
     let per_group = col_panels.div_ceil(col_groups);
     let tasks = row_blocks * col_panels.div_ceil(per_group);
     // The left operand read in place, unpacked: row-major, `k` even (every pair in one row),
@@ -203,9 +204,8 @@ unsafe fn run(a: &Mat<'_>, b: &Mat<'_>, dst: Dst, parallel: bool) {
         packed_b.resize(col_panels * b_panel, 0);
         // SAFETY (both packs): the operands are in bounds (checked above); each chunk is one
         // panel.
-        let pack_a_panel = |(r, panel): (usize, &mut [u32])| unsafe {
-            pack_a(a, r * MR, MR.min(m - r * MR), k0, kc, panel)
-        };
+        let pack_a_panel =
+            |(r, panel): (usize, &mut [u32])| unsafe { pack_a(a, r * MR, MR.min(m - r * MR), k0, kc, panel) };
         let pack_b_panel = |(q, panel): (usize, &mut [u16])| unsafe { pack_b(b, k0, kc, q * NR, panel) };
         let (shared_a, shared_b) = (&mut packed_a, &mut packed_b);
         if parallel {
@@ -314,7 +314,8 @@ unsafe fn pack_a(a: &Mat<'_>, i0: usize, rows: usize, k0: usize, kc: usize, out:
         if full < kcp {
             for ii in 0..MR {
                 // SAFETY: as above; the odd last value of `k`.
-                panel[full * MR + ii] = if ii < live { u32::from(unsafe { a.at(first + ii, k0 + 2 * full) }) } else { 0 };
+                panel[full * MR + ii] =
+                    if ii < live { u32::from(unsafe { a.at(first + ii, k0 + 2 * full) }) } else { 0 };
             }
         }
     }
@@ -355,8 +356,10 @@ unsafe fn pack_b(b: &Mat<'_>, k0: usize, kc: usize, j0: usize, out: &mut [u16]) 
             unsafe {
                 let r0 = _mm512_loadu_si512(base.add(k * b.rs + j0).cast());
                 let r1 = _mm512_loadu_si512(base.add((k + 1) * b.rs + j0).cast());
-                let first = _mm512_permutex2var_epi16(r0, _mm512_loadu_si512(INTERLEAVE[0].as_ptr().cast()), r1);
-                let second = _mm512_permutex2var_epi16(r0, _mm512_loadu_si512(INTERLEAVE[1].as_ptr().cast()), r1);
+                let first =
+                    _mm512_permutex2var_epi16(r0, _mm512_loadu_si512(INTERLEAVE[0].as_ptr().cast()), r1);
+                let second =
+                    _mm512_permutex2var_epi16(r0, _mm512_loadu_si512(INTERLEAVE[1].as_ptr().cast()), r1);
                 _mm512_storeu_si512(pair.as_mut_ptr().cast(), first);
                 _mm512_storeu_si512(pair.as_mut_ptr().add(NR).cast(), second);
             }
@@ -517,7 +520,15 @@ unsafe fn round(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m256i {
 /// As [`kernel_f32`].
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn kernel_bf16<L: Lhs>(kcp: usize, a: L, b: &[u16], c: *mut u16, ldc: usize, rows: usize, cols: usize) {
+unsafe fn kernel_bf16<L: Lhs>(
+    kcp: usize,
+    a: L,
+    b: &[u16],
+    c: *mut u16,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+) {
     use std::arch::x86_64::*;
     // SAFETY: the caller's contract.
     let (lo, hi) = unsafe { sums(kcp, a, b) };

@@ -356,7 +356,12 @@ pub fn matmul_transposed(x: &Tensor, weight: &Parameter) -> Result<Tensor> {
 ///
 /// # Errors
 /// On a shape or dtype mismatch.
-pub(crate) fn affine_value(x: &Tensor, w: &Tensor, b: Option<&Tensor>, layout: WeightLayout) -> Result<Tensor> {
+pub(crate) fn affine_value(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    layout: WeightLayout,
+) -> Result<Tensor> {
     let (xd, wd) = (x.detach(), w.detach());
     let product = match layout {
         WeightLayout::InOut => mm(&xd, &wd)?,
@@ -373,16 +378,28 @@ pub(crate) fn affine_value(x: &Tensor, w: &Tensor, b: Option<&Tensor>, layout: W
 ///
 /// # Errors
 /// On a shape or dtype mismatch.
-pub(crate) fn affine_grads(x: &Tensor, w: &Tensor, g: &Tensor, layout: WeightLayout) -> Result<(Tensor, Tensor)> {
+pub(crate) fn affine_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    layout: WeightLayout,
+) -> Result<(Tensor, Tensor)> {
     let grad_x = match layout {
         WeightLayout::InOut => mm(g, &w.t()?)?,
         WeightLayout::OutIn => mm(g, w)?,
     };
-    let grad_w = match layout {
-        WeightLayout::InOut => mm(&x.t()?, g)?,
-        WeightLayout::OutIn => mm(&g.t()?, x)?,
-    };
-    Ok((grad_x, grad_w))
+    Ok((grad_x, weight_grad(x, g, layout)?))
+}
+
+/// The weight gradient of `x W (+ b)` in the weight's layout: `xᵀ g` (`InOut`) or `gᵀ x`.
+///
+/// # Errors
+/// On a shape or dtype mismatch.
+pub(crate) fn weight_grad(x: &Tensor, g: &Tensor, layout: WeightLayout) -> Result<Tensor> {
+    match layout {
+        WeightLayout::InOut => mm(&x.t()?, g),
+        WeightLayout::OutIn => mm(&g.t()?, x),
+    }
 }
 
 /// `x W (+ b)` (`x2` is `x` seen as `[rows, in]`) as one op, the result in `x`'s leading shape

@@ -58,8 +58,207 @@ impl Mlp {
     /// # Errors
     /// On a shape mismatch.
     pub fn forward(&self, x: &Tensor, rng: &mut Rng, training: bool) -> Result<Tensor> {
+        if !training || self.dropout.p() == 0.0 {
+            // Dropout is the identity (`rng` untouched): the block as two ops, when both layers
+            // are plain.
+            if let (Some(fc), Some(proj)) = (self.c_fc.plain_affine(x)?, self.c_proj.plain_affine(x)?) {
+                return gelu_mlp(x, (&fc.0, &fc.1, fc.2), (&proj.0, &proj.1, proj.2));
+            }
+        }
         // `gelu_tanh(c_fc(x))` as one op.
         let h = self.c_fc.forward_gelu(x)?;
         self.dropout.forward(&self.c_proj.forward(&h)?, rng, training)
+    }
+}
+
+/// A linear layer's weight, bias and weight layout.
+pub type AffineParts<'a> = (&'a Tensor, &'a Tensor, WeightLayout);
+
+/// `gelu_tanh(x W1 + b1) W2 + b2` over the last dimension of `x` (`fc` = `(W1, b1, layout)`,
+/// `proj` likewise): the values and the gradients of `x`, `W1`, `b1`, `W2` and `b2` of
+/// [`linear_gelu`](crate::layers::linear::linear_gelu) followed by
+/// [`linear`](crate::layers::linear::linear), bit for bit, with the hidden activation
+/// (`[rows, hidden]`, four times the width in GPT) kept by the op instead of being a node of the
+/// graph: Candle's backward gives every node a zero gradient and adds into it (for BF16 on the
+/// CPU through a called conversion), which for this tensor was the largest such add of a block.
+/// The memory kept is the same (the pre-activation and the activation); the backward's peak is
+/// lower (no zero gradient and sum for the activation).
+///
+/// A Candle op has at most three inputs, so `W2`, `b2` and `b1` reach the graph through a
+/// one-element *parameter token* ([`parameter_token`]) that the block's op takes as its third
+/// input beside `x` and `W1`: the block's backward computes all five gradients, returns those of
+/// `x` and `W1`, and leaves the other three for the token's backward, which Candle runs after
+/// it (the token is upstream of the block).
+///
+/// # Errors
+/// On a shape or dtype mismatch.
+pub fn gelu_mlp(x: &Tensor, fc: AffineParts<'_>, proj: AffineParts<'_>) -> Result<Tensor> {
+    use crate::layers::custom_grad::custom3;
+    use crate::layers::fused::{bias_grad, gelu_tanh, gelu_tanh_grad, matmul as mm};
+    use crate::layers::linear::{affine_grads, affine_value, weight_grad};
+    let ((w1, b1, l1), (w2, b2, l2)) = (fc, proj);
+    let dims = x.dims().to_vec();
+    let Some((&c, lead)) = dims.split_last() else {
+        candle::bail!("gelu_mlp: input must have at least one dimension");
+    };
+    let rows: usize = lead.iter().product();
+    let pre = affine_value(&x.reshape((rows, c))?, w1, Some(b1), l1)?;
+    let h = gelu_tanh(&pre)?;
+    let y = affine_value(&h, w2, Some(b2), l2)?;
+    let out = y.dim(1)?;
+    let mut out_dims = lead.to_vec();
+    out_dims.push(out);
+    let y = y.reshape(out_dims)?;
+    let (token, slot) = parameter_token("gelu-mlp", [w2, b2, b1])?;
+    let (w2_const, b2_dtype, b1_dtype) = (w2.detach(), b2.dtype(), b1.dtype());
+    custom3("gelu-mlp", x, w1, &token, y, move |x_full, w1, token, _, g| {
+        let g = g.reshape((rows, out))?;
+        let grad_w2 = weight_grad(&h, &g, l2)?;
+        let grad_b2 = bias_grad(&g, b2_dtype)?;
+        let grad_h = match l2 {
+            WeightLayout::InOut => mm(&g, &w2_const.t()?)?,
+            WeightLayout::OutIn => mm(&g, &w2_const)?,
+        };
+        let grad_pre = gelu_tanh_grad(&pre, &grad_h)?;
+        drop(grad_h);
+        let (grad_x, grad_w1) = affine_grads(&x_full.reshape((rows, c))?, w1, &grad_pre, l1)?;
+        let grad_b1 = bias_grad(&grad_pre, b1_dtype)?;
+        slot.put([grad_w2, grad_b2, grad_b1])?;
+        Ok((Some(grad_x.reshape(x_full.shape())?), Some(grad_w1), Some(token.zeros_like()?)))
+    })
+}
+
+/// The gradients a fused op computes for parameters it takes through a token, until the
+/// token's backward hands them to Candle.
+pub struct TokenSlot {
+    name: &'static str,
+    grads: std::sync::Arc<std::sync::Mutex<Option<[Tensor; 3]>>>,
+}
+
+impl TokenSlot {
+    /// Stores the three parameters' gradients (in the token's order) for the token's backward.
+    ///
+    /// # Errors
+    /// A poisoned lock.
+    pub fn put(&self, grads: [Tensor; 3]) -> Result<()> {
+        let mut slot =
+            self.grads.lock().map_err(|_| candle::Error::Msg(format!("{}: poisoned lock", self.name)))?;
+        *slot = Some(grads);
+        Ok(())
+    }
+}
+
+/// A one-element tensor (zero, in the parameters' dtype) whose op has `params` as its inputs,
+/// for a fused op that needs more than Candle's three inputs: the fused op takes the token as
+/// an input, and in its backward computes the parameters' gradients, stores them in the
+/// returned [`TokenSlot`] and returns a zero gradient for the token. Candle then runs the
+/// token's backward (it is upstream of the fused op), which hands the stored gradients over.
+/// A token whose slot was not filled fails its backward, naming `name`.
+///
+/// # Errors
+/// On a tensor error.
+pub fn parameter_token(name: &'static str, params: [&Tensor; 3]) -> Result<(Tensor, TokenSlot)> {
+    let grads: std::sync::Arc<std::sync::Mutex<Option<[Tensor; 3]>>> = std::sync::Arc::default();
+    let taken = std::sync::Arc::clone(&grads);
+    let [a, b, c] = params;
+    let zero = Tensor::zeros(1, a.dtype(), a.device())?;
+    let token = crate::layers::custom_grad::custom3(name, a, b, c, zero, move |_, _, _, _, _| {
+        let stored = taken.lock().map_err(|_| candle::Error::Msg(format!("{name}: poisoned lock")))?.take();
+        let [ga, gb, gc] = stored
+            .ok_or_else(|| candle::Error::Msg(format!("{name}: the fused op left no parameter gradients")))?;
+        Ok((Some(ga), Some(gb), Some(gc)))
+    })?;
+    Ok((token, TokenSlot { name, grads }))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle::{DType, Device, Var};
+
+    use super::*;
+    use crate::layers::linear::{linear, linear_gelu};
+
+    fn seeded(rng: &mut Rng, shape: &[usize], scale: f64) -> Result<Tensor> {
+        let n = shape.iter().product();
+        Tensor::from_vec((0..n).map(|_| rng.normal_f64() * scale).collect::<Vec<f64>>(), shape, &Device::Cpu)
+    }
+
+    fn max_difference(a: &Tensor, b: &Tensor) -> Result<f64> {
+        (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()
+    }
+
+    /// A parameter token whose fused op forgot to store the gradients fails the backward with
+    /// its name, instead of giving the parameters no (or a zero) gradient.
+    #[test]
+    fn an_unfilled_parameter_token_is_an_error() -> Result<()> {
+        let p = Var::from_tensor(&Tensor::ones(3, DType::F32, &Device::Cpu)?)?;
+        let (token, _slot) = parameter_token("test-token", [p.as_tensor(), p.as_tensor(), p.as_tensor()])?;
+        let x = Var::from_tensor(&Tensor::ones(2, DType::F32, &Device::Cpu)?)?;
+        let y = crate::layers::custom_grad::custom2(
+            "forgets",
+            x.as_tensor(),
+            &token,
+            x.as_tensor().detach(),
+            |_, t, _, g| Ok((Some(g.clone()), Some(t.zeros_like()?))),
+        )?;
+        let err = y.sum_all()?.backward().expect_err("the token's backward must fail");
+        assert!(err.to_string().contains("test-token"), "{err}");
+        Ok(())
+    }
+
+    /// [`gelu_mlp`] against the two layers it replaces (`linear_gelu`, then `linear`): the same
+    /// values and the same gradients of the input, both weights and both biases bit for bit in
+    /// F64, F32 and BF16, for both weight layouts; in F64 against central differences.
+    #[test]
+    fn the_fused_block_equals_its_two_layers() -> Result<()> {
+        let mut rng = Rng::seeded(21);
+        let (b, t, c, hidden) = (2, 3, 4, 7);
+        let x0 = seeded(&mut rng, &[b, t, c], 1.0)?;
+        let w1 = seeded(&mut rng, &[c, hidden], 0.5)?;
+        let b1 = seeded(&mut rng, &[hidden], 0.5)?;
+        let w2 = seeded(&mut rng, &[hidden, c], 0.5)?;
+        let b2 = seeded(&mut rng, &[c], 0.5)?;
+        let weights = seeded(&mut rng, &[b, t, c], 1.0)?;
+        let loss = |y: &Tensor| (y.to_dtype(DType::F64)? * &weights)?.sum_all();
+        for (l1, l2) in
+            [(WeightLayout::InOut, WeightLayout::InOut), (WeightLayout::OutIn, WeightLayout::InOut)]
+        {
+            let w1 = if l1 == WeightLayout::OutIn { w1.t()?.contiguous()? } else { w1.clone() };
+            let args = [x0.clone(), w1, b1.clone(), w2.clone(), b2.clone()];
+            for dtype in [DType::F64, DType::F32, DType::BF16] {
+                let vars =
+                    args.iter().map(|a| Var::from_tensor(&a.to_dtype(dtype)?)).collect::<Result<Vec<_>>>()?;
+                let [x, w1, b1, w2, b2] = [0, 1, 2, 3, 4].map(|i| vars[i].as_tensor());
+                let fused = gelu_mlp(x, (w1, b1, l1), (w2, b2, l2))?;
+                let reference = linear(&linear_gelu(x, w1, b1, l1)?, w2, Some(b2), l2)?;
+                assert_eq!((fused.dtype(), fused.dims()), (dtype, reference.dims()));
+                assert_eq!(max_difference(&fused, &reference)?, 0.0, "{dtype:?} values");
+                let (g_fused, g_reference) = (loss(&fused)?.backward()?, loss(&reference)?.backward()?);
+                for (i, v) in vars.iter().enumerate() {
+                    let get = |g: &candle::backprop::GradStore| {
+                        g.get(v.as_tensor())
+                            .cloned()
+                            .ok_or_else(|| candle::Error::Msg(format!("no gradient {i}")))
+                    };
+                    let (a, r) = (get(&g_fused)?, get(&g_reference)?);
+                    assert_eq!(a.dtype(), dtype);
+                    assert!(a.to_dtype(DType::F64)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()? > 1e-3);
+                    assert_eq!(max_difference(&a, &r)?, 0.0, "{dtype:?} {l1:?} gradient {i}");
+                }
+            }
+            let vars = args.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
+            let [x, w1, b1, w2, b2] = [0, 1, 2, 3, 4].map(|i| vars[i].as_tensor());
+            let grads = loss(&gelu_mlp(x, (w1, b1, l1), (w2, b2, l2))?)?.backward()?;
+            let analytic = vars
+                .iter()
+                .map(|v| {
+                    grads.get(v.as_tensor()).cloned().ok_or_else(|| candle::Error::Msg("no gradient".into()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            crate::layers::assert_finite_differences(&args, &analytic, |a| {
+                loss(&gelu_mlp(&a[0], (&a[1], &a[2], l1), (&a[3], &a[4], l2))?)?.to_scalar::<f64>()
+            })?;
+        }
+        Ok(())
     }
 }
