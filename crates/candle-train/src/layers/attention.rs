@@ -9,6 +9,7 @@ use crate::layers::custom_grad::{custom1, custom3};
 use crate::layers::dropout::Dropout;
 use crate::layers::fused::matmul as mm;
 use crate::layers::linear::{Linear, WeightLayout};
+use crate::layers::mlp::{parameter_token, AffineParts};
 use crate::layers::ops::{causal_softmax, masked_softmax};
 use crate::module::ModuleBuilder;
 use crate::params::ParamBuilder;
@@ -97,36 +98,54 @@ pub fn causal_attention_qkv(qkv: &Tensor, heads: usize) -> Result<Tensor> {
     custom1("causal-attention", qkv, value, move |qkv, _, g| attention.backward(qkv, &probs, g).map(Some))
 }
 
-/// `causal_attention_qkv(x W + b, heads)` (GPT-2's `c_attn` and attention, `x` `[batch, t, c]`,
-/// `W` `[c, 3c]` in `layout`) as one op: the values and the gradients of `x`, `W` and `b` of the
-/// two ops bit for bit ([`linear`](crate::layers::linear::linear)'s products and bias gradient,
-/// [`causal_attention_qkv`]'s attention). `qkv` is kept by the op instead of being a node of the
-/// graph, so Candle's backward does not give it a zero gradient and add into it (three
-/// activations' worth of zeroing and adding per block, BF16 adds through a called conversion
-/// on the CPU); the memory kept is the same.
+/// GPT-2's attention sub-block `c_proj(causal_attention_qkv(c_attn(x), heads))` as one op (`x`
+/// `[batch, t, c]`; `attn` = `(W, b, layout)` of `c_attn`, `W` `[c, 3c]` in its layout; `proj`
+/// likewise): the values and the gradients of `x` and the four parameters of the three ops bit
+/// for bit ([`linear`](crate::layers::linear::linear)'s products and bias gradients,
+/// [`causal_attention_qkv`]'s attention). `qkv` and the heads' merged output are kept by the
+/// op instead of being nodes of the graph, so Candle's backward does not give them a zero
+/// gradient and add into it (four activations' worth of zeroing and adding per block, BF16 adds
+/// through a called conversion on the CPU); the memory kept is the same. `c_attn`'s bias and
+/// `c_proj`'s parameters reach the graph through a [`parameter_token`].
 ///
 /// # Errors
-/// When `W`'s output width is not `3 * heads * d`; on a shape or dtype mismatch.
-pub fn causal_attention_linear(
+/// When `c_attn`'s output width is not `3 * heads * d`; on a shape or dtype mismatch.
+pub fn causal_attention_block(
     x: &Tensor,
-    w: &Tensor,
-    b: &Tensor,
-    layout: WeightLayout,
+    attn: AffineParts<'_>,
+    proj: AffineParts<'_>,
     heads: usize,
 ) -> Result<Tensor> {
+    use crate::layers::fused::bias_grad;
+    use crate::layers::linear::{affine_grads, affine_value, weight_grad};
+    let ((wa, ba, la), (wp, bp, lp)) = (attn, proj);
     let (batch, t, c) = x.dims3()?;
     let rows = batch * t;
-    let qkv = crate::layers::linear::affine_value(&x.reshape((rows, c))?, w, Some(b), layout)?;
+    let qkv = affine_value(&x.reshape((rows, c))?, wa, Some(ba), la)?;
     let qkv = qkv.reshape((batch, t, qkv.dim(1)?))?;
     let attention = QkvAttention::of(qkv.dims(), heads)?;
-    let (value, probs) = attention.forward(&qkv)?;
-    custom3("causal-attention-linear", x, w, b, value, move |x, w, b, _, g| {
-        let grad_qkv = attention.backward(&qkv, &probs, g)?;
+    let (merged, probs) = attention.forward(&qkv)?;
+    let merged = merged.reshape((rows, c))?;
+    let y = affine_value(&merged, wp, Some(bp), lp)?;
+    let out = y.dim(1)?;
+    let y = y.reshape((batch, t, out))?;
+    let (token, slot) = parameter_token("causal-attention-block", [ba, wp, bp])?;
+    let (wp_const, ba_dtype, bp_dtype) = (wp.detach(), ba.dtype(), bp.dtype());
+    custom3("causal-attention-block", x, wa, &token, y, move |x, wa, token, _, g| {
+        let g = g.reshape((rows, out))?;
+        let grad_wp = weight_grad(&merged, &g, lp)?;
+        let grad_bp = bias_grad(&g, bp_dtype)?;
+        let grad_merged = match lp {
+            WeightLayout::InOut => mm(&g, &wp_const.t()?)?,
+            WeightLayout::OutIn => mm(&g, &wp_const)?,
+        };
+        let grad_qkv = attention.backward(&qkv, &probs, &grad_merged.reshape((batch, t, c))?)?;
+        drop(grad_merged);
         let grad_qkv = grad_qkv.reshape((rows, grad_qkv.elem_count() / rows.max(1)))?;
-        let (grad_x, grad_w) =
-            crate::layers::linear::affine_grads(&x.reshape((rows, c))?, w, &grad_qkv, layout)?;
-        let grad_b = crate::layers::fused::bias_grad(&grad_qkv, b.dtype())?;
-        Ok((Some(grad_x.reshape((batch, t, c))?), Some(grad_w), Some(grad_b)))
+        let (grad_x, grad_wa) = affine_grads(&x.reshape((rows, c))?, wa, &grad_qkv, la)?;
+        let grad_ba = bias_grad(&grad_qkv, ba_dtype)?;
+        slot.put([grad_ba, grad_wp, grad_bp])?;
+        Ok((Some(grad_x.reshape((batch, t, c))?), Some(grad_wa), Some(token.zeros_like()?)))
     })
 }
 
@@ -260,10 +279,13 @@ impl CausalSelfAttention {
         if !training || self.attn_dropout.p() == 0.0 {
             // No dropout on the probabilities (the identity, `rng` untouched): one op from the
             // fused projection to the heads' merged output.
-            let y = match self.c_attn.plain_affine(x)? {
-                Some((w, b, layout)) => causal_attention_linear(x, &w, &b, layout, self.n_head)?,
-                None => causal_attention_qkv(&self.c_attn.forward(x)?, self.n_head)?,
-            };
+            if let (Some(a), Some(p)) = (self.c_attn.plain_affine(x)?, self.c_proj.plain_affine(x)?) {
+                if !training || self.resid_dropout.p() == 0.0 {
+                    // The whole sub-block as one op (dropout on its output is the identity).
+                    return causal_attention_block(x, (&a.0, &a.1, a.2), (&p.0, &p.1, p.2), self.n_head);
+                }
+            }
+            let y = causal_attention_qkv(&self.c_attn.forward(x)?, self.n_head)?;
             return self.resid_dropout.forward(&self.c_proj.forward(&y)?, rng, training);
         }
         let (q, k, v) = self.heads(x)?;
@@ -411,65 +433,67 @@ mod tests {
         Ok(())
     }
 
-    /// [`causal_attention_linear`] against the two ops it replaces (`linear`, then
-    /// [`causal_attention_qkv`]): the same values and gradients of `x`, `W` and `b` bit for bit
-    /// in F64, F32 and BF16, for both weight layouts; in F64 against central differences.
+    /// [`causal_attention_block`] against the three ops it replaces (`linear`,
+    /// [`causal_attention_qkv`], `linear`): the same values and gradients of `x` and the four
+    /// parameters bit for bit in F64, F32 and BF16, for both weight layouts of `c_attn`; in F64
+    /// against central differences.
     #[test]
-    fn attention_with_its_projection_equals_the_two_ops() -> Result<()> {
+    fn the_attention_block_equals_its_three_ops() -> Result<()> {
         use crate::layers::linear::linear;
         let mut rng = Rng::seeded(12);
         let (b, t, heads, d) = (2, 5, 3, 4);
         let c = heads * d;
         let x0 = seeded(&mut rng, &[b, t, c])?;
-        let w_in_out = (seeded(&mut rng, &[c, 3 * c])? * 0.3)?;
-        let b0 = seeded(&mut rng, &[3 * c])?;
+        let wa_in_out = (seeded(&mut rng, &[c, 3 * c])? * 0.3)?;
+        let ba0 = seeded(&mut rng, &[3 * c])?;
+        let wp0 = (seeded(&mut rng, &[c, c])? * 0.3)?;
+        let bp0 = seeded(&mut rng, &[c])?;
         let weights = seeded(&mut rng, &[b, t, c])?;
         let loss = |y: &Tensor| (y.to_dtype(DType::F64)? * &weights)?.sum_all();
         let wide = |x: &Tensor| x.to_dtype(DType::F64);
-        for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
-            let w0 = match layout {
-                WeightLayout::InOut => w_in_out.clone(),
-                WeightLayout::OutIn => w_in_out.t()?.contiguous()?,
+        let lp = WeightLayout::InOut;
+        for la in [WeightLayout::InOut, WeightLayout::OutIn] {
+            let wa0 = match la {
+                WeightLayout::InOut => wa_in_out.clone(),
+                WeightLayout::OutIn => wa_in_out.t()?.contiguous()?,
             };
+            let args = [x0.clone(), wa0, ba0.clone(), wp0.clone(), bp0.clone()];
             for dtype in [DType::F64, DType::F32, DType::BF16] {
-                let vars =
-                    [&x0, &w0, &b0].map(|v| v.to_dtype(dtype).and_then(|v| candle::Var::from_tensor(&v)));
-                let [x, w, bias] = vars;
-                let (x, w, bias) = (x?, w?, bias?);
-                let fused = causal_attention_linear(&x, &w, &bias, layout, heads)?;
-                let reference = causal_attention_qkv(&linear(&x, &w, Some(&bias), layout)?, heads)?;
+                let vars = args
+                    .iter()
+                    .map(|a| candle::Var::from_tensor(&a.to_dtype(dtype)?))
+                    .collect::<Result<Vec<_>>>()?;
+                let [x, wa, ba, wp, bp] = [0, 1, 2, 3, 4].map(|i| vars[i].as_tensor());
+                let fused = causal_attention_block(x, (wa, ba, la), (wp, bp, lp), heads)?;
+                let merged = causal_attention_qkv(&linear(x, wa, Some(ba), la)?, heads)?;
+                let reference = linear(&merged, wp, Some(bp), lp)?;
                 assert_eq!((fused.dtype(), fused.dims()), (dtype, reference.dims()));
                 assert_eq!(max_difference(&wide(&fused)?, &wide(&reference)?)?, 0.0, "{dtype:?} values");
                 let (g_fused, g_reference) = (loss(&fused)?.backward()?, loss(&reference)?.backward()?);
-                for (name, var) in [("x", &x), ("W", &w), ("b", &bias)] {
+                for (i, var) in vars.iter().enumerate() {
                     let get = |g: &candle::backprop::GradStore| {
                         g.get(var.as_tensor())
                             .cloned()
-                            .ok_or_else(|| candle::Error::Msg(format!("no {name} gradient")))
+                            .ok_or_else(|| candle::Error::Msg(format!("no gradient {i}")))
                     };
                     let (a, r) = (wide(&get(&g_fused)?)?, wide(&get(&g_reference)?)?);
-                    assert!(a.abs()?.max_all()?.to_scalar::<f64>()? > 1e-3, "{name} gradient all zero");
-                    assert_eq!(max_difference(&a, &r)?, 0.0, "{dtype:?} {layout:?} {name} gradient");
+                    assert!(a.abs()?.max_all()?.to_scalar::<f64>()? > 1e-3, "gradient {i} all zero");
+                    assert_eq!(max_difference(&a, &r)?, 0.0, "{dtype:?} {la:?} gradient {i}");
                 }
             }
-            let vars = [&x0, &w0, &b0].map(candle::Var::from_tensor);
-            let [x, w, bias] = vars;
-            let (x, w, bias) = (x?, w?, bias?);
-            let grads = loss(&causal_attention_linear(&x, &w, &bias, layout, heads)?)?.backward()?;
-            let analytic: Vec<Tensor> = [&x, &w, &bias]
+            let vars = args.iter().map(candle::Var::from_tensor).collect::<Result<Vec<_>>>()?;
+            let [x, wa, ba, wp, bp] = [0, 1, 2, 3, 4].map(|i| vars[i].as_tensor());
+            let grads = loss(&causal_attention_block(x, (wa, ba, la), (wp, bp, lp), heads)?)?.backward()?;
+            let analytic: Vec<Tensor> = vars
                 .iter()
                 .map(|v| {
                     grads.get(v.as_tensor()).cloned().ok_or_else(|| candle::Error::Msg("no gradient".into()))
                 })
                 .collect::<Result<_>>()?;
-            crate::layers::assert_finite_differences(
-                &[x0.clone(), w0.clone(), b0.clone()],
-                &analytic,
-                |args| {
-                    loss(&causal_attention_linear(&args[0], &args[1], &args[2], layout, heads)?)?
-                        .to_scalar::<f64>()
-                },
-            )?;
+            crate::layers::assert_finite_differences(&args, &analytic, |a| {
+                loss(&causal_attention_block(&a[0], (&a[1], &a[2], la), (&a[3], &a[4], lp), heads)?)?
+                    .to_scalar::<f64>()
+            })?;
         }
         Ok(())
     }
