@@ -8,6 +8,7 @@ use candle_ckpt::Rng;
 use crate::layers::custom_grad::{custom1, custom3};
 use crate::layers::dropout::Dropout;
 use crate::layers::fused::matmul as mm;
+use crate::layers::layer_norm::{DetachedNorm, LayerNorm};
 use crate::layers::linear::{Linear, WeightLayout};
 use crate::layers::mlp::{parameter_token, AffineParts};
 use crate::layers::ops::{causal_softmax, masked_softmax};
@@ -116,12 +117,31 @@ pub fn causal_attention_block(
     proj: AffineParts<'_>,
     heads: usize,
 ) -> Result<Tensor> {
+    attention_block(x, None, attn, proj, heads)
+}
+
+/// [`causal_attention_block`] on `x`, or with `norm` (a layer norm of `x` computed outside the
+/// graph, and its backward) on its result: then the layer norm is part of the op (its result
+/// kept by the op, not a node of the graph), its parameters reach the graph through a second
+/// [`parameter_token`], and the op's input is `x` itself (a residual stream).
+fn attention_block(
+    x: &Tensor,
+    norm: Option<(Tensor, DetachedNorm)>,
+    attn: AffineParts<'_>,
+    proj: AffineParts<'_>,
+    heads: usize,
+) -> Result<Tensor> {
     use crate::layers::fused::bias_grad;
     use crate::layers::linear::{affine_grads, affine_value, weight_grad};
     let ((wa, ba, la), (wp, bp, lp)) = (attn, proj);
     let (batch, t, c) = x.dims3()?;
     let rows = batch * t;
-    let qkv = affine_value(&x.reshape((rows, c))?, wa, Some(ba), la)?;
+    let (normed, norm) = match norm {
+        Some((value, norm)) => (value, Some(norm)),
+        None => (x.detach(), None),
+    };
+    let normed = normed.reshape((rows, c))?;
+    let qkv = affine_value(&normed, wa, Some(ba), la)?;
     let qkv = qkv.reshape((batch, t, qkv.dim(1)?))?;
     let attention = QkvAttention::of(qkv.dims(), heads)?;
     let (merged, probs) = attention.forward(&qkv)?;
@@ -129,8 +149,18 @@ pub fn causal_attention_block(
     let y = affine_value(&merged, wp, Some(bp), lp)?;
     let out = y.dim(1)?;
     let y = y.reshape((batch, t, out))?;
-    let (token, slot) = parameter_token("causal-attention-block", [ba, wp, bp])?;
+    let (params, params_slot) = parameter_token("causal-attention-block", [ba, wp, bp])?;
+    let (token, norm_slot) = match &norm {
+        Some(n) => {
+            let (token, slot) =
+                parameter_token("causal-attention-block-norm", [&n.weight, &n.bias, &params])?;
+            (token, Some(slot))
+        }
+        None => (params.clone(), None),
+    };
     let (wp_const, ba_dtype, bp_dtype) = (wp.detach(), ba.dtype(), bp.dtype());
+    let (params_dtype, params_device) = (params.dtype(), params.device().clone());
+    drop(params);
     custom3("causal-attention-block", x, wa, &token, y, move |x, wa, token, _, g| {
         let g = g.reshape((rows, out))?;
         let grad_wp = weight_grad(&merged, &g, lp)?;
@@ -142,10 +172,19 @@ pub fn causal_attention_block(
         let grad_qkv = attention.backward(&qkv, &probs, &grad_merged.reshape((batch, t, c))?)?;
         drop(grad_merged);
         let grad_qkv = grad_qkv.reshape((rows, grad_qkv.elem_count() / rows.max(1)))?;
-        let (grad_x, grad_wa) = affine_grads(&x.reshape((rows, c))?, wa, &grad_qkv, la)?;
+        let (grad_normed, grad_wa) = affine_grads(&normed, wa, &grad_qkv, la)?;
         let grad_ba = bias_grad(&grad_qkv, ba_dtype)?;
-        slot.put([grad_ba, grad_wp, grad_bp])?;
-        Ok((Some(grad_x.reshape((batch, t, c))?), Some(grad_wa), Some(token.zeros_like()?)))
+        params_slot.put([grad_ba, grad_wp, grad_bp])?;
+        let grad_normed = grad_normed.reshape((batch, t, c))?;
+        let grad_x = match (&norm, &norm_slot) {
+            (Some(norm), Some(slot)) => {
+                let (grad_x, grad_w, grad_b) = norm.grads(x, &grad_normed)?;
+                slot.put([grad_w, grad_b, Tensor::zeros(1, params_dtype, &params_device)?])?;
+                grad_x
+            }
+            _ => grad_normed,
+        };
+        Ok((Some(grad_x), Some(grad_wa), Some(token.zeros_like()?)))
     })
 }
 
@@ -292,6 +331,38 @@ impl CausalSelfAttention {
         let dropout = (&self.attn_dropout, &mut *rng, training);
         let y = scaled_dot_product_attention(&q, &k, &v, AttentionMask::Causal, Some(dropout))?;
         self.resid_dropout.forward(&self.c_proj.forward(&y)?, rng, training)
+    }
+
+    /// `self.forward(norm.forward_as(x, dtype))` (a pre-norm block's attention on the residual
+    /// stream `x`), with the layer norm, `c_attn`, the attention and `c_proj` as one op on the
+    /// CPU when no dropout applies and the layers are plain (see [`causal_attention_block`]):
+    /// the same values and gradients.
+    ///
+    /// # Errors
+    /// On a shape mismatch.
+    pub fn forward_normed(
+        &self,
+        x: &Tensor,
+        norm: &LayerNorm,
+        dtype: candle::DType,
+        rng: &mut Rng,
+        training: bool,
+    ) -> Result<Tensor> {
+        let no_dropout = !training || (self.attn_dropout.p() == 0.0 && self.resid_dropout.p() == 0.0);
+        if no_dropout && x.rank() == 3 {
+            if let (Some(a), Some(p)) = (self.c_attn.plain_affine(x)?, self.c_proj.plain_affine(x)?) {
+                if let Some(normed) = norm.detached(x, dtype)? {
+                    return attention_block(
+                        x,
+                        Some(normed),
+                        (&a.0, &a.1, a.2),
+                        (&p.0, &p.1, p.2),
+                        self.n_head,
+                    );
+                }
+            }
+        }
+        self.forward(&norm.forward_as(x, dtype)?, rng, training)
     }
 
     /// Attends (without dropout) from the new positions `x` over them and the keys and values
@@ -496,6 +567,92 @@ mod tests {
             })?;
         }
         Ok(())
+    }
+
+    /// The attention block with its layer norm inside (the residual stream `x` in F32 or F64,
+    /// the norm's result and the layers in F64, F32 and BF16) against the layer norm op followed
+    /// by [`causal_attention_block`]: the same values and gradients of `x`, the norm's weight and
+    /// bias and the four layer parameters bit for bit; in F64 against central differences.
+    #[test]
+    fn the_attention_block_with_its_norm_equals_the_norm_then_the_block() -> Result<()> {
+        use crate::layers::layer_norm::layer_norm;
+        let mut rng = Rng::seeded(13);
+        let (b, t, heads, d) = (2, 4, 2, 3);
+        let c = heads * d;
+        let x0 = seeded(&mut rng, &[b, t, c])?;
+        let lw0 = seeded(&mut rng, &[c])?.affine(0.2, 1.0)?;
+        let lb0 = (seeded(&mut rng, &[c])? * 0.2)?;
+        let params0 = [
+            (seeded(&mut rng, &[c, 3 * c])? * 0.3)?,
+            seeded(&mut rng, &[3 * c])?,
+            (seeded(&mut rng, &[c, c])? * 0.3)?,
+            seeded(&mut rng, &[c])?,
+        ];
+        let weights = seeded(&mut rng, &[b, t, c])?;
+        let loss = |y: &Tensor| (y.to_dtype(DType::F64)? * &weights)?.sum_all();
+        let l = WeightLayout::InOut;
+        let eps = 1e-5;
+        let run = |x: &Tensor,
+                   lw: &Tensor,
+                   lb: &Tensor,
+                   p: &[Tensor],
+                   dtype: DType,
+                   fused: bool|
+         -> Result<Tensor> {
+            let (attn, proj) = ((&p[0], &p[1], l), (&p[2], &p[3], l));
+            if fused {
+                let parts =
+                    crate::layers::fused::layer_norm_detached(x, lw, lb, eps, dtype)?.expect("applies");
+                let normed = DetachedNorm::from_parts(lw.clone(), lb.clone(), parts.1);
+                attention_block(x, Some((parts.0, normed)), attn, proj, heads)
+            } else {
+                causal_attention_block(&layer_norm(x, lw, lb, eps, dtype)?, attn, proj, heads)
+            }
+        };
+        for (x_dtype, dtype) in
+            [(DType::F64, DType::F64), (DType::F32, DType::F32), (DType::F32, DType::BF16)]
+        {
+            let x = candle::Var::from_tensor(&x0.to_dtype(x_dtype)?)?;
+            let (lw, lb) = (
+                candle::Var::from_tensor(&lw0.to_dtype(x_dtype)?)?,
+                candle::Var::from_tensor(&lb0.to_dtype(x_dtype)?)?,
+            );
+            let p = params0
+                .iter()
+                .map(|p| candle::Var::from_tensor(&p.to_dtype(dtype)?))
+                .collect::<Result<Vec<_>>>()?;
+            let pt: Vec<Tensor> = p.iter().map(|v| v.as_tensor().clone()).collect();
+            let fused = run(x.as_tensor(), lw.as_tensor(), lb.as_tensor(), &pt, dtype, true)?;
+            let reference = run(x.as_tensor(), lw.as_tensor(), lb.as_tensor(), &pt, dtype, false)?;
+            assert_eq!((fused.dtype(), fused.dims()), (reference.dtype(), reference.dims()));
+            assert_eq!(max_difference(&fused.to_dtype(DType::F64)?, &reference.to_dtype(DType::F64)?)?, 0.0);
+            let (g_fused, g_reference) = (loss(&fused)?.backward()?, loss(&reference)?.backward()?);
+            let all: Vec<&candle::Var> = [&x, &lw, &lb].into_iter().chain(p.iter()).collect();
+            for (i, var) in all.iter().enumerate() {
+                let get = |g: &candle::backprop::GradStore| {
+                    g.get(var.as_tensor())
+                        .cloned()
+                        .ok_or_else(|| candle::Error::Msg(format!("no gradient {i}")))
+                };
+                let (a, r) = (get(&g_fused)?.to_dtype(DType::F64)?, get(&g_reference)?.to_dtype(DType::F64)?);
+                assert!(a.abs()?.max_all()?.to_scalar::<f64>()? > 1e-4, "gradient {i} all zero");
+                assert_eq!(max_difference(&a, &r)?, 0.0, "{dtype:?} gradient {i}");
+            }
+        }
+        let args: Vec<Tensor> =
+            [x0.clone(), lw0.clone(), lb0.clone()].into_iter().chain(params0.iter().cloned()).collect();
+        let vars = args.iter().map(candle::Var::from_tensor).collect::<Result<Vec<_>>>()?;
+        let vt: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let grads = loss(&run(&vt[0], &vt[1], &vt[2], &vt[3..], DType::F64, true)?)?.backward()?;
+        let analytic = vars
+            .iter()
+            .map(|v| {
+                grads.get(v.as_tensor()).cloned().ok_or_else(|| candle::Error::Msg("no gradient".into()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        crate::layers::assert_finite_differences(&args, &analytic, |a| {
+            loss(&run(&a[0], &a[1], &a[2], &a[3..], DType::F64, true)?)?.to_scalar::<f64>()
+        })
     }
 
     /// Grouped-query heads (4 query heads over 2 and over 1 key/value heads, and plain

@@ -1422,6 +1422,60 @@ fn layer_norm_in<X: Real, T: Store<X> + WithDType>(
     b: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
+    let (value, backward) = layer_norm_parts::<X, T>(x, w, b, eps)?;
+    crate::layers::custom_grad::custom3("layer-norm", x, w, b, value, move |x, w, b, _, g| {
+        let (grad_x, grad_w, grad_b) = backward(x, w, b, g)?;
+        Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
+    })
+}
+
+/// The backward of a layer norm computed outside the graph ([`layer_norm_detached`]): the
+/// gradients of `x`, `w` and `b` from `(x, w, b, g)`, `g` the result's gradient.
+pub(crate) type LayerNormBackward = std::sync::Arc<
+    dyn Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<(Tensor, Tensor, Tensor)> + Send + Sync,
+>;
+
+/// [`layer_norm`]'s value computed outside the graph, with its backward, for fused ops that
+/// start with a layer norm; `None` where [`layer_norm`] does not apply.
+///
+/// # Errors
+/// On a tensor error.
+pub(crate) fn layer_norm_detached(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    dtype: DType,
+) -> Result<Option<(Tensor, LayerNormBackward)>> {
+    let c = x.dims().last().copied().unwrap_or(0);
+    let applies = x.device().is_cpu()
+        && x.is_contiguous()
+        && c > 0
+        && w.dims() == [c]
+        && b.dims() == [c]
+        && matches!(
+            (x.dtype(), dtype),
+            (DType::F32, DType::F32 | DType::BF16 | DType::F16) | (DType::F64, DType::F64)
+        );
+    if !applies {
+        return Ok(None);
+    }
+    let parts = match (x.dtype(), dtype) {
+        (DType::F64, _) => layer_norm_parts::<f64, f64>(x, w, b, eps),
+        (_, DType::F32) => layer_norm_parts::<f32, f32>(x, w, b, eps),
+        (_, DType::BF16) => layer_norm_parts::<f32, half::bf16>(x, w, b, eps),
+        _ => layer_norm_parts::<f32, half::f16>(x, w, b, eps),
+    };
+    parts.map(Some)
+}
+
+/// The forward (the result, from `x`'s storage) and the backward of [`layer_norm_in`].
+fn layer_norm_parts<X: Real, T: Store<X> + WithDType>(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, LayerNormBackward)> {
     let (w32, b32) = (values::<X>(&w.detach())?, values::<X>(&b.detach())?);
     let (value, stats) = {
         let Some((storage, start, end)) = cpu_slice(x) else {
@@ -1437,22 +1491,25 @@ fn layer_norm_in<X: Real, T: Store<X> + WithDType>(
         let (out, stats) = ln_forward::<X, T>(&xs[start..end], &w32, &b32, X::from_f64(eps));
         (Tensor::from_vec(out, x.shape(), x.device())?, stats)
     };
-    crate::layers::custom_grad::custom3("layer-norm", x, w, b, value, move |x, w, b, _, g| {
-        let g = g.contiguous()?;
-        let (Some((xs_storage, x0, x1)), Some((gs_storage, g0, g1))) = (cpu_slice(x), cpu_slice(&g)) else {
-            candle::bail!("layer-norm backward: not contiguous CPU tensors")
+    let backward =
+        move |x: &Tensor, w: &Tensor, b: &Tensor, g: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
+            let g = g.contiguous()?;
+            let (Some((xs_storage, x0, x1)), Some((gs_storage, g0, g1))) = (cpu_slice(x), cpu_slice(&g))
+            else {
+                candle::bail!("layer-norm backward: not contiguous CPU tensors")
+            };
+            let (Storage::Cpu(xc), Storage::Cpu(gc)) = (&*xs_storage, &*gs_storage) else {
+                candle::bail!("layer-norm backward: not CPU tensors")
+            };
+            let (xs, gs) = (&X::cpu_storage_as_slice(xc)?[x0..x1], &T::cpu_storage_as_slice(gc)?[g0..g1]);
+            let (gx, gw, gb) = ln_backward::<X, T>(xs, gs, &w32, &stats);
+            let device = x.device();
+            let grad_x = Tensor::from_vec(gx, x.shape(), device)?;
+            let grad_w = Tensor::from_vec(gw, w.shape(), device)?.to_dtype(w.dtype())?;
+            let grad_b = Tensor::from_vec(gb, b.shape(), device)?.to_dtype(b.dtype())?;
+            Ok((grad_x, grad_w, grad_b))
         };
-        let (Storage::Cpu(xc), Storage::Cpu(gc)) = (&*xs_storage, &*gs_storage) else {
-            candle::bail!("layer-norm backward: not CPU tensors")
-        };
-        let (xs, gs) = (&X::cpu_storage_as_slice(xc)?[x0..x1], &T::cpu_storage_as_slice(gc)?[g0..g1]);
-        let (gx, gw, gb) = ln_backward::<X, T>(xs, gs, &w32, &stats);
-        let device = x.device();
-        let grad_x = Tensor::from_vec(gx, x.shape(), device)?;
-        let grad_w = Tensor::from_vec(gw, w.shape(), device)?.to_dtype(w.dtype())?;
-        let grad_b = Tensor::from_vec(gb, b.shape(), device)?.to_dtype(b.dtype())?;
-        Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
-    })
+    Ok((value, std::sync::Arc::new(backward)))
 }
 
 #[cfg(test)]

@@ -53,6 +53,26 @@ impl LayerNorm {
         self.forward_as(x, x.dtype())
     }
 
+    /// The layer's result on `x` in `dtype` computed outside the graph, with what its backward
+    /// needs, for a fused op that starts with this layer (the one-pass CPU kernel of
+    /// [`layer_norm`]; the same values). `None` where that kernel does not apply, or when a
+    /// parameter is frozen (the unfused layer then computes no gradient for it).
+    ///
+    /// # Errors
+    /// A released parameter; a tensor error.
+    pub(crate) fn detached(
+        &self,
+        x: &Tensor,
+        dtype: candle::DType,
+    ) -> Result<Option<(Tensor, DetachedNorm)>> {
+        if self.weight.is_frozen() || self.bias.is_frozen() {
+            return Ok(None);
+        }
+        let (weight, bias) = (self.weight.tensor()?, self.bias.tensor()?);
+        let parts = crate::layers::fused::layer_norm_detached(x, &weight, &bias, self.eps, dtype)?;
+        Ok(parts.map(|(value, backward)| (value, DetachedNorm::from_parts(weight, bias, backward))))
+    }
+
     /// As [`LayerNorm::forward`], returning the result in `dtype` (a model with an F32
     /// residual stream and BF16 matmuls normalises F32 into BF16).
     ///
@@ -60,6 +80,33 @@ impl LayerNorm {
     /// On a shape mismatch.
     pub fn forward_as(&self, x: &Tensor, dtype: candle::DType) -> Result<Tensor> {
         layer_norm(x, &self.weight.tensor()?, &self.bias.tensor()?, self.eps, dtype)
+    }
+}
+
+/// A layer norm computed outside the graph ([`LayerNorm::detached`]): its parameters and its
+/// backward.
+pub(crate) struct DetachedNorm {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
+    backward: crate::layers::fused::LayerNormBackward,
+}
+
+impl DetachedNorm {
+    /// The parameters a layer norm was computed with, and its backward.
+    pub(crate) fn from_parts(
+        weight: Tensor,
+        bias: Tensor,
+        backward: crate::layers::fused::LayerNormBackward,
+    ) -> Self {
+        Self { weight, bias, backward }
+    }
+
+    /// The gradients of the input `x`, the weight and the bias from the result's gradient `g`.
+    ///
+    /// # Errors
+    /// On a tensor error.
+    pub(crate) fn grads(&self, x: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        (self.backward)(x, &self.weight, &self.bias, g)
     }
 }
 

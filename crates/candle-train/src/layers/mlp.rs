@@ -5,6 +5,7 @@ use candle::{Result, Tensor};
 use candle_ckpt::Rng;
 
 use crate::layers::dropout::Dropout;
+use crate::layers::layer_norm::{DetachedNorm, LayerNorm};
 use crate::layers::linear::{Linear, WeightLayout};
 use crate::module::ModuleBuilder;
 use crate::params::ParamBuilder;
@@ -53,6 +54,30 @@ impl Mlp {
         Ok(Self { c_fc, c_proj, dropout })
     }
 
+    /// `self.forward(norm.forward_as(x, dtype))` (a pre-norm block's MLP on the residual stream
+    /// `x`), with the layer norm and both layers as one op on the CPU when no dropout applies
+    /// and the layers are plain (see [`gelu_mlp`]): the same values and gradients.
+    ///
+    /// # Errors
+    /// On a shape mismatch.
+    pub fn forward_normed(
+        &self,
+        x: &Tensor,
+        norm: &LayerNorm,
+        dtype: candle::DType,
+        rng: &mut Rng,
+        training: bool,
+    ) -> Result<Tensor> {
+        if !training || self.dropout.p() == 0.0 {
+            if let (Some(fc), Some(proj)) = (self.c_fc.plain_affine(x)?, self.c_proj.plain_affine(x)?) {
+                if let Some(normed) = norm.detached(x, dtype)? {
+                    return mlp_block(x, Some(normed), (&fc.0, &fc.1, fc.2), (&proj.0, &proj.1, proj.2));
+                }
+            }
+        }
+        self.forward(&norm.forward_as(x, dtype)?, rng, training)
+    }
+
     /// Applies the block to `x` of shape `[..., n_embd]`.
     ///
     /// # Errors
@@ -93,6 +118,18 @@ pub type AffineParts<'a> = (&'a Tensor, &'a Tensor, WeightLayout);
 /// # Errors
 /// On a shape or dtype mismatch.
 pub fn gelu_mlp(x: &Tensor, fc: AffineParts<'_>, proj: AffineParts<'_>) -> Result<Tensor> {
+    mlp_block(x, None, fc, proj)
+}
+
+/// [`gelu_mlp`] on `x`, or with `norm` (a layer norm of `x` computed outside the graph, and
+/// its backward) on its result: then the layer norm is part of the op, its parameters reach the
+/// graph through a second [`parameter_token`], and the op's input is `x` itself.
+fn mlp_block(
+    x: &Tensor,
+    norm: Option<(Tensor, DetachedNorm)>,
+    fc: AffineParts<'_>,
+    proj: AffineParts<'_>,
+) -> Result<Tensor> {
     use crate::layers::custom_grad::custom3;
     use crate::layers::fused::{bias_grad, gelu_tanh, gelu_tanh_grad, matmul as mm};
     use crate::layers::linear::{affine_grads, affine_value, weight_grad};
@@ -102,15 +139,29 @@ pub fn gelu_mlp(x: &Tensor, fc: AffineParts<'_>, proj: AffineParts<'_>) -> Resul
         candle::bail!("gelu_mlp: input must have at least one dimension");
     };
     let rows: usize = lead.iter().product();
-    let pre = affine_value(&x.reshape((rows, c))?, w1, Some(b1), l1)?;
+    let (normed, norm) = match norm {
+        Some((value, norm)) => (value, Some(norm)),
+        None => (x.detach(), None),
+    };
+    let normed = normed.reshape((rows, c))?;
+    let pre = affine_value(&normed, w1, Some(b1), l1)?;
     let h = gelu_tanh(&pre)?;
     let y = affine_value(&h, w2, Some(b2), l2)?;
     let out = y.dim(1)?;
     let mut out_dims = lead.to_vec();
     out_dims.push(out);
     let y = y.reshape(out_dims)?;
-    let (token, slot) = parameter_token("gelu-mlp", [w2, b2, b1])?;
+    let (params, params_slot) = parameter_token("gelu-mlp", [w2, b2, b1])?;
+    let (token, norm_slot) = match &norm {
+        Some(n) => {
+            let (token, slot) = parameter_token("gelu-mlp-norm", [&n.weight, &n.bias, &params])?;
+            (token, Some(slot))
+        }
+        None => (params.clone(), None),
+    };
     let (w2_const, b2_dtype, b1_dtype) = (w2.detach(), b2.dtype(), b1.dtype());
+    let (params_dtype, params_device) = (params.dtype(), params.device().clone());
+    drop(params);
     custom3("gelu-mlp", x, w1, &token, y, move |x_full, w1, token, _, g| {
         let g = g.reshape((rows, out))?;
         let grad_w2 = weight_grad(&h, &g, l2)?;
@@ -121,10 +172,19 @@ pub fn gelu_mlp(x: &Tensor, fc: AffineParts<'_>, proj: AffineParts<'_>) -> Resul
         };
         let grad_pre = gelu_tanh_grad(&pre, &grad_h)?;
         drop(grad_h);
-        let (grad_x, grad_w1) = affine_grads(&x_full.reshape((rows, c))?, w1, &grad_pre, l1)?;
+        let (grad_normed, grad_w1) = affine_grads(&normed, w1, &grad_pre, l1)?;
         let grad_b1 = bias_grad(&grad_pre, b1_dtype)?;
-        slot.put([grad_w2, grad_b2, grad_b1])?;
-        Ok((Some(grad_x.reshape(x_full.shape())?), Some(grad_w1), Some(token.zeros_like()?)))
+        params_slot.put([grad_w2, grad_b2, grad_b1])?;
+        let grad_normed = grad_normed.reshape(x_full.shape())?;
+        let grad_x = match (&norm, &norm_slot) {
+            (Some(norm), Some(slot)) => {
+                let (grad_x, grad_w, grad_b) = norm.grads(x_full, &grad_normed)?;
+                slot.put([grad_w, grad_b, Tensor::zeros(1, params_dtype, &params_device)?])?;
+                grad_x
+            }
+            _ => grad_normed,
+        };
+        Ok((Some(grad_x), Some(grad_w1), Some(token.zeros_like()?)))
     })
 }
 
@@ -204,6 +264,76 @@ mod tests {
         let err = y.sum_all()?.backward().expect_err("the token's backward must fail");
         assert!(err.to_string().contains("test-token"), "{err}");
         Ok(())
+    }
+
+    /// The MLP block with its layer norm inside against the layer norm op followed by
+    /// [`gelu_mlp`]: the same values and gradients of the residual stream, the norm's weight and
+    /// bias and the four layer parameters bit for bit (F64; F32 stream into F32 and BF16); in
+    /// F64 against central differences.
+    #[test]
+    fn the_block_with_its_norm_equals_the_norm_then_the_block() -> Result<()> {
+        use crate::layers::layer_norm::layer_norm;
+        let mut rng = Rng::seeded(22);
+        let (b, t, c, hidden) = (2, 3, 4, 6);
+        let args0 = [
+            seeded(&mut rng, &[b, t, c], 1.0)?,
+            seeded(&mut rng, &[c], 0.2)?.affine(1.0, 1.0)?,
+            seeded(&mut rng, &[c], 0.2)?,
+            seeded(&mut rng, &[c, hidden], 0.5)?,
+            seeded(&mut rng, &[hidden], 0.5)?,
+            seeded(&mut rng, &[hidden, c], 0.5)?,
+            seeded(&mut rng, &[c], 0.5)?,
+        ];
+        let weights = seeded(&mut rng, &[b, t, c], 1.0)?;
+        let loss = |y: &Tensor| (y.to_dtype(DType::F64)? * &weights)?.sum_all();
+        let l = WeightLayout::InOut;
+        let run = |a: &[Tensor], dtype: DType, fused: bool| -> Result<Tensor> {
+            let (fc, proj) = ((&a[3], &a[4], l), (&a[5], &a[6], l));
+            if fused {
+                let (value, backward) =
+                    crate::layers::fused::layer_norm_detached(&a[0], &a[1], &a[2], 1e-5, dtype)?
+                        .expect("applies");
+                let norm = DetachedNorm::from_parts(a[1].clone(), a[2].clone(), backward);
+                mlp_block(&a[0], Some((value, norm)), fc, proj)
+            } else {
+                gelu_mlp(&layer_norm(&a[0], &a[1], &a[2], 1e-5, dtype)?, fc, proj)
+            }
+        };
+        for (x_dtype, dtype) in
+            [(DType::F64, DType::F64), (DType::F32, DType::F32), (DType::F32, DType::BF16)]
+        {
+            let vars = args0
+                .iter()
+                .enumerate()
+                .map(|(i, a)| Var::from_tensor(&a.to_dtype(if i < 3 { x_dtype } else { dtype })?))
+                .collect::<Result<Vec<_>>>()?;
+            let a: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let (fused, reference) = (run(&a, dtype, true)?, run(&a, dtype, false)?);
+            assert_eq!(max_difference(&fused, &reference)?, 0.0, "{dtype:?} values");
+            let (g_fused, g_reference) = (loss(&fused)?.backward()?, loss(&reference)?.backward()?);
+            for (i, v) in vars.iter().enumerate() {
+                let get = |g: &candle::backprop::GradStore| {
+                    g.get(v.as_tensor())
+                        .cloned()
+                        .ok_or_else(|| candle::Error::Msg(format!("no gradient {i}")))
+                };
+                let (x, r) = (get(&g_fused)?, get(&g_reference)?);
+                assert!(x.to_dtype(DType::F64)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()? > 1e-4);
+                assert_eq!(max_difference(&x, &r)?, 0.0, "{dtype:?} gradient {i}");
+            }
+        }
+        let vars = args0.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
+        let a: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let grads = loss(&run(&a, DType::F64, true)?)?.backward()?;
+        let analytic = vars
+            .iter()
+            .map(|v| {
+                grads.get(v.as_tensor()).cloned().ok_or_else(|| candle::Error::Msg("no gradient".into()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        crate::layers::assert_finite_differences(&args0, &analytic, |a| {
+            loss(&run(a, DType::F64, true)?)?.to_scalar::<f64>()
+        })
     }
 
     /// [`gelu_mlp`] against the two layers it replaces (`linear_gelu`, then `linear`): the same

@@ -195,9 +195,10 @@ impl GptBlock {
 impl Forward for GptBlock {
     /// The block on the residual stream `x`: pre-norm attention, then the MLP, each added.
     fn forward(&self, x: &Tensor, ctx: &mut ForwardContext) -> Result<Tensor> {
-        let attn = Forward::forward(&self.attn, &self.ln_1.forward_as(x, self.dtype)?, ctx)?;
+        // Each half (norm, layers) as one op where it can be (see `forward_normed`).
+        let attn = self.attn.forward_normed(x, &self.ln_1, self.dtype, &mut ctx.rng, ctx.training)?;
         let x = residual_add(x, &attn)?;
-        let mlp = Forward::forward(&self.mlp, &self.ln_2.forward_as(&x, self.dtype)?, ctx)?;
+        let mlp = self.mlp.forward_normed(&x, &self.ln_2, self.dtype, &mut ctx.rng, ctx.training)?;
         residual_add(&x, &mlp)
     }
 }
