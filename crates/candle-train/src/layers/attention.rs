@@ -10,7 +10,7 @@ use crate::layers::dropout::Dropout;
 use crate::layers::fused::matmul as mm;
 use crate::layers::layer_norm::{DetachedNorm, LayerNorm};
 use crate::layers::linear::{Linear, WeightLayout};
-use crate::layers::mlp::{parameter_token, AffineParts};
+use crate::layers::mlp::{block_tokens, split_norm, AffineParts};
 use crate::layers::ops::{causal_softmax, masked_softmax};
 use crate::module::ModuleBuilder;
 use crate::params::ParamBuilder;
@@ -107,7 +107,8 @@ pub fn causal_attention_qkv(qkv: &Tensor, heads: usize) -> Result<Tensor> {
 /// op instead of being nodes of the graph, so Candle's backward does not give them a zero
 /// gradient and add into it (four activations' worth of zeroing and adding per block, BF16 adds
 /// through a called conversion on the CPU); the memory kept is the same. `c_attn`'s bias and
-/// `c_proj`'s parameters reach the graph through a [`parameter_token`].
+/// `c_proj`'s parameters reach the graph through a
+/// [`parameter_token`](crate::layers::mlp::parameter_token).
 ///
 /// # Errors
 /// When `c_attn`'s output width is not `3 * heads * d`; on a shape or dtype mismatch.
@@ -123,7 +124,8 @@ pub fn causal_attention_block(
 /// [`causal_attention_block`] on `x`, or with `norm` (a layer norm of `x` computed outside the
 /// graph, and its backward) on its result: then the layer norm is part of the op (its result
 /// kept by the op, not a node of the graph), its parameters reach the graph through a second
-/// [`parameter_token`], and the op's input is `x` itself (a residual stream).
+/// [`parameter_token`](crate::layers::mlp::parameter_token), and the op's input is `x` itself
+/// (a residual stream).
 fn attention_block(
     x: &Tensor,
     norm: Option<(Tensor, DetachedNorm)>,
@@ -131,15 +133,11 @@ fn attention_block(
     proj: AffineParts<'_>,
     heads: usize,
 ) -> Result<Tensor> {
-    use crate::layers::fused::bias_grad;
-    use crate::layers::linear::{affine_grads, affine_value, weight_grad};
+    use crate::layers::linear::{affine_value, biased_affine_grads};
     let ((wa, ba, la), (wp, bp, lp)) = (attn, proj);
     let (batch, t, c) = x.dims3()?;
     let rows = batch * t;
-    let (normed, norm) = match norm {
-        Some((value, norm)) => (value, Some(norm)),
-        None => (x.detach(), None),
-    };
+    let (normed, norm) = split_norm(x, norm);
     let normed = normed.reshape((rows, c))?;
     let qkv = affine_value(&normed, wa, Some(ba), la)?;
     let qkv = qkv.reshape((batch, t, qkv.dim(1)?))?;
@@ -149,41 +147,16 @@ fn attention_block(
     let y = affine_value(&merged, wp, Some(bp), lp)?;
     let out = y.dim(1)?;
     let y = y.reshape((batch, t, out))?;
-    let (params, params_slot) = parameter_token("causal-attention-block", [ba, wp, bp])?;
-    let (token, norm_slot) = match &norm {
-        Some(n) => {
-            let (token, slot) =
-                parameter_token("causal-attention-block-norm", [&n.weight, &n.bias, &params])?;
-            (token, Some(slot))
-        }
-        None => (params.clone(), None),
-    };
+    let (token, tokens) = block_tokens("causal-attention-block", [ba, wp, bp], norm)?;
     let (wp_const, ba_dtype, bp_dtype) = (wp.detach(), ba.dtype(), bp.dtype());
-    let (params_dtype, params_device) = (params.dtype(), params.device().clone());
-    drop(params);
     custom3("causal-attention-block", x, wa, &token, y, move |x, wa, token, _, g| {
         let g = g.reshape((rows, out))?;
-        let grad_wp = weight_grad(&merged, &g, lp)?;
-        let grad_bp = bias_grad(&g, bp_dtype)?;
-        let grad_merged = match lp {
-            WeightLayout::InOut => mm(&g, &wp_const.t()?)?,
-            WeightLayout::OutIn => mm(&g, &wp_const)?,
-        };
+        let (grad_merged, grad_wp, grad_bp) = biased_affine_grads(&merged, &wp_const, &g, lp, bp_dtype)?;
         let grad_qkv = attention.backward(&qkv, &probs, &grad_merged.reshape((batch, t, c))?)?;
         drop(grad_merged);
         let grad_qkv = grad_qkv.reshape((rows, grad_qkv.elem_count() / rows.max(1)))?;
-        let (grad_normed, grad_wa) = affine_grads(&normed, wa, &grad_qkv, la)?;
-        let grad_ba = bias_grad(&grad_qkv, ba_dtype)?;
-        params_slot.put([grad_ba, grad_wp, grad_bp])?;
-        let grad_normed = grad_normed.reshape((batch, t, c))?;
-        let grad_x = match (&norm, &norm_slot) {
-            (Some(norm), Some(slot)) => {
-                let (grad_x, grad_w, grad_b) = norm.grads(x, &grad_normed)?;
-                slot.put([grad_w, grad_b, Tensor::zeros(1, params_dtype, &params_device)?])?;
-                grad_x
-            }
-            _ => grad_normed,
-        };
+        let (grad_normed, grad_wa, grad_ba) = biased_affine_grads(&normed, wa, &grad_qkv, la, ba_dtype)?;
+        let grad_x = tokens.finish(x, grad_normed.reshape((batch, t, c))?, [grad_ba, grad_wp, grad_bp])?;
         Ok((Some(grad_x), Some(grad_wa), Some(token.zeros_like()?)))
     })
 }

@@ -1392,41 +1392,14 @@ pub(crate) fn layer_norm(
     eps: f64,
     dtype: DType,
 ) -> Result<Option<Tensor>> {
-    let c = x.dims().last().copied().unwrap_or(0);
-    let applies = x.device().is_cpu()
-        && x.is_contiguous()
-        && c > 0
-        && w.dims() == [c]
-        && b.dims() == [c]
-        && matches!(
-            (x.dtype(), dtype),
-            (DType::F32, DType::F32 | DType::BF16 | DType::F16) | (DType::F64, DType::F64)
-        );
-    if !applies {
+    let Some((value, backward)) = layer_norm_detached(x, w, b, eps, dtype)? else {
         return Ok(None);
-    }
-    if x.dtype() == DType::F64 {
-        return layer_norm_in::<f64, f64>(x, w, b, eps).map(Some);
-    }
-    match dtype {
-        DType::F32 => layer_norm_in::<f32, f32>(x, w, b, eps),
-        DType::BF16 => layer_norm_in::<f32, half::bf16>(x, w, b, eps),
-        _ => layer_norm_in::<f32, half::f16>(x, w, b, eps),
-    }
-    .map(Some)
-}
-
-fn layer_norm_in<X: Real, T: Store<X> + WithDType>(
-    x: &Tensor,
-    w: &Tensor,
-    b: &Tensor,
-    eps: f64,
-) -> Result<Tensor> {
-    let (value, backward) = layer_norm_parts::<X, T>(x, w, b, eps)?;
+    };
     crate::layers::custom_grad::custom3("layer-norm", x, w, b, value, move |x, w, b, _, g| {
         let (grad_x, grad_w, grad_b) = backward(x, w, b, g)?;
         Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
     })
+    .map(Some)
 }
 
 /// The backward of a layer norm computed outside the graph ([`layer_norm_detached`]): the
@@ -1469,7 +1442,7 @@ pub(crate) fn layer_norm_detached(
     parts.map(Some)
 }
 
-/// The forward (the result, from `x`'s storage) and the backward of [`layer_norm_in`].
+/// The forward (the result, from `x`'s storage) and the backward of [`layer_norm`].
 fn layer_norm_parts<X: Real, T: Store<X> + WithDType>(
     x: &Tensor,
     w: &Tensor,

@@ -391,6 +391,22 @@ pub(crate) fn affine_grads(
     Ok((grad_x, weight_grad(x, g, layout)?))
 }
 
+/// The gradients of `x W + b` (`x` `[rows, in]`, `g` `[rows, out]`): the input's and the
+/// weight's ([`affine_grads`]) and the bias's (in `bias_dtype`, reduced in F32).
+///
+/// # Errors
+/// On a shape or dtype mismatch.
+pub(crate) fn biased_affine_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    layout: WeightLayout,
+    bias_dtype: candle::DType,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (grad_x, grad_w) = affine_grads(x, w, g, layout)?;
+    Ok((grad_x, grad_w, bias_grad(g, bias_dtype)?))
+}
+
 /// The weight gradient of `x W (+ b)` in the weight's layout: `xᵀ g` (`InOut`) or `gᵀ x`.
 ///
 /// # Errors

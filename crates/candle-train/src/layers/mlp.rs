@@ -131,18 +131,15 @@ fn mlp_block(
     proj: AffineParts<'_>,
 ) -> Result<Tensor> {
     use crate::layers::custom_grad::custom3;
-    use crate::layers::fused::{bias_grad, gelu_tanh, gelu_tanh_grad, matmul as mm};
-    use crate::layers::linear::{affine_grads, affine_value, weight_grad};
+    use crate::layers::fused::{gelu_tanh, gelu_tanh_grad};
+    use crate::layers::linear::{affine_value, biased_affine_grads};
     let ((w1, b1, l1), (w2, b2, l2)) = (fc, proj);
     let dims = x.dims().to_vec();
     let Some((&c, lead)) = dims.split_last() else {
         candle::bail!("gelu_mlp: input must have at least one dimension");
     };
     let rows: usize = lead.iter().product();
-    let (normed, norm) = match norm {
-        Some((value, norm)) => (value, Some(norm)),
-        None => (x.detach(), None),
-    };
+    let (normed, norm) = split_norm(x, norm);
     let normed = normed.reshape((rows, c))?;
     let pre = affine_value(&normed, w1, Some(b1), l1)?;
     let h = gelu_tanh(&pre)?;
@@ -151,41 +148,78 @@ fn mlp_block(
     let mut out_dims = lead.to_vec();
     out_dims.push(out);
     let y = y.reshape(out_dims)?;
-    let (params, params_slot) = parameter_token("gelu-mlp", [w2, b2, b1])?;
-    let (token, norm_slot) = match &norm {
-        Some(n) => {
-            let (token, slot) = parameter_token("gelu-mlp-norm", [&n.weight, &n.bias, &params])?;
-            (token, Some(slot))
-        }
-        None => (params.clone(), None),
-    };
+    let (token, tokens) = block_tokens("gelu-mlp", [w2, b2, b1], norm)?;
     let (w2_const, b2_dtype, b1_dtype) = (w2.detach(), b2.dtype(), b1.dtype());
-    let (params_dtype, params_device) = (params.dtype(), params.device().clone());
-    drop(params);
     custom3("gelu-mlp", x, w1, &token, y, move |x_full, w1, token, _, g| {
         let g = g.reshape((rows, out))?;
-        let grad_w2 = weight_grad(&h, &g, l2)?;
-        let grad_b2 = bias_grad(&g, b2_dtype)?;
-        let grad_h = match l2 {
-            WeightLayout::InOut => mm(&g, &w2_const.t()?)?,
-            WeightLayout::OutIn => mm(&g, &w2_const)?,
-        };
+        let (grad_h, grad_w2, grad_b2) = biased_affine_grads(&h, &w2_const, &g, l2, b2_dtype)?;
         let grad_pre = gelu_tanh_grad(&pre, &grad_h)?;
         drop(grad_h);
-        let (grad_normed, grad_w1) = affine_grads(&normed, w1, &grad_pre, l1)?;
-        let grad_b1 = bias_grad(&grad_pre, b1_dtype)?;
-        params_slot.put([grad_w2, grad_b2, grad_b1])?;
-        let grad_normed = grad_normed.reshape(x_full.shape())?;
-        let grad_x = match (&norm, &norm_slot) {
-            (Some(norm), Some(slot)) => {
-                let (grad_x, grad_w, grad_b) = norm.grads(x_full, &grad_normed)?;
-                slot.put([grad_w, grad_b, Tensor::zeros(1, params_dtype, &params_device)?])?;
-                grad_x
-            }
-            _ => grad_normed,
-        };
+        let (grad_normed, grad_w1, grad_b1) = biased_affine_grads(&normed, w1, &grad_pre, l1, b1_dtype)?;
+        let grad_x =
+            tokens.finish(x_full, grad_normed.reshape(x_full.shape())?, [grad_w2, grad_b2, grad_b1])?;
         Ok((Some(grad_x), Some(grad_w1), Some(token.zeros_like()?)))
     })
+}
+
+/// A fused block's input to its first layer (the layer norm's result, or `x` itself outside
+/// the graph) and the norm's backward.
+pub(crate) fn split_norm(x: &Tensor, norm: Option<(Tensor, DetachedNorm)>) -> (Tensor, Option<DetachedNorm>) {
+    match norm {
+        Some((value, norm)) => (value, Some(norm)),
+        None => (x.detach(), None),
+    }
+}
+
+/// The parameter tokens of a fused block ([`block_tokens`]).
+pub(crate) struct BlockTokens {
+    params: TokenSlot,
+    norm: Option<(DetachedNorm, TokenSlot)>,
+    token_dtype: candle::DType,
+    device: candle::Device,
+}
+
+/// The token a fused block takes as its third input: a [`parameter_token`] over `params`, or,
+/// when the block starts with a layer norm (`norm`), a token over the norm's weight and bias
+/// and that one.
+///
+/// # Errors
+/// On a tensor error.
+pub(crate) fn block_tokens(
+    name: &'static str,
+    params: [&Tensor; 3],
+    norm: Option<DetachedNorm>,
+) -> Result<(Tensor, BlockTokens)> {
+    let (inner, slot) = parameter_token(name, params)?;
+    let (token_dtype, device) = (inner.dtype(), inner.device().clone());
+    let (token, norm) = match norm {
+        Some(n) => {
+            let (token, norm_slot) = parameter_token(name, [&n.weight, &n.bias, &inner])?;
+            (token, Some((n, norm_slot)))
+        }
+        None => (inner, None),
+    };
+    Ok((token, BlockTokens { params: slot, norm, token_dtype, device }))
+}
+
+impl BlockTokens {
+    /// Stores `grads` (the token's three parameters') and returns the gradient of the block's
+    /// input `x` from its first layer's input gradient: through the layer norm's backward
+    /// (whose parameter gradients go to their token), or `grad_normed` itself.
+    ///
+    /// # Errors
+    /// On a tensor error; a poisoned lock.
+    pub(crate) fn finish(&self, x: &Tensor, grad_normed: Tensor, grads: [Tensor; 3]) -> Result<Tensor> {
+        self.params.put(grads)?;
+        match &self.norm {
+            Some((norm, slot)) => {
+                let (grad_x, grad_w, grad_b) = norm.grads(x, &grad_normed)?;
+                slot.put([grad_w, grad_b, Tensor::zeros(1, self.token_dtype, &self.device)?])?;
+                Ok(grad_x)
+            }
+            None => Ok(grad_normed),
+        }
+    }
 }
 
 /// The gradients a fused op computes for parameters it takes through a token, until the
