@@ -494,7 +494,6 @@ mod tests {
         let bp0 = seeded(&mut rng, &[c])?;
         let weights = seeded(&mut rng, &[b, t, c])?;
         let loss = |y: &Tensor| (y.to_dtype(DType::F64)? * &weights)?.sum_all();
-        let wide = |x: &Tensor| x.to_dtype(DType::F64);
         let lp = WeightLayout::InOut;
         for la in [WeightLayout::InOut, WeightLayout::OutIn] {
             let wa0 = match la {
@@ -511,29 +510,14 @@ mod tests {
                 let fused = causal_attention_block(x, (wa, ba, la), (wp, bp, lp), heads)?;
                 let merged = causal_attention_qkv(&linear(x, wa, Some(ba), la)?, heads)?;
                 let reference = linear(&merged, wp, Some(bp), lp)?;
-                assert_eq!((fused.dtype(), fused.dims()), (dtype, reference.dims()));
-                assert_eq!(max_difference(&wide(&fused)?, &wide(&reference)?)?, 0.0, "{dtype:?} values");
-                let (g_fused, g_reference) = (loss(&fused)?.backward()?, loss(&reference)?.backward()?);
-                for (i, var) in vars.iter().enumerate() {
-                    let get = |g: &candle::backprop::GradStore| {
-                        g.get(var.as_tensor())
-                            .cloned()
-                            .ok_or_else(|| candle::Error::Msg(format!("no gradient {i}")))
-                    };
-                    let (a, r) = (wide(&get(&g_fused)?)?, wide(&get(&g_reference)?)?);
-                    assert!(a.abs()?.max_all()?.to_scalar::<f64>()? > 1e-3, "gradient {i} all zero");
-                    assert_eq!(max_difference(&a, &r)?, 0.0, "{dtype:?} {la:?} gradient {i}");
-                }
+                assert_eq!(fused.dtype(), dtype);
+                let what = format!("{dtype:?} {la:?}");
+                crate::layers::assert_same_values_and_gradients(&fused, &reference, &vars, loss, &what)?;
             }
             let vars = args.iter().map(candle::Var::from_tensor).collect::<Result<Vec<_>>>()?;
             let [x, wa, ba, wp, bp] = [0, 1, 2, 3, 4].map(|i| vars[i].as_tensor());
-            let grads = loss(&causal_attention_block(x, (wa, ba, la), (wp, bp, lp), heads)?)?.backward()?;
-            let analytic: Vec<Tensor> = vars
-                .iter()
-                .map(|v| {
-                    grads.get(v.as_tensor()).cloned().ok_or_else(|| candle::Error::Msg("no gradient".into()))
-                })
-                .collect::<Result<_>>()?;
+            let y = causal_attention_block(x, (wa, ba, la), (wp, bp, lp), heads)?;
+            let analytic = crate::layers::gradients(&loss(&y)?, &vars)?;
             crate::layers::assert_finite_differences(&args, &analytic, |a| {
                 loss(&causal_attention_block(&a[0], (&a[1], &a[2], la), (&a[3], &a[4], lp), heads)?)?
                     .to_scalar::<f64>()
@@ -565,66 +549,44 @@ mod tests {
         let loss = |y: &Tensor| (y.to_dtype(DType::F64)? * &weights)?.sum_all();
         let l = WeightLayout::InOut;
         let eps = 1e-5;
-        let run = |x: &Tensor,
-                   lw: &Tensor,
-                   lb: &Tensor,
-                   p: &[Tensor],
-                   dtype: DType,
-                   fused: bool|
-         -> Result<Tensor> {
-            let (attn, proj) = ((&p[0], &p[1], l), (&p[2], &p[3], l));
+        // The arguments: x, the norm's weight and bias, then c_attn's and c_proj's.
+        let run = |a: &[Tensor], dtype: DType, fused: bool| -> Result<Tensor> {
+            let (x, lw, lb) = (&a[0], &a[1], &a[2]);
+            let (attn, proj) = ((&a[3], &a[4], l), (&a[5], &a[6], l));
             if fused {
-                let parts =
+                let (value, backward) =
                     crate::layers::fused::layer_norm_detached(x, lw, lb, eps, dtype)?.expect("applies");
-                let normed = DetachedNorm::from_parts(lw.clone(), lb.clone(), parts.1);
-                attention_block(x, Some((parts.0, normed)), attn, proj, heads)
+                let norm = DetachedNorm::from_parts(lw.clone(), lb.clone(), backward);
+                attention_block(x, Some((value, norm)), attn, proj, heads)
             } else {
                 causal_attention_block(&layer_norm(x, lw, lb, eps, dtype)?, attn, proj, heads)
             }
         };
+        let args: Vec<Tensor> =
+            [x0.clone(), lw0.clone(), lb0.clone()].into_iter().chain(params0.iter().cloned()).collect();
         for (x_dtype, dtype) in
             [(DType::F64, DType::F64), (DType::F32, DType::F32), (DType::F32, DType::BF16)]
         {
-            let x = candle::Var::from_tensor(&x0.to_dtype(x_dtype)?)?;
-            let (lw, lb) = (
-                candle::Var::from_tensor(&lw0.to_dtype(x_dtype)?)?,
-                candle::Var::from_tensor(&lb0.to_dtype(x_dtype)?)?,
-            );
-            let p = params0
+            let vars = args
                 .iter()
-                .map(|p| candle::Var::from_tensor(&p.to_dtype(dtype)?))
+                .enumerate()
+                .map(|(i, a)| candle::Var::from_tensor(&a.to_dtype(if i < 3 { x_dtype } else { dtype })?))
                 .collect::<Result<Vec<_>>>()?;
-            let pt: Vec<Tensor> = p.iter().map(|v| v.as_tensor().clone()).collect();
-            let fused = run(x.as_tensor(), lw.as_tensor(), lb.as_tensor(), &pt, dtype, true)?;
-            let reference = run(x.as_tensor(), lw.as_tensor(), lb.as_tensor(), &pt, dtype, false)?;
-            assert_eq!((fused.dtype(), fused.dims()), (reference.dtype(), reference.dims()));
-            assert_eq!(max_difference(&fused.to_dtype(DType::F64)?, &reference.to_dtype(DType::F64)?)?, 0.0);
-            let (g_fused, g_reference) = (loss(&fused)?.backward()?, loss(&reference)?.backward()?);
-            let all: Vec<&candle::Var> = [&x, &lw, &lb].into_iter().chain(p.iter()).collect();
-            for (i, var) in all.iter().enumerate() {
-                let get = |g: &candle::backprop::GradStore| {
-                    g.get(var.as_tensor())
-                        .cloned()
-                        .ok_or_else(|| candle::Error::Msg(format!("no gradient {i}")))
-                };
-                let (a, r) = (get(&g_fused)?.to_dtype(DType::F64)?, get(&g_reference)?.to_dtype(DType::F64)?);
-                assert!(a.abs()?.max_all()?.to_scalar::<f64>()? > 1e-4, "gradient {i} all zero");
-                assert_eq!(max_difference(&a, &r)?, 0.0, "{dtype:?} gradient {i}");
-            }
+            let a: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let (fused, reference) = (run(&a, dtype, true)?, run(&a, dtype, false)?);
+            crate::layers::assert_same_values_and_gradients(
+                &fused,
+                &reference,
+                &vars,
+                loss,
+                &format!("{dtype:?}"),
+            )?;
         }
-        let args: Vec<Tensor> =
-            [x0.clone(), lw0.clone(), lb0.clone()].into_iter().chain(params0.iter().cloned()).collect();
         let vars = args.iter().map(candle::Var::from_tensor).collect::<Result<Vec<_>>>()?;
-        let vt: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let grads = loss(&run(&vt[0], &vt[1], &vt[2], &vt[3..], DType::F64, true)?)?.backward()?;
-        let analytic = vars
-            .iter()
-            .map(|v| {
-                grads.get(v.as_tensor()).cloned().ok_or_else(|| candle::Error::Msg("no gradient".into()))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let a: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let analytic = crate::layers::gradients(&loss(&run(&a, DType::F64, true)?)?, &vars)?;
         crate::layers::assert_finite_differences(&args, &analytic, |a| {
-            loss(&run(&a[0], &a[1], &a[2], &a[3..], DType::F64, true)?)?.to_scalar::<f64>()
+            loss(&run(a, DType::F64, true)?)?.to_scalar::<f64>()
         })
     }
 

@@ -634,6 +634,11 @@ mod tests {
     /// Mismatched shapes and strides that reach past the data are refused, nothing written.
     #[test]
     fn refuses_bad_operands() {
+        // Elsewhere every call is refused for the CPU alone: the test would prove nothing.
+        if !cpu_has_instructions() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
         let data = values(12, 3);
         let a = row_major(&data, 3, 4);
         let mut c = vec![7f32; 9];

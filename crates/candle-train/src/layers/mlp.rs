@@ -277,10 +277,6 @@ mod tests {
         Tensor::from_vec((0..n).map(|_| rng.normal_f64() * scale).collect::<Vec<f64>>(), shape, &Device::Cpu)
     }
 
-    fn max_difference(a: &Tensor, b: &Tensor) -> Result<f64> {
-        (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()
-    }
-
     /// A parameter token whose fused op forgot to store the gradients fails the backward with
     /// its name, instead of giving the parameters no (or a zero) gradient.
     #[test]
@@ -343,28 +339,17 @@ mod tests {
                 .collect::<Result<Vec<_>>>()?;
             let a: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
             let (fused, reference) = (run(&a, dtype, true)?, run(&a, dtype, false)?);
-            assert_eq!(max_difference(&fused, &reference)?, 0.0, "{dtype:?} values");
-            let (g_fused, g_reference) = (loss(&fused)?.backward()?, loss(&reference)?.backward()?);
-            for (i, v) in vars.iter().enumerate() {
-                let get = |g: &candle::backprop::GradStore| {
-                    g.get(v.as_tensor())
-                        .cloned()
-                        .ok_or_else(|| candle::Error::Msg(format!("no gradient {i}")))
-                };
-                let (x, r) = (get(&g_fused)?, get(&g_reference)?);
-                assert!(x.to_dtype(DType::F64)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()? > 1e-4);
-                assert_eq!(max_difference(&x, &r)?, 0.0, "{dtype:?} gradient {i}");
-            }
+            crate::layers::assert_same_values_and_gradients(
+                &fused,
+                &reference,
+                &vars,
+                loss,
+                &format!("{dtype:?}"),
+            )?;
         }
         let vars = args0.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
         let a: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let grads = loss(&run(&a, DType::F64, true)?)?.backward()?;
-        let analytic = vars
-            .iter()
-            .map(|v| {
-                grads.get(v.as_tensor()).cloned().ok_or_else(|| candle::Error::Msg("no gradient".into()))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let analytic = crate::layers::gradients(&loss(&run(&a, DType::F64, true)?)?, &vars)?;
         crate::layers::assert_finite_differences(&args0, &analytic, |a| {
             loss(&run(a, DType::F64, true)?)?.to_scalar::<f64>()
         })
@@ -395,30 +380,14 @@ mod tests {
                 let [x, w1, b1, w2, b2] = [0, 1, 2, 3, 4].map(|i| vars[i].as_tensor());
                 let fused = gelu_mlp(x, (w1, b1, l1), (w2, b2, l2))?;
                 let reference = linear(&linear_gelu(x, w1, b1, l1)?, w2, Some(b2), l2)?;
-                assert_eq!((fused.dtype(), fused.dims()), (dtype, reference.dims()));
-                assert_eq!(max_difference(&fused, &reference)?, 0.0, "{dtype:?} values");
-                let (g_fused, g_reference) = (loss(&fused)?.backward()?, loss(&reference)?.backward()?);
-                for (i, v) in vars.iter().enumerate() {
-                    let get = |g: &candle::backprop::GradStore| {
-                        g.get(v.as_tensor())
-                            .cloned()
-                            .ok_or_else(|| candle::Error::Msg(format!("no gradient {i}")))
-                    };
-                    let (a, r) = (get(&g_fused)?, get(&g_reference)?);
-                    assert_eq!(a.dtype(), dtype);
-                    assert!(a.to_dtype(DType::F64)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()? > 1e-3);
-                    assert_eq!(max_difference(&a, &r)?, 0.0, "{dtype:?} {l1:?} gradient {i}");
-                }
+                assert_eq!(fused.dtype(), dtype);
+                let what = format!("{dtype:?} {l1:?}");
+                crate::layers::assert_same_values_and_gradients(&fused, &reference, &vars, loss, &what)?;
             }
             let vars = args.iter().map(Var::from_tensor).collect::<Result<Vec<_>>>()?;
             let [x, w1, b1, w2, b2] = [0, 1, 2, 3, 4].map(|i| vars[i].as_tensor());
-            let grads = loss(&gelu_mlp(x, (w1, b1, l1), (w2, b2, l2))?)?.backward()?;
-            let analytic = vars
-                .iter()
-                .map(|v| {
-                    grads.get(v.as_tensor()).cloned().ok_or_else(|| candle::Error::Msg("no gradient".into()))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let analytic =
+                crate::layers::gradients(&loss(&gelu_mlp(x, (w1, b1, l1), (w2, b2, l2))?)?, &vars)?;
             crate::layers::assert_finite_differences(&args, &analytic, |a| {
                 loss(&gelu_mlp(&a[0], (&a[1], &a[2], l1), (&a[3], &a[4], l2))?)?.to_scalar::<f64>()
             })?;

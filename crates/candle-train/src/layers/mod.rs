@@ -31,6 +31,51 @@ pub use rms_norm::RmsNorm;
 pub use rotary::Rotary;
 pub use swiglu::SwiGlu;
 
+/// Test support: the gradients of the scalar `loss` with respect to `vars`, in order (an error
+/// naming the first argument without one).
+#[cfg(test)]
+pub(crate) fn gradients(loss: &candle::Tensor, vars: &[candle::Var]) -> candle::Result<Vec<candle::Tensor>> {
+    let grads = loss.backward()?;
+    vars.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            grads
+                .get(v.as_tensor())
+                .cloned()
+                .ok_or_else(|| candle::Error::Msg(format!("no gradient for argument {i}")))
+        })
+        .collect()
+}
+
+/// Test support: asserts that a fused op's result `fused` and the unfused ops' `reference`,
+/// both computed from `vars`, have the same dtype, shape and values bit for bit, and so have the
+/// gradients of `loss` of each with respect to every var; no gradient may be all zero (a broken
+/// path could give zeros on both sides).
+#[cfg(test)]
+pub(crate) fn assert_same_values_and_gradients(
+    fused: &candle::Tensor,
+    reference: &candle::Tensor,
+    vars: &[candle::Var],
+    loss: impl Fn(&candle::Tensor) -> candle::Result<candle::Tensor>,
+    what: &str,
+) -> candle::Result<()> {
+    let largest = |t: &candle::Tensor| -> candle::Result<f64> {
+        t.to_dtype(candle::DType::F64)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()
+    };
+    let difference = |a: &candle::Tensor, b: &candle::Tensor| -> candle::Result<f64> {
+        largest(&(a.to_dtype(candle::DType::F64)? - b.to_dtype(candle::DType::F64)?)?)
+    };
+    assert_eq!((fused.dtype(), fused.dims()), (reference.dtype(), reference.dims()), "{what}");
+    assert_eq!(difference(fused, reference)?, 0.0, "{what}: values");
+    let (ours, theirs) = (gradients(&loss(fused)?, vars)?, gradients(&loss(reference)?, vars)?);
+    for (i, (a, r)) in ours.iter().zip(&theirs).enumerate() {
+        assert_eq!(a.dtype(), vars[i].dtype(), "{what}: gradient {i}'s dtype");
+        assert!(largest(a)? > 1e-4, "{what}: gradient {i} is all zero");
+        assert_eq!(difference(a, r)?, 0.0, "{what}: gradient {i}");
+    }
+    Ok(())
+}
+
 /// Test support: asserts that `analytic[k]`, an op's F64 gradient with respect to `args[k]`,
 /// equals central differences of `loss` (evaluated through the op) at every coordinate of
 /// every argument: h = 1e-5 (error about 1e-10), within 1e-7 relative (absolute below 1).
